@@ -1,0 +1,198 @@
+"""The only place that writes to the terminal below the CLI.
+
+Messages, warnings and progress go to stderr; results (tables, JSON) go to stdout, so
+``--json`` output can be piped. A rich progress bar is drawn when stdout is a terminal,
+plain lines otherwise (logs, CI, SLURM), nothing with ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class _State:
+    quiet: bool = False
+    json: bool = False
+    debug: bool = False
+
+
+state = _State()
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def configure(*, quiet: bool | None = None, json_mode: bool | None = None,
+              debug: bool | None = None) -> None:
+    """Set the process-wide output mode (called by the CLI callback and subcommands)."""
+    if quiet is not None:
+        state.quiet = quiet
+    if json_mode is not None:
+        state.json = json_mode
+    if debug is not None:
+        state.debug = debug
+
+
+def interactive() -> bool:
+    """True when a live progress bar makes sense (stdout is a terminal, not quiet)."""
+    return not state.quiet and sys.stdout.isatty()
+
+
+def info(message: str) -> None:
+    """A status line on stderr (silenced by --quiet)."""
+    if not state.quiet:
+        err.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; shown even with --quiet because it may change results."""
+    err.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def error(message: str, hint: str | None = None) -> None:
+    """One red line (plus the hint) on stderr."""
+    err.print(f"[bold red]error:[/bold red] {message}", markup=True)
+    if hint:
+        err.print(f"[dim]hint:[/dim] {hint}")
+
+
+def result(renderable: Any) -> None:
+    """A human-readable result (usually a table): stdout, or stderr in --json mode."""
+    if state.quiet:
+        return
+    (err if state.json else out).print(renderable)
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document (or JSON line) on stdout, nothing else."""
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    import math
+    from pathlib import Path
+
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        v = o.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A rich table with right-aligned numbers, formatted to 4 significant digits."""
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    return t
+
+
+def fmt(v: Any) -> str:
+    """Format a cell: floats to 4 decimals, NaN as '-'."""
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+class Progress:
+    """Advance-only progress: a rich bar on a terminal, a plain line per chunk otherwise."""
+
+    def __init__(self, total: int | None, description: str, unit: str = "it",
+                 plain_every: int | None = None) -> None:
+        self.total = total
+        self.description = description
+        self.unit = unit
+        self.done = 0
+        self.fields: dict[str, Any] = {}
+        self._start = time.perf_counter()
+        self._bar: Any = None
+        self._task: Any = None
+        if plain_every is None:
+            plain_every = max(1, (total or 100) // 10)
+        self._plain_every = plain_every
+        self._next_plain = plain_every
+        self._last_plain = 0
+
+    def __enter__(self) -> Progress:
+        if interactive():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[extra]}"),
+                console=err,
+                transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total, rate="",
+                                            extra="")
+        return self
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self._start
+        return self.done / dt if dt > 0 else 0.0
+
+    def _extra(self) -> str:
+        return "  ".join(f"{k} {fmt(v)}" for k, v in self.fields.items())
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, rate=f"{self.rate():.1f} {self.unit}/s",
+                             extra=self._extra())
+        elif not state.quiet and self.done >= self._next_plain:
+            self._next_plain = self.done + self._plain_every
+            self._plain_line()
+
+    def _plain_line(self) -> None:
+        self._last_plain = self.done
+        r = self.rate()
+        tot = f"/{self.total}" if self.total else ""
+        eta = ""
+        if self.total and r > 0:
+            eta = f" eta {max(0.0, (self.total - self.done) / r):.0f}s"
+        err.print(f"{self.description}: {self.done}{tot} {self.unit} ({r:.1f} {self.unit}/s"
+                  f"{eta}) {self._extra()}".rstrip())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+        elif not state.quiet and self.done and self.done != self._last_plain:
+            self._plain_line()
+
+
+@contextmanager
+def progress(total: int | None, description: str, unit: str = "it",
+             plain_every: int | None = None) -> Iterator[Progress]:
+    """Context manager form of :class:`Progress`."""
+    with Progress(total, description, unit, plain_every) as p:
+        yield p

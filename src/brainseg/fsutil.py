@@ -1,0 +1,93 @@
+"""Atomic file writes and run folders: nothing half-written ever carries a final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+
+
+def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return BrainsegRuntimeError(
+            f"disk full while writing {path}; the previous file (if any) is intact",
+            hint="free some space and run the command again",
+        )
+    return BrainsegRuntimeError(f"cannot write {path}: {exc.strerror or exc}",
+                                hint="check the folder exists and is writable")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; rename it onto ``path`` on success.
+
+    On any failure the temporary file is removed and ``path`` is left as it was. With
+    ``force=False`` an existing ``path`` is refused before any work is done.
+    """
+    path = Path(path)
+    if not force and path.exists():
+        raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _fail_write(path, exc) from exc
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _fail_write(path, exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def next_run_dir(project: str | os.PathLike[str], name: str = "exp", *,
+                 exist_ok: bool = False) -> Path:
+    """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one.
+
+    With ``exist_ok`` the folder ``project/name`` is reused as is.
+    """
+    project = Path(project)
+    base = project / name
+    if exist_ok or not base.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    pat = re.compile(rf"^{re.escape(name)}(\d+)$")
+    nums = [int(m.group(1)) for p in project.iterdir() if (m := pat.match(p.name))]
+    n = max([1, *nums]) + 1
+    while True:
+        cand = project / f"{name}{n}"
+        try:
+            cand.mkdir(parents=True)
+            return cand
+        except FileExistsError:
+            n += 1

@@ -1,0 +1,66 @@
+"""Shared fixtures: isolated caches, phantom data, the real dev subset, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("BRAINSEG_REAL_DATA",
+                                REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m"))
+STANDIN_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features_mri_standin.pth"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's caches (dataset cache, torch hub) out of the user's home."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(base / "brainseg-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(base / "torch-home"))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The 25 real LGG patients in ../shared (skipped when absent, as on users' clones)."""
+    if not (REAL_DATA / "TCGA_CS_4941_19960909").is_dir() and not any(REAL_DATA.glob("TCGA_*")):
+        pytest.skip(f"real LGG dev subset not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def standin_weights() -> Path:
+    if not STANDIN_WEIGHTS.is_file():
+        pytest.skip(f"MRI stand-in encoder weights not found at {STANDIN_WEIGHTS}")
+    return STANDIN_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom dataset (6 patients, 64x64) in the kaggle_3m layout, built once."""
+    from brainseg.data.synthetic import write_synthetic
+
+    dest = tmp_path_factory.mktemp("phantoms")
+    return write_synthetic(dest, patients=6, seed=0, size=64)
+
+
+def run_cli(args: Sequence[str], *, input: str | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m brainseg ARGS`` in a subprocess, as a user would from a shell."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "brainseg", *map(str, args)], input=input,
+                          capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    """The :func:`run_cli` helper as a fixture."""
+    return run_cli
