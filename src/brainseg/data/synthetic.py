@@ -1,0 +1,362 @@
+"""Phantom MRI dataset in the kaggle_3m layout, for the offline demo and for tests.
+
+Each phantom patient is one 3D volume computed at once with numpy: a head (scalp, skull,
+CSF, cortex with gyri, white matter, ventricles) and a smooth deformed-ellipsoid tumour,
+rendered in three contrasts that behave like the LGG dataset's channels (pre-contrast,
+FLAIR with a bright tumour, post-contrast with a partly enhancing rim). Intensities, a bias
+field and noise vary per patient, so a network has to learn shape and context rather than
+a single threshold. The same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from brainseg import __version__
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+
+#: Institution codes that appear in the real TCGA-LGG folder names.
+_INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
+
+_CSV_COLUMNS = (
+    "Patient,RNASeqCluster,MethylationCluster,miRNACluster,CNCluster,RPPACluster,"
+    "OncosignCluster,COCCluster,histological_type,neoplasm_histologic_grade,tumor_tissue_site,"
+    "laterality,tumor_location,gender,age_at_initial_pathologic,race,ethnicity,death01"
+)
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    """One generated patient: folder name, images D x H x W x 3 uint8, masks D x H x W 0/1."""
+
+    folder: str
+    images: np.ndarray
+    masks: np.ndarray
+
+
+def patient_names(patients: int, seed: int = 0) -> list[str]:
+    """Unique TCGA-style folder names ``TCGA_<XX>_<dddd>_<yyyymmdd>``, deterministic per seed."""
+    rng = np.random.default_rng([seed, 7919])
+    names: list[str] = []
+    used: set[str] = set()
+    start = _dt.date(1985, 1, 1).toordinal()
+    end = _dt.date(2005, 12, 31).toordinal()
+    while len(names) < patients:
+        inst = _INSTITUTIONS[int(rng.integers(len(_INSTITUTIONS)))]
+        num = int(rng.integers(1000, 10000))
+        pid = f"TCGA_{inst}_{num:04d}"
+        if pid in used:
+            continue
+        used.add(pid)
+        day = _dt.date.fromordinal(int(rng.integers(start, end + 1)))
+        names.append(f"{pid}_{day:%Y%m%d}")
+    return names
+
+
+def _ramp(x: np.ndarray, width: float) -> np.ndarray:
+    """Soft step 0 -> 1 around x = 0 over ``width`` (partial-volume edges, cheap)."""
+    return np.clip(0.5 + x / width, 0.0, 1.0)
+
+
+def _smooth_field(
+    rng: np.random.Generator, coords: tuple[np.ndarray, ...], terms: int, freq: tuple[float, float]
+) -> np.ndarray:
+    """A smooth random field in [-1, 1]: a sum of a few random plane waves."""
+    out = np.zeros(np.broadcast_shapes(*(c.shape for c in coords)), dtype=np.float32)
+    for _ in range(terms):
+        w = rng.normal(size=len(coords))
+        w *= rng.uniform(*freq) / max(float(np.linalg.norm(w)), 1e-6)
+        phase = rng.uniform(0, 2 * np.pi)
+        arg = sum(float(wi) * c for wi, c in zip(w, coords, strict=True)) + phase
+        out += np.sin(arg).astype(np.float32)
+    return out / terms
+
+
+def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -> PhantomCase:
+    """Render one phantom patient (all slices at once)."""
+    f32 = np.float32
+    px = 2.0 / size  # one pixel in normalised units
+    # Coordinates: x, y in [-1, 1] across the image; z in head units (bottom -> top).
+    lin = (np.arange(size, dtype=f32) + 0.5) * px - 1.0
+    y = lin[None, :, None]
+    x = lin[None, None, :]
+    z = np.linspace(-0.92, 0.85, n_slices, dtype=f32)[:, None, None]
+
+    # Head: an ellipsoid, slightly rotated and shifted.
+    ang = rng.uniform(-0.15, 0.15)
+    ca, sa = np.cos(ang), np.sin(ang)
+    cx, cy = rng.uniform(-0.05, 0.05, size=2)
+    xr = ca * (x - cx) + sa * (y - cy)
+    yr = -sa * (x - cx) + ca * (y - cy)
+    ax, ay = rng.uniform(0.68, 0.78), rng.uniform(0.82, 0.9)
+    r = np.sqrt((xr / ax) ** 2 + (yr / ay) ** 2 + z**2, dtype=f32)  # 1 at the scalp surface
+    theta = np.arctan2(yr, xr)
+    scale = px / min(ax, ay)
+
+    head = _ramp(1.0 - r, 1.5 * scale)
+    skull_in = 0.9 + 0.01 * np.sin(3 * theta + rng.uniform(0, 6.3))
+    inner = _ramp(skull_in - r, 1.5 * scale)  # inside the skull
+    brain_edge = skull_in - 0.04
+    brain = _ramp(brain_edge - r, 1.5 * scale)
+    skull = head - inner  # bone + scalp ring
+    scalp = _ramp(r - 0.955, 1.5 * scale) * head
+    bone = np.clip(skull - scalp, 0, 1)
+    csf_gap = np.clip(inner - brain, 0, 1)
+
+    # Cortex: a wavy band (gyri) inside the brain edge; white matter inside it.
+    gyri = 0.05 * np.sin(rng.integers(9, 15) * theta + 6 * z + rng.uniform(0, 6.3)) + 0.03 * (
+        _smooth_field(rng, (x, y, z), 3, (3.0, 6.0))
+    )
+    wm = _ramp((brain_edge - 0.17 + gyri) - r, 2 * scale) * brain
+    gm = np.clip(brain - wm, 0, 1)
+
+    # Ventricles: two small ellipsoids beside the midline, in the middle of the head.
+    vz = rng.uniform(-0.05, 0.15)
+    vent = np.zeros_like(r)
+    for side in (-1.0, 1.0):
+        vr = np.sqrt(
+            ((xr - side * 0.09) / 0.07) ** 2 + ((yr + 0.05) / 0.25) ** 2 + ((z - vz) / 0.25) ** 2,
+            dtype=f32,
+        )
+        vent = np.maximum(vent, _ramp(1.0 - vr, 3 * px / 0.07))
+    vent *= wm
+
+    # Tumour: a star-shaped deformed ellipsoid inside the brain (radius perturbed by direction).
+    k = np.arange(n_slices, dtype=f32)[:, None, None]
+    run = round(n_slices * rng.uniform(0.26, 0.46))
+    run = max(2, min(run, n_slices - 2))
+    centre_k = rng.uniform(0.35, 0.65) * (n_slices - 1)
+    tz = max(run / 2.0, 1.0)
+    t_ang = rng.uniform(0, 2 * np.pi)
+    t_rad = rng.uniform(0.1, 0.4)
+    tx, ty = t_rad * ax * np.cos(t_ang), t_rad * ay * np.sin(t_ang)
+    rx, ry = rng.uniform(0.12, 0.26), rng.uniform(0.12, 0.26)
+    dx, dy, dk = (xr - tx) / rx, (yr - ty) / ry, (k - centre_k) / tz
+    tr = np.sqrt(dx**2 + dy**2 + dk**2, dtype=f32)
+    inv = 1.0 / np.maximum(tr, 1e-6)
+    deform = 0.22 * _smooth_field(rng, (dx * inv, dy * inv, dk * inv), 4, (1.5, 4.0))
+    s = (1.0 + deform) - tr  # > 0 inside the tumour
+    tpx = px / min(rx, ry)  # one pixel in tumour units
+    tumour = _ramp(s, 2 * tpx) * brain
+    mask = (tumour >= 0.5) & (brain >= 0.5)
+    # Keep the tumour to one contiguous run of slices around its centre.
+    has = mask.any(axis=(1, 2))
+    if has.any():
+        c = int(np.clip(round(centre_k), 0, n_slices - 1))
+        if not has[c]:
+            c = int(np.flatnonzero(has)[np.argmin(np.abs(np.flatnonzero(has) - c))])
+        lo = c
+        while lo > 0 and has[lo - 1]:
+            lo -= 1
+        hi = c
+        while hi < n_slices - 1 and has[hi + 1]:
+            hi += 1
+        keep = np.zeros(n_slices, dtype=bool)
+        keep[lo : hi + 1] = True
+        mask &= keep[:, None, None]
+        tumour = tumour * keep[:, None, None]
+    core = _ramp(s - 0.45 - 0.1 * deform, 2 * tpx) * tumour  # necrotic / solid core
+    rim = np.clip(_ramp(s - 0.3, 2 * tpx) - core, 0, 1) * tumour
+    rim *= _ramp(_smooth_field(rng, (dx, dy, dk), 3, (1.0, 3.0)) + 0.2, 0.4)  # patchy
+
+    # Per-patient tissue intensities per channel: pre-contrast, FLAIR, post-contrast.
+    def lvl(a: float, b: float) -> float:
+        return float(rng.uniform(a, b))
+
+    tissues = {
+        # tissue: (pre, flair, post)
+        "scalp": (lvl(150, 200), lvl(110, 150), lvl(150, 200)),
+        "bone": (lvl(15, 35), lvl(10, 30), lvl(15, 35)),
+        "csf": (lvl(25, 45), lvl(15, 35), lvl(25, 45)),
+        "gm": (lvl(80, 100), lvl(95, 120), lvl(85, 105)),
+        "wm": (lvl(100, 125), lvl(75, 95), lvl(105, 125)),
+        "vent": (lvl(20, 40), lvl(15, 30), lvl(20, 40)),
+    }
+    flair_t = lvl(150, 200)
+    tum = (lvl(60, 85), flair_t, lvl(60, 85))
+    core_l = (lvl(45, 65), flair_t + lvl(-40, 20), lvl(40, 60))
+    rim_l = lvl(180, 235)
+
+    texture = _smooth_field(rng, (x, y, z), 4, (6.0, 14.0))
+    bias = 1.0 + 0.12 * _smooth_field(rng, (x, y, z), 2, (0.8, 2.0))
+    layers = {"scalp": scalp, "bone": bone, "csf": csf_gap, "gm": gm, "wm": wm - vent, "vent": vent}
+    noise_sd = lvl(3.0, 7.0)
+    images = np.empty((n_slices, size, size, 3), dtype=np.uint8)
+    for ch in range(3):
+        img = np.zeros((n_slices, size, size), dtype=f32)
+        for name, w in layers.items():
+            img += tissues[name][ch] * w
+        img *= 1.0 + 0.06 * texture
+        # Tumour replaces the tissue under it.
+        img = img * (1.0 - tumour) + tum[ch] * tumour
+        img = img * (1.0 - core) + core_l[ch] * core
+        if ch == 2:
+            img = img * (1.0 - rim) + rim_l * rim
+        img *= bias
+        img += rng.normal(0.0, noise_sd, size=img.shape).astype(f32) * (0.3 + 0.7 * head)
+        images[..., ch] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return PhantomCase(folder=folder, images=images, masks=mask.astype(np.uint8))
+
+
+def generate(
+    patients: int = 10, seed: int = 0, size: int = 256, slices: tuple[int, int] = (20, 40)
+) -> list[PhantomCase]:
+    """All phantom patients in memory (what :func:`write_synthetic` writes)."""
+    _validate(patients, size, slices)
+    names = patient_names(patients, seed)
+    cases = []
+    for i, folder in enumerate(names):
+        rng = np.random.default_rng([seed, i])
+        n = int(rng.integers(slices[0], slices[1] + 1))
+        cases.append(make_case(rng, folder, n, size))
+    return cases
+
+
+def _validate(patients: int, size: int, slices: tuple[int, int]) -> None:
+    if not isinstance(patients, int) or patients < 1:
+        raise BrainsegError(
+            f"--patients must be a positive integer, got {patients!r}",
+            hint="for example --patients 10",
+        )
+    if not isinstance(size, int) or size < 32 or size % 32:
+        raise BrainsegError(
+            f"--size must be a multiple of 32 (at least 32), got {size!r}",
+            hint="for example --size 256 (the real data) or 64 (fast tests)",
+        )
+    lo, hi = slices
+    if not (4 <= lo <= hi):
+        raise BrainsegError(
+            f"slices per patient must be a range (lo, hi) with 4 <= lo <= hi, got {slices!r}",
+            hint="for example (20, 40)",
+        )
+
+
+def _csv_text(names: list[str], seed: int) -> str:
+    rng = np.random.default_rng([seed, 104729])
+    lines = [_CSV_COLUMNS]
+    for folder in names:
+        pid = "_".join(folder.split("_")[:3])
+        vals = [
+            rng.integers(1, 5),
+            rng.integers(1, 6),
+            rng.integers(1, 4),
+            rng.integers(1, 4),
+            rng.integers(1, 5),
+            rng.integers(1, 4),
+            rng.integers(1, 4),
+            rng.integers(1, 4),
+            rng.integers(1, 3),
+            1,
+            rng.integers(1, 4),
+            rng.integers(1, 7),
+            rng.integers(1, 3),
+            rng.integers(20, 80),
+            3,
+            2,
+            rng.integers(0, 2),
+        ]
+        lines.append(",".join([pid, *(str(int(v)) for v in vals)]))
+    return "\n".join(lines) + "\n"
+
+
+def _readme_text(patients: int, seed: int, size: int, slices: tuple[int, int]) -> str:
+    return (
+        "# Synthetic LGG phantoms (not real patients)\n\n"
+        f"Generated by brainseg {__version__}: `write_synthetic(patients={patients}, "
+        f"seed={seed}, size={size}, slices={tuple(slices)})`.\n\n"
+        "Same layout as the LGG kaggle_3m dataset: one folder per patient, "
+        "`<folder>_<k>.tif` slices (H x W x 3 uint8: pre-contrast, FLAIR, post-contrast) "
+        "and `<folder>_<k>_mask.tif` masks (0 / 255). The tumour is a smooth deformed "
+        "ellipsoid, bright in FLAIR, with a partly enhancing rim in post-contrast.\n\n"
+        "Regenerate with `brainseg download synthetic --dest DIR "
+        f"--patients {patients} --seed {seed}`. See docs/synthetic.md.\n"
+    )
+
+
+def _write_tif(path: Path, arr: np.ndarray, rgb: bool) -> None:
+    tifffile.imwrite(
+        path,
+        arr,
+        photometric="rgb" if rgb else "minisblack",
+        compression="zlib",
+        compressionargs={"level": 1},
+        metadata=None,
+    )
+
+
+def write_synthetic(
+    dest: str | os.PathLike[str],
+    patients: int = 10,
+    seed: int = 0,
+    size: int = 256,
+    slices: tuple[int, int] = (20, 40),
+    force: bool = False,
+) -> Path:
+    """Write a phantom dataset to ``dest/kaggle_3m`` and return that folder.
+
+    The folder is built under a temporary name in ``dest`` and renamed into place, so an
+    interrupted run never leaves a half-written dataset. An existing ``dest/kaggle_3m`` is
+    refused unless ``force``.
+    """
+    _validate(patients, size, slices)
+    dest = Path(dest)
+    root = dest / "kaggle_3m"
+    if dest.exists() and not dest.is_dir():
+        raise BrainsegError(
+            f"{dest} is a file, not a folder",
+            hint="give --dest a folder (it is created if missing)",
+        )
+    if root.exists() and not force:
+        raise BrainsegError(
+            f"{root} already exists", hint="pass --force to replace it, or choose another --dest"
+        )
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".kaggle_3m.", suffix=".tmp", dir=dest))
+    except OSError as exc:
+        raise BrainsegRuntimeError(
+            f"cannot create {dest}: {exc.strerror or exc}", hint="check the folder is writable"
+        ) from exc
+    old: Path | None = None
+    try:
+        names = patient_names(patients, seed)
+        for i, folder in enumerate(names):
+            rng = np.random.default_rng([seed, i])
+            n = int(rng.integers(slices[0], slices[1] + 1))
+            case = make_case(rng, folder, n, size)
+            pdir = tmp / folder
+            pdir.mkdir()
+            masks = case.masks * np.uint8(255)
+            for k in range(n):
+                _write_tif(pdir / f"{folder}_{k + 1}.tif", case.images[k], rgb=True)
+                _write_tif(pdir / f"{folder}_{k + 1}_mask.tif", masks[k], rgb=False)
+        (tmp / "data.csv").write_text(_csv_text(names, seed), encoding="utf-8")
+        (tmp / "README.md").write_text(_readme_text(patients, seed, size, slices), encoding="utf-8")
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=".kaggle_3m.", suffix=".old", dir=dest))
+            os.replace(root, old / "kaggle_3m")
+        os.replace(tmp, root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not root.exists() and (old / "kaggle_3m").exists():
+            with contextlib.suppress(OSError):
+                os.replace(old / "kaggle_3m", root)
+        raise BrainsegRuntimeError(
+            f"cannot write the phantom dataset to {root}: {exc.strerror or exc}",
+            hint="check free space and permissions",
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return root
