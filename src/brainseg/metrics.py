@@ -1,0 +1,385 @@
+"""Segmentation metrics for binary masks: per slice, per patient (Buda et al.) and global.
+
+numpy + scipy only (no torch), so evaluation and the ONNX path can use it. The empty-mask
+policy is explicit (see docs/metrics.md):
+
+- Dice, IoU: both masks empty -> 1.0 (a correct "no tumor"); one empty -> 0.0.
+- precision = TP / (TP + FP), recall = TP / (TP + FN): when the denominator is zero the
+  value is 1.0 if prediction and ground truth are both empty, else 0.0 (the same rule as
+  Dice, so a missed tumor or a false alarm on an empty slice scores 0 everywhere).
+- specificity = TN / (TN + FP): 1.0 when the ground truth has no negative pixel.
+- HD95 (pixels): NaN when either mask is empty; NaN values are skipped by the summaries,
+  which report how many were skipped.
+- Slice detection sensitivity / specificity: NaN when there is no slice of that class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+#: Metrics computed for every slice and every patient (in this column order).
+METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity", "hd95")
+#: The overlap metrics that the pooled (global) evaluation reports.
+OVERLAP_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity")
+#: Statistics that :meth:`Report.summary` gives for every metric.
+STATS: tuple[str, ...] = ("mean", "median", "std", "min")
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def _as_bool(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    return a if a.dtype == np.bool_ else a != 0
+
+
+def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
+    return p, g
+
+
+def _confusion(p: np.ndarray, g: np.ndarray) -> tuple[int, int, int, int]:
+    """(TP, FP, FN, TN) pixel counts of two boolean arrays of the same shape."""
+    tp = int(np.count_nonzero(p & g))
+    n_p = int(np.count_nonzero(p))
+    n_g = int(np.count_nonzero(g))
+    fp, fn = n_p - tp, n_g - tp
+    return tp, fp, fn, int(p.size) - tp - fp - fn
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, both_empty: np.ndarray) -> np.ndarray:
+    """num / den, and where den == 0: 1.0 if both masks are empty else 0.0."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.where(both_empty, 1.0, 0.0)
+    nz = den > 0
+    np.divide(num, den, out=out, where=nz)
+    return out
+
+
+def _metrics_from_counts(
+    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Vectorised overlap metrics from confusion counts, with the empty-mask policy."""
+    tp, fp, fn, tn = (np.asarray(x, dtype=np.int64) for x in (tp, fp, fn, tn))
+    both_empty = (tp + fp + fn) == 0
+    spec = np.ones(np.shape(tn), dtype=np.float64)
+    den = tn + fp
+    np.divide(tn, den, out=spec, where=den > 0)
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
+        "iou": _ratio(tp, tp + fp + fn, both_empty),
+        "precision": _ratio(tp, tp + fp, both_empty),
+        "recall": _ratio(tp, tp + fn, both_empty),
+        "specificity": spec,
+    }
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice = 2|A∩B| / (|A| + |B|); 1.0 when both are empty."""
+    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
+    return float(_ratio(2 * tp, 2 * tp + fp + fn, np.bool_(tp + fp + fn == 0)))
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU (Jaccard) = |A∩B| / |A∪B|; 1.0 when both are empty."""
+    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
+    return float(_ratio(tp, tp + fp + fn, np.bool_(tp + fp + fn == 0)))
+
+
+def precision(pred: np.ndarray, gt: np.ndarray) -> float:
+    """TP / (TP + FP); with an empty prediction: 1.0 if the truth is empty too, else 0.0."""
+    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
+    return float(_ratio(tp, tp + fp, np.bool_(tp + fp + fn == 0)))
+
+
+def recall(pred: np.ndarray, gt: np.ndarray) -> float:
+    """TP / (TP + FN) (sensitivity); with an empty truth: 1.0 if the prediction is empty too."""
+    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
+    return float(_ratio(tp, tp + fn, np.bool_(tp + fp + fn == 0)))
+
+
+def specificity(pred: np.ndarray, gt: np.ndarray) -> float:
+    """TN / (TN + FP); 1.0 when the ground truth has no negative pixel."""
+    _, fp, _, tn = _confusion(*_check_pair(pred, gt))
+    return 1.0 if tn + fp == 0 else tn / (tn + fp)
+
+
+# --------------------------------------------------------------------------- HD95
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels: mask pixels with a face neighbour (4 in 2D, 6 in 3D) outside it.
+
+    Pixels on the array border count as boundary (outside the array is background).
+    """
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def _hd95_bool(p: np.ndarray, g: np.ndarray) -> float:
+    """HD95 of two non-empty boolean arrays (the caller checks emptiness)."""
+    # Crop to the joint bounding box plus one pixel of margin: the erosion sees the same
+    # neighbourhood as in the full array, and every surface pixel lies inside the crop, so
+    # the Euclidean distance transform inside the crop is exact.
+    union = p | g
+    sl = []
+    for ax in range(union.ndim):
+        other = tuple(i for i in range(union.ndim) if i != ax)
+        idx = np.flatnonzero(union.any(axis=other))
+        sl.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
+    crop = tuple(sl)
+    pc, gc = p[crop], g[crop]
+    sp, sg = _surface(pc), _surface(gc)
+    # distance_transform_edt gives each pixel's distance to the nearest zero: zeros = surface.
+    d_to_g = ndimage.distance_transform_edt(~sg)[sp]
+    d_to_p = ndimage.distance_transform_edt(~sp)[sg]
+    return float(max(np.percentile(d_to_g, 95), np.percentile(d_to_p, 95)))
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance between the mask boundaries, in pixels.
+
+    max(P95 of the distances from each predicted boundary pixel to the true boundary,
+    P95 of the distances the other way) -- the MONAI definition. Works on a 2D slice or a
+    3D stack of slices (the slice axis counts as one pixel). NaN when either mask is empty.
+    """
+    p, g = _check_pair(pred, gt)
+    if not p.any() or not g.any():
+        return math.nan
+    return _hd95_bool(p, g)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def describe(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """mean / median / std (population, ddof=0) / min of the finite values, and their count.
+
+    NaN values are skipped; with no finite value every statistic is NaN and ``n`` is 0.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": math.nan, "median": math.nan, "std": math.nan, "min": math.nan, "n": 0}
+    return {
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "std": float(v.std()),
+        "min": float(v.min()),
+        "n": int(v.size),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    """The result of :func:`evaluate`.
+
+    ``per_slice`` / ``per_patient`` hold one dict per row (the CSV columns, in order);
+    ``global_metrics`` the metrics of all pixels pooled; ``detection`` the slice-level
+    tumor detection counts and rates.
+    """
+
+    per_slice: list[dict[str, Any]]
+    per_patient: list[dict[str, Any]]
+    global_metrics: dict[str, float]
+    detection: dict[str, float | int]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def column(self, rows: str, name: str, *, tumor_only: bool = False) -> np.ndarray:
+        """One column of ``per_slice`` or ``per_patient`` as a float array.
+
+        ``tumor_only`` keeps the rows whose ground truth has tumor.
+        """
+        table = self.per_slice if rows == "per_slice" else self.per_patient
+        keep = [r for r in table if not tumor_only or r["gt_pixels"] > 0]
+        return np.array([r[name] for r in keep], dtype=np.float64)
+
+    def summary(self) -> dict[str, Any]:
+        """Statistics per metric for per-patient and per-slice (tumor slices / all slices).
+
+        ``hd95_skipped`` counts the cases whose HD95 is NaN (an empty mask on either side).
+        """
+        groups = {
+            "per_patient": ("per_patient", False),
+            "per_slice_tumor": ("per_slice", True),
+            "per_slice_all": ("per_slice", False),
+        }
+        out: dict[str, Any] = {}
+        skipped: dict[str, int] = {}
+        for key, (rows, tumor_only) in groups.items():
+            out[key] = {m: describe(self.column(rows, m, tumor_only=tumor_only)) for m in METRICS}
+            hd = self.column(rows, "hd95", tumor_only=tumor_only)
+            skipped[key] = int(np.count_nonzero(~np.isfinite(hd)))
+        out["global"] = dict(self.global_metrics)
+        out["detection"] = dict(self.detection)
+        out["hd95_skipped"] = skipped
+        out["counts"] = dict(self.counts)
+        return out
+
+
+def _slice_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-slice (TP, FP, FN, TN) of N x H x W boolean stacks, as int64 arrays."""
+    n = p.shape[0]
+    pf = p.reshape(n, -1)
+    gf = g.reshape(n, -1)
+    tp = np.count_nonzero(pf & gf, axis=1).astype(np.int64)
+    n_p = np.count_nonzero(pf, axis=1).astype(np.int64)
+    n_g = np.count_nonzero(gf, axis=1).astype(np.int64)
+    fp, fn = n_p - tp, n_g - tp
+    tn = pf.shape[1] - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def _rate(num: int, den: int) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def detection(pred_positive: np.ndarray, gt_positive: np.ndarray) -> dict[str, float | int]:
+    """Slice-level tumor detection: a slice is predicted positive when it has any pixel.
+
+    Sensitivity = detected tumor slices / tumor slices; specificity = empty-predicted
+    tumor-free slices / tumor-free slices; NaN when there is no slice of that class.
+    """
+    pp, gp = np.asarray(pred_positive, bool), np.asarray(gt_positive, bool)
+    tp = int(np.count_nonzero(pp & gp))
+    fp = int(np.count_nonzero(pp & ~gp))
+    fn = int(np.count_nonzero(~pp & gp))
+    tn = int(np.count_nonzero(~pp & ~gp))
+    return {
+        "sensitivity": _rate(tp, tp + fn),
+        "specificity": _rate(tn, tn + fp),
+        "accuracy": _rate(tp + tn, tp + fp + fn + tn),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
+
+
+def evaluate(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    patient_index: np.ndarray,
+    slice_number: np.ndarray,
+    patient_ids: Sequence[str],
+    *,
+    compute_hd95: bool = True,
+) -> Report:
+    """Evaluate binary predictions against the truth, per slice, per patient and globally.
+
+    ``pred`` / ``gt``: N x H x W (bool or 0/1 integers); ``patient_index`` (N,) indexes
+    ``patient_ids``; ``slice_number`` (N,) orders a patient's slices into its volume. A
+    patient with no slice in ``patient_index`` gets no row. ``compute_hd95=False`` fills
+    HD95 with NaN (fast, for threshold tuning).
+    """
+    p, g = _check_pair(pred, gt)
+    if p.ndim != 3:
+        raise ValueError(f"expected N x H x W masks, got shape {p.shape}")
+    n = p.shape[0]
+    pidx = np.asarray(patient_index, dtype=np.int64).reshape(-1)
+    snum = np.asarray(slice_number, dtype=np.int64).reshape(-1)
+    if pidx.shape[0] != n or snum.shape[0] != n:
+        raise ValueError(
+            f"patient_index ({pidx.shape[0]}) and slice_number ({snum.shape[0]}) "
+            f"must have one entry per slice ({n})"
+        )
+    if n and (pidx.min() < 0 or pidx.max() >= len(patient_ids)):
+        raise ValueError("patient_index out of range of patient_ids")
+
+    tp, fp, fn, tn = _slice_counts(p, g)
+    s_metrics = _metrics_from_counts(tp, fp, fn, tn)
+    n_pred = tp + fp
+    n_gt = tp + fn
+    s_hd = np.full(n, math.nan)
+    if compute_hd95:
+        for i in np.flatnonzero((n_pred > 0) & (n_gt > 0)):
+            s_hd[i] = _hd95_bool(p[i], g[i])
+
+    per_slice = []
+    for i in range(n):
+        per_slice.append(
+            {
+                "patient_id": patient_ids[pidx[i]],
+                "slice_number": int(snum[i]),
+                "gt_pixels": int(n_gt[i]),
+                "pred_pixels": int(n_pred[i]),
+                "tp": int(tp[i]),
+                "fp": int(fp[i]),
+                "fn": int(fn[i]),
+                **{m: float(s_metrics[m][i]) for m in OVERLAP_METRICS},
+                "hd95": float(s_hd[i]),
+            }
+        )
+
+    # Per patient: the slices stacked into one volume; counts add up across slices.
+    present = np.unique(pidx)
+    k = len(patient_ids)
+    sums = [np.bincount(pidx, weights=x, minlength=k).astype(np.int64) for x in (tp, fp, fn, tn)]
+    p_metrics = _metrics_from_counts(*sums)
+    n_slices = np.bincount(pidx, minlength=k)
+    n_tumor_slices = np.bincount(pidx, weights=(n_gt > 0), minlength=k).astype(np.int64)
+    per_patient = []
+    for j in present:
+        hd = math.nan
+        if compute_hd95 and sums[0][j] + sums[1][j] > 0 and sums[0][j] + sums[2][j] > 0:
+            rows = np.flatnonzero(pidx == j)
+            rows = rows[np.argsort(snum[rows], kind="stable")]
+            hd = _hd95_bool(p[rows], g[rows])
+        per_patient.append(
+            {
+                "patient_id": patient_ids[j],
+                "slices": int(n_slices[j]),
+                "tumor_slices": int(n_tumor_slices[j]),
+                "gt_pixels": int(sums[0][j] + sums[2][j]),
+                "pred_pixels": int(sums[0][j] + sums[1][j]),
+                "tp": int(sums[0][j]),
+                "fp": int(sums[1][j]),
+                "fn": int(sums[2][j]),
+                **{m: float(p_metrics[m][j]) for m in OVERLAP_METRICS},
+                "hd95": hd,
+            }
+        )
+
+    g_counts = [int(x.sum()) for x in (tp, fp, fn, tn)]
+    g_metrics = {m: float(v) for m, v in _metrics_from_counts(*g_counts).items()}
+    counts = {
+        "slices": int(n),
+        "patients": int(present.size),
+        "tumor_slices": int(np.count_nonzero(n_gt > 0)),
+        "tumor_patients": int(sum(1 for r in per_patient if r["gt_pixels"] > 0)),
+    }
+    return Report(
+        per_slice=per_slice,
+        per_patient=per_patient,
+        global_metrics=g_metrics,
+        detection=detection(n_pred > 0, n_gt > 0),
+        counts=counts,
+    )
+
+
+def per_patient_dice(
+    pred: np.ndarray, gt: np.ndarray, patient_index: np.ndarray, n_patients: int | None = None
+) -> np.ndarray:
+    """Dice of each patient's stacked volume (both empty -> 1), for fast tuning loops.
+
+    Returns one value per patient index that occurs in ``patient_index`` (sorted order).
+    """
+    p, g = _check_pair(pred, gt)
+    tp, fp, fn, _ = _slice_counts(p, g)
+    pidx = np.asarray(patient_index, dtype=np.int64)
+    k = int(n_patients if n_patients is not None else (pidx.max() + 1 if pidx.size else 0))
+    s = [np.bincount(pidx, weights=x, minlength=k) for x in (tp, fp, fn)]
+    d = _ratio(2 * s[0], 2 * s[0] + s[1] + s[2], (s[0] + s[1] + s[2]) == 0)
+    return d[np.unique(pidx)]

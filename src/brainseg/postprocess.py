@@ -1,0 +1,119 @@
+"""Turn probabilities into masks: threshold, small-object removal, largest 3D component.
+
+numpy + scipy only: this module is on the torch-free ONNX predict path. Connectivity is
+full (8 neighbours in 2D, 26 in 3D), so a diagonal step still joins a component.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+#: The default decision threshold on the tumor probability.
+DEFAULT_THRESHOLD = 0.5
+
+
+def binarize(prob: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Boolean mask of ``prob >= threshold`` (any shape)."""
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return np.asarray(prob) >= threshold
+
+
+def _slice_structure(ndim: int) -> np.ndarray:
+    """8-connectivity within each slice (last two axes), no connection between slices."""
+    s = np.zeros((3,) * ndim, dtype=bool)
+    s[(1,) * (ndim - 2)] = True  # the middle plane of the leading axes
+    return s
+
+
+def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop connected components smaller than ``min_size`` pixels, slice by slice (2D).
+
+    ``mask`` is H x W or ... x H x W (each H x W slice is handled on its own). Returns a
+    new boolean array; ``min_size <= 1`` returns the mask unchanged (as bool).
+    """
+    m = np.asarray(mask) != 0
+    if min_size <= 1 or not m.any():
+        return m.copy()
+    if m.ndim < 2:
+        raise ValueError(f"expected H x W or N x H x W masks, got shape {m.shape}")
+    labels, _ = ndimage.label(m, structure=_slice_structure(m.ndim))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labels]
+
+
+def keep_largest_3d(volume: np.ndarray) -> np.ndarray:
+    """Keep only the largest 3D connected component of a patient's stacked slices.
+
+    ``volume`` is S x H x W (slices in order) or a single H x W slice. Ties go to the
+    component met first in memory order. An empty volume stays empty.
+    """
+    v = np.asarray(volume) != 0
+    if not v.any():
+        return v.copy()
+    labels, n = ndimage.label(v, structure=ndimage.generate_binary_structure(v.ndim, v.ndim))
+    if n == 1:
+        return v.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def apply(
+    prob_volume: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_size: int = 0,
+    largest: bool = False,
+) -> np.ndarray:
+    """Threshold, then remove small 2D components, then keep the largest 3D component.
+
+    ``prob_volume`` is one patient's S x H x W probabilities (or one H x W slice).
+    """
+    mask = binarize(prob_volume, threshold)
+    if min_size > 1:
+        mask = remove_small(mask, min_size)
+    if largest:
+        mask = keep_largest_3d(mask)
+    return mask
+
+
+def apply_grouped(
+    prob: np.ndarray,
+    groups: np.ndarray,
+    order: np.ndarray | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_size: int = 0,
+    largest: bool = False,
+) -> np.ndarray:
+    """:func:`apply` on an N x H x W stack holding several patients' slices.
+
+    ``groups`` (N,) says which patient each slice belongs to; ``order`` (N,) is the slice
+    number that orders a patient's slices into its volume (default: their stack order). The
+    largest component is found per patient, never across patients.
+    """
+    mask = binarize(prob, threshold)
+    if min_size > 1:
+        mask = remove_small(mask, min_size)
+    if largest:
+        mask = largest_per_group(mask, groups, order)
+    return mask
+
+
+def largest_per_group(
+    mask: np.ndarray, groups: np.ndarray, order: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`keep_largest_3d` applied to each group's slices of an N x H x W stack."""
+    m = np.asarray(mask) != 0
+    g = np.asarray(groups).reshape(-1)
+    if g.shape[0] != m.shape[0]:
+        raise ValueError(f"groups has {g.shape[0]} entries for {m.shape[0]} slices")
+    out = np.zeros_like(m)
+    for gid in np.unique(g):
+        rows = np.flatnonzero(g == gid)
+        if order is not None:
+            rows = rows[np.argsort(np.asarray(order)[rows], kind="stable")]
+        out[rows] = keep_largest_3d(m[rows])
+    return out
