@@ -1,0 +1,631 @@
+"""A one-time cache of a whole dataset as uint8 arrays, memory-mapped on every later load.
+
+Decoding 3929 deflate-compressed TIF pairs takes seconds on every run; the cache decodes
+them once (checking every file, see :mod:`brainseg.data.lgg`) and stores::
+
+    $BRAINSEG_CACHE_DIR/datasets/<key>/       (default ~/.cache/brainseg/datasets/<key>/)
+      images.npy          N x 3 x H x W uint8
+      masks.npy           N x H x W uint8 in {0, 1}
+      patient_index.npy   N int32, index into meta.json's "patient_ids" (sorted)
+      slice_number.npy    N int32, the <k> of <case>_<k>.tif
+      tumor_pixels.npy    N int32, tumour pixels per slice (for splits and summaries)
+      meta.json           key, root, size, patient_ids, skipped problems, versions
+
+Later loads are ``np.load(mmap_mode="r")``: no copy, pages are read on demand. The key is a
+SHA-256 of the files' relative names, sizes and mtimes, the format version and ``skip_bad``,
+so editing, adding or removing a file builds a new cache. A build writes into a temporary
+folder that is renamed into place, so a killed build never leaves a half-written cache; its
+leftover temporary folder is removed by the next build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from brainseg import console
+from brainseg.data import lgg
+from brainseg.errors import BrainsegError
+
+#: Bump when the stored layout changes: old caches are then simply not found.
+FORMAT_VERSION = 1
+#: Temporary build folders older than this are removed even if their process may live.
+STALE_SECONDS = 24 * 3600
+_ARRAYS = ("images", "masks", "patient_index", "slice_number", "tumor_pixels")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where dataset caches live: ``cache_dir``, ``$BRAINSEG_CACHE_DIR`` or ~/.cache/brainseg,
+    then ``datasets/``."""
+    if cache_dir is None:
+        env = os.environ.get("BRAINSEG_CACHE_DIR")
+        base = Path(env) if env else Path.home() / ".cache" / "brainseg"
+    else:
+        base = Path(cache_dir)
+    return base.expanduser() / "datasets"
+
+
+# --------------------------------------------------------------------------- ArrayData
+
+
+@dataclass
+class ArrayData:
+    """The dataset as arrays (memory-mapped from the cache, or in memory after ``resized``).
+
+    Rows are ordered patient by patient (patients sorted by id), slice number within.
+    """
+
+    images: np.ndarray  # N x 3 x H x W uint8
+    masks: np.ndarray  # N x H x W uint8 in {0, 1}
+    patient_index: np.ndarray  # N int32, index into patient_ids
+    slice_number: np.ndarray  # N int32
+    patient_ids: list[str]
+    key: str
+    root: Path | None = None
+    tumor_pixels: np.ndarray | None = None  # N int32, tumour pixels per slice
+    problems: list[str] = field(default_factory=list)  # skipped with skip_bad
+    path: Path | None = None  # the cache folder, None for in-memory arrays
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` of every slice."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def indices_of(self, patient_ids: Iterable[str]) -> np.ndarray:
+        """Row indices (int64, dataset order) of every slice of these patients.
+
+        Raises :class:`BrainsegError` naming the ids that are not in the dataset.
+        """
+        ids = list(patient_ids)
+        lookup = {p: i for i, p in enumerate(self.patient_ids)}
+        unknown = [p for p in ids if p not in lookup]
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (
+                f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            )
+            where = f" {self.root}" if self.root else ""
+            raise BrainsegError(
+                f"{len(unknown)} patient id(s) not in dataset{where}: {shown} (the dataset has "
+                f"{len(self.patient_ids)} patients, e.g. {', '.join(self.patient_ids[:2])})",
+                hint="the split was made for another dataset: make a new one with "
+                "`brainseg split DATA -o splits.yaml`",
+            )
+        wanted = np.array(sorted({lookup[p] for p in ids}), dtype=np.int32)
+        return np.flatnonzero(np.isin(self.patient_index, wanted))
+
+    def resized(self, size: int | tuple[int, int]) -> ArrayData:
+        """The same data at ``size`` (in memory); ``self`` when the size already matches.
+
+        Images: antialiased bilinear (see :func:`resize_images`); masks: bilinear of the 0/1
+        mask, ``>= 0.5``, never emptying a slice that had tumour (see :func:`resize_masks`).
+        """
+        hw = _hw(size)
+        if hw == self.size:
+            return self
+        masks = resize_masks(self.masks, hw)
+        return ArrayData(
+            images=resize_images(self.images, hw),
+            masks=masks,
+            patient_index=np.asarray(self.patient_index),
+            slice_number=np.asarray(self.slice_number),
+            patient_ids=list(self.patient_ids),
+            key=self.key,
+            root=self.root,
+            tumor_pixels=masks.reshape(len(masks), -1).sum(1, dtype=np.int32)
+            if len(masks)
+            else np.zeros(0, np.int32),
+            problems=list(self.problems),
+            path=None,
+        )
+
+    # ---- tumour burden, for splits and summaries
+
+    def tumor_pixels_per_slice(self) -> np.ndarray:
+        """Tumour pixels of each slice (N int32), stored in the cache, else computed."""
+        if self.tumor_pixels is None:
+            self.tumor_pixels = np.asarray(
+                self.masks.reshape(len(self), -1).sum(1, dtype=np.int64), dtype=np.int32
+            )
+        return np.asarray(self.tumor_pixels)
+
+    def _per_patient(self, values: np.ndarray) -> dict[str, int]:
+        sums = np.bincount(self.patient_index, weights=values, minlength=len(self.patient_ids))
+        return {p: round(float(sums[i])) for i, p in enumerate(self.patient_ids)}
+
+    def slices_per_patient(self) -> dict[str, int]:
+        """Number of slices of each patient."""
+        counts = np.bincount(self.patient_index, minlength=len(self.patient_ids))
+        return {p: int(counts[i]) for i, p in enumerate(self.patient_ids)}
+
+    def tumor_slices_per_patient(self) -> dict[str, int]:
+        """Number of slices with any tumour pixel, per patient."""
+        return self._per_patient((self.tumor_pixels_per_slice() > 0).astype(np.float64))
+
+    def tumor_pixels_per_patient(self) -> dict[str, int]:
+        """Total tumour pixels per patient (at the stored size)."""
+        return self._per_patient(self.tumor_pixels_per_slice().astype(np.float64))
+
+    def burden(self) -> dict[str, dict[str, int]]:
+        """Per patient: ``{"slices", "tumor_slices", "tumor_pixels"}`` (for stratified splits)."""
+        n, t, px = (
+            self.slices_per_patient(),
+            self.tumor_slices_per_patient(),
+            self.tumor_pixels_per_patient(),
+        )
+        return {
+            p: {"slices": n[p], "tumor_slices": t[p], "tumor_pixels": px[p]}
+            for p in self.patient_ids
+        }
+
+    def summary(self) -> dict[str, object]:
+        """``patients``, ``slices``, ``tumor_slices``, ``tumor_fraction``, ``size``, ``skipped``."""
+        tp = self.tumor_pixels_per_slice()
+        n = len(self)
+        tumor = int((tp > 0).sum())
+        return {
+            "patients": len(self.patient_ids),
+            "slices": n,
+            "tumor_slices": tumor,
+            "tumor_fraction": tumor / n if n else 0.0,
+            "size": list(self.size),
+            "skipped_problems": len(self.problems),
+        }
+
+
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    hw = (
+        (int(size), int(size))
+        if isinstance(size, (int, np.integer))
+        else tuple(int(s) for s in size)
+    )
+    if len(hw) != 2 or min(hw) < 1:
+        raise BrainsegError(
+            f"image size {size!r} is not valid, expected a positive integer or (height, width)",
+            hint="e.g. --size 256",
+        )
+    return hw[0], hw[1]
+
+
+def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """N x C x H x W uint8 -> N x C x h x w uint8, antialiased bilinear (Pillow).
+
+    Pillow widens the bilinear kernel when shrinking (an area-like average), so thin
+    structures alias less than with plain bilinear sampling; this matches torch's
+    ``interpolate(mode="bilinear", antialias=True)`` up to rounding.
+    """
+    from PIL import Image
+
+    h, w = _hw(size)
+    n, c = images.shape[:2]
+    out = np.empty((n, c, h, w), dtype=np.uint8)
+    for i in range(n):
+        for ch in range(c):
+            im = Image.fromarray(np.ascontiguousarray(images[i, ch]))
+            out[i, ch] = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR))
+    return out
+
+
+def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """N x H x W 0/1 -> N x h x w 0/1: antialiased bilinear of the mask, then ``>= 0.5``.
+
+    A tumour smaller than about half an output pixel would vanish with that rule alone, so
+    a slice that had tumour and would come out empty keeps its most covered output pixel:
+    the per-slice "tumour present" label never changes with the size.
+    """
+    from PIL import Image
+
+    h, w = _hw(size)
+    out = np.empty((masks.shape[0], h, w), dtype=np.uint8)
+    for i in range(masks.shape[0]):
+        src = np.asarray(masks[i])
+        prob = np.asarray(
+            Image.fromarray(src.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)
+        )
+        m = (prob >= 0.5).astype(np.uint8)
+        if not m.any() and src.any():
+            m[prob >= prob.max()] = 1
+        out[i] = m
+    return out
+
+
+# --------------------------------------------------------------------------- key
+
+
+def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
+    """SHA-256 of the files' relative names, sizes and mtimes + format version + skip_bad."""
+    files: list[Path] = []
+    for s in dataset.slices:
+        files += [s.image, s.mask]
+    entries: list[list[object]] = []
+    for f in files:
+        try:
+            st = f.stat()
+            entries.append([f.relative_to(dataset.root).as_posix(), st.st_size, st.st_mtime_ns])
+        except OSError:
+            entries.append([str(f), -1, -1])
+    for p in dataset.problems:  # files found but not paired: adding their partner changes the key
+        entries.append([p.file, p.message])
+    entries.sort(key=lambda e: str(e[0]))
+    blob = json.dumps(
+        {"format": FORMAT_VERSION, "skip_bad": bool(skip_bad), "files": entries},
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    skip_bad: bool = False,
+    rebuild: bool = False,
+) -> ArrayData:
+    """The dataset at ``path`` as :class:`ArrayData`, from the cache (built the first time).
+
+    Every problem of the dataset (structural and content) is reported in one
+    :class:`BrainsegError`; with ``skip_bad`` the bad slices are skipped with a warning
+    (repeated on every load from the cache). ``rebuild`` ignores an existing cache.
+    """
+    ds = lgg.scan(path)
+    key = dataset_key(ds, skip_bad)
+    root = cache_root(cache_dir)
+    final = root / key[:32]
+    if not rebuild and final.is_dir():
+        data = _open(final, key)
+        if data is not None:
+            if data.problems:
+                _warn_cached(ds, data)
+            return data
+        console.warn(f"dataset cache {final} is damaged; rebuilding it")
+    return _build(ds, key, final, skip_bad)
+
+
+def _warn_cached(ds: lgg.LGGDataset, data: ArrayData) -> None:
+    console.warn(
+        f"--skip-bad: {len(data.problems)} problem(s) in {ds.root} were skipped when "
+        f"the cache was built; using {len(data)} slices of {len(data.patient_ids)} "
+        "patients"
+    )
+    shown = len(data.problems) if console.state.debug else 5
+    for p in data.problems[:shown]:
+        console.info(f"  {p}")
+    if len(data.problems) > shown:
+        console.info(f"  ... and {len(data.problems) - shown} more (--debug lists all)")
+
+
+def _open(folder: Path, key: str) -> ArrayData | None:
+    """Map a finished cache folder; None when it is missing pieces or does not match."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
+            return None
+        arrs = {
+            name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            for name in _ARRAYS
+        }
+    except (OSError, ValueError, KeyError):
+        return None
+    n = int(meta["slices"])
+    h, w = meta["size"]
+    expected = {
+        "images": ((n, 3, h, w), np.uint8),
+        "masks": ((n, h, w), np.uint8),
+        "patient_index": ((n,), np.int32),
+        "slice_number": ((n,), np.int32),
+        "tumor_pixels": ((n,), np.int32),
+    }
+    for name, (shape, dtype) in expected.items():
+        if arrs[name].shape != shape or arrs[name].dtype != dtype:
+            return None
+    root = Path(meta["root"]) if meta.get("root") else None
+    return ArrayData(
+        images=arrs["images"],
+        masks=arrs["masks"],
+        patient_index=arrs["patient_index"],
+        slice_number=arrs["slice_number"],
+        patient_ids=list(meta["patient_ids"]),
+        key=key,
+        root=root,
+        tumor_pixels=arrs["tumor_pixels"],
+        problems=list(meta.get("problems", [])),
+        path=folder,
+    )
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _tmp_name(key: str) -> str:
+    return f".tmp-{key[:32]}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale(root: Path) -> list[Path]:
+    """Remove temporary folders left by killed builds; returns what was removed.
+
+    A folder is stale when its process (same host) is gone, or when it is older than a day.
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    host = socket.gethostname()
+    now = time.time()
+    for d in root.iterdir():
+        if not d.name.startswith((".tmp-", ".old-")):
+            continue
+        parts = d.name.split("-")
+        stale = False
+        try:
+            pid = int(parts[-2])
+            same_host = "-".join(parts[2:-2]) == host
+            stale = same_host and not _pid_alive(pid)
+        except (ValueError, IndexError):
+            stale = False
+        with contextlib.suppress(OSError):
+            stale = stale or now - d.stat().st_mtime > STALE_SECONDS
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """Delete every dataset cache (they are rebuilt on demand); returns how many."""
+    root = cache_root(cache_dir)
+    n = 0
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                n += not d.name.startswith(".")
+    return n
+
+
+def _decode_all(
+    slices: list[lgg.SliceFile],
+    tmp: Path,
+) -> tuple[list[lgg.Problem], np.ndarray, tuple[int, int] | None]:
+    """Decode every slice into ``tmp``'s row-aligned arrays; returns (problems, ok, size).
+
+    Rows are written straight into memory-mapped .npy files so the build needs little RAM.
+    The size of the first decoded slice is assumed; if most slices turn out to have another
+    size the arrays are redone at that size, and the odd slices become problems.
+    """
+    n = len(slices)
+    problems: list[lgg.Problem] = []
+    ok = np.zeros(n, dtype=bool)
+    odd: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    size: tuple[int, int] | None = None
+    imgs: np.ndarray | None = None
+    msks: np.ndarray | None = None
+
+    def open_arrays(hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        fmt = np.lib.format
+        return (
+            fmt.open_memmap(tmp / "images.part.npy", "w+", np.uint8, (n, 3, *hw)),
+            fmt.open_memmap(tmp / "masks.part.npy", "w+", np.uint8, (n, *hw)),
+        )
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with (
+        console.progress(n, "caching dataset", "slices") as bar,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        try:
+            for i, res in enumerate(pool.map(lgg.decode_slice, slices)):
+                if isinstance(res, list):
+                    problems.extend(res)
+                else:
+                    img, msk = res
+                    if size is None:
+                        size = (img.shape[0], img.shape[1])
+                        imgs, msks = open_arrays(size)
+                    assert imgs is not None and msks is not None
+                    if img.shape[:2] == size:
+                        imgs[i] = img.transpose(2, 0, 1)
+                        msks[i] = msk
+                        ok[i] = True
+                    else:
+                        odd[i] = (img, msk)
+                bar.advance(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    if size is None or imgs is None or msks is None:
+        return problems, ok, None
+    counts = Counter({size: int(ok.sum())})
+    for img, _ in odd.values():
+        counts[img.shape[:2]] += 1
+    best = max(counts, key=lambda s: (counts[s], s == size))
+    if best != size:  # the first slice was the odd one: redo the arrays at the common size
+        for i in np.flatnonzero(ok):
+            odd[int(i)] = (np.array(imgs[i]).transpose(1, 2, 0), np.array(msks[i]))
+        del imgs, msks
+        ok[:] = False
+        size = (int(best[0]), int(best[1]))
+        imgs, msks = open_arrays(size)
+        for i, (img, msk) in list(odd.items()):
+            if img.shape[:2] == size:
+                imgs[i] = img.transpose(2, 0, 1)
+                msks[i] = msk
+                ok[i] = True
+                del odd[i]
+    for i, (img, _) in sorted(odd.items()):
+        s = slices[i]
+        problems.append(
+            lgg.Problem(
+                f"{s.patient}/{s.image.name}",
+                f"size {img.shape[0]}x{img.shape[1]}, expected "
+                f"{size[0]}x{size[1]} like the other {counts[best]} slices of the dataset",
+                s.patient,
+                s.number,
+            )
+        )
+    imgs.flush()
+    msks.flush()
+    del imgs, msks
+    return problems, ok, size
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    for f in folder.iterdir():
+        with contextlib.suppress(OSError), open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayData:
+    from brainseg import __version__
+
+    root = final.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrainsegError(
+            f"cannot create the dataset cache folder {root}: {exc.strerror or exc}",
+            hint="set BRAINSEG_CACHE_DIR to a writable folder",
+        ) from exc
+    clean_stale(root)
+    slices = ds.slices
+    console.info(
+        f"building the dataset cache for {ds.root} ({len(slices)} slices of "
+        f"{len(ds.patients)} patients) in {final}"
+    )
+    tmp = root / _tmp_name(key)
+    tmp.mkdir()
+    try:
+        content, ok, size = _decode_all(slices, tmp)
+        problems = sorted(
+            ds.problems + content,
+            key=lambda p: (p.patient or "", -1 if p.number is None else p.number, p.file),
+        )
+        # Raises (listing every problem) unless skip_bad; then warns and drops bad slices.
+        lgg.report_problems(ds, problems, skip_bad)
+        bad = {(p.patient, p.number) for p in problems if p.number is not None}
+        keep = np.array(
+            [bool(ok[i]) and (s.patient, s.number) not in bad for i, s in enumerate(slices)],
+            dtype=bool,
+        )
+        if size is None or not keep.any():
+            raise BrainsegError(
+                lgg.format_problems(ds.root, problems) + "\nno usable slices are left",
+                hint=lgg.SKIP_HINT,
+            )
+        _finish_arrays(tmp, keep)
+        kept_slices = [s for i, s in enumerate(slices) if keep[i]]
+        patient_ids = sorted({s.patient for s in kept_slices})
+        lookup = {p: i for i, p in enumerate(patient_ids)}
+        np.save(
+            tmp / "patient_index.npy",
+            np.array([lookup[s.patient] for s in kept_slices], dtype=np.int32),
+        )
+        np.save(tmp / "slice_number.npy", np.array([s.number for s in kept_slices], dtype=np.int32))
+        masks = np.load(tmp / "masks.npy", mmap_mode="r")
+        np.save(
+            tmp / "tumor_pixels.npy",
+            masks.reshape(len(masks), -1).sum(1, dtype=np.int64).astype(np.int32),
+        )
+        del masks
+        meta = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "root": str(ds.root.resolve()),
+            "skip_bad": bool(skip_bad),
+            "slices": len(kept_slices),
+            "size": list(size),
+            "patient_ids": patient_ids,
+            "problems": [str(p) for p in problems],
+            "brainseg": __version__,
+            "numpy": np.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _fsync_dir_files(tmp)
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune_older(root, final, ds.root, skip_bad)
+    data = _open(final, key)
+    if data is None:  # pragma: no cover - only if someone deletes it under us
+        raise BrainsegError(
+            f"the dataset cache {final} vanished right after it was built",
+            hint="run the command again",
+        )
+    return data
+
+
+def _finish_arrays(tmp: Path, keep: np.ndarray) -> None:
+    """Turn the row-aligned ``*.part.npy`` into the final arrays, dropping skipped rows."""
+    for name in ("images", "masks"):
+        part = tmp / f"{name}.part.npy"
+        if keep.all():
+            os.replace(part, tmp / f"{name}.npy")
+            continue
+        src = np.load(part, mmap_mode="r")
+        dst = np.lib.format.open_memmap(
+            tmp / f"{name}.npy", "w+", np.uint8, (int(keep.sum()), *src.shape[1:])
+        )
+        for j, i in enumerate(np.flatnonzero(keep)):
+            dst[j] = src[i]
+        dst.flush()
+        del src, dst
+        part.unlink()
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished build onto ``final`` (replacing an old one, e.g. with rebuild)."""
+    old: Path | None = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{socket.gethostname()}-{os.getpid()}-x"
+        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if final.is_dir():  # another process finished the same build first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune_older(root: Path, final: Path, dataset_root: Path, skip_bad: bool) -> None:
+    """Remove caches of the same dataset folder made before its files changed."""
+    here = str(dataset_root.resolve())
+    for d in root.iterdir():
+        if d == final or d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("root") == here and bool(meta.get("skip_bad")) == skip_bad:
+            shutil.rmtree(d, ignore_errors=True)
