@@ -70,7 +70,7 @@ def _ramp(x: np.ndarray, width: float) -> np.ndarray:
 def _smooth_field(
     rng: np.random.Generator, coords: tuple[np.ndarray, ...], terms: int, freq: tuple[float, float]
 ) -> np.ndarray:
-    """A smooth random field in [-1, 1]: a sum of a few random plane waves."""
+    """A smooth random field in [-1, 1]: the mean of a few random plane waves."""
     out = np.zeros(np.broadcast_shapes(*(c.shape for c in coords)), dtype=np.float32)
     for _ in range(terms):
         w = rng.normal(size=len(coords))
@@ -81,130 +81,180 @@ def _smooth_field(
     return out / terms
 
 
+def _volume_waves(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    terms: int,
+    freq: tuple[float, float],
+) -> np.ndarray:
+    """Like :func:`_smooth_field` over the whole D x H x W volume, but separable and fast.
+
+    ``sin(a(x, y) + b(z)) = sin a cos b + cos a sin b``, so the 3D field is one small matrix
+    product of per-slice and per-plane factors instead of a sine per voxel and term.
+    """
+    plane = np.broadcast_shapes(x.shape, y.shape)
+    a = np.empty((2 * terms, plane[0] * plane[1]), dtype=np.float32)
+    b = np.empty((z.shape[0], 2 * terms), dtype=np.float32)
+    for t in range(terms):
+        w = rng.normal(size=3)
+        w *= rng.uniform(*freq) / max(float(np.linalg.norm(w)), 1e-6)
+        phase = rng.uniform(0, 2 * np.pi)
+        arg = np.broadcast_to(w[0] * x + w[1] * y, plane).ravel()
+        a[2 * t], a[2 * t + 1] = np.sin(arg), np.cos(arg)
+        bz = w[2] * z + phase
+        b[:, 2 * t], b[:, 2 * t + 1] = np.cos(bz), np.sin(bz)
+    return (b @ a).reshape(z.shape[0], *plane) / terms
+
+
+def _span(lin: np.ndarray, lo: float, hi: float) -> slice:
+    """The index range of the sorted coordinates ``lin`` that covers [lo, hi]."""
+    a = max(int(np.searchsorted(lin, lo)) - 1, 0)
+    b = min(int(np.searchsorted(lin, hi)) + 1, len(lin))
+    return slice(a, b)
+
+
+def _tumour_run(mask: np.ndarray, centre: int) -> np.ndarray:
+    """Slices to keep: the contiguous run of tumour slices nearest the tumour centre."""
+    has = mask.any(axis=(1, 2))
+    keep = np.zeros(len(has), dtype=bool)
+    idx = np.flatnonzero(has)
+    if not len(idx):
+        return keep
+    c = int(idx[np.argmin(np.abs(idx - centre))])
+    lo = hi = c
+    while lo > 0 and has[lo - 1]:
+        lo -= 1
+    while hi < len(has) - 1 and has[hi + 1]:
+        hi += 1
+    keep[lo : hi + 1] = True
+    return keep
+
+
 def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -> PhantomCase:
-    """Render one phantom patient (all slices at once)."""
+    """Render one phantom patient (all slices at once, as one 3D volume)."""
     f32 = np.float32
     px = 2.0 / size  # one pixel in normalised units
     # Coordinates: x, y in [-1, 1] across the image; z in head units (bottom -> top).
     lin = (np.arange(size, dtype=f32) + 0.5) * px - 1.0
-    y = lin[None, :, None]
-    x = lin[None, None, :]
-    z = np.linspace(-0.92, 0.85, n_slices, dtype=f32)[:, None, None]
+    y2, x2 = lin[:, None], lin[None, :]
+    z1 = np.linspace(-0.92, 0.85, n_slices, dtype=f32)
+    z = z1[:, None, None]
 
-    # Head: an ellipsoid, slightly rotated and shifted.
+    # Head: an ellipsoid, slightly rotated and shifted (2D in-plane terms, then + z^2).
     ang = rng.uniform(-0.15, 0.15)
-    ca, sa = np.cos(ang), np.sin(ang)
-    cx, cy = rng.uniform(-0.05, 0.05, size=2)
-    xr = ca * (x - cx) + sa * (y - cy)
-    yr = -sa * (x - cx) + ca * (y - cy)
-    ax, ay = rng.uniform(0.68, 0.78), rng.uniform(0.82, 0.9)
-    r = np.sqrt((xr / ax) ** 2 + (yr / ay) ** 2 + z**2, dtype=f32)  # 1 at the scalp surface
+    ca, sa = float(np.cos(ang)), float(np.sin(ang))
+    cx, cy = (float(v) for v in rng.uniform(-0.05, 0.05, size=2))
+    xr = (ca * (x2 - cx) + sa * (y2 - cy)).astype(f32)  # H x W
+    yr = (-sa * (x2 - cx) + ca * (y2 - cy)).astype(f32)
+    ax, ay = float(rng.uniform(0.68, 0.78)), float(rng.uniform(0.82, 0.9))
+    r = np.sqrt(((xr / ax) ** 2 + (yr / ay) ** 2)[None] + z**2, dtype=f32)  # 1 at the scalp
     theta = np.arctan2(yr, xr)
-    scale = px / min(ax, ay)
+    edge = 1.5 * px / min(ax, ay)
 
-    head = _ramp(1.0 - r, 1.5 * scale)
-    skull_in = 0.9 + 0.01 * np.sin(3 * theta + rng.uniform(0, 6.3))
-    inner = _ramp(skull_in - r, 1.5 * scale)  # inside the skull
+    head = _ramp(1.0 - r, edge)
+    skull_in = float(rng.uniform(0.89, 0.91))
+    inner = _ramp(skull_in - r, edge)  # inside the skull
     brain_edge = skull_in - 0.04
-    brain = _ramp(brain_edge - r, 1.5 * scale)
-    skull = head - inner  # bone + scalp ring
-    scalp = _ramp(r - 0.955, 1.5 * scale) * head
-    bone = np.clip(skull - scalp, 0, 1)
+    brain = _ramp(brain_edge - r, edge)
+    scalp = _ramp(r - 0.955, edge) * head
+    bone = np.clip(head - inner - scalp, 0, 1)
     csf_gap = np.clip(inner - brain, 0, 1)
 
     # Cortex: a wavy band (gyri) inside the brain edge; white matter inside it.
-    gyri = 0.05 * np.sin(rng.integers(9, 15) * theta + 6 * z + rng.uniform(0, 6.3)) + 0.03 * (
-        _smooth_field(rng, (x, y, z), 3, (3.0, 6.0))
-    )
-    wm = _ramp((brain_edge - 0.17 + gyri) - r, 2 * scale) * brain
+    gk, gp = int(rng.integers(9, 15)), rng.uniform(0, 6.3)
+    ga = (gk * theta + gp).astype(f32)[None]
+    # Fade the folds out near the in-plane centre, where theta would make a starburst.
+    fade = np.clip((np.sqrt((xr / ax) ** 2 + (yr / ay) ** 2) - 0.2) / 0.3, 0, 1)[None]
+    gyri = 0.05 * fade * (np.sin(ga) * np.cos(6 * z) + np.cos(ga) * np.sin(6 * z))
+    gyri += 0.03 * _volume_waves(rng, x2, y2, z1, 3, (3.0, 6.0))
+    wm = _ramp((brain_edge - 0.17 + gyri) - r, 2 * edge) * brain
     gm = np.clip(brain - wm, 0, 1)
 
     # Ventricles: two small ellipsoids beside the midline, in the middle of the head.
     vz = rng.uniform(-0.05, 0.15)
     vent = np.zeros_like(r)
     for side in (-1.0, 1.0):
-        vr = np.sqrt(
-            ((xr - side * 0.09) / 0.07) ** 2 + ((yr + 0.05) / 0.25) ** 2 + ((z - vz) / 0.25) ** 2,
-            dtype=f32,
-        )
-        vent = np.maximum(vent, _ramp(1.0 - vr, 3 * px / 0.07))
+        q = (((xr - side * 0.09) / 0.07) ** 2 + ((yr + 0.05) / 0.25) ** 2)[None]
+        vr = np.sqrt(q + ((z - vz) / 0.25) ** 2, dtype=f32)
+        np.maximum(vent, _ramp(1.0 - vr, 3 * px / 0.07), out=vent)
     vent *= wm
 
-    # Tumour: a star-shaped deformed ellipsoid inside the brain (radius perturbed by direction).
-    k = np.arange(n_slices, dtype=f32)[:, None, None]
+    # Tumour: a star-shaped deformed ellipsoid (its radius depends on direction only, so
+    # every slice between its ends has tumour), computed in its bounding box only.
     run = round(n_slices * rng.uniform(0.26, 0.46))
     run = max(2, min(run, n_slices - 2))
     centre_k = rng.uniform(0.35, 0.65) * (n_slices - 1)
     tz = max(run / 2.0, 1.0)
-    t_ang = rng.uniform(0, 2 * np.pi)
-    t_rad = rng.uniform(0.1, 0.4)
+    t_ang, t_rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4)
     tx, ty = t_rad * ax * np.cos(t_ang), t_rad * ay * np.sin(t_ang)
-    rx, ry = rng.uniform(0.12, 0.26), rng.uniform(0.12, 0.26)
-    dx, dy, dk = (xr - tx) / rx, (yr - ty) / ry, (k - centre_k) / tz
+    rx, ry = float(rng.uniform(0.12, 0.26)), float(rng.uniform(0.12, 0.26))
+    reach = 1.35 * max(rx, ry) + 2 * px
+    ix, iy = cx + ca * tx - sa * ty, cy + sa * tx + ca * ty  # tumour centre in image coords
+    cols = _span(lin, ix - reach, ix + reach)
+    rows = _span(lin, iy - reach, iy + reach)
+    ks = slice(
+        *np.clip([int(centre_k - 1.3 * tz), int(np.ceil(centre_k + 1.3 * tz)) + 1], 0, n_slices)
+    )
+    box = (ks, rows, cols)
+    dx = ((xr[rows, cols] - tx) / rx)[None]
+    dy = ((yr[rows, cols] - ty) / ry)[None]
+    dk = ((np.arange(n_slices, dtype=f32)[ks] - centre_k) / tz)[:, None, None]
     tr = np.sqrt(dx**2 + dy**2 + dk**2, dtype=f32)
     inv = 1.0 / np.maximum(tr, 1e-6)
     deform = 0.22 * _smooth_field(rng, (dx * inv, dy * inv, dk * inv), 4, (1.5, 4.0))
     s = (1.0 + deform) - tr  # > 0 inside the tumour
-    tpx = px / min(rx, ry)  # one pixel in tumour units
-    tumour = _ramp(s, 2 * tpx) * brain
-    mask = (tumour >= 0.5) & (brain >= 0.5)
-    # Keep the tumour to one contiguous run of slices around its centre.
-    has = mask.any(axis=(1, 2))
-    if has.any():
-        c = int(np.clip(round(centre_k), 0, n_slices - 1))
-        if not has[c]:
-            c = int(np.flatnonzero(has)[np.argmin(np.abs(np.flatnonzero(has) - c))])
-        lo = c
-        while lo > 0 and has[lo - 1]:
-            lo -= 1
-        hi = c
-        while hi < n_slices - 1 and has[hi + 1]:
-            hi += 1
-        keep = np.zeros(n_slices, dtype=bool)
-        keep[lo : hi + 1] = True
-        mask &= keep[:, None, None]
-        tumour = tumour * keep[:, None, None]
-    core = _ramp(s - 0.45 - 0.1 * deform, 2 * tpx) * tumour  # necrotic / solid core
-    rim = np.clip(_ramp(s - 0.3, 2 * tpx) - core, 0, 1) * tumour
+    tedge = 2 * px / min(rx, ry)
+    t_box = _ramp(s, tedge) * brain[box]
+    m_box = t_box >= 0.5
+    keep = _tumour_run(m_box, round(centre_k) - (ks.start or 0))[:, None, None]
+    m_box &= keep
+    t_box *= keep
+    core = _ramp(s - 0.45 - 0.1 * deform, tedge) * t_box  # solid / necrotic core
+    rim = np.clip(_ramp(s - 0.3, tedge) - core, 0, 1) * t_box
     rim *= _ramp(_smooth_field(rng, (dx, dy, dk), 3, (1.0, 3.0)) + 0.2, 0.4)  # patchy
+    mask = np.zeros((n_slices, size, size), dtype=np.uint8)
+    mask[box] = m_box
 
     # Per-patient tissue intensities per channel: pre-contrast, FLAIR, post-contrast.
     def lvl(a: float, b: float) -> float:
         return float(rng.uniform(a, b))
 
-    tissues = {
-        # tissue: (pre, flair, post)
-        "scalp": (lvl(150, 200), lvl(110, 150), lvl(150, 200)),
-        "bone": (lvl(15, 35), lvl(10, 30), lvl(15, 35)),
-        "csf": (lvl(25, 45), lvl(15, 35), lvl(25, 45)),
-        "gm": (lvl(80, 100), lvl(95, 120), lvl(85, 105)),
-        "wm": (lvl(100, 125), lvl(75, 95), lvl(105, 125)),
-        "vent": (lvl(20, 40), lvl(15, 30), lvl(20, 40)),
-    }
+    levels = np.array(
+        [  # scalp, bone, csf, grey matter, white matter, ventricles
+            [lvl(150, 200), lvl(15, 35), lvl(25, 45), lvl(80, 100), lvl(100, 125), lvl(20, 40)],
+            [lvl(120, 190), lvl(10, 30), lvl(15, 35), lvl(95, 120), lvl(75, 95), lvl(15, 30)],
+            [lvl(150, 200), lvl(15, 35), lvl(25, 45), lvl(85, 105), lvl(105, 125), lvl(20, 40)],
+        ],
+        dtype=f32,
+    )
     flair_t = lvl(150, 200)
     tum = (lvl(60, 85), flair_t, lvl(60, 85))
     core_l = (lvl(45, 65), flair_t + lvl(-40, 20), lvl(40, 60))
     rim_l = lvl(180, 235)
 
-    texture = _smooth_field(rng, (x, y, z), 4, (6.0, 14.0))
-    bias = 1.0 + 0.12 * _smooth_field(rng, (x, y, z), 2, (0.8, 2.0))
-    layers = {"scalp": scalp, "bone": bone, "csf": csf_gap, "gm": gm, "wm": wm - vent, "vent": vent}
+    texture = _volume_waves(rng, x2, y2, z1, 4, (6.0, 14.0))
+    bias = 1.0 + 0.12 * _volume_waves(rng, x2, y2, z1, 2, (0.8, 2.0))
+    layers = np.stack([scalp, bone, csf_gap, gm, wm - vent, vent]).reshape(6, -1)
+    base = (levels @ layers).reshape(3, n_slices, size, size)
+    base *= (1.0 + 0.06 * texture)[None]
     noise_sd = lvl(3.0, 7.0)
+    noise_w = (0.3 + 0.7 * head) * noise_sd
     images = np.empty((n_slices, size, size, 3), dtype=np.uint8)
     for ch in range(3):
-        img = np.zeros((n_slices, size, size), dtype=f32)
-        for name, w in layers.items():
-            img += tissues[name][ch] * w
-        img *= 1.0 + 0.06 * texture
-        # Tumour replaces the tissue under it.
-        img = img * (1.0 - tumour) + tum[ch] * tumour
-        img = img * (1.0 - core) + core_l[ch] * core
+        img = base[ch]
+        sub = img[box]  # the tumour replaces the tissue under it
+        sub[:] = sub * (1.0 - t_box) + tum[ch] * t_box
+        sub[:] = sub * (1.0 - core) + core_l[ch] * core
         if ch == 2:
-            img = img * (1.0 - rim) + rim_l * rim
+            sub[:] = sub * (1.0 - rim) + rim_l * rim
         img *= bias
-        img += rng.normal(0.0, noise_sd, size=img.shape).astype(f32) * (0.3 + 0.7 * head)
-        images[..., ch] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return PhantomCase(folder=folder, images=images, masks=mask.astype(np.uint8))
+        img += rng.standard_normal(img.shape, dtype=f32) * noise_w
+        np.rint(img, out=img)
+        np.clip(img, 0, 255, out=img)
+        images[..., ch] = img
+    return PhantomCase(folder=folder, images=images, masks=mask)
 
 
 def generate(
