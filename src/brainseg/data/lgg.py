@@ -284,7 +284,7 @@ def report_problems(dataset: LGGDataset, problems: list[Problem], skip_bad: bool
     if not skip_bad:
         raise BrainsegError(format_problems(dataset.root, problems), hint=SKIP_HINT)
     kept = drop_bad(dataset, problems)
-    skipped = len(dataset) - len(kept)
+    skipped = len({(p.patient, p.number) for p in problems if p.number is not None})
     if not kept.patients:
         raise BrainsegError(
             format_problems(dataset.root, problems) + "\nno usable slices are left",
