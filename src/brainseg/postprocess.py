@@ -36,10 +36,25 @@ def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
     m = np.asarray(mask) != 0
     if min_size <= 1 or not m.any():
         return m.copy()
+    labels, sizes = label_slices(m)
+    return filter_labels(labels, sizes, min_size)
+
+
+def label_slices(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label the 2D components of every slice; returns ``(labels, sizes)``.
+
+    ``sizes[k]`` is the pixel count of label ``k`` (``sizes[0]``: background). Labelling
+    once and filtering with :func:`filter_labels` lets a tuning loop try many sizes cheaply.
+    """
+    m = np.asarray(mask) != 0
     if m.ndim < 2:
         raise ValueError(f"expected H x W or N x H x W masks, got shape {m.shape}")
     labels, _ = ndimage.label(m, structure=_slice_structure(m.ndim))
-    sizes = np.bincount(labels.ravel())
+    return labels, np.bincount(labels.ravel())
+
+
+def filter_labels(labels: np.ndarray, sizes: np.ndarray, min_size: int) -> np.ndarray:
+    """The mask of the labelled components with at least ``min_size`` pixels."""
     keep = sizes >= min_size
     keep[0] = False
     return keep[labels]

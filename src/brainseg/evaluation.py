@@ -1,0 +1,651 @@
+"""Evaluate one model or an ensemble on a dataset (or a split's subset) and write a run folder.
+
+The library side of ``brainseg eval``: pick the patients (split / subset / fold), predict
+probabilities with :class:`brainseg.predict.Predictor` (several models -> mean probability),
+post-process, compute :mod:`brainseg.metrics`, optionally tune the threshold and the
+post-processing for mean per-patient Dice, and write summary.json, per_patient.csv,
+per_slice.csv and a Dice plot. Nothing here prints except through :mod:`brainseg.console`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from brainseg import console, metrics, postprocess
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import atomic_path, atomic_write_text
+
+#: The subsets ``--subset`` accepts.
+SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
+#: Model file suffixes ``brainseg eval`` accepts.
+MODEL_SUFFIXES: tuple[str, ...] = (".safetensors", ".onnx")
+#: Threshold grid of ``--tune``: 0.30, 0.35, ..., 0.70.
+TUNE_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))
+#: ``--tune`` minimum component sizes at 256 x 256, scaled by image area.
+TUNE_MIN_SIZES_256: tuple[int, ...] = (0, 16, 64, 256, 1024)
+
+SLICE_COLUMNS = [
+    "patient_id",
+    "slice_number",
+    "gt_pixels",
+    "pred_pixels",
+    "tp",
+    "fp",
+    "fn",
+    *metrics.METRICS,
+]
+PATIENT_COLUMNS = [
+    "patient_id",
+    "slices",
+    "tumor_slices",
+    "gt_pixels",
+    "pred_pixels",
+    "tp",
+    "fp",
+    "fn",
+    *metrics.METRICS,
+]
+
+
+class ProbaPredictor(Protocol):
+    """What evaluation needs from a predictor (brainseg.predict.Predictor satisfies it)."""
+
+    metadata: dict[str, Any]
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
+
+
+PredictorFactory = Callable[..., ProbaPredictor]
+
+
+@dataclass
+class EvalOptions:
+    """Settings of one evaluation; ``None`` means "from the model's metadata"."""
+
+    threshold: float | None = None
+    min_size: int | None = None
+    largest: bool | None = None
+    tta: bool = False
+    device: str = "auto"
+    batch_size: int = 8
+    skip_bad: bool = False
+    tune: bool = False
+
+
+@dataclass
+class PostSettings:
+    """A resolved post-processing choice."""
+
+    threshold: float
+    min_size: int
+    largest: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "min_size": self.min_size, "largest": self.largest}
+
+
+@dataclass
+class TuneResult:
+    """The best post-processing on the evaluated data, and what it gains over the baseline."""
+
+    baseline: PostSettings
+    baseline_dice: float
+    best: PostSettings
+    best_dice: float
+    thresholds: list[float]
+    min_sizes: list[int]
+    tried: int
+
+    @property
+    def gain(self) -> float:
+        return self.best_dice - self.baseline_dice
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "objective": "mean per-patient Dice",
+            "baseline": {**self.baseline.as_dict(), "dice": self.baseline_dice},
+            "best": {**self.best.as_dict(), "dice": self.best_dice},
+            "gain": self.gain,
+            "grid": {
+                "thresholds": self.thresholds,
+                "min_sizes": self.min_sizes,
+                "largest": [False, True],
+                "tried": self.tried,
+            },
+            "note": "chosen on the evaluated patients: confirm on held-out patients",
+        }
+
+
+@dataclass
+class EvalResult:
+    """Everything ``brainseg eval`` reports and writes."""
+
+    report: metrics.Report
+    summary: dict[str, Any]
+    settings: PostSettings
+    tune: TuneResult | None = None
+    run_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Fail fast (before loading data) on a missing model or an unknown file type."""
+    out: list[Path] = []
+    if not paths:
+        raise BrainsegError("no MODEL given", hint="usage: brainseg eval MODEL [MODEL...] DATA")
+    for p in map(Path, paths):
+        if p.suffix.lower() not in MODEL_SUFFIXES:
+            raise BrainsegError(
+                f"{p}: not a model file (expected a .safetensors checkpoint or an .onnx file)",
+                hint="usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)",
+            )
+        if not p.is_file():
+            raise BrainsegError(
+                f"model file {p} does not exist",
+                hint="check the path (e.g. runs/train/exp/best.safetensors)",
+            )
+        out.append(p)
+    return out
+
+
+def select_patients(
+    patient_ids: Sequence[str], split_path: Path | None, subset: str | None, fold: int | None
+) -> tuple[list[str], dict[str, Any]]:
+    """The patients to evaluate and a description of the choice (for summary.json).
+
+    Without a split every patient is evaluated; with one, ``subset`` (default val) of
+    ``fold`` (if the split has folds).
+    """
+    if subset is not None and subset not in SUBSETS:
+        raise BrainsegError(f"unknown subset {subset!r}", hint=f"use one of: {', '.join(SUBSETS)}")
+    if split_path is None:
+        if subset not in (None, "all"):
+            raise BrainsegError(
+                f"--subset {subset} needs --split",
+                hint="pass --split splits.yaml (made by `brainseg split`)",
+            )
+        if fold is not None:
+            raise BrainsegError(
+                "--fold needs --split",
+                hint="pass --split splits.yaml made with `brainseg split --folds K`",
+            )
+        return list(patient_ids), {"split": None, "subset": "all", "fold": None}
+
+    from brainseg.data.split import check_split, load_split
+
+    split = load_split(split_path)
+    check_split(split, list(patient_ids))
+    subset = subset or "val"
+    n_folds = len(split.folds) if getattr(split, "folds", None) else 0
+    if fold is not None:
+        if n_folds == 0:
+            raise BrainsegError(
+                f"--fold {fold}: split {split_path} has no folds",
+                hint="make one with `brainseg split DATA --folds K`, or leave out --fold",
+            )
+        if not 0 <= fold < n_folds:
+            raise BrainsegError(
+                f"--fold {fold} is out of range: split {split_path} has "
+                f"{n_folds} folds (0 to {n_folds - 1})",
+                hint=f"pass --fold between 0 and {n_folds - 1}",
+            )
+    if subset == "all":
+        ids = list(patient_ids) if not _split_has_all(split) else _split_all(split)
+    else:
+        try:
+            ids = list(split.patients(subset, fold))
+        except BrainsegError:
+            raise
+        except (KeyError, ValueError, IndexError) as exc:
+            raise BrainsegError(
+                f"split {split_path} has no subset {subset!r}"
+                f"{f' in fold {fold}' if fold is not None else ''}: {exc}",
+                hint=f"use one of: {', '.join(SUBSETS)}",
+            ) from exc
+    if not ids:
+        raise BrainsegError(
+            f"subset {subset!r} of split {split_path} is empty",
+            hint="pick another --subset (e.g. val) or make a split with it",
+        )
+    return ids, {"split": str(split_path), "subset": subset, "fold": fold}
+
+
+def _split_has_all(split: Any) -> bool:
+    try:
+        split.patients("all")
+    except Exception:
+        return False
+    return True
+
+
+def _split_all(split: Any) -> list[str]:
+    return list(split.patients("all"))
+
+
+def resolve_settings(metadata: dict[str, Any], opts: EvalOptions) -> PostSettings:
+    """Options win; otherwise the model's stored threshold / post-processing; else defaults."""
+    pp = metadata.get("postprocess") or {}
+    thr = opts.threshold if opts.threshold is not None else metadata.get("threshold")
+    ms = opts.min_size if opts.min_size is not None else pp.get("min_size")
+    stored_largest = pp.get("largest_component", pp.get("largest"))
+    lg = opts.largest if opts.largest is not None else stored_largest
+    s = PostSettings(
+        threshold=float(postprocess.DEFAULT_THRESHOLD if thr is None else thr),
+        min_size=int(ms or 0),
+        largest=bool(lg or False),
+    )
+    if not 0.0 <= s.threshold <= 1.0:
+        raise BrainsegError(
+            f"threshold {s.threshold} is outside [0, 1]",
+            hint="pass --threshold between 0 and 1, e.g. 0.5",
+        )
+    if s.min_size < 0:
+        raise BrainsegError(
+            f"--min-size {s.min_size} is negative", hint="pass 0 (off) or a pixel count"
+        )
+    return s
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def make_predictor(
+    models: Sequence[Path], opts: EvalOptions, factory: PredictorFactory | None = None
+) -> ProbaPredictor:
+    """The real :class:`brainseg.predict.Predictor` (or ``factory`` in tests)."""
+    if factory is None:
+        from brainseg.predict import Predictor
+
+        factory = Predictor
+    try:
+        return factory(
+            [Path(m) for m in models], device=opts.device, batch_size=opts.batch_size, tta=opts.tta
+        )
+    except BrainsegError:
+        raise
+    except Exception as exc:  # a corrupt file read by a third-party library
+        names = ", ".join(map(str, models))
+        raise BrainsegError(
+            f"cannot load model {names}: {type(exc).__name__}: {exc}",
+            hint="is the file complete? re-export or re-train it",
+        ) from exc
+
+
+def predict_probabilities(
+    predictor: ProbaPredictor, images: np.ndarray, rows: np.ndarray, chunk: int = 32
+) -> np.ndarray:
+    """Tumor probabilities (len(rows) x H x W float32) of ``images[rows]`` (N x 3 x H x W)."""
+    n = len(rows)
+    h, w = images.shape[2], images.shape[3]
+    out = np.empty((n, h, w), dtype=np.float32)
+    with console.progress(n, "predict", unit="slice") as bar:
+        for start in range(0, n, chunk):
+            sel = rows[start : start + chunk]
+            batch = np.ascontiguousarray(np.asarray(images[sel]).transpose(0, 2, 3, 1))
+            prob = np.asarray(predictor.predict_proba(batch), dtype=np.float32)
+            if prob.shape != (len(sel), h, w):
+                raise BrainsegError(
+                    f"the predictor returned shape {prob.shape} for {len(sel)} slices of {h}x{w}"
+                )
+            out[start : start + len(sel)] = prob
+            bar.advance(len(sel))
+    return out
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+def tune_min_sizes(hw: tuple[int, int]) -> list[int]:
+    """The ``--tune`` component sizes for this image size (scaled from 256 x 256)."""
+    scale = hw[0] * hw[1] / (256 * 256)
+    sizes = sorted({0, *(round(s * scale) for s in TUNE_MIN_SIZES_256)})
+    return [s for s in sizes if s == 0 or s > 1]
+
+
+def tune(
+    prob: np.ndarray,
+    gt: np.ndarray,
+    patient_index: np.ndarray,
+    slice_number: np.ndarray,
+    baseline: PostSettings,
+    thresholds: Sequence[float] = TUNE_THRESHOLDS,
+    min_sizes: Sequence[int] | None = None,
+) -> TuneResult:
+    """Grid-search threshold x min_size x largest for the mean per-patient Dice.
+
+    Ties keep the baseline, then the earlier grid point (lower threshold, smaller size,
+    largest off): a change is taken only when it strictly improves the objective.
+    """
+    pidx = np.asarray(patient_index)
+    if min_sizes is None:
+        min_sizes = tune_min_sizes((prob.shape[1], prob.shape[2]))
+
+    def score(mask: np.ndarray) -> float:
+        return float(np.mean(metrics.per_patient_dice(mask, gt, pidx)))
+
+    base_mask = postprocess.apply_grouped(
+        prob, pidx, slice_number, baseline.threshold, baseline.min_size, baseline.largest
+    )
+    base_dice = score(base_mask)
+    best, best_dice = baseline, base_dice
+    tried = 0
+    thr_list = [float(t) for t in thresholds]
+    size_list = [int(s) for s in min_sizes]
+    total = len(thr_list) * len(size_list) * 2
+    with console.progress(total, "tune", unit="setting") as bar:
+        for t in thr_list:
+            mask = postprocess.binarize(prob, t)
+            labels, sizes = postprocess.label_slices(mask)
+            for ms in size_list:
+                m = postprocess.filter_labels(labels, sizes, ms) if ms > 1 else mask
+                for largest in (False, True):
+                    mm = postprocess.largest_per_group(m, pidx, slice_number) if largest else m
+                    d = score(mm)
+                    tried += 1
+                    if d > best_dice + 1e-12:
+                        best, best_dice = PostSettings(t, ms, largest), d
+                    bar.advance(1, best=best_dice)
+    return TuneResult(
+        baseline=baseline,
+        baseline_dice=base_dice,
+        best=best,
+        best_dice=best_dice,
+        thresholds=thr_list,
+        min_sizes=size_list,
+        tried=tried,
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_eval(
+    models: Sequence[str | os.PathLike[str]],
+    data_path: str | os.PathLike[str],
+    split_path: str | os.PathLike[str] | None = None,
+    subset: str | None = None,
+    fold: int | None = None,
+    opts: EvalOptions | None = None,
+    predictor_factory: PredictorFactory | None = None,
+) -> EvalResult:
+    """Predict, post-process and measure; no files are written (see :func:`write_run`)."""
+    opts = opts or EvalOptions()
+    model_paths = check_model_paths(models)
+    if opts.batch_size < 1:
+        raise BrainsegError(
+            f"--batch-size {opts.batch_size} must be at least 1", hint="e.g. --batch-size 8"
+        )
+    split_p = Path(split_path) if split_path is not None else None
+    if split_p is not None and not split_p.is_file():
+        raise BrainsegError(
+            f"split file {split_p} does not exist",
+            hint="make one with `brainseg split DATA -o splits.yaml`",
+        )
+
+    predictor = make_predictor(model_paths, opts, predictor_factory)
+    meta = dict(getattr(predictor, "metadata", None) or {})
+    settings = resolve_settings(meta, opts)
+
+    from brainseg.data.cache import load_dataset
+
+    data = load_dataset(data_path, skip_bad=opts.skip_bad)
+    ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
+    if split_p is None:
+        console.info(
+            f"no --split given: evaluating all {len(ids)} patients of {data_path} "
+            "(optimistic if the model was trained on some of them)"
+        )
+    rows = data.indices_of(ids)
+    if rows.size == 0:
+        raise BrainsegError(
+            f"no slices to evaluate in {data_path} for the chosen patients",
+            hint="check --split / --subset",
+        )
+    fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
+    console.info(
+        f"evaluating {len(model_paths)} model(s) on {len(ids)} patients "
+        f"({rows.size} slices, {sel['subset']}{fold_txt})"
+        f"{', TTA' if opts.tta else ''}"
+    )
+
+    t0 = time.perf_counter()
+    prob = predict_probabilities(predictor, data.images, rows, chunk=max(32, 4 * opts.batch_size))
+    t_pred = time.perf_counter() - t0
+    gt = np.asarray(data.masks[rows]) != 0
+    pidx = np.asarray(data.patient_index[rows])
+    snum = np.asarray(data.slice_number[rows])
+
+    mask = postprocess.apply_grouped(
+        prob, pidx, snum, settings.threshold, settings.min_size, settings.largest
+    )
+    t1 = time.perf_counter()
+    report = metrics.evaluate(mask, gt, pidx, snum, list(data.patient_ids))
+    t_metrics = time.perf_counter() - t1
+
+    tuned = tune(prob, gt, pidx, snum, settings) if opts.tune else None
+
+    summary: dict[str, Any] = {
+        "brainseg_version": _version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "models": [str(m) for m in model_paths],
+        "ensemble": len(model_paths) > 1,
+        "data": str(data_path),
+        **sel,
+        "settings": {
+            **settings.as_dict(),
+            "threshold_source": "option"
+            if opts.threshold is not None
+            else ("model" if meta.get("threshold") is not None else "default"),
+            "tta": opts.tta,
+            "device": opts.device,
+            "batch_size": opts.batch_size,
+            "skip_bad": opts.skip_bad,
+            "image_size": list(data.size),
+        },
+        **report.summary(),
+        "tune": tuned.as_dict() if tuned else None,
+        "timing_s": {"predict": round(t_pred, 3), "metrics": round(t_metrics, 3)},
+    }
+    return EvalResult(report=report, summary=summary, settings=settings, tune=tuned)
+
+
+def _version() -> str:
+    from brainseg import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / inf as None, numpy scalars as Python numbers, paths as strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text; floats with full precision, NaN as an empty cell."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r[c]
+            if isinstance(v, float):
+                cells.append("" if not math.isfinite(v) else repr(v))
+            else:
+                cells.append(str(v))
+        w.writerow(cells)
+    return buf.getvalue()
+
+
+def plot_dice(dice: Sequence[float], path: Path, title: str = "") -> Path:
+    """A strip + box plot and a histogram of the per-patient Dice, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    v = np.asarray(dice, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1, 2]})
+    try:
+        if v.size:
+            ax1.boxplot(v, widths=0.5, showfliers=False)
+            jitter = np.random.default_rng(0).uniform(-0.12, 0.12, v.size)
+            ax1.scatter(1 + jitter, v, s=14, alpha=0.7, color="tab:blue", zorder=3)
+            ax1.axhline(v.mean(), color="tab:red", lw=1, ls="--", label=f"mean {v.mean():.3f}")
+            ax1.legend(loc="lower left", fontsize=8)
+            ax2.hist(v, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+            ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax2.axvline(v.mean(), color="tab:red", lw=1, ls="--", label=f"mean {v.mean():.3f}")
+            ax2.axvline(
+                float(np.median(v)),
+                color="tab:green",
+                lw=1,
+                ls=":",
+                label=f"median {np.median(v):.3f}",
+            )
+            ax2.legend(loc="upper left", fontsize=8)
+        ax1.set_ylim(-0.02, 1.02)
+        ax1.set_xticks([1], ["patients"])
+        ax1.set_ylabel("Dice")
+        ax2.set_xlim(0, 1)
+        ax2.set_xlabel("per-patient Dice")
+        ax2.set_ylabel("patients")
+        fig.suptitle(title or f"Per-patient Dice ({v.size} patients)")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
+    """Write summary.json, per_patient.csv, per_slice.csv and dice_per_patient.png."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result.run_dir = run_dir
+    result.summary["run_dir"] = str(run_dir)
+    files = [
+        atomic_write_text(
+            run_dir / "per_patient.csv", rows_to_csv(result.report.per_patient, PATIENT_COLUMNS)
+        ),
+        atomic_write_text(
+            run_dir / "per_slice.csv", rows_to_csv(result.report.per_slice, SLICE_COLUMNS)
+        ),
+        plot_dice(result.report.column("per_patient", "dice"), run_dir / "dice_per_patient.png"),
+    ]
+    result.summary["files"] = [p.name for p in [*files, run_dir / "summary.json"]]
+    files.append(atomic_write_text(run_dir / "summary.json", summary_json(result.summary)))
+    result.files = files
+    return files
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """summary.json text: strict JSON (NaN written as null)."""
+    return json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- tuned copy
+
+
+def check_tune_output(models: Sequence[Path], dst: Path, force: bool) -> None:
+    """Refuse a tuned copy that cannot be written, before any prediction is done."""
+    if len(models) != 1:
+        raise BrainsegError(
+            f"--tune-output needs exactly one MODEL, got {len(models)}",
+            hint="tuned values belong to the ensemble: pass them at predict time "
+            "(--threshold, --min-size, --largest) instead",
+        )
+    src = models[0]
+    if dst.suffix.lower() != src.suffix.lower():
+        raise BrainsegError(
+            f"--tune-output {dst} must have the model's suffix {src.suffix}",
+            hint=f"e.g. --tune-output {src.with_name(src.stem + '_tuned')}{src.suffix}",
+        )
+    if dst.resolve() == src.resolve():
+        raise BrainsegError(
+            f"--tune-output {dst} is the model itself", hint="write the tuned copy to another path"
+        )
+    if dst.exists() and not force:
+        raise BrainsegError(f"{dst} already exists", hint="pass --force to overwrite it")
+
+
+def write_tuned_model(src: Path, dst: Path, settings: PostSettings, force: bool) -> Path:
+    """A copy of ``src`` (.safetensors or .onnx) whose metadata holds the tuned settings."""
+    post = {"min_size": settings.min_size, "largest_component": settings.largest}
+    if src.suffix.lower() == ".safetensors":
+        from brainseg.checkpoint import copy_with_metadata, read_metadata
+
+        stored = read_metadata(src).get("postprocess") or {}
+        updates = {
+            "threshold": settings.threshold,
+            "postprocess": {**(stored if isinstance(stored, dict) else {}), **post},
+        }
+        copy_with_metadata(src, dst, updates, force=force)
+        return dst
+    return _write_tuned_onnx(
+        src, dst, {"threshold": settings.threshold, "postprocess": post}, force
+    )
+
+
+def _write_tuned_onnx(src: Path, dst: Path, updates: dict[str, Any], force: bool) -> Path:
+    """Set the tuned values in a copy's ONNX ``metadata_props``.
+
+    Keys already holding JSON (``brainseg`` / ``metadata``) are updated inside; plain
+    ``threshold`` / ``postprocess`` keys are written as strings / JSON.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(src), load_external_data=True)
+    except Exception as exc:
+        raise BrainsegError(
+            f"cannot read ONNX model {src}: {exc}", hint="is the file complete? re-export it"
+        ) from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    for key in ("brainseg", "metadata"):
+        if key in props:
+            try:
+                blob = json.loads(props[key])
+            except json.JSONDecodeError:
+                continue
+            if isinstance(blob, dict):
+                blob.update(updates)
+                props[key] = json.dumps(blob)
+    props["threshold"] = repr(float(updates["threshold"]))
+    props["postprocess"] = json.dumps(updates["postprocess"])
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    with atomic_path(dst, force=force) as tmp:
+        onnx.save(model, str(tmp))
+    return dst
