@@ -263,3 +263,31 @@ def test_real_dev_subset(real_data: Path, tmp_path: Path) -> None:
     img, msk = lgg.read_slice(ds.slices[i])
     np.testing.assert_array_equal(data.images[i], img.transpose(2, 0, 1))
     np.testing.assert_array_equal(data.masks[i], msk)
+
+
+def test_benchmark_script_smoke(root: Path, tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cache.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--data",
+            str(root.parent),
+            "--limit",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["patients"] == 2 and res["slices"] == 14 and res["arrays_equal_decode"] is True
+    assert res["load_s"] > 0 and res["speedup_vs_decode"] == res["decode_s"] / res["load_s"]
+    assert "load cache + read all bytes" in proc.stdout

@@ -290,6 +290,7 @@ def load_dataset(
     if not rebuild and final.is_dir():
         data = _open(final, key)
         if data is not None:
+            data.root = ds.root.resolve()  # the same files may have been found elsewhere
             if data.problems:
                 _warn_cached(ds, data)
             return data
