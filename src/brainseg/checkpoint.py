@@ -1,0 +1,420 @@
+"""Checkpoints: safetensors weights plus JSON metadata in the safetensors header. Never pickle.
+
+Layout of a ``.safetensors`` checkpoint written here:
+
+* tensors: the model's ``state_dict()`` under its own names (``encoder.features.0.weight``
+  ...), and any ``extra`` tensors (optimizer state for resume...) under ``extra/<name>``
+  (a ``/`` never appears in a module name, so the two never collide);
+* header metadata: ``{"format": "pt", "brainseg": "<JSON>"}`` where the JSON holds the format
+  version, versions, the architecture (``model.config()``), threshold, postprocessing, epoch,
+  metrics, the resolved config and the split hash (see docs/model.md).
+
+:func:`read_metadata` and :func:`copy_with_metadata` use only the standard library (torch is
+imported lazily by the functions that need it), so torch-free code can inspect checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from brainseg import __version__
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from brainseg.model import UNetVGG16
+
+#: Version of the checkpoint layout; readers refuse files with a larger number.
+FORMAT_VERSION = 1
+#: Safetensors header-metadata key that holds the brainseg JSON.
+METADATA_KEY = "brainseg"
+#: Tensor-name prefix of the ``extra`` tensors.
+EXTRA_PREFIX = "extra/"
+#: Largest header we parse (safetensors' own limit is 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Metadata defaults filled in when a caller (or an older file) leaves them out.
+DEFAULTS: dict[str, Any] = {
+    "image_size": None,
+    "threshold": 0.5,
+    "postprocess": {"min_size": 0, "largest_component": False},
+    "epoch": None,
+    "metrics": {},
+    "config": {},
+    "split_hash": None,
+}
+#: Keys that save_checkpoint sets itself and copy_with_metadata refuses to change.
+_PROTECTED = ("format_version", "architecture")
+
+_HINT_CKPT = "pass a .safetensors checkpoint written by brainseg (runs/train/exp/best.safetensors)"
+
+
+# --------------------------------------------------------------------------- header (stdlib)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """Parse the safetensors header of ``path``: (header dict, header length, file size).
+
+    Checks the file is a complete safetensors file (header bounded, data section as long as
+    the header says) without reading the tensor data.
+    """
+    if not path.exists():
+        raise BrainsegError(f"checkpoint {path} does not exist", hint=_HINT_CKPT)
+    if path.is_dir():
+        raise BrainsegError(f"checkpoint {path} is a directory, not a file", hint=_HINT_CKPT)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BrainsegError(
+                    f"checkpoint {path} is not a safetensors file ({size} bytes, too short)",
+                    hint=_HINT_CKPT,
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER_BYTES or n > size - 8:
+                raise BrainsegError(_not_safetensors(path, head, size, n), hint=_HINT_CKPT)
+            raw = f.read(n)
+    except OSError as exc:
+        raise BrainsegError(
+            f"cannot read checkpoint {path}: {exc.strerror or exc}",
+            hint="check the file exists and is readable",
+        ) from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BrainsegError(
+            f"checkpoint {path} is not a safetensors file (header is not JSON)", hint=_HINT_CKPT
+        ) from exc
+    if not isinstance(header, dict):
+        raise BrainsegError(
+            f"checkpoint {path} is not a safetensors file (header is not a JSON object)",
+            hint=_HINT_CKPT,
+        )
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+        ):
+            raise BrainsegError(
+                f"checkpoint {path} has a malformed safetensors header (tensor {name!r})",
+                hint=_HINT_CKPT,
+            )
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise BrainsegError(
+            f"checkpoint {path} is truncated: {size} bytes, the header promises {8 + n + end}",
+            hint="the file was cut short (interrupted copy or download); copy it again or use "
+            "another checkpoint (e.g. last.safetensors)",
+        )
+    return header, n, size
+
+
+def _not_safetensors(path: Path, head: bytes, size: int, n: int) -> str:
+    """Why ``path`` is not a safetensors file, as specific as the first bytes allow."""
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return (
+            f"checkpoint {path} is a PyTorch pickle (.pth/.pt), not a safetensors file; "
+            "brainseg never loads pickled checkpoints"
+        )
+    if 8 < n <= MAX_HEADER_BYTES and n > size - 8:
+        return (
+            f"checkpoint {path} is truncated: the header alone needs {n + 8} bytes, "
+            f"the file has {size}"
+        )
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"checkpoint {path} is a text file, not a safetensors file"
+    return f"checkpoint {path} is not a safetensors file (invalid header length {n})"
+
+
+def _brainseg_meta(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
+    st_meta = header.get("__metadata__")
+    if not isinstance(st_meta, dict) or METADATA_KEY not in st_meta:
+        raise BrainsegError(
+            f"{path} is a safetensors file without brainseg metadata (not a brainseg checkpoint)",
+            hint=_HINT_CKPT,
+        )
+    try:
+        meta = json.loads(st_meta[METADATA_KEY])
+    except (TypeError, ValueError) as exc:
+        raise BrainsegError(
+            f"checkpoint {path} has unreadable brainseg metadata (not JSON)", hint=_HINT_CKPT
+        ) from exc
+    if not isinstance(meta, dict):
+        raise BrainsegError(
+            f"checkpoint {path} has malformed brainseg metadata (not a JSON object)",
+            hint=_HINT_CKPT,
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BrainsegError(
+            f"checkpoint {path} has no valid format_version in its metadata (found {version!r})",
+            hint=_HINT_CKPT,
+        )
+    if version > FORMAT_VERSION:
+        raise BrainsegError(
+            f"checkpoint {path} has format version {version} (written by brainseg "
+            f"{meta.get('brainseg_version', '?')}); this brainseg {__version__} reads format "
+            f"{FORMAT_VERSION} and older",
+            hint="upgrade brainseg: pip install -U brainseg",
+        )
+    if not isinstance(meta.get("architecture"), dict):
+        raise BrainsegError(f"checkpoint {path} metadata has no architecture", hint=_HINT_CKPT)
+    for key, value in DEFAULTS.items():
+        meta.setdefault(key, json.loads(json.dumps(value)))
+    return meta
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The brainseg metadata of a checkpoint, read with the standard library only.
+
+    Raises BrainsegError (naming the file) for a missing, foreign, truncated or too new file.
+    """
+    path = Path(path)
+    header, _, _ = _read_header(path)
+    return _brainseg_meta(path, header)
+
+
+# --------------------------------------------------------------------------- metadata helpers
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _dump(meta: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(meta, default=_json_default, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise BrainsegError(
+            f"checkpoint metadata is not JSON-serializable: {exc}",
+            hint="pass plain values (numbers, strings, lists, dicts)",
+        ) from exc
+
+
+def build_metadata(model: UNetVGG16, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Caller's metadata + defaults + the fields this module owns (versions, architecture)."""
+    import torch
+
+    meta: dict[str, Any] = json.loads(json.dumps(DEFAULTS))
+    meta.update(dict(metadata or {}))
+    arch = model.config()
+    meta.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "brainseg_version": __version__,
+            "torch_version": str(torch.__version__),
+            "architecture": arch,
+            "normalization": arch["normalization"],
+        }
+    )
+    return meta
+
+
+def _unwrap(model: nn.Module) -> UNetVGG16:
+    """The UNetVGG16 inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    for _ in range(4):
+        if hasattr(model, "config") and callable(model.config):
+            return model  # type: ignore[return-value]
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            break
+        model = inner
+    raise TypeError(f"save_checkpoint needs a brainseg UNetVGG16, got {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    metadata: Mapping[str, Any] | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None,
+    *,
+    force: bool = True,
+) -> Path:
+    """Write ``model``'s weights and metadata to ``path`` (safetensors, atomic).
+
+    ``extra`` tensors (optimizer state...) are stored as ``extra/<name>``; read them back with
+    ``load_tensors(path, prefix=EXTRA_PREFIX)``. Returns ``path``.
+    """
+    import torch
+    from safetensors.torch import save
+
+    path = Path(path)
+    net = _unwrap(model)
+    meta = build_metadata(net, metadata)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in net.state_dict().items():
+        tensors[name] = t.detach().to("cpu").contiguous()
+    for name, t in (extra or {}).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"extra[{name!r}] is a {type(t).__name__}, not a tensor")
+        tensors[EXTRA_PREFIX + str(name)] = t.detach().to("cpu").contiguous()
+    # Serialise in memory, then write with plain file I/O so disk-full surfaces as OSError
+    # (safetensors' own writer does not report it) and the atomic rename keeps the old file.
+    data = save(tensors, metadata={"format": "pt", METADATA_KEY: _dump(meta)})
+    with atomic_path(path, force=force) as tmp, open(tmp, "wb") as f:
+        view = memoryview(data)
+        for start in range(0, len(view), 64 * 1024 * 1024):
+            f.write(view[start : start + 64 * 1024 * 1024])
+    return path
+
+
+def load_tensors(
+    path: str | os.PathLike[str], prefix: str | None = None, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    header, _, _ = _read_header(path)
+    _brainseg_meta(path, header)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if prefix is None:
+                    out[name] = f.get_tensor(name)
+                elif name.startswith(prefix):
+                    out[name[len(prefix) :]] = f.get_tensor(name)
+    except BrainsegError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise BrainsegError(
+            f"checkpoint {path} is corrupt: {_first_line(exc)}", hint=_HINT_CKPT
+        ) from exc
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], device: Any = "cpu"
+) -> tuple[UNetVGG16, dict[str, Any]]:
+    """The model (in eval mode, on ``device``) and metadata stored in a checkpoint."""
+    from brainseg.model import UNetVGG16
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        model = UNetVGG16.from_config(meta["architecture"])
+    except BrainsegError as exc:
+        raise BrainsegError(
+            f"checkpoint {path} has an invalid architecture: {exc.message}",
+            hint=exc.hint or _HINT_CKPT,
+        ) from exc
+    except TypeError as exc:
+        raise BrainsegError(
+            f"checkpoint {path} has an invalid architecture: {exc}", hint=_HINT_CKPT
+        ) from exc
+    tensors = load_tensors(path)
+    weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [
+        f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+        for k, v in weights.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shape {_few(wrong)}")
+        raise BrainsegError(
+            f"checkpoint {path}: tensors do not match its architecture "
+            f"{json.dumps(meta['architecture'], sort_keys=True)}: " + "; ".join(parts),
+            hint="the file was edited or written by incompatible code; use another checkpoint",
+        )
+    model.load_state_dict(weights, strict=True)
+    model.to(device)
+    model.eval()
+    return model, meta
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+# --------------------------------------------------------------------------- copy
+
+
+def copy_with_metadata(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    updates: Mapping[str, Any],
+    *,
+    force: bool = False,
+) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` with top-level metadata keys replaced (atomic).
+
+    Streams the tensor bytes unchanged (no torch needed). ``src`` may equal ``dst`` with
+    ``force=True`` (an in-place metadata update, e.g. a tuned threshold).
+    """
+    src, dst = Path(src), Path(dst)
+    header, n, _ = _read_header(src)
+    meta = _brainseg_meta(src, header)
+    bad = [k for k in updates if k in _PROTECTED]
+    if bad:
+        raise BrainsegError(
+            f"cannot change {', '.join(bad)} of checkpoint {src} by a metadata update",
+            hint="these describe the stored tensors",
+        )
+    threshold = updates.get("threshold", meta.get("threshold"))
+    if threshold is not None and (
+        not isinstance(threshold, (int, float))
+        or isinstance(threshold, bool)
+        or not math.isfinite(threshold)
+        or not 0.0 <= threshold <= 1.0
+    ):
+        raise BrainsegError(f"threshold {threshold!r} must be a number in [0, 1]")
+    meta.update(dict(updates))
+    new_header = dict(header)
+    st_meta = dict(header.get("__metadata__") or {})
+    st_meta[METADATA_KEY] = _dump(meta)
+    new_header["__metadata__"] = st_meta
+    raw = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+    with atomic_path(dst, force=force) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        fin.seek(8 + n)
+        fout.write(struct.pack("<Q", len(raw)))
+        fout.write(raw)
+        shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
+    return dst
