@@ -435,7 +435,7 @@ def _decode_all(
 
     workers = max(1, min(4, os.cpu_count() or 1))
     with (
-        console.progress(n, "caching dataset", "slices") as bar,
+        console.progress(n, "caching dataset", "slices", max(50, n // 10)) as bar,
         ThreadPoolExecutor(max_workers=workers) as pool,
     ):
         try:
@@ -515,7 +515,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
     slices = ds.slices
     console.info(
         f"building the dataset cache for {ds.root} ({len(slices)} slices of "
-        f"{len(ds.patients)} patients) in {final}"
+        f"{sum(1 for p in ds.patients if p.slices)} patients) in {final}"
     )
     tmp = root / _tmp_name(key)
     tmp.mkdir()
