@@ -118,9 +118,13 @@ def test_changed_file_rebuilds(root: Path, tmp_path: Path, change: str) -> None:
 
 
 def test_skip_bad_is_part_of_the_key(root: Path, tmp_path: Path) -> None:
-    a = cache.load_dataset(root, cache_dir=tmp_path / "c")
     b = cache.load_dataset(root, cache_dir=tmp_path / "c", skip_bad=True)
+    a = cache.load_dataset(root, cache_dir=tmp_path / "c")
     assert a.key != b.key and len(_cache_dirs(tmp_path / "c")) == 2
+    # a clean dataset cached without skip_bad is reused with skip_bad (nothing to skip)
+    c = cache.load_dataset(root, cache_dir=tmp_path / "d")
+    d = cache.load_dataset(root, cache_dir=tmp_path / "d", skip_bad=True)
+    assert c.key == d.key and len(_cache_dirs(tmp_path / "d")) == 1
 
 
 def test_no_temp_litter(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,3 +295,22 @@ def test_benchmark_script_smoke(root: Path, tmp_path: Path) -> None:
     assert res["patients"] == 2 and res["slices"] == 14 and res["arrays_equal_decode"] is True
     assert res["load_s"] > 0 and res["speedup_vs_decode"] == res["decode_s"] / res["load_s"]
     assert "load cache + read all bytes" in proc.stdout
+
+
+def test_odd_size_first_slice(tmp_path: Path) -> None:
+    """The first slice decoded has another size than the rest: the rest wins."""
+    root = make_dataset(tmp_path / "data", {"PB": 2, "PC": 1})
+    (root / "PA").mkdir()  # sorted first, 32x32
+    tifffile.imwrite(root / "PA" / "PA_1.tif", _image(1, 32), photometric="rgb")
+    tifffile.imwrite(root / "PA" / "PA_1_mask.tif", _mask(1, 32))
+    with pytest.raises(BrainsegError) as ei:
+        cache.load_dataset(root)
+    assert ei.value.message.splitlines()[1] == (
+        "  PA/PA_1.tif: size 32x32, expected 64x64 like the other 3 slices of the dataset"
+    )
+    data = cache.load_dataset(root, skip_bad=True)
+    assert data.patient_ids == ["PB", "PC"] and data.images.shape == (3, 3, SIZE, SIZE)
+    ds = lgg.discover(root)
+    for i, s in enumerate(ds.slices[1:]):
+        np.testing.assert_array_equal(data.images[i], lgg.read_slice(s)[0].transpose(2, 0, 1))
+        np.testing.assert_array_equal(data.masks[i], lgg.read_slice(s)[1])

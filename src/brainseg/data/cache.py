@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,7 @@ class ArrayData:
             for p in self.patient_ids
         }
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         """``patients``, ``slices``, ``tumor_slices``, ``tumor_fraction``, ``size``, ``skipped``."""
         tp = self.tumor_pixels_per_slice()
         n = len(self)
@@ -287,6 +288,13 @@ def load_dataset(
     key = dataset_key(ds, skip_bad)
     root = cache_root(cache_dir)
     final = root / key[:32]
+    if skip_bad and not rebuild:  # a cache built without skip_bad holds a clean dataset: reuse
+        strict_key = dataset_key(ds, False)
+        strict = root / strict_key[:32]
+        data = _open(strict, strict_key) if strict.is_dir() else None
+        if data is not None:
+            data.root = ds.root.resolve()
+            return data
     if not rebuild and final.is_dir():
         data = _open(final, key)
         if data is not None:
@@ -423,10 +431,10 @@ def _decode_all(
     ok = np.zeros(n, dtype=bool)
     odd: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     size: tuple[int, int] | None = None
-    imgs: np.ndarray | None = None
-    msks: np.ndarray | None = None
+    imgs: np.memmap | None = None
+    msks: np.memmap | None = None
 
-    def open_arrays(hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def open_arrays(hw: tuple[int, int]) -> tuple[np.memmap, np.memmap]:
         fmt = np.lib.format
         return (
             fmt.open_memmap(tmp / "images.part.npy", "w+", np.uint8, (n, 3, *hw)),
@@ -465,18 +473,18 @@ def _decode_all(
         counts[img.shape[:2]] += 1
     best = max(counts, key=lambda s: (counts[s], s == size))
     if best != size:  # the first slice was the odd one: redo the arrays at the common size
-        for i in np.flatnonzero(ok):
-            odd[int(i)] = (np.array(imgs[i]).transpose(1, 2, 0), np.array(msks[i]))
+        for j in np.flatnonzero(ok).tolist():
+            odd[j] = (np.array(imgs[j]).transpose(1, 2, 0), np.array(msks[j]))
         del imgs, msks
         ok[:] = False
         size = (int(best[0]), int(best[1]))
         imgs, msks = open_arrays(size)
-        for i, (img, msk) in list(odd.items()):
+        for j, (img, msk) in list(odd.items()):
             if img.shape[:2] == size:
-                imgs[i] = img.transpose(2, 0, 1)
-                msks[i] = msk
-                ok[i] = True
-                del odd[i]
+                imgs[j] = img.transpose(2, 0, 1)
+                msks[j] = msk
+                ok[j] = True
+                del odd[j]
     for i, (img, _) in sorted(odd.items()):
         s = slices[i]
         problems.append(
