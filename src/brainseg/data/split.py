@@ -166,7 +166,7 @@ def _stratified_pick(ordered: list[str], k: int, rng: np.random.Generator) -> li
 
 
 def _count(fraction: float, n: int) -> int:
-    return max(1, round(fraction * n)) if fraction > 0 else 0
+    return max(1, math.floor(fraction * n + 0.5)) if fraction > 0 else 0  # half up
 
 
 def make_split(
