@@ -68,6 +68,46 @@ def test_select_patients_without_split_takes_everyone() -> None:
         ev.select_patients(["a"], None, None, 1)
 
 
+IDS = [f"TCGA_XX_{i:04d}_20000101" for i in range(6)]
+
+
+def _split_file(tmp_path: Path, ids: list[str] = IDS, **kw: Any) -> Path:
+    from brainseg.data.split import make_split, save_split
+
+    split = make_split({p: i for i, p in enumerate(ids)}, **kw)
+    return save_split(split, tmp_path / f"split{len(list(tmp_path.iterdir()))}.yaml")
+
+
+def test_select_patients_from_a_split(tmp_path: Path) -> None:
+    from brainseg.data.split import load_split
+
+    path = _split_file(tmp_path, val_fraction=0.34)
+    split = load_split(path)
+    ids, sel = ev.select_patients(IDS, path, None, None)
+    assert ids == split.patients("val") and len(ids) == 2
+    assert sel == {"split": str(path), "subset": "val", "fold": None}
+    assert ev.select_patients(IDS, path, "train", None)[0] == split.patients("train")
+    assert sorted(ev.select_patients(IDS, path, "all", None)[0]) == sorted(IDS)
+    with pytest.raises(BrainsegError, match=r"subset 'test' of split .* is empty"):
+        ev.select_patients(IDS, path, "test", None)
+    with pytest.raises(BrainsegError, match="has no folds"):
+        ev.select_patients(IDS, path, "val", 0)
+
+
+def test_select_patients_fold_and_foreign_split(tmp_path: Path) -> None:
+    from brainseg.data.split import load_split
+
+    path = _split_file(tmp_path, folds=3)
+    split = load_split(path)
+    for k in range(3):
+        assert ev.select_patients(IDS, path, "val", k)[0] == split.patients("val", k)
+    with pytest.raises(BrainsegError, match=r"--fold 3 is out of range.*3 folds"):
+        ev.select_patients(IDS, path, "val", 3)
+    other = _split_file(tmp_path, ids=[p.replace("XX", "YY") for p in IDS])
+    with pytest.raises(BrainsegError, match="not in the dataset"):
+        ev.select_patients(IDS, other, "val", None)
+
+
 def test_resolve_settings_prefers_options_then_metadata() -> None:
     meta = {"threshold": 0.35, "postprocess": {"min_size": 12, "largest_component": True}}
     s = ev.resolve_settings(meta, ev.EvalOptions())

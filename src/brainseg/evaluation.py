@@ -190,7 +190,7 @@ def select_patients(
     split = load_split(split_path)
     check_split(split, list(patient_ids))
     subset = subset or "val"
-    n_folds = len(split.folds) if getattr(split, "folds", None) else 0
+    n_folds = split.n_folds
     if fold is not None:
         if n_folds == 0:
             raise BrainsegError(
@@ -199,41 +199,18 @@ def select_patients(
             )
         if not 0 <= fold < n_folds:
             raise BrainsegError(
-                f"--fold {fold} is out of range: split {split_path} has "
-                f"{n_folds} folds (0 to {n_folds - 1})",
+                f"--fold {fold} is out of range: split {split_path} has {n_folds} folds "
+                f"(0 to {n_folds - 1})",
                 hint=f"pass --fold between 0 and {n_folds - 1}",
             )
-    if subset == "all":
-        ids = list(patient_ids) if not _split_has_all(split) else _split_all(split)
-    else:
-        try:
-            ids = list(split.patients(subset, fold))
-        except BrainsegError:
-            raise
-        except (KeyError, ValueError, IndexError) as exc:
-            raise BrainsegError(
-                f"split {split_path} has no subset {subset!r}"
-                f"{f' in fold {fold}' if fold is not None else ''}: {exc}",
-                hint=f"use one of: {', '.join(SUBSETS)}",
-            ) from exc
+    ids = split.all_patients if subset == "all" else split.patients(subset, fold)
     if not ids:
         raise BrainsegError(
             f"subset {subset!r} of split {split_path} is empty",
-            hint="pick another --subset (e.g. val) or make a split with it",
+            hint="pick another --subset (e.g. val), or make a split with "
+            "`brainseg split DATA --test-fraction 0.2` for a test subset",
         )
-    return ids, {"split": str(split_path), "subset": subset, "fold": fold}
-
-
-def _split_has_all(split: Any) -> bool:
-    try:
-        split.patients("all")
-    except Exception:
-        return False
-    return True
-
-
-def _split_all(split: Any) -> list[str]:
-    return list(split.patients("all"))
+    return list(ids), {"split": str(split_path), "subset": subset, "fold": fold}
 
 
 def resolve_settings(metadata: dict[str, Any], opts: EvalOptions) -> PostSettings:
@@ -396,9 +373,8 @@ def run_eval(
             hint="make one with `brainseg split DATA -o splits.yaml`",
         )
 
-    predictor = make_predictor(model_paths, opts, predictor_factory)
-    meta = dict(getattr(predictor, "metadata", None) or {})
-    settings = resolve_settings(meta, opts)
+    if subset is not None and subset not in SUBSETS:
+        raise BrainsegError(f"unknown subset {subset!r}", hint=f"use one of: {', '.join(SUBSETS)}")
 
     from brainseg.data.cache import load_dataset
 
@@ -415,6 +391,9 @@ def run_eval(
             f"no slices to evaluate in {data_path} for the chosen patients",
             hint="check --split / --subset",
         )
+    predictor = make_predictor(model_paths, opts, predictor_factory)
+    meta = dict(getattr(predictor, "metadata", None) or {})
+    settings = resolve_settings(meta, opts)
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
     console.info(
         f"evaluating {len(model_paths)} model(s) on {len(ids)} patients "
