@@ -132,6 +132,43 @@ def _tumour_run(mask: np.ndarray, centre: int) -> np.ndarray:
     return keep
 
 
+def _add_mimics(
+    rng: np.random.Generator,
+    base: np.ndarray,
+    wm: np.ndarray,
+    mask: np.ndarray,
+    xr: np.ndarray,
+    yr: np.ndarray,
+    ax: float,
+    ay: float,
+    tumour: tuple[float, float, float],
+    flair_level: float,
+) -> None:
+    """Small FLAIR-bright white-matter spots that are *not* tumour (not in the mask).
+
+    Like the tumour they are bright in FLAIR, but they are small and iso-intense in the
+    other two channels, so a single FLAIR threshold is not enough: a model has to use size
+    and the pre-contrast channel, where the tumour is dark.
+    """
+    n_slices = base.shape[1]
+    tx, ty, tr = tumour
+    for _ in range(int(rng.integers(1, 5))):
+        ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.55)
+        sx, sy = rad * ax * np.cos(ang), rad * ay * np.sin(ang)
+        sr = rng.uniform(0.04, 0.08)
+        kc = rng.uniform(0.3, 0.7) * (n_slices - 1)
+        kz = rng.uniform(1.0, 3.0)
+        level = flair_level + rng.uniform(-30, 10)
+        if np.hypot(sx - tx, sy - ty) < 1.3 * tr + sr:  # keep clear of the tumour
+            continue
+        k0, k1 = max(int(kc - kz), 0), min(int(np.ceil(kc + kz)) + 1, n_slices)
+        dk = ((np.arange(k0, k1, dtype=np.float32) - kc) / kz)[:, None, None]
+        q = (((xr - sx) ** 2 + (yr - sy) ** 2) / sr**2)[None]
+        w = _ramp(1.0 - np.sqrt(q + dk**2), 0.3) * wm[k0:k1] * (mask[k0:k1] == 0)
+        flair = base[1, k0:k1]
+        flair[:] = flair * (1.0 - w) + level * w
+
+
 def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -> PhantomCase:
     """Render one phantom patient (all slices at once, as one 3D volume)."""
     f32 = np.float32
@@ -229,7 +266,7 @@ def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -
         ],
         dtype=f32,
     )
-    flair_t = lvl(150, 200)
+    flair_t = float(levels[1, 3]) + lvl(30, 85)  # tumour above grey matter in FLAIR
     tum = (lvl(60, 85), flair_t, lvl(60, 85))
     core_l = (lvl(45, 65), flair_t + lvl(-40, 20), lvl(40, 60))
     rim_l = lvl(180, 235)
@@ -239,6 +276,7 @@ def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -
     layers = np.stack([scalp, bone, csf_gap, gm, wm - vent, vent]).reshape(6, -1)
     base = (levels @ layers).reshape(3, n_slices, size, size)
     base *= (1.0 + 0.06 * texture)[None]
+    _add_mimics(rng, base, wm, mask, xr, yr, ax, ay, (tx, ty, max(rx, ry)), flair_t)
     noise_sd = lvl(3.0, 7.0)
     noise_w = (0.3 + 0.7 * head) * noise_sd
     images = np.empty((n_slices, size, size, 3), dtype=np.uint8)
