@@ -390,6 +390,16 @@ def test_retries_are_bounded(server: Server, tmp_path: Path) -> None:
     assert not (tmp_path / "f.bin").exists()
 
 
+def test_silent_server_times_out_and_is_retried(tmp_path: Path) -> None:
+    """A server that accepts the connection but never answers: each try ends after `timeout`."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # connections complete in the backlog; nothing ever replies
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/f.bin"
+        with pytest.raises(BrainsegRuntimeError, match=r"failed after 2 attempts: .*timed out"):
+            dl.http_fetch(url, tmp_path / "f.bin", retries=1, backoff=0, timeout=0.2)
+
+
 def test_404_names_the_url(server: Server, tmp_path: Path) -> None:
     url = server.url("/missing.zip")
     r = cli(["download", "lgg", "--dest", tmp_path, "--url", url])
