@@ -161,3 +161,22 @@ def test_readable_by_the_dataset_layer(phantom_root: Path) -> None:
     assert len(ds.patients) == 6
     img, mask = lgg.read_slice(ds.patients[0].slices[0])
     assert img.shape == (64, 64, 3) and set(np.unique(mask).tolist()) <= {0, 1}
+
+
+def test_flair_bright_mimics_are_not_tumour() -> None:
+    """Some FLAIR-bright spots are outside the mask; the pre-contrast channel tells them apart."""
+    cases = generate(patients=6, seed=0, size=64)
+    mimic_pre, tumour_pre, n_mimic = [], [], 0
+    for c in cases:
+        flair = c.images[..., 1].astype(float)
+        m = c.masks.astype(bool)
+        thr = np.percentile(flair[m], 25)
+        # Bright FLAIR outside the tumour, away from the scalp (the centre of the image).
+        centre = np.zeros_like(m)
+        centre[:, 16:48, 16:48] = True
+        mimic = (flair >= thr) & ~m & centre
+        n_mimic += int(mimic.sum())
+        mimic_pre += c.images[..., 0][mimic].tolist()
+        tumour_pre += c.images[..., 0][m].tolist()
+    assert n_mimic > 20
+    assert np.mean(mimic_pre) > np.mean(tumour_pre) + 15
