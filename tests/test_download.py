@@ -307,7 +307,7 @@ def test_rerun_resumes_the_part_file_kept_by_a_failed_run(
     assert r.returncode == 1
     part = tmp_path / "lgg.zip.part"
     assert part.read_bytes() == lgg_zip[: len(lgg_zip) // 2]
-    assert "failed after 1 attempts" in r.stderr and "resume" in r.stderr
+    assert "failed after 1 attempt:" in r.stderr and "resume" in r.stderr
     r = cli(["download", "lgg", "--dest", tmp_path, "--url", url])
     assert r.returncode == 0, r.stderr
     assert server.seen("/lgg.zip")[-1]["headers"]["Range"] == f"bytes={len(lgg_zip) // 2}-"

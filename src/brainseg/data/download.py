@@ -288,8 +288,9 @@ def http_fetch(
                     if size
                     else ""
                 )
+                tries = f"{failures} attempt{'s' if failures != 1 else ''}"
                 raise BrainsegRuntimeError(
-                    f"download of {url} failed after {failures} attempts: {exc.reason}",
+                    f"download of {url} failed after {tries}: {exc.reason}",
                     hint=f"try again later{kept}, or fetch the file elsewhere and pass "
                     f"{from_file_hint}",
                 ) from exc
