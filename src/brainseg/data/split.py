@@ -101,8 +101,8 @@ class Split:
             "seed": int(self.seed),
             "dataset_hash": self.dataset_hash,
             "patients": n,
-            "val_fraction": float(self.val_fraction),
-            "test_fraction": float(self.test_fraction),
+            "val_fraction": round(float(self.val_fraction), 6),
+            "test_fraction": round(float(self.test_fraction), 6),
             "n_folds": self.n_folds,
             "counts": {s: len(self.subsets.get(s, [])) for s in SUBSETS},
             "subsets": {s: list(self.subsets.get(s, [])) for s in SUBSETS},
@@ -277,10 +277,14 @@ def save_split(split: Split, path: str | os.PathLike[str], force: bool = False) 
     return path
 
 
+def _fix_hint(path: Path) -> str:
+    return f"fix the file, or make a new one with `brainseg split DATA -o {path.name} --force`"
+
+
 def _fail(path: Path, what: str) -> BrainsegError:
     return BrainsegError(
         f"invalid split file {path}: {what}",
-        hint=f"fix it or {_MAKE_HINT.format(path=path.name)} --force",
+        hint=_fix_hint(path),
     )
 
 
@@ -316,7 +320,7 @@ def load_split(path: str | os.PathLike[str]) -> Split:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise BrainsegError(
             f"split file {path} is not valid YAML{at}: {problem}",
-            hint=f"fix the file or {_MAKE_HINT.format(path=path.name)} --force",
+            hint=_fix_hint(path),
         ) from exc
     if not isinstance(d, dict):
         raise _fail(path, "expected a mapping with seed, dataset_hash, subsets")
