@@ -33,6 +33,27 @@ _CSV_COLUMNS = (
     "laterality,tumor_location,gender,age_at_initial_pathologic,race,ethnicity,death01"
 )
 
+#: Value ranges [lo, hi) of the made-up data.csv columns after Patient (same order).
+_CSV_RANGES = (
+    (1, 5),
+    (1, 6),
+    (1, 4),
+    (1, 4),
+    (1, 5),
+    (1, 4),
+    (1, 4),
+    (1, 4),
+    (1, 3),
+    (1, 2),
+    (1, 4),
+    (1, 7),
+    (1, 3),
+    (20, 80),
+    (3, 4),
+    (2, 3),
+    (0, 2),
+)
+
 
 @dataclass(frozen=True)
 class PhantomCase:
@@ -117,8 +138,8 @@ def _span(lin: np.ndarray, lo: float, hi: float) -> slice:
 
 def _tumour_run(mask: np.ndarray, centre: int) -> np.ndarray:
     """Slices to keep: the contiguous run of tumour slices nearest the tumour centre."""
-    has = mask.any(axis=(1, 2))
-    keep = np.zeros(len(has), dtype=bool)
+    has = np.asarray(mask.any(axis=(1, 2)), dtype=bool)
+    keep = np.zeros(has.shape[0], dtype=np.bool_)
     idx = np.flatnonzero(has)
     if not len(idx):
         return keep
@@ -333,26 +354,8 @@ def _csv_text(names: list[str], seed: int) -> str:
     lines = [_CSV_COLUMNS]
     for folder in names:
         pid = "_".join(folder.split("_")[:3])
-        vals = [
-            rng.integers(1, 5),
-            rng.integers(1, 6),
-            rng.integers(1, 4),
-            rng.integers(1, 4),
-            rng.integers(1, 5),
-            rng.integers(1, 4),
-            rng.integers(1, 4),
-            rng.integers(1, 4),
-            rng.integers(1, 3),
-            1,
-            rng.integers(1, 4),
-            rng.integers(1, 7),
-            rng.integers(1, 3),
-            rng.integers(20, 80),
-            3,
-            2,
-            rng.integers(0, 2),
-        ]
-        lines.append(",".join([pid, *(str(int(v)) for v in vals)]))
+        vals = [int(rng.integers(lo, hi)) for lo, hi in _CSV_RANGES]
+        lines.append(",".join([pid, *map(str, vals)]))
     return "\n".join(lines) + "\n"
 
 
