@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ from brainseg.model import (
 )
 
 SMALL = (32, 16, 16, 16, 8)  # a light decoder where the decoder size does not matter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, more threads spin and run ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pixels(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -364,7 +374,9 @@ def test_onnx_export_with_dynamic_batch_height_width(tmp_path: Path) -> None:
             dynamic_axes={"image": axes, "logits": axes},
             opset_version=17,
         )
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     for shape in [(1, 3, 32, 32), (2, 3, 64, 96)]:
         x = _pixels(*shape, seed=5)
         out = sess.run(None, {"image": x.numpy()})[0]
