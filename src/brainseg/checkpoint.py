@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -292,27 +292,46 @@ def save_checkpoint(
 def load_tensors(
     path: str | os.PathLike[str], prefix: str | None = None, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed)."""
+    """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed).
+
+    ``load_tensors(path, prefix=EXTRA_PREFIX)`` gives back the ``extra`` of save_checkpoint.
+    """
+    if prefix is None:
+        return _read_tensors(Path(path), lambda name: name, device)
+    return _read_tensors(
+        Path(path), lambda name: name[len(prefix) :] if name.startswith(prefix) else None, device
+    )
+
+
+def _read_tensors(
+    path: Path, rename: Callable[[str], str | None], device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors whose ``rename(name)`` is not None, under that new name."""
     from safetensors import safe_open
 
-    path = Path(path)
     header, _, _ = _read_header(path)
     _brainseg_meta(path, header)
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if prefix is None:
-                    out[name] = f.get_tensor(name)
-                elif name.startswith(prefix):
-                    out[name[len(prefix) :]] = f.get_tensor(name)
-    except BrainsegError:
-        raise
+                new = rename(name)
+                if new is not None:
+                    out[new] = f.get_tensor(name)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise BrainsegError(
             f"checkpoint {path} is corrupt: {_first_line(exc)}", hint=_HINT_CKPT
         ) from exc
     return out
+
+
+def _resolve_device(device: Any) -> Any:
+    """``"auto"`` -> cuda when available, else cpu; anything else as given."""
+    if isinstance(device, str) and device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _first_line(exc: BaseException) -> str:
@@ -323,7 +342,10 @@ def _first_line(exc: BaseException) -> str:
 def load_checkpoint(
     path: str | os.PathLike[str], device: Any = "cpu"
 ) -> tuple[UNetVGG16, dict[str, Any]]:
-    """The model (in eval mode, on ``device``) and metadata stored in a checkpoint."""
+    """The model (in eval mode, on ``device``; ``"auto"`` = cuda if available) and metadata.
+
+    Raises BrainsegError naming the file for anything that is not a valid brainseg checkpoint.
+    """
     from brainseg.model import UNetVGG16
 
     path = Path(path)
@@ -339,8 +361,8 @@ def load_checkpoint(
         raise BrainsegError(
             f"checkpoint {path} has an invalid architecture: {exc}", hint=_HINT_CKPT
         ) from exc
-    tensors = load_tensors(path)
-    weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    # The extra tensors (optimizer state, up to 2x the weights) are not read at all.
+    weights = _read_tensors(path, lambda name: None if name.startswith(EXTRA_PREFIX) else name)
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -363,7 +385,7 @@ def load_checkpoint(
             hint="the file was edited or written by incompatible code; use another checkpoint",
         )
     model.load_state_dict(weights, strict=True)
-    model.to(device)
+    model.to(_resolve_device(device))
     model.eval()
     return model, meta
 
