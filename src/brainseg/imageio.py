@@ -1,0 +1,336 @@
+"""Read and write the image files that predict consumes and produces (numpy, Pillow, tifffile).
+
+No torch here: this module is on the ONNX predict path, which must run where only
+onnxruntime, numpy, Pillow and tifffile are installed.
+
+What is accepted, and why (documented in docs/predict.md):
+
+- 3-channel 8-bit images (HxWx3 uint8) as they are: the kaggle_3m slices (pre-contrast,
+  FLAIR, post-contrast) are stored this way.
+- single-channel 8-bit images (HxW, HxWx1, Pillow "L" / "1") are replicated to 3 channels;
+  the result says so (``LoadedImage.note``) so the caller can warn once per run.
+- 4-channel RGBA / 2-channel grey+alpha: the alpha channel is dropped (screenshots and
+  exported PNGs often carry an opaque alpha); the note says so and the caller warns.
+- 16-bit images are accepted only when every value already fits 0..255 (8-bit data in a
+  16-bit container); otherwise they are refused: the right windowing to 8 bits depends on
+  how the training data were made and guessing it silently would produce wrong masks.
+- anything else (float or 32-bit data, other channel counts, stacks of several slices,
+  a file that is not an image, corrupt bytes) raises :class:`BrainsegError` naming the file
+  and the expected form.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import atomic_path
+
+#: File name suffixes that are read as images (lower case).
+TIFF_SUFFIXES = (".tif", ".tiff")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
+
+EXPECTED = (
+    "an 8-bit image with 3 channels (HxWx3) or 1 channel (HxW), as .tif/.tiff/.png/.jpg/.jpeg"
+)
+_HINT = "convert it to an 8-bit RGB or greyscale .tif/.png (e.g. one MRI slice per file)"
+
+#: Notes on conversions (the caller warns once per kind and run).
+NOTE_GREY = "single-channel image replicated to 3 channels"
+NOTE_ALPHA = "alpha channel dropped"
+NOTE_16BIT = "16-bit image with values in 0..255 read as 8-bit"
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as the model wants it (HxWx3 uint8) plus what was done to get it."""
+
+    array: np.ndarray
+    notes: tuple[str, ...] = ()
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """True for the file name suffixes this module reads (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _bad(path: Path, what: str) -> BrainsegError:
+    return BrainsegError(f"{path}: {what}; expected {EXPECTED}", hint=_HINT)
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one image file as HxWx3 uint8 (see the module docstring for the rules)."""
+    return load_image(path).array
+
+
+def load_image(path: str | os.PathLike[str]) -> LoadedImage:
+    """Read one image file as HxWx3 uint8 and report any conversion that was applied."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise _bad(path, f"unsupported file type {suffix or '(no suffix)'!r}")
+    try:
+        arr = _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_pil(path)
+    except BrainsegError:
+        raise
+    except FileNotFoundError as exc:
+        raise BrainsegError(f"{path}: no such file", hint="check the path") from exc
+    except IsADirectoryError as exc:
+        raise _bad(path, "is a folder, not a file") from exc
+    except PermissionError as exc:
+        raise BrainsegError(
+            f"{path}: permission denied", hint="check the file's read permission"
+        ) from exc
+    except MemoryError as exc:
+        raise _bad(path, "too large to read") from exc
+    except Exception as exc:  # corrupt bytes: tifffile / Pillow raise many types
+        raise _bad(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+    return _to_rgb(path, arr)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.series) == 0:
+            raise _bad(path, "TIFF holds no image")
+        if len(tif.pages) > 1 and len(tif.series[0].shape) > 3:
+            raise _bad(path, f"TIFF holds a stack of {len(tif.pages)} images")
+        series = tif.series[0]
+        arr = series.asarray()
+        axes = series.axes
+    # Planar (separate) RGB is stored channel-first: "SYX" / "CYX".
+    if (
+        arr.ndim == 3
+        and axes
+        and axes[0] in "SC"
+        and arr.shape[0] in (1, 2, 3, 4)
+        and arr.shape[-1] not in (1, 2, 3, 4)
+    ):
+        arr = np.moveaxis(arr, 0, -1)
+    return arr
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1:
+            raise _bad(path, f"holds {n_frames} frames")
+        mode = im.mode
+        if mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif mode == "1":
+            im = im.convert("L")
+        elif mode in ("YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        elif mode == "CMYK":
+            raise _bad(path, "is a CMYK image (4 ink channels)")
+        elif mode in ("F",):
+            raise _bad(path, "holds floating-point pixels")
+        im.load()
+        arr = np.asarray(im)
+    if mode.startswith("I;16") or mode == "I":
+        arr = arr.astype(np.int64) if mode == "I" else arr
+    return arr
+
+
+def _to_rgb(path: Path, arr: np.ndarray) -> LoadedImage:
+    notes: list[str] = []
+    if arr.dtype == np.bool_:
+        raise _bad(path, "is a 1-bit (boolean) image")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise _bad(path, f"holds {arr.dtype} pixels")
+        lo = int(arr.min()) if arr.size else 0
+        hi = int(arr.max()) if arr.size else 0
+        if lo < 0 or hi > 255:
+            raise _bad(
+                path,
+                f"is a {arr.dtype.itemsize * 8}-bit image with values {lo}..{hi} "
+                "(16-bit MRI must be windowed to 8 bits the way the training "
+                "data were)",
+            )
+        arr = arr.astype(np.uint8)
+        notes.append(NOTE_16BIT)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+        notes.append(NOTE_GREY)
+    elif arr.ndim == 3 and arr.shape[-1] == 2:  # grey + alpha
+        arr = np.repeat(arr[..., :1], 3, axis=-1)
+        notes += [NOTE_GREY, NOTE_ALPHA]
+    elif arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+        notes.append(NOTE_ALPHA)
+    elif not (arr.ndim == 3 and arr.shape[-1] == 3):
+        raise _bad(path, f"has shape {'x'.join(map(str, arr.shape))}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise _bad(path, "is empty")
+    return LoadedImage(np.ascontiguousarray(arr), tuple(notes))
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize an HxWx3 uint8 image to ``size`` = (height, width), bilinear (Pillow)."""
+    from PIL import Image
+
+    h, w = int(size[0]), int(size[1])
+    if image.shape[:2] == (h, w):
+        return image
+    out = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize an HxW mask to ``size`` = (height, width), nearest neighbour (keeps labels)."""
+    h, w = int(size[0]), int(size[1])
+    if mask.shape[:2] == (h, w):
+        return mask
+    # Index arithmetic instead of Pillow: exact nearest sampling on pixel centres, any dtype.
+    rows = np.minimum(
+        ((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1
+    )
+    cols = np.minimum(
+        ((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1
+    )
+    return mask[rows[:, None], cols[None, :]]
+
+
+def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize an HxW float probability map to ``size`` = (height, width), bilinear."""
+    from PIL import Image
+
+    h, w = int(size[0]), int(size[1])
+    if prob.shape[:2] == (h, w):
+        return prob.astype(np.float32, copy=False)
+    out = Image.fromarray(np.ascontiguousarray(prob, dtype=np.float32))
+    return np.clip(np.asarray(out.resize((w, h), Image.Resampling.BILINEAR)), 0.0, 1.0)
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
+    """Zero-pad an HxWx... array at the bottom/right to multiples of ``multiple``.
+
+    Returns the padded array and the original (height, width) to crop back with.
+    """
+    h, w = image.shape[:2]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return image, (h, w)
+    pad = [(0, ph), (0, pw)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pad, mode="constant"), (h, w)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _suffix_of(path: Path, allowed: tuple[str, ...], what: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        raise BrainsegError(
+            f"cannot write {what} as {path}: unsupported suffix {suffix!r}",
+            hint=f"use one of {', '.join(allowed)}",
+        )
+    return suffix
+
+
+def write_mask(path: str | os.PathLike[str], mask: np.ndarray, *, force: bool = False) -> Path:
+    """Write an HxW mask as uint8 0/255 (.tif or .png), atomically.
+
+    Any non-zero value counts as tumor, so 0/1 and 0/255 masks both come out as 0/255,
+    the kaggle_3m convention.
+    """
+    path = Path(path)
+    suffix = _suffix_of(path, (*TIFF_SUFFIXES, ".png"), "a mask")
+    if mask.ndim != 2:
+        raise BrainsegError(f"cannot write {path}: a mask must be HxW, got shape {mask.shape}")
+    data = np.where(mask > 0, np.uint8(255), np.uint8(0))
+    with atomic_path(path, force=force) as tmp:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib")
+        else:
+            from PIL import Image
+
+            Image.fromarray(data).save(tmp, format="PNG")
+    return path
+
+
+def write_probability(
+    path: str | os.PathLike[str], prob: np.ndarray, *, force: bool = False
+) -> Path:
+    """Write an HxW float32 probability map (0..1) as a .tif, atomically."""
+    path = Path(path)
+    _suffix_of(path, TIFF_SUFFIXES, "a probability map")
+    import tifffile
+
+    with atomic_path(path, force=force) as tmp:
+        tifffile.imwrite(
+            tmp,
+            np.ascontiguousarray(prob, dtype=np.float32),
+            photometric="minisblack",
+            compression="zlib",
+        )
+    return path
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a binary mask (4-neighbourhood), as a bool array."""
+    m = mask > 0
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    channel: int | None = 1,
+    color: tuple[int, int, int] = (255, 40, 40),
+) -> np.ndarray:
+    """An RGB picture of ``image`` with the outline of ``mask`` drawn in ``color``.
+
+    ``channel=1`` shows the FLAIR channel (kaggle_3m order: pre-contrast, FLAIR,
+    post-contrast) in grey, where LGG tumors are most visible; ``None`` shows the RGB image.
+    """
+    if channel is None:
+        rgb = image.copy()
+    else:
+        rgb = np.repeat(image[..., channel : channel + 1], 3, axis=-1)
+    edge = mask_outline(mask)
+    rgb[edge] = color
+    return rgb
+
+
+def write_overlay(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    channel: int | None = 1,
+    force: bool = False,
+) -> Path:
+    """Write :func:`overlay` as a .png, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    _suffix_of(path, (".png",), "an overlay")
+    rgb = overlay(image, mask, channel=channel)
+    with atomic_path(path, force=force) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+    return path
