@@ -108,6 +108,12 @@ def test_round_trip_same_outputs_and_eval_mode(model: UNetVGG16, saved: Path) ->
     assert meta == read_metadata(saved)
 
 
+def test_device_auto_falls_back_to_cpu(saved: Path) -> None:
+    loaded, _ = load_checkpoint(saved, device="auto")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(loaded.parameters()).device.type == want
+
+
 def test_metadata_round_trip(model: UNetVGG16, saved: Path) -> None:
     meta = read_metadata(saved)
     assert meta["format_version"] == FORMAT_VERSION == 1

@@ -228,6 +228,9 @@ class UNetVGG16(nn.Module):
     torchvision-format state dict (``.pth`` / ``.safetensors``).
     """
 
+    mean: torch.Tensor  # ImageNet mean x 255 (buffer, not saved)
+    std: torch.Tensor  # ImageNet std x 255 (buffer, not saved)
+
     def __init__(
         self,
         encoder: str = "vgg16",
@@ -315,6 +318,19 @@ def _expected_features(encoder: str) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in features.state_dict().items()}
 
 
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file format allows it.
+
+    Mapping keeps the unused 400 MB classifier of a full VGG16 file out of memory.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth (weights_only) or .safetensors file; BrainsegError otherwise."""
     if not path.exists():
@@ -342,7 +358,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
     except Exception as exc:  # pickle, zip, safetensors and I/O errors all land here
         kind = "safetensors" if is_safetensors else "PyTorch (weights_only)"
         raise BrainsegError(
