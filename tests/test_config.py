@@ -1,0 +1,186 @@
+"""TrainConfig: YAML presets, CLI overrides, and validation before any work (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from brainseg.config import (
+    TrainConfig,
+    load_config,
+    load_resume_config,
+    preset_path,
+    read_yaml,
+)
+from brainseg.errors import BrainsegError
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """A dataset folder and a split file that exist (contents are not read by validation)."""
+    data = tmp_path / "kaggle_3m"
+    data.mkdir()
+    split = tmp_path / "splits.yaml"
+    split.write_text("format: 1\n")
+    return data, split
+
+
+def test_defaults_are_the_reference_recipe() -> None:
+    cfg = TrainConfig()
+    assert (cfg.loss, cfg.lr, cfg.batch_size, cfg.epochs, cfg.image_size) == (
+        "bce",
+        4e-4,
+        16,
+        20,
+        256,
+    )
+    assert cfg.encoder_weights == "imagenet"
+    assert cfg.scheduler == "none"
+    seed = load_config("seed")
+    assert seed.to_dict() == TrainConfig().to_dict()
+
+
+def test_packaged_presets_match_repo_configs() -> None:
+    for name in ("seed", "best"):
+        assert preset_path(name).read_text() == (REPO / "configs" / f"{name}.yaml").read_text()
+        load_config(name).validate(need_data=False)
+
+
+def test_cli_overrides_only_given_values(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.001\nepochs: 3\naugment: true\ndecoder_channels: [32, 32, 16, 16, 8]\n")
+    cfg = load_config(str(f), {"epochs": 5, "lr": None, "augment": None, "batch_size": None})
+    assert cfg.lr == 0.001  # from the file (the CLI did not give --lr)
+    assert cfg.epochs == 5  # the CLI wins
+    assert cfg.augment is True
+    assert cfg.batch_size == 16  # default
+    assert cfg.decoder_channels == [32, 32, 16, 16, 8]
+    # the CLI's comma form and ints for floats are accepted
+    cfg = load_config(None, {"decoder_channels": "64,64,32,32,16", "lr": 1})
+    assert cfg.decoder_channels == [64, 64, 32, 32, 16] and cfg.lr == 1.0
+
+
+def test_unknown_keys_are_named_with_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.001\nlearning_rate: 3\nepoch: 2\n")
+    with pytest.raises(BrainsegError) as e:
+        load_config(str(f))
+    assert "epoch, learning_rate" in e.value.message and str(f) in e.value.message
+
+
+def test_bad_yaml_and_non_mapping_name_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: [1,\n")
+    with pytest.raises(BrainsegError, match="not valid YAML"):
+        read_yaml(f)
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(BrainsegError, match="must hold a mapping"):
+        read_yaml(f)
+    with pytest.raises(BrainsegError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"lr": 0.0}, "lr must be a positive number"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"loss": "focal"}, "unknown loss 'focal'"),
+        ({"scheduler": "step"}, "unknown scheduler 'step'"),
+        ({"amp": "fp8"}, "unknown amp 'fp8'"),
+        ({"device": "gpu"}, "unknown device 'gpu'"),
+        ({"encoder": "resnet34"}, "unknown encoder 'resnet34'"),
+        ({"upsample": "pixelshuffle"}, "unknown upsample"),
+        ({"normalization": "minmax"}, "unknown normalization"),
+        ({"image_size": 100}, "multiple of 32"),
+        ({"image_size": 0}, "multiple of 32"),
+        ({"fold": -1}, "fold must be >= 0"),
+        ({"tumor_oversample": 1.5}, "tumor_oversample must be a probability"),
+        ({"grad_clip": 0.0}, "grad_clip must be a positive number"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"steps_per_epoch": 0}, "steps_per_epoch must be at least 1"),
+        ({"decoder_channels": [32, 16]}, "decoder_channels must be 5 positive integers"),
+        ({"freeze_encoder_epochs": -2}, "freeze_encoder_epochs must be >= 0"),
+        ({"encoder_weights": "/no/such/file.pth"}, "encoder weights file"),
+        ({"epochs": "ten"}, "epochs must be an integer"),
+        ({"aug_rotate": 400.0}, "aug_rotate must be in"),
+    ],
+)
+def test_validation_refuses_bad_values(
+    files: tuple[Path, Path], override: dict, message: str
+) -> None:
+    data, split = files
+    cfg = TrainConfig(data=str(data), split=str(split))
+    for k, v in override.items():
+        setattr(cfg, k, v)
+    with pytest.raises(BrainsegError) as e:
+        cfg.validate()
+    assert message in e.value.message
+    assert e.value.exit_code == 2 and e.value.hint
+
+
+def test_missing_inputs_are_refused(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    data, split = files
+    with pytest.raises(BrainsegError, match="no split file"):
+        TrainConfig(data=str(data)).validate()
+    with pytest.raises(BrainsegError, match="does not exist"):
+        TrainConfig(data=str(tmp_path / "nope"), split=str(split)).validate()
+    with pytest.raises(BrainsegError, match=r"split file .* does not exist"):
+        TrainConfig(data=str(data), split=str(tmp_path / "nope.yaml")).validate()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "lr must be a positive number"),
+        (["--lr", "0"], "lr must be a positive number"),
+        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--loss", "focal"], "unknown loss 'focal'"),
+        (["--scheduler", "warm"], "unknown scheduler 'warm'"),
+        (["--amp", "int8"], "unknown amp 'int8'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--image-size", "100"], "multiple of 32"),
+        (["--decoder-channels", "a,b"], "decoder_channels must be 5 comma-separated"),
+    ],
+)
+def test_cli_bad_values_exit_2_before_work(
+    files: tuple[Path, Path], tmp_path: Path, args: list[str], message: str
+) -> None:
+    data, split = files
+    r = run_cli(["train", data, "--split", split, "--project", tmp_path / "runs", *args])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "hint" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_cli_config_file_with_unknown_key_exits_2(files: tuple[Path, Path], tmp_path: Path) -> None:
+    data, split = files
+    f = tmp_path / "cfg.yaml"
+    f.write_text("lr: 0.001\nbatchsize: 4\n")
+    r = run_cli(["train", data, "--split", split, "--config", f])
+    assert r.returncode == 2
+    assert "batchsize" in r.stderr and str(f) in r.stderr
+
+
+def test_resume_config_refuses_recipe_changes(tmp_path: Path) -> None:
+    run = tmp_path / "exp"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 2\nlr: 0.001\nrun_info: {torch: x}\n")
+    cfg = load_resume_config(run, {"epochs": 6, "lr": None})
+    assert (cfg.epochs, cfg.lr, cfg.resume) == (6, 0.001, str(run))
+    with pytest.raises(BrainsegError, match="cannot change --lr"):
+        load_resume_config(run, {"lr": 0.1})
+    with pytest.raises(BrainsegError, match=r"config\.yaml does not exist"):
+        load_resume_config(tmp_path, {})
+
+
+def test_to_dict_round_trips() -> None:
+    cfg = TrainConfig(lr=0.01, decoder_channels=[8, 8, 8, 8, 8], fold=2)
+    assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
