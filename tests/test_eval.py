@@ -166,6 +166,42 @@ def test_json_safe_and_csv_write_nan_as_null_and_empty() -> None:
     assert text == "k,v\np,\nq,0.25\n"
 
 
+def test_tuned_onnx_copy_carries_the_values(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from brainseg.predict import metadata_from_props
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 32, 32])],
+    )
+    model = helper.make_model(graph)
+    blob = {
+        "threshold": 0.5,
+        "image_size": 32,
+        "postprocess": {"min_size": 0, "largest_component": False},
+    }
+    helper.set_model_props(model, {"brainseg": json.dumps(blob), "threshold": "0.5"})
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    dst = tmp_path / "tuned.onnx"
+    ev.write_tuned_model(src, dst, ev.PostSettings(0.35, 16, True), force=False)
+    props = {p.key: p.value for p in onnx.load(str(dst)).metadata_props}
+    meta = metadata_from_props(props, dst)
+    assert meta["threshold"] == 0.35
+    assert meta["postprocess"] == {"min_size": 16, "largest_component": True}
+    assert json.loads(props["brainseg"])["threshold"] == 0.35
+    assert meta["image_size"] == 32  # the rest is kept
+    with pytest.raises(BrainsegError, match="already exists"):
+        ev.write_tuned_model(src, dst, ev.PostSettings(0.4, 0, False), force=False)
+    ev.check_tune_output([src], tmp_path / "new.onnx", force=False)
+    with pytest.raises(BrainsegError, match="is the model itself"):
+        ev.check_tune_output([src], src, force=True)
+
+
 # ----------------------------------------------------------------- run_eval (stand-in)
 
 
@@ -205,3 +241,322 @@ def test_run_eval_wraps_a_failing_model_load(phantom_root: Path, tmp_path: Path)
 
     with pytest.raises(BrainsegError, match=r"cannot load model .*m0\.safetensors.*invalid"):
         ev.run_eval(_fake_models(tmp_path), phantom_root, predictor_factory=broken)
+
+
+# ----------------------------------------------------------------- CLI end to end
+
+
+def _checkpoint(path: Path, bias: float | None = None, threshold: float = 0.5) -> Path:
+    """A small untrained UNetVGG16 checkpoint; ``bias`` makes its output constant.
+
+    With the head's weights zeroed and its bias at +20 / -20 the model predicts tumor
+    everywhere / nowhere (probability 1 - 2e-9 / 2e-9) whatever the image.
+    """
+    import torch
+
+    from brainseg.checkpoint import save_checkpoint
+    from brainseg.model import UNetVGG16
+
+    torch.manual_seed(0)
+    model = UNetVGG16(decoder_channels=(32, 32, 32, 16, 16), encoder_weights=None)
+    if bias is not None:
+        with torch.no_grad():
+            model.decoder.head.weight.zero_()
+            model.decoder.head.bias.fill_(bias)
+    meta = {
+        "threshold": threshold,
+        "image_size": 32,  # predictor resizes 64 -> 32: 4x less compute
+        "postprocess": {"min_size": 0, "largest_component": False},
+    }
+    return save_checkpoint(path, model.eval(), meta)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "plain": _checkpoint(d / "plain.safetensors"),
+        "on": _checkpoint(d / "on.safetensors", bias=20.0),
+        "off": _checkpoint(d / "off.safetensors", bias=-20.0),
+    }
+
+
+@pytest.fixture(scope="module")
+def split_yaml(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("split") / "splits.yaml"
+    r = run_cli(["split", phantom_root, "-o", out, "--val-fraction", "0.34"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_eval_writes_the_run_folder(
+    cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "runs"
+    (project / "exp").mkdir(parents=True)  # an earlier run: this one must go to exp2
+    r = cli(
+        [
+            "eval",
+            models["plain"],
+            phantom_root,
+            "--split",
+            split_yaml,
+            "--json",
+            "--project",
+            project,
+            "--batch-size",
+            "16",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    run = project / "exp2"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "dice_per_patient.png",
+        "per_patient.csv",
+        "per_slice.csv",
+        "summary.json",
+    ]
+    assert not any((project / "exp").iterdir())
+    # --json: stdout is exactly summary.json; the table went to stderr
+    s = json.loads((run / "summary.json").read_text())
+    assert json.loads(r.stdout) == s
+    assert "per patient" in r.stderr and "median" in r.stderr and "HD95" in r.stderr
+    for key in (
+        "models",
+        "data",
+        "split",
+        "subset",
+        "fold",
+        "settings",
+        "counts",
+        "per_patient",
+        "per_slice_tumor",
+        "per_slice_all",
+        "global",
+        "detection",
+        "hd95_skipped",
+        "tune",
+    ):
+        assert key in s, key
+    assert s["run_dir"] == str(run) and s["tune"] is None
+    assert s["subset"] == "val" and s["split"] == str(split_yaml) and s["fold"] is None
+    assert s["models"] == [str(models["plain"])] and s["ensemble"] is False
+    assert s["settings"]["threshold"] == 0.5 and s["settings"]["threshold_source"] == "model"
+    assert s["settings"]["tta"] is False and s["settings"]["batch_size"] == 16
+    for level in ("per_patient", "per_slice_tumor", "per_slice_all"):
+        for metric in ("dice", "iou", "precision", "recall", "specificity", "hd95"):
+            assert set(s[level][metric]) == {"mean", "median", "std", "min", "n"}
+    assert set(s["hd95_skipped"]) == {"per_patient", "per_slice_tumor", "per_slice_all"}
+    patients = _read_csv(run / "per_patient.csv")
+    assert list(patients[0]) == ev.PATIENT_COLUMNS
+    assert len(patients) == s["counts"]["patients"] == 2
+    slices = _read_csv(run / "per_slice.csv")
+    assert list(slices[0]) == ev.SLICE_COLUMNS
+    assert len(slices) == s["counts"]["slices"] == sum(int(p["slices"]) for p in patients)
+    mean = np.mean([float(p["dice"]) for p in patients])
+    assert s["per_patient"]["dice"]["mean"] == pytest.approx(mean)
+    assert (run / "dice_per_patient.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # two CLI runs with two models each (~15 s idle, more on a busy CPU)
+def test_cli_eval_ensembles_by_mean_probability(
+    cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
+) -> None:
+    # "tumor everywhere" (p ~ 1) + "tumor nowhere" (p ~ 0): the mean is ~0.5, so every
+    # pixel is positive at threshold 0.4 and none at 0.6 (a max would say all, a min none,
+    # the first model alone all, the last alone none).
+    on, off = models["on"], models["off"]
+    from brainseg.data.cache import load_dataset
+    from brainseg.data.split import make_split, save_split
+
+    ids = load_dataset(phantom_root).patient_ids
+    one_val = save_split(
+        make_split({p: 1 for p in ids}, val_fraction=0.17), tmp_path / "one_val.yaml"
+    )  # one validation patient: quick runs
+    r = cli(
+        [
+            "eval",
+            on,
+            off,
+            phantom_root,
+            "--split",
+            one_val,
+            "--threshold",
+            "0.4",
+            "--json",
+            "--project",
+            tmp_path,
+            "--name",
+            "low",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    low = json.loads(r.stdout)
+    assert low["models"] == [str(on), str(off)] and low["ensemble"] is True
+    assert low["settings"]["threshold_source"] == "option"
+    assert low["global"]["recall"] == 1.0
+    assert low["detection"]["specificity"] == 0.0
+    rows = _read_csv(tmp_path / "low" / "per_patient.csv")
+    assert all(int(r["pred_pixels"]) == int(r["slices"]) * 64 * 64 for r in rows)
+
+    r = cli(
+        [
+            "eval",
+            on,
+            off,
+            phantom_root,
+            "--split",
+            one_val,
+            "--threshold",
+            "0.6",
+            "--json",
+            "--project",
+            tmp_path,
+            "--name",
+            "high",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    high = json.loads(r.stdout)
+    assert high["global"]["recall"] == 0.0
+    assert high["detection"]["sensitivity"] == 0.0
+    rows = _read_csv(tmp_path / "high" / "per_patient.csv")
+    assert rows and all(int(r["pred_pixels"]) == 0 for r in rows)
+    assert high["hd95_skipped"]["per_patient"] == len(rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--subset", "dev"], "unknown subset 'dev'"), (["--fold", "7"], "has no folds")],
+)
+def test_cli_eval_bad_subset_or_fold_exit_2(
+    cli: Any,
+    phantom_root: Path,
+    models: dict[str, Path],
+    split_yaml: Path,
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+) -> None:
+    r = cli(
+        [
+            "eval",
+            models["plain"],
+            phantom_root,
+            "--split",
+            split_yaml,
+            *extra,
+            "--project",
+            tmp_path,
+        ]
+    )
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())  # no run folder for a failed run
+
+
+def test_cli_eval_fold_out_of_range_and_foreign_split(
+    cli: Any, phantom_root: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    from brainseg.data.split import make_split, save_split
+
+    folds = tmp_path / "folds.yaml"
+    r = cli(["split", phantom_root, "-o", folds, "--folds", "3"])
+    assert r.returncode == 0, r.stderr
+    r = cli(
+        [
+            "eval",
+            models["plain"],
+            phantom_root,
+            "--split",
+            folds,
+            "--fold",
+            "3",
+            "--project",
+            tmp_path,
+        ]
+    )
+    assert r.returncode == 2 and "--fold 3 is out of range" in r.stderr
+    other = save_split(make_split({f"TCGA_ZZ_{i}": i for i in range(5)}), tmp_path / "other.yaml")
+    r = cli(["eval", models["plain"], phantom_root, "--split", other, "--project", tmp_path])
+    assert r.returncode == 2 and "not in the dataset" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_eval_missing_or_corrupt_model_exit_2(
+    cli: Any, phantom_root: Path, tmp_path: Path
+) -> None:
+    r = cli(["eval", tmp_path / "missing.safetensors", phantom_root])
+    assert r.returncode == 2 and "missing.safetensors does not exist" in r.stderr
+    for name, data in (("bad.safetensors", b"\x00" * 64), ("bad.onnx", b"garbage")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        r = cli(["eval", bad, phantom_root, "--project", tmp_path / "runs"])
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert lines[0].startswith("error:") and name in lines[0]
+        assert len(lines) == 2 and lines[1].startswith("hint:")  # one line + hint
+    r = cli(["eval", phantom_root])
+    assert r.returncode == 2 and "at least one MODEL" in r.stderr
+    r = cli(["eval", tmp_path / "bad.onnx", tmp_path / "no-data"])
+    assert r.returncode == 2 and "no-data does not exist" in r.stderr
+
+
+def test_cli_eval_tune_writes_a_tuned_copy(
+    cli: Any, phantom_root: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    from brainseg.checkpoint import read_metadata
+
+    out = tmp_path / "tuned.safetensors"
+    out.write_bytes(b"an older file")
+    args = [
+        "eval",
+        models["plain"],
+        phantom_root,
+        "--json",
+        "--tune-output",
+        out,
+        "--project",
+        tmp_path / "runs",
+    ]
+    r = cli(args)  # refused before any work: the file exists
+    assert r.returncode == 2 and "already exists" in r.stderr and "--force" in r.stderr
+    assert out.read_bytes() == b"an older file"
+    r = cli([*args, "--force"])
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    # without --split every patient is evaluated, and eval says so
+    assert "no --split given: evaluating all 6 patients" in " ".join(r.stderr.split())
+    assert s["subset"] == "all" and s["split"] is None and s["counts"]["patients"] == 6
+    best, base = s["tune"]["best"], s["tune"]["baseline"]
+    assert s["tune"]["gain"] == pytest.approx(best["dice"] - base["dice"])
+    assert s["tune"]["gain"] >= 0 and s["tune"]["output"] == str(out)
+    assert base["threshold"] == 0.5
+    assert s["tune"]["grid"]["min_sizes"] == [0, 4, 16, 64]
+    assert "tuned on these patients: threshold" in r.stderr
+    meta = read_metadata(out)
+    assert meta["threshold"] == best["threshold"]
+    assert meta["postprocess"]["min_size"] == best["min_size"]
+    assert meta["postprocess"]["largest_component"] == best["largest"]
+    assert read_metadata(models["plain"])["threshold"] == 0.5  # the original is untouched
+    # two models cannot get one tuned copy; a wrong suffix is refused
+    r = cli(
+        [
+            "eval",
+            models["on"],
+            models["off"],
+            phantom_root,
+            "--tune-output",
+            tmp_path / "x.safetensors",
+        ]
+    )
+    assert r.returncode == 2 and "exactly one MODEL" in r.stderr
+    r = cli(["eval", models["on"], phantom_root, "--tune-output", tmp_path / "x.onnx"])
+    assert r.returncode == 2 and "must have the model's suffix" in r.stderr

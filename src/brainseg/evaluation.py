@@ -380,11 +380,6 @@ def run_eval(
 
     data = load_dataset(data_path, skip_bad=opts.skip_bad)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
-    if split_p is None:
-        console.info(
-            f"no --split given: evaluating all {len(ids)} patients of {data_path} "
-            "(optimistic if the model was trained on some of them)"
-        )
     rows = data.indices_of(ids)
     if rows.size == 0:
         raise BrainsegError(
@@ -392,6 +387,11 @@ def run_eval(
             hint="check --split / --subset",
         )
     predictor = make_predictor(model_paths, opts, predictor_factory)
+    if split_p is None:
+        console.info(
+            f"no --split given: evaluating all {len(ids)} patients of {data_path} "
+            "(optimistic if the model was trained on some of them)"
+        )
     meta = dict(getattr(predictor, "metadata", None) or {})
     settings = resolve_settings(meta, opts)
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
