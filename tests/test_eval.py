@@ -560,3 +560,56 @@ def test_cli_eval_tune_writes_a_tuned_copy(
     assert r.returncode == 2 and "exactly one MODEL" in r.stderr
     r = cli(["eval", models["on"], phantom_root, "--tune-output", tmp_path / "x.onnx"])
     assert r.returncode == 2 and "must have the model's suffix" in r.stderr
+
+
+@pytest.mark.slow  # exports an ONNX model first (~15 s)
+def test_cli_eval_onnx_model_and_tuned_onnx_copy(
+    cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
+) -> None:
+    from brainseg.export import export_onnx
+    from brainseg.predict import read_onnx_metadata
+
+    onnx_path = tmp_path / "on.onnx"
+    export_onnx(models["on"], onnx_path)
+    out = tmp_path / "on_tuned.onnx"
+    r = cli(
+        [
+            "eval",
+            onnx_path,
+            phantom_root,
+            "--split",
+            split_yaml,
+            "--json",
+            "--tune-output",
+            out,
+            "--project",
+            tmp_path / "runs",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["models"] == [str(onnx_path)]
+    assert s["global"]["recall"] == 1.0  # the "tumor everywhere" model, through onnxruntime
+    meta = read_onnx_metadata(out)
+    best = s["tune"]["best"]
+    assert meta["threshold"] == best["threshold"]
+    assert meta["postprocess"]["min_size"] == best["min_size"]
+    assert meta["postprocess"]["largest_component"] == best["largest"]
+    assert read_onnx_metadata(onnx_path)["threshold"] == 0.5
+    # the ONNX path never imports torch
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from brainseg.cli import main\n"
+        "try:\n"
+        f"    main(['--quiet', 'eval', {str(onnx_path)!r}, {str(phantom_root)!r}, '--split',\n"
+        f"          {str(split_yaml)!r}, '--project', {str(tmp_path / 'runs')!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "TORCH False" in p.stdout
