@@ -235,6 +235,36 @@ def test_run_eval_and_write_run_with_a_standin_predictor(
     assert len(srows) == s["counts"]["slices"]
 
 
+def test_run_eval_passes_tta_device_batch_size_and_options_to_the_predictor(
+    phantom_root: Path, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def factory(paths: list[Path], **kw: Any) -> FlairPredictor:
+        seen.update(kw, paths=paths)
+        return FlairPredictor(paths, **kw)
+
+    models = _fake_models(tmp_path, 2)
+    opts = ev.EvalOptions(
+        tta=True, device="cpu", batch_size=3, threshold=0.7, min_size=5, largest=True
+    )
+    res = ev.run_eval(models, phantom_root, opts=opts, predictor_factory=factory)
+    assert seen == {"paths": models, "device": "cpu", "batch_size": 3, "tta": True}
+    st = res.summary["settings"]
+    assert (st["threshold"], st["min_size"], st["largest"], st["tta"]) == (0.7, 5, True, True)
+    assert st["threshold_source"] == "option"
+    # the options really reach the masks: same pixels as post-processing by hand
+    from brainseg.data.cache import load_dataset
+    from brainseg.postprocess import apply_grouped
+
+    data = load_dataset(phantom_root)
+    prob = np.asarray(data.images[:, 1], dtype=np.float32) / 255.0
+    mask = apply_grouped(prob, data.patient_index, data.slice_number, 0.7, 5, True)
+    expected = np.bincount(data.patient_index, weights=mask.reshape(len(mask), -1).sum(1))
+    got = [row["pred_pixels"] for row in res.report.per_patient]
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_run_eval_wraps_a_failing_model_load(phantom_root: Path, tmp_path: Path) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("invalid header")

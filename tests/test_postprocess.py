@@ -65,6 +65,20 @@ def test_keep_largest_3d_joins_diagonal_neighbours_across_slices() -> None:
     assert P.keep_largest_3d(v).sum() == 3
 
 
+def test_keep_largest_3d_matches_a_plain_labelling() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        v = np.zeros((6, 20, 20), bool)
+        v[1:5, 4:16, 3:15] = rng.random((4, 12, 12)) > 0.6
+        labels, _ = ndimage.label(v, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        expected = labels == np.argmax(sizes)
+        np.testing.assert_array_equal(P.keep_largest_3d(v), expected)
+
+
 def test_keep_largest_3d_empty_stays_empty() -> None:
     v = np.zeros((2, 4, 4), np.uint8)
     out = P.keep_largest_3d(v)

@@ -67,14 +67,27 @@ def keep_largest_3d(volume: np.ndarray) -> np.ndarray:
     component met first in memory order. An empty volume stays empty.
     """
     v = np.asarray(volume) != 0
+    out = np.zeros_like(v)
     if not v.any():
-        return v.copy()
-    labels, n = ndimage.label(v, structure=ndimage.generate_binary_structure(v.ndim, v.ndim))
+        return out
+    # Label only the bounding box of the mask: same components, far less work when the
+    # mask is small (the usual case for a tumor).
+    box = tuple(
+        slice(int(idx[0]), int(idx[-1]) + 1)
+        for idx in (
+            np.flatnonzero(v.any(axis=tuple(a for a in range(v.ndim) if a != ax)))
+            for ax in range(v.ndim)
+        )
+    )
+    sub = v[box]
+    labels, n = ndimage.label(sub, structure=ndimage.generate_binary_structure(v.ndim, v.ndim))
     if n == 1:
-        return v.copy()
+        out[box] = sub
+        return out
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    out[box] = labels == int(np.argmax(sizes))
+    return out
 
 
 def apply(
