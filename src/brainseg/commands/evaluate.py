@@ -132,10 +132,10 @@ def register(app: typer.Typer) -> None:
 
         from brainseg.fsutil import next_run_dir
 
-        run_dir = next_run_dir(project, name, exist_ok=exist_ok)
         if result.tune is not None and tune_output is not None:
             ev.write_tuned_model(models[0], tune_output, result.tune.best, force)
             result.summary["tune"]["output"] = str(tune_output)
+        run_dir = next_run_dir(project, name, exist_ok=exist_ok)
         ev.write_run(result, run_dir)
 
         _render(result.summary)
