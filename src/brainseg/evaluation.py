@@ -499,8 +499,7 @@ def plot_dice(dice: Sequence[float], path: Path, title: str = "") -> Path:
             ax1.boxplot(v, widths=0.5, showfliers=False)
             jitter = np.random.default_rng(0).uniform(-0.12, 0.12, v.size)
             ax1.scatter(1 + jitter, v, s=14, alpha=0.7, color="tab:blue", zorder=3)
-            ax1.axhline(v.mean(), color="tab:red", lw=1, ls="--", label=f"mean {v.mean():.3f}")
-            ax1.legend(loc="lower left", fontsize=8)
+            ax1.axhline(v.mean(), color="tab:red", lw=1, ls="--")
             ax2.hist(v, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
             ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax2.axvline(v.mean(), color="tab:red", lw=1, ls="--", label=f"mean {v.mean():.3f}")
@@ -511,14 +510,15 @@ def plot_dice(dice: Sequence[float], path: Path, title: str = "") -> Path:
                 ls=":",
                 label=f"median {np.median(v):.3f}",
             )
-            ax2.legend(loc="upper left", fontsize=8)
+            ax2.legend(loc="best", fontsize=8, framealpha=0.9)
         ax1.set_ylim(-0.02, 1.02)
         ax1.set_xticks([1], ["patients"])
         ax1.set_ylabel("Dice")
         ax2.set_xlim(0, 1)
         ax2.set_xlabel("per-patient Dice")
         ax2.set_ylabel("patients")
-        fig.suptitle(title or f"Per-patient Dice ({v.size} patients)")
+        stats = f": mean {v.mean():.3f}, median {np.median(v):.3f}" if v.size else ""
+        fig.suptitle(title or f"Per-patient Dice ({v.size} patients){stats}")
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
