@@ -327,7 +327,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_cli_eval_writes_the_run_folder(
-    cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
+    cli: Any, phantom_root: Path, models: dict[str, Path], tmp_path: Path
 ) -> None:
     project = tmp_path / "runs"
     (project / "exp").mkdir(parents=True)  # an earlier run: this one must go to exp2
@@ -336,8 +336,6 @@ def test_cli_eval_writes_the_run_folder(
             "eval",
             models["plain"],
             phantom_root,
-            "--split",
-            split_yaml,
             "--json",
             "--project",
             project,
@@ -376,7 +374,9 @@ def test_cli_eval_writes_the_run_folder(
     ):
         assert key in s, key
     assert s["run_dir"] == str(run) and s["tune"] is None
-    assert s["subset"] == "val" and s["split"] == str(split_yaml) and s["fold"] is None
+    # without --split every patient is evaluated, and eval says so
+    assert "no --split given: evaluating all 6 patients" in " ".join(r.stderr.split())
+    assert s["subset"] == "all" and s["split"] is None and s["fold"] is None
     assert s["models"] == [str(models["plain"])] and s["ensemble"] is False
     assert s["settings"]["threshold"] == 0.5 and s["settings"]["threshold_source"] == "model"
     assert s["settings"]["tta"] is False and s["settings"]["batch_size"] == 16
@@ -386,7 +386,7 @@ def test_cli_eval_writes_the_run_folder(
     assert set(s["hd95_skipped"]) == {"per_patient", "per_slice_tumor", "per_slice_all"}
     patients = _read_csv(run / "per_patient.csv")
     assert list(patients[0]) == ev.PATIENT_COLUMNS
-    assert len(patients) == s["counts"]["patients"] == 2
+    assert len(patients) == s["counts"]["patients"] == 6
     slices = _read_csv(run / "per_slice.csv")
     assert list(slices[0]) == ev.SLICE_COLUMNS
     assert len(slices) == s["counts"]["slices"] == sum(int(p["slices"]) for p in patients)
@@ -540,7 +540,7 @@ def test_cli_eval_missing_or_corrupt_model_exit_2(
 
 
 def test_cli_eval_tune_writes_a_tuned_copy(
-    cli: Any, phantom_root: Path, models: dict[str, Path], tmp_path: Path
+    cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
 ) -> None:
     from brainseg.checkpoint import read_metadata
 
@@ -550,6 +550,8 @@ def test_cli_eval_tune_writes_a_tuned_copy(
         "eval",
         models["plain"],
         phantom_root,
+        "--split",
+        split_yaml,
         "--json",
         "--tune-output",
         out,
@@ -562,9 +564,8 @@ def test_cli_eval_tune_writes_a_tuned_copy(
     r = cli([*args, "--force"])
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    # without --split every patient is evaluated, and eval says so
-    assert "no --split given: evaluating all 6 patients" in " ".join(r.stderr.split())
-    assert s["subset"] == "all" and s["split"] is None and s["counts"]["patients"] == 6
+    assert s["subset"] == "val" and s["split"] == str(split_yaml) and s["fold"] is None
+    assert s["counts"]["patients"] == 2
     best, base = s["tune"]["best"], s["tune"]["baseline"]
     assert s["tune"]["gain"] == pytest.approx(best["dice"] - base["dice"])
     assert s["tune"]["gain"] >= 0 and s["tune"]["output"] == str(out)
