@@ -603,3 +603,52 @@ def test_onnx_predict_path_imports_no_torch(
     assert out.returncode == 0, out.stderr
     assert "TORCH []" in out.stdout
     assert len(list((tmp_path / "o").rglob("*_mask.tif"))) == 4
+
+
+def test_cpu_only_deployment_without_torch(
+    models: dict[str, Path], scans: Path, tmp_path: Path
+) -> None:
+    """What `pip install brainseg --no-deps` + onnxruntime gives: torch cannot be imported."""
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'torchvision'):\n"
+        "    sys.modules[m] = None  # import torch now raises ImportError\n"
+        "from brainseg.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        "    sys.exit(e.code)\n"
+    )
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "predict",
+            str(models["onnx"]),
+            str(scans),
+            "-o",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert len(ok.stdout.splitlines()) == 4
+    no = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "predict",
+            str(models["ckpt"]),
+            str(scans),
+            "-o",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert no.returncode == 2
+    assert "PyTorch is not installed" in no.stderr and "brainseg export" in no.stderr

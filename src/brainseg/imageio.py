@@ -90,12 +90,19 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     except MemoryError as exc:
         raise _bad(path, "too large to read") from exc
     except Exception as exc:  # corrupt bytes: tifffile / Pillow raise many types
-        raise _bad(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+        text = (str(exc).strip().splitlines() or [""])[0][:160]
+        detail = type(exc).__name__ if not text or str(path) in text else f"{text}"
+        raise _bad(path, f"cannot be read as an image ({detail})") from exc
     return _to_rgb(path, arr)
 
 
 def _read_tiff(path: Path) -> np.ndarray:
+    import logging
+
     import tifffile
+
+    # tifffile logs its own warnings about damaged files; we report them as BrainsegError.
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
 
     with tifffile.TiffFile(path) as tif:
         if len(tif.series) == 0:

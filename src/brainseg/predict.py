@@ -127,7 +127,14 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, path: Path, device: str = "auto") -> None:
-        import torch
+        try:
+            import torch
+        except ImportError as exc:
+            raise BrainsegError(
+                f"{path} is a PyTorch checkpoint but PyTorch is not installed",
+                hint="pip install torch, or export it once to ONNX (brainseg export "
+                "CHECKPOINT -o model.onnx) and predict with the .onnx file",
+            ) from exc
 
         from brainseg.checkpoint import load_checkpoint
 
