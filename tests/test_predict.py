@@ -652,3 +652,49 @@ def test_cpu_only_deployment_without_torch(
     )
     assert no.returncode == 2
     assert "PyTorch is not installed" in no.stderr and "brainseg export" in no.stderr
+
+
+def test_interrupted_run_keeps_its_summary_and_resumes(
+    models: dict[str, Path], phantom_root: Path, tmp_path: Path
+) -> None:
+    import signal
+
+    src = tmp_path / "scans"
+    for folder in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(folder, src / folder.name)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "brainseg",
+        "predict",
+        str(models["onnx"]),
+        str(src),
+        "-o",
+        str(out),
+        "--json",
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = [proc.stdout.readline() for _ in range(3)]  # three files done: interrupt now
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after" in err and "--skip-existing" in err
+    done = [json.loads(x) for x in first + rest.splitlines() if x.strip()]
+    rows = _summary(out / "summary.csv")
+    assert len(rows) == len(done) >= 3  # every reported file is in the summary
+    total = len(list(src.glob("*/*.tif"))) // 2
+    assert len(rows) < total
+    assert not list(out.rglob(".*.tmp"))  # no half-written file left behind
+    masks_before = {p: p.stat().st_mtime_ns for p in out.rglob("*_mask.tif")}
+    r = run_cli(["predict", models["onnx"], src, "-o", out, "--skip-existing"])
+    assert r.returncode == 0, r.stderr
+    rows = _summary(out / "summary.csv")
+    assert len(rows) == total
+    assert sum(x["status"] == "skipped" for x in rows) == len(masks_before)
+    assert all(p.stat().st_mtime_ns == t for p, t in masks_before.items())

@@ -789,21 +789,29 @@ class _Engine:
     def run(self, items: Iterable[InputFile | FileResult]) -> Iterator[FileResult]:
         bs = self.predictor.batch_size
         workers = max(1, self.opts.workers)
-        with (
-            ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read") as readers,
-            ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write") as writers,
-        ):
-            reads = _ordered_map(readers, self.prepare, items, ahead=2 * bs + workers)
+        ahead = 2 * bs + workers
+        readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
+        writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
+        try:
+            reads = _ordered_map(readers, self.prepare, items, ahead=ahead)
             writes: deque[Future[FileResult]] = deque()
             for group in self._batches(reads, bs):
                 probs = self._infer([g for g in group if isinstance(g, _Prepared)])
                 for g in group:
                     prob = probs.pop(0) if isinstance(g, _Prepared) else None
                     writes.append(writers.submit(self.finish, g, prob))
-                while len(writes) > 2 * bs + workers:
+                while len(writes) > ahead:
                     yield writes.popleft().result()
             while writes:
                 yield writes.popleft().result()
+        except BaseException:
+            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work.
+            readers.shutdown(wait=True, cancel_futures=True)
+            writers.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            readers.shutdown()
+            writers.shutdown()
 
     def _batches(
         self, reads: Iterator[_Prepared | FileResult], bs: int

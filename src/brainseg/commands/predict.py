@@ -284,6 +284,13 @@ def run_predict(
                         warned.add(note)
                         con.warn(f"{res.path}: {note} (said once; other files may be too)")
                 bar.advance(1, failed=counts["error"])
+    except KeyboardInterrupt:
+        done = counts["ok"] + counts["skipped"] + counts["error"]
+        con.warn(
+            f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
+            "same command with --skip-existing to continue"
+        )
+        raise
     finally:
         written = writer.close()
 
