@@ -102,6 +102,7 @@ def test_bad_yaml_and_non_mapping_name_the_file(tmp_path: Path) -> None:
         ({"fold": -1}, "fold must be >= 0"),
         ({"tumor_oversample": 1.5}, "tumor_oversample must be a probability"),
         ({"grad_clip": 0.0}, "grad_clip must be a positive number"),
+        ({"head_bias_prior": 1.0}, "head_bias_prior must be a probability"),
         ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
         ({"steps_per_epoch": 0}, "steps_per_epoch must be at least 1"),
         ({"decoder_channels": [32, 16]}, "decoder_channels must be 5 positive integers"),

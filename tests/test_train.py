@@ -277,6 +277,23 @@ def test_sigint_saves_last_and_prints_resume(tiny: tuple[Path, Path], tmp_path: 
     assert len(read_rows(run / "metrics.csv")) == meta["train_state"]["epoch"] + 1
 
 
+def test_split_problems_exit_2_before_training(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    from brainseg.data.split import make_split, save_split
+
+    r = run_cli(["train", tiny[0], "--split", tiny[1], *TINY, "--fold", "3", "--project", tmp_path])
+    assert r.returncode == 2 and "has no cross-validation folds" in r.stderr, r.stderr
+    other = tmp_path / "other.yaml"
+    save_split(make_split({f"TCGA_XX_{i:04d}_20000101": 1.0 for i in range(5)}, seed=0), other)
+    r = run_cli(["train", tiny[0], "--split", other, *TINY, "--project", tmp_path])
+    assert r.returncode == 2 and "not in the dataset" in r.stderr, r.stderr
+    folds = tmp_path / "folds.yaml"
+    ids = sorted(p.name for p in tiny[0].iterdir() if p.is_dir())
+    save_split(make_split({p: 1.0 for p in ids}, folds=2, seed=0), folds)
+    r = run_cli(["train", tiny[0], "--split", folds, *TINY, "--fold", "2", "--project", tmp_path])
+    assert r.returncode == 2 and "fold 2 is out of range" in r.stderr, r.stderr
+    assert not any((tmp_path / "exp").glob("*.safetensors"))
+
+
 def test_resume_refuses_other_options(tmp_path: Path) -> None:
     run = tmp_path / "exp"
     run.mkdir()
@@ -343,3 +360,31 @@ def test_augment_flip_is_exact_and_masks_stay_binary() -> None:
         assert xf.shape == x.shape and mf.shape == m.shape
         assert set(mf.unique().tolist()) <= {0.0, 1.0}
         assert float(xf.min()) >= 0 and float(xf.max()) <= 255
+
+
+@pytest.mark.slow
+def test_phantoms_reach_dice_above_0_8(tmp_path: Path) -> None:
+    """The demo recipe (10 phantom patients, 64x64, random encoder) learns the task."""
+    from brainseg.data.split import make_split, save_split
+    from brainseg.data.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "data", patients=10, seed=0, size=64)
+    ids = sorted(p.name for p in root.iterdir() if p.is_dir())
+    save_split(make_split({p: 1.0 for p in ids}, val_fraction=0.2, seed=0), tmp_path / "s.yaml")
+    cfg = TrainConfig(
+        data=str(root),
+        split=str(tmp_path / "s.yaml"),
+        image_size=64,
+        encoder_weights="none",
+        decoder_channels=[64, 64, 32, 32, 16],
+        lr=1e-3,
+        batch_size=8,
+        steps_per_epoch=12,
+        epochs=5,
+        tumor_oversample=0.5,
+        project=str(tmp_path / "runs"),
+        quiet=True,
+    )
+    run = train(cfg)
+    best = max(float(r["val_dice_patient"]) for r in read_rows(run / "metrics.csv"))
+    assert best > 0.8

@@ -47,6 +47,10 @@ class TrainConfig:
     upsample: str = "transpose"
     normalization: str = "imagenet"
     freeze_encoder_epochs: int = 0  # train only the decoder for the first N epochs
+    # start the logit head's bias at log(p / (1 - p)): first predictions match a tumour-pixel
+    # prior p (e.g. 0.01) instead of 0.5, so BCE does not spend its first hundreds of steps
+    # pulling every pixel down (None: PyTorch's default init)
+    head_bias_prior: float | None = None
     # optimisation (Adam)
     loss: str = "bce"
     lr: float = 4e-4
@@ -147,7 +151,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, name, float(v))
-        for name in ("grad_clip", "tumor_oversample"):
+        for name in ("grad_clip", "tumor_oversample", "head_bias_prior"):
             v = getattr(self, name)
             if isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, name, float(v))
@@ -210,6 +214,11 @@ class TrainConfig:
             _bad(
                 f"tumor_oversample must be a probability in [0, 1], got {self.tumor_oversample}",
                 "e.g. --tumor-oversample 0.5 (half of the drawn slices have tumor)",
+            )
+        if self.head_bias_prior is not None and not 0.0 < self.head_bias_prior < 1.0:
+            _bad(
+                f"head_bias_prior must be a probability in (0, 1), got {self.head_bias_prior}",
+                "e.g. head_bias_prior: 0.01 (about the tumour pixel fraction)",
             )
         if self.grad_clip is not None and not (
             math.isfinite(self.grad_clip) and self.grad_clip > 0
@@ -278,6 +287,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "upsample": (str,),
     "normalization": (str,),
     "freeze_encoder_epochs": (int,),
+    "head_bias_prior": (float,),
     "loss": (str,),
     "lr": (float,),
     "weight_decay": (float,),
@@ -316,6 +326,7 @@ _OPTIONAL = {
     "split",
     "fold",
     "tumor_oversample",
+    "head_bias_prior",
     "steps_per_epoch",
     "grad_clip",
     "val_batch_size",

@@ -107,7 +107,13 @@ def train(cfg: TrainConfig) -> Path:
         if (run_dir / "split.yaml").is_file():
             split_path = run_dir / "split.yaml"
 
-    # ---- model (checks the encoder weights before any data is read) ---------------------
+    # ---- split, then the model (checks the encoder weights) before any data is read -----
+    from brainseg.data.split import check_split, load_split
+
+    assert split_path is not None and cfg.data is not None
+    split = load_split(split_path)
+    check_fold(split, cfg.fold, split_path)
+
     from brainseg.model import UNetVGG16
 
     torch.manual_seed(cfg.seed)
@@ -118,6 +124,9 @@ def train(cfg: TrainConfig) -> Path:
         normalization=cfg.normalization,
         encoder_weights=None if resume else cfg.encoder_weights,
     )
+    if cfg.head_bias_prior is not None and resume is None:
+        with torch.no_grad():
+            raw.decoder.head.bias.fill_(math.log(cfg.head_bias_prior / (1 - cfg.head_bias_prior)))
     raw.to(device)
     if cfg.channels_last:
         raw.to(memory_format=torch.channels_last)
@@ -126,11 +135,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- data ------------------------------------------------------------------------------
     from brainseg.data.cache import load_dataset
-    from brainseg.data.split import check_split, load_split
 
-    assert split_path is not None and cfg.data is not None
-    split = load_split(split_path)
-    check_fold(split, cfg.fold, split_path)
     ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad)
     check_split(split, ds.patient_ids)
     train_ids = list(split.patients("train", cfg.fold))
