@@ -698,3 +698,30 @@ def test_interrupted_run_keeps_its_summary_and_resumes(
     assert len(rows) == total
     assert sum(x["status"] == "skipped" for x in rows) == len(masks_before)
     assert all(p.stat().st_mtime_ns == t for p, t in masks_before.items())
+
+
+def test_closed_stdout_stops_quietly(
+    models: dict[str, Path], phantom_root: Path, tmp_path: Path
+) -> None:
+    """`brainseg predict ... --json | head -1`: stop without a traceback, exit 141."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "brainseg",
+        "predict",
+        str(models["onnx"]),
+        str(phantom_root),  # ~200 files: far more than can finish before the close
+        "-o",
+        str(tmp_path / "out"),
+        "--json",
+        "--batch-size",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["status"] == "ok"
+    proc.stdout.close()  # the reader goes away
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "stdout closed" in err
+    assert len(_summary(tmp_path / "out" / "summary.csv")) >= 1

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
             False,
             "--int8",
             help="Static int8 quantisation (QDQ, per-channel weights) calibrated on --calib; "
-            "about 3x faster on CPU. Reports the per-patient Dice cost.",
+            "2-3x faster on CPU. Reports the per-patient Dice cost.",
         ),
         calib: Path | None = typer.Option(
             None,

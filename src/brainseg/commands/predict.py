@@ -149,6 +149,22 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(code)
 
 
+#: Exit code when stdout is closed under --json (128 + SIGPIPE, as a shell reports it).
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit-time flush does not fail again."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     v = value.lower().lstrip(".")
     if v not in choices:
@@ -276,7 +292,13 @@ def run_predict(
                 counts[res.status] = counts.get(res.status, 0) + 1
                 counts["tumor"] += bool(res.has_tumor)
                 if json_out:
-                    con.emit_json(P.json_row(res))
+                    try:
+                        con.emit_json(P.json_row(res))
+                    except BrokenPipeError:
+                        # `... --json | head`: the reader has gone; stop like other Unix tools.
+                        _silence_stdout()
+                        con.info(f"stdout closed: stopped after {sum(counts.values())} file(s)")
+                        raise typer.Exit(EXIT_BROKEN_PIPE) from None
                 if res.status == "error":
                     con.warn(res.error)
                 for note in res.notes:
