@@ -151,7 +151,6 @@ def test_run_folders_are_numbered(tiny: tuple[Path, Path], tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp2"]
 
 
-@pytest.mark.slow
 def test_resume_gives_the_same_weights_and_metrics(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     from brainseg.checkpoint import load_tensors
 
@@ -385,3 +384,17 @@ def test_phantoms_reach_dice_above_0_8(tmp_path: Path) -> None:
     run = train(cfg)
     best = max(float(r["val_dice_patient"]) for r in read_rows(run / "metrics.csv"))
     assert best > 0.8
+
+
+def test_amp_modes_resolve() -> None:
+    from brainseg.train import cpu_has_native_bf16, resolve_amp, resolve_device
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        with pytest.raises(BrainsegError, match="CUDA is not available"):
+            resolve_device("cuda:0")

@@ -66,6 +66,8 @@ def test_two_gloo_processes_train_and_log_exact_metrics(
         "2",
         "--device",
         "cpu",
+        "--amp",
+        "off",  # fp32, like the re-evaluation below
         "--project",
         str(project),
     ]

@@ -113,8 +113,8 @@ def register(app: typer.Typer) -> None:
         amp: str | None = typer.Option(
             None,
             "--amp",
-            help="auto | bf16 | fp16 | off (auto: bf16 on CUDA GPUs that "
-            "support it, off on CPU) (default: auto).",
+            help="auto | bf16 | fp16 | off (auto: bf16 on GPUs and on CPUs with native bf16, "
+            "else fp32) (default: auto).",
         ),
         channels_last: bool | None = typer.Option(
             None, "--channels-last/--no-channels-last", help="NHWC memory format (default: off)."
