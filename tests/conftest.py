@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = Path(os.environ.get("BRAINSEG_REAL_DATA",
-                                REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m"))
+REAL_DATA = Path(
+    os.environ.get("BRAINSEG_REAL_DATA", REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m")
+)
 STANDIN_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features_mri_standin.pth"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory: pytest.TempPathFactory,
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_caches(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep every test's caches (dataset cache, torch hub) out of the user's home."""
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(base / "brainseg-cache"))
@@ -52,12 +54,25 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic(dest, patients=6, seed=0, size=64)
 
 
-def run_cli(args: Sequence[str], *, input: str | None = None, cwd: Path | None = None,
-            env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str],
+    *,
+    input: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m brainseg ARGS`` in a subprocess, as a user would from a shell."""
     full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "brainseg", *map(str, args)], input=input,
-                          capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "brainseg", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from brainseg import __version__
 from conftest import run_cli
+
+from brainseg import __version__
 
 
 def test_help_and_version_do_not_import_torch() -> None:
@@ -18,7 +19,8 @@ def test_help_and_version_do_not_import_torch() -> None:
         "        main(argv)\n"
         "    except SystemExit as e:\n"
         "        assert e.code in (0, None), e.code\n"
-        "heavy = [m for m in ('torch', 'torchvision', 'onnxruntime', 'onnx', 'scipy') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'onnxruntime', 'onnx', 'scipy')\n"
+        "         if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

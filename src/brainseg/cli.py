@@ -36,11 +36,18 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        callback=_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    quiet: bool = typer.Option(False, "--quiet", "-q",
-                               help="No progress bars or status lines (errors still shown)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bars or status lines (errors still shown)."
+    ),
 ) -> None:
     """Brain tumor segmentation in MRI (UNet with a VGG16 encoder), from data to ONNX."""
     con.configure(quiet=quiet, debug=debug or bool(os.environ.get("BRAINSEG_DEBUG")))
@@ -76,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         # A bug, not the user's fault: one line unless --debug.
         if con.state.debug:
             traceback.print_exc()
-        con.error(f"internal error: {type(exc).__name__}: {exc}",
-                  "run again with --debug for the traceback and report it")
+        con.error(
+            f"internal error: {type(exc).__name__}: {exc}",
+            "run again with --debug for the traceback and report it",
+        )
         sys.exit(EXIT_RUNTIME)
     if isinstance(rv, int) and rv:
         sys.exit(rv)

@@ -31,8 +31,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
-def configure(*, quiet: bool | None = None, json_mode: bool | None = None,
-              debug: bool | None = None) -> None:
+def configure(
+    *, quiet: bool | None = None, json_mode: bool | None = None, debug: bool | None = None
+) -> None:
     """Set the process-wide output mode (called by the CLI callback and subcommands)."""
     if quiet is not None:
         state.quiet = quiet
@@ -112,8 +113,9 @@ def fmt(v: Any) -> str:
 class Progress:
     """Advance-only progress: a rich bar on a terminal, a plain line per chunk otherwise."""
 
-    def __init__(self, total: int | None, description: str, unit: str = "it",
-                 plain_every: int | None = None) -> None:
+    def __init__(
+        self, total: int | None, description: str, unit: str = "it", plain_every: int | None = None
+    ) -> None:
         self.total = total
         self.description = description
         self.unit = unit
@@ -152,8 +154,7 @@ class Progress:
                 transient=False,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total, rate="",
-                                            extra="")
+            self._task = self._bar.add_task(self.description, total=self.total, rate="", extra="")
         return self
 
     def rate(self) -> float:
@@ -167,8 +168,9 @@ class Progress:
         self.done += n
         self.fields.update(fields)
         if self._bar is not None:
-            self._bar.update(self._task, advance=n, rate=f"{self.rate():.1f} {self.unit}/s",
-                             extra=self._extra())
+            self._bar.update(
+                self._task, advance=n, rate=f"{self.rate():.1f} {self.unit}/s", extra=self._extra()
+            )
         elif not state.quiet and self.done >= self._next_plain:
             self._next_plain = self.done + self._plain_every
             self._plain_line()
@@ -180,8 +182,10 @@ class Progress:
         eta = ""
         if self.total and r > 0:
             eta = f" eta {max(0.0, (self.total - self.done) / r):.0f}s"
-        err.print(f"{self.description}: {self.done}{tot} {self.unit} ({r:.1f} {self.unit}/s"
-                  f"{eta}) {self._extra()}".rstrip())
+        err.print(
+            f"{self.description}: {self.done}{tot} {self.unit} ({r:.1f} {self.unit}/s"
+            f"{eta}) {self._extra()}".rstrip()
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
@@ -191,8 +195,9 @@ class Progress:
 
 
 @contextmanager
-def progress(total: int | None, description: str, unit: str = "it",
-             plain_every: int | None = None) -> Iterator[Progress]:
+def progress(
+    total: int | None, description: str, unit: str = "it", plain_every: int | None = None
+) -> Iterator[Progress]:
     """Context manager form of :class:`Progress`."""
     with Progress(total, description, unit, plain_every) as p:
         yield p

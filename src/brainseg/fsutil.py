@@ -20,8 +20,10 @@ def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
             f"disk full while writing {path}; the previous file (if any) is intact",
             hint="free some space and run the command again",
         )
-    return BrainsegRuntimeError(f"cannot write {path}: {exc.strerror or exc}",
-                                hint="check the folder exists and is writable")
+    return BrainsegRuntimeError(
+        f"cannot write {path}: {exc.strerror or exc}",
+        hint="check the folder exists and is writable",
+    )
 
 
 @contextlib.contextmanager
@@ -44,6 +46,9 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
     try:
         yield tmp
         _fsync(tmp)
+        if tmp.exists():
+            # mkstemp creates 0600; give the result the mode a plain open() would have.
+            tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -51,6 +56,12 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
@@ -70,8 +81,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = 
     return atomic_write_bytes(path, text.encode("utf-8"), force=force)
 
 
-def next_run_dir(project: str | os.PathLike[str], name: str = "exp", *,
-                 exist_ok: bool = False) -> Path:
+def next_run_dir(
+    project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
+) -> Path:
     """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one.
 
     With ``exist_ok`` the folder ``project/name`` is reused as is.
