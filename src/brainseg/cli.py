@@ -19,7 +19,8 @@ from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BrainsegError
 
 app = typer.Typer(
     name="brainseg",
-    help="Brain tumor segmentation in MRI: download, split, train, eval, predict, export.",
+    help="Brain tumor segmentation in MRI: download, split, train, eval, predict, export. "
+    "New here? `brainseg demo` runs the whole pipeline offline in about a minute.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
