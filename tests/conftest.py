@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# Reliability plumbing: hypothesis profiles, the `stress` opt-in, generated-case counts.
+from _reliability import pytest_collection_modifyitems, pytest_terminal_summary  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(
     os.environ.get("BRAINSEG_REAL_DATA", REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m")

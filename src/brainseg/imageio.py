@@ -21,8 +21,9 @@ What is accepted, and why (documented in docs/predict.md):
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,10 @@ _HINT = "convert it to an 8-bit RGB or greyscale .tif/.png (e.g. one MRI slice p
 NOTE_GREY = "single-channel image replicated to 3 channels"
 NOTE_ALPHA = "alpha channel dropped"
 NOTE_16BIT = "16-bit image with values in 0..255 read as 8-bit"
+
+#: Images with more pixels than this are refused before decoding (an MRI slice has 65,536):
+#: a damaged or hostile header must not make us allocate gigabytes.
+MAX_PIXELS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -97,21 +102,44 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
+    return read_tiff_array(path, _bad)
+
+
+def read_tiff_array(
+    path: str | os.PathLike[str], bad: Callable[[Path, str], Exception] | None = None
+) -> np.ndarray:
+    """The first image of a TIFF file as stored (planar RGB moved to channels-last).
+
+    Only the first page is decoded and the page chain is never iterated: a damaged file
+    whose pages point back at each other made ``tifffile``'s ``series`` loop forever
+    (found by tests/test_properties.py). A second page of the same shape means a stack of
+    slices, which is refused through ``bad`` (default: a ValueError).
+    """
     import logging
 
     import tifffile
 
-    # tifffile logs its own warnings about damaged files; we report them as BrainsegError.
-    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    # tifffile logs its own messages about damaged files (to stderr, even at ERROR level);
+    # we report them as one BrainsegError instead.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
+    path = Path(path)
+    fail = bad or (lambda p, what: ValueError(f"{p}: {what}"))
     with tifffile.TiffFile(path) as tif:
-        if len(tif.series) == 0:
-            raise _bad(path, "TIFF holds no image")
-        if len(tif.pages) > 1 and len(tif.series[0].shape) > 3:
-            raise _bad(path, f"TIFF holds a stack of {len(tif.pages)} images")
-        series = tif.series[0]
-        arr = series.asarray()
-        axes = series.axes
+        pages = tif.pages
+        n = len(pages)  # walks the IFD offsets only, with tifffile's loop check
+        if n == 0:
+            raise fail(path, "TIFF holds no image")
+        page = pages.first
+        if math.prod(page.shape) > 4 * MAX_PIXELS:
+            raise fail(path, f"image of shape {page.shape} is too large")
+        if n > 1:
+            second = pages[1]
+            reduced = bool(getattr(second, "subfiletype", 0) & 1)  # a thumbnail / pyramid level
+            if not reduced and getattr(second, "shape", None) == page.shape:
+                raise fail(path, f"TIFF holds a stack of {n} images")
+        arr = page.asarray()
+        axes = page.axes
     # Planar (separate) RGB is stored channel-first: "SYX" / "CYX".
     if (
         arr.ndim == 3
@@ -128,6 +156,8 @@ def _read_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise _bad(path, f"image of {im.width}x{im.height} pixels is too large")
         n_frames = getattr(im, "n_frames", 1)
         if n_frames > 1:
             raise _bad(path, f"holds {n_frames} frames")

@@ -321,9 +321,10 @@ def _rel(s: SliceFile, path: Path) -> str:
 
 
 def _read_tif(path: Path) -> np.ndarray:
-    import tifffile
+    # First page only: tifffile.imread loops forever on some damaged files (see imageio).
+    from brainseg.imageio import read_tiff_array
 
-    return np.asarray(tifffile.imread(path))
+    return np.asarray(read_tiff_array(path))
 
 
 def decode_slice(s: SliceFile) -> tuple[np.ndarray, np.ndarray] | list[Problem]:
