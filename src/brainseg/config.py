@@ -99,7 +99,8 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "the config") -> TrainConfig:
         """Build from a mapping; unknown keys are refused, naming them and ``source``."""
         values = {k: v for k, v in values.items() if k != "run_info"}  # run folders' config.yaml
-        unknown = sorted(set(values) - set(cls.keys()))
+        # YAML keys may be numbers, null or booleans: compare and show them as text.
+        unknown = sorted(map(str, set(values) - set(cls.keys())))
         if unknown:
             raise BrainsegError(
                 f"unknown setting(s) in {source}: {', '.join(unknown)}",
@@ -121,7 +122,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values (lists, not tuples)."""
         d = dataclasses.asdict(self)
-        d["decoder_channels"] = list(self.decoder_channels)
+        if isinstance(self.decoder_channels, (list, tuple)):  # else validate() names it
+            d["decoder_channels"] = list(self.decoder_channels)
         return d
 
     def _coerce(self) -> None:
