@@ -346,30 +346,61 @@ def load_checkpoint(
 
     Raises BrainsegError naming the file for anything that is not a valid brainseg checkpoint.
     """
+    import torch
+
     from brainseg.model import UNetVGG16
 
     path = Path(path)
-    meta = read_metadata(path)
-    try:
-        model = UNetVGG16.from_config(meta["architecture"])
-    except BrainsegError as exc:
-        raise BrainsegError(
-            f"checkpoint {path} has an invalid architecture: {exc.message}",
-            hint=exc.hint or _HINT_CKPT,
-        ) from exc
-    except TypeError as exc:
-        raise BrainsegError(
-            f"checkpoint {path} has an invalid architecture: {exc}", hint=_HINT_CKPT
-        ) from exc
+    header, _, _ = _read_header(path)
+    meta = _brainseg_meta(path, header)
+
+    def build() -> UNetVGG16:
+        try:
+            return UNetVGG16.from_config(meta["architecture"])
+        except BrainsegError as exc:
+            raise BrainsegError(
+                f"checkpoint {path} has an invalid architecture: {exc.message}",
+                hint=exc.hint or _HINT_CKPT,
+            ) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BrainsegError(
+                f"checkpoint {path} has an invalid architecture: {exc}", hint=_HINT_CKPT
+            ) from exc
+
+    # Check the architecture against the header's tensor shapes on the "meta" device first
+    # (no memory): an edited or damaged header must not make us allocate gigabytes for a
+    # model that cannot match the stored tensors (found by tests/test_properties.py).
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    stored = {
+        k: tuple(v.get("shape") or ()) if isinstance(v, dict) else None
+        for k, v in sorted(header.items())
+        if k != "__metadata__" and not k.startswith(EXTRA_PREFIX)
+    }
+    _check_shapes(path, meta, shapes, stored)
+    model = build()
     # The extra tensors (optimizer state, up to 2x the weights) are not read at all.
     weights = _read_tensors(path, lambda name: None if name.startswith(EXTRA_PREFIX) else name)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
+    _check_shapes(path, meta, shapes, {k: tuple(v.shape) for k, v in weights.items()})
+    model.load_state_dict(weights, strict=True)
+    model.to(_resolve_device(device))
+    model.eval()
+    return model, meta
+
+
+def _check_shapes(
+    path: Path,
+    meta: Mapping[str, Any],
+    expected: Mapping[str, tuple[int, ...]],
+    stored: Mapping[str, tuple[Any, ...] | None],
+) -> None:
+    """Refuse tensors that do not match the architecture: missing, unexpected, wrong shape."""
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
     wrong = [
-        f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-        for k, v in weights.items()
-        if k in expected and v.shape != expected[k].shape
+        f"{k} {v} (expected {expected[k]})"
+        for k, v in stored.items()
+        if k in expected and v != expected[k]
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -384,10 +415,6 @@ def load_checkpoint(
             f"{json.dumps(meta['architecture'], sort_keys=True)}: " + "; ".join(parts),
             hint="the file was edited or written by incompatible code; use another checkpoint",
         )
-    model.load_state_dict(weights, strict=True)
-    model.to(_resolve_device(device))
-    model.eval()
-    return model, meta
 
 
 def _few(items: list[str], n: int = 3) -> str:
