@@ -75,6 +75,58 @@ def _as_size(value: Any) -> tuple[int, int] | None:
     return None
 
 
+#: Largest image size a model's metadata may name (an MRI slice is 256).
+MAX_MODEL_SIZE = 16384
+
+
+def check_metadata(meta: Mapping[str, Any], path: Path | str) -> None:
+    """Refuse metadata values predict cannot use (image size, threshold, postprocess).
+
+    A damaged or hand-edited model file must give one clear error naming it, not a crash
+    in a worker thread or a resize to a billion pixels (found by tests/test_properties.py).
+    """
+
+    def bad(what: str) -> BrainsegError:
+        return BrainsegError(f"model {path}: {what}", hint=_MODEL_HINT)
+
+    size = meta.get("image_size")
+    if size is not None:
+        parts = size if isinstance(size, (list, tuple)) else [size]
+        ok = len(parts) in (1, 2) and all(
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v == int(v)
+            and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE
+            and int(v) % SIZE_MULTIPLE == 0
+            for v in parts
+        )
+        if not ok:
+            raise bad(
+                f"image_size {size!r} in its metadata is not a size in pixels "
+                f"(a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_MODEL_SIZE})"
+            )
+    thr = meta.get("threshold", 0.5)
+    if (
+        not isinstance(thr, (int, float))
+        or isinstance(thr, bool)
+        or not math.isfinite(thr)
+        or not 0.0 <= thr <= 1.0
+    ):
+        raise bad(f"threshold {thr!r} in its metadata is not a number in [0, 1]")
+    post = meta.get("postprocess")
+    if post is not None:
+        min_size = post.get("min_size") if isinstance(post, Mapping) else None
+        if not isinstance(post, Mapping) or not (
+            min_size is None
+            or (isinstance(min_size, int) and not isinstance(min_size, bool) and min_size >= 0)
+        ):
+            raise bad(
+                f"postprocess {post!r} in its metadata is not "
+                '{"min_size": N >= 0, "largest_component": true/false}'
+            )
+
+
 def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str, Any]:
     """brainseg metadata from ONNX ``metadata_props`` (the JSON blob, then the plain keys).
 
@@ -210,7 +262,10 @@ class OnnxBackend:
         # Reader/writer threads share the CPU: do not let idle inference threads spin on it.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            # onnxruntime prints "EP Error" banners on stdout when a file fails to load: keep
+            # stdout clean for --json (we raise one clear error instead).
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types for corrupt files
             text = str(exc).strip().splitlines()
             why = text[0][:200] if text else type(exc).__name__
@@ -218,7 +273,13 @@ class OnnxBackend:
                 f"cannot load ONNX model {path}: not a valid ONNX file ({why})",
                 hint="is the file complete? re-export it with `brainseg export`",
             ) from exc
-        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            props = dict(self.session.get_modelmeta().custom_metadata_map)
+        except (UnicodeDecodeError, RuntimeError) as exc:  # damaged metadata strings
+            raise BrainsegError(
+                f"cannot read the metadata of ONNX model {path} ({type(exc).__name__})",
+                hint="is the file complete? re-export it with `brainseg export`",
+            ) from exc
         self.metadata = metadata_from_props(props, path)
         self._check_io(path)
 
@@ -322,6 +383,8 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
         self.backends = [open_backend(p, device) for p in self.paths]
+        for p, b in zip(self.paths, self.backends, strict=True):
+            check_metadata(b.metadata, p)
         self.metadata: dict[str, Any] = dict(self.backends[0].metadata)
         sizes = {_as_size(b.metadata.get("image_size")) for b in self.backends}
         if len(sizes) > 1:
