@@ -18,6 +18,7 @@ import errno
 import hashlib
 import http.client
 import json
+import lzma
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -648,9 +650,18 @@ def safe_extract(
                     return f
 
                 _write_members(members, dest, archive, open_tar)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile) as exc:
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        EOFError,
+        zipfile.LargeZipFile,
+        zlib.error,  # corrupt deflate data inside a member (found by tests/test_properties.py)
+        lzma.LZMAError,
+        NotImplementedError,  # an unknown compression method in a damaged header
+    ) as exc:
         raise BrainsegError(
-            f"{archive} is damaged: {exc}", hint="download it again (delete the file first)"
+            f"{archive} is damaged: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="download it again (delete the file first)",
         ) from exc
     return dest
 
