@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -51,19 +52,21 @@ def interactive() -> bool:
 def info(message: str) -> None:
     """A status line on stderr (silenced by --quiet)."""
     if not state.quiet:
-        err.print(message)
+        # Messages hold user paths and values: "[x]" in them is text, not rich markup
+        # (an unescaped "[/x]" crashed the error handler with a traceback).
+        err.print(escape(message))
 
 
 def warn(message: str) -> None:
     """A warning on stderr; shown even with --quiet because it may change results."""
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
 
 def error(message: str, hint: str | None = None) -> None:
     """One red line (plus the hint) on stderr."""
-    err.print(f"[bold red]error:[/bold red] {message}", markup=True)
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True)
     if hint:
-        err.print(f"[dim]hint:[/dim] {hint}")
+        err.print(f"[dim]hint:[/dim] {escape(hint)}")
 
 
 def result(renderable: Any) -> None:
@@ -95,11 +98,11 @@ def _json_default(o: Any) -> Any:
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
     """A rich table with right-aligned numbers, formatted to 4 significant digits."""
-    t = Table(title=title, title_justify="left")
+    t = Table(title=escape(title) if title else title, title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(escape(c), justify="left" if i == 0 else "right")
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[escape(fmt(v)) for v in r])  # cells hold paths: text, not markup
     return t
 
 
