@@ -21,6 +21,7 @@ leftover temporary folder is removed by the next build.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ import numpy as np
 
 from brainseg import console
 from brainseg.data import lgg
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
 
 #: Bump when the stored layout changes: old caches are then simply not found.
 FORMAT_VERSION = 1
@@ -436,10 +437,13 @@ def _decode_all(
 
     def open_arrays(hw: tuple[int, int]) -> tuple[np.memmap, np.memmap]:
         fmt = np.lib.format
-        return (
+        arrays = (
             fmt.open_memmap(tmp / "images.part.npy", "w+", np.uint8, (n, 3, *hw)),
             fmt.open_memmap(tmp / "masks.part.npy", "w+", np.uint8, (n, *hw)),
         )
+        for name in ("images.part.npy", "masks.part.npy"):
+            _reserve(tmp / name)
+        return arrays
 
     workers = max(1, min(4, os.cpu_count() or 1))
     with (
@@ -500,6 +504,35 @@ def _decode_all(
     msks.flush()
     del imgs, msks
     return problems, ok, size
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now, so a full disk is an ENOSPC here and not a
+    SIGBUS later, when a page of the mapping is written."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # pragma: no cover - macOS / Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it
+            return
+        raise
+    finally:
+        os.close(fd)
+
+
+def _write_error(root: Path, exc: OSError) -> BrainsegRuntimeError:
+    if exc.errno == errno.ENOSPC:
+        return BrainsegRuntimeError(
+            f"disk full while building the dataset cache in {root}; nothing was kept",
+            hint="free some space, or set BRAINSEG_CACHE_DIR to a disk with room",
+        )
+    return BrainsegRuntimeError(
+        f"cannot write the dataset cache in {root}: {exc.strerror or exc}",
+        hint="check the folder is writable, or set BRAINSEG_CACHE_DIR to another folder",
+    )
 
 
 def _fsync_dir_files(folder: Path) -> None:
@@ -576,6 +609,9 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync_dir_files(tmp)
         _move_into_place(tmp, final)
+    except OSError as exc:  # disk full, unwritable cache folder: one clear line
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
