@@ -22,6 +22,8 @@ legacy TorchScript exporter is kept only as a fallback when the dynamo path fail
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import io
 import json
 import os
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,8 @@ def torch_to_onnx(model: Any, path: Path, image_size: tuple[int, int], opset: in
                 dynamic_shapes={"x": {0: dyn, 2: dyn, 3: dyn}},
             )
     except Exception as exc:  # keep going with the legacy exporter, but say so
+        if _os_error(exc) is not None:
+            raise  # disk full / unwritable folder: the other exporter would fail the same way
         console.warn(
             f"the dynamo ONNX exporter failed ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
@@ -562,6 +566,48 @@ def check_export_args(
         raise BrainsegError(f"{out} already exists", hint="pass --force to overwrite it")
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (the exporters wrap it in their own exception types)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _clear_write_errors(fn: Callable[..., ExportReport]) -> Callable[..., ExportReport]:
+    """A full disk (or an unwritable folder) while exporting is one clear error; the
+    temporary folder is gone and an existing output is untouched (tests/faults)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> ExportReport:
+        try:
+            return fn(*args, **kwargs)
+        except BrainsegError:
+            raise
+        except Exception as exc:
+            cause = _os_error(exc)
+            if cause is None:
+                raise
+            out = kwargs.get("out", args[1] if len(args) > 1 else "the output")
+            if cause.errno == errno.ENOSPC:
+                raise BrainsegRuntimeError(
+                    f"disk full while exporting to {out}; an existing {Path(out).name} is intact",
+                    hint="free some space (the export needs a few times the model's size) "
+                    "and run the command again",
+                ) from exc
+            raise BrainsegRuntimeError(
+                f"cannot write the export to {out}: {cause.strerror or cause}",
+                hint="check the output folder exists and is writable",
+            ) from exc
+
+    return wrapper
+
+
+@_clear_write_errors
 def export_onnx(
     checkpoint: str | os.PathLike[str],
     out: str | os.PathLike[str],
