@@ -26,6 +26,11 @@ def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
     )
 
 
+def write_error(path: str | os.PathLike[str], exc: OSError) -> BrainsegRuntimeError:
+    """The one-line error for a failed write of ``path`` (says "disk full" for ENOSPC)."""
+    return _fail_write(Path(path), exc)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``path`` on success.

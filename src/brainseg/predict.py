@@ -37,6 +37,7 @@ import numpy as np
 
 from brainseg import imageio
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.fsutil import write_error
 
 #: Model file suffixes and their backends.
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -964,6 +965,12 @@ class SummaryWriter:
         self.rows = 0
 
     def write(self, res: FileResult) -> None:
+        try:
+            self._write(res)
+        except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
+            raise write_error(self.path, exc) from exc
+
+    def _write(self, res: FileResult) -> None:
         if self._f is None:
             import tempfile
 
@@ -987,9 +994,14 @@ class SummaryWriter:
     def close(self) -> Path | None:
         if self._f is None or self._tmp is None:
             return None
-        self._f.close()
+        f, self._f = self._f, None
+        try:
+            f.close()
+        except OSError as exc:  # the last buffered rows did not fit: keep those on disk
+            with contextlib.suppress(OSError):
+                os.replace(self._tmp, self.path)
+            raise write_error(self.path, exc) from exc
         os.replace(self._tmp, self.path)
-        self._f = None
         return self.path
 
 
