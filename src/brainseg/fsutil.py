@@ -63,6 +63,26 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
         raise
 
 
+#: Names of atomic_path's temporary files: ``.NAME.XXXXXXXX.tmp``.
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (not recursive).
+
+    Only for folders one process owns (a run folder being resumed): a temporary file of
+    another process still writing there would be removed too.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -40,7 +40,7 @@ from brainseg import console as con
 from brainseg.augment import AugmentSettings, augment_batch, draw
 from brainseg.config import TrainConfig, dump_yaml
 from brainseg.errors import EXIT_INTERRUPTED, BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_path, atomic_write_text, next_run_dir
+from brainseg.fsutil import atomic_path, atomic_write_text, next_run_dir, remove_temps
 
 METRICS_COLUMNS = (
     "epoch",
@@ -226,6 +226,8 @@ def train(cfg: TrainConfig) -> Path:
         load_train_state(resume, raw, optimizer, scaler, gen, state, device)
         rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= state.epoch]
     if dist.is_main:
+        if resume is not None:  # half-written files of a killed run (SIGKILL, power loss)
+            remove_temps(run_dir)
         atomic_write_text(run_dir / "config.yaml", dump_yaml({**resolved, "run_info": run_info}))
         if resume is None:
             shutil.copyfile(split_path, _tmp := run_dir / ".split.yaml.tmp")
@@ -355,9 +357,11 @@ def train(cfg: TrainConfig) -> Path:
                     write_preview(
                         run_dir / "preview.png", raw, val, preview_rows, device, amp_dtype
                     )
-                save_last(run_dir, raw, optimizer, scaler, gen, state, meta)
+                # metrics before last: a kill between the two redoes this epoch on resume
+                # (rows after last's epoch are dropped); the other order lost its row for good
                 write_metrics(run_dir / "metrics.csv", rows)
                 write_curves(run_dir / "curves.png", rows)
+                save_last(run_dir, raw, optimizer, scaler, gen, state, meta)
             con.info(epoch_line(row, cfg.epochs, improved))
     finally:
         stopper.uninstall()
