@@ -1,0 +1,196 @@
+"""Training killed with SIGKILL at exact points (in a step, in the middle of writing
+last.safetensors, right after it): last.safetensors always loads, ``brainseg train --resume``
+continues, and the finished run equals an uninterrupted one (same seed, CPU): the same
+metrics.csv (but the timings) and bit-identical last/best weights.
+
+The kill points are deterministic (faultkit hooks, no timing); one more test kills from the
+outside when the temporary checkpoint file appears, as a user or the OOM killer would.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faultkit
+import pytest
+from conftest import run_cli
+from test_fault_diskfull import litter, run_faulty
+
+pytestmark = pytest.mark.faults
+
+EPOCHS = 2
+STEPS = 2
+RECIPE = [
+    "--image-size", "64", "--encoder-weights", "none", "--decoder-channels", "8,8,8,8,8",
+    "--batch-size", "4", "--steps-per-epoch", str(STEPS), "--epochs", str(EPOCHS),
+    "--seed", "3",
+]  # fmt: skip
+COMPARED = ("epoch", "train_loss", "val_loss", "val_dice_slice", "val_dice_patient", "lr")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """4 phantom patients (64x64) and a 3/1 split."""
+    from brainseg.data.split import make_split, save_split
+    from brainseg.data.synthetic import write_synthetic
+
+    d = tmp_path_factory.mktemp("tiny")
+    root = write_synthetic(d, patients=4, seed=3, size=64, slices=(8, 10))
+    ids = sorted(p.name for p in root.iterdir() if p.is_dir())
+    path = save_split(make_split(dict.fromkeys(ids, 1.0), val_fraction=0.25, seed=0), d / "s.yaml")
+    return root, path
+
+
+def train_args(tiny: tuple[Path, Path], project: Path) -> list[Any]:
+    return ["-q", "train", tiny[0], "--split", tiny[1], *RECIPE, "--project", project]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every killed-and-resumed run must equal."""
+    project = tmp_path_factory.mktemp("reference")
+    r = run_faulty(train_args(tiny, project), {})
+    assert r.returncode == 0, r.stderr
+    return project / "exp"
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as f:
+        return [{k: r[k] for k in COMPARED} for r in csv.DictReader(f)]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    from brainseg.checkpoint import load_tensors
+
+    assert rows(run) == rows(reference)
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_tensors(run / name), load_tensors(reference / name)
+        assert a.keys() == b.keys(), name
+        assert all(a[k].equal(b[k]) for k in a), name
+
+
+def resume_and_check(run: Path, reference: Path) -> None:
+    """last.safetensors loads (when the kill came after the first one), resume finishes."""
+    from brainseg.checkpoint import load_checkpoint
+
+    if (run / "last.safetensors").exists():
+        _model, meta = load_checkpoint(run / "last.safetensors")
+        assert meta["train_state"]["epoch"] >= 1
+        r = run_cli(["-q", "train", "--resume", run])
+        assert r.returncode == 0, r.stderr
+    else:  # killed before the first checkpoint: a clear error says what to do
+        r = run_cli(["train", "--resume", run])
+        assert r.returncode == 2 and "last.safetensors does not exist" in r.stderr, r.stderr
+        return
+    assert_same_run(run, reference)
+    assert litter(run) == []
+
+
+def call(target: str, nth: int) -> dict[str, Any]:
+    return {"when": "call", "target": f"brainseg.train.{target}", "nth": nth}
+
+
+def before(name: str, nth: int) -> dict[str, Any]:
+    return {"when": "before_rename", "name": name, "nth": nth}
+
+
+def after(name: str, nth: int) -> dict[str, Any]:
+    return {"when": "after_rename", "name": name, "nth": nth}
+
+
+#: (label, faultkit kill point). lr_at runs once per step (2 per epoch); metrics.csv is
+#: written once at the start and once per epoch.
+KILLS = [
+    ("in step 1 of epoch 2", call("lr_at", 3)),
+    ("mid-write of last (epoch 2)", before("last.safetensors", 2)),
+    ("after last, before metrics (epoch 1)", after("last.safetensors", 1)),
+]
+KILLS_STRESS = [
+    ("in step 1 of epoch 1", call("lr_at", 1)),
+    ("in step 2 of epoch 2", call("lr_at", 4)),
+    ("in validation (epoch 2)", call("validate", 2)),
+    ("mid-write of last (epoch 1)", before("last.safetensors", 1)),
+    ("mid-write of best (epoch 1)", before("best.safetensors", 1)),
+    ("after best (epoch 1)", after("best.safetensors", 1)),
+    ("after last (epoch 2)", after("last.safetensors", 2)),
+    ("mid-write of metrics (epoch 1)", before("metrics.csv", 2)),
+    ("after metrics (epoch 1)", after("metrics.csv", 2)),
+    ("mid-write of curves (epoch 1)", before("curves.png", 1)),
+]
+
+
+def _kill_and_resume(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path, point: dict[str, Any]
+) -> None:
+    r = run_faulty(train_args(tiny, tmp_path), {"kill": [point]})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    resume_and_check(tmp_path / "exp", reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label,point", KILLS, ids=[k[0] for k in KILLS])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path, label: str, point: dict[str, Any]
+) -> None:
+    _kill_and_resume(tiny, reference, tmp_path, point)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("label,point", KILLS_STRESS, ids=[k[0] for k in KILLS_STRESS])
+def test_more_kill_points(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path, label: str, point: dict[str, Any]
+) -> None:
+    _kill_and_resume(tiny, reference, tmp_path, point)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("nth", [1, 2])
+def test_sigkill_from_outside_while_the_checkpoint_is_written(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path, nth: int
+) -> None:
+    """A real asynchronous SIGKILL the moment the n-th temporary last.safetensors appears."""
+    cmd = [sys.executable, "-m", "brainseg", *map(str, train_args(tiny, tmp_path))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run, seen, t0 = tmp_path / "exp", set(), time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < 600:
+        temps = {p.name for p in run.glob(".last.safetensors.*.tmp")} if run.exists() else set()
+        seen |= temps
+        if temps and len(seen) >= nth:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    resume_and_check(run, reference)
+
+
+@pytest.mark.stress
+def test_disk_full_while_saving_last_keeps_the_previous_one(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path
+) -> None:
+    full = {"enospc": {"name": ".last.safetensors.*.tmp", "budget": 0, "skip": 1}}
+    r = run_faulty(train_args(tiny, tmp_path), full)
+    assert r.returncode == 1 and "disk full while writing" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    resume_and_check(tmp_path / "exp", reference)
+
+
+def test_faultkit_kills_where_it_is_told(tmp_path: Path) -> None:
+    """The injector itself: a kill before a rename leaves a half temp file and no final file."""
+    code = (
+        "import sys; sys.path.insert(0, {d!r}); import faultkit;"
+        "faultkit.install({{'kill': [{{'when': 'before_rename', 'name': 'x.bin', 'nth': 2}}]}});"
+        "from brainseg.fsutil import atomic_write_bytes as w;"
+        "w({p!r}, b'1' * 100); w({p!r}, b'2' * 100)"
+    ).format(d=str(faultkit.SCRIPT.parent), p=str(tmp_path / "x.bin"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    assert (tmp_path / "x.bin").read_bytes() == b"1" * 100
+    temps = list(tmp_path.glob(".x.bin.*.tmp"))
+    assert len(temps) == 1 and temps[0].read_bytes() == b"2" * 50
