@@ -478,7 +478,9 @@ def _receive(resp: Any, url: str, part: Path, meta: Path, offset: int) -> None:
     ):
         while True:
             try:
-                chunk = resp.read(CHUNK)
+                # read1: what has arrived (up to CHUNK), so the bytes received before a
+                # stall are kept and the retry resumes after them (read() dropped them)
+                chunk = resp.read1(CHUNK) if hasattr(resp, "read1") else resp.read(CHUNK)
             except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
                 f.flush()
                 raise _Transient(
