@@ -1,0 +1,202 @@
+"""``brainseg download lgg`` against a hostile local server: connections dropped again and
+again, a server that stalls, a wrong Content-Length, a truncated zip. The download resumes
+(HTTP Range) or fails with one clear error, and a half-extracted dataset is never left in
+place. Everything runs against a threaded HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_fault_diskfull import litter
+
+from brainseg.data.download import download_lgg
+from brainseg.errors import BrainsegError
+
+pytestmark = pytest.mark.faults
+
+
+@dataclass
+class Hostile:
+    """What the server does: one behaviour per request, then plain answers."""
+
+    data: bytes = b""
+    plan: list[tuple[str, int]] = field(default_factory=list)  # (behaviour, argument)
+    ranges: list[int] = field(default_factory=list)  # the Range start of every request
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    base: str = ""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv: Hostile = self.server.state  # type: ignore[attr-defined]
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start = int(m.group(1)) if m else 0
+        with srv.lock:
+            srv.ranges.append(start)
+            how, arg = srv.plan.pop(0) if srv.plan else ("ok", 0)
+        body = srv.data[start:]
+        length = len(body)
+        if how == "long":  # promise more bytes than are sent
+            length += arg
+        elif how == "short":  # promise fewer: the client stops early
+            length -= arg
+            body = body[:length]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(length))
+        self.send_header("ETag", '"' + hashlib.sha256(srv.data).hexdigest()[:16] + '"')
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(srv.data) - 1}/{len(srv.data)}")
+        self.end_headers()
+        if how == "drop":  # send arg bytes, then hang up
+            self.wfile.write(body[:arg])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if how == "stall":  # send arg bytes, then go silent far longer than the timeout
+            self.wfile.write(body[:arg])
+            self.wfile.flush()
+            time.sleep(3)
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+        if how == "long":
+            self.wfile.flush()
+            self.close_connection = True
+
+
+@pytest.fixture
+def server() -> Iterator[Hostile]:
+    state = Hostile()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.state = state  # type: ignore[attr-defined]
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_credentials_or_proxy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+
+
+@pytest.fixture(scope="module")
+def lgg_zip(phantom_root: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # stored: ~1 MB, many chunks
+        for p in sorted(phantom_root.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"lgg-mri-segmentation/kaggle_3m/{p.relative_to(phantom_root)}")
+    return buf.getvalue()
+
+
+def fetch(server: Hostile, dest: Path, **kw: Any) -> Path:
+    return download_lgg(
+        dest, url=server.base + "/lgg.zip", retries=kw.pop("retries", 8), backoff=0, **kw
+    )
+
+
+def installed(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir()) if dest.exists() else []
+
+
+def test_connection_dropped_again_and_again_resumes_to_the_same_bytes(
+    server: Hostile, lgg_zip: bytes, tmp_path: Path
+) -> None:
+    server.data = lgg_zip
+    server.plan = [("drop", 100_000)] * 6  # every request dies after 100 kB
+    sha = hashlib.sha256(lgg_zip).hexdigest()
+    root = fetch(server, tmp_path / "d", sha256=sha, keep_archive=True)
+    assert (tmp_path / "d" / "lgg.zip").read_bytes() == lgg_zip
+    assert server.ranges == [i * 100_000 for i in range(7)]  # each retry resumes
+    assert len(list(root.glob("TCGA_*"))) == 6
+    assert litter(tmp_path / "d") == []
+
+
+def test_dropped_without_progress_fails_clearly_and_keeps_the_part(
+    server: Hostile, lgg_zip: bytes, tmp_path: Path
+) -> None:
+    server.data = lgg_zip
+    server.plan = [("drop", 50_000)] + [("drop", 0)] * 20  # then no byte ever again
+    with pytest.raises(BrainsegError, match=r"failed after 4 attempts") as info:
+        fetch(server, tmp_path / "d", retries=3)
+    assert "run the command again to resume" in (info.value.hint or "")
+    assert installed(tmp_path / "d") == ["lgg.zip.part", "lgg.zip.part.json"]
+    server.plan = []  # the network is back: the next run resumes at 50 kB
+    fetch(server, tmp_path / "d")
+    assert server.ranges[-1] == 50_000 and installed(tmp_path / "d") == ["kaggle_3m"]
+
+
+def test_stalled_server_times_out_and_resumes(
+    server: Hostile, lgg_zip: bytes, tmp_path: Path
+) -> None:
+    server.data = lgg_zip
+    server.plan = [("stall", 200_000), ("stall", 0)]
+    fetch(server, tmp_path / "d", timeout=0.5)
+    assert server.ranges == [0, 200_000, 200_000]
+    assert installed(tmp_path / "d") == ["kaggle_3m"]
+
+
+def test_content_length_longer_than_the_body_is_retried(
+    server: Hostile, lgg_zip: bytes, tmp_path: Path
+) -> None:
+    server.data = lgg_zip
+    server.plan = [("long", 5000), ("long", 10)]
+    fetch(server, tmp_path / "d", keep_archive=True)
+    assert (tmp_path / "d" / "lgg.zip").read_bytes() == lgg_zip  # nothing spliced in
+    assert installed(tmp_path / "d") == ["kaggle_3m", "lgg.zip"]
+    assert len(server.ranges) >= 2  # the short body was noticed and the download resumed
+
+
+@pytest.mark.parametrize("with_sha", [True, False])
+def test_content_length_shorter_than_the_file_is_caught(
+    server: Hostile, lgg_zip: bytes, tmp_path: Path, with_sha: bool
+) -> None:
+    """A lying server that stops early: the checksum (or the zip check) catches it, the bad
+    download is deleted so it is not reused, and nothing is installed."""
+    server.data = lgg_zip
+    server.plan = [("short", 1000)]
+    sha = hashlib.sha256(lgg_zip).hexdigest() if with_sha else None
+    with pytest.raises(BrainsegError, match=r"checksum mismatch|damaged|kaggle_3m") as info:
+        fetch(server, tmp_path / "d", sha256=sha)
+    assert "deleted" in info.value.message
+    assert installed(tmp_path / "d") == []
+    fetch(server, tmp_path / "d", sha256=sha)  # a honest server next time: it works
+    assert installed(tmp_path / "d") == ["kaggle_3m"]
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.97])
+def test_truncated_zip_is_never_half_installed(
+    server: Hostile, lgg_zip: bytes, tmp_path: Path, keep: float
+) -> None:
+    server.data = lgg_zip[: int(len(lgg_zip) * keep)]
+    dest = tmp_path / "d"
+    (dest / "kaggle_3m" / "TCGA_OLD").mkdir(parents=True)  # an install being replaced
+    with pytest.raises(BrainsegError) as info:
+        fetch(server, dest, force=True)
+    assert "damaged" in info.value.message or "not a zip" in info.value.message
+    assert installed(dest) == ["kaggle_3m"]  # the old install, untouched
+    assert [p.name for p in (dest / "kaggle_3m").iterdir()] == ["TCGA_OLD"]
+    assert litter(dest) == []
