@@ -1,0 +1,166 @@
+"""Smoke test of the benchmark scripts: each one runs on tiny inputs and writes its JSON.
+
+The benchmarks themselves are not part of the test run (they take minutes and their numbers
+depend on the machine); this only keeps them from rotting. Numbers are never asserted, only
+that each script finishes, prints its table and records what docs/benchmarks.md relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def run_script(name: str, *args: str | Path, env: dict[str, str] | None = None) -> str:
+    """Run ``benchmarks/NAME`` as a user would; fail with its output when it fails."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    p = subprocess.run(
+        [sys.executable, str(BENCH / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=600,
+    )
+    assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    for key in ("machine", "versions", "command", "date"):
+        assert key in data, f"{path.name} lacks {key}"
+    assert data["machine"]["cores"] and data["machine"]["cpu"]
+    assert data["versions"]["torch"] and data["versions"]["brainseg"]
+    return data
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny checkpoint (64x64, narrow decoder) and its fp32 ONNX export, made once."""
+    from brainseg import console
+    from brainseg.checkpoint import save_checkpoint
+    from brainseg.export import export_onnx
+    from brainseg.model import UNetVGG16
+
+    d = tmp_path_factory.mktemp("bench-model")
+    model = UNetVGG16(decoder_channels=(16, 16, 8, 8, 8), encoder_weights=None)
+    ckpt = save_checkpoint(d / "tiny.safetensors", model, {"image_size": 64})
+    console.configure(quiet=True)
+    try:
+        export_onnx(ckpt, d / "tiny.onnx")
+    finally:
+        console.configure(quiet=False)
+    return {"checkpoint": ckpt, "onnx": d / "tiny.onnx"}
+
+
+def test_startup_smoke(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
+    out = run_script(
+        "startup.py", "--smoke", "--onnx", tiny_model["onnx"], "--json", tmp_path / "s.json"
+    )
+    assert "brainseg --help" in out
+    data = load(tmp_path / "s.json")
+    assert data["predict_onnx"]["no_torch"] is True
+    assert data["predict_onnx"]["masks_written"] == 3
+    assert data["seconds"]["brainseg --help"] > 0
+
+
+def test_inference_smoke(tmp_path: Path, phantom_root: Path, tiny_model: dict[str, Path]) -> None:
+    out = run_script(
+        "inference.py",
+        "--smoke",
+        "--data",
+        phantom_root,
+        "--size",
+        "64",
+        "--checkpoint",
+        tiny_model["checkpoint"],
+        "--json",
+        tmp_path / "i.json",
+    )
+    assert "onnxruntime int8" in out
+    data = load(tmp_path / "i.json")
+    for name in ("torch fp32", "torch fp32 channels_last", "onnxruntime fp32", "onnxruntime int8"):
+        b = data["backends"][name]
+        assert b["latency_ms_batch1"] > 0 and b["throughput_slices_s"] > 0
+        assert 0.0 <= b["mask_dice_vs_torch_fp32"] <= 1.0
+    assert data["backends"]["torch fp32"]["mask_dice_vs_torch_fp32"] == 1.0
+    assert set(data["targets"]) >= {"int8_speedup_batch1", "int8_patient_dice_within_0_01"}
+
+
+def test_train_throughput_smoke(tmp_path: Path, phantom_root: Path) -> None:
+    out = run_script(
+        "train_throughput.py",
+        "--smoke",
+        "--data",
+        phantom_root,
+        "--size",
+        "64",
+        "--batch",
+        "4",
+        "--variants",
+        "fp32-nchw,bf16-cl",
+        "--json",
+        tmp_path / "t.json",
+    )
+    assert "reference" in out
+    data = load(tmp_path / "t.json")
+    assert set(data["variants"]) == {
+        "reference (Dataset + DataLoader, fp32, NCHW)",
+        "brainseg fp32, NCHW",
+        "brainseg bf16, channels_last",
+    }
+    assert all(v["images_per_s"] > 0 for v in data["variants"].values())
+    assert data["targets"]["headline_variant"] == "brainseg bf16, channels_last"
+
+
+def test_predict_folder_smoke(
+    tmp_path: Path, phantom_root: Path, tiny_model: dict[str, Path]
+) -> None:
+    out = run_script(
+        "predict_folder.py",
+        "--smoke",
+        "--data",
+        phantom_root,
+        "--model",
+        tiny_model["onnx"],
+        "--json",
+        tmp_path / "p.json",
+    )
+    assert "end to end" in out
+    data = load(tmp_path / "p.json")
+    assert data["throughput"]["files"] == 6
+    assert data["throughput"]["end_to_end_slices_s"] > 0
+    assert set(data["memory"]["runs"]) == {"4", "8"}
+
+
+def test_gpu_bench_cpu_smoke(tmp_path: Path, phantom_root: Path) -> None:
+    out = run_script(
+        "gpu_bench.py",
+        "--device",
+        "cpu",
+        "--smoke",
+        "--data",
+        phantom_root,
+        "--size",
+        "64",
+        env={"OUT": str(tmp_path)},
+    )
+    assert "floor" in out
+    data = load(tmp_path / "gpu.json")  # $OUT is where gpu.sh's results go
+    assert data["bf16_matmul_tflops"] > 0
+    assert data["runs"]["brainseg"]["mfu"] > 0
+    assert data["inference"]["predictor_slices_s"] > 0
+
+
+def test_gpu_sh_is_valid_bash() -> None:
+    p = subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
