@@ -1,0 +1,251 @@
+"""Path safety: archive members that try to leave the folder (``..``, absolute paths, links,
+drive letters, backslashes), predict outputs that could escape ``-o`` through an input's
+path (``../x``, absolute, globs, stdin, symlinked folders), and symlink loops in input
+folders (predict and the dataset reader must finish, each file once).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from _reliability import count_case, scale
+from _tiny import encode, image, tiny_onnx
+from conftest import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_properties import time_limit
+
+from brainseg.data.download import safe_extract
+from brainseg.errors import BrainsegError
+
+# --------------------------------------------------------------------------- archives
+
+_PARTS = ["..", ".", "", "a", "b", "C:", "c:\\x", "..\\..", "\\", "~", "x\x00y", "…"]
+
+
+def _zip(members: list[tuple[str, int | None]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, mode in members:
+            info = zipfile.ZipInfo(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, b"../../outside" if mode == stat.S_IFLNK | 0o777 else b"data")
+    return buf.getvalue()
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, kind in members:
+            ti = tarfile.TarInfo(name)
+            ti.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                ti.linkname = "../../outside"
+                tf.addfile(ti)
+            else:
+                ti.size = 4
+                tf.addfile(ti, io.BytesIO(b"data"))
+    return buf.getvalue()
+
+
+def _inside(dest: Path, sandbox: Path) -> None:
+    """Everything created is below ``dest``; nothing appeared elsewhere in ``sandbox``."""
+    real = os.path.realpath(dest)
+    for p in dest.rglob("*"):
+        assert os.path.realpath(p).startswith(real + os.sep), p
+        assert not p.is_symlink(), p
+    assert sorted(x.name for x in sandbox.iterdir()) == ["archive", "dest"]
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@settings(max_examples=scale(150))
+@given(
+    names=st.lists(
+        st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5).map("/".join)
+        | st.sampled_from(["/etc/x", "//x", "C:/x", "\\\\server\\x", "a/../../x", "a/./b"]),
+        min_size=1,
+        max_size=4,
+    ),
+    kinds=st.lists(st.sampled_from(["file", "dir", "symlink", "fifo", "hardlink"]), max_size=4),
+    tar=st.booleans(),
+)
+def test_archive_members_never_land_outside(
+    tmp_path_factory: pytest.TempPathFactory, names: list[str], kinds: list[str], tar: bool
+) -> None:
+    sandbox = tmp_path_factory.mktemp("x")
+    archive, dest = sandbox / "archive", sandbox / "dest"
+    kinds = kinds + ["file"] * (len(names) - len(kinds))
+    if tar:
+        tkind = {
+            "file": tarfile.REGTYPE,
+            "dir": tarfile.DIRTYPE,
+            "symlink": tarfile.SYMTYPE,
+            "fifo": tarfile.FIFOTYPE,
+            "hardlink": tarfile.LNKTYPE,
+        }
+        archive.write_bytes(_tar([(n, tkind[k]) for n, k in zip(names, kinds, strict=False)]))
+    else:
+        zmode = {
+            "file": stat.S_IFREG | 0o644,
+            "dir": stat.S_IFDIR | 0o755,
+            "symlink": stat.S_IFLNK | 0o777,
+            "fifo": stat.S_IFIFO | 0o644,
+            "hardlink": None,
+        }
+        archive.write_bytes(_zip([(n, zmode[k]) for n, k in zip(names, kinds, strict=False)]))
+    try:
+        with time_limit(30):
+            safe_extract(archive, dest)
+        count_case("safe_extract: hostile member names and types", "ok")
+    except BrainsegError:
+        count_case("safe_extract: hostile member names and types", "error")
+    if dest.exists():
+        _inside(dest, sandbox)
+
+
+def test_each_kind_of_escape_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    cases = {
+        "dotdot": _zip([("ok.txt", None), ("a/../../evil", None)]),
+        "absolute": _zip([("ok.txt", None), ("/tmp/evil", None)]),
+        "drive": _zip([("ok.txt", None), ("C:/evil", None)]),
+        "backslash": _zip([("ok.txt", None), ("..\\..\\evil", None)]),
+        "zip symlink": _zip([("ok.txt", None), ("link", stat.S_IFLNK | 0o777)]),
+        "tar symlink": _tar([("ok.txt", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)]),
+        "tar hardlink": _tar([("ok.txt", tarfile.REGTYPE), ("link", tarfile.LNKTYPE)]),
+        "tar device": _tar([("ok.txt", tarfile.REGTYPE), ("dev", tarfile.CHRTYPE)]),
+    }
+    for case, data in cases.items():
+        archive, dest = tmp_path / case / "archive", tmp_path / case / "dest"
+        archive.parent.mkdir()
+        archive.write_bytes(data)
+        with pytest.raises(BrainsegError, match="unsafe archive") as info:
+            safe_extract(archive, dest)
+        assert "nothing was extracted" in info.value.message, case
+        assert not dest.exists() or not any(dest.iterdir()), case  # not even ok.txt
+
+
+def test_a_link_already_in_the_destination_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "sub").symlink_to(outside, target_is_directory=True)
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(_zip([("sub/evil.txt", None)]))
+    with pytest.raises(BrainsegError, match="outside"):
+        safe_extract(archive, dest)
+    assert list(outside.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- predict outputs
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_onnx(tmp_path_factory.mktemp("model") / "m.onnx")
+
+
+def _written(out: Path) -> list[str]:
+    real = os.path.realpath(out)
+    files = []
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert os.path.realpath(p).startswith(real + os.sep), f"{p} escaped {out}"
+            files.append(str(p.relative_to(out)))
+    return sorted(files)
+
+
+def test_predict_outputs_stay_in_the_output_folder(model: Path, tmp_path: Path) -> None:
+    """Inputs named with ``..``, absolute paths, globs with ``..`` and stdin paths."""
+    outside = tmp_path / "elsewhere" / "deep"
+    outside.mkdir(parents=True)
+    (outside / "x.png").write_bytes(encode(image(1), "png"))
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "y.png").write_bytes(encode(image(2), "png"))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    forms = [
+        ["../../elsewhere/deep/x.png"],
+        [str(outside / "x.png")],
+        ["../../elsewhere/*/x.png"],
+        ["../../elsewhere/deep"],
+        ["-"],
+    ]
+    for i, args in enumerate(forms):
+        out = tmp_path / "work" / f"out{i}"
+        r = run_cli(
+            ["predict", model, *args, "-o", out, "--json"],
+            cwd=work,
+            input="../../elsewhere/deep/x.png\n" + str(work / "y.png") + "\n",
+        )
+        assert r.returncode == 0, (args, r.stderr)
+        rows = [json.loads(x) for x in r.stdout.splitlines()]
+        assert rows and all(x["status"] == "ok" for x in rows), rows
+        files = _written(out)
+        assert files and all(not f.startswith("..") for f in files), files
+    after = sorted(str(p) for p in tmp_path.rglob("*"))
+    new = [p for p in after if p not in before]
+    assert all("/work/out" in p for p in new), [p for p in new if "/work/out" not in p]
+
+
+def test_symlinked_folders_inside_the_output_are_refused(model: Path, tmp_path: Path) -> None:
+    scans = tmp_path / "scans" / "sub"
+    scans.mkdir(parents=True)
+    (scans / "a.png").write_bytes(encode(image(3), "png"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(outside, target_is_directory=True)  # planted in the output
+    r = run_cli(["predict", model, tmp_path / "scans", "-o", out])
+    assert r.returncode == 1 and "outside" in r.stderr, r.stderr
+    assert list(outside.iterdir()) == []
+
+
+def test_symlink_loops_in_inputs_finish_and_list_each_file_once(
+    model: Path, tmp_path: Path
+) -> None:
+    scans = tmp_path / "scans"
+    (scans / "a" / "b").mkdir(parents=True)
+    for i, folder in enumerate([scans, scans / "a", scans / "a" / "b"]):
+        (folder / f"s{i}.png").write_bytes(encode(image(i), "png"))
+    (scans / "loop").symlink_to(scans, target_is_directory=True)  # -> itself
+    (scans / "a" / "b" / "up").symlink_to(scans / "a", target_is_directory=True)  # -> parent
+    (scans / "a" / "self").symlink_to(scans / "a" / "self")  # a link to itself
+    (scans / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    with time_limit(120):
+        r = run_cli(["predict", model, scans, "-o", tmp_path / "out", "--json"], timeout=120)
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    ok = sorted(Path(x["path"]).name for x in rows if x["status"] == "ok")
+    assert ok == ["s0.png", "s1.png", "s2.png"], rows  # each real file once
+    assert [Path(x["path"]).name for x in rows if x["status"] == "error"] == ["dangling.png"]
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_dataset_with_symlink_loops_is_read_without_hanging(
+    phantom_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from brainseg.data.cache import load_dataset
+
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(phantom_root, root)
+    patient = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (patient / "loop").symlink_to(root, target_is_directory=True)
+    (root / "again").symlink_to(root, target_is_directory=True)
+    with time_limit(120):
+        try:
+            data = load_dataset(root, cache_dir=tmp_path / "cache", skip_bad=True)
+        except BrainsegError as exc:  # refusing is fine; hanging or crashing is not
+            assert "again" in exc.message or "loop" in exc.message
+            return
+    assert len(data.patient_ids) >= 6
