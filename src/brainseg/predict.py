@@ -276,13 +276,13 @@ class OnnxBackend:
             ) from exc
         try:
             props = dict(self.session.get_modelmeta().custom_metadata_map)
-        except (UnicodeDecodeError, RuntimeError) as exc:  # damaged metadata strings
+            self.metadata = metadata_from_props(props, path)
+            self._check_io(path)
+        except (UnicodeDecodeError, RuntimeError) as exc:  # damaged names / metadata strings
             raise BrainsegError(
                 f"cannot read the metadata of ONNX model {path} ({type(exc).__name__})",
                 hint="is the file complete? re-export it with `brainseg export`",
             ) from exc
-        self.metadata = metadata_from_props(props, path)
-        self._check_io(path)
 
     def _check_io(self, path: Path) -> None:
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
