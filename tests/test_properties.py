@@ -359,6 +359,8 @@ def test_edited_checkpoints_load_or_fail_clearly(
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
         edit = data.draw(st.sampled_from(_EDITS), label="edit")
         name = data.draw(st.sampled_from(names), label="tensor")
+        if name not in h:  # dropped or renamed by an earlier edit
+            continue
         if edit == "dtype":
             h[name]["dtype"] = data.draw(st.sampled_from(["F16", "I64", "BOOL", "X", ""]))
         elif edit == "shape":
@@ -467,6 +469,16 @@ def test_mutated_onnx_models_predict_or_fail_clearly(
     if rows is not None:
         assert len(rows) == 1
         assert rows[0].status in ("ok", "error")
+
+
+def test_regression_invalid_utf8_in_onnx_names(onnx_bytes: bytes, tmp_path: Path) -> None:
+    """A damaged ONNX file with a non-UTF-8 dimension name: a clear error, not a crash."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(onnx_bytes.replace(b"\x05batch", b"\x05\x80atch", 1))
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(encode(image(5), "png"))
+    with pytest.raises(BrainsegError, match=r"m\.onnx"):
+        _predict_one(path, scan, tmp_path / "out")
 
 
 # --------------------------------------------------------------------------- dataset folders
