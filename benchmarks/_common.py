@@ -85,10 +85,12 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str | None]:
     """Versions of the packages the timings depend on (read from metadata: no imports)."""
-    return {
-        name: version_of(name)
-        for name in ("brainseg", "torch", "torchvision", "onnxruntime", "onnx", "numpy")
-    }
+    import brainseg  # light: no torch; also right when run from a source tree (PYTHONPATH)
+
+    out: dict[str, str | None] = {"brainseg": brainseg.__version__}
+    for name in ("torch", "torchvision", "onnxruntime", "onnx", "numpy"):
+        out[name] = version_of(name)
+    return out
 
 
 def command() -> str:

@@ -81,6 +81,12 @@ class NotebookDataset:
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], size: int, augment: bool) -> None:
+        # Import in the parent, as a notebook's first cell does: forked DataLoader workers
+        # inherit the modules instead of each importing torchvision again (1.1 s per epoch).
+        import tifffile  # noqa: F401
+        import torchvision.transforms.v2.functional  # noqa: F401
+        from PIL import Image  # noqa: F401
+
         self.pairs, self.size, self.augment = pairs, size, augment
 
     def __len__(self) -> int:
