@@ -287,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         result["reference"] = ref
         runs = {"brainseg": brainseg_epoch(root, split, args, decoder, False, tmp)}
         if args.compile:
-            runs["brainseg --compile"] = brainseg_epoch(root, split, args, decoder, True, tmp)
+            try:
+                runs["brainseg --compile"] = brainseg_epoch(root, split, args, decoder, True, tmp)
+            except Exception as exc:  # keep the other results when the compiler fails
+                result["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                say(f"torch.compile run failed: {result['compile_error'][:300]}")
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = defaults
         rows = []
         steps = args.max_steps or n_train // args.batch
