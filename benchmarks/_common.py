@@ -116,7 +116,27 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
     result.setdefault("machine", {})["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
+    say(f"wrote {path}")
     return path
+
+
+def load_cached(data: Path, tmp: Path) -> tuple[Path, Any]:
+    """The dataset root and its uint8 cache, built quietly under ``tmp`` before any timing.
+
+    The cache goes to ``tmp/cache`` unless BRAINSEG_CACHE_DIR is set, so a benchmark never
+    writes into the user's cache folder by accident.
+    """
+    from brainseg import console
+    from brainseg.data import cache, lgg
+
+    os.environ.setdefault("BRAINSEG_CACHE_DIR", str(tmp / "cache"))
+    root = lgg.find_root(data)
+    console.configure(quiet=True)
+    try:
+        dataset = cache.load_dataset(root)
+    finally:
+        console.configure(quiet=False)
+    return root, dataset
 
 
 def show(title: str, columns: list[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import median, provenance, say, show, write_result, write_split
+from _common import load_cached, median, provenance, say, show, write_result, write_split
 
 TARGET_SPEEDUP = 5.0
 TARGET_MFU = 0.35
@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from brainseg import console
-    from brainseg.data import cache, lgg
+    from brainseg.data import lgg
     from brainseg.model import UNetVGG16, model_flops
 
     device = torch.device(args.device)
@@ -267,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="brainseg-bench-gpu-") as td:
         tmp = Path(td)
-        os.environ.setdefault("BRAINSEG_CACHE_DIR", str(tmp / "cache"))
-        root = lgg.find_root(args.data)
-        console.configure(quiet=True)
-        data = cache.load_dataset(root)
-        console.configure(quiet=False)
+        root, data = load_cached(args.data, tmp)
         per = data.slices_per_patient()
         ids = sorted(per)
         val = [min(ids, key=lambda p: (per[p], p))]
@@ -353,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{TARGET_MFU:.0%}: {'met' if t['mfu_met'] else 'MISSED'})"
     )
     write_result(json_path, result)
-    say(f"wrote {json_path}")
     return 0
 
 

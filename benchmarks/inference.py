@@ -30,7 +30,6 @@ Prints tables and writes JSON (default benchmarks/results/inference.json).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from _common import (
     STANDIN,
     dice,
     limited_root,
+    load_cached,
     median,
     provenance,
     say,
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from brainseg import console
     from brainseg.checkpoint import load_checkpoint, read_metadata
-    from brainseg.data import cache, lgg
     from brainseg.export import _pick
     from brainseg.metrics import per_patient_dice
 
@@ -212,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     result["torch_threads"] = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="brainseg-bench-inference-") as td:
         tmp = Path(td)
-        os.environ.setdefault("BRAINSEG_CACHE_DIR", str(tmp / "cache"))
-        root = lgg.find_root(args.data)
-        console.configure(quiet=True)
-        data = cache.load_dataset(root)
-        console.configure(quiet=False)
+        root, data = load_cached(args.data, tmp)
         ids = sorted(data.patient_ids)
         held = pick_patients(data, args.dice_patients)
         if args.checkpoint is None:
@@ -362,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         f"Dice within {TARGET_DICE}: {'yes' if t['int8_patient_dice_within_0_01'] else 'NO'}"
     )
     write_result(args.json, result)
-    say(f"wrote {args.json}")
     return 0
 
 

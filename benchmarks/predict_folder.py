@@ -285,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{mem_counts[0]} -> {mem_counts[-1]} files ({'flat' if t['memory_flat'] else 'GROWS'})"
     )
     write_result(args.json, result)
-    say(f"wrote {args.json}")
     return 0
 
 

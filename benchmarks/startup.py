@@ -191,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{'no' if result['predict_onnx']['no_torch'] else 'YES'}"
     )
     write_result(args.json, result)
-    say(f"wrote {args.json}")
     return 0 if result["predict_onnx"]["no_torch"] and masks == 3 else 1
 
 

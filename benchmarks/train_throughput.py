@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np
 from _common import (
     DEFAULT_DATA,
     RESULTS,
+    load_cached,
     median,
     provenance,
     say,
@@ -239,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from brainseg import console
-    from brainseg.data import cache, lgg
+    from brainseg.data import lgg
     from brainseg.train import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
@@ -253,11 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="brainseg-bench-train-") as td:
         tmp = Path(td)
-        os.environ.setdefault("BRAINSEG_CACHE_DIR", str(tmp / "cache"))
-        root = lgg.find_root(args.data)
-        console.configure(quiet=True)
-        data = cache.load_dataset(root)  # build the uint8 cache before any timing
-        console.configure(quiet=False)
+        root, data = load_cached(args.data, tmp)  # the uint8 cache, before any timing
         per = data.slices_per_patient()
         ids = sorted(per)
         val = [min(ids, key=lambda p: (per[p], p))]  # smallest patient: cheap validation
@@ -360,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         f"(target >= {TARGET_RATIO}x: {'met' if t['met'] else 'MISSED'})"
     )
     write_result(args.json, result)
-    say(f"wrote {args.json}")
     return 0
 
 
