@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,25 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     dest = tmp_path_factory.mktemp("phantoms")
     return write_synthetic(dest, patients=6, seed=0, size=64)
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler], state: object) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 (a free port) until the block ends; yields its URL.
+
+    The handler reaches ``state`` as ``self.server.state`` (what the test serves and records).
+    """
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    httpd.state = state  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
 
 
 def run_cli(

@@ -18,7 +18,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from subprocess import CompletedProcess
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
-from conftest import run_cli
+from conftest import run_cli, serve_http
 
 from brainseg.data import download as dl
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
@@ -113,16 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
 def server() -> Iterator[Server]:
     """A threaded HTTP server on 127.0.0.1 (a free port), shut down after the test."""
     state = Server()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.state = state  # type: ignore[attr-defined]
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serve_http(_Handler, state) as state.base:
+        yield state
 
 
 @pytest.fixture(autouse=True)

@@ -14,11 +14,12 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import serve_http
 from test_fault_diskfull import litter
 
 from brainseg.data.download import download_lgg
@@ -84,15 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[Hostile]:
     state = Hostile()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.state = state  # type: ignore[attr-defined]
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_http(_Handler, state) as state.base:
+        yield state
 
 
 @pytest.fixture(autouse=True)
