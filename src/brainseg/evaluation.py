@@ -483,7 +483,7 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def plot_dice(dice: Sequence[float], path: Path, title: str = "") -> Path:
+def plot_dice(dice: Sequence[float] | np.ndarray, path: Path, title: str = "") -> Path:
     """A strip + box plot and a histogram of the per-patient Dice, as a PNG."""
     import matplotlib
 

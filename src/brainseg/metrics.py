@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 #: Metrics computed for every slice and every patient (in this column order).
@@ -55,7 +56,7 @@ def _confusion(p: np.ndarray, g: np.ndarray) -> tuple[int, int, int, int]:
     return tp, fp, fn, int(p.size) - tp - fp - fn
 
 
-def _ratio(num: np.ndarray, den: np.ndarray, both_empty: np.ndarray) -> np.ndarray:
+def _ratio(num: ArrayLike, den: ArrayLike, both_empty: ArrayLike) -> np.ndarray:
     """num / den, and where den == 0: 1.0 if both masks are empty else 0.0."""
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
@@ -66,7 +67,7 @@ def _ratio(num: np.ndarray, den: np.ndarray, both_empty: np.ndarray) -> np.ndarr
 
 
 def _metrics_from_counts(
-    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray
+    tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, tn: ArrayLike
 ) -> dict[str, np.ndarray]:
     """Vectorised overlap metrics from confusion counts, with the empty-mask policy."""
     tp, fp, fn, tn = (np.asarray(x, dtype=np.int64) for x in (tp, fp, fn, tn))
@@ -304,8 +305,8 @@ def evaluate(
     n_gt = tp + fn
     s_hd = np.full(n, math.nan)
     if compute_hd95:
-        for i in np.flatnonzero((n_pred > 0) & (n_gt > 0)):
-            s_hd[i] = _hd95_bool(p[i], g[i])
+        for both in np.flatnonzero((n_pred > 0) & (n_gt > 0)):
+            s_hd[both] = _hd95_bool(p[both], g[both])
 
     per_slice = []
     for i in range(n):
