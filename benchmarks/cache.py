@@ -1,6 +1,6 @@
 """Benchmark: loading a dataset from the uint8 cache vs decoding its TIF files again.
 
-    python benchmarks/cache.py [--data PATH] [--json OUT] [--limit N] [--repeats R]
+    python benchmarks/cache.py [--data PATH] [--json OUT] [--limit N] [--repeats R] [--smoke]
 
 Measures, on the same machine in the same run (the files are read once first, so every
 timing sees a warm OS file cache):
@@ -20,27 +20,30 @@ in a temporary folder, so the user's cache is left alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _common import (
+    DEFAULT_DATA,
+    RESULTS,
+    limited_root,
+    median,
+    patient_folders,
+    provenance,
+    say,
+    show,
+    timeit,
+    write_result,
+)
 
-from brainseg import __version__, console
+from brainseg import console
 from brainseg.data import cache, lgg
-from brainseg.fsutil import atomic_write_text
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m"
+TARGET_RATIO = 10.0  # issue 2: loading from the cache >= 10x faster than decoding the TIFs
 
 
 def touch(a: np.ndarray) -> int:
@@ -74,26 +77,6 @@ def decode_all(root: Path, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    """Median wall time of ``repeats`` calls, and all of them."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def limited_root(root: Path, limit: int, tmp: Path) -> Path:
-    """A kaggle_3m folder of links to the first ``limit`` patients (sorted by id)."""
-    ds = lgg.scan(root)
-    out = tmp / "kaggle_3m"
-    out.mkdir()
-    for p in ds.patients[:limit]:
-        os.symlink(p.folder.resolve(), out / p.id, target_is_directory=True)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -103,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"kaggle_3m folder or its parent (default {DEFAULT_DATA})",
     )
     ap.add_argument(
-        "--json",
-        type=Path,
-        default=HERE / "results" / "cache.json",
-        help="where to write the JSON results",
+        "--json", type=Path, default=RESULTS / "cache.json", help="where to write the results"
     )
     ap.add_argument("--limit", type=int, default=None, help="only the first N patients")
     ap.add_argument(
@@ -115,53 +95,57 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="repeats of each timing (the median is reported; load runs 2x this)",
     )
+    ap.add_argument("--smoke", action="store_true", help="2 patients, 1 repeat (for the test)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.limit, args.repeats = 2, 1
 
-    tmp = Path(tempfile.mkdtemp(prefix="brainseg-bench-cache-"))
-    try:
+    result = {"benchmark": "cache", **provenance()}
+    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    with tempfile.TemporaryDirectory(prefix="brainseg-bench-cache-") as td:
+        tmp = Path(td)
         root = lgg.find_root(args.data)
         if args.limit:
-            root = limited_root(root, args.limit, tmp)
+            root = limited_root(root, patient_folders(root)[: args.limit], tmp)
         cache_dir = tmp / "cache"
         ds = lgg.discover(root)
         n = len(ds)
         disk = sum(s.image.stat().st_size + s.mask.stat().st_size for s in ds.slices)
         threads = max(1, min(4, os.cpu_count() or 1))
+        say(f"{n} slices; decoding, building and loading {args.repeats}x each")
         console.configure(quiet=True)  # no progress lines inside the timings
-        decode_all(root)  # warm the OS file cache for every measurement below
+        try:
+            # The untimed warm-up call of each timing also fills the OS file cache.
+            decode = timeit(lambda: decode_all(root), args.repeats)
+            decode_t = timeit(lambda: decode_all(root, threads), args.repeats)
+            build = timeit(
+                lambda: cache.load_dataset(root, cache_dir=cache_dir, rebuild=True), args.repeats
+            )
 
-        decode_s, decode_runs = timed(lambda: decode_all(root), args.repeats)
-        decode_t_s, decode_t_runs = timed(lambda: decode_all(root, threads), args.repeats)
-        build_s, build_runs = timed(
-            lambda: cache.load_dataset(root, cache_dir=cache_dir, rebuild=True), args.repeats
-        )
+            def load_and_touch() -> None:
+                d = cache.load_dataset(root, cache_dir=cache_dir)
+                touch(d.images)
+                touch(d.masks)
 
-        def load_and_touch() -> None:
-            d = cache.load_dataset(root, cache_dir=cache_dir)
-            touch(d.images)
-            touch(d.masks)
+            load = timeit(load_and_touch, 2 * args.repeats)
+            open_only = timeit(
+                lambda: cache.load_dataset(root, cache_dir=cache_dir), 2 * args.repeats
+            )
+            data = cache.load_dataset(root, cache_dir=cache_dir)
+            ref_images, ref_masks = decode_all(root)
+            same = bool(
+                np.array_equal(ref_images, data.images) and np.array_equal(ref_masks, data.masks)
+            )
+            cache_bytes = sum(f.stat().st_size for f in data.path.iterdir()) if data.path else 0
+            summary = data.summary()
+        finally:
+            console.configure(quiet=False)
 
-        load_s, load_runs = timed(load_and_touch, 2 * args.repeats)
-        open_s, open_runs = timed(
-            lambda: cache.load_dataset(root, cache_dir=cache_dir), 2 * args.repeats
-        )
-        data = cache.load_dataset(root, cache_dir=cache_dir)
-        ref_images, ref_masks = decode_all(root)
-        same = bool(
-            np.array_equal(ref_images, data.images) and np.array_equal(ref_masks, data.masks)
-        )
-        cache_bytes = sum(f.stat().st_size for f in data.path.iterdir()) if data.path else 0
-        summary = data.summary()
-    finally:
-        console.configure(quiet=False)
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    decode_s, decode_t_s, build_s = median(decode), median(decode_t), median(build)
+    load_s, open_s = median(load), median(open_only)
     ratio = decode_s / load_s
     ratio_t = decode_t_s / load_s
-    result = {
-        "benchmark": "cache",
-        "data": str(args.data),
-        "limit": args.limit,
+    result |= {
         "patients": summary["patients"],
         "slices": n,
         "tumor_slices": summary["tumor_slices"],
@@ -179,50 +163,33 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_decode_threads": ratio_t,
         "arrays_equal_decode": same,
         "runs": {
-            "decode": decode_runs,
-            "decode_threads": decode_t_runs,
-            "build": build_runs,
-            "load": load_runs,
-            "load_open_only": open_runs,
+            "decode": decode,
+            "decode_threads": decode_t,
+            "build": build,
+            "load": load,
+            "load_open_only": open_only,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "platform": platform.platform(),
-        },
-        "brainseg": __version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "targets": {"ratio": ratio, "target": TARGET_RATIO, "met": ratio >= TARGET_RATIO},
     }
     rows = [
-        ["decode TIFs (1 thread)", decode_s * 1e3, n / decode_s, "1.0x"],
-        [
-            f"decode TIFs ({threads} threads)",
-            decode_t_s * 1e3,
-            n / decode_t_s,
-            f"{decode_s / decode_t_s:.1f}x",
-        ],
-        ["build cache (once)", build_s * 1e3, n / build_s, f"{decode_s / build_s:.1f}x"],
-        ["load cache + read all bytes", load_s * 1e3, n / load_s, f"{ratio:.1f}x"],
-        ["load cache (open only)", open_s * 1e3, n / open_s, f"{decode_s / open_s:.1f}x"],
+        ["decode TIFs (1 thread)", decode_s, "1.0x"],
+        [f"decode TIFs ({threads} threads)", decode_t_s, f"{decode_s / decode_t_s:.1f}x"],
+        ["build cache (once)", build_s, f"{decode_s / build_s:.1f}x"],
+        ["load cache + read all bytes", load_s, f"{ratio:.1f}x"],
+        ["load cache (open only)", open_s, f"{decode_s / open_s:.1f}x"],
     ]
-    title = (
+    show(
         f"dataset cache: {summary['patients']} patients, {n} slices "
-        f"{summary['size'][0]}x{summary['size'][1]}, median of {args.repeats}"
+        f"{summary['size'][0]}x{summary['size'][1]}, median of {args.repeats}",
+        ["step", "ms", "slices/s", "vs decode"],
+        [[r[0], f"{r[1] * 1e3:.1f}", f"{n / r[1]:.0f}", r[2]] for r in rows],
     )
-    console.result(
-        console.table(
-            title,
-            ["step", "ms", "slices/s", "vs decode"],
-            [[r[0], f"{r[1]:.1f}", f"{r[2]:.0f}", r[3]] for r in rows],
-        )
-    )
-    console.result(
+    say(
         f"load from cache is {ratio:.1f}x faster than decoding the TIFs "
-        f"({ratio_t:.1f}x vs {threads}-thread decoding); arrays identical: {same}"
+        f"({ratio_t:.1f}x vs {threads}-thread decoding; target >= {TARGET_RATIO:.0f}x: "
+        f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}); arrays identical: {same}"
     )
-    atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
-    console.info(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0 if same else 1
 
 

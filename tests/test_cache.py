@@ -278,10 +278,7 @@ def test_benchmark_script_smoke(root: Path, tmp_path: Path) -> None:
             str(script),
             "--data",
             str(root.parent),
-            "--limit",
-            "2",
-            "--repeats",
-            "1",
+            "--smoke",
             "--json",
             str(out),
         ],
@@ -295,6 +292,8 @@ def test_benchmark_script_smoke(root: Path, tmp_path: Path) -> None:
     assert res["patients"] == 2 and res["slices"] == 14 and res["arrays_equal_decode"] is True
     assert res["load_s"] > 0 and res["speedup_vs_decode"] == res["decode_s"] / res["load_s"]
     assert "load cache + read all bytes" in proc.stdout
+    assert res["versions"]["numpy"] == np.__version__ and res["command"].startswith("python ")
+    assert res["targets"]["met"] == (res["speedup_vs_decode"] >= 10)
 
 
 def test_odd_size_first_slice(tmp_path: Path) -> None:
