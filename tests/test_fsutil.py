@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from brainseg.errors import BrainsegError
-from brainseg.fsutil import atomic_path, atomic_write_text, next_run_dir
+from brainseg.fsutil import (
+    atomic_path,
+    atomic_write_text,
+    next_run_dir,
+    remove_stale_temps,
+    temp_prefix,
+)
 
 
 def test_written_file_has_the_mode_of_a_plain_open(tmp_path: Path) -> None:
@@ -46,3 +54,41 @@ def test_run_folders_are_numbered_and_never_reused(tmp_path: Path) -> None:
     (tmp_path / "exp7").mkdir()
     assert next_run_dir(tmp_path, "exp").name == "exp8"
     assert next_run_dir(tmp_path, "exp", exist_ok=True).name == "exp"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_only_the_litter_of_dead_writers_on_this_host_is_removed(tmp_path: Path) -> None:
+    mine = temp_prefix("a_mask.tif")  # .a_mask.tif.~HOST@PID.
+    host = mine.split("~", 1)[1].split("@", 1)[0]
+    dead = dead_pid()
+    (tmp_path / f".a_mask.tif.~{host}@{dead}.abcd_123.tmp").write_bytes(b"half")
+    (tmp_path / f".kaggle_3m-unpack.~{host}@{dead}.x1y2z3w4").mkdir()
+    (tmp_path / f".kaggle_3m-unpack.~{host}@{dead}.x1y2z3w4" / "f.tif").write_bytes(b"x")
+    kept = [
+        f"{mine}abcdefgh.tmp",  # a live writer: this process
+        f".b_mask.tif.~otherhost@{dead}.abcdefgh.tmp",  # another machine's writer
+        f"~{host}@{dead}.abcdefgh.tmp",  # not hidden: a user's file
+        ".c_mask.tif.abcdefgh.tmp",  # no owner tag (can't tell): left alone
+        "a_mask.tif",
+    ]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(
+        [f".a_mask.tif.~{host}@{dead}.abcd_123.tmp", f".kaggle_3m-unpack.~{host}@{dead}.x1y2z3w4"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_temporary_names_carry_the_writer(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "m.tif") as tmp:
+        assert tmp.name.startswith(".m.tif.~") and f"@{os.getpid()}." in tmp.name
+        tmp.write_bytes(b"x")
+        assert remove_stale_temps(tmp_path) == []  # its writer (this process) is alive
+    assert (tmp_path / "m.tif").read_bytes() == b"x"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +45,9 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
         raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent
+        )
         os.close(fd)
     except OSError as exc:
         raise _fail_write(path, exc) from exc
@@ -65,6 +69,64 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
 
 #: Names of atomic_path's temporary files: ``.NAME.XXXXXXXX.tmp``.
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+#: The writer's tag at the end of a temporary name (before mkstemp's 8 random characters).
+_OWNER_TAG = re.compile(r"~(?P<host>[^~@/]+)@(?P<pid>[0-9]+)\.[A-Za-z0-9_]{8}(?:\.tmp)?$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a hidden temporary name for ``name`` that records who writes it.
+
+    ``.NAME.~HOST@PID.`` + mkstemp's random part: a later run can tell the litter of a
+    killed writer (its process is gone) from a file another live process is still writing.
+    """
+    return f".{name}.~{_host()}@{os.getpid()}."
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def is_stale_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary file or folder of a writer on this host that is gone."""
+    m = _OWNER_TAG.search(name)
+    return (
+        name.startswith(".")
+        and m is not None
+        and m["host"] == _host()
+        and not pid_alive(int(m["pid"]))
+    )
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove what killed writers on this host left in ``folder`` (not recursive).
+
+    Safe in a folder that other processes write to at the same time (predict shards): a
+    temporary name of a live process, or of another host, is left alone.
+    """
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        for entry in it:
+            if not is_stale_temp(entry.name):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:

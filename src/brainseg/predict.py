@@ -37,7 +37,7 @@ import numpy as np
 
 from brainseg import imageio
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import write_error
+from brainseg.fsutil import remove_stale_temps, temp_prefix, write_error
 
 #: Model file suffixes and their backends.
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -927,9 +927,16 @@ def predict_files(
     on; two inputs that would write the same output are an error for the second.
     """
     seen: set[str] = set()
+    swept: set[PurePosixPath] = set()
+    root = opts.out_dir.resolve()
 
     def dedup() -> Iterator[InputFile | FileResult]:
         for f in files:
+            if f.rel.parent not in swept:  # once per output folder, before it is written to
+                swept.add(f.rel.parent)
+                folder = opts.out_dir / f.rel.parent
+                if _inside(folder, root):  # never outside -o (a planted link)
+                    remove_stale_temps(folder)
             key = str(f.rel.parent / f.rel.stem)
             if key in seen:
                 yield FileResult(
@@ -975,8 +982,9 @@ class SummaryWriter:
             import tempfile
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path.parent)  # a killed run's summary
             fd, name = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+                prefix=temp_prefix(self.path.name), suffix=".tmp", dir=self.path.parent
             )
             self._tmp = Path(name)
             self._f = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import signal
 import threading
 import time
 import zipfile
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import serve_http
-from test_fault_diskfull import litter
+from test_fault_diskfull import litter, run_faulty
 
 from brainseg.data.download import download_lgg
 from brainseg.errors import BrainsegError
@@ -194,3 +195,33 @@ def test_truncated_zip_is_never_half_installed(
     assert installed(dest) == ["kaggle_3m"]  # the old install, untouched
     assert [p.name for p in (dest / "kaggle_3m").iterdir()] == ["TCGA_OLD"]
     assert litter(dest) == []
+
+
+def test_sigkill_while_unpacking_leaves_nothing_the_next_run_keeps(
+    lgg_zip: bytes, tmp_path: Path
+) -> None:
+    """A kill after the archive is unpacked, before it is renamed into place: the next run
+    installs the dataset and removes the dead run's unpack folder."""
+    archive = tmp_path / "lgg.zip"
+    archive.write_bytes(lgg_zip)
+    dest = tmp_path / "d"
+    args = ["-q", "download", "lgg", "--dest", dest, "--from-file", archive]
+    kill = {"when": "call", "target": "brainseg.data.lgg.discover", "nth": 1}
+    r = run_faulty(args, {"kill": [kill]})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert installed(dest) != ["kaggle_3m"] and litter(dest) != []  # what a kill leaves
+    r = run_faulty(args, {})
+    assert r.returncode == 0, r.stderr
+    assert installed(dest) == ["kaggle_3m"] and litter(dest) == []
+
+
+def test_sigkill_while_writing_phantoms_leaves_nothing_the_next_run_keeps(tmp_path: Path) -> None:
+    dest = tmp_path / "d"
+    args = ["-q", "download", "synthetic", "--dest", dest, "--patients", "2", "--size", "64"]
+    kill = {"when": "call", "target": "brainseg.data.synthetic._write_tif", "nth": 5}
+    r = run_faulty(args, {"kill": [kill]})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert installed(dest) != ["kaggle_3m"] and litter(dest) != []
+    r = run_faulty(args, {})
+    assert r.returncode == 0, r.stderr
+    assert installed(dest) == ["kaggle_3m"] and litter(dest) == []

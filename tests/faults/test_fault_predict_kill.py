@@ -67,6 +67,8 @@ def resume(model: Path, scans: Path, out: Path, ref: dict[str, bytes], done: int
     assert len(rows) == N and len({x["path"] for x in rows}) == N  # every file once
     assert sum(x["status"] == "skipped" for x in rows) == done
     assert outputs(out) == ref  # byte-identical
+    litter = [p for p in out.rglob(".*")]
+    assert litter == [], f"the killed run's temporary files are still there: {litter}"
 
 
 KILLS = [
@@ -86,6 +88,8 @@ def test_sigkill_mid_folder_then_skip_existing_is_byte_identical(
     assert r.returncode == -signal.SIGKILL, r.stderr
     done = check_after_kill(out, ref)
     assert 0 < done < N
+    if point["when"] == "before_rename":  # the kill left a half-written temporary file
+        assert any(p.name.endswith(".tmp") for p in out.rglob(".*"))
     resume(model, scans, out, ref, done)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from brainseg import console
 from brainseg.data import lgg
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.fsutil import pid_alive
 
 #: Bump when the stored layout changes: old caches are then simply not found.
 FORMAT_VERSION = 1
@@ -366,16 +367,6 @@ def _tmp_name(key: str) -> str:
     return f".tmp-{key[:32]}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def clean_stale(root: Path) -> list[Path]:
     """Remove temporary folders left by killed builds; returns what was removed.
 
@@ -394,7 +385,7 @@ def clean_stale(root: Path) -> list[Path]:
         try:
             pid = int(parts[-2])
             same_host = "-".join(parts[2:-2]) == host
-            stale = same_host and not _pid_alive(pid)
+            stale = same_host and not pid_alive(pid)
         except (ValueError, IndexError):
             stale = False
         with contextlib.suppress(OSError):

@@ -41,7 +41,7 @@ from typing import IO, Any
 from brainseg import __version__
 from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.fsutil import atomic_path, atomic_write_text, remove_stale_temps, temp_prefix
 
 KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
 KAGGLE_URL = f"https://www.kaggle.com/api/v1/datasets/download/{KAGGLE_DATASET}"
@@ -886,7 +886,8 @@ def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) 
 
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{LAYOUT_NAME}-unpack-", dir=dest))
+        remove_stale_temps(dest)  # what a killed unpack left here
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{LAYOUT_NAME}-unpack"), dir=dest))
     except OSError as exc:
         raise BrainsegRuntimeError(
             f"cannot create a folder in {dest}: {exc.strerror or exc}",

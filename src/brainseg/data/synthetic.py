@@ -23,6 +23,7 @@ import tifffile
 
 from brainseg import __version__
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.fsutil import remove_stale_temps, temp_prefix
 
 #: Institution codes that appear in the real TCGA-LGG folder names.
 _INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
@@ -412,7 +413,8 @@ def write_synthetic(
         )
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".kaggle_3m.", suffix=".tmp", dir=dest))
+        remove_stale_temps(dest)  # what a killed run left here
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("kaggle_3m"), suffix=".tmp", dir=dest))
     except OSError as exc:
         raise BrainsegRuntimeError(
             f"cannot create {dest}: {exc.strerror or exc}", hint="check the folder is writable"
