@@ -139,6 +139,42 @@ def load_cached(data: Path, tmp: Path) -> tuple[Path, Any]:
     return root, dataset
 
 
+def train_run(
+    root: Path, split: Path, decoder: Sequence[int], tmp: Path, **settings: Any
+) -> tuple[Path, list[dict[str, str]], float]:
+    """A quiet ``brainseg.train.train`` run from scratch: (run folder, metrics.csv rows, wall s).
+
+    ``settings`` are TrainConfig fields (image_size, batch_size, epochs, amp, ...); no preview
+    is drawn and the run folder goes under ``tmp``, for the caller to keep or delete.
+    """
+    import csv
+
+    from brainseg import console
+    from brainseg.config import TrainConfig
+    from brainseg.train import train
+
+    cfg = TrainConfig(
+        data=str(root),
+        split=str(split),
+        encoder_weights="none",
+        decoder_channels=list(decoder),
+        augment=True,
+        project=str(tmp / "runs"),
+        preview_slices=0,
+        quiet=True,
+        **settings,
+    )
+    t0 = time.perf_counter()
+    try:
+        run = train(cfg)
+    finally:
+        console.configure(quiet=False)
+    wall = time.perf_counter() - t0
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return run, rows, wall
+
+
 def show(title: str, columns: list[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print a table (rich on a terminal, plain text otherwise) on stdout."""
     from brainseg import console

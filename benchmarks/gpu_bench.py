@@ -28,7 +28,6 @@ Targets (issue 5): brainseg >= 5x the reference per epoch, MFU >= 35%.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
@@ -39,7 +38,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import load_cached, median, provenance, say, show, write_result, write_split
+from _common import (
+    load_cached,
+    median,
+    provenance,
+    say,
+    show,
+    train_run,
+    write_result,
+    write_split,
+)
 
 TARGET_SPEEDUP = 5.0
 TARGET_MFU = 0.35
@@ -127,39 +135,23 @@ def brainseg_epoch(
     """brainseg.train.train for 2 epochs; the second epoch's training images/s, peak memory."""
     import torch
 
-    from brainseg import console
-    from brainseg.config import TrainConfig
-    from brainseg.train import train
-
-    cfg = TrainConfig(
-        data=str(root),
-        split=str(split),
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run, rows, wall = train_run(
+        root,
+        split,
+        decoder,
+        tmp,
         image_size=args.size,
-        encoder_weights="none",
-        decoder_channels=decoder,
         epochs=2,
         steps_per_epoch=args.max_steps or None,
         batch_size=args.batch,
-        augment=True,
         amp="bf16",
         channels_last=True,
         compile=compile_model,
         device=args.device,
-        project=str(tmp / "runs"),
         name="gpu",
-        preview_slices=0,
-        quiet=True,
     )
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    try:
-        run = train(cfg)
-    finally:
-        console.configure(quiet=False)
-    wall = time.perf_counter() - t0
-    with (run / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
     ckpt = tmp / f"brainseg{'-compiled' if compile_model else ''}.safetensors"
     shutil.copyfile(run / "last.safetensors", ckpt)

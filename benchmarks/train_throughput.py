@@ -28,7 +28,6 @@ benchmarks/results/train_throughput.json).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import shutil
 import sys
@@ -48,6 +47,7 @@ from _common import (
     say,
     show,
     spread,
+    train_run,
     write_result,
     write_split,
 )
@@ -173,36 +173,21 @@ def brainseg_run(
     v: Variant, root: Path, split: Path, args: argparse.Namespace, decoder: list[int], tmp: Path
 ) -> dict[str, float]:
     """One short ``brainseg.train.train`` run; its logged training images/s and wall time."""
-    from brainseg import console
-    from brainseg.config import TrainConfig
-    from brainseg.train import train
-
-    cfg = TrainConfig(
-        data=str(root),
-        split=str(split),
+    run, rows, wall = train_run(
+        root,
+        split,
+        decoder,
+        tmp,
         image_size=args.size,
-        encoder_weights="none",
-        decoder_channels=decoder,
         epochs=1,
         steps_per_epoch=args.steps,
         batch_size=args.batch,
-        augment=True,
         amp=v.amp,
         channels_last=v.channels_last,
         device="cpu",
-        project=str(tmp / "runs"),
         name="bench",
-        preview_slices=0,
-        quiet=True,
     )
-    t0 = time.perf_counter()
-    try:
-        run = train(cfg)
-    finally:
-        console.configure(quiet=False)
-    wall = time.perf_counter() - t0
-    with (run / "metrics.csv").open() as f:
-        row = list(csv.DictReader(f))[-1]
+    row = rows[-1]
     shutil.rmtree(run)  # the checkpoints of a benchmark run are ~0.5 GB
     return {"images_per_s": float(row["images_per_s"]), "wall_s": wall}
 
