@@ -387,7 +387,8 @@ def test_phantoms_reach_dice_above_0_8(tmp_path: Path) -> None:
 
 
 def test_amp_modes_resolve() -> None:
-    from brainseg.train import cpu_has_native_bf16, resolve_amp, resolve_device
+    from brainseg.devices import resolve_device
+    from brainseg.train import cpu_has_native_bf16, resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) is None

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from brainseg import __version__
-from brainseg.errors import BrainsegError
+from brainseg.devices import resolve_device
+from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -320,23 +321,9 @@ def _read_tensors(
                     out[new] = f.get_tensor(name)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise BrainsegError(
-            f"checkpoint {path} is corrupt: {_first_line(exc)}", hint=_HINT_CKPT
+            f"checkpoint {path} is corrupt: {first_line(exc)}", hint=_HINT_CKPT
         ) from exc
     return out
-
-
-def _resolve_device(device: Any) -> Any:
-    """``"auto"`` -> cuda when available, else cpu; anything else as given."""
-    if isinstance(device, str) and device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_checkpoint(
@@ -383,7 +370,7 @@ def load_checkpoint(
     weights = _read_tensors(path, lambda name: None if name.startswith(EXTRA_PREFIX) else name)
     _check_shapes(path, meta, shapes, {k: tuple(v.shape) for k, v in weights.items()})
     model.load_state_dict(weights, strict=True)
-    model.to(_resolve_device(device))
+    model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, meta
 

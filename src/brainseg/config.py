@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from brainseg.errors import BrainsegError
+from brainseg.devices import check_device_name
+from brainseg.errors import BrainsegError, first_line
 
 LOSSES = ("bce", "dice", "bce+dice")
 SCHEDULERS = ("none", "cosine", "plateau")
@@ -372,14 +373,6 @@ def _positive(name: str, value: int, hint: str) -> None:
         _bad(f"{name} must be at least 1, got {value}", hint)
 
 
-def check_device_name(device: str) -> None:
-    """Refuse device strings other than auto, cpu, cuda, cuda:N and mps (no torch import)."""
-    import re
-
-    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
-        _bad(f"unknown device {device!r}", "choose auto, cpu, cuda, cuda:N or mps")
-
-
 # ---------------------------------------------------------------------- YAML files
 def preset_path(name: str) -> Path:
     """The packaged YAML file of a preset (``seed`` or ``best``)."""
@@ -414,7 +407,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         ) from exc
     except yaml.YAMLError as exc:
         raise BrainsegError(
-            f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}",
+            f"config file {path} is not valid YAML: {first_line(exc)}",
             hint="fix the YAML syntax",
         ) from exc
     if data is None:

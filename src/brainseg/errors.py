@@ -30,3 +30,10 @@ class BrainsegRuntimeError(BrainsegError):
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message, hint, exit_code=EXIT_RUNTIME)
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's text (its type name when empty), for one-line errors."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from brainseg import console
-from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.fsutil import atomic_path
 from brainseg.predict import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUT, sigmoid
 
@@ -189,7 +189,7 @@ def torch_to_onnx(model: Any, path: Path, image_size: tuple[int, int], opset: in
             raise  # disk full / unwritable folder: the other exporter would fail the same way
         console.warn(
             f"the dynamo ONNX exporter failed ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
+            f"{first_line(exc, 200)}); "
             "using the TorchScript exporter"
         )
         exporter = "torchscript"
@@ -226,7 +226,7 @@ def torch_to_onnx(model: Any, path: Path, image_size: tuple[int, int], opset: in
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise BrainsegRuntimeError(
-            f"the ONNX export at opset {opset} is invalid: {str(exc).strip().splitlines()[0]}",
+            f"the ONNX export at opset {opset} is invalid: {first_line(exc)}",
             hint="try --opset 18 (the exporter's native opset); run with --debug and report it",
         ) from exc
     onnx.save(proto, str(path))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, first_line
 
 ENCODERS = ("vgg16", "vgg16_bn")
 UPSAMPLE_MODES = ("transpose", "bilinear")
@@ -362,8 +362,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # pickle, zip, safetensors and I/O errors all land here
         kind = "safetensors" if is_safetensors else "PyTorch (weights_only)"
         raise BrainsegError(
-            f"cannot read encoder weights {path} as a {kind} state dict: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            f"cannot read encoder weights {path} as a {kind} state dict: {first_line(exc)}",
             hint="pass a torchvision VGG16 state dict saved with torch.save(model.state_dict()) "
             "or safetensors",
         ) from exc

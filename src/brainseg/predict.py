@@ -36,6 +36,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from brainseg import imageio
+from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import remove_stale_temps, temp_prefix, write_error
 
@@ -192,7 +193,7 @@ class TorchBackend:
         from brainseg.checkpoint import load_checkpoint
 
         self.torch = torch
-        self.device = _torch_device(device)
+        self.device = resolve_device(device)
         model, meta = load_checkpoint(path, self.device)
         model.eval()
         # oneDNN convolutions run faster on NHWC tensors on CPU (see docs/predict.md).
@@ -217,36 +218,6 @@ class TorchBackend:
                 p = p + torch.sigmoid(self.model(x.flip(-2))[:, 0].float()).flip(-2)
                 p = p / 3.0
             return p.cpu().numpy().astype(np.float32, copy=False)
-
-
-def _torch_device(device: str) -> Any:
-    import torch
-
-    dev = str(device or "auto").lower()
-    if dev == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        d = torch.device(dev)
-    except RuntimeError as exc:
-        raise BrainsegError(
-            f"unknown device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps"
-        ) from exc
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise BrainsegError(
-            f"device {device!r} requested but CUDA is not available",
-            hint="use --device cpu (or auto)",
-        )
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise BrainsegError(
-            f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present",
-            hint="use cuda:0 ... or auto",
-        )
-    return d
 
 
 class OnnxBackend:

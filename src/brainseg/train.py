@@ -39,6 +39,7 @@ from brainseg import __version__
 from brainseg import console as con
 from brainseg.augment import AugmentSettings, augment_batch, draw
 from brainseg.config import TrainConfig, dump_yaml
+from brainseg.devices import resolve_device
 from brainseg.errors import EXIT_INTERRUPTED, BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path, atomic_write_text, next_run_dir, remove_temps
 
@@ -470,36 +471,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda:LOCAL_RANK, else mps, else cpu; an unavailable device is refused."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BrainsegError(
-                f"device {name} requested but CUDA is not available",
-                hint="use --device auto or --device cpu",
-            )
-        index = int(name.split(":")[1]) if ":" in name else local_rank
-        if index >= torch.cuda.device_count():
-            raise BrainsegError(
-                f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s)",
-                hint="use --device cuda:0 or --device auto",
-            )
-        return torch.device("cuda", index)
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise BrainsegError(
-            "device mps requested but it is not available", hint="use --device auto or --device cpu"
-        )
-    return torch.device(name)
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

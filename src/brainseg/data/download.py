@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from brainseg import __version__
 from brainseg import console as con
-from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.fsutil import atomic_path, atomic_write_text, remove_stale_temps, temp_prefix
 
 KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
@@ -662,7 +662,7 @@ def safe_extract(
         NotImplementedError,  # an unknown compression method in a damaged header
     ) as exc:
         raise BrainsegError(
-            f"{archive} is damaged: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            f"{archive} is damaged: {first_line(exc)}",
             hint="download it again (delete the file first)",
         ) from exc
     return dest
@@ -1007,7 +1007,7 @@ def check_vgg_state_dict(path: Path) -> int:
     except Exception as exc:
         raise BrainsegError(
             f"{path} is not a torch weights file that loads safely: "
-            f"{type(exc).__name__}: {exc}".splitlines()[0],
+            f"{type(exc).__name__}: {first_line(exc)}",
             hint="give torchvision's vgg16-*.pth (or vgg16_bn-*.pth) file",
         ) from exc
     feats = (

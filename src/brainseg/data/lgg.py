@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from brainseg import console
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, first_line
 
 #: Lines of problems shown in an error message before "... and N more".
 MAX_LISTED = 20
@@ -336,7 +336,7 @@ def decode_slice(s: SliceFile) -> tuple[np.ndarray, np.ndarray] | list[Problem]:
             arrays.append(_read_tif(path))
         except Exception as exc:  # tifffile raises many types for broken files
             arrays.append(None)
-            msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            msg = first_line(exc, 120)
             problems.append(
                 Problem(_rel(s, path), f"unreadable or truncated TIF ({msg})", s.patient, s.number)
             )

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from brainseg import __version__
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path
 
 SUBSETS = ("train", "val", "test")
@@ -317,7 +317,7 @@ def load_split(path: str | os.PathLike[str]) -> Split:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise BrainsegError(
             f"split file {path} is not valid YAML{at}: {problem}",
             hint=_fix_hint(path),
