@@ -558,7 +558,7 @@ def test_symlink_loops_are_not_followed(
     run, models: dict[str, Path], scans: Path, tmp_path: Path
 ) -> None:
     (scans / "a" / "loop").symlink_to(scans, target_is_directory=True)
-    from brainseg.predict import InputSpec, iter_inputs
+    from brainseg.batch import InputSpec, iter_inputs
 
     found = [f.rel.as_posix() for f in iter_inputs(InputSpec([str(scans)]))]
     assert sorted(found) == sorted(EXPECTED)

@@ -28,6 +28,7 @@ from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path
+from brainseg.settings import DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -46,7 +47,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Metadata defaults filled in when a caller (or an older file) leaves them out.
 DEFAULTS: dict[str, Any] = {
     "image_size": None,
-    "threshold": 0.5,
+    "threshold": DEFAULT_THRESHOLD,
     "postprocess": {"min_size": 0, "largest_component": False},
     "epoch": None,
     "metrics": {},
@@ -125,9 +126,69 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     return header, n, size
 
 
+#: What :func:`sniff_model_file` can say, and how a message names it.
+FILE_KINDS = {
+    "safetensors": "a safetensors checkpoint",
+    "onnx": "an ONNX model",
+    "pickle": "a PyTorch pickle (.pth/.pt)",
+    "zip": "a zip archive (a PyTorch .pth/.pt is one)",
+    "text": "a text file",
+    "empty": "an empty file",
+    "unknown": "not a model file brainseg knows",
+}
+
+
+def sniff_model_file(path: str | os.PathLike[str]) -> str:
+    """What ``path`` holds, from its first bytes (never its name).
+
+    One of ``FILE_KINDS``: ``"safetensors"`` (8-byte header length, then a JSON object),
+    ``"onnx"`` (a protobuf ModelProto: field 1 ``ir_version`` first), ``"pickle"``, ``"zip"``,
+    ``"text"``, ``"empty"`` or ``"unknown"``. Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= MAX_HEADER_BYTES and head[8:9] == b"{":
+            return "safetensors"
+    if head[:2] == b"PK":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if _is_onnx_head(head):
+        return "onnx"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "text"
+    return "unknown"
+
+
+def _is_onnx_head(head: bytes) -> bool:
+    """A ModelProto starts with ``ir_version`` (tag 0x08, a small varint), then another field
+    of the message (producer_name 0x12, ..., graph 0x3a, opset_import 0x42)."""
+    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] <= 20:
+        return False
+    return head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42, 0x4A, 0x52, 0x5A, 0x62, 0x72)
+
+
+def describe_model_file(path: str | os.PathLike[str]) -> str:
+    """``sniff_model_file`` in words ("an ONNX model"...), "unreadable" when it cannot be read."""
+    try:
+        return FILE_KINDS[sniff_model_file(path)]
+    except OSError:
+        return "unreadable"
+
+
 def _not_safetensors(path: Path, head: bytes, size: int, n: int) -> str:
     """Why ``path`` is not a safetensors file, as specific as the first bytes allow."""
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    kind = sniff_model_file(path)
+    if kind == "onnx":
+        return (
+            f"{path} is an ONNX model, not a checkpoint; this command takes a .safetensors "
+            "checkpoint (the one the ONNX file was exported from)"
+        )
+    if kind in ("pickle", "zip"):
         return (
             f"checkpoint {path} is a PyTorch pickle (.pth/.pt), not a safetensors file; "
             "brainseg never loads pickled checkpoints"
@@ -137,7 +198,7 @@ def _not_safetensors(path: Path, head: bytes, size: int, n: int) -> str:
             f"checkpoint {path} is truncated: the header alone needs {n + 8} bytes, "
             f"the file has {size}"
         )
-    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+    if kind == "text":
         return f"checkpoint {path} is a text file, not a safetensors file"
     return f"checkpoint {path} is not a safetensors file (invalid header length {n})"
 

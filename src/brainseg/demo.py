@@ -216,19 +216,17 @@ def _train(data: Path, split: Path, run_dir: Path, opts: DemoOptions) -> Path:
 
 def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) -> float:
     from brainseg import evaluation as ev
-    from brainseg.commands.evaluate import _render
 
     result = ev.run_eval([model], data, split, "val", None, ev.EvalOptions(device=opts.device))
     out.mkdir(parents=True, exist_ok=True)
     ev.write_run(result, out)
-    _render(result.summary)
+    ev.render_report(result.summary)
     return float(result.summary["per_patient"]["dice"]["mean"])
 
 
 def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
     """The validation patients' images without their masks: a folder of 'new' scans."""
-    from brainseg.imageio import is_image_path
-    from brainseg.predict import is_mask_name
+    from brainseg.imageio import is_image_path, is_mask_name
 
     for pid in patients:
         for f in sorted((data / pid).iterdir()):
@@ -238,31 +236,12 @@ def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
 
 
 def _predict(model: Path, scans: Path, out: Path, opts: DemoOptions) -> None:
-    from brainseg.commands.predict import run_predict
+    from brainseg.batch import PredictOptions, predict_inputs, render_result
 
-    code = run_predict(
-        model=model,
-        inputs=[str(scans)],
-        output=out,
-        ensemble=[],
-        fmt="tif",
-        probabilities=False,
-        overlay=True,
-        overlay_rgb=False,
-        summary="csv",
-        json_out=False,
-        threshold=None,
-        min_size=None,
-        tta=False,
-        pad=False,
-        batch_size=8,
-        device=opts.device,
-        workers=2,
-        skip_existing=False,
-        force=False,
-        shard=None,
-        include_masks=False,
+    run = PredictOptions(
+        models=[model], inputs=[str(scans)], out_dir=out, overlay=True, device=opts.device
     )
+    code = render_result(predict_inputs(run))
     if code:
         raise BrainsegRuntimeError(f"prediction into {out} failed for some files (exit {code})")
 

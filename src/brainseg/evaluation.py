@@ -10,6 +10,7 @@ per_slice.csv and a Dice plot. Nothing here prints except through :mod:`brainseg
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -25,6 +26,9 @@ import numpy as np
 from brainseg import console, metrics, postprocess
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.settings import PostSettings, resolve
+
+__all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
 
 #: The subsets ``--subset`` accepts.
 SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
@@ -81,18 +85,6 @@ class EvalOptions:
     batch_size: int = 8
     skip_bad: bool = False
     tune: bool = False
-
-
-@dataclass
-class PostSettings:
-    """A resolved post-processing choice."""
-
-    threshold: float
-    min_size: int
-    largest: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "min_size": self.min_size, "largest": self.largest}
 
 
 @dataclass
@@ -215,26 +207,9 @@ def select_patients(
 
 def resolve_settings(metadata: dict[str, Any], opts: EvalOptions) -> PostSettings:
     """Options win; otherwise the model's stored threshold / post-processing; else defaults."""
-    pp = metadata.get("postprocess") or {}
-    thr = opts.threshold if opts.threshold is not None else metadata.get("threshold")
-    ms = opts.min_size if opts.min_size is not None else pp.get("min_size")
-    stored_largest = pp.get("largest_component", pp.get("largest"))
-    lg = opts.largest if opts.largest is not None else stored_largest
-    s = PostSettings(
-        threshold=float(postprocess.DEFAULT_THRESHOLD if thr is None else thr),
-        min_size=int(ms or 0),
-        largest=bool(lg or False),
-    )
-    if not 0.0 <= s.threshold <= 1.0:
-        raise BrainsegError(
-            f"threshold {s.threshold} is outside [0, 1]",
-            hint="pass --threshold between 0 and 1, e.g. 0.5",
-        )
-    if s.min_size < 0:
-        raise BrainsegError(
-            f"--min-size {s.min_size} is negative", hint="pass 0 (off) or a pixel count"
-        )
-    return s
+    return resolve(
+        metadata, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest
+    ).post
 
 
 # --------------------------------------------------------------------------- prediction
@@ -314,8 +289,13 @@ def tune(
     def score(mask: np.ndarray) -> float:
         return float(np.mean(metrics.per_patient_dice(mask, gt, pidx)))
 
-    base_mask = postprocess.apply_grouped(
-        prob, pidx, slice_number, baseline.threshold, baseline.min_size, baseline.largest
+    base_mask = postprocess.apply(
+        prob,
+        baseline.threshold,
+        baseline.min_size,
+        baseline.largest,
+        groups=pidx,
+        order=slice_number,
     )
     base_dice = score(base_mask)
     best, best_dice = baseline, base_dice
@@ -392,8 +372,11 @@ def run_eval(
             f"no --split given: evaluating all {len(ids)} patients of {data_path} "
             "(optimistic if the model was trained on some of them)"
         )
-    meta = dict(getattr(predictor, "metadata", None) or {})
-    settings = resolve_settings(meta, opts)
+    meta = dict(predictor.metadata)
+    resolved = resolve(
+        meta, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest, tta=opts.tta
+    )
+    settings = resolved.post
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
     console.info(
         f"evaluating {len(model_paths)} model(s) on {len(ids)} patients "
@@ -408,8 +391,8 @@ def run_eval(
     pidx = np.asarray(data.patient_index[rows])
     snum = np.asarray(data.slice_number[rows])
 
-    mask = postprocess.apply_grouped(
-        prob, pidx, snum, settings.threshold, settings.min_size, settings.largest
+    mask = postprocess.apply(
+        prob, settings.threshold, settings.min_size, settings.largest, groups=pidx, order=snum
     )
     t1 = time.perf_counter()
     report = metrics.evaluate(mask, gt, pidx, snum, list(data.patient_ids))
@@ -426,20 +409,73 @@ def run_eval(
         **sel,
         "settings": {
             **settings.as_dict(),
-            "threshold_source": "option"
-            if opts.threshold is not None
-            else ("model" if meta.get("threshold") is not None else "default"),
+            "threshold_source": resolved.threshold_source,
             "tta": opts.tta,
             "device": opts.device,
             "batch_size": opts.batch_size,
             "skip_bad": opts.skip_bad,
             "image_size": list(data.size),
         },
+        "measured_at": _measured_at(data.size, resolved.image_size),
         **report.summary(),
         "tune": tuned.as_dict() if tuned else None,
         "timing_s": {"predict": round(t_pred, 3), "metrics": round(t_metrics, 3)},
     }
     return EvalResult(report=report, summary=summary, settings=settings, tune=tuned)
+
+
+def _measured_at(size: Sequence[int], model_size: tuple[int, int] | None) -> dict[str, Any]:
+    """Where the numbers are measured: the images' own size (the model may run at another)."""
+    h, w = int(size[0]), int(size[1])
+    return {
+        "size": [h, w],
+        "what": "the images' own size (probabilities resized back, then thresholded)",
+        "model_input": list(model_size) if model_size is not None else None,
+    }
+
+
+@dataclass
+class EvalJob:
+    """One ``brainseg eval``: MODEL... DATA, the patients, the settings and where to write."""
+
+    paths: Sequence[Path]  # the model file(s), then the dataset folder
+    split: Path | None = None
+    subset: str | None = None
+    fold: int | None = None
+    opts: EvalOptions = field(default_factory=EvalOptions)
+    project: Path = Path("runs/eval")
+    name: str = "exp"
+    exist_ok: bool = False
+    tune_output: Path | None = None  # a tuned copy of the model (implies tuning)
+    force: bool = False  # overwrite tune_output
+
+
+def run_eval_job(job: EvalJob) -> EvalResult:
+    """Check the paths, evaluate, write the tuned copy (if asked) and the run folder."""
+    from brainseg.fsutil import next_run_dir
+
+    if len(job.paths) < 2:
+        raise BrainsegError(
+            "brainseg eval needs at least one MODEL and a DATA folder",
+            hint="usage: brainseg eval MODEL [MODEL...] DATA [--split splits.yaml]",
+        )
+    *model_args, data = (Path(p) for p in job.paths)
+    models = check_model_paths(model_args)
+    if not data.exists():
+        raise BrainsegError(
+            f"dataset folder {data} does not exist",
+            hint="the last path must be the data (a kaggle_3m folder)",
+        )
+    opts = job.opts
+    if job.tune_output is not None:
+        opts = dataclasses.replace(opts, tune=True)
+        check_tune_output(models, job.tune_output, job.force)
+    result = run_eval(models, data, job.split, job.subset, job.fold, opts)
+    if result.tune is not None and job.tune_output is not None:
+        write_tuned_model(models[0], job.tune_output, result.tune.best, job.force)
+        result.summary["tune"]["output"] = str(job.tune_output)
+    write_run(result, next_run_dir(job.project, job.name, exist_ok=job.exist_ok))
+    return result
 
 
 def _version() -> str:
@@ -550,6 +586,86 @@ def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
 def summary_json(summary: dict[str, Any]) -> str:
     """summary.json text: strict JSON (NaN written as null)."""
     return json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_report(summary: dict[str, Any]) -> None:
+    """The per-patient and per-slice statistics table, then global and detection lines.
+
+    Everything goes to the result channel (``console.result``), never to status lines.
+    """
+
+    levels = [
+        ("per patient", "per_patient"),
+        ("per slice (tumor)", "per_slice_tumor"),
+        ("per slice (all)", "per_slice_all"),
+    ]
+    rows: list[list[Any]] = []
+    for metric in metrics.METRICS:
+        for label, key in levels:
+            st = summary[key][metric]
+            rows.append(
+                [
+                    metric if label == "per patient" else "",
+                    label,
+                    _f(st["mean"]),
+                    _f(st["median"]),
+                    _f(st["std"]),
+                    _f(st["min"]),
+                    st["n"],
+                ]
+            )
+    c = summary["counts"]
+    fold = "" if summary["fold"] is None else f", fold {summary['fold']}"
+    at = summary["measured_at"]
+    model_in = at["model_input"]
+    title = (
+        f"{c['patients']} patients, {c['slices']} slices ({c['tumor_slices']} with tumor)"
+        f" - subset {summary['subset']}{fold} - measured at the images' own size "
+        f"{at['size'][0]}x{at['size'][1]}"
+        + (f" (model input {model_in[0]}x{model_in[1]})" if model_in else "")
+    )
+    table = console.table(title, ["metric", "level", "mean", "median", "std", "min", "n"], rows)
+    table.columns[1].justify = "left"
+    console.result(table)
+    g, d, sk = summary["global"], summary["detection"], summary["hd95_skipped"]
+    console.result(
+        "global (all pixels pooled): "
+        + "  ".join(f"{k} {_s(g[k])}" for k in ("dice", "iou", "precision", "recall"))
+    )
+    console.result(
+        f"slice detection: sensitivity {_s(d['sensitivity'])}  specificity "
+        f"{_s(d['specificity'])}  (tp {d['tp']}, fp {d['fp']}, fn {d['fn']}, "
+        f"tn {d['tn']})"
+    )
+    console.result(
+        f"HD95 (pixels) skipped for an empty mask: {sk['per_patient']} patients, "
+        f"{sk['per_slice_tumor']} tumor slices, {sk['per_slice_all']} slices"
+    )
+
+
+def render_tune(tuned: TuneResult, output: Path | None) -> None:
+    """The --tune line: the best settings and the gain over the model's own."""
+    b, base = tuned.best, tuned.baseline
+    console.result(
+        f"tuned on these patients: threshold {b.threshold:g}, min-size {b.min_size}, "
+        f"{'--largest' if b.largest else '--no-largest'} -> mean per-patient Dice "
+        f"{tuned.best_dice:.4f} (was {tuned.baseline_dice:.4f} with threshold "
+        f"{base.threshold:g}, min-size {base.min_size}, "
+        f"{'--largest' if base.largest else '--no-largest'}; gain {tuned.gain:+.4f})"
+    )
+    if output is not None:
+        console.info(f"tuned copy written to {output}")
+
+
+def _f(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _s(v: float | None) -> str:
+    return console.fmt(_f(v))
 
 
 # --------------------------------------------------------------------------- tuned copy

@@ -65,6 +65,11 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_mask_name(path: str | os.PathLike[str]) -> bool:
+    """True for ``*_mask.*`` (the ground-truth masks next to kaggle_3m images)."""
+    return Path(path).stem.lower().endswith("_mask")
+
+
 def _bad(path: Path, what: str) -> BrainsegError:
     return BrainsegError(f"{path}: {what}; expected {EXPECTED}", hint=_HINT)
 

@@ -9,8 +9,21 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-#: The default decision threshold on the tumor probability.
-DEFAULT_THRESHOLD = 0.5
+from brainseg.settings import DEFAULT_THRESHOLD
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "apply",
+    "apply_grouped",
+    "binarize",
+    "filter_labels",
+    "keep_largest_3d",
+    "label_slices",
+    "largest_per_group",
+    "mask_from_output",
+    "proba_at_size",
+    "remove_small",
+]
 
 
 def binarize(prob: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
@@ -91,20 +104,26 @@ def keep_largest_3d(volume: np.ndarray) -> np.ndarray:
 
 
 def apply(
-    prob_volume: np.ndarray,
+    prob: np.ndarray,
     threshold: float = DEFAULT_THRESHOLD,
     min_size: int = 0,
     largest: bool = False,
+    groups: np.ndarray | None = None,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Threshold, then remove small 2D components, then keep the largest 3D component.
+    """Probabilities at the image's own size -> mask: the one rule eval, predict and export use.
 
-    ``prob_volume`` is one patient's S x H x W probabilities (or one H x W slice).
+    Threshold, then remove 2D components under ``min_size`` pixels, then (``largest``) keep the
+    largest 3D component. ``prob`` is one H x W slice, one patient's S x H x W volume, or an
+    N x H x W stack of several patients' slices with ``groups`` (N,) naming each slice's patient
+    and ``order`` (N,) its slice number (the largest component is found per patient, never
+    across patients).
     """
-    mask = binarize(prob_volume, threshold)
+    mask = binarize(prob, threshold)
     if min_size > 1:
         mask = remove_small(mask, min_size)
     if largest:
-        mask = keep_largest_3d(mask)
+        mask = keep_largest_3d(mask) if groups is None else largest_per_group(mask, groups, order)
     return mask
 
 
@@ -116,18 +135,47 @@ def apply_grouped(
     min_size: int = 0,
     largest: bool = False,
 ) -> np.ndarray:
-    """:func:`apply` on an N x H x W stack holding several patients' slices.
+    """:func:`apply` on an N x H x W stack holding several patients' slices."""
+    return apply(prob, threshold, min_size, largest, groups=groups, order=order)
 
-    ``groups`` (N,) says which patient each slice belongs to; ``order`` (N,) is the slice
-    number that orders a patient's slices into its volume (default: their stack order). The
-    largest component is found per patient, never across patients.
+
+def proba_at_size(prob: np.ndarray, size: tuple[int, int], *, padded: bool = False) -> np.ndarray:
+    """A model's output probabilities (h x w or N x h x w) at the image's own ``size`` (H, W).
+
+    ``padded``: the image was zero-padded to the model input, so the result is cropped;
+    otherwise it was resized, and the probabilities are resized back (bilinear). Masks are
+    thresholded after this, never before, so a mask always equals its probability map
+    thresholded at any image size.
     """
-    mask = binarize(prob, threshold)
-    if min_size > 1:
-        mask = remove_small(mask, min_size)
-    if largest:
-        mask = largest_per_group(mask, groups, order)
-    return mask
+    from brainseg.imageio import resize_prob
+
+    p = np.asarray(prob, dtype=np.float32)
+    h, w = int(size[0]), int(size[1])
+    if padded:
+        return np.ascontiguousarray(p[..., :h, :w])
+    if p.shape[-2:] == (h, w):
+        return p
+    if p.ndim == 2:
+        return resize_prob(p, (h, w))
+    return np.stack([resize_prob(pi, (h, w)) for pi in p])
+
+
+def mask_from_output(
+    prob: np.ndarray,
+    size: tuple[int, int],
+    threshold: float = DEFAULT_THRESHOLD,
+    min_size: int = 0,
+    *,
+    padded: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, mask) at the image's own ``size`` from a model's output ``prob``.
+
+    :func:`proba_at_size` then :func:`apply`: what ``brainseg predict`` writes (``_prob.tif``
+    and ``_mask.tif``), what :meth:`brainseg.predict.Predictor.predict_proba` + :func:`apply`
+    give eval, and what export's checks compare.
+    """
+    full = proba_at_size(prob, size, padded=padded)
+    return full, apply(full, threshold, min_size)
 
 
 def largest_per_group(

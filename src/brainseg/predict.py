@@ -1,4 +1,4 @@
-"""Inference: a :class:`Predictor` over checkpoints or ONNX files, and batch prediction of files.
+"""Inference: a :class:`Predictor` over brainseg checkpoints or ONNX files.
 
 Two backends, chosen per model file by its suffix:
 
@@ -10,51 +10,65 @@ Two backends, chosen per model file by its suffix:
 Several models form an ensemble: the mean of their probabilities. Test-time augmentation
 (TTA) is the mean of the probabilities of the image and of its horizontal and vertical flips.
 
-The second half of the module is the streaming batch engine behind ``brainseg predict``:
-inputs are walked lazily, read and resized by a small thread pool ahead of inference, and
-written by another pool behind it, so memory stays constant however many files there are.
+Probabilities come back at the image's own size (:func:`brainseg.postprocess.proba_at_size`);
+the batch engine over files (``brainseg predict``) lives in :mod:`brainseg.batch`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
-import math
 import os
-import re
-import sys
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
-from typing import Any, TextIO
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from brainseg import imageio
+from brainseg import imageio, postprocess
 from brainseg.devices import resolve_device
-from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import remove_stale_temps, temp_prefix, write_error
+from brainseg.errors import BrainsegError
+from brainseg.imageio import is_mask_name
+from brainseg.settings import (
+    DEFAULT_THRESHOLD,
+    MODEL_HINT,
+    SIZE_MULTIPLE,
+    check_metadata,
+    image_size_of,
+)
+
+__all__ = [
+    "MODEL_SUFFIXES",
+    "ONNX_INPUT",
+    "ONNX_METADATA_KEY",
+    "ONNX_OUTPUT",
+    "SIZE_MULTIPLE",
+    "OnnxBackend",
+    "Predictor",
+    "TorchBackend",
+    "check_metadata",
+    "is_mask_name",
+    "metadata_from_props",
+    "open_backend",
+    "read_onnx_metadata",
+    "sigmoid",
+]
 
 #: Model file suffixes and their backends.
 MODEL_SUFFIXES = (".safetensors", ".onnx")
-#: Height and width the UNet accepts are multiples of this (five 2x2 max-pools).
-SIZE_MULTIPLE = 32
 #: The ONNX ``metadata_props`` key holding the full brainseg metadata as JSON.
 ONNX_METADATA_KEY = "brainseg"
 #: Graph input / output names of brainseg ONNX models.
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 
-_MODEL_HINT = (
-    "pass a .safetensors checkpoint written by brainseg training or an .onnx file "
-    "written by `brainseg export`"
-)
 _ONNX_HINT = "export one from a brainseg checkpoint with `brainseg export CHECKPOINT -o model.onnx`"
+
+
+def _as_size(value: Any) -> tuple[int, int] | None:
+    """``image_size`` (an int or [h, w]) as (h, w), or None (see settings.image_size_of)."""
+    return image_size_of({"image_size": value})
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -64,69 +78,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- metadata
-
-
-def _as_size(value: Any) -> tuple[int, int] | None:
-    """``image_size`` from metadata (an int or [h, w]) as (h, w), or None when unknown."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value), int(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    return None
-
-
-#: Largest image size a model's metadata may name (an MRI slice is 256).
-MAX_MODEL_SIZE = 16384
-
-
-def check_metadata(meta: Mapping[str, Any], path: Path | str) -> None:
-    """Refuse metadata values predict cannot use (image size, threshold, postprocess).
-
-    A damaged or hand-edited model file must give one clear error naming it, not a crash
-    in a worker thread or a resize to a billion pixels (found by tests/test_properties.py).
-    """
-
-    def bad(what: str) -> BrainsegError:
-        return BrainsegError(f"model {path}: {what}", hint=_MODEL_HINT)
-
-    size = meta.get("image_size")
-    if size is not None:
-        parts = size if isinstance(size, (list, tuple)) else [size]
-        ok = len(parts) in (1, 2) and all(
-            isinstance(v, (int, float))
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-            and v == int(v)
-            and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE
-            and int(v) % SIZE_MULTIPLE == 0
-            for v in parts
-        )
-        if not ok:
-            raise bad(
-                f"image_size {size!r} in its metadata is not a size in pixels "
-                f"(a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_MODEL_SIZE})"
-            )
-    thr = meta.get("threshold", 0.5)
-    if (
-        not isinstance(thr, (int, float))
-        or isinstance(thr, bool)
-        or not math.isfinite(thr)
-        or not 0.0 <= thr <= 1.0
-    ):
-        raise bad(f"threshold {thr!r} in its metadata is not a number in [0, 1]")
-    post = meta.get("postprocess")
-    if post is not None:
-        min_size = post.get("min_size") if isinstance(post, Mapping) else None
-        if not isinstance(post, Mapping) or not (
-            min_size is None
-            or (isinstance(min_size, int) and not isinstance(min_size, bool) and min_size >= 0)
-        ):
-            raise bad(
-                f"postprocess {post!r} in its metadata is not "
-                '{"min_size": N >= 0, "largest_component": true/false}'
-            )
 
 
 def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str, Any]:
@@ -162,7 +113,7 @@ def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str,
                 meta[key] = json.loads(value)
         elif key == "normalization":
             meta[key] = value
-    meta.setdefault("threshold", 0.5)
+    meta.setdefault("threshold", DEFAULT_THRESHOLD)
     meta.setdefault("postprocess", {"min_size": 0, "largest_component": False})
     return meta
 
@@ -316,16 +267,35 @@ def open_backend(path: str | os.PathLike[str], device: str = "auto") -> TorchBac
         raise BrainsegError(
             f"{p}: not a model file (suffix {suffix or '(none)'!r}); expected "
             ".safetensors or .onnx",
-            hint=_MODEL_HINT,
+            hint=MODEL_HINT,
         )
     if not p.is_file():
         raise BrainsegError(
             f"model {p} does not exist" if not p.exists() else f"model {p} is not a file",
-            hint=_MODEL_HINT,
+            hint=MODEL_HINT,
         )
+    _check_content(p, suffix)
     if suffix == ".onnx":
         return OnnxBackend(p, device)
     return TorchBackend(p, device)
+
+
+def _check_content(path: Path, suffix: str) -> None:
+    """A model file whose content is not what its suffix says: name what it is."""
+    from brainseg.checkpoint import FILE_KINDS, sniff_model_file
+
+    try:
+        kind = sniff_model_file(path)
+    except OSError as exc:
+        raise BrainsegError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    expected = "onnx" if suffix == ".onnx" else "safetensors"
+    if kind == expected or kind not in ("onnx", "safetensors"):
+        return  # the backend's own checks name truncated or foreign files
+    right = ".onnx" if kind == "onnx" else ".safetensors"
+    raise BrainsegError(
+        f"{path} is {FILE_KINDS[kind]}, not {FILE_KINDS[expected]} (its name ends in {suffix})",
+        hint=f"rename it to {path.with_suffix(right).name}; brainseg picks the backend by suffix",
+    )
 
 
 # --------------------------------------------------------------------------- Predictor
@@ -349,7 +319,7 @@ class Predictor:
             model_paths = [model_paths]
         self.paths = [Path(p) for p in model_paths]
         if not self.paths:
-            raise BrainsegError("no model given", hint=_MODEL_HINT)
+            raise BrainsegError("no model given", hint=MODEL_HINT)
         if int(batch_size) < 1:
             raise BrainsegError(f"batch size {batch_size} must be at least 1")
         self.batch_size = int(batch_size)
@@ -358,12 +328,12 @@ class Predictor:
         for p, b in zip(self.paths, self.backends, strict=True):
             check_metadata(b.metadata, p)
         self.metadata: dict[str, Any] = dict(self.backends[0].metadata)
-        sizes = {_as_size(b.metadata.get("image_size")) for b in self.backends}
+        sizes = {image_size_of(b.metadata) for b in self.backends}
         if len(sizes) > 1:
             raise BrainsegError(
                 "the models of the ensemble were trained at different image sizes: "
                 + ", ".join(
-                    f"{p} {_as_size(b.metadata.get('image_size'))}"
+                    f"{p} {image_size_of(b.metadata)}"
                     for p, b in zip(self.paths, self.backends, strict=True)
                 ),
                 hint="ensemble models trained at the same --image-size",
@@ -377,7 +347,7 @@ class Predictor:
     @property
     def image_size(self) -> tuple[int, int] | None:
         """(height, width) the model was trained at, or None when the metadata lacks it."""
-        return _as_size(self.metadata.get("image_size"))
+        return image_size_of(self.metadata)
 
     def predict_model_size(self, images: np.ndarray) -> np.ndarray:
         """N x H x W x 3 uint8, H and W multiples of 32 -> N x H x W float32 (no resizing)."""
@@ -409,15 +379,15 @@ class Predictor:
         if n == 0:
             return np.zeros((0, h, w), dtype=np.float32)
         size = self.image_size
-        if not pad and size is not None:
-            if (h, w) == size:
-                return self.predict_model_size(images)
+        padded = pad or size is None
+        if padded or size is None:
+            x, _ = imageio.pad_to_multiple(images.transpose(1, 2, 0, 3), SIZE_MULTIPLE)
+            x = np.ascontiguousarray(x.transpose(2, 0, 1, 3))
+        elif (h, w) == size:
+            x = images
+        else:
             x = np.stack([imageio.resize_image(im, size) for im in images])
-            p = self.predict_model_size(x)
-            return np.stack([imageio.resize_prob(pi, (h, w)) for pi in p])
-        x, _ = imageio.pad_to_multiple(images.transpose(1, 2, 0, 3), SIZE_MULTIPLE)
-        p = self.predict_model_size(np.ascontiguousarray(x.transpose(2, 0, 1, 3)))
-        return np.ascontiguousarray(p[:, :h, :w])
+        return postprocess.proba_at_size(self.predict_model_size(x), (h, w), padded=padded)
 
 
 def _check_batch(images: np.ndarray) -> np.ndarray:
@@ -431,575 +401,33 @@ def _check_batch(images: np.ndarray) -> np.ndarray:
     return a
 
 
-# --------------------------------------------------------------------------- input walking
-
-
-_MAGIC = re.compile(r"[*?\[]")
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One input image: where to read it and its path relative to the output folder."""
-
-    path: Path
-    rel: PurePosixPath
-
-
-def is_mask_name(path: Path | PurePosixPath) -> bool:
-    """True for ``*_mask.*`` (the ground-truth masks next to kaggle_3m images)."""
-    return Path(path).stem.lower().endswith("_mask")
-
-
-def _dir_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def walk_images(
-    top: Path, *, exclude: Sequence[Path] = (), max_depth: int | None = None
-) -> Iterator[Path]:
-    """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
-
-    Symlinked folders are followed, but a folder already visited (a link loop, or one folder
-    reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
-    and the folders in ``exclude`` (e.g. the output folder) are skipped.
-    """
-    skip = {os.path.realpath(d) for d in exclude}
-    seen: set[tuple[int, int]] = set()
-    key = _dir_key(top)
-    if key is not None:
-        seen.add(key)
-    stack: list[tuple[Path, int]] = [(top, 0)]
-    while stack:
-        folder, depth = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue
-        subdirs: list[Path] = []
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            try:
-                is_dir = e.is_dir()  # follows symlinks
-            except OSError:
-                continue
-            if is_dir:
-                if max_depth is not None and depth + 1 > max_depth:
-                    continue
-                k = _dir_key(Path(e.path))
-                if k is None or k in seen or (skip and os.path.realpath(e.path) in skip):
-                    continue
-                seen.add(k)
-                subdirs.append(Path(e.path))
-            elif imageio.is_image_path(e.name):
-                yield Path(e.path)
-        stack.extend((d, depth + 1) for d in reversed(subdirs))
-
-
-def _glob_base(pattern: str) -> tuple[Path, list[str]]:
-    """Split a glob into its literal leading folder and the pattern components after it."""
-    parts = PurePosixPath(pattern.replace(os.sep, "/")).parts
-    base: list[str] = []
-    for i, part in enumerate(parts):
-        if _MAGIC.search(part):
-            return Path(*base) if base else Path("."), list(parts[i:])
-        base.append(part)
-    return Path(*parts[:-1]) if len(parts) > 1 else Path("."), list(parts[-1:])
-
-
-def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:
-    """Match path components against glob components (``**``: any number of folders)."""
-    if not pats:
-        return not parts
-    if pats[0] == "**":
-        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
-    if not parts:
-        return False
-    part, pat = parts[0], pats[0]
-    if part.startswith(".") and not pat.startswith("."):
-        return False
-    return fnmatchcase(part, pat) and _match_parts(parts[1:], pats[1:])
-
-
-def _explicit_rel(path: Path) -> PurePosixPath:
-    """Output location of a file named explicitly: relative to the current folder when it
-    is inside it, else its absolute path without the root (so it can never climb out)."""
-    absolute = Path(os.path.abspath(path))
-    try:
-        rel = absolute.relative_to(Path.cwd())
-    except ValueError:
-        rel = absolute.relative_to(absolute.anchor)
-    return PurePosixPath(*rel.parts)
-
-
-@dataclass
-class InputSpec:
-    """The parsed INPUT arguments of ``brainseg predict``."""
-
-    items: list[str]
-    include_masks: bool = False
-    stdin: TextIO | None = None
-    exclude_dirs: list[Path] = field(default_factory=list)
-
-
-def iter_inputs(spec: InputSpec) -> Iterator[InputFile]:
-    """Every input image, lazily, in order: arguments in the order given, folders and globs
-    in sorted order, ``-`` as one path per line of stdin."""
-    exclude = list(spec.exclude_dirs)
-    for item in spec.items:
-        if item == "-":
-            stream = spec.stdin if spec.stdin is not None else sys.stdin
-            for line in stream:
-                name = line.rstrip("\r\n")
-                if name.strip():
-                    p = Path(name)
-                    yield InputFile(p, _explicit_rel(p))
-            continue
-        p = Path(item)
-        if _MAGIC.search(item) and not p.exists():
-            base, pats = _glob_base(item)
-            depth = None if "**" in pats else len(pats) - 1
-            for f in walk_images(base, exclude=exclude, max_depth=depth):
-                rel_parts = f.relative_to(base).parts
-                if _match_parts(rel_parts, pats) and (spec.include_masks or not is_mask_name(f)):
-                    yield InputFile(f, PurePosixPath(*rel_parts))
-        elif p.is_dir():
-            for f in walk_images(p, exclude=exclude):
-                if spec.include_masks or not is_mask_name(f):
-                    yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
-        else:
-            yield InputFile(p, _explicit_rel(p))
-
-
-def check_inputs(items: Sequence[str]) -> None:
-    """Refuse inputs that name nothing (exit 2) before any model is loaded."""
-    if not items:
-        raise BrainsegError(
-            "no INPUT given", hint="pass image files, folders, globs or - (paths on stdin)"
-        )
-    if items.count("-") > 1:
-        raise BrainsegError("'-' (paths on stdin) is given more than once")
-    for item in items:
-        if item == "-" or _MAGIC.search(item):
-            continue
-        if not Path(item).exists():
-            raise BrainsegError(
-                f"input {item} does not exist",
-                hint="pass existing image files, folders, quoted globs or -",
-            )
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None."""
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
-    if not m:
-        raise BrainsegError(
-            f"--shard {value!r} is not of the form I/N",
-            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
-        )
-    i, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 0 <= i < n:
-        raise BrainsegError(
-            f"--shard {value}: need 0 <= I < N and N >= 1",
-            hint=f"shards of N={max(n, 1)} are 0/{max(n, 1)} ... {max(n, 1) - 1}/{max(n, 1)}",
-        )
-    return i, n
-
-
-# --------------------------------------------------------------------------- batch engine
-
-
-SUMMARY_COLUMNS = (
-    "path",
-    "output",
-    "status",
-    "tumor_pixels",
-    "tumor_fraction",
-    "max_probability",
-    "has_tumor",
-    "height",
-    "width",
-    "error",
+#: Names of the batch engine that moved to :mod:`brainseg.batch`, still reachable from here.
+_MOVED_TO_BATCH = frozenset(
+    {
+        "BatchOptions",
+        "FileResult",
+        "InputFile",
+        "InputSpec",
+        "InputStats",
+        "PredictOptions",
+        "PredictResult",
+        "SUMMARY_COLUMNS",
+        "SummaryWriter",
+        "check_inputs",
+        "iter_inputs",
+        "json_row",
+        "output_paths",
+        "parse_shard",
+        "predict_files",
+        "predict_inputs",
+        "walk_images",
+    }
 )
 
 
-@dataclass
-class BatchOptions:
-    """Settings of one ``brainseg predict`` run."""
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_BATCH:
+        from brainseg import batch
 
-    out_dir: Path
-    fmt: str = "tif"  # mask format: tif or png
-    threshold: float = 0.5
-    min_size: int = 0
-    pad: bool = False
-    probabilities: bool = False
-    overlay: bool = False
-    overlay_channel: int | None = 1  # 1 = FLAIR, None = RGB
-    skip_existing: bool = False
-    force: bool = False
-    workers: int = 2
-
-
-@dataclass
-class FileResult:
-    """One row of the summary (and one --json line)."""
-
-    path: str
-    output: str = ""
-    status: str = "ok"  # ok, skipped, error
-    tumor_pixels: int | None = None
-    tumor_fraction: float | None = None
-    max_probability: float | None = None
-    has_tumor: bool | None = None
-    height: int | None = None
-    width: int | None = None
-    error: str = ""
-    notes: tuple[str, ...] = ()
-
-    def row(self) -> dict[str, Any]:
-        """The summary columns as a dict (JSON-able)."""
-        return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
-
-
-@dataclass
-class _Outputs:
-    mask: Path
-    prob: Path | None
-    overlay: Path | None
-
-    def all(self) -> list[Path]:
-        return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
-
-
-@dataclass
-class _Prepared:
-    item: InputFile
-    outputs: _Outputs
-    image: np.ndarray  # H x W x 3 uint8 as read
-    model_input: np.ndarray  # h x w x 3 uint8 fed to the model
-    overwrite: bool
-    notes: tuple[str, ...]
-
-
-def output_paths(rel: PurePosixPath, opts: BatchOptions) -> _Outputs:
-    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png)."""
-    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts):
-        raise BrainsegError(
-            f"output for {rel} would leave the output folder {opts.out_dir}",
-            hint="pass the input folder itself instead of a path with '..'",
-        )
-    folder = opts.out_dir.joinpath(*rel.parent.parts)
-    stem = rel.stem
-    return _Outputs(
-        mask=folder / f"{stem}_mask.{opts.fmt}",
-        prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
-        overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
-    )
-
-
-def _inside(path: Path, root: Path) -> bool:
-    """True when ``path`` (resolving any links in its existing part) lies below ``root``."""
-    try:
-        return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):
-        return False
-
-
-class _Engine:
-    """Read ahead, infer in batches, write behind; results come out in input order."""
-
-    def __init__(self, predictor: Predictor, opts: BatchOptions) -> None:
-        self.predictor = predictor
-        self.opts = opts
-        self.size = predictor.image_size
-        self.root = opts.out_dir.resolve()
-
-    # ---- read side (worker threads)
-
-    def prepare(self, item: InputFile | FileResult) -> _Prepared | FileResult:
-        if isinstance(item, FileResult):
-            return item
-        try:
-            outs = output_paths(item.rel, self.opts)
-            for p in outs.all():
-                if not _inside(p.parent, self.root):
-                    raise BrainsegError(
-                        f"output {p} would be written outside {self.opts.out_dir} "
-                        "(a link inside the output folder points elsewhere)",
-                        hint="remove the link or choose another -o folder",
-                    )
-            existing = [p for p in outs.all() if p.exists()]
-            overwrite = self.opts.force
-            if existing:
-                if self.opts.skip_existing and len(existing) == len(outs.all()):
-                    return self._skipped(item, outs)
-                if not self.opts.force and not self.opts.skip_existing:
-                    raise BrainsegError(
-                        f"{existing[0]} already exists",
-                        hint="pass --force to overwrite it or --skip-existing to keep it",
-                    )
-                overwrite = True  # --skip-existing and an interrupted file: redo all of it
-            loaded = imageio.load_image(item.path)
-            image = loaded.array
-            if self.opts.pad or self.size is None:
-                model_input, _ = imageio.pad_to_multiple(image, SIZE_MULTIPLE)
-            else:
-                model_input = imageio.resize_image(image, self.size)
-            return _Prepared(item, outs, image, model_input, overwrite, loaded.notes)
-        except BrainsegError as exc:
-            return FileResult(str(item.path), status="error", error=str(exc))
-        except Exception as exc:  # never let one odd file stop the run
-            return FileResult(
-                str(item.path), status="error", error=f"{item.path}: {type(exc).__name__}: {exc}"
-            )
-
-    def _skipped(self, item: InputFile, outs: _Outputs) -> FileResult:
-        res = FileResult(str(item.path), output=str(outs.mask), status="skipped")
-        with contextlib.suppress(Exception):
-            m = imageio.read_image(outs.mask)[..., 0] > 0
-            res.tumor_pixels = int(m.sum())
-            res.height, res.width = m.shape
-            res.tumor_fraction = res.tumor_pixels / max(1, m.size)
-            res.has_tumor = res.tumor_pixels > 0
-        return res
-
-    # ---- write side (worker threads)
-
-    def finish(self, prep: _Prepared | FileResult, prob: np.ndarray | None) -> FileResult:
-        if isinstance(prep, FileResult):
-            return prep
-        from brainseg import postprocess
-
-        assert prob is not None
-        opts = self.opts
-        h, w = prep.image.shape[:2]
-        try:
-            if opts.pad or self.size is None:
-                prob = prob[:h, :w]
-                mask = postprocess.binarize(prob, opts.threshold)
-                if opts.min_size > 1:
-                    mask = postprocess.remove_small(mask, opts.min_size)
-            else:
-                small = postprocess.binarize(prob, opts.threshold)
-                if opts.min_size > 1:
-                    small = postprocess.remove_small(small, opts.min_size)
-                mask = imageio.resize_mask(small, (h, w))
-            force = prep.overwrite
-            outs = prep.outputs
-            if outs.prob is not None:
-                full = prob if prob.shape == (h, w) else imageio.resize_prob(prob, (h, w))
-                imageio.write_probability(outs.prob, full, force=force)
-            if outs.overlay is not None:
-                imageio.write_overlay(
-                    outs.overlay, prep.image, mask, channel=opts.overlay_channel, force=force
-                )
-            imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
-        except BrainsegRuntimeError:
-            raise  # disk full, unwritable folder: stop the run
-        except BrainsegError as exc:
-            return FileResult(str(prep.item.path), status="error", error=str(exc))
-        pixels = int(np.count_nonzero(mask))
-        return FileResult(
-            str(prep.item.path),
-            output=str(outs.mask),
-            status="ok",
-            tumor_pixels=pixels,
-            tumor_fraction=pixels / float(h * w),
-            max_probability=float(prob.max()),
-            has_tumor=pixels > 0,
-            height=h,
-            width=w,
-            notes=prep.notes,
-        )
-
-    # ---- the pipeline (caller's thread)
-
-    def run(self, items: Iterable[InputFile | FileResult]) -> Iterator[FileResult]:
-        bs = self.predictor.batch_size
-        workers = max(1, self.opts.workers)
-        ahead = 2 * bs + workers
-        readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
-        writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
-        try:
-            reads = _ordered_map(readers, self.prepare, items, ahead=ahead)
-            writes: deque[Future[FileResult]] = deque()
-            for group in self._batches(reads, bs):
-                probs = self._infer([g for g in group if isinstance(g, _Prepared)])
-                for g in group:
-                    prob = probs.pop(0) if isinstance(g, _Prepared) else None
-                    writes.append(writers.submit(self.finish, g, prob))
-                while len(writes) > ahead:
-                    yield writes.popleft().result()
-            while writes:
-                yield writes.popleft().result()
-        except BaseException:
-            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work.
-            readers.shutdown(wait=True, cancel_futures=True)
-            writers.shutdown(wait=True, cancel_futures=True)
-            raise
-        finally:
-            readers.shutdown()
-            writers.shutdown()
-
-    def _batches(
-        self, reads: Iterator[_Prepared | FileResult], bs: int
-    ) -> Iterator[list[_Prepared | FileResult]]:
-        """Groups of up to ``bs`` images of one shape (plus the finished results between)."""
-        group: list[_Prepared | FileResult] = []
-        n = 0
-        shape: tuple[int, ...] | None = None
-        for r in reads:
-            if isinstance(r, _Prepared):
-                if shape is not None and r.model_input.shape != shape and n:
-                    yield group
-                    group, n = [], 0
-                shape = r.model_input.shape
-                n += 1
-            group.append(r)
-            if n >= bs:
-                yield group
-                group, n = [], 0
-        if group:
-            yield group
-
-    def _infer(self, preps: list[_Prepared]) -> list[np.ndarray]:
-        if not preps:
-            return []
-        x = np.stack([p.model_input for p in preps])
-        return list(self.predictor.predict_model_size(x))
-
-
-def _ordered_map(
-    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int
-) -> Iterator[Any]:
-    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order."""
-    pending: deque[Future[Any]] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def predict_files(
-    predictor: Predictor, files: Iterable[InputFile], opts: BatchOptions
-) -> Iterator[FileResult]:
-    """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
-
-    Files that cannot be read or written come back with ``status="error"`` and the run goes
-    on; two inputs that would write the same output are an error for the second.
-    """
-    seen: set[str] = set()
-    swept: set[PurePosixPath] = set()
-    root = opts.out_dir.resolve()
-
-    def dedup() -> Iterator[InputFile | FileResult]:
-        for f in files:
-            if f.rel.parent not in swept:  # once per output folder, before it is written to
-                swept.add(f.rel.parent)
-                folder = opts.out_dir / f.rel.parent
-                if _inside(folder, root):  # never outside -o (a planted link)
-                    remove_stale_temps(folder)
-            key = str(f.rel.parent / f.rel.stem)
-            if key in seen:
-                yield FileResult(
-                    str(f.path),
-                    status="error",
-                    error=f"{f.path}: another input already writes "
-                    f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
-                    f"{opts.fmt} in this run",
-                )
-                continue
-            seen.add(key)
-            yield f
-
-    yield from _Engine(predictor, opts).run(dedup())
-
-
-# --------------------------------------------------------------------------- summary
-
-
-class SummaryWriter:
-    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
-
-    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
-    the final name. Nothing is created until the first row.
-    """
-
-    def __init__(self, path: Path, fmt: str = "csv") -> None:
-        self.path = path
-        self.fmt = fmt
-        self._tmp: Path | None = None
-        self._f: io.TextIOWrapper | None = None
-        self._csv: Any = None
-        self.rows = 0
-
-    def write(self, res: FileResult) -> None:
-        try:
-            self._write(res)
-        except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
-            raise write_error(self.path, exc) from exc
-
-    def _write(self, res: FileResult) -> None:
-        if self._f is None:
-            import tempfile
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.path.parent)  # a killed run's summary
-            fd, name = tempfile.mkstemp(
-                prefix=temp_prefix(self.path.name), suffix=".tmp", dir=self.path.parent
-            )
-            self._tmp = Path(name)
-            self._f = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            if self.fmt == "csv":
-                self._csv = csv.DictWriter(self._f, fieldnames=list(SUMMARY_COLUMNS))
-                self._csv.writeheader()
-        row = res.row()
-        if self.fmt == "csv":
-            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
-        else:
-            self._f.write(json.dumps(_json_row(row)) + "\n")
-        self._f.flush()
-        self.rows += 1
-
-    def close(self) -> Path | None:
-        if self._f is None or self._tmp is None:
-            return None
-        f, self._f = self._f, None
-        try:
-            f.close()
-        except OSError as exc:  # the last buffered rows did not fit: keep those on disk
-            with contextlib.suppress(OSError):
-                os.replace(self._tmp, self.path)
-            raise write_error(self.path, exc) from exc
-        os.replace(self._tmp, self.path)
-        return self.path
-
-
-def _csv_cell(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
-    }
-
-
-def json_row(res: FileResult) -> dict[str, Any]:
-    """The --json line of one result."""
-    return _json_row(res.row())
+        return getattr(batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

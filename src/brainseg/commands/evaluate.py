@@ -7,12 +7,10 @@ torch and onnxruntime are imported when the command runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from brainseg import console
-from brainseg.errors import BrainsegError
 
 _HELP = (
     "Evaluate MODEL(s) on DATA: Dice, IoU, precision, recall, specificity, HD95.\n\n"
@@ -101,116 +99,33 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
-        if len(paths) < 2:
-            raise BrainsegError(
-                "brainseg eval needs at least one MODEL and a DATA folder",
-                hint="usage: brainseg eval MODEL [MODEL...] DATA [--split splits.yaml]",
-            )
         from brainseg import evaluation as ev
 
-        *model_args, data = paths
-        models = ev.check_model_paths(model_args)
-        if not data.exists():
-            raise BrainsegError(
-                f"dataset folder {data} does not exist",
-                hint="the last path must be the data (a kaggle_3m folder)",
-            )
-        if tune_output is not None:
-            tune = True
-            ev.check_tune_output(models, tune_output, force)
-        opts = ev.EvalOptions(
-            threshold=threshold,
-            min_size=min_size,
-            largest=largest,
-            tta=tta,
-            device=device,
-            batch_size=batch_size,
-            skip_bad=skip_bad,
-            tune=tune,
+        job = ev.EvalJob(
+            paths=paths,
+            split=split,
+            subset=subset,
+            fold=fold,
+            opts=ev.EvalOptions(
+                threshold=threshold,
+                min_size=min_size,
+                largest=largest,
+                tta=tta,
+                device=device,
+                batch_size=batch_size,
+                skip_bad=skip_bad,
+                tune=tune,
+            ),
+            project=project,
+            name=name,
+            exist_ok=exist_ok,
+            tune_output=tune_output,
+            force=force,
         )
-        result = ev.run_eval(models, data, split, subset, fold, opts)
-
-        from brainseg.fsutil import next_run_dir
-
-        if result.tune is not None and tune_output is not None:
-            ev.write_tuned_model(models[0], tune_output, result.tune.best, force)
-            result.summary["tune"]["output"] = str(tune_output)
-        run_dir = next_run_dir(project, name, exist_ok=exist_ok)
-        ev.write_run(result, run_dir)
-
-        _render(result.summary)
+        result = ev.run_eval_job(job)
+        ev.render_report(result.summary)
         if result.tune is not None:
-            _render_tune(result.tune, tune_output)
-        console.info(f"results saved to {run_dir}")
+            ev.render_tune(result.tune, tune_output)
+        console.info(f"results saved to {result.run_dir}")
         if json_out:
             console.emit_json(ev.json_safe(result.summary))
-
-
-def _render(summary: dict[str, Any]) -> None:
-    """The per-patient and per-slice statistics table, then global and detection lines."""
-    from brainseg.metrics import METRICS
-
-    levels = [
-        ("per patient", "per_patient"),
-        ("per slice (tumor)", "per_slice_tumor"),
-        ("per slice (all)", "per_slice_all"),
-    ]
-    rows: list[list[Any]] = []
-    for metric in METRICS:
-        for label, key in levels:
-            st = summary[key][metric]
-            rows.append(
-                [
-                    metric if label == "per patient" else "",
-                    label,
-                    _f(st["mean"]),
-                    _f(st["median"]),
-                    _f(st["std"]),
-                    _f(st["min"]),
-                    st["n"],
-                ]
-            )
-    c = summary["counts"]
-    fold = "" if summary["fold"] is None else f", fold {summary['fold']}"
-    title = (
-        f"{c['patients']} patients, {c['slices']} slices ({c['tumor_slices']} with tumor)"
-        f" - subset {summary['subset']}{fold}"
-    )
-    table = console.table(title, ["metric", "level", "mean", "median", "std", "min", "n"], rows)
-    table.columns[1].justify = "left"
-    console.result(table)
-    g, d, sk = summary["global"], summary["detection"], summary["hd95_skipped"]
-    console.result(
-        "global (all pixels pooled): "
-        + "  ".join(f"{k} {_s(g[k])}" for k in ("dice", "iou", "precision", "recall"))
-    )
-    console.result(
-        f"slice detection: sensitivity {_s(d['sensitivity'])}  specificity "
-        f"{_s(d['specificity'])}  (tp {d['tp']}, fp {d['fp']}, fn {d['fn']}, "
-        f"tn {d['tn']})"
-    )
-    console.result(
-        f"HD95 (pixels) skipped for an empty mask: {sk['per_patient']} patients, "
-        f"{sk['per_slice_tumor']} tumor slices, {sk['per_slice_all']} slices"
-    )
-
-
-def _render_tune(tuned: Any, output: Path | None) -> None:
-    b, base = tuned.best, tuned.baseline
-    console.result(
-        f"tuned on these patients: threshold {b.threshold:g}, min-size {b.min_size}, "
-        f"{'--largest' if b.largest else '--no-largest'} -> mean per-patient Dice "
-        f"{tuned.best_dice:.4f} (was {tuned.baseline_dice:.4f} with threshold "
-        f"{base.threshold:g}, min-size {base.min_size}, "
-        f"{'--largest' if base.largest else '--no-largest'}; gain {tuned.gain:+.4f})"
-    )
-    if output is not None:
-        console.info(f"tuned copy written to {output}")
-
-
-def _f(v: float | None) -> float:
-    return float("nan") if v is None else float(v)
-
-
-def _s(v: float | None) -> str:
-    return console.fmt(_f(v))

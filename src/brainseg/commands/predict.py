@@ -6,19 +6,18 @@ onnxruntime and (for .safetensors models) torch are imported when the command ru
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from brainseg import console as con
-from brainseg.errors import EXIT_RUNTIME, BrainsegError
 
 _HELP = (
     "Predict a tumor mask for every INPUT image with MODEL (.safetensors or .onnx).\n\n"
     "INPUT is image files (.tif/.tiff/.png/.jpg), folders (searched recursively, sorted; "
-    "*_mask.* files skipped), quoted glob patterns ('scans/**/*.tif') or - (one path per line "
+    "ground-truth *_mask.* files skipped here, in globs and on stdin), quoted glob "
+    "patterns ('scans/**/*.tif') or - (one path per line "
     "on stdin). Writes OUT/<same relative path>/<stem>_mask.<format> (uint8 0/255, the input's "
     "size) and OUT/summary.csv. An .onnx MODEL runs with onnxruntime alone (no torch).\n\n"
     "Exit codes: 0 all files done, 1 some files failed (see the summary), 2 bad input.\n\n"
@@ -32,11 +31,14 @@ def register(app: typer.Typer) -> None:
     @app.command("predict", help=_HELP, no_args_is_help=True)
     def _cmd(
         model: Path = typer.Argument(
-            ..., show_default=False, help="Model: a .safetensors checkpoint or an .onnx file."
+            ...,
+            metavar="MODEL",
+            show_default=False,
+            help="Model: a .safetensors checkpoint or an .onnx file.",
         ),
         inputs: list[str] = typer.Argument(
             ...,
-            metavar="INPUT...",
+            metavar="INPUT",  # the usage line adds "..." for a list
             show_default=False,
             help="Image files, folders, glob patterns or -.",
         ),
@@ -82,8 +84,8 @@ def register(app: typer.Typer) -> None:
             "--min-size",
             min=0,
             show_default=False,
-            help="Remove tumor components smaller than this many pixels (at the model's "
-            "image size) \\[default: the model's stored value].",
+            help="Remove tumor components smaller than this many pixels (at each image's "
+            "own size, as eval does) \\[default: the model's stored value].",
         ),
         tta: bool = typer.Option(
             False, "--tta", help="Test-time augmentation: mean over horizontal/vertical flips."
@@ -117,22 +119,25 @@ def register(app: typer.Typer) -> None:
             help="Only files number I, I+N, I+2N... of the sorted input list (0 <= I < N).",
         ),
         include_masks: bool = typer.Option(
-            False, "--include-masks", help="Also predict *_mask.* files found in folders and globs."
+            False,
+            "--include-masks",
+            help="Also predict *_mask.* (ground-truth) files: in folders, globs, on stdin "
+            "and named ones.",
         ),
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
-        code = run_predict(
-            model=model,
+        from brainseg.batch import PredictOptions
+
+        opts = PredictOptions(
+            models=[model, *ensemble],
             inputs=inputs,
-            output=output,
-            ensemble=ensemble,
+            out_dir=output,
             fmt=fmt,
             probabilities=probabilities,
             overlay=overlay,
             overlay_rgb=overlay_rgb,
             summary=summary,
-            json_out=json_out,
             threshold=threshold,
             min_size=min_size,
             tta=tta,
@@ -145,6 +150,7 @@ def register(app: typer.Typer) -> None:
             shard=shard,
             include_masks=include_masks,
         )
+        code = run_predict(opts, json_out=json_out)
         if code:
             raise typer.Exit(code)
 
@@ -165,174 +171,23 @@ def _silence_stdout() -> None:
         pass
 
 
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
-    v = value.lower().lstrip(".")
-    if v not in choices:
-        raise BrainsegError(
-            f"{option} {value!r} is not one of {', '.join(choices)}",
-            hint=f"use {option} {choices[0]}",
-        )
-    return v
+def run_predict(opts: Any, *, json_out: bool = False) -> int:
+    """Call :func:`brainseg.batch.predict_inputs` and render its result; the exit code."""
+    from brainseg.batch import json_row, predict_inputs, render_result
 
+    if json_out:
+        emitted = 0
 
-def run_predict(
-    *,
-    model: Path,
-    inputs: list[str],
-    output: Path,
-    ensemble: list[Path],
-    fmt: str,
-    probabilities: bool,
-    overlay: bool,
-    overlay_rgb: bool,
-    summary: str,
-    json_out: bool,
-    threshold: float | None,
-    min_size: int | None,
-    tta: bool,
-    pad: bool,
-    batch_size: int,
-    device: str,
-    workers: int,
-    skip_existing: bool,
-    force: bool,
-    shard: str | None,
-    include_masks: bool,
-) -> int:
-    """The command body; returns the exit code (0 all done, 1 some files failed)."""
-    from brainseg import predict as P
+        def emit(res: Any) -> None:
+            nonlocal emitted
+            try:
+                con.emit_json(json_row(res))
+            except BrokenPipeError:
+                # `... --json | head`: the reader has gone; stop like other Unix tools.
+                _silence_stdout()
+                con.info(f"stdout closed: stopped after {emitted + 1} file(s)")
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
+            emitted += 1
 
-    fmt = _choice("--format", fmt, ("tif", "png"))
-    summary_fmt = _choice("--summary", summary, ("csv", "jsonl"))
-    if force and skip_existing:
-        raise BrainsegError(
-            "--force and --skip-existing cannot be used together",
-            hint="--skip-existing keeps finished files, --force redoes them",
-        )
-    shard_in = P.parse_shard(shard)
-    if output.exists() and not output.is_dir():
-        raise BrainsegError(
-            f"output {output} is a file, not a folder",
-            hint="pass a folder to -o (it is created if missing)",
-        )
-    P.check_inputs(inputs)
-    spec = P.InputSpec(items=list(inputs), include_masks=include_masks, exclude_dirs=[output])
-
-    files = P.iter_inputs(spec)
-    first = next(files, None)
-    if first is None:
-        raise BrainsegError(
-            f"no images found in {', '.join(inputs)} (looked for .tif/.tiff/.png/.jpg/.jpeg"
-            f"{'' if include_masks else ', skipping *_mask.* files'})",
-            hint="check the paths, quote glob patterns, or pass --include-masks",
-        )
-    name = "summary" if shard_in is None else f"summary-{shard_in[0]}-of-{shard_in[1]}"
-    summary_path = output / f"{name}.{summary_fmt}"
-    if summary_path.exists() and not (force or skip_existing):
-        raise BrainsegError(
-            f"{summary_path} already exists (an earlier run wrote to {output})",
-            hint="pass --skip-existing to resume that run, --force to redo it, "
-            "or choose another -o folder",
-        )
-
-    predictor = P.Predictor([model, *ensemble], device=device, batch_size=batch_size, tta=tta)
-    meta = predictor.metadata
-    post = meta.get("postprocess") or {}
-    thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
-    ms = int(min_size if min_size is not None else (post.get("min_size") or 0))
-    size = predictor.image_size
-    how = "padded to multiples of 32" if pad or size is None else f"resized to {size[0]}x{size[1]}"
-    con.info(
-        f"model {model} ({predictor.backend}"
-        f"{f', ensemble of {len(predictor.paths)}' if ensemble else ''}"
-        f"{', TTA' if tta else ''}): images {how}, threshold {thr:g}, min size {ms}"
-    )
-    if post.get("largest_component"):
-        con.info(
-            "the model's largest-component rule is per patient volume and is not "
-            "applied to independent files"
-        )
-
-    opts = P.BatchOptions(
-        out_dir=output,
-        fmt=fmt,
-        threshold=thr,
-        min_size=ms,
-        pad=pad,
-        probabilities=probabilities,
-        overlay=overlay,
-        overlay_channel=None if overlay_rgb else 1,
-        skip_existing=skip_existing,
-        force=force,
-        workers=workers,
-    )
-
-    def chosen(stream: Any) -> Any:
-        if shard_in is None:
-            return stream
-        i, n = shard_in
-        return islice(stream, i, None, n)
-
-    def everything() -> Any:
-        yield first
-        yield from files
-
-    total = None
-    if "-" not in inputs:  # a second, cheap walk (no image is read) for the progress total
-        total = sum(1 for _ in chosen(P.iter_inputs(spec)))
-    output.mkdir(parents=True, exist_ok=True)
-
-    writer = P.SummaryWriter(summary_path, summary_fmt)
-    counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
-    warned: set[str] = set()
-    try:
-        with con.progress(total, "predict", unit="file") as bar:
-            for res in P.predict_files(predictor, chosen(everything()), opts):
-                writer.write(res)
-                counts[res.status] = counts.get(res.status, 0) + 1
-                counts["tumor"] += bool(res.has_tumor)
-                if json_out:
-                    try:
-                        con.emit_json(P.json_row(res))
-                    except BrokenPipeError:
-                        # `... --json | head`: the reader has gone; stop like other Unix tools.
-                        _silence_stdout()
-                        con.info(f"stdout closed: stopped after {sum(counts.values())} file(s)")
-                        raise typer.Exit(EXIT_BROKEN_PIPE) from None
-                if res.status == "error":
-                    con.warn(res.error)
-                for note in res.notes:
-                    if note not in warned:
-                        warned.add(note)
-                        con.warn(f"{res.path}: {note} (said once; other files may be too)")
-                bar.advance(1, failed=counts["error"])
-    except KeyboardInterrupt:
-        done = counts["ok"] + counts["skipped"] + counts["error"]
-        con.warn(
-            f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
-            "same command with --skip-existing to continue"
-        )
-        raise
-    finally:
-        written = writer.close()
-
-    done = counts["ok"] + counts["skipped"] + counts["error"]
-    if done == 0:
-        con.info(f"shard {shard}: no file of the input falls in this shard")
-        return 0
-    con.result(
-        con.table(
-            f"predict: {done} file(s)",
-            ["files", "written", "skipped", "failed", "with tumor"],
-            [[done, counts["ok"], counts["skipped"], counts["error"], counts["tumor"]]],
-        )
-    )
-    if written is not None:
-        con.info(f"summary: {written}")
-    if counts["error"]:
-        con.error(
-            f"{counts['error']} of {done} file(s) failed",
-            hint=f"see the status/error columns of {summary_path}",
-        )
-        return EXIT_RUNTIME
-    return 0
+        opts.on_result = emit
+    return render_result(predict_inputs(opts), opts.shard)

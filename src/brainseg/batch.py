@@ -1,0 +1,892 @@
+"""The batch engine behind ``brainseg predict``: inputs -> masks on disk + a summary.
+
+Inputs (files, folders, globs, ``-`` for stdin) are walked lazily; images are read and
+resized by a small thread pool ahead of inference and their outputs written by another pool
+behind it, so memory stays constant however many files there are. :func:`predict_inputs`
+is the library entry point (``PredictOptions`` in, ``PredictResult`` out) that the command
+and the demo call.
+
+The mask of every file comes from :func:`brainseg.postprocess.mask_from_output`, the rule
+eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from itertools import islice
+from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
+
+import numpy as np
+
+from brainseg import console, imageio, postprocess
+from brainseg.errors import EXIT_RUNTIME, BrainsegError, BrainsegRuntimeError
+from brainseg.fsutil import remove_stale_temps, temp_prefix, write_error
+from brainseg.imageio import is_mask_name
+from brainseg.predict import SIZE_MULTIPLE, Predictor
+from brainseg.settings import DEFAULT_THRESHOLD
+
+# --------------------------------------------------------------------------- input walking
+
+
+_MAGIC = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input image: where to read it and its path relative to the output folder."""
+
+    path: Path
+    rel: PurePosixPath
+
+
+def _dir_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_images(
+    top: Path,
+    *,
+    exclude: Sequence[Path] = (),
+    max_depth: int | None = None,
+    skipped: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
+    """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
+
+    Symlinked folders are followed, but a folder already visited (a link loop, or one folder
+    reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
+    and the folders in ``exclude`` (e.g. the output folder) are skipped; other files of a
+    type that cannot be read go to ``skipped``.
+    """
+    skip = {os.path.realpath(d) for d in exclude}
+    seen: set[tuple[int, int]] = set()
+    key = _dir_key(top)
+    if key is not None:
+        seen.add(key)
+    stack: list[tuple[Path, int]] = [(top, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs: list[Path] = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                continue
+            if is_dir:
+                if max_depth is not None and depth + 1 > max_depth:
+                    continue
+                k = _dir_key(Path(e.path))
+                if k is None or k in seen or (skip and os.path.realpath(e.path) in skip):
+                    continue
+                seen.add(k)
+                subdirs.append(Path(e.path))
+            elif imageio.is_image_path(e.name):
+                yield Path(e.path)
+            elif skipped is not None:
+                skipped(Path(e.path))
+        stack.extend((d, depth + 1) for d in reversed(subdirs))
+
+
+def _glob_base(pattern: str) -> tuple[Path, list[str]]:
+    """Split a glob into its literal leading folder and the pattern components after it."""
+    parts = PurePosixPath(pattern.replace(os.sep, "/")).parts
+    base: list[str] = []
+    for i, part in enumerate(parts):
+        if _MAGIC.search(part):
+            return Path(*base) if base else Path("."), list(parts[i:])
+        base.append(part)
+    return Path(*parts[:-1]) if len(parts) > 1 else Path("."), list(parts[-1:])
+
+
+def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:
+    """Match path components against glob components (``**``: any number of folders)."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    part, pat = parts[0], pats[0]
+    if part.startswith(".") and not pat.startswith("."):
+        return False
+    return fnmatchcase(part, pat) and _match_parts(parts[1:], pats[1:])
+
+
+def _explicit_rel(path: Path) -> PurePosixPath:
+    """Output location of a file named explicitly: relative to the current folder when it
+    is inside it, else its absolute path without the root (so it can never climb out)."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        rel = absolute.relative_to(Path.cwd())
+    except ValueError:
+        rel = absolute.relative_to(absolute.anchor)
+    return PurePosixPath(*rel.parts)
+
+
+@dataclass
+class InputSpec:
+    """The parsed INPUT arguments of ``brainseg predict``."""
+
+    items: list[str]
+    include_masks: bool = False
+    stdin: TextIO | None = None
+    exclude_dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class InputStats:
+    """What a walk of the inputs left out: ground-truth masks and files of other types."""
+
+    masks: int = 0
+    other_types: list[Path] = field(default_factory=list)
+
+    def other(self, path: Path) -> None:
+        self.other_types.append(path)
+
+
+def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[InputFile]:
+    """Every input image, lazily, in order: arguments in the order given, folders and globs
+    in sorted order, ``-`` as one path per line of stdin.
+
+    Ground-truth masks (``*_mask.*``) are left out wherever they come from (folders, globs,
+    stdin; a mask named as an argument is refused by :func:`check_inputs`) unless
+    ``spec.include_masks``; ``stats`` counts them and the files of other types in folders.
+    """
+    stats = stats if stats is not None else InputStats()
+    exclude = list(spec.exclude_dirs)
+
+    def keep(path: Path) -> bool:
+        if spec.include_masks or not is_mask_name(path):
+            return True
+        stats.masks += 1
+        return False
+
+    for item in spec.items:
+        if item == "-":
+            stream = spec.stdin if spec.stdin is not None else sys.stdin
+            for line in stream:
+                name = line.rstrip("\r\n")
+                if name.strip() and keep(Path(name)):
+                    yield InputFile(Path(name), _explicit_rel(Path(name)))
+            continue
+        p = Path(item)
+        if _MAGIC.search(item) and not p.exists():
+            base, pats = _glob_base(item)
+            depth = None if "**" in pats else len(pats) - 1
+            for f in walk_images(base, exclude=exclude, max_depth=depth):
+                rel_parts = f.relative_to(base).parts
+                if _match_parts(rel_parts, pats) and keep(f):
+                    yield InputFile(f, PurePosixPath(*rel_parts))
+        elif p.is_dir():
+            for f in walk_images(p, exclude=exclude, skipped=stats.other):
+                if keep(f):
+                    yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
+        else:
+            yield InputFile(p, _explicit_rel(p))
+
+
+def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
+    """Refuse inputs that name nothing, or a ground-truth mask, (exit 2) before any model
+    is loaded."""
+    if not items:
+        raise BrainsegError(
+            "no INPUT given", hint="pass image files, folders, globs or - (paths on stdin)"
+        )
+    if items.count("-") > 1:
+        raise BrainsegError("'-' (paths on stdin) is given more than once")
+    for item in items:
+        if item == "-" or _MAGIC.search(item):
+            continue
+        if not Path(item).exists():
+            raise BrainsegError(
+                f"input {item} does not exist",
+                hint="pass existing image files, folders, quoted globs or -",
+            )
+        if not include_masks and Path(item).is_file() and is_mask_name(item):
+            raise BrainsegError(
+                f"input {item} is a ground-truth mask (*_mask.*), not a scan",
+                hint="pass the scan next to it, or --include-masks to predict masks on purpose",
+            )
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m:
+        raise BrainsegError(
+            f"--shard {value!r} is not of the form I/N",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
+        )
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= i < n:
+        raise BrainsegError(
+            f"--shard {value}: need 0 <= I < N and N >= 1",
+            hint=f"shards of N={max(n, 1)} are 0/{max(n, 1)} ... {max(n, 1) - 1}/{max(n, 1)}",
+        )
+    return i, n
+
+
+# --------------------------------------------------------------------------- batch engine
+
+
+SUMMARY_COLUMNS = (
+    "path",
+    "output",
+    "status",
+    "tumor_pixels",
+    "tumor_fraction",
+    "max_probability",
+    "has_tumor",
+    "height",
+    "width",
+    "error",
+)
+
+
+@dataclass
+class BatchOptions:
+    """Settings of one ``brainseg predict`` run."""
+
+    out_dir: Path
+    fmt: str = "tif"  # mask format: tif or png
+    threshold: float = DEFAULT_THRESHOLD
+    min_size: int = 0
+    pad: bool = False
+    probabilities: bool = False
+    overlay: bool = False
+    overlay_channel: int | None = 1  # 1 = FLAIR, None = RGB
+    skip_existing: bool = False
+    force: bool = False
+    workers: int = 2
+
+
+@dataclass
+class FileResult:
+    """One row of the summary (and one --json line)."""
+
+    path: str
+    output: str = ""
+    status: str = "ok"  # ok, skipped, error
+    tumor_pixels: int | None = None
+    tumor_fraction: float | None = None
+    max_probability: float | None = None
+    has_tumor: bool | None = None
+    height: int | None = None
+    width: int | None = None
+    error: str = ""
+    notes: tuple[str, ...] = ()
+
+    def row(self) -> dict[str, Any]:
+        """The summary columns as a dict (JSON-able)."""
+        return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
+
+
+@dataclass
+class _Outputs:
+    mask: Path
+    prob: Path | None
+    overlay: Path | None
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
+
+
+@dataclass
+class _Prepared:
+    item: InputFile
+    outputs: _Outputs
+    image: np.ndarray  # H x W x 3 uint8 as read
+    model_input: np.ndarray  # h x w x 3 uint8 fed to the model
+    overwrite: bool
+    notes: tuple[str, ...]
+
+
+def output_paths(rel: PurePosixPath, opts: BatchOptions) -> _Outputs:
+    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png)."""
+    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts):
+        raise BrainsegError(
+            f"output for {rel} would leave the output folder {opts.out_dir}",
+            hint="pass the input folder itself instead of a path with '..'",
+        )
+    folder = opts.out_dir.joinpath(*rel.parent.parts)
+    stem = rel.stem
+    return _Outputs(
+        mask=folder / f"{stem}_mask.{opts.fmt}",
+        prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
+        overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
+    )
+
+
+def check_outputs(item: InputFile, opts: BatchOptions, root: Path) -> _Outputs:
+    """The outputs of ``item``, refused (even with --force) when one would leave ``root``
+    (the resolved -o folder), be the input itself or the input's ground-truth mask."""
+    outs = output_paths(item.rel, opts)
+    src = item.path.resolve()
+    for p in outs.all():
+        if not _inside(p.parent, root):
+            raise BrainsegError(
+                f"output {p} would be written outside {opts.out_dir} "
+                "(a link inside the output folder points elsewhere)",
+                hint="remove the link or choose another -o folder",
+            )
+        dst = p.resolve()
+        if dst == src:
+            raise BrainsegError(
+                f"output {p} is the input file {item.path} itself",
+                hint="choose an -o folder outside the data (e.g. -o masks/)",
+            )
+        if dst.parent == src.parent and dst.stem.lower() == f"{src.stem.lower()}_mask":
+            raise BrainsegError(
+                f"output {p} is the ground-truth mask name of input {item.path} "
+                "(-o points into the data): predictions would overwrite or pass for ground truth",
+                hint="choose an -o folder outside the data (e.g. -o masks/); --force never "
+                "writes there",
+            )
+    return outs
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (resolving any links in its existing part) lies below ``root``."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
+class _Engine:
+    """Read ahead, infer in batches, write behind; results come out in input order."""
+
+    def __init__(self, predictor: Predictor, opts: BatchOptions) -> None:
+        self.predictor = predictor
+        self.opts = opts
+        self.size = predictor.image_size
+        self.root = opts.out_dir.resolve()
+
+    # ---- read side (worker threads)
+
+    def prepare(self, item: InputFile | FileResult) -> _Prepared | FileResult:
+        if isinstance(item, FileResult):
+            return item
+        try:
+            outs = check_outputs(item, self.opts, self.root)
+            existing = [p for p in outs.all() if p.exists()]
+            overwrite = self.opts.force
+            if existing:
+                if self.opts.skip_existing and len(existing) == len(outs.all()):
+                    return self._skipped(item, outs)
+                if not self.opts.force and not self.opts.skip_existing:
+                    raise BrainsegError(
+                        f"{existing[0]} already exists",
+                        hint="pass --force to overwrite it or --skip-existing to keep it",
+                    )
+                overwrite = True  # --skip-existing and an interrupted file: redo all of it
+            loaded = imageio.load_image(item.path)
+            image = loaded.array
+            if self.opts.pad or self.size is None:
+                model_input, _ = imageio.pad_to_multiple(image, SIZE_MULTIPLE)
+            else:
+                model_input = imageio.resize_image(image, self.size)
+            return _Prepared(item, outs, image, model_input, overwrite, loaded.notes)
+        except BrainsegError as exc:
+            return FileResult(str(item.path), status="error", error=str(exc))
+        except Exception as exc:  # never let one odd file stop the run
+            return FileResult(
+                str(item.path), status="error", error=f"{item.path}: {type(exc).__name__}: {exc}"
+            )
+
+    def _skipped(self, item: InputFile, outs: _Outputs) -> FileResult:
+        res = FileResult(str(item.path), output=str(outs.mask), status="skipped")
+        with contextlib.suppress(Exception):
+            m = imageio.read_image(outs.mask)[..., 0] > 0
+            res.tumor_pixels = int(m.sum())
+            res.height, res.width = m.shape
+            res.tumor_fraction = res.tumor_pixels / max(1, m.size)
+            res.has_tumor = res.tumor_pixels > 0
+        return res
+
+    # ---- write side (worker threads)
+
+    def finish(self, prep: _Prepared | FileResult, prob: np.ndarray | None) -> FileResult:
+        if isinstance(prep, FileResult):
+            return prep
+        assert prob is not None
+        opts = self.opts
+        h, w = prep.image.shape[:2]
+        try:
+            prob, mask = postprocess.mask_from_output(
+                prob, (h, w), opts.threshold, opts.min_size, padded=opts.pad or self.size is None
+            )
+            force = prep.overwrite
+            outs = prep.outputs
+            if outs.prob is not None:
+                imageio.write_probability(outs.prob, prob, force=force)
+            if outs.overlay is not None:
+                imageio.write_overlay(
+                    outs.overlay, prep.image, mask, channel=opts.overlay_channel, force=force
+                )
+            imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
+        except BrainsegRuntimeError:
+            raise  # disk full, unwritable folder: stop the run
+        except BrainsegError as exc:
+            return FileResult(str(prep.item.path), status="error", error=str(exc))
+        pixels = int(np.count_nonzero(mask))
+        return FileResult(
+            str(prep.item.path),
+            output=str(outs.mask),
+            status="ok",
+            tumor_pixels=pixels,
+            tumor_fraction=pixels / float(h * w),
+            max_probability=float(prob.max()),  # of what _prob.tif holds (float32)
+            has_tumor=pixels > 0,
+            height=h,
+            width=w,
+            notes=prep.notes,
+        )
+
+    # ---- the pipeline (caller's thread)
+
+    def run(self, items: Iterable[InputFile | FileResult]) -> Iterator[FileResult]:
+        bs = self.predictor.batch_size
+        workers = max(1, self.opts.workers)
+        ahead = 2 * bs + workers
+        readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
+        writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
+        try:
+            reads = _ordered_map(readers, self.prepare, items, ahead=ahead)
+            writes: deque[Future[FileResult]] = deque()
+            for group in self._batches(reads, bs):
+                probs = self._infer([g for g in group if isinstance(g, _Prepared)])
+                for g in group:
+                    prob = probs.pop(0) if isinstance(g, _Prepared) else None
+                    writes.append(writers.submit(self.finish, g, prob))
+                while len(writes) > ahead:
+                    yield writes.popleft().result()
+            while writes:
+                yield writes.popleft().result()
+        except BaseException:
+            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work.
+            readers.shutdown(wait=True, cancel_futures=True)
+            writers.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            readers.shutdown()
+            writers.shutdown()
+
+    def _batches(
+        self, reads: Iterator[_Prepared | FileResult], bs: int
+    ) -> Iterator[list[_Prepared | FileResult]]:
+        """Groups of up to ``bs`` images of one shape (plus the finished results between)."""
+        group: list[_Prepared | FileResult] = []
+        n = 0
+        shape: tuple[int, ...] | None = None
+        for r in reads:
+            if isinstance(r, _Prepared):
+                if shape is not None and r.model_input.shape != shape and n:
+                    yield group
+                    group, n = [], 0
+                shape = r.model_input.shape
+                n += 1
+            group.append(r)
+            if n >= bs:
+                yield group
+                group, n = [], 0
+        if group:
+            yield group
+
+    def _infer(self, preps: list[_Prepared]) -> list[np.ndarray]:
+        if not preps:
+            return []
+        x = np.stack([p.model_input for p in preps])
+        return list(self.predictor.predict_model_size(x))
+
+
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int
+) -> Iterator[Any]:
+    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order."""
+    pending: deque[Future[Any]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def predict_files(
+    predictor: Predictor, files: Iterable[InputFile], opts: BatchOptions
+) -> Iterator[FileResult]:
+    """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
+
+    Files that cannot be read or written come back with ``status="error"`` and the run goes
+    on; two inputs that would write the same output are an error for the second.
+    """
+    seen: set[str] = set()
+    swept: set[PurePosixPath] = set()
+    root = opts.out_dir.resolve()
+
+    def dedup() -> Iterator[InputFile | FileResult]:
+        for f in files:
+            if f.rel.parent not in swept:  # once per output folder, before it is written to
+                swept.add(f.rel.parent)
+                folder = opts.out_dir / f.rel.parent
+                if _inside(folder, root):  # never outside -o (a planted link)
+                    remove_stale_temps(folder)
+            key = str(f.rel.parent / f.rel.stem)
+            if key in seen:
+                yield FileResult(
+                    str(f.path),
+                    status="error",
+                    error=f"{f.path}: another input already writes "
+                    f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
+                    f"{opts.fmt} in this run",
+                )
+                continue
+            seen.add(key)
+            yield f
+
+    yield from _Engine(predictor, opts).run(dedup())
+
+
+# --------------------------------------------------------------------------- summary
+
+
+class SummaryWriter:
+    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
+
+    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
+    the final name. Nothing is created until the first row.
+    """
+
+    def __init__(self, path: Path, fmt: str = "csv") -> None:
+        self.path = path
+        self.fmt = fmt
+        self._tmp: Path | None = None
+        self._f: io.TextIOWrapper | None = None
+        self._csv: Any = None
+        self.rows = 0
+
+    def write(self, res: FileResult) -> None:
+        try:
+            self._write(res)
+        except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
+            raise write_error(self.path, exc) from exc
+
+    def _write(self, res: FileResult) -> None:
+        if self._f is None:
+            import tempfile
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path.parent)  # a killed run's summary
+            fd, name = tempfile.mkstemp(
+                prefix=temp_prefix(self.path.name), suffix=".tmp", dir=self.path.parent
+            )
+            self._tmp = Path(name)
+            self._f = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            if self.fmt == "csv":
+                self._csv = csv.DictWriter(self._f, fieldnames=list(SUMMARY_COLUMNS))
+                self._csv.writeheader()
+        row = res.row()
+        if self.fmt == "csv":
+            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
+        else:
+            self._f.write(json.dumps(_json_row(row)) + "\n")
+        self._f.flush()
+        self.rows += 1
+
+    def close(self) -> Path | None:
+        if self._f is None or self._tmp is None:
+            return None
+        f, self._f = self._f, None
+        try:
+            f.close()
+        except OSError as exc:  # the last buffered rows did not fit: keep those on disk
+            with contextlib.suppress(OSError):
+                os.replace(self._tmp, self.path)
+            raise write_error(self.path, exc) from exc
+        os.replace(self._tmp, self.path)
+        return self.path
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float):
+        return repr(v)  # exact: max_probability reads back as the _prob.tif maximum
+    return v
+
+
+def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
+
+
+def json_row(res: FileResult) -> dict[str, Any]:
+    """The --json line of one result."""
+    return _json_row(res.row())
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class PredictOptions:
+    """One ``brainseg predict`` run; ``None`` settings come from the model's metadata."""
+
+    models: list[Path]  # the model, then any ensemble members (mean probability)
+    inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
+    out_dir: Path
+    fmt: str = "tif"
+    probabilities: bool = False
+    overlay: bool = False
+    overlay_rgb: bool = False
+    summary: str = "csv"  # csv or jsonl
+    threshold: float | None = None
+    min_size: int | None = None
+    tta: bool = False
+    pad: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    workers: int = 2
+    skip_existing: bool = False
+    force: bool = False
+    shard: str | None = None
+    include_masks: bool = False
+    stdin: TextIO | None = None
+    #: Called with every result as it comes (e.g. the command's --json line).
+    on_result: Callable[[FileResult], None] | None = None
+
+
+@dataclass
+class PredictResult:
+    """What one run did: counts, the summary file, what the walk left out."""
+
+    counts: dict[str, int]  # ok, skipped, error, tumor
+    summary_path: Path
+    written: Path | None  # the summary file, None when no file fell in this shard
+    masks_skipped: int = 0
+    other_types: list[Path] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    v = value.lower().lstrip(".")
+    if v not in choices:
+        raise BrainsegError(
+            f"{option} {value!r} is not one of {', '.join(choices)}",
+            hint=f"use {option} {choices[0]}",
+        )
+    return v
+
+
+def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | None]:
+    """Refuse bad options before anything is read: (mask format, summary format, shard)."""
+    fmt = _choice("--format", opts.fmt, ("tif", "png"))
+    summary_fmt = _choice("--summary", opts.summary, ("csv", "jsonl"))
+    if opts.force and opts.skip_existing:
+        raise BrainsegError(
+            "--force and --skip-existing cannot be used together",
+            hint="--skip-existing keeps finished files, --force redoes them",
+        )
+    shard = parse_shard(opts.shard)
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise BrainsegError(
+            f"output {opts.out_dir} is a file, not a folder",
+            hint="pass a folder to -o (it is created if missing)",
+        )
+    check_inputs(opts.inputs, opts.include_masks)
+    return fmt, summary_fmt, shard
+
+
+def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -> None:
+    from brainseg.settings import resolve
+
+    size = predictor.image_size
+    how = (
+        "padded to multiples of 32"
+        if batch.pad or size is None
+        else f"resized to {size[0]}x{size[1]}"
+    )
+    console.info(
+        f"model {opts.models[0]} ({predictor.backend}"
+        f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
+        f"{', TTA' if opts.tta else ''}): images {how}, threshold {batch.threshold:g}, "
+        f"min size {batch.min_size} (at each image's own size)"
+    )
+    if resolve(predictor.metadata).post.largest:
+        console.info(
+            "the model's largest-component rule is per patient volume and is not "
+            "applied to independent files"
+        )
+
+
+def predict_inputs(opts: PredictOptions) -> PredictResult:
+    """Predict every input image and write its outputs and the summary (see the module doc).
+
+    BrainsegError (exit 2) for bad options, inputs or models before anything is written;
+    files that fail on their own are rows with status "error" and the run goes on.
+    """
+    from brainseg.settings import resolve
+
+    fmt, summary_fmt, shard = _check_options(opts)
+    spec = InputSpec(
+        items=list(opts.inputs),
+        include_masks=opts.include_masks,
+        stdin=opts.stdin,
+        exclude_dirs=[opts.out_dir],
+    )
+    stats = InputStats()
+    files = iter_inputs(spec, stats)
+    first = next(files, None)
+    if first is None:
+        raise BrainsegError(
+            f"no images found in {', '.join(opts.inputs)} (looked for .tif/.tiff/.png/.jpg/.jpeg"
+            f"{'' if opts.include_masks else ', skipping *_mask.* files'})",
+            hint="check the paths, quote glob patterns, or pass --include-masks",
+        )
+    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
+    summary_path = opts.out_dir / f"{name}.{summary_fmt}"
+    batch = BatchOptions(
+        out_dir=opts.out_dir,
+        fmt=fmt,
+        pad=opts.pad,
+        probabilities=opts.probabilities,
+        overlay=opts.overlay,
+        overlay_channel=None if opts.overlay_rgb else 1,
+        skip_existing=opts.skip_existing,
+        force=opts.force,
+        workers=opts.workers,
+    )
+    check_outputs(first, batch, opts.out_dir.resolve())  # -o into the data: refuse up front
+    if summary_path.exists() and not (opts.force or opts.skip_existing):
+        raise BrainsegError(
+            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
+            hint="pass --skip-existing to resume that run, --force to redo it, "
+            "or choose another -o folder",
+        )
+    predictor = Predictor(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
+    post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
+    batch.threshold, batch.min_size = post.threshold, post.min_size
+    _announce(predictor, opts, batch)
+
+    def chosen(stream: Iterable[InputFile]) -> Iterable[InputFile]:
+        return stream if shard is None else islice(stream, shard[0], None, shard[1])
+
+    total = None
+    if "-" not in opts.inputs:  # a second, cheap walk (no image is read) for the progress total
+        total = sum(1 for _ in chosen(iter_inputs(spec)))
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    everything = chosen(_chain(first, files))
+    counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
+    return PredictResult(counts, summary_path, written, stats.masks, stats.other_types)
+
+
+def _chain(first: InputFile, rest: Iterator[InputFile]) -> Iterator[InputFile]:
+    yield first
+    yield from rest
+
+
+def _run(
+    predictor: Predictor,
+    files: Iterable[InputFile],
+    batch: BatchOptions,
+    summary_path: Path,
+    summary_fmt: str,
+    total: int | None,
+    opts: PredictOptions,
+) -> tuple[dict[str, int], Path | None]:
+    """The loop over results: summary rows, callbacks, warnings, progress."""
+    writer = SummaryWriter(summary_path, summary_fmt)
+    counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
+    warned: set[str] = set()
+    try:
+        with console.progress(total, "predict", unit="file") as bar:
+            for res in predict_files(predictor, files, batch):
+                writer.write(res)
+                counts[res.status] += 1
+                counts["tumor"] += bool(res.has_tumor)
+                if opts.on_result is not None:
+                    opts.on_result(res)
+                if res.status == "error":
+                    console.warn(res.error)
+                for note in res.notes:
+                    if note not in warned:
+                        warned.add(note)
+                        console.warn(f"{res.path}: {note} (said once; other files may be too)")
+                bar.advance(1, failed=counts["error"])
+    except KeyboardInterrupt:
+        done = counts["ok"] + counts["skipped"] + counts["error"]
+        console.warn(
+            f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
+            "same command with --skip-existing to continue"
+        )
+        raise
+    finally:
+        written = writer.close()
+    return counts, written
+
+
+def render_result(result: PredictResult, shard: str | None = None) -> int:
+    """The result table of one run (console.result) and its notes; the exit code (0 all done,
+    1 some files failed)."""
+    c = result.counts
+    done = result.done
+    if done == 0:
+        console.info(f"shard {shard}: no file of the input falls in this shard")
+        return 0
+    console.result(
+        console.table(
+            f"predict: {done} file(s)",
+            ["files", "written", "skipped", "failed", "with tumor"],
+            [[done, c["ok"], c["skipped"], c["error"], c["tumor"]]],
+        )
+    )
+    if result.masks_skipped:
+        console.info(f"left out {result.masks_skipped} ground-truth mask file(s) (*_mask.*)")
+    if result.other_types:
+        names = ", ".join(p.name for p in result.other_types[:3])
+        more = ", ..." if len(result.other_types) > 3 else ""
+        console.warn(
+            f"skipped {len(result.other_types)} file(s) of a type predict does not read "
+            f"(not .tif/.tiff/.png/.jpg/.jpeg): {names}{more}"
+        )
+    if result.written is not None:
+        console.info(f"summary: {result.written}")
+    if c["error"]:
+        console.error(
+            f"{c['error']} of {done} file(s) failed",
+            hint=f"see the status/error columns of {result.summary_path}",
+        )
+        return EXIT_RUNTIME
+    return 0

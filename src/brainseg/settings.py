@@ -1,0 +1,140 @@
+"""Model metadata + user overrides -> the settings eval, predict and export apply.
+
+The one place that reads ``threshold``, ``postprocess`` and ``image_size`` from a model's
+metadata (a checkpoint's or an ONNX file's) and lets options win over them. Standard library
+only: the CLI, the torch-free ONNX path and checkpoint inspection all import it cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from brainseg.errors import BrainsegError
+
+#: The default decision threshold on the tumor probability (re-exported by postprocess).
+DEFAULT_THRESHOLD = 0.5
+#: Height and width the UNet accepts are multiples of this (five 2x2 max-pools).
+SIZE_MULTIPLE = 32
+#: Largest image size a model's metadata may name (an MRI slice is 256).
+MAX_MODEL_SIZE = 16384
+
+MODEL_HINT = (
+    "pass a .safetensors checkpoint written by brainseg training or an .onnx file "
+    "written by `brainseg export`"
+)
+
+
+@dataclass
+class PostSettings:
+    """A resolved post-processing choice: what turns probabilities into a mask."""
+
+    threshold: float
+    min_size: int
+    largest: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "min_size": self.min_size, "largest": self.largest}
+
+
+@dataclass
+class ModelSettings:
+    """Everything a model's metadata and the options decide about one run."""
+
+    post: PostSettings
+    tta: bool
+    image_size: tuple[int, int] | None  # the model's input size; None: pad to multiples of 32
+    threshold_source: str  # "option", "model" or "default"
+
+
+def image_size_of(metadata: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``image_size`` from metadata (an int or [h, w]) as (h, w), or None when unknown."""
+    value = metadata.get("image_size")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return None
+
+
+def resolve(
+    metadata: Mapping[str, Any],
+    *,
+    threshold: float | None = None,
+    min_size: int | None = None,
+    largest: bool | None = None,
+    tta: bool = False,
+) -> ModelSettings:
+    """Options win; otherwise the model's stored threshold / post-processing; else defaults."""
+    pp = metadata.get("postprocess") or {}
+    stored_thr = metadata.get("threshold")
+    thr = threshold if threshold is not None else stored_thr
+    ms = min_size if min_size is not None else pp.get("min_size")
+    lg = largest if largest is not None else pp.get("largest_component", pp.get("largest"))
+    post = PostSettings(
+        threshold=float(DEFAULT_THRESHOLD if thr is None else thr),
+        min_size=int(ms or 0),
+        largest=bool(lg or False),
+    )
+    if not 0.0 <= post.threshold <= 1.0:
+        raise BrainsegError(
+            f"threshold {post.threshold} is outside [0, 1]",
+            hint=f"pass --threshold between 0 and 1, e.g. {DEFAULT_THRESHOLD}",
+        )
+    if post.min_size < 0:
+        raise BrainsegError(
+            f"--min-size {post.min_size} is negative", hint="pass 0 (off) or a pixel count"
+        )
+    source = "option" if threshold is not None else "model" if stored_thr is not None else "default"
+    return ModelSettings(post, bool(tta), image_size_of(metadata), source)
+
+
+def check_metadata(meta: Mapping[str, Any], path: Path | str) -> None:
+    """Refuse metadata values predict cannot use (image size, threshold, postprocess).
+
+    A damaged or hand-edited model file must give one clear error naming it, not a crash
+    in a worker thread or a resize to a billion pixels.
+    """
+
+    def bad(what: str) -> BrainsegError:
+        return BrainsegError(f"model {path}: {what}", hint=MODEL_HINT)
+
+    size = meta.get("image_size")
+    if size is not None:
+        parts = size if isinstance(size, (list, tuple)) else [size]
+        ok = len(parts) in (1, 2) and all(_is_model_size(v) for v in parts)
+        if not ok:
+            raise bad(
+                f"image_size {size!r} in its metadata is not a size in pixels "
+                f"(a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_MODEL_SIZE})"
+            )
+    thr = meta.get("threshold", DEFAULT_THRESHOLD)
+    if not _is_number(thr) or not 0.0 <= thr <= 1.0:
+        raise bad(f"threshold {thr!r} in its metadata is not a number in [0, 1]")
+    post = meta.get("postprocess")
+    if post is not None:
+        min_size = post.get("min_size") if isinstance(post, Mapping) else None
+        if not isinstance(post, Mapping) or not (
+            min_size is None
+            or (isinstance(min_size, int) and not isinstance(min_size, bool) and min_size >= 0)
+        ):
+            raise bad(
+                f"postprocess {post!r} in its metadata is not "
+                '{"min_size": N >= 0, "largest_component": true/false}'
+            )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_model_size(v: Any) -> bool:
+    return (
+        _is_number(v)
+        and v == int(v)
+        and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE
+        and int(v) % SIZE_MULTIPLE == 0
+    )
