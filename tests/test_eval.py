@@ -374,6 +374,11 @@ def test_cli_eval_writes_the_run_folder(
     ):
         assert key in s, key
     assert s["run_dir"] == str(run) and s["tune"] is None
+    # Dice is measured at the images' own size (64), not the model's input size (32)
+    assert s["measured_at"]["size"] == [64, 64] and s["measured_at"]["model_input"] == [32, 32]
+    assert "measured at the images' own size 64x64 (model input 32x32)" in " ".join(
+        r.stderr.split()
+    )
     # without --split every patient is evaluated, and eval says so
     assert "no --split given: evaluating all 6 patients" in " ".join(r.stderr.split())
     assert s["subset"] == "all" and s["split"] is None and s["fold"] is None
@@ -644,3 +649,14 @@ def test_cli_eval_onnx_model_and_tuned_onnx_copy(
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "TORCH False" in p.stdout
+
+
+def test_cli_eval_names_a_misnamed_model_file(
+    cli: Any, phantom_root: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fake = tmp_path / "plain.onnx"
+    fake.write_bytes(models["plain"].read_bytes())
+    r = cli(["eval", fake, phantom_root, "--project", tmp_path / "runs"])
+    assert r.returncode == 2, r.stderr
+    assert "is a safetensors checkpoint, not an ONNX model" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -725,3 +725,149 @@ def test_closed_stdout_stops_quietly(
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "stdout closed" in err
     assert len(_summary(tmp_path / "out" / "summary.csv")) >= 1
+
+
+# --------------------------------------------------------------------------- predict == eval
+
+
+def _second_onnx(src: Path, dst: Path, bias: float) -> Path:
+    """A copy of a tiny ONNX model with another bias: a different model, same metadata."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    for init in proto.graph.initializer:
+        if init.name == "b":
+            init.CopyFrom(numpy_helper.from_array(np.array([bias], np.float32), "b"))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("size", [96, 128])
+def test_written_mask_is_prob_thresholded_and_what_eval_scores(
+    run, tmp_path: Path, size: int
+) -> None:
+    """A 64x64 model on larger images: _mask.tif == _prob.tif >= threshold == eval's mask,
+    pixel for pixel, and summary.csv's max_probability is exactly the _prob.tif maximum."""
+    from _tiny import tiny_onnx
+
+    from brainseg import evaluation as ev
+    from brainseg.data.synthetic import write_synthetic
+
+    model = tiny_onnx(tmp_path / "m.onnx", image_size=64)
+    data = write_synthetic(tmp_path / "d", patients=2, seed=3, size=size, slices=(4, 6))
+    r = run(["predict", model, data, "-o", "out", "--probabilities", "--min-size", "3"])
+    assert r.returncode == 0, r.stderr
+    res = ev.run_eval([model], data, opts=ev.EvalOptions(device="cpu", min_size=3, largest=False))
+    eval_pixels = {
+        (x["patient_id"], int(x["slice_number"])): x["pred_pixels"] for x in res.report.per_slice
+    }
+    rows = _summary(tmp_path / "out" / "summary.csv")
+    assert len(rows) == len(eval_pixels) > 0
+    marked = 0
+    for row in rows:
+        mask = tifffile.imread(row["output"]) == 255
+        prob = tifffile.imread(row["output"].replace("_mask.tif", "_prob.tif"))
+        assert mask.shape == prob.shape == (size, size)
+        np.testing.assert_array_equal(mask, _post(prob >= 0.5, 3))
+        assert float(row["max_probability"]) == float(prob.max())
+        src = Path(row["path"])
+        key = (src.parent.name, int(src.stem.rsplit("_", 1)[1]))
+        assert int(mask.sum()) == eval_pixels[key], key
+        marked += int(mask.sum())
+    assert marked > 0  # the check saw tumor pixels, not only empty masks
+
+
+def test_ensemble_is_the_mean_of_two_different_models(tmp_path: Path, phantom_root: Path) -> None:
+    from _tiny import tiny_onnx
+
+    from brainseg.predict import Predictor
+
+    a = tiny_onnx(tmp_path / "a.onnx")
+    b = _second_onnx(a, tmp_path / "b.onnx", bias=-8.0)
+    imgs = np.stack([_phantom(phantom_root, k) for k in (4, 6)])
+    pa = Predictor(a, device="cpu").predict_proba(imgs)
+    pb = Predictor(b, device="cpu").predict_proba(imgs)
+    assert np.abs(pa - pb).max() > 0.1  # really two models
+    both = Predictor([a, b], device="cpu").predict_proba(imgs)
+    np.testing.assert_allclose(both, (pa + pb) / 2, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def test_ground_truth_masks_are_never_inputs_by_accident(
+    run, models: dict[str, Path], scans: Path, tmp_path: Path
+) -> None:
+    listing = "scans/a/x1.tif\nscans/a/x1_mask.tif\n"
+    r = run_cli(
+        ["predict", models["onnx"], "-", "-o", "out", "--json"], input=listing, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["path"] for x in r.stdout.splitlines()] == ["scans/a/x1.tif"]
+    assert not list((tmp_path / "out").rglob("*_mask_mask.tif"))
+    assert "1 ground-truth mask file(s)" in r.stderr
+    r = run(["predict", models["onnx"], "scans/a/x1_mask.tif", "-o", "out2"])
+    assert (
+        r.returncode == 2 and "is a ground-truth mask" in r.stderr and "--include-masks" in r.stderr
+    )
+    assert not (tmp_path / "out2").exists()
+    r = run(["predict", models["onnx"], "scans/a/x1_mask.tif", "-o", "out3", "--include-masks"])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out3" / "scans" / "a" / "x1_mask_mask.tif").is_file()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_output_into_the_data_is_refused(
+    run, models: dict[str, Path], scans: Path, force: bool
+) -> None:
+    before = {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()}
+    r = run(["predict", models["onnx"], scans, "-o", scans, *(["--force"] if force else [])])
+    assert r.returncode == 2, r.stderr
+    assert "ground-truth mask name" in r.stderr and "choose an -o folder outside" in r.stderr
+    after = {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()}
+    assert after == before  # nothing written, no summary.csv left in the data
+
+
+def test_files_skipped_for_their_type_are_reported(
+    run, models: dict[str, Path], scans: Path
+) -> None:
+    Image.fromarray(_phantom_like()).save(scans / "b" / "scan.bmp")
+    r = run(["predict", models["onnx"], scans, "-o", "out"])
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if "of a type predict does not read" in x)
+    assert "skipped 2 file(s)" in line and "notes.txt" in line and "scan.bmp" in line
+
+
+def _phantom_like() -> np.ndarray:
+    return np.full((64, 64, 3), 100, np.uint8)
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def test_model_file_content_is_sniffed(
+    run, models: dict[str, Path], scans: Path, tmp_path: Path
+) -> None:
+    from brainseg.checkpoint import load_checkpoint, read_metadata, sniff_model_file
+
+    assert sniff_model_file(models["ckpt"]) == "safetensors"
+    assert sniff_model_file(models["onnx"]) == "onnx"
+    fake_onnx = tmp_path / "ck.onnx"
+    shutil.copyfile(models["ckpt"], fake_onnx)
+    fake_ckpt = tmp_path / "m.safetensors"
+    shutil.copyfile(models["onnx"], fake_ckpt)
+    r = run(["predict", fake_onnx, scans, "-o", "o1"])
+    assert r.returncode == 2 and "is a safetensors checkpoint, not an ONNX model" in r.stderr
+    assert "ck.safetensors" in r.stderr  # the hint: rename it
+    r = run(["predict", fake_ckpt, scans, "-o", "o2"])
+    assert r.returncode == 2 and "is an ONNX model, not a safetensors checkpoint" in r.stderr
+    for fn in (read_metadata, load_checkpoint):
+        with pytest.raises(BrainsegError, match=r"is an ONNX model.*takes a \.safetensors"):
+            fn(models["onnx"])
+
+
+def test_usage_line_names_model_and_inputs(run) -> None:
+    r = run(["predict", "--help"])
+    usage = next(x for x in r.stdout.splitlines() if "Usage:" in x)
+    assert "{MODEL} {INPUT}..." in usage and "INPUT...}" not in usage
