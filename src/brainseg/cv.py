@@ -19,6 +19,7 @@ before and after. Confidence intervals are percentile bootstraps over patients.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -164,9 +165,13 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
                 hint="give the data, the split and the run folder as cv options",
             )
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as text: numbers are numbers here
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        out[key] = value
     return out
 
 
