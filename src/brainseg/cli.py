@@ -14,7 +14,7 @@ import typer
 
 from brainseg import __version__
 from brainseg import console as con
-from brainseg.commands import demo, download, evaluate, export, predict, split, train
+from brainseg.commands import cv, demo, download, evaluate, export, predict, split, train
 from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BrainsegError
 
 app = typer.Typer(
@@ -57,6 +57,7 @@ def _root(
 download.register(app)
 split.register(app)
 train.register(app)
+cv.register(app)
 evaluate.register(app)
 predict.register(app)
 export.register(app)

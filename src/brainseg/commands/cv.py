@@ -1,0 +1,186 @@
+"""`brainseg cv`: parse options, call :func:`brainseg.cv.run_cv` / ``write_cv``, render tables.
+
+Only typer, the standard library and light brainseg modules at import time: numpy and torch
+are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from brainseg import console as con
+
+HELP = (
+    "Patient-level cross-validation: train every fold, predict each patient with the one "
+    "fold model that did not see it, report per-patient Dice with a 95% bootstrap CI.\n\n"
+    "Writes runs/cv/exp (exp2, ...): cv.yaml, split.yaml, fold_0/ ... fold_K-1/ (normal train "
+    "run folders), cv_summary.json, per_patient.csv, oof_masks.npz and ensemble.json (the "
+    "fold models with the threshold and post-processing chosen once on the out-of-fold "
+    "predictions). Re-running the same command, or --resume runs/cv/expN, continues at the "
+    "fold and epoch it stopped at; finished folds are not retrained.\n\n"
+    "Example: brainseg cv data/kaggle_3m --folds 5 --config best"
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the subcommand to the app."""
+
+    @app.command("cv", help=HELP, no_args_is_help=True)
+    def _cmd(
+        data: Path | None = typer.Argument(
+            None,
+            help="Dataset folder (kaggle_3m layout); not needed with --resume.",
+            show_default=False,
+        ),
+        folds: int | None = typer.Option(
+            None, "--folds", help="Make K patient-level folds (seeded by --seed) \\[default: 5]."
+        ),
+        split: Path | None = typer.Option(
+            None,
+            "--split",
+            help="Use this split file from `brainseg split --folds K`.",
+            show_default=False,
+        ),
+        config: str | None = typer.Option(
+            None, "--config", "-c", help="Train settings: seed, best or a YAML file."
+        ),
+        epochs: int | None = typer.Option(None, "--epochs", help="Epochs per fold."),
+        image_size: int | None = typer.Option(
+            None, "--image-size", help="Train at this size (multiple of 32)."
+        ),
+        batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Batch size."),
+        encoder_weights: str | None = typer.Option(
+            None, "--encoder-weights", help="imagenet | none | PATH (VGG16 state dict)."
+        ),
+        device: str | None = typer.Option(
+            None, "--device", help="auto | cpu | cuda | cuda:N | mps (training and prediction)."
+        ),
+        seed: int | None = typer.Option(None, "--seed", help="Random seed (training, folds)."),
+        steps_per_epoch: int | None = typer.Option(
+            None, "--steps-per-epoch", help="Optimiser steps per epoch (default: one pass)."
+        ),
+        set_: list[str] = typer.Option(
+            [], "--set", help="Any other train setting, KEY=VALUE (repeatable), e.g. lr=3e-4."
+        ),
+        select: str | None = typer.Option(
+            None,
+            "--select",
+            help="last: each fold's final checkpoint (unbiased) | best: its best epoch, "
+            "selected on the validation patients \\[default: last].",
+        ),
+        protocol: str | None = typer.Option(
+            None,
+            "--protocol",
+            help="brainseg | buda: also report the dataset author's evaluation (first and "
+            "last slice dropped, largest component) \\[default: brainseg].",
+        ),
+        project: Path = typer.Option(
+            Path("runs/cv"), "--project", help="Parent folder of the cv folders."
+        ),
+        name: str = typer.Option("exp", "--name", help="cv folder name (exp2, exp3... if taken)."),
+        resume: Path | None = typer.Option(
+            None, "--resume", help="Continue this cv folder (runs/cv/expN).", show_default=False
+        ),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables."),
+    ) -> None:
+        from brainseg.cv import CVOptions, parse_set
+
+        if quiet:
+            con.configure(quiet=True)
+        if json_out:
+            con.configure(json_mode=True)
+        given: dict[str, Any] = {
+            "epochs": epochs,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "encoder_weights": encoder_weights,
+            "device": device,
+            "seed": seed,
+            "steps_per_epoch": steps_per_epoch,
+            "quiet": True if quiet else None,
+        }
+        overrides = {**parse_set(set_), **{k: v for k, v in given.items() if v is not None}}
+        opts = CVOptions(
+            data=str(data) if data is not None else None,
+            folds=folds,
+            split=str(split) if split is not None else None,
+            config=config,
+            overrides=overrides,
+            select=select,
+            protocol=protocol,
+            project=str(project),
+            name=name,
+            resume=str(resume) if resume is not None else None,
+        )
+        from brainseg.cv import run_cv, write_cv
+
+        result = run_cv(opts)
+        write_cv(result)
+        for t in tables(result.summary, result.plan.cv_dir):
+            con.result(t)
+        if json_out:
+            from brainseg.evaluation import json_safe
+
+            con.emit_json(json_safe(result.summary))
+
+
+def _ci(s: dict[str, Any]) -> str:
+    lo, hi = s["ci95"]
+    return "-" if lo is None or lo != lo else f"{lo:.4f}-{hi:.4f}"
+
+
+def _settings(s: dict[str, Any]) -> str:
+    return (
+        f"threshold {s['threshold']:g}, min size {s['min_size']}, "
+        f"largest {'on' if s['largest'] else 'off'}"
+    )
+
+
+def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
+    """The rich tables printed after a cv (headline, per fold, per institution, files)."""
+    sel = summary["selection"]
+    cols = ["out-of-fold", "mean", "95% CI", "median", "std", "min", "slice Dice", "global"]
+    rows = []
+    for key, label in (
+        ("before", f"before: {_settings(summary['before']['settings'])}"),
+        ("after", f"after: {_settings(summary['after']['settings'])} (chosen on these OOF)"),
+    ):
+        rows.append(_row(label, summary[key]))
+    if summary.get("buda"):
+        rows.append(_row("buda protocol (ends dropped, 0.5, largest 6-conn.)", summary["buda"]))
+    title = (
+        f"per-patient Dice of {summary['patients']} patients, {summary['folds']} folds "
+        f"({sel['label']})"
+    )
+    out = [con.table(title, cols, rows)]
+    after = summary["after"]
+    for what, key in (("fold", "per_fold"), ("institution", "per_institution")):
+        out.append(
+            con.table(
+                f"per {what} (after; {sel['select']}: {sel['label']})",
+                [what, "patients", "mean", "95% CI", "median"],
+                [[g, s["n"], s["mean"], _ci(s), s["median"]] for g, s in after[key].items()],
+            )
+        )
+    files = [["cv folder", str(cv_dir)]] + [[f, str(cv_dir / f)] for f in summary.get("files", [])]
+    out.append(con.table(None, ["file", "path"], files))
+    return out
+
+
+def _row(label: str, b: dict[str, Any]) -> list[Any]:
+    s = b["per_patient_dice"]
+    m = b["metrics"]
+    return [
+        label,
+        s["mean"],
+        _ci(s),
+        s["median"],
+        s["std"],
+        s["min"],
+        m["per_slice_tumor"]["dice"]["mean"],
+        m["global"]["dice"],
+    ]
