@@ -388,3 +388,35 @@ def test_ensemble_manifest_errors_name_the_file(tmp_path: Path) -> None:
         load_ensemble(tmp_path / "broken.json")
     with pytest.raises(BrainsegError, match="does not exist"):
         load_ensemble(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_eval_and_predict_take_the_ensemble_as_one_model(
+    killed_cv: dict[str, Any], phantoms: Path, tmp_path: Path
+) -> None:
+    """ensemble.json is one MODEL: the mean of the folds, with the manifest's threshold."""
+    from brainseg.data.cache import load_dataset
+    from brainseg.predict import Predictor
+
+    cv_dir = killed_cv["cv_dir"]
+    manifest = cv_dir / "ensemble.json"
+    doc = json.loads(manifest.read_text())
+    folds = [cv_dir / f"fold_{k}" / "last.safetensors" for k in range(3)]
+    data = load_dataset(phantoms)
+    images = data.images[:4].transpose(0, 2, 3, 1)
+    ens = Predictor(manifest, device="cpu")
+    mean = np.mean([Predictor(f, device="cpu").predict_proba(images) for f in folds], axis=0)
+    np.testing.assert_allclose(ens.predict_proba(images), mean, atol=1e-6)
+    assert ens.metadata["threshold"] == doc["threshold"]
+    assert ens.metadata["postprocess"] == doc["postprocess"]
+
+    out = tmp_path / "eval"
+    r = run_cli(
+        ["--quiet", "eval", manifest, phantoms, "--device", "cpu", "--project", out, "--json"]
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["settings"]["threshold"] == doc["threshold"]
+    r = run_cli(["predict", manifest, phantoms, "-o", tmp_path / "pred", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "pred").rglob("*_mask.tif"))) == data.images.shape[0]

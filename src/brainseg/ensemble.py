@@ -31,12 +31,14 @@ FORMAT = "brainseg-ensemble"
 VERSION = 1
 #: The file name ``brainseg cv`` gives its manifest.
 MANIFEST_NAME = "ensemble.json"
+#: The suffix that marks a MODEL argument as an ensemble manifest.
+ENSEMBLE_SUFFIX = ".json"
 _HINT = "pass an ensemble.json written by `brainseg cv` (runs/cv/expN/ensemble.json)"
 
 
 def is_manifest(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names an ensemble manifest (by its ``.json`` suffix)."""
-    return Path(path).suffix.lower() == ".json"
+    return Path(path).suffix.lower() == ENSEMBLE_SUFFIX
 
 
 def write_ensemble(

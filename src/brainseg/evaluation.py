@@ -24,16 +24,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from brainseg import console, metrics, postprocess
+from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.predict import MODEL_SUFFIXES
 from brainseg.settings import PostSettings, resolve
 
 __all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
 
 #: The subsets ``--subset`` accepts.
 SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
-#: Model file suffixes ``brainseg eval`` accepts.
-MODEL_SUFFIXES: tuple[str, ...] = (".safetensors", ".onnx")
 #: Threshold grid of ``--tune``: 0.30, 0.35, ..., 0.70.
 TUNE_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))
 #: ``--tune`` minimum component sizes at 256 x 256, scaled by image area.
@@ -140,9 +140,10 @@ def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     if not paths:
         raise BrainsegError("no MODEL given", hint="usage: brainseg eval MODEL [MODEL...] DATA")
     for p in map(Path, paths):
-        if p.suffix.lower() not in MODEL_SUFFIXES:
+        if p.suffix.lower() not in (*MODEL_SUFFIXES, ENSEMBLE_SUFFIX):
             raise BrainsegError(
-                f"{p}: not a model file (expected a .safetensors checkpoint or an .onnx file)",
+                f"{p}: not a model file (expected a .safetensors checkpoint, an .onnx file "
+                "or an ensemble.json)",
                 hint="usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)",
             )
         if not p.is_file():

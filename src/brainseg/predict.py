@@ -315,9 +315,12 @@ class Predictor:
         batch_size: int = 8,
         tta: bool = False,
     ) -> None:
+        from brainseg.ensemble import expand_model_paths
+
         if isinstance(model_paths, (str, os.PathLike)):
             model_paths = [model_paths]
-        self.paths = [Path(p) for p in model_paths]
+        # An ensemble.json stands for its fold models and carries their tuned settings.
+        self.paths, ensemble_settings = expand_model_paths(list(model_paths))
         if not self.paths:
             raise BrainsegError("no model given", hint=MODEL_HINT)
         if int(batch_size) < 1:
@@ -327,7 +330,7 @@ class Predictor:
         self.backends = [open_backend(p, device) for p in self.paths]
         for p, b in zip(self.paths, self.backends, strict=True):
             check_metadata(b.metadata, p)
-        self.metadata: dict[str, Any] = dict(self.backends[0].metadata)
+        self.metadata: dict[str, Any] = {**self.backends[0].metadata, **(ensemble_settings or {})}
         sizes = {image_size_of(b.metadata) for b in self.backends}
         if len(sizes) > 1:
             raise BrainsegError(
