@@ -136,13 +136,12 @@ class Case:
 
 
 def _key(pattern: str, name: str) -> str | None:
-    """The text the pattern's ``*`` matched in ``name`` (None: no match)."""
+    """The text the pattern's first ``*`` matched in ``name`` (None: no match)."""
     if not fnmatchcase(name.lower(), pattern.lower()):
         return None
     parts = [re.escape(p).replace(r"\?", ".") for p in pattern.lower().split("*")]
     m = re.fullmatch("(.*?)".join(parts), name.lower())
-    groups = [name[m.start(i) : m.end(i)] for i in range(1, len(m.groups()) + 1)] if m else []
-    return "*".join(groups)
+    return name[m.start(1) : m.end(1)] if m and m.groups() else ""
 
 
 def _group_folder(folder: Path, patterns: dict[str, str]) -> list[Case] | None:
