@@ -119,7 +119,10 @@ def save_dicom_series(
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
         ds.PixelData = pixels.tobytes()
-        ds.save_as(folder / f"slice{start + k:04d}.dcm", enforce_file_format=True)
+        try:
+            ds.save_as(folder / f"slice{start + k:04d}.dcm", enforce_file_format=True)
+        except TypeError:  # pydicom 2.x
+            ds.save_as(folder / f"slice{start + k:04d}.dcm", write_like_original=False)
     return folder
 
 

@@ -169,11 +169,16 @@ def _read_mask(path: Path) -> np.ndarray:
     return np.asarray(imageio.read_image(path))[..., 0] > 0
 
 
+def _masks(top: Path) -> list[Path]:
+    """The mask images of a folder: its ``*_mask.*`` (etc.) files if it has any, else all."""
+    files = list(_walk(top, _is_image))
+    masks = [f for f in files if _SUFFIXES.search(os.path.splitext(f.name)[0])]
+    return masks or files
+
+
 def _slice_pairs(opts: ScoreOptions) -> list[_Pair]:
-    gt_files = list(_walk(opts.gt, _is_image))
-    masks = [f for f in gt_files if _SUFFIXES.search(os.path.splitext(f.name)[0])]
-    gt = _index(masks or gt_files, "truth", opts.gt)
-    pred = _index(list(_walk(opts.pred, _is_image)), "prediction", opts.pred)
+    gt = _index(_masks(opts.gt), "truth", opts.gt)
+    pred = _index(_masks(opts.pred), "prediction", opts.pred)
     if not gt:
         raise BrainsegError(
             f"no true masks in {opts.gt} (looked for .nii/.nii.gz volumes and .tif/.png masks)",
