@@ -14,7 +14,18 @@ import typer
 
 from brainseg import __version__
 from brainseg import console as con
-from brainseg.commands import cv, demo, download, evaluate, export, predict, split, train
+from brainseg.commands import (
+    cv,
+    demo,
+    download,
+    evaluate,
+    export,
+    predict,
+    predict_volumes,
+    score,
+    split,
+    train,
+)
 from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BrainsegError
 
 app = typer.Typer(
@@ -62,6 +73,8 @@ evaluate.register(app)
 predict.register(app)
 export.register(app)
 demo.register(app)
+score.register(app)
+predict_volumes.register(app)  # temporary: to be folded into predict
 
 
 def main(argv: list[str] | None = None) -> None:

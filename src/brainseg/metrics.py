@@ -126,8 +126,19 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def _hd95_bool(p: np.ndarray, g: np.ndarray) -> float:
+def _hd95_bool(p: np.ndarray, g: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """HD95 of two non-empty boolean arrays (the caller checks emptiness)."""
+    d_to_g, d_to_p = _surface_distances(p, g, spacing)
+    return float(max(np.percentile(d_to_g, 95), np.percentile(d_to_p, 95)))
+
+
+def _surface_distances(
+    p: np.ndarray, g: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances of each boundary pixel of ``p`` to the boundary of ``g``, and the other way.
+
+    In pixels, or in the units of ``spacing`` (one value per axis, e.g. mm) when given.
+    """
     # Crop to the joint bounding box plus one pixel of margin: the erosion sees the same
     # neighbourhood as in the full array, and every surface pixel lies inside the crop, so
     # the Euclidean distance transform inside the crop is exact.
@@ -141,22 +152,67 @@ def _hd95_bool(p: np.ndarray, g: np.ndarray) -> float:
     pc, gc = p[crop], g[crop]
     sp, sg = _surface(pc), _surface(gc)
     # distance_transform_edt gives each pixel's distance to the nearest zero: zeros = surface.
-    d_to_g = ndimage.distance_transform_edt(~sg)[sp]
-    d_to_p = ndimage.distance_transform_edt(~sp)[sg]
-    return float(max(np.percentile(d_to_g, 95), np.percentile(d_to_p, 95)))
+    sampling = None if spacing is None else [float(v) for v in spacing]
+    d_to_g = ndimage.distance_transform_edt(~sg, sampling=sampling)[sp]
+    d_to_p = ndimage.distance_transform_edt(~sp, sampling=sampling)[sg]
+    return d_to_g, d_to_p
 
 
-def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> Sequence[float] | None:
+    if spacing is None:
+        return None
+    s = [float(v) for v in np.atleast_1d(np.asarray(spacing, dtype=np.float64))]
+    if len(s) != ndim or not all(math.isfinite(v) and v > 0 for v in s):
+        raise ValueError(f"spacing {spacing!r} must be {ndim} positive numbers (one per axis)")
+    return s
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, *, spacing: Sequence[float] | None = None) -> float:
     """Symmetric 95th-percentile Hausdorff distance between the mask boundaries, in pixels.
 
     max(P95 of the distances from each predicted boundary pixel to the true boundary,
     P95 of the distances the other way) -- the MONAI definition. Works on a 2D slice or a
     3D stack of slices (the slice axis counts as one pixel). NaN when either mask is empty.
+    With ``spacing`` (the voxel size along each axis, e.g. in mm) the distance is in those
+    units instead of pixels.
     """
     p, g = _check_pair(pred, gt)
+    sp = _check_spacing(spacing, p.ndim)
     if not p.any() or not g.any():
         return math.nan
-    return _hd95_bool(p, g)
+    return _hd95_bool(p, g, sp)
+
+
+def surface_dice(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    tolerance_mm: float,
+    spacing: Sequence[float] | None = None,
+) -> float:
+    """Normalised surface Dice (NSD): the share of both boundaries within the tolerance.
+
+    (|boundary of P within ``tolerance_mm`` of G's| + |boundary of G within it of P's|) /
+    (|boundary of P| + |boundary of G|), counting boundary pixels (as MONAI's
+    ``compute_surface_dice``, not the surfel areas of DeepMind's ``surface-distance``).
+    Distances are in the units of ``spacing`` (mm) or, without it, in pixels (the tolerance is
+    then in pixels too). Empty masks follow the Dice policy: both empty 1.0, one empty 0.0.
+    """
+    p, g = _check_pair(pred, gt)
+    sp = _check_spacing(spacing, p.ndim)
+    tol = float(tolerance_mm)
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tolerance {tolerance_mm!r} must be a number >= 0")
+    has_p, has_g = bool(p.any()), bool(g.any())
+    if not has_p or not has_g:
+        return 1.0 if has_p == has_g else 0.0
+    d_to_g, d_to_p = _surface_distances(p, g, sp)
+    within = int(np.count_nonzero(d_to_g <= tol)) + int(np.count_nonzero(d_to_p <= tol))
+    return within / float(d_to_g.size + d_to_p.size)
+
+
+def overlap_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """Dice, IoU, precision, recall, specificity of pooled counts (the empty-mask policy)."""
+    return {m: float(v) for m, v in _metrics_from_counts(tp, fp, fn, tn).items()}
 
 
 # --------------------------------------------------------------------------- summaries

@@ -1,0 +1,575 @@
+"""Volumes in, volumes out: read NIfTI or DICOM cases, slice them as the model learned, write NIfTI.
+
+A *case* is three co-registered contrasts in the dataset's channel order (pre-contrast, FLAIR,
+post-contrast), given as
+
+- three 3D NIfTI files matched by patterns (:data:`DEFAULT_CHANNELS`, ``--channels``),
+- one 4D NIfTI file holding the three volumes (4th dimension, or 5th with a singleton 4th),
+- three DICOM series folders (one series per folder) matched by the same patterns.
+
+The convention that ties volumes to the slices the model learned (docs/volumes.md): a volume
+with an RAS affine whose axial slices ``data[:, :, k]`` are the dataset's TIF slice k+1 (rows
+as the first array axis) is predicted exactly as those TIF slices are. Any other orientation is
+first brought to that one (the closest canonical RAS orientation: axes permuted and flipped,
+never resampled) and the result mapped back to the input's grid, so a written mask has the
+input's shape and affine. A uint8 contrast is already in the model's intensity domain; any
+other type is scaled per volume and per contrast with :func:`to_model_range`.
+
+nibabel reads and writes NIfTI; SimpleITK reads DICOM series (GDCM series detection). Both are
+imported inside the functions that need them: the slice and ONNX paths never load them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainseg.errors import BrainsegError, first_line
+from brainseg.fsutil import atomic_write_bytes
+
+#: The model's input channels, in order (the LGG TIF's R, G, B).
+CHANNELS: tuple[str, ...] = ("pre", "flair", "post")
+#: Default ``--channels``: BraTS-style names (``<case>_t1.nii.gz`` ...).
+DEFAULT_CHANNELS = "pre=*_t1.nii*,flair=*_flair.nii*,post=*_t1ce.nii*"
+#: Percentiles of the nonzero voxels mapped to 0 and 255 for non-uint8 contrasts.
+PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: Largest affine difference (mm) still counted as the same grid (float32 headers).
+AFFINE_ATOL = 1e-3
+
+_CHANNEL_HINT = (
+    "pass --channels 'pre=PATTERN,flair=PATTERN,post=PATTERN' (glob patterns matched against "
+    f"the file / folder names of a case; default {DEFAULT_CHANNELS!r})"
+)
+_UNITS_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True for ``.nii`` / ``.nii.gz`` names (case-insensitive)."""
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def nifti_stem(path: str | Path) -> str:
+    """The name without ``.nii`` / ``.nii.gz``."""
+    name = Path(path).name
+    return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder holding at least one file with the DICOM preamble (``DICM`` at byte 128)."""
+    if not path.is_dir():
+        return False
+    for f in sorted(path.iterdir())[:50]:
+        if f.is_file():
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(128)
+                    if fh.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def looks_like_volume_input(item: str) -> bool:
+    """True when a predict INPUT is a NIfTI file or a folder of NIfTI files / DICOM series."""
+    p = Path(item)
+    if is_nifti(p):
+        return True
+    if not p.is_dir():
+        return False
+    for child in sorted(p.iterdir())[:200]:
+        if is_nifti(child) or is_dicom_folder(child):
+            return True
+        if child.is_dir() and any(is_nifti(c) for c in sorted(child.iterdir())[:50]):
+            return True
+    return is_dicom_folder(p)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def parse_channels(spec: str | None) -> dict[str, str]:
+    """``'pre=GLOB,flair=GLOB,post=GLOB'`` -> {channel: pattern} (all three, nothing else)."""
+    text = DEFAULT_CHANNELS if spec is None or not spec.strip() else spec
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, pattern = part.partition("=")
+        name, pattern = name.strip().lower(), pattern.strip()
+        if not sep or not pattern or name not in CHANNELS:
+            raise BrainsegError(
+                f"--channels {text!r}: {part.strip()!r} is not NAME=PATTERN "
+                f"with NAME one of {', '.join(CHANNELS)}",
+                hint=_CHANNEL_HINT,
+            )
+        if name in out:
+            raise BrainsegError(f"--channels {text!r}: {name} is given twice", hint=_CHANNEL_HINT)
+        out[name] = pattern
+    missing = [c for c in CHANNELS if c not in out]
+    if missing:
+        raise BrainsegError(
+            f"--channels {text!r} has no pattern for {', '.join(missing)}", hint=_CHANNEL_HINT
+        )
+    return {c: out[c] for c in CHANNELS}
+
+
+@dataclass
+class Case:
+    """One case to predict: a 4D file, or one path (file or DICOM folder) per channel."""
+
+    id: str
+    four_d: Path | None = None
+    sources: dict[str, Path] = field(default_factory=dict)
+    error: str = ""  # a case that cannot be read (a missing contrast...): reported, not read
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.four_d] if self.four_d is not None else list(self.sources.values())
+
+
+def _key(pattern: str, name: str) -> str | None:
+    """The text the pattern's first ``*`` matched in ``name`` (None: no match)."""
+    if not fnmatchcase(name.lower(), pattern.lower()):
+        return None
+    parts = [re.escape(p).replace(r"\?", ".") for p in pattern.lower().split("*")]
+    m = re.fullmatch("(.*?)".join(parts), name.lower())
+    return name[m.start(1) : m.end(1)] if m and m.groups() else ""
+
+
+def _group_folder(folder: Path, patterns: dict[str, str]) -> list[Case] | None:
+    """The cases of a folder whose entries match the channel patterns (None: no entry does)."""
+    groups: dict[str, dict[str, Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        hits = [(c, k) for c, pat in patterns.items() if (k := _key(pat, entry.name)) is not None]
+        if len(hits) > 1:
+            raise BrainsegError(
+                f"{entry}: matches the patterns of {' and '.join(c for c, _ in hits)}",
+                hint="make the --channels patterns more specific (e.g. '*_t1.nii.gz')",
+            )
+        if hits:
+            channel, key = hits[0]
+            group = groups.setdefault(key, {})
+            if channel in group:
+                raise BrainsegError(
+                    f"{folder}: both {group[channel].name} and {entry.name} match the "
+                    f"{channel} pattern {patterns[channel]!r}",
+                    hint="one file (or DICOM folder) per contrast per case",
+                )
+            group[channel] = entry
+    if not groups:
+        return None
+    cases = []
+    for key, found in groups.items():
+        case_id = key.strip("_-. ") or folder.name
+        case = Case(case_id, sources={c: found[c] for c in CHANNELS if c in found})
+        missing = [c for c in CHANNELS if c not in found]
+        if missing:
+            case.error = (
+                f"case {case_id} in {folder}: no {', '.join(missing)} contrast (found "
+                f"{', '.join(p.name for p in found.values())}; patterns "
+                f"{', '.join(f'{c}={patterns[c]}' for c in missing)})"
+            )
+        cases.append(case)
+    return cases
+
+
+def _walk_cases(folder: Path, patterns: dict[str, str], depth: int = 0) -> Iterator[Case]:
+    grouped = _group_folder(folder, patterns)
+    if grouped is not None:
+        yield from grouped
+        return
+    if depth > 8:
+        return
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and is_nifti(entry):
+            yield Case(nifti_stem(entry), four_d=entry)
+        elif entry.is_dir():
+            yield from _walk_cases(entry, patterns, depth + 1)
+
+
+def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> list[Case]:
+    """Every case under ``inputs`` (4D files, case folders, folders of cases), sorted by id.
+
+    A folder whose entries match the channel patterns holds cases (grouped by the text the
+    patterns' ``*`` matched, so a flat folder of ``A_t1.nii.gz, A_flair.nii.gz...`` works too);
+    any other folder is searched below, and its NIfTI files are 4D cases.
+    """
+    patterns = parse_channels(channels)
+    cases: list[Case] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise BrainsegError(f"input {p} does not exist", hint="pass NIfTI files or folders")
+        if p.is_file():
+            if not is_nifti(p):
+                raise BrainsegError(
+                    f"{p}: not a NIfTI file (.nii / .nii.gz)",
+                    hint="pass a 4D NIfTI file, a case folder or a folder of cases",
+                )
+            cases.append(Case(nifti_stem(p), four_d=p))
+            continue
+        found = list(_walk_cases(p, patterns))
+        if not found:
+            raise BrainsegError(
+                f"{p}: no case found (no 4D NIfTI file and no file or folder matching "
+                f"{', '.join(f'{c}={v}' for c, v in patterns.items())})",
+                hint=_CHANNEL_HINT,
+            )
+        cases.extend(found)
+    return sorted(cases, key=lambda c: c.id)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Grid:
+    """Where a volume lives: its affine (RAS, mm), spatial shape and the header to copy."""
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    header: Any = None  # a nibabel NIfTI header (None for DICOM: a fresh one is made)
+    image_class: Any = None
+    unit_mm: float = 1.0
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size along each array axis in mm (column norms of the affine)."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)) * self.unit_mm
+
+    @property
+    def voxel_mm3(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) * self.unit_mm**3
+
+    @property
+    def axcodes(self) -> str:
+        import nibabel as nib
+
+        return "".join(str(c) for c in nib.aff2axcodes(self.affine))
+
+
+@dataclass
+class CaseVolume:
+    """A case read and checked: X x Y x Z x 3 uint8 contrasts on its input grid."""
+
+    id: str
+    data: np.ndarray
+    grid: Grid
+    intensity: dict[str, Any]
+    paths: list[Path]
+
+
+def _read_error(path: Path, exc: BaseException) -> BrainsegError:
+    return BrainsegError(
+        f"{path}: cannot be read ({first_line(exc, 160)})",
+        hint="is the file complete? a truncated download or copy reads this way",
+    )
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
+    """The data (as stored, scaling applied) and grid of a NIfTI file."""
+    import nibabel as nib
+
+    try:
+        img: Any = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except FileNotFoundError as exc:
+        raise BrainsegError(f"{path}: no such file", hint="check the path") from exc
+    except Exception as exc:  # nibabel, gzip, zlib and numpy raise many types
+        raise _read_error(path, exc) from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise BrainsegError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    unit = img.header.get_xyzt_units()[0]
+    grid = Grid(
+        affine=np.asarray(img.affine, dtype=np.float64),
+        shape=tuple(int(s) for s in data.shape[:3]),  # type: ignore[arg-type]
+        header=img.header,
+        image_class=type(img),
+        unit_mm=_UNITS_MM.get(unit, 1.0),
+    )
+    return data, grid
+
+
+def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
+    """One DICOM series folder as an X x Y x Z array and its RAS grid (SimpleITK + GDCM)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as exc:
+        raise _read_error(folder, exc) from exc
+    if not ids:
+        raise BrainsegError(
+            f"{folder}: no DICOM series found", hint="pass a folder of .dcm files of one series"
+        )
+    if len(ids) > 1:
+        raise BrainsegError(
+            f"{folder}: holds {len(ids)} DICOM series ({', '.join(ids[:3])}"
+            f"{', ...' if len(ids) > 3 else ''}); expected one",
+            hint="put each series (one contrast) in its own folder",
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise _read_error(folder, exc) from exc
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise BrainsegError(f"{folder}: a colour DICOM series; expected a greyscale MRI series")
+    arr = sitk.GetArrayFromImage(img)  # z, y, x
+    if arr.ndim != 3:
+        raise BrainsegError(f"{folder}: a {arr.ndim}D DICOM image; expected a 3D series")
+    data = np.ascontiguousarray(arr.transpose(2, 1, 0))
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM is LPS, NIfTI affines are RAS
+    return data, Grid(affine=affine, shape=data.shape)  # type: ignore[arg-type]
+
+
+def read_source(path: Path) -> tuple[np.ndarray, Grid]:
+    """A NIfTI file or a DICOM series folder."""
+    if path.is_dir():
+        return read_dicom_series(path)
+    if not is_nifti(path):
+        raise BrainsegError(f"{path}: not a NIfTI file (.nii / .nii.gz) or a DICOM folder")
+    return read_nifti(path)
+
+
+def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2 or (data.ndim == 3 and 1 in data.shape[:3]):
+        raise BrainsegError(
+            f"{path}: is 2D (shape {'x'.join(map(str, shape))}); expected a 3D volume",
+            hint="pass whole volumes (for single slices use the TIF/PNG path of brainseg predict)",
+        )
+    if data.ndim != 3:
+        raise BrainsegError(
+            f"{path}: has shape {'x'.join(map(str, shape))}; expected a 3D volume per contrast"
+        )
+    return data
+
+
+def _check_finite(path: Path, data: np.ndarray, what: str = "") -> None:
+    if data.dtype.kind in "fc":
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise BrainsegError(
+                f"{path}: {bad} NaN or infinite voxel(s){what}",
+                hint="fix or mask them (e.g. set them to 0) before predicting",
+            )
+
+
+def _four_d_channels(path: Path, data: np.ndarray) -> list[np.ndarray]:
+    shape = "x".join(map(str, data.shape))
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
+    if data.ndim == 3:
+        raise BrainsegError(
+            f"{path}: is a 3D volume (shape {shape}); a one-file case must be 4D with the "
+            "3 contrasts (pre, FLAIR, post) as its 4th dimension",
+            hint="for one file per contrast pass the case folder and --channels",
+        )
+    if data.ndim != 4 or data.shape[3] != 3:
+        n = data.shape[3] if data.ndim >= 4 else 1
+        raise BrainsegError(
+            f"{path}: shape {shape} has {n} volume(s); expected 3 (pre, FLAIR, post)",
+            hint="stack the contrasts in the dataset's order as the 4th dimension",
+        )
+    return [_check_3d(path, data[..., i]) for i in range(3)]
+
+
+def _same_grid(a: Grid, b: Grid) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=AFFINE_ATOL))
+
+
+def read_case(case: Case) -> CaseVolume:
+    """Read, check and scale a case; BrainsegError (one line naming the file) when bad."""
+    if case.error:
+        raise BrainsegError(case.error, hint=_CHANNEL_HINT)
+    if case.four_d is not None:
+        data, grid = read_source(case.four_d)
+        _check_finite(case.four_d, data)
+        vols = _four_d_channels(case.four_d, data)
+        paths = [case.four_d] * 3
+    else:
+        vols, grids, paths = [], [], []
+        for c in CHANNELS:
+            p = case.sources[c]
+            d, g = read_source(p)
+            _check_finite(p, d)
+            vols.append(_check_3d(p, d))
+            grids.append(g)
+            paths.append(p)
+        grid = grids[0]
+        for c, p, g in zip(CHANNELS[1:], paths[1:], grids[1:], strict=True):
+            if not _same_grid(grid, g):
+                what = "shape" if g.shape != grid.shape else "affine"
+                raise BrainsegError(
+                    f"case {case.id}: {c} ({p.name}) and pre ({paths[0].name}) differ in {what} "
+                    f"({_grid_text(g)} vs {_grid_text(grid)}): the contrasts are not co-registered",
+                    hint="register / resample the contrasts onto one grid first "
+                    "(e.g. with ANTs, FSL flirt or SimpleITK)",
+                )
+    out = np.empty((*grid.shape, 3), dtype=np.uint8)
+    info: dict[str, Any] = {}
+    for i, (c, v) in enumerate(zip(CHANNELS, vols, strict=True)):
+        out[..., i], info[c] = to_model_range(v)
+    return CaseVolume(case.id, out, grid, info, paths)
+
+
+def _grid_text(g: Grid) -> str:
+    diag = ", ".join(f"{v:.3g}" for v in g.spacing)
+    return f"{'x'.join(map(str, g.shape))}, spacing {diag} mm, origin " + ", ".join(
+        f"{v:.4g}" for v in g.affine[:3, 3]
+    )
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """One contrast in the model's domain (uint8 0..255) and a note of what was done.
+
+    uint8 is kept as is (the LGG TIFs are uint8: a volume stacked from them predicts as they
+    do). Any other type is scaled per volume: ``lo, hi`` = the 0.5th and 99.5th percentiles of
+    the nonzero voxels, ``round(255 * clip((x - lo) / (hi - lo), 0, 1))``; zero (background)
+    voxels map to 0 whenever ``lo >= 0``. An all-zero volume stays 0; a constant one becomes
+    255 where nonzero.
+    """
+    v = np.asarray(volume)
+    if v.dtype == np.uint8:
+        return v, {"rule": "uint8 as is"}
+    x = v.astype(np.float32, copy=False)
+    nz = x[x != 0]
+    if nz.size == 0:
+        return np.zeros(v.shape, np.uint8), {"rule": "all zero"}
+    lo, hi = (float(q) for q in np.percentile(nz, PERCENTILES))
+    if not hi > lo:
+        out = np.where(x != 0, 255, 0).astype(np.uint8)
+        return out, {"rule": "constant: 255 where nonzero", "lo": lo, "hi": hi}
+    scaled = np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    out = np.rint(scaled * np.float32(255.0)).astype(np.uint8)
+    return out, {
+        "rule": f"p{PERCENTILES[0]}-p{PERCENTILES[1]} of nonzero -> 0..255",
+        "lo": lo,
+        "hi": hi,
+        "dtype": str(v.dtype),
+    }
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def canonical_ornt(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation that takes the array to the closest canonical (RAS) axes."""
+    import nibabel as nib
+
+    return nib.orientations.io_orientation(affine)
+
+
+def to_slices(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """X x Y x Z (x C) on the input grid -> S x H x W (x C) canonical axial slices.
+
+    Slice k is ``canonical[:, :, k]`` with the canonical first axis as its rows (the
+    convention of docs/volumes.md).
+    """
+    import nibabel as nib
+
+    canon = nib.orientations.apply_orientation(data, canonical_ornt(affine))
+    axes = (2, 0, 1, *range(3, canon.ndim))
+    return np.ascontiguousarray(canon.transpose(axes))
+
+
+def from_slices(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_slices`: S x H x W canonical slices -> the input grid."""
+    import nibabel as nib
+
+    ornt = canonical_ornt(affine)
+    canon = slices.transpose(1, 2, 0, *range(3, slices.ndim))
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(canon, back))
+
+
+def slice_spacing(grid: Grid) -> tuple[float, float, float]:
+    """Voxel size (mm) of the :func:`to_slices` axes: (slice, row, column)."""
+    ornt = canonical_ornt(grid.affine)
+    canon = [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(ornt):
+        canon[int(axis)] = float(grid.spacing[i])
+    return canon[2], canon[0], canon[1]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def nifti_bytes(data: np.ndarray, grid: Grid, *, kind: str, gz: bool = True) -> bytes:
+    """A NIfTI file (bytes) of ``data`` on ``grid``: the input's header and affine kept.
+
+    ``kind`` is ``mask`` (uint8 0/1) or ``prob`` (float32 0..1).
+    """
+    import nibabel as nib
+
+    dtype = np.uint8 if kind == "mask" else np.float32
+    arr = np.asarray(data).astype(dtype, copy=False)
+    if grid.header is not None:
+        hdr = grid.header.copy()
+        hdr.set_data_dtype(dtype)
+        cls = grid.image_class or nib.Nifti1Image
+        img = cls(arr, None, header=hdr)  # affine (qform and sform) from the input header
+    else:
+        img = nib.Nifti1Image(arr, grid.affine)
+        img.header.set_qform(grid.affine, code=1)
+        img.header.set_sform(grid.affine, code=1)
+        img.header.set_xyzt_units("mm")
+    h = img.header
+    h.set_slope_inter(1.0, 0.0)
+    h.set_intent("none")
+    h["cal_min"], h["cal_max"] = 0.0, 1.0
+    h["descrip"] = b"brainseg tumour mask" if kind == "mask" else b"brainseg tumour probability"
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if gz else raw
+
+
+def write_nifti(path: Path, data: np.ndarray, grid: Grid, *, kind: str, force: bool) -> Path:
+    """Write :func:`nifti_bytes` atomically (``.nii.gz`` compressed, ``.nii`` not)."""
+    gz = path.name.lower().endswith(".gz")
+    return atomic_write_bytes(path, nifti_bytes(data, grid, kind=kind, gz=gz), force=force)
+
+
+def read_mask_volume(path: Path) -> tuple[np.ndarray, Grid]:
+    """A NIfTI mask as a boolean X x Y x Z array (nonzero = tumour) and its grid."""
+    data, grid = read_nifti(path)
+    _check_finite(path, data)
+    return _check_3d(path, data) != 0, grid
+
+
+def volume_ml(voxels: int, grid: Grid) -> float:
+    """Tumour volume in millilitres (1 mL = 1000 mm³)."""
+    return voxels * grid.voxel_mm3 / 1000.0
+
+
+def ceil_voxels(mm3: float, grid: Grid) -> int:
+    """The smallest voxel count whose volume is at least ``mm3``."""
+    return math.ceil(mm3 / grid.voxel_mm3 - 1e-9)
+
+
+def stack_for_tests(slices: Sequence[np.ndarray]) -> np.ndarray:
+    """S slices H x W (x C) -> the convention's X x Y x Z (x C) array (``data[:, :, k]``)."""
+    a = np.stack(list(slices))
+    return np.ascontiguousarray(np.moveaxis(a, 0, 2))

@@ -1,0 +1,159 @@
+"""Helpers for the volume tests: a tiny ONNX model, NIfTI / DICOM writers, the CLI in-process."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+#: The real-data patients the volume tests use (the two with the fewest slices).
+PATIENTS = ("TCGA_HT_7602_19951103", "TCGA_HT_8107_19980708")
+#: A plausible MRI grid: 0.5 x 0.5 mm in-plane, 3 mm slices, RAS, not at the origin.
+RAS = np.array(
+    [[0.5, 0, 0, -64.0], [0, 0.5, 0, -58.5], [0, 0, 3.0, -21.0], [0, 0, 0, 1.0]], dtype=np.float64
+)
+
+
+def conv_onnx(path: Path, image_size: int | None = 256, largest: bool = False) -> Path:
+    """A brainseg ONNX model of one asymmetric 3x3 convolution over all three channels.
+
+    Every channel and both in-plane directions change its output, so a swapped contrast, a
+    transposed or a flipped slice gives other masks (what the equality tests must catch).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.zeros((1, 3, 3, 3), dtype=np.float32)
+    w[0, 0, 1, 1] = -0.01  # pre-contrast
+    w[0, 1, 1, 1] = 0.05  # FLAIR
+    w[0, 2, 1, 1] = 0.02  # post-contrast
+    w[0, 1, 0, 2] = 0.015  # up-right neighbour of FLAIR: breaks flip / transpose symmetry
+    w[0, 2, 2, 1] = -0.01
+    b = np.array([-9.0], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["logits"], pads=[1, 1, 1, 1])],
+        "conv3",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, "h", "w"])],
+        initializer=[
+            helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel().tolist()),
+            helper.make_tensor("b", TensorProto.FLOAT, b.shape, b.tolist()),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {
+        "image_size": image_size,
+        "threshold": 0.5,
+        "postprocess": {"min_size": 0, "largest_component": largest},
+        "normalization": "imagenet",
+        "format_version": 1,
+    }
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "brainseg", json.dumps(meta)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray = RAS) -> Path:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data), affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+    return path
+
+
+def save_case(folder: Path, case: str, data: np.ndarray, affine: np.ndarray = RAS) -> Path:
+    """Three 3D files ``<case>_t1 / _flair / _t1ce.nii.gz`` (the default --channels)."""
+    for i, name in enumerate(("t1", "flair", "t1ce")):
+        save_nifti(folder / f"{case}_{name}.nii.gz", data[..., i], affine)
+    return folder
+
+
+def save_dicom_series(
+    folder: Path,
+    volume: np.ndarray,
+    *,
+    spacing: tuple[float, float, float] = (0.5, 0.5, 3.0),
+    origin_lps: tuple[float, float, float] = (64.0, 58.5, -21.0),
+    series_uid: str | None = None,
+    start: int = 0,
+) -> Path:
+    """A uint8 X x Y x Z volume (RAS axes, the convention's layout) as a pydicom MR series.
+
+    The DICOM rows run along +A and the columns along +R (LPS cosines (-1,0,0), (0,-1,0)),
+    so SimpleITK reads it back with a positive diagonal RAS affine.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), series_uid or generate_uid()
+    frame = generate_uid()
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.PatientName = "MR", "TEST", "Test^Volume"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.InstanceNumber = start + k + 1
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+        ds.ImagePositionPatient = [origin_lps[0], origin_lps[1], origin_lps[2] + spacing[2] * k]
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # row spacing (along y), column spacing
+        ds.SliceThickness = spacing[2]
+        pixels = np.ascontiguousarray(volume[:, :, k].T.astype(np.uint8))  # rows = y, cols = x
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = pixels.tobytes()
+        try:
+            ds.save_as(folder / f"slice{start + k:04d}.dcm", enforce_file_format=True)
+        except TypeError:  # pydicom 2.x
+            ds.save_as(folder / f"slice{start + k:04d}.dcm", write_like_original=False)
+    return folder
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def make_runner(capsys: pytest.CaptureFixture[str]) -> Any:
+    def _run(args: list[Any]) -> Result:
+        from brainseg import console
+        from brainseg.cli import main
+
+        capsys.readouterr()
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        finally:
+            console.configure(quiet=False, json_mode=False, debug=False)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return _run
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    img: Any = nib.load(str(path))
+    return np.asanyarray(img.dataobj), np.asarray(img.affine)

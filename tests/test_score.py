@@ -1,0 +1,136 @@
+"""`brainseg score`: masks from any tool scored with eval's metrics and files; mm metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _tiny import tiny_onnx
+from _volkit import make_runner, save_nifti
+
+from brainseg import metrics
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    return make_runner(capsys)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- metrics in mm
+
+
+def test_hd95_in_mm_uses_the_spacing_and_pixels_without_it() -> None:
+    a = np.zeros((5, 8, 8), bool)
+    b = np.zeros((5, 8, 8), bool)
+    a[1, 3, 3] = True
+    b[3, 3, 3] = True  # two slices apart
+    assert metrics.hd95(a, b) == pytest.approx(2.0)
+    assert metrics.hd95(a, b, spacing=(3.0, 0.5, 0.5)) == pytest.approx(6.0)
+    assert math.isnan(metrics.hd95(a, np.zeros_like(b), spacing=(3.0, 0.5, 0.5)))
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.hd95(a, b, spacing=(1.0, 1.0))
+
+
+def test_surface_dice_tolerance_and_empty_policy() -> None:
+    a = np.zeros((1, 20, 20), bool)
+    a[0, 5:15, 5:15] = True
+    b = np.roll(a, 2, axis=2)  # shifted 2 columns
+    assert metrics.surface_dice(a, a, 0.0) == 1.0
+    assert metrics.surface_dice(a, b, 2.0) == 1.0  # every boundary pixel within 2 px
+    part = metrics.surface_dice(a, b, 0.0)
+    assert 0.0 < part < 1.0
+    assert metrics.surface_dice(a, b, 2.0, spacing=(1.0, 1.0, 2.0)) < 1.0  # 2 px = 4 mm
+    empty = np.zeros_like(a)
+    assert metrics.surface_dice(empty, empty, 1.0) == 1.0
+    assert metrics.surface_dice(a, empty, 1.0) == 0.0
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def test_score_of_predicted_slices_equals_eval(run, tmp_path: Path, phantom_root: Path) -> None:
+    model = tiny_onnx(tmp_path / "tiny.onnx", image_size=64)
+    r = run(["predict", model, phantom_root, "-o", tmp_path / "pred"])
+    assert r.returncode == 0, r.stderr
+    r = run(["score", "--pred", tmp_path / "pred", "--gt", phantom_root, "--project", "s"])
+    assert r.returncode == 0, r.stderr
+    assert "pixels" in r.stdout
+    r = run(["eval", model, phantom_root, "--project", "e"])
+    assert r.returncode == 0, r.stderr
+    got, want = _csv(tmp_path / "s/exp/per_patient.csv"), _csv(tmp_path / "e/exp/per_patient.csv")
+    assert list(got[0]) == list(want[0])  # the same columns
+    assert got == want  # the same numbers, empty-mask policy included
+    assert _csv(tmp_path / "s/exp/per_slice.csv") == _csv(tmp_path / "e/exp/per_slice.csv")
+    s = json.loads((tmp_path / "s/exp/summary.json").read_text())
+    e = json.loads((tmp_path / "e/exp/summary.json").read_text())
+    for key in ("per_patient", "per_slice_tumor", "global", "detection", "counts"):
+        assert s[key] == e[key], key
+    assert s["surface"]["unit"] == "pixels"
+    surf = _csv(tmp_path / "s/exp/surface.csv")
+    assert {row["hd95_unit"] for row in surf} == {"pixels"}
+
+
+def test_missing_prediction_is_an_error_unless_allowed(run, tmp_path, phantom_root) -> None:
+    pred = tmp_path / "pred"
+    shutil.copytree(phantom_root, pred)  # the true masks as "predictions": Dice 1
+    first = sorted(pred.rglob("*_mask.tif"))[0]
+    first.unlink()
+    r = run(["score", "--pred", pred, "--gt", phantom_root])
+    assert r.returncode == 2 and "have no prediction" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    r = run(["score", "--pred", pred, "--gt", phantom_root, "--allow-missing"])
+    assert r.returncode == 0, r.stderr
+    rows = _csv(tmp_path / "runs/score/exp/per_slice.csv")
+    missing = [x for x in rows if f"{x['patient_id']}_{x['slice_number']}_mask.tif" == first.name]
+    assert len(missing) == 1 and missing[0]["pred_pixels"] == "0"
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def test_nifti_volumes_scored_by_case_with_mm_metrics(run, tmp_path: Path) -> None:
+    pytest.importorskip("nibabel")
+    gt = np.zeros((20, 20, 6), np.uint8)
+    gt[5:10, 5:10, 1:4] = 1
+    pred = np.zeros_like(gt)
+    pred[5:10, 7:12, 1:4] = 1  # shifted 2 voxels along y (0.5 mm each)
+    save_nifti(tmp_path / "gt" / "A_seg.nii.gz", gt)
+    save_nifti(tmp_path / "gt" / "B_seg.nii.gz", np.zeros_like(gt))
+    save_nifti(tmp_path / "pred" / "A.nii.gz", pred)
+    save_nifti(tmp_path / "pred" / "B.nii.gz", np.zeros_like(gt))
+    save_nifti(tmp_path / "pred" / "A_prob.nii.gz", pred.astype(np.float32))  # not a mask
+    r = run(["score", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt", "--tolerance", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "mm" in r.stdout
+    run_dir = tmp_path / "runs/score/exp"
+    rows = {x["patient_id"]: x for x in _csv(run_dir / "per_patient.csv")}
+    assert float(rows["A"]["dice"]) == pytest.approx(metrics.dice(pred, gt))
+    assert rows["B"]["dice"] == "1.0" and rows["A"]["slices"] == "6"
+    surf = {x["patient_id"]: x for x in _csv(run_dir / "surface.csv")}
+    assert surf["A"]["hd95_unit"] == "mm" and surf["A"]["nsd_unit"] == "mm"
+    assert float(surf["A"]["hd95"]) == pytest.approx(1.0)  # 2 voxels x 0.5 mm
+    assert float(surf["A"]["nsd"]) == 1.0  # within 1 mm everywhere
+    assert surf["B"]["hd95"] == "" and float(surf["B"]["nsd"]) == 1.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "volumes" and summary["surface"]["unit"] == "mm"
+
+
+def test_prediction_on_another_grid_is_refused(run, tmp_path: Path) -> None:
+    pytest.importorskip("nibabel")
+    gt = np.zeros((20, 20, 6), np.uint8)
+    save_nifti(tmp_path / "gt" / "A.nii.gz", gt)
+    save_nifti(tmp_path / "pred" / "A_mask.nii.gz", gt[:, :, :5])
+    r = run(["score", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt"])
+    assert r.returncode == 2 and "is not on the grid" in r.stderr

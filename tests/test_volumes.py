@@ -1,0 +1,408 @@
+"""Volumes in, volumes out: NIfTI / DICOM cases predict exactly as the TIF slices they hold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _tiny import tiny_onnx
+from _volkit import (
+    PATIENTS,
+    RAS,
+    conv_onnx,
+    make_runner,
+    read_volume,
+    save_case,
+    save_dicom_series,
+    save_nifti,
+)
+
+pytest.importorskip("nibabel")
+pytest.importorskip("SimpleITK")
+pytest.importorskip("pydicom")
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    return make_runner(capsys)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> dict[str, Any]:
+    """Two real patients: a kaggle_3m subset, their TIF stacks, the model, slice predictions."""
+    from brainseg.data.lgg import discover, read_slice
+
+    base = tmp_path_factory.mktemp("vol-real")
+    subset = base / "kaggle_3m"
+    subset.mkdir()
+    for pid in PATIENTS:
+        (subset / pid).symlink_to(real_data / pid)
+    ds = discover(subset)
+    stacks = {}
+    for p in ds.patients:
+        pairs = [read_slice(s) for s in sorted(p.slices, key=lambda s: s.number)]
+        images = np.stack([im for im, _ in pairs])  # S x H x W x 3 uint8
+        masks = np.stack([m for _, m in pairs])
+        # The convention: data[:, :, k] == tif[k] (rows first), contrasts on the last axis.
+        stacks[p.id] = (np.moveaxis(images, 0, 2), np.moveaxis(masks, 0, 2))
+    model = conv_onnx(base / "conv.onnx", image_size=256)
+    return {"base": base, "subset": subset, "stacks": stacks, "model": model}
+
+
+def _slice_masks(run: Any, real: dict[str, Any], out: Path) -> dict[str, np.ndarray]:
+    """The slice path: `brainseg predict` on the TIFs, stacked as X x Y x Z per patient."""
+    from brainseg.imageio import read_image
+
+    r = run(["predict", real["model"], real["subset"], "-o", out, "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    masks = {}
+    for pid, (images, _) in real["stacks"].items():
+        files = [out / pid / f"{pid}_{k + 1}_mask.tif" for k in range(images.shape[2])]
+        masks[pid] = np.stack([read_image(f)[..., 0] > 0 for f in files], axis=2)
+    return masks
+
+
+@pytest.mark.realdata
+def test_real_nifti_4d_and_3d_predict_exactly_as_the_tif_slices(run: Any, real: dict, tmp_path):
+    expected = _slice_masks(run, real, tmp_path / "slices")
+    four_d, three = tmp_path / "in4d", tmp_path / "in3d"
+    for pid, (images, _) in real["stacks"].items():
+        save_nifti(four_d / f"{pid}.nii.gz", images)
+        save_case(three / pid, pid, images)
+    for src in (four_d, three):
+        out = tmp_path / f"out-{src.name}"
+        r = run(["predict-volumes", real["model"], src, "-o", out, "--device", "cpu"])
+        assert r.returncode == 0, r.stderr
+        rows = {row["case"]: row for row in _csv(out / "summary.csv")}
+        for pid, want in expected.items():
+            data, affine = read_volume(out / f"{pid}_mask.nii.gz")
+            assert data.dtype == np.uint8 and data.shape == want.shape
+            assert np.array_equal(data != 0, want), (src.name, pid)
+            np.testing.assert_allclose(affine, RAS, atol=1e-6)
+            voxels = int(want.sum())
+            assert int(rows[pid]["tumor_voxels"]) == voxels
+            assert float(rows[pid]["tumor_volume_ml"]) == pytest.approx(
+                voxels * 0.5 * 0.5 * 3.0 / 1000, rel=1e-5
+            )
+            assert int(rows[pid]["tumor_slices"]) == int(want.any(axis=(0, 1)).sum())
+            meta = json.loads((out / f"{pid}.json").read_text())
+            assert meta["intensity"]["flair"]["rule"] == "uint8 as is"
+
+
+@pytest.mark.realdata
+def test_real_per_patient_dice_of_volumes_equals_eval_on_the_slices(run, real, tmp_path):
+    """predict-volumes + score (NIfTI) gives eval's per-patient Dice, with and without --largest."""
+    src, gt = tmp_path / "in", tmp_path / "gt"
+    for pid, (images, masks) in real["stacks"].items():
+        save_nifti(src / f"{pid}.nii.gz", images)
+        save_nifti(gt / f"{pid}.nii.gz", masks.astype(np.uint8))
+    for flag in ("--no-largest", "--largest"):
+        out = tmp_path / f"out{flag}"
+        r = run(["predict-volumes", real["model"], src, "-o", out, flag, "--device", "cpu"])
+        assert r.returncode == 0, r.stderr
+        r = run(["score", "--pred", out, "--gt", gt, "--project", tmp_path / "s", "--name", flag])
+        assert r.returncode == 0, r.stderr
+        r = run(
+            ["eval", real["model"], real["subset"], flag, "--device", "cpu",
+             "--project", tmp_path / "e", "--name", flag]
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        got = {p["patient_id"]: p for p in _csv(tmp_path / "s" / flag / "per_patient.csv")}
+        want = {p["patient_id"]: p for p in _csv(tmp_path / "e" / flag / "per_patient.csv")}
+        assert set(got) == set(PATIENTS) == set(want)
+        for pid in PATIENTS:
+            for col in ("dice", "tp", "fp", "fn", "gt_pixels", "pred_pixels", "slices"):
+                assert got[pid][col] == want[pid][col], (flag, pid, col)
+            assert int(got[pid]["pred_pixels"]) > 0  # masks are not all empty
+        assert max(float(got[pid]["dice"]) for pid in PATIENTS) > 0.0  # some overlap
+
+
+@pytest.mark.realdata
+def test_real_dicom_series_predict_as_the_tif_slices(run: Any, real: dict, tmp_path: Path):
+    pid = PATIENTS[0]
+    images, _ = real["stacks"][pid]
+    expected = _slice_masks(run, real, tmp_path / "slices")[pid]
+    case = tmp_path / "dicom" / pid
+    for i, name in enumerate(("pre", "flair", "post")):
+        save_dicom_series(case / name, images[..., i])
+    out = tmp_path / "out"
+    r = run(
+        ["predict-volumes", real["model"], tmp_path / "dicom", "-o", out, "--device", "cpu",
+         "--channels", "pre=pre,flair=flair,post=post"]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data, affine = read_volume(out / f"{pid}_mask.nii.gz")
+    assert np.array_equal(data != 0, expected)
+    np.testing.assert_allclose(affine, RAS, atol=1e-4)
+
+
+@pytest.mark.realdata
+def test_real_lps_sitk_and_oblique_inputs_map_back_to_their_grid(run, real, tmp_path):
+    """SimpleITK-written LPS files, an oblique and an axes-permuted affine: same masks, mapped
+    back onto each input's own grid, and each written mask keeps its input's affine."""
+    import SimpleITK as sitk
+
+    pid = PATIENTS[1]
+    images, _ = real["stacks"][pid]
+    want = _slice_masks(run, real, tmp_path / "slices")[pid]
+    # 1. SimpleITK, identity direction (LPS): the NIfTI axes are L and P, i.e. x and y flipped.
+    lps = images[::-1, ::-1, :]
+    for i, name in enumerate(("t1", "flair", "t1ce")):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(lps[..., i].transpose(2, 1, 0)))
+        img.SetSpacing((0.5, 0.5, 3.0))
+        img.SetOrigin((10.0, -20.0, 5.0))
+        (tmp_path / "lps").mkdir(exist_ok=True)
+        sitk.WriteImage(img, str(tmp_path / "lps" / f"{pid}_{name}.nii.gz"))
+    # 2. oblique: rotated 12 degrees about the slice axis (nibabel).
+    th = np.deg2rad(12)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+    save_nifti(tmp_path / "oblique" / f"{pid}.nii.gz", images, rot @ RAS)
+    # 3. the slice axis first: array axes (S, R, A) with the matching affine.
+    perm = np.zeros((4, 4))
+    perm[0, 1] = perm[1, 2] = perm[2, 0] = perm[3, 3] = 1
+    save_nifti(tmp_path / "perm" / f"{pid}.nii.gz", images.transpose(2, 0, 1, 3), RAS @ perm)
+    cases = {
+        "lps": want[::-1, ::-1, :],
+        "oblique": want,
+        "perm": want.transpose(2, 0, 1),
+    }
+    for name, expected in cases.items():
+        src = tmp_path / name
+        in_affine = read_volume(next(src.glob("*.nii.gz")))[1]
+        out = tmp_path / f"out-{name}"
+        r = run(["predict-volumes", real["model"], src, "-o", out, "--device", "cpu"])
+        assert r.returncode == 0, (name, r.stderr)
+        data, affine = read_volume(out / f"{pid}_mask.nii.gz")
+        assert data.shape == expected.shape, name
+        assert np.array_equal(data != 0, expected), name
+        np.testing.assert_allclose(affine, in_affine, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- synthetic cases
+
+
+def _volume(seed: int = 0, shape: tuple[int, int, int] = (64, 64, 6)) -> np.ndarray:
+    """X x Y x Z x 3 uint8 with a bright FLAIR blob (the tiny model's tumour)."""
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 60, size=(*shape, 3), dtype=np.uint8)
+    v[20:36, 24:40, 1:4, 1] = 220
+    return v
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return tiny_onnx(tmp_path / "tiny.onnx", image_size=64)
+
+
+def _outputs(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*")) if out.exists() else []
+
+
+def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
+    """name -> (input, extra CLI args, the expected words of the one error line)."""
+    v = _volume()
+    cases: dict[str, tuple[Path, list[str], str]] = {}
+    d = tmp_path / "missing"
+    save_case(d, "A", v)
+    (d / "A_t1ce.nii.gz").unlink()
+    cases["missing"] = (d, [], "case A in")
+    d = tmp_path / "shape"
+    save_case(d, "A", v)
+    save_nifti(d / "A_flair.nii.gz", v[:, :, :5, 1])
+    cases["shape"] = (d, [], "differ in shape")
+    d = tmp_path / "affine"
+    save_case(d, "A", v)
+    moved = RAS.copy()
+    moved[0, 3] += 5.0
+    save_nifti(d / "A_t1ce.nii.gz", v[..., 2], moved)
+    cases["affine"] = (d, [], "not co-registered")
+    d = tmp_path / "flat"
+    save_case(d, "A", v)
+    save_nifti(d / "A_flair.nii.gz", v[:, :, 0, 1])
+    cases["2d"] = (d, [], "is 2D")
+    d = tmp_path / "trunc"
+    save_nifti(d / "A.nii.gz", v)
+    blob = (d / "A.nii.gz").read_bytes()
+    (d / "A.nii.gz").write_bytes(blob[: len(blob) // 2])
+    cases["truncated"] = (d, [], "cannot be read")
+    d = tmp_path / "nan"
+    f = v.astype(np.float32)
+    f[3, 3, 3, 0] = np.nan
+    save_nifti(d / "A.nii.gz", f)
+    cases["nan"] = (d, [], "NaN")
+    d = tmp_path / "three-d"
+    save_nifti(d / "A.nii.gz", v[..., 1])
+    cases["3d-as-4d"] = (d, [], "must be 4D")
+    d = tmp_path / "dicom" / "A"
+    for i, name in enumerate(("pre", "flair", "post")):
+        save_dicom_series(d / name, v[..., i])
+    save_dicom_series(d / "flair", v[..., 1], start=100)  # a second series in one folder
+    cases["two-series"] = (d.parent, ["--channels", "pre=pre,flair=flair,post=post"], "2 DICOM")
+    return cases
+
+
+def test_each_bad_case_gives_one_line_exit_2_and_writes_nothing(run, tiny, tmp_path):
+    for name, (src, extra, words) in _bad_cases(tmp_path).items():
+        out = tmp_path / f"out-{name}"
+        r = run(["predict-volumes", tiny, src, "-o", out, *extra])
+        assert r.returncode == 2, (name, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if words in ln]
+        assert len(lines) == 1, (name, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert _outputs(out) == [], (name, _outputs(out))
+
+
+def test_a_bad_case_among_good_ones_is_reported_and_the_others_are_written(run, tiny, tmp_path):
+    src = tmp_path / "cases"
+    save_nifti(src / "good.nii.gz", _volume())
+    save_nifti(src / "bad.nii.gz", _volume()[..., :2])
+    r = run(["predict-volumes", tiny, src, "-o", tmp_path / "out", "--json"])
+    assert r.returncode == 1
+    assert "bad.nii.gz" in r.stderr and "2 volume(s); expected 3" in r.stderr
+    assert _outputs(tmp_path / "out") == ["good.json", "good_mask.nii.gz", "summary.csv"]
+    rows = {row["case"]: row for row in _csv(tmp_path / "out" / "summary.csv")}
+    assert rows["bad"]["status"] == "error" and rows["good"]["status"] == "ok"
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [ln["case"] for ln in lines] == ["bad", "good"]
+
+
+def test_shard_skip_existing_and_refusing_to_overwrite(run, tiny, tmp_path):
+    src = tmp_path / "cases"
+    for i in range(3):
+        save_nifti(src / f"c{i}.nii.gz", _volume(i))
+    out = tmp_path / "out"
+    r = run(["predict-volumes", tiny, src, "-o", out, "--shard", "1/2"])
+    assert r.returncode == 0, r.stderr
+    assert [row["case"] for row in _csv(out / "summary-1-of-2.csv")] == ["c1"]
+    r = run(["predict-volumes", tiny, src, "-o", out, "--shard", "0/2"])
+    assert r.returncode == 0
+    assert [row["case"] for row in _csv(out / "summary-0-of-2.csv")] == ["c0", "c2"]
+    r = run(["predict-volumes", tiny, src, "-o", out])
+    assert r.returncode == 2 and r.stderr.count("already exists") == 3
+    before = (out / "c0_mask.nii.gz").stat().st_mtime_ns
+    r = run(["predict-volumes", tiny, src, "-o", out, "--skip-existing"])
+    assert r.returncode == 0
+    rows = _csv(out / "summary.csv")
+    assert [row["status"] for row in rows] == ["skipped"] * 3
+    assert rows[0]["tumor_voxels"] == str(16 * 16 * 3)
+    assert (out / "c0_mask.nii.gz").stat().st_mtime_ns == before
+
+
+def test_mask_volume_and_probabilities_keep_the_input_header(run, tiny, tmp_path):
+    src = tmp_path / "cases"
+    save_nifti(src / "A.nii.gz", _volume())
+    out = tmp_path / "out"
+    r = run(["predict-volumes", tiny, src, "-o", out, "--probabilities"])
+    assert r.returncode == 0, r.stderr
+    mask, affine = read_volume(out / "A_mask.nii.gz")
+    prob, paffine = read_volume(out / "A_prob.nii.gz")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert prob.dtype == np.float32 and 0.0 <= prob.min() <= prob.max() <= 1.0
+    np.testing.assert_array_equal(affine, read_volume(src / "A.nii.gz")[1])
+    np.testing.assert_array_equal(paffine, affine)
+    assert mask.sum() == 16 * 16 * 3
+    row = _csv(out / "summary.csv")[0]
+    assert float(row["tumor_volume_ml"]) == pytest.approx(16 * 16 * 3 * 0.75 / 1000)
+    assert row["tumor_slices"] == "3" and row["slices"] == "6"
+
+
+def test_min_volume_in_voxels_and_mm3_removes_small_3d_components(run, tiny, tmp_path):
+    v = _volume()
+    v[50:52, 50:52, 2, 1] = 220  # a 4-voxel speck = 3 mm3 at 0.5 x 0.5 x 3 mm
+    src = tmp_path / "cases"
+    save_nifti(src / "A.nii.gz", v)
+    counts = {}
+    for arg in ("0", "5", "3mm3", "4mm3"):
+        out = tmp_path / f"out{arg}"
+        assert run(["predict-volumes", tiny, src, "-o", out, "--min-volume", arg]).returncode == 0
+        counts[arg] = int(read_volume(out / "A_mask.nii.gz")[0].sum())
+    big = 16 * 16 * 3
+    assert counts == {"0": big + 4, "5": big, "3mm3": big + 4, "4mm3": big}
+    r = run(["predict-volumes", tiny, src, "-o", tmp_path / "x", "--min-volume", "lots"])
+    assert r.returncode == 2 and "--min-volume" in r.stderr
+
+
+def test_float_volumes_are_scaled_per_contrast_by_the_documented_rule(tmp_path: Path) -> None:
+    from brainseg.volumes import to_model_range
+
+    x = np.zeros((10, 10, 10), dtype=np.float32)
+    x[1:, :, :] = np.linspace(100, 1100, 900).reshape(9, 10, 10)
+    out, info = to_model_range(x)
+    lo, hi = np.percentile(x[x != 0], [0.5, 99.5])
+    assert info["lo"] == pytest.approx(lo) and info["hi"] == pytest.approx(hi)
+    assert out.dtype == np.uint8 and out[0].max() == 0  # background stays 0
+    assert out.max() == 255 and out[1:].min() == 0
+    mid = x[5, 5, 5]
+    assert out[5, 5, 5] == round(255 * (mid - lo) / (hi - lo))
+    u = _volume()[..., 0]
+    assert to_model_range(u)[0] is u  # uint8: already the model's domain
+
+
+def test_int16_case_predicts_after_scaling(run, tiny, tmp_path):
+    v = _volume().astype(np.int16) * 7 + 3
+    save_nifti(tmp_path / "cases" / "A.nii.gz", v)
+    r = run(["predict-volumes", tiny, tmp_path / "cases", "-o", tmp_path / "out"])
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "out" / "A.json").read_text())
+    assert meta["intensity"]["flair"]["rule"].startswith("p0.5-p99.5")
+    assert meta["tumor_voxels"] == 16 * 16 * 3
+
+
+def test_channel_patterns_flat_folder_and_errors(tmp_path: Path) -> None:
+    from brainseg.errors import BrainsegError
+    from brainseg.volumes import find_cases, parse_channels
+
+    flat = tmp_path / "flat"
+    for case in ("A", "B"):
+        save_case(flat, case, _volume())
+    cases = find_cases([flat])
+    assert [c.id for c in cases] == ["A", "B"]
+    assert cases[0].sources["post"].name == "A_t1ce.nii.gz"
+    assert list(parse_channels(None)) == ["pre", "flair", "post"]
+    with pytest.raises(BrainsegError, match="no pattern for post"):
+        parse_channels("pre=*a*,flair=*b*")
+    with pytest.raises(BrainsegError, match="matches the patterns of"):
+        find_cases([flat], "pre=*t1*,flair=*flair*,post=*t1ce*")
+
+
+def test_volume_libraries_are_not_imported_by_help_or_the_slice_path(tmp_path: Path) -> None:
+    from _tiny import write_images
+
+    model = tiny_onnx(tmp_path / "m.onnx", image_size=64)
+    write_images(tmp_path / "imgs", 2, size=64)
+    code = (
+        "import sys\n"
+        "from brainseg.cli import main\n"
+        f"runs = [['--help'], ['predict', '--help'], ['score', '--help'],"
+        f" ['predict-volumes', '--help'],"
+        f" ['predict', {str(model)!r}, {str(tmp_path / 'imgs')!r}, '-o', "
+        f"{str(tmp_path / 'o')!r}]]\n"
+        "for argv in runs:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), (argv, e.code)\n"
+        "print('LOADED', [m for m in ('nibabel', 'SimpleITK', 'pydicom', 'torch')"
+        " if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout
+    assert (tmp_path / "o" / "img00000_mask.tif").is_file()
