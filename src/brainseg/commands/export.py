@@ -7,10 +7,14 @@ onnxruntime are imported when the command runs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from brainseg import console as con
+
+if TYPE_CHECKING:
+    from brainseg.export import ExportReport
 
 _HELP = (
     "Export CHECKPOINT (.safetensors) to an ONNX file for onnxruntime (CPU or GPU, no torch).\n\n"
@@ -72,16 +76,22 @@ def register(app: typer.Typer) -> None:
             "(default: --calib, else generated phantoms).",
         ),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+        strict: bool = typer.Option(
+            False,
+            "--strict",
+            help="Fail (exit 1, nothing written) when the verification finds a problem: masks "
+            "agreeing with PyTorch's below the floor (Dice 0.9), or int8 moving the "
+            "per-patient Dice by more than 0.01. For CI.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
-        from brainseg.export import check_export_args, export_onnx, int8_rows, report_rows
+        from brainseg.export import ExportCheckFailed, ExportOptions, check_export_args, export_onnx
 
-        check_export_args(output, fp16=fp16, int8=int8, calib=calib, opset=opset, force=force)
-        report = export_onnx(
-            checkpoint,
-            output,
+        opts = ExportOptions(
+            checkpoint=checkpoint,
+            output=output,
             opset=opset,
             fp16=fp16,
             int8=int8,
@@ -90,18 +100,33 @@ def register(app: typer.Typer) -> None:
             verify_data=verify_data,
             calib_slices=calib_slices,
             force=force,
+            strict=strict,
         )
-        if json_out:
-            con.emit_json(report.as_dict())
-        cols, rows = report_rows(report)
-        con.result(con.table(f"ONNX vs PyTorch ({report.data_source})", cols, rows))
-        q = int8_rows(report)
-        if q is not None:
-            con.result(
-                con.table("int8 vs fp32: mean per-patient Dice on the validation patients", *q)
-            )
+        check_export_args(opts)
+        try:
+            report = export_onnx(opts)
+        except ExportCheckFailed as exc:
+            _render(exc.report, json_out)
+            raise
+        _render(report, json_out)
         con.info(
             f"wrote {report.path} ({report.variant}, opset {report.opset}, "
             f"{report.size_mb:.1f} MB, {report.exporter} exporter, "
             f"{report.seconds:.0f} s)"
         )
+
+
+def _render(report: ExportReport, json_out: bool) -> None:
+    """The report: JSON on stdout with --json; the tables and notes (stderr with --json)."""
+    from rich.text import Text
+
+    from brainseg.export import int8_rows, int8_title, report_rows, report_title
+
+    if json_out:
+        con.emit_json(report.as_dict())
+    con.result(con.table(report_title(report), *report_rows(report)))
+    q = int8_rows(report)
+    if q is not None:
+        con.result(con.table(int8_title(report), *q))
+    for note in report.notes:
+        con.result(Text(f"note: {note}"))

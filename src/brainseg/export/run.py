@@ -1,0 +1,339 @@
+"""The export job: :class:`ExportOptions` in, :class:`ExportReport` out (:func:`export_onnx`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainseg import console
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.export import cpu, verify
+from brainseg.export.graph import os_error, set_metadata, torch_to_onnx
+from brainseg.export.report import ExportCheckFailed, ExportReport
+from brainseg.export.variants import convert_fp16, quantize_int8
+from brainseg.fsutil import atomic_path, write_error
+from brainseg.postprocess import DEFAULT_THRESHOLD
+
+#: Opsets accepted by ``--opset``.
+MIN_OPSET = 13
+DEFAULT_OPSET = 17
+DEFAULT_CALIB_SLICES = 64
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how to check it (the ``brainseg export`` options)."""
+
+    checkpoint: Path
+    output: Path
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    int8: bool = False
+    calib: Path | None = None  # kaggle_3m folder for the int8 calibration
+    split: Path | None = None  # calibrate on its train patients, compare on its val patients
+    verify_data: Path | None = None  # default: calib, else generated phantoms
+    calib_slices: int = DEFAULT_CALIB_SLICES
+    force: bool = False
+    strict: bool = False  # fail (write nothing) when the verification finds a problem
+
+    @property
+    def variant(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+
+def _as_path(p: str | os.PathLike[str] | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def make_options(
+    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], **kwargs: Any
+) -> ExportOptions:
+    """:class:`ExportOptions` from paths given as strings or paths."""
+    for key in ("calib", "split", "verify_data"):
+        kwargs[key] = _as_path(kwargs.get(key))
+    return ExportOptions(checkpoint=Path(checkpoint), output=Path(output), **kwargs)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto starts with field 1 ``ir_version`` (tag 0x08, a small varint) and
+    then another field tag; safetensors starts with an 8-byte header length, then ``{``."""
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < 1 << 32 and head[8:9] == b"{":
+            return False  # safetensors
+    return (
+        len(head) >= 3
+        and head[0] == 0x08
+        and 1 <= head[1] <= 20
+        and head[2] in b"\x12\x1a\x22\x2a\x32\x3a\x42"
+    )
+
+
+def check_checkpoint_kind(path: Path) -> None:
+    """An ONNX file given as the checkpoint gets its own message (not "invalid header")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return  # load_checkpoint names a missing or unreadable file
+    if _looks_like_onnx(head):
+        raise BrainsegError(
+            f"{path} is an ONNX model; export takes a .safetensors checkpoint",
+            hint="give the .safetensors checkpoint from `brainseg train` (e.g. "
+            "runs/train/exp/best.safetensors); an ONNX file is already exported",
+        )
+
+
+def check_export_args(opts: ExportOptions) -> None:
+    """Refuse bad arguments (exit 2) before any work is done."""
+    import onnx
+
+    if opts.fp16 and opts.int8:
+        raise BrainsegError(
+            "--fp16 and --int8 cannot be combined", hint="export one variant per file"
+        )
+    if opts.int8 and opts.calib is None:
+        raise BrainsegError(
+            "--int8 needs calibration data: --calib DATA (a kaggle_3m folder)",
+            hint="e.g. --int8 --calib data/kaggle_3m (with --split splits.yaml "
+            "to calibrate on the training patients)",
+        )
+    top = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opts.opset <= top:
+        raise BrainsegError(
+            f"--opset {opts.opset} is outside {MIN_OPSET}..{top}",
+            hint=f"use --opset {DEFAULT_OPSET}",
+        )
+    out = opts.output
+    if out.suffix.lower() != ".onnx":
+        raise BrainsegError(f"output {out} must end in .onnx", hint="e.g. -o model.onnx")
+    if out.is_dir():
+        raise BrainsegError(f"output {out} is a folder", hint="give a file name, e.g. model.onnx")
+    if out.exists() and not opts.force:
+        raise BrainsegError(f"{out} already exists", hint="pass --force to overwrite it")
+    check_checkpoint_kind(opts.checkpoint)
+    for name, p in (
+        ("--calib", opts.calib),
+        ("--verify-data", opts.verify_data),
+        ("--split", opts.split),
+    ):
+        if p is not None and not p.exists():
+            raise BrainsegError(f"{name} {p} does not exist", hint="check the path")
+
+
+def _clear_write_errors(
+    fn: Callable[[ExportOptions], ExportReport],
+) -> Callable[[ExportOptions], ExportReport]:
+    """A full disk (or an unwritable folder) while exporting is one clear error; the
+    temporary folder is gone and an existing output is untouched (tests/faults)."""
+
+    @functools.wraps(fn)
+    def wrapper(opts: ExportOptions) -> ExportReport:
+        try:
+            return fn(opts)
+        except BrainsegError:
+            raise
+        except Exception as exc:
+            cause = os_error(exc)
+            if cause is None:
+                raise
+            raise write_error(opts.output, cause) from exc
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _save(proto: Any, path: Path, meta: dict[str, Any], variant: str, opts: ExportOptions) -> Path:
+    import onnx
+
+    set_metadata(proto, meta, variant, opts.opset, opts.checkpoint.name)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _int8_file(
+    fp32_path: Path, slices: verify.Slices, cal_ids: list[str], opts: ExportOptions, tmp: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The int8 file calibrated on ``cal_ids``' slices, and what it was calibrated on."""
+    rows = verify.pick_rows(slices.rows_of(cal_ids), slices.masks, max(1, int(opts.calib_slices)))
+    console.info(
+        f"calibrating int8 on {len(rows)} slices of {len(cal_ids)} patient(s) of {slices.source}"
+    )
+    q_path = tmp / "int8.onnx"
+    try:
+        quantize_int8(fp32_path, q_path, slices.images[rows], tmp)
+    except BrainsegError:
+        raise
+    except Exception as exc:
+        if os_error(exc) is not None:
+            raise
+        raise BrainsegRuntimeError(
+            f"int8 quantisation failed: {type(exc).__name__}: {exc}",
+            hint="run with --debug and report it",
+        ) from exc
+    info = {
+        "calibration_slices": len(rows),
+        "calibration_patients": len(cal_ids),
+        "calibration_patient_ids": sorted(cal_ids),
+    }
+    return q_path, info
+
+
+def _check_file(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    except Exception as exc:
+        raise BrainsegRuntimeError(
+            f"the exported model fails onnx.checker: {exc}",
+            hint="run with --debug and report it",
+        ) from exc
+
+
+def _notes(slices: verify.Slices, int8: dict[str, Any] | None) -> list[str]:
+    notes = []
+    if slices.phantoms:
+        notes.append(
+            f"verified on {slices.source}, not on your data: for a model trained on real "
+            "data pass --verify-data DATA (a kaggle_3m folder)"
+        )
+    if int8 is not None:
+        notes.append(
+            f"this CPU's int8 path: {int8['cpu_int8_path']} ({int8['cpu_int8_expect']}; "
+            "see docs/export.md)"
+        )
+    return notes
+
+
+def _compare_int8(
+    fp32_path: Path,
+    int8_path: Path,
+    slices: verify.Slices,
+    val_ids: list[str],
+    meta: dict[str, Any],
+    info: dict[str, Any],
+) -> list[str]:
+    """Fill ``info`` with the int8 Dice comparison; returns the quiet warnings."""
+    console.info(
+        f"comparing fp32 and int8 on {len(slices.rows_of(val_ids))} slices of "
+        f"{len(val_ids)} validation patient(s)"
+    )
+    info.update(verify.int8_dice(fp32_path, int8_path, slices, val_ids, meta))
+    path = cpu.int8_path()
+    info.update({"cpu_int8_path": path["name"], "cpu_int8_expect": path["expect"]})
+    has_tumor = bool(slices.masks[slices.rows_of(val_ids)].any())
+    if info["within_tolerance"] and has_tumor and len(val_ids) < 3:
+        return ["int8 Dice compared on fewer than 3 patients"]
+    return []
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@_clear_write_errors
+def _export(opts: ExportOptions) -> ExportReport:
+    import onnx
+
+    from brainseg.checkpoint import load_checkpoint
+    from brainseg.predict import _as_size
+
+    t0 = time.perf_counter()
+    check_export_args(opts)
+    model, meta = load_checkpoint(opts.checkpoint, "cpu")
+    model.eval()
+    size = _as_size(meta.get("image_size")) or (256, 256)
+    out = opts.output
+    with tempfile.TemporaryDirectory(
+        prefix=".brainseg-export-", dir=out.parent if out.parent.exists() else None
+    ) as td:
+        tmp = Path(td)
+        fp32_path = tmp / "fp32.onnx"
+        console.info(f"exporting {opts.checkpoint} ({size[0]}x{size[1]}, opset {opts.opset})")
+        exporter = torch_to_onnx(model, fp32_path, size, opts.opset)
+        proto = onnx.load(str(fp32_path))
+        _save(proto, fp32_path, meta, "fp32", opts)
+
+        slices = verify.load_slices(opts.verify_data or opts.calib, size, tmp)
+        val_ids, cal_ids = verify.val_calib_patients(slices.patient_ids, opts.split)
+        final, int8_info = fp32_path, None
+        if opts.fp16:
+            console.info("converting the weights to fp16 (input and output stay float32)")
+            final = _save(convert_fp16(proto), tmp / "fp16.onnx", meta, "fp16", opts)
+        if opts.int8:
+            q_path, int8_info = _int8_file(fp32_path, slices, cal_ids, opts, tmp)
+            final = _save(onnx.load(str(q_path)), q_path, meta, "int8", opts)
+        _check_file(final)
+
+        rows = verify.pick_rows(np.arange(len(slices.images)), slices.masks, verify.VERIFY_SLICES)
+        console.info(f"verifying against PyTorch on {len(rows)} slices of {slices.source}")
+        variants = [("fp32", fp32_path)] + ([(opts.variant, final)] if final != fp32_path else [])
+        thr = float(meta.get("threshold", DEFAULT_THRESHOLD))
+        checks = verify.compare_with_torch(opts.checkpoint, variants, slices.images[rows], thr)
+        quiet_warnings = []
+        if int8_info is not None:
+            quiet_warnings = _compare_int8(fp32_path, final, slices, val_ids, meta, int8_info)
+        found = verify.problems(checks, int8_info)
+        for msg in found:
+            console.warn(msg)
+        report = ExportReport(
+            path=out,
+            variant=opts.variant,
+            opset=opts.opset,
+            exporter=exporter,
+            size_mb=final.stat().st_size / 1e6,
+            image_size=size,
+            data_source=slices.source,
+            checks=checks,
+            int8=int8_info,
+            warnings=found + quiet_warnings,
+            notes=_notes(slices, int8_info),
+        )
+        if opts.strict and found:
+            report.written = False
+            report.seconds = time.perf_counter() - t0
+            raise ExportCheckFailed(report)
+        with atomic_path(out, force=opts.force) as dst:
+            dst.write_bytes(final.read_bytes())
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def export_onnx(
+    options: ExportOptions | str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> ExportReport:
+    """Export a checkpoint to ONNX (fp32, fp16 or static int8), check it, verify it.
+
+    ``export_onnx(ExportOptions(...))``, or ``export_onnx(checkpoint, out, **fields)`` with
+    the :class:`ExportOptions` fields as keywords. Verification runs PyTorch and onnxruntime
+    (predict's backends) on slices of ``verify_data`` / ``calib`` (or generated phantoms) at
+    the model's image size and at a second size: max absolute logit difference and Dice
+    agreement of the thresholded masks. With ``int8`` the mean per-patient Dice of fp32 and
+    int8 on the validation patients (``split``'s val, else every fifth) is compared; a change
+    of more than 0.01 either way, or masks agreeing less than
+    :data:`~brainseg.export.verify.MASK_AGREEMENT_FLOOR`, is warned about (``strict``: raised
+    as :class:`ExportCheckFailed`, nothing written).
+    """
+    if isinstance(options, ExportOptions):
+        opts = replace(options, **kwargs) if kwargs else options
+    else:
+        if out is None:
+            raise TypeError("export_onnx(checkpoint, out, ...) needs the output path")
+        opts = make_options(options, out, **kwargs)
+    return _export(opts)

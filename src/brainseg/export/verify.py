@@ -1,0 +1,259 @@
+"""Verification of an ONNX export against PyTorch, on predict's own backends.
+
+The reference is the checkpoint run by :class:`brainseg.predict.Predictor` (torch backend);
+each ONNX file is run by a Predictor too (onnxruntime backend), so the masks compared are the
+masks ``brainseg predict`` makes: the model's probabilities thresholded with
+:func:`brainseg.postprocess.binarize`; Dice is :mod:`brainseg.metrics`'. Everything is at the
+model's training size (plus a second size for the dynamic axes, logits only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainseg import metrics, postprocess
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.predict import Predictor, TorchBackend
+
+#: Slices compared between PyTorch and onnxruntime (one batch).
+VERIFY_SLICES = 8
+#: |Δ mean per-patient Dice| between fp32 and int8 on the validation patients we accept.
+INT8_DICE_TOLERANCE = 0.01
+#: Mask agreement (Dice of the thresholded masks) below which an export is reported as
+#: broken: an ONNX model vs PyTorch on the verification slices, and int8 vs fp32 on the
+#: validation patients. ``--strict`` turns the warning into a failure.
+MASK_AGREEMENT_FLOOR = 0.9
+#: The second verification size is the model's size plus this (height, width).
+SECOND_SIZE_STEP = (32, 64)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Slices:
+    """Verification / calibration arrays at the model's image size."""
+
+    images: np.ndarray  # N x H x W x 3 uint8
+    masks: np.ndarray  # N x H x W bool
+    patient_index: np.ndarray
+    slice_number: np.ndarray
+    patient_ids: list[str]
+    source: str
+    phantoms: bool = False  # generated, not the user's data
+
+    def rows_of(self, patient_ids: list[str]) -> np.ndarray:
+        lookup = {p: i for i, p in enumerate(self.patient_ids)}
+        return np.flatnonzero(np.isin(self.patient_index, [lookup[p] for p in patient_ids]))
+
+
+def load_slices(data: Path | None, size: tuple[int, int], tmp: Path) -> Slices:
+    """Slices of a kaggle_3m dataset at ``size``, or generated phantoms when ``data`` is None."""
+    from brainseg.data.cache import load_dataset
+
+    if data is None:
+        from brainseg.data.synthetic import write_synthetic
+
+        side = max(32, max(size) // 32 * 32)
+        root = write_synthetic(tmp / "phantoms", patients=3, seed=0, size=side, slices=(8, 12))
+        arrays = load_dataset(root, cache_dir=tmp / "cache")
+        source = f"generated phantoms ({side}x{side})"
+    else:
+        arrays = load_dataset(data)
+        source = str(data)
+    arrays = arrays.resized(size)
+    return Slices(
+        images=np.asarray(arrays.images).transpose(0, 2, 3, 1),
+        masks=np.asarray(arrays.masks) != 0,
+        patient_index=np.asarray(arrays.patient_index),
+        slice_number=np.asarray(arrays.slice_number),
+        patient_ids=list(arrays.patient_ids),
+        source=source,
+        phantoms=data is None,
+    )
+
+
+def pick_rows(rows: np.ndarray, masks: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` rows, evenly spread, half of them with tumor when there are enough."""
+    if len(rows) <= n:
+        return rows
+    tumor = rows[masks[rows].reshape(len(rows), -1).any(1)]
+    k_t = min(len(tumor), n // 2)
+    pick_t = (
+        tumor[np.linspace(0, len(tumor) - 1, k_t).round().astype(int)]
+        if k_t
+        else np.zeros(0, dtype=rows.dtype)
+    )
+    rest = np.setdiff1d(rows, pick_t)
+    k_r = n - k_t
+    pick_r = rest[np.linspace(0, len(rest) - 1, k_r).round().astype(int)]
+    return np.sort(np.concatenate([pick_t, pick_r]))
+
+
+def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], list[str]]:
+    """(validation, calibration) patient ids: the split's val / train, else every fifth
+    patient (sorted order) for validation and the rest for calibration."""
+    if split is not None:
+        from brainseg.data.split import load_split
+
+        sp = load_split(split)
+        val = [p for p in sp.patients("val") if p in ids]
+        cal = [p for p in sp.patients("train") if p in ids]
+        if not val or not cal:
+            raise BrainsegError(
+                f"split {split} has no val or no train patients in the calibration data",
+                hint="make the split from the same dataset: brainseg split DATA -o splits.yaml",
+            )
+        return val, cal
+    ordered = sorted(ids)
+    if len(ordered) < 2:
+        return ordered, ordered
+    val = ordered[::5] if len(ordered) >= 5 else ordered[:1]
+    return val, [p for p in ordered if p not in val]
+
+
+# --------------------------------------------------------------------------- running models
+
+
+def open_cpu(path: Path) -> Predictor:
+    """The Predictor ``brainseg predict`` would open for ``path``, on the CPU."""
+    return Predictor(path, device="cpu", batch_size=VERIFY_SLICES)
+
+
+def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES) -> np.ndarray:
+    """N x H x W x 3 uint8 -> N x H x W logits of the predictor's (single) backend."""
+    backend = predictor.backends[0]
+    out = []
+    for s in range(0, len(images), batch):
+        x = np.ascontiguousarray(images[s : s + batch].transpose(0, 3, 1, 2), dtype=np.float32)
+        if isinstance(backend, TorchBackend):
+            torch = backend.torch
+            with torch.inference_mode():
+                t = torch.from_numpy(x).to(backend.device)
+                if backend.channels_last:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                out.append(backend.model(t)[:, 0].float().cpu().numpy())
+        else:
+            run = backend.session.run
+            out.append(run([backend.output_name], {backend.input_name: x})[0][:, 0])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def second_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The other input size checked: proof that height and width really are dynamic."""
+    return size[0] + SECOND_SIZE_STEP[0], size[1] + SECOND_SIZE_STEP[1]
+
+
+def compare_with_torch(
+    checkpoint: Path, variants: list[tuple[str, Path]], images: np.ndarray, threshold: float
+) -> list[dict[str, Any]]:
+    """One row per ONNX file: max |Δlogit| at the model's size and a second size, the Dice
+    agreement of its masks with PyTorch's, and its time per slice (``images`` at model size)."""
+    from brainseg.imageio import resize_image
+
+    size = (int(images.shape[1]), int(images.shape[2]))
+    h2, w2 = second_size(size)
+    images2 = np.stack([resize_image(im, (h2, w2)) for im in images[:3]])
+    torch_model = open_cpu(checkpoint)
+    ref = logits(torch_model, images)
+    ref2 = logits(torch_model, images2)
+    ref_mask = postprocess.binarize(torch_model.predict_model_size(images), threshold)
+    checks = []
+    for name, path in variants:
+        onnx_model = open_cpu(path)
+        t = time.perf_counter()
+        prob = onnx_model.predict_model_size(images)
+        ms = (time.perf_counter() - t) * 1000 / max(1, len(images))
+        got = logits(onnx_model, images)
+        got1 = logits(onnx_model, images[:1], batch=1)
+        got2 = logits(onnx_model, images2, batch=3)
+        if got.shape != ref.shape or got2.shape != ref2.shape or got1.shape[0] != 1:
+            raise BrainsegRuntimeError(
+                f"the {name} ONNX model returned shapes {got.shape} "
+                f"/ {got2.shape}, expected {ref.shape} / {ref2.shape}"
+            )
+        checks.append(
+            {
+                "model": name,
+                "size_mb": round(path.stat().st_size / 1e6, 2),
+                "max_abs_diff": float(np.abs(got - ref).max()),
+                "max_abs_diff_2nd_size": float(np.abs(got2 - ref2).max()),
+                "second_size": [h2, w2],
+                "mask_dice_vs_torch": metrics.dice(postprocess.binarize(prob, threshold), ref_mask),
+                "ms_per_slice": round(ms, 1),
+            }
+        )
+    return checks
+
+
+def int8_dice(
+    fp32: Path, int8: Path, slices: Slices, val_ids: list[str], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Mean per-patient Dice of the fp32 and int8 files on the validation patients (the
+    model's post-processing applied per patient), at the model's size."""
+    rows = slices.rows_of(val_ids)
+    post = meta.get("postprocess") or {}
+    thr = float(meta.get("threshold", postprocess.DEFAULT_THRESHOLD))
+    gt = slices.masks[rows]
+    pidx = slices.patient_index[rows]
+    masks = {}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        prob = open_cpu(path).predict_model_size(slices.images[rows])
+        masks[name] = postprocess.apply_grouped(
+            prob,
+            pidx,
+            slices.slice_number[rows],
+            thr,
+            int(post.get("min_size") or 0),
+            bool(post.get("largest_component", False)),
+        )
+    d32 = float(np.mean(metrics.per_patient_dice(masks["fp32"], gt, pidx)))
+    d8 = float(np.mean(metrics.per_patient_dice(masks["int8"], gt, pidx)))
+    return {
+        "validation_patients": len(val_ids),
+        "validation_patient_ids": sorted(val_ids),
+        "validation_slices": len(rows),
+        "patient_dice_fp32": d32,
+        "patient_dice_int8": d8,
+        "dice_loss": d32 - d8,
+        "mask_dice_int8_vs_fp32": metrics.dice(masks["int8"], masks["fp32"]),
+        "within_tolerance": within_tolerance(d32 - d8),
+        "tolerance": INT8_DICE_TOLERANCE,
+    }
+
+
+def within_tolerance(delta: float, tolerance: float = INT8_DICE_TOLERANCE) -> bool:
+    """Two-sided: a Dice that moved up by more than the tolerance moved too (|Δ| <= tol)."""
+    return abs(delta) <= tolerance
+
+
+def problems(checks: list[dict[str, Any]], int8: dict[str, Any] | None) -> list[str]:
+    """What makes the export untrustworthy (warned loudly; ``--strict`` fails on them)."""
+    found = [
+        f"the {c['model']} ONNX masks agree with PyTorch's only {c['mask_dice_vs_torch']:.4f} "
+        f"(Dice on the verification slices), below the floor {MASK_AGREEMENT_FLOOR}: "
+        "this file does not segment like the checkpoint"
+        for c in checks
+        if c["mask_dice_vs_torch"] < MASK_AGREEMENT_FLOOR
+    ]
+    if int8 is None:
+        return found
+    d32, d8, delta = int8["patient_dice_fp32"], int8["patient_dice_int8"], int8["dice_loss"]
+    if not int8["within_tolerance"]:
+        moved = f"loses {delta:.4f}" if delta > 0 else f"gains {-delta:.4f}"
+        found.append(
+            f"int8 {moved} mean per-patient Dice on the validation patients ({d8:.4f} vs "
+            f"fp32 {d32:.4f}), more than {INT8_DICE_TOLERANCE} either way: "
+            "prefer the fp32 or fp16 export"
+        )
+    if int8["mask_dice_int8_vs_fp32"] < MASK_AGREEMENT_FLOOR:
+        found.append(
+            f"the int8 masks agree with the fp32 masks only {int8['mask_dice_int8_vs_fp32']:.4f} "
+            f"(Dice on the validation patients), below the floor {MASK_AGREEMENT_FLOOR}"
+        )
+    return found
