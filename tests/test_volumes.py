@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_real_nifti_4d_and_3d_predict_exactly_as_the_tif_slices(run: Any, real: 
         save_case(three / pid, pid, images)
     for src in (four_d, three):
         out = tmp_path / f"out-{src.name}"
-        r = run(["predict-volumes", real["model"], src, "-o", out, "--device", "cpu"])
+        r = run(["predict", real["model"], src, "-o", out, "--device", "cpu"])
         assert r.returncode == 0, r.stderr
         rows = {row["case"]: row for row in _csv(out / "summary.csv")}
         for pid, want in expected.items():
@@ -107,14 +108,14 @@ def test_real_nifti_4d_and_3d_predict_exactly_as_the_tif_slices(run: Any, real: 
 
 @pytest.mark.realdata
 def test_real_per_patient_dice_of_volumes_equals_eval_on_the_slices(run, real, tmp_path):
-    """predict-volumes + score (NIfTI) gives eval's per-patient Dice, with and without --largest."""
+    """`predict` on volumes + `score` give eval's per-patient Dice, with and without --largest."""
     src, gt = tmp_path / "in", tmp_path / "gt"
     for pid, (images, masks) in real["stacks"].items():
         save_nifti(src / f"{pid}.nii.gz", images)
         save_nifti(gt / f"{pid}.nii.gz", masks.astype(np.uint8))
     for flag in ("--no-largest", "--largest"):
         out = tmp_path / f"out{flag}"
-        r = run(["predict-volumes", real["model"], src, "-o", out, flag, "--device", "cpu"])
+        r = run(["predict", real["model"], src, "-o", out, flag, "--device", "cpu"])
         assert r.returncode == 0, r.stderr
         r = run(["score", "--pred", out, "--gt", gt, "--project", tmp_path / "s", "--name", flag])
         assert r.returncode == 0, r.stderr
@@ -143,7 +144,7 @@ def test_real_dicom_series_predict_as_the_tif_slices(run: Any, real: dict, tmp_p
         save_dicom_series(case / name, images[..., i])
     out = tmp_path / "out"
     r = run(
-        ["predict-volumes", real["model"], tmp_path / "dicom", "-o", out, "--device", "cpu",
+        ["predict", real["model"], tmp_path / "dicom", "-o", out, "--device", "cpu",
          "--channels", "pre=pre,flair=flair,post=post"]
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -187,7 +188,7 @@ def test_real_lps_sitk_and_oblique_inputs_map_back_to_their_grid(run, real, tmp_
         src = tmp_path / name
         in_affine = read_volume(next(src.glob("*.nii.gz")))[1]
         out = tmp_path / f"out-{name}"
-        r = run(["predict-volumes", real["model"], src, "-o", out, "--device", "cpu"])
+        r = run(["predict", real["model"], src, "-o", out, "--device", "cpu"])
         assert r.returncode == 0, (name, r.stderr)
         data, affine = read_volume(out / f"{pid}_mask.nii.gz")
         assert data.shape == expected.shape, name
@@ -261,7 +262,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
 def test_each_bad_case_gives_one_line_exit_2_and_writes_nothing(run, tiny, tmp_path):
     for name, (src, extra, words) in _bad_cases(tmp_path).items():
         out = tmp_path / f"out-{name}"
-        r = run(["predict-volumes", tiny, src, "-o", out, *extra])
+        r = run(["predict", tiny, src, "-o", out, *extra])
         assert r.returncode == 2, (name, r.stderr)
         lines = [ln for ln in r.stderr.splitlines() if words in ln]
         assert len(lines) == 1, (name, r.stderr)
@@ -273,7 +274,7 @@ def test_a_bad_case_among_good_ones_is_reported_and_the_others_are_written(run, 
     src = tmp_path / "cases"
     save_nifti(src / "good.nii.gz", _volume())
     save_nifti(src / "bad.nii.gz", _volume()[..., :2])
-    r = run(["predict-volumes", tiny, src, "-o", tmp_path / "out", "--json"])
+    r = run(["predict", tiny, src, "-o", tmp_path / "out", "--json"])
     assert r.returncode == 1
     assert "bad.nii.gz" in r.stderr and "2 volume(s); expected 3" in r.stderr
     assert _outputs(tmp_path / "out") == ["good.json", "good_mask.nii.gz", "summary.csv"]
@@ -288,16 +289,16 @@ def test_shard_skip_existing_and_refusing_to_overwrite(run, tiny, tmp_path):
     for i in range(3):
         save_nifti(src / f"c{i}.nii.gz", _volume(i))
     out = tmp_path / "out"
-    r = run(["predict-volumes", tiny, src, "-o", out, "--shard", "1/2"])
+    r = run(["predict", tiny, src, "-o", out, "--shard", "1/2"])
     assert r.returncode == 0, r.stderr
     assert [row["case"] for row in _csv(out / "summary-1-of-2.csv")] == ["c1"]
-    r = run(["predict-volumes", tiny, src, "-o", out, "--shard", "0/2"])
+    r = run(["predict", tiny, src, "-o", out, "--shard", "0/2"])
     assert r.returncode == 0
     assert [row["case"] for row in _csv(out / "summary-0-of-2.csv")] == ["c0", "c2"]
-    r = run(["predict-volumes", tiny, src, "-o", out])
+    r = run(["predict", tiny, src, "-o", out])
     assert r.returncode == 2 and r.stderr.count("already exists") == 3
     before = (out / "c0_mask.nii.gz").stat().st_mtime_ns
-    r = run(["predict-volumes", tiny, src, "-o", out, "--skip-existing"])
+    r = run(["predict", tiny, src, "-o", out, "--skip-existing"])
     assert r.returncode == 0
     rows = _csv(out / "summary.csv")
     assert [row["status"] for row in rows] == ["skipped"] * 3
@@ -309,7 +310,7 @@ def test_mask_volume_and_probabilities_keep_the_input_header(run, tiny, tmp_path
     src = tmp_path / "cases"
     save_nifti(src / "A.nii.gz", _volume())
     out = tmp_path / "out"
-    r = run(["predict-volumes", tiny, src, "-o", out, "--probabilities"])
+    r = run(["predict", tiny, src, "-o", out, "--probabilities"])
     assert r.returncode == 0, r.stderr
     mask, affine = read_volume(out / "A_mask.nii.gz")
     prob, paffine = read_volume(out / "A_prob.nii.gz")
@@ -331,11 +332,11 @@ def test_min_volume_in_voxels_and_mm3_removes_small_3d_components(run, tiny, tmp
     counts = {}
     for arg in ("0", "5", "3mm3", "4mm3"):
         out = tmp_path / f"out{arg}"
-        assert run(["predict-volumes", tiny, src, "-o", out, "--min-volume", arg]).returncode == 0
+        assert run(["predict", tiny, src, "-o", out, "--min-volume", arg]).returncode == 0
         counts[arg] = int(read_volume(out / "A_mask.nii.gz")[0].sum())
     big = 16 * 16 * 3
     assert counts == {"0": big + 4, "5": big, "3mm3": big + 4, "4mm3": big}
-    r = run(["predict-volumes", tiny, src, "-o", tmp_path / "x", "--min-volume", "lots"])
+    r = run(["predict", tiny, src, "-o", tmp_path / "x", "--min-volume", "lots"])
     assert r.returncode == 2 and "--min-volume" in r.stderr
 
 
@@ -358,7 +359,7 @@ def test_float_volumes_are_scaled_per_contrast_by_the_documented_rule(tmp_path: 
 def test_int16_case_predicts_after_scaling(run, tiny, tmp_path):
     v = _volume().astype(np.int16) * 7 + 3
     save_nifti(tmp_path / "cases" / "A.nii.gz", v)
-    r = run(["predict-volumes", tiny, tmp_path / "cases", "-o", tmp_path / "out"])
+    r = run(["predict", tiny, tmp_path / "cases", "-o", tmp_path / "out"])
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "out" / "A.json").read_text())
     assert meta["intensity"]["flair"]["rule"].startswith("p0.5-p99.5")
@@ -391,7 +392,6 @@ def test_volume_libraries_are_not_imported_by_help_or_the_slice_path(tmp_path: P
         "import sys\n"
         "from brainseg.cli import main\n"
         f"runs = [['--help'], ['predict', '--help'], ['score', '--help'],"
-        f" ['predict-volumes', '--help'],"
         f" ['predict', {str(model)!r}, {str(tmp_path / 'imgs')!r}, '-o', "
         f"{str(tmp_path / 'o')!r}]]\n"
         "for argv in runs:\n"
@@ -406,3 +406,83 @@ def test_volume_libraries_are_not_imported_by_help_or_the_slice_path(tmp_path: P
     assert out.returncode == 0, out.stderr
     assert "LOADED []" in out.stdout
     assert (tmp_path / "o" / "img00000_mask.tif").is_file()
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_predict_takes_the_volume_path_for_nifti_and_the_slice_path_for_images(run, tiny, tmp_path):
+    from _tiny import write_images
+
+    save_nifti(tmp_path / "cases" / "A.nii.gz", _volume())
+    write_images(tmp_path / "imgs", 1, size=64)
+    r = run(["predict", tiny, tmp_path / "cases" / "A.nii.gz", "-o", tmp_path / "v1"])
+    assert r.returncode == 0, r.stderr
+    assert _outputs(tmp_path / "v1") == ["A.json", "A_mask.nii.gz", "summary.csv"]
+    r = run(["predict", tiny, tmp_path / "imgs", "-o", tmp_path / "s", "--summary", "csv"])
+    assert r.returncode == 0, r.stderr
+    assert _outputs(tmp_path / "s") == ["img00000_mask.tif", "summary.csv"]
+    # --summary csv is what volumes write anyway: accepted there too.
+    r = run(["predict", tiny, tmp_path / "cases", "-o", tmp_path / "v2", "--summary", "csv"])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "v2" / "A_mask.nii.gz").is_file()
+    r = run(["predict-volumes", tiny, tmp_path / "cases", "-o", tmp_path / "gone"])
+    assert r.returncode == 2 and not (tmp_path / "gone").exists()
+
+
+def test_options_of_the_other_path_are_refused_with_one_line_and_nothing_written(
+    run, tiny, tmp_path
+):
+    from _tiny import write_images
+
+    save_nifti(tmp_path / "cases" / "A.nii.gz", _volume())
+    write_images(tmp_path / "imgs", 1, size=64)
+    for src, extra, words in [
+        ("cases", ["--overlay"], "--overlay: for image slices only"),
+        ("cases", ["--format", "png", "--pad"], "--format, --pad: for image slices only"),
+        ("cases", ["--summary", "jsonl"], "--summary: for image slices only"),
+        ("imgs", ["--min-volume", "20"], "--min-volume: for volume cases only"),
+        ("imgs", ["--no-largest"], "--largest/--no-largest: for volume cases only"),
+    ]:
+        out = tmp_path / f"out-{src}-{extra[0]}"
+        r = run(["predict", tiny, tmp_path / src, "-o", out, *extra])
+        assert r.returncode == 2, (extra, r.stderr)
+        errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and words in errors[0], (extra, r.stderr)
+        assert not out.exists(), extra
+
+
+def test_volume_shards_use_the_slice_shard_rule(run, tiny, tmp_path):
+    from brainseg.errors import BrainsegError
+    from brainseg.volume_predict import VolumeOptions, predict_volumes
+
+    save_nifti(tmp_path / "cases" / "A.nii.gz", _volume())
+    for bad, words in (("2/2", "--shard 2/2: need 0 <= I < N"), ("x", "is not of the form I/N")):
+        opts = VolumeOptions([tiny], [str(tmp_path / "cases")], tmp_path / "o", shard=bad)
+        with pytest.raises(BrainsegError, match=re.escape(words)):  # batch.parse_shard's words
+            predict_volumes(opts)
+        r = run(["predict", tiny, tmp_path / "cases", "-o", tmp_path / "o", "--shard", bad])
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+
+
+def test_volume_json_lines_stop_cleanly_when_stdout_closes(run, tiny, tmp_path, monkeypatch):
+    from brainseg import console
+
+    src = tmp_path / "cases"
+    for i in range(3):
+        save_nifti(src / f"c{i}.nii.gz", _volume(i))
+    calls: list[str] = []
+
+    def closed_after_one(obj: Any) -> None:
+        calls.append(obj["case"])
+        if len(calls) > 1:
+            raise BrokenPipeError  # `brainseg predict ... --json | head -n 1`
+        print(json.dumps(obj))
+
+    monkeypatch.setattr(console, "emit_json", closed_after_one)
+    r = run(["predict", tiny, src, "-o", tmp_path / "o", "--json"])
+    assert r.returncode == 141, r.stderr
+    assert [json.loads(ln)["case"] for ln in r.stdout.splitlines()] == ["c0"]
+    assert "stdout closed: stopped after 2 case(s)" in r.stderr
+    assert "Traceback" not in r.stderr

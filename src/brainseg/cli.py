@@ -21,7 +21,6 @@ from brainseg.commands import (
     evaluate,
     export,
     predict,
-    predict_volumes,
     score,
     split,
     train,
@@ -74,7 +73,6 @@ predict.register(app)
 export.register(app)
 demo.register(app)
 score.register(app)
-predict_volumes.register(app)  # temporary: to be folded into predict
 
 
 def main(argv: list[str] | None = None) -> None:

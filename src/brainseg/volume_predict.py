@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from brainseg import postprocess, volumes
+from brainseg.batch import parse_shard
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text
 
@@ -120,19 +121,6 @@ class VolumeResult:
 
 
 # --------------------------------------------------------------------------- options
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N (the slice predict rule)."""
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
-    if not m or int(m.group(2)) < 1 or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise BrainsegError(
-            f"--shard {value!r} is not I/N with 0 <= I < N",
-            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
-        )
-    return int(m.group(1)), int(m.group(2))
 
 
 def parse_min_volume(value: str | None) -> tuple[float, str] | None:

@@ -1,11 +1,14 @@
-"""`brainseg predict`: tumor masks for image files, folders, globs or paths on stdin.
+"""`brainseg predict`: tumor masks for image files, folders, globs or paths on stdin, and
+for NIfTI / DICOM volume cases (dispatched to :mod:`brainseg.commands.predict_volumes`).
 
 Only typer, the standard library and light brainseg modules at import time: numpy,
-onnxruntime and (for .safetensors models) torch are imported when the command runs.
+onnxruntime and (for .safetensors models) torch are imported when the command runs;
+nibabel / SimpleITK only when a volume is read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,14 @@ _HELP = (
     "patterns ('scans/**/*.tif') or - (one path per line "
     "on stdin). Writes OUT/<same relative path>/<stem>_mask.<format> (uint8 0/255, the input's "
     "size) and OUT/summary.csv. An .onnx MODEL runs with onnxruntime alone (no torch).\n\n"
-    "Exit codes: 0 all files done, 1 some files failed (see the summary), 2 bad input.\n\n"
-    "Example: brainseg predict model.onnx scans/ -o masks/"
+    "Volumes: INPUT that is .nii/.nii.gz files or folders of NIfTI files / DICOM series (or "
+    "any INPUT with --channels) is predicted case by case in 3D: OUT/<case>_mask.nii.gz "
+    "(uint8 0/1, the input's affine and header), OUT/<case>.json, OUT/summary.csv "
+    "(docs/volumes.md).\n\n"
+    "Exit codes: 0 all files done, 1 some files failed (see the summary), 2 bad input "
+    "(for volumes also: every case was bad).\n\n"
+    "Example: brainseg predict model.onnx scans/ -o masks/   |   "
+    "brainseg predict model.onnx cases/ -o masks/"
 )
 
 
@@ -30,6 +39,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict", help=_HELP, no_args_is_help=True)
     def _cmd(
+        ctx: typer.Context,
         model: Path = typer.Argument(
             ...,
             metavar="MODEL",
@@ -40,7 +50,7 @@ def register(app: typer.Typer) -> None:
             ...,
             metavar="INPUT",  # the usage line adds "..." for a list
             show_default=False,
-            help="Image files, folders, glob patterns or -.",
+            help="Image files, folders, glob patterns or -; or NIfTI files / volume case folders.",
         ),
         output: Path = typer.Option(
             ..., "--output", "-o", show_default=False, help="Output folder (created if missing)."
@@ -53,7 +63,9 @@ def register(app: typer.Typer) -> None:
         ),
         fmt: str = typer.Option("tif", "--format", help="Mask file format: tif or png."),
         probabilities: bool = typer.Option(
-            False, "--probabilities", help="Also write <stem>_prob.tif (float32 0..1)."
+            False,
+            "--probabilities",
+            help="Also write <stem>_prob.tif (float32 0..1); <case>_prob.nii.gz for volumes.",
         ),
         overlay: bool = typer.Option(
             False,
@@ -85,7 +97,31 @@ def register(app: typer.Typer) -> None:
             min=0,
             show_default=False,
             help="Remove tumor components smaller than this many pixels (at each image's "
-            "own size, as eval does) \\[default: the model's stored value].",
+            "own size, as eval does; per slice for volumes) \\[default: the model's stored value].",
+        ),
+        largest: bool | None = typer.Option(
+            None,
+            "--largest/--no-largest",
+            show_default=False,
+            help="Volumes only: keep only the largest 3D tumor component "
+            "\\[default: the model's stored value].",
+        ),
+        min_volume: str | None = typer.Option(
+            None,
+            "--min-volume",
+            show_default=False,
+            metavar="N|Nmm3",
+            help="Volumes only: remove 3D components under N voxels ('200') or a volume "
+            "('150mm3').",
+        ),
+        channels: str | None = typer.Option(
+            None,
+            "--channels",
+            show_default=False,
+            metavar="pre=GLOB,flair=GLOB,post=GLOB",
+            help="Volumes: the contrast patterns matched against a case's file / DICOM folder "
+            "names; giving it takes the volume path "
+            "\\[default: pre=*_t1.nii*,flair=*_flair.nii*,post=*_t1ce.nii*].",
         ),
         tta: bool = typer.Option(
             False, "--tta", help="Test-time augmentation: mean over horizontal/vertical flips."
@@ -97,7 +133,7 @@ def register(app: typer.Typer) -> None:
             "model's image size.",
         ),
         batch_size: int = typer.Option(
-            8, "--batch-size", "-b", min=1, help="Images per inference batch."
+            8, "--batch-size", "-b", min=1, help="Images (volume slices) per inference batch."
         ),
         device: str = typer.Option(
             "auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints)."
@@ -116,7 +152,8 @@ def register(app: typer.Typer) -> None:
             "--shard",
             show_default=False,
             metavar="I/N",
-            help="Only files number I, I+N, I+2N... of the sorted input list (0 <= I < N).",
+            help="Only files (volume cases) number I, I+N, I+2N... of the sorted input list "
+            "(0 <= I < N).",
         ),
         include_masks: bool = typer.Option(
             False,
@@ -127,30 +164,62 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
-        from brainseg.batch import PredictOptions
+        from brainseg.commands import predict_volumes as vol
 
-        opts = PredictOptions(
-            models=[model, *ensemble],
-            inputs=inputs,
-            out_dir=output,
-            fmt=fmt,
-            probabilities=probabilities,
-            overlay=overlay,
-            overlay_rgb=overlay_rgb,
-            summary=summary,
-            threshold=threshold,
-            min_size=min_size,
-            tta=tta,
-            pad=pad,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
-            skip_existing=skip_existing,
-            force=force,
-            shard=shard,
-            include_masks=include_masks,
-        )
-        code = run_predict(opts, json_out=json_out)
+        given = {  # the options typed on the command line (not defaults)
+            name: value
+            for name, value in ctx.params.items()
+            # by name: typer >= 0.22 vendors click, so its ParameterSource is not importable
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+        }
+        if vol.wants_volumes(inputs, channels):
+            vol.refuse_options(given, volumes=True)
+            from brainseg.volume_predict import VolumeOptions
+
+            vopts = VolumeOptions(
+                models=[model, *ensemble],
+                inputs=inputs,
+                out_dir=output,
+                channels=channels,
+                threshold=threshold,
+                min_size=min_size,
+                largest=largest,
+                min_volume=min_volume,
+                probabilities=probabilities,
+                tta=tta,
+                device=device,
+                batch_size=batch_size,
+                skip_existing=skip_existing,
+                force=force,
+                shard=shard,
+            )
+            code = vol.run_volume_predict(vopts, json_out=json_out)
+        else:
+            vol.refuse_options(given, volumes=False)
+            from brainseg.batch import PredictOptions
+
+            opts = PredictOptions(
+                models=[model, *ensemble],
+                inputs=inputs,
+                out_dir=output,
+                fmt=fmt,
+                probabilities=probabilities,
+                overlay=overlay,
+                overlay_rgb=overlay_rgb,
+                summary=summary,
+                threshold=threshold,
+                min_size=min_size,
+                tta=tta,
+                pad=pad,
+                batch_size=batch_size,
+                device=device,
+                workers=workers,
+                skip_existing=skip_existing,
+                force=force,
+                shard=shard,
+                include_masks=include_masks,
+            )
+            code = run_predict(opts, json_out=json_out)
         if code:
             raise typer.Exit(code)
 
@@ -171,23 +240,28 @@ def _silence_stdout() -> None:
         pass
 
 
+def json_emitter(to_row: Callable[[Any], Any], unit: str) -> Callable[[Any], None]:
+    """A callback printing one --json line per result; a closed stdout ends the run (141)."""
+    emitted = 0
+
+    def emit(res: Any) -> None:
+        nonlocal emitted
+        try:
+            con.emit_json(to_row(res))
+        except BrokenPipeError:
+            # `... --json | head`: the reader has gone; stop like other Unix tools.
+            _silence_stdout()
+            con.info(f"stdout closed: stopped after {emitted + 1} {unit}(s)")
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        emitted += 1
+
+    return emit
+
+
 def run_predict(opts: Any, *, json_out: bool = False) -> int:
     """Call :func:`brainseg.batch.predict_inputs` and render its result; the exit code."""
     from brainseg.batch import json_row, predict_inputs, render_result
 
     if json_out:
-        emitted = 0
-
-        def emit(res: Any) -> None:
-            nonlocal emitted
-            try:
-                con.emit_json(json_row(res))
-            except BrokenPipeError:
-                # `... --json | head`: the reader has gone; stop like other Unix tools.
-                _silence_stdout()
-                con.info(f"stdout closed: stopped after {emitted + 1} file(s)")
-                raise typer.Exit(EXIT_BROKEN_PIPE) from None
-            emitted += 1
-
-        opts.on_result = emit
+        opts.on_result = json_emitter(json_row, "file")
     return render_result(predict_inputs(opts), opts.shard)
