@@ -651,9 +651,9 @@ def assert_no_build_litter(cache: Path) -> None:
     assert root.parent == cache and root.name == "datasets"  # where builds happen
     entries = sorted(cache.rglob("*"))
     hidden = [p for p in entries if p.name.startswith(".")]
-    assert not hidden, f"a build left temporary entries: {hidden}"
+    assert not hidden, f"a build left {len(hidden)} temporary entries, e.g. {hidden[:3]}"
     partial = [p for p in entries if p.name.endswith((".part.npy", ".tmp"))]
-    assert not partial, f"a build left partial files: {partial}"
+    assert not partial, f"a build left partial files, e.g. {partial[:3]}"
     for folder in root.iterdir() if root.is_dir() else []:
         assert (folder / "meta.json").is_file(), f"{folder} is not a finished cache"
 
