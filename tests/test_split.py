@@ -273,6 +273,30 @@ def test_load_errors(tmp_path: Path, data: object, msg: str) -> None:
     assert exc.value.hint
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {**GOOD, "subsets": {"train": ["A"], "val": ["B"], "\n": None}},  # found by the huge run
+        {**GOOD, "subsets": {"train": ["A\nB", "A\nB"], "val": ["C"]}},
+        {**GOOD, "subsets": {"train": ["A\rB"], "val": ["A\rB"]}},
+        {
+            **GOOD,
+            "subsets": {"train": ["A", "B"], "val": ["C"], "test": ["x\ny"]},
+            "folds": [{"train": ["A", "B"], "val": ["C", "x\ny"]}],
+        },
+    ],
+)
+def test_load_errors_stay_on_one_line(tmp_path: Path, data: object) -> None:
+    """Keys and ids with a newline are quoted, so the message is still one line."""
+    from _reliability import assert_clear_error
+
+    path = _write(tmp_path, data)
+    with pytest.raises(BrainsegError) as exc:
+        load_split(path)
+    assert_clear_error(exc.value, [path])
+    assert "\\n" in exc.value.message or "\\r" in exc.value.message  # shown, quoted
+
+
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BrainsegError, match="not found") as exc:
         load_split(tmp_path / "nope.yaml")

@@ -116,6 +116,12 @@ class Split:
         }
 
 
+def _ids(values: Iterable[object]) -> str:
+    """Ids / keys for a one-line message: as they are, or quoted (repr) when they hold a
+    newline or another unprintable character, so a message never spans two lines."""
+    return ", ".join(v if isinstance(v, str) and v.isprintable() else repr(v) for v in values)
+
+
 def dataset_hash(patient_ids: Iterable[str]) -> str:
     """Short (16 hex digits) sha256 of the sorted, de-duplicated patient ids."""
     ids = sorted({str(p) for p in patient_ids})
@@ -203,7 +209,7 @@ def make_split(
     bad = [p for p in ids if not math.isfinite(float(burden[p]))]
     if bad:
         raise BrainsegError(
-            f"tumour burden is not a finite number for {', '.join(bad[:5])}",
+            f"tumour burden is not a finite number for {_ids(bad[:5])}",
             hint="burden must be a number per patient, e.g. the number of tumour slices",
         )
     rng = np.random.default_rng(seed)
@@ -301,7 +307,7 @@ def _id_list(path: Path, value: object, where: str) -> list[str]:
     ids = [str(p) for p in value]
     dup = sorted({p for p in ids if ids.count(p) > 1})
     if dup:
-        raise _fail(path, f"{where} lists {', '.join(dup[:5])} more than once")
+        raise _fail(path, f"{where} lists {_ids(dup[:5])} more than once")
     return ids
 
 
@@ -351,7 +357,7 @@ def _load_subsets(path: Path, subs: object) -> dict[str, list[str]]:
         raise _fail(path, "subsets must be a mapping with train, val and test lists")
     unknown = [str(k) for k in subs if k not in SUBSETS]
     if unknown:
-        raise _fail(path, f"unknown subset(s) {', '.join(unknown)}; expected {', '.join(SUBSETS)}")
+        raise _fail(path, f"unknown subset(s) {_ids(unknown)}; expected {', '.join(SUBSETS)}")
     if "train" not in subs or "val" not in subs:
         raise _fail(path, "subsets must have train and val lists")
     subsets = {s: _id_list(path, subs.get(s), f"subsets.{s}") for s in SUBSETS}
@@ -363,8 +369,8 @@ def _load_subsets(path: Path, subs: object) -> dict[str, list[str]]:
             if p in seen:
                 raise _fail(
                     path,
-                    f"patient {p} is in both {seen[p]} and {s} (a patient may be in one subset "
-                    "only)",
+                    f"patient {_ids([p])} is in both {seen[p]} and {s} (a patient may be in "
+                    "one subset only)",
                 )
             seen[p] = s
     return subsets
@@ -380,10 +386,10 @@ def _load_fold(
     va = _id_list(path, f["val"], f"folds[{k}].val")
     both = sorted(set(tr) & set(va))
     if both:
-        raise _fail(path, f"patient {both[0]} is in both train and val of fold {k}")
+        raise _fail(path, f"patient {_ids(both[:1])} is in both train and val of fold {k}")
     leak = sorted((set(tr) | set(va)) & set(subsets["test"]))
     if leak:
-        raise _fail(path, f"test patient {leak[0]} is also in fold {k}")
+        raise _fail(path, f"test patient {_ids(leak[:1])} is also in fold {k}")
     if set(tr) | set(va) != set(subsets["train"]) | set(subsets["val"]):
         raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
     return {"train": tr, "val": va}
@@ -400,11 +406,11 @@ def _load_folds(
     for k, fold in enumerate(folds):
         for p in fold["val"]:
             if p in in_val:
-                raise _fail(path, f"patient {p} is in the val of folds {in_val[p]} and {k}")
+                raise _fail(path, f"patient {_ids([p])} is in the val of folds {in_val[p]} and {k}")
             in_val[p] = k
     left = sorted((set(subsets["train"]) | set(subsets["val"])) - set(in_val))
     if folds and left:
-        raise _fail(path, f"patient {left[0]} is in no fold's val")
+        raise _fail(path, f"patient {_ids(left[:1])} is in no fold's val")
     return folds
 
 
@@ -421,7 +427,7 @@ def load_split(path: str | os.PathLike[str]) -> Split:
     d = _read_mapping(path)
     missing = [k for k in ("seed", "dataset_hash", "subsets") if k not in d]
     if missing:
-        raise _fail(path, f"missing key(s) {', '.join(missing)}")
+        raise _fail(path, f"missing key(s) {_ids(missing)}")
     for key, valid, what in _REQUIRED:
         if not valid(d[key]):
             raise _fail(path, f"{key} must be {what}, got {d[key]!r}")
@@ -450,9 +456,7 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
     have = set(ids)
     missing = [p for p in split.all_patients if p not in have]
     if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
+        shown = _ids(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise BrainsegError(
             f"{len(missing)} patient(s) of {name} are not in the dataset: {shown}",
             hint=redo,
@@ -464,7 +468,7 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
         if extra:
             detail = (
                 f"; the dataset has {len(extra)} patient(s) not in the split, e.g. "
-                f"{', '.join(extra[:3])}"
+                f"{_ids(extra[:3])}"
             )
         raise BrainsegError(
             f"{name} was made for another dataset (dataset hash {split.dataset_hash}, this "
