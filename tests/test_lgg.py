@@ -116,8 +116,9 @@ def test_read_slice_error_names_file(tmp_path: Path) -> None:
     root = make_dataset(tmp_path, {"P1": 1})
     s = lgg.discover(root).patients[0].slices[0]
     tifffile.imwrite(s.mask, np.full((SIZE, SIZE), 7, np.uint8))
-    with pytest.raises(BrainsegError, match=r"P1/P1_1_mask.tif: mask values \{7\}, expected"):
+    with pytest.raises(BrainsegError, match=r"P1/P1_1_mask.tif: mask values \{7\}, expected") as e:
         lgg.read_slice(s)
+    assert e.value.message.startswith(f"{root}/P1/P1_1_mask.tif: ")  # the full path
 
 
 def _break_everything(root: Path) -> None:
@@ -203,6 +204,30 @@ def test_skip_bad_skips_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture[
     data2 = cache.load_dataset(root, skip_bad=True)
     assert data2.path == data.path
     assert "8 problem(s)" in capsys.readouterr().err
+
+
+def test_cli_prints_eight_problems_as_one_error_with_a_list(tmp_path: Path) -> None:
+    """What the user sees (docs/dataset.md): one `error:` line naming the dataset and the
+    count, one indented line per problem, the hint; exit 2, no traceback."""
+    from _reliability import assert_clear_error
+    from conftest import run_cli
+
+    root = make_dataset(tmp_path, dict.fromkeys(BROKEN, 2))
+    _break_everything(root)
+    r = run_cli(["split", root, "-o", tmp_path / "s.yaml"], timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    start = next(i for i, x in enumerate(lines) if x.startswith("error:"))
+    assert lines[start] == f"error: 8 problems in dataset {root}:"
+    listed = lines[start + 1 : start + 9]
+    assert all(x.startswith("  ") for x in listed)
+    for got, want in zip(listed, EXPECTED_LINES, strict=True):  # sorted by patient
+        assert got[2:].startswith(want), (got, want)
+    assert lines[start + 9 :] == [f"hint: {lgg.SKIP_HINT}"]
+    assert not (tmp_path / "s.yaml").exists()
+    with pytest.raises(BrainsegError) as ei:
+        cache.load_dataset(root, cache_dir=tmp_path / "c")
+    assert_clear_error(ei.value, [root])  # the oracle the property tests use
 
 
 def test_no_patients(tmp_path: Path) -> None:

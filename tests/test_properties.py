@@ -9,21 +9,21 @@ subprocess cases check the user sees one line and an exit code, not a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
+import os
+import re
 import shutil
-import signal
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from _reliability import count_case, scale
+from _reliability import Hang, assert_clear_error, count_case, hang_guard, scale
 from _tiny import encode, image, tiny_onnx
 from conftest import run_cli
 from hypothesis import given, settings
@@ -34,38 +34,94 @@ from brainseg.errors import BrainsegError
 # --------------------------------------------------------------------------- helpers
 
 
-class Hang(BaseException):
-    """Raised by the alarm: a BaseException so no ``except Exception`` can swallow it."""
+#: The per-case hang guard (a watchdog thread; pytest-timeout's timer keeps running).
+time_limit = hang_guard
 
 
-@contextlib.contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """Fail (Hang) when the body runs longer than ``seconds``: a hang is a bug here."""
+def check(
+    test: str,
+    fn: Callable[[], Any],
+    names: Sequence[str | Path],
+    seconds: int = 30,
+    known_gap: Callable[[BrainsegError], str | None] | None = None,
+) -> Any:
+    """Run ``fn``: its result, or None on a clear BrainsegError naming one of ``names``.
 
-    def _alarm(signum: int, frame: Any) -> None:
-        raise Hang(f"no answer within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def check(test: str, fn: Callable[[], Any], seconds: int = 30) -> Any:
-    """Run ``fn``: return its result or None on a BrainsegError; count the case."""
-    with time_limit(seconds):
+    Counts the case. A hang (over ``seconds``), any other exception, or an error that breaks
+    the house format fails the test, unless ``known_gap`` recognises it as an open bug of
+    another module (listed in docs/reliability.md, "Open gaps"): then it is counted as such.
+    """
+    with hang_guard(seconds):
         try:
             out = fn()
         except BrainsegError as exc:
-            assert exc.message and "\n" not in exc.message.strip().splitlines()[0]
-            assert "Traceback" not in str(exc)
+            try:
+                assert_clear_error(exc, names)
+            except AssertionError:
+                gap = known_gap(exc) if known_gap else None
+                if gap is None:
+                    raise
+                count_case(test, f"open gap: {gap}")
+                return None
             count_case(test, "error")
             return None
     count_case(test, "ok")
     return out
+
+
+@pytest.mark.parametrize("hang", ["busy loop", "blocked in a system call"])
+def test_hang_guard_stops_a_hanging_case(hang: str) -> None:
+    """A case that never returns fails with Hang (busy in Python, or blocked in sleep)."""
+    import time
+
+    with pytest.raises(Hang, match="no answer within 1 s"), hang_guard(1):
+        if hang == "busy loop":
+            while True:
+                pass
+        time.sleep(3600)
+
+
+@pytest.mark.timeout(300)
+def test_hang_guard_leaves_pytest_timeout_armed() -> None:
+    """The per-case guard (fired or not) never cancels pytest-timeout's per-test timer."""
+    import signal
+    import time
+
+    handler = signal.getsignal(signal.SIGALRM)
+    assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 300  # pytest-timeout, method signal
+    with hang_guard(30):
+        pass
+    with pytest.raises(Hang), hang_guard(1):
+        time.sleep(3600)
+    assert signal.getsignal(signal.SIGALRM) is handler
+    assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 300
+
+
+def test_pytest_timeout_catches_a_hang_inside_the_guard(tmp_path: Path) -> None:
+    """A hang longer than the test's own timeout, inside a (longer) hang_guard: pytest-timeout
+    still ends the test, so the two guards stack instead of one switching the other off."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_inner.py").write_text(
+        "import time, pytest\n"
+        "from _reliability import hang_guard\n"
+        "@pytest.mark.timeout(3)\n"
+        "def test_hangs():\n"
+        "    with hang_guard(600):\n"
+        "        time.sleep(600)\n",
+        encoding="utf-8",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Timeout (>3.0s)" in r.stdout or "Timeout >3.0s" in r.stdout, r.stdout
 
 
 @st.composite
@@ -123,7 +179,7 @@ def test_mutated_images_read_or_fail_clearly(fmt: str, data: st.DataObject, tmp_
         blob = data.draw(mutated(SEEDS[fmt], focus=200), label="mutated")
     path = tmp_path / f"scan.{fmt}"
     path.write_bytes(blob)
-    got = check(f"imageio.load_image mutated .{fmt}", lambda: load_image(path))
+    got = check(f"imageio.load_image mutated .{fmt}", lambda: load_image(path), [path])
     if got is not None:
         arr = got.array
         assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
@@ -226,6 +282,22 @@ def _yaml_text(data: st.DataObject, keys: list[str], seed_text: str) -> str:
     return yaml.safe_dump(mapping, allow_unicode=True)
 
 
+def setting_named(exc: BrainsegError) -> str | None:
+    """Open gap (config.py): ``validate()`` checks the merged config, so a bad value in the
+    file is named by its setting ("fold must be an integer, got []", "unknown upsample
+    'uranspose'"), not by the file; an unknown key is printed as is, so a key holding a
+    newline makes a two-line message."""
+    from brainseg.config import TrainConfig
+
+    if exc.message.startswith("unknown setting(s) in config file ") and "\n" in exc.message:
+        return "an unknown key holding a newline is printed raw (two lines)"
+    settings_ = set(TrainConfig.keys())
+    first = exc.message.split("\n")[0]
+    words = set(re.findall(r"[a-z_0-9]+", first))
+    ok = exc.exit_code == 2 and "\n" not in exc.message and bool(words & settings_)
+    return "config value error names the setting, not the file" if ok else None
+
+
 def test_random_train_configs_validate_or_fail_clearly(tmp_path: Path) -> None:
     """``brainseg train --config FILE``: a random YAML file is a config or one clear error."""
     from brainseg.config import TrainConfig, load_config, preset_path
@@ -244,7 +316,9 @@ def test_random_train_configs_validate_or_fail_clearly(tmp_path: Path) -> None:
             cfg.validate()
             return cfg
 
-        cfg = check("config.load_config + validate (random YAML)", load)
+        cfg = check(
+            "config.load_config + validate (random YAML)", load, [path], known_gap=setting_named
+        )
         if cfg is not None:
             assert isinstance(cfg.epochs, int) and cfg.epochs >= 1
             assert len(cfg.decoder_channels) == 5
@@ -294,7 +368,7 @@ def test_random_split_files_load_or_fail_clearly(tmp_path: Path) -> None:
                 split.patients("val", fold)
             return split
 
-        check("split.load_split + check_split (random / edited YAML)", load)
+        check("split.load_split + check_split (random / edited YAML)", load, [path])
 
     run()
 
@@ -340,7 +414,9 @@ def test_mutated_checkpoints_load_or_fail_clearly(
     else:
         head = data.draw(mutated([raw[: 8 + n]]), label="header")
         path.write_bytes(head + raw[8 + n :])
-    check("checkpoint.load_checkpoint (mutated / truncated bytes)", lambda: _load_ckpt(path))
+    check(
+        "checkpoint.load_checkpoint (mutated / truncated bytes)", lambda: _load_ckpt(path), [path]
+    )
 
 
 _EDITS = ["dtype", "shape", "offsets", "drop", "arch", "meta", "version", "rename"]
@@ -387,7 +463,9 @@ def test_edited_checkpoints_load_or_fail_clearly(
     body = json.dumps(h).encode()
     path = tmp_path / "m.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
-    check("checkpoint.load_checkpoint (edited header)", lambda: _load_ckpt(path), seconds=60)
+    check(
+        "checkpoint.load_checkpoint (edited header)", lambda: _load_ckpt(path), [path], seconds=60
+    )
 
 
 def test_regression_huge_architecture_is_refused_without_allocating(
@@ -465,10 +543,13 @@ def test_mutated_onnx_models_predict_or_fail_clearly(
     rows = check(
         "predict ONNX model (mutated bytes / edited metadata)",
         lambda: _predict_one(path, scan, out),
+        [path],
     )
     if rows is not None:
         assert len(rows) == 1
         assert rows[0].status in ("ok", "error")
+        if rows[0].status == "error":  # an error row of the summary: one line
+            assert rows[0].error and "\n" not in rows[0].error, rows[0].error
 
 
 def test_regression_invalid_utf8_in_onnx_names(onnx_bytes: bytes, tmp_path: Path) -> None:
@@ -479,6 +560,28 @@ def test_regression_invalid_utf8_in_onnx_names(onnx_bytes: bytes, tmp_path: Path
     scan.write_bytes(encode(image(5), "png"))
     with pytest.raises(BrainsegError, match=r"m\.onnx"):
         _predict_one(path, scan, tmp_path / "out")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug (predict.py): onnxruntime's Fail escapes when a damaged model's bias has "
+    "the wrong shape; found by the huge run. Remove this mark when fixed.",
+)
+def test_regression_onnx_bias_of_the_wrong_shape(onnx_bytes: bytes, tmp_path: Path) -> None:
+    """One bit in the bias initializer's header (dims -> data_type): a clear error, not
+    onnxruntime's "bias must be a 1D tensor" from the first inference."""
+    old = b"*\r\x08\x01\x10\x01"
+    assert onnx_bytes.count(old) == 1
+    path = tmp_path / "m.onnx"
+    path.write_bytes(onnx_bytes.replace(old, b"*\r\x18\x01\x10\x01"))
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(encode(image(5), "png"))
+    try:
+        rows = _predict_one(path, scan, tmp_path / "out")
+    except BrainsegError as exc:
+        assert_clear_error(exc, [path])
+    else:
+        assert rows[0].status == "error" and "\n" not in rows[0].error
 
 
 # --------------------------------------------------------------------------- dataset folders
@@ -550,12 +653,31 @@ def test_damaged_dataset_folders_load_or_fail_clearly(
     got = check(
         "data.cache.load_dataset (damaged dataset folder)",
         lambda: load_dataset(root, cache_dir=tmp_path / "cache", skip_bad=skip_bad, rebuild=True),
+        [root],
     )
     if got is not None:
         assert len(got) >= 1 and got.images.shape[1:] == (3, 32, 32)
         assert set(np.unique(np.asarray(got.masks)).tolist()) <= {0, 1}
+    # No litter: builds write into hidden temporary folders in cache/datasets/ (".tmp-KEY-...",
+    # ".old-KEY-..." while replacing; ".NAME.~HOST@PID.XXXXXXXX" for fsutil's temp_prefix):
+    # after the call, success or error, only finished caches may be there.
     cache = tmp_path / "cache"
-    assert not [p for p in cache.glob(".tmp-*")] if cache.exists() else True  # no litter
+    assert_no_build_litter(cache)
+
+
+def assert_no_build_litter(cache: Path) -> None:
+    """Nothing but finished dataset caches under ``cache``: no hidden or partial entries."""
+    from brainseg.data.cache import cache_root
+
+    root = cache_root(cache)
+    assert root.parent == cache and root.name == "datasets"  # where builds happen
+    entries = sorted(cache.rglob("*"))
+    hidden = [p for p in entries if p.name.startswith(".")]
+    assert not hidden, f"a build left {len(hidden)} temporary entries, e.g. {hidden[:3]}"
+    partial = [p for p in entries if p.name.endswith((".part.npy", ".tmp"))]
+    assert not partial, f"a build left partial files, e.g. {partial[:3]}"
+    for folder in root.iterdir() if root.is_dir() else []:
+        assert (folder / "meta.json").is_file(), f"{folder} is not a finished cache"
 
 
 # --------------------------------------------------------------------------- archives
@@ -577,6 +699,19 @@ def archives(small_dataset: Path) -> list[bytes]:
     return [buf.getvalue(), tbuf.getvalue()]
 
 
+def unpack_gap(exc: BrainsegError, archive: Path, dest: Path) -> str | None:
+    """Open gaps (data/download.py) for a damaged archive: the problems of the unpacked tree
+    are named by the hidden temporary folder (``DEST/.kaggle_3m-unpack.~HOST@PID.X/...``,
+    gone when the user reads it) instead of the archive; an OSError while unpacking (EINVAL
+    for a damaged member name) is exit 1 "cannot unpack ARCHIVE ...: ... (None)", not 2."""
+    first = exc.message.split("\n")[0]
+    if f"in dataset {dest}/.kaggle_3m-unpack.~" in first and exc.exit_code == 2:
+        return "problems named by the temporary unpack folder"
+    if first.startswith(f"cannot unpack {archive} into ") and exc.exit_code == 1:
+        return "OSError while unpacking is exit 1"
+    return None
+
+
 @settings(max_examples=scale(60))
 @given(data=st.data())
 def test_mutated_archives_install_or_fail_clearly(
@@ -592,6 +727,8 @@ def test_mutated_archives_install_or_fail_clearly(
     got = check(
         "download.download_lgg --from-file (mutated zip / tar.gz)",
         lambda: download_lgg(dest, from_file=archive),
+        [archive],
+        known_gap=lambda exc: unpack_gap(exc, archive, dest),
     )
     left = sorted(p.name for p in dest.iterdir()) if dest.exists() else []
     if got is None:
@@ -603,26 +740,66 @@ def test_mutated_archives_install_or_fail_clearly(
 CASES_SEEN = iter(range(10**9))
 
 
+BAD_GZIP_CRC = (
+    "eNoBQQO+/B+LCABKYQ9rAv/svQVYHUu6Nop7cIfAguAQWOiCoAlOcIK7LNzdIUAIGtwhOASH4A7BIbi7u7sFuNnn"
+    "zMx/zpnZ89/7PHv2nLv3Kp56uqjV1d1rVX/f+71vV1cxszCzCMnru0qA9Y3A9lD/kgT8z/RrWyCQneP/lH+pZwWy"
+    "sbJBAVyhfofk5OCob//z9FB/zsTGDbByNLMC87OCeLhYuXi4OYDMnOxsnFzcbChQkPSHTxb6JiaWYF12K5Z/3Tl+"
+    "MWrQP7P/n2VWTnYgOxcXkJWL9af9s3L8dAkAzt/T/u1tbBz/2X7/t8//f5qY/1f4f/a/9/+sEP//u/h/0D/0/1wg"
+    "iPv/k/l/RdHXIjKizFZG/xL75+Lg+DX7Z/0l/vvv/p8NxMYOBQD+nvb/J/X/LwBKbtaOpmBHM0OAtLg4wNZU39rR"
+    "xsoBQGdt4wiwB+tbAmz1Hc3A1o4O9Cgo4mBrsL2+I9gIYOAGMLDXN7N2AJsAgMyszMBXAD0XezNHsK7DX49H99eG"
+    "/GxMAAcw2Iif9efWzB3Mz/5LhaWZIdiBn46DCcBJT6/HjIKipG8FBljqu9k4OQL0HQA/D/IfV/S3OxRgpO+o7wB2"
+    "fAWwsQYDjG0sfwIWwPaX/J/nYQLo8f1nrYAun4UAs6OZsd5fTgOgkwC4AlR/ZnaAk5m1I/crgK09+KWhjbWjvb7D"
+    "z5Zi0q8lFZkAtjYOjn+rpQfoWxv992PqWuk7WPzngX8p/TwuEMACYOPkpGcGvPt5vY5OVjZO9gAzB4A+wMHq5x1j"
+    "CjACG9vYW/38xcCWlma2DjZmRkw/fzkzE1NHgJn1X8/rYvZzT/2fX8Te0dINALb+2QmGZtYmAHszq1/2+m+X9fOX"
+    "UgSb/KUj/rOl3t+6wsjGxdrSRt8I8LdeALx8aQR2cASISCr+LP61SwBsP//5pU8ArHrMACUw+GdLQweWv7X66QaY"
+    "IQDwJ0jMEP4P4f9/F/+xcnNxgyD2/6eK/94Ji7/WFVHWZePk4dZl5eHhYGVl42b5rewfxMn5/4H/c7BxcEL4P8T/"
+    "Q/z/v8X/A3m4QKwcEP8P8f/+uFaX9RcO9FvxfzYQF+i/+3+2n7UcEP7/eyRJSQYoDejBsw=="
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug (data/download.py): gzip.BadGzipFile (CRC check failed) escapes from a "
+    "damaged .tar.gz; found by the huge run. Remove this mark when fixed.",
+)
+def test_regression_tar_gz_with_a_bad_crc(tmp_path: Path) -> None:
+    """An 833-byte damaged .tar.gz (shrunk by hypothesis): a clear error, nothing installed."""
+    import base64
+    import zlib
+
+    from brainseg.data.download import download_lgg
+
+    archive = tmp_path / "lgg.zip"
+    archive.write_bytes(zlib.decompress(base64.b64decode("".join(BAD_GZIP_CRC))))
+    with pytest.raises(BrainsegError) as exc:
+        download_lgg(tmp_path / "dest", from_file=archive)
+    assert_clear_error(exc.value, [archive])
+    assert not (tmp_path / "dest" / "kaggle_3m").exists()
+
+
 # --------------------------------------------------------------------------- the real CLI
 
 
-def _cli_case(case: str, tmp: Path, ckpt_raw: bytes, archive: bytes, ds: Path) -> list[Any]:
-    """The arguments of one bad-input ``brainseg`` command (files made in ``tmp``)."""
+def _cli_case(
+    case: str, tmp: Path, ckpt_raw: bytes, archive: bytes, ds: Path
+) -> tuple[list[Any], Path]:
+    """The arguments of one bad-input ``brainseg`` command (files made in ``tmp``) and the
+    input its error must name."""
     scans = tmp / "scans"
     scans.mkdir()
     (scans / "a.png").write_bytes(encode(image(1), "png"))
     if case == "config with odd keys":
         (tmp / "c.yaml").write_text('"[/x]": 1\n0: null\ndecoder_channels: null\n')
-        return ["train", ds, "--split", tmp / "c.yaml", "--config", tmp / "c.yaml"]
+        return ["train", ds, "--split", tmp / "c.yaml", "--config", tmp / "c.yaml"], tmp / "c.yaml"
     if case == "split not a mapping":
         (tmp / "s.yaml").write_text("- just\n- a list\n")
-        return ["train", ds, "--split", tmp / "s.yaml", "--epochs", "1"]
+        return ["train", ds, "--split", tmp / "s.yaml", "--epochs", "1"], tmp / "s.yaml"
     if case == "truncated checkpoint":
         (tmp / "m.safetensors").write_bytes(ckpt_raw[: len(ckpt_raw) // 3])
-        return ["predict", tmp / "m.safetensors", scans, "-o", tmp / "out"]
+        return ["predict", tmp / "m.safetensors", scans, "-o", tmp / "out"], tmp / "m.safetensors"
     if case == "pickle as checkpoint":
         (tmp / "m.safetensors").write_bytes(b"\x80\x04\x95" + bytes(64))
-        return ["export", tmp / "m.safetensors", "-o", tmp / "m.onnx"]
+        return ["export", tmp / "m.safetensors", "-o", tmp / "m.onnx"], tmp / "m.safetensors"
     if case == "onnx with NaN image size":
         import onnx
 
@@ -631,18 +808,24 @@ def _cli_case(case: str, tmp: Path, ckpt_raw: bytes, archive: bytes, ds: Path) -
             if p.key == "brainseg":
                 p.value = json.dumps({**json.loads(p.value), "image_size": float("nan")})
         onnx.save(proto, str(tmp / "m.onnx"))
-        return ["predict", tmp / "m.onnx", scans, "-o", tmp / "out"]
+        return ["predict", tmp / "m.onnx", scans, "-o", tmp / "out"], tmp / "m.onnx"
     if case == "garbage onnx":
         (tmp / "m.onnx").write_bytes(b"\x08\x07" + bytes(range(256)) * 4)
-        return ["predict", tmp / "m.onnx", scans, "-o", tmp / "out", "--json"]
+        return ["predict", tmp / "m.onnx", scans, "-o", tmp / "out", "--json"], tmp / "m.onnx"
     if case == "damaged zip":
         cut = bytearray(archive)
         cut[len(cut) // 2 : len(cut) // 2 + 64] = bytes(64)
         (tmp / "lgg.zip").write_bytes(bytes(cut))
-        return ["download", "lgg", "--from-file", tmp / "lgg.zip", "--dest", tmp / "d"]
+        args = ["download", "lgg", "--from-file", tmp / "lgg.zip", "--dest", tmp / "d"]
+        return args, tmp / "lgg.zip"
     if case == "dataset without patients":
         (tmp / "empty" / "kaggle_3m").mkdir(parents=True)
-        return ["split", tmp / "empty" / "kaggle_3m", "-o", tmp / "s.yaml"]
+        return [
+            "split",
+            tmp / "empty" / "kaggle_3m",
+            "-o",
+            tmp / "s.yaml",
+        ], tmp / "empty" / "kaggle_3m"
     raise AssertionError(case)
 
 
@@ -666,14 +849,19 @@ def test_cli_bad_input_is_one_clear_line(
     archives: list[bytes],
     small_dataset: Path,
 ) -> None:
-    """``python -m brainseg ...`` with bad input: exit 2, "error: ..." + hint, no traceback."""
-    args = _cli_case(case, tmp_path, checkpoint[0], archives[0], small_dataset)
+    """``python -m brainseg ...`` with bad input: exit 2, one "error: ..." line that names the
+    input (a dataset's problem list below it, indented), then the hint; no traceback."""
+    args, name = _cli_case(case, tmp_path, checkpoint[0], archives[0], small_dataset)
     r = run_cli(args, timeout=300)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
-    errors = [x for x in lines if x.startswith("error:")]
+    errors = [i for i, x in enumerate(lines) if x.startswith("error:")]
     assert len(errors) == 1, r.stderr
-    assert lines[-1].startswith("hint:") or lines[-1].startswith("error:"), r.stderr
+    assert str(name) in lines[errors[0]], r.stderr  # the first line names the input
+    after = lines[errors[0] + 1 :]
+    if after and after[-1].startswith("hint:"):
+        after = after[:-1]
+    assert all(x.startswith("  ") or x == "no usable slices are left" for x in after), r.stderr
     assert r.stdout.strip() == "" or case not in ("garbage onnx",), r.stdout
     count_case("CLI subprocess, bad input", "error")

@@ -160,6 +160,28 @@ def test_patients_errors() -> None:
             f.patients("val", bad)
 
 
+def test_check_fold_is_the_one_fold_check() -> None:
+    """Split.check_fold: what train, eval and Split.patients refuse, in the same words."""
+    plain = make_split(_burden(10))
+    plain.check_fold(None)  # no fold asked for: always fine
+    with pytest.raises(BrainsegError, match=r"--fold 0 was given, but the split has no folds"):
+        plain.check_fold(0)
+    folds = make_split(_burden(10), folds=3)
+    for k in (None, 0, 1, 2, np.int64(2)):
+        folds.check_fold(k)
+    for bad in (3, -1, True, 1.0, "1"):
+        with pytest.raises(BrainsegError, match=r"is out of range: the split has 3 folds") as exc:
+            folds.check_fold(bad)  # type: ignore[arg-type]
+        assert exc.value.exit_code == 2 and exc.value.hint == "use a fold from 0 to 2"
+    assert folds.patients("test", 2) == [] and folds.patients("val", 2) == folds.folds[2]["val"]
+
+
+def test_check_fold_names_the_split_file(tmp_path: Path) -> None:
+    path = save_split(make_split(_burden(10), folds=3), tmp_path / "f.yaml")
+    with pytest.raises(BrainsegError, match=rf"--fold 5 is out of range: split {path} has 3"):
+        load_split(path).check_fold(5)
+
+
 def test_dataset_hash() -> None:
     assert dataset_hash(["b", "a"]) == dataset_hash(["a", "b", "a"])
     assert dataset_hash(["a", "b"]) != dataset_hash(["a", "c"])
@@ -251,6 +273,30 @@ def test_load_errors(tmp_path: Path, data: object, msg: str) -> None:
     assert exc.value.hint
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {**GOOD, "subsets": {"train": ["A"], "val": ["B"], "\n": None}},  # found by the huge run
+        {**GOOD, "subsets": {"train": ["A\nB", "A\nB"], "val": ["C"]}},
+        {**GOOD, "subsets": {"train": ["A\rB"], "val": ["A\rB"]}},
+        {
+            **GOOD,
+            "subsets": {"train": ["A", "B"], "val": ["C"], "test": ["x\ny"]},
+            "folds": [{"train": ["A", "B"], "val": ["C", "x\ny"]}],
+        },
+    ],
+)
+def test_load_errors_stay_on_one_line(tmp_path: Path, data: object) -> None:
+    """Keys and ids with a newline are quoted, so the message is still one line."""
+    from _reliability import assert_clear_error
+
+    path = _write(tmp_path, data)
+    with pytest.raises(BrainsegError) as exc:
+        load_split(path)
+    assert_clear_error(exc.value, [path])
+    assert "\\n" in exc.value.message or "\\r" in exc.value.message  # shown, quoted
+
+
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BrainsegError, match="not found") as exc:
         load_split(tmp_path / "nope.yaml")
@@ -285,6 +331,29 @@ def test_check_split() -> None:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def test_make_split_file_is_what_the_cli_runs(phantom_root: Path, tmp_path: Path, cli) -> None:
+    """The library entry point writes the same file and summary as `brainseg split --json`."""
+    from brainseg.data.split import SplitOptions, SplitResult, make_split_file
+
+    res = make_split_file(SplitOptions(phantom_root, tmp_path / "lib.yaml", folds=3, seed=2))
+    assert isinstance(res, SplitResult) and res.output == tmp_path / "lib.yaml"
+    out = tmp_path / "cli.yaml"
+    r = cli(["split", phantom_root, "-o", out, "--folds", "3", "--seed", "2", "--json"])
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert {**summary, "output": ""} == {**res.summary(), "output": ""}
+    assert load_split(tmp_path / "lib.yaml").folds == load_split(tmp_path / "cli.yaml").folds
+    # Options are checked before the dataset is read: a missing folder is not even looked at.
+    for opts, msg in [
+        (SplitOptions(tmp_path / "none", tmp_path / "x.yaml", 0.3, folds=3), "cannot be used"),
+        (SplitOptions(tmp_path / "none", tmp_path / "lib.yaml"), "already exists"),
+        (SplitOptions(tmp_path / "none", tmp_path / "x.yaml", test_fraction=1.0), "test-fraction"),
+    ]:
+        with pytest.raises(BrainsegError, match=msg):
+            make_split_file(opts)
+    assert not (tmp_path / "x.yaml").exists()
 
 
 def test_cli_on_phantoms(phantom_root: Path, tmp_path: Path, cli) -> None:

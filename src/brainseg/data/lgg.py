@@ -327,87 +327,60 @@ def _read_tif(path: Path) -> np.ndarray:
     return np.asarray(read_tiff_array(path))
 
 
+def _read_or_problem(s: SliceFile, path: Path) -> np.ndarray | Problem:
+    try:
+        return _read_tif(path)
+    except Exception as exc:  # tifffile raises many types for broken files
+        msg = first_line(exc, 120)
+        return Problem(_rel(s, path), f"unreadable or truncated TIF ({msg})", s.patient, s.number)
+
+
+def _image_problem(img: np.ndarray) -> str | None:
+    """What is wrong with a decoded image (HxW grey or HxWx3 RGB, uint8), if anything."""
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        return f"image shape {_shape(img)}, expected HxWx3 (RGB) or HxW (grayscale)"
+    if img.dtype != np.uint8:
+        return f"image dtype {img.dtype}, expected uint8"
+    return None
+
+
+def _mask_problem(msk: np.ndarray) -> str | None:
+    """What is wrong with a decoded mask (HxW uint8 in {0, 255} or {0, 1}), if anything."""
+    if msk.ndim != 2:
+        return f"mask shape {_shape(msk)}, expected HxW (one channel)"
+    if msk.dtype != np.uint8:
+        return f"mask dtype {msk.dtype}, expected uint8"
+    values = np.unique(msk)
+    found = set(values.tolist())
+    if not (found <= {0, 255} or found <= {0, 1}):
+        shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        return f"mask values {{{shown}}}, expected {{0, 255}} or {{0, 1}}"
+    return None
+
+
 def decode_slice(s: SliceFile) -> tuple[np.ndarray, np.ndarray] | list[Problem]:
     """Decode and check one slice: ``(HxWx3 uint8, HxW uint8 0/1)`` or its problems."""
-    problems: list[Problem] = []
-    arrays: list[np.ndarray | None] = []
-    for path in (s.image, s.mask):
-        try:
-            arrays.append(_read_tif(path))
-        except Exception as exc:  # tifffile raises many types for broken files
-            arrays.append(None)
-            msg = first_line(exc, 120)
-            problems.append(
-                Problem(_rel(s, path), f"unreadable or truncated TIF ({msg})", s.patient, s.number)
-            )
-    img, msk = arrays
-    if img is not None:
-        if img.ndim == 3 and img.shape[2] == 1:
-            img = img[:, :, 0]
-        if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-            problems.append(
-                Problem(
-                    _rel(s, s.image),
-                    f"image shape {_shape(img)}, expected HxWx3 (RGB) or HxW (grayscale)",
-                    s.patient,
-                    s.number,
-                )
-            )
-            img = None
-        elif img.dtype != np.uint8:
-            problems.append(
-                Problem(
-                    _rel(s, s.image),
-                    f"image dtype {img.dtype}, expected uint8",
-                    s.patient,
-                    s.number,
-                )
-            )
-            img = None
-    if msk is not None:
-        if msk.ndim != 2:
-            problems.append(
-                Problem(
-                    _rel(s, s.mask),
-                    f"mask shape {_shape(msk)}, expected HxW (one channel)",
-                    s.patient,
-                    s.number,
-                )
-            )
-            msk = None
-        elif msk.dtype != np.uint8:
-            problems.append(
-                Problem(
-                    _rel(s, s.mask), f"mask dtype {msk.dtype}, expected uint8", s.patient, s.number
-                )
-            )
-            msk = None
-        else:
-            values = np.unique(msk)
-            if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
-                shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
-                problems.append(
-                    Problem(
-                        _rel(s, s.mask),
-                        f"mask values {{{shown}}}, expected {{0, 255}} or {{0, 1}}",
-                        s.patient,
-                        s.number,
-                    )
-                )
-                msk = None
-    if img is not None and msk is not None and img.shape[:2] != msk.shape:
+    img, msk = _read_or_problem(s, s.image), _read_or_problem(s, s.mask)
+    if isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    problems = [x for x in (img, msk) if isinstance(x, Problem)]
+    for path, arr, what in ((s.image, img, _image_problem), (s.mask, msk, _mask_problem)):
+        wrong = what(arr) if isinstance(arr, np.ndarray) else None
+        if wrong:
+            problems.append(Problem(_rel(s, path), wrong, s.patient, s.number))
+    if problems or not isinstance(img, np.ndarray) or not isinstance(msk, np.ndarray):
+        return problems
+    if img.shape[:2] != msk.shape:
         h, w = img.shape[:2]
-        problems.append(
+        return [
             Problem(
                 _rel(s, s.mask),
-                f"mask shape {_shape(msk)} does not match "
-                f"its image {_shape(img)} (expected {h}x{w})",
+                f"mask shape {_shape(msk)} does not match its image {_shape(img)} "
+                f"(expected {h}x{w})",
                 s.patient,
                 s.number,
             )
-        )
-    if problems or img is None or msk is None:
-        return problems
+        ]
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     return np.ascontiguousarray(img), (msk > 0).astype(np.uint8)
@@ -420,9 +393,11 @@ def _shape(a: np.ndarray) -> str:
 def read_slice(slice_file: SliceFile) -> tuple[np.ndarray, np.ndarray]:
     """``(HxWx3 uint8 image, HxW uint8 mask in {0, 1})``; a grayscale image becomes RGB.
 
-    Raises one :class:`BrainsegError` naming the file(s) when the slice is not valid.
+    Raises one :class:`BrainsegError` naming the file(s) (full paths) when the slice is not
+    valid.
     """
     res = decode_slice(slice_file)
     if isinstance(res, list):
-        raise BrainsegError("; ".join(str(p) for p in res), hint=SKIP_HINT)
+        root = slice_file.image.parent.parent  # Problem.file is relative to the dataset root
+        raise BrainsegError("; ".join(f"{root / p.file}: {p.message}" for p in res), hint=SKIP_HINT)
     return res

@@ -56,40 +56,46 @@ class Split:
         """Every patient of the split (train + val + test), sorted."""
         return sorted({p for s in SUBSETS for p in self.subsets.get(s, [])})
 
+    @property
+    def name(self) -> str:
+        """How messages name this split: ``split PATH``, or ``the split`` when made in memory."""
+        return f"split {self.source}" if self.source else "the split"
+
     def patients(self, subset: str, fold: int | None = None) -> list[str]:
         """Patient ids of ``subset`` ("train", "val" or "test"), of fold ``fold`` if given.
 
         The test subset is held out of every fold, so ``patients("test", k)`` is the test set.
         """
-        where = f" in split {self.source}" if self.source else ""
         if subset not in SUBSETS:
             raise BrainsegError(
-                f"unknown subset {subset!r}{where}; expected one of {', '.join(SUBSETS)}",
+                f"unknown subset {subset!r} in {self.name}; expected one of {', '.join(SUBSETS)}",
                 hint="use train, val or test",
             )
+        self.check_fold(fold)
         if fold is None or subset == "test":
-            if fold is not None:
-                self._check_fold(fold, where)
             return list(self.subsets.get(subset, []))
-        self._check_fold(fold, where)
         return list(self.folds[fold][subset])
 
-    def _check_fold(self, fold: int, where: str) -> None:
+    def check_fold(self, fold: int | None) -> None:
+        """The one fold check (split, train, eval): refuse a fold this split does not have.
+
+        ``None`` (no fold asked for) is always fine; otherwise the split must have folds and
+        ``fold`` must be an integer from 0 to ``n_folds - 1``.
+        """
+        if fold is None:
+            return
         if not self.folds:
             raise BrainsegError(
-                f"fold {fold} requested but the split{where} has no folds",
-                hint="make a cross-validation split with "
-                "`brainseg split DATA -o splits.yaml --folds 5`, or leave out the fold",
+                f"--fold {fold} was given, but {self.name} has no folds",
+                hint="a split made without --folds has no cross-validation folds: make one "
+                "with `brainseg split DATA -o splits.yaml --folds 5`, or leave out the fold",
             )
-        if (
-            isinstance(fold, bool)
-            or not isinstance(fold, (int, np.integer))
-            or not (0 <= fold < len(self.folds))
-        ):
+        n = len(self.folds)
+        if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < n:
             raise BrainsegError(
-                f"fold {fold!r} is out of range: the split{where} has {len(self.folds)} folds, "
-                f"numbered 0 to {len(self.folds) - 1}",
-                hint=f"use a fold from 0 to {len(self.folds) - 1}",
+                f"--fold {fold!r} is out of range: {self.name} has {n} folds, "
+                f"numbered 0 to {n - 1}",
+                hint=f"use a fold from 0 to {n - 1}",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +114,12 @@ class Split:
             "subsets": {s: list(self.subsets.get(s, [])) for s in SUBSETS},
             "folds": [{"train": list(f["train"]), "val": list(f["val"])} for f in self.folds],
         }
+
+
+def _ids(values: Iterable[object]) -> str:
+    """Ids / keys for a one-line message: as they are, or quoted (repr) when they hold a
+    newline or another unprintable character, so a message never spans two lines."""
+    return ", ".join(v if isinstance(v, str) and v.isprintable() else repr(v) for v in values)
 
 
 def dataset_hash(patient_ids: Iterable[str]) -> str:
@@ -197,61 +209,60 @@ def make_split(
     bad = [p for p in ids if not math.isfinite(float(burden[p]))]
     if bad:
         raise BrainsegError(
-            f"tumour burden is not a finite number for {', '.join(bad[:5])}",
+            f"tumour burden is not a finite number for {_ids(bad[:5])}",
             hint="burden must be a number per patient, e.g. the number of tumour slices",
         )
     rng = np.random.default_rng(seed)
     ordered = _order(burden, ids, rng)
-
     n_test = _count(test_fraction, n)
     test = _stratified_pick(ordered, n_test, rng) if n_test else []
     rest = [p for p in ordered if p not in set(test)]
-
     if folds is not None:
-        k = int(folds)
-        if not 2 <= k <= len(rest):
-            raise BrainsegError(
-                f"--folds must be between 2 and the number of non-test patients "
-                f"({len(rest)}), got {k}",
-                hint="for example --folds 5",
-            )
-        labels = np.empty(len(rest), dtype=np.int64)
-        for start in range(0, len(rest), k):
-            block = min(k, len(rest) - start)
-            labels[start : start + block] = rng.permutation(k)[:block]
-        fold_list = []
-        for f in range(k):
-            val = sorted(p for p, lab in zip(rest, labels, strict=True) if lab == f)
-            train = sorted(p for p, lab in zip(rest, labels, strict=True) if lab != f)
-            fold_list.append({"train": train, "val": val})
+        fold_list = _deal_folds(rest, int(folds), rng)
+        val_fraction = 1.0 / len(fold_list)
         subsets = {"train": fold_list[0]["train"], "val": fold_list[0]["val"], "test": sorted(test)}
-        return Split(
-            seed=int(seed),
-            dataset_hash=dataset_hash(ids),
-            val_fraction=1.0 / k,
-            test_fraction=float(test_fraction),
-            subsets=subsets,
-            folds=fold_list,
-        )
-
-    n_val = _count(val_fraction, n)
-    if n - n_test - n_val < 1:
-        raise BrainsegError(
-            f"{n} patients are too few for --val-fraction {val_fraction} and --test-fraction "
-            f"{test_fraction}: {n_val} val + {n_test} test leave no training patient",
-            hint="lower the fractions (each non-empty subset needs at least one patient)",
-        )
-    val = _stratified_pick(rest, n_val, rng)
-    train = [p for p in rest if p not in set(val)]
-    subsets = {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    else:
+        fold_list = []
+        n_val = _count(val_fraction, n)
+        if n - n_test - n_val < 1:
+            raise BrainsegError(
+                f"{n} patients are too few for --val-fraction {val_fraction} and "
+                f"--test-fraction {test_fraction}: {n_val} val + {n_test} test leave no "
+                "training patient",
+                hint="lower the fractions (each non-empty subset needs at least one patient)",
+            )
+        val = _stratified_pick(rest, n_val, rng)
+        train = [p for p in rest if p not in set(val)]
+        subsets = {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
     return Split(
         seed=int(seed),
         dataset_hash=dataset_hash(ids),
         val_fraction=float(val_fraction),
         test_fraction=float(test_fraction),
         subsets=subsets,
-        folds=[],
+        folds=fold_list,
     )
+
+
+def _deal_folds(rest: list[str], k: int, rng: np.random.Generator) -> list[dict[str, list[str]]]:
+    """``k`` folds of ``rest`` (ordered by burden): each block of ``k`` consecutive patients
+    is shuffled across the folds, so every fold's val spans small to large tumours."""
+    if not 2 <= k <= len(rest):
+        raise BrainsegError(
+            f"--folds must be between 2 and the number of non-test patients ({len(rest)}), got {k}",
+            hint="for example --folds 5",
+        )
+    labels = np.empty(len(rest), dtype=np.int64)
+    for start in range(0, len(rest), k):
+        block = min(k, len(rest) - start)
+        labels[start : start + block] = rng.permutation(k)[:block]
+    return [
+        {
+            "train": sorted(p for p, lab in zip(rest, labels, strict=True) if lab != f),
+            "val": sorted(p for p, lab in zip(rest, labels, strict=True) if lab == f),
+        }
+        for f in range(k)
+    ]
 
 
 # --------------------------------------------------------------------------- save / load
@@ -296,13 +307,12 @@ def _id_list(path: Path, value: object, where: str) -> list[str]:
     ids = [str(p) for p in value]
     dup = sorted({p for p in ids if ids.count(p) > 1})
     if dup:
-        raise _fail(path, f"{where} lists {', '.join(dup[:5])} more than once")
+        raise _fail(path, f"{where} lists {_ids(dup[:5])} more than once")
     return ids
 
 
-def load_split(path: str | os.PathLike[str]) -> Split:
-    """Read and validate a split written by :func:`save_split` (or edited by hand)."""
-    path = Path(path)
+def _read_mapping(path: Path) -> dict[Any, Any]:
+    """The YAML mapping in ``path``, or one error saying why there is none."""
     if not path.is_file():
         what = "is a folder, not a split file" if path.is_dir() else "not found"
         raise BrainsegError(f"split file {path} {what}", hint=_MAKE_HINT.format(path=path))
@@ -310,7 +320,7 @@ def load_split(path: str | os.PathLike[str]) -> Split:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BrainsegError(
-            f"cannot read split file {path}: {exc}", hint=_MAKE_HINT.format(path=path)
+            f"cannot read split file {path}: {first_line(exc)}", hint=_MAKE_HINT.format(path=path)
         ) from exc
     try:
         d = yaml.safe_load(text)
@@ -319,28 +329,35 @@ def load_split(path: str | os.PathLike[str]) -> Split:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or first_line(exc)
         raise BrainsegError(
-            f"split file {path} is not valid YAML{at}: {problem}",
-            hint=_fix_hint(path),
+            f"split file {path} is not valid YAML{at}: {problem}", hint=_fix_hint(path)
         ) from exc
     if not isinstance(d, dict):
         raise _fail(path, "expected a mapping with seed, dataset_hash, subsets")
-    missing = [k for k in ("seed", "dataset_hash", "subsets") if k not in d]
-    if missing:
-        raise _fail(path, f"missing key(s) {', '.join(missing)}")
-    seed = d["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise _fail(path, f"seed must be an integer, got {seed!r}")
-    dhash = d["dataset_hash"]
-    if not isinstance(dhash, str) or not dhash:
-        raise _fail(path, f"dataset_hash must be a hex string, got {dhash!r}")
-    subs = d["subsets"]
+    return d
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_fraction(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+#: The required scalar keys of a split file: (key, valid?, what it must be), checked in order.
+_REQUIRED = (
+    ("seed", _is_int, "an integer"),
+    ("dataset_hash", lambda v: isinstance(v, str) and bool(v), "a hex string"),
+)
+
+
+def _load_subsets(path: Path, subs: object) -> dict[str, list[str]]:
+    """``subsets``: train (non-empty), val and optional test lists; no patient in two."""
     if not isinstance(subs, dict):
         raise _fail(path, "subsets must be a mapping with train, val and test lists")
-    unknown = [k for k in subs if k not in SUBSETS]
+    unknown = [str(k) for k in subs if k not in SUBSETS]
     if unknown:
-        raise _fail(
-            path, f"unknown subset(s) {', '.join(map(str, unknown))}; expected {', '.join(SUBSETS)}"
-        )
+        raise _fail(path, f"unknown subset(s) {_ids(unknown)}; expected {', '.join(SUBSETS)}")
     if "train" not in subs or "val" not in subs:
         raise _fail(path, "subsets must have train and val lists")
     subsets = {s: _id_list(path, subs.get(s), f"subsets.{s}") for s in SUBSETS}
@@ -352,52 +369,76 @@ def load_split(path: str | os.PathLike[str]) -> Split:
             if p in seen:
                 raise _fail(
                     path,
-                    f"patient {p} is in both {seen[p]} and {s} (a patient may "
-                    "be in one subset only)",
+                    f"patient {_ids([p])} is in both {seen[p]} and {s} (a patient may be in "
+                    "one subset only)",
                 )
             seen[p] = s
+    return subsets
 
-    folds_raw = d.get("folds") or []
-    if not isinstance(folds_raw, list):
+
+def _load_fold(
+    path: Path, k: int, f: object, subsets: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """``folds[k]``: train and val lists that split exactly the non-test patients."""
+    if not isinstance(f, dict) or "train" not in f or "val" not in f:
+        raise _fail(path, f"folds[{k}] must be a mapping with train and val lists")
+    tr = _id_list(path, f["train"], f"folds[{k}].train")
+    va = _id_list(path, f["val"], f"folds[{k}].val")
+    both = sorted(set(tr) & set(va))
+    if both:
+        raise _fail(path, f"patient {_ids(both[:1])} is in both train and val of fold {k}")
+    leak = sorted((set(tr) | set(va)) & set(subsets["test"]))
+    if leak:
+        raise _fail(path, f"test patient {_ids(leak[:1])} is also in fold {k}")
+    if set(tr) | set(va) != set(subsets["train"]) | set(subsets["val"]):
+        raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
+    return {"train": tr, "val": va}
+
+
+def _load_folds(
+    path: Path, raw: object, subsets: dict[str, list[str]]
+) -> list[dict[str, list[str]]]:
+    """``folds``: a list of folds whose val lists hold every non-test patient exactly once."""
+    if not isinstance(raw, list):
         raise _fail(path, "folds must be a list of {train: [...], val: [...]}")
-    folds: list[dict[str, list[str]]] = []
-    test = set(subsets["test"])
-    non_test = set(subsets["train"]) | set(subsets["val"])
+    folds = [_load_fold(path, k, f, subsets) for k, f in enumerate(raw)]
     in_val: dict[str, int] = {}
-    for k, f in enumerate(folds_raw):
-        if not isinstance(f, dict) or "train" not in f or "val" not in f:
-            raise _fail(path, f"folds[{k}] must be a mapping with train and val lists")
-        tr = _id_list(path, f["train"], f"folds[{k}].train")
-        va = _id_list(path, f["val"], f"folds[{k}].val")
-        both = sorted(set(tr) & set(va))
-        if both:
-            raise _fail(path, f"patient {both[0]} is in both train and val of fold {k}")
-        leak = sorted((set(tr) | set(va)) & test)
-        if leak:
-            raise _fail(path, f"test patient {leak[0]} is also in fold {k}")
-        if set(tr) | set(va) != non_test:
-            raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
-        for p in va:
+    for k, fold in enumerate(folds):
+        for p in fold["val"]:
             if p in in_val:
-                raise _fail(path, f"patient {p} is in the val of folds {in_val[p]} and {k}")
+                raise _fail(path, f"patient {_ids([p])} is in the val of folds {in_val[p]} and {k}")
             in_val[p] = k
-        folds.append({"train": tr, "val": va})
-    if folds and set(in_val) != non_test:
-        left = sorted(non_test - set(in_val))
-        raise _fail(path, f"patient {left[0]} is in no fold's val")
+    left = sorted((set(subsets["train"]) | set(subsets["val"])) - set(in_val))
+    if folds and left:
+        raise _fail(path, f"patient {_ids(left[:1])} is in no fold's val")
+    return folds
 
-    def frac(key: str, default: float) -> float:
-        v = d.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise _fail(path, f"{key} must be a number from 0 to 1, got {v!r}")
-        return float(v)
 
-    n = len(seen)
+def _fraction(path: Path, d: dict[Any, Any], key: str, default: float) -> float:
+    v = d.get(key, default)
+    if not _is_fraction(v):
+        raise _fail(path, f"{key} must be a number from 0 to 1, got {v!r}")
+    return float(v)
+
+
+def load_split(path: str | os.PathLike[str]) -> Split:
+    """Read and validate a split written by :func:`save_split` (or edited by hand)."""
+    path = Path(path)
+    d = _read_mapping(path)
+    missing = [k for k in ("seed", "dataset_hash", "subsets") if k not in d]
+    if missing:
+        raise _fail(path, f"missing key(s) {_ids(missing)}")
+    for key, valid, what in _REQUIRED:
+        if not valid(d[key]):
+            raise _fail(path, f"{key} must be {what}, got {d[key]!r}")
+    subsets = _load_subsets(path, d["subsets"])
+    folds = _load_folds(path, d.get("folds") or [], subsets)
+    n = sum(len(v) for v in subsets.values())
     return Split(
-        seed=seed,
-        dataset_hash=dhash,
-        val_fraction=frac("val_fraction", len(subsets["val"]) / n),
-        test_fraction=frac("test_fraction", len(subsets["test"]) / n),
+        seed=d["seed"],
+        dataset_hash=d["dataset_hash"],
+        val_fraction=_fraction(path, d, "val_fraction", len(subsets["val"]) / n),
+        test_fraction=_fraction(path, d, "test_fraction", len(subsets["test"]) / n),
         subsets=subsets,
         folds=folds,
         source=path,
@@ -415,9 +456,7 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
     have = set(ids)
     missing = [p for p in split.all_patients if p not in have]
     if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
+        shown = _ids(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise BrainsegError(
             f"{len(missing)} patient(s) of {name} are not in the dataset: {shown}",
             hint=redo,
@@ -429,10 +468,127 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
         if extra:
             detail = (
                 f"; the dataset has {len(extra)} patient(s) not in the split, e.g. "
-                f"{', '.join(extra[:3])}"
+                f"{_ids(extra[:3])}"
             )
         raise BrainsegError(
             f"{name} was made for another dataset (dataset hash {split.dataset_hash}, this "
             f"dataset {current}){detail}",
             hint=redo,
         )
+
+
+# --------------------------------------------------------------------------- the split job
+
+
+@dataclass
+class SplitOptions:
+    """What ``brainseg split`` does: read ``data``, write the split to ``output``.
+
+    ``val_fraction`` None means 0.2 for a plain split; it cannot be given with ``folds``.
+    """
+
+    data: Path
+    output: Path
+    val_fraction: float | None = None
+    test_fraction: float = 0.0
+    folds: int | None = None
+    seed: int = 0
+    force: bool = False
+    skip_bad: bool = False
+
+
+@dataclass
+class SplitResult:
+    """The split written, and per subset (or per fold's val) its patients and slices."""
+
+    split: Split
+    output: Path
+    dataset: Path
+    rows: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` object (docs/splits.md)."""
+        s = self.split
+        return {
+            "output": str(self.output),
+            "dataset": str(self.dataset),
+            "seed": s.seed,
+            "dataset_hash": s.dataset_hash,
+            "val_fraction": s.val_fraction,
+            "test_fraction": s.test_fraction,
+            "folds": s.n_folds,
+            "counts": {k: len(v) for k, v in s.subsets.items()},
+            "rows": self.rows,
+        }
+
+    def table(self) -> Any:
+        """The table printed after a split."""
+        return summary_table(self.summary())
+
+
+def check_split_options(opts: SplitOptions) -> float:
+    """Every option check before any data is read; returns the validation fraction to use."""
+    if opts.folds is not None and opts.val_fraction is not None:
+        raise BrainsegError(
+            "--val-fraction and --folds cannot be used together: with --folds K each "
+            "fold validates on 1/K of the (non-test) patients",
+            hint="drop --val-fraction, or drop --folds for a single split",
+        )
+    val_fraction = 0.2 if opts.val_fraction is None else opts.val_fraction
+    check_options(val_fraction, opts.test_fraction, opts.folds)
+    if Path(opts.output).exists() and not opts.force:
+        raise BrainsegError(f"{opts.output} already exists", hint="pass --force to overwrite it")
+    return val_fraction
+
+
+def make_split_file(opts: SplitOptions) -> SplitResult:
+    """The ``brainseg split`` job: load the dataset (through the cache), make a split
+    stratified by tumour slices per patient, save it atomically, and summarise it."""
+    from brainseg.data.cache import load_dataset
+
+    val_fraction = check_split_options(opts)
+    arrays = load_dataset(opts.data, skip_bad=opts.skip_bad)
+    n_slices = arrays.slices_per_patient()
+    n_tumor = arrays.tumor_slices_per_patient()
+    split = make_split(
+        n_tumor,
+        val_fraction=val_fraction,
+        test_fraction=opts.test_fraction,
+        folds=opts.folds,
+        seed=opts.seed,
+    )
+    save_split(split, opts.output, force=opts.force)
+
+    def row(name: str, patients: list[str]) -> dict[str, Any]:
+        s = sum(n_slices[p] for p in patients)
+        t = sum(n_tumor[p] for p in patients)
+        frac = t / s if s else 0.0
+        return {"name": name, "patients": len(patients), "slices": s, "tumor_slices": t,
+                "tumor_slice_fraction": frac}  # fmt: skip
+
+    if split.folds:
+        rows = [row(f"fold {k} val", f["val"]) for k, f in enumerate(split.folds)]
+    else:
+        rows = [row("train", split.subsets["train"]), row("val", split.subsets["val"])]
+    if split.subsets["test"]:
+        rows.append(row("test", split.subsets["test"]))
+    rows.append(row("all", list(arrays.patient_ids)))
+    return SplitResult(split, Path(opts.output), Path(opts.data), rows)
+
+
+def summary_table(summary: dict[str, Any]) -> Any:
+    """The rich table of a split summary (:meth:`SplitResult.summary`)."""
+    from brainseg import console
+
+    kind = f"{summary['folds']} folds" if summary["folds"] else "split"
+    title = (
+        f"{kind} of {summary['dataset']} (seed {summary['seed']}, dataset "
+        f"{summary['dataset_hash']})"
+    )
+    rows = [
+        [r["name"], r["patients"], r["slices"], r["tumor_slices"],
+         f"{100 * r['tumor_slice_fraction']:.1f}"]
+        for r in summary["rows"]
+    ]  # fmt: skip
+    columns = ["subset", "patients", "slices", "tumor slices", "tumor slice %"]
+    return console.table(title, columns, rows)

@@ -191,80 +191,128 @@ def _add_mimics(
         flair[:] = flair * (1.0 - w) + level * w
 
 
-def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -> PhantomCase:
-    """Render one phantom patient (all slices at once, as one 3D volume)."""
+_RGB = tuple[float, float, float]
+
+
+@dataclass
+class _Head:
+    """One head's geometry: pixel grid, in-plane rotated coordinates, ellipsoid radius.
+
+    x, y in [-1, 1] across the image; z in head units (bottom -> top); ``r`` is 1 at the scalp.
+    """
+
+    px: float
+    lin: np.ndarray
+    x2: np.ndarray
+    y2: np.ndarray
+    z1: np.ndarray
+    xr: np.ndarray
+    yr: np.ndarray
+    ax: float
+    ay: float
+    rot: tuple[float, float, float, float]  # cos, sin of the rotation; centre x, y
+    r: np.ndarray
+    edge: float
+
+
+def _head(rng: np.random.Generator, n_slices: int, size: int) -> _Head:
+    """An ellipsoid head, slightly rotated and shifted (2D in-plane terms, then + z^2)."""
     f32 = np.float32
     px = 2.0 / size  # one pixel in normalised units
-    # Coordinates: x, y in [-1, 1] across the image; z in head units (bottom -> top).
     lin = (np.arange(size, dtype=f32) + 0.5) * px - 1.0
     y2, x2 = lin[:, None], lin[None, :]
     z1 = np.linspace(-0.92, 0.85, n_slices, dtype=f32)
-    z = z1[:, None, None]
-
-    # Head: an ellipsoid, slightly rotated and shifted (2D in-plane terms, then + z^2).
     ang = rng.uniform(-0.15, 0.15)
     ca, sa = float(np.cos(ang)), float(np.sin(ang))
     cx, cy = (float(v) for v in rng.uniform(-0.05, 0.05, size=2))
     xr = (ca * (x2 - cx) + sa * (y2 - cy)).astype(f32)  # H x W
     yr = (-sa * (x2 - cx) + ca * (y2 - cy)).astype(f32)
     ax, ay = float(rng.uniform(0.68, 0.78)), float(rng.uniform(0.82, 0.9))
-    r = np.sqrt(((xr / ax) ** 2 + (yr / ay) ** 2)[None] + z**2, dtype=f32)  # 1 at the scalp
-    theta = np.arctan2(yr, xr)
+    r = np.sqrt(((xr / ax) ** 2 + (yr / ay) ** 2)[None] + z1[:, None, None] ** 2, dtype=f32)
     edge = 1.5 * px / min(ax, ay)
+    return _Head(px, lin, x2, y2, z1, xr, yr, ax, ay, (ca, sa, cx, cy), r, edge)
 
-    head = _ramp(1.0 - r, edge)
+
+def _tissues(rng: np.random.Generator, h: _Head) -> dict[str, np.ndarray]:
+    """Soft (0..1) maps of scalp, bone, csf, grey and white matter, ventricles; and brain."""
+    f32 = np.float32
+    head = _ramp(1.0 - h.r, h.edge)
     skull_in = float(rng.uniform(0.89, 0.91))
-    inner = _ramp(skull_in - r, edge)  # inside the skull
+    inner = _ramp(skull_in - h.r, h.edge)  # inside the skull
     brain_edge = skull_in - 0.04
-    brain = _ramp(brain_edge - r, edge)
-    scalp = _ramp(r - 0.955, edge) * head
-    bone = np.clip(head - inner - scalp, 0, 1)
-    csf_gap = np.clip(inner - brain, 0, 1)
-
+    brain = _ramp(brain_edge - h.r, h.edge)
+    scalp = _ramp(h.r - 0.955, h.edge) * head
     # Cortex: a wavy band (gyri) inside the brain edge; white matter inside it.
     gk, gp = int(rng.integers(9, 15)), rng.uniform(0, 6.3)
-    ga = (gk * theta + gp).astype(f32)[None]
+    ga = (gk * np.arctan2(h.yr, h.xr) + gp).astype(f32)[None]
     # Fade the folds out near the in-plane centre, where theta would make a starburst.
-    fade = np.clip((np.sqrt((xr / ax) ** 2 + (yr / ay) ** 2) - 0.2) / 0.3, 0, 1)[None]
+    fade = np.clip((np.sqrt((h.xr / h.ax) ** 2 + (h.yr / h.ay) ** 2) - 0.2) / 0.3, 0, 1)[None]
+    z = h.z1[:, None, None]
     gyri = 0.05 * fade * (np.sin(ga) * np.cos(6 * z) + np.cos(ga) * np.sin(6 * z))
-    gyri += 0.03 * _volume_waves(rng, x2, y2, z1, 3, (3.0, 6.0))
-    wm = _ramp((brain_edge - 0.17 + gyri) - r, 2 * edge) * brain
-    gm = np.clip(brain - wm, 0, 1)
-
+    gyri += 0.03 * _volume_waves(rng, h.x2, h.y2, h.z1, 3, (3.0, 6.0))
+    wm = _ramp((brain_edge - 0.17 + gyri) - h.r, 2 * h.edge) * brain
     # Ventricles: two small ellipsoids beside the midline, in the middle of the head.
     vz = rng.uniform(-0.05, 0.15)
-    vent = np.zeros_like(r)
+    vent = np.zeros_like(h.r)
     for side in (-1.0, 1.0):
-        q = (((xr - side * 0.09) / 0.07) ** 2 + ((yr + 0.05) / 0.25) ** 2)[None]
+        q = (((h.xr - side * 0.09) / 0.07) ** 2 + ((h.yr + 0.05) / 0.25) ** 2)[None]
         vr = np.sqrt(q + ((z - vz) / 0.25) ** 2, dtype=f32)
-        np.maximum(vent, _ramp(1.0 - vr, 3 * px / 0.07), out=vent)
+        np.maximum(vent, _ramp(1.0 - vr, 3 * h.px / 0.07), out=vent)
     vent *= wm
+    return {
+        "head": head,
+        "brain": brain,
+        "scalp": scalp,
+        "bone": np.clip(head - inner - scalp, 0, 1),
+        "csf": np.clip(inner - brain, 0, 1),
+        "gm": np.clip(brain - wm, 0, 1),
+        "wm": wm,
+        "vent": vent,
+    }
 
-    # Tumour: a star-shaped deformed ellipsoid (its radius depends on direction only, so
-    # every slice between its ends has tumour), computed in its bounding box only.
+
+@dataclass
+class _Tumour:
+    """The tumour in its bounding box ``box``: soft maps of the whole tumour, the core and
+    the enhancing rim; the full-volume mask; its in-plane centre and largest radius."""
+
+    box: tuple[slice, slice, slice]
+    t_box: np.ndarray
+    core: np.ndarray
+    rim: np.ndarray
+    mask: np.ndarray
+    where: tuple[float, float, float]
+
+
+def _tumour(rng: np.random.Generator, h: _Head, brain: np.ndarray) -> _Tumour:
+    """A star-shaped deformed ellipsoid (its radius depends on direction only, so every slice
+    between its ends has tumour), computed in its bounding box only."""
+    f32 = np.float32
+    n_slices = len(h.z1)
     run = round(n_slices * rng.uniform(0.26, 0.46))
     run = max(2, min(run, n_slices - 2))
     centre_k = rng.uniform(0.35, 0.65) * (n_slices - 1)
     tz = max(run / 2.0, 1.0)
     t_ang, t_rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4)
-    tx, ty = t_rad * ax * np.cos(t_ang), t_rad * ay * np.sin(t_ang)
+    tx, ty = t_rad * h.ax * np.cos(t_ang), t_rad * h.ay * np.sin(t_ang)
     rx, ry = float(rng.uniform(0.12, 0.26)), float(rng.uniform(0.12, 0.26))
-    reach = 1.35 * max(rx, ry) + 2 * px
+    reach = 1.35 * max(rx, ry) + 2 * h.px
+    ca, sa, cx, cy = h.rot
     ix, iy = cx + ca * tx - sa * ty, cy + sa * tx + ca * ty  # tumour centre in image coords
-    cols = _span(lin, ix - reach, ix + reach)
-    rows = _span(lin, iy - reach, iy + reach)
+    cols = _span(h.lin, ix - reach, ix + reach)
+    rows = _span(h.lin, iy - reach, iy + reach)
     ks = slice(
         *np.clip([int(centre_k - 1.3 * tz), int(np.ceil(centre_k + 1.3 * tz)) + 1], 0, n_slices)
     )
     box = (ks, rows, cols)
-    dx = ((xr[rows, cols] - tx) / rx)[None]
-    dy = ((yr[rows, cols] - ty) / ry)[None]
+    dx = ((h.xr[rows, cols] - tx) / rx)[None]
+    dy = ((h.yr[rows, cols] - ty) / ry)[None]
     dk = ((np.arange(n_slices, dtype=f32)[ks] - centre_k) / tz)[:, None, None]
     tr = np.sqrt(dx**2 + dy**2 + dk**2, dtype=f32)
     inv = 1.0 / np.maximum(tr, 1e-6)
     deform = 0.22 * _smooth_field(rng, (dx * inv, dy * inv, dk * inv), 4, (1.5, 4.0))
     s = (1.0 + deform) - tr  # > 0 inside the tumour
-    tedge = 2 * px / min(rx, ry)
+    tedge = 2 * h.px / min(rx, ry)
     t_box = _ramp(s, tedge) * brain[box]
     m_box = t_box >= 0.5
     keep = _tumour_run(m_box, round(centre_k) - (ks.start or 0))[:, None, None]
@@ -273,10 +321,15 @@ def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -
     core = _ramp(s - 0.45 - 0.1 * deform, tedge) * t_box  # solid / necrotic core
     rim = np.clip(_ramp(s - 0.3, tedge) - core, 0, 1) * t_box
     rim *= _ramp(_smooth_field(rng, (dx, dy, dk), 3, (1.0, 3.0)) + 0.2, 0.4)  # patchy
-    mask = np.zeros((n_slices, size, size), dtype=np.uint8)
+    mask = np.zeros(brain.shape, dtype=np.uint8)
     mask[box] = m_box
+    return _Tumour(box, t_box, core, rim, mask, (tx, ty, max(rx, ry)))
 
-    # Per-patient tissue intensities per channel: pre-contrast, FLAIR, post-contrast.
+
+def _levels(rng: np.random.Generator) -> tuple[np.ndarray, _RGB, _RGB, _RGB]:
+    """Per-patient intensities per channel (pre-contrast, FLAIR, post-contrast): tissues
+    (3 x 6), tumour, core (3 each) and the enhancing rim (post-contrast only)."""
+
     def lvl(a: float, b: float) -> float:
         return float(rng.uniform(a, b))
 
@@ -286,35 +339,42 @@ def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -
             [lvl(120, 190), lvl(10, 30), lvl(15, 35), lvl(95, 120), lvl(75, 95), lvl(15, 30)],
             [lvl(150, 200), lvl(15, 35), lvl(25, 45), lvl(85, 105), lvl(105, 125), lvl(20, 40)],
         ],
-        dtype=f32,
+        dtype=np.float32,
     )
     flair_t = float(levels[1, 3]) + lvl(30, 85)  # tumour above grey matter in FLAIR
     tum = (lvl(60, 85), flair_t, lvl(60, 85))
     core_l = (lvl(45, 65), flair_t + lvl(-40, 20), lvl(40, 60))
-    rim_l = lvl(180, 235)
+    return levels, tum, core_l, (0.0, 0.0, lvl(180, 235))
 
-    texture = _volume_waves(rng, x2, y2, z1, 4, (6.0, 14.0))
-    bias = 1.0 + 0.12 * _volume_waves(rng, x2, y2, z1, 2, (0.8, 2.0))
-    layers = np.stack([scalp, bone, csf_gap, gm, wm - vent, vent]).reshape(6, -1)
+
+def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -> PhantomCase:
+    """Render one phantom patient (all slices at once, as one 3D volume)."""
+    h = _head(rng, n_slices, size)
+    t = _tissues(rng, h)
+    tumour = _tumour(rng, h, t["brain"])
+    levels, tum, core_l, rim_l = _levels(rng)
+    texture = _volume_waves(rng, h.x2, h.y2, h.z1, 4, (6.0, 14.0))
+    bias = 1.0 + 0.12 * _volume_waves(rng, h.x2, h.y2, h.z1, 2, (0.8, 2.0))
+    names = ("scalp", "bone", "csf", "gm", "wm", "vent")
+    layers = np.stack([t[k] - t["vent"] if k == "wm" else t[k] for k in names]).reshape(6, -1)
     base = (levels @ layers).reshape(3, n_slices, size, size)
     base *= (1.0 + 0.06 * texture)[None]
-    _add_mimics(rng, base, wm, mask, xr, yr, ax, ay, (tx, ty, max(rx, ry)), flair_t)
-    noise_sd = lvl(3.0, 7.0)
-    noise_w = (0.3 + 0.7 * head) * noise_sd
+    _add_mimics(rng, base, t["wm"], tumour.mask, h.xr, h.yr, h.ax, h.ay, tumour.where, tum[1])
+    noise_w = (0.3 + 0.7 * t["head"]) * float(rng.uniform(3.0, 7.0))
     images = np.empty((n_slices, size, size, 3), dtype=np.uint8)
     for ch in range(3):
         img = base[ch]
-        sub = img[box]  # the tumour replaces the tissue under it
-        sub[:] = sub * (1.0 - t_box) + tum[ch] * t_box
-        sub[:] = sub * (1.0 - core) + core_l[ch] * core
+        sub = img[tumour.box]  # the tumour replaces the tissue under it
+        sub[:] = sub * (1.0 - tumour.t_box) + tum[ch] * tumour.t_box
+        sub[:] = sub * (1.0 - tumour.core) + core_l[ch] * tumour.core
         if ch == 2:
-            sub[:] = sub * (1.0 - rim) + rim_l * rim
+            sub[:] = sub * (1.0 - tumour.rim) + rim_l[ch] * tumour.rim
         img *= bias
-        img += rng.standard_normal(img.shape, dtype=f32) * noise_w
+        img += rng.standard_normal(img.shape, dtype=np.float32) * noise_w
         np.rint(img, out=img)
         np.clip(img, 0, 255, out=img)
         images[..., ch] = img
-    return PhantomCase(folder=folder, images=images, masks=mask)
+    return PhantomCase(folder=folder, images=images, masks=tumour.mask)
 
 
 def generate(
