@@ -146,7 +146,7 @@ def test_train_report_from_a_real_run_folder(train_run: Path) -> None:
         assert f'data-v="{float(r["val_dice_patient"])!r}"' in text
     best = max(rows, key=lambda r: float(r["val_dice_patient"]))
     assert f"{float(best['val_dice_patient']):.4f} at epoch {best['epoch']}" in text
-    assert "epochs done</th><td class=\"t\">2 of 2" in text
+    assert 'epochs done</th><td class="t">2 of 2' in text
     assert "image_size: 32" in text  # config.yaml, shown as text
     pngs = embedded_pngs(text)
     assert len(pngs) == 2  # curves + preview.png

@@ -14,7 +14,7 @@ import typer
 
 from brainseg import __version__
 from brainseg import console as con
-from brainseg.commands import cv, demo, download, evaluate, export, predict, split, train
+from brainseg.commands import cv, demo, download, evaluate, export, info, predict, split, train
 from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BrainsegError
 
 app = typer.Typer(
@@ -61,6 +61,7 @@ cv.register(app)
 evaluate.register(app)
 predict.register(app)
 export.register(app)
+info.register(app)
 demo.register(app)
 
 
