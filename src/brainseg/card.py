@@ -43,7 +43,7 @@ LIMITATIONS = [
     "Trained and measured on lower-grade gliomas (TCGA-LGG, 5 institutions); other tumour "
     "types, scanners, protocols or populations are out of scope and unmeasured.",
     "Needs the three contrasts co-registered and in the order pre-contrast, FLAIR, "
-    "post-contrast; a missing contrast must be replaced by FLAIR as in the dataset.",
+    "post-contrast, as in the kaggle_3m layout; another order or contrast is unmeasured.",
     "2D slice model: it segments slice by slice; 3D consistency only via post-processing.",
     "The segmented region is the FLAIR abnormality (tumour and oedema), not the tumour core.",
     "Metrics come from few patients: read their protocol and spread before comparing.",
