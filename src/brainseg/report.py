@@ -241,6 +241,7 @@ table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 img{max-width:100%;height:auto;display:block;margin:.5rem 0}
 pre{background:#f6f6f8;padding:.75rem;overflow:auto;font-size:.8rem}
 .note{color:#555;font-size:.85rem}
+.wide{overflow-x:auto}
 """
 
 _JS = """
@@ -377,8 +378,8 @@ def sortable_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], ta
         for r in rows
     )
     return (
-        f'<table class="sortable" id="{esc(table_id)}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{body}</tbody></table>"
+        f'<div class="wide"><table class="sortable" id="{esc(table_id)}"><thead><tr>{head}'
+        f"</tr></thead><tbody>{body}</tbody></table></div>"
     )
 
 
