@@ -220,7 +220,13 @@ def test_run_eval_and_write_run_with_a_standin_predictor(
 
     files = ev.write_run(res, tmp_path / "run")
     names = sorted(p.name for p in files)
-    assert names == ["dice_per_patient.png", "per_patient.csv", "per_slice.csv", "summary.json"]
+    assert names == [
+        "dice_per_patient.png",
+        "per_patient.csv",
+        "per_slice.csv",
+        "report.html",
+        "summary.json",
+    ]
     assert (tmp_path / "run" / "dice_per_patient.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["counts"]["slices"] == len(res.report.per_slice)
@@ -349,6 +355,7 @@ def test_cli_eval_writes_the_run_folder(
         "dice_per_patient.png",
         "per_patient.csv",
         "per_slice.csv",
+        "report.html",
         "summary.json",
     ]
     assert not any((project / "exp").iterdir())

@@ -20,6 +20,7 @@ from brainseg.commands import (
     download,
     evaluate,
     export,
+    info,
     predict,
     score,
     split,
@@ -71,6 +72,7 @@ cv.register(app)
 evaluate.register(app)
 predict.register(app)
 export.register(app)
+info.register(app)
 demo.register(app)
 score.register(app)
 

@@ -132,6 +132,7 @@ class OOF:
     slice_number: np.ndarray  # N
     fold: np.ndarray  # N, the fold whose model predicted the slice
     patient_ids: list[str]
+    rows: np.ndarray | None = None  # N, the dataset rows (for report.html's montages)
 
 
 @dataclass
@@ -476,6 +477,7 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
         slice_number=np.asarray(ds.slice_number[rows_all]),
         fold=fold_of[rows_all],
         patient_ids=list(ds.patient_ids),
+        rows=rows_all,
     )
     return oof, len(test)
 
@@ -685,9 +687,10 @@ def run_cv(opts: CVOptions) -> CVResult:
 
 # =============================================================================== outputs
 def write_cv(result: CVResult) -> list[Path]:
-    """cv_summary.json, per_patient.csv, oof_masks.npz and ensemble.json in the cv folder."""
+    """cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json, report.html."""
     from brainseg.ensemble import MANIFEST_NAME, write_ensemble
     from brainseg.evaluation import json_safe, rows_to_csv
+    from brainseg.report import write_cv_report
 
     d = result.plan.cv_dir
     cols = PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])
@@ -716,6 +719,7 @@ def write_cv(result: CVResult) -> list[Path]:
             info,
         )
     )
+    files.append(write_cv_report(result))
     result.summary["files"] = [p.name for p in files] + ["cv_summary.json"]
     text = json.dumps(json_safe(result.summary), indent=2, allow_nan=False) + "\n"
     files.append(atomic_write_text(d / "cv_summary.json", text))

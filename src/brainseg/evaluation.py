@@ -129,6 +129,8 @@ class EvalResult:
     tune: TuneResult | None = None
     run_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
+    #: The worst and median patients' slices for report.html (see brainseg.report).
+    cases: list[Any] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -400,6 +402,11 @@ def run_eval(
     t_metrics = time.perf_counter() - t1
 
     tuned = tune(prob, gt, pidx, snum, settings) if opts.tune else None
+    from brainseg.report import pick_cases
+
+    cases = pick_cases(
+        report.per_patient, data.images, rows, gt, mask, pidx, snum, list(data.patient_ids)
+    )
 
     summary: dict[str, Any] = {
         "brainseg_version": _version(),
@@ -422,7 +429,7 @@ def run_eval(
         "tune": tuned.as_dict() if tuned else None,
         "timing_s": {"predict": round(t_pred, 3), "metrics": round(t_metrics, 3)},
     }
-    return EvalResult(report=report, summary=summary, settings=settings, tune=tuned)
+    return EvalResult(report=report, summary=summary, settings=settings, tune=tuned, cases=cases)
 
 
 def _measured_at(size: Sequence[int], model_size: tuple[int, int] | None) -> dict[str, Any]:
@@ -521,51 +528,17 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def plot_dice(dice: Sequence[float] | np.ndarray, path: Path, title: str = "") -> Path:
-    """A strip + box plot and a histogram of the per-patient Dice, as a PNG."""
-    import matplotlib
+    """A strip + box plot and a histogram of the per-patient Dice, as a PNG file."""
+    from brainseg.fsutil import atomic_write_bytes
+    from brainseg.report import dice_plot_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    v = np.asarray(dice, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1, 2]})
-    try:
-        if v.size:
-            ax1.boxplot(v, widths=0.5, showfliers=False)
-            jitter = np.random.default_rng(0).uniform(-0.12, 0.12, v.size)
-            ax1.scatter(1 + jitter, v, s=14, alpha=0.7, color="tab:blue", zorder=3)
-            ax1.axhline(v.mean(), color="tab:red", lw=1, ls="--")
-            ax2.hist(v, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-            ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax2.axvline(v.mean(), color="tab:red", lw=1, ls="--", label=f"mean {v.mean():.3f}")
-            ax2.axvline(
-                float(np.median(v)),
-                color="tab:green",
-                lw=1,
-                ls=":",
-                label=f"median {np.median(v):.3f}",
-            )
-            ax2.legend(loc="best", fontsize=8, framealpha=0.9)
-        ax1.set_ylim(-0.02, 1.02)
-        ax1.set_xticks([1], ["patients"])
-        ax1.set_ylabel("Dice")
-        ax2.set_xlim(0, 1)
-        ax2.set_xlabel("per-patient Dice")
-        ax2.set_ylabel("patients")
-        stats = f": mean {v.mean():.3f}, median {np.median(v):.3f}" if v.size else ""
-        fig.suptitle(title or f"Per-patient Dice ({v.size} patients){stats}")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return atomic_write_bytes(path, dice_plot_png(dice, title))
 
 
 def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
-    """Write summary.json, per_patient.csv, per_slice.csv and dice_per_patient.png."""
+    """Write summary.json, per_patient.csv, per_slice.csv, dice_per_patient.png, report.html."""
+    from brainseg.report import REPORT_NAME, write_eval_report
+
     run_dir.mkdir(parents=True, exist_ok=True)
     result.run_dir = run_dir
     result.summary["run_dir"] = str(run_dir)
@@ -578,7 +551,10 @@ def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
         ),
         plot_dice(result.report.column("per_patient", "dice"), run_dir / "dice_per_patient.png"),
     ]
-    result.summary["files"] = [p.name for p in [*files, run_dir / "summary.json"]]
+    result.summary["files"] = [
+        p.name for p in [*files, run_dir / REPORT_NAME, run_dir / "summary.json"]
+    ]
+    files.append(write_eval_report(result, run_dir))
     files.append(atomic_write_text(run_dir / "summary.json", summary_json(result.summary)))
     result.files = files
     return files

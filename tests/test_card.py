@@ -1,0 +1,175 @@
+"""Model cards: built from real checkpoint metadata, read back from .safetensors and .onnx.
+
+`brainseg info MODEL` prints the card (a table, or --json) for both file types; reading an
+ONNX file (or a checkpoint) never imports torch (checked in a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _tiny import tiny_onnx
+from conftest import run_cli
+
+from brainseg import card as mc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 2-epoch run of the real train on 4 phantom patients (best/last.safetensors)."""
+    from brainseg.config import TrainConfig
+    from brainseg.data.split import load_split, make_split, save_split
+    from brainseg.data.synthetic import write_synthetic
+    from brainseg.train import train
+
+    d = tmp_path_factory.mktemp("cardrun")
+    root = write_synthetic(d / "data", patients=4, seed=3, size=64, slices=(8, 10))
+    ids = sorted(p.name for p in root.iterdir() if p.is_dir())
+    save_split(make_split({p: 1.0 for p in ids}, val_fraction=0.25, seed=0), d / "split.yaml")
+    cfg = TrainConfig(data=str(root), split=str(d / "split.yaml"), image_size=32,
+                      encoder_weights="none", decoder_channels=[8, 8, 8, 8, 8], batch_size=4,
+                      steps_per_epoch=1, epochs=2, project=str(d / "runs"), quiet=True,
+                      preview_slices=0, device="cpu", lr=3e-4)  # fmt: skip
+    run = Path(train(cfg))
+    with (run / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {"run": run, "rows": rows, "split": load_split(d / "split.yaml"), "dir": d}
+
+
+def onnx_with_metadata(path: Path, meta: dict[str, Any]) -> Path:
+    """A tiny ONNX graph carrying ``meta`` exactly as `brainseg export` writes it."""
+    import onnx
+
+    from brainseg.export import set_metadata
+
+    model = onnx.load(str(tiny_onnx(path)))
+    set_metadata(model, meta, "fp32", 17, "best.safetensors")
+    onnx.save(model, str(path))
+    return path
+
+
+def info_json(path: Path) -> dict[str, Any]:
+    r = run_cli(["info", path, "--json"])
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def test_card_of_a_real_checkpoint(trained: dict[str, Any]) -> None:
+    run, rows = trained["run"], trained["rows"]
+    card = info_json(run / "best.safetensors")
+    best = max(rows, key=lambda r: float(r["val_dice_patient"]))
+    # metrics of the checkpoint, with their protocol
+    assert card["eval_metrics"]["val_dice_patient"] == pytest.approx(
+        float(best["val_dice_patient"])
+    )
+    assert card["eval_metrics"]["val_loss"] == pytest.approx(float(best["val_loss"]))
+    proto = card["eval_protocol"]
+    assert proto["checkpoint"].startswith(f"best: the epoch ({best['epoch']})")
+    assert proto["protocol"] == "single split" and "validation patients" in proto["patients"]
+    assert proto["measured_at"] == "the training image size 32" and proto["threshold"] == 0.5
+    # intended use and its limits, the three contrasts in order
+    assert "Research use only" in card["intended_use"]
+    assert "Not a medical device" in card["intended_use"]
+    assert "lower-grade glioma" in card["intended_use"]
+    assert card["network_data_format"]["inputs"]["image"]["channel_def"] == {
+        "0": "pre-contrast", "1": "FLAIR", "2": "post-contrast"
+    }  # fmt: skip
+    assert "pre-contrast, FLAIR, post-contrast" in card["image_classes"]
+    # recipe, data, preprocessing, licence, version
+    assert card["training"]["recipe"]["lr"] == pytest.approx(3e-4)
+    assert card["training"]["recipe"]["epochs"] == 2
+    assert card["training"]["data_folder"] == "kaggle_3m"
+    assert card["training"]["split"]["dataset_hash"] == trained["split"].dataset_hash
+    assert card["preprocessing"]["threshold"] == 0.5 and card["preprocessing"]["postprocess"]
+    assert card["license"]["software"].startswith("AGPL-3.0")
+    from brainseg import __version__
+
+    assert card["brainseg_version"] == __version__
+    assert "MONAI bundle metadata.json" in card["convention"]
+    # last.safetensors: the final epoch
+    last = info_json(run / "last.safetensors")
+    assert last["eval_protocol"]["checkpoint"] == "last: the final checkpoint (epoch 2)"
+    assert last["eval_metrics"]["val_dice_patient"] == pytest.approx(
+        float(rows[-1]["val_dice_patient"])
+    )
+
+
+def test_stored_card_survives_onnx_and_wins(trained: dict[str, Any], tmp_path: Path) -> None:
+    from brainseg.checkpoint import copy_with_metadata, read_metadata
+
+    run, split = trained["run"], trained["split"]
+    meta = read_metadata(run / "best.safetensors")
+    carded = mc.with_card(meta, selection="best", split=mc.split_summary(split))
+    ckpt = copy_with_metadata(run / "best.safetensors", tmp_path / "carded.safetensors",
+                              {mc.CARD_KEY: carded[mc.CARD_KEY]})  # fmt: skip
+    val_ids = sorted(split.patients("val"))
+    from_ckpt = info_json(ckpt)
+    assert from_ckpt["eval_protocol"]["val_patient_ids"] == val_ids
+    assert from_ckpt["training"]["split"]["val_patients"] == len(val_ids)
+    # the same card from an ONNX file written the way export writes it
+    onnx_path = onnx_with_metadata(tmp_path / "model.onnx", read_metadata(ckpt))
+    from_onnx = info_json(onnx_path)
+    assert from_onnx["eval_protocol"] == from_ckpt["eval_protocol"]
+    assert from_onnx["eval_metrics"] == from_ckpt["eval_metrics"]
+    assert from_onnx["onnx"] == {"variant": "fp32", "opset": 17, "source": "best.safetensors"}
+    # a tuned threshold in the metadata wins over the one the card was written with
+    tuned = copy_with_metadata(ckpt, tmp_path / "tuned.safetensors", {"threshold": 0.35})
+    assert info_json(tuned)["preprocessing"]["threshold"] == 0.35
+
+
+def test_info_table_and_markdown(trained: dict[str, Any], tmp_path: Path) -> None:
+    path = trained["run"] / "best.safetensors"
+    r = run_cli(["info", path])
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    for text in ("intended use", "Research use only", "recipe", "val_dice_patient",
+                 "pre-contrast", "AGPL-3.0", "checkpoint"):  # fmt: skip
+        assert text in out, text
+    md = mc.card_markdown(mc.read_card(path))
+    assert md.startswith("# brainseg UNet-VGG16")
+    assert "## Protocol" in md and "## Limits" in md and "## License" in md
+    assert "**val_dice_patient**:" in md and "> Research use only" in md
+    written = mc.write_card_markdown(mc.read_card(path), tmp_path / "card.md")
+    assert written.read_text(encoding="utf-8") == md
+
+
+@pytest.mark.parametrize("kind", ["onnx", "safetensors"])
+def test_info_does_not_import_torch(kind: str, trained: dict[str, Any], tmp_path: Path) -> None:
+    if kind == "onnx":
+        from brainseg.checkpoint import read_metadata
+
+        path = onnx_with_metadata(
+            tmp_path / "m.onnx", read_metadata(trained["run"] / "best.safetensors")
+        )
+    else:
+        path = trained["run"] / "best.safetensors"
+    code = (
+        "import sys\n"
+        "from brainseg.cli import main\n"
+        f"main(['info', {str(path)!r}, '--json'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'onnxruntime' not in sys.modules, 'onnxruntime was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["task"].startswith("Lower-grade glioma")
+
+
+def test_info_errors_are_one_line(tmp_path: Path) -> None:
+    r = run_cli(["info", tmp_path / "missing.onnx"])
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "w.pt").write_bytes(b"x")
+    r = run_cli(["info", tmp_path / "w.pt"])
+    assert r.returncode == 2 and "not a model file" in r.stderr
+    (tmp_path / "broken.onnx").write_bytes(b"\x00garbage")
+    r = run_cli(["info", tmp_path / "broken.onnx"])
+    assert r.returncode == 2 and "broken.onnx" in r.stderr and "Traceback" not in r.stderr
+    foreign = tiny_onnx(tmp_path / "foreign.onnx")  # brainseg blob without a card: rebuilt
+    card = info_json(foreign)
+    assert card["preprocessing"]["threshold"] == 0.5 and card["eval_metrics"] == {}
