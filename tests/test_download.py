@@ -843,3 +843,13 @@ def test_cli_vgg16_from_file_with_wrong_hash(tmp_path: Path) -> None:
     assert not hub_dir().exists() or not list(hub_dir().iterdir())
     with pytest.raises(BrainsegError, match=r"vgg16_bn-6c64b313\.pth must start with 6c64b313"):
         dl.download_vgg16(bn=True, from_file=wrong)
+
+
+def test_from_file_that_is_missing_is_reported_before_the_destination(tmp_path: Path) -> None:
+    """The input is checked first: an existing DEST/kaggle_3m is not the error to show."""
+    (tmp_path / "data" / "kaggle_3m").mkdir(parents=True)
+    missing = tmp_path / "missing.zip"
+    r = cli(["download", "lgg", "--dest", tmp_path / "data", "--from-file", missing])
+    assert r.returncode == 2
+    assert f"--from-file {missing} does not exist" in r.stderr
+    assert "already exists" not in r.stderr
