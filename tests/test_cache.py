@@ -143,7 +143,8 @@ def test_changed_file_rebuilds(root: Path, tmp_path: Path, change: str) -> None:
 
 
 def test_skip_bad_is_part_of_the_key(root: Path, tmp_path: Path) -> None:
-    b = cache.load_dataset(root, cache_dir=tmp_path / "c", skip_bad=True)
+    other = make_dataset(tmp_path / "other", {"PX": 2})
+    b = cache.load_dataset(other, cache_dir=tmp_path / "c")
     a = cache.load_dataset(root, cache_dir=tmp_path / "c")
     assert a.key != b.key and len(_cache_dirs(tmp_path / "c")) == 2
     # a clean dataset cached without skip_bad is reused with skip_bad (nothing to skip)
@@ -338,3 +339,41 @@ def test_odd_size_first_slice(tmp_path: Path) -> None:
     for i, s in enumerate(ds.slices[1:]):
         np.testing.assert_array_equal(data.images[i], lgg.read_slice(s)[0].transpose(2, 0, 1))
         np.testing.assert_array_equal(data.masks[i], lgg.read_slice(s)[1])
+
+
+def test_cache_command_lists_with_sizes_and_clears(root: Path, tmp_path: Path) -> None:
+    """`brainseg cache list` shows each cache with its dataset and disk use; `clear KEY`
+    removes that one, `clear --all` the rest; neither or both is a usage error."""
+    import json
+
+    from conftest import run_cli
+
+    env = {"BRAINSEG_CACHE_DIR": str(tmp_path / "c")}
+    a = cache.load_dataset(root, cache_dir=tmp_path / "c")
+    other = make_dataset(tmp_path / "other", {"PX": 2})
+    b = cache.load_dataset(other, cache_dir=tmp_path / "c")
+    assert a.path is not None and b.path is not None
+    r = run_cli(["cache", "list", "--json"], env=env)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    on_disk = {
+        d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in (a.path, b.path)
+    }
+    assert {c["key"]: c["bytes"] for c in listed["caches"]} == on_disk
+    assert listed["bytes"] == sum(on_disk.values())
+    assert {c["dataset"] for c in listed["caches"]} == {str(root.resolve()), str(other.resolve())}
+    r = run_cli(["cache", "list"], env=env)
+    assert "2 dataset cache(s)" in r.stdout and a.path.name[:12] in r.stdout
+
+    r = run_cli(["cache", "clear", a.path.name[:8]], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "removed 1 dataset cache(s)" in r.stdout
+    assert not a.path.exists() and b.path.exists()
+    r = run_cli(["cache", "clear", "ffff0000"], env=env)
+    assert r.returncode == 2 and "no dataset cache with key 'ffff0000'" in r.stderr
+    r = run_cli(["cache", "clear"], env=env)
+    assert r.returncode == 2 and "give a KEY or --all" in r.stderr
+    r = run_cli(["cache", "clear", "--all", "--json"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["removed"] == [b.path.name]
+    assert _cache_dirs(tmp_path / "c") == []

@@ -473,6 +473,86 @@ def clean_stale(root: Path) -> list[Path]:
     return removed
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One dataset cache on disk, as ``brainseg cache list`` shows it."""
+
+    key: str  # the folder name (first 32 hex digits of the content key)
+    path: Path
+    root: str  # the dataset folder it was last built or found for
+    slices: int
+    patients: int
+    size: tuple[int, int]
+    bytes: int
+    created: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "path": str(self.path),
+            "dataset": self.root,
+            "slices": self.slices,
+            "patients": self.patients,
+            "size": list(self.size),
+            "bytes": self.bytes,
+            "created": self.created,
+        }
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for f in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if f.is_file() and not f.is_symlink():
+                total += f.stat().st_size
+    return total
+
+
+def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[CacheEntry]:
+    """Every finished dataset cache (temporary build folders are not listed), oldest first."""
+    root = cache_root(cache_dir)
+    out: list[CacheEntry] = []
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        meta = _read_meta(d)
+        size = meta.get("size") or [0, 0]
+        out.append(
+            CacheEntry(
+                key=d.name,
+                path=d,
+                root=str(meta.get("root", "?")),
+                slices=int(meta.get("slices", 0)),
+                patients=len(meta.get("patient_ids", [])),
+                size=(int(size[0]), int(size[1])),
+                bytes=_folder_bytes(d),
+                created=str(meta.get("created", "")),
+            )
+        )
+    return sorted(out, key=lambda e: (e.created, e.key))
+
+
+def remove_cache(key: str, cache_dir: str | os.PathLike[str] | None = None) -> CacheEntry:
+    """Delete the one cache whose key starts with ``key`` (at least 4 hex digits)."""
+    entries = list_caches(cache_dir)
+    found = [e for e in entries if len(key) >= 4 and e.key.startswith(key.lower())]
+    listed = "`brainseg cache list` shows the keys"
+    if not found:
+        raise BrainsegError(
+            f"no dataset cache with key {key!r} in {cache_root(cache_dir)}",
+            hint=f"{listed} (give at least 4 of its first hex digits), or use --all",
+        )
+    if len(found) > 1:
+        raise BrainsegError(
+            f"key {key!r} matches {len(found)} caches: {', '.join(e.key for e in found)}",
+            hint="give more digits of the key",
+        )
+    shutil.rmtree(found[0].path, ignore_errors=True)
+    return found[0]
+
+
 def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
     """Delete every dataset cache (they are rebuilt on demand); returns how many."""
     root = cache_root(cache_dir)
