@@ -37,7 +37,7 @@ from typing import IO, Any
 
 from brainseg import __version__
 from brainseg import console as con
-from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.fsutil import atomic_write_text, check_free_space, fmt_bytes
 
 KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
@@ -109,7 +109,9 @@ def kaggle_credentials() -> KaggleCredentials | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise BrainsegError(f"cannot read Kaggle credentials from {path}: {exc}", hint) from exc
+        raise BrainsegError(
+            f"cannot read Kaggle credentials from {path}: {first_line(exc)}", hint
+        ) from exc
     if not (
         isinstance(data, dict)
         and isinstance(data.get("username"), str)
