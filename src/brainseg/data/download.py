@@ -10,6 +10,7 @@ imported inside the functions that need them), so the command module can import 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,7 +31,6 @@ from brainseg.data.extract import (
     safe_extract_zip,
 )
 from brainseg.data.http import (
-    _HEX,
     DEFAULT_BACKOFF,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
@@ -81,6 +81,7 @@ __all__ = [
 
 LGG_ARCHIVE_NAME = "lgg-mri-segmentation.zip"
 LAYOUT_NAME = "kaggle_3m"
+_HEX = re.compile(r"^[0-9a-f]+$")
 
 
 def find_layout_root(folder: Path) -> Path | None:
