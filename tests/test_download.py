@@ -747,13 +747,29 @@ def _fake_vgg16_file(folder: Path) -> tuple[Path, dict[str, Any]]:
     return named, sd
 
 
+def fake_weights(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Make brainseg.model name these weights (URL and hub file name) for VGG16 and VGG16-BN."""
+    import types
+
+    import brainseg.model
+
+    monkeypatch.setattr(
+        brainseg.model, "_weights_enum", lambda enc="vgg16": types.SimpleNamespace(url=url)
+    )
+
+
+def hub_dir() -> Path:
+    """torch.hub's checkpoint folder, where the weights are installed."""
+    from brainseg.model import imagenet_weights_path
+
+    return imagenet_weights_path("vgg16").parent
+
+
 @pytest.fixture
 def fake_vgg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, Any]]:
     """The fake file, and torchvision's expected URL monkeypatched to carry its name."""
     path, sd = _fake_vgg16_file(tmp_path)
-    monkeypatch.setattr(
-        dl, "vgg16_weights_url", lambda bn=False: f"https://download.pytorch.org/models/{path.name}"
-    )
+    fake_weights(monkeypatch, f"https://download.pytorch.org/models/{path.name}")
     return path, sd
 
 
@@ -796,7 +812,7 @@ def test_vgg16_mirror_download_is_hash_checked(server: Server, fake_vgg: tuple[P
     server.files["/bad.pth"] = b"not the weights"
     with pytest.raises(BrainsegRuntimeError, match="checksum mismatch"):
         dl.download_vgg16(url=server.url("/bad.pth"), retries=0, backoff=0)
-    assert not dl.hub_checkpoint_dir().exists() or not list(dl.hub_checkpoint_dir().iterdir())
+    assert not hub_dir().exists() or not list(hub_dir().iterdir())
 
     server.files["/w.pth"] = src.read_bytes()
     target = dl.download_vgg16(url=server.url("/w.pth"), retries=0, backoff=0)
@@ -811,14 +827,10 @@ def test_vgg16_file_that_is_not_a_state_dict_is_refused(
 
     junk = tmp_path / "junk"
     torch.save({"weight": torch.zeros(3)}, junk)  # loads safely, right hash, wrong content
-    monkeypatch.setattr(
-        dl,
-        "vgg16_weights_url",
-        lambda bn=False: f"https://x/vgg16-{sha(junk.read_bytes())[:8]}.pth",
-    )
+    fake_weights(monkeypatch, f"https://x/vgg16-{sha(junk.read_bytes())[:8]}.pth")
     with pytest.raises(BrainsegError, match="holds no VGG16 'features"):
         dl.download_vgg16(from_file=junk)
-    assert not dl.hub_checkpoint_dir().exists() or not list(dl.hub_checkpoint_dir().iterdir())
+    assert not hub_dir().exists() or not list(hub_dir().iterdir())
 
 
 def test_cli_vgg16_from_file_with_wrong_hash(tmp_path: Path) -> None:
@@ -828,6 +840,16 @@ def test_cli_vgg16_from_file_with_wrong_hash(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "must start with 397923af" in r.stderr
     assert "Traceback" not in r.stderr
-    assert not dl.hub_checkpoint_dir().exists() or not list(dl.hub_checkpoint_dir().iterdir())
+    assert not hub_dir().exists() or not list(hub_dir().iterdir())
     with pytest.raises(BrainsegError, match=r"vgg16_bn-6c64b313\.pth must start with 6c64b313"):
         dl.download_vgg16(bn=True, from_file=wrong)
+
+
+def test_from_file_that_is_missing_is_reported_before_the_destination(tmp_path: Path) -> None:
+    """The input is checked first: an existing DEST/kaggle_3m is not the error to show."""
+    (tmp_path / "data" / "kaggle_3m").mkdir(parents=True)
+    missing = tmp_path / "missing.zip"
+    r = cli(["download", "lgg", "--dest", tmp_path / "data", "--from-file", missing])
+    assert r.returncode == 2
+    assert f"--from-file {missing} does not exist" in r.stderr
+    assert "already exists" not in r.stderr

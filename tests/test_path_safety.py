@@ -56,13 +56,62 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def _inside(dest: Path, sandbox: Path) -> None:
-    """Everything created is below ``dest``; nothing appeared elsewhere in ``sandbox``."""
-    real = os.path.realpath(dest)
-    for p in dest.rglob("*"):
-        assert os.path.realpath(p).startswith(real + os.sep), p
-        assert not p.is_symlink(), p
-    assert sorted(x.name for x in sandbox.iterdir()) == ["archive", "dest"]
+#: Deep enough that any chain of ``..`` a generated name can hold (5 parts, ``..\\..`` counts
+#: twice) still lands inside the sandbox, where the snapshot sees it.
+_DEPTH = 12
+_ABSOLUTE = [Path("/etc/x"), Path("/x"), Path("/tmp/evil")]
+
+
+def _sandbox(base: Path) -> tuple[Path, Path]:
+    """``(sandbox, dest)``: dest buried ``_DEPTH`` folders deep, with bystander files around."""
+    sandbox = base / "sandbox"
+    deep = sandbox.joinpath(*[f"l{i}" for i in range(_DEPTH)])
+    deep.mkdir(parents=True)
+    for i, folder in enumerate([sandbox, deep, deep.parent]):
+        (folder / f"bystander{i}").write_bytes(b"untouched")
+    return sandbox, deep / "dest"
+
+
+def _snapshot(sandbox: Path, dest: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under ``sandbox`` outside ``dest``: kind, size, content hash, mtime."""
+    import hashlib
+
+    out: dict[str, tuple[object, ...]] = {}
+    for p in sorted(sandbox.rglob("*")):
+        if p == dest or dest in p.parents:
+            continue
+        st_ = p.lstat()
+        data = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        mtime = st_.st_mtime_ns if p.is_file() else None  # a folder's changes as dest appears
+        out[str(p.relative_to(sandbox))] = (stat.S_IFMT(st_.st_mode), st_.st_size, data, mtime)
+    return out
+
+
+def _extract_in_sandbox(archive_bytes: bytes, base: Path) -> tuple[Path, BaseException | None]:
+    """Run safe_extract with cwd inside the sandbox; assert nothing outside dest changed,
+    whether it raised or not. Returns ``(dest, the BrainsegError or None)``."""
+    sandbox, dest = _sandbox(base)
+    archive = sandbox / "archive"
+    archive.write_bytes(archive_bytes)
+    before = _snapshot(sandbox, dest)
+    absent = [p for p in _ABSOLUTE if not p.exists()]
+    cwd = os.getcwd()
+    err: BaseException | None = None
+    try:
+        os.chdir(dest.parent)  # a name written relative to the cwd would land in the sandbox
+        safe_extract(archive, dest)
+    except BrainsegError as exc:
+        err = exc
+    finally:
+        os.chdir(cwd)
+    assert _snapshot(sandbox, dest) == before  # on both paths: no byte outside dest
+    assert [p for p in absent if p.exists()] == []  # and no absolute path was written
+    if dest.exists():
+        real = os.path.realpath(dest)
+        for p in dest.rglob("*"):
+            assert os.path.realpath(p).startswith(real + os.sep), p
+            assert not p.is_symlink(), p
+    return dest, err
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")
@@ -80,8 +129,7 @@ def _inside(dest: Path, sandbox: Path) -> None:
 def test_archive_members_never_land_outside(
     tmp_path_factory: pytest.TempPathFactory, names: list[str], kinds: list[str], tar: bool
 ) -> None:
-    sandbox = tmp_path_factory.mktemp("x")
-    archive, dest = sandbox / "archive", sandbox / "dest"
+    base = tmp_path_factory.mktemp("x")
     kinds = kinds + ["file"] * (len(names) - len(kinds))
     if tar:
         tkind = {
@@ -91,7 +139,7 @@ def test_archive_members_never_land_outside(
             "fifo": tarfile.FIFOTYPE,
             "hardlink": tarfile.LNKTYPE,
         }
-        archive.write_bytes(_tar([(n, tkind[k]) for n, k in zip(names, kinds, strict=False)]))
+        data = _tar([(n, tkind[k]) for n, k in zip(names, kinds, strict=False)])
     else:
         zmode = {
             "file": stat.S_IFREG | 0o644,
@@ -100,15 +148,10 @@ def test_archive_members_never_land_outside(
             "fifo": stat.S_IFIFO | 0o644,
             "hardlink": None,
         }
-        archive.write_bytes(_zip([(n, zmode[k]) for n, k in zip(names, kinds, strict=False)]))
-    try:
-        with time_limit(30):
-            safe_extract(archive, dest)
-        count_case("safe_extract: hostile member names and types", "ok")
-    except BrainsegError:
-        count_case("safe_extract: hostile member names and types", "error")
-    if dest.exists():
-        _inside(dest, sandbox)
+        data = _zip([(n, zmode[k]) for n, k in zip(names, kinds, strict=False)])
+    with time_limit(30):
+        _dest, err = _extract_in_sandbox(data, base)
+    count_case("safe_extract: hostile member names and types", "error" if err else "ok")
 
 
 def test_each_kind_of_escape_is_refused_before_anything_is_written(tmp_path: Path) -> None:
@@ -123,12 +166,9 @@ def test_each_kind_of_escape_is_refused_before_anything_is_written(tmp_path: Pat
         "tar device": _tar([("ok.txt", tarfile.REGTYPE), ("dev", tarfile.CHRTYPE)]),
     }
     for case, data in cases.items():
-        archive, dest = tmp_path / case / "archive", tmp_path / case / "dest"
-        archive.parent.mkdir()
-        archive.write_bytes(data)
-        with pytest.raises(BrainsegError, match="unsafe archive") as info:
-            safe_extract(archive, dest)
-        assert "nothing was extracted" in info.value.message, case
+        dest, err = _extract_in_sandbox(data, tmp_path / case)
+        assert isinstance(err, BrainsegError) and "unsafe archive" in err.message, case
+        assert "nothing was extracted" in err.message, case
         assert not dest.exists() or not any(dest.iterdir()), case  # not even ok.txt
 
 

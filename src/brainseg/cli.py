@@ -6,15 +6,20 @@ Only typer, rich and the standard library are imported here: ``brainseg --help``
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
 from brainseg import __version__
 from brainseg import console as con
 from brainseg.commands import (
+    cache,
     cv,
     demo,
     download,
@@ -26,7 +31,7 @@ from brainseg.commands import (
     split,
     train,
 )
-from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BrainsegError
+from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, BrainsegError, first_line
 
 app = typer.Typer(
     name="brainseg",
@@ -37,6 +42,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
+)
+
+
+QUIET_HELP = (
+    "No progress bars or status lines; results (tables, JSON), warnings and errors are "
+    "still shown. Also accepted after the subcommand."
 )
 
 
@@ -57,9 +68,7 @@ def _root(
         help="Print the version and exit.",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="No progress bars or status lines (errors still shown)."
-    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Brain tumor segmentation in MRI (UNet with a VGG16 encoder), from data to ONNX."""
     con.configure(quiet=quiet, debug=debug or bool(os.environ.get("BRAINSEG_DEBUG")))
@@ -75,6 +84,75 @@ export.register(app)
 info.register(app)
 demo.register(app)
 score.register(app)
+cache.register(app)
+
+
+def _with_quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a ``--quiet / -q`` option of its own (the global one, after the command)."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
+        if quiet:
+            con.configure(quiet=True)
+        return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn, eval_str=True)
+    extra = inspect.Parameter(
+        "quiet",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+        annotation=bool,
+    )
+    command.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[*sig.parameters.values(), extra]
+    )
+    command.__annotations__ = {**fn.__annotations__, "quiet": bool}
+    return command
+
+
+def _quiet_everywhere(group: typer.Typer) -> None:
+    """Give every subcommand ``-q``, so ``brainseg CMD -q`` works like ``brainseg -q CMD``."""
+    for command_info in group.registered_commands:
+        callback = command_info.callback
+        if callback is not None and "quiet" not in inspect.signature(callback).parameters:
+            command_info.callback = _with_quiet(callback)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _quiet_everywhere(sub.typer_instance)
+
+
+def _flags_without_placeholder() -> None:
+    """Help shows ``--force``, not ``--force <bool>``: a flag takes no value (``--force true``
+    is refused), so the type column stays empty for every flag of every command."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_quiet_everywhere(app)
+_flags_without_placeholder()
+
+
+def _usage_error(exc: Exception) -> None:
+    """Click's usage errors (unknown option, missing argument, bad value) in the house style:
+    one ``error:`` line and a ``hint:``, exit 2. "No arguments" still prints the help."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "NoArgsIsHelpError" in names:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(EXIT_USAGE)
+    text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = first_line(Exception(text)) if text.strip() else type(exc).__name__
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "brainseg"
+    con.error(message, f"`{where} --help` lists the arguments and options")
+    sys.exit(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,14 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click usage errors: exit 2
+        if any(c.__name__ == "UsageError" for c in type(exc).__mro__):
+            _usage_error(exc)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # other click errors
             exc.show()
             sys.exit(exc.exit_code)
         # A bug, not the user's fault: one line unless --debug.
         if con.state.debug:
             traceback.print_exc()
         con.error(
-            f"internal error: {type(exc).__name__}: {exc}",
+            f"internal error: {type(exc).__name__}: {first_line(exc)}",
             "run again with --debug for the traceback and report it",
         )
         sys.exit(EXIT_RUNTIME)

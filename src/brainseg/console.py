@@ -70,9 +70,10 @@ def error(message: str, hint: str | None = None) -> None:
 
 
 def result(renderable: Any) -> None:
-    """A human-readable result (usually a table): stdout, or stderr in --json mode."""
-    if state.quiet:
-        return
+    """A human-readable result (usually a table): stdout, or stderr in --json mode.
+
+    Shown even with --quiet: quiet hides progress and status lines, never the result.
+    """
     (err if state.json else out).print(renderable)
 
 

@@ -190,3 +190,25 @@ def next_run_dir(
             return cand
         except FileExistsError:
             n += 1
+
+
+def fmt_bytes(n: int | float) -> str:
+    """``1536`` -> ``1.5 KiB``: sizes in messages (binary units, one decimal)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse up front (exit 1) when ``folder``'s file system has less than ``needed`` bytes."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if needed > free:
+        raise BrainsegRuntimeError(
+            f"not enough disk space in {folder} for {what}: needs {fmt_bytes(needed)}, "
+            f"{fmt_bytes(free)} free",
+            hint="free some space or choose another --dest",
+        )

@@ -10,12 +10,13 @@ import hashlib
 import io
 import re
 import signal
+import socket
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ class Hostile:
     ranges: list[int] = field(default_factory=list)  # the Range start of every request
     lock: threading.Lock = field(default_factory=threading.Lock)
     base: str = ""
+    sent: threading.Event = field(default_factory=threading.Event)  # "stop": bytes are out
+    stopped: threading.Event = field(default_factory=threading.Event)  # the port is closed
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -71,6 +74,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if how == "stop":  # send arg bytes, then hang up only once the server is gone
+            self.wfile.write(body[:arg])
+            self.wfile.flush()
+            srv.sent.set()
+            srv.stopped.wait(30)
+            self.close_connection = True
+            return
         if how == "stall":  # send arg bytes, then go silent far longer than the timeout
             self.wfile.write(body[:arg])
             self.wfile.flush()
@@ -81,6 +91,44 @@ class _Handler(BaseHTTPRequestHandler):
         if how == "long":
             self.wfile.flush()
             self.close_connection = True
+
+
+class _Restartable:
+    """A threaded HTTP server on a fixed port that can really stop (port closed) and start."""
+
+    def __init__(self, state: Hostile) -> None:
+        self.state = state
+        self.httpd: ThreadingHTTPServer | None = None
+        self.thread: threading.Thread | None = None
+        self.port = 0
+        self.base_alive = False
+
+    def start(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.state = self.state  # type: ignore[attr-defined]
+        self.port = self.httpd.server_address[1]
+        self.state.base = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_alive = True
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()  # the listening socket is gone: connections are refused
+            self.httpd = None
+        self.base_alive = False
+
+    def restart(self) -> None:
+        self.start()
+
+    def __enter__(self) -> _Restartable:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @pytest.fixture
@@ -126,6 +174,7 @@ def test_connection_dropped_again_and_again_resumes_to_the_same_bytes(
     root = fetch(server, tmp_path / "d", sha256=sha, keep_archive=True)
     assert (tmp_path / "d" / "lgg.zip").read_bytes() == lgg_zip
     assert server.ranges == [i * 100_000 for i in range(7)]  # each retry resumes
+    # (exact here: a drop is deterministic, the server hangs up after exactly 100 kB)
     assert len(list(root.glob("TCGA_*"))) == 6
     assert litter(tmp_path / "d") == []
 
@@ -149,9 +198,75 @@ def test_stalled_server_times_out_and_resumes(
 ) -> None:
     server.data = lgg_zip
     server.plan = [("stall", 200_000), ("stall", 0)]
-    fetch(server, tmp_path / "d", timeout=0.5)
-    assert server.ranges == [0, 200_000, 200_000]
-    assert installed(tmp_path / "d") == ["kaggle_3m"]
+    fetch(server, tmp_path / "d", timeout=0.5, keep_archive=True)
+    # What matters, not the schedule (a slow read on a loaded machine may add a retry):
+    # the identical bytes, every retry resumed where the file ended (never from 0 again,
+    # never past the stall), and a bounded number of requests.
+    assert (tmp_path / "d" / "lgg.zip").read_bytes() == lgg_zip
+    assert server.ranges[0] == 0 and 0 < server.ranges[1] <= 200_000
+    assert all(a <= b for a, b in zip(server.ranges, server.ranges[1:], strict=False))
+    assert len(server.ranges) <= 1 + 8  # retries=8 in fetch()
+    assert installed(tmp_path / "d") == ["kaggle_3m", "lgg.zip"]
+
+
+def _reopen(server: _Restartable, port: int) -> Callable[[float], None]:
+    """A ``sleep`` for the client: once it has met the closed port, start the server again
+    on the same port (what an nginx restart looks like from the client)."""
+    calls: list[float] = []
+
+    def sleep(_delay: float) -> None:
+        calls.append(_delay)
+        if len(calls) >= 2 and not server.base_alive:  # a try was made while it was down
+            with socket.socket() as probe:  # really refused, not just slow
+                assert probe.connect_ex(("127.0.0.1", port)) != 0
+            server.restart()
+
+    return sleep
+
+
+def test_server_that_stops_and_starts_again_mid_transfer_is_ridden_out(
+    lgg_zip: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server really goes away mid-transfer (listening socket closed, the port refuses
+    connections), then comes back on the same port: the download resumes with Range and
+    installs identical bytes, as curl --retry-connrefused would."""
+    state = Hostile(data=lgg_zip, plan=[("stop", 300_000)])
+    with _Restartable(state) as srv:
+
+        def stop_when_sent() -> None:
+            state.sent.wait(30)
+            srv.stop()
+            state.stopped.set()
+
+        stopper = threading.Thread(target=stop_when_sent, daemon=True)
+        stopper.start()
+        sha = hashlib.sha256(lgg_zip).hexdigest()
+        root = download_lgg(
+            tmp_path / "d",
+            url=state.base + "/lgg.zip",
+            sha256=sha,
+            keep_archive=True,
+            retries=5,
+            backoff=0,
+            sleep=_reopen(srv, srv.port),
+        )
+        stopper.join(5)
+    assert "Connection refused" in capsys.readouterr().err  # it met the closed port...
+    assert (tmp_path / "d" / "lgg.zip").read_bytes() == lgg_zip  # ...and rode it out
+    assert state.ranges[0] == 0 and state.ranges[-1] == 300_000  # resumed, not restarted
+    assert len(list(root.glob("TCGA_*"))) == 6 and litter(tmp_path / "d") == []
+
+
+def test_a_server_never_reached_fails_fast(tmp_path: Path) -> None:
+    """Refused on the very first contact: one clear error, no retries, nothing left."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    slept: list[float] = []
+    with pytest.raises(BrainsegError, match=r"cannot reach .*Connection refused") as info:
+        download_lgg(tmp_path / "d", url=f"http://127.0.0.1:{port}/lgg.zip", sleep=slept.append)
+    assert info.value.exit_code == 1 and slept == []
+    assert installed(tmp_path / "d") == []
 
 
 def test_content_length_longer_than_the_body_is_retried(

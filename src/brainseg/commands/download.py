@@ -14,7 +14,8 @@ import typer
 from brainseg import console as con
 
 _RETRIES = (
-    "How many times a stalled download is retried (timeouts, dropped connections, HTTP 5xx / 429)."
+    "How many times a stalled download is retried (timeouts, dropped connections, "
+    "HTTP 5xx / 429, refused after the server answered once)."
 )
 _DELAY = "Seconds before the first retry; each further retry waits twice as long (max 60)."
 _TIMEOUT = "Seconds without data from the server before the try counts as failed."
