@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_with_step_and_hint(tiny: tuple[Path, Path], tmp_p
 def test_nan_keeps_the_last_good_checkpoint(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import brainseg.train as tr
+    import brainseg.train.epoch as tr
     from brainseg.checkpoint import load_tensors, read_metadata
 
     calls = {"n": 0}
