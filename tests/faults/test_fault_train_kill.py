@@ -4,7 +4,8 @@ continues, and the finished run equals an uninterrupted one (same seed, CPU): th
 metrics.csv (but the timings) and bit-identical last/best weights.
 
 The kill points are deterministic (faultkit hooks, no timing); one more test kills from the
-outside when the temporary checkpoint file appears, as a user or the OOM killer would.
+outside while faultkit holds the process with a complete temporary checkpoint not yet renamed,
+as a user or the OOM killer would. SIGTERM and a double Ctrl-C are sent at an exact step.
 """
 
 from __future__ import annotations
