@@ -185,3 +185,32 @@ def test_resume_config_refuses_recipe_changes(tmp_path: Path) -> None:
 def test_to_dict_round_trips() -> None:
     cfg = TrainConfig(lr=0.01, decoder_channels=[8, 8, 8, 8, 8], fold=2)
     assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_every_setting_is_declared_once_with_help_type_and_default() -> None:
+    """The field carries help and type; coercion and the CLI options derive from it."""
+    from dataclasses import fields
+
+    from brainseg.commands.train import OPTIONS
+    from brainseg.config import field_types, setting_help
+
+    types = field_types()
+    for f in fields(TrainConfig):
+        assert f.metadata["help"], f.name
+        assert f.name in types
+    assert set(OPTIONS) <= {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig.from_dict({"aug_rotate": 10, "grad_clip": 1, "lr": 1, "project": Path("x")})
+    assert isinstance(cfg.aug_rotate, float) and isinstance(cfg.grad_clip, float)
+    assert isinstance(cfg.lr, float) and cfg.project == "x"
+    assert setting_help("epochs").endswith(f"(default: {TrainConfig().epochs}).")
+    with pytest.raises(BrainsegError, match="aug_rotate must be a number"):
+        TrainConfig.from_dict({"aug_rotate": "x"}).validate(need_data=False)
+
+
+def test_augment_settings_take_the_config_values_by_name() -> None:
+    from brainseg.augment import AugmentSettings
+
+    cfg = TrainConfig(aug_rotate=7.0, aug_mask_mode="bilinear", aug_hflip=0.25)
+    s = AugmentSettings.from_config(cfg)
+    assert (s.rotate, s.mask_mode, s.hflip) == (7.0, "bilinear", 0.25)
+    assert AugmentSettings() == AugmentSettings.from_config(TrainConfig())

@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_with_step_and_hint(tiny: tuple[Path, Path], tmp_p
 def test_nan_keeps_the_last_good_checkpoint(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import brainseg.train as tr
+    import brainseg.train.epoch as tr
     from brainseg.checkpoint import load_tensors, read_metadata
 
     calls = {"n": 0}
@@ -399,3 +399,99 @@ def test_amp_modes_resolve() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(BrainsegError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+# ------------------------------------------------------------------ CLI reports and resume
+def test_cli_run_reports_dice_at_the_training_size_and_resumes_from_the_file(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """1 step per epoch is '1 step'; Dice is labelled with the training size (epoch line and
+    final table); --resume RUN/last.safetensors works and says where it resumes from."""
+    r = run_cli(["train", tiny[0], "--split", tiny[1], *TINY, "--project", tmp_path])
+    assert r.returncode == 0, r.stderr
+    assert "1 step of 4 per epoch" in r.stderr and "1 steps" not in r.stderr, r.stderr
+    epoch_lines = [x for x in r.stderr.splitlines() if x.startswith("epoch 1/1")]
+    assert epoch_lines and "(at 64x64)" in epoch_lines[0], r.stderr
+    assert "at the training size 64x64" in " ".join(r.stdout.split()), r.stdout
+    run = tmp_path / "exp"
+    resumed = run_cli(["train", "--resume", run / "last.safetensors", "--epochs", "2"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} from the start of epoch 2" in resumed.stderr, resumed.stderr
+    assert "1 epoch and 1 step done" in resumed.stderr, resumed.stderr
+    assert [r["epoch"] for r in read_rows(run / "metrics.csv")] == ["1", "2"]
+    best = run_cli(["train", "--resume", run / "best.safetensors", "--epochs", "3"])
+    assert best.returncode == 2, best.stderr
+    assert "takes a run folder" in best.stderr and f"--resume {run}" in best.stderr
+
+
+def test_curves_label_epochs_as_whole_numbers() -> None:
+    from brainseg.train.runfiles import curves_figure
+
+    rows = [
+        {"epoch": e, "train_loss": 0.5, "val_loss": 0.4, "val_dice_slice": 0.6,
+         "val_dice_patient": 0.7}
+        for e in (1, 2)
+    ]  # fmt: skip
+    fig = curves_figure(rows, 64)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        labels = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels()]
+        assert labels and all(t.lstrip("-").isdigit() for t in labels if t), labels
+    assert "64x64" in fig.axes[1].get_ylabel()
+
+
+def test_train_help_takes_defaults_and_flags_from_the_config(tmp_path: Path) -> None:
+    """Every option's '(default: ...)' is TrainConfig's default; flags show no <bool> value."""
+    from dataclasses import fields
+
+    r = run_cli(["train", "--help"], env={"COLUMNS": "300"})
+    assert r.returncode == 0
+    lines = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.strip("│ ").startswith("--")}
+    cfg = TrainConfig()
+    for name in ("epochs", "batch_size", "image_size", "seed", "name", "workers"):
+        assert f"(default: {getattr(cfg, name)})" in lines["--" + name.replace("_", "-")], name
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" and flag in lines:
+            assert "<bool>" not in lines[flag], lines[flag]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--channels-last", "--amp", "bf16"], ["--amp", "fp16", "--no-channels-last"]],
+    ids=["channels-last-bf16", "fp16"],
+)
+def test_speed_options_through_the_cli(
+    tiny: tuple[Path, Path], tmp_path: Path, extra: list[str]
+) -> None:
+    import yaml
+
+    r = run_cli(["-q", "train", tiny[0], "--split", tiny[1], *TINY, *extra, "--project", tmp_path])
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    amp = extra[extra.index("--amp") + 1]
+    assert cfg["run_info"]["amp"] == amp and cfg["amp"] == amp
+    assert cfg["channels_last"] is ("--channels-last" in extra)
+    rows = read_rows(tmp_path / "exp" / "metrics.csv")
+    assert len(rows) == 1 and all(np.isfinite(float(rows[0][c])) for c in METRICS_COLUMNS)
+
+
+def _inductor_missing() -> str:
+    """Why torch.compile cannot run here ('' when it can): it needs a C++ compiler."""
+    import shutil
+
+    return "" if shutil.which("g++") or shutil.which("c++") else "no C++ compiler for inductor"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_inductor_missing()), reason=_inductor_missing() or "-")
+def test_compile_through_the_cli_matches_eager(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """--compile trains the same model: its first epoch's losses are close to eager's."""
+    args = ["-q", "train", tiny[0], "--split", tiny[1], *TINY, "--amp", "off"]
+    eager = run_cli([*args, "--project", tmp_path / "eager"])
+    compiled = run_cli([*args, "--compile", "--project", tmp_path / "compiled"])
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    a = read_rows(tmp_path / "eager" / "exp" / "metrics.csv")[0]
+    b = read_rows(tmp_path / "compiled" / "exp" / "metrics.csv")[0]
+    for c in ("train_loss", "val_loss"):
+        assert float(b[c]) == pytest.approx(float(a[c]), rel=1e-3, abs=1e-4), c

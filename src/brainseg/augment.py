@@ -10,26 +10,35 @@ nearest neighbour, or bilinear then > 0.5; brightness/contrast change the image 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
+from brainseg.config import TrainConfig
+
 #: Random numbers drawn per sample (hflip, vflip, angle, scale, brightness, contrast).
 DRAWS_PER_SAMPLE = 6
+_DEFAULTS = TrainConfig()
 
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """The augmentation knobs of :class:`brainseg.config.TrainConfig` (aug_*)."""
+    """The augmentation knobs of :class:`brainseg.config.TrainConfig` (``aug_<name>``);
+    the defaults are TrainConfig's."""
 
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotate: float = 15.0
-    scale: float = 0.1
-    brightness: float = 0.1
-    contrast: float = 0.1
-    mask_mode: str = "nearest"
+    hflip: float = _DEFAULTS.aug_hflip
+    vflip: float = _DEFAULTS.aug_vflip
+    rotate: float = _DEFAULTS.aug_rotate
+    scale: float = _DEFAULTS.aug_scale
+    brightness: float = _DEFAULTS.aug_brightness
+    contrast: float = _DEFAULTS.aug_contrast
+    mask_mode: str = _DEFAULTS.aug_mask_mode
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> AugmentSettings:
+        """The aug_* fields of ``cfg``, by name."""
+        return cls(**{f.name: getattr(cfg, f"aug_{f.name}") for f in fields(cls)})
 
 
 def draw(n: int, generator: torch.Generator) -> torch.Tensor:

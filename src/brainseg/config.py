@@ -8,25 +8,63 @@ any data is read or a model is built, so a typo costs a second and not an epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from brainseg.devices import check_device_name
+from brainseg.choices import (
+    AMP_MODES,
+    DEFAULT_DECODER_CHANNELS,
+    ENCODERS,
+    LOSSES,
+    MASK_MODES,
+    NORMALIZATIONS,
+    PRESETS,
+    SCHEDULERS,
+    SIZE_MULTIPLE,
+    UPSAMPLE_MODES,
+)
+from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.errors import BrainsegError, first_line
-
-LOSSES = ("bce", "dice", "bce+dice")
-SCHEDULERS = ("none", "cosine", "plateau")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-ENCODERS = ("vgg16", "vgg16_bn")
-UPSAMPLES = ("transpose", "bilinear")
-NORMALIZATIONS = ("imagenet", "zscore")
-MASK_MODES = ("nearest", "bilinear")
-PRESETS = ("seed", "best")
 
 #: Options that may be given together with ``--resume`` (they do not change the recipe).
 RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "resume")
+
+
+# ---------------------------------------------------------------------- how a setting is declared
+@dataclass(frozen=True)
+class Rule:
+    """A value check: ``ok(value)`` or the error ``"<name> <must>, got <value>"`` + ``hint``."""
+
+    ok: Callable[[Any], bool]
+    must: str
+    hint: str
+
+
+def _setting(default: Any, help: str, **meta: Any) -> Any:
+    """A TrainConfig field with its help text and CLI / validation metadata.
+
+    meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a :class:`Rule`),
+    ``cli`` (False: YAML only), ``flags`` (extra option names), ``switch`` (False: a bool
+    option without ``--no-``), ``path`` (the option takes a path).
+    """
+    metadata = {"help": help, **meta}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+_AT_LEAST_1 = "must be at least 1"
+_PROB01 = "must be a probability in [0, 1]"
+_AUG_HINT = "see docs/training.md (augmentation)"
 
 
 @dataclass
@@ -34,61 +72,215 @@ class TrainConfig:
     """Every setting of a training run. Defaults are the reference recipe (configs/seed.yaml)."""
 
     # data
-    data: str | None = None  # dataset folder (kaggle_3m layout)
-    split: str | None = None  # split YAML written by `brainseg split`
-    fold: int | None = None  # cross-validation fold (None: the split's train/val subsets)
-    skip_bad: bool = False  # skip unreadable slices instead of refusing the dataset
-    image_size: int = 256  # slices are resized once to image_size x image_size
-    # probability that a drawn slice has tumor (None: natural frequency)
-    tumor_oversample: float | None = None
+    data: str | None = _setting(
+        None, "Dataset folder (kaggle_3m layout); not needed with --resume.", cli=False
+    )
+    split: str | None = _setting(None, "Split YAML from `brainseg split`.", path=True)
+    fold: int | None = _setting(
+        None,
+        "Cross-validation fold K (0..folds-1) of a --folds split.",
+        rule=Rule(lambda v: v >= 0, "must be >= 0", "folds are numbered 0..K-1"),
+    )
+    skip_bad: bool = _setting(False, "Skip unreadable slices instead of refusing the dataset.")
+    image_size: int = _setting(
+        256,
+        "Train at this size (multiple of 32); validation Dice is measured at this size.",
+        rule=Rule(
+            lambda v: v >= SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0,
+            "must be a positive multiple of 32 (the encoder halves it 5 times)",
+            "e.g. --image-size 256, 128 or 64",
+        ),
+    )
+    tumor_oversample: float | None = _setting(
+        None,
+        "Probability that a drawn slice has tumor.",
+        show="natural frequency",
+        rule=Rule(
+            lambda v: 0.0 <= v <= 1.0,
+            _PROB01,
+            "e.g. --tumor-oversample 0.5 (half of the drawn slices have tumor)",
+        ),
+    )
     # model
-    encoder: str = "vgg16"
-    encoder_weights: str = "imagenet"  # imagenet | none | PATH to a torchvision-format state dict
-    decoder_channels: list[int] = field(default_factory=lambda: [512, 256, 128, 64, 32])
-    upsample: str = "transpose"
-    normalization: str = "imagenet"
-    freeze_encoder_epochs: int = 0  # train only the decoder for the first N epochs
+    encoder: str = _setting("vgg16", "Encoder.", choices=ENCODERS)
+    encoder_weights: str = _setting(
+        "imagenet", "imagenet | none | PATH (torchvision-format VGG16 state dict)."
+    )
+    decoder_channels: list[int] = _setting(  # noqa: RUF009 (returns a field with a factory)
+        DEFAULT_DECODER_CHANNELS,  # a tuple: each config gets its own list
+        "5 comma-separated widths.",
+        show=",".join(map(str, DEFAULT_DECODER_CHANNELS)),
+        rule=Rule(
+            lambda v: len(v) == 5 and all(c >= 1 for c in v),
+            "must be 5 positive integers",
+            "e.g. --decoder-channels 512,256,128,64,32",
+        ),
+    )
+    upsample: str = _setting("transpose", "Decoder upsampling.", choices=UPSAMPLE_MODES)
+    normalization: str = _setting(
+        "imagenet", "imagenet | zscore (per image), done inside the model.", choices=NORMALIZATIONS
+    )
+    freeze_encoder_epochs: int = _setting(
+        0,
+        "Train only the decoder for the first N epochs.",
+        rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. --freeze-encoder-epochs 2"),
+    )
     # start the logit head's bias at log(p / (1 - p)): first predictions match a tumour-pixel
     # prior p (e.g. 0.01) instead of 0.5, so BCE does not spend its first hundreds of steps
     # pulling every pixel down (None: PyTorch's default init)
-    head_bias_prior: float | None = None
+    head_bias_prior: float | None = _setting(
+        None,
+        "Tumour-pixel prior of the untrained head.",
+        cli=False,
+        rule=Rule(
+            lambda v: 0.0 < v < 1.0,
+            "must be a probability in (0, 1)",
+            "e.g. head_bias_prior: 0.01 (about the tumour pixel fraction)",
+        ),
+    )
     # optimisation (Adam)
-    loss: str = "bce"
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    scheduler: str = "none"
-    plateau_patience: int = 3  # epochs without a better val per-patient Dice before lowering lr
-    plateau_factor: float = 0.5  # lr multiplier when the plateau scheduler fires
-    epochs: int = 20
-    batch_size: int = 16  # global batch (split across processes under torchrun)
-    steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (None: one pass)
-    grad_clip: float | None = None  # max global gradient norm (None: no clipping)
-    # augmentation (batched, on the training device)
-    augment: bool = False
-    aug_hflip: float = 0.5  # probability of a left-right flip
-    aug_vflip: float = 0.0  # probability of an up-down flip (off: axial slices are upright)
-    aug_rotate: float = 15.0  # max rotation, degrees
-    aug_scale: float = 0.1  # max relative zoom in/out
-    aug_brightness: float = 0.1  # max brightness shift, fraction of 255
-    aug_contrast: float = 0.1  # max relative contrast change
-    aug_mask_mode: str = "nearest"  # mask resampling: nearest, or bilinear then > 0.5
+    loss: str = _setting("bce", "Loss.", choices=LOSSES)
+    lr: float = _setting(
+        4e-4,
+        "Adam learning rate.",
+        show="4e-4",
+        rule=Rule(
+            lambda v: _finite(v) and v > 0,
+            "must be a positive number",
+            "the reference uses --lr 4e-4",
+        ),
+    )
+    weight_decay: float = _setting(
+        0.0,
+        "Adam weight decay (L2).",
+        show="0",
+        rule=Rule(lambda v: _finite(v) and v >= 0, "must be >= 0", "e.g. --weight-decay 1e-4"),
+    )
+    scheduler: str = _setting(
+        "none",
+        "none | cosine (per step, to 0) | plateau (x0.5 when val per-patient Dice stalls).",
+        choices=SCHEDULERS,
+    )
+    plateau_patience: int = _setting(
+        3, "Epochs without a better val per-patient Dice before lowering lr.", cli=False
+    )
+    plateau_factor: float = _setting(
+        0.5, "lr multiplier when the plateau scheduler fires.", cli=False
+    )
+    epochs: int = _setting(
+        20, "Epochs.", rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --epochs 20")
+    )
+    batch_size: int = _setting(
+        16,
+        "Global batch size.",
+        flags=("-b",),
+        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --batch-size 16"),
+    )
+    steps_per_epoch: int | None = _setting(
+        None,
+        "Optimiser steps per epoch.",
+        show="one pass",
+        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --steps-per-epoch 50"),
+    )
+    grad_clip: float | None = _setting(
+        None,
+        "Clip the gradient norm to this value.",
+        show="off",
+        rule=Rule(
+            lambda v: _finite(v) and v > 0,
+            "must be a positive number",
+            "e.g. --grad-clip 1.0 (leave it out for no clipping)",
+        ),
+    )
+    # augmentation (batched, on the training device); aug_* are YAML only
+    augment: bool = _setting(False, "Flips, rotation, scale, brightness/contrast on the device.")
+    aug_hflip: float = _setting(
+        0.5,
+        "Probability of a left-right flip.",
+        cli=False,
+        rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_hflip: 0.5"),
+    )
+    aug_vflip: float = _setting(
+        0.0,
+        "Probability of an up-down flip (off: axial slices are upright).",
+        cli=False,
+        rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_vflip: 0.5"),
+    )
+    aug_rotate: float = _setting(
+        15.0,
+        "Max rotation, degrees.",
+        cli=False,
+        rule=Rule(lambda v: 0 <= v <= 180.0, "must be in [0, 180.0]", _AUG_HINT),
+    )
+    aug_scale: float = _setting(
+        0.1,
+        "Max relative zoom in/out.",
+        cli=False,
+        rule=Rule(lambda v: 0 <= v <= 0.9, "must be in [0, 0.9]", _AUG_HINT),
+    )
+    aug_brightness: float = _setting(
+        0.1,
+        "Max brightness shift, fraction of 255.",
+        cli=False,
+        rule=Rule(lambda v: 0 <= v <= 1.0, "must be in [0, 1.0]", _AUG_HINT),
+    )
+    aug_contrast: float = _setting(
+        0.1,
+        "Max relative contrast change.",
+        cli=False,
+        rule=Rule(lambda v: 0 <= v <= 0.9, "must be in [0, 0.9]", _AUG_HINT),
+    )
+    aug_mask_mode: str = _setting(
+        "nearest",
+        "Mask resampling: nearest, or bilinear then > 0.5.",
+        cli=False,
+        choices=MASK_MODES,
+    )
     # device and speed
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    channels_last: bool = False
-    compile: bool = False
-    workers: int = 0  # CPU threads for torch (0: torch's default)
-    val_batch_size: int | None = None  # None: the training batch size
+    device: str = _setting("auto", f"{DEVICE_HELP}.")
+    amp: str = _setting(
+        "auto",
+        "auto | bf16 | fp16 | off (auto: bf16 on GPUs and on CPUs with native bf16, else fp32).",
+        choices=AMP_MODES,
+    )
+    channels_last: bool = _setting(False, "NHWC memory format.")
+    compile: bool = _setting(False, "torch.compile the model.")
+    workers: int = _setting(
+        0,
+        "CPU threads for torch (0: torch's default).",
+        rule=Rule(lambda v: v >= 0, "must be >= 0", "0 uses torch's default"),
+    )
+    val_batch_size: int | None = _setting(
+        None,
+        "Validation batch size (None: the training batch size).",
+        cli=False,
+        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. val_batch_size: 32"),
+    )
     # reproducibility
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = _setting(0, "Random seed.")
+    deterministic: bool = _setting(
+        False, "torch.use_deterministic_algorithms (same seed + device = same numbers)."
+    )
     # output
-    project: str = "runs/train"
-    name: str = "exp"
-    exist_ok: bool = False
-    resume: str | None = None
-    quiet: bool = False
-    preview_slices: int = 6
+    project: str = _setting("runs/train", "Parent folder of runs.", path=True)
+    name: str = _setting("exp", "Run folder name; exp2, exp3... if taken.")
+    exist_ok: bool = _setting(
+        False, "Reuse project/name instead of numbering a new folder.", switch=False
+    )
+    resume: str | None = _setting(
+        None,
+        "Continue the run in this folder (or its last.safetensors); --epochs may be raised.",
+        path=True,
+    )
+    quiet: bool = _setting(
+        False, "No progress bar or per-epoch lines.", flags=("-q",), switch=False
+    )
+    preview_slices: int = _setting(
+        6,
+        "Validation slices shown in preview.png.",
+        cli=False,
+        rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. 6"),
+    )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -128,7 +320,8 @@ class TrainConfig:
         return d
 
     def _coerce(self) -> None:
-        """Accept the natural spellings YAML and the CLI give (ints for floats, '32,16' lists)."""
+        """Accept the natural spellings YAML and the CLI give (ints for floats, '32,16' lists,
+        paths for strings); what each field accepts comes from its annotation."""
         if isinstance(self.decoder_channels, str):
             try:
                 self.decoder_channels = [int(x) for x in self.decoder_channels.split(",") if x]
@@ -138,215 +331,97 @@ class TrainConfig:
                     f"{self.decoder_channels!r}",
                     hint="e.g. --decoder-channels 512,256,128,64,32",
                 ) from None
-        elif isinstance(self.decoder_channels, (list, tuple)):
+        elif isinstance(self.decoder_channels, tuple):
             self.decoder_channels = list(self.decoder_channels)
-        for name in (
-            "lr",
-            "weight_decay",
-            "plateau_factor",
-            "aug_hflip",
-            "aug_vflip",
-            "aug_rotate",
-            "aug_scale",
-            "aug_brightness",
-            "aug_contrast",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, int) and not isinstance(v, bool):
-                setattr(self, name, float(v))
-        for name in ("grad_clip", "tumor_oversample", "head_bias_prior"):
-            v = getattr(self, name)
-            if isinstance(v, int) and not isinstance(v, bool):
-                setattr(self, name, float(v))
         if self.encoder_weights is None:
             self.encoder_weights = "none"
-        for name in ("data", "split", "resume", "project", "encoder_weights"):
+        for name, (kind, _optional) in field_types().items():
             v = getattr(self, name)
-            if isinstance(v, Path):
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, name, float(v))
+            elif kind is str and isinstance(v, Path):
                 setattr(self, name, str(v))
 
     # ------------------------------------------------------------------ validation
     def validate(self, *, need_data: bool = True) -> None:
         """Refuse bad values with one clear line each (exit 2), before any work is done."""
         _check_types(self)
-        if need_data and not self.resume:
-            if not self.data:
-                _bad("no dataset given", "brainseg train DATA --split splits.yaml")
-            if not self.split:
+        if need_data:
+            _check_inputs(self)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if "choices" in f.metadata and v not in f.metadata["choices"]:
                 _bad(
-                    "no split file given (--split)",
-                    "make one with: brainseg split DATA -o splits.yaml",
+                    f"unknown {f.name} {v!r}", f"choose one of: {', '.join(f.metadata['choices'])}"
                 )
-        if self.data and not Path(self.data).exists():
-            _bad(
-                f"dataset folder {self.data} does not exist",
-                "pass the kaggle_3m folder (or its parent)",
-            )
-        if self.split and not self.resume and not Path(self.split).is_file():
-            _bad(
-                f"split file {self.split} does not exist",
-                "make one with: brainseg split DATA -o splits.yaml",
-            )
-        _choice("loss", self.loss, LOSSES)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("encoder", self.encoder, ENCODERS)
-        _choice("upsample", self.upsample, UPSAMPLES)
-        _choice("normalization", self.normalization, NORMALIZATIONS)
-        _choice("aug_mask_mode", self.aug_mask_mode, MASK_MODES)
-        check_device_name(self.device)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            _bad(f"lr must be a positive number, got {self.lr}", "the reference uses --lr 4e-4")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            _bad(f"weight_decay must be >= 0, got {self.weight_decay}", "e.g. --weight-decay 1e-4")
-        _positive("epochs", self.epochs, "e.g. --epochs 20")
-        _positive("batch_size", self.batch_size, "e.g. --batch-size 16")
-        if self.steps_per_epoch is not None:
-            _positive("steps_per_epoch", self.steps_per_epoch, "e.g. --steps-per-epoch 50")
-        if self.val_batch_size is not None:
-            _positive("val_batch_size", self.val_batch_size, "e.g. val_batch_size: 32")
-        if self.image_size < 32 or self.image_size % 32:
-            _bad(
-                f"image_size must be a positive multiple of 32 (the encoder halves it 5 times),"
-                f" got {self.image_size}",
-                "e.g. --image-size 256, 128 or 64",
-            )
-        if self.fold is not None and self.fold < 0:
-            _bad(f"fold must be >= 0, got {self.fold}", "folds are numbered 0..K-1")
-        if self.tumor_oversample is not None and not 0.0 <= self.tumor_oversample <= 1.0:
-            _bad(
-                f"tumor_oversample must be a probability in [0, 1], got {self.tumor_oversample}",
-                "e.g. --tumor-oversample 0.5 (half of the drawn slices have tumor)",
-            )
-        if self.head_bias_prior is not None and not 0.0 < self.head_bias_prior < 1.0:
-            _bad(
-                f"head_bias_prior must be a probability in (0, 1), got {self.head_bias_prior}",
-                "e.g. head_bias_prior: 0.01 (about the tumour pixel fraction)",
-            )
-        if self.grad_clip is not None and not (
-            math.isfinite(self.grad_clip) and self.grad_clip > 0
-        ):
-            _bad(
-                f"grad_clip must be a positive number, got {self.grad_clip}",
-                "e.g. --grad-clip 1.0 (leave it out for no clipping)",
-            )
-        if self.freeze_encoder_epochs < 0:
-            _bad(
-                f"freeze_encoder_epochs must be >= 0, got {self.freeze_encoder_epochs}",
-                "e.g. --freeze-encoder-epochs 2",
-            )
-        if len(self.decoder_channels) != 5 or any(c < 1 for c in self.decoder_channels):
-            _bad(
-                f"decoder_channels must be 5 positive integers, got {self.decoder_channels}",
-                "e.g. --decoder-channels 512,256,128,64,32",
-            )
-        if self.workers < 0:
-            _bad(f"workers must be >= 0, got {self.workers}", "0 uses torch's default")
-        if self.plateau_patience < 0 or not 0 < self.plateau_factor < 1:
-            _bad(
-                f"plateau_patience must be >= 0 and plateau_factor in (0, 1), got "
-                f"{self.plateau_patience} and {self.plateau_factor}",
-                "e.g. plateau_patience: 3, plateau_factor: 0.5",
-            )
-        for name in ("aug_hflip", "aug_vflip"):
-            if not 0 <= getattr(self, name) <= 1:
-                _bad(
-                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}",
-                    f"e.g. {name}: 0.5",
-                )
-        for name, top in (
-            ("aug_rotate", 180.0),
-            ("aug_scale", 0.9),
-            ("aug_brightness", 1.0),
-            ("aug_contrast", 0.9),
-        ):
-            if not 0 <= getattr(self, name) <= top:
-                _bad(
-                    f"{name} must be in [0, {top}], got {getattr(self, name)}",
-                    "see docs/training.md (augmentation)",
-                )
-        if self.preview_slices < 0:
-            _bad(f"preview_slices must be >= 0, got {self.preview_slices}", "e.g. 6")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            _bad(f"run name must be a plain folder name, got {self.name!r}", "e.g. --name exp")
-        enc = self.encoder_weights
-        if enc not in ("imagenet", "none") and not Path(enc).is_file():
-            _bad(
-                f"encoder weights file {enc} does not exist",
-                "pass imagenet, none, or the path of a torchvision-format VGG16 state dict",
-            )
+            rule = f.metadata.get("rule")
+            if rule is not None and v is not None and not rule.ok(v):
+                _bad(f"{f.name} {rule.must}, got {v}", rule.hint)
+        _check_cross(self)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "data": (str,),
-    "split": (str,),
-    "fold": (int,),
-    "skip_bad": (bool,),
-    "image_size": (int,),
-    "tumor_oversample": (float,),
-    "encoder": (str,),
-    "encoder_weights": (str,),
-    "decoder_channels": (list,),
-    "upsample": (str,),
-    "normalization": (str,),
-    "freeze_encoder_epochs": (int,),
-    "head_bias_prior": (float,),
-    "loss": (str,),
-    "lr": (float,),
-    "weight_decay": (float,),
-    "scheduler": (str,),
-    "plateau_patience": (int,),
-    "plateau_factor": (float,),
-    "epochs": (int,),
-    "batch_size": (int,),
-    "steps_per_epoch": (int,),
-    "grad_clip": (float,),
-    "augment": (bool,),
-    "aug_hflip": (float,),
-    "aug_vflip": (float,),
-    "aug_rotate": (float,),
-    "aug_scale": (float,),
-    "aug_brightness": (float,),
-    "aug_contrast": (float,),
-    "aug_mask_mode": (str,),
-    "device": (str,),
-    "amp": (str,),
-    "channels_last": (bool,),
-    "compile": (bool,),
-    "workers": (int,),
-    "val_batch_size": (int,),
-    "seed": (int,),
-    "deterministic": (bool,),
-    "project": (str,),
-    "name": (str,),
-    "exist_ok": (bool,),
-    "resume": (str,),
-    "quiet": (bool,),
-    "preview_slices": (int,),
-}
-_OPTIONAL = {
-    "data",
-    "split",
-    "fold",
-    "tumor_oversample",
-    "head_bias_prior",
-    "steps_per_epoch",
-    "grad_clip",
-    "val_batch_size",
-    "resume",
-}
+def _check_inputs(cfg: TrainConfig) -> None:
+    """The dataset and split are given and exist (a resumed run has its own split)."""
+    if not cfg.resume:
+        if not cfg.data:
+            _bad("no dataset given", "brainseg train DATA --split splits.yaml")
+        if not cfg.split:
+            _bad(
+                "no split file given (--split)", "make one with: brainseg split DATA -o splits.yaml"
+            )
+    if cfg.data and not Path(cfg.data).exists():
+        _bad(
+            f"dataset folder {cfg.data} does not exist", "pass the kaggle_3m folder (or its parent)"
+        )
+    if cfg.split and not cfg.resume and not Path(cfg.split).is_file():
+        _bad(
+            f"split file {cfg.split} does not exist",
+            "make one with: brainseg split DATA -o splits.yaml",
+        )
+
+
+def _check_cross(cfg: TrainConfig) -> None:
+    """The checks that are not one value against one rule."""
+    check_device_name(cfg.device)
+    if cfg.plateau_patience < 0 or not 0 < cfg.plateau_factor < 1:
+        _bad(
+            f"plateau_patience must be >= 0 and plateau_factor in (0, 1), got "
+            f"{cfg.plateau_patience} and {cfg.plateau_factor}",
+            "e.g. plateau_patience: 3, plateau_factor: 0.5",
+        )
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        _bad(f"run name must be a plain folder name, got {cfg.name!r}", "e.g. --name exp")
+    enc = cfg.encoder_weights
+    if enc not in ("imagenet", "none") and not Path(enc).is_file():
+        _bad(
+            f"encoder weights file {enc} does not exist",
+            "pass imagenet, none, or the path of a torchvision-format VGG16 state dict",
+        )
+
+
+@functools.cache
+def field_types() -> dict[str, tuple[type, bool]]:
+    """Each setting's base type (int, float, str, bool or list) and whether None is allowed,
+    read from TrainConfig's annotations."""
+    out: dict[str, tuple[type, bool]] = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        base = args[0] if optional else hint
+        out[name] = (typing.get_origin(base) or base, optional)
+    return out
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    for name, types in _TYPES.items():
+    for name, (kind, optional) in field_types().items():
         v = getattr(cfg, name)
-        if v is None and name in _OPTIONAL:
+        if v is None and optional:
             continue
-        ok = isinstance(v, types) and not (bool not in types and isinstance(v, bool))
-        if name == "decoder_channels" and ok:
+        ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+        if kind is list and ok:
             ok = all(isinstance(c, int) and not isinstance(c, bool) for c in v)
         if not ok:
-            want = _TYPE_WORDS[name if name == "decoder_channels" else types[0].__name__]
+            want = _TYPE_WORDS["decoder_channels" if kind is list else kind.__name__]
             _bad(f"{name} must be {want}, got {v!r}", "see docs/training.md for each setting")
 
 
@@ -359,18 +434,21 @@ _TYPE_WORDS = {
 }
 
 
+def setting_help(name: str) -> str:
+    """The CLI help of setting ``name``: its help text, choices and default, from the field."""
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    text = f.metadata["help"]
+    if "choices" in f.metadata and " | " not in text:
+        text = f"{text.rstrip('.')}: {' | '.join(f.metadata['choices'])}."
+    default = f.metadata.get("show")
+    if default is None:
+        d = f.default
+        default = "off" if d is False else "on" if d is True else d
+    return f"{text.rstrip('.')} (default: {default})." if default is not None else text
+
+
 def _bad(message: str, hint: str) -> None:
     raise BrainsegError(message, hint=hint)
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _bad(f"unknown {name} {value!r}", f"choose one of: {', '.join(allowed)}")
-
-
-def _positive(name: str, value: int, hint: str) -> None:
-    if value < 1:
-        _bad(f"{name} must be at least 1, got {value}", hint)
 
 
 # ---------------------------------------------------------------------- YAML files
@@ -442,13 +520,26 @@ def dump_yaml(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
 
 
+def resume_folder(path: Path) -> Path:
+    """The run folder of ``--resume PATH``: the folder itself, or the folder of its
+    last.safetensors; any other file is refused with a pointer to the folder."""
+    if not path.is_file():
+        return path
+    if path.name == "last.safetensors":
+        return path.parent
+    raise BrainsegError(
+        f"cannot resume from {path}: --resume takes a run folder (or its last.safetensors)",
+        hint=f"give the run folder: brainseg train --resume {path.parent}",
+    )
+
+
 def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config of run folder ``run_dir`` (its config.yaml), ready to continue training.
 
     Only options that do not change the recipe may be given again (epochs, device, workers,
     quiet); any other given option is refused, naming it.
     """
-    run = Path(run_dir)
+    run = resume_folder(Path(run_dir))
     if not (run / "config.yaml").is_file():
         raise BrainsegError(
             f"cannot resume: {run / 'config.yaml'} does not exist",

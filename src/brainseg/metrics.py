@@ -90,6 +90,13 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(_ratio(2 * tp, 2 * tp + fp + fn, np.bool_(tp + fp + fn == 0)))
 
 
+def dice_from_counts(intersection: ArrayLike, pred_sum: ArrayLike, gt_sum: ArrayLike) -> np.ndarray:
+    """Dice from pixel tallies (vectorised; e.g. summed over ranks): 1.0 where both are empty."""
+    inter = np.asarray(intersection, dtype=np.float64)
+    den = np.asarray(pred_sum, dtype=np.float64) + np.asarray(gt_sum, dtype=np.float64)
+    return _ratio(2 * inter, den, den == 0)
+
+
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     """IoU (Jaccard) = |A∩B| / |A∪B|; 1.0 when both are empty."""
     tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))

@@ -21,14 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from brainseg.choices import (
+    DEFAULT_DECODER_CHANNELS,
+    ENCODERS,
+    NORMALIZATIONS,
+    SIZE_MULTIPLE,
+    UPSAMPLE_MODES,
+)
 from brainseg.errors import BrainsegError, first_line
 
-ENCODERS = ("vgg16", "vgg16_bn")
-UPSAMPLE_MODES = ("transpose", "bilinear")
-NORMALIZATIONS = ("imagenet", "zscore")
-DEFAULT_DECODER_CHANNELS = (512, 256, 128, 64, 32)
-#: Input height and width must be multiples of this (five 2x2 max-pools).
-SIZE_MULTIPLE = 32
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,10 +46,19 @@ def _weights_enum(encoder: str) -> Any:
     return VGG16_BN_Weights.IMAGENET1K_V1 if encoder == "vgg16_bn" else VGG16_Weights.IMAGENET1K_V1
 
 
+def vgg16_weights_url(encoder: str = "vgg16") -> str:
+    """torchvision's URL of the ImageNet weights of ``encoder`` (vgg16 or vgg16_bn)."""
+    return str(_weights_enum(encoder).url)
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torch.hub (and so torchvision) looks for weights: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def imagenet_weights_path(encoder: str = "vgg16") -> Path:
     """Where torchvision keeps the ImageNet weights of ``encoder`` in the torch hub cache."""
-    url = _weights_enum(encoder).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return hub_checkpoint_dir() / os.path.basename(vgg16_weights_url(encoder))
 
 
 def download_command(encoder: str = "vgg16") -> str:

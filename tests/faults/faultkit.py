@@ -9,8 +9,10 @@ Used two ways:
 Faults (all keys optional)::
 
     {"kill": [{"when": "before_rename" | "after_rename", "name": "last.safetensors", "nth": 2},
-              {"when": "call", "target": "brainseg.train.lr_at", "nth": 3}],
-     "enospc": {"name": "*.safetensors*", "budget": 0, "skip": 0}}
+              {"when": "call", "target": "brainseg.train.epoch.lr_at", "nth": 3}],
+     "enospc": {"name": "*.safetensors*", "budget": 0, "skip": 0},
+     "pause": {"name": "last.safetensors", "nth": 2, "marker": "/tmp/x.paused"},
+     "signal": [{"target": "brainseg.train.epoch.lr_at", "nth": 3, "signals": ["SIGTERM"]}]}
 
 * ``before_rename``: the n-th atomic rename of a temporary file onto a final name matching
   ``name`` (fnmatch) is replaced by: cut the temporary file to half its size, SIGKILL.
@@ -19,10 +21,15 @@ Faults (all keys optional)::
 * ``after_rename``: SIGKILL right after that rename (the file is complete, the next step of
   the program never runs).
 * ``call``: SIGKILL at the start of the n-th call of a function (``module.attr``), e.g.
-  ``brainseg.train.lr_at`` runs once per training step: a kill in the middle of training.
+  ``brainseg.train.epoch.lr_at`` runs once per training step: a kill in the middle of training.
 * ``enospc``: files opened for writing whose name matches ``name`` fail with
   ``OSError(ENOSPC)`` once ``budget`` bytes have been written to them in total (after the
   first ``skip`` such files were let through). That is how a full disk looks to Python code.
+* ``pause``: at the n-th atomic rename onto ``name`` (the temporary file complete, the final
+  name untouched), write ``marker`` and sleep until killed: a test kills the process from the
+  outside at that exact point (no polling luck), as a user or the OOM killer would.
+* ``signal``: at the start of the n-th call of ``target``, send ``signals`` to this process
+  (e.g. SIGTERM, or SIGINT twice): Ctrl-C / a scheduler's SIGTERM at an exact training step.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,6 +110,35 @@ def _call_hook(point: dict[str, Any]) -> None:
         return fn(*args, **kwargs)
 
     _set(module, attr, hooked)
+
+
+def _signal_hook(point: dict[str, Any]) -> None:
+    module_name, attr = point["target"].rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    fn = getattr(module, attr)
+    counter = _Counter()
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        if counter.hit(point.get("nth", 1)):
+            for name in point["signals"]:
+                signal.raise_signal(getattr(signal, name))  # its Python handler runs here
+        return fn(*args, **kwargs)
+
+    _set(module, attr, hooked)
+
+
+def _pause_hook(point: dict[str, Any], real: Any) -> Any:
+    counter = _Counter()
+
+    def hooked(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        name = _final_name(os.fspath(src), os.fspath(dst))
+        if fnmatch.fnmatchcase(name, point["name"]) and counter.hit(point.get("nth", 1)):
+            Path(point["marker"]).write_text(os.fspath(src))
+            while True:  # until the test's SIGKILL
+                time.sleep(1)
+        return real(src, dst, *args, **kwargs)
+
+    return hooked
 
 
 # --------------------------------------------------------------------------- disk full
@@ -193,6 +230,11 @@ def install(spec: dict[str, Any]) -> None:
     for point in spec.get("kill", []):
         if point["when"] == "call":
             _call_hook(point)
+    for point in spec.get("signal", []):
+        _signal_hook(point)
+    if "pause" in spec:
+        _set(os, "replace", _pause_hook(spec["pause"], os.replace))
+        _set(os, "rename", _pause_hook(spec["pause"], os.rename))
     full = spec.get("enospc")
     if full:
         hook = _open_hook(_FullDisk(full["name"], int(full.get("budget", 0)), full.get("skip", 0)))

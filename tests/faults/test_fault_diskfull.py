@@ -205,7 +205,8 @@ def test_unpacking_disk_full_leaves_no_half_dataset(phantom_root: Path, tmp_path
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Any:
-    """A 1 MiB tmpfs (needs root / CAP_SYS_ADMIN: skipped elsewhere, e.g. on CI runners)."""
+    """A 1 MiB tmpfs (needs root / CAP_SYS_ADMIN; CI runs as root, so it runs there; skipped
+    only where mounting is not allowed)."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
     r = subprocess.run(

@@ -4,12 +4,14 @@ continues, and the finished run equals an uninterrupted one (same seed, CPU): th
 metrics.csv (but the timings) and bit-identical last/best weights.
 
 The kill points are deterministic (faultkit hooks, no timing); one more test kills from the
-outside when the temporary checkpoint file appears, as a user or the OOM killer would.
+outside while faultkit holds the process with a complete temporary checkpoint not yet renamed,
+as a user or the OOM killer would. SIGTERM and a double Ctrl-C are sent at an exact step.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -96,8 +98,13 @@ def resume_and_check(run: Path, reference: Path) -> None:
     assert litter(run) == []
 
 
+#: Where the loop looks each hooked function up (a step calls epoch.lr_at once; an epoch
+#: ends with one validation.validate).
+TARGETS = {"lr_at": "brainseg.train.epoch.lr_at", "validate": "brainseg.train.validation.validate"}
+
+
 def call(target: str, nth: int) -> dict[str, Any]:
-    return {"when": "call", "target": f"brainseg.train.{target}", "nth": nth}
+    return {"when": "call", "target": TARGETS[target], "nth": nth}
 
 
 def before(name: str, nth: int) -> dict[str, Any]:
@@ -109,13 +116,11 @@ def after(name: str, nth: int) -> dict[str, Any]:
 
 
 #: (label, faultkit kill point). lr_at runs once per step (2 per epoch); metrics.csv is
-#: written once at the start and once per epoch.
+#: written once at the start and once per epoch. Each is a short tiny run plus its resume.
 KILLS = [
     ("in step 1 of epoch 2", call("lr_at", 3)),
     ("mid-write of last (epoch 2)", before("last.safetensors", 2)),
     ("after last, before metrics (epoch 1)", after("last.safetensors", 1)),
-]
-KILLS_STRESS = [
     ("in step 1 of epoch 1", call("lr_at", 1)),
     ("in step 2 of epoch 2", call("lr_at", 4)),
     ("in validation (epoch 2)", call("validate", 2)),
@@ -145,35 +150,48 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     _kill_and_resume(tiny, reference, tmp_path, point)
 
 
-@pytest.mark.stress
-@pytest.mark.parametrize("label,point", KILLS_STRESS, ids=[k[0] for k in KILLS_STRESS])
-def test_more_kill_points(
-    tiny: tuple[Path, Path], reference: Path, tmp_path: Path, label: str, point: dict[str, Any]
-) -> None:
-    _kill_and_resume(tiny, reference, tmp_path, point)
+def _wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until the paused process has written ``path`` (it then sleeps until killed)."""
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before it reached the kill point"
+        time.sleep(0.01)
 
 
-@pytest.mark.stress
+@pytest.mark.slow
 @pytest.mark.parametrize("nth", [1, 2])
 def test_sigkill_from_outside_while_the_checkpoint_is_written(
     tiny: tuple[Path, Path], reference: Path, tmp_path: Path, nth: int
 ) -> None:
-    """A real asynchronous SIGKILL the moment the n-th temporary last.safetensors appears."""
-    cmd = [sys.executable, "-m", "brainseg", *map(str, train_args(tiny, tmp_path))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run, seen, t0 = tmp_path / "exp", set(), time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 600:
-        temps = {p.name for p in run.glob(".last.safetensors.*.tmp")} if run.exists() else set()
-        seen |= temps
-        if temps and len(seen) >= nth:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait(timeout=60)
+    """A real asynchronous SIGKILL while the n-th last.safetensors is complete under its
+    temporary name but not yet renamed (faultkit holds the process there)."""
+    marker = tmp_path / "paused"
+    env = {
+        **os.environ,
+        "BRAINSEG_FAULTS": json.dumps(
+            {"pause": {"name": "last.safetensors", "nth": nth, "marker": str(marker)}}
+        ),
+    }
+    cmd = [sys.executable, str(faultkit.SCRIPT), *map(str, train_args(tiny, tmp_path))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        _wait_for(marker, proc)
+        temp = Path(marker.read_text())
+        assert temp.is_file() and temp.name.startswith(".last.safetensors.")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    run = tmp_path / "exp"
+    if nth == 1:
+        assert not (run / "last.safetensors").exists()
+    else:  # the previous epoch's file is what is on disk
+        from brainseg.checkpoint import read_metadata
+
+        assert read_metadata(run / "last.safetensors")["train_state"]["epoch"] == nth - 1
     resume_and_check(run, reference)
 
 
-@pytest.mark.stress
+@pytest.mark.slow
 def test_disk_full_while_saving_last_keeps_the_previous_one(
     tiny: tuple[Path, Path], reference: Path, tmp_path: Path
 ) -> None:
@@ -182,6 +200,44 @@ def test_disk_full_while_saving_last_keeps_the_previous_one(
     assert r.returncode == 1 and "disk full while writing" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     resume_and_check(tmp_path / "exp", reference)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_mid_epoch_saves_exits_130_and_resumes_to_the_same_run(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a scheduler's time limit) in step 1 of epoch 2: that step finishes, the
+    position in the epoch is saved, exit 130; the resumed run equals an uninterrupted one."""
+    from brainseg.checkpoint import read_metadata
+
+    point = {"target": TARGETS["lr_at"], "nth": 3, "signals": ["SIGTERM"]}
+    r = run_faulty(train_args(tiny, tmp_path), {"signal": [point]})
+    assert r.returncode == 130, r.stderr
+    run = tmp_path / "exp"
+    assert f"interrupted at epoch 2 step 1/{STEPS}" in r.stderr, r.stderr
+    assert f"brainseg train --resume {run}" in r.stderr.replace("\n", "")
+    state = read_metadata(run / "last.safetensors")["train_state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 3)
+    resumed = run_cli(["train", "--resume", run])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} from epoch 2, step 2 of {STEPS}" in resumed.stderr, resumed.stderr
+    assert_same_run(run, reference)
+    assert litter(run) == []
+
+
+def test_a_second_ctrl_c_aborts_at_once(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two SIGINTs in step 1 of epoch 2: no step finishes, nothing is saved, exit 130."""
+    from brainseg.checkpoint import read_metadata
+
+    point = {"target": TARGETS["lr_at"], "nth": 3, "signals": ["SIGINT", "SIGINT"]}
+    r = run_faulty(train_args(tiny, tmp_path), {"signal": [point]})
+    assert r.returncode == 130, r.stderr
+    assert "stopping after the current step" in r.stderr  # the first Ctrl-C was seen
+    assert "interrupted at epoch" not in r.stderr and "saved" not in r.stderr, r.stderr
+    state = read_metadata(tmp_path / "exp" / "last.safetensors")["train_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # epoch 1's file, untouched
 
 
 def test_faultkit_kills_where_it_is_told(tmp_path: Path) -> None:

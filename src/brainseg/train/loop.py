@@ -1,0 +1,151 @@
+"""The training loop, read top to bottom: setup, then per epoch train / validate / save / log.
+
+    brainseg train DATA --split splits.yaml            # one process, CPU / CUDA / MPS
+    torchrun --nproc-per-node 4 -m brainseg train ...  # DistributedDataParallel
+
+:func:`run_training` takes a TrainConfig and returns a :class:`TrainResult`; :func:`train` is
+the same returning the run folder, with the final tables printed (what the CLI shows).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from brainseg import console as con
+from brainseg.config import TrainConfig
+from brainseg.train import validation
+from brainseg.train.epoch import Stopper, run_epoch
+from brainseg.train.preview import write_preview
+from brainseg.train.resume import save_last, save_weights
+from brainseg.train.runfiles import METRICS_COLUMNS, epoch_line, write_curves, write_metrics
+from brainseg.train.setup import Run, setup
+
+#: The files of a run folder, as the final table lists them.
+RUN_FILES = (
+    ("best weights", "best.safetensors"),
+    ("last state", "last.safetensors"),
+    ("metrics", "metrics.csv"),
+    ("curves", "curves.png"),
+    ("preview", "preview.png"),
+)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run gives back: its folder, every epoch's row and the best one."""
+
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    epochs: int
+    image_size: int
+    is_main: bool = True  # False on torchrun's other ranks (they print nothing)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a UNet-VGG16 as ``cfg`` says, print the final tables; returns the run folder.
+
+    ``cfg.resume`` (a run folder) continues that run from its last.safetensors; build such a
+    config with :func:`brainseg.config.load_resume_config`.
+    """
+    result = run_training(cfg)
+    if result.is_main:
+        render(result)
+    return result.run_dir
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Validate ``cfg``, build the run, train the remaining epochs; nothing printed at the end."""
+    cfg.validate()
+    if cfg.quiet:
+        con.configure(quiet=True)
+    run = setup(cfg)
+    stopper = Stopper()
+    stopper.install()
+    try:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            run_epoch(run, epoch, stopper)
+            end_of_epoch(run, epoch, t_epoch)
+    finally:
+        stopper.uninstall()
+        run.rt.dist.close()
+    best = next((r for r in run.rows if r["epoch"] == run.state.best_epoch), run.rows[-1])
+    return TrainResult(
+        run.run_dir, run.rows, best, cfg.epochs, cfg.image_size, is_main=run.rt.dist.is_main
+    )
+
+
+def end_of_epoch(run: Run, epoch: int, t_epoch: float) -> None:
+    """Validate, keep the best, step the plateau scheduler, write the run files, log a line."""
+    cfg, state, rt = run.cfg, run.state, run.rt
+    loss_sum, loss_count = rt.dist.sum_floats(state.loss_sum, float(state.loss_count))
+    train_seconds = state.train_seconds
+    rt.dist.sync_buffers(run.raw)
+    metrics = validation.validate(run.raw, run.data.val, cfg, rt.device, rt.amp_dtype, rt.dist)
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    improved = metrics["val_dice_patient"] > state.best_dice
+    if improved:
+        state.best_dice, state.best_epoch = metrics["val_dice_patient"], epoch + 1
+    if cfg.scheduler == "plateau":
+        state.plateau_step(metrics["val_dice_patient"], cfg)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(loss_count, 1.0),
+        **metrics,
+        "lr": state.lr,
+        "seconds": time.perf_counter() - t_epoch + state.carried_seconds,
+        "images_per_s": loss_count / train_seconds if train_seconds else 0.0,
+    }
+    state.carried_seconds = 0.0
+    run.rows.append(row)
+    if rt.dist.is_main:
+        save_epoch_files(run, row, improved)
+    con.info(epoch_line(row, cfg.epochs, improved, cfg.image_size))
+
+
+def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
+    """best (+ preview) when improved, then metrics.csv, curves.png, last.safetensors."""
+    d, rt = run.run_dir, run.rt
+    meta = {
+        **run.meta,
+        "epoch": row["epoch"],
+        "metrics": {k: row[k] for k in METRICS_COLUMNS if k != "epoch"},
+    }
+    if improved:
+        save_weights(d / "best.safetensors", run.raw, meta)
+        write_preview(
+            d / "preview.png", run.raw, run.data.val, run.data.preview_rows, rt.device, rt.amp_dtype
+        )
+    # metrics before last: a kill between the two redoes this epoch on resume (rows after
+    # last's epoch are dropped); the other order would lose the row for good
+    write_metrics(d / "metrics.csv", run.rows)
+    write_curves(d / "curves.png", run.rows, run.cfg.image_size)
+    save_last(d, run.raw, run.optimizer, run.scaler, run.gen, run.state, meta)
+
+
+def render(result: TrainResult) -> None:
+    """The final tables: the best epoch (Dice at the training size) and the run's files."""
+    best, size = result.best, result.image_size
+    con.result(
+        con.table(
+            f"best epoch {best['epoch']} of {result.epochs} (by mean per-patient Dice, "
+            f"on validation slices at the training size {size}x{size})",
+            ["epoch", "train_loss", "val_loss", "dice_slice", "dice_patient"],
+            [
+                [
+                    best["epoch"],
+                    best["train_loss"],
+                    best["val_loss"],
+                    best["val_dice_slice"],
+                    best["val_dice_patient"],
+                ]
+            ],
+        )
+    )
+    files = [["run folder", str(result.run_dir)]]
+    files += [[label, str(result.run_dir / name)] for label, name in RUN_FILES]
+    con.result(con.table(None, ["file", "path"], files))

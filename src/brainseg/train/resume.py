@@ -1,0 +1,154 @@
+"""Exact resume: the loop's counters (LoopState) and last.safetensors (weights, Adam moments,
+RNG states, the epoch's permutation; no pickle) written and read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from brainseg.config import TrainConfig
+from brainseg.errors import BrainsegError
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where it stopped (saved in last)."""
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # steps done in the current (unfinished) epoch
+    global_step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    train_seconds: float = 0.0
+    carried_seconds: float = 0.0  # wall time of an interrupted epoch before the resume
+    lr: float = 0.0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    plateau_scale: float = 1.0
+    plateau_best: float = -1.0
+    plateau_bad: int = 0
+    perm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def plateau_step(self, value: float, cfg: TrainConfig) -> None:
+        """ReduceLROnPlateau on the val per-patient Dice (mode max)."""
+        if value > self.plateau_best:
+            self.plateau_best, self.plateau_bad = value, 0
+        else:
+            self.plateau_bad += 1
+            if self.plateau_bad > cfg.plateau_patience:
+                self.plateau_scale *= cfg.plateau_factor
+                self.plateau_bad = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "perm"}
+
+
+def save_weights(
+    path: Path,
+    model: nn.Module,
+    metadata: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Weights + metadata (+ extra tensors) as safetensors, atomically."""
+    from brainseg.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, metadata, extra=extra, force=True)
+
+
+def save_last(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    gen: torch.Generator,
+    state: LoopState,
+    metadata: dict[str, Any],
+) -> None:
+    """last.safetensors: weights + optimiser, scaler, RNG and loop state (no pickle).
+
+    Tensors (Adam moments, RNG states, the epoch's permutation) go in ``extra``; the rest
+    (param groups, scaler scalars, counters) is JSON in the metadata.
+    """
+    extra: dict[str, torch.Tensor] = {}
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            extra[f"optim.{pid}.{k}"] = t.detach().cpu().contiguous()
+    extra["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        extra["rng.cuda"] = torch.cuda.get_rng_state()
+    extra["rng.sampler"] = gen.get_state()
+    extra["perm"] = state.perm.to(torch.int64).contiguous()
+    meta = {
+        **metadata,
+        "epoch": state.epoch,
+        "train_state": {
+            **state.to_json(),
+            "optim_param_groups": opt["param_groups"],
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        },
+    }
+    save_weights(run_dir / "last.safetensors", model, meta, extra)
+
+
+def read_resume_state(run_dir: Path) -> dict[str, Any]:
+    """Metadata and tensors of ``run_dir/last.safetensors`` (refused when missing/foreign)."""
+    from brainseg.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata
+
+    last = run_dir / "last.safetensors"
+    if not last.is_file():
+        raise BrainsegError(
+            f"cannot resume: {last} does not exist",
+            hint="pass a run folder written by brainseg train (runs/train/exp)",
+        )
+    meta = read_metadata(last)
+    if "train_state" not in meta:
+        raise BrainsegError(
+            f"cannot resume: {last} holds no training state",
+            hint="resume from the run folder's last.safetensors, not a copy of best.safetensors",
+        )
+    tensors = load_tensors(last)
+    weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    extra = {k[len(EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    return {"meta": meta, "weights": weights, "extra": extra}
+
+
+def load_train_state(
+    resume: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    gen: torch.Generator,
+    state: LoopState,
+    device: torch.device,
+) -> None:
+    """Put the model, optimiser, scaler, generators and loop counters back."""
+    tensors: dict[str, torch.Tensor] = resume["extra"]
+    ts = dict(resume["meta"]["train_state"])
+    model.load_state_dict(resume["weights"], strict=True)
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    pre = "optim."
+    for k, v in tensors.items():
+        if k.startswith(pre):
+            pid, name = k[len(pre) :].split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": ts.pop("optim_param_groups")})
+    scaler_state = ts.pop("scaler")
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    gen.set_state(tensors["rng.sampler"])
+    state.perm = tensors["perm"].to(torch.int64)
+    for k, v in ts.items():
+        if hasattr(state, k):
+            setattr(state, k, v)
+    if state.step_in_epoch:  # the interrupted epoch's wall time so far counts in its row
+        state.carried_seconds = state.train_seconds

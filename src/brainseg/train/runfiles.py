@@ -1,0 +1,116 @@
+"""The run folder's human-readable files: metrics.csv, curves.png, the per-epoch line and bar."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from brainseg import console as con
+from brainseg.fsutil import atomic_path, atomic_write_text
+
+METRICS_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_dice_slice",
+    "val_dice_patient",
+    "lr",
+    "seconds",
+    "images_per_s",
+)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.csv as a list of dicts (epoch int, the rest float); [] when missing."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [
+            {k: int(v) if k == "epoch" else float(v) for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(METRICS_COLUMNS)
+    for r in rows:
+        w.writerow(
+            [
+                r["epoch"],
+                *(
+                    f"{float(r[k]):.6g}" if k in ("lr",) else repr(float(r[k]))
+                    for k in METRICS_COLUMNS[1:]
+                ),
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def epoch_line(row: dict[str, Any], epochs: int, improved: bool, image_size: int) -> str:
+    """The plain per-epoch log line (Dice on validation slices at the training size)."""
+    return (
+        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+        f"val_loss {row['val_loss']:.4f}  dice_slice {row['val_dice_slice']:.4f}  "
+        f"dice_patient {row['val_dice_patient']:.4f} (at {image_size}x{image_size})  "
+        f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s"
+        + ("  *best" if improved else "")
+    )
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        return None
+
+
+def epoch_bar(total: int, description: str) -> Any:
+    """A rich bar (loss, img/s, ETA) on a terminal; nothing otherwise (one line per epoch)."""
+    if con.interactive():
+        return con.progress(total, description, unit="img")
+    return _NoBar()
+
+
+def write_curves(path: Path, rows: list[dict[str, Any]], image_size: int) -> None:
+    """curves.png: loss and Dice per epoch."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, image_size)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict[str, Any]], image_size: int) -> Any:
+    """The curves figure (matplotlib, Agg); epochs on whole-number ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(ep, [r["val_dice_slice"] for r in rows], "o-", label="val per-slice")
+    b.plot(ep, [r["val_dice_patient"] for r in rows], "o-", label="val per-patient")
+    b.set_xlabel("epoch")
+    b.set_ylabel(f"Dice (at {image_size}x{image_size})")
+    b.set_ylim(0, 1)
+    b.legend()
+    for ax in (a, b):  # epochs are whole numbers: no 1.2, 1.4 ticks on a short run
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
