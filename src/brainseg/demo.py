@@ -176,19 +176,9 @@ def _data(run_dir: Path, opts: DemoOptions) -> Path:
 
 
 def _split(data: Path, out: Path, opts: DemoOptions) -> None:
-    from brainseg.commands.split import run_split, summary_table
+    from brainseg.data.split import SplitOptions, make_split_file
 
-    summary = run_split(
-        data,
-        out,
-        val_fraction=0.2,
-        test_fraction=0.0,
-        folds=None,
-        seed=opts.seed,
-        force=False,
-        skip_bad=False,
-    )
-    con.result(summary_table(summary))
+    con.result(make_split_file(SplitOptions(data, out, seed=opts.seed)).table())
 
 
 def _train(data: Path, split: Path, run_dir: Path, opts: DemoOptions) -> Path:
@@ -210,8 +200,7 @@ def _train(data: Path, split: Path, run_dir: Path, opts: DemoOptions) -> Path:
             "exist_ok": True,
         },
     )
-    cfg.validate()
-    return train(cfg)
+    return train(cfg)  # validates the config before any work
 
 
 def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) -> float:
@@ -247,11 +236,10 @@ def _predict(model: Path, scans: Path, out: Path, opts: DemoOptions) -> None:
 
 
 def _export(checkpoint: Path, out: Path, data: Path) -> None:
-    from brainseg.export import export_onnx, report_rows
+    from brainseg.export import export_onnx, report_rows, report_title
 
     report = export_onnx(checkpoint, out, verify_data=data)
-    cols, rows = report_rows(report)
-    con.result(con.table(f"ONNX vs PyTorch ({report.data_source})", cols, rows))
+    con.result(con.table(report_title(report), *report_rows(report)))
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -185,19 +185,7 @@ def select_patients(
     split = load_split(split_path)
     check_split(split, list(patient_ids))
     subset = subset or "val"
-    n_folds = split.n_folds
-    if fold is not None:
-        if n_folds == 0:
-            raise BrainsegError(
-                f"--fold {fold}: split {split_path} has no folds",
-                hint="make one with `brainseg split DATA --folds K`, or leave out --fold",
-            )
-        if not 0 <= fold < n_folds:
-            raise BrainsegError(
-                f"--fold {fold} is out of range: split {split_path} has {n_folds} folds "
-                f"(0 to {n_folds - 1})",
-                hint=f"pass --fold between 0 and {n_folds - 1}",
-            )
+    split.check_fold(fold)
     ids = split.all_patients if subset == "all" else split.patients(subset, fold)
     if not ids:
         raise BrainsegError(

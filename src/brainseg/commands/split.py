@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -81,28 +80,3 @@ def register(app: typer.Typer) -> None:
         con.info(f"wrote {output}")
         if json_out:
             con.emit_json(result.summary())
-
-
-def run_split(
-    data: Path,
-    output: Path,
-    *,
-    val_fraction: float,
-    test_fraction: float,
-    folds: int | None,
-    seed: int,
-    force: bool,
-    skip_bad: bool,
-) -> dict[str, Any]:
-    """Deprecated (demo.py only): ``make_split_file(SplitOptions(...)).summary()``."""
-    from brainseg.data.split import SplitOptions, make_split_file
-
-    opts = SplitOptions(data, output, val_fraction, test_fraction, folds, seed, force, skip_bad)
-    return make_split_file(opts).summary()
-
-
-def summary_table(summary: dict[str, Any]) -> Any:
-    """Deprecated alias of :func:`brainseg.data.split.summary_table`."""
-    from brainseg.data.split import summary_table as table
-
-    return table(summary)

@@ -340,10 +340,10 @@ def _vgg16_source(bn: bool) -> tuple[str, Path]:
 
     Both come from :mod:`brainseg.model` (the one place that names these weights).
     """
-    from brainseg.model import _weights_enum, imagenet_weights_path
+    from brainseg.model import imagenet_weights_path, vgg16_weights_url
 
     encoder = "vgg16_bn" if bn else "vgg16"
-    return str(_weights_enum(encoder).url), imagenet_weights_path(encoder)
+    return vgg16_weights_url(encoder), imagenet_weights_path(encoder)
 
 
 def expected_hash_prefix(file_name: str) -> str:

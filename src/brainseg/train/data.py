@@ -119,29 +119,12 @@ class TrainData:
         return int(self.images.shape[0])
 
 
-def check_fold(split: Any, fold: int | None, path: Path) -> None:
-    """Refuse a fold the split does not have (or any fold for a split without folds)."""
-    if fold is None:
-        return
-    n = split.n_folds
-    if n == 0:
-        raise BrainsegError(
-            f"split {path} has no cross-validation folds, but --fold {fold} was given",
-            hint="leave out --fold, or make a split with --folds K",
-        )
-    if not 0 <= fold < n:
-        raise BrainsegError(
-            f"fold {fold} is out of range: split {path} has {n} folds",
-            hint=f"use --fold 0..{n - 1}",
-        )
-
-
 def load_split_checked(path: Path, fold: int | None) -> Any:
     """The split file, with the fold checked (before any model or data is built)."""
     from brainseg.data.split import load_split
 
     split = load_split(path)
-    check_fold(split, fold, path)
+    split.check_fold(fold)
     return split
 
 
