@@ -248,7 +248,7 @@ def test_dynamo_failure_falls_back_to_torchscript_and_verifies(
     sess = _session(path)
     assert sess.get_inputs()[0].shape == ["batch", 3, "height", "width"]
     slices = load_slices(phantom_root, (SIZE, SIZE), tmp_path)
-    (row,) = compare_with_torch(ckpt, [("fp32", path)], slices.images[:8], 0.5)
+    (row,) = compare_with_torch(ckpt, [("fp32", path)], slices.images[:8])
     assert row["max_abs_diff"] < 1e-3 and row["max_abs_diff_2nd_size"] < 1e-3
     assert row["second_size"] == [96, 128] and row["mask_dice_vs_torch"] > 0.99
 
@@ -527,3 +527,165 @@ def test_int8_on_real_slices(ckpt: Path, tmp_path: Path, real_data: Path) -> Non
     assert q["calibration_slices"] == 32
     assert rep["verified_on"] == str(real_data)
     assert all(c["mask_dice_vs_torch"] > 0.8 for c in rep["checks"])
+
+
+# --------------------------------------------------------------------------- cv ensembles
+ENS_THRESHOLD, ENS_MIN_SIZE = 0.45, 3
+
+
+def _fold_checkpoint(dest: Path, phantom_root: Path, seed: int, size: int = SIZE) -> Path:
+    """A small fold checkpoint; each seed gives other weights (and other probabilities)."""
+    import torch
+
+    from brainseg.checkpoint import save_checkpoint
+    from brainseg.model import UNetVGG16
+
+    torch.manual_seed(seed)
+    model = UNetVGG16(encoder_weights=None, decoder_channels=(16, 16, 8, 8, 8)).eval()
+    img = tifffile.imread(sorted(phantom_root.glob("*/*_5.tif"))[0])
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        model.decoder.head.weight.mul_(10.0 * (seed + 1))
+        model.decoder.head.bias.sub_(float(np.quantile(model(x).numpy(), 0.7 + 0.05 * seed)))
+    meta = {
+        "image_size": size,
+        "threshold": 0.5,  # the fold's own; the ensemble's comes from the manifest
+        "postprocess": {"min_size": 0, "largest_component": False},
+        "metrics": {"val_dice_patient": 0.6 + 0.01 * seed},
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(dest, model, meta)
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path):
+    """A cv folder with 3 fold checkpoints and its ensemble.json, exported with the CLI:
+    (manifest, fold checkpoints, onnx file, JSON report)."""
+    from brainseg.ensemble import write_ensemble
+
+    cv = tmp_path_factory.mktemp("cv") / "exp"
+    folds = [
+        _fold_checkpoint(cv / f"fold_{k}" / "last.safetensors", phantom_root, k) for k in range(3)
+    ]
+    manifest = write_ensemble(
+        cv / "ensemble.json",
+        folds,
+        ENS_THRESHOLD,
+        ENS_MIN_SIZE,
+        False,
+        {"selection": {"select": "last"}, "tuning": {"objective": "mean patient Dice"}},
+    )
+    out = cv.parent / "ensemble.onnx"
+    r = run_cli(["export", manifest, "-o", out, "--json"])
+    assert r.returncode == 0, r.stderr
+    return manifest, folds, out, json.loads(r.stdout)
+
+
+def test_ensemble_onnx_is_the_mean_of_the_folds_probabilities(ensemble, phantom_root) -> None:
+    """One ONNX file whose sigmoid output is the mean of the folds' probabilities (each fold
+    run by its own Predictor with torch), at the training size and at a second size."""
+    from brainseg.imageio import resize_image
+    from brainseg.predict import Predictor, sigmoid
+
+    _, folds, out, rep = ensemble
+    sess = _session(out)
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    imgs = [tifffile.imread(p) for p in sorted(phantom_root.glob("*/*_6.tif"))[:2]]
+    fold_models = [Predictor(f, device="cpu") for f in folds]
+    for size in [(SIZE, SIZE), (96, 128)]:
+        batch = np.stack([resize_image(im, size) for im in imgs])
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+        got = sigmoid(sess.run(None, {"image": x})[0][:, 0])
+        each = [m.predict_model_size(batch) for m in fold_models]
+        mean = np.mean(each, axis=0)
+        assert got.shape == mean.shape == (2, *size)
+        np.testing.assert_allclose(got, mean, atol=1e-5, rtol=0)
+        for p in each:  # every fold counts: the mean is none of them
+            assert np.abs(got - p).max() > 1e-2
+    assert rep["ensemble_members"] == 3
+    (row,) = rep["checks"]
+    assert row["max_abs_diff"] < 1e-3 and row["max_abs_diff_2nd_size"] < 1e-3
+    assert row["mask_dice_vs_torch"] > 0.99
+
+
+def test_ensemble_metadata_carries_the_manifest_settings(ensemble) -> None:
+    from brainseg.predict import read_onnx_metadata
+
+    manifest, _, out, _ = ensemble
+    props = _props(out)
+    assert float(props["threshold"]) == ENS_THRESHOLD
+    assert json.loads(props["postprocess"]) == {
+        "min_size": ENS_MIN_SIZE,
+        "largest_component": False,
+    }
+    assert props["ensemble_members"] == "3"
+    assert json.loads(props["ensemble_folds"]) == ["fold_0", "fold_1", "fold_2"]
+    assert json.loads(props["image_size"]) == SIZE and props["normalization"] == "imagenet"
+    assert json.loads(props["architecture"])["decoder_channels"] == [16, 16, 8, 8, 8]
+    meta = read_onnx_metadata(out)  # what predict and eval see
+    assert meta["threshold"] == ENS_THRESHOLD and meta["ensemble_members"] == 3
+    ens = meta["ensemble"]
+    assert ens["folds"] == ["fold_0", "fold_1", "fold_2"] and ens["selection"]["select"] == "last"
+    assert ens["fold_metrics"]["fold_1"] == {"val_dice_patient": 0.61}
+    assert meta["onnx"]["source"] == manifest.name and "3 fold models" in meta["onnx"]["output"]
+
+
+def _masks_of(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: tifffile.imread(p) for p in sorted(out.rglob("*_mask.tif"))}
+
+
+def test_predict_with_the_ensemble_onnx_matches_predict_with_the_manifest(
+    ensemble, phantom_root: Path, tmp_path: Path
+) -> None:
+    """`brainseg predict model.onnx` (onnxruntime, the file's metadata) writes the masks
+    `brainseg predict ensemble.json` (torch, every fold, the manifest's settings) writes."""
+    manifest, _, out, _ = ensemble
+    patient = sorted(p for p in phantom_root.iterdir() if p.is_dir())[0]
+    for model, dest in ((out, tmp_path / "onnx"), (manifest, tmp_path / "torch")):
+        r = run_cli(["predict", model, patient, "-o", dest, "--device", "cpu"])
+        assert r.returncode == 0, r.stderr
+    a, b = _masks_of(tmp_path / "onnx"), _masks_of(tmp_path / "torch")
+    assert a.keys() == b.keys() and len(a) >= 8
+    assert sum(int(m.any()) for m in a.values()) >= 2  # some slices have a tumor mask
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_ensemble_int8_refused_and_bad_manifests_exit_2(
+    ensemble, phantom_root: Path, tmp_path: Path
+) -> None:
+    from brainseg.ensemble import write_ensemble
+
+    manifest, folds, _, _ = ensemble
+    r = run_cli(["export", manifest, "-o", tmp_path / "m8.onnx", "--int8", "--calib", "x"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--int8 is not supported for an ensemble" in r.stderr and "--fp16" in r.stderr
+    # folds trained at different sizes cannot share one graph
+    other = _fold_checkpoint(tmp_path / "fold_9" / "last.safetensors", phantom_root, 0, 96)
+    mixed = write_ensemble(tmp_path / "mixed.json", [folds[0], other], 0.5, 0, False)
+    r = run_cli(["export", mixed, "-o", tmp_path / "mixed.onnx"])
+    assert r.returncode == 2 and "different image sizes" in r.stderr
+    # a fold file that is gone: named, nothing written
+    gone = write_ensemble(
+        tmp_path / "gone.json", [folds[0], tmp_path / "nope.safetensors"], 0.5, 0, False
+    )
+    r = run_cli(["export", gone, "-o", tmp_path / "gone.onnx"])
+    assert r.returncode == 2 and "nope.safetensors" in r.stderr and "does not exist" in r.stderr
+    assert not any(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.slow  # three more fold exports (~60 s on 2 shared cores)
+def test_ensemble_fp16(ensemble, tmp_path: Path) -> None:
+    """--fp16 of an ensemble: half the file, the merge head kept float32, masks as torch's."""
+    manifest, _, _, _ = ensemble
+    out = tmp_path / "ens16.onnx"
+    r = run_cli(["export", manifest, "-o", out, "--fp16", "--json"])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    by = {c["model"]: c for c in rep["checks"]}
+    assert by["fp16"]["size_mb"] < 0.6 * by["fp32"]["size_mb"]
+    assert by["fp16"]["mask_dice_vs_torch"] > 0.98 and by["fp16"]["max_abs_diff"] < 0.5
+    assert _props(out)["variant"] == "fp16" and _props(out)["ensemble_members"] == "3"
+    got = _session(out).run(None, {"image": np.full((1, 3, 64, 64), 250, np.float32)})[0]
+    assert np.isfinite(got).all()

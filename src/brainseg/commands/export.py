@@ -1,4 +1,4 @@
-"""`brainseg export`: a checkpoint to ONNX (fp32, fp16 or static int8), verified against torch.
+"""`brainseg export`: a checkpoint or a cv ensemble to ONNX (fp32, fp16 or int8), verified.
 
 Only typer, the standard library and light brainseg modules at import time: torch, onnx and
 onnxruntime are imported when the command runs.
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from brainseg.export import ExportReport
 
 _HELP = (
-    "Export CHECKPOINT (.safetensors) to an ONNX file for onnxruntime (CPU or GPU, no torch).\n\n"
+    "Export CHECKPOINT (.safetensors) to an ONNX file for onnxruntime (CPU or GPU, no torch); "
+    "an ensemble.json from `brainseg cv` becomes ONE file that averages its folds' "
+    "probabilities (fp32 or --fp16).\n\n"
     "Dynamic batch, height and width; the image size, threshold, post-processing, "
     "normalisation, architecture and training metrics are stored in the file's metadata. "
     "The result is checked with onnx.checker and compared with PyTorch on slices of "
@@ -34,7 +36,10 @@ def register(app: typer.Typer) -> None:
     @app.command("export", help=_HELP, no_args_is_help=True)
     def _cmd(
         checkpoint: Path = typer.Argument(
-            ..., show_default=False, help="A .safetensors checkpoint written by brainseg."
+            ...,
+            show_default=False,
+            help="A .safetensors checkpoint written by brainseg, or an ensemble.json "
+            "written by `brainseg cv` (runs/cv/expN/ensemble.json).",
         ),
         output: Path = typer.Option(
             ..., "--output", "-o", show_default=False, help="The .onnx file to write."

@@ -19,8 +19,8 @@ from typing import Any
 
 from brainseg import console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.postprocess import DEFAULT_THRESHOLD
 from brainseg.predict import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUT
+from brainseg.settings import resolve
 
 #: The dynamic axes of the graph's input and output (index -> name).
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
@@ -57,6 +57,7 @@ def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, sou
     """Write brainseg's ``metadata_props`` (the JSON blob and the plain keys) into ``model``."""
     from brainseg import __version__
 
+    post = resolve(meta).post
     full = dict(meta)
     full["onnx"] = {
         "variant": variant,
@@ -65,18 +66,25 @@ def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, sou
         "input": f"{ONNX_INPUT}: float32 N x 3 x H x W raw pixels 0..255, H and W multiples of 32",
         "output": f"{ONNX_OUTPUT}: float32 N x 1 x H x W (sigmoid -> probability)",
     }
+    if meta.get("ensemble_members"):
+        full["onnx"]["output"] += (
+            f"; the mean probability of {meta['ensemble_members']} fold models, as a logit"
+        )
     props = {
         ONNX_METADATA_KEY: _json(full),
         "brainseg_version": str(meta.get("brainseg_version", __version__)),
         "exported_by": f"brainseg {__version__}",
         "variant": variant,
         "image_size": _json(meta.get("image_size")),
-        "threshold": repr(float(meta.get("threshold", DEFAULT_THRESHOLD))),
+        "threshold": repr(post.threshold),
         "normalization": str(meta.get("normalization", "")),
         "postprocess": _json(meta.get("postprocess") or {}),
         "architecture": _json(meta.get("architecture") or {}),
         "metrics": _json(meta.get("metrics") or {}),
     }
+    if meta.get("ensemble_members"):
+        props["ensemble_members"] = str(int(meta["ensemble_members"]))
+        props["ensemble_folds"] = _json(meta.get("ensemble", {}).get("folds", []))
     del model.metadata_props[:]
     for k, v in props.items():
         entry = model.metadata_props.add()

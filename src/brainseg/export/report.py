@@ -26,12 +26,14 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)  # advice that is not a warning
     seconds: float = 0.0
     written: bool = True
+    members: int = 0  # fold models merged into the file (0: a single checkpoint)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able (``--json``)."""
         return {
             "output": str(self.path),
             "written": self.written,
+            "ensemble_members": self.members,
             "variant": self.variant,
             "opset": self.opset,
             "exporter": self.exporter,
@@ -89,8 +91,9 @@ def report_rows(report: ExportReport) -> tuple[list[str], list[list[Any]]]:
 
 
 def report_title(report: ExportReport) -> str:
+    ref = f"PyTorch, mean of {report.members} fold models" if report.members else "PyTorch"
     return (
-        f"ONNX vs PyTorch ({report.data_source}; mask Dice at the training size {report.size_text})"
+        f"ONNX vs {ref} ({report.data_source}; mask Dice at the training size {report.size_text})"
     )
 
 

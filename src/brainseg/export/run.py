@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,13 +14,14 @@ from typing import Any
 import numpy as np
 
 from brainseg import console
+from brainseg.ensemble import is_manifest
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.export import cpu, verify
+from brainseg.export import ensemble as ens
 from brainseg.export.graph import os_error, set_metadata, torch_to_onnx
 from brainseg.export.report import ExportCheckFailed, ExportReport
 from brainseg.export.variants import convert_fp16, quantize_int8
 from brainseg.fsutil import atomic_path, write_error
-from brainseg.postprocess import DEFAULT_THRESHOLD
 
 #: Opsets accepted by ``--opset``.
 MIN_OPSET = 13
@@ -49,6 +49,11 @@ class ExportOptions:
     def variant(self) -> str:
         return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
+    @property
+    def ensemble(self) -> bool:
+        """The source is an ensemble manifest (``brainseg cv``'s ensemble.json)."""
+        return is_manifest(self.checkpoint)
+
 
 def _as_path(p: str | os.PathLike[str] | None) -> Path | None:
     return None if p is None else Path(p)
@@ -66,33 +71,24 @@ def make_options(
 # --------------------------------------------------------------------------- input checks
 
 
-def _looks_like_onnx(head: bytes) -> bool:
-    """An ONNX ModelProto starts with field 1 ``ir_version`` (tag 0x08, a small varint) and
-    then another field tag; safetensors starts with an 8-byte header length, then ``{``."""
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n < 1 << 32 and head[8:9] == b"{":
-            return False  # safetensors
-    return (
-        len(head) >= 3
-        and head[0] == 0x08
-        and 1 <= head[1] <= 20
-        and head[2] in b"\x12\x1a\x22\x2a\x32\x3a\x42"
-    )
-
-
 def check_checkpoint_kind(path: Path) -> None:
-    """An ONNX file given as the checkpoint gets its own message (not "invalid header")."""
+    """An ONNX file given as the checkpoint gets its own message (not "invalid header").
+
+    What the file holds comes from :func:`brainseg.checkpoint.sniff_model_file` (its first
+    bytes, never its name), the one sniffer predict and checkpoint loading use too.
+    """
+    from brainseg.checkpoint import sniff_model_file
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
+        kind = sniff_model_file(path)
     except OSError:
         return  # load_checkpoint names a missing or unreadable file
-    if _looks_like_onnx(head):
+    if kind == "onnx":
         raise BrainsegError(
             f"{path} is an ONNX model; export takes a .safetensors checkpoint",
             hint="give the .safetensors checkpoint from `brainseg train` (e.g. "
-            "runs/train/exp/best.safetensors); an ONNX file is already exported",
+            "runs/train/exp/best.safetensors) or an ensemble.json from `brainseg cv`; "
+            "an ONNX file is already exported",
         )
 
 
@@ -123,7 +119,10 @@ def check_export_args(opts: ExportOptions) -> None:
         raise BrainsegError(f"output {out} is a folder", hint="give a file name, e.g. model.onnx")
     if out.exists() and not opts.force:
         raise BrainsegError(f"{out} already exists", hint="pass --force to overwrite it")
-    check_checkpoint_kind(opts.checkpoint)
+    if opts.ensemble:
+        _check_ensemble_args(opts)
+    else:
+        check_checkpoint_kind(opts.checkpoint)
     for name, p in (
         ("--calib", opts.calib),
         ("--verify-data", opts.verify_data),
@@ -131,6 +130,20 @@ def check_export_args(opts: ExportOptions) -> None:
     ):
         if p is not None and not p.exists():
             raise BrainsegError(f"{name} {p} does not exist", hint="check the path")
+
+
+def _check_ensemble_args(opts: ExportOptions) -> None:
+    """An ensemble.json: a readable manifest whose models exist; fp32 or fp16 only."""
+    from brainseg.ensemble import load_ensemble
+
+    if opts.int8:
+        raise BrainsegError(
+            f"--int8 is not supported for an ensemble ({opts.checkpoint}): its fold models "
+            "would be calibrated and quantised as one graph with no per-fold check",
+            hint="export the ensemble as fp32 (the default) or with --fp16; or --int8 one "
+            "fold checkpoint (runs/cv/expN/fold_k/last.safetensors)",
+        )
+    load_ensemble(opts.checkpoint)  # names a missing fold file or a damaged manifest (exit 2)
 
 
 def _clear_write_errors(
@@ -245,45 +258,80 @@ def _compare_int8(
 # --------------------------------------------------------------------------- the job
 
 
+@dataclass
+class _Graphs:
+    """The fp32 graph(s) exported from the source: one checkpoint, or every fold's."""
+
+    folds: list[Any]  # fp32 ModelProtos (one for a checkpoint)
+    meta: dict[str, Any]  # what the written file's metadata says
+    size: tuple[int, int]
+    exporter: str
+
+
+def _export_graphs(opts: ExportOptions, tmp: Path) -> _Graphs:
+    """torch -> fp32 ONNX for the checkpoint, or for each model of the ensemble."""
+    import onnx
+
+    from brainseg.checkpoint import load_checkpoint
+    from brainseg.ensemble import load_ensemble
+    from brainseg.settings import image_size_of
+
+    paths, settings = load_ensemble(opts.checkpoint) if opts.ensemble else ([opts.checkpoint], {})
+    loaded = [load_checkpoint(p, "cpu") for p in paths]
+    metas = [m for _, m in loaded]
+    meta = metas[0]
+    if opts.ensemble:
+        ens.check_same_size([image_size_of(m) for m in metas], paths)
+        meta = ens.ensemble_metadata(metas, settings, ens.fold_names(paths), opts.checkpoint)
+    size = image_size_of(meta) or (256, 256)
+    folds, exporters = [], []
+    for k, (model, _) in enumerate(loaded):
+        what = f"fold {k + 1}/{len(paths)} {paths[k]}" if opts.ensemble else str(paths[k])
+        console.info(f"exporting {what} ({size[0]}x{size[1]}, opset {opts.opset})")
+        exporters.append(torch_to_onnx(model.eval(), tmp / f"fold{k}.onnx", size, opts.opset))
+        folds.append(onnx.load(str(tmp / f"fold{k}.onnx")))
+    return _Graphs(folds, meta, size, "+".join(sorted(set(exporters))))
+
+
+def _assemble(folds: list[Any], opts: ExportOptions) -> Any:
+    """The one graph to write: the checkpoint's, or the folds merged into their mean."""
+    return ens.merge_folds(folds) if opts.ensemble else folds[0]
+
+
 @_clear_write_errors
 def _export(opts: ExportOptions) -> ExportReport:
     import onnx
 
-    from brainseg.checkpoint import load_checkpoint
-    from brainseg.predict import _as_size
-
     t0 = time.perf_counter()
     check_export_args(opts)
-    model, meta = load_checkpoint(opts.checkpoint, "cpu")
-    model.eval()
-    size = _as_size(meta.get("image_size")) or (256, 256)
     out = opts.output
     with tempfile.TemporaryDirectory(
         prefix=".brainseg-export-", dir=out.parent if out.parent.exists() else None
     ) as td:
         tmp = Path(td)
-        fp32_path = tmp / "fp32.onnx"
-        console.info(f"exporting {opts.checkpoint} ({size[0]}x{size[1]}, opset {opts.opset})")
-        exporter = torch_to_onnx(model, fp32_path, size, opts.opset)
-        proto = onnx.load(str(fp32_path))
-        _save(proto, fp32_path, meta, "fp32", opts)
+        g = _export_graphs(opts, tmp)
+        meta, size = g.meta, g.size
+        if opts.ensemble:
+            console.info(f"merging {len(g.folds)} fold graphs into one (mean probability)")
+        fp32_path = _save(_assemble(g.folds, opts), tmp / "fp32.onnx", meta, "fp32", opts)
 
         slices = verify.load_slices(opts.verify_data or opts.calib, size, tmp)
         val_ids, cal_ids = verify.val_calib_patients(slices.patient_ids, opts.split)
         final, int8_info = fp32_path, None
         if opts.fp16:
             console.info("converting the weights to fp16 (input and output stay float32)")
-            final = _save(convert_fp16(proto), tmp / "fp16.onnx", meta, "fp16", opts)
+            half = _assemble([convert_fp16(f) for f in g.folds], opts)
+            final = _save(half, tmp / "fp16.onnx", meta, "fp16", opts)
         if opts.int8:
             q_path, int8_info = _int8_file(fp32_path, slices, cal_ids, opts, tmp)
             final = _save(onnx.load(str(q_path)), q_path, meta, "int8", opts)
         _check_file(final)
 
         rows = verify.pick_rows(np.arange(len(slices.images)), slices.masks, verify.VERIFY_SLICES)
-        console.info(f"verifying against PyTorch on {len(rows)} slices of {slices.source}")
+        what = f"the mean of {len(g.folds)} fold models" if opts.ensemble else "PyTorch"
+        console.info(f"verifying against {what} on {len(rows)} slices of {slices.source}")
         variants = [("fp32", fp32_path)] + ([(opts.variant, final)] if final != fp32_path else [])
-        thr = float(meta.get("threshold", DEFAULT_THRESHOLD))
-        checks = verify.compare_with_torch(opts.checkpoint, variants, slices.images[rows], thr)
+        checks = verify.compare_with_torch(opts.checkpoint, variants, slices.images[rows])
         quiet_warnings = []
         if int8_info is not None:
             quiet_warnings = _compare_int8(fp32_path, final, slices, val_ids, meta, int8_info)
@@ -294,7 +342,7 @@ def _export(opts: ExportOptions) -> ExportReport:
             path=out,
             variant=opts.variant,
             opset=opts.opset,
-            exporter=exporter,
+            exporter=g.exporter,
             size_mb=final.stat().st_size / 1e6,
             image_size=size,
             data_source=slices.source,
@@ -302,6 +350,7 @@ def _export(opts: ExportOptions) -> ExportReport:
             int8=int8_info,
             warnings=found + quiet_warnings,
             notes=_notes(slices, int8_info),
+            members=len(g.folds) if opts.ensemble else 0,
         )
         if opts.strict and found:
             report.written = False

@@ -2,9 +2,11 @@
 
 The reference is the checkpoint run by :class:`brainseg.predict.Predictor` (torch backend);
 each ONNX file is run by a Predictor too (onnxruntime backend), so the masks compared are the
-masks ``brainseg predict`` makes: the model's probabilities thresholded with
-:func:`brainseg.postprocess.binarize`; Dice is :mod:`brainseg.metrics`'. Everything is at the
-model's training size (plus a second size for the dynamic axes, logits only).
+masks ``brainseg predict`` makes (:func:`brainseg.postprocess.mask_from_output` with the
+settings :func:`brainseg.settings.resolve` reads from the model's metadata); Dice is
+:mod:`brainseg.metrics`'. An ensemble.json reference is the mean of its fold models (as
+predict runs it). Everything is at the model's training size (plus a second size for the
+dynamic axes, logits only).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from brainseg import metrics, postprocess
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.predict import Predictor, TorchBackend
+from brainseg.settings import PostSettings, resolve
 
 #: Slices compared between PyTorch and onnxruntime (one batch).
 VERIFY_SLICES = 8
@@ -126,8 +129,18 @@ def open_cpu(path: Path) -> Predictor:
 
 
 def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES) -> np.ndarray:
-    """N x H x W x 3 uint8 -> N x H x W logits of the predictor's (single) backend."""
-    backend = predictor.backends[0]
+    """N x H x W x 3 uint8 -> N x H x W logits of the predictor's model; for an ensemble
+    (several backends) the folds' logits combined as the merged ONNX graph does
+    (:func:`brainseg.export.ensemble.ensemble_logits`)."""
+    per_model = [_backend_logits(b, images, batch) for b in predictor.backends]
+    if len(per_model) == 1:
+        return per_model[0]
+    from brainseg.export.ensemble import ensemble_logits
+
+    return ensemble_logits(per_model)
+
+
+def _backend_logits(backend: Any, images: np.ndarray, batch: int) -> np.ndarray:
     out = []
     for s in range(0, len(images), batch):
         x = np.ascontiguousarray(images[s : s + batch].transpose(0, 3, 1, 2), dtype=np.float32)
@@ -149,20 +162,35 @@ def second_size(size: tuple[int, int]) -> tuple[int, int]:
     return size[0] + SECOND_SIZE_STEP[0], size[1] + SECOND_SIZE_STEP[1]
 
 
+def _masks(prob: np.ndarray, post: PostSettings) -> np.ndarray:
+    """The masks ``brainseg predict`` writes for model-size probabilities (per slice)."""
+    size = (int(prob.shape[-2]), int(prob.shape[-1]))
+    return postprocess.mask_from_output(prob, size, post.threshold, post.min_size)[1]
+
+
 def compare_with_torch(
-    checkpoint: Path, variants: list[tuple[str, Path]], images: np.ndarray, threshold: float
+    reference: Path,
+    variants: list[tuple[str, Path]],
+    images: np.ndarray,
+    post: PostSettings | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ONNX file: max |Δlogit| at the model's size and a second size, the Dice
-    agreement of its masks with PyTorch's, and its time per slice (``images`` at model size)."""
+    agreement of its masks with PyTorch's, and its time per slice (``images`` at model size).
+
+    ``reference`` is the checkpoint or the ensemble.json (the mean of its folds) the files
+    were exported from; masks follow its threshold and minimum size
+    (:func:`brainseg.settings.resolve` of its metadata) unless ``post`` is given.
+    """
     from brainseg.imageio import resize_image
 
     size = (int(images.shape[1]), int(images.shape[2]))
     h2, w2 = second_size(size)
     images2 = np.stack([resize_image(im, (h2, w2)) for im in images[:3]])
-    torch_model = open_cpu(checkpoint)
+    torch_model = open_cpu(reference)
+    post = post or resolve(torch_model.metadata).post
     ref = logits(torch_model, images)
     ref2 = logits(torch_model, images2)
-    ref_mask = postprocess.binarize(torch_model.predict_model_size(images), threshold)
+    ref_mask = _masks(torch_model.predict_model_size(images), post)
     checks = []
     for name, path in variants:
         onnx_model = open_cpu(path)
@@ -184,7 +212,7 @@ def compare_with_torch(
                 "max_abs_diff": float(np.abs(got - ref).max()),
                 "max_abs_diff_2nd_size": float(np.abs(got2 - ref2).max()),
                 "second_size": [h2, w2],
-                "mask_dice_vs_torch": metrics.dice(postprocess.binarize(prob, threshold), ref_mask),
+                "mask_dice_vs_torch": metrics.dice(_masks(prob, post), ref_mask),
                 "ms_per_slice": round(ms, 1),
             }
         )
@@ -195,23 +223,18 @@ def int8_dice(
     fp32: Path, int8: Path, slices: Slices, val_ids: list[str], meta: dict[str, Any]
 ) -> dict[str, Any]:
     """Mean per-patient Dice of the fp32 and int8 files on the validation patients (the
-    model's post-processing applied per patient), at the model's size."""
+    model's post-processing, :func:`brainseg.settings.resolve` of ``meta``, applied per
+    patient: predict's per-slice mask, then the largest 3D component), at the model's size."""
     rows = slices.rows_of(val_ids)
-    post = meta.get("postprocess") or {}
-    thr = float(meta.get("threshold", postprocess.DEFAULT_THRESHOLD))
+    post = resolve(meta).post
     gt = slices.masks[rows]
     pidx = slices.patient_index[rows]
     masks = {}
     for name, path in (("fp32", fp32), ("int8", int8)):
-        prob = open_cpu(path).predict_model_size(slices.images[rows])
-        masks[name] = postprocess.apply_grouped(
-            prob,
-            pidx,
-            slices.slice_number[rows],
-            thr,
-            int(post.get("min_size") or 0),
-            bool(post.get("largest_component", False)),
-        )
+        mask = _masks(open_cpu(path).predict_model_size(slices.images[rows]), post)
+        if post.largest:
+            mask = postprocess.largest_per_group(mask, pidx, slices.slice_number[rows])
+        masks[name] = mask
     d32 = float(np.mean(metrics.per_patient_dice(masks["fp32"], gt, pidx)))
     d8 = float(np.mean(metrics.per_patient_dice(masks["int8"], gt, pidx)))
     return {
