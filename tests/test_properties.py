@@ -562,11 +562,6 @@ def test_regression_invalid_utf8_in_onnx_names(onnx_bytes: bytes, tmp_path: Path
         _predict_one(path, scan, tmp_path / "out")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (predict.py): onnxruntime's Fail escapes when a damaged model's bias has "
-    "the wrong shape; found by the huge run. Remove this mark when fixed.",
-)
 def test_regression_onnx_bias_of_the_wrong_shape(onnx_bytes: bytes, tmp_path: Path) -> None:
     """One bit in the bias initializer's header (dims -> data_type): a clear error, not
     onnxruntime's "bias must be a 1D tensor" from the first inference."""
@@ -757,11 +752,6 @@ BAD_GZIP_CRC = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (data/download.py): gzip.BadGzipFile (CRC check failed) escapes from a "
-    "damaged .tar.gz; found by the huge run. Remove this mark when fixed.",
-)
 def test_regression_tar_gz_with_a_bad_crc(tmp_path: Path) -> None:
     """An 833-byte damaged .tar.gz (shrunk by hypothesis): a clear error, nothing installed."""
     import base64

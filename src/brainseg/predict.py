@@ -28,7 +28,7 @@ import numpy as np
 
 from brainseg import imageio, postprocess
 from brainseg.devices import resolve_device
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, first_line
 from brainseg.imageio import is_mask_name
 from brainseg.settings import (
     DEFAULT_THRESHOLD,
@@ -179,6 +179,7 @@ class OnnxBackend:
     def __init__(self, path: Path, device: str = "auto") -> None:
         import onnxruntime as ort
 
+        self.path = path
         providers = _ort_providers(device, ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -227,7 +228,16 @@ class OnnxBackend:
         self.output_name = outs[0].name
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0][:, 0]
+        try:
+            return self.session.run([self.output_name], {self.input_name: x})[0][:, 0]
+        except MemoryError:
+            raise
+        except Exception as exc:  # onnxruntime's own error types (Fail, InvalidArgument, ...)
+            raise BrainsegError(
+                f"{self.path}: onnxruntime cannot run this model: {first_line(exc, 200)}",
+                hint="the ONNX file is damaged or was not written by brainseg export; "
+                "export it again",
+            ) from exc
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""

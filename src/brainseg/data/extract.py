@@ -10,6 +10,7 @@ the destination is overwritten or followed. Standard library only.
 from __future__ import annotations
 
 import errno
+import gzip
 import lzma
 import os
 import re
@@ -179,7 +180,8 @@ def safe_extract(
         tarfile.TarError,
         EOFError,
         zipfile.LargeZipFile,
-        zlib.error,  # corrupt deflate data inside a member (found by tests/test_properties.py)
+        zlib.error,  # corrupt deflate data inside a member
+        gzip.BadGzipFile,  # a .tar.gz whose CRC or length check fails
         lzma.LZMAError,
         NotImplementedError,  # an unknown compression method in a damaged header
     ) as exc:
