@@ -173,3 +173,19 @@ def test_info_errors_are_one_line(tmp_path: Path) -> None:
     foreign = tiny_onnx(tmp_path / "foreign.onnx")  # brainseg blob without a card: rebuilt
     card = info_json(foreign)
     assert card["preprocessing"]["threshold"] == 0.5 and card["eval_metrics"] == {}
+
+
+def test_export_card_writes_the_onnx_files_card_as_markdown(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """`export --card card.md`: the Markdown of the exported file's own card, never clobbered."""
+    ckpt = trained["run"] / "best.safetensors"
+    out, card_md = tmp_path / "m.onnx", tmp_path / "card.md"
+    r = run_cli(["-q", "export", ckpt, "-o", out, "--card", card_md])
+    assert r.returncode == 0, r.stderr
+    assert card_md.read_text(encoding="utf-8") == mc.card_markdown(mc.read_card(out))
+    assert "> Research use only" in card_md.read_text(encoding="utf-8")
+    card_md.write_text("mine")
+    r = run_cli(["-q", "export", ckpt, "-o", tmp_path / "n.onnx", "--card", card_md])
+    assert r.returncode == 2 and "already exists" in r.stderr, r.stderr
+    assert card_md.read_text() == "mine" and not (tmp_path / "n.onnx").exists()

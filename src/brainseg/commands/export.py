@@ -88,6 +88,11 @@ def register(app: typer.Typer) -> None:
             "agreeing with PyTorch's below the floor (Dice 0.9), or int8 moving the "
             "per-patient Dice by more than 0.01. For CI.",
         ),
+        card: Path | None = typer.Option(
+            None,
+            "--card",
+            help="Also write the model card (brainseg info) as Markdown to this file.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     ) -> None:
         if json_out:
@@ -106,6 +111,7 @@ def register(app: typer.Typer) -> None:
             calib_slices=calib_slices,
             force=force,
             strict=strict,
+            card=card,
         )
         check_export_args(opts)
         try:

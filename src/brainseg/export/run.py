@@ -44,6 +44,7 @@ class ExportOptions:
     calib_slices: int = DEFAULT_CALIB_SLICES
     force: bool = False
     strict: bool = False  # fail (write nothing) when the verification finds a problem
+    card: Path | None = None  # also write the model card as Markdown here
 
     @property
     def variant(self) -> str:
@@ -385,4 +386,13 @@ def export_onnx(
         if out is None:
             raise TypeError("export_onnx(checkpoint, out, ...) needs the output path")
         opts = make_options(options, out, **kwargs)
-    return _export(opts)
+    if opts.card is not None and Path(opts.card).exists() and not opts.force:
+        raise BrainsegError(
+            f"model card {opts.card} already exists", hint="pass --force to overwrite it"
+        )
+    report = _export(opts)
+    if opts.card is not None:
+        from brainseg.card import read_card, write_card_markdown
+
+        write_card_markdown(read_card(report.path), opts.card)
+    return report
