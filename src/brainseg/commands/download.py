@@ -21,22 +21,27 @@ _DELAY = "Seconds before the first retry; each further retry waits twice as long
 _TIMEOUT = "Seconds without data from the server before the try counts as failed."
 
 
-def _show_summary(root: Path, json_out: bool, extra: dict[str, Any] | None = None) -> None:
-    """The table printed after an install: patients, slices, slices with tumor."""
-    from brainseg.data.download import dataset_summary
+def _run(opts: Any, json_out: bool) -> None:
+    """Call the download job and render what it installed (a table, or the path)."""
+    from brainseg.data.download import run_download
 
-    con.info(f"indexing {root} (the dataset cache is built once and reused by train/eval)")
-    s = dataset_summary(root)
-    pct = f" ({100.0 * s.tumor_slices / s.slices:.0f}%)" if s.slices else ""
-    con.result(
-        con.table(
-            None,
-            ["dataset", "patients", "slices", "slices with tumor"],
-            [[str(root), s.patients, s.slices, f"{s.tumor_slices}{pct}"]],
-        )
-    )
     if json_out:
-        con.emit_json({**s.as_dict(), **(extra or {})})
+        con.configure(json_mode=True)
+    res = run_download(opts)
+    s = res.summary
+    if s is None:
+        con.result(f"{'VGG16-BN' if opts.bn else 'VGG16'} ImageNet weights: {res.path}")
+    else:
+        pct = f" ({100.0 * s.tumor_slices / s.slices:.0f}%)" if s.slices else ""
+        con.result(
+            con.table(
+                None,
+                ["dataset", "patients", "slices", "slices with tumor"],
+                [[str(s.path), s.patients, s.slices, f"{s.tumor_slices}{pct}"]],
+            )
+        )
+    if json_out:
+        con.emit_json(res.as_dict())
 
 
 def register(app: typer.Typer) -> None:
@@ -86,11 +91,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ) -> None:
         """Download the LGG MRI dataset (Kaggle mateuszbuda/lgg-mri-segmentation) into DEST/kaggle_3m: resumable, checksummed, safely unpacked, validated."""  # noqa: E501
-        from brainseg.data.download import download_lgg
+        from brainseg.data.download import DownloadOptions
 
-        if json_out:
-            con.configure(json_mode=True)
-        root = download_lgg(
+        opts = DownloadOptions(
+            "lgg",
             dest,
             url=url,
             from_file=from_file,
@@ -102,7 +106,7 @@ def register(app: typer.Typer) -> None:
             backoff=retry_delay,
             timeout=timeout,
         )
-        _show_summary(root, json_out)
+        _run(opts, json_out)
 
     @dl.command("vgg16")
     def vgg16(
@@ -122,11 +126,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Install torchvision's ImageNet VGG16 weights into the torch hub cache ($TORCH_HOME/hub/checkpoints), hash-checked, so training can start offline."""  # noqa: E501
-        from brainseg.data.download import download_vgg16
+        from brainseg.data.download import DownloadOptions
 
-        if json_out:
-            con.configure(json_mode=True)
-        path = download_vgg16(
+        opts = DownloadOptions(
+            "vgg16",
             bn=bn,
             from_file=from_file,
             url=url,
@@ -135,9 +138,7 @@ def register(app: typer.Typer) -> None:
             backoff=retry_delay,
             timeout=timeout,
         )
-        con.result(f"{'VGG16-BN' if bn else 'VGG16'} ImageNet weights: {path}")
-        if json_out:
-            con.emit_json({"path": str(path), "encoder": "vgg16_bn" if bn else "vgg16"})
+        _run(opts, json_out)
 
     @dl.command("synthetic")
     def synthetic(
@@ -155,12 +156,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ) -> None:
         """Write phantom MRI slices with tumors in the kaggle_3m layout (offline demos, tests)."""
-        from brainseg.data.synthetic import write_synthetic
+        from brainseg.data.download import DownloadOptions
 
-        if json_out:
-            con.configure(json_mode=True)
-        root = write_synthetic(dest, patients, seed, size, force=force)
-        con.info(f"wrote {patients} phantom patients to {root}")
-        _show_summary(Path(root), json_out, {"seed": seed, "size": size})
+        opts = DownloadOptions(
+            "synthetic", dest, force=force, patients=patients, seed=seed, size=size
+        )
+        _run(opts, json_out)
 
     app.add_typer(dl, name="download")

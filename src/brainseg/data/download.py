@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -462,3 +462,81 @@ def _copy_vgg16(src: Path, target: Path, prefix: str, bn: bool, tv_url: str) -> 
     if not (target.exists() and src.resolve() == target.resolve()):
         with atomic_path(target, force=True) as tmp:
             shutil.copyfile(src, tmp)
+
+
+# --------------------------------------------------------------------------- the download job
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """What ``brainseg download lgg | vgg16 | synthetic`` does (the command's options)."""
+
+    what: str  # "lgg", "vgg16" or "synthetic"
+    dest: Path | None = None  # lgg / synthetic: the folder that receives kaggle_3m/
+    url: str | None = None
+    from_file: Path | None = None
+    sha256: str | None = None
+    force: bool = False
+    keep_archive: bool = False
+    kaggle_auth: bool | None = None
+    bn: bool = False  # vgg16: the batch-norm variant
+    patients: int = 10  # synthetic
+    seed: int = 0
+    size: int = 256
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
+    timeout: float = DEFAULT_TIMEOUT
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What was installed: the path, and for a dataset its summary (patients, slices)."""
+
+    path: Path
+    summary: DatasetSummary | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` document."""
+        base = self.summary.as_dict() if self.summary else {"path": str(self.path)}
+        return {**base, **self.extra}
+
+
+def run_download(opts: DownloadOptions) -> DownloadResult:
+    """The ``brainseg download`` job: install what ``opts.what`` names and describe it."""
+    if opts.what == "vgg16":
+        path = download_vgg16(
+            bn=opts.bn,
+            from_file=opts.from_file,
+            url=opts.url,
+            force=opts.force,
+            retries=opts.retries,
+            backoff=opts.backoff,
+            timeout=opts.timeout,
+        )
+        return DownloadResult(path, extra={"encoder": "vgg16_bn" if opts.bn else "vgg16"})
+    dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
+    if opts.what == "synthetic":
+        from brainseg.data.synthetic import write_synthetic
+
+        root = Path(write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force))
+        con.info(f"wrote {opts.patients} phantom patients to {root}")
+        extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}
+    elif opts.what == "lgg":
+        root = download_lgg(
+            dest,
+            url=opts.url,
+            from_file=opts.from_file,
+            sha256=opts.sha256,
+            force=opts.force,
+            keep_archive=opts.keep_archive,
+            kaggle_auth=opts.kaggle_auth,
+            retries=opts.retries,
+            backoff=opts.backoff,
+            timeout=opts.timeout,
+        )
+        extra = {}
+    else:
+        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg, vgg16 or synthetic")
+    con.info(f"indexing {root} (the dataset cache is built once and reused by train/eval)")
+    return DownloadResult(root, dataset_summary(root), extra)
