@@ -7,6 +7,7 @@ any data is read or a model is built, so a typo costs a second and not an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -32,6 +33,8 @@ from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.errors import BrainsegError, first_line
 
 #: Options that may be given together with ``--resume`` (they do not change the recipe).
+#: ``--fold all``: train on every patient, no validation (a final model).
+ALL_FOLDS = "all"
 RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "resume")
 
 
@@ -50,7 +53,8 @@ def _setting(default: Any, help: str, **meta: Any) -> Any:
 
     meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a :class:`Rule`),
     ``cli`` (False: YAML only), ``flags`` (extra option names), ``switch`` (False: a bool
-    option without ``--no-``), ``path`` (the option takes a path).
+    option without ``--no-``), ``path`` (the option takes a path), ``words`` (strings a
+    numeric setting also takes, e.g. ``--fold all``; the option then takes text).
     """
     metadata = {"help": help, **meta}
     if isinstance(default, tuple):
@@ -76,10 +80,22 @@ class TrainConfig:
         None, "Dataset folder (kaggle_3m layout); not needed with --resume.", cli=False
     )
     split: str | None = _setting(None, "Split YAML from `brainseg split`.", path=True)
-    fold: int | None = _setting(
+    fold: int | str | None = _setting(
         None,
-        "Cross-validation fold K (0..folds-1) of a --folds split.",
-        rule=Rule(lambda v: v >= 0, "must be >= 0", "folds are numbered 0..K-1"),
+        "Cross-validation fold K (0..folds-1) of a --folds split, or all: train on every "
+        "patient (of DATA, or of --split's subsets together) with no validation.",
+        words=(ALL_FOLDS,),
+        rule=Rule(
+            lambda v: v == ALL_FOLDS or v >= 0,
+            "must be >= 0 or all",
+            "folds are numbered 0..K-1; --fold all trains on every patient",
+        ),
+    )
+    postprocess_from: str | None = _setting(
+        None,
+        "A `brainseg cv` folder (or its ensemble.json): store its tuned threshold and "
+        "post-processing in the checkpoints (for --fold all).",
+        path=True,
     )
     skip_bad: bool = _setting(False, "Skip unreadable slices instead of refusing the dataset.")
     image_size: int = _setting(
@@ -282,6 +298,11 @@ class TrainConfig:
         rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. 6"),
     )
 
+    @property
+    def all_patients(self) -> bool:
+        """``--fold all``: every patient trains, nothing is validated."""
+        return self.fold == ALL_FOLDS
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def keys(cls) -> list[str]:
@@ -335,9 +356,13 @@ class TrainConfig:
             self.decoder_channels = list(self.decoder_channels)
         if self.encoder_weights is None:
             self.encoder_weights = "none"
+        words = {f.name: f.metadata.get("words", ()) for f in fields(self)}
         for name, (kind, _optional) in field_types().items():
             v = getattr(self, name)
-            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            if words[name] and isinstance(v, str) and v not in words[name]:
+                with contextlib.suppress(ValueError):
+                    setattr(self, name, int(v))  # --fold 2 arrives as text
+            elif kind is float and isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, name, float(v))
             elif kind is str and isinstance(v, Path):
                 setattr(self, name, str(v))
@@ -365,9 +390,11 @@ def _check_inputs(cfg: TrainConfig) -> None:
     if not cfg.resume:
         if not cfg.data:
             _bad("no dataset given", "brainseg train DATA --split splits.yaml")
-        if not cfg.split:
+        if not cfg.split and not cfg.all_patients:
             _bad(
-                "no split file given (--split)", "make one with: brainseg split DATA -o splits.yaml"
+                "no split file given (--split)",
+                "make one with: brainseg split DATA -o splits.yaml, or train a final model on "
+                "every patient with: brainseg train DATA --fold all",
             )
     if cfg.data and not Path(cfg.data).exists():
         _bad(
@@ -389,6 +416,16 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"{cfg.plateau_patience} and {cfg.plateau_factor}",
             "e.g. plateau_patience: 3, plateau_factor: 0.5",
         )
+    if cfg.all_patients and cfg.scheduler == "plateau":
+        _bad(
+            "--scheduler plateau needs validation patients, and --fold all has none",
+            "use --scheduler none or cosine with --fold all",
+        )
+    if cfg.postprocess_from and not _ensemble_manifest(cfg.postprocess_from).is_file():
+        _bad(
+            f"--postprocess-from {cfg.postprocess_from}: no ensemble.json there",
+            "pass a folder written by brainseg cv (runs/cv/expN) or its ensemble.json",
+        )
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         _bad(f"run name must be a plain folder name, got {cfg.name!r}", "e.g. --name exp")
     enc = cfg.encoder_weights
@@ -397,6 +434,23 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"encoder weights file {enc} does not exist",
             "pass imagenet, none, or the path of a torchvision-format VGG16 state dict",
         )
+
+
+def _ensemble_manifest(path: str) -> Path:
+    p = Path(path)
+    return p if p.suffix.lower() == ".json" else p / "ensemble.json"
+
+
+def postprocess_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """``threshold`` and ``postprocess`` of ``--postprocess-from`` (empty without it)."""
+    if not cfg.postprocess_from:
+        return {}
+    from brainseg.ensemble import load_ensemble
+
+    settings = load_ensemble(_ensemble_manifest(cfg.postprocess_from))[1]
+    out: dict[str, Any] = {k: settings[k] for k in ("threshold", "postprocess") if k in settings}
+    out["postprocess_from"] = str(_ensemble_manifest(cfg.postprocess_from).resolve())
+    return out
 
 
 @functools.cache
@@ -413,15 +467,17 @@ def field_types() -> dict[str, tuple[type, bool]]:
 
 
 def _check_types(cfg: TrainConfig) -> None:
+    words = {f.name: f.metadata.get("words", ()) for f in fields(cfg)}
     for name, (kind, optional) in field_types().items():
         v = getattr(cfg, name)
-        if v is None and optional:
+        if (v is None and optional) or (isinstance(v, str) and v in words[name]):
             continue
         ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
         if kind is list and ok:
             ok = all(isinstance(c, int) and not isinstance(c, bool) for c in v)
         if not ok:
             want = _TYPE_WORDS["decoder_channels" if kind is list else kind.__name__]
+            want += "".join(f" or {w}" for w in words[name])
             _bad(f"{name} must be {want}, got {v!r}", "see docs/training.md for each setting")
 
 

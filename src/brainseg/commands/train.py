@@ -29,7 +29,8 @@ HELP = (
 
 #: The TrainConfig fields offered as options, in the order --help lists them.
 OPTIONS = (
-    "split", "fold", "epochs", "batch_size", "lr", "weight_decay", "loss", "scheduler",
+    "split", "fold", "postprocess_from", "epochs", "batch_size", "lr", "weight_decay", "loss",
+    "scheduler",
     "image_size", "augment", "tumor_oversample", "encoder", "encoder_weights",
     "freeze_encoder_epochs", "decoder_channels", "upsample", "normalization", "steps_per_epoch",
     "grad_clip", "amp", "channels_last", "compile", "device", "workers", "seed", "deterministic",
@@ -49,7 +50,7 @@ def _option(f: Field[Any]) -> inspect.Parameter:
         extra["metavar"] = ""  # a flag takes no value: no <bool> placeholder
     else:
         decls = [flag]
-    kind = Path if meta.get("path") else str if kind is list else kind
+    kind = Path if meta.get("path") else str if kind is list or meta.get("words") else kind
     option = typer.Option(
         None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False, **extra
     )
