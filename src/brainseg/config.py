@@ -35,7 +35,7 @@ from brainseg.errors import BrainsegError, first_line
 #: Options that may be given together with ``--resume`` (they do not change the recipe).
 #: ``--fold all``: train on every patient, no validation (a final model).
 ALL_FOLDS = "all"
-RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "resume")
+RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "loggers", "resume")
 
 
 # ---------------------------------------------------------------------- how a setting is declared
@@ -54,7 +54,8 @@ def _setting(default: Any, help: str, **meta: Any) -> Any:
     meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a :class:`Rule`),
     ``cli`` (False: YAML only), ``flags`` (extra option names), ``switch`` (False: a bool
     option without ``--no-``), ``path`` (the option takes a path), ``words`` (strings a
-    numeric setting also takes, e.g. ``--fold all``; the option then takes text).
+    numeric setting also takes, e.g. ``--fold all``; the option then takes text), ``items``
+    (the type of a list setting's items; int when not given).
     """
     metadata = {"help": help, **meta}
     if isinstance(default, tuple):
@@ -288,6 +289,14 @@ class TrainConfig:
         "Continue the run in this folder (or its last.safetensors); --epochs may be raised.",
         path=True,
     )
+    loggers: list[str] = _setting(  # noqa: RUF009 (returns a field with a factory)
+        (),
+        "Also log to tensorboard and / or mlflow (csv is always written); the CLI's "
+        "repeatable --logger.",
+        cli=False,
+        items=str,
+        show="csv only",
+    )
     quiet: bool = _setting(
         False, "No progress bar or per-epoch lines.", flags=("-q",), switch=False
     )
@@ -354,6 +363,10 @@ class TrainConfig:
                 ) from None
         elif isinstance(self.decoder_channels, tuple):
             self.decoder_channels = list(self.decoder_channels)
+        if isinstance(self.loggers, str):  # loggers: tensorboard (YAML) or "tensorboard,mlflow"
+            self.loggers = [x.strip() for x in self.loggers.split(",") if x.strip()]
+        elif isinstance(self.loggers, tuple):
+            self.loggers = list(self.loggers)
         if self.encoder_weights is None:
             self.encoder_weights = "none"
         words = {f.name: f.metadata.get("words", ()) for f in fields(self)}
@@ -416,6 +429,10 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"{cfg.plateau_patience} and {cfg.plateau_factor}",
             "e.g. plateau_patience: 3, plateau_factor: 0.5",
         )
+    if cfg.loggers:
+        from brainseg.loggers import check_loggers
+
+        check_loggers(cfg.loggers)
     if cfg.all_patients and cfg.scheduler == "plateau":
         _bad(
             "--scheduler plateau needs validation patients, and --fold all has none",
@@ -473,10 +490,12 @@ def _check_types(cfg: TrainConfig) -> None:
         if (v is None and optional) or (isinstance(v, str) and v in words[name]):
             continue
         ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+        item = next(f.metadata.get("items", int) for f in fields(cfg) if f.name == name)
         if kind is list and ok:
-            ok = all(isinstance(c, int) and not isinstance(c, bool) for c in v)
+            ok = all(isinstance(c, item) and not isinstance(c, bool) for c in v)
         if not ok:
-            want = _TYPE_WORDS["decoder_channels" if kind is list else kind.__name__]
+            key = ("decoder_channels" if item is int else "names") if kind is list else None
+            want = _TYPE_WORDS[key or kind.__name__]
             want += "".join(f" or {w}" for w in words[name])
             _bad(f"{name} must be {want}, got {v!r}", "see docs/training.md for each setting")
 
@@ -487,6 +506,7 @@ _TYPE_WORDS = {
     "str": "a string",
     "bool": "true or false",
     "decoder_channels": "a list of 5 integers",
+    "names": "a list of names",
 }
 
 
@@ -607,7 +627,7 @@ def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = N
         raise BrainsegError(
             f"cannot change {', '.join('--' + k.replace('_', '-') for k in refused)} when "
             f"resuming {run}",
-            hint="only --epochs, --device, --workers and --quiet may be given "
+            hint="only --epochs, --device, --workers, --logger and --quiet may be given "
             "with --resume; start a new run to change the recipe",
         )
     path = run / "config.yaml"

@@ -72,7 +72,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             t_epoch = time.perf_counter()
             run_epoch(run, epoch, stopper)
             end_of_epoch(run, epoch, t_epoch)
+        run.loggers.final(run.run_dir / "best.safetensors")
     finally:
+        run.loggers.close()
         stopper.uninstall()
         run.rt.dist.close()
     if run.rt.dist.is_main:
@@ -114,6 +116,7 @@ def end_of_epoch(run: Run, epoch: int, t_epoch: float) -> None:
     run.rows.append(row)
     if rt.dist.is_main:
         save_epoch_files(run, row, improved)
+        run.loggers.epoch(row)
     con.info(epoch_line(row, cfg.epochs, improved, cfg.image_size))
 
 
@@ -126,6 +129,7 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
         write_preview(
             d / "preview.png", run.raw, run.data.val, run.data.preview_rows, rt.device, rt.amp_dtype
         )
+        run.loggers.image("preview", d / "preview.png", row["epoch"])
     # metrics before last: a kill between the two redoes this epoch on resume (rows after
     # last's epoch are dropped); the other order would lose the row for good
     write_metrics(d / "metrics.csv", run.rows)

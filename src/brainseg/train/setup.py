@@ -23,6 +23,7 @@ from brainseg.augment import AugmentSettings
 from brainseg.config import TrainConfig, dump_yaml, postprocess_settings
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
+from brainseg.loggers import Loggers
 from brainseg.postprocess import DEFAULT_THRESHOLD
 from brainseg.train.data import TrainData, load_data, load_split_checked
 from brainseg.train.resume import LoopState, load_train_state, read_resume_state
@@ -50,6 +51,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # raw, or wrapped by DDP / torch.compile
     encoder_trainable: bool | None = None
+    loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0 only); csv is apart
 
     @property
     def total_steps(self) -> int:
@@ -201,6 +203,7 @@ def setup(cfg: TrainConfig) -> Run:
         ]
     if rt.dist.is_main:
         write_start_files(run, split_path, resolved, fresh=resume is None)
+        run.loggers = Loggers.open(cfg.loggers, run_dir, resolved)
     announce(run, resumed=resume is not None)
     return run
 
