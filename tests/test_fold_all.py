@@ -187,3 +187,10 @@ def test_train_writes_a_report_naming_its_config(final_run: Path) -> None:
     assert "decoder_channels" in html and "image_size: 32" in config
     assert "image_size: 32" in html
     assert str(final_run.name) in html
+
+
+def test_split_without_validation_points_at_fold_all(phantom_root: Path, tmp_path: Path) -> None:
+    r = run_cli(["split", phantom_root, "-o", tmp_path / "s.yaml", "--val-fraction", "0"])
+    assert r.returncode == 2
+    assert "--val-fraction must be a number between 0 and 1" in r.stderr
+    assert "brainseg train DATA --fold all" in r.stderr

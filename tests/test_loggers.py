@@ -181,3 +181,23 @@ def test_loggers_in_a_config_file(phantom_root: Path, tmp_path: Path) -> None:
     assert list((tmp_path / "runs/exp/tensorboard").glob("events.out.tfevents.*"))
     cfg = yaml.safe_load((tmp_path / "runs/exp/config.yaml").read_text())
     assert cfg["loggers"] == ["tensorboard"]
+
+
+def test_cv_logs_every_fold_to_tensorboard(phantom_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = run_cli(
+        ["cv", phantom_root, "--folds", "2", "--logger", "tensorboard", "--image-size", "32",
+         "--encoder-weights", "none", "--set", "decoder_channels=16,16,8,8,8", "--batch-size",
+         "4", "--steps-per-epoch", "1", "--epochs", "1", "--device", "cpu", "--project",
+         tmp_path, "-q"]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for k in (0, 1):
+        fold = tmp_path / "exp" / f"fold_{k}"
+        acc = EventAccumulator(str(fold / "tensorboard"))
+        acc.Reload()
+        (row,) = metrics_rows(fold)
+        (event,) = acc.Scalars("epoch/val_dice_patient")
+        assert event.value == pytest.approx(float(row["val_dice_patient"]), rel=1e-5, abs=1e-7)
