@@ -7,6 +7,7 @@ any data is read or a model is built, so a typo costs a second and not an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -32,7 +33,9 @@ from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.errors import BrainsegError, first_line
 
 #: Options that may be given together with ``--resume`` (they do not change the recipe).
-RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "resume")
+#: ``--fold all``: train on every patient, no validation (a final model).
+ALL_FOLDS = "all"
+RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "loggers", "resume")
 
 
 # ---------------------------------------------------------------------- how a setting is declared
@@ -50,7 +53,9 @@ def _setting(default: Any, help: str, **meta: Any) -> Any:
 
     meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a :class:`Rule`),
     ``cli`` (False: YAML only), ``flags`` (extra option names), ``switch`` (False: a bool
-    option without ``--no-``), ``path`` (the option takes a path).
+    option without ``--no-``), ``path`` (the option takes a path), ``words`` (strings a
+    numeric setting also takes, e.g. ``--fold all``; the option then takes text), ``items``
+    (the type of a list setting's items; int when not given).
     """
     metadata = {"help": help, **meta}
     if isinstance(default, tuple):
@@ -76,10 +81,22 @@ class TrainConfig:
         None, "Dataset folder (kaggle_3m layout); not needed with --resume.", cli=False
     )
     split: str | None = _setting(None, "Split YAML from `brainseg split`.", path=True)
-    fold: int | None = _setting(
+    fold: int | str | None = _setting(
         None,
-        "Cross-validation fold K (0..folds-1) of a --folds split.",
-        rule=Rule(lambda v: v >= 0, "must be >= 0", "folds are numbered 0..K-1"),
+        "Cross-validation fold K (0..folds-1) of a --folds split, or all: train on every "
+        "patient (of DATA, or of --split's subsets together) with no validation.",
+        words=(ALL_FOLDS,),
+        rule=Rule(
+            lambda v: v == ALL_FOLDS or v >= 0,
+            "must be >= 0 or all",
+            "folds are numbered 0..K-1; --fold all trains on every patient",
+        ),
+    )
+    postprocess_from: str | None = _setting(
+        None,
+        "A `brainseg cv` folder (or its ensemble.json): store its tuned threshold and "
+        "post-processing in the checkpoints (for --fold all).",
+        path=True,
     )
     skip_bad: bool = _setting(False, "Skip unreadable slices instead of refusing the dataset.")
     image_size: int = _setting(
@@ -272,6 +289,14 @@ class TrainConfig:
         "Continue the run in this folder (or its last.safetensors); --epochs may be raised.",
         path=True,
     )
+    loggers: list[str] = _setting(  # noqa: RUF009 (returns a field with a factory)
+        (),
+        "Also log to tensorboard and / or mlflow (csv is always written); the CLI's "
+        "repeatable --logger.",
+        cli=False,
+        items=str,
+        show="csv only",
+    )
     quiet: bool = _setting(
         False, "No progress bar or per-epoch lines.", flags=("-q",), switch=False
     )
@@ -281,6 +306,11 @@ class TrainConfig:
         cli=False,
         rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. 6"),
     )
+
+    @property
+    def all_patients(self) -> bool:
+        """``--fold all``: every patient trains, nothing is validated."""
+        return self.fold == ALL_FOLDS
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -333,11 +363,19 @@ class TrainConfig:
                 ) from None
         elif isinstance(self.decoder_channels, tuple):
             self.decoder_channels = list(self.decoder_channels)
+        if isinstance(self.loggers, str):  # loggers: tensorboard (YAML) or "tensorboard,mlflow"
+            self.loggers = [x.strip() for x in self.loggers.split(",") if x.strip()]
+        elif isinstance(self.loggers, tuple):
+            self.loggers = list(self.loggers)
         if self.encoder_weights is None:
             self.encoder_weights = "none"
+        words = {f.name: f.metadata.get("words", ()) for f in fields(self)}
         for name, (kind, _optional) in field_types().items():
             v = getattr(self, name)
-            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            if words[name] and isinstance(v, str) and v not in words[name]:
+                with contextlib.suppress(ValueError):
+                    setattr(self, name, int(v))  # --fold 2 arrives as text
+            elif kind is float and isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, name, float(v))
             elif kind is str and isinstance(v, Path):
                 setattr(self, name, str(v))
@@ -365,9 +403,11 @@ def _check_inputs(cfg: TrainConfig) -> None:
     if not cfg.resume:
         if not cfg.data:
             _bad("no dataset given", "brainseg train DATA --split splits.yaml")
-        if not cfg.split:
+        if not cfg.split and not cfg.all_patients:
             _bad(
-                "no split file given (--split)", "make one with: brainseg split DATA -o splits.yaml"
+                "no split file given (--split)",
+                "make one with: brainseg split DATA -o splits.yaml, or train a final model on "
+                "every patient with: brainseg train DATA --fold all",
             )
     if cfg.data and not Path(cfg.data).exists():
         _bad(
@@ -389,6 +429,20 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"{cfg.plateau_patience} and {cfg.plateau_factor}",
             "e.g. plateau_patience: 3, plateau_factor: 0.5",
         )
+    if cfg.loggers:
+        from brainseg.loggers import check_loggers
+
+        check_loggers(cfg.loggers)
+    if cfg.all_patients and cfg.scheduler == "plateau":
+        _bad(
+            "--scheduler plateau needs validation patients, and --fold all has none",
+            "use --scheduler none or cosine with --fold all",
+        )
+    if cfg.postprocess_from and not _ensemble_manifest(cfg.postprocess_from).is_file():
+        _bad(
+            f"--postprocess-from {cfg.postprocess_from}: no ensemble.json there",
+            "pass a folder written by brainseg cv (runs/cv/expN) or its ensemble.json",
+        )
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         _bad(f"run name must be a plain folder name, got {cfg.name!r}", "e.g. --name exp")
     enc = cfg.encoder_weights
@@ -397,6 +451,23 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"encoder weights file {enc} does not exist",
             "pass imagenet, none, or the path of a torchvision-format VGG16 state dict",
         )
+
+
+def _ensemble_manifest(path: str) -> Path:
+    p = Path(path)
+    return p if p.suffix.lower() == ".json" else p / "ensemble.json"
+
+
+def postprocess_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """``threshold`` and ``postprocess`` of ``--postprocess-from`` (empty without it)."""
+    if not cfg.postprocess_from:
+        return {}
+    from brainseg.ensemble import load_ensemble
+
+    settings = load_ensemble(_ensemble_manifest(cfg.postprocess_from))[1]
+    out: dict[str, Any] = {k: settings[k] for k in ("threshold", "postprocess") if k in settings}
+    out["postprocess_from"] = str(_ensemble_manifest(cfg.postprocess_from).resolve())
+    return out
 
 
 @functools.cache
@@ -413,15 +484,19 @@ def field_types() -> dict[str, tuple[type, bool]]:
 
 
 def _check_types(cfg: TrainConfig) -> None:
+    words = {f.name: f.metadata.get("words", ()) for f in fields(cfg)}
     for name, (kind, optional) in field_types().items():
         v = getattr(cfg, name)
-        if v is None and optional:
+        if (v is None and optional) or (isinstance(v, str) and v in words[name]):
             continue
         ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+        item = next(f.metadata.get("items", int) for f in fields(cfg) if f.name == name)
         if kind is list and ok:
-            ok = all(isinstance(c, int) and not isinstance(c, bool) for c in v)
+            ok = all(isinstance(c, item) and not isinstance(c, bool) for c in v)
         if not ok:
-            want = _TYPE_WORDS["decoder_channels" if kind is list else kind.__name__]
+            key = ("decoder_channels" if item is int else "names") if kind is list else None
+            want = _TYPE_WORDS[key or kind.__name__]
+            want += "".join(f" or {w}" for w in words[name])
             _bad(f"{name} must be {want}, got {v!r}", "see docs/training.md for each setting")
 
 
@@ -431,6 +506,7 @@ _TYPE_WORDS = {
     "str": "a string",
     "bool": "true or false",
     "decoder_channels": "a list of 5 integers",
+    "names": "a list of names",
 }
 
 
@@ -551,7 +627,7 @@ def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = N
         raise BrainsegError(
             f"cannot change {', '.join('--' + k.replace('_', '-') for k in refused)} when "
             f"resuming {run}",
-            hint="only --epochs, --device, --workers and --quiet may be given "
+            hint="only --epochs, --device, --workers, --logger and --quiet may be given "
             "with --resume; start a new run to change the recipe",
         )
     path = run / "config.yaml"

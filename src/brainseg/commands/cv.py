@@ -62,6 +62,13 @@ def register(app: typer.Typer) -> None:
         steps_per_epoch: int | None = typer.Option(
             None, "--steps-per-epoch", help="Optimiser steps per epoch (default: one pass)."
         ),
+        logger: list[str] = typer.Option(
+            [],
+            "--logger",
+            metavar="NAME",
+            help="Also log every fold to tensorboard | mlflow (repeatable; metrics.csv is "
+            "always written). MLflow: MLFLOW_TRACKING_URI, else ./mlruns.",
+        ),
         set_: list[str] = typer.Option(
             [], "--set", help="Any other train setting, KEY=VALUE (repeatable), e.g. lr=3e-4."
         ),
@@ -102,6 +109,7 @@ def register(app: typer.Typer) -> None:
             "seed": seed,
             "steps_per_epoch": steps_per_epoch,
             "quiet": True if quiet else None,
+            "loggers": list(logger) or None,
         }
         overrides = {**parse_set(set_), **{k: v for k, v in given.items() if v is not None}}
         opts = CVOptions(

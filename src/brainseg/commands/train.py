@@ -29,13 +29,22 @@ HELP = (
 
 #: The TrainConfig fields offered as options, in the order --help lists them.
 OPTIONS = (
-    "split", "fold", "epochs", "batch_size", "lr", "weight_decay", "loss", "scheduler",
+    "split", "fold", "postprocess_from", "epochs", "batch_size", "lr", "weight_decay", "loss",
+    "scheduler",
     "image_size", "augment", "tumor_oversample", "encoder", "encoder_weights",
     "freeze_encoder_epochs", "decoder_channels", "upsample", "normalization", "steps_per_epoch",
     "grad_clip", "amp", "channels_last", "compile", "device", "workers", "seed", "deterministic",
     "skip_bad", "project", "name", "exist_ok", "resume", "quiet",
 )  # fmt: skip
 _KW = inspect.Parameter.KEYWORD_ONLY
+LOGGER_OPTION = typer.Option(
+    None,
+    "--logger",
+    metavar="NAME",
+    help="Also log to tensorboard | mlflow (repeatable; metrics.csv is always written). "
+    "MLflow: MLFLOW_TRACKING_URI, else ./mlruns.",
+    show_default=False,
+)
 
 
 def _option(f: Field[Any]) -> inspect.Parameter:
@@ -49,7 +58,7 @@ def _option(f: Field[Any]) -> inspect.Parameter:
         extra["metavar"] = ""  # a flag takes no value: no <bool> placeholder
     else:
         decls = [flag]
-    kind = Path if meta.get("path") else str if kind is list else kind
+    kind = Path if meta.get("path") else str if kind is list or meta.get("words") else kind
     option = typer.Option(
         None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False, **extra
     )
@@ -77,6 +86,9 @@ def _signature() -> inspect.Signature:
         *(_option(by_name[name]) for name in OPTIONS),
     ]  # fmt: skip
     params.insert(3, params.pop(1))  # --config after --fold, as before
+    params.insert(
+        -1, inspect.Parameter("logger", _KW, default=LOGGER_OPTION, annotation=list[str] | None)
+    )
     return inspect.Signature(params, return_annotation=None)
 
 
@@ -84,7 +96,8 @@ def run(data: Path | None = None, config: str | None = None, **options: Any) -> 
     """The command body: the options the user gave -> TrainConfig -> train -> tables."""
     from brainseg.config import load_config, load_resume_config
 
-    given = {"data": data, **options}
+    loggers = options.pop("logger", None)
+    given = {"data": data, **options, "loggers": loggers or None}
     given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
     resume = given.pop("resume", None)
     if given.get("quiet"):

@@ -141,7 +141,8 @@ def check_options(val_fraction: float, test_fraction: float, folds: int | None) 
     if folds is None and not (num(val_fraction) and 0 < val_fraction < 1):
         raise BrainsegError(
             f"--val-fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}",
-            hint="for example --val-fraction 0.2",
+            hint="for example --val-fraction 0.2; to train a final model on every patient, "
+            "no split is needed: brainseg train DATA --fold all",
         )
     if not (num(test_fraction) and 0 <= test_fraction < 1):
         raise BrainsegError(

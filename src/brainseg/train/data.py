@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from brainseg import console as con
-from brainseg.config import TrainConfig
+from brainseg.config import ALL_FOLDS, TrainConfig
 from brainseg.errors import BrainsegError
 
 
@@ -113,37 +113,70 @@ class TrainData:
     train_patients: int
     split_hash: str
     dataset_key: str
+    split: Any = None  # the Split trained from (made in memory for --fold all without --split)
 
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
 
 
-def load_split_checked(path: Path, fold: int | None) -> Any:
-    """The split file, with the fold checked (before any model or data is built)."""
+def load_split_checked(path: Path | None, fold: int | str | None) -> Any:
+    """The split file, with the fold checked (before any model or data is built); None for
+    --fold all without a split (every patient of the dataset, see :func:`whole_dataset_split`)."""
     from brainseg.data.split import load_split
 
+    if path is None:
+        return None
     split = load_split(path)
-    split.check_fold(fold)
+    if fold != ALL_FOLDS:
+        split.check_fold(fold if fold is None else int(fold))
     return split
 
 
-def load_data(cfg: TrainConfig, split: Any, split_path: Path, device: torch.device) -> TrainData:
-    """Read the dataset (cache), check the split against it, resize, place on ``device``."""
-    from brainseg.data.cache import load_dataset
-    from brainseg.data.split import check_split
+def whole_dataset_split(patient_ids: list[str], seed: int) -> Any:
+    """The split of --fold all without --split: every patient in train, none in val / test."""
+    from brainseg.data.split import Split, dataset_hash
 
-    assert cfg.data is not None
-    ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad)
-    check_split(split, ds.patient_ids)
+    ids = sorted(patient_ids)
+    return Split(
+        seed=seed,
+        dataset_hash=dataset_hash(ids),
+        val_fraction=0.0,
+        test_fraction=0.0,
+        subsets={"train": ids, "val": [], "test": []},
+    )
+
+
+def train_val_ids(cfg: TrainConfig, split: Any, split_path: Path | None) -> tuple[list, list]:
+    """(training, validation) patient ids; --fold all: every patient of the split, no val."""
+    if cfg.all_patients:
+        return list(split.all_patients), []
+    assert isinstance(cfg.fold, int) or cfg.fold is None
     train_ids = list(split.patients("train", cfg.fold))
     val_ids = list(split.patients("val", cfg.fold))
     if not train_ids or not val_ids:
         raise BrainsegError(
             f"split {split_path} has no {'train' if not train_ids else 'val'} "
             f"patients{'' if cfg.fold is None else f' in fold {cfg.fold}'}",
-            hint="make a split with a validation fraction > 0",
+            hint="make a split with a validation fraction > 0, or train a final model on "
+            "every patient with --fold all",
         )
+    return train_ids, val_ids
+
+
+def load_data(
+    cfg: TrainConfig, split: Any, split_path: Path | None, device: torch.device
+) -> TrainData:
+    """Read the dataset (cache), check the split against it, resize, place on ``device``."""
+    from brainseg.data.cache import load_dataset
+    from brainseg.data.split import check_split
+
+    assert cfg.data is not None
+    ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad)
+    if split is None:
+        split = whole_dataset_split(list(ds.patient_ids), cfg.seed)
+    check_split(split, ds.patient_ids)
+    train_ids, val_ids = train_val_ids(cfg, split, split_path)
     size = cfg.image_size
     resizing = f"; resizing to {size}x{size}" if ds.size != (size, size) else ""
     con.info(f"data: {len(ds)} slices of {len(ds.patient_ids)} patients{resizing}")
@@ -168,6 +201,7 @@ def load_data(cfg: TrainConfig, split: Any, split_path: Path, device: torch.devi
         train_patients=len(train_ids),
         split_hash=str(split.dataset_hash),
         dataset_key=str(ds.key),
+        split=split,
     )
 
 

@@ -155,6 +155,7 @@ def train_step(run: Run, epoch: int, step: int, stopper: Stopper) -> bool:
     run.scaler.update()
     opt.zero_grad(set_to_none=True)
     record_step(state, step, loss_v, len(x), lr, time.perf_counter() - t_step)
+    run.loggers.step(state.global_step, loss_v, lr)
     return stop
 
 

@@ -18,9 +18,10 @@ from brainseg import console as con
 from brainseg.config import TrainConfig
 from brainseg.train import validation
 from brainseg.train.epoch import Stopper, run_epoch
+from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
 from brainseg.train.resume import save_last, save_weights
-from brainseg.train.runfiles import METRICS_COLUMNS, epoch_line, write_curves, write_metrics
+from brainseg.train.runfiles import VAL_COLUMNS, epoch_line, write_curves, write_metrics
 from brainseg.train.setup import Run, setup
 
 #: The files of a run folder, as the final table lists them.
@@ -30,6 +31,7 @@ RUN_FILES = (
     ("metrics", "metrics.csv"),
     ("curves", "curves.png"),
     ("preview", "preview.png"),
+    ("report", "report.html"),
 )
 
 
@@ -70,9 +72,15 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             t_epoch = time.perf_counter()
             run_epoch(run, epoch, stopper)
             end_of_epoch(run, epoch, t_epoch)
+        run.loggers.final(run.run_dir / "best.safetensors")
     finally:
+        run.loggers.close()
         stopper.uninstall()
         run.rt.dist.close()
+    if run.rt.dist.is_main:
+        from brainseg.report import write_train_report
+
+        write_train_report(run.run_dir)
     best = next((r for r in run.rows if r["epoch"] == run.state.best_epoch), run.rows[-1])
     return TrainResult(
         run.run_dir, run.rows, best, cfg.epochs, cfg.image_size, is_main=run.rt.dist.is_main
@@ -85,11 +93,15 @@ def end_of_epoch(run: Run, epoch: int, t_epoch: float) -> None:
     loss_sum, loss_count = rt.dist.sum_floats(state.loss_sum, float(state.loss_count))
     train_seconds = state.train_seconds
     rt.dist.sync_buffers(run.raw)
-    metrics = validation.validate(run.raw, run.data.val, cfg, rt.device, rt.amp_dtype, rt.dist)
     state.epoch, state.step_in_epoch = epoch + 1, 0
-    improved = metrics["val_dice_patient"] > state.best_dice
-    if improved:
-        state.best_dice, state.best_epoch = metrics["val_dice_patient"], epoch + 1
+    if cfg.all_patients:  # no validation: every epoch's weights are "best" (the final ones)
+        metrics: dict[str, Any] = dict.fromkeys(VAL_COLUMNS)
+        improved, state.best_epoch = True, epoch + 1
+    else:
+        metrics = validation.validate(run.raw, run.data.val, cfg, rt.device, rt.amp_dtype, rt.dist)
+        improved = metrics["val_dice_patient"] > state.best_dice
+        if improved:
+            state.best_dice, state.best_epoch = metrics["val_dice_patient"], epoch + 1
     if cfg.scheduler == "plateau":
         state.plateau_step(metrics["val_dice_patient"], cfg)
     row = {
@@ -104,32 +116,42 @@ def end_of_epoch(run: Run, epoch: int, t_epoch: float) -> None:
     run.rows.append(row)
     if rt.dist.is_main:
         save_epoch_files(run, row, improved)
+        run.loggers.epoch(row)
     con.info(epoch_line(row, cfg.epochs, improved, cfg.image_size))
 
 
 def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     """best (+ preview) when improved, then metrics.csv, curves.png, last.safetensors."""
     d, rt = run.run_dir, run.rt
-    meta = {
-        **run.meta,
-        "epoch": row["epoch"],
-        "metrics": {k: row[k] for k in METRICS_COLUMNS if k != "epoch"},
-    }
     if improved:
-        save_weights(d / "best.safetensors", run.raw, meta)
+        best = "final" if run.cfg.all_patients else "best"
+        save_weights(d / "best.safetensors", run.raw, checkpoint_meta(run, row, best))
         write_preview(
             d / "preview.png", run.raw, run.data.val, run.data.preview_rows, rt.device, rt.amp_dtype
         )
+        run.loggers.image("preview", d / "preview.png", row["epoch"])
     # metrics before last: a kill between the two redoes this epoch on resume (rows after
     # last's epoch are dropped); the other order would lose the row for good
     write_metrics(d / "metrics.csv", run.rows)
     write_curves(d / "curves.png", run.rows, run.cfg.image_size)
+    meta = checkpoint_meta(run, row, "last")
     save_last(d, run.raw, run.optimizer, run.scaler, run.gen, run.state, meta)
 
 
 def render(result: TrainResult) -> None:
     """The final tables: the best epoch (Dice at the training size) and the run's files."""
     best, size = result.best, result.image_size
+    if best["val_loss"] is None:  # --fold all
+        con.result(
+            con.table(
+                f"final epoch {best['epoch']} of {result.epochs} (--fold all: trained on every "
+                "patient, no validation; best.safetensors = the final weights)",
+                ["epoch", "train_loss"],
+                [[best["epoch"], best["train_loss"]]],
+            )
+        )
+        render_files(result)
+        return
     con.result(
         con.table(
             f"best epoch {best['epoch']} of {result.epochs} (by mean per-patient Dice, "
@@ -146,6 +168,11 @@ def render(result: TrainResult) -> None:
             ],
         )
     )
+    render_files(result)
+
+
+def render_files(result: TrainResult) -> None:
+    """The table of the run's files."""
     files = [["run folder", str(result.run_dir)]]
     files += [[label, str(result.run_dir / name)] for label, name in RUN_FILES]
     con.result(con.table(None, ["file", "path"], files))

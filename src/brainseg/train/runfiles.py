@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,26 @@ METRICS_COLUMNS = (
     "seconds",
     "images_per_s",
 )
+#: The validation columns: empty in metrics.csv (None in a row) for --fold all.
+VAL_COLUMNS = ("val_loss", "val_dice_slice", "val_dice_patient")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.csv as a list of dicts (epoch int, the rest float); [] when missing."""
+    """metrics.csv as a list of dicts (epoch int, the rest float; an empty cell None);
+    [] when missing."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
         return [
-            {k: int(v) if k == "epoch" else float(v) for k, v in r.items()}
+            {k: int(v) if k == "epoch" else None if v == "" else float(v) for k, v in r.items()}
             for r in csv.DictReader(f)
         ]
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{float(value):.6g}" if key == "lr" else repr(float(value))
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -38,26 +48,23 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(METRICS_COLUMNS)
     for r in rows:
-        w.writerow(
-            [
-                r["epoch"],
-                *(
-                    f"{float(r[k]):.6g}" if k in ("lr",) else repr(float(r[k]))
-                    for k in METRICS_COLUMNS[1:]
-                ),
-            ]
-        )
+        w.writerow([r["epoch"], *(_cell(k, r[k]) for k in METRICS_COLUMNS[1:])])
     atomic_write_text(path, buf.getvalue())
 
 
 def epoch_line(row: dict[str, Any], epochs: int, improved: bool, image_size: int) -> str:
     """The plain per-epoch log line (Dice on validation slices at the training size)."""
-    return (
-        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+    validated = row["val_loss"] is not None
+    val = (
         f"val_loss {row['val_loss']:.4f}  dice_slice {row['val_dice_slice']:.4f}  "
         f"dice_patient {row['val_dice_patient']:.4f} (at {image_size}x{image_size})  "
+        if validated
+        else "no validation (--fold all)  "
+    )
+    return (
+        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  {val}"
         f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s"
-        + ("  *best" if improved else "")
+        + ("  *best" if improved and validated else "")
     )
 
 
@@ -98,14 +105,18 @@ def curves_figure(rows: list[dict[str, Any]], image_size: int) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     ep = [r["epoch"] for r in rows]
+
+    def col(key: str) -> list[float]:  # an empty validation cell (--fold all): not drawn
+        return [math.nan if r[key] is None else r[key] for r in rows]
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
-    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    a.plot(ep, col("train_loss"), "o-", label="train")
+    a.plot(ep, col("val_loss"), "o-", label="val")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(ep, [r["val_dice_slice"] for r in rows], "o-", label="val per-slice")
-    b.plot(ep, [r["val_dice_patient"] for r in rows], "o-", label="val per-patient")
+    b.plot(ep, col("val_dice_slice"), "o-", label="val per-slice")
+    b.plot(ep, col("val_dice_patient"), "o-", label="val per-patient")
     b.set_xlabel("epoch")
     b.set_ylabel(f"Dice (at {image_size}x{image_size})")
     b.set_ylim(0, 1)

@@ -20,9 +20,10 @@ from torch import nn
 from brainseg import __version__
 from brainseg import console as con
 from brainseg.augment import AugmentSettings
-from brainseg.config import TrainConfig, dump_yaml
+from brainseg.config import TrainConfig, dump_yaml, postprocess_settings
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
+from brainseg.loggers import Loggers
 from brainseg.postprocess import DEFAULT_THRESHOLD
 from brainseg.train.data import TrainData, load_data, load_split_checked
 from brainseg.train.resume import LoopState, load_train_state, read_resume_state
@@ -50,17 +51,22 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # raw, or wrapped by DDP / torch.compile
     encoder_trainable: bool | None = None
+    loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0 only); csv is apart
 
     @property
     def total_steps(self) -> int:
         return self.steps * self.cfg.epochs
 
 
-def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path]:
-    """(run folder, resume state, split path): the state is read before anything is built."""
-    assert cfg.split is not None or cfg.resume is not None
+def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
+    """(run folder, resume state, split path): the state is read before anything is built.
+
+    The split path is None for --fold all without --split (every patient of the dataset).
+    """
+    assert cfg.split is not None or cfg.resume is not None or cfg.all_patients
+    given = Path(cfg.split) if cfg.split else None
     if not cfg.resume:
-        return None, None, Path(str(cfg.split))
+        return None, None, given
     run_dir = Path(cfg.resume)
     resume = read_resume_state(run_dir)
     done = resume["meta"]["train_state"]
@@ -70,7 +76,7 @@ def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, P
             hint=f"raise --epochs to continue, e.g. --epochs {done['epoch'] + 10}",
         )
     split = run_dir / "split.yaml"
-    return run_dir, resume, split if split.is_file() else Path(str(cfg.split))
+    return run_dir, resume, split if split.is_file() else given
 
 
 def build_model(cfg: TrainConfig, device: torch.device, fresh: bool) -> Any:
@@ -123,7 +129,7 @@ def batch_plan(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
     return steps, global_batch
 
 
-def run_info(run: Run, split_path: Path) -> dict[str, Any]:
+def run_info(run: Run, split_path: Path | None) -> dict[str, Any]:
     """config.yaml's run_info: versions, device, batch plan, split and data identity."""
     rt, data = run.rt, run.data
     return {
@@ -138,10 +144,13 @@ def run_info(run: Run, split_path: Path) -> dict[str, Any]:
         "world_size": rt.dist.world,
         "per_rank_batch": run.global_batch // rt.dist.world,
         "steps_per_epoch": run.steps,
-        "split_path": str(split_path.resolve()),
+        "split_path": str(split_path.resolve()) if split_path else None,
         "split_hash": data.split_hash,
         "dataset_key": data.dataset_key,
         "train_patients": data.train_patients,
+        "train_patient_ids": sorted(data.split.all_patients)
+        if run.cfg.all_patients
+        else sorted(data.split.patients("train", run.cfg.fold)),
         "val_patients": len(data.val.patient_ids),
         "train_slices": data.n,
         "val_slices": data.val.n,
@@ -180,6 +189,7 @@ def setup(cfg: TrainConfig) -> Run:
         "split_hash": data.split_hash,
         "config": resolved,
         "brainseg_version": __version__,
+        **postprocess_settings(cfg),
     }
     run = Run(
         cfg, rt, raw, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), data,
@@ -193,21 +203,29 @@ def setup(cfg: TrainConfig) -> Run:
         ]
     if rt.dist.is_main:
         write_start_files(run, split_path, resolved, fresh=resume is None)
+        run.loggers = Loggers.open(cfg.loggers, run_dir, resolved)
     announce(run, resumed=resume is not None)
     return run
 
 
-def write_start_files(run: Run, split_path: Path, resolved: dict[str, Any], fresh: bool) -> None:
-    """config.yaml (with run_info), split.yaml (a fresh run's copy), metrics.csv so far."""
+def write_start_files(
+    run: Run, split_path: Path | None, resolved: dict[str, Any], fresh: bool
+) -> None:
+    """config.yaml (with run_info), split.yaml (a fresh run's copy; --fold all without a
+    split: the every-patient split made from the dataset), metrics.csv so far."""
     d = run.run_dir
     if not fresh:  # half-written files of a killed run (SIGKILL, power loss)
         remove_temps(d)
     atomic_write_text(
         d / "config.yaml", dump_yaml({**resolved, "run_info": run_info(run, split_path)})
     )
-    if fresh:
+    if fresh and split_path is not None:
         shutil.copyfile(split_path, tmp := d / ".split.yaml.tmp")
         os.replace(tmp, d / "split.yaml")
+    elif fresh:
+        from brainseg.data.split import to_yaml
+
+        atomic_write_text(d / "split.yaml", to_yaml(run.data.split))
     write_metrics(d / "metrics.csv", run.rows)
 
 
@@ -231,7 +249,8 @@ def announce(run: Run, resumed: bool) -> None:
     procs = f", {rt.dist.world} processes" if rt.dist.world > 1 else ""
     con.info(
         f"training on {rt.device} ({rt.amp_name.replace('off', 'fp32')} precision{procs}): "
-        f"{run.data.train_patients} train / {len(run.data.val.patient_ids)} val patients, "
+        f"{run.data.train_patients} train / {len(run.data.val.patient_ids)} val patients"
+        f"{' (--fold all: every patient, no validation)' if run.cfg.all_patients else ''}, "
         f"{_plural(run.steps, 'step')} of {run.global_batch} per epoch, "
         f"Dice at the training size {size}x{size} -> {run.run_dir}"
     )

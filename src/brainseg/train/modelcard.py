@@ -1,0 +1,64 @@
+"""The metadata a run's checkpoints carry: settings, epoch, metrics and the model card.
+
+:func:`checkpoint_meta` is what best.safetensors / last.safetensors store (rank 0, before
+each save): the run's metadata, the epoch's metrics and :func:`brainseg.card.with_card`'s
+card, with the checkpoint it is ("best", "last", or "final" for ``--fold all``) and the
+training split (:func:`brainseg.card.split_summary`; ``--fold all``: every patient, none
+validated).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from brainseg import card as model_card
+from brainseg.train.runfiles import METRICS_COLUMNS
+
+if TYPE_CHECKING:
+    from brainseg.train.setup import Run
+
+#: The card's selection for --fold all (best.safetensors and last.safetensors alike).
+FINAL = "final"
+
+
+def split_card(run: Run) -> dict[str, Any]:
+    """The card's ``training.split`` of this run."""
+    split, cfg = run.data.split, run.cfg
+    if not cfg.all_patients:
+        assert not isinstance(cfg.fold, str)
+        return model_card.split_summary(split, cfg.fold)
+    return {
+        "kind": "every patient (--fold all): a final model, no validation patients",
+        "fold": cfg.fold,
+        "train_patients": len(split.all_patients),
+        "val_patients": 0,
+        "test_patients": 0,
+        "val_patient_ids": [],
+        "dataset_hash": str(split.dataset_hash),
+    }
+
+
+def checkpoint_meta(run: Run, row: dict[str, Any], selection: str) -> dict[str, Any]:
+    """The metadata of a checkpoint saved after ``row``'s epoch, its card included."""
+    meta = {
+        **run.meta,
+        "epoch": row["epoch"],
+        "metrics": {k: row[k] for k in METRICS_COLUMNS if k != "epoch" and row[k] is not None},
+    }
+    if not run.cfg.all_patients:
+        return model_card.with_card(meta, selection=selection, split=split_card(run))
+    meta = model_card.with_card(meta, selection="last", split=split_card(run))
+    card = meta[model_card.CARD_KEY]
+    card["training"]["checkpoint"] = FINAL
+    card["eval_protocol"] = {
+        **card["eval_protocol"],
+        "protocol": "none: trained on every patient (--fold all), nothing held out",
+        "checkpoint": f"final: the weights after the last epoch ({row['epoch']})",
+        "patients": "none (no validation patients)",
+        "val_patient_ids": [],
+    }
+    if "postprocess_from" in run.meta:
+        card["eval_protocol"]["post_processing"] = (
+            f"threshold and post-processing from the cv run {run.meta['postprocess_from']}"
+        )
+    return meta
