@@ -71,7 +71,8 @@ def test_card_of_a_real_checkpoint(trained: dict[str, Any]) -> None:
     assert card["eval_metrics"]["val_loss"] == pytest.approx(float(best["val_loss"]))
     proto = card["eval_protocol"]
     assert proto["checkpoint"].startswith(f"best: the epoch ({best['epoch']})")
-    assert proto["protocol"] == "single split" and "validation patients" in proto["patients"]
+    assert proto["protocol"] == "single patient-level split"
+    assert "validation patients" in proto["patients"]
     assert proto["measured_at"] == "the training image size 32" and proto["threshold"] == 0.5
     # intended use and its limits, the three contrasts in order
     assert "Research use only" in card["intended_use"]
