@@ -28,6 +28,9 @@ def _isolated_caches(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Keep every test's caches (dataset cache, torch hub) out of the user's home."""
+    from brainseg import console
+
+    console.configure(quiet=False, json_mode=False, debug=False)  # no mode leaks between tests
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(base / "brainseg-cache"))
     monkeypatch.setenv("TORCH_HOME", str(base / "torch-home"))

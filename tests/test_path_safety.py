@@ -246,7 +246,7 @@ def test_symlinked_folders_inside_the_output_are_refused(model: Path, tmp_path: 
     out.mkdir()
     (out / "sub").symlink_to(outside, target_is_directory=True)  # planted in the output
     r = run_cli(["predict", model, tmp_path / "scans", "-o", out])
-    assert r.returncode == 1 and "outside" in r.stderr, r.stderr
+    assert r.returncode == 2 and "outside" in r.stderr, r.stderr  # refused before any write
     assert list(outside.iterdir()) == []
 
 

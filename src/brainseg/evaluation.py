@@ -539,10 +539,11 @@ def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
         ),
         plot_dice(result.report.column("per_patient", "dice"), run_dir / "dice_per_patient.png"),
     ]
-    result.summary["files"] = [
-        p.name for p in [*files, run_dir / REPORT_NAME, run_dir / "summary.json"]
-    ]
-    files.append(write_eval_report(result, run_dir))
+    with_report = result.settings is not None  # a model's eval (brainseg score has no model)
+    report = [run_dir / REPORT_NAME] if with_report else []
+    result.summary["files"] = [p.name for p in [*files, *report, run_dir / "summary.json"]]
+    if with_report:
+        files.append(write_eval_report(result, run_dir))
     files.append(atomic_write_text(run_dir / "summary.json", summary_json(result.summary)))
     result.files = files
     return files

@@ -447,7 +447,8 @@ def _stats_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
 
 def eval_measured(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """How an eval's numbers were measured, as (label, value) pairs."""
-    s, at, c = summary["settings"], summary["measured_at"], summary["counts"]
+    s, c = summary["settings"], summary["counts"]
+    at = summary.get("measured_at") or {"size": ("?", "?"), "what": "the masks' own size"}
     if summary.get("split"):
         fold = "" if summary.get("fold") is None else f", fold {summary['fold']}"
         protocol = f"single split: subset {summary['subset']}{fold} of {summary['split']}"
