@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +158,16 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     img: Any = nib.load(str(path))
     return np.asanyarray(img.dataobj), np.asarray(img.affine)
+
+
+def blob_volume(seed: int = 0, shape: tuple[int, int, int] = (64, 64, 6)) -> np.ndarray:
+    """X x Y x Z x 3 uint8 with a bright FLAIR blob (the tiny model's tumour)."""
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 60, size=(*shape, 3), dtype=np.uint8)
+    v[20:36, 24:40, 1:4, 1] = 220
+    return v
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

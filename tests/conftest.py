@@ -107,3 +107,13 @@ def run_cli(
 def cli():
     """The :func:`run_cli` helper as a fixture."""
     return run_cli
+
+
+@pytest.fixture
+def vol_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The CLI in-process (fast), run from tmp_path with wide tables: volume and score tests."""
+    from _volkit import make_runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    return make_runner(capsys)

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from _tiny import tiny_onnx
-from _volkit import make_runner, save_nifti
+from _volkit import csv_rows, save_nifti
 
 from brainseg import metrics
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    return make_runner(capsys)
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def run(vol_run: Any) -> Any:
+    return vol_run
 
 
 # --------------------------------------------------------------------------- metrics in mm
@@ -69,16 +62,19 @@ def test_score_of_predicted_slices_equals_eval(run, tmp_path: Path, phantom_root
     assert "pixels" in r.stdout
     r = run(["eval", model, phantom_root, "--project", "e"])
     assert r.returncode == 0, r.stderr
-    got, want = _csv(tmp_path / "s/exp/per_patient.csv"), _csv(tmp_path / "e/exp/per_patient.csv")
+    got, want = (
+        csv_rows(tmp_path / "s/exp/per_patient.csv"),
+        csv_rows(tmp_path / "e/exp/per_patient.csv"),
+    )
     assert list(got[0]) == list(want[0])  # the same columns
     assert got == want  # the same numbers, empty-mask policy included
-    assert _csv(tmp_path / "s/exp/per_slice.csv") == _csv(tmp_path / "e/exp/per_slice.csv")
+    assert csv_rows(tmp_path / "s/exp/per_slice.csv") == csv_rows(tmp_path / "e/exp/per_slice.csv")
     s = json.loads((tmp_path / "s/exp/summary.json").read_text())
     e = json.loads((tmp_path / "e/exp/summary.json").read_text())
     for key in ("per_patient", "per_slice_tumor", "global", "detection", "counts"):
         assert s[key] == e[key], key
     assert s["surface"]["unit"] == "pixels"
-    surf = _csv(tmp_path / "s/exp/surface.csv")
+    surf = csv_rows(tmp_path / "s/exp/surface.csv")
     assert {row["hd95_unit"] for row in surf} == {"pixels"}
 
 
@@ -92,7 +88,7 @@ def test_missing_prediction_is_an_error_unless_allowed(run, tmp_path, phantom_ro
     assert not (tmp_path / "runs").exists()
     r = run(["score", "--pred", pred, "--gt", phantom_root, "--allow-missing"])
     assert r.returncode == 0, r.stderr
-    rows = _csv(tmp_path / "runs/score/exp/per_slice.csv")
+    rows = csv_rows(tmp_path / "runs/score/exp/per_slice.csv")
     missing = [x for x in rows if f"{x['patient_id']}_{x['slice_number']}_mask.tif" == first.name]
     assert len(missing) == 1 and missing[0]["pred_pixels"] == "0"
 
@@ -115,10 +111,10 @@ def test_nifti_volumes_scored_by_case_with_mm_metrics(run, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert "mm" in r.stdout
     run_dir = tmp_path / "runs/score/exp"
-    rows = {x["patient_id"]: x for x in _csv(run_dir / "per_patient.csv")}
+    rows = {x["patient_id"]: x for x in csv_rows(run_dir / "per_patient.csv")}
     assert float(rows["A"]["dice"]) == pytest.approx(metrics.dice(pred, gt))
     assert rows["B"]["dice"] == "1.0" and rows["A"]["slices"] == "6"
-    surf = {x["patient_id"]: x for x in _csv(run_dir / "surface.csv")}
+    surf = {x["patient_id"]: x for x in csv_rows(run_dir / "surface.csv")}
     assert surf["A"]["hd95_unit"] == "mm" and surf["A"]["nsd_unit"] == "mm"
     assert float(surf["A"]["hd95"]) == pytest.approx(1.0)  # 2 voxels x 0.5 mm
     assert float(surf["A"]["nsd"]) == 1.0  # within 1 mm everywhere

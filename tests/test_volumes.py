@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import subprocess
@@ -16,8 +15,9 @@ from _tiny import tiny_onnx
 from _volkit import (
     PATIENTS,
     RAS,
+    blob_volume,
     conv_onnx,
-    make_runner,
+    csv_rows,
     read_volume,
     save_case,
     save_dicom_series,
@@ -30,15 +30,8 @@ pytest.importorskip("pydicom")
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    return make_runner(capsys)
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def run(vol_run: Any) -> Any:
+    return vol_run
 
 
 # --------------------------------------------------------------------------- real data
@@ -90,7 +83,7 @@ def test_real_nifti_4d_and_3d_predict_exactly_as_the_tif_slices(run: Any, real: 
         out = tmp_path / f"out-{src.name}"
         r = run(["predict", real["model"], src, "-o", out, "--device", "cpu"])
         assert r.returncode == 0, r.stderr
-        rows = {row["case"]: row for row in _csv(out / "summary.csv")}
+        rows = {row["case"]: row for row in csv_rows(out / "summary.csv")}
         for pid, want in expected.items():
             data, affine = read_volume(out / f"{pid}_mask.nii.gz")
             assert data.dtype == np.uint8 and data.shape == want.shape
@@ -124,8 +117,8 @@ def test_real_per_patient_dice_of_volumes_equals_eval_on_the_slices(run, real, t
              "--project", tmp_path / "e", "--name", flag]
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
-        got = {p["patient_id"]: p for p in _csv(tmp_path / "s" / flag / "per_patient.csv")}
-        want = {p["patient_id"]: p for p in _csv(tmp_path / "e" / flag / "per_patient.csv")}
+        got = {p["patient_id"]: p for p in csv_rows(tmp_path / "s" / flag / "per_patient.csv")}
+        want = {p["patient_id"]: p for p in csv_rows(tmp_path / "e" / flag / "per_patient.csv")}
         assert set(got) == set(PATIENTS) == set(want)
         for pid in PATIENTS:
             for col in ("dice", "tp", "fp", "fn", "gt_pixels", "pred_pixels", "slices"):
@@ -199,14 +192,6 @@ def test_real_lps_sitk_and_oblique_inputs_map_back_to_their_grid(run, real, tmp_
 # --------------------------------------------------------------------------- synthetic cases
 
 
-def _volume(seed: int = 0, shape: tuple[int, int, int] = (64, 64, 6)) -> np.ndarray:
-    """X x Y x Z x 3 uint8 with a bright FLAIR blob (the tiny model's tumour)."""
-    rng = np.random.default_rng(seed)
-    v = rng.integers(0, 60, size=(*shape, 3), dtype=np.uint8)
-    v[20:36, 24:40, 1:4, 1] = 220
-    return v
-
-
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     return tiny_onnx(tmp_path / "tiny.onnx", image_size=64)
@@ -218,7 +203,7 @@ def _outputs(out: Path) -> list[str]:
 
 def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
     """name -> (input, extra CLI args, the expected words of the one error line)."""
-    v = _volume()
+    v = blob_volume()
     cases: dict[str, tuple[Path, list[str], str]] = {}
     d = tmp_path / "missing"
     save_case(d, "A", v)
@@ -272,13 +257,13 @@ def test_each_bad_case_gives_one_line_exit_2_and_writes_nothing(run, tiny, tmp_p
 
 def test_a_bad_case_among_good_ones_is_reported_and_the_others_are_written(run, tiny, tmp_path):
     src = tmp_path / "cases"
-    save_nifti(src / "good.nii.gz", _volume())
-    save_nifti(src / "bad.nii.gz", _volume()[..., :2])
+    save_nifti(src / "good.nii.gz", blob_volume())
+    save_nifti(src / "bad.nii.gz", blob_volume()[..., :2])
     r = run(["predict", tiny, src, "-o", tmp_path / "out", "--json"])
     assert r.returncode == 1
     assert "bad.nii.gz" in r.stderr and "2 volume(s); expected 3" in r.stderr
     assert _outputs(tmp_path / "out") == ["good.json", "good_mask.nii.gz", "summary.csv"]
-    rows = {row["case"]: row for row in _csv(tmp_path / "out" / "summary.csv")}
+    rows = {row["case"]: row for row in csv_rows(tmp_path / "out" / "summary.csv")}
     assert rows["bad"]["status"] == "error" and rows["good"]["status"] == "ok"
     lines = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert [ln["case"] for ln in lines] == ["bad", "good"]
@@ -287,20 +272,20 @@ def test_a_bad_case_among_good_ones_is_reported_and_the_others_are_written(run, 
 def test_shard_skip_existing_and_refusing_to_overwrite(run, tiny, tmp_path):
     src = tmp_path / "cases"
     for i in range(3):
-        save_nifti(src / f"c{i}.nii.gz", _volume(i))
+        save_nifti(src / f"c{i}.nii.gz", blob_volume(i))
     out = tmp_path / "out"
     r = run(["predict", tiny, src, "-o", out, "--shard", "1/2"])
     assert r.returncode == 0, r.stderr
-    assert [row["case"] for row in _csv(out / "summary-1-of-2.csv")] == ["c1"]
+    assert [row["case"] for row in csv_rows(out / "summary-1-of-2.csv")] == ["c1"]
     r = run(["predict", tiny, src, "-o", out, "--shard", "0/2"])
     assert r.returncode == 0
-    assert [row["case"] for row in _csv(out / "summary-0-of-2.csv")] == ["c0", "c2"]
+    assert [row["case"] for row in csv_rows(out / "summary-0-of-2.csv")] == ["c0", "c2"]
     r = run(["predict", tiny, src, "-o", out])
     assert r.returncode == 2 and r.stderr.count("already exists") == 3
     before = (out / "c0_mask.nii.gz").stat().st_mtime_ns
     r = run(["predict", tiny, src, "-o", out, "--skip-existing"])
     assert r.returncode == 0
-    rows = _csv(out / "summary.csv")
+    rows = csv_rows(out / "summary.csv")
     assert [row["status"] for row in rows] == ["skipped"] * 3
     assert rows[0]["tumor_voxels"] == str(16 * 16 * 3)
     assert (out / "c0_mask.nii.gz").stat().st_mtime_ns == before
@@ -308,7 +293,7 @@ def test_shard_skip_existing_and_refusing_to_overwrite(run, tiny, tmp_path):
 
 def test_mask_volume_and_probabilities_keep_the_input_header(run, tiny, tmp_path):
     src = tmp_path / "cases"
-    save_nifti(src / "A.nii.gz", _volume())
+    save_nifti(src / "A.nii.gz", blob_volume())
     out = tmp_path / "out"
     r = run(["predict", tiny, src, "-o", out, "--probabilities"])
     assert r.returncode == 0, r.stderr
@@ -319,13 +304,13 @@ def test_mask_volume_and_probabilities_keep_the_input_header(run, tiny, tmp_path
     np.testing.assert_array_equal(affine, read_volume(src / "A.nii.gz")[1])
     np.testing.assert_array_equal(paffine, affine)
     assert mask.sum() == 16 * 16 * 3
-    row = _csv(out / "summary.csv")[0]
+    row = csv_rows(out / "summary.csv")[0]
     assert float(row["tumor_volume_ml"]) == pytest.approx(16 * 16 * 3 * 0.75 / 1000)
     assert row["tumor_slices"] == "3" and row["slices"] == "6"
 
 
 def test_min_volume_in_voxels_and_mm3_removes_small_3d_components(run, tiny, tmp_path):
-    v = _volume()
+    v = blob_volume()
     v[50:52, 50:52, 2, 1] = 220  # a 4-voxel speck = 3 mm3 at 0.5 x 0.5 x 3 mm
     src = tmp_path / "cases"
     save_nifti(src / "A.nii.gz", v)
@@ -352,12 +337,12 @@ def test_float_volumes_are_scaled_per_contrast_by_the_documented_rule(tmp_path: 
     assert out.max() == 255 and out[1:].min() == 0
     mid = x[5, 5, 5]
     assert out[5, 5, 5] == round(255 * (mid - lo) / (hi - lo))
-    u = _volume()[..., 0]
+    u = blob_volume()[..., 0]
     assert to_model_range(u)[0] is u  # uint8: already the model's domain
 
 
 def test_int16_case_predicts_after_scaling(run, tiny, tmp_path):
-    v = _volume().astype(np.int16) * 7 + 3
+    v = blob_volume().astype(np.int16) * 7 + 3
     save_nifti(tmp_path / "cases" / "A.nii.gz", v)
     r = run(["predict", tiny, tmp_path / "cases", "-o", tmp_path / "out"])
     assert r.returncode == 0, r.stderr
@@ -372,7 +357,7 @@ def test_channel_patterns_flat_folder_and_errors(tmp_path: Path) -> None:
 
     flat = tmp_path / "flat"
     for case in ("A", "B"):
-        save_case(flat, case, _volume())
+        save_case(flat, case, blob_volume())
     cases = find_cases([flat])
     assert [c.id for c in cases] == ["A", "B"]
     assert cases[0].sources["post"].name == "A_t1ce.nii.gz"
@@ -414,7 +399,7 @@ def test_volume_libraries_are_not_imported_by_help_or_the_slice_path(tmp_path: P
 def test_predict_takes_the_volume_path_for_nifti_and_the_slice_path_for_images(run, tiny, tmp_path):
     from _tiny import write_images
 
-    save_nifti(tmp_path / "cases" / "A.nii.gz", _volume())
+    save_nifti(tmp_path / "cases" / "A.nii.gz", blob_volume())
     write_images(tmp_path / "imgs", 1, size=64)
     r = run(["predict", tiny, tmp_path / "cases" / "A.nii.gz", "-o", tmp_path / "v1"])
     assert r.returncode == 0, r.stderr
@@ -435,7 +420,7 @@ def test_options_of_the_other_path_are_refused_with_one_line_and_nothing_written
 ):
     from _tiny import write_images
 
-    save_nifti(tmp_path / "cases" / "A.nii.gz", _volume())
+    save_nifti(tmp_path / "cases" / "A.nii.gz", blob_volume())
     write_images(tmp_path / "imgs", 1, size=64)
     for src, extra, words in [
         ("cases", ["--overlay"], "--overlay: for image slices only"),
@@ -456,7 +441,7 @@ def test_volume_shards_use_the_slice_shard_rule(run, tiny, tmp_path):
     from brainseg.errors import BrainsegError
     from brainseg.volume_predict import VolumeOptions, predict_volumes
 
-    save_nifti(tmp_path / "cases" / "A.nii.gz", _volume())
+    save_nifti(tmp_path / "cases" / "A.nii.gz", blob_volume())
     for bad, words in (("2/2", "--shard 2/2: need 0 <= I < N"), ("x", "is not of the form I/N")):
         opts = VolumeOptions([tiny], [str(tmp_path / "cases")], tmp_path / "o", shard=bad)
         with pytest.raises(BrainsegError, match=re.escape(words)):  # batch.parse_shard's words
@@ -471,7 +456,7 @@ def test_volume_json_lines_stop_cleanly_when_stdout_closes(run, tiny, tmp_path, 
 
     src = tmp_path / "cases"
     for i in range(3):
-        save_nifti(src / f"c{i}.nii.gz", _volume(i))
+        save_nifti(src / f"c{i}.nii.gz", blob_volume(i))
     calls: list[str] = []
 
     def closed_after_one(obj: Any) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from itertools import islice
 from pathlib import Path, PurePosixPath
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +152,7 @@ class InputSpec:
 
     items: list[str]
     include_masks: bool = False
-    stdin: TextIO | None = None
+    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
     exclude_dirs: list[Path] = field(default_factory=list)
 
 
@@ -680,7 +680,7 @@ class PredictOptions:
     force: bool = False
     shard: str | None = None
     include_masks: bool = False
-    stdin: TextIO | None = None
+    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
     #: Called with every result as it comes (e.g. the command's --json line).
     on_result: Callable[[FileResult], None] | None = None
 

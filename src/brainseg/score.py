@@ -50,6 +50,9 @@ class ScoreOptions:
     gt: Path
     tolerance: float = 2.0
     allow_missing: bool = False  # a case without a prediction scores as an empty prediction
+    #: Volumes: only label-named NIfTI files of --gt are truth (``<case>_seg.nii.gz``...), so
+    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes).
+    truth_only: bool = False
 
 
 @dataclass
@@ -86,11 +89,6 @@ def _walk(top: Path, keep: Any) -> Iterator[Path]:
         for f in sorted(files):
             if not f.startswith(".") and keep(f):
                 yield Path(folder) / f
-
-
-def _is_nifti(name: str) -> bool:
-    n = name.lower()
-    return n.endswith(".nii") or n.endswith(".nii.gz")
 
 
 def _is_image(name: str) -> bool:
@@ -135,8 +133,15 @@ def _match(opts: ScoreOptions, pred: dict[str, Path], gt: dict[str, Path]) -> li
 def _volume_pairs(opts: ScoreOptions) -> list[_Pair]:
     from brainseg import volumes
 
-    gt = _index(list(_walk(opts.gt, _is_nifti)), "truth", opts.gt)
-    pred = _index(list(_walk(opts.pred, _is_nifti)), "prediction", opts.pred)
+    truth = volumes.is_truth_name if opts.truth_only else volumes.is_nifti
+    gt = _index(list(_walk(opts.gt, truth)), "truth", opts.gt)
+    pred = _index(list(_walk(opts.pred, volumes.is_nifti)), "prediction", opts.pred)
+    if not gt:
+        raise BrainsegError(
+            f"no label volume in {opts.gt} (names ending in _seg / _mask / _gt / _label"
+            f"{'' if opts.truth_only else ', or any NIfTI file'})",
+            hint="pass the folder of true masks with --gt",
+        )
     pairs = []
     for k in _match(opts, pred, gt):
         g, grid = volumes.read_mask_volume(gt[k])
@@ -252,7 +257,9 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
             raise BrainsegError(f"{side} {path} is not a folder", hint="pass a folder of masks")
     if not (math.isfinite(opts.tolerance) and opts.tolerance >= 0):
         raise BrainsegError(f"--tolerance {opts.tolerance} must be >= 0", hint="e.g. 2 (mm)")
-    volume_mode = next(_walk(opts.gt, _is_nifti), None) is not None
+    from brainseg.volumes import is_nifti
+
+    volume_mode = next(_walk(opts.gt, is_nifti), None) is not None
     pairs = _volume_pairs(opts) if volume_mode else _slice_pairs(opts)
     reports = [
         metrics.evaluate(p.pred, p.gt, np.zeros(len(p.gt), int), p.slice_number, [p.patient_id])

@@ -49,6 +49,9 @@ _CHANNEL_HINT = (
     f"the file / folder names of a case; default {DEFAULT_CHANNELS!r})"
 )
 _UNITS_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+#: Name endings of label volumes (ground truth, or brainseg's own ``<case>_mask.nii.gz``):
+#: never a case to predict, and what ``brainseg eval`` takes as the truth of a case.
+TRUTH_NAME = re.compile(r"_(mask|seg|gt|label)$", re.IGNORECASE)
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -61,6 +64,11 @@ def nifti_stem(path: str | Path) -> str:
     """The name without ``.nii`` / ``.nii.gz``."""
     name = Path(path).name
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
+
+
+def is_truth_name(path: str | Path) -> bool:
+    """True for a NIfTI label file (``<case>_seg.nii.gz``, ``<case>_mask.nii.gz``...)."""
+    return is_nifti(path) and TRUTH_NAME.search(nifti_stem(path)) is not None
 
 
 def is_dicom_folder(path: Path) -> bool:
@@ -146,10 +154,16 @@ def _key(pattern: str, name: str) -> str | None:
 
 def _group_folder(folder: Path, patterns: dict[str, str]) -> list[Case] | None:
     """The cases of a folder whose entries match the channel patterns (None: no entry does)."""
+    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    return _group_entries(entries, patterns, folder)
+
+
+def _group_entries(
+    entries: Sequence[Path], patterns: dict[str, str], folder: Path
+) -> list[Case] | None:
+    """Cases of ``entries`` (of one folder) grouped by the text the patterns' ``*`` matched."""
     groups: dict[str, dict[str, Path]] = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    for entry in entries:
         hits = [(c, k) for c, pat in patterns.items() if (k := _key(pat, entry.name)) is not None]
         if len(hits) > 1:
             raise BrainsegError(
@@ -193,7 +207,7 @@ def _walk_cases(folder: Path, patterns: dict[str, str], depth: int = 0) -> Itera
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and is_nifti(entry):
+        if entry.is_file() and is_nifti(entry) and not is_truth_name(entry):
             yield Case(nifti_stem(entry), four_d=entry)
         elif entry.is_dir():
             yield from _walk_cases(entry, patterns, depth + 1)
@@ -208,17 +222,17 @@ def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> lis
     """
     patterns = parse_channels(channels)
     cases: list[Case] = []
+    files: dict[Path, list[Path]] = {}  # named contrast files, by folder
     for item in inputs:
         p = Path(item)
         if not p.exists():
             raise BrainsegError(f"input {p} does not exist", hint="pass NIfTI files or folders")
         if p.is_file():
-            if not is_nifti(p):
-                raise BrainsegError(
-                    f"{p}: not a NIfTI file (.nii / .nii.gz)",
-                    hint="pass a 4D NIfTI file, a case folder or a folder of cases",
-                )
-            cases.append(Case(nifti_stem(p), four_d=p))
+            _check_named_file(p)
+            if any(_key(pat, p.name) is not None for pat in patterns.values()):
+                files.setdefault(p.parent, []).append(p)
+            else:
+                cases.append(Case(nifti_stem(p), four_d=p))
             continue
         found = list(_walk_cases(p, patterns))
         if not found:
@@ -228,7 +242,22 @@ def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> lis
                 hint=_CHANNEL_HINT,
             )
         cases.extend(found)
+    for folder, named in files.items():
+        cases.extend(_group_entries(sorted(set(named)), patterns, folder) or [])
     return sorted(cases, key=lambda c: c.id)
+
+
+def _check_named_file(p: Path) -> None:
+    if not is_nifti(p):
+        raise BrainsegError(
+            f"{p}: not a NIfTI file (.nii / .nii.gz)",
+            hint="pass a 4D NIfTI file, a case folder or a folder of cases",
+        )
+    if is_truth_name(p):
+        raise BrainsegError(
+            f"input {p} is a label volume (*_mask / *_seg / *_gt / *_label), not a case",
+            hint="pass the image volume(s) of the case; eval takes labels with --gt",
+        )
 
 
 # --------------------------------------------------------------------------- reading

@@ -7,6 +7,7 @@ torch and onnxruntime are imported when the command runs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -19,8 +20,28 @@ _HELP = (
     "probability), e.g. the K models of a cross-validation. Metrics are reported per patient "
     "(the comparable number under a patient-level split), per slice and globally; results go "
     "to runs/eval/exp/.\n\n"
+    "Volumes: when DATA holds NIfTI / DICOM cases (or --channels is given), every case is "
+    "predicted as `brainseg predict` does (masks in the run's masks/ folder) and scored "
+    "against its label volume (<case>_seg.nii.gz or _mask/_gt/_label, beside the case or in "
+    "--gt DIR), with HD95 and surface Dice in mm (docs/volumes.md).\n\n"
     "Example: brainseg eval runs/train/exp/best.safetensors data/kaggle_3m --split splits.yaml"
 )
+#: Options of ``brainseg eval`` that only the slice (kaggle_3m) path uses.
+SLICE_ONLY = {
+    "split": "--split",
+    "subset": "--subset",
+    "fold": "--fold",
+    "skip_bad": "--skip-bad",
+    "tune": "--tune",
+    "tune_output": "--tune-output",
+    "force": "--force",
+}
+#: Options that only volume cases use.
+VOLUME_ONLY = {
+    "gt": "--gt",
+    "min_volume": "--min-volume",
+    "tolerance": "--tolerance",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +49,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval", help=_HELP, no_args_is_help=True)
     def _cmd(
+        ctx: typer.Context,
         paths: list[Path] = typer.Argument(
             ...,
             metavar="MODEL... DATA",
@@ -96,9 +118,36 @@ def register(app: typer.Typer) -> None:
             "settings (implies --tune; one MODEL only).",
         ),
         force: bool = typer.Option(False, "--force", help="Overwrite --tune-output."),
+        gt: Path | None = typer.Option(
+            None,
+            "--gt",
+            show_default=False,
+            help="Volumes: folder of true label volumes matched by case "
+            "\\[default: the _seg/_mask/_gt/_label files beside the cases].",
+        ),
+        channels: str | None = typer.Option(
+            None,
+            "--channels",
+            help="Volumes: 'pre=GLOB,flair=GLOB,post=GLOB' naming each case's contrasts "
+            "(as for predict) \\[default: BraTS names *_t1, *_flair, *_t1ce].",
+        ),
+        min_volume: str | None = typer.Option(
+            None,
+            "--min-volume",
+            help="Volumes: remove 3D components under N voxels ('200') or a volume ('150mm3').",
+        ),
+        tolerance: float = typer.Option(
+            2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
+        ),
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
+        given = _given(ctx)
+        if _is_volume_eval(paths, channels):
+            _refuse(given, SLICE_ONLY, "for kaggle_3m slices only; DATA holds volume cases")
+            _eval_volumes(given, paths, json_out)
+            return
+        _refuse(given, VOLUME_ONLY, "for volume cases only (NIfTI / DICOM); DATA holds slices")
         from brainseg import evaluation as ev
 
         job = ev.EvalJob(
@@ -129,3 +178,55 @@ def register(app: typer.Typer) -> None:
         console.info(f"results saved to {result.run_dir}")
         if json_out:
             console.emit_json(ev.json_safe(result.summary))
+
+
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The options typed on the command line (not defaults), by parameter name."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+    }
+
+
+def _is_volume_eval(paths: list[Path], channels: str | None) -> bool:
+    if channels is not None:
+        return True
+    if len(paths) < 2:
+        return False
+    from brainseg.volumes import looks_like_volume_input
+
+    return looks_like_volume_input(str(paths[-1]))
+
+
+def _refuse(given: dict[str, Any], options: dict[str, str], why: str) -> None:
+    flags = [flag for name, flag in options.items() if name in given]
+    if flags:
+        from brainseg.errors import BrainsegError
+
+        raise BrainsegError(f"{', '.join(flags)}: {why}", hint="see brainseg eval --help")
+
+
+def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> None:
+    from brainseg.commands.score import render_summary
+    from brainseg.errors import BrainsegError
+    from brainseg.evaluation import json_safe
+    from brainseg.volume_eval import VolumeEvalJob, run_volume_eval
+
+    if len(paths) < 2:
+        raise BrainsegError(
+            "brainseg eval needs at least one MODEL and the folder of cases",
+            hint="usage: brainseg eval MODEL [MODEL...] CASES [--gt LABELS]",
+        )
+    keys = (
+        "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
+        "batch_size", "tolerance", "project", "name", "exist_ok",
+    )  # fmt: skip
+    job = VolumeEvalJob(
+        models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}
+    )
+    result = run_volume_eval(job)
+    render_summary(result.summary)
+    console.info(f"results saved to {result.run_dir} (masks in {result.run_dir / 'masks'})")
+    if json_out:
+        console.emit_json(json_safe(result.summary))

@@ -172,13 +172,16 @@ def register(app: typer.Typer) -> None:
             # by name: typer >= 0.22 vendors click, so its ParameterSource is not importable
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
         }
-        if vol.wants_volumes(inputs, channels):
+        import sys
+
+        peek = vol.StdinPeek(sys.stdin) if "-" in inputs else None
+        if vol.wants_volumes(vol.probe_inputs(inputs, peek), channels):
             vol.refuse_options(given, volumes=True)
             from brainseg.volume_predict import VolumeOptions
 
             vopts = VolumeOptions(
                 models=[model, *ensemble],
-                inputs=inputs,
+                inputs=vol.volume_inputs(inputs, peek),
                 out_dir=output,
                 channels=channels,
                 threshold=threshold,
@@ -218,6 +221,7 @@ def register(app: typer.Typer) -> None:
                 force=force,
                 shard=shard,
                 include_masks=include_masks,
+                stdin=peek,
             )
             code = run_predict(opts, json_out=json_out)
         if code:

@@ -9,6 +9,7 @@ volume run starts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from brainseg import console as con
@@ -28,6 +29,61 @@ SLICE_ONLY = {
 SAME_FOR_VOLUMES = {"summary": "csv"}
 #: Options of ``brainseg predict`` that only volume cases use.
 VOLUME_ONLY = {"largest": "--largest/--no-largest", "min_volume": "--min-volume"}
+
+
+class StdinPeek:
+    """Paths on stdin with the first one read ahead: it decides between the slice and the
+    volume path, and the slice path still streams the rest (a list of millions of files)."""
+
+    def __init__(self, stream: Iterable[str]) -> None:
+        self._rest = iter(stream)
+        self._head: list[str] = []
+        self.first: str | None = None
+        for line in self._rest:
+            self._head.append(line)
+            if line.strip():
+                self.first = line.rstrip("\r\n")
+                break
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._head
+        self._head = []
+        yield from self._rest
+
+    def paths(self) -> list[str]:
+        """Every non-empty line, as a path (volume cases are few)."""
+        return [line.rstrip("\r\n") for line in self if line.strip()]
+
+
+def probe_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
+    """The inputs with ``-`` replaced by stdin's first path (dropped when stdin is empty)."""
+    out: list[str] = []
+    for item in inputs:
+        if item != "-":
+            out.append(item)
+        elif peek is not None and peek.first is not None:
+            out.append(peek.first)
+    return out
+
+
+def volume_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
+    """The volume path's inputs: ``-`` expanded to every path on stdin, label volumes
+    (``*_seg.nii.gz``...) on stdin left out as a folder walk leaves them out."""
+    from brainseg.volumes import is_truth_name
+
+    out: list[str] = []
+    for item in inputs:
+        if item != "-" or peek is None:
+            out.append(item)
+            continue
+        listed = peek.paths()
+        labels = [p for p in listed if is_truth_name(p)]
+        if labels:
+            con.info(f"stdin: {len(labels)} label volume(s) skipped (first: {labels[0]})")
+        out.extend(p for p in listed if not is_truth_name(p))
+    if "-" in inputs and not out:
+        raise BrainsegError("no path on stdin", hint="pipe one case file or folder per line")
+    return out
 
 
 def wants_volumes(inputs: list[str], channels: str | None) -> bool:

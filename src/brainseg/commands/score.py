@@ -64,13 +64,14 @@ def register(app: typer.Typer) -> None:
         )
         run_dir = next_run_dir(project, name, exist_ok=exist_ok)
         write_score(result, run_dir)
-        _render(result.summary)
+        render_summary(result.summary)
         console.info(f"results saved to {run_dir}")
         if json_out:
             console.emit_json(json_safe(result.summary))
 
 
-def _render(s: dict[str, Any]) -> None:
+def render_summary(s: dict[str, Any]) -> None:
+    """The per-patient table and the global line (score, and eval on volumes)."""
     rows = []
     for metric in ("dice", "iou", "precision", "recall", "hd95"):
         st = s["per_patient"][metric]
