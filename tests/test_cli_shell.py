@@ -125,3 +125,23 @@ def test_quiet_hides_status_never_the_result(tmp_path: Path, where: str) -> None
     r = run_cli(quiet("--json", "--force"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["patients"] == 2
+
+
+def test_ctrl_c_inside_a_command_prints_one_interrupted_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Typer turns a KeyboardInterrupt in a command into a silent exit 130; brainseg says so."""
+    import brainseg.batch
+    from brainseg.cli import main
+
+    def interrupted(opts: Any) -> Any:
+        raise KeyboardInterrupt  # what a second Ctrl-C raises in the middle of the work
+
+    monkeypatch.setattr(brainseg.batch, "predict_inputs", interrupted)
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(tmp_path / "m.onnx"), str(scan), "-o", str(tmp_path / "out")])
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["error: interrupted"]

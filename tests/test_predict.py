@@ -867,7 +867,15 @@ def test_model_file_content_is_sniffed(
             fn(models["onnx"])
 
 
-def test_usage_line_names_model_and_inputs(run) -> None:
-    r = run(["predict", "--help"])
-    usage = next(x for x in r.stdout.splitlines() if "Usage:" in x)
-    assert "{MODEL} {INPUT}..." in usage and "INPUT...}" not in usage
+def test_usage_lines_name_arguments_in_posix_style(run) -> None:
+    want = {
+        "predict": "brainseg predict [OPTIONS] MODEL INPUT...",
+        "eval": "brainseg eval [OPTIONS] MODEL... DATA",
+        "export": "brainseg export [OPTIONS] CHECKPOINT",
+        "train": "brainseg train [OPTIONS] [DATA]",
+    }
+    for command, line in want.items():
+        r = run([command, "--help"])
+        usage = next(x for x in r.stdout.splitlines() if "Usage:" in x)
+        assert usage.split("Usage:")[1].strip() == line, usage
+        assert "{" not in usage

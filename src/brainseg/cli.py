@@ -33,6 +33,29 @@ from brainseg.commands import (
 )
 from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, BrainsegError, first_line
 
+
+def _plain_usage_arguments() -> None:
+    """Usage lines in the POSIX / docopt style of our docs (``MODEL INPUT...``, optional ones
+    in brackets): Typer >= 0.2x writes required arguments in braces (``{MODEL} {INPUT}...``,
+    ``{MODEL... DATA}...``), which reads like a set of choices. Only that private method is
+    replaced, and only when this Typer has it."""
+    from typer import core
+
+    cls: Any = getattr(core, "TyperArgument", None)
+    if cls is None or not hasattr(cls, "_usage_display_name"):
+        return
+
+    def usage_name(self: Any) -> str:
+        name = str(self.metavar or self.name.upper())
+        if self.nargs != 1 and "..." not in name:
+            name += "..."
+        return name if self.required else f"[{name}]"
+
+    cls._usage_display_name = usage_name
+
+
+_plain_usage_arguments()
+
 app = typer.Typer(
     name="brainseg",
     help="Brain tumor segmentation in MRI: download, split, train, eval, predict, export. "
@@ -121,6 +144,30 @@ def _quiet_everywhere(group: typer.Typer) -> None:
             _quiet_everywhere(sub.typer_instance)
 
 
+def _interrupt_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` printing ``error: interrupted`` on Ctrl-C: Typer turns a KeyboardInterrupt
+    raised inside a command into a silent exit 130 before :func:`main` could report it."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            con.error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return command
+
+
+def _report_interrupts(group: typer.Typer) -> None:
+    for command_info in group.registered_commands:
+        if command_info.callback is not None:
+            command_info.callback = _interrupt_line(command_info.callback)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _report_interrupts(sub.typer_instance)
+
+
 def _flags_without_placeholder() -> None:
     """Help shows ``--force``, not ``--force <bool>``: a flag takes no value (``--force true``
     is refused), so the type column stays empty for every flag of every command."""
@@ -135,6 +182,7 @@ def _flags_without_placeholder() -> None:
 
 
 _quiet_everywhere(app)
+_report_interrupts(app)
 _flags_without_placeholder()
 
 

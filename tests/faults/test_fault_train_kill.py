@@ -235,6 +235,7 @@ def test_a_second_ctrl_c_aborts_at_once(tiny: tuple[Path, Path], tmp_path: Path)
     r = run_faulty(train_args(tiny, tmp_path), {"signal": [point]})
     assert r.returncode == 130, r.stderr
     assert "stopping after the current step" in r.stderr  # the first Ctrl-C was seen
+    assert "error: interrupted" in r.stderr  # the second one, in the house style
     assert "interrupted at epoch" not in r.stderr and "saved" not in r.stderr, r.stderr
     state = read_metadata(tmp_path / "exp" / "last.safetensors")["train_state"]
     assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # epoch 1's file, untouched
