@@ -504,15 +504,14 @@ class DownloadResult:
 
 def run_download(opts: DownloadOptions) -> DownloadResult:
     """The ``brainseg download`` job: install what ``opts.what`` names and describe it."""
+    http: dict[str, Any] = {
+        "retries": opts.retries,
+        "backoff": opts.backoff,
+        "timeout": opts.timeout,
+    }
     if opts.what == "vgg16":
         path = download_vgg16(
-            bn=opts.bn,
-            from_file=opts.from_file,
-            url=opts.url,
-            force=opts.force,
-            retries=opts.retries,
-            backoff=opts.backoff,
-            timeout=opts.timeout,
+            bn=opts.bn, from_file=opts.from_file, url=opts.url, force=opts.force, **http
         )
         return DownloadResult(path, extra={"encoder": "vgg16_bn" if opts.bn else "vgg16"})
     dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
@@ -531,9 +530,7 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
             force=opts.force,
             keep_archive=opts.keep_archive,
             kaggle_auth=opts.kaggle_auth,
-            retries=opts.retries,
-            backoff=opts.backoff,
-            timeout=opts.timeout,
+            **http,
         )
         extra = {}
     else:
