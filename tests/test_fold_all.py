@@ -35,7 +35,17 @@ def final_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     r = run_cli(["train", phantom_root, "--fold", "all", *TINY, "--project", project])
     assert r.returncode == 0, r.stderr
     assert "no validation" in r.stdout + r.stderr
+    (project / "stdout.txt").write_text(r.stdout)
     return project / "exp"
+
+
+def test_fold_all_report_and_file_table_say_there_is_no_validation(final_run: Path) -> None:
+    html = (final_run / "report.html").read_text()
+    assert "none (--fold all: every patient trains)" in html
+    assert ">nan<" not in html and "nan at epoch" not in html
+    table = (final_run.parent / "stdout.txt").read_text()
+    assert not (final_run / "preview.png").exists()
+    assert "preview.png" not in table and "metrics.csv" in table and "report.html" in table
 
 
 def test_fold_all_metrics_have_empty_validation_columns(final_run: Path) -> None:

@@ -692,17 +692,20 @@ def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
 def _train_measured(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     info = config.get("run_info") or {}
     size = config.get("image_size")
-    best = max(rows, key=lambda r: r["val_dice_patient"]) if rows else None
+    scored = [r for r in rows if not math.isnan(r.get("val_dice_patient", math.nan))]
+    best = max(scored, key=lambda r: r["val_dice_patient"]) if scored else None
+    no_val = "none (--fold all: every patient trains)" if str(config.get("fold")) == "all" else None
     return [
         ("epochs done", f"{rows[-1]['epoch'] if rows else 0} of {config.get('epochs', '?')}"),
         (
             "best val per-patient Dice",
-            f"{fmt(best['val_dice_patient'])} at epoch {best['epoch']}" if best else None,
+            f"{fmt(best['val_dice_patient'])} at epoch {best['epoch']}" if best else no_val,
         ),
-        ("last val per-patient Dice", rows[-1]["val_dice_patient"] if rows else None),
+        ("last val per-patient Dice", scored[-1]["val_dice_patient"] if scored else no_val),
         (
             "validation",
-            f"{info.get('val_patients', '?')} patients / {info.get('val_slices', '?')}"
+            no_val
+            or f"{info.get('val_patients', '?')} patients / {info.get('val_slices', '?')}"
             f" slices of {config.get('split')}, fold {config.get('fold')}",
         ),
         (

@@ -174,5 +174,9 @@ def render(result: TrainResult) -> None:
 def render_files(result: TrainResult) -> None:
     """The table of the run's files."""
     files = [["run folder", str(result.run_dir)]]
-    files += [[label, str(result.run_dir / name)] for label, name in RUN_FILES]
+    files += [
+        [label, str(result.run_dir / name)]
+        for label, name in RUN_FILES
+        if (result.run_dir / name).exists()  # no preview.png without validation patients
+    ]
     con.result(con.table(None, ["file", "path"], files))
