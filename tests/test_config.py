@@ -48,6 +48,23 @@ def test_packaged_presets_match_repo_configs() -> None:
         load_config(name).validate(need_data=False)
 
 
+def test_recipe_files_of_results_md_are_valid_configs() -> None:
+    """configs/recipes/*.yaml are the rows of docs/results.md: each must load as given there."""
+    recipes = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+    assert [p.stem for p in recipes] == ["cosine-prior", "plain"]
+    plain = load_config(str(recipes[1]))
+    plain.validate(need_data=False)
+    assert (plain.loss, plain.scheduler, plain.augment, plain.aug_rotate) == (
+        "bce+dice",
+        "none",
+        True,
+        0,
+    )
+    cos = load_config(str(recipes[0]))
+    cos.validate(need_data=False)
+    assert (cos.scheduler, cos.head_bias_prior) == ("cosine", 0.01)
+
+
 def test_cli_overrides_only_given_values(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("lr: 0.001\nepochs: 3\naugment: true\ndecoder_channels: [32, 32, 16, 16, 8]\n")
