@@ -142,7 +142,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
-        given = _given(ctx)
+        from brainseg.commands import given_options
+
+        given = given_options(ctx)
         if _is_volume_eval(paths, channels):
             _refuse(given, SLICE_ONLY, "for kaggle_3m slices only; DATA holds volume cases")
             _eval_volumes(given, paths, json_out)
@@ -178,15 +180,6 @@ def register(app: typer.Typer) -> None:
         console.info(f"results saved to {result.run_dir}")
         if json_out:
             console.emit_json(ev.json_safe(result.summary))
-
-
-def _given(ctx: typer.Context) -> dict[str, Any]:
-    """The options typed on the command line (not defaults), by parameter name."""
-    return {
-        name: value
-        for name, value in ctx.params.items()
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
-    }
 
 
 def _is_volume_eval(paths: list[Path], channels: str | None) -> bool:

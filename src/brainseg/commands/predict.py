@@ -164,14 +164,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
+        from brainseg.commands import given_options
         from brainseg.commands import predict_volumes as vol
 
-        given = {  # the options typed on the command line (not defaults)
-            name: value
-            for name, value in ctx.params.items()
-            # by name: typer >= 0.22 vendors click, so its ParameterSource is not importable
-            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
-        }
+        given = given_options(ctx)
         import sys
 
         peek = vol.StdinPeek(sys.stdin) if "-" in inputs else None
