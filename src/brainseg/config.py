@@ -67,6 +67,11 @@ def _finite(v: float) -> bool:
     return math.isfinite(v)
 
 
+def _open_unit(v: float) -> bool:
+    """In (0, 1): a probability or a decay that is neither 0 nor 1."""
+    return 0.0 < v < 1.0
+
+
 _AT_LEAST_1 = "must be at least 1"
 _PROB01 = "must be a probability in [0, 1]"
 _AUG_HINT = "see docs/training.md (augmentation)"
@@ -150,7 +155,7 @@ class TrainConfig:
         "Tumour-pixel prior of the untrained head.",
         cli=False,
         rule=Rule(
-            lambda v: 0.0 < v < 1.0,
+            _open_unit,
             "must be a probability in (0, 1)",
             "e.g. head_bias_prior: 0.01 (about the tumour pixel fraction)",
         ),
@@ -177,6 +182,26 @@ class TrainConfig:
         "none",
         "none | cosine (per step, to 0) | plateau (x0.5 when val per-patient Dice stalls).",
         choices=SCHEDULERS,
+    )
+    # a linear ramp of the learning rate from lr / N to lr over the first warmup_epochs epochs
+    # (in steps), then the scheduler over the rest of the run
+    warmup_epochs: float = _setting(
+        0.0,
+        "Epochs of linear learning-rate warm-up before the scheduler.",
+        cli=False,
+        rule=Rule(lambda v: _finite(v) and v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
+    )
+    # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel),
+    # updated after every step; validation, best / last / final weights and preview use it
+    ema_decay: float | None = _setting(
+        None,
+        "Decay of an EMA of the weights (None: off).",
+        cli=False,
+        rule=Rule(
+            _open_unit,
+            "must be in (0, 1)",
+            "e.g. ema_decay: 0.99 (averages about the last 100 steps)",
+        ),
     )
     plateau_patience: int = _setting(
         3, "Epochs without a better val per-patient Dice before lowering lr.", cli=False
@@ -428,6 +453,11 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"plateau_patience must be >= 0 and plateau_factor in (0, 1), got "
             f"{cfg.plateau_patience} and {cfg.plateau_factor}",
             "e.g. plateau_patience: 3, plateau_factor: 0.5",
+        )
+    if cfg.warmup_epochs >= cfg.epochs:
+        _bad(
+            f"warmup_epochs must be less than epochs ({cfg.epochs}), got {cfg.warmup_epochs:g}",
+            "e.g. warmup_epochs: 1 for a 20-epoch run",
         )
     if cfg.loggers:
         from brainseg.loggers import check_loggers

@@ -29,10 +29,17 @@ if TYPE_CHECKING:
     from brainseg.train.setup import Run
 
 
-def lr_at(cfg: TrainConfig, step: int, total: int, plateau_scale: float) -> float:
-    """The learning rate of optimiser step ``step`` (0-based) of ``total``."""
+def lr_at(cfg: TrainConfig, step: int, total: int, plateau_scale: float, warmup: int = 0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``.
+
+    The first ``warmup`` steps ramp linearly up to ``cfg.lr`` (Adam's early moment estimates
+    are noisy); the scheduler then runs over the remaining steps, cosine reaching 0 at the end.
+    """
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.scheduler == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        span = max(total - warmup, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
     if cfg.scheduler == "plateau":
         return cfg.lr * plateau_scale
     return cfg.lr
@@ -136,7 +143,7 @@ def train_step(run: Run, epoch: int, step: int, stopper: Stopper) -> bool:
     cfg, state, opt = run.cfg, run.state, run.optimizer
     t_step = time.perf_counter()
     x, y = draw_batch(run, step)
-    lr = lr_at(cfg, state.global_step, run.total_steps, state.plateau_scale)
+    lr = lr_at(cfg, state.global_step, run.total_steps, state.plateau_scale, run.warmup_steps)
     for g in opt.param_groups:
         g["lr"] = lr
     # forward, loss; a non-finite loss stops every rank before the update
@@ -154,6 +161,8 @@ def train_step(run: Run, epoch: int, step: int, stopper: Stopper) -> bool:
     run.scaler.step(opt)
     run.scaler.update()
     opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(run.raw)
     record_step(state, step, loss_v, len(x), lr, time.perf_counter() - t_step)
     run.loggers.step(state.global_step, loss_v, lr)
     return stop
@@ -185,7 +194,9 @@ def run_epoch(run: Run, epoch: int, stopper: Stopper) -> None:
 def stop_here(run: Run, epoch: int, step: int) -> None:
     """Save last.safetensors (the position in the epoch too) and say how to resume."""
     if run.rt.dist.is_main:
-        save_last(run.run_dir, run.raw, run.optimizer, run.scaler, run.gen, run.state, run.meta)
+        save_last(
+            run.run_dir, run.raw, run.optimizer, run.scaler, run.gen, run.state, run.meta, run.ema
+        )
     raise BrainsegError(
         f"interrupted at epoch {epoch + 1} step {step + 1}/{run.steps}; saved "
         f"{run.run_dir / 'last.safetensors'}",

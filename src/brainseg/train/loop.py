@@ -98,7 +98,9 @@ def end_of_epoch(run: Run, epoch: int, t_epoch: float) -> None:
         metrics: dict[str, Any] = dict.fromkeys(VAL_COLUMNS)
         improved, state.best_epoch = True, epoch + 1
     else:
-        metrics = validation.validate(run.raw, run.data.val, cfg, rt.device, rt.amp_dtype, rt.dist)
+        metrics = validation.validate(
+            run.eval_model, run.data.val, cfg, rt.device, rt.amp_dtype, rt.dist
+        )
         improved = metrics["val_dice_patient"] > state.best_dice
         if improved:
             state.best_dice, state.best_epoch = metrics["val_dice_patient"], epoch + 1
@@ -125,9 +127,14 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     d, rt = run.run_dir, run.rt
     if improved:
         best = "final" if run.cfg.all_patients else "best"
-        save_weights(d / "best.safetensors", run.raw, checkpoint_meta(run, row, best))
+        save_weights(d / "best.safetensors", run.eval_model, checkpoint_meta(run, row, best))
         write_preview(
-            d / "preview.png", run.raw, run.data.val, run.data.preview_rows, rt.device, rt.amp_dtype
+            d / "preview.png",
+            run.eval_model,
+            run.data.val,
+            run.data.preview_rows,
+            rt.device,
+            rt.amp_dtype,
         )
         run.loggers.image("preview", d / "preview.png", row["epoch"])
     # metrics before last: a kill between the two redoes this epoch on resume (rows after
@@ -135,7 +142,7 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     write_metrics(d / "metrics.csv", run.rows)
     write_curves(d / "curves.png", run.rows, run.cfg.image_size)
     meta = checkpoint_meta(run, row, "last")
-    save_last(d, run.raw, run.optimizer, run.scaler, run.gen, run.state, meta)
+    save_last(d, run.raw, run.optimizer, run.scaler, run.gen, run.state, meta, run.ema)
 
 
 def render(result: TrainResult) -> None:

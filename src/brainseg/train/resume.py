@@ -68,13 +68,17 @@ def save_last(
     gen: torch.Generator,
     state: LoopState,
     metadata: dict[str, Any],
+    ema: Any = None,
 ) -> None:
     """last.safetensors: weights + optimiser, scaler, RNG and loop state (no pickle).
 
     Tensors (Adam moments, RNG states, the epoch's permutation) go in ``extra``; the rest
-    (param groups, scaler scalars, counters) is JSON in the metadata.
+    (param groups, scaler scalars, counters) is JSON in the metadata. With an EMA the saved
+    weights are the average and the trained ones go in ``extra`` (brainseg.train.ema).
     """
-    extra: dict[str, torch.Tensor] = {}
+    from brainseg.train.ema import ema_extra
+
+    extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(model, ema)
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
         for k, v in st.items():
@@ -94,7 +98,7 @@ def save_last(
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         },
     }
-    save_weights(run_dir / "last.safetensors", model, meta, extra)
+    save_weights(run_dir / "last.safetensors", model if ema is None else ema.module, meta, extra)
 
 
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
@@ -127,11 +131,17 @@ def load_train_state(
     gen: torch.Generator,
     state: LoopState,
     device: torch.device,
+    ema: Any = None,
 ) -> None:
-    """Put the model, optimiser, scaler, generators and loop counters back."""
+    """Put the model (and its EMA), optimiser, scaler, generators and loop counters back."""
     tensors: dict[str, torch.Tensor] = resume["extra"]
     ts = dict(resume["meta"]["train_state"])
-    model.load_state_dict(resume["weights"], strict=True)
+    if ema is None:
+        model.load_state_dict(resume["weights"], strict=True)
+    else:
+        from brainseg.train.ema import load_ema
+
+        load_ema(resume["weights"], tensors, model, ema)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     pre = "optim."
     for k, v in tensors.items():

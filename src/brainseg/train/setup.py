@@ -26,6 +26,7 @@ from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
 from brainseg.loggers import Loggers
 from brainseg.postprocess import DEFAULT_THRESHOLD
 from brainseg.train.data import TrainData, load_data, load_split_checked
+from brainseg.train.ema import build_ema
 from brainseg.train.resume import LoopState, load_train_state, read_resume_state
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime
@@ -52,10 +53,20 @@ class Run:
     model: Any = None  # raw, or wrapped by DDP / torch.compile
     encoder_trainable: bool | None = None
     loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0 only); csv is apart
+    ema: Any = None  # the AveragedModel of raw when ema_decay is set (brainseg.train.ema)
+
+    @property
+    def eval_model(self) -> Any:
+        """The model that is validated and saved: the EMA of the weights when it is on."""
+        return self.raw if self.ema is None else self.ema.module
 
     @property
     def total_steps(self) -> int:
         return self.steps * self.cfg.epochs
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.cfg.warmup_epochs * self.steps)
 
 
 def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
@@ -195,9 +206,9 @@ def setup(cfg: TrainConfig) -> Run:
         cfg, rt, raw, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), data,
         AugmentSettings.from_config(cfg), steps, global_batch, run_dir, meta,
     )  # fmt: skip
-    run.model = raw
+    run.model, run.ema = raw, build_ema(cfg, raw)
     if resume is not None:
-        load_train_state(resume, raw, optimizer, scaler, run.gen, run.state, rt.device)
+        load_train_state(resume, raw, optimizer, scaler, run.gen, run.state, rt.device, run.ema)
         run.rows = [
             r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= run.state.epoch
         ]
