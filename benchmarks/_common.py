@@ -202,6 +202,22 @@ def spread(values: Sequence[float]) -> float:
     return float((max(values) - min(values)) / m) if m else 0.0
 
 
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """n, mean, 95% percentile bootstrap CI over the values (patients), median: cv's summary."""
+    import numpy as np
+
+    from brainseg.cv import bootstrap_ci
+
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = bootstrap_ci(v)
+    return {
+        "n": int(v.size),
+        "mean": float(v.mean()),
+        "ci95": [lo, hi],
+        "median": float(np.median(v)),
+    }
+
+
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Wall times of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):

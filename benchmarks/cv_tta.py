@@ -19,9 +19,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from _common import RESULTS, provenance, say, show, write_result
+from _common import RESULTS, mean_ci, provenance, say, show, write_result
 
 
 def fold_dice(cv_dir: Path, data: str, k: int, select: str, tta: bool, device: str) -> dict:
@@ -32,19 +31,6 @@ def fold_dice(cv_dir: Path, data: str, k: int, select: str, tta: bool, device: s
     opts = EvalOptions(threshold=0.5, min_size=0, largest=False, tta=tta, device=device)
     res = run_eval([model], data, cv_dir / "split.yaml", "val", k, opts)
     return {r["patient_id"]: float(r["dice"]) for r in res.report.per_patient}
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    from brainseg.cv import bootstrap_ci
-
-    v = np.asarray(values, dtype=np.float64)
-    lo, hi = bootstrap_ci(v)
-    return {
-        "n": int(v.size),
-        "mean": float(v.mean()),
-        "ci95": [lo, hi],
-        "median": float(np.median(v)),
-    }
 
 
 def main() -> None:
@@ -66,9 +52,9 @@ def main() -> None:
         cv_dir=str(a.cv_dir),
         select=doc["select"],
         per_patient=per,
-        without_tta=stats([per["plain"][p] for p in patients]),
-        with_tta=stats([per["tta"][p] for p in patients]),
-        paired_difference=stats(diff),
+        without_tta=mean_ci([per["plain"][p] for p in patients]),
+        with_tta=mean_ci([per["tta"][p] for p in patients]),
+        paired_difference=mean_ci(diff),
     )
     rows = [
         [name, s["mean"], f"{s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}", s["median"], s["n"]]

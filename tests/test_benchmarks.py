@@ -164,3 +164,32 @@ def test_gpu_bench_cpu_smoke(tmp_path: Path, phantom_root: Path) -> None:
 def test_gpu_sh_is_valid_bash() -> None:
     p = subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def _per_patient(cv_dir: Path, rows: list[tuple[str, int, float]]) -> Path:
+    """A finished cv folder as cv_compare reads it: per_patient.csv (patient, fold, Dice)."""
+    cv_dir.mkdir()
+    lines = ["patient_id,dice,fold,institution,dice_before"]
+    lines += [f"{p},{d + 0.1:.4f},{f},CS,{d:.4f}" for p, f, d in rows]
+    (cv_dir / "per_patient.csv").write_text("\n".join(lines) + "\n")
+    return cv_dir
+
+
+def test_cv_compare_pairs_runs_patient_by_patient(tmp_path: Path) -> None:
+    ref = _per_patient(tmp_path / "plain", [("A", 0, 0.5), ("B", 0, 0.7), ("C", 1, 0.2)])
+    new = _per_patient(tmp_path / "cosine", [("A", 0, 0.6), ("B", 0, 0.6), ("C", 1, 0.5)])
+    out = run_script("cv_compare.py", ref, new, "--json", tmp_path / "c.json")
+    assert "2/3 better" in out
+    runs = json.loads((tmp_path / "c.json").read_text())["runs"]
+    plain, cosine = runs[str(ref)], runs[str(new)]
+    assert plain["mean"] == pytest.approx(1.4 / 3) and plain["per_fold"] == pytest.approx(
+        [0.6, 0.2]
+    )
+    assert cosine["paired_difference"]["mean"] == pytest.approx(0.3 / 3)
+    assert cosine["patients_better"] == 2 and cosine["per_patient"]["C"] == pytest.approx(0.5)
+    # other folds: a difference would mix recipe and patients, so it is refused
+    other = _per_patient(tmp_path / "other", [("A", 1, 0.6), ("B", 0, 0.6), ("C", 0, 0.5)])
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "cv_compare.py"), ref, other], capture_output=True, text=True
+    )
+    assert p.returncode != 0 and "do not have the same patients in folds" in p.stderr
