@@ -85,6 +85,8 @@ def test_card_of_a_real_checkpoint(trained: dict[str, Any]) -> None:
     # recipe, data, preprocessing, licence, version
     assert card["training"]["recipe"]["lr"] == pytest.approx(3e-4)
     assert card["training"]["recipe"]["epochs"] == 2
+    # the levers of configs/best.yaml and docs/results.md are part of the recipe shown
+    assert {"head_bias_prior", "warmup_epochs", "ema_decay"} <= set(card["training"]["recipe"])
     assert card["training"]["data_folder"] == "kaggle_3m"
     assert card["training"]["split"]["dataset_hash"] == trained["split"].dataset_hash
     assert card["preprocessing"]["threshold"] == 0.5 and card["preprocessing"]["postprocess"]

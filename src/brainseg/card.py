@@ -69,6 +69,7 @@ RECIPE_KEYS = (
     "encoder", "encoder_weights", "decoder_channels", "upsample", "normalization", "loss",
     "lr", "weight_decay", "scheduler", "epochs", "batch_size", "steps_per_epoch", "augment",
     "tumor_oversample", "freeze_encoder_epochs", "grad_clip", "amp", "seed", "image_size",
+    "head_bias_prior", "warmup_epochs", "ema_decay",
 )  # fmt: skip
 
 
