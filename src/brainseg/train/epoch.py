@@ -21,7 +21,7 @@ from brainseg.augment import augment_batch, draw
 from brainseg.config import TrainConfig
 from brainseg.errors import EXIT_INTERRUPTED, BrainsegError, BrainsegRuntimeError
 from brainseg.train.data import fetch
-from brainseg.train.resume import LoopState, save_last
+from brainseg.train.resume import LoopState
 from brainseg.train.runfiles import epoch_bar
 from brainseg.train.runtime import autocast
 
@@ -194,9 +194,7 @@ def run_epoch(run: Run, epoch: int, stopper: Stopper) -> None:
 def stop_here(run: Run, epoch: int, step: int) -> None:
     """Save last.safetensors (the position in the epoch too) and say how to resume."""
     if run.rt.dist.is_main:
-        save_last(
-            run.run_dir, run.raw, run.optimizer, run.scaler, run.gen, run.state, run.meta, run.ema
-        )
+        run.save_last(run.meta)
     raise BrainsegError(
         f"interrupted at epoch {epoch + 1} step {step + 1}/{run.steps}; saved "
         f"{run.run_dir / 'last.safetensors'}",

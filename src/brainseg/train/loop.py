@@ -20,7 +20,7 @@ from brainseg.train import validation
 from brainseg.train.epoch import Stopper, run_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
-from brainseg.train.resume import save_last, save_weights
+from brainseg.train.resume import save_weights
 from brainseg.train.runfiles import VAL_COLUMNS, epoch_line, write_curves, write_metrics
 from brainseg.train.setup import Run, setup
 
@@ -142,7 +142,7 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     write_metrics(d / "metrics.csv", run.rows)
     write_curves(d / "curves.png", run.rows, run.cfg.image_size)
     meta = checkpoint_meta(run, row, "last")
-    save_last(d, run.raw, run.optimizer, run.scaler, run.gen, run.state, meta, run.ema)
+    run.save_last(meta)
 
 
 def render(result: TrainResult) -> None:

@@ -27,7 +27,7 @@ from brainseg.loggers import Loggers
 from brainseg.postprocess import DEFAULT_THRESHOLD
 from brainseg.train.data import TrainData, load_data, load_split_checked
 from brainseg.train.ema import build_ema
-from brainseg.train.resume import LoopState, load_train_state, read_resume_state
+from brainseg.train.resume import LoopState, load_train_state, read_resume_state, save_last
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime
 
@@ -67,6 +67,13 @@ class Run:
     @property
     def warmup_steps(self) -> int:
         return round(self.cfg.warmup_epochs * self.steps)
+
+    def save_last(self, metadata: dict[str, Any]) -> None:
+        """This run's last.safetensors: weights (or their EMA), optimiser, RNG, loop state."""
+        save_last(
+            self.run_dir, self.raw, self.optimizer, self.scaler, self.gen, self.state, metadata,
+            self.ema,
+        )  # fmt: skip
 
 
 def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
