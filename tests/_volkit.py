@@ -88,10 +88,38 @@ def save_dicom_series(
     series_uid: str | None = None,
     start: int = 0,
 ) -> Path:
-    """A uint8 X x Y x Z volume (RAS axes, the convention's layout) as a pydicom MR series.
+    """A uint8 X x Y x Z volume on an RAS-diagonal grid as a pydicom MR series.
 
     The DICOM rows run along +A and the columns along +R (LPS cosines (-1,0,0), (0,-1,0)),
     so SimpleITK reads it back with a positive diagonal RAS affine.
+    """
+    return save_dicom_slices(
+        folder,
+        np.ascontiguousarray(volume.transpose(2, 1, 0)),  # slice k: rows = y, columns = x
+        iop=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
+        spacing=spacing,
+        origin_lps=origin_lps,
+        series_uid=series_uid,
+        start=start,
+    )
+
+
+def save_dicom_slices(
+    folder: Path,
+    slices: np.ndarray,
+    *,
+    iop: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    spacing: tuple[float, float, float] = (0.5, 0.5, 3.0),
+    origin_lps: tuple[float, float, float] = (-64.0, -58.5, -21.0),
+    series_uid: str | None = None,
+    start: int = 0,
+) -> Path:
+    """S x H x W uint8 images as a pydicom MR series, one file per image, as a scanner writes.
+
+    ``iop`` is ImageOrientationPatient (the LPS directions of a row and of a column); the
+    default is the plain axial one, in which each image is shown as the scanner acquired it:
+    top = anterior, left of the image = the patient's right. Slice k sits ``k * spacing[2]``
+    mm along the normal (row x column). ``spacing`` = (column, row, slice) in mm.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -100,7 +128,8 @@ def save_dicom_series(
     folder.mkdir(parents=True, exist_ok=True)
     study, series = generate_uid(), series_uid or generate_uid()
     frame = generate_uid()
-    for k in range(volume.shape[2]):
+    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    for k in range(slices.shape[0]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -111,11 +140,12 @@ def save_dicom_series(
         ds.Modality, ds.PatientID, ds.PatientName = "MR", "TEST", "Test^Volume"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.InstanceNumber = start + k + 1
-        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
-        ds.ImagePositionPatient = [origin_lps[0], origin_lps[1], origin_lps[2] + spacing[2] * k]
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # row spacing (along y), column spacing
+        ds.ImageOrientationPatient = [float(v) for v in iop]
+        position = np.asarray(origin_lps) + normal * spacing[2] * k
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # row spacing (between rows), column spacing
         ds.SliceThickness = spacing[2]
-        pixels = np.ascontiguousarray(volume[:, :, k].T.astype(np.uint8))  # rows = y, cols = x
+        pixels = np.ascontiguousarray(slices[k].astype(np.uint8))
         ds.Rows, ds.Columns = pixels.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

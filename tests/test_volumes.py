@@ -21,6 +21,7 @@ from _volkit import (
     read_volume,
     save_case,
     save_dicom_series,
+    save_dicom_slices,
     save_nifti,
 )
 
@@ -39,7 +40,7 @@ def run(vol_run: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> dict[str, Any]:
-    """Two real patients: a kaggle_3m subset, their TIF stacks, the model, slice predictions."""
+    """Two real patients: a kaggle_3m subset, their TIF stacks and the model."""
     from brainseg.data.lgg import discover, read_slice
 
     base = tmp_path_factory.mktemp("vol-real")
@@ -51,61 +52,129 @@ def real(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> dict[str,
     stacks = {}
     for p in ds.patients:
         pairs = [read_slice(s) for s in sorted(p.slices, key=lambda s: s.number)]
-        images = np.stack([im for im, _ in pairs])  # S x H x W x 3 uint8
-        masks = np.stack([m for _, m in pairs])
-        # The convention: data[:, :, k] == tif[k] (rows first), contrasts on the last axis.
-        stacks[p.id] = (np.moveaxis(images, 0, 2), np.moveaxis(masks, 0, 2))
+        # The TIFs as they are: S x H x W (x 3), slice k = TIF k+1 (no convention of ours).
+        stacks[p.id] = (np.stack([im for im, _ in pairs]), np.stack([m for _, m in pairs]))
     model = conv_onnx(base / "conv.onnx", image_size=256)
     return {"base": base, "subset": subset, "stacks": stacks, "model": model}
 
 
 def _slice_masks(run: Any, real: dict[str, Any], out: Path) -> dict[str, np.ndarray]:
-    """The slice path: `brainseg predict` on the TIFs, stacked as X x Y x Z per patient."""
+    """The slice path: `brainseg predict` on the TIFs, stacked S x H x W per patient."""
     from brainseg.imageio import read_image
 
     r = run(["predict", real["model"], real["subset"], "-o", out, "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     masks = {}
     for pid, (images, _) in real["stacks"].items():
-        files = [out / pid / f"{pid}_{k + 1}_mask.tif" for k in range(images.shape[2])]
-        masks[pid] = np.stack([read_image(f)[..., 0] > 0 for f in files], axis=2)
+        files = [out / pid / f"{pid}_{k + 1}_mask.tif" for k in range(len(images))]
+        masks[pid] = np.stack([read_image(f)[..., 0] > 0 for f in files])
     return masks
 
 
+def _sitk_lps(path: Path) -> np.ndarray:
+    """The oracle: SimpleITK reads a volume and reorients it to LPS (its ``DICOMOrient``);
+    ``GetArrayFromImage`` is then [slice, row, column] with the nose at the top and the patient's
+    right on the left: the TIFs' own layout."""
+    import SimpleITK as sitk
+
+    img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    return sitk.GetArrayFromImage(img)
+
+
+def _sitk_series(path: Path) -> np.ndarray:
+    """A DICOM series read by SimpleITK (GDCM) and reoriented to LPS, as :func:`_sitk_lps`."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(reader.Execute(), "LPS"))
+
+
+def _sitk_case(folder: Path, pid: str, images: np.ndarray, **geometry: Any) -> None:
+    """SimpleITK's defaults: each contrast's S x H x W stack straight into an image (identity
+    direction, LPS), written as ``<pid>_t1 / _flair / _t1ce.nii.gz``."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(("t1", "flair", "t1ce")):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(images[..., i]))
+        for key, value in geometry.items():
+            getattr(img, f"Set{key}")(value)
+        sitk.WriteImage(img, str(folder / f"{pid}_{name}.nii.gz"))
+
+
+def _oriented_volumes(root: Path, pid: str, images: np.ndarray) -> dict[str, Path]:
+    """One correctly oriented case, stored five ways (name -> case folder or 4D file).
+
+    Each is built by SimpleITK's or nibabel's own rules from the TIF stack, never through
+    brainseg: SimpleITK's defaults; SimpleITK with spacing, origin and an oblique direction;
+    nibabel with an explicit LPS affine; nibabel with the same anatomy stored RAS; nibabel with
+    rows and columns swapped and the affine rotated 12 degrees (oblique, axes permuted).
+    """
+    xyz = images.transpose(2, 1, 0, 3)  # nibabel's X x Y x Z: x = column (-> L), y = row (-> P)
+    lps = np.array([[-0.5, 0, 0, 60.0], [0, -0.5, 0, 70.0], [0, 0, 3.0, -21.0], [0, 0, 0, 1]])
+    ras = lps.copy()
+    ras[:2, :2] *= -1  # the same points with the x and y array axes reversed
+    ras[:2, 3] = lps[:2, 3] - 0.5 * (np.array(xyz.shape[:2]) - 1)
+    th = np.deg2rad(12)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+    swap = np.eye(4)[[1, 0, 2, 3]]  # array axes (y, x, z): columns of the affine swapped
+    out = {"sitk-defaults": root / "sitk-defaults"}
+    _sitk_case(out["sitk-defaults"], pid, images)
+    c, s = float(np.cos(th)), float(np.sin(th))
+    out["sitk-oblique"] = root / "sitk-oblique"
+    _sitk_case(
+        out["sitk-oblique"], pid, images,
+        Spacing=(0.5, 0.5, 3.0), Origin=(-20.0, 15.0, 40.0), Direction=(c, -s, 0, s, c, 0, 0, 0, 1),
+    )  # fmt: skip
+    out["nib-lps"] = save_nifti(root / "nib-lps" / f"{pid}.nii.gz", xyz, lps)
+    out["nib-ras"] = save_nifti(root / "nib-ras" / f"{pid}.nii.gz", xyz[::-1, ::-1], ras)
+    out["nib-swapped-oblique"] = root / "nib-swapped-oblique"
+    save_case(out["nib-swapped-oblique"], pid, xyz.transpose(1, 0, 2, 3), rot @ lps @ swap)
+    return out
+
+
 @pytest.mark.realdata
-def test_real_nifti_4d_and_3d_predict_exactly_as_the_tif_slices(run: Any, real: dict, tmp_path):
+def test_real_volumes_built_by_sitk_and_nibabel_predict_exactly_as_the_tif_slices(
+    run: Any, real: dict, tmp_path: Path
+):
+    """Issue 21: correctly oriented volumes (by SimpleITK's and nibabel's rules, never ours)
+    give the TIF-slice masks, read back and reoriented by SimpleITK; each mask keeps its input's
+    grid. (The old RAS-rows convention fed these volumes rotated: Dice 0.36-0.46 to the slices.)"""
+    import nibabel as nib
+
     expected = _slice_masks(run, real, tmp_path / "slices")
-    four_d, three = tmp_path / "in4d", tmp_path / "in3d"
     for pid, (images, _) in real["stacks"].items():
-        save_nifti(four_d / f"{pid}.nii.gz", images)
-        save_case(three / pid, pid, images)
-    for src in (four_d, three):
-        out = tmp_path / f"out-{src.name}"
-        r = run(["predict", real["model"], src, "-o", out, "--device", "cpu"])
-        assert r.returncode == 0, r.stderr
-        rows = {row["case"]: row for row in csv_rows(out / "summary.csv")}
-        for pid, want in expected.items():
-            data, affine = read_volume(out / f"{pid}_mask.nii.gz")
-            assert data.dtype == np.uint8 and data.shape == want.shape
-            assert np.array_equal(data != 0, want), (src.name, pid)
-            np.testing.assert_allclose(affine, RAS, atol=1e-6)
-            voxels = int(want.sum())
-            assert int(rows[pid]["tumor_voxels"]) == voxels
-            assert float(rows[pid]["tumor_volume_ml"]) == pytest.approx(
-                voxels * 0.5 * 0.5 * 3.0 / 1000, rel=1e-5
+        assert expected[pid].any(), pid  # the model marks something on these patients
+        for name, src in _oriented_volumes(tmp_path / pid, pid, images).items():
+            out = tmp_path / f"out-{pid}-{name}"
+            r = run(["predict", real["model"], src, "-o", out, "--device", "cpu"])
+            assert r.returncode == 0, (name, r.stderr)
+            mask_file = out / f"{pid}_mask.nii.gz"
+            got = _sitk_lps(mask_file) != 0
+            assert got.shape == expected[pid].shape, name
+            assert np.array_equal(got, expected[pid]), (pid, name)
+            first_input = src if src.is_file() else sorted(src.glob("*.nii.gz"))[0]
+            np.testing.assert_allclose(
+                nib.load(str(mask_file)).affine, nib.load(str(first_input)).affine, atol=1e-4
             )
-            assert int(rows[pid]["tumor_slices"]) == int(want.any(axis=(0, 1)).sum())
-            meta = json.loads((out / f"{pid}.json").read_text())
-            assert meta["intensity"]["flair"]["rule"] == "uint8 as is"
+            row = csv_rows(out / "summary.csv")[0]
+            assert int(row["tumor_slices"]) == int(expected[pid].any(axis=(1, 2)).sum()), name
 
 
 @pytest.mark.realdata
 def test_real_per_patient_dice_of_volumes_equals_eval_on_the_slices(run, real, tmp_path):
     """`predict` on volumes + `score` give eval's per-patient Dice, with and without --largest."""
+    import SimpleITK as sitk
+
     src, gt = tmp_path / "in", tmp_path / "gt"
+    gt.mkdir()
     for pid, (images, masks) in real["stacks"].items():
-        save_nifti(src / f"{pid}.nii.gz", images)
-        save_nifti(gt / f"{pid}.nii.gz", masks.astype(np.uint8))
+        _sitk_case(src / pid, pid, images)
+        sitk.WriteImage(
+            sitk.GetImageFromArray((masks > 0).astype(np.uint8)), str(gt / f"{pid}.nii.gz")
+        )
     for flag in ("--no-largest", "--largest"):
         out = tmp_path / f"out{flag}"
         r = run(["predict", real["model"], src, "-o", out, flag, "--device", "cpu"])
@@ -129,64 +198,24 @@ def test_real_per_patient_dice_of_volumes_equals_eval_on_the_slices(run, real, t
 
 @pytest.mark.realdata
 def test_real_dicom_series_predict_as_the_tif_slices(run: Any, real: dict, tmp_path: Path):
+    """Scanner-style series (each file one TIF image, ImageOrientationPatient axial, and one
+    oblique 12 degrees): the mask, read back by SimpleITK in LPS, equals the TIF-slice masks."""
     pid = PATIENTS[0]
     images, _ = real["stacks"][pid]
     expected = _slice_masks(run, real, tmp_path / "slices")[pid]
-    case = tmp_path / "dicom" / pid
-    for i, name in enumerate(("pre", "flair", "post")):
-        save_dicom_series(case / name, images[..., i])
-    out = tmp_path / "out"
-    r = run(
-        ["predict", real["model"], tmp_path / "dicom", "-o", out, "--device", "cpu",
-         "--channels", "pre=pre,flair=flair,post=post"]
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    data, affine = read_volume(out / f"{pid}_mask.nii.gz")
-    assert np.array_equal(data != 0, expected)
-    np.testing.assert_allclose(affine, RAS, atol=1e-4)
-
-
-@pytest.mark.realdata
-def test_real_lps_sitk_and_oblique_inputs_map_back_to_their_grid(run, real, tmp_path):
-    """SimpleITK-written LPS files, an oblique and an axes-permuted affine: same masks, mapped
-    back onto each input's own grid, and each written mask keeps its input's affine."""
-    import SimpleITK as sitk
-
-    pid = PATIENTS[1]
-    images, _ = real["stacks"][pid]
-    want = _slice_masks(run, real, tmp_path / "slices")[pid]
-    # 1. SimpleITK, identity direction (LPS): the NIfTI axes are L and P, i.e. x and y flipped.
-    lps = images[::-1, ::-1, :]
-    for i, name in enumerate(("t1", "flair", "t1ce")):
-        img = sitk.GetImageFromArray(np.ascontiguousarray(lps[..., i].transpose(2, 1, 0)))
-        img.SetSpacing((0.5, 0.5, 3.0))
-        img.SetOrigin((10.0, -20.0, 5.0))
-        (tmp_path / "lps").mkdir(exist_ok=True)
-        sitk.WriteImage(img, str(tmp_path / "lps" / f"{pid}_{name}.nii.gz"))
-    # 2. oblique: rotated 12 degrees about the slice axis (nibabel).
-    th = np.deg2rad(12)
-    rot = np.eye(4)
-    rot[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
-    save_nifti(tmp_path / "oblique" / f"{pid}.nii.gz", images, rot @ RAS)
-    # 3. the slice axis first: array axes (S, R, A) with the matching affine.
-    perm = np.zeros((4, 4))
-    perm[0, 1] = perm[1, 2] = perm[2, 0] = perm[3, 3] = 1
-    save_nifti(tmp_path / "perm" / f"{pid}.nii.gz", images.transpose(2, 0, 1, 3), RAS @ perm)
-    cases = {
-        "lps": want[::-1, ::-1, :],
-        "oblique": want,
-        "perm": want.transpose(2, 0, 1),
-    }
-    for name, expected in cases.items():
-        src = tmp_path / name
-        in_affine = read_volume(next(src.glob("*.nii.gz")))[1]
+    c, s = float(np.cos(np.deg2rad(12))), float(np.sin(np.deg2rad(12)))
+    for name, iop in {"axial": (1, 0, 0, 0, 1, 0), "oblique": (c, s, 0, -s, c, 0)}.items():
+        case = tmp_path / name / pid
+        for i, contrast in enumerate(("pre", "flair", "post")):
+            save_dicom_slices(case / contrast, images[..., i], iop=iop)
         out = tmp_path / f"out-{name}"
-        r = run(["predict", real["model"], src, "-o", out, "--device", "cpu"])
-        assert r.returncode == 0, (name, r.stderr)
-        data, affine = read_volume(out / f"{pid}_mask.nii.gz")
-        assert data.shape == expected.shape, name
-        assert np.array_equal(data != 0, expected), name
-        np.testing.assert_allclose(affine, in_affine, atol=1e-5)
+        r = run(
+            ["predict", real["model"], tmp_path / name, "-o", out, "--device", "cpu",
+             "--channels", "pre=pre,flair=flair,post=post"]
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert np.array_equal(_sitk_series(case / "flair") > 0, images[..., 1] > 0)  # oracle
+        assert np.array_equal(_sitk_lps(out / f"{pid}_mask.nii.gz") != 0, expected), name
 
 
 # --------------------------------------------------------------------------- synthetic cases

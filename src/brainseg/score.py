@@ -7,7 +7,7 @@ the empty-mask policy, ``summary.json``, ``per_patient.csv`` and ``per_slice.csv
 
 - **Volumes**: NIfTI files matched by case name (the file name without ``.nii[.gz]`` and a
   trailing ``_mask`` / ``_seg`` / ``_pred`` / ``_gt`` / ``_label``). Rows are the axial slices
-  of the closest canonical orientation (the slices brainseg predicts); HD95 and surface Dice are
+  of the model's LPS orientation (the slices brainseg predicts); HD95 and surface Dice are
   also reported in mm from the voxel spacing.
 - **Slices**: TIF/PNG masks matched by name (``<stem>_mask.tif`` or ``<stem>.png``...) and
   stacked into patients: the patient is the true mask's folder, the slice order the number at

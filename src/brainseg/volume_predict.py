@@ -2,9 +2,10 @@
 
 The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes a
 :class:`VolumeOptions` and returns a :class:`VolumeResult`. Each case is read and checked
-(:mod:`brainseg.volumes`), sliced along the axial axis of its closest canonical orientation,
-predicted with :meth:`brainseg.predict.Predictor.predict_proba` (which resizes each slice to
-the model's size and back), post-processed in 3D, mapped back to the input grid and written as
+(:mod:`brainseg.volumes`), cut into the model's axial slices (LPS,
+:func:`brainseg.volumes.to_slices`), predicted with
+:meth:`brainseg.predict.Predictor.predict_proba` (which resizes each slice to the model's size
+and back), post-processed in 3D, mapped back to the input grid and written as
 NIfTI with the input's affine and header:
 
 - ``OUT/<case>_mask.nii.gz`` (uint8 0/1), ``OUT/<case>_prob.nii.gz`` with ``--probabilities``
@@ -235,7 +236,7 @@ def predict_case(
 
 def _case_info(vol: volumes.CaseVolume, mask: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
     voxels = int(np.count_nonzero(mask))
-    axis = volumes_axis(vol)
+    axis = volumes.slice_axis(vol.grid.affine)
     per_slice = mask.any(axis=tuple(a for a in range(3) if a != axis))
     return {
         "tumor_voxels": voxels,
@@ -247,12 +248,6 @@ def _case_info(vol: volumes.CaseVolume, mask: np.ndarray, prob: np.ndarray) -> d
         "orientation": vol.grid.axcodes,
         "max_probability": float(prob.max()) if prob.size else 0.0,
     }
-
-
-def volumes_axis(vol: volumes.CaseVolume) -> int:
-    """The input array axis that is the canonical axial (slice) axis."""
-    ornt = volumes.canonical_ornt(vol.grid.affine)
-    return int(np.flatnonzero(ornt[:, 0] == 2)[0])
 
 
 def _skipped(case: volumes.Case, outs: _Outs) -> CaseResult:

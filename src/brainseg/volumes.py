@@ -7,13 +7,15 @@ post-contrast), given as
 - one 4D NIfTI file holding the three volumes (4th dimension, or 5th with a singleton 4th),
 - three DICOM series folders (one series per folder) matched by the same patterns.
 
-The convention that ties volumes to the slices the model learned (docs/volumes.md): a volume
-with an RAS affine whose axial slices ``data[:, :, k]`` are the dataset's TIF slice k+1 (rows
-as the first array axis) is predicted exactly as those TIF slices are. Any other orientation is
-first brought to that one (the closest canonical RAS orientation: axes permuted and flipped,
-never resampled) and the result mapped back to the input's grid, so a written mask has the
-input's shape and affine. A uint8 contrast is already in the model's intensity domain; any
-other type is scaled per volume and per contrast with :func:`to_model_range`.
+The convention that ties volumes to the slices the model learned (docs/volumes.md): the model
+sees axial slices with rows running anterior -> posterior and columns from the patient's right
+to left, as in the LGG TIFs. That is the LPS array SimpleITK gives (``GetArrayFromImage``,
+``[slice, row, column]``), so the TIF slices stacked and wrapped by SimpleITK's defaults are a
+correctly oriented volume that predicts exactly as the slices. Any orientation is brought to
+LPS first (the closest axes: permuted and flipped, never resampled) and the result mapped back
+to the input's grid, so a written mask has the input's shape and affine. A uint8 contrast is
+already in the model's intensity domain; any other type is scaled per volume and per contrast
+with :func:`to_model_range`.
 
 nibabel reads and writes NIfTI; SimpleITK reads DICOM series (GDCM series detection). Both are
 imported inside the functions that need them: the slice and ONNX paths never load them.
@@ -504,44 +506,59 @@ def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- orientation
 
+#: The model's input orientation as nibabel axis codes of an X x Y x Z array: columns (x) run
+#: to the patient's left, rows (y) to posterior, slices (z) to superior. That is DICOM's LPS
+#: and SimpleITK's default: ``GetArrayFromImage`` of an identity-direction image is
+#: ``[slice, row, column]``, the LGG TIFs stacked (nose at the top, the patient's right on the
+#: image's left, radiological display).
+MODEL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 
-def canonical_ornt(affine: np.ndarray) -> np.ndarray:
-    """The nibabel orientation that takes the array to the closest canonical (RAS) axes."""
-    import nibabel as nib
 
-    return nib.orientations.io_orientation(affine)
+def to_model_ornt(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform that takes the array to :data:`MODEL_AXCODES`.
 
-
-def to_slices(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """X x Y x Z (x C) on the input grid -> S x H x W (x C) canonical axial slices.
-
-    Slice k is ``canonical[:, :, k]`` with the canonical first axis as its rows (the
-    convention of docs/volumes.md).
+    The closest axes of an oblique affine are taken (axes permuted and flipped, never
+    resampled), as SimpleITK's ``DICOMOrient`` does.
     """
     import nibabel as nib
 
-    canon = nib.orientations.apply_orientation(data, canonical_ornt(affine))
-    axes = (2, 0, 1, *range(3, canon.ndim))
-    return np.ascontiguousarray(canon.transpose(axes))
+    ornt = nib.orientations
+    return ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(MODEL_AXCODES))
+
+
+def to_slices(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """X x Y x Z (x C) on the input grid -> S x H x W (x C), the model's axial slices.
+
+    Slice k's rows run anterior -> posterior and its columns the patient's right -> left:
+    the array SimpleITK gives for the volume reoriented to LPS (docs/volumes.md).
+    """
+    import nibabel as nib
+
+    lps = nib.orientations.apply_orientation(data, to_model_ornt(affine))
+    return np.ascontiguousarray(lps.transpose(2, 1, 0, *range(3, lps.ndim)))
 
 
 def from_slices(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`to_slices`: S x H x W canonical slices -> the input grid."""
+    """The inverse of :func:`to_slices`: S x H x W model slices -> the input grid."""
     import nibabel as nib
 
-    ornt = canonical_ornt(affine)
-    canon = slices.transpose(1, 2, 0, *range(3, slices.ndim))
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(canon, back))
+    ornt = nib.orientations
+    lps = slices.transpose(2, 1, 0, *range(3, slices.ndim))
+    back = ornt.ornt_transform(ornt.axcodes2ornt(MODEL_AXCODES), ornt.io_orientation(affine))
+    return np.ascontiguousarray(ornt.apply_orientation(lps, back))
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The input array axis that becomes the model's slice (superior) axis."""
+    return int(np.flatnonzero(to_model_ornt(affine)[:, 0] == 2)[0])
 
 
 def slice_spacing(grid: Grid) -> tuple[float, float, float]:
     """Voxel size (mm) of the :func:`to_slices` axes: (slice, row, column)."""
-    ornt = canonical_ornt(grid.affine)
-    canon = [0.0, 0.0, 0.0]
-    for i, (axis, _) in enumerate(ornt):
-        canon[int(axis)] = float(grid.spacing[i])
-    return canon[2], canon[0], canon[1]
+    lps = [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(to_model_ornt(grid.affine)):
+        lps[int(axis)] = float(grid.spacing[i])
+    return lps[2], lps[1], lps[0]
 
 
 # --------------------------------------------------------------------------- writing
@@ -596,9 +613,3 @@ def volume_ml(voxels: int, grid: Grid) -> float:
 def ceil_voxels(mm3: float, grid: Grid) -> int:
     """The smallest voxel count whose volume is at least ``mm3``."""
     return math.ceil(mm3 / grid.voxel_mm3 - 1e-9)
-
-
-def stack_for_tests(slices: Sequence[np.ndarray]) -> np.ndarray:
-    """S slices H x W (x C) -> the convention's X x Y x Z (x C) array (``data[:, :, k]``)."""
-    a = np.stack(list(slices))
-    return np.ascontiguousarray(np.moveaxis(a, 0, 2))
