@@ -223,6 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # other click errors
             exc.show()
             sys.exit(exc.exit_code)
+        from brainseg.optional import missing_package_error
+
+        missing = missing_package_error(exc)  # an optional package this venv lacks: exit 2
+        if missing is not None:
+            if con.state.debug:
+                traceback.print_exc()
+            con.error(missing.message, missing.hint)
+            sys.exit(missing.exit_code)
         # A bug, not the user's fault: one line unless --debug.
         if con.state.debug:
             traceback.print_exc()
