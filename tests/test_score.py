@@ -231,3 +231,29 @@ def test_score_a_split_subset_or_only_the_predicted_patients(
     assert r.returncode == 2 and "have no prediction" in r.stderr
     r = run([*args, "--only-predicted", "--allow-missing"])
     assert r.returncode == 0 and scored() == val
+
+
+def test_the_score_table_names_each_hd95_once_at_80_columns(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    from brainseg.data.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "d", patients=2, seed=1, size=64)
+    shutil.copytree(root, tmp_path / "pred")
+    env = {"COLUMNS": "80"}
+    r = run_cli(["score", "--pred", tmp_path / "pred", "--gt", root, "--project", tmp_path / "s"],
+                env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    labels = [ln.split("│")[1].strip() for ln in r.stdout.splitlines() if ln.startswith("│")]
+    assert [x for x in labels if x.startswith("hd95")] == ["hd95 (pixels)"], r.stdout
+    assert "…" not in r.stdout
+    pytest.importorskip("nibabel")
+    gt = np.zeros((20, 20, 6), np.uint8)
+    gt[5:10, 5:10, 1:4] = 1
+    save_nifti(tmp_path / "vgt" / "A_seg.nii.gz", gt)
+    save_nifti(tmp_path / "vpred" / "A_mask.nii.gz", gt)
+    r = run_cli(["score", "--pred", tmp_path / "vpred", "--gt", tmp_path / "vgt", "--project",
+                 tmp_path / "v"], env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    labels = [ln.split("│")[1].strip() for ln in r.stdout.splitlines() if ln.startswith("│")]
+    assert [x for x in labels if x.startswith("hd95")] == ["hd95 (voxels)", "hd95 (mm)"]

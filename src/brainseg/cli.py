@@ -58,8 +58,9 @@ _plain_usage_arguments()
 
 app = typer.Typer(
     name="brainseg",
-    help="Brain tumor segmentation in MRI: download, split, train, eval, predict, export. "
-    "New here? `brainseg demo` runs the whole pipeline offline in about a minute.",
+    help="Brain tumor segmentation in MRI, from data to a CPU-only deployment: download, "
+    "split, train, cv, eval, score, predict, export, info, cache, demo. New here? "
+    "`brainseg demo` runs the whole pipeline offline in about a minute.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -105,12 +105,17 @@ def register(app: typer.Typer) -> None:
 def render_summary(s: dict[str, Any]) -> None:
     """The per-patient table and the global line (score, and eval on volumes)."""
     rows = []
-    for metric in ("dice", "iou", "precision", "recall", "hd95"):
-        st = s["per_patient"][metric]
-        label = "hd95 (pixels)" if metric == "hd95" else metric
-        rows.append([label, st["mean"], st["median"], st["std"], st["min"], st["n"]])
     surf = s["surface"]
     unit = surf["unit"]
+    # per_patient.csv's hd95 counts the slice axis as one pixel / voxel: on slices that is the
+    # surface hd95 itself (one row); on volumes a voxel figure next to the one in mm
+    voxels = "voxels" if unit == "mm" else None
+    for metric in ("dice", "iou", "precision", "recall", "hd95"):
+        if metric == "hd95" and voxels is None:
+            continue
+        st = s["per_patient"][metric]
+        label = f"hd95 ({voxels})" if metric == "hd95" else metric
+        rows.append([label, st["mean"], st["median"], st["std"], st["min"], st["n"]])
     for key, label in (
         ("hd95", f"hd95 ({unit})"),
         ("nsd", f"nsd @ {surf['nsd_tolerance']:g} {unit}"),
