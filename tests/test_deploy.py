@@ -184,3 +184,21 @@ def test_score_without_matplotlib_says_so_before_scoring(
     )
     _one_line(r, "pip install matplotlib")
     assert not (tmp_path / "s").exists()  # refused before any work or folder
+
+
+def test_no_install_line_in_the_docs_fetches_brainseg_from_pypi() -> None:
+    """`brainseg` on PyPI is another project (docs/install.md): every documented install
+    line installs from a clone (`.`) or a built wheel, never the name from the index."""
+    bad = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            if "unrelated" in line:  # the warnings that say not to run it
+                continue
+            for cmd in re.findall(r"pip install[^`\n]*", line):
+                cmd = re.split(r"&&|;|#|\(", cmd)[0]
+                if " @ " in cmd:  # a direct reference (a wheel file)
+                    continue
+                words = [w.strip("'\"") for w in cmd.split()[2:]]
+                if any(re.fullmatch(r"brainseg(\[[\w,]+\])?", w) for w in words):
+                    bad.append(f"{doc.name}:{n}: {cmd}")
+    assert not bad, bad
