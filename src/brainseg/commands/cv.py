@@ -156,6 +156,8 @@ def _settings(s: dict[str, Any]) -> str:
 
 def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
     """The rich tables printed after a cv (headline, per fold, per institution, files)."""
+    from rich.text import Text
+
     sel = summary["selection"]
     # one column per protocol, one row per figure: fits 80 columns (CI logs) with every
     # number whole; what each protocol is goes below the table, where it may wrap
@@ -168,8 +170,8 @@ def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
     if summary.get("buda"):
         protocols.append(("buda", summary["buda"]))
         notes.append(
-            "buda: the Buda et al. protocol (ends dropped, threshold 0.5, largest "
-            "6-connected component)"
+            "buda protocol: ends dropped, threshold 0.5, largest 6-connected component "
+            "(Buda et al. 2019)"
         )
     figures = [_row(b) for _, b in protocols]
     rows = [[label, *(f[i] for f in figures)] for i, label in enumerate(_ROWS)]
@@ -178,7 +180,7 @@ def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
         f"({sel['label']})"
     )
     out: list[Any] = [con.table(title, ["", *(name for name, _ in protocols)], rows)]
-    out.append("\n".join(notes))
+    out.append(Text("\n".join(notes)))  # plain text: settings are not rich markup
     after = summary["after"]
     for what, key in (("fold", "per_fold"), ("institution", "per_institution")):
         out.append(
