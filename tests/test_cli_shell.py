@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,112 @@ def test_ctrl_c_inside_a_command_prints_one_interrupted_line(
     assert exc.value.code == 130
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.strip()] == ["error: interrupted"]
+
+
+# --------------------------------------------------------------------------- 80 columns
+
+
+def _render(renderables: list[Any], width: int = 80) -> str:
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    c = Console(file=buf, width=width, highlight=False, color_system=None)
+    for r in renderables:
+        c.print(r)
+    return buf.getvalue()
+
+
+def _folded_column(text: str, column: int) -> str:
+    """The text of one table column, its folded lines joined (box characters dropped)."""
+    cells = [ln.split("│")[column + 1].strip() for ln in text.splitlines() if ln.count("│") > 2]
+    return "".join(cells)
+
+
+def _cv_summary(tmp_path: Path) -> dict[str, Any]:
+    def block(mean: float, lo: float, hi: float, thr: float, largest: bool) -> dict[str, Any]:
+        return {
+            "settings": {"threshold": thr, "min_size": 0, "largest": largest},
+            "per_patient_dice": {"mean": mean, "ci95": [lo, hi], "median": mean + 0.01,
+                                 "std": 0.2213, "min": 0.0},
+            "metrics": {"per_slice_tumor": {"dice": {"mean": 0.6921}},
+                        "global": {"dice": 0.7312}},
+        }  # fmt: skip
+
+    after = block(0.5470, 0.4821, 0.6012, 0.45, True)
+    after["per_fold"] = {"0": {"n": 5, "mean": 0.51, "ci95": [0.3011, 0.7012], "median": 0.5}}
+    after["per_institution"] = {
+        "HT": {"n": 9, "mean": 0.52, "ci95": [0.4011, 0.6412], "median": 0.53}
+    }
+    return {
+        "selection": {"label": "last epoch of each fold", "select": "last"},
+        "patients": 25,
+        "folds": 5,
+        "before": block(0.5123, 0.4512, 0.5734, 0.5, False),
+        "after": after,
+        "buda": block(0.5301, 0.4701, 0.5911, 0.5, True),
+        "files": ["cv_summary.json", "oof_per_patient.csv"],
+    }
+
+
+def test_cv_tables_are_whole_at_80_columns(tmp_path: Path) -> None:
+    from brainseg.commands.cv import tables
+
+    cv_dir = tmp_path / "runs" / "cv" / "a-rather-long-experiment-name-for-the-cv-folder" / "exp12"
+    text = _render(tables(_cv_summary(tmp_path), cv_dir))
+    assert max(len(ln) for ln in text.splitlines()) <= 80, text
+    assert "…" not in text, text
+    for whole in ("0.4821-0.6012", "0.4512-0.5734", "0.4701-0.5911", "0.5470", "0.7312",
+                  "per-patient mean", "95% CI", "before", "after", "buda",
+                  "threshold 0.45, min size 0, largest on"):  # fmt: skip
+        assert whole in text, whole
+    files = text.split("file ")[-1]
+    assert str(cv_dir / "oof_per_patient.csv") in _folded_column(files, 1)
+
+
+def test_cv_help_does_not_say_quiet_hides_tables() -> None:
+    r = run_cli(["cv", "--help"])
+    assert r.returncode == 0
+    assert "tables" not in r.stdout.split("--quiet")[1].split("--")[0].replace(
+        "tables, warnings and errors are still shown", ""
+    ), r.stdout
+
+
+def test_top_level_help_names_every_command() -> None:
+    import typer.main
+
+    from brainseg.cli import app
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert len(names) == 11
+    r = run_cli(["--help"])
+    intro = r.stdout.split("Options")[0]  # the description, before the option / command panels
+    missing = [n for n in names if n not in intro]
+    assert not missing, intro
+
+
+def test_error_rows_show_a_dash_not_none() -> None:
+    from brainseg import console
+
+    text = _render([console.table("t", ["case", "status", "voxels"], [["a", "error", None]])])
+    assert "None" not in text and "-" in text.split("error")[1]
+
+
+def test_cache_list_shows_the_whole_built_from_path_at_80_columns(
+    tmp_path: Path, phantom_root: Path
+) -> None:
+    deep = tmp_path / "a-long-folder-name-for-datasets" / "another-level-of-folders" / "lgg"
+    shutil.copytree(phantom_root, deep / "kaggle_3m")
+    env = {"BRAINSEG_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "80"}
+    r = run_cli(["split", deep / "kaggle_3m", "-o", tmp_path / "s.yaml"], env=env)  # builds it
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["cache", "list"], env=env)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln[:1] in "┏┃┡│└"]  # the table (not its title)
+    assert rows and max(len(ln) for ln in rows) <= 80, r.stdout
+    assert "built from" in r.stdout and "…" not in r.stdout
+    assert str((deep / "kaggle_3m").resolve()) in _folded_column(r.stdout, 1), r.stdout
+    shutil.rmtree(deep)  # moved away: the path is still shown, and said to be gone
+    r = run_cli(["cache", "list"], env=env)
+    assert "(nolongerthere)" in _folded_column(r.stdout, 1).replace(" ", ""), r.stdout

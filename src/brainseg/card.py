@@ -271,19 +271,30 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _onnx_metadata(path: Path) -> dict[str, Any]:
-    """metadata_props of an ONNX file (the ``onnx`` package; weights not loaded)."""
-    import onnx
-
+    """metadata_props of an ONNX file: with the ``onnx`` package (weights not loaded) when it is
+    installed, else with onnxruntime's model metadata (the torch-free deployment has only that).
+    """
     from brainseg.predict import metadata_from_props
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own errors for a damaged file
-        raise BrainsegError(
-            f"cannot read ONNX model {path}: {type(exc).__name__}: {exc}",
-            hint="is the file complete? re-export it with brainseg export",
-        ) from exc
-    props = {p.key: p.value for p in model.metadata_props}
+        import onnx
+    except ImportError:
+        from brainseg.optional import require
+
+        require("onnxruntime", f"reading ONNX model {path.name}")
+        from brainseg.predict import OnnxBackend
+
+        session = OnnxBackend(path, "cpu").session
+        props = dict(session.get_modelmeta().custom_metadata_map)
+    else:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises its own errors for a damaged file
+            raise BrainsegError(
+                f"cannot read ONNX model {path}: {type(exc).__name__}: {exc}",
+                hint="is the file complete? re-export it with brainseg export",
+            ) from exc
+        props = {p.key: p.value for p in model.metadata_props}
     meta = metadata_from_props(props, path)
     if CARD_KEY in props and CARD_KEY not in meta:
         meta[CARD_KEY] = props[CARD_KEY]

@@ -232,7 +232,7 @@ def _brainseg_meta(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
             f"checkpoint {path} has format version {version} (written by brainseg "
             f"{meta.get('brainseg_version', '?')}); this brainseg {__version__} reads format "
             f"{FORMAT_VERSION} and older",
-            hint="upgrade brainseg: pip install -U brainseg",
+            hint="upgrade brainseg (in its clone: git pull, then pip install .; docs/install.md)",
         )
     if not isinstance(meta.get("architecture"), dict):
         raise BrainsegError(f"checkpoint {path} metadata has no architecture", hint=_HINT_CKPT)

@@ -58,8 +58,9 @@ _plain_usage_arguments()
 
 app = typer.Typer(
     name="brainseg",
-    help="Brain tumor segmentation in MRI: download, split, train, eval, predict, export. "
-    "New here? `brainseg demo` runs the whole pipeline offline in about a minute.",
+    help="Brain tumor segmentation in MRI, from data to a CPU-only deployment: download, "
+    "split, train, cv, eval, score, predict, export, info, cache, demo. New here? "
+    "`brainseg demo` runs the whole pipeline offline in about a minute.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -223,6 +224,14 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # other click errors
             exc.show()
             sys.exit(exc.exit_code)
+        from brainseg.optional import missing_package_error
+
+        missing = missing_package_error(exc)  # an optional package this venv lacks: exit 2
+        if missing is not None:
+            if con.state.debug:
+                traceback.print_exc()
+            con.error(missing.message, missing.hint)
+            sys.exit(missing.exit_code)
         # A bug, not the user's fault: one line unless --debug.
         if con.state.debug:
             traceback.print_exc()

@@ -97,18 +97,35 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+#: Cells up to this long (numbers, CIs, sizes, dates) are never wrapped or cut; longer ones
+#: (labels, paths, reasons) fold onto more lines, so a narrow terminal (CI logs: 80 columns)
+#: shows every character of every cell, never "…".
+SHORT_CELL = 16
+
+
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
     """A rich table with right-aligned numbers, formatted to 4 significant digits."""
     t = Table(title=escape(title) if title else title, title_justify="left")
+    cells = [[escape(fmt(v)) for v in r] for r in rows]  # cells hold paths: text, not markup
     for i, c in enumerate(columns):
-        t.add_column(escape(c), justify="left" if i == 0 else "right")
-    for r in rows:
-        t.add_row(*[escape(fmt(v)) for v in r])  # cells hold paths: text, not markup
+        longest = max((len(r[i]) for r in cells if i < len(r)), default=0)
+        short = i > 0 and longest <= SHORT_CELL
+        t.add_column(
+            escape(c),
+            justify="right" if short else "left",
+            no_wrap=short,
+            overflow="ellipsis" if short else "fold",
+            min_width=min(longest, SHORT_CELL) if short else None,
+        )
+    for r in cells:
+        t.add_row(*r)
     return t
 
 
 def fmt(v: Any) -> str:
-    """Format a cell: floats to 4 decimals, NaN as '-'."""
+    """Format a cell: floats to 4 decimals, NaN and None (no value: an error row) as '-'."""
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return "-" if v != v else f"{v:.4f}"
     return str(v)

@@ -18,13 +18,13 @@ names the pip command. Nothing heavy is imported until a logger is opened.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from brainseg.errors import BrainsegError
+from brainseg.optional import require
 
 #: The loggers ``--logger`` offers, with the module each needs and its extra.
 LOGGERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -40,13 +40,7 @@ def check_loggers(names: Sequence[str]) -> None:
                 f"unknown --logger {name!r}",
                 hint=f"choose {' or '.join(LOGGERS)} (csv is always written)",
             )
-        try:
-            importlib.import_module(LOGGERS[name])
-        except ImportError:
-            raise BrainsegError(
-                f"--logger {name} needs the {LOGGERS[name]} package, which is not installed: "
-                f"pip install 'brainseg[{name}]'"
-            ) from None
+        require(LOGGERS[name], f"--logger {name}")
 
 
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -51,8 +51,15 @@ class ScoreOptions:
     tolerance: float = 2.0
     allow_missing: bool = False  # a case without a prediction scores as an empty prediction
     #: Volumes: only label-named NIfTI files of --gt are truth (``<case>_seg.nii.gz``...), so
-    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes).
+    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes). Without
+    #: it the same holds whenever --gt has label-named files (contrasts are never truth).
     truth_only: bool = False
+    #: Only these patients / cases (``--split`` / ``--subset`` / ``--fold``, as eval picks them).
+    split: Path | None = None
+    subset: str | None = None
+    fold: int | None = None
+    #: Only the patients / cases with at least one prediction in --pred.
+    only_predicted: bool = False
 
 
 @dataclass
@@ -84,7 +91,15 @@ def _key(name: str) -> str:
 
 
 def _walk(top: Path, keep: Any) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(top):
+    """Files below ``top`` that ``keep`` accepts, sorted; symlinked folders are followed (as
+    predict and split do), a folder already seen through another link is not entered again."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
             if not f.startswith(".") and keep(f):
@@ -110,7 +125,36 @@ def _index(files: Sequence[Path], side: str, top: Path) -> dict[str, Path]:
     return out
 
 
-def _match(opts: ScoreOptions, pred: dict[str, Path], gt: dict[str, Path]) -> list[str]:
+def _select(
+    opts: ScoreOptions, pred: dict[str, Path], gt: dict[str, Path], patient: Any
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The true masks to score: of the split's patients (``--split``), of the patients with a
+    prediction (``--only-predicted``); ``patient(key)`` is a true mask's patient / case.
+    Also returns summary.json's description of the choice (split, subset, fold)."""
+    sel: dict[str, Any] = {"split": None, "subset": "all", "fold": None}
+    if opts.split is not None or opts.subset is not None or opts.fold is not None:
+        from brainseg.evaluation import select_patients
+
+        names = {k: patient(k) for k in gt}
+        ids, sel = select_patients(sorted(set(names.values())), opts.split, opts.subset, opts.fold)
+        keep = set(ids)
+        gt = {k: v for k, v in gt.items() if names[k] in keep}
+    if opts.only_predicted:
+        predicted = {patient(k) for k in gt if k in pred}
+        if not predicted:
+            raise BrainsegError(
+                f"no prediction in {opts.pred} matches a true mask in {opts.gt}",
+                hint="predict the cases first (brainseg predict MODEL DATA -o PRED)",
+            )
+        gt = {k: v for k, v in gt.items() if patient(k) in predicted}
+    return gt, {**sel, "only_predicted": opts.only_predicted}
+
+
+def _match(
+    opts: ScoreOptions, pred: dict[str, Path], gt: dict[str, Path], every_gt: dict[str, Path]
+) -> list[str]:
+    """The keys to score; ``every_gt`` (before --split / --only-predicted) decides which
+    predictions have no true mask at all (warned about)."""
     missing = [k for k in gt if k not in pred]
     if missing and not opts.allow_missing:
         raise BrainsegError(
@@ -118,7 +162,7 @@ def _match(opts: ScoreOptions, pred: dict[str, Path], gt: dict[str, Path]) -> li
             f"(first: {missing[0]!r}, from {gt[missing[0]]})",
             hint="predict them, or pass --allow-missing to score them as empty predictions",
         )
-    extra = [k for k in pred if k not in gt]
+    extra = [k for k in pred if k not in every_gt]
     if extra:
         console.warn(
             f"{len(extra)} prediction(s) in {opts.pred} have no true mask and are ignored "
@@ -130,20 +174,27 @@ def _match(opts: ScoreOptions, pred: dict[str, Path], gt: dict[str, Path]) -> li
 # --------------------------------------------------------------------------- reading
 
 
-def _volume_pairs(opts: ScoreOptions) -> list[_Pair]:
+def _volume_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
     from brainseg import volumes
 
-    truth = volumes.is_truth_name if opts.truth_only else volumes.is_nifti
-    gt = _index(list(_walk(opts.gt, truth)), "truth", opts.gt)
+    files = list(_walk(opts.gt, volumes.is_nifti))
+    labels = [f for f in files if volumes.is_truth_name(f)]
+    # eval's label rule: label-named files are the truth; a folder of plain masks
+    # (``<case>.nii.gz``) counts only when it has no label-named file and no contrast
+    truth = labels if (labels or opts.truth_only) else [f for f in files if not _contrast(f)]
+    gt = _index(truth, "truth", opts.gt)
     pred = _index(list(_walk(opts.pred, volumes.is_nifti)), "prediction", opts.pred)
     if not gt:
         raise BrainsegError(
             f"no label volume in {opts.gt} (names ending in _seg / _mask / _gt / _label"
-            f"{'' if opts.truth_only else ', or any NIfTI file'})",
+            f"{'' if opts.truth_only else ', or NIfTI masks named by case'}; MRI contrasts "
+            "such as _t1 / _flair are never truth)",
             hint="pass the folder of true masks with --gt",
         )
+    every = gt
+    gt, sel = _select(opts, pred, gt, lambda k: k)
     pairs = []
-    for k in _match(opts, pred, gt):
+    for k in _match(opts, pred, gt, every):
         g, grid = volumes.read_mask_volume(gt[k])
         if k in pred:
             p, pgrid = volumes.read_mask_volume(pred[k])
@@ -160,7 +211,17 @@ def _volume_pairs(opts: ScoreOptions) -> list[_Pair]:
         gs = volumes.to_slices(g, grid.affine)
         snum = np.arange(1, len(gs) + 1)
         pairs.append(_Pair(k, ps, gs, snum, volumes.slice_spacing(grid)))
-    return pairs
+    return pairs, sel
+
+
+#: Name endings of MRI contrasts (``<case>_t1.nii.gz``, ``_flair``...): inputs, never truth.
+_CONTRAST = re.compile(r"_(t1|t1c|t1ce|t1gd|t2|t2w|t1w|flair|pre|post|adc|dwi)$", re.IGNORECASE)
+
+
+def _contrast(path: Path) -> bool:
+    from brainseg.volumes import nifti_stem
+
+    return _CONTRAST.search(nifti_stem(path)) is not None
 
 
 def _slice_number(key: str, fallback: int) -> int:
@@ -181,7 +242,7 @@ def _masks(top: Path) -> list[Path]:
     return masks or files
 
 
-def _slice_pairs(opts: ScoreOptions) -> list[_Pair]:
+def _slice_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
     gt = _index(_masks(opts.gt), "truth", opts.gt)
     pred = _index(_masks(opts.pred), "prediction", opts.pred)
     if not gt:
@@ -189,11 +250,16 @@ def _slice_pairs(opts: ScoreOptions) -> list[_Pair]:
             f"no true masks in {opts.gt} (looked for .nii/.nii.gz volumes and .tif/.png masks)",
             hint="pass the folder of true masks as --gt (e.g. a kaggle_3m folder)",
         )
-    groups: dict[str, list[tuple[int, str]]] = {}
-    for i, k in enumerate(_match(opts, pred, gt)):
+
+    def patient(k: str) -> str:
         rel = gt[k].parent.relative_to(opts.gt)
-        pid = rel.as_posix() if rel.parts else opts.gt.name
-        groups.setdefault(pid, []).append((_slice_number(k, i), k))
+        return rel.as_posix() if rel.parts else opts.gt.name
+
+    every = gt
+    gt, sel = _select(opts, pred, gt, patient)
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for i, k in enumerate(_match(opts, pred, gt, every)):
+        groups.setdefault(patient(k), []).append((_slice_number(k, i), k))
     pairs = []
     for pid, items in sorted(groups.items()):
         items.sort()
@@ -208,7 +274,7 @@ def _slice_pairs(opts: ScoreOptions) -> list[_Pair]:
                 hint="predict at the images' size (brainseg predict writes it)",
             )
         pairs.append(_Pair(pid, p, g, np.array([n for n, _ in items]), None))
-    return pairs
+    return pairs, sel
 
 
 # --------------------------------------------------------------------------- scoring
@@ -260,7 +326,7 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
     from brainseg.volumes import is_nifti
 
     volume_mode = next(_walk(opts.gt, is_nifti), None) is not None
-    pairs = _volume_pairs(opts) if volume_mode else _slice_pairs(opts)
+    pairs, sel = _volume_pairs(opts) if volume_mode else _slice_pairs(opts)
     reports = [
         metrics.evaluate(p.pred, p.gt, np.zeros(len(p.gt), int), p.slice_number, [p.patient_id])
         for p in pairs
@@ -276,9 +342,7 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
         "gt": str(opts.gt),
         "data": str(opts.gt),
         "mode": "volumes" if volume_mode else "slices",
-        "split": None,
-        "subset": "all",
-        "fold": None,
+        **sel,
         "settings": {"allow_missing": opts.allow_missing, "hd95_unit": "pixels"},
         **report.summary(),
         "surface": {

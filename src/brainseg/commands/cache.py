@@ -26,7 +26,10 @@ def register(app: typer.Typer) -> None:
     def list_(
         json_out: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
     ) -> None:
-        """List the dataset caches: key, dataset folder, slices, image size, disk use."""
+        """List the dataset caches: key, the folder each was built from, slices, image size,
+        disk use. A cache is keyed by content: it serves identical data wherever it lies now."""
+        from pathlib import Path
+
         from brainseg.data.cache import cache_root, list_caches
 
         if json_out:
@@ -36,18 +39,18 @@ def register(app: typer.Typer) -> None:
         rows = [
             [
                 e.key[:12],
-                e.root,
+                e.root if Path(e.root).is_dir() else f"{e.root} (no longer there)",
                 e.slices,
                 f"{e.size[0]}x{e.size[1]}",
                 fmt_bytes(e.bytes),
-                e.created,
+                e.created[:16].replace("T", " "),  # to the minute; --json has it whole
             ]
             for e in entries
         ]
         con.result(
             con.table(
                 f"{len(entries)} dataset cache(s) in {cache_root()}, {fmt_bytes(total)}",
-                ["key", "dataset", "slices", "size", "disk", "created"],
+                ["key", "built from", "slices", "size", "disk", "created"],
                 rows,
             )
         )

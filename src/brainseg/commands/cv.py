@@ -92,7 +92,13 @@ def register(app: typer.Typer) -> None:
             None, "--resume", help="Continue this cv folder (runs/cv/expN).", show_default=False
         ),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables."),
+        quiet: bool = typer.Option(
+            False,
+            "--quiet",
+            "-q",
+            help="No progress bars or per-epoch lines; the result tables, warnings and errors "
+            "are still shown.",
+        ),
     ) -> None:
         from brainseg.cv import CVOptions, parse_set
 
@@ -150,21 +156,31 @@ def _settings(s: dict[str, Any]) -> str:
 
 def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
     """The rich tables printed after a cv (headline, per fold, per institution, files)."""
+    from rich.text import Text
+
     sel = summary["selection"]
-    cols = ["out-of-fold", "mean", "95% CI", "median", "std", "min", "slice Dice", "global"]
-    rows = []
-    for key, label in (
-        ("before", f"before: {_settings(summary['before']['settings'])}"),
-        ("after", f"after: {_settings(summary['after']['settings'])} (chosen on these OOF)"),
-    ):
-        rows.append(_row(label, summary[key]))
+    # one column per protocol, one row per figure: fits 80 columns (CI logs) with every
+    # number whole; what each protocol is goes below the table, where it may wrap
+    protocols = [("before", summary["before"]), ("after", summary["after"])]
+    notes = [
+        f"before: {_settings(summary['before']['settings'])}",
+        f"after: {_settings(summary['after']['settings'])} (chosen on these out-of-fold "
+        "predictions)",
+    ]
     if summary.get("buda"):
-        rows.append(_row("buda protocol (ends dropped, 0.5, largest 6-conn.)", summary["buda"]))
+        protocols.append(("buda", summary["buda"]))
+        notes.append(
+            "buda protocol: ends dropped, threshold 0.5, largest 6-connected component "
+            "(Buda et al. 2019)"
+        )
+    figures = [_row(b) for _, b in protocols]
+    rows = [[label, *(f[i] for f in figures)] for i, label in enumerate(_ROWS)]
     title = (
-        f"per-patient Dice of {summary['patients']} patients, {summary['folds']} folds "
+        f"out-of-fold Dice of {summary['patients']} patients, {summary['folds']} folds "
         f"({sel['label']})"
     )
-    out = [con.table(title, cols, rows)]
+    out: list[Any] = [con.table(title, ["", *(name for name, _ in protocols)], rows)]
+    out.append(Text("\n".join(notes)))  # plain text: settings are not rich markup
     after = summary["after"]
     for what, key in (("fold", "per_fold"), ("institution", "per_institution")):
         out.append(
@@ -179,11 +195,22 @@ def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
     return out
 
 
-def _row(label: str, b: dict[str, Any]) -> list[Any]:
+#: The headline's rows, in the order :func:`_row` gives them.
+_ROWS = (
+    "per-patient mean",
+    "95% CI",
+    "median",
+    "std",
+    "min",
+    "slice Dice (tumour)",
+    "global Dice",
+)
+
+
+def _row(b: dict[str, Any]) -> list[Any]:
     s = b["per_patient_dice"]
     m = b["metrics"]
     return [
-        label,
         s["mean"],
         _ci(s),
         s["median"],

@@ -44,6 +44,26 @@ def register(app: typer.Typer) -> None:
             "--allow-missing",
             help="Score a true mask without a prediction as an empty prediction.",
         ),
+        split: Path | None = typer.Option(
+            None,
+            "--split",
+            help="Split YAML from `brainseg split`: score only its --subset (of --fold), as "
+            "eval picks patients.",
+        ),
+        subset: str | None = typer.Option(
+            None,
+            "--subset",
+            help="Which patients of the split: val, test, train or all \\[default: val].",
+        ),
+        fold: int | None = typer.Option(
+            None, "--fold", help="Cross-validation fold K of the split (0-based)."
+        ),
+        only_predicted: bool = typer.Option(
+            False,
+            "--only-predicted",
+            help="Score only the patients (cases) with at least one prediction in --pred; "
+            "their missing slices still need --allow-missing.",
+        ),
         project: Path = typer.Option(
             Path("runs/score"), "--project", help="Parent folder of the run folders."
         ),
@@ -55,12 +75,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
+        from brainseg.optional import require
+
+        require("matplotlib", "brainseg score (its Dice plot)")  # before any work
         from brainseg.evaluation import json_safe
         from brainseg.fsutil import next_run_dir
         from brainseg.score import ScoreOptions, score_folders, write_score
 
         result = score_folders(
-            ScoreOptions(pred=pred, gt=gt, tolerance=tolerance, allow_missing=allow_missing)
+            ScoreOptions(
+                pred=pred,
+                gt=gt,
+                tolerance=tolerance,
+                allow_missing=allow_missing,
+                split=split,
+                subset=subset,
+                fold=fold,
+                only_predicted=only_predicted,
+            )
         )
         run_dir = next_run_dir(project, name, exist_ok=exist_ok)
         write_score(result, run_dir)
@@ -73,12 +105,17 @@ def register(app: typer.Typer) -> None:
 def render_summary(s: dict[str, Any]) -> None:
     """The per-patient table and the global line (score, and eval on volumes)."""
     rows = []
-    for metric in ("dice", "iou", "precision", "recall", "hd95"):
-        st = s["per_patient"][metric]
-        label = "hd95 (pixels)" if metric == "hd95" else metric
-        rows.append([label, st["mean"], st["median"], st["std"], st["min"], st["n"]])
     surf = s["surface"]
     unit = surf["unit"]
+    # per_patient.csv's hd95 counts the slice axis as one pixel / voxel: on slices that is the
+    # surface hd95 itself (one row); on volumes a voxel figure next to the one in mm
+    voxels = "voxels" if unit == "mm" else None
+    for metric in ("dice", "iou", "precision", "recall", "hd95"):
+        if metric == "hd95" and voxels is None:
+            continue
+        st = s["per_patient"][metric]
+        label = f"hd95 ({voxels})" if metric == "hd95" else metric
+        rows.append([label, st["mean"], st["median"], st["std"], st["min"], st["n"]])
     for key, label in (
         ("hd95", f"hd95 ({unit})"),
         ("nsd", f"nsd @ {surf['nsd_tolerance']:g} {unit}"),

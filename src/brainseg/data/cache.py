@@ -479,7 +479,7 @@ class CacheEntry:
 
     key: str  # the folder name (first 32 hex digits of the content key)
     path: Path
-    root: str  # the dataset folder it was last built or found for
+    root: str  # the dataset folder it was built from (the same content may lie elsewhere now)
     slices: int
     patients: int
     size: tuple[int, int]
