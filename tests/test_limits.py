@@ -60,3 +60,126 @@ def test_predict_read_ahead_is_bounded_by_bytes(
     results = list(P.predict_files(predictor, files, opts))
     assert [r.status for r in results] == ["ok"] * 24
     assert count["max"] <= 8, f"{count['max']} decoded images alive at once"
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _nifti(path: Path, data: np.ndarray, **header: Any) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, np.eye(4))
+    for k, v in header.items():
+        img.header[k] = v
+    nib.save(img, str(path))
+    return path
+
+
+def _case(seed: int = 0, dtype: Any = np.int16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((64, 64, 8, 3)) * 1000).astype(dtype)
+
+
+def test_nifti_gzip_crc_failure_is_an_error(tmp_path: Path) -> None:
+    """issue 22: a .nii.gz whose gzip CRC fails was read (nibabel stops before the trailer)
+    and predicted, exit 0. Python's gzip module is the oracle for the damage."""
+    import gzip
+    import zlib
+
+    from brainseg.errors import BrainsegError
+    from brainseg.volumes import read_nifti
+
+    good = _nifti(tmp_path / "good.nii.gz", _case())
+    raw = good.read_bytes()
+    content = bytearray(gzip.decompress(raw))
+    content[2000] ^= 0x01  # one voxel bit; the stored CRC still describes the old content
+    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = comp.compress(bytes(content)) + comp.flush()
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(raw[:10] + body + raw[-8:])
+    with pytest.raises(gzip.BadGzipFile):  # the oracle: gzip says it is damaged
+        gzip.decompress(bad.read_bytes())
+    read_nifti(good)  # the intact file reads
+    with pytest.raises(BrainsegError, match="bad.nii.gz: cannot be read .*CRC check failed"):
+        read_nifti(bad)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(raw[:-4])  # the length field cut off: the data are all there
+    with pytest.raises(BrainsegError, match="cut.nii.gz: cannot be read"):
+        read_nifti(cut)
+
+
+def test_float64_beyond_float32_is_an_error_without_warnings(tmp_path: Path) -> None:
+    """issue 22: float64 voxels above 3.4e38 became inf in the cast to float32, every voxel
+    was marked tumour, exit 0, with a RuntimeWarning on stderr."""
+    from conftest import run_cli
+
+    data = np.zeros((64, 64, 8, 3))
+    data[10:20, 10:20, 2:5, :] = 1e39
+    data[0, 0, 0, :] = 1.0
+    vol = _nifti(tmp_path / "big.nii.gz", data)
+    r = run_cli(["predict", tiny_onnx(tmp_path / "m.onnx"), vol, "-o", tmp_path / "out"])
+    assert r.returncode != 0
+    assert "big.nii.gz: 900 voxel(s) beyond +-3.4e+38" in r.stderr, r.stderr
+    assert "Warning" not in r.stderr and "internal error" not in r.stderr
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_extreme_float32_intensities_scale_without_warnings() -> None:
+    import warnings
+
+    from brainseg.volumes import to_model_range
+
+    v = np.array([0, -3.3e38, 3.3e38, 1.0, 2.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning is a failure
+        out, info = to_model_range(v)
+    assert out.tolist() == [128, 0, 255, 128, 128]  # lo < 0: zero is mid-grey (the rule)
+    assert info["lo"] < 0 < info["hi"]
+
+
+def test_nifti_xyzt_units_255_is_a_clear_error(tmp_path: Path) -> None:
+    """issue 22: xyzt_units = 255 raised KeyError in nibabel ("internal error")."""
+    from brainseg.errors import BrainsegError
+    from brainseg.volumes import read_nifti
+
+    vol = _nifti(tmp_path / "units.nii.gz", _case(), xyzt_units=255)
+    with pytest.raises(BrainsegError, match=r"units.nii.gz: its header's xyzt_units \(255\)"):
+        read_nifti(vol)
+
+
+def test_nifti_voxel_limit_is_checked_from_the_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 22: no size limit (a 4.4 MB .nii.gz declaring 1000 x 1000 x 334 x 3 took 5.4 GB
+    and 36 s). The header is checked before any data is read; BRAINSEG_MAX_VOXELS moves the
+    limit (docs/volumes.md)."""
+    import gzip
+    import tracemalloc
+
+    import nibabel as nib
+
+    from brainseg.errors import BrainsegError
+    from brainseg.volumes import read_nifti
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 334, 3))
+    header.set_data_dtype(np.uint8)
+    huge = tmp_path / "huge.nii.gz"
+    with gzip.open(huge, "wb") as f:  # the header and the first 1 MB of zeros
+        f.write(header.binaryblock + b"\0" * 4 + b"\0" * (1 << 20))
+    tracemalloc.start()
+    with pytest.raises(BrainsegError, match=r"declares 1000x1000x334x3 = 1,002,000,000 voxels"):
+        read_nifti(huge)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20
+
+    small = _nifti(tmp_path / "small.nii.gz", _case())  # 98,304 voxels
+    read_nifti(small)
+    monkeypatch.setenv("BRAINSEG_MAX_VOXELS", "90000")
+    with pytest.raises(BrainsegError, match="more than the limit of 90,000") as e:
+        read_nifti(small)
+    assert "BRAINSEG_MAX_VOXELS" in (e.value.hint or "")
+    monkeypatch.setenv("BRAINSEG_MAX_VOXELS", "lots")
+    with pytest.raises(BrainsegError, match="BRAINSEG_MAX_VOXELS='lots' is not a positive"):
+        read_nifti(small)
