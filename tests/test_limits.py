@@ -183,3 +183,31 @@ def test_nifti_voxel_limit_is_checked_from_the_header(
     monkeypatch.setenv("BRAINSEG_MAX_VOXELS", "lots")
     with pytest.raises(BrainsegError, match="BRAINSEG_MAX_VOXELS='lots' is not a positive"):
         read_nifti(small)
+
+
+# --------------------------------------------------------------------------- --shard
+
+
+@pytest.mark.parametrize(
+    ("value", "message", "hint"),
+    [
+        # issue 22: N beyond sys.maxsize died in itertools.islice ("internal error")
+        ("0/" + "1" + "0" * 30, "N from 1 to 1,000,000", "e.g. --shard 0/4"),
+        # the hint for 1/0 said "shards of N=1 are 0/1 ... 0/1"
+        ("1/0", "N from 1 to 1,000,000", "e.g. --shard 0/4 on the first of 4 machines"),
+        ("2/2", "need 0 <= I < N (I from 0 to 1)", "the shards of N=2 are 0/2 ... 1/2"),
+    ],
+)
+def test_shard_out_of_range_is_a_clear_error(
+    tmp_path: Path, value: str, message: str, hint: str
+) -> None:
+    from conftest import run_cli
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(scans / "a.png")
+    model = tiny_onnx(tmp_path / "m.onnx")
+    r = run_cli(["predict", model, scans, "-o", tmp_path / "o", "--shard", value])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and hint in r.stderr and "internal error" not in r.stderr
+    assert "0/1 ... 0/1" not in r.stderr

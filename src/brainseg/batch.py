@@ -232,6 +232,10 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
             )
 
 
+#: Most shards --shard I/N may name (N beyond this died in itertools.islice: internal error).
+MAX_SHARDS = 1_000_000
+
+
 def parse_shard(value: str | None) -> tuple[int, int] | None:
     """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None."""
     if value is None:
@@ -243,10 +247,16 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
             hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
         )
     i, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 0 <= i < n:
+    if not 1 <= n <= MAX_SHARDS:
         raise BrainsegError(
-            f"--shard {value}: need 0 <= I < N and N >= 1",
-            hint=f"shards of N={max(n, 1)} are 0/{max(n, 1)} ... {max(n, 1) - 1}/{max(n, 1)}",
+            f"--shard {value.strip()}: need 0 <= I < N with N from 1 to {MAX_SHARDS:,} (the "
+            "number of machines or jobs sharing the inputs)",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
+        )
+    if not 0 <= i < n:
+        raise BrainsegError(
+            f"--shard {value.strip()}: need 0 <= I < N (I from 0 to {n - 1})",
+            hint=f"the shards of N={n} are 0/{n} ... {n - 1}/{n}",
         )
     return i, n
 

@@ -381,7 +381,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
         if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             _check_voxels(path, img.header.get_data_shape())
             if path.name.lower().endswith(".gz"):
-                end = int(img.dataobj.offset) + int(
+                end = int(img.dataobj.offset) + int(  # type: ignore[attr-defined]
                     math.prod(img.shape) * img.header.get_data_dtype().itemsize
                 )
                 buf = io.BytesIO(_read_gzip(path, end))
