@@ -228,6 +228,7 @@ def _bad_files(saved: Path, d: Path) -> dict[str, tuple[Path, str]]:
         name = next(k for k in header if k != "__metadata__")
         header[name]["shape"] = 5
 
+    _rewrite_header(saved, d / "bigsize.safetensors", _edit_meta(image_size=16384))
     _rewrite_header(saved, d / "deepmeta.safetensors", deep_meta)
     _rewrite_header(saved, d / "shapeint.safetensors", shape_int)
     raw = data[8 : 8 + struct.unpack("<Q", data[:8])[0]].rstrip()
@@ -238,6 +239,8 @@ def _bad_files(saved: Path, d: Path) -> dict[str, tuple[Path, str]]:
     return {
         **{case: (path, f"{case.split()[0]} in its metadata is") for case, path in odd.items()},
         "metadata nested 5000 deep": (d / "deepmeta.safetensors", "nested too deeply"),
+        # issue 22: accepted up to 16384 (6 GiB for two 64 x 64 images); bounded where read
+        "image size 16384": (d / "bigsize.safetensors", "image_size 16384 in its metadata"),
         "header nested 5000 deep": (d / "deepheader.safetensors", "nested too deeply"),
         "tensor shape is an int": (d / "shapeint.safetensors", "malformed safetensors header"),
         "missing": (d / "nope.safetensors", "does not exist"),
@@ -275,6 +278,7 @@ CASES = [
     "postprocess list",
     "postprocess string",
     "metadata nested 5000 deep",
+    "image size 16384",
     "header nested 5000 deep",
     "tensor shape is an int",
 ]

@@ -28,7 +28,12 @@ from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path
-from brainseg.settings import DEFAULT_THRESHOLD, check_metadata_types, load_metadata_json
+from brainseg.settings import (
+    DEFAULT_THRESHOLD,
+    check_metadata,
+    check_metadata_types,
+    load_metadata_json,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -248,6 +253,7 @@ def _brainseg_meta(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(meta.get("architecture"), dict):
         raise BrainsegError(f"checkpoint {path} metadata has no architecture", hint=_HINT_CKPT)
     check_metadata_types(meta, path, _HINT_CKPT)
+    check_metadata(meta, path)  # image size, threshold, postprocess: bounded where read
     for key, value in DEFAULTS.items():
         meta.setdefault(key, json.loads(json.dumps(value)))
     return meta

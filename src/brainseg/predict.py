@@ -118,6 +118,7 @@ def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str,
     meta.setdefault("threshold", DEFAULT_THRESHOLD)
     meta.setdefault("postprocess", {"min_size": 0, "largest_component": False})
     check_metadata_types(meta, path, _ONNX_HINT)
+    check_metadata(meta, path)  # image size, threshold, postprocess: bounded where read
     return meta
 
 
