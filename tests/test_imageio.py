@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -202,6 +203,8 @@ def test_declared_size_reads_only_the_header(tmp_path: Path) -> None:
     assert imageio.declared_size(q) == imageio.Declared(20, 30, 3, 1, "u")
     (tmp_path / "junk.png").write_bytes(b"junk")
     assert imageio.declared_size(tmp_path / "junk.png") is None
+    os.mkfifo(tmp_path / "pipe.png")  # never opened (it would block predict's main thread)
+    assert imageio.declared_size(tmp_path / "pipe.png") is None
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".png", ".jpg"])

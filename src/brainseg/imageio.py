@@ -225,6 +225,8 @@ def declared_size(path: str | os.PathLike[str]) -> Declared | None:
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        if not path.is_file():  # a FIFO or a device would block here: only regular files
+            return None
         if suffix in TIFF_SUFFIXES:
             import logging
 
