@@ -209,7 +209,40 @@ def _bad_files(saved: Path, d: Path) -> dict[str, tuple[Path, str]]:
         saved, d / "badarch.safetensors", _edit_meta(architecture={"encoder": "resnet"})
     )
     (d / "folder.safetensors").mkdir()
+    # issue 22: each of these was an "internal error" (TypeError, AttributeError,
+    # RecursionError) in info / predict / load instead of one line naming the file.
+    odd = {
+        f"{key} {kind}": _rewrite_header(
+            saved, d / f"{key}-{kind}.safetensors", _edit_meta(**{key: value})
+        )
+        for key in ("config", "metrics", "postprocess")
+        for kind, value in (("list", [1, 2]), ("string", "abc"))
+    }
+    deep = "[" * 5000 + "]" * 5000
+
+    def deep_meta(header: dict[str, Any]) -> None:
+        text = header["__metadata__"]["brainseg"]
+        header["__metadata__"]["brainseg"] = text[:-1] + ', "x": ' + deep + "}"
+
+    def shape_int(header: dict[str, Any]) -> None:
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["shape"] = 5
+
+    _rewrite_header(saved, d / "bigsize.safetensors", _edit_meta(image_size=16384))
+    _rewrite_header(saved, d / "deepmeta.safetensors", deep_meta)
+    _rewrite_header(saved, d / "shapeint.safetensors", shape_int)
+    raw = data[8 : 8 + struct.unpack("<Q", data[:8])[0]].rstrip()
+    raw = raw[:-1] + b', "zz": ' + deep.encode() + b"}"
+    raw += b" " * (-len(raw) % 8)
+    n0 = struct.unpack("<Q", data[:8])[0]
+    (d / "deepheader.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n0 :])
     return {
+        **{case: (path, f"{case.split()[0]} in its metadata is") for case, path in odd.items()},
+        "metadata nested 5000 deep": (d / "deepmeta.safetensors", "nested too deeply"),
+        # issue 22: accepted up to 16384 (6 GiB for two 64 x 64 images); bounded where read
+        "image size 16384": (d / "bigsize.safetensors", "image_size 16384 in its metadata"),
+        "header nested 5000 deep": (d / "deepheader.safetensors", "nested too deeply"),
+        "tensor shape is an int": (d / "shapeint.safetensors", "malformed safetensors header"),
         "missing": (d / "nope.safetensors", "does not exist"),
         "directory": (d / "folder.safetensors", "directory"),
         "text": (text, "text file"),
@@ -238,6 +271,16 @@ CASES = [
     "broken metadata",
     "tensors do not match architecture",
     "unknown architecture",
+    "config list",
+    "config string",
+    "metrics list",
+    "metrics string",
+    "postprocess list",
+    "postprocess string",
+    "metadata nested 5000 deep",
+    "image size 16384",
+    "header nested 5000 deep",
+    "tensor shape is an int",
 ]
 
 
@@ -357,3 +400,24 @@ def test_copy_with_metadata_refusals(saved: Path, tmp_path: Path) -> None:
     with pytest.raises(BrainsegError, match="does not exist"):
         copy_with_metadata(tmp_path / "none.safetensors", tmp_path / "z.safetensors", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tuned.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "case", ["config list", "metrics string", "metadata nested 5000 deep", "tensor shape is an int"]
+)
+def test_info_and_predict_on_odd_metadata_exit_2(
+    bad_files: dict[str, Any], case: str, tmp_path: Path
+) -> None:
+    """The CLI view of the cases above: one line naming the file, exit 2, no internal error."""
+    from conftest import run_cli
+
+    path, text = bad_files[case]
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    for args in (["info", path], ["predict", path, image, "-o", tmp_path / "out"]):
+        r = run_cli(args)
+        assert r.returncode == 2, r.stderr
+        assert text in r.stderr and str(path) in r.stderr, r.stderr
+        assert "internal error" not in r.stderr

@@ -138,7 +138,12 @@ def test_bad_yaml_and_non_mapping_name_the_file(tmp_path: Path) -> None:
         ({"head_bias_prior": 1.0}, "head_bias_prior must be a probability"),
         ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
         ({"steps_per_epoch": 0}, "steps_per_epoch must be at least 1"),
-        ({"decoder_channels": [32, 16]}, "decoder_channels must be 5 positive integers"),
+        ({"decoder_channels": [32, 16]}, "decoder_channels must be 5 integers from 1 to 4096"),
+        ({"decoder_channels": [10**12, 8, 8, 8, 8]}, "decoder_channels must be 5 integers"),
+        ({"image_size": 16384}, "from 32 to 1024, got 16384"),
+        ({"image_size": 2**40}, "from 32 to 1024"),
+        ({"seed": 2**64}, "seed must be an integer from 0 to 4294967295"),
+        ({"seed": -1}, "seed must be an integer from 0"),
         ({"freeze_encoder_epochs": -2}, "freeze_encoder_epochs must be >= 0"),
         ({"encoder_weights": "/no/such/file.pth"}, "encoder weights file"),
         ({"epochs": "ten"}, "epochs must be an integer"),
@@ -184,6 +189,11 @@ def test_missing_inputs_are_refused(tmp_path: Path, files: tuple[Path, Path]) ->
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--image-size", "100"], "multiple of 32"),
         (["--decoder-channels", "a,b"], "decoder_channels must be 5 comma-separated"),
+        # issue 22: these died as "internal error" (MemoryError, OverflowError, allocator)
+        (["--image-size", "16384"], "image_size must be a multiple of 32"),
+        (["--image-size", str(2**40)], "from 32 to 1024"),
+        (["--seed", str(2**64)], "seed must be an integer from 0 to 4294967295"),
+        (["--decoder-channels", "1000000000000,8,8,8,8"], "decoder_channels must be 5 integers"),
     ],
 )
 def test_cli_bad_values_exit_2_before_work(
@@ -195,6 +205,60 @@ def test_cli_bad_values_exit_2_before_work(
     assert message in r.stderr
     assert "hint" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_cli_project_that_is_a_file_exits_2(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """issue 22: `train --project file.txt` died as "internal error: NotADirectoryError"."""
+    data, split = files
+    f = tmp_path / "file.txt"
+    f.write_text("mine\n")
+    for project in (f, f / "sub"):
+        r = run_cli(["train", data, "--split", split, "--project", project])
+        assert r.returncode == 2, r.stderr
+        assert f"{f} is a file, not a folder" in r.stderr and "internal error" not in r.stderr
+    assert f.read_text() == "mine\n"
+
+
+def _bomb(levels: int = 9) -> str:
+    """A YAML "billion laughs": 9 ** levels list items from a few hundred bytes."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_bomb(), r"holds more than 200000 values \(aliases expanded\)"),
+        ("lr: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
+        ("lr: " + "[" * 100 + "]" * 100 + "\n", "nested more than 64 levels deep"),
+        ("lr: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "nest"),
+        ("lr: &a [1, *a]\n", "recursive structure"),
+    ],
+    ids=["alias-bomb", "list-5000-deep", "list-100-deep", "map-3000-deep", "recursive"],
+)
+def test_config_yaml_limits_are_one_line_errors(
+    files: tuple[Path, Path], tmp_path: Path, text: str, message: str
+) -> None:
+    """issue 22: an alias bomb in --config hung at 2.5 GB and more (dataclasses.asdict walked
+    the expanded graph); YAML nested 3,000-5,000 deep raised RecursionError ("internal
+    error"). Every YAML file brainseg reads goes through one loader with the same limits."""
+    f = tmp_path / "cfg.yaml"
+    f.write_text(text)
+    with pytest.raises(BrainsegError, match=message) as e:
+        read_yaml(f)
+    assert str(f) in e.value.message
+    data, split = files
+    r = run_cli(["train", data, "--split", split, "--config", f], timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert str(f) in r.stderr and "internal error" not in r.stderr
+
+
+def test_small_aliases_still_load(tmp_path: Path) -> None:
+    f = tmp_path / "cfg.yaml"
+    f.write_text("decoder_channels: &d [64, 32, 16, 16, 8]\nlr: 0.001\n")
+    assert read_yaml(f) == {"decoder_channels": [64, 32, 16, 16, 8], "lr": 0.001}
 
 
 def test_cli_config_file_with_unknown_key_exits_2(files: tuple[Path, Path], tmp_path: Path) -> None:

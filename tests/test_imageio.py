@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +138,82 @@ def test_float_tif_is_refused(tmp_path: Path) -> None:
     tifffile.imwrite(p, np.zeros((8, 8), np.float32))
     with pytest.raises(BrainsegError, match=r"f\.tif: holds float32 pixels"):
         imageio.read_image(p)
+
+
+def _peak_bytes(fn: Callable[[], object]) -> tuple[int, BaseException | None]:
+    """Peak Python + numpy allocation while ``fn()`` runs (numpy reports to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    err = None
+    try:
+        fn()
+    except BaseException as exc:  # the caller inspects it
+        err = exc
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, err
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [
+        # issue 22: the limit was on elements (4 x 67 M), so a 16000 x 16000 RGB zlib TIFF of
+        # 250 KB was decoded (3.9 GB peak); a grey 9000 x 9000 one (81 M pixels) was read.
+        ((16000, 16000, 3), np.uint8, "16000x16000 pixels is too large"),
+        ((9000, 9000), np.uint8, "9000x9000 pixels is too large"),
+        # float pixels are refused anyway: from the header, not after a 611 MB decode
+        ((8000, 8000), np.float64, "holds float64 pixels"),
+        ((2000, 2000), np.float64, "holds float64 pixels"),
+        # 16-bit RGBA at 8000 x 8000: 512 MB decoded, over the byte limit
+        ((8000, 8000, 4), np.uint16, "too large to decode"),
+    ],
+    ids=["rgb-16000", "grey-9000", "float64-8000", "float64-2000", "rgba16-8000"],
+)
+def test_declared_size_is_checked_before_decoding(
+    tmp_path: Path, shape: tuple[int, ...], dtype: type, message: str
+) -> None:
+    p = tmp_path / "big.tif"
+    # A sparse file: the header declares the size, the data are never written (or read).
+    photometric = "rgb" if len(shape) == 3 else "minisblack"
+    extra = {"extrasamples": ["unassalpha"]} if len(shape) == 3 and shape[2] == 4 else {}
+    tifffile.imwrite(p, shape=shape, dtype=dtype, photometric=photometric, **extra)
+    peak, err = _peak_bytes(lambda: imageio.load_image(p))
+    assert isinstance(err, BrainsegError), err
+    assert message in err.message and "big.tif" in err.message
+    assert peak < 8 * 1024 * 1024, f"{peak / 2**20:.0f} MiB allocated before refusing"
+
+
+def test_a_png_declaring_too_many_pixels_is_refused_before_decoding(tmp_path: Path) -> None:
+    p = tmp_path / "big.png"
+    Image.new("L", (9000, 9000)).save(p)  # 81 M pixels, a small file
+    peak, err = _peak_bytes(lambda: imageio.load_image(p))
+    assert isinstance(err, BrainsegError) and "9000x9000 pixels is too large" in err.message
+    assert peak < 8 * 1024 * 1024
+
+
+def test_declared_size_reads_only_the_header(tmp_path: Path) -> None:
+    p = tmp_path / "big.tif"
+    tifffile.imwrite(p, shape=(16000, 16000, 3), dtype=np.uint8, photometric="rgb")
+    d = imageio.declared_size(p)
+    assert d is not None and (d.height, d.width, d.samples, d.itemsize) == (16000, 16000, 3, 1)
+    assert d.nbytes == 16000 * 16000 * 3
+    q = tmp_path / "x.png"
+    Image.fromarray(_rgb()).save(q)
+    assert imageio.declared_size(q) == imageio.Declared(20, 30, 3, 1, "u")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    assert imageio.declared_size(tmp_path / "junk.png") is None
+    os.mkfifo(tmp_path / "pipe.png")  # never opened (it would block predict's main thread)
+    assert imageio.declared_size(tmp_path / "pipe.png") is None
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".jpg"])
+def test_empty_file_says_empty(tmp_path: Path, suffix: str) -> None:
+    """issue 22: a 0-byte file said "not a TIFF file: header=b''"."""
+    p = tmp_path / f"empty{suffix}"
+    p.write_bytes(b"")
+    with pytest.raises(BrainsegError, match=r"empty\.\w+: is an empty file \(0 bytes\)"):
+        imageio.load_image(p)
 
 
 @pytest.mark.parametrize("channels", [5, 6])

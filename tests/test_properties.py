@@ -251,6 +251,52 @@ def test_regression_huge_headers_are_refused_before_decoding(tmp_path: Path) -> 
         load_image(tmp_path / "big.png")
 
 
+@settings(max_examples=scale(40))
+@given(
+    h=st.sampled_from([1, 64, 300, 9000, 16000, 70000]),
+    w=st.sampled_from([1, 64, 300, 9000, 16000]),
+    samples=st.sampled_from([1, 3, 4]),
+    dtype=st.sampled_from(["uint8", "uint16", "int32", "float32", "float64"]),
+    compression=st.sampled_from([None, "zlib"]),
+)
+def test_declared_image_sizes_are_read_or_refused_before_decoding(
+    tmp_path: Path, h: int, w: int, samples: int, dtype: str, compression: str | None
+) -> None:
+    """TIFFs declaring any size and sample type (sparse files: the header only). Too many
+    pixels, too many bytes or float pixels are refused from the header (issue 22: a 250 KB
+    16000 x 16000 zlib TIFF took 3.9 GB), with little memory; the rest is read."""
+    import tracemalloc
+
+    import tifffile
+
+    from brainseg.imageio import MAX_DECODED_BYTES, MAX_PIXELS, load_image
+
+    path = tmp_path / "x.tif"
+    shape = (h, w) if samples == 1 else (h, w, samples)
+    photometric = "minisblack" if samples == 1 else "rgb"
+    extra = {"extrasamples": ["unassalpha"]} if samples == 4 else {}
+    if compression and h * w * samples <= 1 << 22:  # a real compressed file (small ones)
+        tifffile.imwrite(
+            path,
+            np.zeros(shape, dtype),
+            photometric=photometric,
+            compression=compression,
+            **extra,
+        )
+    else:
+        tifffile.imwrite(path, shape=shape, dtype=dtype, photometric=photometric, **extra)
+    nbytes = h * w * samples * np.dtype(dtype).itemsize
+    refused = h * w > MAX_PIXELS or dtype.startswith("float") or nbytes > MAX_DECODED_BYTES
+    tracemalloc.start()
+    try:
+        out = check("imageio.load_image (declared sizes)", lambda: load_image(path), [path])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    if refused:
+        assert out is None and peak < 16 << 20, f"{peak / 2**20:.0f} MiB to refuse {shape}"
+
+
 # --------------------------------------------------------------------------- YAML: configs, splits
 
 _scalars = (
@@ -373,6 +419,58 @@ def test_random_split_files_load_or_fail_clearly(tmp_path: Path) -> None:
     run()
 
 
+@st.composite
+def hostile_yaml(draw: st.DrawFn) -> str:
+    """YAML that is small on disk and huge or deep once loaded: alias bombs, deep nesting,
+    recursive aliases (issue 22: --config hung at 2.5 GB; 3,000-deep raised RecursionError)."""
+    kind = draw(st.sampled_from(["bomb", "deep-list", "deep-map", "recursive", "wide"]))
+    if kind == "bomb":
+        fan = draw(st.integers(2, 12))
+        levels = draw(st.integers(1, 12))
+        lines = ["l0: &l0 [" + ", ".join(["x"] * fan) + "]"]
+        for i in range(1, levels + 1):
+            lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fan) + "]")
+        return "\n".join(lines) + "\n"
+    if kind in ("deep-list", "deep-map"):
+        depth = draw(st.integers(1, 6000))
+        key = draw(st.sampled_from(["lr", "subsets", "seed", "x"]))
+        if kind == "deep-list":
+            return f"{key}: " + "[" * depth + "]" * depth + "\n"
+        return f"{key}: " + "{a: " * depth + "1" + "}" * depth + "\n"
+    if kind == "recursive":
+        return draw(
+            st.sampled_from(
+                ["a: &a [1, *a]\n", "subsets: &s {train: [A], val: *s}\n", "&r {x: *r}\n"]
+            )
+        )
+    n = draw(st.integers(1, 300_000))  # many small values
+    return "seed: 0\ndataset_hash: abc\nsubsets:\n  train: [" + "a," * n + "a]\n"
+
+
+def test_hostile_yaml_is_refused_by_every_reader(tmp_path: Path) -> None:
+    """Every YAML file brainseg reads (--config, --split, a run's config.yaml, --set values)
+    goes through one loader: a result within the limits or one clear error, fast."""
+    from brainseg.config import load_config
+    from brainseg.cv import parse_set
+    from brainseg.data.split import load_split
+
+    @settings(max_examples=scale(60))
+    @given(text=hostile_yaml(), reader=st.sampled_from(["config", "split", "set"]))
+    def run(text: str, reader: str) -> None:
+        path = tmp_path / "f.yaml"
+        path.write_text(text, encoding="utf-8")
+        if reader == "config":
+            load: Callable[[], Any] = lambda: load_config(str(path))  # noqa: E731
+        elif reader == "split":
+            load = lambda: load_split(path)  # noqa: E731
+        else:
+            load = lambda: parse_set([f"lr={text}"])  # noqa: E731
+        name = "--set lr" if reader == "set" else path
+        check(f"yamlio via {reader} (hostile YAML)", load, [name], seconds=20)
+
+    run()
+
+
 # --------------------------------------------------------------------------- safetensors
 
 
@@ -420,6 +518,7 @@ def test_mutated_checkpoints_load_or_fail_clearly(
 
 
 _EDITS = ["dtype", "shape", "offsets", "drop", "arch", "meta", "version", "rename"]
+#: NOTE: test_edited_checkpoints also nests the metadata 40 to 5,000 deep (issue 22).
 
 
 @settings(max_examples=scale(40))
@@ -440,7 +539,9 @@ def test_edited_checkpoints_load_or_fail_clearly(
         if edit == "dtype":
             h[name]["dtype"] = data.draw(st.sampled_from(["F16", "I64", "BOOL", "X", ""]))
         elif edit == "shape":
-            h[name]["shape"] = data.draw(st.lists(st.integers(-2, 2**40), max_size=5))
+            h[name]["shape"] = data.draw(
+                st.lists(st.integers(-2, 2**40), max_size=5) | _values, label="shape"
+            )
         elif edit == "offsets":
             h[name]["data_offsets"] = data.draw(st.lists(st.integers(-5, 2**40), max_size=3))
         elif edit == "drop":
@@ -455,11 +556,19 @@ def test_edited_checkpoints_load_or_fail_clearly(
                 _values | st.lists(st.integers(1, 10**7), min_size=5, max_size=5), label="value"
             )
         elif edit == "meta":
-            key = data.draw(st.sampled_from(["image_size", "threshold", "postprocess", "epoch"]))
+            key = data.draw(
+                st.sampled_from(
+                    ["image_size", "threshold", "postprocess", "epoch", "config", "metrics"]
+                )
+            )
             meta[key] = data.draw(_values, label="value")
         elif edit == "version":
             meta["format_version"] = data.draw(_values, label="value")
-    h["__metadata__"]["brainseg"] = json.dumps(meta)
+    text = json.dumps(meta)
+    depth = data.draw(st.sampled_from([0, 0, 0, 40, 900, 5000]), label="nesting")
+    if depth:  # issue 22: nested thousands deep raised RecursionError (internal error)
+        text = text[:-1] + ', "deep": ' + "[" * depth + "]" * depth + "}"
+    h["__metadata__"]["brainseg"] = text
     body = json.dumps(h).encode()
     path = tmp_path / "m.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
@@ -483,7 +592,8 @@ def test_regression_huge_architecture_is_refused_without_allocating(
     path = tmp_path / "m.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with time_limit(60), pytest.raises(BrainsegError, match="do not match its architecture"):
+    # issue 22: now refused by the width bound (4096) before the shapes are even compared
+    with time_limit(60), pytest.raises(BrainsegError, match="from 1 to 4096"):
         _load_ckpt(path)
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grew_mb < 1024, f"peak memory grew by {grew_mb:.0f} MB"
@@ -767,6 +877,67 @@ def test_regression_tar_gz_with_a_bad_crc(tmp_path: Path) -> None:
     assert not (tmp_path / "dest" / "kaggle_3m").exists()
 
 
+# --------------------------------------------------------------------------- NIfTI
+
+
+@pytest.fixture(scope="module")
+def nifti_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    import nibabel as nib
+
+    path = tmp_path_factory.mktemp("nii") / "case.nii.gz"
+    data = (np.random.default_rng(0).random((32, 32, 6, 3)) * 900).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path.read_bytes()
+
+
+@settings(max_examples=scale(60))
+@given(data=st.data())
+def test_damaged_nifti_read_or_fail_clearly(
+    nifti_bytes: bytes, data: st.DataObject, tmp_path: Path
+) -> None:
+    """A 4D case file with damaged gzip bytes, or an edited header (declared shape, data
+    type, units, scaling): its uint8 contrasts or one clear error; never a Python warning
+    (issue 22: a CRC failure was read, 1e39 voxels warned and gave all tumour)."""
+    import gzip
+    import warnings
+
+    import nibabel as nib
+
+    from brainseg.volumes import Case, read_case
+
+    path = tmp_path / "case.nii.gz"
+    if data.draw(st.booleans(), label="damage the gzip bytes?"):
+        path.write_bytes(data.draw(mutated([nifti_bytes]), label="bytes"))
+    else:
+        raw = bytearray(gzip.decompress(nifti_bytes))
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])))
+        edit = data.draw(st.sampled_from(["dim", "datatype", "units", "slope", "offset"]))
+        if edit == "dim":
+            dims = data.draw(st.lists(st.integers(1, 2000), min_size=3, max_size=5), label="d")
+            hdr["dim"][0] = len(dims)
+            hdr["dim"][1 : 1 + len(dims)] = dims
+        elif edit == "datatype":
+            code = data.draw(st.sampled_from([2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024]))
+            hdr["datatype"] = code
+            hdr["bitpix"] = 8 * max(1, code // 128 if code >= 256 else 2)
+        elif edit == "units":
+            hdr["xyzt_units"] = data.draw(st.integers(0, 255), label="units")
+        elif edit == "slope":
+            hdr["scl_slope"] = data.draw(st.sampled_from([1e38, -1e38, 1e-40, 0.0, float("inf")]))
+        else:
+            hdr["vox_offset"] = data.draw(st.sampled_from([0.0, 348.0, 1e9, -4.0]))
+        raw[:348] = hdr.binaryblock
+        path.write_bytes(gzip.compress(bytes(raw)))
+    with warnings.catch_warnings(record=True) as caught:  # recorded: they would print
+        warnings.simplefilter("always")
+        out = check(
+            "volumes.read_case (damaged NIfTI)", lambda: read_case(Case("c", four_d=path)), [path]
+        )
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    if out is not None:
+        assert out.data.dtype == np.uint8 and out.data.shape[-1] == 3
+
+
 # --------------------------------------------------------------------------- the real CLI
 
 
@@ -808,6 +979,26 @@ def _cli_case(
         (tmp / "lgg.zip").write_bytes(bytes(cut))
         args = ["download", "lgg", "--from-file", tmp / "lgg.zip", "--dest", tmp / "d"]
         return args, tmp / "lgg.zip"
+    if case == "yaml alias bomb as config":
+        lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+        lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+        (tmp / "c.yaml").write_text("\n".join(lines) + "\n")
+        return ["train", ds, "--fold", "all", "--config", tmp / "c.yaml"], tmp / "c.yaml"
+    if case == "huge shard count":
+        return [
+            "predict",
+            tiny_onnx(tmp / "m.onnx"),
+            scans,
+            "-o",
+            tmp / "o",
+            "--shard",
+            "0/" + "9" * 30,
+        ], "--shard"
+    if case == "train seed 2**64":
+        return ["train", ds, "--fold", "all", "--seed", str(2**64)], "seed"
+    if case == "train project is a file":
+        (tmp / "file.txt").write_text("x\n")
+        return ["train", ds, "--fold", "all", "--project", tmp / "file.txt"], tmp / "file.txt"
     if case == "dataset without patients":
         (tmp / "empty" / "kaggle_3m").mkdir(parents=True)
         return [
@@ -828,6 +1019,10 @@ CLI_CASES = [
     "garbage onnx",
     "damaged zip",
     "dataset without patients",
+    "yaml alias bomb as config",
+    "huge shard count",
+    "train seed 2**64",
+    "train project is a file",
 ]
 
 

@@ -220,3 +220,98 @@ def test_the_kaggle_key_never_reaches_the_terminal(refusing_server: str, tmp_pat
         assert r.returncode == 1, r.stderr
         assert "401" in r.stderr
         assert key not in r.stderr + r.stdout  # not even in --debug tracebacks
+
+
+# --------------------------------------------------------------------------- hostile ONNX models
+
+
+def _onnx_variant(path: Path, *, meta: dict[str, str] | None = None, pool: bool = False) -> Path:
+    """tests/_tiny.py's model with its brainseg metadata entries replaced by ``meta`` (raw
+    strings), or with a 2x2 max-pool after the convolution (output half the input size)."""
+    import onnx
+    from _tiny import tiny_onnx
+    from onnx import helper
+
+    tiny_onnx(path)
+    model = onnx.load(str(path))
+    if meta is not None:
+        for entry in model.metadata_props:
+            if entry.key in meta:
+                entry.value = meta[entry.key]
+    if pool:
+        graph = model.graph
+        graph.node[0].output[0] = "conv"
+        graph.node.append(
+            helper.make_node("MaxPool", ["conv"], ["logits"], kernel_shape=[2, 2], strides=[2, 2])
+        )
+    onnx.save(model, str(path))
+    return path
+
+
+def _meta_json(**changes: Any) -> str:
+    import json
+
+    base = {"image_size": 64, "threshold": 0.5, "normalization": "imagenet", "format_version": 1}
+    return json.dumps({**base, **changes})
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs", "message"),
+    [
+        ("config-list", {"meta": {"brainseg": _meta_json(config=[1, 2])}}, "config in its"),
+        ("metrics-string", {"meta": {"brainseg": _meta_json(metrics="x")}}, "metrics in its"),
+        (
+            "postprocess-list",
+            {"meta": {"brainseg": _meta_json(postprocess=[1])}},
+            "postprocess in its",
+        ),
+        (
+            "nested-5000",
+            {"meta": {"brainseg": _meta_json()[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}"}},
+            "nested too deeply",
+        ),
+        (
+            "nested-100",
+            {"meta": {"brainseg": _meta_json()[:-1] + ', "x": ' + "[" * 100 + "]" * 100 + "}"}},
+            "nested more than 32 levels",
+        ),
+        ("image-size-16384", {"meta": {"brainseg": _meta_json(image_size=16384)}}, "image_size"),
+        ("output-half-size", {"pool": True}, "the model's output is"),
+    ],
+)
+def test_hostile_onnx_models_are_one_line_errors(
+    tmp_path: Path, case: str, kwargs: dict[str, Any], message: str
+) -> None:
+    """issue 22: metadata whose config / metrics / postprocess is a list or a string, nested
+    thousands deep (RecursionError), an image_size of 16384 (6 GiB for two 64x64 images)
+    and a graph whose output is smaller than its input were "internal error" exits or
+    accepted. Each is now one line naming the file, exit 2."""
+    from _tiny import write_images
+
+    model = _onnx_variant(tmp_path / f"{case}.onnx", **kwargs)
+    write_images(tmp_path / "scans", 2)
+    runs = [["predict", model, tmp_path / "scans", "-o", tmp_path / "out"]]
+    if case != "output-half-size":  # the graph's output size shows only when it runs
+        runs.append(["info", model])
+    for args in runs:
+        r = run_cli(args)
+        assert r.returncode == 2, (args[0], r.stderr)
+        assert message in r.stderr and str(model) in r.stderr, r.stderr
+        assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+
+
+YAML_READERS = ("safe_load", "safe_load_all", "load", "load_all", "compose", "parse")
+
+
+def test_every_yaml_read_goes_through_the_one_loader() -> None:
+    """issue 22: --config used yaml.safe_load with no limits (an alias bomb hung) while the
+    split reader refused the same file. Only brainseg/yamlio.py may parse YAML."""
+    found = []
+    for f in sorted(SRC.rglob("*.py")):
+        if f.name == "yamlio.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            name = _name(node.func) if isinstance(node, ast.Call) else ""
+            if name.startswith("yaml.") and name.split(".")[-1] in YAML_READERS:
+                found.append(f"{f.relative_to(SRC)}:{node.lineno}: {name}")
+    assert found == [], found

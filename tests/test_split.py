@@ -263,6 +263,17 @@ GOOD = {"seed": 0, "dataset_hash": "abc", "subsets": {"train": ["A", "B"], "val"
         ({**GOOD, "folds": [{"train": ["A", "C"], "val": ["B"]}]}, "is in no fold's val"),
         ({**GOOD, "folds": [{"train": ["A"], "val": ["C"]}]}, "does not cover the same patients"),
         ({**GOOD, "val_fraction": 3}, "val_fraction must be a number"),
+        # issue 22: unknown keys and other formats were accepted (the docs say refused)
+        ({**GOOD, "sede": 1}, "unknown key.*sede"),
+        ({**GOOD, "format": 2}, "has format 2; this brainseg"),
+        ({**GOOD, "format": float("nan")}, "format must be a positive integer, got nan"),
+        ({**GOOD, "format": "1"}, "format must be a positive integer"),
+        # one YAML loader for every file: the same limits as --config
+        (
+            "seed: 0\ndataset_hash: abc\n" + "subsets: " + "[" * 100 + "]" * 100 + "\n",
+            "nested more than 64 levels",
+        ),
+        ("seed: 0\ndataset_hash: abc\nsubsets: &s {train: [A], val: *s}\n", "recursive"),
     ],
 )
 def test_load_errors(tmp_path: Path, data: object, msg: str) -> None:
@@ -427,3 +438,29 @@ def test_cli_on_real_subset(real_data: Path, tmp_path: Path, cli) -> None:
     f = load_split(folds)
     assert [len(x["val"]) for x in f.folds] == [5, 5, 5, 5, 5]
     assert sorted(p for x in f.folds for p in x["val"]) == ids
+
+
+def _many_ids(n: int) -> str:
+    ids = "".join(f"  - P{i:07d}\n" for i in range(n))
+    return f"seed: 0\ndataset_hash: abc\nsubsets:\n  train:\n{ids}  val: [X]\n"
+
+
+@pytest.mark.timeout(60)
+def test_large_split_loads_in_linear_time(tmp_path: Path) -> None:
+    """issue 22: the duplicate check was quadratic (5,000 ids: 2.1 s, 20,000: 10.9 s,
+    200,000: over 6 minutes). 50,000 ids now load in about a second; before, the timeout."""
+    path = tmp_path / "big.yaml"
+    path.write_text(_many_ids(50_000))
+    split = load_split(path)
+    assert len(split.subsets["train"]) == 50_000 and split.subsets["val"] == ["X"]
+
+
+@pytest.mark.timeout(60)
+def test_split_with_too_many_ids_is_refused_early(tmp_path: Path) -> None:
+    """More ids than the YAML value limit (200,000) are refused while parsing, in well under
+    the timeout (before: over 6 minutes, then accepted)."""
+    path = tmp_path / "huge.yaml"
+    path.write_text(_many_ids(200_001))
+    with pytest.raises(BrainsegError, match="more than 200000 values") as exc:
+        load_split(path)
+    assert str(path) in exc.value.message

@@ -232,6 +232,10 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
             )
 
 
+#: Most shards --shard I/N may name (N beyond this died in itertools.islice: internal error).
+MAX_SHARDS = 1_000_000
+
+
 def parse_shard(value: str | None) -> tuple[int, int] | None:
     """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None."""
     if value is None:
@@ -243,10 +247,16 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
             hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
         )
     i, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 0 <= i < n:
+    if not 1 <= n <= MAX_SHARDS:
         raise BrainsegError(
-            f"--shard {value}: need 0 <= I < N and N >= 1",
-            hint=f"shards of N={max(n, 1)} are 0/{max(n, 1)} ... {max(n, 1) - 1}/{max(n, 1)}",
+            f"--shard {value.strip()}: need 0 <= I < N with N from 1 to {MAX_SHARDS:,} (the "
+            "number of machines or jobs sharing the inputs)",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
+        )
+    if not 0 <= i < n:
+        raise BrainsegError(
+            f"--shard {value.strip()}: need 0 <= I < N (I from 0 to {n - 1})",
+            hint=f"the shards of N={n} are 0/{n} ... {n - 1}/{n}",
         )
     return i, n
 
@@ -474,20 +484,28 @@ class _Engine:
         bs = self.predictor.batch_size
         workers = max(1, self.opts.workers)
         ahead = 2 * bs + workers
+        budget = READ_AHEAD_BYTES
         readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
         writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
         try:
-            reads = _ordered_map(readers, self.prepare, items, ahead=ahead)
-            writes: deque[Future[FileResult]] = deque()
-            for group in self._batches(reads, bs):
+            reads = _ordered_map(
+                readers, self.prepare, items, ahead=ahead, cost=_read_cost, budget=budget
+            )
+            writes: deque[tuple[Future[FileResult], int]] = deque()
+            held = 0  # bytes of the images waiting to be written
+            for group in self._batches(reads, bs, budget):
                 probs = self._infer([g for g in group if isinstance(g, _Prepared)])
                 for g in group:
                     prob = probs.pop(0) if isinstance(g, _Prepared) else None
-                    writes.append(writers.submit(self.finish, g, prob))
-                while len(writes) > ahead:
-                    yield writes.popleft().result()
+                    n = g.image.nbytes if isinstance(g, _Prepared) else 0
+                    writes.append((writers.submit(self.finish, g, prob), n))
+                    held += n
+                while len(writes) > ahead or (len(writes) > 1 and held > budget):
+                    done, n = writes.popleft()
+                    held -= n
+                    yield done.result()
             while writes:
-                yield writes.popleft().result()
+                yield writes.popleft()[0].result()
         except BaseException:
             # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work.
             readers.shutdown(wait=True, cancel_futures=True)
@@ -498,23 +516,25 @@ class _Engine:
             writers.shutdown()
 
     def _batches(
-        self, reads: Iterator[_Prepared | FileResult], bs: int
+        self, reads: Iterator[_Prepared | FileResult], bs: int, budget: int
     ) -> Iterator[list[_Prepared | FileResult]]:
-        """Groups of up to ``bs`` images of one shape (plus the finished results between)."""
+        """Groups of up to ``bs`` images of one shape (plus the finished results between),
+        fewer when their images hold more than ``budget`` bytes."""
         group: list[_Prepared | FileResult] = []
-        n = 0
+        n = held = 0
         shape: tuple[int, ...] | None = None
         for r in reads:
             if isinstance(r, _Prepared):
                 if shape is not None and r.model_input.shape != shape and n:
                     yield group
-                    group, n = [], 0
+                    group, n, held = [], 0, 0
                 shape = r.model_input.shape
                 n += 1
+                held += r.image.nbytes + r.model_input.nbytes
             group.append(r)
-            if n >= bs:
+            if n >= bs or held > budget:
                 yield group
-                group, n = [], 0
+                group, n, held = [], 0, 0
         if group:
             yield group
 
@@ -525,17 +545,43 @@ class _Engine:
         return list(self.predictor.predict_model_size(x))
 
 
+#: Bytes of decoded images predict holds ahead of inference (from the files' declared sizes),
+#: and again behind it (waiting to be written): large images are read a few at a time, not
+#: 2 x batch + workers at once (six 16000 x 16000 TIFFs reached 11.6 GB). One image larger
+#: than this is still read (alone); imageio.MAX_DECODED_BYTES bounds that one.
+READ_AHEAD_BYTES = 256 * 1024 * 1024
+
+
+def _read_cost(item: object) -> int:
+    """Bytes reading ``item`` will hold: its decoded array and the H x W x 3 uint8 copy."""
+    if not isinstance(item, InputFile):
+        return 0
+    d = imageio.declared_size(item.path)
+    return 0 if d is None else d.nbytes + 3 * d.pixels
+
+
 def _ordered_map(
-    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int
+    pool: ThreadPoolExecutor,
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    ahead: int,
+    cost: Callable[[Any], int] | None = None,
+    budget: int = 0,
 ) -> Iterator[Any]:
-    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order."""
-    pending: deque[Future[Any]] = deque()
+    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order, and
+    (with ``cost``) at most ``budget`` cost in flight, except one task alone."""
+    pending: deque[tuple[Future[Any], int]] = deque()
+    held = 0
     for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
+        c = cost(item) if cost is not None else 0
+        while pending and (len(pending) >= ahead or (cost is not None and held + c > budget)):
+            done, n = pending.popleft()
+            held -= n
+            yield done.result()
+        pending.append((pool.submit(fn, item), c))
+        held += c
     while pending:
-        yield pending.popleft().result()
+        yield pending.popleft()[0].result()
 
 
 def predict_files(

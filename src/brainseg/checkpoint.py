@@ -28,7 +28,12 @@ from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path
-from brainseg.settings import DEFAULT_THRESHOLD
+from brainseg.settings import (
+    DEFAULT_THRESHOLD,
+    check_metadata,
+    check_metadata_types,
+    load_metadata_json,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -92,10 +97,11 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
             hint="check the file exists and is readable",
         ) from exc
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = load_metadata_json(raw.decode("utf-8"), "header")
     except (UnicodeDecodeError, ValueError) as exc:
+        why = str(exc) if "nested" in str(exc) else "header is not JSON"
         raise BrainsegError(
-            f"checkpoint {path} is not a safetensors file (header is not JSON)", hint=_HINT_CKPT
+            f"checkpoint {path} is not a safetensors file ({why})", hint=_HINT_CKPT
         ) from exc
     if not isinstance(header, dict):
         raise BrainsegError(
@@ -107,10 +113,15 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
+            or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]
+            or not isinstance(shape, list)
+            or not all(_is_count(d) for d in shape)
+            or not isinstance(info.get("dtype"), str)
         ):
             raise BrainsegError(
                 f"checkpoint {path} has a malformed safetensors header (tensor {name!r})",
@@ -124,6 +135,10 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
             "another checkpoint (e.g. last.safetensors)",
         )
     return header, n, size
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 #: What :func:`sniff_model_file` can say, and how a message names it.
@@ -211,10 +226,11 @@ def _brainseg_meta(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
             hint=_HINT_CKPT,
         )
     try:
-        meta = json.loads(st_meta[METADATA_KEY])
+        meta = load_metadata_json(st_meta[METADATA_KEY], "metadata")
     except (TypeError, ValueError) as exc:
+        why = str(exc) if "nested" in str(exc) else "not JSON"
         raise BrainsegError(
-            f"checkpoint {path} has unreadable brainseg metadata (not JSON)", hint=_HINT_CKPT
+            f"checkpoint {path} has unreadable brainseg metadata ({why})", hint=_HINT_CKPT
         ) from exc
     if not isinstance(meta, dict):
         raise BrainsegError(
@@ -236,6 +252,8 @@ def _brainseg_meta(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
         )
     if not isinstance(meta.get("architecture"), dict):
         raise BrainsegError(f"checkpoint {path} metadata has no architecture", hint=_HINT_CKPT)
+    check_metadata_types(meta, path, _HINT_CKPT)
+    check_metadata(meta, path)  # image size, threshold, postprocess: bounded where read
     for key, value in DEFAULTS.items():
         meta.setdefault(key, json.loads(json.dumps(value)))
     return meta

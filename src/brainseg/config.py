@@ -31,11 +31,14 @@ from brainseg.choices import (
 )
 from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.errors import BrainsegError, first_line
+from brainseg.settings import MAX_DECODER_CHANNELS, MAX_MODEL_SIZE, decoder_channels_error
 
 #: Options that may be given together with ``--resume`` (they do not change the recipe).
 #: ``--fold all``: train on every patient, no validation (a final model).
 ALL_FOLDS = "all"
 RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "loggers", "resume")
+#: Largest --seed (numpy's and torch's seeding both take 0 .. 2**32 - 1 everywhere).
+MAX_SEED = 2**32 - 1
 
 
 # ---------------------------------------------------------------------- how a setting is declared
@@ -108,8 +111,8 @@ class TrainConfig:
         256,
         "Train at this size (multiple of 32); validation Dice is measured at this size.",
         rule=Rule(
-            lambda v: v >= SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0,
-            "must be a positive multiple of 32 (the encoder halves it 5 times)",
+            lambda v: SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE and v % SIZE_MULTIPLE == 0,
+            f"must be a multiple of 32 (the encoder halves it 5 times) from 32 to {MAX_MODEL_SIZE}",
             "e.g. --image-size 256, 128 or 64",
         ),
     )
@@ -133,8 +136,8 @@ class TrainConfig:
         "5 comma-separated widths.",
         show=",".join(map(str, DEFAULT_DECODER_CHANNELS)),
         rule=Rule(
-            lambda v: len(v) == 5 and all(c >= 1 for c in v),
-            "must be 5 positive integers",
+            lambda v: decoder_channels_error(v) is None,
+            f"must be 5 integers from 1 to {MAX_DECODER_CHANNELS}",
             "e.g. --decoder-channels 512,256,128,64,32",
         ),
     )
@@ -299,7 +302,15 @@ class TrainConfig:
         rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. val_batch_size: 32"),
     )
     # reproducibility
-    seed: int = _setting(0, "Random seed.")
+    seed: int = _setting(
+        0,
+        "Random seed.",
+        rule=Rule(
+            lambda v: 0 <= v <= MAX_SEED,
+            f"must be an integer from 0 to {MAX_SEED}",
+            "e.g. --seed 0",
+        ),
+    )
     deterministic: bool = _setting(
         False, "torch.use_deterministic_algorithms (same seed + device = same numbers)."
     )
@@ -473,6 +484,7 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"--postprocess-from {cfg.postprocess_from}: no ensemble.json there",
             "pass a folder written by brainseg cv (runs/cv/expN) or its ensemble.json",
         )
+    _check_project(cfg.project)
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         _bad(f"run name must be a plain folder name, got {cfg.name!r}", "e.g. --name exp")
     enc = cfg.encoder_weights
@@ -481,6 +493,20 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"encoder weights file {enc} does not exist",
             "pass imagenet, none, or the path of a torchvision-format VGG16 state dict",
         )
+
+
+def _check_project(project: str) -> None:
+    """``--project`` is a folder or can become one: no part of it is an existing file."""
+    p = Path(project)
+    for part in (p, *p.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                _bad(
+                    f"--project {project}: {part} is a file, not a folder",
+                    "pass a folder for the runs (it is created if missing), e.g. "
+                    "--project runs/train",
+                )
+            return
 
 
 def _ensemble_manifest(path: str) -> Path:
@@ -579,21 +605,18 @@ def resolve_config_path(value: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; a parse error or a non-mapping names the file."""
-    import yaml
+    """Read a YAML mapping; a parse error, a limit (brainseg.yamlio) or a non-mapping names the
+    file."""
+    from brainseg.yamlio import parse_yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BrainsegError(
-            f"cannot read config file {path}: {exc}",
+            f"cannot read config file {path}: {first_line(exc)}",
             hint="check the path and that it is a text file",
         ) from exc
-    except yaml.YAMLError as exc:
-        raise BrainsegError(
-            f"config file {path} is not valid YAML: {first_line(exc)}",
-            hint="fix the YAML syntax",
-        ) from exc
+    data = parse_yaml(text, f"config file {path}", "fix the YAML syntax")
     if data is None:
         return {}
     if not isinstance(data, dict):

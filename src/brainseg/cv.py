@@ -148,9 +148,14 @@ class CVResult:
     files: list[Path] = field(default_factory=list)
 
 
+_SET_HINT = "give a plain value, e.g. --set lr=3e-4"
+
+
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` items as TrainConfig overrides (values read as YAML scalars)."""
     import yaml
+
+    from brainseg.yamlio import parse_yaml
 
     out: dict[str, Any] = {}
     for item in items:
@@ -166,9 +171,11 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
                 hint="give the data, the split and the run folder as cv options",
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+            value = parse_yaml(raw, f"--set {key}", _SET_HINT) if raw.strip() else None
+        except BrainsegError as exc:
+            if not isinstance(exc.__cause__, yaml.YAMLError):
+                raise  # a limit (too deep, too many values): not a plain value either
+            value = raw  # not YAML: the text itself
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as text: numbers are numbers here
             with contextlib.suppress(ValueError):
                 value = float(value)

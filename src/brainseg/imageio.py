@@ -21,11 +21,11 @@ What is accepted, and why (documented in docs/predict.md):
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,9 +47,32 @@ NOTE_GREY = "single-channel image replicated to 3 channels"
 NOTE_ALPHA = "alpha channel dropped"
 NOTE_16BIT = "16-bit image with values in 0..255 read as 8-bit"
 
-#: Images with more pixels than this are refused before decoding (an MRI slice has 65,536):
-#: a damaged or hostile header must not make us allocate gigabytes.
+#: Images with more pixels (height x width, whatever the channels) than this are refused from
+#: their header, before decoding (an MRI slice has 65,536): a damaged or hostile header, or a
+#: 250 KB zlib TIFF declaring 16000 x 16000, must not make us allocate gigabytes.
 MAX_PIXELS = 1 << 26
+#: ... and so are images whose decoded array (pixels x samples x bytes per sample) is larger
+#: than this (an 8-bit RGBA image of MAX_PIXELS is exactly this size).
+MAX_DECODED_BYTES = 4 * MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What an image file's header declares, read without decoding any pixel."""
+
+    height: int
+    width: int
+    samples: int
+    itemsize: int
+    kind: str  # numpy dtype kind: "u", "i", "f", "b" ("?" when the header does not say)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels * self.samples * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,8 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     if suffix not in IMAGE_SUFFIXES:
         raise _bad(path, f"unsupported file type {suffix or '(no suffix)'!r}")
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise _bad(path, "is an empty file (0 bytes)")
         arr = _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_pil(path)
     except BrainsegError:
         raise
@@ -136,8 +161,7 @@ def read_tiff_array(
         if n == 0:
             raise fail(path, "TIFF holds no image")
         page = pages.first
-        if math.prod(page.shape) > 4 * MAX_PIXELS:
-            raise fail(path, f"image of shape {page.shape} is too large")
+        _check_declared(path, _tiff_declared(page), fail)
         if n > 1:
             second = pages[1]
             reduced = bool(getattr(second, "subfiletype", 0) & 1)  # a thumbnail / pyramid level
@@ -157,12 +181,75 @@ def read_tiff_array(
     return arr
 
 
+def _tiff_declared(page: Any) -> Declared:
+    dtype = getattr(page, "dtype", None)
+    return Declared(
+        height=int(page.imagelength),
+        width=int(page.imagewidth),
+        samples=int(page.samplesperpixel) * max(1, int(getattr(page, "imagedepth", 1) or 1)),
+        itemsize=int(dtype.itemsize) if dtype is not None else 1,
+        kind=dtype.kind if dtype is not None else "?",
+    )
+
+
+def _pil_declared(im: Any) -> Declared:
+    mode = im.mode
+    itemsize = 2 if mode.startswith("I;16") else 4 if mode in ("I", "F") else 1
+    kind = "f" if mode == "F" else "u"
+    return Declared(im.height, im.width, len(im.getbands()), itemsize, kind)
+
+
+def _check_declared(path: Path, d: Declared, fail: Callable[[Path, str], Exception]) -> None:
+    """Refuse from the header alone: too many pixels, too many bytes, float pixels."""
+    if d.pixels > MAX_PIXELS:
+        raise fail(
+            path,
+            f"image of {d.width}x{d.height} pixels is too large (the limit is {MAX_PIXELS:,} "
+            "pixels)",
+        )
+    if d.kind in "fc":
+        raise fail(path, f"holds float{d.itemsize * 8} pixels")
+    if d.nbytes > MAX_DECODED_BYTES:
+        raise fail(
+            path,
+            f"image of {d.width}x{d.height} pixels x {d.samples} samples x {d.itemsize * 8} bits "
+            f"is too large to decode (the limit is {MAX_DECODED_BYTES:,} bytes)",
+        )
+
+
+def declared_size(path: str | os.PathLike[str]) -> Declared | None:
+    """What the header of an image file declares (no pixel decoded), None when unreadable.
+
+    Cheap (a header read): predict uses it to bound its read-ahead by bytes.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if not path.is_file():  # a FIFO or a device would block here: only regular files
+            return None
+        if suffix in TIFF_SUFFIXES:
+            import logging
+
+            import tifffile
+
+            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+            with tifffile.TiffFile(path) as tif:
+                return _tiff_declared(tif.pages.first)
+        if suffix in PIL_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return _pil_declared(im)
+    except Exception:  # the real read reports what is wrong, as that file's error
+        return None
+    return None
+
+
 def _read_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise _bad(path, f"image of {im.width}x{im.height} pixels is too large")
+        _check_declared(path, _pil_declared(im), _bad)
         n_frames = getattr(im, "n_frames", 1)
         if n_frames > 1:
             raise _bad(path, f"holds {n_frames} frames")

@@ -29,6 +29,7 @@ from brainseg.choices import (
     UPSAMPLE_MODES,
 )
 from brainseg.errors import BrainsegError, first_line
+from brainseg.settings import MAX_DECODER_CHANNELS
 
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -219,12 +220,15 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def _check_decoder_channels(value: Any) -> tuple[int, ...]:
     try:
         chans = tuple(int(c) for c in value)
-        ok = len(chans) == 5 and all(c > 0 and c == v for c, v in zip(chans, value, strict=True))
-    except (TypeError, ValueError):
+        ok = len(chans) == 5 and all(
+            0 < c <= MAX_DECODER_CHANNELS and c == v for c, v in zip(chans, value, strict=True)
+        )
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise BrainsegError(
-            f"decoder_channels {value!r} must be 5 positive integers (one per decoder stage)",
+            f"decoder_channels {value!r} must be 5 integers from 1 to {MAX_DECODER_CHANNELS} "
+            "(one width per decoder stage)",
             hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}",
         )
     return chans

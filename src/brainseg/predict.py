@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +34,9 @@ from brainseg.settings import (
     MODEL_HINT,
     SIZE_MULTIPLE,
     check_metadata,
+    check_metadata_types,
     image_size_of,
+    load_metadata_json,
 )
 
 __all__ = [
@@ -93,10 +94,11 @@ def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str,
             hint=_ONNX_HINT,
         )
     try:
-        meta = json.loads(props[ONNX_METADATA_KEY])
+        meta = load_metadata_json(props[ONNX_METADATA_KEY], "metadata")
     except ValueError as exc:
+        why = f" ({exc})" if "nested" in str(exc) else ""
         raise BrainsegError(
-            f"{path}: the brainseg metadata in the ONNX file is not JSON", hint=_ONNX_HINT
+            f"{path}: the brainseg metadata in the ONNX file is not JSON{why}", hint=_ONNX_HINT
         ) from exc
     if not isinstance(meta, dict):
         raise BrainsegError(
@@ -110,11 +112,13 @@ def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str,
                 meta["threshold"] = float(value)
         elif key in ("postprocess", "image_size", "architecture", "metrics"):
             with contextlib.suppress(ValueError):
-                meta[key] = json.loads(value)
+                meta[key] = load_metadata_json(value, key)
         elif key == "normalization":
             meta[key] = value
     meta.setdefault("threshold", DEFAULT_THRESHOLD)
     meta.setdefault("postprocess", {"min_size": 0, "largest_component": False})
+    check_metadata_types(meta, path, _ONNX_HINT)
+    check_metadata(meta, path)  # image size, threshold, postprocess: bounded where read
     return meta
 
 
@@ -229,7 +233,7 @@ class OnnxBackend:
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         try:
-            return self.session.run([self.output_name], {self.input_name: x})[0][:, 0]
+            out = self.session.run([self.output_name], {self.input_name: x})[0]
         except MemoryError:
             raise
         except Exception as exc:  # onnxruntime's own error types (Fail, InvalidArgument, ...)
@@ -238,6 +242,16 @@ class OnnxBackend:
                 hint="the ONNX file is damaged or was not written by brainseg export; "
                 "export it again",
             ) from exc
+        want = (x.shape[0], 1, *x.shape[2:])
+        if getattr(out, "shape", None) != want:
+            got = "x".join(map(str, getattr(out, "shape", ())))
+            raise BrainsegError(
+                f"{self.path}: the model's output is {got} for an input of "
+                f"{'x'.join(map(str, x.shape))}; expected {'x'.join(map(str, want))} (one logit "
+                "per input pixel)",
+                hint="the ONNX file was not written by brainseg export; export it again",
+            )
+        return np.asarray(out)[:, 0]
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""

@@ -729,11 +729,15 @@ def _train_measured(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
 
 def train_html(run_dir: Path) -> str:
     """The train report page of a run folder (see :func:`write_train_report`)."""
-    import yaml
+    from brainseg.yamlio import parse_yaml
 
     cfg_path = run_dir / "config.yaml"
     cfg_text = cfg_path.read_text(encoding="utf-8") if cfg_path.is_file() else ""
-    config = yaml.safe_load(cfg_text) if cfg_text else {}
+    config = (
+        parse_yaml(cfg_text, f"config file {cfg_path}", "the run folder's config.yaml is damaged")
+        if cfg_text
+        else {}
+    )
     config = config if isinstance(config, dict) else {}
     rows = read_metrics_csv(run_dir / "metrics.csv")
     preview = run_dir / "preview.png"

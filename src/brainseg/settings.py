@@ -19,8 +19,16 @@ from brainseg.errors import BrainsegError
 DEFAULT_THRESHOLD = 0.5
 #: Height and width the UNet accepts are multiples of this (five 2x2 max-pools).
 SIZE_MULTIPLE = 32
-#: Largest image size a model's metadata may name (an MRI slice is 256).
-MAX_MODEL_SIZE = 16384
+#: Largest image size (per side) a model may be trained at or its metadata may name: an MRI
+#: slice is 256 (some 512); at 16384 two 64x64 images took 6 GiB. The one bound, used by
+#: ``train --image-size`` / config files and by every model file read.
+MAX_MODEL_SIZE = 1024
+#: Widest decoder stage (the reference decoder's widest is 512).
+MAX_DECODER_CHANNELS = 4096
+#: Deepest nesting of lists / objects in a model's metadata (brainseg writes 4 levels).
+MAX_METADATA_DEPTH = 32
+#: The metadata entries that must be JSON objects when present.
+_MAPPING_KEYS = ("architecture", "config", "metrics", "postprocess")
 
 MODEL_HINT = (
     "pass a .safetensors checkpoint written by brainseg training or an .onnx file "
@@ -138,3 +146,75 @@ def _is_model_size(v: Any) -> bool:
         and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE
         and int(v) % SIZE_MULTIPLE == 0
     )
+
+
+def decoder_channels_error(value: Any) -> str | None:
+    """Why ``value`` is not a decoder width list (5 integers 1..MAX_DECODER_CHANNELS), or None."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        ok = False
+    else:
+        items = list(value)
+        ok = len(items) == 5 and all(
+            isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_DECODER_CHANNELS
+            for c in items
+        )
+    if ok:
+        return None
+    return (
+        f"decoder_channels {value!r} must be 5 integers from 1 to {MAX_DECODER_CHANNELS} "
+        "(one width per decoder stage)"
+    )
+
+
+def json_depth(value: Any, limit: int = MAX_METADATA_DEPTH) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), counted without recursion and stopping
+    once ``limit`` is passed (so a 10,000-deep value costs nothing)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            d += 1
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((c, d) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def load_metadata_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` for model metadata / headers: deep nesting is an error naming ``what``
+    (json raised RecursionError: an "internal error"), like invalid JSON (ValueError)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except RecursionError as exc:
+        raise ValueError(f"{what} is nested too deeply") from exc
+    if json_depth(value) > MAX_METADATA_DEPTH:
+        raise ValueError(f"{what} is nested more than {MAX_METADATA_DEPTH} levels deep")
+    return value
+
+
+def check_metadata_types(meta: Mapping[str, Any], path: Path | str, hint: str) -> None:
+    """The structure every reader of a model's metadata relies on: ``architecture``,
+    ``config``, ``metrics`` and ``postprocess`` are objects (or absent / null), the whole is at
+    most MAX_METADATA_DEPTH deep. One BrainsegError naming the file and the entry otherwise."""
+    for key in _MAPPING_KEYS:
+        value = meta.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise BrainsegError(
+                f"model {path}: {key} in its metadata is {type(value).__name__} "
+                f"{_short(value)}, expected a JSON object",
+                hint=hint,
+            )
+    if json_depth(dict(meta)) > MAX_METADATA_DEPTH:
+        raise BrainsegError(
+            f"model {path}: its metadata is nested more than {MAX_METADATA_DEPTH} levels deep",
+            hint=hint,
+        )
+
+
+def _short(value: Any, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -309,20 +309,108 @@ def _read_error(path: Path, exc: BaseException) -> BrainsegError:
     )
 
 
+#: Most voxels (all dimensions, all volumes) one NIfTI file may declare: 256 Mi, e.g.
+#: 512 x 512 x 341 x 3; a brain MRI case is ~10 M. Checked from the header before any data is
+#: read (a 4.4 MB .nii.gz declaring 1000 x 1000 x 334 x 3 took 5.4 GB and 36 s). Raise it with
+#: the environment variable BRAINSEG_MAX_VOXELS (docs/volumes.md).
+MAX_VOXELS = 1 << 28
+MAX_VOXELS_ENV = "BRAINSEG_MAX_VOXELS"
+
+
+def max_voxels() -> int:
+    """The voxel limit: BRAINSEG_MAX_VOXELS when set (a positive integer), else MAX_VOXELS."""
+    import os
+
+    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not text:
+        return MAX_VOXELS
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BrainsegError(
+            f"{MAX_VOXELS_ENV}={text!r} is not a positive integer",
+            hint=f"e.g. {MAX_VOXELS_ENV}={MAX_VOXELS * 2}, or unset it for the default "
+            f"({MAX_VOXELS})",
+        )
+    return value
+
+
+def _check_voxels(path: Path, shape: Sequence[int]) -> int:
+    """The number of voxels ``shape`` declares; BrainsegError above the limit."""
+    n = math.prod(int(s) for s in shape)
+    limit = max_voxels()
+    if n > limit:
+        raise BrainsegError(
+            f"{path}: its header declares {'x'.join(map(str, shape))} = {n:,} voxels, more "
+            f"than the limit of {limit:,}",
+            hint=f"crop or resample the volume, or raise the limit with {MAX_VOXELS_ENV}=N "
+            "if the machine has the memory (see docs/volumes.md)",
+        )
+    return n
+
+
+def _read_gzip(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of a gzip file's content, having read the stream to its end
+    so that its CRC and length are checked (nibabel reads only what it needs, so a damaged
+    .nii.gz was predicted with wrong voxels, exit 0). More content than ``size`` + 1 MiB is
+    refused (a gzip bomb behind a small header)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read(size)
+        extra = len(f.read(1 << 20))
+        if extra >= 1 << 20 and f.read(1):
+            raise BrainsegError(
+                f"{path}: holds more data than its header declares ({size:,} bytes)",
+                hint="is it a NIfTI file? re-save it with nibabel or FSL",
+            )
+    return data
+
+
 def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
-    """The data (as stored, scaling applied) and grid of a NIfTI file."""
+    """The data (as stored, scaling applied) and grid of a NIfTI file.
+
+    The header is read first: a file declaring more than :func:`max_voxels` voxels is refused
+    before any data is read. A ``.nii.gz`` is decompressed once, to the end of its gzip
+    stream (a CRC or length mismatch is an error, never a silently different volume).
+    """
+    import io
+
     import nibabel as nib
 
     try:
-        img: Any = nib.load(str(path))
+        img: Any = nib.load(str(path))  # lazy: the header only
+        if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            _check_voxels(path, img.header.get_data_shape())
+            if path.name.lower().endswith(".gz"):
+                end = int(img.dataobj.offset) + int(  # type: ignore[attr-defined]
+                    math.prod(img.shape) * img.header.get_data_dtype().itemsize
+                )
+                buf = io.BytesIO(_read_gzip(path, end))
+                img = type(img).from_file_map(
+                    type(img).make_file_map({"image": buf, "header": buf})
+                )
         data = np.asanyarray(img.dataobj)
+    except BrainsegError:
+        raise
     except FileNotFoundError as exc:
         raise BrainsegError(f"{path}: no such file", hint="check the path") from exc
+    except MemoryError as exc:
+        raise BrainsegError(
+            f"{path}: too large to read into memory", hint="crop or resample the volume"
+        ) from exc
     except Exception as exc:  # nibabel, gzip, zlib and numpy raise many types
         raise _read_error(path, exc) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BrainsegError(f"{path}: not a NIfTI image ({type(img).__name__})")
-    unit = img.header.get_xyzt_units()[0]
+    code = int(img.header["xyzt_units"]) & 0x07
+    unit = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}.get(code)
+    if unit is None:
+        raise BrainsegError(
+            f"{path}: its header's xyzt_units ({int(img.header['xyzt_units'])}) names no "
+            f"spatial unit (code {code}; NIfTI has 0 unknown, 1 meter, 2 mm, 3 micron)",
+            hint="fix the header (e.g. nibabel: img.header.set_xyzt_units('mm'))",
+        )
     grid = Grid(
         affine=np.asarray(img.affine, dtype=np.float64),
         shape=tuple(int(s) for s in data.shape[:3]),  # type: ignore[arg-type]
@@ -396,14 +484,33 @@ def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
     return data
 
 
+#: Largest intensity magnitude accepted: float32's range, in which intensities are scaled.
+MAX_INTENSITY = float(np.finfo(np.float32).max)
+
+
 def _check_finite(path: Path, data: np.ndarray, what: str = "") -> None:
-    if data.dtype.kind in "fc":
+    """Refuse NaN / infinite voxels, and float voxels beyond float32's range (+-3.4e38): the
+    cast to float32 made them infinite and every voxel came out as tumour, exit 0."""
+    if data.dtype.kind not in "uifb":
+        raise BrainsegError(
+            f"{path}: holds {data.dtype} voxels{what}; expected integer or real intensities",
+            hint="save the volume as int16 / float32 intensities (one contrast per volume)",
+        )
+    if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise BrainsegError(
                 f"{path}: {bad} NaN or infinite voxel(s){what}",
                 hint="fix or mask them (e.g. set them to 0) before predicting",
             )
+        if data.dtype.itemsize > 4:
+            over = int(np.count_nonzero(np.abs(data) > MAX_INTENSITY))
+            if over:
+                raise BrainsegError(
+                    f"{path}: {over} voxel(s){what} beyond +-{MAX_INTENSITY:.3g}, the float32 "
+                    "range intensities are scaled in (a damaged or mis-scaled volume)",
+                    hint="check the file's scl_slope / scl_inter and its values; rescale it",
+                )
 
 
 def _four_d_channels(path: Path, data: np.ndarray) -> list[np.ndarray]:
@@ -486,16 +593,19 @@ def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     v = np.asarray(volume)
     if v.dtype == np.uint8:
         return v, {"rule": "uint8 as is"}
-    x = v.astype(np.float32, copy=False)
+    x = v.astype(np.float32, copy=False)  # callers check the range first (_check_finite)
     nz = x[x != 0]
     if nz.size == 0:
         return np.zeros(v.shape, np.uint8), {"rule": "all zero"}
-    lo, hi = (float(q) for q in np.percentile(nz, PERCENTILES))
+    # Percentiles and the span in float64: float32 near its limits overflowed (a warning).
+    lo, hi = (float(q) for q in np.percentile(nz.astype(np.float64), PERCENTILES))
     if not hi > lo:
         out = np.where(x != 0, 255, 0).astype(np.uint8)
         return out, {"rule": "constant: 255 where nonzero", "lo": lo, "hi": hi}
-    scaled = np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
-    out = np.rint(scaled * np.float32(255.0)).astype(np.uint8)
+    if not 1e-30 < hi - lo < 1e30:  # extreme spans are scaled in float64 (no overflow)
+        x = v.astype(np.float64)
+    scaled = np.clip((x - x.dtype.type(lo)) / x.dtype.type(hi - lo), 0.0, 1.0)
+    out = np.rint(scaled * x.dtype.type(255.0)).astype(np.uint8)
     return out, {
         "rule": f"p{PERCENTILES[0]}-p{PERCENTILES[1]} of nonzero -> 0..255",
         "lo": lo,
