@@ -746,6 +746,7 @@ def test_eval_of_one_fold_model_checks_its_own_training_patients(
     expect = sorted(set(doc["subsets"]["val"]) & set(doc["folds"][1]["train"]))
     assert expect  # the split's val list is fold 0's: fold 1 trained on it
     assert "evaluating 1 model on" in err
+    assert "has 3 folds and no --fold was given" in err
     assert s["members"] == 1 and s["trained_on_scored_patients"] == expect
     assert f"{len(expect)} of the {len(doc['subsets']['val'])} scored patients" in err
     s, err, run = _eval_json(

@@ -739,6 +739,13 @@ def test_ensemble_onnx_card_describes_the_ensemble(ensemble, phantom_root: Path)
     assert all(m["train_patients"] == 4 for m in card["training"]["members"])
     assert "used for this model: 6 training patients" in card["data_source"]
     assert card["name"].startswith("brainseg UNet-VGG16 ensemble of 3 fold models")
+    # eval of the ONNX file counts its 3 fold graphs and knows each one's training patients
+    r = run_cli(["-q", "eval", out, phantom_root, "--json", "--project", out.parent / "ev"])
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["members"] == 3 and s["trained_on_scored_patients"] == ids
+    assert s["training_overlap"]["unknown"] == []
+    assert "6 of the 6 scored patients were training patients of 3 of the 3 model(s)" in r.stderr
 
 
 def test_int8_card_records_its_dice_cost(int8_cli) -> None:

@@ -138,6 +138,11 @@ def _eval_protocol(
     }
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else an empty one (metadata read from files)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def post_text(post: Mapping[str, Any] | None) -> str:
     """A post-processing dict (``min_size``, ``largest_component``) in words."""
     post = post or {}
@@ -161,7 +166,7 @@ def cv_figures(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
     tuning = settings.get("tuning")
     if not isinstance(tuning, Mapping) or not isinstance(tuning.get("after"), Mapping):
         return None
-    before = tuning.get("before") if isinstance(tuning.get("before"), Mapping) else {}
+    before = _mapping(tuning.get("before"))
     return {
         "what": "mean per-patient Dice of the cross-validation, out of fold (each patient "
         "predicted by the fold model that did not train on it)",
@@ -185,7 +190,7 @@ def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) ->
     """The protocol's view of this file's own threshold and post-processing, and where they
     come from (always read from the metadata: tuning or ``--postprocess-from`` change them)."""
     threshold = float(meta.get("threshold", 0.5))
-    post = meta.get("postprocess") if isinstance(meta.get("postprocess"), Mapping) else {}
+    post = _mapping(meta.get("postprocess"))
     tuned = meta.get("tuned")
     ens = meta.get("ensemble")
     if isinstance(tuned, Mapping):
@@ -207,7 +212,7 @@ def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) ->
             + f"): {where}{dice}"
         )
     elif meta.get("postprocess_from"):
-        cv = meta.get("postprocess_cv") if isinstance(meta.get("postprocess_cv"), Mapping) else {}
+        cv = _mapping(meta.get("postprocess_cv"))
         on = cv.get("tuning_chosen_on") or "the pooled out-of-fold predictions"
         chosen = f"from the cv run {meta['postprocess_from']}: {on}"
     elif isinstance(ens, Mapping) and isinstance(ens.get("tuning"), Mapping):
@@ -366,8 +371,8 @@ def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
     ids = split.get("train_patient_ids") if isinstance(split, Mapping) else None
     if isinstance(ids, list):
         return [str(p) for p in ids]
-    cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
-    path = cfg.get("split") if cfg else None
+    cfg = _mapping(meta.get("config"))
+    path = cfg.get("split")
     if not path or not Path(str(path)).is_file():
         return None
     from brainseg.data.split import load_split
@@ -432,7 +437,7 @@ def with_ensemble_card(
     ens["train_patient_ids"] = by_name
     out["ensemble"] = ens
     cv = cv_figures(settings)
-    sel = settings.get("selection") if isinstance(settings.get("selection"), Mapping) else {}
+    sel = _mapping(settings.get("selection"))
     select = str(sel.get("select") or "last")
     known = len(by_name) == k
     n_cv = (cv or {}).get("patients") or (len(union) if known else None)

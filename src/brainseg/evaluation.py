@@ -186,6 +186,11 @@ def select_patients(
     check_split(split, list(patient_ids))
     subset = subset or "val"
     split.check_fold(fold)
+    if split.n_folds and fold is None and subset in ("val", "train"):
+        console.info(
+            f"{split_path} has {split.n_folds} folds and no --fold was given: evaluating its "
+            f"top-level {subset} list; pass --fold K for fold K's {subset} patients"
+        )
     ids = split.all_patients if subset == "all" else split.patients(subset, fold)
     if not ids:
         raise BrainsegError(
