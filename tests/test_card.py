@@ -39,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = Path(train(cfg))
     with (run / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return {"run": run, "rows": rows, "split": load_split(d / "split.yaml"), "dir": d}
+    return {"run": run, "rows": rows, "split": load_split(d / "split.yaml"), "dir": d, "root": root}
 
 
 def onnx_with_metadata(path: Path, meta: dict[str, Any]) -> Path:
@@ -192,3 +192,76 @@ def test_export_card_writes_the_onnx_files_card_as_markdown(
     r = run_cli(["-q", "export", ckpt, "-o", tmp_path / "n.onnx", "--card", card_md])
     assert r.returncode == 2 and "already exists" in r.stderr, r.stderr
     assert card_md.read_text() == "mine" and not (tmp_path / "n.onnx").exists()
+
+
+# ------------------------------------------------------------------ issue 21: honest cards
+def test_card_counts_the_patients_it_used(trained: dict[str, Any]) -> None:
+    """The card names the patients this model used (3 train + 1 val), not the dataset's 110."""
+    split = trained["split"]
+    card = info_json(trained["run"] / "best.safetensors")
+    assert "110" not in card["data_source"]
+    assert (
+        "used for this model: 3 training patients + 1 validation patients" in (card["data_source"])
+    )
+    assert card["training"]["split"]["train_patient_ids"] == sorted(split.patients("train"))
+    assert mc.training_patients(mc.read_model_metadata(trained["run"] / "best.safetensors")) == (
+        sorted(split.patients("train"))
+    )
+
+
+def test_training_patients_of_an_older_checkpoint_come_from_its_split_file(
+    trained: dict[str, Any],
+) -> None:
+    """A file written before cards listed the patients: its config's split file (same hash)."""
+    import yaml
+
+    path = trained["dir"] / "split.yaml"
+    doc = yaml.safe_load(path.read_text())  # the oracle: the YAML itself
+    meta = {"config": {"split": str(path), "fold": None}, "split_hash": doc["dataset_hash"]}
+    assert sorted(mc.training_patients(meta) or []) == sorted(doc["subsets"]["train"])
+    assert mc.training_patients({**meta, "split_hash": "another"}) is None
+    assert mc.training_patients({"config": {"split": str(path) + ".gone"}}) is None
+
+
+def test_card_markdown_lists_render_as_lists(trained: dict[str, Any]) -> None:
+    """Numbered limits and references are an ordered list (not "- 1."), checked with
+    markdown-it-py's CommonMark renderer."""
+    from markdown_it import MarkdownIt
+
+    card = mc.read_card(trained["run"] / "best.safetensors")
+    md = mc.card_markdown(card)
+    assert not any(line.startswith("- 1.") for line in md.splitlines())
+    html = MarkdownIt("commonmark").render(md)
+    first = card["limitations"][0]
+    assert "<ol>" in html and f"<li>{first}</li>" in html
+    assert "<li><strong>val_dice_patient</strong>:" in html
+
+
+def test_tuned_copy_card_says_its_settings_and_where_they_were_chosen(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """`eval --tune-output`: the copy's protocol shows its own threshold / post-processing
+    and that they were chosen on the very validation patients its figures come from."""
+    from brainseg.checkpoint import read_metadata
+
+    run, d = trained["run"], trained["dir"]
+    tuned = tmp_path / "tuned.safetensors"
+    r = run_cli(["-q", "eval", run / "best.safetensors", trained["root"],
+                 "--split", d / "split.yaml", "--tune-output", tuned, "--json",
+                 "--project", tmp_path / "ev", "--device", "cpu"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    meta = read_metadata(tuned)
+    proto = info_json(tuned)["eval_protocol"]
+    assert proto["threshold"] == meta["threshold"] == summary["tune"]["best"]["threshold"]
+    assert proto["post_processing"] == mc.post_text(meta["postprocess"])
+    val = sorted(trained["split"].patients("val"))
+    assert meta["tuned"]["patient_ids"] == val
+    assert f"--tune-output on {len(val)} patients (val)" in proto["settings_chosen"]
+    assert "the same patients as this card's validation patients" in proto["settings_chosen"]
+    assert f"{summary['tune']['best']['dice']:.4f}" in proto["settings_chosen"]
+    assert "threshold 0.5, no post-processing" in proto["figures_measured_with"]
+    # a model nobody tuned says so
+    assert info_json(run / "best.safetensors")["eval_protocol"]["settings_chosen"] == (
+        "the default (not tuned)"
+    )

@@ -239,6 +239,11 @@ def test_ensemble_manifest_loads(killed_cv: dict[str, Any]) -> None:
     assert settings["postprocess"] == {
         "min_size": after["min_size"], "largest_component": after["largest"]}  # fmt: skip
     assert settings["selection"]["select"] == "last"
+    # the out-of-fold figure travels with the manifest (into the cards of models made from it)
+    oof = settings["cv_out_of_fold"]
+    assert oof["dice_patient_after_tuning"] == summary["after"]["per_patient_dice"]["mean"]
+    assert oof["dice_patient_before_tuning"] == summary["before"]["per_patient_dice"]["mean"]
+    assert oof["patients"] == summary["patients"] == 6 and oof["folds"] == 3
     assert expand_model_paths([cv_dir / "ensemble.json"]) == (models, settings)
     # relative paths: the folder can be moved
     json_doc = json.loads((cv_dir / "ensemble.json").read_text())

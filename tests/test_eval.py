@@ -667,3 +667,91 @@ def test_cli_eval_names_a_misnamed_model_file(
     assert r.returncode == 2, r.stderr
     assert "is a safetensors checkpoint, not an ONNX model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------- issue 21: not held out
+def _fold_checkpoint(path: Path, split: Any, fold: int) -> Path:
+    """A small checkpoint whose card says it is fold ``fold`` of ``split`` (as train writes)."""
+    from brainseg import card as mc
+    from brainseg.checkpoint import copy_with_metadata
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _checkpoint(path.with_suffix(".tmp.safetensors"))
+    card = mc.with_card({"image_size": 32}, selection="last", split=mc.split_summary(split, fold))
+    copy_with_metadata(tmp, path, {mc.CARD_KEY: card[mc.CARD_KEY]})
+    tmp.unlink()
+    return path
+
+
+@pytest.fixture(scope="module")
+def cv_folds(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 3-fold split of the 6 phantom patients, its YAML read back with PyYAML (the oracle),
+    a checkpoint per fold and their ensemble.json."""
+    import yaml
+
+    from brainseg.data.cache import load_dataset
+    from brainseg.data.split import make_split, save_split
+    from brainseg.ensemble import write_ensemble
+
+    d = tmp_path_factory.mktemp("cvfolds")
+    ids = load_dataset(phantom_root).patient_ids
+    split = make_split({p: 1.0 for p in ids}, folds=3, seed=0)
+    path = save_split(split, d / "folds.yaml")
+    doc = yaml.safe_load(path.read_text())
+    folds = [_fold_checkpoint(d / f"fold_{k}" / "last.safetensors", split, k) for k in range(3)]
+    manifest = write_ensemble(d / "ensemble.json", folds, 0.5, 0, False)
+    return {"split": path, "doc": doc, "folds": folds, "manifest": manifest}
+
+
+def _eval_json(cli: Any, args: list[Any], project: Path) -> tuple[dict[str, Any], str, Path]:
+    r = cli(["eval", *args, "--json", "--device", "cpu", "--project", project])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), " ".join(r.stderr.split()), project / "exp"
+
+
+def test_eval_warns_and_marks_patients_an_ensemble_member_trained_on(
+    cli: Any, phantom_root: Path, cv_folds: dict[str, Any], tmp_path: Path
+) -> None:
+    """An ensemble of the 3 fold models scored on fold 0's validation patients: folds 1 and
+    2 trained on them; eval counts 3 models, warns in one line and marks every output."""
+    doc = cv_folds["doc"]
+    val0 = sorted(doc["folds"][0]["val"])
+    s, err, run = _eval_json(
+        cli, [cv_folds["manifest"], phantom_root, "--split", cv_folds["split"], "--fold", "0"],
+        tmp_path,
+    )  # fmt: skip
+    assert "evaluating an ensemble of 3 models (ensemble.json)" in err
+    assert s["members"] == 3 and s["ensemble"] is True
+    assert s["trained_on_scored_patients"] == val0
+    assert s["training_overlap"]["by_model"] == {
+        "fold_1/last.safetensors": val0, "fold_2/last.safetensors": val0}  # fmt: skip
+    line = (
+        f"warning: {len(val0)} of the {len(val0)} scored patients were training patients of 2 "
+        "of the 3 model(s) (fold_1/last.safetensors, fold_2/last.safetensors)"
+    )
+    assert line in err
+    assert "NOT HELD OUT" in err  # the summary table (on stderr with --json)
+    assert json.loads((run / "summary.json").read_text())["trained_on_scored_patients"] == val0
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "Not held out:" in html and val0[0] in html
+
+
+def test_eval_of_one_fold_model_checks_its_own_training_patients(
+    cli: Any, phantom_root: Path, cv_folds: dict[str, Any], tmp_path: Path
+) -> None:
+    """--split without --fold scores the split's val list; the fold-1 model trained on some
+    of them (computed from the YAML). Its own fold's patients are clean: no warning."""
+    doc, fold1 = cv_folds["doc"], cv_folds["folds"][1]
+    s, err, _ = _eval_json(cli, [fold1, phantom_root, "--split", cv_folds["split"]], tmp_path / "a")
+    expect = sorted(set(doc["subsets"]["val"]) & set(doc["folds"][1]["train"]))
+    assert expect  # the split's val list is fold 0's: fold 1 trained on it
+    assert "evaluating 1 model on" in err
+    assert "has 3 folds and no --fold was given" in err
+    assert s["members"] == 1 and s["trained_on_scored_patients"] == expect
+    assert f"{len(expect)} of the {len(doc['subsets']['val'])} scored patients" in err
+    s, err, run = _eval_json(
+        cli, [fold1, phantom_root, "--split", cv_folds["split"], "--fold", "1"], tmp_path / "b"
+    )
+    assert s["trained_on_scored_patients"] == [] and s["training_overlap"]["unknown"] == []
+    assert "warning" not in err and "NOT HELD OUT" not in err
+    assert "Not held out" not in (run / "report.html").read_text(encoding="utf-8")

@@ -533,8 +533,11 @@ def test_int8_on_real_slices(ckpt: Path, tmp_path: Path, real_data: Path) -> Non
 ENS_THRESHOLD, ENS_MIN_SIZE = 0.45, 3
 
 
-def _fold_checkpoint(dest: Path, phantom_root: Path, seed: int, size: int = SIZE) -> Path:
-    """A small fold checkpoint; each seed gives other weights (and other probabilities)."""
+def _fold_checkpoint(
+    dest: Path, phantom_root: Path, seed: int, size: int = SIZE, split: object = None
+) -> Path:
+    """A small fold checkpoint; each seed gives other weights (and other probabilities).
+    With ``split`` its card says it is fold ``seed`` of that split, as train writes it."""
     import torch
 
     from brainseg.checkpoint import save_checkpoint
@@ -553,19 +556,33 @@ def _fold_checkpoint(dest: Path, phantom_root: Path, seed: int, size: int = SIZE
         "postprocess": {"min_size": 0, "largest_component": False},
         "metrics": {"val_dice_patient": 0.6 + 0.01 * seed},
     }
+    if split is not None:
+        from brainseg import card as mc
+
+        meta = mc.with_card(meta, selection="last", split=mc.split_summary(split, seed))
     dest.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(dest, model, meta)
+
+
+#: The cv figure of the fixture's ensemble.json, as `brainseg cv` writes it.
+CV_FIGURE = {"folds": 3, "patients": 6, "dice_patient_before_tuning": 0.512,
+             "dice_patient_after_tuning": 0.547, "tuning_chosen_on": "chosen once on the "
+             "pooled out-of-fold predictions of 6 patients"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path):
     """A cv folder with 3 fold checkpoints and its ensemble.json, exported with the CLI:
     (manifest, fold checkpoints, onnx file, JSON report)."""
+    from brainseg.data.split import make_split
     from brainseg.ensemble import write_ensemble
 
     cv = tmp_path_factory.mktemp("cv") / "exp"
+    ids = sorted(p.name for p in phantom_root.iterdir() if p.is_dir())
+    split = make_split({p: 1.0 for p in ids}, folds=3, seed=0)
     folds = [
-        _fold_checkpoint(cv / f"fold_{k}" / "last.safetensors", phantom_root, k) for k in range(3)
+        _fold_checkpoint(cv / f"fold_{k}" / "last.safetensors", phantom_root, k, split=split)
+        for k in range(3)
     ]
     manifest = write_ensemble(
         cv / "ensemble.json",
@@ -573,7 +590,11 @@ def ensemble(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path):
         ENS_THRESHOLD,
         ENS_MIN_SIZE,
         False,
-        {"selection": {"select": "last"}, "tuning": {"objective": "mean patient Dice"}},
+        {
+            "selection": {"select": "last", "label": "final checkpoint of each fold"},
+            "tuning": {"objective": "mean patient Dice"},
+            "cv_out_of_fold": CV_FIGURE,
+        },
     )
     out = cv.parent / "ensemble.onnx"
     r = run_cli(["export", manifest, "-o", out, "--json"])
@@ -689,3 +710,53 @@ def test_ensemble_fp16(ensemble, tmp_path: Path) -> None:
     assert _props(out)["variant"] == "fp16" and _props(out)["ensemble_members"] == "3"
     got = _session(out).run(None, {"image": np.full((1, 3, 64, 64), 250, np.float32)})[0]
     assert np.isfinite(got).all()
+
+
+def test_ensemble_onnx_card_describes_the_ensemble(ensemble, phantom_root: Path) -> None:
+    """Its card: 3 members, the cv out-of-fold figure, every patient trained (no fold 0
+    validation figure or patients), the manifest's threshold and where it was chosen."""
+    from brainseg.card import read_card
+
+    out = ensemble[2]
+    card = read_card(out)
+    proto = card["eval_protocol"]
+    assert "fold 0" not in json.dumps(proto)  # was: "fold 0 of a 3-fold split", fold 0's Dice
+    assert card["training"]["split"]["kind"].startswith("3 models of a 3-fold")
+    assert card["training"]["members"][1]["protocol"] == "fold 1 of a 3-fold patient-level split"
+    assert proto["protocol"].startswith("3-fold patient-level cross-validation, out of fold")
+    assert "each of them trained 2 of its 3 models" in proto["protocol"]
+    assert proto["val_patient_ids"] == [] and proto["threshold"] == ENS_THRESHOLD
+    assert proto["post_processing"] == f"2D components under {ENS_MIN_SIZE} pixels removed"
+    assert proto["settings_chosen"].startswith("by brainseg cv")
+    assert card["eval_metrics"] == {
+        "cv_out_of_fold_dice_patient_before_tuning": 0.512,
+        "cv_out_of_fold_dice_patient_after_tuning": 0.547,
+    }
+    assert card["evaluation"]["patients"] == 6
+    ids = sorted(p.name for p in phantom_root.iterdir() if p.is_dir())
+    assert card["training"]["split"]["train_patient_ids"] == ids
+    assert [m["name"] for m in card["training"]["members"]] == ["fold_0", "fold_1", "fold_2"]
+    assert all(m["train_patients"] == 4 for m in card["training"]["members"])
+    assert "used for this model: 6 training patients" in card["data_source"]
+    assert card["name"].startswith("brainseg UNet-VGG16 ensemble of 3 fold models")
+    # eval of the ONNX file counts its 3 fold graphs and knows each one's training patients
+    r = run_cli(["-q", "eval", out, phantom_root, "--json", "--project", out.parent / "ev"])
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["members"] == 3 and s["trained_on_scored_patients"] == ids
+    assert s["training_overlap"]["unknown"] == []
+    assert "6 of the 6 scored patients were training patients of 3 of the 3 model(s)" in r.stderr
+
+
+def test_int8_card_records_its_dice_cost(int8_cli) -> None:
+    """The int8 file's own card holds the fp32 / int8 Dice the export measured."""
+    from brainseg.card import card_markdown, read_card
+
+    out, rep, _ = int8_cli
+    card = read_card(out)
+    q = card["int8"]
+    for k in ("patient_dice_fp32", "patient_dice_int8", "dice_loss", "validation_patients",
+              "calibration_patients", "within_tolerance"):  # fmt: skip
+        assert q[k] == rep["int8"][k], k
+    assert card["onnx"]["variant"] == "int8"
+    assert "## Int8" in card_markdown(card) and "**dice_loss**" in card_markdown(card)

@@ -204,3 +204,38 @@ def test_split_without_validation_points_at_fold_all(phantom_root: Path, tmp_pat
     assert r.returncode == 2
     assert "--val-fraction must be a number between 0 and 1" in r.stderr
     assert "brainseg train DATA --fold all" in r.stderr
+
+
+def test_postprocess_from_card_says_its_settings_and_keeps_the_cv_figure(
+    final_run: Path, phantom_root: Path, tmp_path: Path
+) -> None:
+    """--fold all --postprocess-from: the card's protocol holds the cv's threshold and
+    post-processing (not "0.5, none") and the cv's out-of-fold figure, as the manifest says."""
+    from brainseg.ensemble import write_ensemble
+
+    cv = tmp_path / "cv" / "exp"
+    cv.mkdir(parents=True)
+    figure = {"folds": 3, "patients": 6, "dice_patient_before_tuning": 0.41,
+              "dice_patient_after_tuning": 0.44,
+              "tuning_chosen_on": "chosen once on the pooled out-of-fold predictions of 6 "
+              "patients"}  # fmt: skip
+    write_ensemble(cv / "ensemble.json", [final_run / "best.safetensors"], 0.45, 0, True,
+                   {"cv_out_of_fold": figure})  # fmt: skip
+    r = run_cli(
+        ["train", phantom_root, "--fold", "all", *TINY, "--epochs", "1",
+         "--postprocess-from", cv, "--project", tmp_path / "runs"]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    card = json.loads(run_cli(["info", tmp_path / "runs/exp/best.safetensors", "--json"]).stdout)
+    proto = card["eval_protocol"]
+    assert proto["threshold"] == pytest.approx(0.45)
+    assert proto["post_processing"] == "largest 3D component per patient kept"
+    assert str((cv / "ensemble.json").resolve()) in proto["settings_chosen"]
+    assert "pooled out-of-fold predictions of 6 patients" in proto["settings_chosen"]
+    assert card["eval_metrics"]["cv_out_of_fold_dice_patient_after_tuning"] == 0.44
+    assert card["eval_metrics"]["cv_out_of_fold_dice_patient_before_tuning"] == 0.41
+    assert card["evaluation"]["patients"] == 6
+    assert "this final model itself was not measured" in card["evaluation"]["about"]
+    n = len(patient_ids(phantom_root))
+    assert f"used for this model: {n} training patients" in card["data_source"]
+    assert card["training"]["split"]["train_patient_ids"] == patient_ids(phantom_root)

@@ -50,7 +50,7 @@ LIMITATIONS = [
 ]
 DATA_SOURCE = (
     "LGG segmentation dataset (Buda et al. 2019; kaggle_3m layout): FLAIR abnormality masks "
-    "on TCIA TCGA-LGG MRI, 110 patients"
+    "on TCIA TCGA-LGG MRI"
 )
 REFERENCES = [
     "M. Buda, A. Saha, M. A. Mazurowski. Association of genomic subtypes of lower-grade gliomas "
@@ -91,8 +91,19 @@ def split_summary(split: Any, fold: int | None = None) -> dict[str, Any]:
         "val_patients": len(val),
         "test_patients": len(test),
         "val_patient_ids": sorted(val),
+        "train_patient_ids": sorted(train),
         "dataset_hash": str(getattr(split, "dataset_hash", "") or ""),
     }
+
+
+def data_used(split: Mapping[str, Any] | None) -> str:
+    """The card's ``data_source``: the dataset and the patients this model actually used."""
+    if not split or split.get("train_patients") is None:
+        return f"{DATA_SOURCE}; patients used: not recorded in this file"
+    used = f"{split['train_patients']} training patients"
+    if split.get("val_patients"):
+        used += f" + {split['val_patients']} validation patients"
+    return f"{DATA_SOURCE}; used for this model: {used}"
 
 
 def _selection(meta: Mapping[str, Any], selection: str | None) -> str:
@@ -121,9 +132,101 @@ def _eval_protocol(
         + (f" ({split['val_patients']})" if split else ""),
         "val_patient_ids": list((split or {}).get("val_patient_ids") or []),
         "measured_at": f"the training image size {cfg.get('image_size', meta.get('image_size'))}",
-        "threshold": 0.5,
-        "post_processing": "none",
+        "figures_measured_with": "threshold 0.5, no post-processing (validation during training)",
+        **settings_fields(meta, split),
         "per_patient_dice": "one Dice over each patient's stacked slices, then the mean",
+    }
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else an empty one (metadata read from files)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def post_text(post: Mapping[str, Any] | None) -> str:
+    """A post-processing dict (``min_size``, ``largest_component``) in words."""
+    post = post or {}
+    parts = []
+    if int(post.get("min_size") or 0) > 0:
+        parts.append(f"2D components under {int(post['min_size'])} pixels removed")
+    if post.get("largest_component"):
+        parts.append("largest 3D component per patient kept")
+    return "; ".join(parts) or "none"
+
+
+def cv_figures(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The cross-validation figure of an ensemble.json (what ``brainseg cv`` measured out of
+    fold), or None. Manifests written before ``cv_out_of_fold`` existed give the tuning's
+    before / after Dice."""
+    if not isinstance(settings, Mapping):
+        return None
+    oof = settings.get("cv_out_of_fold")
+    if isinstance(oof, Mapping):
+        return json.loads(json.dumps(oof, default=str))
+    tuning = settings.get("tuning")
+    if not isinstance(tuning, Mapping) or not isinstance(tuning.get("after"), Mapping):
+        return None
+    before = _mapping(tuning.get("before"))
+    return {
+        "what": "mean per-patient Dice of the cross-validation, out of fold (each patient "
+        "predicted by the fold model that did not train on it)",
+        "dice_patient_before_tuning": before.get("dice"),
+        "dice_patient_after_tuning": tuning["after"].get("dice"),
+        "settings_after_tuning": {k: v for k, v in tuning["after"].items() if k != "dice"},
+        "tuning_chosen_on": tuning.get("chosen_on"),
+    }
+
+
+def _overlap_text(ids: Sequence[str], others: Sequence[str], what: str) -> str:
+    both = set(ids) & set(others)
+    if not both:
+        return f"none of them among {what}"
+    if both == set(ids) == set(others):
+        return f"the same patients as {what}"
+    return f"{len(both)} of them among {what}"
+
+
+def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The protocol's view of this file's own threshold and post-processing, and where they
+    come from (always read from the metadata: tuning or ``--postprocess-from`` change them)."""
+    threshold = float(meta.get("threshold", 0.5))
+    post = _mapping(meta.get("postprocess"))
+    tuned = meta.get("tuned")
+    ens = meta.get("ensemble")
+    if isinstance(tuned, Mapping):
+        ids = [str(p) for p in tuned.get("patient_ids") or []]
+        val = list((split or {}).get("val_patient_ids") or [])
+        train = list((split or {}).get("train_patient_ids") or [])
+        where = _overlap_text(ids, val, "this card's validation patients (its figures)")
+        if set(ids) & set(train):
+            where += f"; {len(set(ids) & set(train))} of them were training patients"
+        dice = ""
+        if tuned.get("dice_before") is not None and tuned.get("dice_after") is not None:
+            dice = (
+                f"; mean per-patient Dice there {float(tuned['dice_before']):.4f} -> "
+                f"{float(tuned['dice_after']):.4f} (optimistic: chosen on the patients measured)"
+            )
+        chosen = (
+            f"by brainseg eval --tune-output on {len(ids)} patients ({tuned.get('subset')}"
+            + (f" of fold {tuned['fold']}" if tuned.get("fold") is not None else "")
+            + f"): {where}{dice}"
+        )
+    elif meta.get("postprocess_from"):
+        cv = _mapping(meta.get("postprocess_cv"))
+        on = cv.get("tuning_chosen_on") or "the pooled out-of-fold predictions"
+        chosen = f"from the cv run {meta['postprocess_from']}: {on}"
+    elif isinstance(ens, Mapping) and isinstance(ens.get("tuning"), Mapping):
+        chosen = "by brainseg cv: " + str(
+            ens["tuning"].get("chosen_on") or "on the pooled out-of-fold predictions"
+        )
+    elif threshold == 0.5 and post_text(post) == "none":
+        chosen = "the default (not tuned)"
+    else:
+        chosen = "stored in the file; where they were chosen is not recorded"
+    return {
+        "threshold": threshold,
+        "post_processing": post_text(post),
+        "settings_chosen": chosen,
     }
 
 
@@ -181,7 +284,7 @@ def build_card(
         "authors": "brainseg user (trained with brainseg)",
         "intended_use": INTENDED_USE,
         "limitations": list(LIMITATIONS),
-        "data_source": DATA_SOURCE,
+        "data_source": data_used(split),
         "data_type": "tif",
         "image_classes": "3 channel data, in order: pre-contrast, FLAIR, post-contrast "
         "(uint8 0..255)",
@@ -233,10 +336,160 @@ def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     pre["threshold"] = meta.get("threshold", pre.get("threshold", 0.5))
     pre["postprocess"] = dict(meta.get("postprocess") or pre.get("postprocess") or {})
     card["preprocessing"] = pre
+    split = (card.get("training") or {}).get("split")
+    card["eval_protocol"] = {
+        **dict(card.get("eval_protocol") or {}),
+        **settings_fields(meta, split if isinstance(split, Mapping) else None),
+    }
     onnx = meta.get("onnx")
     if isinstance(onnx, Mapping):
         card["onnx"] = {k: onnx.get(k) for k in ("variant", "opset", "source")}
+    int8 = meta.get("int8")
+    if isinstance(int8, Mapping):
+        card["int8"] = dict(int8)
     return card
+
+
+def _stored_card(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    stored = meta.get(CARD_KEY)
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return {}
+    return stored if isinstance(stored, Mapping) else {}
+
+
+def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
+    """The patients a single model's weights were trained on, or None when unknown.
+
+    From the card (``training.split.train_patient_ids``, written by train); for files
+    written before the card listed them, from the split file the training config names
+    (when it is still there and is the one trained from: same dataset hash).
+    """
+    split = (_stored_card(meta).get("training") or {}).get("split") or {}
+    ids = split.get("train_patient_ids") if isinstance(split, Mapping) else None
+    if isinstance(ids, list):
+        return [str(p) for p in ids]
+    cfg = _mapping(meta.get("config"))
+    path = cfg.get("split")
+    if not path or not Path(str(path)).is_file():
+        return None
+    from brainseg.data.split import load_split
+
+    try:
+        found = load_split(str(path))
+        if meta.get("split_hash") and str(found.dataset_hash) != str(meta["split_hash"]):
+            return None
+        fold = cfg.get("fold")
+        if fold == "all":
+            return list(found.all_patients)
+        return list(found.patients("train", fold if fold is None else int(fold)))
+    except (BrainsegError, ValueError, TypeError):
+        return None
+
+
+def member_training_patients(
+    name: str, meta: Mapping[str, Any]
+) -> list[tuple[str, list[str] | None]]:
+    """``(member name, its training patients or None)`` for every model inside one file:
+    one for a checkpoint, one per fold for an ensemble exported to ONNX."""
+    ens = meta.get("ensemble")
+    if isinstance(ens, Mapping) and ens.get("folds"):
+        known = ens.get("train_patient_ids")
+        known = known if isinstance(known, Mapping) else {}
+        return [
+            (f"{name}:{fold}", [str(p) for p in known[fold]] if known.get(fold) else None)
+            for fold in ens["folds"]
+        ]
+    return [(name, training_patients(meta))]
+
+
+def with_ensemble_card(
+    meta: Mapping[str, Any],
+    fold_metas: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """An ensemble file's metadata (:func:`brainseg.export.ensemble.ensemble_metadata`) with
+    the card of the ensemble itself (not of its first fold) and each member's training
+    patients (``ensemble.train_patient_ids``, what eval checks the scored patients against)."""
+    out = {k: v for k, v in meta.items() if k != CARD_KEY}
+    k = len(names)
+    members, by_name = [], {}
+    union: set[str] = set()
+    for name, fm in zip(names, fold_metas, strict=True):
+        ids = training_patients(fm)
+        if ids is not None:
+            by_name[name] = sorted(ids)
+            union |= set(ids)
+        sp = (_stored_card(fm).get("training") or {}).get("split") or {}
+        members.append(
+            {
+                "name": name,
+                "protocol": sp.get("kind"),
+                "train_patients": None if ids is None else len(ids),
+                "epochs_done": fm.get("epoch"),
+                "val_dice_patient": (fm.get("metrics") or {}).get("val_dice_patient"),
+            }
+        )
+    ens = dict(out.get("ensemble") or {})
+    ens["train_patient_ids"] = by_name
+    out["ensemble"] = ens
+    cv = cv_figures(settings)
+    sel = _mapping(settings.get("selection"))
+    select = str(sel.get("select") or "last")
+    known = len(by_name) == k
+    n_cv = (cv or {}).get("patients") or (len(union) if known else None)
+    split = {
+        "kind": f"{k} models of a {k}-fold patient-level cross-validation (one per fold)",
+        "fold": None,
+        "train_patients": len(union) if known else None,
+        "val_patients": 0,
+        "test_patients": 0,
+        "val_patient_ids": [],
+        "train_patient_ids": sorted(union) if known else [],
+        "dataset_hash": str(out.get("split_hash") or ""),
+    }
+    card = build_card(out, selection="last", split=split)
+    card["name"] = (
+        f"brainseg UNet-VGG16 ensemble of {k} fold models: lower-grade glioma FLAIR "
+        "abnormality segmentation"
+    )
+    card["description"] = (
+        f"The mean probability of the {k} UNet-VGG16 fold models of one patient-level "
+        "cross-validation (brainseg cv), in one file; input: the three MRI contrasts of one "
+        "axial slice, output: a per-pixel FLAIR abnormality logit of that mean."
+    )
+    card["eval_metrics"] = (
+        {
+            "cv_out_of_fold_dice_patient_before_tuning": cv.get("dice_patient_before_tuning"),
+            "cv_out_of_fold_dice_patient_after_tuning": cv.get("dice_patient_after_tuning"),
+        }
+        if cv
+        else {}
+    )
+    card["eval_protocol"] = {
+        "protocol": f"{k}-fold patient-level cross-validation, out of fold: each of the "
+        f"{n_cv if n_cv is not None else '?'} patients predicted by the one fold model that "
+        f"did not train on it. The ensemble itself has no held-out patients: each of them "
+        f"trained {k - 1} of its {k} models",
+        "checkpoint": f"{select}: " + str(sel.get("label") or f"{select} of each fold"),
+        "patients": f"the {n_cv if n_cv is not None else '?'} cross-validated patients"
+        + ("" if cv else " (no cv figure in the ensemble.json)"),
+        "val_patient_ids": [],
+        "measured_at": "the images' own size (brainseg cv)",
+        "figures_measured_with": "before tuning: threshold 0.5, no post-processing; after "
+        "tuning: the threshold and post-processing below",
+        **settings_fields(out, None),
+        "per_patient_dice": "one Dice over each patient's stacked slices, then the mean",
+    }
+    card["training"]["members"] = members
+    card["training"]["checkpoint"] = select
+    if cv:
+        card["evaluation"] = cv
+    out[CARD_KEY] = card
+    return out
 
 
 def with_card(meta: Mapping[str, Any], **build_kw: Any) -> dict[str, Any]:
@@ -324,7 +577,7 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     def add(section: str, items: Mapping[str, Any] | Sequence[tuple[str, Any]]) -> None:
         pairs = items.items() if isinstance(items, Mapping) else items
         for k, v in pairs:
-            if k == "val_patient_ids" and isinstance(v, list) and len(v) > 12:
+            if k.endswith("patient_ids") and isinstance(v, list) and len(v) > 12:
                 v = [*v[:12], f"... ({len(v)} in all)"]
             rows.append((section, str(k), _text(v)))
 
@@ -346,6 +599,8 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     add("preprocessing", card.get("preprocessing") or {})
     if card.get("onnx"):
         add("onnx", card["onnx"])
+    if card.get("int8"):
+        add("int8", card["int8"])
     add("license", card.get("license") or {})
     add("references", [(f"{i + 1}", r) for i, r in enumerate(card.get("references") or [])])
     return rows
@@ -363,8 +618,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             lines += ["", f"## {sec.capitalize()}", ""]
             section = sec
         value = value.replace("\n", " ")
-        bullet = f"{key}. {value}" if key.isdigit() else f"**{key}**: {value}"
-        lines.append(f"- {bullet}")
+        # numbered items (limits, references) are an ordered list, the rest a bullet list
+        lines.append(f"{key}. {value}" if key.isdigit() else f"- **{key}**: {value}")
     lines += ["", f"_Card format {card.get('card_format', CARD_FORMAT)}; "
                   f"{card.get('convention', CONVENTION)}._", ""]  # fmt: skip
     return "\n".join(lines)

@@ -715,6 +715,7 @@ def write_cv(result: CVResult) -> list[Path]:
             "grid": tuning["grid"],
         },
         "cv_summary": "cv_summary.json",
+        "cv_out_of_fold": json_safe(oof_figure(result.summary)),
     }
     files.append(
         write_ensemble(
@@ -732,6 +733,27 @@ def write_cv(result: CVResult) -> list[Path]:
     files.append(atomic_write_text(d / "cv_summary.json", text))
     result.files = files
     return files
+
+
+def oof_figure(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The cv's headline figure as ensemble.json keeps it (and the cards of models made from
+    it: an exported ensemble, a ``--fold all --postprocess-from`` model)."""
+    before = summary["before"]["per_patient_dice"]
+    after = summary["after"]["per_patient_dice"]
+    return {
+        "what": "mean per-patient Dice of the cross-validation, out of fold (each patient "
+        "predicted by the fold model that did not train on it)",
+        "folds": summary["folds"],
+        "patients": summary["patients"],
+        "selection": summary["selection"]["label"],
+        "dice_patient_before_tuning": before["mean"],
+        "ci95_before_tuning": before.get("ci95"),
+        "dice_patient_after_tuning": after["mean"],
+        "ci95_after_tuning": after.get("ci95"),
+        "settings_after_tuning": summary["after"]["settings"],
+        "tuning_chosen_on": summary["tuning"]["note"]
+        + " (the after-tuning figure is measured on the patients it was chosen on)",
+    }
 
 
 def _write_masks(path: Path, result: CVResult) -> Path:

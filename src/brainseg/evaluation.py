@@ -186,6 +186,11 @@ def select_patients(
     check_split(split, list(patient_ids))
     subset = subset or "val"
     split.check_fold(fold)
+    if split.n_folds and fold is None and subset in ("val", "train"):
+        console.info(
+            f"{split_path} has {split.n_folds} folds and no --fold was given: evaluating its "
+            f"top-level {subset} list; pass --fold K for fold K's {subset} patients"
+        )
     ids = split.all_patients if subset == "all" else split.patients(subset, fold)
     if not ids:
         raise BrainsegError(
@@ -368,12 +373,15 @@ def run_eval(
         meta, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest, tta=opts.tta
     )
     settings = resolved.post
+    overlap = training_overlap(predictor, model_paths, ids)
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
     console.info(
-        f"evaluating {len(model_paths)} model(s) on {len(ids)} patients "
+        f"evaluating {_models_text(overlap['members'], model_paths)} on {len(ids)} patients "
         f"({rows.size} slices, {sel['subset']}{fold_txt})"
         f"{', TTA' if opts.tta else ''}"
     )
+    if overlap["trained_on_scored_patients"]:
+        console.warn(overlap_warning(overlap, len(ids)))
 
     t0 = time.perf_counter()
     prob = predict_probabilities(predictor, data.images, rows, chunk=max(32, 4 * opts.batch_size))
@@ -400,7 +408,10 @@ def run_eval(
         "brainseg_version": _version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": [str(m) for m in model_paths],
-        "ensemble": len(model_paths) > 1,
+        "members": len(overlap["members"]),
+        "ensemble": len(overlap["members"]) > 1,
+        "trained_on_scored_patients": overlap["trained_on_scored_patients"],
+        "training_overlap": {k: v for k, v in overlap.items() if k != "trained_on_scored_patients"},
         "data": str(data_path),
         **sel,
         "settings": {
@@ -418,6 +429,67 @@ def run_eval(
         "timing_s": {"predict": round(t_pred, 3), "metrics": round(t_metrics, 3)},
     }
     return EvalResult(report=report, summary=summary, settings=settings, tune=tuned, cases=cases)
+
+
+def _member_name(path: Path) -> str:
+    """A model file as messages name it: with its folder (fold_0/last.safetensors)."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def training_overlap(
+    predictor: ProbaPredictor, model_paths: Sequence[Path], scored: Sequence[str]
+) -> dict[str, Any]:
+    """Which scored patients each model (each member of an ensemble) was trained on.
+
+    ``members``: every model behind the predictor (an ensemble.json counts its folds, an
+    ensemble exported to ONNX its fold graphs); ``by_model``: the scored patients each of
+    them trained on (only those with any); ``unknown``: members whose file does not record
+    its training patients; ``trained_on_scored_patients``: the union (sorted).
+    """
+    from brainseg.card import member_training_patients
+
+    paths = [Path(p) for p in (getattr(predictor, "paths", None) or model_paths)]
+    backends = getattr(predictor, "backends", None)
+    metas = (
+        [dict(b.metadata) for b in backends]
+        if backends and len(backends) == len(paths)
+        else [dict(predictor.metadata) if len(paths) == 1 else {} for _ in paths]
+    )
+    members: list[tuple[str, list[str] | None]] = []
+    for p, m in zip(paths, metas, strict=True):
+        members += member_training_patients(_member_name(p), m)
+    wanted = set(scored)
+    by_model = {
+        name: sorted(wanted & set(train))
+        for name, train in members
+        if train is not None and wanted & set(train)
+    }
+    union = sorted({p for ids in by_model.values() for p in ids})
+    return {
+        "members": [name for name, _ in members],
+        "by_model": by_model,
+        "unknown": [name for name, train in members if train is None],
+        "trained_on_scored_patients": union,
+    }
+
+
+def _models_text(members: Sequence[str], model_paths: Sequence[Path]) -> str:
+    if len(members) == 1:
+        return "1 model"
+    files = ", ".join(p.name for p in model_paths)
+    return f"an ensemble of {len(members)} models ({files})"
+
+
+def overlap_warning(overlap: dict[str, Any], n_scored: int) -> str:
+    """The one line eval warns with when it scores patients a model trained on."""
+    by = overlap["by_model"]
+    n = len({p for ids in by.values() for p in ids})
+    return (
+        f"{n} of the {n_scored} scored patients were training patients of "
+        f"{len(by)} of the {len(overlap['members'])} model(s) ({', '.join(by)}): these "
+        "figures are not held out and are optimistic (score patients none of the models "
+        "trained on, e.g. --subset val --fold K with fold K's model)"
+    )
 
 
 def _measured_at(size: Sequence[int], model_size: tuple[int, int] | None) -> dict[str, Any]:
@@ -468,7 +540,9 @@ def run_eval_job(job: EvalJob) -> EvalResult:
         check_tune_output(models, job.tune_output, job.force)
     result = run_eval(models, data, job.split, job.subset, job.fold, opts)
     if result.tune is not None and job.tune_output is not None:
-        write_tuned_model(models[0], job.tune_output, result.tune.best, job.force)
+        write_tuned_model(
+            models[0], job.tune_output, result.tune.best, job.force, tuned_record(result)
+        )
         result.summary["tune"]["output"] = str(job.tune_output)
     write_run(result, next_run_dir(job.project, job.name, exist_ok=job.exist_ok))
     return result
@@ -592,6 +666,7 @@ def render_report(summary: dict[str, Any]) -> None:
         f" - subset {summary['subset']}{fold} - measured at the images' own size "
         f"{at['size'][0]}x{at['size'][1]}"
         + (f" (model input {model_in[0]}x{model_in[1]})" if model_in else "")
+        + (" - NOT HELD OUT (see below)" if summary.get("trained_on_scored_patients") else "")
     )
     table = console.table(title, ["metric", "level", "mean", "median", "std", "min", "n"], rows)
     table.columns[1].justify = "left"
@@ -610,6 +685,10 @@ def render_report(summary: dict[str, Any]) -> None:
         f"HD95 (pixels) skipped for an empty mask: {sk['per_patient']} patients, "
         f"{sk['per_slice_tumor']} tumor slices, {sk['per_slice_all']} slices"
     )
+    if summary.get("trained_on_scored_patients"):
+        console.result(
+            f"NOT HELD OUT: {overlap_warning(summary['training_overlap'], c['patients'])}"
+        )
 
 
 def render_tune(tuned: TuneResult, output: Path | None) -> None:
@@ -659,9 +738,34 @@ def check_tune_output(models: Sequence[Path], dst: Path, force: bool) -> None:
         raise BrainsegError(f"{dst} already exists", hint="pass --force to overwrite it")
 
 
-def write_tuned_model(src: Path, dst: Path, settings: PostSettings, force: bool) -> Path:
-    """A copy of ``src`` (.safetensors or .onnx) whose metadata holds the tuned settings."""
+def tuned_record(result: EvalResult) -> dict[str, Any]:
+    """What a tuned copy says about its tuning (its card shows it): the patients the
+    settings were chosen on and the Dice there before and after."""
+    assert result.tune is not None
+    s = result.summary
+    return {
+        "by": "brainseg eval --tune-output",
+        "split": s.get("split"),
+        "subset": s.get("subset"),
+        "fold": s.get("fold"),
+        "patients": len(result.report.per_patient),
+        "patient_ids": sorted(str(r["patient_id"]) for r in result.report.per_patient),
+        "dice_before": result.tune.baseline_dice,
+        "dice_after": result.tune.best_dice,
+    }
+
+
+def write_tuned_model(
+    src: Path,
+    dst: Path,
+    settings: PostSettings,
+    force: bool,
+    record: dict[str, Any] | None = None,
+) -> Path:
+    """A copy of ``src`` (.safetensors or .onnx) whose metadata holds the tuned settings
+    (and ``record``, under ``tuned``: where they were chosen, for the model card)."""
     post = {"min_size": settings.min_size, "largest_component": settings.largest}
+    extra = {"tuned": json_safe(record)} if record else {}
     if src.suffix.lower() == ".safetensors":
         from brainseg.checkpoint import copy_with_metadata, read_metadata
 
@@ -669,11 +773,12 @@ def write_tuned_model(src: Path, dst: Path, settings: PostSettings, force: bool)
         updates = {
             "threshold": settings.threshold,
             "postprocess": {**(stored if isinstance(stored, dict) else {}), **post},
+            **extra,
         }
         copy_with_metadata(src, dst, updates, force=force)
         return dst
     return _write_tuned_onnx(
-        src, dst, {"threshold": settings.threshold, "postprocess": post}, force
+        src, dst, {"threshold": settings.threshold, "postprocess": post, **extra}, force
     )
 
 

@@ -507,10 +507,21 @@ def eval_html(
         f"{fmt(d['sensitivity'])}, specificity {fmt(d['specificity'])}"
     )
     dice = [float(r["dice"]) for r in per_patient]
+    warning = ""
+    if summary.get("trained_on_scored_patients"):  # issue 21: never silently optimistic
+        from brainseg.evaluation import overlap_warning
+
+        text = overlap_warning(summary["training_overlap"], summary["counts"]["patients"])
+        warning = (
+            '<p class="not-held-out" style="color:#a00;border:2px solid #a00;padding:.5rem">'
+            f"<strong>Not held out:</strong> {esc(text)}; patients: "
+            f"{esc(', '.join(summary['trained_on_scored_patients']))}</p>"
+        )
     sections = [
         section(
             "Summary",
-            f"<p><strong>{esc(headline)}</strong></p>"
+            warning
+            + f"<p><strong>{esc(headline)}</strong></p>"
             + grid_table(["metric", "mean", "median", "std", "min", "n"], _stats_rows(summary)),
         ),
         section("How it was measured", kv_table(eval_measured(summary))),

@@ -34,8 +34,21 @@ def split_card(run: Run) -> dict[str, Any]:
         "val_patients": 0,
         "test_patients": 0,
         "val_patient_ids": [],
+        "train_patient_ids": sorted(split.all_patients),
         "dataset_hash": str(split.dataset_hash),
     }
+
+
+def cv_of(manifest: str) -> dict[str, Any] | None:
+    """The cross-validation figure of ``--postprocess-from``'s ensemble.json (None if absent)."""
+    import json
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return model_card.cv_figures(doc) if isinstance(doc, dict) else None
 
 
 def checkpoint_meta(run: Run, row: dict[str, Any], selection: str) -> dict[str, Any]:
@@ -47,18 +60,35 @@ def checkpoint_meta(run: Run, row: dict[str, Any], selection: str) -> dict[str, 
     }
     if not run.cfg.all_patients:
         return model_card.with_card(meta, selection=selection, split=split_card(run))
+    cv = cv_of(str(run.meta["postprocess_from"])) if "postprocess_from" in run.meta else None
+    if cv:
+        meta["postprocess_cv"] = cv
     meta = model_card.with_card(meta, selection="last", split=split_card(run))
     card = meta[model_card.CARD_KEY]
     card["training"]["checkpoint"] = FINAL
     card["eval_protocol"] = {
         **card["eval_protocol"],
-        "protocol": "none: trained on every patient (--fold all), nothing held out",
+        "protocol": "none: trained on every patient (--fold all), nothing held out"
+        + ("; figures: the cross-validation of --postprocess-from (see evaluation)" if cv else ""),
         "checkpoint": f"final: the weights after the last epoch ({row['epoch']})",
         "patients": "none (no validation patients)",
         "val_patient_ids": [],
+        "figures_measured_with": "the cv's: before tuning threshold 0.5 and no "
+        "post-processing, after tuning this file's settings"
+        if cv
+        else "-",
     }
-    if "postprocess_from" in run.meta:
-        card["eval_protocol"]["post_processing"] = (
-            f"threshold and post-processing from the cv run {run.meta['postprocess_from']}"
-        )
+    if cv:
+        # the cv that chose the settings measured this recipe out of fold: its figure is the
+        # honest estimate for this model (which was not itself measured: nothing held out)
+        card["eval_metrics"] = {
+            "cv_out_of_fold_dice_patient_before_tuning": cv.get("dice_patient_before_tuning"),
+            "cv_out_of_fold_dice_patient_after_tuning": cv.get("dice_patient_after_tuning"),
+        }
+        card["evaluation"] = {
+            **cv,
+            "about": "the cross-validation the threshold and post-processing came from: fold "
+            "models of this recipe, each measured on patients it did not train on; this final "
+            "model itself was not measured (no held-out patients)",
+        }
     return meta
