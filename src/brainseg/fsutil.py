@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import socket
-import tempfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +16,6 @@ from brainseg.errors import BrainsegError, BrainsegRuntimeError
 
 
 def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
-    import errno
-
     if exc.errno == errno.ENOSPC:
         return BrainsegRuntimeError(
             f"disk full while writing {path}; the previous file (if any) is intact",
@@ -33,31 +32,102 @@ def write_error(path: str | os.PathLike[str], exc: OSError) -> BrainsegRuntimeEr
     return _fail_write(Path(path), exc)
 
 
+def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
+    """Refuse (exit 2) an output ``path`` that must not be written: an existing one without
+    ``force``, and, whatever ``force`` says, anything that is not a regular file (a device
+    such as /dev/full or /dev/null, a FIFO, a socket, a folder, a symbolic link).
+
+    brainseg writes only regular files, by renaming a temporary file onto the name: done on
+    a device or a link that would replace the node or the link itself.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _fail_write(path, exc) from exc
+    if stat.S_ISREG(st.st_mode):
+        if not force:
+            raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
+        return
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+    raise BrainsegError(
+        f"{path} is a {kind}, not a regular file: brainseg writes only regular files"
+        + (" (not even with --force)" if force else ""),
+        hint="choose a new file name"
+        + (" (or - for stdout where the command offers it)" if kind != "folder" else ""),
+    )
+
+
+_KINDS = {
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "folder",
+}
+
+
+def make_temp_file(path: str | os.PathLike[str]) -> Path:
+    """Create an empty hidden temporary file for ``path`` in its folder (``temp_prefix`` +
+    8 random characters + ``.tmp``), with the mode a plain ``open()`` gives (umask applied,
+    unlike mkstemp's 0600)."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.parent / f"{temp_prefix(path.name)}{_random8()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
+def make_temp_dir(folder: str | os.PathLike[str], name: str) -> Path:
+    """Create a hidden temporary folder for ``name`` in ``folder`` (umask applied, unlike
+    mkdtemp's 0700), named so :func:`remove_stale_temps` can clean up after a kill."""
+    for _ in range(100):
+        tmp = Path(folder) / f"{temp_prefix(name)}{_random8()}"
+        try:
+            tmp.mkdir(0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _random8() -> str:
+    import secrets
+
+    return "".join(secrets.choice(_ALPHABET) for _ in range(8))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``path`` on success.
 
     On any failure the temporary file is removed and ``path`` is left as it was. With
-    ``force=False`` an existing ``path`` is refused before any work is done.
+    ``force=False`` an existing ``path`` is refused before any work is done; a ``path`` that
+    is not a regular file (device, FIFO, link, folder) is refused always (:func:`check_target`).
     """
     path = Path(path)
-    if not force and path.exists():
-        raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
+    check_target(path, force=force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent
-        )
-        os.close(fd)
+        tmp = make_temp_file(path)
     except OSError as exc:
         raise _fail_write(path, exc) from exc
-    tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync(tmp)
-        if tmp.exists():
-            # mkstemp creates 0600; give the result the mode a plain open() would have.
-            tmp.chmod(0o666 & ~_umask())
+        check_target(path, force=True)  # a node made there while we wrote: still not replaced
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -145,12 +215,6 @@ def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _fsync(path: Path) -> None:
     with contextlib.suppress(OSError), open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -168,13 +232,27 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = 
     return atomic_write_bytes(path, text.encode("utf-8"), force=force)
 
 
+def check_run_name(name: str, option: str = "--name") -> str:
+    """Refuse (exit 2) a run-folder name that is not one plain folder name: empty, ``.``,
+    ``..``, with a ``/`` or ``\\`` (absolute or nested) or a NUL. The one rule of every run
+    folder (train, eval, score, cv, demo), checked before any work is done."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise BrainsegError(
+            f"run name must be a plain folder name, got {name!r}",
+            hint=f"e.g. {option} exp (the run folder is made inside --project)",
+        )
+    return name
+
+
 def next_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Path:
     """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one.
 
-    With ``exist_ok`` the folder ``project/name`` is reused as is.
+    With ``exist_ok`` the folder ``project/name`` is reused as is. ``name`` must be a plain
+    folder name (:func:`check_run_name`), so a run folder is always inside ``project``.
     """
+    check_run_name(name)
     project = Path(project)
     base = project / name
     if exist_ok or not base.exists():
