@@ -51,7 +51,7 @@ def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
         if not force:
             raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
         return
-    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+    kind = file_kind(st.st_mode)
     raise BrainsegError(
         f"{path} is a {kind}, not a regular file: brainseg writes only regular files"
         + (" (not even with --force)" if force else ""),
@@ -68,6 +68,13 @@ _KINDS = {
     stat.S_IFSOCK: "socket",
     stat.S_IFDIR: "folder",
 }
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words: "regular file", "FIFO (named pipe)", "folder"..."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def make_temp_file(path: str | os.PathLike[str]) -> Path:
@@ -177,6 +184,96 @@ def is_stale_temp(name: str) -> bool:
         and m["host"] == _host()
         and not pid_alive(int(m["pid"]))
     )
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterator[Path]:
+    """Hold ``folder/.NAME.lock`` while a run writes into ``folder``: a second run that
+    wants the same lock is refused (exit 2) with the owner's host and pid.
+
+    The lock file holds the owner as JSON; it is made in one step (a hard link of a written
+    temporary file), so it is never seen half-written. A lock left by a process of this host
+    that is gone (killed, crashed) is stale and taken over; one of another host is never
+    judged: its message says which file to delete if that run is over.
+    """
+    import json
+    import time
+
+    lock = Path(folder) / f".{name}.lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "what": what}
+    for _ in range(5):
+        if _try_lock(lock, json.dumps(me)):
+            break
+        owner = _lock_owner(lock)
+        if owner is None:
+            continue  # released between our try and the read: try again
+        host, pid = owner.get("host"), owner.get("pid")
+        if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # a killed run's lock
+            continue
+        since = owner.get("started")
+        when = (
+            time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
+            if isinstance(since, int | float)
+            else ""
+        )
+        raise BrainsegError(
+            f"{folder} is in use by another run ({owner.get('what') or 'brainseg'}, pid {pid} "
+            f"on host {host}{when}): two runs writing into one folder would overwrite each "
+            "other's files and summary",
+            hint=f"wait for that run to end, or use another output folder; if no such run is "
+            f"alive any more, delete {lock}",
+        )
+    else:  # pragma: no cover - five lost races in a row
+        raise BrainsegError(f"cannot take the lock {lock}", hint="run the command again")
+    try:
+        yield lock
+    finally:
+        owner = _lock_owner(lock)
+        if owner is not None and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+
+
+def _try_lock(lock: Path, text: str) -> bool:
+    """Create ``lock`` holding ``text`` unless it exists (atomic); False when it exists."""
+    try:
+        tmp = make_temp_file(lock)
+    except OSError as exc:
+        raise _fail_write(lock, exc) from exc
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, lock)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: exclusive create, then write
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return True
+    except OSError as exc:
+        raise _fail_write(lock, exc) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> dict[str, object] | None:
+    """The owner recorded in ``lock``; None when it is gone; {} when it cannot be read."""
+    import json
+
+    try:
+        data = json.loads(lock.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:

@@ -363,6 +363,36 @@ def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
     return parse_shard(opts.shard)
 
 
+def check_layout(cases: list[volumes.Case], opts: VolumeOptions) -> None:
+    """Refuse (exit 2, whatever --force / --skip-existing say) an -o folder where the masks
+    would be ground truth: ``<case>_mask.nii.gz`` is the label naming eval and score read
+    beside a case's files and anywhere below the cases folder, so a prediction written there
+    would overwrite a label or later pass for one."""
+    out = opts.out_dir.resolve()
+    hint = (
+        "choose an -o folder outside the data (e.g. -o masks/); --force and --skip-existing "
+        "never write there"
+    )
+    for item in opts.inputs:
+        top = Path(item)
+        if top.is_dir() and out.is_relative_to(top.resolve()):
+            raise BrainsegError(
+                f"output folder {opts.out_dir} is inside the input {top}: masks named "
+                "<case>_mask.nii.gz there are ground-truth labels to eval and score "
+                "(predictions would overwrite a label or pass for one)",
+                hint=hint,
+            )
+    for case in cases:
+        for path in case.paths:
+            if path.resolve().parent == out:
+                raise BrainsegError(
+                    f"output {opts.out_dir / (case.id + '_mask.nii.gz')} is the ground-truth "
+                    f"label name of case {case.id} (its input {path} is in {opts.out_dir}): "
+                    "predictions would overwrite a label or pass for one",
+                    hint=hint,
+                )
+
+
 def predict_volumes(
     opts: VolumeOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
@@ -380,6 +410,7 @@ def predict_volumes(
                 f"{', '.join(map(str, seen[c.id].paths))}: both would write {c.id}_mask.nii.gz"
             )
         seen.setdefault(c.id, c)
+    check_layout(cases, opts)
     if shard is not None:
         cases = cases[shard[0] :: shard[1]]
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
