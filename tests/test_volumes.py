@@ -499,3 +499,16 @@ def test_a_label_volume_beside_its_case_is_never_an_output(run, tiny, tmp_path, 
     assert _outputs(tmp_path / "masks") == sorted(
         ["A.json", "A_mask.nii.gz", "B.json", "B_mask.nii.gz", "summary.csv"]
     )
+
+
+def test_a_later_volume_run_over_fewer_cases_keeps_the_earlier_rows(run, tiny, tmp_path):
+    src = tmp_path / "cases"
+    for i in range(3):
+        save_nifti(src / f"c{i}.nii.gz", blob_volume(i))
+    out = tmp_path / "out"
+    assert run(["predict", tiny, src, "-o", out]).returncode == 0
+    r = run(["predict", tiny, src / "c1.nii.gz", "-o", out, "--force"])
+    assert r.returncode == 0, r.stderr
+    rows = csv_rows(out / "summary.csv")
+    assert sorted((x["case"], x["status"]) for x in rows) == [(f"c{i}", "ok") for i in range(3)]
+    assert not (out / ".brainseg-predict.lock").exists()

@@ -23,7 +23,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from brainseg import postprocess, volumes
-from brainseg.batch import parse_shard
+from brainseg.batch import lock_name, one_line, parse_shard
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_write_text
+from brainseg.fsutil import atomic_write_text, check_target, folder_lock
 
 SUMMARY_COLUMNS = (
     "case",
@@ -95,6 +95,12 @@ class CaseResult:
     max_probability: float | None = None
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # One printable UTF-8 line each (a name with a newline or invalid UTF-8).
+        self.case, self.inputs, self.mask, self.error = map(
+            one_line, (self.case, self.inputs, self.mask, self.error)
+        )
 
     def row(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
@@ -330,7 +336,8 @@ def _json_safe(obj: Any) -> Any:
 # --------------------------------------------------------------------------- the run
 
 
-def summary_text(rows: list[CaseResult]) -> str:
+def summary_text(rows: list[CaseResult], earlier: Sequence[dict[str, str]] = ()) -> str:
+    """The summary CSV: this run's rows, then ``earlier`` rows (of cases it did not handle)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
     w.writeheader()
@@ -341,7 +348,20 @@ def summary_text(rows: list[CaseResult]) -> str:
                 for k, v in r.row().items()
             }
         )
+    for row in earlier:
+        w.writerow({c: row.get(c) or "" for c in SUMMARY_COLUMNS})
     return buf.getvalue()
+
+
+def _earlier_rows(path: Path, cases: list[volumes.Case]) -> list[dict[str, str]]:
+    """The rows of an existing summary for cases this run does not handle (kept: a summary
+    is never replaced by one that describes less)."""
+    ids = {one_line(c.id) for c in cases}
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            return [r for r in csv.DictReader(f) if r.get("case") and r["case"] not in ids]
+    except (OSError, csv.Error):
+        return []
 
 
 def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
@@ -415,12 +435,29 @@ def predict_volumes(
         cases = cases[shard[0] :: shard[1]]
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
     summary_path = opts.out_dir / f"{name}.csv"
+    _check_summary(summary_path, opts)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+        _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        return _run_cases(opts, cases, summary_path, on_case)
+
+
+def _check_summary(summary_path: Path, opts: VolumeOptions) -> None:
+    check_target(summary_path, force=True)
     if summary_path.exists() and not (opts.force or opts.skip_existing):
         raise BrainsegError(
             f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
             hint="pass --skip-existing to resume that run, --force to redo it",
         )
 
+
+def _run_cases(
+    opts: VolumeOptions,
+    cases: list[volumes.Case],
+    summary_path: Path,
+    on_case: Callable[[CaseResult], None] | None,
+) -> VolumeResult:
+    earlier = _earlier_rows(summary_path, cases)
     state: dict[str, Any] = {}
 
     def predictor() -> Any:
@@ -448,7 +485,7 @@ def predict_volumes(
         res = run_case(predictor, case, opts, post)
         results.append(res)
         if any(r.status != "error" for r in results):
-            atomic_write_text(summary_path, summary_text(results))
+            atomic_write_text(summary_path, summary_text(results, earlier))
         if on_case is not None:
             on_case(res)
     settings = {
