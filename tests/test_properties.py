@@ -767,6 +767,167 @@ def test_regression_tar_gz_with_a_bad_crc(tmp_path: Path) -> None:
     assert not (tmp_path / "dest" / "kaggle_3m").exists()
 
 
+# --------------------------------------------------------------------------- odd files, stdin
+
+#: Kinds of folder entries predict meets (issue 22): images, garbage, FIFOs, links, odd names.
+_ENTRY_KINDS = ["image", "garbage", "fifo", "dangling link", "link to image", "folder"]
+#: Name bytes: plain, non-UTF-8 (latin-1 "é", lone continuation bytes), controls, newline.
+_NAME_BYTES = st.lists(
+    st.sampled_from([b"a", b"Z", b"0", b"_mask", b"\xe9", b"\xff", b"\x80", b"\n", b"\r",
+                     b"\t", b" ", b"-", b"\x1b", "é".encode(), b".", b"'", b'"', b"\\"]),
+    min_size=1,
+    max_size=6,
+).map(b"".join)  # fmt: skip
+
+
+def _entry(folder: Path, name: bytes, kind: str, ext: bytes) -> bytes:
+    path = os.fsencode(folder) + b"/" + name + ext
+    if kind == "image":
+        Path(os.fsdecode(path)).write_bytes(encode(image(len(name)), "png"))
+    elif kind == "garbage":
+        Path(os.fsdecode(path)).write_bytes(b"\x89PNG\r\n" + name * 3)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling link":
+        os.symlink(os.fsencode(folder) + b"/nowhere.png", path)
+    elif kind == "link to image":
+        target = os.fsencode(folder) + b"/target.png"
+        if not os.path.exists(target):
+            Path(os.fsdecode(target)).write_bytes(encode(image(9), "png"))
+        os.symlink(target, path)
+    else:
+        os.mkdir(path)
+    return path
+
+
+def _with_stdin(data: bytes, fn: Callable[[], Any]) -> Any:
+    import sys
+
+    old = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    try:
+        return fn()
+    finally:
+        sys.stdin = old
+
+
+def _snapshot(root: Path) -> dict[bytes, tuple[int, int, int]]:
+    out = {}
+    for folder, dirs, files in os.walk(os.fsencode(root)):
+        for name in dirs + files:
+            st_ = os.lstat(os.path.join(folder, name))
+            out[os.path.join(folder, name)] = (st_.st_mode, st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+@settings(max_examples=scale(40))
+@given(data=st.data())
+def test_odd_entries_and_stdin_garbage_are_rows_never_a_crash_or_hang(
+    onnx_bytes: bytes, data: st.DataObject, tmp_path: Path
+) -> None:
+    """A folder of FIFOs, dangling links, non-UTF-8 / control-character names, garbage and
+    good images, and stdin lines of random bytes (invalid UTF-8, NUL, over-long): predict
+    ends (no hang: a FIFO is never opened), every input it took is one summary row of one
+    valid UTF-8 line, and nothing outside -o changes."""
+    from brainseg import batch
+
+    case = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+    scans, out = case / "scans", case / "out"
+    scans.mkdir(parents=True)
+    model = case / "m.onnx"
+    model.write_bytes(onnx_bytes)
+    entries = data.draw(
+        st.lists(
+            st.tuples(
+                _NAME_BYTES, st.sampled_from(_ENTRY_KINDS), st.sampled_from([b".png", b".tif", b""])
+            ),
+            min_size=1, max_size=6, unique_by=lambda t: t[0] + t[2],
+        ),
+        label="entries",
+    )  # fmt: skip
+    paths = [_entry(scans, n, k, e) for n, k, e in entries]
+    use_stdin = data.draw(st.booleans(), label="stdin?")
+    lines = data.draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from(paths),
+                st.binary(max_size=40),
+                st.just(b"x" * 5000),
+                st.just(b"scans/\x00nul.png"),
+            ),
+            max_size=6,
+        ),
+        label="stdin lines",
+    )
+    stdin = b"\n".join(lines) + b"\n"
+    before = _snapshot(scans)
+    opts = batch.PredictOptions(
+        models=[model], inputs=["-" if use_stdin else str(scans)], out_dir=out, device="cpu"
+    )
+    res = check(
+        "predict: FIFOs, links, odd names, stdin garbage",
+        lambda: _with_stdin(stdin, lambda: batch.predict_inputs(opts)),
+        [scans, "-", "no images found"],
+        seconds=60,
+    )
+    assert _snapshot(scans) == before  # inputs untouched (nothing written outside -o)
+    if res is None or res.written is None:
+        return
+    text = res.written.read_bytes().decode("utf-8")  # valid UTF-8, whatever the names
+    import csv as _csv
+
+    rows = list(_csv.DictReader(io.StringIO(text, newline="")))
+    assert len(rows) == res.done
+    for row in rows:
+        assert all("\n" not in v and "\r" not in v for v in row.values()), row
+
+
+@settings(max_examples=scale(40))
+@given(
+    kind=st.sampled_from(["missing", "regular", "fifo", "link", "dangling", "folder", "device"]),
+    force=st.booleans(),
+)
+def test_writes_go_to_regular_files_only(kind: str, force: bool, tmp_path: Path) -> None:
+    """atomic writes (every output of every command): a device, FIFO, link or folder at the
+    target is refused with one clear line, even with --force, and stays what it was."""
+    import stat as _stat
+
+    from brainseg.fsutil import atomic_write_text
+
+    case = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+    case.mkdir()
+    target = case / "out.yaml"
+    (case / "real.yaml").write_text("mine")
+    if kind == "regular":
+        target.write_text("old")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link":
+        target.symlink_to(case / "real.yaml")
+    elif kind == "dangling":
+        target.symlink_to(case / "nowhere")
+    elif kind == "folder":
+        target.mkdir()
+    elif kind == "device":
+        try:
+            os.mknod(target, _stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a copy of /dev/null
+        except OSError:
+            return
+    before = os.lstat(target) if kind != "missing" else None
+    res = check("atomic write: device, FIFO, link, folder targets",
+                lambda: atomic_write_text(target, "new", force=force), [target])  # fmt: skip
+    if res is not None:
+        assert kind == "missing" or (kind == "regular" and force)
+        assert target.read_text() == "new" and _stat.S_ISREG(os.lstat(target).st_mode)
+    else:
+        after = os.lstat(target)
+        assert before is not None and (after.st_mode, after.st_ino) == (
+            before.st_mode,
+            before.st_ino,
+        )
+    assert (case / "real.yaml").read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- the real CLI
 
 
@@ -816,6 +977,21 @@ def _cli_case(
             "-o",
             tmp / "s.yaml",
         ], tmp / "empty" / "kaggle_3m"
+    if case == "split to a FIFO":
+        os.mkfifo(tmp / "s.yaml")
+        return ["split", ds, "-o", tmp / "s.yaml", "--force"], tmp / "s.yaml"
+    if case == "score with --name ..":
+        return [
+            "score",
+            "--pred",
+            scans,
+            "--gt",
+            scans,
+            "--project",
+            tmp / "p",
+            "--name",
+            "..",
+        ], "'..'"
     raise AssertionError(case)
 
 
@@ -828,6 +1004,8 @@ CLI_CASES = [
     "garbage onnx",
     "damaged zip",
     "dataset without patients",
+    "split to a FIFO",
+    "score with --name ..",
 ]
 
 
