@@ -915,7 +915,8 @@ def _png(path: Path | bytes, seed: int = 0) -> None:
 
 
 def _cli_bytes(args: list, stdin: bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    # strict UTF-8 stdio, as in a user's en_US.UTF-8 terminal (the C locale is lenient)
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONIOENCODING": "utf-8:strict"}
     return subprocess.run(
         [sys.executable, "-m", "brainseg", *map(str, args)],
         input=stdin,

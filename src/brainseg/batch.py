@@ -240,47 +240,51 @@ class InputStats:
         self.earlier_outputs += 1
 
 
-def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
-    """(path, error) per non-empty line of stdin: read as bytes and decoded as file names
-    are (invalid UTF-8 kept as the bytes it names), lines over :data:`MAX_PATH_BYTES` and
-    lines with a NUL byte come back as errors (the run goes on)."""
-    n = 0
-
-    def check(name: str, too_long: bool) -> tuple[str, str]:
-        if too_long:
-            return (
-                one_line(name[:60]) + "...",
-                f"line {n} of stdin is longer than {MAX_PATH_BYTES} bytes "
-                f"(starts {one_line(name[:60])!s}...): not a file path",
-            )
-        if "\0" in name:
-            return one_line(name), (
-                f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can"
-            )
-        return name, ""
-
-    if stream is not None:  # lines given as text (the library, tests)
-        for line in stream:
-            n += 1
-            name = line.rstrip("\r\n")
-            if name.strip():
-                yield check(name, len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES)
+def read_stdin_lines(buf: Any = None) -> Iterator[str]:
+    """The lines of stdin as file names, lazily: read as bytes and decoded as the OS decodes
+    names (invalid UTF-8 kept as the bytes it names, whatever the locale's stdin encoding),
+    a line longer than :data:`MAX_PATH_BYTES` cut to one byte more without being held whole
+    (so :func:`_stdin_lines` reports it as too long). ``buf`` is a binary stream (default
+    ``sys.stdin.buffer``); a text stdin without one (a test's StringIO) is read as text."""
+    buf = buf if buf is not None else getattr(sys.stdin, "buffer", None)
+    if buf is None:
+        yield from sys.stdin
         return
-    buf = sys.stdin.buffer
     while True:
         raw = buf.readline(MAX_PATH_BYTES + 2)
         if not raw:
             return
-        n += 1
-        too_long = len(raw.rstrip(b"\r\n")) > MAX_PATH_BYTES
-        while too_long and not raw.endswith(b"\n"):  # drop the rest of the line, in pieces
-            rest = buf.readline(1 << 16)
-            if not rest:
-                break
-            raw = raw[:MAX_PATH_BYTES] + rest[-1:]
-        name = os.fsdecode(raw.rstrip(b"\r\n"))
-        if name.strip():
-            yield check(name, too_long)
+        if len(raw.rstrip(b"\r\n")) > MAX_PATH_BYTES:
+            while not raw.endswith(b"\n"):  # drop the rest of the line, in pieces
+                rest = buf.readline(1 << 16)
+                if not rest:
+                    break
+                raw = raw[: MAX_PATH_BYTES + 1] + rest[-1:]
+            raw = raw[: MAX_PATH_BYTES + 1] + b"\n"
+        yield os.fsdecode(raw)
+
+
+def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
+    """(path, error) per non-empty line of stdin (:func:`read_stdin_lines` by default):
+    lines over :data:`MAX_PATH_BYTES` and lines with a NUL byte come back as errors, and the
+    run goes on."""
+    for n, line in enumerate(stream if stream is not None else read_stdin_lines(), 1):
+        name = line.rstrip("\r\n")
+        if not name.strip():
+            continue
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            yield (
+                one_line(name[:60]) + "...",
+                f"line {n} of stdin is longer than {MAX_PATH_BYTES} bytes "
+                f"(starts {one_line(name[:60])}...): not a file path",
+            )
+        elif "\0" in name:
+            yield (
+                one_line(name),
+                (f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can"),
+            )
+        else:
+            yield name, ""
 
 
 def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[InputFile]:
