@@ -1104,3 +1104,9 @@ def test_stale_and_foreign_locks(tiny: Path, tmp_path: Path) -> None:
     r = run_cli(["predict", tiny, "scans", "-o", "out", "--force"], cwd=tmp_path)
     assert r.returncode == 2 and "pid 4242 on host elsewhere.example" in r.stderr, r.stderr
     assert "delete out/.brainseg-predict.lock" in r.stderr  # what to do if that run is over
+
+
+def test_a_named_path_with_a_newline_is_named_on_one_line(tiny: Path, tmp_path: Path) -> None:
+    r = run_cli(["predict", tiny, "no\nsuch.png", "-o", "out"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[0] == "error: input no\\nsuch.png does not exist", r.stderr

@@ -38,6 +38,7 @@ from brainseg.fsutil import (
     check_target,
     folder_lock,
     make_temp_file,
+    one_line,
     remove_stale_temps,
     write_error,
 )
@@ -72,19 +73,6 @@ SIDE_FILE = re.compile(
 OUTPUT_NAME = re.compile(r"_(mask|prob|overlay)\.(tif|tiff|png)$", re.IGNORECASE)
 #: Longest path line read from stdin (PATH_MAX); a longer line is an error row, not a path.
 MAX_PATH_BYTES = 4096
-
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
-
-
-def one_line(text: str) -> str:
-    """``text`` as one printable line of valid UTF-8: bytes of a non-UTF-8 file name
-    (surrogate escapes) become ``\\xe9``, newlines and other control characters ``\\n`` /
-    ``\\x00`` (as repr writes them), so a summary row or a message never breaks or dies."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
 
 
 def _dir_key(path: Path) -> tuple[int, int] | None:
@@ -348,12 +336,12 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
             continue
         if not Path(item).exists():
             raise BrainsegError(
-                f"input {item} does not exist",
+                f"input {one_line(item)} does not exist",
                 hint="pass existing image files, folders, quoted globs or -",
             )
         if not include_masks and Path(item).is_file() and is_mask_name(item):
             raise BrainsegError(
-                f"input {item} is a ground-truth mask (*_mask.*), not a scan",
+                f"input {one_line(item)} is a ground-truth mask (*_mask.*), not a scan",
                 hint="pass the scan next to it, or --include-masks to predict masks on purpose",
             )
 
@@ -478,22 +466,24 @@ def check_outputs(item: InputFile, opts: BatchOptions, root: Path) -> _Outputs:
     (the resolved -o folder), be the input itself or the input's ground-truth mask."""
     outs = output_paths(item.rel, opts)
     src = item.path.resolve()
+    src_name, out_name = one_line(str(item.path)), one_line(str(opts.out_dir))
     for p in outs.all():
+        name = one_line(str(p))
         if not _inside(p.parent, root):
             raise BrainsegError(
-                f"output {p} would be written outside {opts.out_dir} "
+                f"output {name} would be written outside {out_name} "
                 "(a link inside the output folder points elsewhere)",
                 hint="remove the link or choose another -o folder",
             )
         dst = p.resolve()
         if dst == src:
             raise BrainsegError(
-                f"output {p} is the input file {item.path} itself",
+                f"output {name} is the input file {src_name} itself",
                 hint="choose an -o folder outside the data (e.g. -o masks/)",
             )
         if dst.parent == src.parent and dst.stem.lower() == f"{src.stem.lower()}_mask":
             raise BrainsegError(
-                f"output {p} is the ground-truth mask name of input {item.path} "
+                f"output {name} is the ground-truth mask name of input {src_name} "
                 "(-o points into the data): predictions would overwrite or pass for ground truth",
                 hint="choose an -o folder outside the data (e.g. -o masks/); --force never "
                 "writes there",

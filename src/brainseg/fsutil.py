@@ -14,6 +14,19 @@ from pathlib import Path
 
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line of valid UTF-8: bytes of a non-UTF-8 file name
+    (surrogate escapes) become ``\\xe9``, newlines and other control characters ``\\n`` /
+    ``\\x00`` (as repr writes them), so a summary row or a message never breaks or dies."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
 
 def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
     if exc.errno == errno.ENOSPC:
@@ -49,11 +62,13 @@ def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
         raise _fail_write(path, exc) from exc
     if stat.S_ISREG(st.st_mode):
         if not force:
-            raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
+            raise BrainsegError(
+                f"{one_line(str(path))} already exists", hint="pass --force to overwrite it"
+            )
         return
     kind = file_kind(st.st_mode)
     raise BrainsegError(
-        f"{path} is a {kind}, not a regular file: brainseg writes only regular files"
+        f"{one_line(str(path))} is a {kind}, not a regular file: brainseg writes only regular files"
         + (" (not even with --force)" if force else ""),
         hint="choose a new file name"
         + (" (or - for stdout where the command offers it)" if kind != "folder" else ""),
@@ -219,11 +234,11 @@ def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterato
             else ""
         )
         raise BrainsegError(
-            f"{folder} is in use by another run ({owner.get('what') or 'brainseg'}, pid {pid} "
-            f"on host {host}{when}): two runs writing into one folder would overwrite each "
-            "other's files and summary",
+            f"{one_line(str(folder))} is in use by another run "
+            f"({owner.get('what') or 'brainseg'}, pid {pid} on host {host}{when}): two runs "
+            "writing into one folder would overwrite each other's files and summary",
             hint=f"wait for that run to end, or use another output folder; if no such run is "
-            f"alive any more, delete {lock}",
+            f"alive any more, delete {one_line(str(lock))}",
         )
     else:  # pragma: no cover - five lost races in a row
         raise BrainsegError(f"cannot take the lock {lock}", hint="run the command again")
