@@ -163,3 +163,15 @@ def test_run_folder_names_are_plain_folder_names(tmp_path: Path, name: str) -> N
         next_run_dir(project, name)
     assert not project.exists() or list(project.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["project"])
+
+
+def test_the_phantom_dataset_folder_follows_the_umask(tmp_path: Path) -> None:
+    from brainseg.data.synthetic import write_synthetic
+
+    old = os.umask(0o022)
+    try:
+        root = write_synthetic(tmp_path, patients=1, size=32, slices=(4, 4))
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [root, *root.iterdir()] if p.is_dir()}
+    assert modes == {0o755}, modes
