@@ -781,7 +781,8 @@ _NAME_BYTES = st.lists(
 
 
 def _entry(folder: Path, name: bytes, kind: str, ext: bytes) -> bytes:
-    path = os.fsencode(folder) + b"/" + name + ext
+    # "f" first: never ".", "..", a hidden name, or the link targets below
+    path = os.fsencode(folder) + b"/f" + name + ext
     if kind == "image":
         Path(os.fsdecode(path)).write_bytes(encode(image(len(name)), "png"))
     elif kind == "garbage":
