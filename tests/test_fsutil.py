@@ -92,3 +92,86 @@ def test_temporary_names_carry_the_writer(tmp_path: Path) -> None:
         tmp.write_bytes(b"x")
         assert remove_stale_temps(tmp_path) == []  # its writer (this process) is alive
     assert (tmp_path / "m.tif").read_bytes() == b"x"
+
+
+# --------------------------------------------------------------------------- issue 22
+
+
+def _special_targets(tmp_path: Path) -> dict[str, Path]:
+    """Non-regular files a --force write must never replace: a FIFO, links, a device node."""
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    (tmp_path / "real.yaml").write_text("mine")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(tmp_path / "real.yaml")
+    dangling = tmp_path / "dangling.yaml"
+    dangling.symlink_to(tmp_path / "nowhere.yaml")
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    targets = {"fifo": fifo, "link": link, "dangling": dangling, "folder": folder}
+    try:  # a copy of /dev/null's device numbers, made here (root only): never the real one
+        dev = tmp_path / "null.yaml"
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        targets["device"] = dev
+    except (PermissionError, OSError):
+        pass
+    return targets
+
+
+def _kind(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return stat.S_IFMT(st.st_mode), st.st_ino
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_force_never_replaces_a_device_fifo_link_or_folder(tmp_path: Path, force: bool) -> None:
+    targets = _special_targets(tmp_path)
+    before = {k: _kind(p) for k, p in targets.items()}
+    for name, target in targets.items():
+        with pytest.raises(BrainsegError) as err:
+            atomic_write_text(target, "new", force=force)
+        text = str(err.value)
+        assert str(target) in text and "\n" not in text, (name, text)
+        if force:
+            assert "not a regular file" in text, (name, text)
+    assert {k: _kind(p) for k, p in targets.items()} == before
+    assert (tmp_path / "real.yaml").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_temporary_files_and_folders_follow_the_umask(tmp_path: Path) -> None:
+    from brainseg.fsutil import make_temp_dir, make_temp_file
+
+    old = os.umask(0o027)
+    try:
+        f = make_temp_file(tmp_path / "summary.csv")
+        d = make_temp_dir(tmp_path, "kaggle_3m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o640
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    assert f.name.startswith(temp_prefix("summary.csv"))
+    assert d.name.startswith(temp_prefix("kaggle_3m"))
+    assert sorted(remove_stale_temps(tmp_path)) == []  # this process is alive
+
+
+@pytest.mark.parametrize("name", ["/", "..", ".", "", "a/b", "../x", "ABS", "a\\b", "x\0y"])
+def test_run_folder_names_are_plain_folder_names(tmp_path: Path, name: str) -> None:
+    project = tmp_path / "project"  # not made: "/" then cannot reach the real root
+    name = str(tmp_path / "abs") if name == "ABS" else name  # an absolute name, kept in tmp
+    with pytest.raises(BrainsegError, match="plain folder name"):
+        next_run_dir(project, name)
+    assert not project.exists() or list(project.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["project"])
+
+
+def test_the_phantom_dataset_folder_follows_the_umask(tmp_path: Path) -> None:
+    from brainseg.data.synthetic import write_synthetic
+
+    old = os.umask(0o022)
+    try:
+        root = write_synthetic(tmp_path, patients=1, size=32, slices=(4, 4))
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [root, *root.iterdir()] if p.is_dir()}
+    assert modes == {0o755}, modes

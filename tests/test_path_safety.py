@@ -289,3 +289,59 @@ def test_dataset_with_symlink_loops_is_read_without_hanging(
             assert "again" in exc.message or "loop" in exc.message
             return
     assert len(data.patient_ids) >= 6
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_run_folders_never_leave_the_project(
+    model: Path, phantom_root: Path, tmp_path: Path, command: str
+) -> None:
+    """`--name ..`, `--name /abs/path` etc. are refused (exit 2, one line) before any work,
+    by eval and score as by train; nothing is written anywhere."""
+    work = tmp_path / "work"
+    masks = work / "masks"
+    masks.mkdir(parents=True)
+    (masks / "p_1_mask.png").write_bytes(encode(image(1)[..., 0] * 0, "png"))
+    before = _tree(tmp_path)
+    if command == "score":
+        args = ["score", "--pred", masks, "--gt", masks]
+    else:
+        args = ["eval", model, phantom_root, "--device", "cpu"]
+    # ("/" is covered in test_fsutil: here, before the fix, it would write into the real /)
+    for name in ["..", ".", "a/b", str(tmp_path / "elsewhere"), ""]:
+        r = run_cli([*args, "--project", "proj", "--name", name, "--exist-ok"], cwd=work)
+        assert r.returncode == 2, (name, r.stderr)
+        assert "run name must be a plain folder name" in r.stderr, (name, r.stderr)
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+        assert _tree(tmp_path) == before, (name, r.stderr)
+
+
+# --------------------------------------------------------------------------- device targets
+
+
+def test_split_never_replaces_a_device_fifo_or_link_and_writes_to_stdout(
+    phantom_root: Path, tmp_path: Path
+) -> None:
+    from test_fsutil import _kind, _special_targets
+
+    targets = _special_targets(tmp_path)
+    before = {k: _kind(p) for k, p in targets.items()}
+    for name, target in targets.items():
+        r = run_cli(["split", phantom_root, "-o", target, "--force"], cwd=tmp_path, timeout=120)
+        assert r.returncode == 2, (name, r.stderr)
+        assert "not a regular file" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+    assert {k: _kind(p) for k, p in targets.items()} == before
+    assert (tmp_path / "real.yaml").read_text() == "mine"
+    r = run_cli(["split", phantom_root, "-o", tmp_path / "s.yaml", "--seed", "3"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["split", phantom_root, "-o", "-", "--seed", "3"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (tmp_path / "s.yaml").read_text()  # the YAML and nothing else
+    assert "patients" in r.stderr  # the table went to stderr
+    assert not (tmp_path / "-").exists()

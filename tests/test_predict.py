@@ -879,3 +879,234 @@ def test_usage_lines_name_arguments_in_posix_style(run) -> None:
         usage = next(x for x in r.stdout.splitlines() if "Usage:" in x)
         assert usage.split("Usage:")[1].strip() == line, usage
         assert "{" not in usage
+
+
+# --------------------------------------------------------------------------- issue 22
+
+
+def test_summary_has_the_mode_of_every_other_output(
+    run, models: dict[str, Path], scans: Path, tmp_path: Path
+) -> None:
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        r = run(["predict", models["onnx"], scans, "-o", "out"])
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes["summary.csv"] == modes["top_mask.tif"] == 0o644, modes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from _tiny import tiny_onnx
+
+    return tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+def _png(path: Path | bytes, seed: int = 0) -> None:
+    from _tiny import encode, image
+
+    with open(path, "wb") as f:
+        f.write(encode(image(seed), "png"))
+
+
+def _cli_bytes(args: list, stdin: bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    # strict UTF-8 stdio, as in a user's en_US.UTF-8 terminal (the C locale is lenient)
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONIOENCODING": "utf-8:strict"}
+    return subprocess.run(
+        [sys.executable, "-m", "brainseg", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,  # a hang fails the test instead of stalling the suite
+    )
+
+
+def _one_line_errors(stderr: str) -> None:
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    for line in stderr.splitlines():  # every line is a message of its own
+        assert line.startswith(
+            ("error:", "warning:", "hint:", "model ", "summary:", "predict")
+        ) or (line.strip() == "" or "│" in line or "┃" in line or "━" in line or "─" in line), (
+            line,
+            stderr,
+        )
+
+
+def test_fifos_in_a_folder_and_on_stdin_are_skipped_with_a_reason(tiny: Path, tmp_path: Path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _png(scans / "a.png")
+    os.mkfifo(scans / "f.png")  # nobody ever writes to it: reading it would block forever
+    r = run_cli(["predict", tiny, scans, "-o", "out", "--json"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["path"] for x in r.stdout.splitlines()] == [str(scans / "a.png")]
+    line = next(x for x in r.stderr.splitlines() if "f.png" in x)
+    assert "not regular files" in line and "FIFO" in line
+    r = run_cli(["predict", tiny, "-", "-o", "out2", "--json"], input="scans/f.png\nscans/a.png\n",
+                cwd=tmp_path, timeout=120)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(x["path"], x["status"]) for x in rows] == [
+        ("scans/f.png", "error"),
+        ("scans/a.png", "ok"),
+    ]
+    assert "FIFO" in rows[0]["error"] and "not a regular file" in rows[0]["error"]
+
+
+def test_odd_names_and_stdin_garbage_are_rows_of_their_own(tiny: Path, tmp_path: Path) -> None:
+    """A non-UTF-8 name, a name with a newline, invalid UTF-8, NUL and an over-long line on
+    stdin: each is that file's row (one-line error), the run goes on and the summary is whole."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    bad = os.fsencode(scans) + b"/\xe9t\xe9.png"  # latin-1 "été": not UTF-8
+    _png(bad)
+    for i in range(3):
+        _png(scans / f"ok{i}.png", i)
+    (scans / "new\nline.png").write_bytes(b"not a png")  # unreadable: an error row
+    r = _cli_bytes(["predict", tiny, "scans", "-o", "out", "--json"], b"", tmp_path)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1, err
+    _one_line_errors(err)
+    rows = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    assert len(rows) == 5 and [x["status"] for x in rows].count("ok") == 4, rows
+    assert os.path.exists(os.fsencode(tmp_path) + b"/out/\xe9t\xe9_mask.tif")
+    assert "scans/new\\nline.png" in err  # escaped, on one line
+    assert len(_summary(tmp_path / "out" / "summary.csv")) == 5
+    (tmp_path / "out" / "summary.csv").read_text(encoding="utf-8")  # valid UTF-8
+
+    stdin = (
+        b"scans/ok0.png\n" + bad + b"\n" + b"scans/\xff\xfe.png\n" + b"scans/nul\x00.png\n"
+        + b"scans/" + b"x" * 100_000 + b".png\n" + b"scans/ok1.png\n"
+    )  # fmt: skip
+    r = _cli_bytes(["predict", tiny, "-", "-o", "out2", "--json"], stdin, tmp_path)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1, err
+    _one_line_errors(err)
+    rows = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    assert [x["status"] for x in rows] == ["ok", "ok", "error", "error", "error", "ok"], rows
+    assert "no such file" in rows[2]["error"] and "\\xff\\xfe" in rows[2]["error"]
+    assert "NUL" in rows[3]["error"] and "longer than" in rows[4]["error"]
+    assert len(_summary(tmp_path / "out2" / "summary.csv")) == 6
+
+
+def test_output_folder_inside_an_input_still_predicts_the_files_there(tiny: Path, tmp_path):
+    data = tmp_path / "data" / "kaggle_3m"
+    for pid, n in (("P1", 3), ("P2", 2)):
+        (data / pid).mkdir(parents=True)
+        for k in range(1, n + 1):
+            _png(data / pid / f"{pid}_{k}.png", k)
+            _png(data / pid / f"{pid}_{k}_mask.png", 0)
+    (data / "README.md").write_text("# dataset\n")
+    (data / "data.csv").write_text("Patient,x\nP1,1\n")
+    out = data / "P1"
+    r = run_cli(["predict", tiny, tmp_path / "data", "-o", out, "--overlay", "--json"],
+                cwd=tmp_path, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    done = sorted(Path(json.loads(x)["path"]).name for x in r.stdout.splitlines())
+    assert done == ["P1_1.png", "P1_2.png", "P1_3.png", "P2_1.png", "P2_2.png"]
+    assert "README.md" not in r.stderr and "data.csv" not in r.stderr  # known side files
+    r = run_cli(["predict", tiny, tmp_path / "data", "-o", out, "--overlay", "--skip-existing",
+                 "--json"], cwd=tmp_path, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(rows) == 5 and {x["status"] for x in rows} == {"skipped"}  # outputs not inputs
+
+
+def test_a_later_run_over_fewer_files_keeps_the_earlier_rows(tiny: Path, tmp_path: Path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        _png(scans / f"x{i}.png", i)
+    r = run_cli(["predict", tiny, "scans/*.png", "-o", "out"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["predict", tiny, "scans/x1*.png", "-o", "out", "--force"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = _summary(tmp_path / "out" / "summary.csv")
+    assert sorted((x["path"], x["status"]) for x in rows) == [
+        ("scans/x0.png", "ok"), ("scans/x1.png", "ok"), ("scans/x2.png", "ok")
+    ]  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``path`` exists (an event of the other process), failing if it exits."""
+    import time
+
+    for _ in range(1200):  # 60 s at most: a bound against a hang, not a timing check
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} ended first: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: {path} never appeared")
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """Run 1 is held inside its run by its stdin (a pipe this test controls); run 2 into the
+    same folder is refused with run 1's host and pid and changes nothing; run 1 then ends
+    normally and its summary is whole."""
+    import socket
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        _png(scans / f"x{i}.png", i)
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    run1 = subprocess.Popen(
+        [sys.executable, "-m", "brainseg", "predict", str(tiny), "-", "-o", "out"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+    try:
+        assert run1.stdin is not None
+        run1.stdin.write(b"scans/x0.png\n")
+        run1.stdin.flush()
+        _wait_for(tmp_path / "out" / ".brainseg-predict.lock", run1, "run 1")
+        before = sorted(p.name for p in (tmp_path / "out").iterdir())
+        for flags in ([], ["--skip-existing"], ["--force"]):
+            r = run_cli(["predict", tiny, "scans", "-o", "out", *flags], cwd=tmp_path)
+            assert r.returncode == 2, (flags, r.stderr)
+            assert "in use by another run" in r.stderr, r.stderr
+            assert f"pid {run1.pid} on host {socket.gethostname()}" in r.stderr, r.stderr
+            assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+        run1.stdin.write(b"scans/x1.png\nscans/x2.png\n")
+        run1.stdin.close()
+        assert run1.wait(timeout=120) == 0, run1.communicate()
+    finally:
+        if run1.poll() is None:
+            run1.kill()
+            run1.wait()
+    rows = _summary(tmp_path / "out" / "summary.csv")
+    assert [(x["path"], x["status"]) for x in rows] == [(f"scans/x{i}.png", "ok") for i in range(3)]
+    assert not (tmp_path / "out" / ".brainseg-predict.lock").exists()  # released at the end
+
+
+def test_stale_and_foreign_locks(tiny: Path, tmp_path: Path) -> None:
+    import socket
+
+    from test_fsutil import dead_pid
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _png(scans / "x0.png")
+    lock = tmp_path / "out" / ".brainseg-predict.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    r = run_cli(["predict", tiny, "scans", "-o", "out"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # a killed run's lock is taken over
+    assert not lock.exists()
+    lock.write_text(json.dumps({"host": "elsewhere.example", "pid": 4242}))
+    r = run_cli(["predict", tiny, "scans", "-o", "out", "--force"], cwd=tmp_path)
+    assert r.returncode == 2 and "pid 4242 on host elsewhere.example" in r.stderr, r.stderr
+    assert "delete out/.brainseg-predict.lock" in r.stderr  # what to do if that run is over
+
+
+def test_a_named_path_with_a_newline_is_named_on_one_line(tiny: Path, tmp_path: Path) -> None:
+    r = run_cli(["predict", tiny, "no\nsuch.png", "-o", "out"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[0] == "error: input no\\nsuch.png does not exist", r.stderr

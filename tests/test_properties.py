@@ -938,17 +938,224 @@ def test_damaged_nifti_read_or_fail_clearly(
         assert out.data.dtype == np.uint8 and out.data.shape[-1] == 3
 
 
+# --------------------------------------------------------------------------- odd files, stdin
+
+#: Kinds of folder entries predict meets (issue 22): images, garbage, FIFOs, links, odd names.
+_ENTRY_KINDS = ["image", "garbage", "fifo", "dangling link", "link to image", "folder"]
+#: Name bytes: plain, non-UTF-8 (latin-1 "é", lone continuation bytes), controls, newline.
+_NAME_BYTES = st.lists(
+    st.sampled_from([b"a", b"Z", b"0", b"_mask", b"\xe9", b"\xff", b"\x80", b"\n", b"\r",
+                     b"\t", b" ", b"-", b"\x1b", "é".encode(), b".", b"'", b'"', b"\\"]),
+    min_size=1,
+    max_size=6,
+).map(b"".join)  # fmt: skip
+
+
+def _entry(folder: Path, name: bytes, kind: str, ext: bytes) -> bytes:
+    # "f" first: never ".", "..", a hidden name, or the link targets below
+    path = os.fsencode(folder) + b"/f" + name + ext
+    if kind == "image":
+        Path(os.fsdecode(path)).write_bytes(encode(image(len(name)), "png"))
+    elif kind == "garbage":
+        Path(os.fsdecode(path)).write_bytes(b"\x89PNG\r\n" + name * 3)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling link":
+        os.symlink(os.fsencode(folder) + b"/nowhere.png", path)
+    elif kind == "link to image":
+        target = os.fsencode(folder) + b"/target.png"
+        if not os.path.exists(target):
+            Path(os.fsdecode(target)).write_bytes(encode(image(9), "png"))
+        os.symlink(target, path)
+    else:
+        os.mkdir(path)
+    return path
+
+
+def _with_stdin(data: bytes, fn: Callable[[], Any]) -> Any:
+    import sys
+
+    old = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    try:
+        return fn()
+    finally:
+        sys.stdin = old
+
+
+def _snapshot(root: Path) -> dict[bytes, tuple[int, int, int]]:
+    out = {}
+    for folder, dirs, files in os.walk(os.fsencode(root)):
+        for name in dirs + files:
+            st_ = os.lstat(os.path.join(folder, name))
+            out[os.path.join(folder, name)] = (st_.st_mode, st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+@settings(max_examples=scale(40))
+@given(data=st.data())
+def test_odd_entries_and_stdin_garbage_are_rows_never_a_crash_or_hang(
+    onnx_bytes: bytes, data: st.DataObject, tmp_path: Path
+) -> None:
+    """A folder of FIFOs, dangling links, non-UTF-8 / control-character names, garbage and
+    good images, and stdin lines of random bytes (invalid UTF-8, NUL, over-long): predict
+    ends (no hang: a FIFO is never opened), every input it took is one summary row of one
+    valid UTF-8 line, and nothing outside -o changes."""
+    from brainseg import batch
+
+    case = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+    scans, out = case / "scans", case / "out"
+    scans.mkdir(parents=True)
+    model = case / "m.onnx"
+    model.write_bytes(onnx_bytes)
+    entries = data.draw(
+        st.lists(
+            st.tuples(
+                _NAME_BYTES, st.sampled_from(_ENTRY_KINDS), st.sampled_from([b".png", b".tif", b""])
+            ),
+            min_size=1, max_size=6, unique_by=lambda t: t[0] + t[2],
+        ),
+        label="entries",
+    )  # fmt: skip
+    paths = [_entry(scans, n, k, e) for n, k, e in entries]
+    use_stdin = data.draw(st.booleans(), label="stdin?")
+    lines = data.draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from(paths),
+                st.binary(max_size=40),
+                st.just(b"x" * 5000),
+                st.just(b"scans/\x00nul.png"),
+            ),
+            max_size=6,
+        ),
+        label="stdin lines",
+    )
+    stdin = b"\n".join(lines) + b"\n"
+    before = _snapshot(scans)
+    opts = batch.PredictOptions(
+        models=[model], inputs=["-" if use_stdin else str(scans)], out_dir=out, device="cpu"
+    )
+    res = check(
+        "predict: FIFOs, links, odd names, stdin garbage",
+        lambda: _with_stdin(stdin, lambda: batch.predict_inputs(opts)),
+        [scans, "-", "no images found"],
+        seconds=60,
+    )
+    assert _snapshot(scans) == before  # inputs untouched (nothing written outside -o)
+    if res is None or res.written is None:
+        return
+    text = res.written.read_bytes().decode("utf-8")  # valid UTF-8, whatever the names
+    import csv as _csv
+
+    rows = list(_csv.DictReader(io.StringIO(text, newline="")))
+    assert len(rows) == res.done
+    for row in rows:
+        assert all("\n" not in v and "\r" not in v for v in row.values()), row
+
+
+@settings(max_examples=scale(40))
+@given(
+    kind=st.sampled_from(["missing", "regular", "fifo", "link", "dangling", "folder", "device"]),
+    force=st.booleans(),
+)
+def test_writes_go_to_regular_files_only(kind: str, force: bool, tmp_path: Path) -> None:
+    """atomic writes (every output of every command): a device, FIFO, link or folder at the
+    target is refused with one clear line, even with --force, and stays what it was."""
+    import stat as _stat
+
+    from brainseg.fsutil import atomic_write_text
+
+    case = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+    case.mkdir()
+    target = case / "out.yaml"
+    (case / "real.yaml").write_text("mine")
+    if kind == "regular":
+        target.write_text("old")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link":
+        target.symlink_to(case / "real.yaml")
+    elif kind == "dangling":
+        target.symlink_to(case / "nowhere")
+    elif kind == "folder":
+        target.mkdir()
+    elif kind == "device":
+        try:
+            os.mknod(target, _stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a copy of /dev/null
+        except OSError:
+            return
+    before = os.lstat(target) if kind != "missing" else None
+    res = check("atomic write: device, FIFO, link, folder targets",
+                lambda: atomic_write_text(target, "new", force=force), [target])  # fmt: skip
+    if res is not None:
+        assert kind == "missing" or (kind == "regular" and force)
+        assert target.read_text() == "new" and _stat.S_ISREG(os.lstat(target).st_mode)
+    else:
+        after = os.lstat(target)
+        assert before is not None and (after.st_mode, after.st_ino) == (
+            before.st_mode,
+            before.st_ino,
+        )
+    assert (case / "real.yaml").read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- the real CLI
+
+
+def _cli_case_issue22(
+    case: str, tmp: Path, ds: Path, scans: Path
+) -> tuple[list[Any], Path | str] | None:
+    """The issue-22 bad-input commands (limits, odd targets); None for the other cases."""
+    if case == "yaml alias bomb as config":
+        lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+        lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+        (tmp / "c.yaml").write_text("\n".join(lines) + "\n")
+        return ["train", ds, "--fold", "all", "--config", tmp / "c.yaml"], tmp / "c.yaml"
+    if case == "huge shard count":
+        return [
+            "predict",
+            tiny_onnx(tmp / "m.onnx"),
+            scans,
+            "-o",
+            tmp / "o",
+            "--shard",
+            "0/" + "9" * 30,
+        ], "--shard"
+    if case == "train seed 2**64":
+        return ["train", ds, "--fold", "all", "--seed", str(2**64)], "seed"
+    if case == "train project is a file":
+        (tmp / "file.txt").write_text("x\n")
+        return ["train", ds, "--fold", "all", "--project", tmp / "file.txt"], tmp / "file.txt"
+    if case == "split to a FIFO":
+        os.mkfifo(tmp / "s.yaml")
+        return ["split", ds, "-o", tmp / "s.yaml", "--force"], tmp / "s.yaml"
+    if case == "score with --name ..":
+        return [
+            "score",
+            "--pred",
+            scans,
+            "--gt",
+            scans,
+            "--project",
+            tmp / "p",
+            "--name",
+            "..",
+        ], "'..'"
+    return None
 
 
 def _cli_case(
     case: str, tmp: Path, ckpt_raw: bytes, archive: bytes, ds: Path
-) -> tuple[list[Any], Path]:
+) -> tuple[list[Any], Path | str]:
     """The arguments of one bad-input ``brainseg`` command (files made in ``tmp``) and the
     input its error must name."""
     scans = tmp / "scans"
     scans.mkdir()
     (scans / "a.png").write_bytes(encode(image(1), "png"))
+    found = _cli_case_issue22(case, tmp, ds, scans)
+    if found is not None:
+        return found
     if case == "config with odd keys":
         (tmp / "c.yaml").write_text('"[/x]": 1\n0: null\ndecoder_channels: null\n')
         return ["train", ds, "--split", tmp / "c.yaml", "--config", tmp / "c.yaml"], tmp / "c.yaml"
@@ -979,26 +1186,6 @@ def _cli_case(
         (tmp / "lgg.zip").write_bytes(bytes(cut))
         args = ["download", "lgg", "--from-file", tmp / "lgg.zip", "--dest", tmp / "d"]
         return args, tmp / "lgg.zip"
-    if case == "yaml alias bomb as config":
-        lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
-        lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
-        (tmp / "c.yaml").write_text("\n".join(lines) + "\n")
-        return ["train", ds, "--fold", "all", "--config", tmp / "c.yaml"], tmp / "c.yaml"
-    if case == "huge shard count":
-        return [
-            "predict",
-            tiny_onnx(tmp / "m.onnx"),
-            scans,
-            "-o",
-            tmp / "o",
-            "--shard",
-            "0/" + "9" * 30,
-        ], "--shard"
-    if case == "train seed 2**64":
-        return ["train", ds, "--fold", "all", "--seed", str(2**64)], "seed"
-    if case == "train project is a file":
-        (tmp / "file.txt").write_text("x\n")
-        return ["train", ds, "--fold", "all", "--project", tmp / "file.txt"], tmp / "file.txt"
     if case == "dataset without patients":
         (tmp / "empty" / "kaggle_3m").mkdir(parents=True)
         return [
@@ -1023,6 +1210,8 @@ CLI_CASES = [
     "huge shard count",
     "train seed 2**64",
     "train project is a file",
+    "split to a FIFO",
+    "score with --name ..",
 ]
 
 

@@ -500,3 +500,44 @@ def test_volume_json_lines_stop_cleanly_when_stdout_closes(run, tiny, tmp_path, 
     assert [json.loads(ln)["case"] for ln in r.stdout.splitlines()] == ["c0"]
     assert "stdout closed: stopped after 2 case(s)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- issue 22
+
+
+@pytest.mark.parametrize("flag", [[], ["--skip-existing"], ["--force"]])
+def test_a_label_volume_beside_its_case_is_never_an_output(run, tiny, tmp_path, flag):
+    """-o into the cases: <case>_mask.nii.gz there is the case's ground truth (the label
+    naming eval reads), so predict refuses the layout whatever the flags, and writes nothing."""
+    src = tmp_path / "cases"
+    v = blob_volume()
+    save_nifti(src / "A.nii.gz", v)
+    save_nifti(src / "A_mask.nii.gz", (v[..., 1] > 200).astype(np.uint8))
+    save_case(src / "B", "B", blob_volume(1))  # a case folder, no label yet
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    for out in (src, src / "B"):
+        r = run(["predict", tiny, src, "-o", out, *flag])
+        assert r.returncode == 2, (out, r.stderr)
+        assert "ground-truth" in r.stderr and "choose an -o folder outside" in r.stderr
+        assert "already exists" not in r.stderr, r.stderr  # no flag makes it right
+        assert "Traceback" not in r.stderr
+        after = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+        assert after == before, sorted(set(after) - set(before))
+    r = run(["predict", tiny, src, "-o", tmp_path / "masks"])
+    assert r.returncode == 0, r.stderr
+    assert _outputs(tmp_path / "masks") == sorted(
+        ["A.json", "A_mask.nii.gz", "B.json", "B_mask.nii.gz", "summary.csv"]
+    )
+
+
+def test_a_later_volume_run_over_fewer_cases_keeps_the_earlier_rows(run, tiny, tmp_path):
+    src = tmp_path / "cases"
+    for i in range(3):
+        save_nifti(src / f"c{i}.nii.gz", blob_volume(i))
+    out = tmp_path / "out"
+    assert run(["predict", tiny, src, "-o", out]).returncode == 0
+    r = run(["predict", tiny, src / "c1.nii.gz", "-o", out, "--force"])
+    assert r.returncode == 0, r.stderr
+    rows = csv_rows(out / "summary.csv")
+    assert sorted((x["case"], x["status"]) for x in rows) == [(f"c{i}", "ok") for i in range(3)]
+    assert not (out / ".brainseg-predict.lock").exists()

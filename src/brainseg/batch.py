@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,7 +34,14 @@ import numpy as np
 
 from brainseg import console, imageio, postprocess
 from brainseg.errors import EXIT_RUNTIME, BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import remove_stale_temps, temp_prefix, write_error
+from brainseg.fsutil import (
+    check_target,
+    folder_lock,
+    make_temp_file,
+    one_line,
+    remove_stale_temps,
+    write_error,
+)
 from brainseg.imageio import is_mask_name
 from brainseg.predict import SIZE_MULTIPLE, Predictor
 from brainseg.settings import DEFAULT_THRESHOLD
@@ -50,6 +58,21 @@ class InputFile:
 
     path: Path
     rel: PurePosixPath
+    error: str = ""  # a stdin line that names no file (NUL, too long): that line's error row
+
+
+#: Files a dataset keeps beside its images (kaggle_3m's README.md and data.csv) and
+#: predict's own summaries: left out of a folder walk without a warning.
+SIDE_FILE = re.compile(
+    r"^(readme(\.(md|txt|rst))?|licen[cs]e(\.(md|txt))?|data\.csv|thumbs\.db|desktop\.ini"
+    r"|summary(-\d+-of-\d+)?\.(csv|jsonl))$",
+    re.IGNORECASE,
+)
+#: Names predict writes (``<stem>_mask.tif/png``, ``_prob.tif``, ``_overlay.png``): inside the
+#: output folder such files are earlier outputs, never inputs (even with --include-masks).
+OUTPUT_NAME = re.compile(r"_(mask|prob|overlay)\.(tif|tiff|png)$", re.IGNORECASE)
+#: Longest path line read from stdin (PATH_MAX); a longer line is an error row, not a path.
+MAX_PATH_BYTES = 4096
 
 
 def _dir_key(path: Path) -> tuple[int, int] | None:
@@ -66,15 +89,22 @@ def walk_images(
     exclude: Sequence[Path] = (),
     max_depth: int | None = None,
     skipped: Callable[[Path], None] | None = None,
+    outputs: Sequence[Path] = (),
+    irregular: Callable[[Path], None] | None = None,
+    earlier: Callable[[Path], None] | None = None,
 ) -> Iterator[Path]:
     """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
 
     Symlinked folders are followed, but a folder already visited (a link loop, or one folder
     reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
-    and the folders in ``exclude`` (e.g. the output folder) are skipped; other files of a
-    type that cannot be read go to ``skipped``.
+    and the folders in ``exclude`` are skipped; inside the ``outputs`` folders (predict's
+    -o) files named like predict's outputs go to ``earlier``, the other files there are
+    inputs as anywhere else. Only regular files are images (a FIFO named ``x.png`` would
+    block a reader forever): others go to ``irregular``; files of a type that cannot be
+    read go to ``skipped``, except a dataset's known side files (:data:`SIDE_FILE`).
     """
     skip = {os.path.realpath(d) for d in exclude}
+    outs = [os.path.realpath(d) for d in outputs]
     seen: set[tuple[int, int]] = set()
     key = _dir_key(top)
     if key is not None:
@@ -88,6 +118,8 @@ def walk_images(
         except OSError:
             continue
         subdirs: list[Path] = []
+        real = os.path.realpath(folder) if outs else ""
+        in_out = any(real == o or real.startswith(o + os.sep) for o in outs)
         for e in entries:
             if e.name.startswith("."):
                 continue
@@ -103,11 +135,29 @@ def walk_images(
                     continue
                 seen.add(k)
                 subdirs.append(Path(e.path))
-            elif imageio.is_image_path(e.name):
-                yield Path(e.path)
-            elif skipped is not None:
-                skipped(Path(e.path))
+            else:
+                kind = _file_kind(e, in_out)
+                report = {"earlier": earlier, "irregular": irregular, "other": skipped}.get(kind)
+                if kind == "image":
+                    yield Path(e.path)
+                elif report is not None:
+                    report(Path(e.path))
         stack.extend((d, depth + 1) for d in reversed(subdirs))
+
+
+def _file_kind(entry: os.DirEntry[str], in_out: bool) -> str:
+    """What a walk does with a file: "image" (an input), "earlier" (an output of predict
+    inside -o), "irregular" (a FIFO, device or socket named like an image), "side" (a known
+    dataset side file: no warning) or "other" (a type predict does not read)."""
+    if not imageio.is_image_path(entry.name):
+        return "side" if SIDE_FILE.match(entry.name) else "other"
+    if in_out and OUTPUT_NAME.search(entry.name):
+        return "earlier"
+    try:
+        mode = entry.stat().st_mode  # follows links
+    except OSError:
+        return "image"  # a dangling link: that file's error row ("no such file")
+    return "image" if stat.S_ISREG(mode) else "irregular"  # FIFOs, devices, sockets
 
 
 def _glob_base(pattern: str) -> tuple[Path, list[str]]:
@@ -152,19 +202,77 @@ class InputSpec:
 
     items: list[str]
     include_masks: bool = False
-    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
+    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin, read as bytes)
     exclude_dirs: list[Path] = field(default_factory=list)
+    #: The output folder: files named like predict's outputs there are not inputs.
+    output_dirs: list[Path] = field(default_factory=list)
 
 
 @dataclass
 class InputStats:
-    """What a walk of the inputs left out: ground-truth masks and files of other types."""
+    """What a walk of the inputs left out: ground-truth masks, files of other types, files
+    that are not regular files (FIFOs, devices) and earlier outputs inside the -o folder."""
 
     masks: int = 0
     other_types: list[Path] = field(default_factory=list)
+    irregular: list[Path] = field(default_factory=list)
+    earlier_outputs: int = 0
 
     def other(self, path: Path) -> None:
         self.other_types.append(path)
+
+    def not_regular(self, path: Path) -> None:
+        self.irregular.append(path)
+
+    def earlier(self, path: Path) -> None:
+        self.earlier_outputs += 1
+
+
+def read_stdin_lines(buf: Any = None) -> Iterator[str]:
+    """The lines of stdin as file names, lazily: read as bytes and decoded as the OS decodes
+    names (invalid UTF-8 kept as the bytes it names, whatever the locale's stdin encoding),
+    a line longer than :data:`MAX_PATH_BYTES` cut to one byte more without being held whole
+    (so :func:`_stdin_lines` reports it as too long). ``buf`` is a binary stream (default
+    ``sys.stdin.buffer``); a text stdin without one (a test's StringIO) is read as text."""
+    buf = buf if buf is not None else getattr(sys.stdin, "buffer", None)
+    if buf is None:
+        yield from sys.stdin
+        return
+    while True:
+        raw = buf.readline(MAX_PATH_BYTES + 2)
+        if not raw:
+            return
+        if len(raw.rstrip(b"\r\n")) > MAX_PATH_BYTES:
+            while not raw.endswith(b"\n"):  # drop the rest of the line, in pieces
+                rest = buf.readline(1 << 16)
+                if not rest:
+                    break
+                raw = raw[: MAX_PATH_BYTES + 1] + rest[-1:]
+            raw = raw[: MAX_PATH_BYTES + 1] + b"\n"
+        yield os.fsdecode(raw)
+
+
+def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
+    """(path, error) per non-empty line of stdin (:func:`read_stdin_lines` by default):
+    lines over :data:`MAX_PATH_BYTES` and lines with a NUL byte come back as errors, and the
+    run goes on."""
+    for n, line in enumerate(stream if stream is not None else read_stdin_lines(), 1):
+        name = line.rstrip("\r\n")
+        if not name.strip():
+            continue
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            yield (
+                one_line(name[:60]) + "...",
+                f"line {n} of stdin is longer than {MAX_PATH_BYTES} bytes "
+                f"(starts {one_line(name[:60])}...): not a file path",
+            )
+        elif "\0" in name:
+            yield (
+                one_line(name),
+                (f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can"),
+            )
+        else:
+            yield name, ""
 
 
 def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[InputFile]:
@@ -184,24 +292,30 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
         stats.masks += 1
         return False
 
+    walk = {
+        "exclude": exclude,
+        "outputs": spec.output_dirs,
+        "irregular": stats.not_regular,
+        "earlier": stats.earlier,
+    }
     for item in spec.items:
         if item == "-":
-            stream = spec.stdin if spec.stdin is not None else sys.stdin
-            for line in stream:
-                name = line.rstrip("\r\n")
-                if name.strip() and keep(Path(name)):
+            for name, error in _stdin_lines(spec.stdin):
+                if error:
+                    yield InputFile(Path(name), PurePosixPath("-"), error)
+                elif keep(Path(name)):
                     yield InputFile(Path(name), _explicit_rel(Path(name)))
             continue
         p = Path(item)
         if _MAGIC.search(item) and not p.exists():
             base, pats = _glob_base(item)
             depth = None if "**" in pats else len(pats) - 1
-            for f in walk_images(base, exclude=exclude, max_depth=depth):
+            for f in walk_images(base, max_depth=depth, **walk):  # type: ignore[arg-type]
                 rel_parts = f.relative_to(base).parts
                 if _match_parts(rel_parts, pats) and keep(f):
                     yield InputFile(f, PurePosixPath(*rel_parts))
         elif p.is_dir():
-            for f in walk_images(p, exclude=exclude, skipped=stats.other):
+            for f in walk_images(p, skipped=stats.other, **walk):  # type: ignore[arg-type]
                 if keep(f):
                     yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
         else:
@@ -222,12 +336,12 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
             continue
         if not Path(item).exists():
             raise BrainsegError(
-                f"input {item} does not exist",
+                f"input {one_line(item)} does not exist",
                 hint="pass existing image files, folders, quoted globs or -",
             )
         if not include_masks and Path(item).is_file() and is_mask_name(item):
             raise BrainsegError(
-                f"input {item} is a ground-truth mask (*_mask.*), not a scan",
+                f"input {one_line(item)} is a ground-truth mask (*_mask.*), not a scan",
                 hint="pass the scan next to it, or --include-masks to predict masks on purpose",
             )
 
@@ -311,6 +425,11 @@ class FileResult:
     error: str = ""
     notes: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # One printable UTF-8 line each: a file name with a newline or invalid UTF-8 must
+        # not break the summary, a --json line or a message (it is that file's row).
+        self.path, self.output, self.error = map(one_line, (self.path, self.output, self.error))
+
     def row(self) -> dict[str, Any]:
         """The summary columns as a dict (JSON-able)."""
         return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
@@ -357,27 +476,47 @@ def check_outputs(item: InputFile, opts: BatchOptions, root: Path) -> _Outputs:
     (the resolved -o folder), be the input itself or the input's ground-truth mask."""
     outs = output_paths(item.rel, opts)
     src = item.path.resolve()
+    src_name, out_name = one_line(str(item.path)), one_line(str(opts.out_dir))
     for p in outs.all():
+        name = one_line(str(p))
         if not _inside(p.parent, root):
             raise BrainsegError(
-                f"output {p} would be written outside {opts.out_dir} "
+                f"output {name} would be written outside {out_name} "
                 "(a link inside the output folder points elsewhere)",
                 hint="remove the link or choose another -o folder",
             )
         dst = p.resolve()
         if dst == src:
             raise BrainsegError(
-                f"output {p} is the input file {item.path} itself",
+                f"output {name} is the input file {src_name} itself",
                 hint="choose an -o folder outside the data (e.g. -o masks/)",
             )
         if dst.parent == src.parent and dst.stem.lower() == f"{src.stem.lower()}_mask":
             raise BrainsegError(
-                f"output {p} is the ground-truth mask name of input {item.path} "
+                f"output {name} is the ground-truth mask name of input {src_name} "
                 "(-o points into the data): predictions would overwrite or pass for ground truth",
                 hint="choose an -o folder outside the data (e.g. -o masks/); --force never "
                 "writes there",
             )
     return outs
+
+
+def _check_regular(path: Path) -> None:
+    """A named input must be a regular file (a FIFO would block the reader forever)."""
+    from brainseg.fsutil import file_kind
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BrainsegError(f"{path}: no such file", hint="check the path") from None
+    except (OSError, ValueError) as exc:
+        raise BrainsegError(f"{path}: cannot be read ({exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BrainsegError(
+            f"{path} is a {file_kind(st.st_mode)}, not a regular file: predict reads only "
+            "regular files",
+            hint="pass image files (.tif/.png/.jpg)",
+        )
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -403,6 +542,7 @@ class _Engine:
         if isinstance(item, FileResult):
             return item
         try:
+            _check_regular(item.path)
             outs = check_outputs(item, self.opts, self.root)
             existing = [p for p in outs.all() if p.exists()]
             overwrite = self.opts.force
@@ -598,6 +738,9 @@ def predict_files(
 
     def dedup() -> Iterator[InputFile | FileResult]:
         for f in files:
+            if f.error:
+                yield FileResult(str(f.path), status="error", error=f.error)
+                continue
             if f.rel.parent not in swept:  # once per output folder, before it is written to
                 swept.add(f.rel.parent)
                 folder = opts.out_dir / f.rel.parent
@@ -626,7 +769,9 @@ class SummaryWriter:
     """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
 
     A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
-    the final name. Nothing is created until the first row.
+    the final name. Nothing is created until the first row. An existing summary is never
+    replaced by one that describes less: at ``close`` its rows for files this run did not
+    handle are kept (after this run's rows).
     """
 
     def __init__(self, path: Path, fmt: str = "csv") -> None:
@@ -635,6 +780,7 @@ class SummaryWriter:
         self._tmp: Path | None = None
         self._f: io.TextIOWrapper | None = None
         self._csv: Any = None
+        self._paths: set[str] = set()
         self.rows = 0
 
     def write(self, res: FileResult) -> None:
@@ -645,15 +791,10 @@ class SummaryWriter:
 
     def _write(self, res: FileResult) -> None:
         if self._f is None:
-            import tempfile
-
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path.parent)  # a killed run's summary
-            fd, name = tempfile.mkstemp(
-                prefix=temp_prefix(self.path.name), suffix=".tmp", dir=self.path.parent
-            )
-            self._tmp = Path(name)
-            self._f = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
+            self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
             if self.fmt == "csv":
                 self._csv = csv.DictWriter(self._f, fieldnames=list(SUMMARY_COLUMNS))
                 self._csv.writeheader()
@@ -663,15 +804,52 @@ class SummaryWriter:
         else:
             self._f.write(json.dumps(_json_row(row)) + "\n")
         self._f.flush()
+        self._paths.add(res.path)
         self.rows += 1
+
+    def _earlier_rows(self) -> list[Any]:
+        """The existing summary's rows (CSV dicts / JSON lines) of files this run did not
+        handle; none when there is no summary or it cannot be read as one."""
+        kept: list[Any] = []
+        try:
+            with open(self.path, encoding="utf-8", errors="replace", newline="") as old:
+                if self.fmt == "csv":
+                    for row in csv.DictReader(old):
+                        if row.get("path") is not None and row["path"] not in self._paths:
+                            kept.append({c: row.get(c) or "" for c in SUMMARY_COLUMNS})
+                    return kept
+                for line in old:
+                    try:
+                        path = json.loads(line).get("path")
+                    except (ValueError, AttributeError):
+                        continue
+                    if path is not None and path not in self._paths:
+                        kept.append(line.rstrip("\r\n") + "\n")
+        except (OSError, csv.Error):
+            return []
+        return kept
+
+    def _keep_earlier_rows(self) -> None:
+        """Append the existing summary's rows of files this run did not handle."""
+        assert self._f is not None
+        for row in self._earlier_rows():
+            if self.fmt == "csv":
+                self._csv.writerow(row)
+            else:
+                self._f.write(row)
 
     def close(self) -> Path | None:
         if self._f is None or self._tmp is None:
             return None
-        f, self._f = self._f, None
+        f = self._f
         try:
+            self._keep_earlier_rows()
+            self._f = None
             f.close()
         except OSError as exc:  # the last buffered rows did not fit: keep those on disk
+            self._f = None
+            with contextlib.suppress(OSError):
+                f.close()
             with contextlib.suppress(OSError):
                 os.replace(self._tmp, self.path)
             raise write_error(self.path, exc) from exc
@@ -740,6 +918,8 @@ class PredictResult:
     written: Path | None  # the summary file, None when no file fell in this shard
     masks_skipped: int = 0
     other_types: list[Path] = field(default_factory=list)
+    irregular: list[Path] = field(default_factory=list)  # FIFOs, devices... in folders
+    earlier_outputs: int = 0  # files named like predict's outputs inside -o
 
     @property
     def done(self) -> int:
@@ -810,7 +990,7 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
         items=list(opts.inputs),
         include_masks=opts.include_masks,
         stdin=opts.stdin,
-        exclude_dirs=[opts.out_dir],
+        output_dirs=[opts.out_dir],
     )
     stats = InputStats()
     files = iter_inputs(spec, stats)
@@ -834,13 +1014,9 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
         force=opts.force,
         workers=opts.workers,
     )
-    check_outputs(first, batch, opts.out_dir.resolve())  # -o into the data: refuse up front
-    if summary_path.exists() and not (opts.force or opts.skip_existing):
-        raise BrainsegError(
-            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
-            hint="pass --skip-existing to resume that run, --force to redo it, "
-            "or choose another -o folder",
-        )
+    if not first.error:  # -o into the data: refuse up front
+        check_outputs(first, batch, opts.out_dir.resolve())
+    _check_summary(summary_path, opts)
     predictor = Predictor(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
     post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
     batch.threshold, batch.min_size = post.threshold, post.min_size
@@ -854,8 +1030,34 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
         total = sum(1 for _ in chosen(iter_inputs(spec)))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     everything = chosen(_chain(first, files))
-    counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
-    return PredictResult(counts, summary_path, written, stats.masks, stats.other_types)
+    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+        _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
+    return PredictResult(
+        counts,
+        summary_path,
+        written,
+        stats.masks,
+        stats.other_types,
+        stats.irregular,
+        stats.earlier_outputs,
+    )
+
+
+def lock_name(shard: tuple[int, int] | None) -> str:
+    """The lock of a predict run in its output folder (one per shard: shards may share -o)."""
+    return "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
+
+
+def _check_summary(summary_path: Path, opts: PredictOptions | Any) -> None:
+    """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
+    check_target(summary_path, force=True)
+    if summary_path.exists() and not (opts.force or opts.skip_existing):
+        raise BrainsegError(
+            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
+            hint="pass --skip-existing to resume that run, --force to redo it, "
+            "or choose another -o folder",
+        )
 
 
 def _chain(first: InputFile, rest: Iterator[InputFile]) -> Iterator[InputFile]:
@@ -920,8 +1122,20 @@ def render_result(result: PredictResult, shard: str | None = None) -> int:
     )
     if result.masks_skipped:
         console.info(f"left out {result.masks_skipped} ground-truth mask file(s) (*_mask.*)")
+    if result.earlier_outputs:
+        console.info(
+            f"left out {result.earlier_outputs} file(s) in the output folder named like "
+            "predict's outputs (*_mask, *_prob, *_overlay)"
+        )
+    if result.irregular:
+        names = ", ".join(one_line(p.name) for p in result.irregular[:3])
+        more = ", ..." if len(result.irregular) > 3 else ""
+        console.warn(
+            f"skipped {len(result.irregular)} file(s) that are not regular files (a FIFO, "
+            f"device or socket; predict reads only regular files): {names}{more}"
+        )
     if result.other_types:
-        names = ", ".join(p.name for p in result.other_types[:3])
+        names = ", ".join(one_line(p.name) for p in result.other_types[:3])
         more = ", ..." if len(result.other_types) > 3 else ""
         console.warn(
             f"skipped {len(result.other_types)} file(s) of a type predict does not read "

@@ -485,8 +485,9 @@ def _check_cross(cfg: TrainConfig) -> None:
             "pass a folder written by brainseg cv (runs/cv/expN) or its ensemble.json",
         )
     _check_project(cfg.project)
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        _bad(f"run name must be a plain folder name, got {cfg.name!r}", "e.g. --name exp")
+    from brainseg.fsutil import check_run_name
+
+    check_run_name(cfg.name)  # the one rule of every run folder
     enc = cfg.encoder_weights
     if enc not in ("imagenet", "none") and not Path(enc).is_file():
         _bad(

@@ -77,6 +77,12 @@ def result(renderable: Any) -> None:
     (err if state.json else out).print(renderable)
 
 
+def emit_text(text: str) -> None:
+    """A whole document (e.g. YAML for ``-o -``) on stdout as is, nothing else there."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def emit_json(obj: Any) -> None:
     """One JSON document (or JSON line) on stdout, nothing else."""
     sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")

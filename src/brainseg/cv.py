@@ -315,8 +315,9 @@ def prepare(opts: CVOptions) -> CVPlan:
         runtime = {k: v for k, v in opts.overrides.items() if k in RUNTIME_KEYS and v is not None}
         return _plan(cv_dir, doc, opts, runtime, continued=True)
     from brainseg.config import dump_yaml
-    from brainseg.fsutil import next_run_dir
+    from brainseg.fsutil import check_run_name, next_run_dir
 
+    check_run_name(opts.name)
     train, request = _request(opts)
     same = _find_same(Path(opts.project), opts.name, request)
     if same is not None:

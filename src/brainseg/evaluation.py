@@ -520,8 +520,9 @@ class EvalJob:
 
 def run_eval_job(job: EvalJob) -> EvalResult:
     """Check the paths, evaluate, write the tuned copy (if asked) and the run folder."""
-    from brainseg.fsutil import next_run_dir
+    from brainseg.fsutil import check_run_name, next_run_dir
 
+    check_run_name(job.name)  # before any work: the run folder stays inside --project
     if len(job.paths) < 2:
         raise BrainsegError(
             "brainseg eval needs at least one MODEL and a DATA folder",

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import socket
-import tempfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line of valid UTF-8: bytes of a non-UTF-8 file name
+    (surrogate escapes) become ``\\xe9``, newlines and other control characters ``\\n`` /
+    ``\\x00`` (as repr writes them), so a summary row or a message never breaks or dies."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
 
 def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
-    import errno
-
     if exc.errno == errno.ENOSPC:
         return BrainsegRuntimeError(
             f"disk full while writing {path}; the previous file (if any) is intact",
@@ -33,31 +45,111 @@ def write_error(path: str | os.PathLike[str], exc: OSError) -> BrainsegRuntimeEr
     return _fail_write(Path(path), exc)
 
 
+def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
+    """Refuse (exit 2) an output ``path`` that must not be written: an existing one without
+    ``force``, and, whatever ``force`` says, anything that is not a regular file (a device
+    such as /dev/full or /dev/null, a FIFO, a socket, a folder, a symbolic link).
+
+    brainseg writes only regular files, by renaming a temporary file onto the name: done on
+    a device or a link that would replace the node or the link itself.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _fail_write(path, exc) from exc
+    if stat.S_ISREG(st.st_mode):
+        if not force:
+            raise BrainsegError(
+                f"{one_line(str(path))} already exists", hint="pass --force to overwrite it"
+            )
+        return
+    kind = file_kind(st.st_mode)
+    raise BrainsegError(
+        f"{one_line(str(path))} is a {kind}, not a regular file: brainseg writes only regular files"
+        + (" (not even with --force)" if force else ""),
+        hint="choose a new file name"
+        + (" (or - for stdout where the command offers it)" if kind != "folder" else ""),
+    )
+
+
+_KINDS = {
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "folder",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words: "regular file", "FIFO (named pipe)", "folder"..."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def make_temp_file(path: str | os.PathLike[str]) -> Path:
+    """Create an empty hidden temporary file for ``path`` in its folder (``temp_prefix`` +
+    8 random characters + ``.tmp``), with the mode a plain ``open()`` gives (umask applied,
+    unlike mkstemp's 0600)."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.parent / f"{temp_prefix(path.name)}{_random8()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
+def make_temp_dir(folder: str | os.PathLike[str], name: str) -> Path:
+    """Create a hidden temporary folder for ``name`` in ``folder`` (umask applied, unlike
+    mkdtemp's 0700), named so :func:`remove_stale_temps` can clean up after a kill."""
+    for _ in range(100):
+        tmp = Path(folder) / f"{temp_prefix(name)}{_random8()}"
+        try:
+            tmp.mkdir(0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _random8() -> str:
+    import secrets
+
+    return "".join(secrets.choice(_ALPHABET) for _ in range(8))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``path`` on success.
 
     On any failure the temporary file is removed and ``path`` is left as it was. With
-    ``force=False`` an existing ``path`` is refused before any work is done.
+    ``force=False`` an existing ``path`` is refused before any work is done; a ``path`` that
+    is not a regular file (device, FIFO, link, folder) is refused always (:func:`check_target`).
     """
     path = Path(path)
-    if not force and path.exists():
-        raise BrainsegError(f"{path} already exists", hint="pass --force to overwrite it")
+    check_target(path, force=force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent
-        )
-        os.close(fd)
+        tmp = make_temp_file(path)
     except OSError as exc:
         raise _fail_write(path, exc) from exc
-    tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync(tmp)
-        if tmp.exists():
-            # mkstemp creates 0600; give the result the mode a plain open() would have.
-            tmp.chmod(0o666 & ~_umask())
+        check_target(path, force=True)  # a node made there while we wrote: still not replaced
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -109,6 +201,96 @@ def is_stale_temp(name: str) -> bool:
     )
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterator[Path]:
+    """Hold ``folder/.NAME.lock`` while a run writes into ``folder``: a second run that
+    wants the same lock is refused (exit 2) with the owner's host and pid.
+
+    The lock file holds the owner as JSON; it is made in one step (a hard link of a written
+    temporary file), so it is never seen half-written. A lock left by a process of this host
+    that is gone (killed, crashed) is stale and taken over; one of another host is never
+    judged: its message says which file to delete if that run is over.
+    """
+    import json
+    import time
+
+    lock = Path(folder) / f".{name}.lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "what": what}
+    for _ in range(5):
+        if _try_lock(lock, json.dumps(me)):
+            break
+        owner = _lock_owner(lock)
+        if owner is None:
+            continue  # released between our try and the read: try again
+        host, pid = owner.get("host"), owner.get("pid")
+        if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # a killed run's lock
+            continue
+        since = owner.get("started")
+        when = (
+            time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
+            if isinstance(since, int | float)
+            else ""
+        )
+        raise BrainsegError(
+            f"{one_line(str(folder))} is in use by another run "
+            f"({owner.get('what') or 'brainseg'}, pid {pid} on host {host}{when}): two runs "
+            "writing into one folder would overwrite each other's files and summary",
+            hint=f"wait for that run to end, or use another output folder; if no such run is "
+            f"alive any more, delete {one_line(str(lock))}",
+        )
+    else:  # pragma: no cover - five lost races in a row
+        raise BrainsegError(f"cannot take the lock {lock}", hint="run the command again")
+    try:
+        yield lock
+    finally:
+        owner = _lock_owner(lock)
+        if owner is not None and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+
+
+def _try_lock(lock: Path, text: str) -> bool:
+    """Create ``lock`` holding ``text`` unless it exists (atomic); False when it exists."""
+    try:
+        tmp = make_temp_file(lock)
+    except OSError as exc:
+        raise _fail_write(lock, exc) from exc
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, lock)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: exclusive create, then write
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return True
+    except OSError as exc:
+        raise _fail_write(lock, exc) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> dict[str, object] | None:
+    """The owner recorded in ``lock``; None when it is gone; {} when it cannot be read."""
+    import json
+
+    try:
+        data = json.loads(lock.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove what killed writers on this host left in ``folder`` (not recursive).
 
@@ -145,12 +327,6 @@ def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _fsync(path: Path) -> None:
     with contextlib.suppress(OSError), open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -168,13 +344,27 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = 
     return atomic_write_bytes(path, text.encode("utf-8"), force=force)
 
 
+def check_run_name(name: str, option: str = "--name") -> str:
+    """Refuse (exit 2) a run-folder name that is not one plain folder name: empty, ``.``,
+    ``..``, with a ``/`` or ``\\`` (absolute or nested) or a NUL. The one rule of every run
+    folder (train, eval, score, cv, demo), checked before any work is done."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise BrainsegError(
+            f"run name must be a plain folder name, got {name!r}",
+            hint=f"e.g. {option} exp (the run folder is made inside --project)",
+        )
+    return name
+
+
 def next_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Path:
     """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one.
 
-    With ``exist_ok`` the folder ``project/name`` is reused as is.
+    With ``exist_ok`` the folder ``project/name`` is reused as is. ``name`` must be a plain
+    folder name (:func:`check_run_name`), so a run folder is always inside ``project``.
     """
+    check_run_name(name)
     project = Path(project)
     base = project / name
     if exist_ok or not base.exists():

@@ -55,7 +55,9 @@ class VolumeEvalResult:
 
 def _check(job: VolumeEvalJob) -> None:
     from brainseg.evaluation import check_model_paths
+    from brainseg.fsutil import check_run_name
 
+    check_run_name(job.name)
     check_model_paths(job.models)
     if not job.data.exists():
         raise BrainsegError(

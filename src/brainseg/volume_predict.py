@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from brainseg import postprocess, volumes
-from brainseg.batch import parse_shard
+from brainseg.batch import lock_name, one_line, parse_shard
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_write_text
+from brainseg.fsutil import atomic_write_text, check_target, folder_lock
 
 SUMMARY_COLUMNS = (
     "case",
@@ -96,6 +96,12 @@ class CaseResult:
     max_probability: float | None = None
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # One printable UTF-8 line each (a name with a newline or invalid UTF-8).
+        self.case, self.inputs, self.mask, self.error = map(
+            one_line, (self.case, self.inputs, self.mask, self.error)
+        )
 
     def row(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
@@ -325,7 +331,8 @@ def _json_safe(obj: Any) -> Any:
 # --------------------------------------------------------------------------- the run
 
 
-def summary_text(rows: list[CaseResult]) -> str:
+def summary_text(rows: list[CaseResult], earlier: Sequence[dict[str, str]] = ()) -> str:
+    """The summary CSV: this run's rows, then ``earlier`` rows (of cases it did not handle)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
     w.writeheader()
@@ -336,7 +343,20 @@ def summary_text(rows: list[CaseResult]) -> str:
                 for k, v in r.row().items()
             }
         )
+    for row in earlier:
+        w.writerow({c: row.get(c) or "" for c in SUMMARY_COLUMNS})
     return buf.getvalue()
+
+
+def _earlier_rows(path: Path, cases: list[volumes.Case]) -> list[dict[str, str]]:
+    """The rows of an existing summary for cases this run does not handle (kept: a summary
+    is never replaced by one that describes less)."""
+    ids = {one_line(c.id) for c in cases}
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            return [r for r in csv.DictReader(f) if r.get("case") and r["case"] not in ids]
+    except (OSError, csv.Error):
+        return []
 
 
 def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
@@ -358,6 +378,36 @@ def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
     return parse_shard(opts.shard)
 
 
+def check_layout(cases: list[volumes.Case], opts: VolumeOptions) -> None:
+    """Refuse (exit 2, whatever --force / --skip-existing say) an -o folder where the masks
+    would be ground truth: ``<case>_mask.nii.gz`` is the label naming eval and score read
+    beside a case's files and anywhere below the cases folder, so a prediction written there
+    would overwrite a label or later pass for one."""
+    out = opts.out_dir.resolve()
+    hint = (
+        "choose an -o folder outside the data (e.g. -o masks/); --force and --skip-existing "
+        "never write there"
+    )
+    for item in opts.inputs:
+        top = Path(item)
+        if top.is_dir() and out.is_relative_to(top.resolve()):
+            raise BrainsegError(
+                f"output folder {opts.out_dir} is inside the input {top}: masks named "
+                "<case>_mask.nii.gz there are ground-truth labels to eval and score "
+                "(predictions would overwrite a label or pass for one)",
+                hint=hint,
+            )
+    for case in cases:
+        for path in case.paths:
+            if path.resolve().parent == out:
+                raise BrainsegError(
+                    f"output {opts.out_dir / (case.id + '_mask.nii.gz')} is the ground-truth "
+                    f"label name of case {case.id} (its input {path} is in {opts.out_dir}): "
+                    "predictions would overwrite a label or pass for one",
+                    hint=hint,
+                )
+
+
 def predict_volumes(
     opts: VolumeOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
@@ -375,16 +425,34 @@ def predict_volumes(
                 f"{', '.join(map(str, seen[c.id].paths))}: both would write {c.id}_mask.nii.gz"
             )
         seen.setdefault(c.id, c)
+    check_layout(cases, opts)
     if shard is not None:
         cases = cases[shard[0] :: shard[1]]
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
     summary_path = opts.out_dir / f"{name}.csv"
+    _check_summary(summary_path, opts)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+        _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        return _run_cases(opts, cases, summary_path, on_case)
+
+
+def _check_summary(summary_path: Path, opts: VolumeOptions) -> None:
+    check_target(summary_path, force=True)
     if summary_path.exists() and not (opts.force or opts.skip_existing):
         raise BrainsegError(
             f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
             hint="pass --skip-existing to resume that run, --force to redo it",
         )
 
+
+def _run_cases(
+    opts: VolumeOptions,
+    cases: list[volumes.Case],
+    summary_path: Path,
+    on_case: Callable[[CaseResult], None] | None,
+) -> VolumeResult:
+    earlier = _earlier_rows(summary_path, cases)
     state: dict[str, Any] = {}
 
     def predictor() -> Any:
@@ -412,7 +480,7 @@ def predict_volumes(
         res = run_case(predictor, case, opts, post)
         results.append(res)
         if any(r.status != "error" for r in results):
-            atomic_write_text(summary_path, summary_text(results))
+            atomic_write_text(summary_path, summary_text(results, earlier))
         if on_case is not None:
             on_case(res)
     settings = {

@@ -168,9 +168,11 @@ def register(app: typer.Typer) -> None:
         from brainseg.commands import predict_volumes as vol
 
         given = given_options(ctx)
-        import sys
 
-        peek = vol.StdinPeek(sys.stdin) if "-" in inputs else None
+        from brainseg.batch import read_stdin_lines
+
+        # stdin as bytes: a file name that is not UTF-8 is still the file it names
+        peek = vol.StdinPeek(read_stdin_lines()) if "-" in inputs else None
         if vol.wants_volumes(vol.probe_inputs(inputs, peek), channels):
             vol.refuse_options(given, volumes=True)
             from brainseg.volume_predict import VolumeOptions

@@ -79,9 +79,10 @@ def register(app: typer.Typer) -> None:
 
         require("matplotlib", "brainseg score (its Dice plot)")  # before any work
         from brainseg.evaluation import json_safe
-        from brainseg.fsutil import next_run_dir
+        from brainseg.fsutil import check_run_name, next_run_dir
         from brainseg.score import ScoreOptions, score_folders, write_score
 
+        check_run_name(name)  # before any work: the run folder stays inside --project
         result = score_folders(
             ScoreOptions(
                 pred=pred,

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
             ...,
             "--output",
             "-o",
-            help="YAML file to write the split to, e.g. splits.yaml.",
+            help="YAML file to write the split to, e.g. splits.yaml; - writes it to stdout.",
             show_default=False,
         ),
         val_fraction: float | None = typer.Option(
@@ -61,10 +61,16 @@ def register(app: typer.Typer) -> None:
             help="Print the split summary as JSON on stdout (messages on stderr).",
         ),
     ) -> None:
-        from brainseg.data.split import SplitOptions, make_split_file
+        from brainseg.data.split import SplitOptions, make_split_file, to_yaml
+        from brainseg.errors import BrainsegError
 
-        if json_out:
-            con.configure(json_mode=True)
+        to_stdout = str(output) == "-"
+        if to_stdout and json_out:
+            raise BrainsegError(
+                "-o - and --json both write to stdout", hint="use one of them (or -o FILE --json)"
+            )
+        if json_out or to_stdout:
+            con.configure(json_mode=True)  # tables and messages on stderr
         opts = SplitOptions(
             data=data,
             output=output,
@@ -77,6 +83,9 @@ def register(app: typer.Typer) -> None:
         )
         result = make_split_file(opts)
         con.result(result.table())
-        con.info(f"wrote {output}")
+        if to_stdout:
+            con.emit_text(to_yaml(result.split))
+        else:
+            con.info(f"wrote {output}")
         if json_out:
             con.emit_json(result.summary())

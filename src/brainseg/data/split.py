@@ -22,7 +22,7 @@ import yaml
 
 from brainseg import __version__
 from brainseg.errors import BrainsegError, first_line
-from brainseg.fsutil import atomic_path
+from brainseg.fsutil import atomic_path, check_target
 from brainseg.yamlio import parse_yaml
 
 SUBSETS = ("train", "val", "test")
@@ -561,8 +561,8 @@ def check_split_options(opts: SplitOptions) -> float:
         )
     val_fraction = 0.2 if opts.val_fraction is None else opts.val_fraction
     check_options(val_fraction, opts.test_fraction, opts.folds)
-    if Path(opts.output).exists() and not opts.force:
-        raise BrainsegError(f"{opts.output} already exists", hint="pass --force to overwrite it")
+    if str(opts.output) != "-":  # "-": the YAML goes to stdout
+        check_target(opts.output, force=opts.force)  # no device, FIFO or link, even --force
     return val_fraction
 
 
@@ -582,7 +582,8 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
         folds=opts.folds,
         seed=opts.seed,
     )
-    save_split(split, opts.output, force=opts.force)
+    if str(opts.output) != "-":
+        save_split(split, opts.output, force=opts.force)
 
     def row(name: str, patients: list[str]) -> dict[str, Any]:
         s = sum(n_slices[p] for p in patients)

@@ -23,7 +23,7 @@ import tifffile
 
 from brainseg import __version__
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import remove_stale_temps, temp_prefix
+from brainseg.fsutil import make_temp_dir, remove_stale_temps
 
 #: Institution codes that appear in the real TCGA-LGG folder names.
 _INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
@@ -474,7 +474,7 @@ def write_synthetic(
     try:
         dest.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest)  # what a killed run left here
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("kaggle_3m"), suffix=".tmp", dir=dest))
+        tmp = make_temp_dir(dest, "kaggle_3m")  # the umask applies (mkdtemp: 0700)
     except OSError as exc:
         raise BrainsegRuntimeError(
             f"cannot create {dest}: {exc.strerror or exc}", hint="check the folder is writable"
