@@ -212,3 +212,9 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
             f"{fmt_bytes(free)} free",
             hint="free some space or choose another --dest",
         )
+
+
+def dir_mode() -> int:
+    """The mode a plain ``mkdir`` gives a new folder under the current umask (0o755 for 022);
+    for folders made by ``tempfile.mkdtemp`` (always 0700) that become outputs."""
+    return 0o777 & ~_umask()

@@ -9,13 +9,16 @@ imported inside the functions that need them), so the command module can import 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,6 +42,9 @@ from brainseg.data.http import (
     KAGGLE_URL,
     KaggleCredentials,
     RetryPolicy,
+    check_url,
+    download_record,
+    forget_download,
     http_fetch,
     is_kaggle_url,
     kaggle_config_path,
@@ -47,7 +53,7 @@ from brainseg.data.http import (
     sha256_file,
 )
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.fsutil import atomic_path, remove_stale_temps, temp_prefix
+from brainseg.fsutil import atomic_path, dir_mode, pid_alive, remove_stale_temps, temp_prefix
 
 __all__ = [
     "KAGGLE_DATASET",
@@ -141,7 +147,10 @@ def download_lgg(
     ``force`` an existing ``dest/kaggle_3m`` is replaced only after that. Kaggle credentials
     are sent to kaggle.com, and to a mirror only with ``kaggle_auth=True``. A downloaded
     archive is deleted after a successful install unless ``keep_archive``; one that finished
-    downloading earlier (an install that failed afterwards) is reused. ``retries``,
+    downloading earlier from the same URL (an install that failed afterwards, or
+    ``keep_archive``) is reused. Only files brainseg downloaded (their ``.part.json`` record
+    matches) are ever reused or deleted: a user's file of the archive's name is refused and
+    left alone, whatever the options. ``retries``,
     ``backoff``, ``timeout`` and ``sleep`` are the :class:`RetryPolicy` of the download.
     """
     dest = Path(dest)
@@ -151,6 +160,8 @@ def download_lgg(
             "--url and --from-file cannot be used together",
             hint="--from-file installs an archive you already have, offline",
         )
+    if url is not None:
+        check_url(url)
     if from_file is not None:  # the input first: a missing zip is the error to report
         archive = _checked_archive(Path(from_file), expected)
     target = _checked_target(dest, force)
@@ -160,7 +171,7 @@ def download_lgg(
         archive = _fetch_archive(dest, url, expected, kaggle_auth, policy)
     _install_archive(archive, dest, target, downloaded)
     if downloaded and not keep_archive:
-        archive.unlink(missing_ok=True)
+        forget_download(archive)  # brainseg's own download (checked by _fetch_archive)
     return target
 
 
@@ -218,16 +229,27 @@ def _kaggle_headers(src: str, url: str | None, kaggle_auth: bool | None) -> dict
 def _fetch_archive(
     dest: Path, url: str | None, expected: str | None, kaggle_auth: bool | None, policy: RetryPolicy
 ) -> Path:
-    """Download the archive into ``dest`` (or reuse one that finished downloading before)."""
+    """Download the archive into ``dest``, or reuse brainseg's finished download of it."""
     src = url or KAGGLE_URL
-    headers = _kaggle_headers(src, url, kaggle_auth)
     archive = dest / _archive_name(src)
-    if archive.is_file() and expected and not sha256_file(archive).startswith(expected):
-        con.info(f"{archive} does not match --sha256; downloading it again")
-        archive.unlink()
-    if archive.is_file():
-        con.info(f"using {archive}, downloaded before")
-        return archive
+    if archive.exists() or archive.is_symlink():
+        info = download_record(archive)
+        if info is None:  # a user's file (or one changed since): never used, never deleted
+            raise BrainsegError(
+                f"{archive} already exists and was not downloaded by brainseg; it is left alone",
+                hint=f"to install that archive pass --from-file {archive}; otherwise move it "
+                "away or choose another --dest",
+            )
+        if expected and not str(info.get("sha256", "")).startswith(expected):
+            con.info(f"{archive} (downloaded before) does not match --sha256; downloading again")
+            forget_download(archive)
+        elif info.get("url") != src:
+            con.info(f"{archive} was downloaded from {info.get('url')}; downloading {src}")
+            forget_download(archive)
+        else:
+            con.info(f"using {archive}, downloaded before from {src}")
+            return archive
+    headers = _kaggle_headers(src, url, kaggle_auth)
     con.info(f"downloading {src} to {dest}")
     return http_fetch(
         src,
@@ -240,16 +262,17 @@ def _fetch_archive(
         sleep=policy.sleep,
         from_file_hint="--from-file ZIP",
         auth_hint=AUTH_HINT if url is None or is_kaggle_url(src) or headers else None,
+        record=True,
     )
 
 
 def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) -> None:
-    from brainseg.data.lgg import discover
-
     try:
         dest.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest)  # what a killed unpack left here
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{LAYOUT_NAME}-unpack"), dir=dest))
+        # mkdtemp makes 0700; this folder may become kaggle_3m itself (patients at the top)
+        tmp.chmod(dir_mode())
     except OSError as exc:
         raise BrainsegRuntimeError(
             f"cannot create a folder in {dest}: {exc.strerror or exc}",
@@ -265,19 +288,38 @@ def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) 
                     hint="is this the LGG archive (mateuszbuda/lgg-mri-segmentation)?",
                 )
             con.info(f"checking {root.relative_to(tmp)}")
-            discover(root)
+            _discover_in_archive(root, tmp, archive)
         except BrainsegError as exc:
             if downloaded and archive.exists() and exc.exit_code == 2:
-                archive.unlink()  # a bad download must not be reused by the next run
+                forget_download(archive)  # a bad download must not be reused by the next run
+                note = f"the downloaded {archive.name} was deleted"
+                if "\n" in exc.message:  # a problem list: the note must not break its form
+                    con.warn(note)
+                    raise
                 raise BrainsegError(
-                    f"{exc.message}; the downloaded {archive.name} was deleted",
-                    exc.hint,
-                    exit_code=exc.exit_code,
+                    f"{exc.message}; {note}", exc.hint, exit_code=exc.exit_code
                 ) from exc
             raise
         _swap_into_place(root, target, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
+    """:func:`brainseg.data.lgg.discover` on the unpacked tree; its problems are named by the
+    archive (``ARCHIVE (kaggle_3m)``), not by the temporary folder that is gone afterwards."""
+    from brainseg.data.lgg import discover
+
+    try:
+        discover(root)
+    except BrainsegError as exc:
+        rel = root.relative_to(tmp).as_posix()
+        name = f"{archive} ({rel})" if rel != "." else str(archive)
+        raise BrainsegError(
+            exc.message.replace(str(root), name).replace(str(tmp), str(archive)),
+            exc.hint,
+            exit_code=exc.exit_code,
+        ) from exc
 
 
 def _swap_into_place(new: Path, target: Path, dest: Path) -> None:
@@ -406,6 +448,8 @@ def download_vgg16(
     """
     if url and from_file:
         raise BrainsegError("--url and --from-file cannot be used together")
+    if url is not None:
+        check_url(url)
     tv_url, target = _vgg16_source(bn)
     prefix = expected_hash_prefix(target.name)
     what = "VGG16-BN" if bn else "VGG16"
@@ -502,6 +546,80 @@ class DownloadResult:
         return {**base, **self.extra}
 
 
+LOCK_NAME = f".{LAYOUT_NAME}.lock"
+
+
+@contextlib.contextmanager
+def install_lock(dest: Path) -> Iterator[None]:
+    """Hold ``DEST/.kaggle_3m.lock`` while this run installs and indexes ``DEST/kaggle_3m``.
+
+    A second run into the same ``--dest`` (lgg or synthetic, with or without ``--force``)
+    is refused with the first one's host and pid instead of replacing a folder the first is
+    still writing or reading. A lock whose process is gone (same host) is taken over; a
+    ``dest`` that cannot hold one is left to the install to report.
+    """
+    lock = dest / LOCK_NAME
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%H:%M:%S")}
+    created = not (dest.exists() or dest.is_symlink())
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield  # a file, or no permission: the install says so in its own words
+        return
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None:  # its writer is gone: take it over
+                lock.unlink(missing_ok=True)
+                continue
+            raise BrainsegRuntimeError(
+                f"{dest / LAYOUT_NAME} is being written by another brainseg (pid "
+                f"{owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}); "
+                "nothing was changed",
+                hint=f"wait for that run to finish; if it is not running, delete {lock}",
+            ) from None
+        except OSError:
+            yield
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        if _read_json(lock) == me:
+            lock.unlink(missing_ok=True)
+        if created:  # a run that failed before writing anything leaves no empty --dest
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _lock_owner(lock: Path) -> dict[str, Any] | None:
+    """Who holds ``lock``, or None when it is stale (its process on this host is gone, or it
+    is unreadable and older than a minute: a run killed while creating it)."""
+    owner = _read_json(lock)
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        try:
+            young = time.time() - lock.stat().st_mtime < 60
+        except OSError:
+            return None
+        return {"pid": "?", "host": "?", "started": "?"} if young else None
+    if owner.get("host") == socket.gethostname() and not pid_alive(pid):
+        return None
+    return owner
+
+
 def run_download(opts: DownloadOptions) -> DownloadResult:
     """The ``brainseg download`` job: install what ``opts.what`` names and describe it."""
     http: dict[str, Any] = {
@@ -515,13 +633,27 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
         )
         return DownloadResult(path, extra={"encoder": "vgg16_bn" if opts.bn else "vgg16"})
     dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
+    if opts.what not in ("lgg", "synthetic"):
+        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg, vgg16 or synthetic")
+    if opts.what == "synthetic":
+        from brainseg.data.synthetic import check_arguments
+
+        check_arguments(opts.patients, opts.size, seed=opts.seed)
+    elif opts.url is not None:
+        check_url(opts.url)
+    with install_lock(dest):
+        return _install_dataset(opts, dest, http)
+
+
+def _install_dataset(opts: DownloadOptions, dest: Path, http: dict[str, Any]) -> DownloadResult:
+    """``run_download`` for lgg / synthetic, under the install lock of ``dest``."""
     if opts.what == "synthetic":
         from brainseg.data.synthetic import write_synthetic
 
         root = Path(write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force))
         con.info(f"wrote {opts.patients} phantom patients to {root}")
         extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}
-    elif opts.what == "lgg":
+    else:
         root = download_lgg(
             dest,
             url=opts.url,
@@ -533,7 +665,5 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
             **http,
         )
         extra = {}
-    else:
-        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg, vgg16 or synthetic")
     con.info(f"indexing {root} (the dataset cache is built once and reused by train/eval)")
     return DownloadResult(root, dataset_summary(root), extra)
