@@ -1249,3 +1249,28 @@ def test_unpacked_folders_respect_the_umask(tmp_path: Path, members: dict[str, b
     assert modes == {"0o755"}
     files = {oct(stat.S_IMODE(p.stat().st_mode)) for p in root.rglob("*") if p.is_file()}
     assert files == {"0o644"}
+
+
+def test_an_install_that_loses_the_race_leaves_the_winners_folder(
+    tmp_path: Path, lgg_zip: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the library (no lock): kaggle_3m appears while this run unpacks; without --force
+    it is left as it is and this run says so."""
+    from brainseg.data import download as mod
+
+    archive = tmp_path / "lgg.zip"
+    archive.write_bytes(lgg_zip)
+    dest = tmp_path / "d"
+    real = mod._discover_in_archive
+
+    def discover_while_another_finishes(*args: Any) -> None:
+        (dest / "kaggle_3m").mkdir()
+        (dest / "kaggle_3m" / "theirs.txt").write_text("x")
+        real(*args)
+
+    monkeypatch.setattr(mod, "_discover_in_archive", discover_while_another_finishes)
+    with pytest.raises(BrainsegRuntimeError, match="created by another run") as ei:
+        dl.download_lgg(dest, from_file=archive)
+    assert str(dest / "kaggle_3m") in ei.value.message
+    assert [p.name for p in (dest / "kaggle_3m").iterdir()] == ["theirs.txt"]
+    assert [p.name for p in dest.iterdir()] == ["kaggle_3m"]

@@ -213,3 +213,24 @@ def test_out_of_range_arguments_are_refused_at_once(
         write_synthetic(tmp_path, **kwargs)
     assert str(next(iter(kwargs.values()))) in exc.value.message
     assert not (tmp_path / "kaggle_3m").exists()
+
+
+def test_a_run_that_loses_the_race_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process installs DEST/kaggle_3m while this run writes its phantoms (through the
+    library: no lock): this run says what happened and leaves the other's folder alone."""
+    from brainseg.data import synthetic
+    from brainseg.errors import BrainsegRuntimeError
+
+    real = synthetic.make_case
+
+    def make_case_while_another_finishes(*args: object, **kwargs: object) -> object:
+        (tmp_path / "kaggle_3m").mkdir(exist_ok=True)
+        (tmp_path / "kaggle_3m" / "theirs.txt").write_text("x")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(synthetic, "make_case", make_case_while_another_finishes)
+    with pytest.raises(BrainsegRuntimeError, match="created by another run") as exc:
+        write_synthetic(tmp_path, patients=1, seed=0, size=32, slices=(4, 4))
+    assert str(tmp_path / "kaggle_3m") in exc.value.message and "\n" not in exc.value.message
+    assert [p.name for p in (tmp_path / "kaggle_3m").iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["kaggle_3m"]  # no temporary left

@@ -169,7 +169,7 @@ def download_lgg(
     if downloaded:
         policy = RetryPolicy(retries, backoff, timeout, sleep)
         archive = _fetch_archive(dest, url, expected, kaggle_auth, policy)
-    _install_archive(archive, dest, target, downloaded)
+    _install_archive(archive, dest, target, downloaded, force)
     if downloaded and not keep_archive:
         forget_download(archive)  # brainseg's own download (checked by _fetch_archive)
     return target
@@ -266,7 +266,9 @@ def _fetch_archive(
     )
 
 
-def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) -> None:
+def _install_archive(
+    archive: Path, dest: Path, target: Path, downloaded: bool, force: bool = False
+) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest)  # what a killed unpack left here
@@ -300,7 +302,7 @@ def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) 
                     f"{exc.message}; {note}", exc.hint, exit_code=exc.exit_code
                 ) from exc
             raise
-        _swap_into_place(root, target, dest)
+        _swap_into_place(root, target, dest, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -322,8 +324,18 @@ def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
         ) from exc
 
 
-def _swap_into_place(new: Path, target: Path, dest: Path) -> None:
-    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
+def _swap_into_place(new: Path, target: Path, dest: Path, force: bool = False) -> None:
+    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename.
+
+    Without ``force`` a ``target`` that appeared while this run unpacked (another run, through
+    the library: the CLI holds :func:`install_lock`) is left as it is.
+    """
+    if not force and (target.exists() or target.is_symlink()):
+        raise BrainsegRuntimeError(
+            f"{target} was created by another run while this one was unpacking; it was left "
+            "as it is and nothing of this run was kept",
+            hint="pass --force to replace it, or choose another --dest",
+        )
     old: Path | None = None
     try:
         if target.exists() or target.is_symlink():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import shutil
 import tempfile
@@ -517,7 +518,9 @@ def write_synthetic(
                 _write_tif(pdir / f"{folder}_{k + 1}_mask.tif", masks[k], rgb=False)
         (tmp / "data.csv").write_text(_csv_text(names, seed), encoding="utf-8")
         (tmp / "README.md").write_text(_readme_text(patients, seed, size, slices), encoding="utf-8")
-        if root.exists():
+        if root.exists() or root.is_symlink():
+            if not force:  # it was not there at the start: another run made it meanwhile
+                raise FileExistsError(errno.EEXIST, "created meanwhile", str(root))
             old = Path(tempfile.mkdtemp(prefix=".kaggle_3m.", suffix=".old", dir=dest))
             os.replace(root, old / "kaggle_3m")
         os.replace(tmp, root)
@@ -526,6 +529,12 @@ def write_synthetic(
         if old is not None and not root.exists() and (old / "kaggle_3m").exists():
             with contextlib.suppress(OSError):
                 os.replace(old / "kaggle_3m", root)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and old is None and root.exists():
+            raise BrainsegRuntimeError(  # another run (another process) finished first
+                f"{root} was created by another run while this one was writing phantoms; "
+                "it was left as it is and nothing of this run was kept",
+                hint="pass --force to replace it, or choose another --dest",
+            ) from exc
         raise BrainsegRuntimeError(
             f"cannot write the phantom dataset to {root}: {exc.strerror or exc}",
             hint="check free space and permissions",
