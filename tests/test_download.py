@@ -1274,3 +1274,34 @@ def test_an_install_that_loses_the_race_leaves_the_winners_folder(
     assert str(dest / "kaggle_3m") in ei.value.message
     assert [p.name for p in (dest / "kaggle_3m").iterdir()] == ["theirs.txt"]
     assert [p.name for p in dest.iterdir()] == ["kaggle_3m"]
+
+
+def test_zip_member_count_limit_is_checked_before_the_listing_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(150):
+            zf.writestr(f"kaggle_3m/{i}", b"")
+    listed: list[int] = []
+    real = zipfile.ZipFile._RealGetContents  # type: ignore[attr-defined]
+
+    def spy(self: zipfile.ZipFile) -> None:
+        listed.append(1)
+        real(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", spy)
+    with pytest.raises(BrainsegError, match=r"150 members \(limit 100\)"):
+        dl.safe_extract(archive, tmp_path / "out", max_members=100)
+    assert listed == [] and not (tmp_path / "out").exists()
+    dl.safe_extract(archive, tmp_path / "ok", max_members=150)  # at the limit: unpacked
+    assert len(list((tmp_path / "ok" / "kaggle_3m").iterdir())) == 150
+
+
+def test_zip64_member_count_is_read_from_the_zip64_end_record(tmp_path: Path) -> None:
+    archive = tmp_path / "z64.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # more than 65,535 members: a zip64 end record
+        for i in range(70_000):
+            zf.writestr(f"k/{i}", b"")
+    with pytest.raises(BrainsegError, match=r"70000 members \(limit 1000\)"):
+        dl.safe_extract(archive, tmp_path / "out", max_members=1000)

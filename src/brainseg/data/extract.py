@@ -21,6 +21,7 @@ import lzma
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -221,6 +222,9 @@ def safe_extract(
         )
     try:
         if kind == "zip":
+            declared = _zip_declared_count(archive)
+            if declared is not None and declared > max_members:  # before listing them all
+                raise _reject(archive, f"{declared} members (limit {max_members})")
             with zipfile.ZipFile(archive) as zf:
                 members = _zip_members(zf, archive, max_ratio, ratio_min_bytes)
                 _check_sizes(
@@ -265,6 +269,31 @@ def _damaged(archive: Path, why: str) -> BrainsegError:
         f"{archive} is damaged: {why}; nothing was extracted",
         hint="download it again (delete the file first)",
     )
+
+
+def _zip_declared_count(path: Path) -> int | None:
+    """The member count a zip's end-of-central-directory record declares (zip64 too), read
+    from the file's tail; None when there is no such record (zipfile then says what is wrong).
+    """
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        n = min(size, 22 + 0xFFFF + 20)  # the record, its longest comment, the zip64 locator
+        f.seek(size - n)
+        tail = f.read(n)
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or len(tail) - i < 22:
+            return None
+        (count,) = struct.unpack("<H", tail[i + 10 : i + 12])
+        if count != 0xFFFF or i < 20 or tail[i - 20 : i - 16] != b"PK\x06\x07":
+            return int(count)
+        (offset,) = struct.unpack("<Q", tail[i - 12 : i - 4])  # the zip64 end record
+        if offset > size - 56:
+            return None
+        f.seek(offset)
+        rec = f.read(56)
+    if rec[:4] != b"PK\x06\x06":
+        return None
+    return int(struct.unpack("<Q", rec[32:40])[0])
 
 
 def safe_extract_zip(
