@@ -377,3 +377,50 @@ def test_cache_command_lists_with_sizes_and_clears(root: Path, tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["removed"] == [b.path.name]
     assert _cache_dirs(tmp_path / "c") == []
+
+
+def test_only_folders_brainseg_made_are_caches(root: Path, tmp_path: Path) -> None:
+    """A user folder under $BRAINSEG_CACHE_DIR/datasets/ is never listed nor removed."""
+    from conftest import run_cli
+
+    base = tmp_path / "X"
+    env = {"BRAINSEG_CACHE_DIR": str(base)}
+    mine = base / "datasets" / "kaggle_3m"  # the issue's case: a dataset kept there by hand
+    (mine / "TCGA_A").mkdir(parents=True)
+    (mine / "TCGA_A" / "scan.tif").write_bytes(b"precious")
+    fake = base / "datasets" / ("ab" * 16)  # a key-like name, but no meta.json of ours
+    fake.mkdir()
+    (fake / "notes.txt").write_text("mine")
+    odd = base / "datasets" / ("cd" * 16)  # a meta.json whose key is not the folder's
+    odd.mkdir()
+    (odd / "meta.json").write_text(json.dumps({"format": 1, "key": "ef" * 32}))
+    (base / "datasets" / ".hidden-user-folder").mkdir()
+    data = cache.load_dataset(root, cache_dir=base)
+    assert data.path is not None
+
+    assert [e.path for e in cache.list_caches(base)] == [data.path]
+    r = run_cli(["cache", "list", "--json"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert [c["key"] for c in json.loads(r.stdout)["caches"]] == [data.path.name]
+    r = run_cli(["cache", "clear", "abab"], env=env)
+    assert r.returncode == 2 and "no dataset cache with key 'abab'" in r.stderr
+    r = run_cli(["cache", "clear", "--all", "--json"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["removed"] == [data.path.name]
+    assert not data.path.exists()
+    assert (mine / "TCGA_A" / "scan.tif").read_bytes() == b"precious"
+    assert (fake / "notes.txt").read_text() == "mine"
+    assert (odd / "meta.json").exists() and (base / "datasets" / ".hidden-user-folder").is_dir()
+
+
+def test_pruning_an_older_cache_never_touches_a_user_folder(root: Path, tmp_path: Path) -> None:
+    """A rebuild removes the cache of the old content of the same folder, and only caches."""
+    base = tmp_path / "c"
+    cache.load_dataset(root, cache_dir=base)
+    mine = base / "datasets" / "copy"  # a user's folder holding a meta.json of the same root
+    mine.mkdir()
+    (mine / "meta.json").write_text(json.dumps({"root": str(root.resolve()), "skip_bad": False}))
+    tifffile.imwrite(root / "PA" / "PA_1.tif", _image(99), photometric="rgb")  # new content
+    new = cache.load_dataset(root, cache_dir=base)
+    assert new.path is not None and (mine / "meta.json").exists()
+    assert _cache_dirs(base) == sorted(["copy", new.path.name])

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import stat
@@ -544,7 +545,7 @@ def test_cli_rejects_dotdot_member_and_writes_nothing(tmp_path: Path) -> None:
     r = cli(["download", "lgg", "--dest", dest, "--from-file", archive])
     assert r.returncode == 2
     assert "unsafe archive" in r.stderr and "'../../escaped.txt'" in r.stderr
-    assert list(dest.iterdir()) == []  # the temporary folder is gone too
+    assert not dest.exists()  # the temporary folder is gone, and the --dest it created
     assert not list(tmp_path.rglob("escaped.txt"))
 
 
@@ -853,3 +854,454 @@ def test_from_file_that_is_missing_is_reported_before_the_destination(tmp_path: 
     assert r.returncode == 2
     assert f"--from-file {missing} does not exist" in r.stderr
     assert "already exists" not in r.stderr
+
+
+# --------------------------------------------------------------------------- not our files
+
+
+def _error_line(r: CompletedProcess[str]) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def _user_tar_gz(path: Path) -> bytes:
+    """The issue's ``mkdir d; tar czf d/backup.tar.gz x``: a user's own archive."""
+    with tarfile.open(path, "w:gz") as tf:
+        data = b"my notes\n"
+        ti = tarfile.TarInfo("x/notes.txt")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_a_users_file_named_like_the_download_is_neither_used_nor_deleted(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    before = _user_tar_gz(d / "backup.tar.gz")
+    r = cli(["download", "lgg", "--dest", d, "--url", "http://127.0.0.1:9/backup.tar.gz"])
+    assert r.returncode == 2, r.stderr
+    line = _error_line(r)
+    assert str(d / "backup.tar.gz") in line and "not downloaded by brainseg" in line
+    assert "--from-file" in r.stderr  # how to install it, if that is what the user wants
+    assert (d / "backup.tar.gz").read_bytes() == before
+    assert sorted(p.name for p in d.iterdir()) == ["backup.tar.gz"]
+
+
+def test_a_valid_users_archive_is_not_deleted_after_an_install(
+    server: Server, tmp_path: Path, lgg_zip: bytes
+) -> None:
+    server.files["/lgg.zip"] = lgg_zip
+    (tmp_path / "lgg.zip").write_bytes(lgg_zip)  # the user's copy, not brainseg's download
+    with pytest.raises(BrainsegError, match="not downloaded by brainseg") as ei:
+        dl.download_lgg(tmp_path, url=server.url("/lgg.zip"), retries=0)
+    assert ei.value.exit_code == 2
+    assert (tmp_path / "lgg.zip").read_bytes() == lgg_zip
+    assert server.seen("/lgg.zip") == []  # nothing was downloaded either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lgg.zip"]
+
+
+def test_a_wrong_sha256_never_deletes_a_users_file(server: Server, tmp_path: Path) -> None:
+    server.files["/backup.tar.gz"] = b"whatever the server has"
+    before = _user_tar_gz(tmp_path / "backup.tar.gz")
+    with pytest.raises(BrainsegError, match="not downloaded by brainseg"):
+        dl.download_lgg(tmp_path, url=server.url("/backup.tar.gz"), sha256="0" * 64, retries=0)
+    assert (tmp_path / "backup.tar.gz").read_bytes() == before
+    assert server.seen("/backup.tar.gz") == []
+
+
+def test_a_users_file_named_like_the_partial_download_is_not_deleted(
+    server: Server, tmp_path: Path, lgg_zip: bytes
+) -> None:
+    server.files["/lgg.zip"] = lgg_zip
+    (tmp_path / "lgg.zip.part").write_bytes(b"mine")  # no .part.json: not brainseg's
+    with pytest.raises(BrainsegError, match="not downloaded by brainseg"):
+        dl.download_lgg(tmp_path, url=server.url("/lgg.zip"), retries=0)
+    assert (tmp_path / "lgg.zip.part").read_bytes() == b"mine"
+    assert server.seen("/lgg.zip") == []
+
+
+def test_brainsegs_own_kept_download_is_reused_then_deleted(
+    server: Server, tmp_path: Path, lgg_zip: bytes, members: dict[str, bytes]
+) -> None:
+    server.files["/lgg.zip"] = lgg_zip
+    url = server.url("/lgg.zip")
+    dl.download_lgg(tmp_path, url=url, keep_archive=True, retries=0)
+    assert (tmp_path / "lgg.zip").read_bytes() == lgg_zip
+    assert json.loads((tmp_path / "lgg.zip.part.json").read_text())["sha256"] == sha(lgg_zip)
+    # the record says brainseg downloaded it: reused (no request), then deleted with its record
+    dl.download_lgg(tmp_path, url=url, force=True, retries=0)
+    assert len(server.seen("/lgg.zip")) == 1
+    assert_installed(tmp_path, members)
+
+
+def test_brainsegs_own_download_that_fails_the_sha256_is_downloaded_again(
+    server: Server, tmp_path: Path, lgg_zip: bytes, members: dict[str, bytes]
+) -> None:
+    server.files["/lgg.zip"] = b"an older file"
+    url = server.url("/lgg.zip")
+    dl.http_fetch(url, tmp_path / "lgg.zip", retries=0, record=True)
+    server.files["/lgg.zip"] = lgg_zip
+    dl.download_lgg(tmp_path, url=url, sha256=sha(lgg_zip), retries=0)
+    assert len(server.seen("/lgg.zip")) == 2
+    assert_installed(tmp_path, members)
+
+
+def test_a_download_record_that_does_not_match_the_file_is_not_trusted(
+    server: Server, tmp_path: Path, lgg_zip: bytes
+) -> None:
+    """The user replaced brainseg's kept archive with a file of their own: left alone."""
+    server.files["/lgg.zip"] = lgg_zip
+    url = server.url("/lgg.zip")
+    dl.http_fetch(url, tmp_path / "lgg.zip", retries=0, record=True)
+    (tmp_path / "lgg.zip").write_bytes(b"my own bytes")
+    with pytest.raises(BrainsegError, match="not downloaded by brainseg"):
+        dl.download_lgg(tmp_path, url=url, retries=0)
+    assert (tmp_path / "lgg.zip").read_bytes() == b"my own bytes"
+
+
+# --------------------------------------------------------------------------- damaged archives
+
+FOUR = tuple(f"TCGA_C{i}_000{i}_2000010{i}" for i in range(1, 5))
+
+
+@pytest.fixture(scope="module")
+def four_members() -> dict[str, bytes]:
+    """kaggle_3m with 4 patients x 2 slices (tiny TIFs), patient by patient."""
+    files: dict[str, bytes] = {}
+    for i, pid in enumerate(FOUR):
+        for k in (1, 2):
+            img = np.full((32, 32, 3), 40 * i + k, np.uint8)
+            mask = np.zeros((32, 32), np.uint8)
+            mask[4:8, 4:8] = 255 * (k == 2)
+            files[f"kaggle_3m/{pid}/{pid}_{k}.tif"] = _tif(img)
+            files[f"kaggle_3m/{pid}/{pid}_{k}_mask.tif"] = _tif(mask)
+    return files
+
+
+def _tar_bytes(members: dict[str, bytes]) -> tuple[bytes, dict[str, int]]:
+    """An uncompressed tar of ``members`` and the header offset of each member."""
+    buf = io.BytesIO()
+    offsets: dict[str, int] = {}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members.items():
+            offsets[name] = buf.tell()
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue(), offsets
+
+
+def _gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, mtime=0)
+
+
+def _damaged(four_members: dict[str, bytes], case: str) -> bytes:
+    raw, offsets = _tar_bytes(four_members)
+    third = offsets[f"kaggle_3m/{FOUR[2]}/{FOUR[2]}_1.tif"]  # the first member of patient 3
+    fourth = offsets[f"kaggle_3m/{FOUR[3]}/{FOUR[3]}_1.tif"]
+    if case in ("flipped header bit", "flipped header bit, gzipped"):
+        bad = bytearray(raw)
+        bad[third + 3] ^= 0x01  # in the member's name: its header checksum no longer matches
+        with pytest.raises(tarfile.HeaderError):  # the oracle: tarfile's own header check
+            tarfile.TarInfo.frombuf(bytes(bad[third : third + 512]), "utf-8", "strict")
+        return bytes(bad) if case == "flipped header bit" else _gz(bytes(bad))
+    if case == "gzip CRC fails":
+        bad = bytearray(_gz(raw))
+        bad[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+        import gzip
+
+        with pytest.raises(gzip.BadGzipFile, match="CRC"):  # what gunzip would say
+            gzip.decompress(bytes(bad))
+        return bytes(bad)
+    if case == "cut at a member boundary":
+        return raw[:fourth]  # patients 1-3 complete, no end-of-archive blocks
+    if case == "cut at a member boundary, gzipped":
+        return _gz(raw[:fourth])
+    raise AssertionError(case)
+
+
+DAMAGED = [
+    "flipped header bit",
+    "flipped header bit, gzipped",
+    "gzip CRC fails",
+    "cut at a member boundary",
+    "cut at a member boundary, gzipped",
+]
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_tar_installs_nothing(
+    tmp_path: Path, four_members: dict[str, bytes], case: str
+) -> None:
+    archive = tmp_path / "lgg.tar.gz"
+    archive.write_bytes(_damaged(four_members, case))
+    dest = tmp_path / "data"
+    with pytest.raises(BrainsegError) as ei:
+        dl.download_lgg(dest, from_file=archive)
+    exc = ei.value
+    assert exc.exit_code == 2 and "\n" not in exc.message
+    assert exc.message.startswith(f"{archive} is damaged"), exc.message
+    assert list(dest.iterdir()) == []  # no kaggle_3m, no temporary folder
+
+
+def test_the_undamaged_four_patient_tar_installs_all_four(
+    tmp_path: Path, four_members: dict[str, bytes]
+) -> None:
+    raw, _ = _tar_bytes(four_members)
+    for i, data in enumerate((raw, _gz(raw))):
+        archive = tmp_path / f"lgg{i}.tar"
+        archive.write_bytes(data)
+        dl.download_lgg(tmp_path / f"d{i}", from_file=archive)
+        assert_installed(tmp_path / f"d{i}", four_members)
+
+
+def test_cli_damaged_tar_is_one_line_exit_2(tmp_path: Path, four_members: dict[str, bytes]) -> None:
+    archive = tmp_path / "lgg.tar"
+    archive.write_bytes(_damaged(four_members, "flipped header bit"))
+    r = cli(["download", "lgg", "--dest", tmp_path / "d", "--from-file", archive])
+    assert r.returncode == 2, r.stderr
+    assert str(archive) in _error_line(r) and "damaged" in r.stderr
+    assert not (tmp_path / "d").exists()  # nothing, not even the --dest this run created
+
+
+def test_member_count_limit_stops_while_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20,000 empty members, limit 100: refused after reading about 100 headers, not all."""
+    archive = tmp_path / "many.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for i in range(20_000):
+            tf.addfile(tarfile.TarInfo(f"kaggle_3m/{i}"))
+    read: list[int] = []
+    real_next = tarfile.TarFile.next
+
+    def counting_next(self: tarfile.TarFile) -> tarfile.TarInfo | None:
+        read.append(1)
+        return real_next(self)
+
+    monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
+    with pytest.raises(BrainsegError, match=r"more than 100 members") as ei:
+        dl.safe_extract(archive, tmp_path / "out", max_members=100)
+    assert ei.value.exit_code == 2
+    assert len(read) <= 110, f"{len(read)} member headers read before the limit"
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- bad member names, URLs
+
+
+def _zip_with_invalid_utf8_name() -> bytes:
+    """A zip whose member name is flagged UTF-8 (bit 11) but is not valid UTF-8."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("kaggle_3m/ok.txt", b"fine")
+        zf.writestr("kaggle_3m/\u00e9.txt", b"x")  # zipfile sets the UTF-8 flag for it
+    data = buf.getvalue()
+    assert data.count("\u00e9".encode()) == 2  # local header and central directory
+    return data.replace("\u00e9".encode(), b"\xc3\x28")
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_zip_with_invalid_utf8_name, "not valid UTF-8"),
+        (lambda: _zip_with("kaggle_3m/" + "a/" * 2000 + "f.txt"), "too long"),
+        (lambda: _zip_with("kaggle_3m/" + "b" * 300 + ".txt"), "too long"),
+    ],
+)
+def test_bad_member_names_are_one_clear_error(tmp_path: Path, make: Any, why: str) -> None:
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(make())
+    with pytest.raises(BrainsegError, match=why) as ei:
+        dl.download_lgg(tmp_path / "d", from_file=archive)
+    assert ei.value.exit_code == 2 and str(archive) in ei.value.message
+    assert "\n" not in ei.value.message
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_long_nested_tar_member_is_one_clear_error(tmp_path: Path) -> None:
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("kaggle_3m/" + "a/" * 2000 + "f.txt")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    with pytest.raises(BrainsegError, match="too long") as ei:
+        dl.safe_extract(archive, tmp_path / "out")
+    assert ei.value.exit_code == 2 and str(archive) in ei.value.message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd", "http://[::1", "ftp://127.0.0.1/lgg.zip", "http:///lgg.zip", "lgg.zip"],
+)
+def test_urls_brainseg_cannot_download_are_usage_errors(tmp_path: Path, url: str) -> None:
+    with pytest.raises(BrainsegError) as ei:
+        dl.download_lgg(tmp_path / "d", url=url)
+    assert ei.value.exit_code == 2 and f"--url {url!r}" in ei.value.message
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(BrainsegError) as ei:
+        dl.download_vgg16(url=url)
+    assert ei.value.exit_code == 2 and f"--url {url!r}" in ei.value.message
+
+
+def test_cli_file_url_is_one_line(tmp_path: Path) -> None:
+    r = cli(["download", "lgg", "--dest", tmp_path / "d", "--url", "file:///etc/passwd"])
+    assert r.returncode == 2
+    line = _error_line(r)
+    assert "file:///etc/passwd" in line and "http" in line
+    r = cli(["download", "lgg", "--dest", tmp_path / "d", "--url", "http://[::1"])
+    assert r.returncode == 2 and "http://[::1" in _error_line(r)
+
+
+# --------------------------------------------------------------------------- synthetic options
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "word"),
+    [
+        ("--patients", "100000000000000000000", "--patients"),
+        ("--size", "1000000000", "--size"),
+        ("--seed", "-1", "--seed"),
+    ],
+)
+def test_cli_synthetic_out_of_range_options_are_one_line(
+    tmp_path: Path, option: str, value: str, word: str
+) -> None:
+    r = cli(["download", "synthetic", "--dest", tmp_path / "s", option, value], env=None)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert word in r.stderr and value in r.stderr
+    assert not (tmp_path / "s" / "kaggle_3m").exists()
+
+
+def test_a_second_install_into_the_same_dest_while_one_runs_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `download synthetic --force` into one --dest: the second, started while the first
+    indexes its dataset, says what happened and leaves the first's folder alone."""
+    from brainseg.data import download as mod
+
+    dest = tmp_path / "d"
+    opts = mod.DownloadOptions("synthetic", dest, force=True, patients=1, size=32)
+    real_summary = mod.dataset_summary
+    seen: list[BaseException | None] = []
+
+    def summary_with_a_rival(root: Path) -> Any:
+        if not seen:  # the rival starts while the first run is indexing
+            marker = root / "first-run.txt"
+            marker.write_text("x")
+            try:
+                mod.run_download(opts)
+                seen.append(None)
+            except BrainsegError as exc:
+                seen.append(exc)
+            assert marker.exists(), "the rival replaced the folder the first run was indexing"
+            marker.unlink()
+        return real_summary(root)
+
+    monkeypatch.setattr(mod, "dataset_summary", summary_with_a_rival)
+    res = mod.run_download(opts)
+    assert res.summary is not None and res.summary.patients == 1
+    exc = seen[0]
+    assert isinstance(exc, BrainsegError) and not isinstance(exc, BrainsegRuntimeError), exc
+    assert str(dest) in exc.message and "in use by another run" in exc.message
+    assert f"pid {os.getpid()}" in exc.message and "\n" not in exc.message
+    assert sorted(p.name for p in dest.iterdir()) == ["kaggle_3m"]  # the lock is gone too
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from brainseg.data import download as mod
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dest = tmp_path / "d"
+    dest.mkdir()
+    lock = dest / ".kaggle_3m.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout)}))
+    opts = mod.DownloadOptions("synthetic", dest, patients=1, size=32)
+    assert mod.run_download(opts).summary is not None
+    assert sorted(p.name for p in dest.iterdir()) == ["kaggle_3m"]
+
+
+def test_unpacked_folders_respect_the_umask(tmp_path: Path, members: dict[str, bytes]) -> None:
+    """An archive holding the patient folders at its top level: kaggle_3m is the unpack folder
+    itself, which must not keep mkdtemp's 0700."""
+    flat = {k.split("/", 1)[1]: v for k, v in members.items()}
+    archive = tmp_path / "flat.zip"
+    archive.write_bytes(make_zip(flat, duplicate=False))
+    old = os.umask(0o022)
+    try:
+        root = dl.download_lgg(tmp_path / "d", from_file=archive)
+    finally:
+        os.umask(old)
+    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")] if p.is_dir()}
+    assert modes == {"0o755"}
+    files = {oct(stat.S_IMODE(p.stat().st_mode)) for p in root.rglob("*") if p.is_file()}
+    assert files == {"0o644"}
+
+
+def test_an_install_that_loses_the_race_leaves_the_winners_folder(
+    tmp_path: Path, lgg_zip: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the library (no lock): kaggle_3m appears while this run unpacks; without --force
+    it is left as it is and this run says so."""
+    from brainseg.data import download as mod
+
+    archive = tmp_path / "lgg.zip"
+    archive.write_bytes(lgg_zip)
+    dest = tmp_path / "d"
+    real = mod._discover_in_archive
+
+    def discover_while_another_finishes(*args: Any) -> None:
+        (dest / "kaggle_3m").mkdir()
+        (dest / "kaggle_3m" / "theirs.txt").write_text("x")
+        real(*args)
+
+    monkeypatch.setattr(mod, "_discover_in_archive", discover_while_another_finishes)
+    with pytest.raises(BrainsegRuntimeError, match="created by another run") as ei:
+        dl.download_lgg(dest, from_file=archive)
+    assert str(dest / "kaggle_3m") in ei.value.message
+    assert [p.name for p in (dest / "kaggle_3m").iterdir()] == ["theirs.txt"]
+    assert [p.name for p in dest.iterdir()] == ["kaggle_3m"]
+
+
+def test_zip_member_count_limit_is_checked_before_the_listing_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(150):
+            zf.writestr(f"kaggle_3m/{i}", b"")
+    listed: list[int] = []
+    real = zipfile.ZipFile._RealGetContents  # type: ignore[attr-defined]
+
+    def spy(self: zipfile.ZipFile) -> None:
+        listed.append(1)
+        real(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", spy)
+    with pytest.raises(BrainsegError, match=r"150 members \(limit 100\)"):
+        dl.safe_extract(archive, tmp_path / "out", max_members=100)
+    assert listed == [] and not (tmp_path / "out").exists()
+    dl.safe_extract(archive, tmp_path / "ok", max_members=150)  # at the limit: unpacked
+    assert len(list((tmp_path / "ok" / "kaggle_3m").iterdir())) == 150
+
+
+def test_zip64_member_count_is_read_from_the_zip64_end_record(tmp_path: Path) -> None:
+    archive = tmp_path / "z64.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # more than 65,535 members: a zip64 end record
+        for i in range(70_000):
+            zf.writestr(f"k/{i}", b"")
+    with pytest.raises(BrainsegError, match=r"70000 members \(limit 1000\)"):
+        dl.safe_extract(archive, tmp_path / "out", max_members=1000)

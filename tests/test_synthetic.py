@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,55 @@ def test_flair_bright_mimics_are_not_tumour() -> None:
         tumour_pre += c.images[..., 0][m].tolist()
     assert n_mimic > 20
     assert np.mean(mimic_pre) > np.mean(tumour_pre) + 15
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_folders_and_files_respect_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        root = write_synthetic(tmp_path / "d", patients=1, seed=0, size=32, slices=(4, 4))
+    finally:
+        os.umask(old)
+    folders = [root, *(p for p in root.rglob("*") if p.is_dir())]
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {oct(0o777 & ~umask)}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o666 & ~umask)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"patients": 10**20}, "--patients"),
+        ({"size": 10**9}, "--size"),
+        ({"seed": -1}, "--seed"),
+        ({"slices": (4, 10**9)}, "slices"),
+    ],
+)
+def test_out_of_range_arguments_are_refused_at_once(
+    tmp_path: Path, kwargs: dict, word: str
+) -> None:
+    with pytest.raises(BrainsegError, match=word) as exc:
+        write_synthetic(tmp_path, **kwargs)
+    assert str(next(iter(kwargs.values()))) in exc.value.message
+    assert not (tmp_path / "kaggle_3m").exists()
+
+
+def test_a_run_that_loses_the_race_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process installs DEST/kaggle_3m while this run writes its phantoms (through the
+    library: no lock): this run says what happened and leaves the other's folder alone."""
+    from brainseg.data import synthetic
+    from brainseg.errors import BrainsegRuntimeError
+
+    real = synthetic.make_case
+
+    def make_case_while_another_finishes(*args: object, **kwargs: object) -> object:
+        (tmp_path / "kaggle_3m").mkdir(exist_ok=True)
+        (tmp_path / "kaggle_3m" / "theirs.txt").write_text("x")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(synthetic, "make_case", make_case_while_another_finishes)
+    with pytest.raises(BrainsegRuntimeError, match="created by another run") as exc:
+        write_synthetic(tmp_path, patients=1, seed=0, size=32, slices=(4, 4))
+    assert str(tmp_path / "kaggle_3m") in exc.value.message and "\n" not in exc.value.message
+    assert [p.name for p in (tmp_path / "kaggle_3m").iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["kaggle_3m"]  # no temporary left

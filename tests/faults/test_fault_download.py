@@ -206,7 +206,7 @@ def test_stalled_server_times_out_and_resumes(
     assert server.ranges[0] == 0 and 0 < server.ranges[1] <= 200_000
     assert all(a <= b for a, b in zip(server.ranges, server.ranges[1:], strict=False))
     assert len(server.ranges) <= 1 + 8  # retries=8 in fetch()
-    assert installed(tmp_path / "d") == ["kaggle_3m", "lgg.zip"]
+    assert installed(tmp_path / "d") == ["kaggle_3m", "lgg.zip", "lgg.zip.part.json"]  # + record
 
 
 def _reopen(server: _Restartable, port: int) -> Callable[[float], None]:
@@ -276,7 +276,7 @@ def test_content_length_longer_than_the_body_is_retried(
     server.plan = [("long", 5000), ("long", 10)]
     fetch(server, tmp_path / "d", keep_archive=True)
     assert (tmp_path / "d" / "lgg.zip").read_bytes() == lgg_zip  # nothing spliced in
-    assert installed(tmp_path / "d") == ["kaggle_3m", "lgg.zip"]
+    assert installed(tmp_path / "d") == ["kaggle_3m", "lgg.zip", "lgg.zip.part.json"]  # + record
     assert len(server.ranges) >= 2  # the short body was noticed and the download resumed
 
 

@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -306,11 +307,7 @@ def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
 
 def _memo_lookup(root: Path, stat_key: str) -> str | None:
     """The content key of a finished cache already found under ``stat_key``, if any."""
-    if not root.is_dir():
-        return None
-    for d in root.iterdir():
-        if d.name.startswith(".") or not d.is_dir():
-            continue
+    for d in _caches(root):
         meta = _read_meta(d)
         if meta and stat_key in meta.get("stat_keys", []) and isinstance(meta.get("key"), str):
             return str(meta["key"])
@@ -328,6 +325,35 @@ def _memo_store(folder: Path, stat_key: str) -> None:
         tmp = folder / f".meta-{os.getpid()}.json"
         tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.replace(tmp, folder / "meta.json")
+
+
+_KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_cache(folder: Path) -> bool:
+    """Whether ``folder`` is a dataset cache brainseg made: a real folder named by the first 32
+    hex digits of its key, holding a ``meta.json`` with that key and a format version.
+
+    Anything else under the cache folder (a user's own folder, even one named ``kaggle_3m``)
+    is never listed, reused, pruned or removed.
+    """
+    if not _KEY_NAME.match(folder.name) or folder.is_symlink() or not folder.is_dir():
+        return False
+    meta = _read_meta(folder)
+    key, fmt = meta.get("key"), meta.get("format")
+    return (
+        isinstance(key, str)
+        and key.startswith(folder.name)
+        and isinstance(fmt, int)
+        and not isinstance(fmt, bool)
+    )
+
+
+def _caches(root: Path) -> list[Path]:
+    """The dataset caches in ``root`` (see :func:`is_cache`), sorted by name."""
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if is_cache(d))
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -512,11 +538,7 @@ def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[CacheEn
     """Every finished dataset cache (temporary build folders are not listed), oldest first."""
     root = cache_root(cache_dir)
     out: list[CacheEntry] = []
-    if not root.is_dir():
-        return out
-    for d in sorted(root.iterdir()):
-        if d.name.startswith(".") or not d.is_dir():
-            continue
+    for d in _caches(root):
         meta = _read_meta(d)
         size = meta.get("size") or [0, 0]
         out.append(
@@ -554,15 +576,14 @@ def remove_cache(key: str, cache_dir: str | os.PathLike[str] | None = None) -> C
 
 
 def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
-    """Delete every dataset cache (they are rebuilt on demand); returns how many."""
+    """Delete every dataset cache (they are rebuilt on demand) and the temporary folders of
+    killed builds; returns how many caches. Nothing else in the folder is touched."""
     root = cache_root(cache_dir)
-    n = 0
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
-                n += not d.name.startswith(".")
-    return n
+    caches = _caches(root)
+    for d in caches:
+        shutil.rmtree(d, ignore_errors=True)
+    clean_stale(root)
+    return len(caches)
 
 
 def _decode_all(
@@ -813,12 +834,9 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 def _prune_older(root: Path, final: Path, dataset_root: Path, skip_bad: bool) -> None:
     """Remove caches of the same dataset folder made before its files changed."""
     here = str(dataset_root.resolve())
-    for d in root.iterdir():
-        if d == final or d.name.startswith(".") or not d.is_dir():
+    for d in _caches(root):
+        if d == final:
             continue
-        try:
-            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+        meta = _read_meta(d)
         if meta.get("root") == here and bool(meta.get("skip_bad")) == skip_bad:
             shutil.rmtree(d, ignore_errors=True)

@@ -9,13 +9,14 @@ imported inside the functions that need them), so the command module can import 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,6 +40,9 @@ from brainseg.data.http import (
     KAGGLE_URL,
     KaggleCredentials,
     RetryPolicy,
+    check_url,
+    download_record,
+    forget_download,
     http_fetch,
     is_kaggle_url,
     kaggle_config_path,
@@ -47,7 +51,7 @@ from brainseg.data.http import (
     sha256_file,
 )
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.fsutil import atomic_path, remove_stale_temps, temp_prefix
+from brainseg.fsutil import atomic_path, folder_lock, make_temp_dir, remove_stale_temps
 
 __all__ = [
     "KAGGLE_DATASET",
@@ -141,7 +145,10 @@ def download_lgg(
     ``force`` an existing ``dest/kaggle_3m`` is replaced only after that. Kaggle credentials
     are sent to kaggle.com, and to a mirror only with ``kaggle_auth=True``. A downloaded
     archive is deleted after a successful install unless ``keep_archive``; one that finished
-    downloading earlier (an install that failed afterwards) is reused. ``retries``,
+    downloading earlier from the same URL (an install that failed afterwards, or
+    ``keep_archive``) is reused. Only files brainseg downloaded (their ``.part.json`` record
+    matches) are ever reused or deleted: a user's file of the archive's name is refused and
+    left alone, whatever the options. ``retries``,
     ``backoff``, ``timeout`` and ``sleep`` are the :class:`RetryPolicy` of the download.
     """
     dest = Path(dest)
@@ -151,6 +158,8 @@ def download_lgg(
             "--url and --from-file cannot be used together",
             hint="--from-file installs an archive you already have, offline",
         )
+    if url is not None:
+        check_url(url)
     if from_file is not None:  # the input first: a missing zip is the error to report
         archive = _checked_archive(Path(from_file), expected)
     target = _checked_target(dest, force)
@@ -158,9 +167,9 @@ def download_lgg(
     if downloaded:
         policy = RetryPolicy(retries, backoff, timeout, sleep)
         archive = _fetch_archive(dest, url, expected, kaggle_auth, policy)
-    _install_archive(archive, dest, target, downloaded)
+    _install_archive(archive, dest, target, downloaded, force)
     if downloaded and not keep_archive:
-        archive.unlink(missing_ok=True)
+        forget_download(archive)  # brainseg's own download (checked by _fetch_archive)
     return target
 
 
@@ -218,16 +227,27 @@ def _kaggle_headers(src: str, url: str | None, kaggle_auth: bool | None) -> dict
 def _fetch_archive(
     dest: Path, url: str | None, expected: str | None, kaggle_auth: bool | None, policy: RetryPolicy
 ) -> Path:
-    """Download the archive into ``dest`` (or reuse one that finished downloading before)."""
+    """Download the archive into ``dest``, or reuse brainseg's finished download of it."""
     src = url or KAGGLE_URL
-    headers = _kaggle_headers(src, url, kaggle_auth)
     archive = dest / _archive_name(src)
-    if archive.is_file() and expected and not sha256_file(archive).startswith(expected):
-        con.info(f"{archive} does not match --sha256; downloading it again")
-        archive.unlink()
-    if archive.is_file():
-        con.info(f"using {archive}, downloaded before")
-        return archive
+    if archive.exists() or archive.is_symlink():
+        info = download_record(archive)
+        if info is None:  # a user's file (or one changed since): never used, never deleted
+            raise BrainsegError(
+                f"{archive} already exists and was not downloaded by brainseg; it is left alone",
+                hint=f"to install that archive pass --from-file {archive}; otherwise move it "
+                "away or choose another --dest",
+            )
+        if expected and not str(info.get("sha256", "")).startswith(expected):
+            con.info(f"{archive} (downloaded before) does not match --sha256; downloading again")
+            forget_download(archive)
+        elif info.get("url") != src:
+            con.info(f"{archive} was downloaded from {info.get('url')}; downloading {src}")
+            forget_download(archive)
+        else:
+            con.info(f"using {archive}, downloaded before from {src}")
+            return archive
+    headers = _kaggle_headers(src, url, kaggle_auth)
     con.info(f"downloading {src} to {dest}")
     return http_fetch(
         src,
@@ -240,16 +260,18 @@ def _fetch_archive(
         sleep=policy.sleep,
         from_file_hint="--from-file ZIP",
         auth_hint=AUTH_HINT if url is None or is_kaggle_url(src) or headers else None,
+        record=True,
     )
 
 
-def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) -> None:
-    from brainseg.data.lgg import discover
-
+def _install_archive(
+    archive: Path, dest: Path, target: Path, downloaded: bool, force: bool = False
+) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest)  # what a killed unpack left here
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{LAYOUT_NAME}-unpack"), dir=dest))
+        # the umask applies: this folder may become kaggle_3m itself (patients at the top)
+        tmp = make_temp_dir(dest, f"{LAYOUT_NAME}-unpack")
     except OSError as exc:
         raise BrainsegRuntimeError(
             f"cannot create a folder in {dest}: {exc.strerror or exc}",
@@ -265,23 +287,52 @@ def _install_archive(archive: Path, dest: Path, target: Path, downloaded: bool) 
                     hint="is this the LGG archive (mateuszbuda/lgg-mri-segmentation)?",
                 )
             con.info(f"checking {root.relative_to(tmp)}")
-            discover(root)
+            _discover_in_archive(root, tmp, archive)
         except BrainsegError as exc:
             if downloaded and archive.exists() and exc.exit_code == 2:
-                archive.unlink()  # a bad download must not be reused by the next run
+                forget_download(archive)  # a bad download must not be reused by the next run
+                note = f"the downloaded {archive.name} was deleted"
+                if "\n" in exc.message:  # a problem list: the note must not break its form
+                    con.warn(note)
+                    raise
                 raise BrainsegError(
-                    f"{exc.message}; the downloaded {archive.name} was deleted",
-                    exc.hint,
-                    exit_code=exc.exit_code,
+                    f"{exc.message}; {note}", exc.hint, exit_code=exc.exit_code
                 ) from exc
             raise
-        _swap_into_place(root, target, dest)
+        _swap_into_place(root, target, dest, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _swap_into_place(new: Path, target: Path, dest: Path) -> None:
-    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
+def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
+    """:func:`brainseg.data.lgg.discover` on the unpacked tree; its problems are named by the
+    archive (``ARCHIVE (kaggle_3m)``), not by the temporary folder that is gone afterwards."""
+    from brainseg.data.lgg import discover
+
+    try:
+        discover(root)
+    except BrainsegError as exc:
+        rel = root.relative_to(tmp).as_posix()
+        name = f"{archive} ({rel})" if rel != "." else str(archive)
+        raise BrainsegError(
+            exc.message.replace(str(root), name).replace(str(tmp), str(archive)),
+            exc.hint,
+            exit_code=exc.exit_code,
+        ) from exc
+
+
+def _swap_into_place(new: Path, target: Path, dest: Path, force: bool = False) -> None:
+    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename.
+
+    Without ``force`` a ``target`` that appeared while this run unpacked (another run, through
+    the library: the CLI holds :func:`install_lock`) is left as it is.
+    """
+    if not force and (target.exists() or target.is_symlink()):
+        raise BrainsegRuntimeError(
+            f"{target} was created by another run while this one was unpacking; it was left "
+            "as it is and nothing of this run was kept",
+            hint="pass --force to replace it, or choose another --dest",
+        )
     old: Path | None = None
     try:
         if target.exists() or target.is_symlink():
@@ -406,6 +457,8 @@ def download_vgg16(
     """
     if url and from_file:
         raise BrainsegError("--url and --from-file cannot be used together")
+    if url is not None:
+        check_url(url)
     tv_url, target = _vgg16_source(bn)
     prefix = expected_hash_prefix(target.name)
     what = "VGG16-BN" if bn else "VGG16"
@@ -502,6 +555,30 @@ class DownloadResult:
         return {**base, **self.extra}
 
 
+@contextlib.contextmanager
+def install_lock(dest: Path) -> Iterator[None]:
+    """Hold ``DEST/.kaggle_3m.lock`` (:func:`brainseg.fsutil.folder_lock`, the lock predict
+    uses too) while this run installs and indexes ``DEST/kaggle_3m``.
+
+    A second run into the same ``--dest`` (lgg or synthetic, with or without ``--force``)
+    is refused with the first one's host and pid instead of replacing a folder the first is
+    still writing or reading. A ``dest`` that cannot hold one is left to the install to report.
+    """
+    created = not (dest.exists() or dest.is_symlink())
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield  # a file, or no permission: the install says so in its own words
+        return
+    try:
+        with folder_lock(dest, LAYOUT_NAME, "brainseg download"):
+            yield
+    finally:
+        if created:  # a run that failed before writing anything leaves no empty --dest
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+
+
 def run_download(opts: DownloadOptions) -> DownloadResult:
     """The ``brainseg download`` job: install what ``opts.what`` names and describe it."""
     http: dict[str, Any] = {
@@ -515,13 +592,27 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
         )
         return DownloadResult(path, extra={"encoder": "vgg16_bn" if opts.bn else "vgg16"})
     dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
+    if opts.what not in ("lgg", "synthetic"):
+        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg, vgg16 or synthetic")
+    if opts.what == "synthetic":
+        from brainseg.data.synthetic import check_arguments
+
+        check_arguments(opts.patients, opts.size, seed=opts.seed)
+    elif opts.url is not None:
+        check_url(opts.url)
+    with install_lock(dest):
+        return _install_dataset(opts, dest, http)
+
+
+def _install_dataset(opts: DownloadOptions, dest: Path, http: dict[str, Any]) -> DownloadResult:
+    """``run_download`` for lgg / synthetic, under the install lock of ``dest``."""
     if opts.what == "synthetic":
         from brainseg.data.synthetic import write_synthetic
 
         root = Path(write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force))
         con.info(f"wrote {opts.patients} phantom patients to {root}")
         extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}
-    elif opts.what == "lgg":
+    else:
         root = download_lgg(
             dest,
             url=opts.url,
@@ -533,7 +624,5 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
             **http,
         )
         extra = {}
-    else:
-        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg, vgg16 or synthetic")
     con.info(f"indexing {root} (the dataset cache is built once and reused by train/eval)")
     return DownloadResult(root, dataset_summary(root), extra)

@@ -1,10 +1,16 @@
 """Safe unpacking of zip and tar archives: every member is checked before anything is written.
 
-A member with an absolute path, ``..``, a NUL byte or a drive letter, a link, a device, an
-encrypted member, a member larger than declared, or an archive that would expand past the
-limits (total size, expansion ratio, member count, free disk space) rejects the whole archive
-with nothing extracted. Files are created with ``O_EXCL | O_NOFOLLOW`` so nothing already in
-the destination is overwritten or followed. Standard library only.
+A member with an absolute path, ``..``, a NUL byte or a drive letter, a name too long or too
+deep, a link, a device, an encrypted member, a member larger or smaller than declared, or an
+archive that would expand past the limits (total size, expansion ratio, member count, free
+disk space) rejects the whole archive with nothing extracted. A damaged archive is refused
+the same way: a tar is read to its true end (its end-of-archive blocks, and the gzip / bzip2 /
+xz trailer with its checksum), so a damaged header or a cut at a member boundary is not taken
+for the end of a shorter archive; a zip's members are checked against their CRC-32. The member
+count and total size are checked while the listing is read, so a tar of millions of members
+is refused after reading ``max_members`` headers. Tar members also pass tarfile's ``data``
+extraction filter. Files are created with ``O_EXCL | O_NOFOLLOW`` so nothing already in the
+destination is overwritten or followed. Standard library only.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import lzma
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -34,8 +41,16 @@ MAX_RATIO = 100.0
 #: ...checked only above this many uncompressed bytes (small files may compress very well).
 RATIO_MIN_BYTES = 64 * 2**20
 #: More members than this is not an LGG archive (the real one holds about 16 000).
-MAX_MEMBERS = 500_000
+MAX_MEMBERS = 100_000
+#: Longest member name (characters) and deepest folder nesting; longest name component (bytes).
+MAX_NAME_CHARS = 1024
+MAX_NAME_DEPTH = 32
+MAX_COMPONENT_BYTES = 255
+#: Most bytes a tar may hold after its end-of-archive blocks (zero padding to a record).
+MAX_TAR_PADDING = 16 * 2**20
 CHUNK = 1 << 20
+#: errno values an OS gives for a name it cannot create (bad bytes, too long): input errors.
+_NAME_ERRORS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EILSEQ})
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,15 @@ def _safe_name(raw: str, archive: Path) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise _reject(archive, f"member {raw!r} points outside the folder ('..')")
+    longest = max((len(os.fsencode(p)) for p in parts), default=0)
+    if len(name) > MAX_NAME_CHARS or len(parts) > MAX_NAME_DEPTH or longest > MAX_COMPONENT_BYTES:
+        shown = repr(raw[:60]) + ("..." if len(raw) > 60 else "")
+        raise _reject(
+            archive,
+            f"member name {shown} is too long ({len(name)} characters, {len(parts)} levels; "
+            f"limits {MAX_NAME_CHARS} characters, {MAX_NAME_DEPTH} levels, "
+            f"{MAX_COMPONENT_BYTES} bytes per name)",
+        )
     return "/".join(parts)
 
 
@@ -117,17 +141,60 @@ def _zip_members(
     return out
 
 
-def _tar_members(tf: tarfile.TarFile, archive: Path) -> list[_Member]:
+def _tar_members(
+    tf: tarfile.TarFile, archive: Path, dest: Path, max_members: int, max_total: int
+) -> list[_Member]:
+    """The members, read one header at a time (limits checked as they come), then the end."""
     out = []
-    for ti in tf.getmembers():
+    total = 0
+    for n, ti in enumerate(tf, 1):  # not getmembers(): stop at the limit, not after the end
+        if n > max_members:
+            raise _reject(archive, f"more than {max_members} members (limit {max_members})")
         name = _safe_name(ti.name, archive)
         if ti.issym() or ti.islnk():
             raise _reject(archive, f"member {ti.name!r} is a link (to {ti.linkname!r})")
         if not (ti.isfile() or ti.isdir()):
             raise _reject(archive, f"member {ti.name!r} is not a regular file or folder")
+        try:  # the standard library's own rules for untrusted tars, on top of ours
+            tarfile.data_filter(ti, str(dest))
+        except tarfile.FilterError as exc:
+            raise _reject(archive, f"member {ti.name!r}: {first_line(exc)}") from exc
+        total += ti.size if ti.isfile() else 0
+        if total > max_total:
+            raise _reject(
+                archive,
+                f"it would expand to more than the limit of {fmt_bytes(max_total)}",
+            )
         if name:
             out.append(_Member(name, ti.isdir(), ti.size if ti.isfile() else 0, ti))
+    _check_tar_end(tf, archive)
     return out
+
+
+def _check_tar_end(tf: tarfile.TarFile, archive: Path) -> None:
+    """Raise unless the listing ended at a real end of archive, read to the last byte.
+
+    tarfile ends its listing quietly at a damaged header or at the end of the data, so an
+    archive cut at a member boundary, or with one flipped bit in a header, would look like a
+    shorter valid one. The end-of-archive block (512 zero bytes) must follow the last member,
+    only zero padding may follow it, and the rest is read so that the decompressor checks its
+    trailer (gzip's CRC-32 and length; bzip2's and xz's checks).
+    """
+    f = tf.fileobj
+    assert f is not None
+    f.seek(tf.offset)
+    end = f.read(tarfile.BLOCKSIZE)
+    if len(end) < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(
+            f"it ends after {tf.offset} bytes without the tar end-of-archive blocks (cut short?)"
+        )
+    if end.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"the tar header at byte {tf.offset} is damaged")
+    padding = 0
+    while chunk := f.read(CHUNK):
+        padding += len(chunk)
+        if chunk.count(0) != len(chunk) or padding > MAX_TAR_PADDING:
+            raise tarfile.ReadError(f"data after the end of the tar archive (byte {tf.offset})")
 
 
 def safe_extract(
@@ -155,6 +222,9 @@ def safe_extract(
         )
     try:
         if kind == "zip":
+            declared = _zip_declared_count(archive)
+            if declared is not None and declared > max_members:  # before listing them all
+                raise _reject(archive, f"{declared} members (limit {max_members})")
             with zipfile.ZipFile(archive) as zf:
                 members = _zip_members(zf, archive, max_ratio, ratio_min_bytes)
                 _check_sizes(
@@ -163,7 +233,7 @@ def safe_extract(
                 _write_members(members, dest, archive, zf.open)
         else:
             with tarfile.open(archive, "r:*") as tf:
-                members = _tar_members(tf, archive)
+                members = _tar_members(tf, archive, dest, max_members, max_total)
                 _check_sizes(
                     archive, members, max_total, max_ratio, ratio_min_bytes, max_members, dest
                 )
@@ -184,12 +254,46 @@ def safe_extract(
         gzip.BadGzipFile,  # a .tar.gz whose CRC or length check fails
         lzma.LZMAError,
         NotImplementedError,  # an unknown compression method in a damaged header
+        OverflowError,  # a damaged zip64 field
     ) as exc:
-        raise BrainsegError(
-            f"{archive} is damaged: {first_line(exc)}",
-            hint="download it again (delete the file first)",
+        raise _damaged(archive, first_line(exc)) from exc
+    except UnicodeDecodeError as exc:  # zipfile decodes names flagged UTF-8 strictly
+        raise _damaged(
+            archive, f"a member name is flagged UTF-8 but is not valid UTF-8 ({exc.reason})"
         ) from exc
     return dest
+
+
+def _damaged(archive: Path, why: str) -> BrainsegError:
+    return BrainsegError(
+        f"{archive} is damaged: {why}; nothing was extracted",
+        hint="download it again (delete the file first)",
+    )
+
+
+def _zip_declared_count(path: Path) -> int | None:
+    """The member count a zip's end-of-central-directory record declares (zip64 too), read
+    from the file's tail; None when there is no such record (zipfile then says what is wrong).
+    """
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        n = min(size, 22 + 0xFFFF + 20)  # the record, its longest comment, the zip64 locator
+        f.seek(size - n)
+        tail = f.read(n)
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or len(tail) - i < 22:
+            return None
+        (count,) = struct.unpack("<H", tail[i + 10 : i + 12])
+        if count != 0xFFFF or i < 20 or tail[i - 20 : i - 16] != b"PK\x06\x07":
+            return int(count)
+        (offset,) = struct.unpack("<Q", tail[i - 12 : i - 4])  # the zip64 end record
+        if offset > size - 56:
+            return None
+        f.seek(offset)
+        rec = f.read(56)
+    if rec[:4] != b"PK\x06\x06":
+        return None
+    return int(struct.unpack("<Q", rec[32:40])[0])
 
 
 def safe_extract_zip(
@@ -236,8 +340,10 @@ def _write_members(
     root = os.path.realpath(dest)
     files = [m for m in members if not m.is_dir]
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    current = ""
     try:
         for m in members:
+            current = m.name
             if m.is_dir:
                 Path(root, *m.name.split("/")).mkdir(parents=True, exist_ok=True)
         with con.progress(len(files), f"unpacking {archive.name}", unit="files") as bar:
@@ -246,6 +352,7 @@ def _write_members(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if os.path.commonpath([root, os.path.realpath(target.parent)]) != root:
                     raise _reject(archive, f"member {m.name!r} resolves outside {dest}")
+                current = m.name
                 fd = os.open(target, flags, 0o644)
                 with os.fdopen(fd, "wb") as out, open_member(m.ref) as src:
                     n = 0
@@ -254,6 +361,8 @@ def _write_members(
                         if n > m.size:
                             raise _reject(archive, f"member {m.name!r} is larger than declared")
                         out.write(chunk)
+                if n != m.size:  # the listing said more: the data ends early
+                    raise _damaged(archive, f"member {m.name!r} has {n} of {m.size} bytes")
                 bar.advance(1)
     except FileExistsError as exc:
         raise BrainsegError(
@@ -266,6 +375,10 @@ def _write_members(
                 f"disk full while unpacking {archive} into {dest}",
                 hint="free some space and run the command again",
             ) from exc
+        if exc.errno in _NAME_ERRORS:  # the member's name, not the disk: an input error
+            raise _reject(
+                archive, f"member {current!r} cannot be created: {exc.strerror or exc}"
+            ) from exc
         raise BrainsegRuntimeError(
-            f"cannot unpack {archive} into {dest}: {exc.strerror or exc} ({exc.filename})"
+            f"cannot unpack {archive} into {dest}: {exc.strerror or exc} (member {current!r})"
         ) from exc

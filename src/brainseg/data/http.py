@@ -6,6 +6,9 @@ when given, matches): the ``.part`` name is the temporary name of the atomic wri
 between runs on purpose so an interrupted download resumes with an HTTP ``Range`` request. A
 small ``<dest>.part.json`` beside it remembers the URL and the server's validator (ETag /
 Last-Modified, sent back as ``If-Range``) so a resume never splices bytes of two files.
+With ``record=True`` (the LGG archive) that file stays after the download as its record (URL,
+size, SHA-256): it is how a later run tells brainseg's own download, which it may reuse or
+delete, from a user's file of the same name, which it never touches.
 
 What counts as transient (retried with exponential back-off, the budget counted per stall, not
 per download): timeouts, dropped or reset connections, HTTP 5xx / 429 (``Retry-After``
@@ -234,6 +237,49 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+# --------------------------------------------------------------------------- URLs, records
+
+
+def check_url(url: str, what: str = "--url") -> str:
+    """``url`` when it is an http(s) URL with a host; else a usage error naming it."""
+    hint = "give the http:// or https:// address of the file (or --from-file for a local one)"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _port = parts.hostname, parts.port  # .port raises ValueError for a bad port
+    except ValueError as exc:
+        raise BrainsegError(f"{what} {url!r} is not a valid URL: {first_line(exc)}", hint) from exc
+    if parts.scheme.lower() not in ("http", "https"):
+        raise BrainsegError(f"{what} {url!r} is not an http:// or https:// URL", hint)
+    if not host:
+        raise BrainsegError(f"{what} {url!r} names no host", hint)
+    return url
+
+
+def record_path(dest: Path) -> Path:
+    """The record of brainseg's download of ``dest``: ``<dest>.part.json``."""
+    return dest.with_name(dest.name + ".part.json")
+
+
+def download_record(dest: Path) -> dict[str, Any] | None:
+    """The record of a finished download of ``dest`` by brainseg, if it matches the file.
+
+    None when ``dest`` is not a regular file, has no record, or differs from what was
+    downloaded (size or SHA-256): then brainseg did not make this file and must not touch it.
+    """
+    info = _read_meta(record_path(dest))
+    if not info.get("complete") or dest.is_symlink() or not dest.is_file():
+        return None
+    if info.get("size") != dest.stat().st_size or info.get("sha256") != sha256_file(dest):
+        return None
+    return info
+
+
+def forget_download(dest: Path) -> None:
+    """Delete brainseg's download ``dest`` and its record."""
+    dest.unlink(missing_ok=True)
+    record_path(dest).unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- fetch
 
 
@@ -249,6 +295,7 @@ def http_fetch(
     from_file_hint: str = "--from-file PATH",
     auth_hint: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    record: bool = False,
 ) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part``, resuming and retrying; return ``dest``.
 
@@ -257,15 +304,19 @@ def http_fetch(
     (full digest or a prefix of at least 8 hex digits) is checked before the rename; on a
     mismatch the download is deleted so it is not resumed. Transient failures (see the module
     docstring) are retried up to ``retries`` times without progress, waiting
-    ``backoff * 2**(n-1)`` seconds; an existing ``dest`` is replaced.
+    ``backoff * 2**(n-1)`` seconds; an existing ``dest`` is replaced. A ``dest.part`` without
+    the ``.part.json`` brainseg writes beside it is not brainseg's and is refused, never
+    deleted. With ``record`` the ``.part.json`` is kept as the download's record
+    (:func:`download_record`).
     """
+    check_url(url, "URL")
     dest = Path(dest)
     expected = normalize_sha256(sha256)
     policy = RetryPolicy(retries, backoff, timeout, sleep)
     fetch = _Fetch(url, dest, dict(headers or {}), timeout, from_file_hint, auth_hint)
     fetch.prepare()
     _retry_loop(fetch, policy)
-    fetch.finish(expected)
+    fetch.finish(expected, record)
     return dest
 
 
@@ -305,7 +356,7 @@ class _Fetch:
     ) -> None:
         self.url, self.dest, self.headers, self.timeout = url, dest, headers, timeout
         self.part = dest.with_name(dest.name + ".part")
-        self.meta = dest.with_name(dest.name + ".part.json")
+        self.meta = record_path(dest)
         self.from_file_hint, self.auth_hint = from_file_hint, auth_hint
         self.opener = urllib.request.build_opener()
         #: The server answered at least once in this run: later connection failures are a blip.
@@ -320,7 +371,15 @@ class _Fetch:
                 f"cannot create {self.dest.parent}: {exc.strerror or exc}",
                 hint="check the folder is writable",
             ) from exc
-        if self.part.exists() and _read_meta(self.meta).get("url") != self.url:
+        if not (self.part.exists() or self.part.is_symlink()):
+            return
+        if self.part.is_symlink() or not self.part.is_file() or "url" not in _read_meta(self.meta):
+            raise BrainsegError(
+                f"{self.part} exists and was not downloaded by brainseg (no {self.meta.name} "
+                "beside it); it is left alone",
+                hint="move it away or choose another destination folder",
+            )
+        if _read_meta(self.meta).get("url") != self.url:
             if self.part.stat().st_size:
                 con.info(f"{self.part.name} was started from another URL; starting over")
             self.part.unlink()
@@ -338,26 +397,30 @@ class _Fetch:
             f"{self.from_file_hint}",
         )
 
-    def finish(self, expected: str | None) -> None:
-        """Check the checksum, then rename ``.part`` onto ``dest``."""
+    def finish(self, expected: str | None, record: bool = False) -> None:
+        """Check the checksum, then rename ``.part`` onto ``dest`` (recording it if asked)."""
         part, meta = self.part, self.meta
-        if expected:
-            actual = sha256_file(part)
-            if not actual.startswith(expected):
-                part.unlink(missing_ok=True)
-                meta.unlink(missing_ok=True)
-                raise BrainsegRuntimeError(
-                    f"checksum mismatch for {self.url}: sha256 is {actual}, expected {expected}; "
-                    "the downloaded file was deleted",
-                    hint="check the --sha256 value and the --url, then run the command again",
-                )
+        actual = sha256_file(part) if expected or record else ""
+        if expected and not actual.startswith(expected):
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise BrainsegRuntimeError(
+                f"checksum mismatch for {self.url}: sha256 is {actual}, expected {expected}; "
+                "the downloaded file was deleted",
+                hint="check the --sha256 value and the --url, then run the command again",
+            )
+        if record:  # written first: a file under the final name always has its record
+            info = {**_read_meta(meta), "url": self.url, "complete": True}
+            info.update(size=part.stat().st_size, sha256=actual)
+            atomic_write_text(meta, json.dumps(info))
         try:
             os.replace(part, self.dest)
         except OSError as exc:
             raise BrainsegRuntimeError(
                 f"cannot rename {part} to {self.dest}: {exc.strerror or exc}"
             ) from exc
-        meta.unlink(missing_ok=True)
+        if not record:
+            meta.unlink(missing_ok=True)
 
     # ---- one attempt
 

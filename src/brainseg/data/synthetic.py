@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import shutil
 import tempfile
@@ -67,6 +68,8 @@ class PhantomCase:
 
 def patient_names(patients: int, seed: int = 0) -> list[str]:
     """Unique TCGA-style folder names ``TCGA_<XX>_<dddd>_<yyyymmdd>``, deterministic per seed."""
+    if patients > len(_INSTITUTIONS) * 9000:  # every name taken: the loop would never end
+        raise BrainsegError(f"--patients {patients} is more than the phantom names available")
     rng = np.random.default_rng([seed, 7919])
     names: list[str] = []
     used: set[str] = set()
@@ -381,7 +384,7 @@ def generate(
     patients: int = 10, seed: int = 0, size: int = 256, slices: tuple[int, int] = (20, 40)
 ) -> list[PhantomCase]:
     """All phantom patients in memory (what :func:`write_synthetic` writes)."""
-    _validate(patients, size, slices)
+    check_arguments(patients, size, slices, seed)
     names = patient_names(patients, seed)
     cases = []
     for i, folder in enumerate(names):
@@ -391,21 +394,41 @@ def generate(
     return cases
 
 
-def _validate(patients: int, size: int, slices: tuple[int, int]) -> None:
-    if not isinstance(patients, int) or patients < 1:
+#: Most phantom patients one run writes (the real dataset has 110; names run out at 45,000).
+MAX_PATIENTS = 1000
+#: Largest image side (the real slices are 256 x 256).
+MAX_SIZE = 1024
+#: Most slices per patient (the real patients have 20 to 88).
+MAX_SLICES = 256
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_arguments(
+    patients: int, size: int, slices: tuple[int, int] = (20, 40), seed: int = 0
+) -> None:
+    """Refuse, at once, arguments that cannot make a phantom dataset (or would run for days)."""
+    if not _is_int(patients) or not 1 <= patients <= MAX_PATIENTS:
         raise BrainsegError(
-            f"--patients must be a positive integer, got {patients!r}",
+            f"--patients must be an integer from 1 to {MAX_PATIENTS}, got {patients!r}",
             hint="for example --patients 10",
         )
-    if not isinstance(size, int) or size < 32 or size % 32:
+    if not _is_int(size) or not 32 <= size <= MAX_SIZE or size % 32:
         raise BrainsegError(
-            f"--size must be a multiple of 32 (at least 32), got {size!r}",
+            f"--size must be a multiple of 32 from 32 to {MAX_SIZE}, got {size!r}",
             hint="for example --size 256 (the real data) or 64 (fast tests)",
         )
-    lo, hi = slices
-    if not (4 <= lo <= hi):
+    if not _is_int(seed) or seed < 0:
         raise BrainsegError(
-            f"slices per patient must be a range (lo, hi) with 4 <= lo <= hi, got {slices!r}",
+            f"--seed must be a non-negative integer, got {seed!r}", hint="for example --seed 0"
+        )
+    lo, hi = slices
+    if not (_is_int(lo) and _is_int(hi) and 4 <= lo <= hi <= MAX_SLICES):
+        raise BrainsegError(
+            f"slices per patient must be a range (lo, hi) with 4 <= lo <= hi <= {MAX_SLICES}, "
+            f"got {slices!r}",
             hint="for example (20, 40)",
         )
 
@@ -459,7 +482,7 @@ def write_synthetic(
     interrupted run never leaves a half-written dataset. An existing ``dest/kaggle_3m`` is
     refused unless ``force``.
     """
-    _validate(patients, size, slices)
+    check_arguments(patients, size, slices, seed)
     dest = Path(dest)
     root = dest / "kaggle_3m"
     if dest.exists() and not dest.is_dir():
@@ -494,7 +517,9 @@ def write_synthetic(
                 _write_tif(pdir / f"{folder}_{k + 1}_mask.tif", masks[k], rgb=False)
         (tmp / "data.csv").write_text(_csv_text(names, seed), encoding="utf-8")
         (tmp / "README.md").write_text(_readme_text(patients, seed, size, slices), encoding="utf-8")
-        if root.exists():
+        if root.exists() or root.is_symlink():
+            if not force:  # it was not there at the start: another run made it meanwhile
+                raise FileExistsError(errno.EEXIST, "created meanwhile", str(root))
             old = Path(tempfile.mkdtemp(prefix=".kaggle_3m.", suffix=".old", dir=dest))
             os.replace(root, old / "kaggle_3m")
         os.replace(tmp, root)
@@ -503,6 +528,12 @@ def write_synthetic(
         if old is not None and not root.exists() and (old / "kaggle_3m").exists():
             with contextlib.suppress(OSError):
                 os.replace(old / "kaggle_3m", root)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and old is None and root.exists():
+            raise BrainsegRuntimeError(  # another run (another process) finished first
+                f"{root} was created by another run while this one was writing phantoms; "
+                "it was left as it is and nothing of this run was kept",
+                hint="pass --force to replace it, or choose another --dest",
+            ) from exc
         raise BrainsegRuntimeError(
             f"cannot write the phantom dataset to {root}: {exc.strerror or exc}",
             hint="check free space and permissions",
