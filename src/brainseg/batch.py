@@ -381,11 +381,16 @@ def _inside(path: Path, root: Path) -> bool:
 class _Engine:
     """Read ahead, infer in batches, write behind; results come out in input order."""
 
-    def __init__(self, predictor: Predictor, opts: BatchOptions) -> None:
+    def __init__(
+        self, predictor: Predictor, opts: BatchOptions, unreported: list[FileResult] | None = None
+    ) -> None:
         self.predictor = predictor
         self.opts = opts
         self.size = predictor.image_size
         self.root = opts.out_dir.resolve()
+        # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
+        # files are on disk, so the caller still gives them summary rows
+        self.unreported = [] if unreported is None else unreported
 
     # ---- read side (worker threads)
 
@@ -489,9 +494,13 @@ class _Engine:
             while writes:
                 yield writes.popleft().result()
         except BaseException:
-            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work.
+            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work;
+            # the writes already running finish, and their results are kept
             readers.shutdown(wait=True, cancel_futures=True)
             writers.shutdown(wait=True, cancel_futures=True)
+            self.unreported += [
+                f.result() for f in writes if not f.cancelled() and f.exception() is None
+            ]
             raise
         finally:
             readers.shutdown()
@@ -539,12 +548,17 @@ def _ordered_map(
 
 
 def predict_files(
-    predictor: Predictor, files: Iterable[InputFile], opts: BatchOptions
+    predictor: Predictor,
+    files: Iterable[InputFile],
+    opts: BatchOptions,
+    unreported: list[FileResult] | None = None,
 ) -> Iterator[FileResult]:
     """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
 
     Files that cannot be read or written come back with ``status="error"`` and the run goes
-    on; two inputs that would write the same output are an error for the second.
+    on; two inputs that would write the same output are an error for the second. When the
+    run stops early (an exception, or the generator closed), the results of the files
+    written but not yielded are appended to ``unreported``.
     """
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
@@ -570,7 +584,7 @@ def predict_files(
             seen.add(key)
             yield f
 
-    yield from _Engine(predictor, opts).run(dedup())
+    yield from _Engine(predictor, opts, unreported).run(dedup())
 
 
 # --------------------------------------------------------------------------- summary
@@ -590,6 +604,7 @@ class SummaryWriter:
         self._f: io.TextIOWrapper | None = None
         self._csv: Any = None
         self.rows = 0
+        self.last: FileResult | None = None  # the result of the last row written
 
     def write(self, res: FileResult) -> None:
         try:
@@ -617,6 +632,7 @@ class SummaryWriter:
         else:
             self._f.write(json.dumps(_json_row(row)) + "\n")
         self._f.flush()
+        self.last = res
         self.rows += 1
 
     def close(self) -> Path | None:
@@ -830,10 +846,15 @@ def _run(
     writer = SummaryWriter(summary_path, summary_fmt)
     counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
     warned: set[str] = set()
+    unreported: list[FileResult] = []
+    results = predict_files(predictor, files, batch, unreported)
+    pending: FileResult | None = None
     try:
         with console.progress(total, "predict", unit="file") as bar:
-            for res in predict_files(predictor, files, batch):
+            for res in results:
+                pending = res
                 writer.write(res)
+                pending = None
                 counts[res.status] += 1
                 counts["tumor"] += bool(res.has_tumor)
                 if opts.on_result is not None:
@@ -846,6 +867,13 @@ def _run(
                         console.warn(f"{res.path}: {note} (said once; other files may be too)")
                 bar.advance(1, failed=counts["error"])
     except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: every file on disk gets its row (the one in hand, the writes in
+        # flight, which closing the generator lets finish), then the summary is renamed
+        results.close()
+        for res in ([pending] if pending is not None else []) + unreported:
+            if res is not writer.last:
+                writer.write(res)
+                counts[res.status] += 1
         done = counts["ok"] + counts["skipped"] + counts["error"]
         console.warn(
             f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
