@@ -137,6 +137,7 @@ def _commands(root: Path, split: Path, ckpt: Path, tmp: Path) -> dict[str, tuple
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "export", "download", "cv"])
 def test_sigterm_in_a_long_command_is_ctrl_c(
     tiny: tuple[Path, Path, Path], tmp_path: Path, command: str
