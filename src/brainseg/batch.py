@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -552,7 +552,7 @@ def predict_files(
     files: Iterable[InputFile],
     opts: BatchOptions,
     unreported: list[FileResult] | None = None,
-) -> Iterator[FileResult]:
+) -> Generator[FileResult, None, None]:
     """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
 
     Files that cannot be read or written come back with ``status="error"`` and the run goes
