@@ -874,6 +874,8 @@ def _run(
             if res is not writer.last:
                 writer.write(res)
                 counts[res.status] += 1
+                if opts.on_result is not None:  # its --json line too
+                    opts.on_result(res)
         done = counts["ok"] + counts["skipped"] + counts["error"]
         console.warn(
             f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
