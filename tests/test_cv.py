@@ -102,7 +102,9 @@ def killed_cv(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.mark.slow
 def test_kill_between_folds_does_not_retrain_finished_fold(killed_cv: dict[str, Any]) -> None:
     cv_dir = killed_cv["cv_dir"]
-    assert "fold 0/3: finished earlier" in killed_cv["r2"].stderr
+    # killed after its final checkpoint, before its report.html: completed, not retrained
+    assert "fold 0/3: finishing" in killed_cv["r2"].stderr
+    assert (cv_dir / "fold_0" / "report.html").is_file()
     assert "fold 0/3: finished earlier" in killed_cv["r3"].stderr
     assert killed_cv["fold0_after_r2"] == killed_cv["fold0"]  # bytes and mtimes unchanged
     assert fingerprint(cv_dir / "fold_0") == killed_cv["fold0"]

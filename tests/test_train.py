@@ -495,3 +495,19 @@ def test_compile_through_the_cli_matches_eager(tiny: tuple[Path, Path], tmp_path
     b = read_rows(tmp_path / "compiled" / "exp" / "metrics.csv")[0]
     for c in ("train_loss", "val_loss"):
         assert float(b[c]) == pytest.approx(float(a[c]), rel=1e-3, abs=1e-4), c
+
+
+def test_help_names_every_file_a_run_writes_and_the_report_no_fold_none(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`train --help` lists each file of a finished run folder (report.html too); the report
+    of a single split (no folds) does not say "fold None"."""
+    run = train(tiny_cfg(tiny, tmp_path / "runs"))
+    written = sorted(p.name for p in run.iterdir() if not p.name.startswith("."))
+    assert "report.html" in written
+    r = run_cli(["train", "--help"], env={"COLUMNS": "300"})
+    assert r.returncode == 0
+    described = " ".join(r.stdout.split())
+    assert [n for n in written if n not in described] == []
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "fold None" not in html and f"slices of {tiny[1].resolve()}" in html

@@ -22,7 +22,7 @@ import re
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -530,11 +530,16 @@ def _inside(path: Path, root: Path) -> bool:
 class _Engine:
     """Read ahead, infer in batches, write behind; results come out in input order."""
 
-    def __init__(self, predictor: Predictor, opts: BatchOptions) -> None:
+    def __init__(
+        self, predictor: Predictor, opts: BatchOptions, unreported: list[FileResult] | None = None
+    ) -> None:
         self.predictor = predictor
         self.opts = opts
         self.size = predictor.image_size
         self.root = opts.out_dir.resolve()
+        # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
+        # files are on disk, so the caller still gives them summary rows
+        self.unreported = [] if unreported is None else unreported
 
     # ---- read side (worker threads)
 
@@ -647,9 +652,13 @@ class _Engine:
             while writes:
                 yield writes.popleft()[0].result()
         except BaseException:
-            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work.
+            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work;
+            # the writes already running finish, and their results are kept
             readers.shutdown(wait=True, cancel_futures=True)
             writers.shutdown(wait=True, cancel_futures=True)
+            self.unreported += [
+                f.result() for f in writes if not f.cancelled() and f.exception() is None
+            ]
             raise
         finally:
             readers.shutdown()
@@ -725,12 +734,17 @@ def _ordered_map(
 
 
 def predict_files(
-    predictor: Predictor, files: Iterable[InputFile], opts: BatchOptions
-) -> Iterator[FileResult]:
+    predictor: Predictor,
+    files: Iterable[InputFile],
+    opts: BatchOptions,
+    unreported: list[FileResult] | None = None,
+) -> Generator[FileResult, None, None]:
     """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
 
     Files that cannot be read or written come back with ``status="error"`` and the run goes
-    on; two inputs that would write the same output are an error for the second.
+    on; two inputs that would write the same output are an error for the second. When the
+    run stops early (an exception, or the generator closed), the results of the files
+    written but not yielded are appended to ``unreported``.
     """
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
@@ -759,7 +773,7 @@ def predict_files(
             seen.add(key)
             yield f
 
-    yield from _Engine(predictor, opts).run(dedup())
+    yield from _Engine(predictor, opts, unreported).run(dedup())
 
 
 # --------------------------------------------------------------------------- summary
@@ -782,6 +796,7 @@ class SummaryWriter:
         self._csv: Any = None
         self._paths: set[str] = set()
         self.rows = 0
+        self.last: FileResult | None = None  # the result of the last row written
 
     def write(self, res: FileResult) -> None:
         try:
@@ -805,6 +820,7 @@ class SummaryWriter:
             self._f.write(json.dumps(_json_row(row)) + "\n")
         self._f.flush()
         self._paths.add(res.path)
+        self.last = res
         self.rows += 1
 
     def _earlier_rows(self) -> list[Any]:
@@ -1078,10 +1094,15 @@ def _run(
     writer = SummaryWriter(summary_path, summary_fmt)
     counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
     warned: set[str] = set()
+    unreported: list[FileResult] = []
+    results = predict_files(predictor, files, batch, unreported)
+    pending: FileResult | None = None
     try:
         with console.progress(total, "predict", unit="file") as bar:
-            for res in predict_files(predictor, files, batch):
+            for res in results:
+                pending = res
                 writer.write(res)
+                pending = None
                 counts[res.status] += 1
                 counts["tumor"] += bool(res.has_tumor)
                 if opts.on_result is not None:
@@ -1094,6 +1115,15 @@ def _run(
                         console.warn(f"{res.path}: {note} (said once; other files may be too)")
                 bar.advance(1, failed=counts["error"])
     except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: every file on disk gets its row (the one in hand, the writes in
+        # flight, which closing the generator lets finish), then the summary is renamed
+        results.close()
+        for res in ([pending] if pending is not None else []) + unreported:
+            if res is not writer.last:
+                writer.write(res)
+                counts[res.status] += 1
+                if opts.on_result is not None:  # its --json line too
+                    opts.on_result(res)
         done = counts["ok"] + counts["skipped"] + counts["error"]
         console.warn(
             f"interrupted after {done} file(s); their rows are in {summary_path}; run the "

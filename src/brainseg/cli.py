@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -204,8 +206,29 @@ def _usage_error(exc: Exception) -> None:
     sys.exit(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turn errors into one line and a documented exit code."""
+    """Entry point: run the app, turn errors into one line and a documented exit code.
+
+    SIGTERM (``kill``, a scheduler's time limit) is Ctrl-C for every command: a
+    KeyboardInterrupt in the main thread, so each command stops the way it does on Ctrl-C
+    (train saves its position, predict writes its summary, temporaries are removed), prints
+    ``error: interrupted`` and exits 130.
+    """
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    try:
+        _main(argv)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rv = app(args=argv, prog_name="brainseg", standalone_mode=False)
     except BrainsegError as exc:

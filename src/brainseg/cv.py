@@ -383,19 +383,24 @@ def train_fold(plan: CVPlan, k: int) -> FoldRun:
     from brainseg.config import TrainConfig, load_resume_config
     from brainseg.data.split import load_split
     from brainseg.fsutil import remove_temps
+    from brainseg.train.setup import missing_final_files
 
     run = plan.fold_dir(k)
     epochs = int(plan.train["epochs"])
     val = load_split(plan.split_path).patients("val", k)
     progress = fold_progress(run)
-    if progress is not None and progress[0] >= epochs and progress[1] == 0:
+    trained = progress is not None and progress[0] >= epochs and progress[1] == 0
+    if trained and not missing_final_files(run):
         con.info(f"fold {k}/{plan.n_folds}: finished earlier ({run}), not retrained")
         status = "finished earlier"
     else:
         from brainseg.train import train
 
-        if progress is not None:
+        if trained:  # stopped after its last checkpoint: --resume writes what it lacks
+            con.info(f"fold {k}/{plan.n_folds}: finishing {run}")
+        elif progress is not None:
             con.info(f"fold {k}/{plan.n_folds}: resuming {run} at epoch {progress[0] + 1}/{epochs}")
+        if progress is not None:
             runtime = {key: plan.train[key] for key in RUNTIME_KEYS}
             cfg = load_resume_config(run, {**runtime, "epochs": epochs})
             status = "resumed"

@@ -717,7 +717,8 @@ def _train_measured(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
             "validation",
             no_val
             or f"{info.get('val_patients', '?')} patients / {info.get('val_slices', '?')}"
-            f" slices of {config.get('split')}, fold {config.get('fold')}",
+            f" slices of {config.get('split')}"
+            + ("" if config.get("fold") is None else f", fold {config.get('fold')}"),
         ),
         (
             "measured at",

@@ -33,9 +33,10 @@ def litter(folder: Path) -> list[str]:
 
 
 def run_faulty(
-    args: list[Any], faults: dict[str, Any], timeout: float = 600
+    args: list[Any], faults: dict[str, Any], timeout: float = 600, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``brainseg ARGS`` in a subprocess with ``faults`` installed (see faultkit)."""
+    """``brainseg ARGS`` in a subprocess with ``faults`` installed (see faultkit), run in
+    ``cwd`` (default: this process's working folder)."""
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "BRAINSEG_FAULTS": json.dumps(faults)}
     return subprocess.run(
         [sys.executable, str(faultkit.SCRIPT), *map(str, args)],
@@ -43,6 +44,7 @@ def run_faulty(
         text=True,
         env=env,
         timeout=timeout,
+        cwd=cwd,
     )
 
 

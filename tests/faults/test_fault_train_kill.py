@@ -78,24 +78,21 @@ def assert_same_run(run: Path, reference: Path) -> None:
         assert all(a[k].equal(b[k]) for k in a), name
 
 
-def resume_and_check(run: Path, reference: Path) -> None:
-    """last.safetensors loads (when the kill came after the first one), resume finishes."""
+def resume_and_check(run: Path, reference: Path) -> subprocess.CompletedProcess[str]:
+    """Whatever the kill left (no checkpoint yet, a half-written one, a finished run without
+    its report), ``brainseg train --resume`` completes the run: exit 0, equal to an
+    uninterrupted run, report.html written, no temporary file left."""
     from brainseg.checkpoint import load_checkpoint
 
-    if (run / "last.safetensors").exists():
+    if (run / "last.safetensors").exists():  # it always loads
         _model, meta = load_checkpoint(run / "last.safetensors")
         assert meta["train_state"]["epoch"] >= 1
-        r = run_cli(["-q", "train", "--resume", run])
-        if meta["train_state"]["epoch"] == EPOCHS:  # killed after its very last write
-            assert r.returncode == 2 and "already trained 2 of 2" in r.stderr, r.stderr
-        else:
-            assert r.returncode == 0, r.stderr
-    else:  # killed before the first checkpoint: a clear error says what to do
-        r = run_cli(["train", "--resume", run])
-        assert r.returncode == 2 and "last.safetensors does not exist" in r.stderr, r.stderr
-        return
+    r = run_cli(["train", "--resume", run])
+    assert r.returncode == 0, r.stderr
     assert_same_run(run, reference)
+    assert (run / "report.html").is_file()
     assert litter(run) == []
+    return r
 
 
 #: Where the loop looks each hooked function up (a step calls epoch.lr_at once; an epoch
@@ -225,6 +222,37 @@ def test_sigterm_mid_epoch_saves_exits_130_and_resumes_to_the_same_run(
     assert f"resuming {run} from epoch 2, step 2 of {STEPS}" in resumed.stderr, resumed.stderr
     assert_same_run(run, reference)
     assert litter(run) == []
+
+
+@pytest.mark.slow
+def test_kill_mid_write_of_the_first_checkpoint_then_resume_starts_over(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path
+) -> None:
+    """Epoch 1 is in metrics.csv, last.safetensors is a half-written temporary: --resume
+    trains from the start in the same folder (nothing complete to continue from)."""
+    r = run_faulty(train_args(tiny, tmp_path), {"kill": [before("last.safetensors", 1)]})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    run = tmp_path / "exp"
+    assert [row["epoch"] for row in rows(run)] == ["1"]
+    assert not (run / "last.safetensors").exists() and litter(run) != []
+    resumed = resume_and_check(run, reference)
+    assert "no complete last.safetensors" in resumed.stderr, resumed.stderr
+
+
+@pytest.mark.slow
+def test_kill_after_the_final_checkpoint_then_resume_finishes_the_run(
+    tiny: tuple[Path, Path], reference: Path, tmp_path: Path
+) -> None:
+    """Killed after the last epoch's last.safetensors, before report.html: --resume writes
+    what the folder lacks and exits 0; once complete, --resume says it is done."""
+    r = run_faulty(train_args(tiny, tmp_path), {"kill": [after("last.safetensors", EPOCHS)]})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    run = tmp_path / "exp"
+    assert not (run / "report.html").exists()
+    resumed = resume_and_check(run, reference)
+    assert f"all {EPOCHS} epochs were trained" in resumed.stderr, resumed.stderr
+    again = run_cli(["train", "--resume", run])
+    assert again.returncode == 2 and f"already trained {EPOCHS} of {EPOCHS}" in again.stderr
 
 
 def test_a_second_ctrl_c_aborts_at_once(tiny: tuple[Path, Path], tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from brainseg.errors import BrainsegError
 HELP = (
     "Train a UNet-VGG16 on a kaggle_3m-layout dataset with a patient-level split.\n\n"
     "Writes runs/train/exp (exp2, ...): config.yaml, split.yaml, metrics.csv, "
-    "best.safetensors, last.safetensors, curves.png, preview.png. Defaults are the reference "
-    "recipe (--config seed): BCE loss, Adam lr 4e-4, batch 16, 20 epochs, 256x256, ImageNet "
-    "encoder.\n\n"
+    "best.safetensors, last.safetensors, curves.png, preview.png, report.html. Defaults are "
+    "the reference recipe (--config seed): BCE loss, Adam lr 4e-4, batch 16, 20 epochs, "
+    "256x256, ImageNet encoder.\n\n"
     "Several GPUs: torchrun --nproc-per-node N -m brainseg train ... (DistributedDataParallel)."
 )
 

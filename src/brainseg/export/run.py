@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from brainseg.export import ensemble as ens
 from brainseg.export.graph import os_error, set_metadata, torch_to_onnx
 from brainseg.export.report import ExportCheckFailed, ExportReport
 from brainseg.export.variants import convert_fp16, quantize_int8
-from brainseg.fsutil import atomic_path, write_error
+from brainseg.fsutil import atomic_path, remove_stale_temps, temp_prefix, write_error
 
 #: Opsets accepted by ``--opset``.
 MIN_OPSET = 13
@@ -322,6 +323,21 @@ def _assemble(folds: list[Any], opts: ExportOptions) -> Any:
     return ens.merge_folds(folds) if opts.ensemble else folds[0]
 
 
+@contextlib.contextmanager
+def _work_dir(out: Path) -> Iterator[Path]:
+    """The export's working folder (graphs, phantoms, calibration), removed at the end.
+
+    It sits next to ``out`` as ``.NAME.~HOST@PID.XXXXXXXX.tmp`` (in the system's temporary
+    folder while ``out``'s folder does not exist yet): an export killed outright (SIGKILL,
+    power loss) leaves it there, and the next export into that folder removes it.
+    """
+    parent = out.parent if out.parent.is_dir() else None
+    if parent is not None:
+        remove_stale_temps(parent)  # what a killed export left
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out.name), suffix=".tmp", dir=parent) as td:
+        yield Path(td)
+
+
 @_clear_write_errors
 def _export(opts: ExportOptions) -> ExportReport:
     import onnx
@@ -329,10 +345,7 @@ def _export(opts: ExportOptions) -> ExportReport:
     t0 = time.perf_counter()
     check_export_args(opts)
     out = opts.output
-    with tempfile.TemporaryDirectory(
-        prefix=".brainseg-export-", dir=out.parent if out.parent.exists() else None
-    ) as td:
-        tmp = Path(td)
+    with _work_dir(out) as tmp:
         g = _export_graphs(opts, tmp)
         meta, size = g.meta, g.size
         if opts.ensemble:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from brainseg import console as con
 from brainseg import metrics, postprocess
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.predict import Predictor, TorchBackend
@@ -63,8 +64,13 @@ def load_slices(data: Path | None, size: tuple[int, int], tmp: Path) -> Slices:
         from brainseg.data.synthetic import write_synthetic
 
         side = max(32, max(size) // 32 * 32)
-        root = write_synthetic(tmp / "phantoms", patients=3, seed=0, size=side, slices=(8, 12))
-        arrays = load_dataset(root, cache_dir=tmp / "cache")
+        was_quiet = con.state.quiet  # the cache of the export's own phantoms is no news
+        con.configure(quiet=True)
+        try:
+            root = write_synthetic(tmp / "phantoms", patients=3, seed=0, size=side, slices=(8, 12))
+            arrays = load_dataset(root, cache_dir=tmp / "cache")
+        finally:
+            con.configure(quiet=was_quiet)
         source = f"generated phantoms ({side}x{side})"
     else:
         arrays = load_dataset(data)

@@ -201,3 +201,15 @@ def stop_here(run: Run, epoch: int, step: int) -> None:
         hint=f"resume with: brainseg train --resume {run.run_dir}",
         exit_code=EXIT_INTERRUPTED,
     )
+
+
+def stopped_after_epoch(run: Run, epoch: int) -> None:
+    """A stop asked for at the end of an epoch (in validation, while saving): the epoch's
+    last.safetensors is written, say how to resume (which also finishes a final epoch's
+    report)."""
+    raise BrainsegError(
+        f"interrupted after epoch {epoch + 1} of {run.cfg.epochs}; saved "
+        f"{run.run_dir / 'last.safetensors'}",
+        hint=f"resume with: brainseg train --resume {run.run_dir}",
+        exit_code=EXIT_INTERRUPTED,
+    )

@@ -17,7 +17,7 @@ from typing import Any
 from brainseg import console as con
 from brainseg.config import TrainConfig
 from brainseg.train import validation
-from brainseg.train.epoch import Stopper, run_epoch
+from brainseg.train.epoch import Stopper, run_epoch, stopped_after_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
 from brainseg.train.resume import save_weights
@@ -72,6 +72,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             t_epoch = time.perf_counter()
             run_epoch(run, epoch, stopper)
             end_of_epoch(run, epoch, t_epoch)
+            if run.rt.dist.any_flags(stopper.requested)[0]:  # asked during validation / saving
+                stopped_after_epoch(run, epoch)
         run.loggers.final(run.run_dir / "best.safetensors")
     finally:
         run.loggers.close()

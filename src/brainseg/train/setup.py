@@ -31,6 +31,9 @@ from brainseg.train.resume import LoopState, load_train_state, read_resume_state
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime
 
+#: The files a run writes after its last epoch's checkpoint (a --resume writes them).
+FINAL_FILES = ("report.html",)
+
 
 @dataclass
 class Run:
@@ -86,15 +89,27 @@ def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, P
     if not cfg.resume:
         return None, None, given
     run_dir = Path(cfg.resume)
+    split = run_dir / "split.yaml"
+    split_path = split if split.is_file() else given
+    if not (run_dir / "last.safetensors").exists() and (run_dir / "config.yaml").is_file():
+        # killed before its first checkpoint was complete: nothing to continue from, so the
+        # run starts over in its folder (same seed: the result an uninterrupted run gives)
+        con.info(f"{run_dir} has no complete last.safetensors yet: training from the start")
+        return run_dir, None, split_path
     resume = read_resume_state(run_dir)
     done = resume["meta"]["train_state"]
-    if done["step_in_epoch"] == 0 and done["epoch"] >= cfg.epochs:
+    finished = done["step_in_epoch"] == 0 and done["epoch"] >= cfg.epochs
+    if finished and not missing_final_files(run_dir):
         raise BrainsegError(
             f"run {run_dir} has already trained {done['epoch']} of {cfg.epochs} epochs",
             hint=f"raise --epochs to continue, e.g. --epochs {done['epoch'] + 10}",
         )
-    split = run_dir / "split.yaml"
-    return run_dir, resume, split if split.is_file() else given
+    return run_dir, resume, split_path
+
+
+def missing_final_files(run_dir: Path) -> list[str]:
+    """What a run killed after its last checkpoint lacks (written after the loop)."""
+    return [name for name in FINAL_FILES if not (run_dir / name).is_file()]
 
 
 def build_model(cfg: TrainConfig, device: torch.device, fresh: bool) -> Any:
@@ -220,6 +235,8 @@ def setup(cfg: TrainConfig) -> Run:
             r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= run.state.epoch
         ]
     if rt.dist.is_main:
+        if cfg.resume:  # half-written files of a killed run (SIGKILL, power loss)
+            remove_temps(run_dir)
         write_start_files(run, split_path, resolved, fresh=resume is None)
         run.loggers = Loggers.open(cfg.loggers, run_dir, resolved)
     announce(run, resumed=resume is not None)
@@ -232,14 +249,13 @@ def write_start_files(
     """config.yaml (with run_info), split.yaml (a fresh run's copy; --fold all without a
     split: the every-patient split made from the dataset), metrics.csv so far."""
     d = run.run_dir
-    if not fresh:  # half-written files of a killed run (SIGKILL, power loss)
-        remove_temps(d)
     atomic_write_text(
         d / "config.yaml", dump_yaml({**resolved, "run_info": run_info(run, split_path)})
     )
     if fresh and split_path is not None:
-        shutil.copyfile(split_path, tmp := d / ".split.yaml.tmp")
-        os.replace(tmp, d / "split.yaml")
+        if split_path != d / "split.yaml":  # (a run started over in its folder has its own)
+            shutil.copyfile(split_path, tmp := d / ".split.yaml.tmp")
+            os.replace(tmp, d / "split.yaml")
     elif fresh:
         from brainseg.data.split import to_yaml
 
@@ -254,6 +270,13 @@ def _plural(n: int, word: str) -> str:
 def announce(run: Run, resumed: bool) -> None:
     """The start lines: where it resumes from (if it does), then what is trained where."""
     rt, st, size = run.rt, run.state, run.cfg.image_size
+    if resumed and st.epoch >= run.cfg.epochs and st.step_in_epoch == 0:
+        lacks = ", ".join(missing_final_files(run.run_dir))
+        con.info(
+            f"finishing {run.run_dir}: all {run.cfg.epochs} epochs were trained; writing "
+            f"what it lacks ({lacks})"
+        )
+        return
     if resumed:
         where = (
             f"epoch {st.epoch + 1}, step {st.step_in_epoch + 1} of {run.steps}"
