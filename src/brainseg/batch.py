@@ -657,7 +657,7 @@ class _Engine:
             readers.shutdown(wait=True, cancel_futures=True)
             writers.shutdown(wait=True, cancel_futures=True)
             self.unreported += [
-                f.result() for f in writes if not f.cancelled() and f.exception() is None
+                f.result() for f, _ in writes if not f.cancelled() and f.exception() is None
             ]
             raise
         finally:
