@@ -186,6 +186,16 @@ def test_score_without_matplotlib_says_so_before_scoring(
     assert not (tmp_path / "s").exists()  # refused before any work or folder
 
 
+def test_eval_without_matplotlib_says_so_before_predicting(
+    tmp_path: Path, phantom_root: Path
+) -> None:
+    model = tiny_onnx(tmp_path / "m.onnx", image_size=64)
+    argv = ["eval", model, phantom_root, "--project", tmp_path / "e"]
+    r = _without(["matplotlib"], argv, tmp_path)
+    _one_line(r, "pip install matplotlib", "brainseg eval")
+    assert not (tmp_path / "e").exists()  # refused before any prediction or run folder
+
+
 def test_no_install_line_in_the_docs_fetches_brainseg_from_pypi() -> None:
     """`brainseg` on PyPI is another project (docs/install.md): every documented install
     line installs from a clone (`.`) or a built wheel, never the name from the index."""

@@ -541,3 +541,40 @@ def test_a_later_volume_run_over_fewer_cases_keeps_the_earlier_rows(run, tiny, t
     rows = csv_rows(out / "summary.csv")
     assert sorted((x["case"], x["status"]) for x in rows) == [(f"c{i}", "ok") for i in range(3)]
     assert not (out / ".brainseg-predict.lock").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_named_like_a_contrast_is_an_error_row_never_a_hang(run, tiny, tmp_path):
+    """Issue 22: only regular files are read; a FIFO would block the reader forever."""
+    import os
+
+    src = tmp_path / "cases"
+    save_case(src / "A", "A", blob_volume())
+    save_case(src / "B", "B", blob_volume(1))
+    (src / "B" / "B_flair.nii.gz").unlink()
+    os.mkfifo(src / "B" / "B_flair.nii.gz")
+    out = tmp_path / "out"
+    r = run(["predict", tiny, src, "-o", out])
+    assert r.returncode == 1, r.stderr  # some cases failed
+    rows = {row["case"]: row for row in csv_rows(out / "summary.csv")}
+    assert rows["A"]["status"] == "ok"
+    assert rows["B"]["status"] == "error" and "FIFO" in rows["B"]["error"], rows["B"]
+    r = run(["predict", tiny, src / "B" / "B_flair.nii.gz", "-o", tmp_path / "out2"])
+    assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
+
+
+def test_a_dicom_series_over_the_voxel_limit_is_refused(run, tiny, tmp_path, monkeypatch):
+    """The NIfTI voxel limit (BRAINSEG_MAX_VOXELS) holds for DICOM series too, from the
+    headers of the series' first file and its file count."""
+    v = blob_volume()  # 64 x 64 x 6
+    case = tmp_path / "dicom" / "A"
+    for i, name in enumerate(("pre", "flair", "post")):
+        save_dicom_series(case / name, v[..., i])
+    args = ["--channels", "pre=pre,flair=flair,post=post"]
+    monkeypatch.setenv("BRAINSEG_MAX_VOXELS", str(64 * 64 * 6 - 1))
+    r = run(["predict", tiny, tmp_path / "dicom", "-o", tmp_path / "out", *args])
+    assert r.returncode == 2, r.stderr
+    assert "64x64x6 = 24,576 voxels, more than the limit of 24,575" in r.stderr
+    monkeypatch.setenv("BRAINSEG_MAX_VOXELS", str(64 * 64 * 6))
+    r = run(["predict", tiny, tmp_path / "dicom", "-o", tmp_path / "out2", *args])
+    assert r.returncode == 0, r.stderr

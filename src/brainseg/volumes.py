@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from brainseg.errors import BrainsegError, first_line
-from brainseg.fsutil import atomic_write_bytes
+from brainseg.fsutil import atomic_write_bytes, file_kind, one_line
 
 #: The model's input channels, in order (the LGG TIF's R, G, B).
 CHANNELS: tuple[str, ...] = ("pre", "flair", "post")
@@ -229,7 +230,8 @@ def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> lis
         p = Path(item)
         if not p.exists():
             raise BrainsegError(f"input {p} does not exist", hint="pass NIfTI files or folders")
-        if p.is_file():
+        if not p.is_dir():
+            _check_regular(p)
             _check_named_file(p)
             if any(_key(pat, p.name) is not None for pat in patterns.values()):
                 files.setdefault(p.parent, []).append(p)
@@ -247,6 +249,19 @@ def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> lis
     for folder, named in files.items():
         cases.extend(_group_entries(sorted(set(named)), patterns, folder) or [])
     return sorted(cases, key=lambda c: c.id)
+
+
+def _check_regular(p: Path) -> None:
+    """BrainsegError unless ``p`` is a regular file (a FIFO named ``*.nii.gz`` would hang)."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        raise BrainsegError(f"{one_line(str(p))}: cannot be read ({exc.strerror})") from exc
+    if not stat.S_ISREG(mode):
+        raise BrainsegError(
+            f"{one_line(str(p))}: is a {file_kind(mode)}, not a regular file",
+            hint="pass NIfTI files, or folders of cases",
+        )
 
 
 def _check_named_file(p: Path) -> None:
@@ -440,9 +455,14 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
             f"{', ...' if len(ids) > 3 else ''}); expected one",
             hint="put each series (one contrast) in its own folder",
         )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    reader.SetFileNames(files)
     try:
+        first = sitk.ImageFileReader()
+        first.SetFileName(files[0])
+        first.ReadImageInformation()  # the header only: the size is checked before the pixels
+        _check_voxels(folder, (*first.GetSize()[:2], len(files)))
         img = reader.Execute()
     except RuntimeError as exc:
         raise _read_error(folder, exc) from exc
@@ -460,9 +480,11 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
 
 
 def read_source(path: Path) -> tuple[np.ndarray, Grid]:
-    """A NIfTI file or a DICOM series folder."""
+    """A NIfTI file or a DICOM series folder (a FIFO or device is never opened: it could
+    block forever)."""
     if path.is_dir():
         return read_dicom_series(path)
+    _check_regular(path)
     if not is_nifti(path):
         raise BrainsegError(f"{path}: not a NIfTI file (.nii / .nii.gz) or a DICOM folder")
     return read_nifti(path)

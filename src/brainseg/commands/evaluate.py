@@ -143,7 +143,9 @@ def register(app: typer.Typer) -> None:
         if json_out:
             console.configure(json_mode=True)
         from brainseg.commands import given_options
+        from brainseg.optional import require
 
+        require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
         given = given_options(ctx)
         if _is_volume_eval(paths, channels):
             _refuse(given, SLICE_ONLY, "for kaggle_3m slices only; DATA holds volume cases")
