@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
-from brainseg.fsutil import atomic_path
+from brainseg.fsutil import atomic_path, json_safe
 from brainseg.settings import (
     DEFAULT_THRESHOLD,
     check_metadata,
@@ -272,26 +272,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metadata helpers
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    item = getattr(obj, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
 def _dump(meta: Mapping[str, Any]) -> str:
     try:
-        return json.dumps(meta, default=_json_default, sort_keys=True)
+        return json.dumps(json_safe(meta), sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise BrainsegError(
             f"checkpoint metadata is not JSON-serializable: {exc}",

@@ -702,7 +702,8 @@ def run_cv(opts: CVOptions) -> CVResult:
 def write_cv(result: CVResult) -> list[Path]:
     """cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json, report.html."""
     from brainseg.ensemble import MANIFEST_NAME, write_ensemble
-    from brainseg.evaluation import json_safe, rows_to_csv
+    from brainseg.evaluation import rows_to_csv
+    from brainseg.fsutil import json_safe
     from brainseg.report import write_cv_report
 
     d = result.plan.cv_dir

@@ -26,7 +26,7 @@ import numpy as np
 from brainseg import console, metrics, postprocess
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
-from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
 from brainseg.predict import MODEL_SUFFIXES
 from brainseg.settings import PostSettings, resolve
 
@@ -556,21 +556,6 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN / inf as None, numpy scalars as Python numbers, paths as strings."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
