@@ -24,10 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from brainseg import console, metrics, postprocess
+from brainseg.checkpoint import check_model_file
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
-from brainseg.predict import MODEL_SUFFIXES
 from brainseg.settings import PostSettings, resolve
 
 __all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
@@ -141,19 +141,9 @@ def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     out: list[Path] = []
     if not paths:
         raise BrainsegError("no MODEL given", hint="usage: brainseg eval MODEL [MODEL...] DATA")
-    for p in map(Path, paths):
-        if p.suffix.lower() not in (*MODEL_SUFFIXES, ENSEMBLE_SUFFIX):
-            raise BrainsegError(
-                f"{p}: not a model file (expected a .safetensors checkpoint, an .onnx file "
-                "or an ensemble.json)",
-                hint="usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)",
-            )
-        if not p.is_file():
-            raise BrainsegError(
-                f"model file {p} does not exist",
-                hint="check the path (e.g. runs/train/exp/best.safetensors)",
-            )
-        out.append(p)
+    for p in paths:
+        hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
+        out.append(check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint))
     return out
 
 

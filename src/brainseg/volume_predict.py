@@ -33,6 +33,7 @@ import numpy as np
 
 from brainseg import postprocess, volumes
 from brainseg.batch import lock_name, one_line, parse_shard
+from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text, check_target, folder_lock, json_safe
 
@@ -358,8 +359,7 @@ def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
     if not opts.models:
         raise BrainsegError("no MODEL given", hint="pass a .safetensors or .onnx model")
     for m in opts.models:
-        if not Path(m).is_file():
-            raise BrainsegError(f"model {m} does not exist", hint="check the path")
+        check_model_file(m)
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
     parse_min_volume(opts.min_volume)
