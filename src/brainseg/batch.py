@@ -43,8 +43,8 @@ from brainseg.fsutil import (
     write_error,
 )
 from brainseg.imageio import is_mask_name
-from brainseg.predict import SIZE_MULTIPLE, Predictor
-from brainseg.settings import DEFAULT_THRESHOLD
+from brainseg.predict import Predictor
+from brainseg.settings import DEFAULT_THRESHOLD, SIZE_MULTIPLE
 
 # --------------------------------------------------------------------------- input walking
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from brainseg import __version__
 from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path, atomic_write_text
@@ -336,7 +337,7 @@ def prepare(opts: CVOptions) -> CVPlan:
     n_folds = _write_split(cv_dir, opts, int(train["seed"]), bool(train["skip_bad"]))
     doc = {
         "format": CV_FORMAT,
-        "created_by": f"brainseg {_version()}",
+        "created_by": f"brainseg {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": request["data"],
         "folds": n_folds,
@@ -617,7 +618,7 @@ def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
         "note": f"chosen once on the pooled out-of-fold predictions of {len(fold_of)} patients",
     }
     summary: dict[str, Any] = {
-        "brainseg_version": _version(),
+        "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cv_dir": str(plan.cv_dir),
         "data": plan.data,
@@ -776,9 +777,3 @@ def _write_masks(path: Path, result: CVResult) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
     return path
-
-
-def _version() -> str:
-    from brainseg import __version__
-
-    return __version__

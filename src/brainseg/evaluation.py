@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from brainseg import console, metrics, postprocess
+from brainseg import __version__, console, metrics, postprocess
 from brainseg.checkpoint import check_model_file
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
@@ -395,7 +395,7 @@ def run_eval(
     )
 
     summary: dict[str, Any] = {
-        "brainseg_version": _version(),
+        "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": [str(m) for m in model_paths],
         "members": len(overlap["members"]),
@@ -537,12 +537,6 @@ def run_eval_job(job: EvalJob) -> EvalResult:
         result.summary["tune"]["output"] = str(job.tune_output)
     write_run(result, next_run_dir(job.project, job.name, exist_ok=job.exist_ok))
     return result
-
-
-def _version() -> str:
-    from brainseg import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- outputs

@@ -25,11 +25,10 @@ from brainseg.choices import (
     DEFAULT_DECODER_CHANNELS,
     ENCODERS,
     NORMALIZATIONS,
-    SIZE_MULTIPLE,
     UPSAMPLE_MODES,
 )
 from brainseg.errors import BrainsegError, first_line
-from brainseg.settings import MAX_DECODER_CHANNELS
+from brainseg.settings import MAX_DECODER_CHANNELS, SIZE_MULTIPLE
 
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -45,7 +45,6 @@ __all__ = [
     "ONNX_INPUT",
     "ONNX_METADATA_KEY",
     "ONNX_OUTPUT",
-    "SIZE_MULTIPLE",
     "OnnxBackend",
     "Predictor",
     "TorchBackend",
