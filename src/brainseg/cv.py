@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import __version__
+from brainseg import __version__, metrics
 from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.evaluation import PATIENT_COUNTS
 from brainseg.fsutil import atomic_path, atomic_write_text
 
 SELECTS = ("last", "best")
@@ -53,21 +54,15 @@ CV_FORMAT = 1
 FOLD_KEYS = ("data", "split", "fold", "project", "name", "exist_ok", "resume")
 #: Settings that do not change what is trained: they may differ when a cv is continued.
 RUNTIME_KEYS = ("device", "workers", "quiet")
-PATIENT_COLUMNS = [
+#: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
+#: eval's counts and metrics.
+CV_PATIENT_COLUMNS = [
     "patient_id",
     "fold",
     "institution",
-    "slices",
-    "tumor_slices",
-    "gt_pixels",
-    "pred_pixels",
+    *PATIENT_COUNTS,
     "dice_before",
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "specificity",
-    "hd95",
+    *metrics.METRICS,
 ]
 
 
@@ -677,7 +672,7 @@ def _patient_rows(
     for r in reports["after"].per_patient:
         p = r["patient_id"]
         row = {
-            **{c: r[c] for c in PATIENT_COLUMNS if c in r},
+            **{c: r[c] for c in CV_PATIENT_COLUMNS if c in r},
             "fold": fold_of[p],
             "institution": institution(p),
             "dice_before": float(before[p]),
@@ -708,7 +703,7 @@ def write_cv(result: CVResult) -> list[Path]:
     from brainseg.report import write_cv_report
 
     d = result.plan.cv_dir
-    cols = PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])
+    cols = CV_PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])
     files = [atomic_write_text(d / "per_patient.csv", rows_to_csv(result.per_patient, cols))]
     files.append(_write_masks(d / "oof_masks.npz", result))
     best = result.summary["after"]["settings"]

@@ -49,17 +49,9 @@ SLICE_COLUMNS = [
     "fn",
     *metrics.METRICS,
 ]
-PATIENT_COLUMNS = [
-    "patient_id",
-    "slices",
-    "tumor_slices",
-    "gt_pixels",
-    "pred_pixels",
-    "tp",
-    "fp",
-    "fn",
-    *metrics.METRICS,
-]
+#: A patient's slice and pixel counts, in every per-patient table (eval's and cv's).
+PATIENT_COUNTS = ["slices", "tumor_slices", "gt_pixels", "pred_pixels"]
+PATIENT_COLUMNS = ["patient_id", *PATIENT_COUNTS, "tp", "fp", "fn", *metrics.METRICS]
 
 
 class ProbaPredictor(Protocol):

@@ -625,14 +625,14 @@ def cv_html(
     size: Sequence[int] | None = None,
 ) -> str:
     """The cv report page (see :func:`write_cv_report`)."""
-    from brainseg.cv import PATIENT_COLUMNS
+    from brainseg.cv import CV_PATIENT_COLUMNS
 
     st = summary["after"]["per_patient_dice"]
     headline = (
         f"out-of-fold mean per-patient Dice {fmt(st['mean'])} (95% CI {_ci(st)}, median "
         f"{fmt(st['median'])}, {st['n']} patients), {summary['selection']['label']}"
     )
-    cols = PATIENT_COLUMNS + (["dice_buda"] if summary.get("buda") else [])
+    cols = CV_PATIENT_COLUMNS + (["dice_buda"] if summary.get("buda") else [])
     stat_cols = ["per-patient Dice", "mean", "95% CI", "median", "std", "min", "n"]
     group_cols = ["mean", "95% CI", "median", "min", "n"]
     sections = [
