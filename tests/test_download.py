@@ -821,6 +821,23 @@ def test_vgg16_mirror_download_is_hash_checked(server: Server, fake_vgg: tuple[P
     assert sorted(p.name for p in target.parent.iterdir()) == [src.name]
 
 
+def test_vgg16_file_missing_a_feature_tensor_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`download vgg16` checks every features.* key and shape, as training's encoder load does
+    (one loader): a file with the right name and hash but one conv layer short is refused."""
+    import torch
+
+    _, sd = _fake_vgg16_file(tmp_path)
+    del sd["features.28.weight"]  # the last conv layer's weight
+    short = tmp_path / "short.pth"
+    torch.save(sd, short)
+    fake_weights(monkeypatch, f"https://x/vgg16-{sha(short.read_bytes())[:8]}.pth")
+    with pytest.raises(BrainsegError, match=r"features\.28\.weight"):
+        dl.download_vgg16(from_file=short)
+    assert not hub_dir().exists() or not list(hub_dir().iterdir())
+
+
 def test_vgg16_file_that_is_not_a_state_dict_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -175,3 +175,37 @@ def test_the_phantom_dataset_folder_follows_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in [root, *root.iterdir()] if p.is_dir()}
     assert modes == {0o755}, modes
+
+
+def test_json_safe_is_one_conversion_for_every_json_output(tmp_path: Path) -> None:
+    """NaN / inf -> null, numpy and torch scalars -> Python numbers, arrays -> lists, paths ->
+    strings, sets -> sorted lists: checked with the standard json module (allow_nan=False)."""
+    import json
+    import math
+
+    import numpy as np
+    import torch
+
+    from brainseg.fsutil import json_safe
+
+    obj = {
+        "nan": math.nan,
+        "inf": np.float32("inf"),
+        1: np.int64(3),
+        "t": torch.tensor(0.5),
+        "a": np.array([[1, 2]], dtype=np.uint8),
+        "p": tmp_path / "x",
+        "s": {"b", "a"},
+        "l": (np.bool_(True), [np.float64("nan")]),
+    }
+    text = json.dumps(json_safe(obj), allow_nan=False)
+    assert json.loads(text) == {
+        "nan": None,
+        "inf": None,
+        "1": 3,
+        "t": 0.5,
+        "a": [[1, 2]],
+        "p": str(tmp_path / "x"),
+        "s": ["a", "b"],
+        "l": [True, [None]],
+    }

@@ -16,13 +16,12 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import re
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -37,14 +36,15 @@ from brainseg.errors import EXIT_RUNTIME, BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import (
     check_target,
     folder_lock,
+    json_safe,
     make_temp_file,
     one_line,
     remove_stale_temps,
     write_error,
 )
 from brainseg.imageio import is_mask_name
-from brainseg.predict import SIZE_MULTIPLE, Predictor
-from brainseg.settings import DEFAULT_THRESHOLD
+from brainseg.predict import Predictor
+from brainseg.settings import DEFAULT_THRESHOLD, SIZE_MULTIPLE
 
 # --------------------------------------------------------------------------- input walking
 
@@ -817,7 +817,7 @@ class SummaryWriter:
         if self.fmt == "csv":
             self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
         else:
-            self._f.write(json.dumps(_json_row(row)) + "\n")
+            self._f.write(json.dumps(json_safe(row)) + "\n")
         self._f.flush()
         self._paths.add(res.path)
         self.last = res
@@ -883,15 +883,9 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
-def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
-    }
-
-
 def json_row(res: FileResult) -> dict[str, Any]:
     """The --json line of one result."""
-    return _json_row(res.row())
+    return json_safe(res.row())
 
 
 # --------------------------------------------------------------------------- entry point

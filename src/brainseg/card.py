@@ -503,24 +503,12 @@ def with_card(meta: Mapping[str, Any], **build_kw: Any) -> dict[str, Any]:
 # =============================================================================== read
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The brainseg metadata of a .safetensors or .onnx file, without importing torch."""
-    p = Path(path)
-    if not p.is_file():
-        raise BrainsegError(
-            f"model file {p} does not exist",
-            hint="pass a .safetensors checkpoint or an .onnx file, e.g. "
-            "runs/train/exp/best.safetensors",
-        )
-    suffix = p.suffix.lower()
-    if suffix == ".safetensors":
-        from brainseg.checkpoint import read_metadata
+    from brainseg.checkpoint import check_model_file, read_metadata
 
-        return read_metadata(p)
-    if suffix == ".onnx":
+    p = check_model_file(path)
+    if p.suffix.lower() == ".onnx":
         return _onnx_metadata(p)
-    raise BrainsegError(
-        f"{p}: not a model file (expected a .safetensors checkpoint or an .onnx file)",
-        hint="brainseg info MODEL.safetensors | MODEL.onnx",
-    )
+    return read_metadata(p)
 
 
 def _onnx_metadata(path: Path) -> dict[str, Any]:

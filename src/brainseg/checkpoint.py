@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
-from brainseg.fsutil import atomic_path
+from brainseg.fsutil import atomic_path, json_safe
 from brainseg.settings import (
     DEFAULT_THRESHOLD,
+    MODEL_HINT,
+    MODEL_SUFFIXES,
     check_metadata,
     check_metadata_types,
     load_metadata_json,
@@ -187,12 +189,27 @@ def _is_onnx_head(head: bytes) -> bool:
     return head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42, 0x4A, 0x52, 0x5A, 0x62, 0x72)
 
 
-def describe_model_file(path: str | os.PathLike[str]) -> str:
-    """``sniff_model_file`` in words ("an ONNX model"...), "unreadable" when it cannot be read."""
-    try:
-        return FILE_KINDS[sniff_model_file(path)]
-    except OSError:
-        return "unreadable"
+def check_model_file(
+    path: str | os.PathLike[str], *, also: tuple[str, ...] = (), hint: str = MODEL_HINT
+) -> Path:
+    """``path`` when it is an existing file with a model suffix (``MODEL_SUFFIXES`` or one of
+    ``also``); BrainsegError (exit 2) naming it otherwise. Its content: ``sniff_model_file``."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (*MODEL_SUFFIXES, *also):
+        names = ["a .safetensors checkpoint", "an .onnx file", *(f"a {s} file" for s in also)]
+        raise BrainsegError(
+            f"{p}: not a model file (suffix {suffix or '(none)'!r}); expected "
+            + ", ".join(names[:-1])
+            + f" or {names[-1]}",
+            hint=hint,
+        )
+    if not p.is_file():
+        raise BrainsegError(
+            f"model {p} does not exist" if not p.exists() else f"model {p} is not a file",
+            hint=hint,
+        )
+    return p
 
 
 def _not_safetensors(path: Path, head: bytes, size: int, n: int) -> str:
@@ -272,26 +289,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metadata helpers
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    item = getattr(obj, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
 def _dump(meta: Mapping[str, Any]) -> str:
     try:
-        return json.dumps(meta, default=_json_default, sort_keys=True)
+        return json.dumps(json_safe(meta), sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise BrainsegError(
             f"checkpoint metadata is not JSON-serializable: {exc}",

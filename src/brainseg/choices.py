@@ -15,5 +15,3 @@ NORMALIZATIONS = ("imagenet", "zscore")
 MASK_MODES = ("nearest", "bilinear")
 PRESETS = ("seed", "best")
 DEFAULT_DECODER_CHANNELS = (512, 256, 128, 64, 32)
-#: Input height and width must be multiples of this (five 2x2 max-pools).
-SIZE_MULTIPLE = 32

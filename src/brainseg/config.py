@@ -26,12 +26,16 @@ from brainseg.choices import (
     NORMALIZATIONS,
     PRESETS,
     SCHEDULERS,
-    SIZE_MULTIPLE,
     UPSAMPLE_MODES,
 )
 from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.errors import BrainsegError, first_line
-from brainseg.settings import MAX_DECODER_CHANNELS, MAX_MODEL_SIZE, decoder_channels_error
+from brainseg.settings import (
+    MAX_DECODER_CHANNELS,
+    MAX_MODEL_SIZE,
+    SIZE_MULTIPLE,
+    decoder_channels_error,
+)
 
 #: Options that may be given together with ``--resume`` (they do not change the recipe).
 #: ``--fold all``: train on every patient, no validation (a final model).
@@ -109,10 +113,12 @@ class TrainConfig:
     skip_bad: bool = _setting(False, "Skip unreadable slices instead of refusing the dataset.")
     image_size: int = _setting(
         256,
-        "Train at this size (multiple of 32); validation Dice is measured at this size.",
+        f"Train at this size (multiple of {SIZE_MULTIPLE}); validation Dice is measured at "
+        "this size.",
         rule=Rule(
             lambda v: SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE and v % SIZE_MULTIPLE == 0,
-            f"must be a multiple of 32 (the encoder halves it 5 times) from 32 to {MAX_MODEL_SIZE}",
+            f"must be a multiple of {SIZE_MULTIPLE} (the encoder halves it 5 times) "
+            f"from {SIZE_MULTIPLE} to {MAX_MODEL_SIZE}",
             "e.g. --image-size 256, 128 or 64",
         ),
     )

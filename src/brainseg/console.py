@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from brainseg.fsutil import json_safe
+
 
 @dataclass
 class _State:
@@ -85,22 +87,8 @@ def emit_text(text: str) -> None:
 
 def emit_json(obj: Any) -> None:
     """One JSON document (or JSON line) on stdout, nothing else."""
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(json_safe(obj)) + "\n")
     sys.stdout.flush()
-
-
-def _json_default(o: Any) -> Any:
-    import math
-    from pathlib import Path
-
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):  # numpy / torch scalars
-        v = o.item()
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 #: Cells up to this long (numbers, CIs, sizes, dates) are never wrapped or cut; longer ones

@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from brainseg import __version__, metrics
 from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.evaluation import PATIENT_COUNTS
 from brainseg.fsutil import atomic_path, atomic_write_text
 
 SELECTS = ("last", "best")
@@ -52,21 +54,15 @@ CV_FORMAT = 1
 FOLD_KEYS = ("data", "split", "fold", "project", "name", "exist_ok", "resume")
 #: Settings that do not change what is trained: they may differ when a cv is continued.
 RUNTIME_KEYS = ("device", "workers", "quiet")
-PATIENT_COLUMNS = [
+#: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
+#: eval's counts and metrics.
+CV_PATIENT_COLUMNS = [
     "patient_id",
     "fold",
     "institution",
-    "slices",
-    "tumor_slices",
-    "gt_pixels",
-    "pred_pixels",
+    *PATIENT_COUNTS,
     "dice_before",
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "specificity",
-    "hd95",
+    *metrics.METRICS,
 ]
 
 
@@ -336,7 +332,7 @@ def prepare(opts: CVOptions) -> CVPlan:
     n_folds = _write_split(cv_dir, opts, int(train["seed"]), bool(train["skip_bad"]))
     doc = {
         "format": CV_FORMAT,
-        "created_by": f"brainseg {_version()}",
+        "created_by": f"brainseg {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": request["data"],
         "folds": n_folds,
@@ -617,7 +613,7 @@ def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
         "note": f"chosen once on the pooled out-of-fold predictions of {len(fold_of)} patients",
     }
     summary: dict[str, Any] = {
-        "brainseg_version": _version(),
+        "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cv_dir": str(plan.cv_dir),
         "data": plan.data,
@@ -676,7 +672,7 @@ def _patient_rows(
     for r in reports["after"].per_patient:
         p = r["patient_id"]
         row = {
-            **{c: r[c] for c in PATIENT_COLUMNS if c in r},
+            **{c: r[c] for c in CV_PATIENT_COLUMNS if c in r},
             "fold": fold_of[p],
             "institution": institution(p),
             "dice_before": float(before[p]),
@@ -702,11 +698,12 @@ def run_cv(opts: CVOptions) -> CVResult:
 def write_cv(result: CVResult) -> list[Path]:
     """cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json, report.html."""
     from brainseg.ensemble import MANIFEST_NAME, write_ensemble
-    from brainseg.evaluation import json_safe, rows_to_csv
+    from brainseg.evaluation import rows_to_csv
+    from brainseg.fsutil import json_safe
     from brainseg.report import write_cv_report
 
     d = result.plan.cv_dir
-    cols = PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])
+    cols = CV_PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])
     files = [atomic_write_text(d / "per_patient.csv", rows_to_csv(result.per_patient, cols))]
     files.append(_write_masks(d / "oof_masks.npz", result))
     best = result.summary["after"]["settings"]
@@ -775,9 +772,3 @@ def _write_masks(path: Path, result: CVResult) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
     return path
-
-
-def _version() -> str:
-    from brainseg import __version__
-
-    return __version__

@@ -23,11 +23,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from brainseg import console, metrics, postprocess
+from brainseg import __version__, console, metrics, postprocess
+from brainseg.checkpoint import check_model_file
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
-from brainseg.fsutil import atomic_path, atomic_write_text
-from brainseg.predict import MODEL_SUFFIXES
+from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
 from brainseg.settings import PostSettings, resolve
 
 __all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
@@ -49,17 +49,9 @@ SLICE_COLUMNS = [
     "fn",
     *metrics.METRICS,
 ]
-PATIENT_COLUMNS = [
-    "patient_id",
-    "slices",
-    "tumor_slices",
-    "gt_pixels",
-    "pred_pixels",
-    "tp",
-    "fp",
-    "fn",
-    *metrics.METRICS,
-]
+#: A patient's slice and pixel counts, in every per-patient table (eval's and cv's).
+PATIENT_COUNTS = ["slices", "tumor_slices", "gt_pixels", "pred_pixels"]
+PATIENT_COLUMNS = ["patient_id", *PATIENT_COUNTS, "tp", "fp", "fn", *metrics.METRICS]
 
 
 class ProbaPredictor(Protocol):
@@ -141,19 +133,9 @@ def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     out: list[Path] = []
     if not paths:
         raise BrainsegError("no MODEL given", hint="usage: brainseg eval MODEL [MODEL...] DATA")
-    for p in map(Path, paths):
-        if p.suffix.lower() not in (*MODEL_SUFFIXES, ENSEMBLE_SUFFIX):
-            raise BrainsegError(
-                f"{p}: not a model file (expected a .safetensors checkpoint, an .onnx file "
-                "or an ensemble.json)",
-                hint="usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)",
-            )
-        if not p.is_file():
-            raise BrainsegError(
-                f"model file {p} does not exist",
-                hint="check the path (e.g. runs/train/exp/best.safetensors)",
-            )
-        out.append(p)
+    for p in paths:
+        hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
+        out.append(check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint))
     return out
 
 
@@ -405,7 +387,7 @@ def run_eval(
     )
 
     summary: dict[str, Any] = {
-        "brainseg_version": _version(),
+        "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": [str(m) for m in model_paths],
         "members": len(overlap["members"]),
@@ -549,28 +531,7 @@ def run_eval_job(job: EvalJob) -> EvalResult:
     return result
 
 
-def _version() -> str:
-    from brainseg import __version__
-
-    return __version__
-
-
 # --------------------------------------------------------------------------- outputs
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN / inf as None, numpy scalars as Python numbers, paths as strings."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 
@@ -28,21 +30,46 @@ def one_line(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
 
 
-def _fail_write(path: Path, exc: OSError) -> BrainsegRuntimeError:
+def write_error(
+    path: str | os.PathLike[str],
+    exc: OSError,
+    *,
+    doing: str | None = None,
+    kept: str | None = "the previous file (if any) is intact",
+    hint: str | None = "check the folder exists and is writable",
+    full_hint: str = "free some space and run the command again",
+) -> BrainsegRuntimeError:
+    """The one-line error for a failed write of ``path``: "disk full while {doing}; {kept}"
+    for ENOSPC (``doing`` is "writing {path}" unless given), else "cannot write {path}"."""
     if exc.errno == errno.ENOSPC:
+        what = doing or f"writing {path}"
         return BrainsegRuntimeError(
-            f"disk full while writing {path}; the previous file (if any) is intact",
-            hint="free some space and run the command again",
+            f"disk full while {what}" + (f"; {kept}" if kept else ""), hint=full_hint
         )
-    return BrainsegRuntimeError(
-        f"cannot write {path}: {exc.strerror or exc}",
-        hint="check the folder exists and is writable",
-    )
+    return BrainsegRuntimeError(f"cannot write {path}: {exc.strerror or exc}", hint=hint)
 
 
-def write_error(path: str | os.PathLike[str], exc: OSError) -> BrainsegRuntimeError:
-    """The one-line error for a failed write of ``path`` (says "disk full" for ENOSPC)."""
-    return _fail_write(Path(path), exc)
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON values: NaN / inf as None, numpy / torch scalars as Python
+    numbers, arrays as lists, paths as strings, sets as sorted lists (dict keys as strings)."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, set | frozenset):
+        return [json_safe(v) for v in sorted(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if not isinstance(obj, str | int | float | bool) and obj is not None:
+        item, tolist = getattr(obj, "item", None), getattr(obj, "tolist", None)
+        if callable(item):  # numpy / torch scalars (and one-element arrays)
+            with contextlib.suppress(TypeError, ValueError):
+                obj = item()
+        if callable(tolist) and not isinstance(obj, str | int | float | bool):
+            return json_safe(tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
@@ -59,7 +86,7 @@ def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _fail_write(path, exc) from exc
+        raise write_error(path, exc) from exc
     if stat.S_ISREG(st.st_mode):
         if not force:
             raise BrainsegError(
@@ -145,7 +172,7 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_file(path)
     except OSError as exc:
-        raise _fail_write(path, exc) from exc
+        raise write_error(path, exc) from exc
     try:
         yield tmp
         _fsync(tmp)
@@ -153,7 +180,7 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _fail_write(path, exc) from exc
+        raise write_error(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -256,7 +283,7 @@ def _try_lock(lock: Path, text: str) -> bool:
     try:
         tmp = make_temp_file(lock)
     except OSError as exc:
-        raise _fail_write(lock, exc) from exc
+        raise write_error(lock, exc) from exc
     try:
         tmp.write_text(text, encoding="utf-8")
         try:
@@ -273,7 +300,7 @@ def _try_lock(lock: Path, text: str) -> bool:
                 f.write(text)
             return True
     except OSError as exc:
-        raise _fail_write(lock, exc) from exc
+        raise write_error(lock, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

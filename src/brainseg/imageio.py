@@ -321,21 +321,6 @@ def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return np.asarray(out)
 
 
-def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize an HxW mask to ``size`` = (height, width), nearest neighbour (keeps labels)."""
-    h, w = int(size[0]), int(size[1])
-    if mask.shape[:2] == (h, w):
-        return mask
-    # Index arithmetic instead of Pillow: exact nearest sampling on pixel centres, any dtype.
-    rows = np.minimum(
-        ((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1
-    )
-    cols = np.minimum(
-        ((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1
-    )
-    return mask[rows[:, None], cols[None, :]]
-
-
 def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize an HxW float probability map to ``size`` = (height, width), bilinear."""
     from PIL import Image

@@ -25,11 +25,10 @@ from brainseg.choices import (
     DEFAULT_DECODER_CHANNELS,
     ENCODERS,
     NORMALIZATIONS,
-    SIZE_MULTIPLE,
     UPSAMPLE_MODES,
 )
 from brainseg.errors import BrainsegError, first_line
-from brainseg.settings import MAX_DECODER_CHANNELS
+from brainseg.settings import MAX_DECODER_CHANNELS, SIZE_MULTIPLE
 
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -376,7 +375,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # pickle, zip, safetensors and I/O errors all land here
         kind = "safetensors" if is_safetensors else "PyTorch (weights_only)"
         raise BrainsegError(
-            f"cannot read encoder weights {path} as a {kind} state dict: {first_line(exc)}",
+            f"cannot read encoder weights {path}: not a {kind} state dict that loads safely "
+            f"({first_line(exc)})",
             hint="pass a torchvision VGG16 state dict saved with torch.save(model.state_dict()) "
             "or safetensors",
         ) from exc
@@ -406,6 +406,11 @@ def _features_from(
             feats[k[len("features.") :]] = value
         elif not k.startswith("classifier."):
             unexpected.append(key)
+    if not feats:
+        raise BrainsegError(
+            f"encoder weights {path} holds no VGG16 'features.*' tensors",
+            hint="pass a torchvision VGG16 state dict (features.N.weight / features.N.bias)",
+        )
     missing = [k for k in expected if k not in feats]
     unexpected += ["features." + k for k in feats if k not in expected]
     wrong = [
@@ -467,8 +472,13 @@ def resolve_encoder_weights(
                 hint=f"run `{download_command(encoder)}` once (needs internet), or pass "
                 "--encoder-weights none / a weights file",
             )
-        return _features_from(_read_state_dict(path), path, encoder)
-    path = Path(weights).expanduser()
+        return load_vgg_features(path, encoder)
+    return load_vgg_features(Path(weights).expanduser(), encoder)
+
+
+def load_vgg_features(path: Path, encoder: str = "vgg16") -> dict[str, torch.Tensor]:
+    """The ``features`` tensors of a torchvision ``encoder`` state dict file (.pth loaded with
+    ``weights_only``, or .safetensors): every key and shape checked, classifier.* ignored."""
     return _features_from(_read_state_dict(path), path, encoder)
 
 

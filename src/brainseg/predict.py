@@ -32,6 +32,7 @@ from brainseg.imageio import is_mask_name
 from brainseg.settings import (
     DEFAULT_THRESHOLD,
     MODEL_HINT,
+    MODEL_SUFFIXES,
     SIZE_MULTIPLE,
     check_metadata,
     check_metadata_types,
@@ -44,7 +45,6 @@ __all__ = [
     "ONNX_INPUT",
     "ONNX_METADATA_KEY",
     "ONNX_OUTPUT",
-    "SIZE_MULTIPLE",
     "OnnxBackend",
     "Predictor",
     "TorchBackend",
@@ -56,8 +56,6 @@ __all__ = [
     "sigmoid",
 ]
 
-#: Model file suffixes and their backends.
-MODEL_SUFFIXES = (".safetensors", ".onnx")
 #: The ONNX ``metadata_props`` key holding the full brainseg metadata as JSON.
 ONNX_METADATA_KEY = "brainseg"
 #: Graph input / output names of brainseg ONNX models.
@@ -65,11 +63,6 @@ ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 
 _ONNX_HINT = "export one from a brainseg checkpoint with `brainseg export CHECKPOINT -o model.onnx`"
-
-
-def _as_size(value: Any) -> tuple[int, int] | None:
-    """``image_size`` (an int or [h, w]) as (h, w), or None (see settings.image_size_of)."""
-    return image_size_of({"image_size": value})
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -285,19 +278,10 @@ def _ort_providers(device: str, available: Sequence[str]) -> list[str]:
 
 def open_backend(path: str | os.PathLike[str], device: str = "auto") -> TorchBackend | OnnxBackend:
     """The backend for one model file, chosen by its suffix."""
-    p = Path(path)
+    from brainseg.checkpoint import check_model_file
+
+    p = check_model_file(path)
     suffix = p.suffix.lower()
-    if suffix not in MODEL_SUFFIXES:
-        raise BrainsegError(
-            f"{p}: not a model file (suffix {suffix or '(none)'!r}); expected "
-            ".safetensors or .onnx",
-            hint=MODEL_HINT,
-        )
-    if not p.is_file():
-        raise BrainsegError(
-            f"model {p} does not exist" if not p.exists() else f"model {p} is not a file",
-            hint=MODEL_HINT,
-        )
     _check_content(p, suffix)
     if suffix == ".onnx":
         return OnnxBackend(p, device)

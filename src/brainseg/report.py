@@ -16,7 +16,6 @@ matplotlib is imported lazily, with the Agg backend.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
@@ -626,14 +625,14 @@ def cv_html(
     size: Sequence[int] | None = None,
 ) -> str:
     """The cv report page (see :func:`write_cv_report`)."""
-    from brainseg.cv import PATIENT_COLUMNS
+    from brainseg.cv import CV_PATIENT_COLUMNS
 
     st = summary["after"]["per_patient_dice"]
     headline = (
         f"out-of-fold mean per-patient Dice {fmt(st['mean'])} (95% CI {_ci(st)}, median "
         f"{fmt(st['median'])}, {st['n']} patients), {summary['selection']['label']}"
     )
-    cols = PATIENT_COLUMNS + (["dice_buda"] if summary.get("buda") else [])
+    cols = CV_PATIENT_COLUMNS + (["dice_buda"] if summary.get("buda") else [])
     stat_cols = ["per-patient Dice", "mean", "95% CI", "median", "std", "min", "n"]
     group_cols = ["mean", "95% CI", "median", "min", "n"]
     sections = [
@@ -689,21 +688,10 @@ def write_cv_report(result: Any) -> Path:
 
 
 # =============================================================================== train
-def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
-    """A train run's metrics.csv (epoch as int, the rest as float); [] when missing."""
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return [
-            {k: int(v) if k == "epoch" else float(v) if v != "" else math.nan for k, v in r.items()}
-            for r in csv.DictReader(f)
-        ]
-
-
 def _train_measured(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     info = config.get("run_info") or {}
     size = config.get("image_size")
-    scored = [r for r in rows if not math.isnan(r.get("val_dice_patient", math.nan))]
+    scored = [r for r in rows if r.get("val_dice_patient") is not None]
     best = max(scored, key=lambda r: r["val_dice_patient"]) if scored else None
     no_val = "none (--fold all: every patient trains)" if str(config.get("fold")) == "all" else None
     return [
@@ -741,6 +729,7 @@ def _train_measured(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
 
 def train_html(run_dir: Path) -> str:
     """The train report page of a run folder (see :func:`write_train_report`)."""
+    from brainseg.train.runfiles import read_metrics
     from brainseg.yamlio import parse_yaml
 
     cfg_path = run_dir / "config.yaml"
@@ -751,7 +740,7 @@ def train_html(run_dir: Path) -> str:
         else {}
     )
     config = config if isinstance(config, dict) else {}
-    rows = read_metrics_csv(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv")
     preview = run_dir / "preview.png"
     sections = [
         section("Summary", kv_table(_train_measured(config, rows))),

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from brainseg import console, metrics
+from brainseg import __version__, console, metrics
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text
 
@@ -335,7 +335,7 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
     surface = [_surface(p, opts.tolerance) for p in pairs]
     unit = "mm" if volume_mode else "pixels"
     summary: dict[str, Any] = {
-        "brainseg_version": _version(),
+        "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": [],
         "pred": str(opts.pred),
@@ -370,9 +370,3 @@ def write_score(result: ScoreResult, run_dir: Path) -> list[Path]:
     )
     result.files = [surface, *evaluation.write_run(ev, run_dir)]
     return result.files
-
-
-def _version() -> str:
-    from brainseg import __version__
-
-    return __version__

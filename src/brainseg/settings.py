@@ -30,6 +30,8 @@ MAX_METADATA_DEPTH = 32
 #: The metadata entries that must be JSON objects when present.
 _MAPPING_KEYS = ("architecture", "config", "metrics", "postprocess")
 
+#: Model file suffixes (each picks its backend).
+MODEL_SUFFIXES = (".safetensors", ".onnx")
 MODEL_HINT = (
     "pass a .safetensors checkpoint written by brainseg training or an .onnx file "
     "written by `brainseg export`"

@@ -33,8 +33,9 @@ import numpy as np
 
 from brainseg import postprocess, volumes
 from brainseg.batch import lock_name, one_line, parse_shard
+from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_write_text, check_target, folder_lock
+from brainseg.fsutil import atomic_write_text, check_target, folder_lock, json_safe
 
 SUMMARY_COLUMNS = (
     "case",
@@ -308,24 +309,12 @@ def run_case(
             "probabilities": str(outs.prob) if outs.prob else None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        atomic_write_text(outs.meta, json.dumps(_json_safe(meta), indent=2) + "\n")
+        atomic_write_text(outs.meta, json.dumps(json_safe(meta), indent=2) + "\n")
         return res
     except BrainsegRuntimeError:
         raise  # disk full, a broken model: stop the run
     except BrainsegError as exc:
         return CaseResult(case.id, status="error", error=exc.message)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # --------------------------------------------------------------------------- the run
@@ -370,8 +359,7 @@ def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
     if not opts.models:
         raise BrainsegError("no MODEL given", hint="pass a .safetensors or .onnx model")
     for m in opts.models:
-        if not Path(m).is_file():
-            raise BrainsegError(f"model {m} does not exist", hint="check the path")
+        check_model_file(m)
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
     parse_min_volume(opts.min_volume)
@@ -495,4 +483,4 @@ def _run_cases(
 
 def json_row(res: CaseResult) -> dict[str, Any]:
     """The --json line of one case."""
-    return _json_safe({k: v for k, v in asdict(res).items() if k != "extra"})
+    return json_safe({k: v for k, v in asdict(res).items() if k != "extra"})

@@ -137,9 +137,7 @@ def register(app: typer.Typer) -> None:
         for t in tables(result.summary, result.plan.cv_dir):
             con.result(t)
         if json_out:
-            from brainseg.evaluation import json_safe
-
-            con.emit_json(json_safe(result.summary))
+            con.emit_json(result.summary)
 
 
 def _ci(s: dict[str, Any]) -> str:

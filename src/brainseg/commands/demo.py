@@ -41,8 +41,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
-        if size < 32 or size % 32:
-            raise BrainsegError(f"--size {size} is not a multiple of 32", hint="use 64, 128 or 256")
+        from brainseg.settings import SIZE_MULTIPLE
+
+        if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
+            raise BrainsegError(
+                f"--size {size} is not a multiple of {SIZE_MULTIPLE}", hint="use 64, 128 or 256"
+            )
         from brainseg.config import check_device_name
         from brainseg.demo import DemoOptions, run_demo
         from brainseg.fsutil import next_run_dir

@@ -181,7 +181,7 @@ def register(app: typer.Typer) -> None:
             ev.render_tune(result.tune, tune_output)
         console.info(f"results saved to {result.run_dir}")
         if json_out:
-            console.emit_json(ev.json_safe(result.summary))
+            console.emit_json(result.summary)
 
 
 def _is_volume_eval(paths: list[Path], channels: str | None) -> bool:
@@ -205,7 +205,6 @@ def _refuse(given: dict[str, Any], options: dict[str, str], why: str) -> None:
 def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> None:
     from brainseg.commands.score import render_summary
     from brainseg.errors import BrainsegError
-    from brainseg.evaluation import json_safe
     from brainseg.volume_eval import VolumeEvalJob, run_volume_eval
 
     if len(paths) < 2:
@@ -224,4 +223,4 @@ def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> N
     render_summary(result.summary)
     console.info(f"results saved to {result.run_dir} (masks in {result.run_dir / 'masks'})")
     if json_out:
-        console.emit_json(json_safe(result.summary))
+        console.emit_json(result.summary)

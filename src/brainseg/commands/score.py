@@ -78,7 +78,6 @@ def register(app: typer.Typer) -> None:
         from brainseg.optional import require
 
         require("matplotlib", "brainseg score (its Dice plot)")  # before any work
-        from brainseg.evaluation import json_safe
         from brainseg.fsutil import check_run_name, next_run_dir
         from brainseg.score import ScoreOptions, score_folders, write_score
 
@@ -100,7 +99,7 @@ def register(app: typer.Typer) -> None:
         render_summary(result.summary)
         console.info(f"results saved to {run_dir}")
         if json_out:
-            console.emit_json(json_safe(result.summary))
+            console.emit_json(result.summary)
 
 
 def render_summary(s: dict[str, Any]) -> None:

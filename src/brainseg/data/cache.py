@@ -43,8 +43,8 @@ import numpy as np
 
 from brainseg import console
 from brainseg.data import lgg
-from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import pid_alive
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import pid_alive, write_error
 
 #: Bump when the stored layout changes: old caches are then simply not found.
 FORMAT_VERSION = 1
@@ -692,18 +692,6 @@ def _reserve(path: Path) -> None:
         os.close(fd)
 
 
-def _write_error(root: Path, exc: OSError) -> BrainsegRuntimeError:
-    if exc.errno == errno.ENOSPC:
-        return BrainsegRuntimeError(
-            f"disk full while building the dataset cache in {root}; nothing was kept",
-            hint="free some space, or set BRAINSEG_CACHE_DIR to a disk with room",
-        )
-    return BrainsegRuntimeError(
-        f"cannot write the dataset cache in {root}: {exc.strerror or exc}",
-        hint="check the folder is writable, or set BRAINSEG_CACHE_DIR to another folder",
-    )
-
-
 def _fsync_dir_files(folder: Path) -> None:
     for f in folder.iterdir():
         with contextlib.suppress(OSError), open(f, "rb") as fh:
@@ -780,7 +768,14 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
         _move_into_place(tmp, final)
     except OSError as exc:  # disk full, unwritable cache folder: one clear line
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(root, exc) from exc
+        raise write_error(
+            f"the dataset cache in {root}",
+            exc,
+            doing=f"building the dataset cache in {root}",
+            kept="nothing was kept",
+            hint="check the folder is writable, or set BRAINSEG_CACHE_DIR to another folder",
+            full_hint="free some space, or set BRAINSEG_CACHE_DIR to a disk with room",
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

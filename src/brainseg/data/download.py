@@ -50,7 +50,7 @@ from brainseg.data.http import (
     normalize_sha256,
     sha256_file,
 )
-from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path, folder_lock, make_temp_dir, remove_stale_temps
 
 __all__ = [
@@ -405,36 +405,12 @@ def expected_hash_prefix(file_name: str) -> str:
     return stem
 
 
-def check_vgg_state_dict(path: Path) -> int:
-    """Load with ``weights_only=True`` and require VGG ``features.*`` tensors; return count."""
-    import torch
+def check_vgg_state_dict(path: Path, bn: bool = False) -> int:
+    """Load ``path`` safely as a torchvision VGG16(-BN) state dict (every ``features.*`` key and
+    shape, :func:`brainseg.model.load_vgg_features`); return the number of those tensors."""
+    from brainseg.model import load_vgg_features
 
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BrainsegError(
-            f"{path} is not a torch weights file that loads safely: "
-            f"{type(exc).__name__}: {first_line(exc)}",
-            hint="give torchvision's vgg16-*.pth (or vgg16_bn-*.pth) file",
-        ) from exc
-    feats = (
-        [k for k in sd if isinstance(k, str) and k.startswith("features.")]
-        if isinstance(sd, dict)
-        else []
-    )
-    if (
-        not feats
-        or not isinstance(sd.get("features.0.weight"), torch.Tensor)
-        or tuple(sd["features.0.weight"].shape) != (64, 3, 3, 3)
-    ):
-        raise BrainsegError(
-            f"{path} holds no VGG16 'features.*' tensors",
-            hint="give torchvision's vgg16-*.pth (or vgg16_bn-*.pth) file",
-        )
-    return len(feats)
+    return len(load_vgg_features(path, "vgg16_bn" if bn else "vgg16"))
 
 
 def download_vgg16(
@@ -487,7 +463,7 @@ def download_vgg16(
             from_file_hint="--from-file PATH",
         )
         try:
-            check_vgg_state_dict(target)
+            check_vgg_state_dict(target, bn)
         except BrainsegError:
             target.unlink(missing_ok=True)
             raise
@@ -511,7 +487,7 @@ def _copy_vgg16(src: Path, target: Path, prefix: str, bn: bool, tv_url: str) -> 
             hint=f"this is not torchvision's ImageNet {what} file "
             f"(download {tv_url}{'' if bn else '; --bn for VGG16-BN'})",
         )
-    check_vgg_state_dict(src)
+    check_vgg_state_dict(src, bn)
     if not (target.exists() and src.resolve() == target.resolve()):
         with atomic_path(target, force=True) as tmp:
             shutil.copyfile(src, tmp)

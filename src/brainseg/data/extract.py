@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.fsutil import check_free_space, fmt_bytes
+from brainseg.fsutil import check_free_space, fmt_bytes, write_error
 
 #: Archives that would expand to more than this are rejected before anything is written.
 MAX_TOTAL_BYTES = 20 * 2**30
@@ -371,10 +371,8 @@ def _write_members(
         ) from exc
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise BrainsegRuntimeError(
-                f"disk full while unpacking {archive} into {dest}",
-                hint="free some space and run the command again",
-            ) from exc
+            doing = f"unpacking {archive} into {dest}"
+            raise write_error(dest, exc, doing=doing, kept=None) from exc
         if exc.errno in _NAME_ERRORS:  # the member's name, not the disk: an input error
             raise _reject(
                 archive, f"member {current!r} cannot be created: {exc.strerror or exc}"

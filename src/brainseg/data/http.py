@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import hashlib
 import http.client
 import json
@@ -41,7 +40,7 @@ from typing import IO, Any
 from brainseg import __version__
 from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.fsutil import atomic_write_text, check_free_space, fmt_bytes
+from brainseg.fsutil import atomic_write_text, check_free_space, fmt_bytes, write_error
 
 KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
 KAGGLE_URL = f"https://www.kaggle.com/api/v1/datasets/download/{KAGGLE_DATASET}"
@@ -591,9 +590,10 @@ class _Fetch:
         try:
             f.write(chunk)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise BrainsegRuntimeError(
-                    f"disk full while writing {self.part}; the partial download is kept",
-                    hint="free some space and run the command again to resume",
-                ) from exc
-            raise BrainsegRuntimeError(f"cannot write {self.part}: {exc.strerror or exc}") from exc
+            raise write_error(
+                self.part,
+                exc,
+                kept="the partial download is kept",
+                hint=None,
+                full_hint="free some space and run the command again to resume",
+            ) from exc

@@ -25,6 +25,7 @@ import tifffile
 from brainseg import __version__
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import make_temp_dir, remove_stale_temps
+from brainseg.settings import SIZE_MULTIPLE
 
 #: Institution codes that appear in the real TCGA-LGG folder names.
 _INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
@@ -415,9 +416,10 @@ def check_arguments(
             f"--patients must be an integer from 1 to {MAX_PATIENTS}, got {patients!r}",
             hint="for example --patients 10",
         )
-    if not _is_int(size) or not 32 <= size <= MAX_SIZE or size % 32:
+    if not _is_int(size) or not SIZE_MULTIPLE <= size <= MAX_SIZE or size % SIZE_MULTIPLE:
         raise BrainsegError(
-            f"--size must be a multiple of 32 from 32 to {MAX_SIZE}, got {size!r}",
+            f"--size must be a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_SIZE}, "
+            f"got {size!r}",
             hint="for example --size 256 (the real data) or 64 (fast tests)",
         )
     if not _is_int(seed) or seed < 0:

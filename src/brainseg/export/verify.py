@@ -22,7 +22,7 @@ from brainseg import console as con
 from brainseg import metrics, postprocess
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.predict import Predictor, TorchBackend
-from brainseg.settings import PostSettings, resolve
+from brainseg.settings import SIZE_MULTIPLE, PostSettings, resolve
 
 #: Slices compared between PyTorch and onnxruntime (one batch).
 VERIFY_SLICES = 8
@@ -63,7 +63,7 @@ def load_slices(data: Path | None, size: tuple[int, int], tmp: Path) -> Slices:
     if data is None:
         from brainseg.data.synthetic import write_synthetic
 
-        side = max(32, max(size) // 32 * 32)
+        side = max(SIZE_MULTIPLE, max(size) // SIZE_MULTIPLE * SIZE_MULTIPLE)
         was_quiet = con.state.quiet  # the cache of the export's own phantoms is no news
         con.configure(quiet=True)
         try:

@@ -30,7 +30,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     [] when missing."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return [
             {k: int(v) if k == "epoch" else None if v == "" else float(v) for k, v in r.items()}
             for r in csv.DictReader(f)
