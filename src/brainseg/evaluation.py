@@ -336,6 +336,8 @@ def run_eval(
 
     from brainseg.data.cache import load_dataset
 
+    # the models first: a corrupt file is one line before any dataset cache is built
+    predictor = make_predictor(model_paths, opts, predictor_factory)
     data = load_dataset(data_path, skip_bad=opts.skip_bad)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
     rows = data.indices_of(ids)
@@ -344,7 +346,6 @@ def run_eval(
             f"no slices to evaluate in {data_path} for the chosen patients",
             hint="check --split / --subset",
         )
-    predictor = make_predictor(model_paths, opts, predictor_factory)
     if split_p is None:
         console.info(
             f"no --split given: evaluating all {len(ids)} patients of {data_path} "
