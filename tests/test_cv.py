@@ -427,3 +427,26 @@ def test_eval_and_predict_take_the_ensemble_as_one_model(
     r = run_cli(["predict", manifest, phantoms, "-o", tmp_path / "pred", "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "pred").rglob("*_mask.tif"))) == data.images.shape[0]
+
+
+def test_cv_takes_every_training_option_of_train(tmp_path: Path) -> None:
+    """`brainseg cv` offers every option of `brainseg train` (issue 23: --decoder-channels was
+    refused), except those cv chooses per fold; its values reach the fold config."""
+    import typer.main
+
+    from brainseg.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    per_fold = {"--fold", "--exist-ok"}  # and --split, --project, --name, --resume: cv's own
+
+    def options(cmd: Any) -> set[str]:
+        return {o for p in cmd.params if p.param_type_name == "option" for o in p.opts}
+
+    missing = options(commands["train"]) - options(commands["cv"]) - per_fold
+    assert not missing
+    r = run_cli(["cv", "--help"])
+    assert "--decoder-channels" in r.stdout and "--weight-decay" in r.stdout
+    r = run_cli(["cv", tmp_path, "--decoder-channels", "8,8,8", "--project", tmp_path / "runs"])
+    assert r.returncode == 2, r.stderr
+    assert "decoder_channels must be 5 integers" in r.stderr  # parsed, then validated
+    assert not (tmp_path / "runs").exists()

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from brainseg import console as con
+from brainseg.config import fields_with
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path, atomic_write_text
 
@@ -49,9 +50,9 @@ CV_FILE = "cv.yaml"
 SPLIT_FILE = "split.yaml"
 CV_FORMAT = 1
 #: TrainConfig settings cv sets for every fold itself (refused in --set).
-FOLD_KEYS = ("data", "split", "fold", "project", "name", "exist_ok", "resume")
+FOLD_KEYS = fields_with("per_fold")
 #: Settings that do not change what is trained: they may differ when a cv is continued.
-RUNTIME_KEYS = ("device", "workers", "quiet")
+RUNTIME_KEYS = fields_with("runtime")
 PATIENT_COLUMNS = [
     "patient_id",
     "fold",
