@@ -44,15 +44,13 @@ def _option(f: Field[Any]) -> inspect.Parameter:
     kind, _optional = field_types()[f.name]
     flag = "--" + f.name.replace("_", "-")
     meta = f.metadata
-    extra: dict[str, Any] = {}
     if kind is bool:
         decls = [flag if meta.get("switch", True) is False else f"{flag}/--no-{flag[2:]}"]
-        extra["metavar"] = ""  # a flag takes no value: no <bool> placeholder
     else:
         decls = [flag]
     kind = Path if meta.get("path") else str if kind is list or meta.get("words") else kind
     option = typer.Option(
-        None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False, **extra
+        None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False
     )
     return inspect.Parameter(f.name, _KW, default=option, annotation=kind | None)
 
