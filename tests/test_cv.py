@@ -450,3 +450,21 @@ def test_cv_takes_every_training_option_of_train(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "decoder_channels must be 5 integers" in r.stderr  # parsed, then validated
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_cv_trains_every_fold_with_a_train_only_option(tmp_path: Path) -> None:
+    """End to end: `brainseg cv --decoder-channels` (refused before issue 23) trains folds of
+    that width (the checkpoints' architecture says so)."""
+    from brainseg.checkpoint import read_metadata
+    from brainseg.data.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "d", patients=4, seed=0, size=32, slices=(4, 5))
+    r = run_cli(["-q", "cv", data, "--folds", "2", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--image-size", "32", "--batch-size", "4", "--encoder-weights", "none",
+                 "--decoder-channels", "8,8,8,8,8", "--device", "cpu",
+                 "--project", tmp_path / "runs"], timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for k in range(2):
+        meta = read_metadata(tmp_path / "runs" / "exp" / f"fold_{k}" / "last.safetensors")
+        assert meta["architecture"]["decoder_channels"] == [8, 8, 8, 8, 8]
