@@ -212,8 +212,9 @@ def _check_options(opts: CVOptions) -> None:
             raise BrainsegError(
                 f"cannot change {', '.join('--' + g.replace('_', '-') for g in given)} when "
                 f"resuming {opts.resume}",
-                hint="a resumed cv keeps its cv.yaml; only --device, --select and --protocol "
-                "may be given (start a new cv to change the recipe)",
+                hint="a resumed cv keeps its cv.yaml; only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RUNTIME_KEYS)}, --select and "
+                "--protocol may be given (start a new cv to change the recipe)",
             )
     elif not opts.data:
         raise BrainsegError("no dataset given", hint="brainseg cv DATA --folds 5")
