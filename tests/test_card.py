@@ -265,3 +265,20 @@ def test_tuned_copy_card_says_its_settings_and_where_they_were_chosen(
     assert info_json(run / "best.safetensors")["eval_protocol"]["settings_chosen"] == (
         "the default (not tuned)"
     )
+
+
+def test_card_recipe_is_the_recipe_of_the_preset() -> None:
+    """A model trained with --config best shows best.yaml's augmentation on its card, and a
+    plateau run its patience and factor: the card's recipe alone tells the recipes of
+    configs/recipes apart (issue 23: the hand-kept list left them out)."""
+    from brainseg.config import TrainConfig, load_config, preset_path, read_yaml
+
+    best = load_config("best").to_dict()
+    recipe = mc.build_card({"config": best})["training"]["recipe"]
+    speed = {"channels_last"}  # best.yaml: "channels_last is a speed setting (same maths)"
+    for key, value in read_yaml(preset_path("best")).items():
+        if key not in speed:
+            assert recipe.get(key) == value, key
+    plateau = TrainConfig(scheduler="plateau", plateau_patience=5, plateau_factor=0.2)
+    recipe = mc.build_card({"config": plateau.to_dict()})["training"]["recipe"]
+    assert (recipe["plateau_patience"], recipe["plateau_factor"]) == (5, 0.2)

@@ -291,8 +291,9 @@ def test_every_setting_is_declared_once_with_help_type_and_default() -> None:
     """The field carries help and type; coercion and the CLI options derive from it."""
     from dataclasses import fields
 
-    from brainseg.commands.train import OPTIONS
-    from brainseg.config import field_types, setting_help
+    from brainseg.config import field_types, fields_with, setting_help
+
+    OPTIONS = fields_with("flag")  # was commands.train.OPTIONS (issue 23)
 
     types = field_types()
     for f in fields(TrainConfig):
@@ -314,3 +315,33 @@ def test_augment_settings_take_the_config_values_by_name() -> None:
     s = AugmentSettings.from_config(cfg)
     assert (s.rotate, s.mask_mode, s.hflip) == (7.0, "bilinear", 0.25)
     assert AugmentSettings() == AugmentSettings.from_config(TrainConfig())
+
+
+def test_setting_roles_are_field_metadata() -> None:
+    """Which settings are train options, recipe, resumable, per fold or runtime is read from
+    the TrainConfig fields (issue 23), and the sets are the lists that were kept by hand
+    (the recipe also names the augmentation and plateau settings: see test_card.py)."""
+    from brainseg.config import fields_with
+
+    cli_false = {"data", "head_bias_prior", "warmup_epochs", "ema_decay", "plateau_patience",
+                 "plateau_factor", "aug_hflip", "aug_vflip", "aug_rotate", "aug_scale",
+                 "aug_brightness", "aug_contrast", "aug_mask_mode", "val_batch_size", "loggers",
+                 "preview_slices"}  # fmt: skip
+    assert set(fields_with("flag")) == set(TrainConfig.keys()) - cli_false
+    assert set(fields_with("resumable")) == {
+        "epochs", "quiet", "device", "workers", "loggers", "resume"
+    }  # fmt: skip
+    assert set(fields_with("per_fold")) == {
+        "data", "split", "fold", "project", "name", "exist_ok", "resume"
+    }  # fmt: skip
+    assert set(fields_with("runtime")) == {"device", "workers", "quiet"}
+    assert set(fields_with("recipe")) == {
+        "encoder", "encoder_weights", "decoder_channels", "upsample", "normalization", "loss",
+        "lr", "weight_decay", "scheduler", "epochs", "batch_size", "steps_per_epoch", "augment",
+        "tumor_oversample", "freeze_encoder_epochs", "grad_clip", "amp", "seed", "image_size",
+        "head_bias_prior", "warmup_epochs", "ema_decay",
+        "aug_hflip", "aug_vflip", "aug_rotate", "aug_scale", "aug_brightness", "aug_contrast",
+        "aug_mask_mode", "plateau_patience", "plateau_factor",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown role"):
+        fields_with("flags")

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from brainseg.config import fields_with
 from brainseg.errors import BrainsegError
 
 #: Metadata key holding the card (checkpoint metadata, ONNX blob and ONNX plain key).
@@ -64,13 +65,6 @@ LICENSE = {
     "weights": "not stated by the trainer: ask whoever trained this model",
     "training_data": "see the dataset's Kaggle page and TCIA's data usage policy",
 }
-#: TrainConfig settings that make up the training recipe shown on the card.
-RECIPE_KEYS = (
-    "encoder", "encoder_weights", "decoder_channels", "upsample", "normalization", "loss",
-    "lr", "weight_decay", "scheduler", "epochs", "batch_size", "steps_per_epoch", "augment",
-    "tumor_oversample", "freeze_encoder_epochs", "grad_clip", "amp", "seed", "image_size",
-    "head_bias_prior", "warmup_epochs", "ema_decay",
-)  # fmt: skip
 
 
 # =============================================================================== build
@@ -295,7 +289,7 @@ def build_card(
         "training": {
             "data_folder": Path(str(cfg["data"])).name if cfg.get("data") else None,
             "split": dict(split) if split else {"dataset_hash": meta.get("split_hash")},
-            "recipe": {k: cfg[k] for k in RECIPE_KEYS if k in cfg},
+            "recipe": {k: cfg[k] for k in fields_with("recipe") if k in cfg},
             "epochs_done": meta.get("epoch"),
             "checkpoint": sel,
         },

@@ -6,14 +6,11 @@ Only typer, rich and the standard library are imported here: ``brainseg --help``
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -33,32 +30,11 @@ from brainseg.commands import (
     split,
     train,
 )
+from brainseg.commands.base import QUIET_HELP, Group, use_house_style
 from brainseg.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, BrainsegError, first_line
 
-
-def _plain_usage_arguments() -> None:
-    """Usage lines in the POSIX / docopt style of our docs (``MODEL INPUT...``, optional ones
-    in brackets): Typer >= 0.2x writes required arguments in braces (``{MODEL} {INPUT}...``,
-    ``{MODEL... DATA}...``), which reads like a set of choices. Only that private method is
-    replaced, and only when this Typer has it."""
-    from typer import core
-
-    cls: Any = getattr(core, "TyperArgument", None)
-    if cls is None or not hasattr(cls, "_usage_display_name"):
-        return
-
-    def usage_name(self: Any) -> str:
-        name = str(self.metavar or self.name.upper())
-        if self.nargs != 1 and "..." not in name:
-            name += "..."
-        return name if self.required else f"[{name}]"
-
-    cls._usage_display_name = usage_name
-
-
-_plain_usage_arguments()
-
 app = typer.Typer(
+    cls=Group,
     name="brainseg",
     help="Brain tumor segmentation in MRI, from data to a CPU-only deployment: download, "
     "split, train, cv, eval, score, predict, export, info, cache, demo. New here? "
@@ -68,12 +44,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
-)
-
-
-QUIET_HELP = (
-    "No progress bars or status lines; results (tables, JSON), warnings and errors are "
-    "still shown. Also accepted after the subcommand."
 )
 
 
@@ -92,9 +62,12 @@ def _root(
         callback=_version,
         is_eager=True,
         help="Print the version and exit.",
+        metavar="",  # a flag: no <bool> placeholder in the help
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks on errors.", metavar=""
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP, metavar=""),
 ) -> None:
     """Brain tumor segmentation in MRI (UNet with a VGG16 encoder), from data to ONNX."""
     con.configure(quiet=quiet, debug=debug or bool(os.environ.get("BRAINSEG_DEBUG")))
@@ -113,80 +86,7 @@ score.register(app)
 cache.register(app)
 
 
-def _with_quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with a ``--quiet / -q`` option of its own (the global one, after the command)."""
-
-    @functools.wraps(fn)
-    def command(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
-        if quiet:
-            con.configure(quiet=True)
-        return fn(*args, **kwargs)
-
-    sig = inspect.signature(fn, eval_str=True)
-    extra = inspect.Parameter(
-        "quiet",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
-        annotation=bool,
-    )
-    command.__signature__ = sig.replace(  # type: ignore[attr-defined]
-        parameters=[*sig.parameters.values(), extra]
-    )
-    command.__annotations__ = {**fn.__annotations__, "quiet": bool}
-    return command
-
-
-def _quiet_everywhere(group: typer.Typer) -> None:
-    """Give every subcommand ``-q``, so ``brainseg CMD -q`` works like ``brainseg -q CMD``."""
-    for command_info in group.registered_commands:
-        callback = command_info.callback
-        if callback is not None and "quiet" not in inspect.signature(callback).parameters:
-            command_info.callback = _with_quiet(callback)
-    for sub in group.registered_groups:
-        if sub.typer_instance is not None:
-            _quiet_everywhere(sub.typer_instance)
-
-
-def _interrupt_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` printing ``error: interrupted`` on Ctrl-C: Typer turns a KeyboardInterrupt
-    raised inside a command into a silent exit 130 before :func:`main` could report it."""
-
-    @functools.wraps(fn)
-    def command(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            con.error("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-
-    return command
-
-
-def _report_interrupts(group: typer.Typer) -> None:
-    for command_info in group.registered_commands:
-        if command_info.callback is not None:
-            command_info.callback = _interrupt_line(command_info.callback)
-    for sub in group.registered_groups:
-        if sub.typer_instance is not None:
-            _report_interrupts(sub.typer_instance)
-
-
-def _flags_without_placeholder() -> None:
-    """Help shows ``--force``, not ``--force <bool>``: a flag takes no value (``--force true``
-    is refused), so the type column stays empty for every flag of every command."""
-    from typer.core import TyperOption
-
-    shown = TyperOption.display_type_rich
-
-    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
-        return None if self.is_flag and not self.count else shown(self, ctx)
-
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
-
-
-_quiet_everywhere(app)
-_report_interrupts(app)
-_flags_without_placeholder()
+use_house_style(app)  # POSIX usage lines, -q after any subcommand, flags without <bool>
 
 
 def _usage_error(exc: Exception) -> None:

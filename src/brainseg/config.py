@@ -37,15 +37,23 @@ from brainseg.settings import (
     decoder_channels_error,
 )
 
-#: Options that may be given together with ``--resume`` (they do not change the recipe).
 #: ``--fold all``: train on every patient, no validation (a final model).
 ALL_FOLDS = "all"
-RESUME_OVERRIDABLE = ("epochs", "quiet", "device", "workers", "loggers", "resume")
 #: Largest --seed (numpy's and torch's seeding both take 0 .. 2**32 - 1 everywhere).
 MAX_SEED = 2**32 - 1
 
 
 # ---------------------------------------------------------------------- how a setting is declared
+#: The roles a setting may have (its ``roles`` metadata; read with :func:`fields_with`):
+ROLES = {
+    "flag": "an option of `brainseg train` and `brainseg cv` (every setting not marked cli=False)",
+    "recipe": "decides what is trained: shown as the recipe on the model card",
+    "resumable": "may be given again with `train --resume` (does not change the recipe)",
+    "runtime": "does not change what is trained: may differ when a cv is continued",
+    "per_fold": "set by `brainseg cv` for every fold (not a cv training option)",
+}
+
+
 @dataclass(frozen=True)
 class Rule:
     """A value check: ``ok(value)`` or the error ``"<name> <must>, got <value>"`` + ``hint``."""
@@ -55,16 +63,19 @@ class Rule:
     hint: str
 
 
-def _setting(default: Any, help: str, **meta: Any) -> Any:
-    """A TrainConfig field with its help text and CLI / validation metadata.
+def _setting(
+    default: Any, help: str, *, roles: tuple[str, ...] = (), cli: bool = True, **meta: Any
+) -> Any:
+    """A TrainConfig field with its help text, its :data:`ROLES` and CLI / validation metadata.
 
-    meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a :class:`Rule`),
-    ``cli`` (False: YAML only), ``flags`` (extra option names), ``switch`` (False: a bool
-    option without ``--no-``), ``path`` (the option takes a path), ``words`` (strings a
-    numeric setting also takes, e.g. ``--fold all``; the option then takes text), ``items``
-    (the type of a list setting's items; int when not given).
+    ``roles``: which of :data:`ROLES` besides ``flag`` it has; ``cli=False``: YAML only (no
+    ``flag`` role). meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a
+    :class:`Rule`), ``flags`` (extra option names), ``switch`` (False: a bool option without
+    ``--no-``), ``path`` (the option takes a path), ``words`` (strings a numeric setting also
+    takes, e.g. ``--fold all``; the option then takes text), ``items`` (the type of a list
+    setting's items; int when not given).
     """
-    metadata = {"help": help, **meta}
+    metadata = {"help": help, "roles": frozenset(roles) | ({"flag"} if cli else set()), **meta}
     if isinstance(default, tuple):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -90,9 +101,14 @@ class TrainConfig:
 
     # data
     data: str | None = _setting(
-        None, "Dataset folder (kaggle_3m layout); not needed with --resume.", cli=False
+        None,
+        "Dataset folder (kaggle_3m layout); not needed with --resume.",
+        cli=False,
+        roles=("per_fold",),
     )
-    split: str | None = _setting(None, "Split YAML from `brainseg split`.", path=True)
+    split: str | None = _setting(
+        None, "Split YAML from `brainseg split`.", path=True, roles=("per_fold",)
+    )
     fold: int | str | None = _setting(
         None,
         "Cross-validation fold K (0..folds-1) of a --folds split, or all: train on every "
@@ -103,6 +119,7 @@ class TrainConfig:
             "must be >= 0 or all",
             "folds are numbered 0..K-1; --fold all trains on every patient",
         ),
+        roles=("per_fold",),
     )
     postprocess_from: str | None = _setting(
         None,
@@ -121,6 +138,7 @@ class TrainConfig:
             f"from {SIZE_MULTIPLE} to {MAX_MODEL_SIZE}",
             "e.g. --image-size 256, 128 or 64",
         ),
+        roles=("recipe",),
     )
     tumor_oversample: float | None = _setting(
         None,
@@ -131,11 +149,14 @@ class TrainConfig:
             _PROB01,
             "e.g. --tumor-oversample 0.5 (half of the drawn slices have tumor)",
         ),
+        roles=("recipe",),
     )
     # model
-    encoder: str = _setting("vgg16", "Encoder.", choices=ENCODERS)
+    encoder: str = _setting("vgg16", "Encoder.", choices=ENCODERS, roles=("recipe",))
     encoder_weights: str = _setting(
-        "imagenet", "imagenet | none | PATH (torchvision-format VGG16 state dict)."
+        "imagenet",
+        "imagenet | none | PATH (torchvision-format VGG16 state dict).",
+        roles=("recipe",),
     )
     decoder_channels: list[int] = _setting(  # noqa: RUF009 (returns a field with a factory)
         DEFAULT_DECODER_CHANNELS,  # a tuple: each config gets its own list
@@ -146,15 +167,22 @@ class TrainConfig:
             f"must be 5 integers from 1 to {MAX_DECODER_CHANNELS}",
             "e.g. --decoder-channels 512,256,128,64,32",
         ),
+        roles=("recipe",),
     )
-    upsample: str = _setting("transpose", "Decoder upsampling.", choices=UPSAMPLE_MODES)
+    upsample: str = _setting(
+        "transpose", "Decoder upsampling.", choices=UPSAMPLE_MODES, roles=("recipe",)
+    )
     normalization: str = _setting(
-        "imagenet", "imagenet | zscore (per image), done inside the model.", choices=NORMALIZATIONS
+        "imagenet",
+        "imagenet | zscore (per image), done inside the model.",
+        choices=NORMALIZATIONS,
+        roles=("recipe",),
     )
     freeze_encoder_epochs: int = _setting(
         0,
         "Train only the decoder for the first N epochs.",
         rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. --freeze-encoder-epochs 2"),
+        roles=("recipe",),
     )
     # start the logit head's bias at log(p / (1 - p)): first predictions match a tumour-pixel
     # prior p (e.g. 0.01) instead of 0.5, so BCE does not spend its first hundreds of steps
@@ -168,9 +196,10 @@ class TrainConfig:
             "must be a probability in (0, 1)",
             "e.g. head_bias_prior: 0.01 (about the tumour pixel fraction)",
         ),
+        roles=("recipe",),
     )
     # optimisation (Adam)
-    loss: str = _setting("bce", "Loss.", choices=LOSSES)
+    loss: str = _setting("bce", "Loss.", choices=LOSSES, roles=("recipe",))
     lr: float = _setting(
         4e-4,
         "Adam learning rate.",
@@ -180,17 +209,20 @@ class TrainConfig:
             "must be a positive number",
             "the reference uses --lr 4e-4",
         ),
+        roles=("recipe",),
     )
     weight_decay: float = _setting(
         0.0,
         "Adam weight decay (L2).",
         show="0",
         rule=Rule(lambda v: _finite(v) and v >= 0, "must be >= 0", "e.g. --weight-decay 1e-4"),
+        roles=("recipe",),
     )
     scheduler: str = _setting(
         "none",
         "none | cosine (per step, to 0) | plateau (x0.5 when val per-patient Dice stalls).",
         choices=SCHEDULERS,
+        roles=("recipe",),
     )
     # a linear ramp of the learning rate from lr / N to lr over the first warmup_epochs epochs
     # (in steps), then the scheduler over the rest of the run
@@ -199,6 +231,7 @@ class TrainConfig:
         "Epochs of linear learning-rate warm-up before the scheduler.",
         cli=False,
         rule=Rule(lambda v: _finite(v) and v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
+        roles=("recipe",),
     )
     # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel),
     # updated after every step; validation, best / last / final weights and preview use it
@@ -211,27 +244,39 @@ class TrainConfig:
             "must be in (0, 1)",
             "e.g. ema_decay: 0.99 (averages about the last 100 steps)",
         ),
+        roles=("recipe",),
     )
     plateau_patience: int = _setting(
-        3, "Epochs without a better val per-patient Dice before lowering lr.", cli=False
+        3,
+        "Epochs without a better val per-patient Dice before lowering lr.",
+        cli=False,
+        roles=("recipe",),
     )
     plateau_factor: float = _setting(
-        0.5, "lr multiplier when the plateau scheduler fires.", cli=False
+        0.5,
+        "lr multiplier when the plateau scheduler fires.",
+        cli=False,
+        roles=("recipe",),
     )
     epochs: int = _setting(
-        20, "Epochs.", rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --epochs 20")
+        20,
+        "Epochs.",
+        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --epochs 20"),
+        roles=("recipe", "resumable"),
     )
     batch_size: int = _setting(
         16,
         "Global batch size.",
         flags=("-b",),
         rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --batch-size 16"),
+        roles=("recipe",),
     )
     steps_per_epoch: int | None = _setting(
         None,
         "Optimiser steps per epoch.",
         show="one pass",
         rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --steps-per-epoch 50"),
+        roles=("recipe",),
     )
     grad_clip: float | None = _setting(
         None,
@@ -242,57 +287,68 @@ class TrainConfig:
             "must be a positive number",
             "e.g. --grad-clip 1.0 (leave it out for no clipping)",
         ),
+        roles=("recipe",),
     )
     # augmentation (batched, on the training device); aug_* are YAML only
-    augment: bool = _setting(False, "Flips, rotation, scale, brightness/contrast on the device.")
+    augment: bool = _setting(
+        False, "Flips, rotation, scale, brightness/contrast on the device.", roles=("recipe",)
+    )
     aug_hflip: float = _setting(
         0.5,
         "Probability of a left-right flip.",
         cli=False,
         rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_hflip: 0.5"),
+        roles=("recipe",),
     )
     aug_vflip: float = _setting(
         0.0,
         "Probability of an up-down flip (off: axial slices are upright).",
         cli=False,
         rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_vflip: 0.5"),
+        roles=("recipe",),
     )
     aug_rotate: float = _setting(
         15.0,
         "Max rotation, degrees.",
         cli=False,
         rule=Rule(lambda v: 0 <= v <= 180.0, "must be in [0, 180.0]", _AUG_HINT),
+        roles=("recipe",),
     )
     aug_scale: float = _setting(
         0.1,
         "Max relative zoom in/out.",
         cli=False,
         rule=Rule(lambda v: 0 <= v <= 0.9, "must be in [0, 0.9]", _AUG_HINT),
+        roles=("recipe",),
     )
     aug_brightness: float = _setting(
         0.1,
         "Max brightness shift, fraction of 255.",
         cli=False,
         rule=Rule(lambda v: 0 <= v <= 1.0, "must be in [0, 1.0]", _AUG_HINT),
+        roles=("recipe",),
     )
     aug_contrast: float = _setting(
         0.1,
         "Max relative contrast change.",
         cli=False,
         rule=Rule(lambda v: 0 <= v <= 0.9, "must be in [0, 0.9]", _AUG_HINT),
+        roles=("recipe",),
     )
     aug_mask_mode: str = _setting(
         "nearest",
         "Mask resampling: nearest, or bilinear then > 0.5.",
         cli=False,
         choices=MASK_MODES,
+        roles=("recipe",),
     )
     # device and speed
-    device: str = _setting("auto", f"{DEVICE_HELP}.")
+    device: str = _setting("auto", f"{DEVICE_HELP}.", roles=("resumable", "runtime"))
     amp: str = _setting(
         "auto",
         "auto | bf16 | fp16 | off (auto: bf16 on GPUs and on CPUs with native bf16, else fp32).",
         choices=AMP_MODES,
+        roles=("recipe",),
     )
     channels_last: bool = _setting(False, "NHWC memory format.")
     compile: bool = _setting(False, "torch.compile the model.")
@@ -300,6 +356,7 @@ class TrainConfig:
         0,
         "CPU threads for torch (0: torch's default).",
         rule=Rule(lambda v: v >= 0, "must be >= 0", "0 uses torch's default"),
+        roles=("resumable", "runtime"),
     )
     val_batch_size: int | None = _setting(
         None,
@@ -316,20 +373,25 @@ class TrainConfig:
             f"must be an integer from 0 to {MAX_SEED}",
             "e.g. --seed 0",
         ),
+        roles=("recipe",),
     )
     deterministic: bool = _setting(
         False, "torch.use_deterministic_algorithms (same seed + device = same numbers)."
     )
     # output
-    project: str = _setting("runs/train", "Parent folder of runs.", path=True)
-    name: str = _setting("exp", "Run folder name; exp2, exp3... if taken.")
+    project: str = _setting("runs/train", "Parent folder of runs.", path=True, roles=("per_fold",))
+    name: str = _setting("exp", "Run folder name; exp2, exp3... if taken.", roles=("per_fold",))
     exist_ok: bool = _setting(
-        False, "Reuse project/name instead of numbering a new folder.", switch=False
+        False,
+        "Reuse project/name instead of numbering a new folder.",
+        switch=False,
+        roles=("per_fold",),
     )
     resume: str | None = _setting(
         None,
         "Continue the run in this folder (or its last.safetensors); --epochs may be raised.",
         path=True,
+        roles=("per_fold", "resumable"),
     )
     loggers: list[str] = _setting(  # noqa: RUF009 (returns a field with a factory)
         (),
@@ -338,9 +400,14 @@ class TrainConfig:
         cli=False,
         items=str,
         show="csv only",
+        roles=("resumable",),
     )
     quiet: bool = _setting(
-        False, "No progress bar or per-epoch lines.", flags=("-q",), switch=False
+        False,
+        "No progress bar or per-epoch lines.",
+        flags=("-q",),
+        switch=False,
+        roles=("resumable", "runtime"),
     )
     preview_slices: int = _setting(
         6,
@@ -534,6 +601,15 @@ def postprocess_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 
 @functools.cache
+def fields_with(role: str) -> tuple[str, ...]:
+    """The names of the settings that have ``role`` (one of :data:`ROLES`), in declaration
+    order: the one answer to "which settings are train options / recipe / resumable / ..."."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    return tuple(f.name for f in fields(TrainConfig) if role in f.metadata["roles"])
+
+
+@functools.cache
 def field_types() -> dict[str, tuple[type, bool]]:
     """Each setting's base type (int, float, str, bool or list) and whether None is allowed,
     read from TrainConfig's annotations."""
@@ -682,7 +758,7 @@ def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = N
             hint="pass a run folder written by brainseg train, e.g. runs/train/exp",
         )
     given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "resume"}
-    refused = sorted(k for k in given if k not in RESUME_OVERRIDABLE)
+    refused = sorted(k for k in given if k not in fields_with("resumable"))
     if refused:
         raise BrainsegError(
             f"cannot change {', '.join('--' + k.replace('_', '-') for k in refused)} when "

@@ -33,6 +33,7 @@ import numpy as np
 
 from brainseg import __version__, metrics
 from brainseg import console as con
+from brainseg.config import fields_with
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.evaluation import PATIENT_COUNTS
 from brainseg.fsutil import atomic_path, atomic_write_text
@@ -51,9 +52,9 @@ CV_FILE = "cv.yaml"
 SPLIT_FILE = "split.yaml"
 CV_FORMAT = 1
 #: TrainConfig settings cv sets for every fold itself (refused in --set).
-FOLD_KEYS = ("data", "split", "fold", "project", "name", "exist_ok", "resume")
+FOLD_KEYS = fields_with("per_fold")
 #: Settings that do not change what is trained: they may differ when a cv is continued.
-RUNTIME_KEYS = ("device", "workers", "quiet")
+RUNTIME_KEYS = fields_with("runtime")
 #: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
 #: eval's counts and metrics.
 CV_PATIENT_COLUMNS = [
@@ -207,8 +208,9 @@ def _check_options(opts: CVOptions) -> None:
             raise BrainsegError(
                 f"cannot change {', '.join('--' + g.replace('_', '-') for g in given)} when "
                 f"resuming {opts.resume}",
-                hint="a resumed cv keeps its cv.yaml; only --device, --select and --protocol "
-                "may be given (start a new cv to change the recipe)",
+                hint="a resumed cv keeps its cv.yaml; only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RUNTIME_KEYS)}, --select and "
+                "--protocol may be given (start a new cv to change the recipe)",
             )
     elif not opts.data:
         raise BrainsegError("no dataset given", hint="brainseg cv DATA --folds 5")

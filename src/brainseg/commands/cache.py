@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from brainseg import console as con
+from brainseg.commands.base import Group
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import fmt_bytes
 
@@ -15,6 +16,7 @@ from brainseg.fsutil import fmt_bytes
 def register(app: typer.Typer) -> None:
     """Add ``cache`` and its subcommands to the app."""
     grp = typer.Typer(
+        cls=Group,
         name="cache",
         help="Inspect or clear the dataset caches ($BRAINSEG_CACHE_DIR, default "
         "~/.cache/brainseg): uint8 arrays built once per dataset content, rebuilt on demand.",

@@ -1,17 +1,21 @@
 """`brainseg cv`: parse options, call :func:`brainseg.cv.run_cv` / ``write_cv``, render tables.
 
-Only typer, the standard library and light brainseg modules at import time: numpy and torch
-are imported when the command runs.
+Its training options are `brainseg train`'s (made from TrainConfig's fields), less the
+settings cv chooses for each fold. Only typer, the standard library and light brainseg modules
+at import time: numpy and torch are imported when the command runs.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from brainseg import console as con
+from brainseg.commands.train import training_options
+from brainseg.config import fields_with
 
 HELP = (
     "Patient-level cross-validation: train every fold, predict each patient with the one "
@@ -25,119 +29,124 @@ HELP = (
 )
 
 
+_KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def _signature() -> inspect.Signature:
+    """cv's own arguments and options around every training option of `brainseg train` but
+    the settings cv chooses for each fold (TrainConfig fields with the ``per_fold`` role)."""
+
+    def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, _KW, default=default, annotation=annotation)
+
+    data = typer.Argument(
+        None,
+        help="Dataset folder (kaggle_3m layout); not needed with --resume.",
+        show_default=False,
+    )
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=data,
+                annotation=Path | None,
+            ),
+            opt("folds", int | None, typer.Option(
+                None, "--folds",
+                help="Make K patient-level folds (seeded by --seed) \\[default: 5].",
+            )),
+            opt("split", Path | None, typer.Option(
+                None, "--split", help="Use this split file from `brainseg split --folds K`.",
+                show_default=False,
+            )),
+            opt("config", str | None, typer.Option(
+                None, "--config", "-c", help="Train settings: seed, best or a YAML file."
+            )),
+            *training_options(exclude=fields_with("per_fold")),
+            opt("set_", list[str], typer.Option(
+                [], "--set", help="Any train setting, KEY=VALUE (repeatable), e.g. lr=3e-4; "
+                "YAML-only settings too (aug_rotate=0)."
+            )),
+            opt("select", str | None, typer.Option(
+                None, "--select",
+                help="last: each fold's final checkpoint (unbiased) | best: its best epoch, "
+                "selected on the validation patients \\[default: last].",
+            )),
+            opt("protocol", str | None, typer.Option(
+                None, "--protocol",
+                help="brainseg | buda: also report the dataset author's evaluation (first and "
+                "last slice dropped, largest component) \\[default: brainseg].",
+            )),
+            opt("project", Path, typer.Option(
+                Path("runs/cv"), "--project", help="Parent folder of the cv folders."
+            )),
+            opt("name", str, typer.Option(
+                "exp", "--name", help="cv folder name (exp2, exp3... if taken)."
+            )),
+            opt("resume", Path | None, typer.Option(
+                None, "--resume", help="Continue this cv folder (runs/cv/expN).",
+                show_default=False,
+            )),
+            opt("json_out", bool, typer.Option(False, "--json", help="Print the summary as JSON.")),
+        ],
+        return_annotation=None,
+    )  # fmt: skip
+
+
+def run(
+    data: Path | None = None,
+    folds: int | None = None,
+    split: Path | None = None,
+    config: str | None = None,
+    set_: list[str] | None = None,
+    select: str | None = None,
+    protocol: str | None = None,
+    project: Path = Path("runs/cv"),
+    name: str = "exp",
+    resume: Path | None = None,
+    json_out: bool = False,
+    logger: list[str] | None = None,
+    **training: Any,
+) -> None:
+    """The command body: the options the user gave -> CVOptions -> run_cv -> tables."""
+    from brainseg.cv import CVOptions, parse_set
+
+    if training.get("quiet"):
+        con.configure(quiet=True)
+    if json_out:
+        con.configure(json_mode=True)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in training.items()}
+    given["loggers"] = list(logger) if logger else None
+    overrides = {**parse_set(set_ or []), **{k: v for k, v in given.items() if v is not None}}
+    opts = CVOptions(
+        data=str(data) if data is not None else None,
+        folds=folds,
+        split=str(split) if split is not None else None,
+        config=config,
+        overrides=overrides,
+        select=select,
+        protocol=protocol,
+        project=str(project),
+        name=name,
+        resume=str(resume) if resume is not None else None,
+    )
+    from brainseg.cv import run_cv, write_cv
+
+    result = run_cv(opts)
+    write_cv(result)
+    for t in tables(result.summary, result.plan.cv_dir):
+        con.result(t)
+    if json_out:
+        con.emit_json(result.summary)
+
+
 def register(app: typer.Typer) -> None:
     """Add the subcommand to the app."""
 
-    @app.command("cv", help=HELP, no_args_is_help=True)
-    def _cmd(
-        data: Path | None = typer.Argument(
-            None,
-            help="Dataset folder (kaggle_3m layout); not needed with --resume.",
-            show_default=False,
-        ),
-        folds: int | None = typer.Option(
-            None, "--folds", help="Make K patient-level folds (seeded by --seed) \\[default: 5]."
-        ),
-        split: Path | None = typer.Option(
-            None,
-            "--split",
-            help="Use this split file from `brainseg split --folds K`.",
-            show_default=False,
-        ),
-        config: str | None = typer.Option(
-            None, "--config", "-c", help="Train settings: seed, best or a YAML file."
-        ),
-        epochs: int | None = typer.Option(None, "--epochs", help="Epochs per fold."),
-        image_size: int | None = typer.Option(
-            None, "--image-size", help="Train at this size (multiple of 32)."
-        ),
-        batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Batch size."),
-        encoder_weights: str | None = typer.Option(
-            None, "--encoder-weights", help="imagenet | none | PATH (VGG16 state dict)."
-        ),
-        device: str | None = typer.Option(
-            None, "--device", help="auto | cpu | cuda | cuda:N | mps (training and prediction)."
-        ),
-        seed: int | None = typer.Option(None, "--seed", help="Random seed (training, folds)."),
-        steps_per_epoch: int | None = typer.Option(
-            None, "--steps-per-epoch", help="Optimiser steps per epoch (default: one pass)."
-        ),
-        logger: list[str] = typer.Option(
-            [],
-            "--logger",
-            metavar="NAME",
-            help="Also log every fold to tensorboard | mlflow (repeatable; metrics.csv is "
-            "always written). MLflow: MLFLOW_TRACKING_URI, else ./mlruns.",
-        ),
-        set_: list[str] = typer.Option(
-            [], "--set", help="Any other train setting, KEY=VALUE (repeatable), e.g. lr=3e-4."
-        ),
-        select: str | None = typer.Option(
-            None,
-            "--select",
-            help="last: each fold's final checkpoint (unbiased) | best: its best epoch, "
-            "selected on the validation patients \\[default: last].",
-        ),
-        protocol: str | None = typer.Option(
-            None,
-            "--protocol",
-            help="brainseg | buda: also report the dataset author's evaluation (first and "
-            "last slice dropped, largest component) \\[default: brainseg].",
-        ),
-        project: Path = typer.Option(
-            Path("runs/cv"), "--project", help="Parent folder of the cv folders."
-        ),
-        name: str = typer.Option("exp", "--name", help="cv folder name (exp2, exp3... if taken)."),
-        resume: Path | None = typer.Option(
-            None, "--resume", help="Continue this cv folder (runs/cv/expN).", show_default=False
-        ),
-        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-        quiet: bool = typer.Option(
-            False,
-            "--quiet",
-            "-q",
-            help="No progress bars or per-epoch lines; the result tables, warnings and errors "
-            "are still shown.",
-        ),
-    ) -> None:
-        from brainseg.cv import CVOptions, parse_set
+    def _cmd(*args: Any, **kwargs: Any) -> None:
+        run(*args, **kwargs)
 
-        if quiet:
-            con.configure(quiet=True)
-        if json_out:
-            con.configure(json_mode=True)
-        given: dict[str, Any] = {
-            "epochs": epochs,
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "encoder_weights": encoder_weights,
-            "device": device,
-            "seed": seed,
-            "steps_per_epoch": steps_per_epoch,
-            "quiet": True if quiet else None,
-            "loggers": list(logger) or None,
-        }
-        overrides = {**parse_set(set_), **{k: v for k, v in given.items() if v is not None}}
-        opts = CVOptions(
-            data=str(data) if data is not None else None,
-            folds=folds,
-            split=str(split) if split is not None else None,
-            config=config,
-            overrides=overrides,
-            select=select,
-            protocol=protocol,
-            project=str(project),
-            name=name,
-            resume=str(resume) if resume is not None else None,
-        )
-        from brainseg.cv import run_cv, write_cv
-
-        result = run_cv(opts)
-        write_cv(result)
-        for t in tables(result.summary, result.plan.cv_dir):
-            con.result(t)
-        if json_out:
-            con.emit_json(result.summary)
+    _cmd.__signature__ = _signature()  # type: ignore[attr-defined]
+    app.command("cv", help=HELP, no_args_is_help=True)(_cmd)
 
 
 def _ci(s: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.commands.base import Group
 
 _RETRIES = (
     "How many times a stalled download is retried (timeouts, dropped connections, "
@@ -47,6 +48,7 @@ def _run(opts: Any, json_out: bool) -> None:
 def register(app: typer.Typer) -> None:
     """Add ``download`` and its three subcommands to the app."""
     dl = typer.Typer(
+        cls=Group,
         name="download",
         help="Get the LGG dataset, torchvision's ImageNet VGG16 weights, or phantom data.",
         no_args_is_help=True,

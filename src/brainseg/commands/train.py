@@ -1,8 +1,9 @@
 """`brainseg train`: parse options, build the TrainConfig, call the library, render the result.
 
-The options are made from :class:`brainseg.config.TrainConfig`'s fields (name, type, help and
-default live there once). Every option defaults to None here so that only the options the
-user actually gave override the config file (``--config``).
+The options are made from :class:`brainseg.config.TrainConfig`'s fields with the ``flag`` role
+(name, type, help and default live there once; `brainseg cv` takes the same options). Every
+option defaults to None here so that only the options the user actually gave override the
+config file (``--config``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
-from brainseg.config import TrainConfig, field_types, setting_help
+from brainseg.config import TrainConfig, field_types, fields_with, setting_help
 from brainseg.errors import BrainsegError
 
 HELP = (
@@ -27,15 +28,6 @@ HELP = (
     "Several GPUs: torchrun --nproc-per-node N -m brainseg train ... (DistributedDataParallel)."
 )
 
-#: The TrainConfig fields offered as options, in the order --help lists them.
-OPTIONS = (
-    "split", "fold", "postprocess_from", "epochs", "batch_size", "lr", "weight_decay", "loss",
-    "scheduler",
-    "image_size", "augment", "tumor_oversample", "encoder", "encoder_weights",
-    "freeze_encoder_epochs", "decoder_channels", "upsample", "normalization", "steps_per_epoch",
-    "grad_clip", "amp", "channels_last", "compile", "device", "workers", "seed", "deterministic",
-    "skip_bad", "project", "name", "exist_ok", "resume", "quiet",
-)  # fmt: skip
 _KW = inspect.Parameter.KEYWORD_ONLY
 LOGGER_OPTION = typer.Option(
     None,
@@ -52,21 +44,27 @@ def _option(f: Field[Any]) -> inspect.Parameter:
     kind, _optional = field_types()[f.name]
     flag = "--" + f.name.replace("_", "-")
     meta = f.metadata
-    extra: dict[str, Any] = {}
     if kind is bool:
         decls = [flag if meta.get("switch", True) is False else f"{flag}/--no-{flag[2:]}"]
-        extra["metavar"] = ""  # a flag takes no value: no <bool> placeholder
     else:
         decls = [flag]
     kind = Path if meta.get("path") else str if kind is list or meta.get("words") else kind
     option = typer.Option(
-        None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False, **extra
+        None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False
     )
     return inspect.Parameter(f.name, _KW, default=option, annotation=kind | None)
 
 
-def _signature() -> inspect.Signature:
+def training_options(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """The Typer options of every TrainConfig setting with the ``flag`` role (less
+    ``exclude``), in declaration order, and ``--logger``: what `train` and `cv` both take."""
     by_name = {f.name: f for f in fields(TrainConfig)}
+    options = [_option(by_name[n]) for n in fields_with("flag") if n not in exclude]
+    logger = inspect.Parameter("logger", _KW, default=LOGGER_OPTION, annotation=list[str] | None)
+    return [*options, logger]
+
+
+def _signature() -> inspect.Signature:
     data = typer.Argument(
         None,
         help="Dataset folder (kaggle_3m layout); not needed with --resume.",
@@ -83,12 +81,8 @@ def _signature() -> inspect.Signature:
         inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=data,
                           annotation=Path | None),
         inspect.Parameter("config", _KW, default=config, annotation=str | None),
-        *(_option(by_name[name]) for name in OPTIONS),
+        *training_options(),
     ]  # fmt: skip
-    params.insert(3, params.pop(1))  # --config after --fold, as before
-    params.insert(
-        -1, inspect.Parameter("logger", _KW, default=LOGGER_OPTION, annotation=list[str] | None)
-    )
     return inspect.Signature(params, return_annotation=None)
 
 
