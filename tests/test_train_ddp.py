@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): one run folder, exact all-reduced validation metrics."""
+"""torchrun with 2 CPU processes (gloo): one run folder, exact all-reduced validation metrics,
+identical weights on both ranks, files and log lines from rank 0 only."""
 
 from __future__ import annotations
 
@@ -39,15 +40,21 @@ def test_two_gloo_processes_train_and_log_exact_metrics(
 
     root, split = tiny
     project = tmp_path / "runs"
+    hashes, logs, work = tmp_path / "hashes", tmp_path / "logs", tmp_path / "work"
+    for d in (hashes, work):
+        d.mkdir()
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "torch.distributed.run",  # torchrun's launcher itself
         "--standalone",
         "--nproc-per-node",
         "2",
-        "-m",
-        "brainseg",
+        "--log-dir",
+        str(logs),
+        "--tee",
+        "3",  # each rank's stdout and stderr also into its own file under --log-dir
+        str(Path(__file__).with_name("_ddp_entry.py")),  # brainseg's CLI + a weights hash
         "train",
         str(root),
         "--split",
@@ -71,10 +78,33 @@ def test_two_gloo_processes_train_and_log_exact_metrics(
         "--project",
         str(project),
     ]
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "NO_COLOR": "1",
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+        "BRAINSEG_TEST_WEIGHTS_DIR": str(hashes),
+    }
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in project.iterdir()] == ["exp"]  # rank 0 alone writes
+    assert list(work.iterdir()) == []  # and nothing lands in the working directory
+    # both ranks end with bit-identical weights (parameters and BatchNorm buffers)
+    got = {p.name: p.read_text() for p in hashes.iterdir()}
+    assert sorted(got) == ["rank0.sha256", "rank1.sha256"]
+    assert got["rank0.sha256"] == got["rank1.sha256"]
+    # only rank 0 logs: rank 1's own stdout/stderr (torchrun --tee files) hold no line of
+    # progress, epochs or results; rank 0's hold them
+    streams = {
+        (p.parent.name, p.name): p.read_text()
+        for p in logs.rglob("*.log")
+        if p.parent.name in ("0", "1")
+    }
+    assert set(streams) == {(r, f) for r in "01" for f in ("stdout.log", "stderr.log")}
+    rank0 = streams["0", "stdout.log"] + streams["0", "stderr.log"]
+    rank1 = streams["1", "stdout.log"] + streams["1", "stderr.log"]
+    assert "epoch 1/2" in rank0 and "best epoch" in rank0, rank0[-2000:]
+    assert "epoch" not in rank1 and "best" not in rank1 and "exp" not in rank1, rank1[-2000:]
     run = project / "exp"
     info = yaml.safe_load((run / "config.yaml").read_text())["run_info"]
     assert info["world_size"] == 2 and info["per_rank_batch"] == 2

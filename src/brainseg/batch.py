@@ -34,6 +34,7 @@ import numpy as np
 from brainseg import console, imageio, postprocess
 from brainseg.errors import EXIT_RUNTIME, BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import (
+    atomic_write_bytes,
     check_target,
     folder_lock,
     json_safe,
@@ -351,14 +352,34 @@ MAX_SHARDS = 1_000_000
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None."""
+    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None.
+
+    ``"auto"``: the shard of this SLURM array task (:func:`brainseg.shards.slurm_shard`),
+    None (no sharding) outside a job array; a status line says which.
+    """
     if value is None:
         return None
+    if value.strip().lower() == "auto":
+        from brainseg.shards import slurm_shard
+
+        shard = slurm_shard()
+        if shard is None:
+            console.info(
+                "--shard auto: not in a SLURM job array (no SLURM_ARRAY_TASK_* variables): "
+                "no sharding, predicting every input"
+            )
+        else:
+            console.info(
+                f"--shard auto: shard {shard[0]}/{shard[1]} (SLURM array task "
+                f"{os.environ.get('SLURM_ARRAY_TASK_ID')} of {shard[1]})"
+            )
+        return shard
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
     if not m:
         raise BrainsegError(
             f"--shard {value!r} is not of the form I/N",
-            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last, or --shard "
+            "auto in a SLURM job array",
         )
     i, n = int(m.group(1)), int(m.group(2))
     if not 1 <= n <= MAX_SHARDS:
@@ -1043,6 +1064,10 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
         _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
         counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
+        if shard is not None and written is None and not summary_path.exists():
+            # an empty shard still leaves its (empty) summary: --merge then knows it ran
+            empty = ",".join(SUMMARY_COLUMNS) + "\r\n" if summary_fmt == "csv" else ""
+            atomic_write_bytes(summary_path, empty.encode())
     return PredictResult(
         counts,
         summary_path,

@@ -83,6 +83,7 @@ class CVOptions:
     name: str = "exp"
     resume: str | None = None  # a cv folder to continue
     predict_batch_size: int = 16
+    fold: int | None = None  # --fold K: train only this fold (folds as independent jobs)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class CVPlan:
     select: str
     protocol: str
     continued: bool = False
+    fold_jobs: bool = False  # made by --fold K: folds are trained by their own jobs
 
     @property
     def split_path(self) -> Path:
@@ -312,11 +314,45 @@ def prepare(opts: CVOptions) -> CVPlan:
             )
         runtime = {k: v for k, v in opts.overrides.items() if k in RUNTIME_KEYS and v is not None}
         return _plan(cv_dir, doc, opts, runtime, continued=True)
-    from brainseg.config import dump_yaml
-    from brainseg.fsutil import check_run_name, next_run_dir
+    from brainseg.fsutil import check_run_name
 
     check_run_name(opts.name)
     train, request = _request(opts)
+    if opts.fold is None:
+        return _find_or_create(opts, train, request)
+    # fold jobs started at once (a SLURM array) must find or make one folder, not exp, exp2...
+    with _waiting_lock(Path(opts.project), f"brainseg-cv-{opts.name}"):
+        return _find_or_create(opts, train, request)
+
+
+@contextlib.contextmanager
+def _waiting_lock(folder: Path, name: str, seconds: float = 600.0) -> Any:
+    """:func:`brainseg.fsutil.folder_lock`, waiting (polling) while another process holds it."""
+    from brainseg.fsutil import folder_lock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + seconds
+    while True:
+        lock = folder_lock(folder, name, "brainseg cv --fold")
+        try:
+            lock.__enter__()
+        except BrainsegError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
+        return
+
+
+def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, Any]) -> CVPlan:
+    """The cv folder of this request (the newest ``project/name*``), or a new one."""
+    from brainseg.config import dump_yaml
+    from brainseg.fsutil import next_run_dir
+
     same = _find_same(Path(opts.project), opts.name, request)
     if same is not None:
         con.info(f"continuing {same} (a cv with the same data, folds and settings)")
@@ -344,6 +380,7 @@ def prepare(opts: CVOptions) -> CVPlan:
         "protocol": opts.protocol or "brainseg",
         "train": train,
         "request": request,
+        "fold_jobs": opts.fold is not None,
     }
     atomic_write_text(cv_dir / CV_FILE, dump_yaml(doc))  # last: marks the folder as complete
     return _plan(cv_dir, doc, opts, {}, continued=False)
@@ -360,6 +397,7 @@ def _plan(
         select=opts.select or str(doc.get("select") or "last"),
         protocol=opts.protocol or str(doc.get("protocol") or "brainseg"),
         continued=continued,
+        fold_jobs=bool(doc.get("fold_jobs")),
     )
 
 
@@ -685,15 +723,69 @@ def _patient_rows(
     return rows
 
 
+def run_fold(opts: CVOptions) -> tuple[CVPlan, FoldRun]:
+    """``--fold K``: find or make the cv folder (safe for fold jobs started at once), train
+    only fold K in it; nothing is summarised (``run_cv`` of the folder collects later)."""
+    assert opts.fold is not None
+    plan = prepare(opts)
+    if not 0 <= opts.fold < plan.n_folds:
+        raise BrainsegError(
+            f"--fold {opts.fold}: {plan.cv_dir} has folds 0 to {plan.n_folds - 1}",
+            hint=f"--fold K with 0 <= K < {plan.n_folds}",
+        )
+    with _fold_lock(plan, opts.fold):
+        return plan, train_fold(plan, opts.fold)
+
+
 def run_cv(opts: CVOptions) -> CVResult:
-    """Train (or continue) every fold, then predict out of fold and summarise (no files)."""
+    """Train (or continue) every fold, then predict out of fold and summarise (no files).
+
+    A cv made by ``--fold K`` jobs (:func:`run_fold`) is never trained fold after fold here:
+    it is collected once every fold is finished; otherwise it says which folds are not.
+    """
     plan = prepare(opts)
     con.info(
         f"cv {plan.cv_dir}: {plan.n_folds} folds, {plan.train['epochs']} epochs each, "
         f"reporting the {SELECT_LABELS[plan.select]}"
     )
-    folds = [train_fold(plan, k) for k in range(plan.n_folds)]
+    if plan.fold_jobs:
+        missing = [k for k in range(plan.n_folds) if not fold_finished(plan, k)]
+        if missing:
+            raise BrainsegRuntimeError(
+                f"cv {plan.cv_dir}: fold(s) {', '.join(map(str, missing))} of {plan.n_folds} "
+                "not finished yet (their folds run as separate jobs; nothing was trained here)",
+                hint=f"run brainseg cv --resume {plan.cv_dir} --fold K for each, or wait for "
+                "their jobs, then collect again",
+            )
+    folds = []
+    for k in range(plan.n_folds):
+        with _fold_lock(plan, k):
+            folds.append(train_fold(plan, k))
     return summarise(plan, folds)
+
+
+def fold_finished(plan: CVPlan, k: int) -> bool:
+    """Fold ``k`` has trained all its epochs, written its final files and its model."""
+    from brainseg.train.setup import missing_final_files
+
+    run = plan.fold_dir(k)
+    progress = fold_progress(run)
+    return (
+        progress is not None
+        and progress[0] >= int(plan.train["epochs"])
+        and progress[1] == 0
+        and not missing_final_files(run)
+        and plan.model_path(k).is_file()
+    )
+
+
+@contextlib.contextmanager
+def _fold_lock(plan: CVPlan, k: int) -> Any:
+    """One process per fold: a second job on the same fold is refused (exit 2)."""
+    from brainseg.fsutil import folder_lock
+
+    with folder_lock(plan.cv_dir, f"brainseg-cv-fold-{k}", f"brainseg cv, fold {k}"):
+        yield
 
 
 # =============================================================================== outputs

@@ -422,6 +422,9 @@ def predict_volumes(
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
         _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        if shard is not None and not cases and not summary_path.exists():
+            # an empty shard still leaves its (empty) summary: --merge then knows it ran
+            atomic_write_text(summary_path, summary_text([]))
         return _run_cases(opts, cases, summary_path, on_case)
 
 

@@ -86,6 +86,11 @@ def _signature() -> inspect.Signature:
                 None, "--resume", help="Continue this cv folder (runs/cv/expN).",
                 show_default=False,
             )),
+            opt("fold", int | None, typer.Option(
+                None, "--fold", min=0, show_default=False,
+                help="Train only fold K into the cv folder (folds as independent jobs); "
+                "brainseg cv --resume DIR then collects once every fold is done.",
+            )),
             opt("json_out", bool, typer.Option(False, "--json", help="Print the summary as JSON.")),
         ],
         return_annotation=None,
@@ -103,6 +108,7 @@ def run(
     project: Path = Path("runs/cv"),
     name: str = "exp",
     resume: Path | None = None,
+    fold: int | None = None,
     json_out: bool = False,
     logger: list[str] | None = None,
     **training: Any,
@@ -129,8 +135,24 @@ def run(
         name=name,
         resume=str(resume) if resume is not None else None,
     )
-    from brainseg.cv import run_cv, write_cv
+    from brainseg.cv import run_cv, run_fold, write_cv
 
+    if fold is not None:
+        opts.fold = fold
+        plan, done = run_fold(opts)
+        con.result(f"fold {fold}/{plan.n_folds}: {done.status} -> {done.run_dir}")
+        con.info(f"once every fold is done: brainseg cv --resume {plan.cv_dir}")
+        if json_out:
+            con.emit_json(
+                {
+                    "cv_dir": str(plan.cv_dir),
+                    "fold": fold,
+                    "status": done.status,
+                    "run_dir": str(done.run_dir),
+                    "folds": plan.n_folds,
+                }
+            )
+        return
     result = run_cv(opts)
     write_cv(result)
     for t in tables(result.summary, result.plan.cv_dir):

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
     def _cmd(
         ctx: typer.Context,
         model: Path = typer.Argument(
-            ...,
+            ...,  # not required with --merge (see _merge_first)
             metavar="MODEL",
             show_default=False,
             help="Model: a .safetensors checkpoint or an .onnx file.",
@@ -151,9 +151,10 @@ def register(app: typer.Typer) -> None:
             None,
             "--shard",
             show_default=False,
-            metavar="I/N",
+            metavar="I/N|auto",
             help="Only files (volume cases) number I, I+N, I+2N... of the sorted input list "
-            "(0 <= I < N).",
+            "(0 <= I < N); auto: the shard of this SLURM job array task, no sharding outside "
+            "a job array.",
         ),
         include_masks: bool = typer.Option(
             False,
@@ -161,9 +162,27 @@ def register(app: typer.Typer) -> None:
             help="Also predict *_mask.* (ground-truth) files: in folders, globs, on stdin "
             "and named ones.",
         ),
+        merge: Path | None = typer.Option(
+            None,
+            "--merge",
+            show_default=False,
+            metavar="OUT",
+            is_eager=True,
+            callback=_merge_first,
+            help="Instead of predicting: combine the shard summaries OUT/summary-I-of-N.csv "
+            "into OUT/summary.csv and report missing shards and failed rows "
+            "(brainseg predict --merge OUT, no MODEL or INPUT).",
+        ),
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
+        if merge is not None:
+            raise typer.Exit(run_merge(merge, ctx, json_out=json_out))
+        if shard is not None and shard.strip().lower() == "auto":
+            from brainseg.batch import parse_shard
+
+            found = parse_shard(shard)  # the SLURM array task's shard, or None outside one
+            shard = None if found is None else f"{found[0]}/{found[1]}"
         from brainseg.commands import given_options
         from brainseg.commands import predict_volumes as vol
 
@@ -224,6 +243,72 @@ def register(app: typer.Typer) -> None:
             code = run_predict(opts, json_out=json_out)
         if code:
             raise typer.Exit(code)
+
+
+def _merge_first(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
+    """--merge is eager: given, MODEL, INPUT and -o are not required (run_merge refuses them)."""
+    if value is not None:
+        for p in ctx.command.params:  # this invocation's command object (built per call)
+            if p.name in ("model", "inputs", "output"):
+                p.required = False
+    return value
+
+
+def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
+    """``--merge OUT``: combine the shard summaries, print the table (or one JSON object);
+    0 when every shard is there and no row failed, 1 otherwise."""
+    from brainseg.commands import given_options
+    from brainseg.errors import EXIT_RUNTIME, BrainsegError
+    from brainseg.shards import merge_summaries
+
+    other = sorted(k for k in given_options(ctx) if k not in ("merge", "json_out"))
+    if other or ctx.params.get("inputs"):
+        flags = {p.name: p.opts[0] for p in ctx.command.params}  # --output, not -o
+        names = ", ".join("MODEL/INPUT" if k in ("model", "inputs") else flags[k] for k in other)
+        raise BrainsegError(
+            f"--merge takes only the output folder (and --json); also given: {names or 'INPUT'}",
+            hint="brainseg predict --merge OUT, after the shard runs into OUT",
+        )
+    res = merge_summaries(out)
+    if json_out:
+        con.emit_json(res.as_json())
+    else:
+        rows = [
+            [
+                f"{i}/{res.shards}",
+                "missing" if i in res.missing else res.rows[i],
+                "" if i in res.missing else res.failed[i],
+            ]
+            for i in range(res.shards)
+            if i in res.missing or res.failed.get(i) or res.shards <= 20
+        ]
+        total = sum(res.rows.values())
+        con.result(
+            con.table(
+                f"merge: {res.shards - len(res.missing)} of {res.shards} shard(s), {total} row(s)",
+                ["shard", "rows", "failed"],
+                rows,
+            )
+        )
+        con.info(f"summary: {res.written}")
+    if res.ok:
+        return 0
+    if res.missing:
+        shown = ", ".join(f"{i}/{res.shards}" for i in res.missing[:10])
+        more = ", ..." if len(res.missing) > 10 else ""
+        con.error(
+            f"{len(res.missing)} of {res.shards} shard(s) have no summary: {shown}{more}",
+            hint=f"run those shards (--shard I/{res.shards}, or the array tasks again), "
+            "then --merge again",
+        )
+    failed = sum(res.failed.values())
+    if failed:
+        shards = sum(1 for n in res.failed.values() if n)
+        con.error(
+            f"{failed} row(s) failed in {shards} shard(s)",
+            hint=f"see the status/error columns of {res.written}",
+        )
+    return EXIT_RUNTIME
 
 
 #: Exit code when stdout is closed under --json (128 + SIGPIPE, as a shell reports it).
