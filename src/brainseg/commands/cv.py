@@ -205,7 +205,7 @@ def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
     figures = [_row(b) for _, b in protocols]
     rows = [[label, *(f[i] for f in figures)] for i, label in enumerate(_ROWS)]
     title = (
-        f"out-of-fold Dice of {summary['patients']} patients, {summary['folds']} folds "
+        f"per-patient Dice of {summary['patients']} patients, {summary['folds']} folds "
         f"({sel['label']})"
     )
     out: list[Any] = [con.table(title, ["", *(name for name, _ in protocols)], rows)]
