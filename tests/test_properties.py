@@ -335,8 +335,6 @@ def setting_named(exc: BrainsegError) -> str | None:
     newline makes a two-line message."""
     from brainseg.config import TrainConfig
 
-    if exc.message.startswith("unknown setting(s) in config file ") and "\n" in exc.message:
-        return "an unknown key holding a newline is printed raw (two lines)"
     settings_ = set(TrainConfig.keys())
     first = exc.message.split("\n")[0]
     words = set(re.findall(r"[a-z_0-9]+", first))

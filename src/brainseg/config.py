@@ -30,6 +30,7 @@ from brainseg.choices import (
 )
 from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.errors import BrainsegError, first_line
+from brainseg.fsutil import check_run_name, one_line
 from brainseg.settings import (
     MAX_DECODER_CHANNELS,
     MAX_MODEL_SIZE,
@@ -435,7 +436,7 @@ class TrainConfig:
         unknown = sorted(map(str, set(values) - set(cls.keys())))
         if unknown:
             raise BrainsegError(
-                f"unknown setting(s) in {source}: {', '.join(unknown)}",
+                f"unknown setting(s) in {source}: {', '.join(one_line(k) for k in unknown)}",
                 hint="see docs/training.md for the setting names (they match the CLI options, "
                 "with _ for -)",
             )
@@ -558,8 +559,6 @@ def _check_cross(cfg: TrainConfig) -> None:
             "pass a folder written by brainseg cv (runs/cv/expN) or its ensemble.json",
         )
     _check_project(cfg.project)
-    from brainseg.fsutil import check_run_name
-
     check_run_name(cfg.name)  # the one rule of every run folder
     enc = cfg.encoder_weights
     if enc not in ("imagenet", "none") and not Path(enc).is_file():
