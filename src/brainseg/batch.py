@@ -1154,6 +1154,14 @@ def _run(
     return counts, written
 
 
+def _warn_skipped(files: Sequence[Path], why: str) -> None:
+    """One warning naming up to three skipped files and why they were skipped."""
+    if files:
+        names = ", ".join(one_line(p.name) for p in files[:3])
+        more = ", ..." if len(files) > 3 else ""
+        console.warn(f"skipped {len(files)} file(s) {why}: {names}{more}")
+
+
 def render_result(result: PredictResult, shard: str | None = None) -> int:
     """The result table of one run (console.result) and its notes; the exit code (0 all done,
     1 some files failed)."""
@@ -1176,20 +1184,13 @@ def render_result(result: PredictResult, shard: str | None = None) -> int:
             f"left out {result.earlier_outputs} file(s) in the output folder named like "
             "predict's outputs (*_mask, *_prob, *_overlay)"
         )
-    if result.irregular:
-        names = ", ".join(one_line(p.name) for p in result.irregular[:3])
-        more = ", ..." if len(result.irregular) > 3 else ""
-        console.warn(
-            f"skipped {len(result.irregular)} file(s) that are not regular files (a FIFO, "
-            f"device or socket; predict reads only regular files): {names}{more}"
-        )
-    if result.other_types:
-        names = ", ".join(one_line(p.name) for p in result.other_types[:3])
-        more = ", ..." if len(result.other_types) > 3 else ""
-        console.warn(
-            f"skipped {len(result.other_types)} file(s) of a type predict does not read "
-            f"(not .tif/.tiff/.png/.jpg/.jpeg): {names}{more}"
-        )
+    _warn_skipped(
+        result.irregular,
+        "that are not regular files (a FIFO, device or socket; predict reads only regular files)",
+    )
+    _warn_skipped(
+        result.other_types, "of a type predict does not read (not .tif/.tiff/.png/.jpg/.jpeg)"
+    )
     if result.written is not None:
         console.info(f"summary: {result.written}")
     if c["error"]:
