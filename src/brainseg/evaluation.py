@@ -308,6 +308,25 @@ def tune(
 # --------------------------------------------------------------------------- run
 
 
+def _check_eval_options(
+    opts: EvalOptions, split_path: str | os.PathLike[str] | None, subset: str | None
+) -> Path | None:
+    """The split file's path once the options are checked (before any model or data work)."""
+    if opts.batch_size < 1:
+        raise BrainsegError(
+            f"--batch-size {opts.batch_size} must be at least 1", hint="e.g. --batch-size 8"
+        )
+    split_p = Path(split_path) if split_path is not None else None
+    if split_p is not None and not split_p.is_file():
+        raise BrainsegError(
+            f"split file {split_p} does not exist",
+            hint="make one with `brainseg split DATA -o splits.yaml`",
+        )
+    if subset is not None and subset not in SUBSETS:
+        raise BrainsegError(f"unknown subset {subset!r}", hint=f"use one of: {', '.join(SUBSETS)}")
+    return split_p
+
+
 def run_eval(
     models: Sequence[str | os.PathLike[str]],
     data_path: str | os.PathLike[str],
@@ -320,20 +339,7 @@ def run_eval(
     """Predict, post-process and measure; no files are written (see :func:`write_run`)."""
     opts = opts or EvalOptions()
     model_paths = check_model_paths(models)
-    if opts.batch_size < 1:
-        raise BrainsegError(
-            f"--batch-size {opts.batch_size} must be at least 1", hint="e.g. --batch-size 8"
-        )
-    split_p = Path(split_path) if split_path is not None else None
-    if split_p is not None and not split_p.is_file():
-        raise BrainsegError(
-            f"split file {split_p} does not exist",
-            hint="make one with `brainseg split DATA -o splits.yaml`",
-        )
-
-    if subset is not None and subset not in SUBSETS:
-        raise BrainsegError(f"unknown subset {subset!r}", hint=f"use one of: {', '.join(SUBSETS)}")
-
+    split_p = _check_eval_options(opts, split_path, subset)
     from brainseg.data.cache import load_dataset
 
     # the models first: a corrupt file is one line before any dataset cache is built

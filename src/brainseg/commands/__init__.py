@@ -14,3 +14,21 @@ def given_options(ctx: Any) -> dict[str, Any]:
         # by name: typer >= 0.22 vendors click, so its ParameterSource is not importable
         if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
     }
+
+
+def subset_option() -> Any:
+    """``--subset`` as eval and score declare it (the patients of a split to score)."""
+    import typer
+
+    return typer.Option(
+        None,
+        "--subset",
+        help="Which patients of the split: val, test, train or all \\[default: val].",
+    )
+
+
+def fold_option() -> Any:
+    """``--fold`` as eval and score declare it (a cross-validation fold of the split)."""
+    import typer
+
+    return typer.Option(None, "--fold", help="Cross-validation fold K of the split (0-based).")

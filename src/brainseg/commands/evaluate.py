@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from brainseg import console
+from brainseg.commands import fold_option, subset_option
 
 _HELP = (
     "Evaluate MODEL(s) on DATA: Dice, IoU, precision, recall, specificity, HD95.\n\n"
@@ -61,14 +62,8 @@ def register(app: typer.Typer) -> None:
             "--split",
             help="Split YAML from `brainseg split`; without it every patient of DATA is evaluated.",
         ),
-        subset: str | None = typer.Option(
-            None,
-            "--subset",
-            help="Which patients of the split: val, test, train or all \\[default: val].",
-        ),
-        fold: int | None = typer.Option(
-            None, "--fold", help="Cross-validation fold K of the split (0-based)."
-        ),
+        subset: str | None = subset_option(),
+        fold: int | None = fold_option(),
         tta: bool = typer.Option(
             False, "--tta", help="Test-time augmentation: mean probability over flips."
         ),

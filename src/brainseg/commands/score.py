@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console
+from brainseg.commands import fold_option, subset_option
 
 _HELP = (
     "Score predicted masks in --pred against the true masks in --gt, without a model (as "
@@ -50,14 +51,8 @@ def register(app: typer.Typer) -> None:
             help="Split YAML from `brainseg split`: score only its --subset (of --fold), as "
             "eval picks patients.",
         ),
-        subset: str | None = typer.Option(
-            None,
-            "--subset",
-            help="Which patients of the split: val, test, train or all \\[default: val].",
-        ),
-        fold: int | None = typer.Option(
-            None, "--fold", help="Cross-validation fold K of the split (0-based)."
-        ),
+        subset: str | None = subset_option(),
+        fold: int | None = fold_option(),
         only_predicted: bool = typer.Option(
             False,
             "--only-predicted",

@@ -33,7 +33,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -737,19 +737,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
             )
         _finish_arrays(tmp, keep)
         kept_slices = [s for i, s in enumerate(slices) if keep[i]]
-        patient_ids = sorted({s.patient for s in kept_slices})
-        lookup = {p: i for i, p in enumerate(patient_ids)}
-        np.save(
-            tmp / "patient_index.npy",
-            np.array([lookup[s.patient] for s in kept_slices], dtype=np.int32),
-        )
-        np.save(tmp / "slice_number.npy", np.array([s.number for s in kept_slices], dtype=np.int32))
-        masks = np.load(tmp / "masks.npy", mmap_mode="r")
-        np.save(
-            tmp / "tumor_pixels.npy",
-            masks.reshape(len(masks), -1).sum(1, dtype=np.int64).astype(np.int32),
-        )
-        del masks
+        patient_ids = _write_index(tmp, kept_slices)
         meta = {
             "format": FORMAT_VERSION,
             "key": key,
@@ -787,6 +775,22 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
             hint="run the command again",
         )
     return data
+
+
+def _write_index(tmp: Path, kept: Sequence[lgg.SliceFile]) -> list[str]:
+    """The per-row arrays beside images / masks (patient index, slice number, tumour pixels);
+    returns the sorted patient ids the index refers to."""
+    patient_ids = sorted({s.patient for s in kept})
+    lookup = {p: i for i, p in enumerate(patient_ids)}
+    np.save(tmp / "patient_index.npy", np.array([lookup[s.patient] for s in kept], np.int32))
+    np.save(tmp / "slice_number.npy", np.array([s.number for s in kept], dtype=np.int32))
+    masks = np.load(tmp / "masks.npy", mmap_mode="r")
+    np.save(
+        tmp / "tumor_pixels.npy",
+        masks.reshape(len(masks), -1).sum(1, dtype=np.int64).astype(np.int32),
+    )
+    del masks
+    return patient_ids
 
 
 def _finish_arrays(tmp: Path, keep: np.ndarray) -> None:
