@@ -13,7 +13,7 @@ import pytest
 from _tiny import tiny_onnx
 from PIL import Image
 
-from brainseg import batch, imageio
+from brainseg import batch, imageio, pipeline
 
 
 def _live_images(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -52,12 +52,12 @@ def test_predict_read_ahead_is_bounded_by_bytes(
         Image.fromarray(np.full((1000, 1000, 3), i, np.uint8)).save(scans / f"s{i:02d}.png")
     one = imageio.declared_size(scans / "s00.png")
     assert one is not None
-    monkeypatch.setattr(batch, "READ_AHEAD_BYTES", one.nbytes + 3 * one.pixels, raising=False)
+    monkeypatch.setattr(pipeline, "READ_AHEAD_BYTES", one.nbytes + 3 * one.pixels)
     count = _live_images(monkeypatch)
     predictor = P.Predictor([tiny_onnx(tmp_path / "m.onnx")], device="cpu", batch_size=8)
-    opts = P.BatchOptions(out_dir=tmp_path / "out", threshold=0.5, workers=2)
-    files = P.iter_inputs(P.InputSpec(items=[str(scans)]))
-    results = list(P.predict_files(predictor, files, opts))
+    opts = batch.BatchOptions(out_dir=tmp_path / "out", threshold=0.5, workers=2)
+    files = batch.iter_inputs(batch.InputSpec(items=[str(scans)]))
+    results = list(batch.predict_files(predictor, files, opts))
     assert [r.status for r in results] == ["ok"] * 24
     assert count["max"] <= 8, f"{count['max']} decoded images alive at once"
 

@@ -607,12 +607,13 @@ def onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def _predict_one(model: Path, scan: Path, out: Path) -> list[Any]:
     """What ``brainseg predict MODEL SCAN -o OUT`` does, in-process."""
+    from brainseg import batch
     from brainseg import predict as P
 
     predictor = P.Predictor([model], device="cpu", batch_size=2)
-    opts = P.BatchOptions(out_dir=out, threshold=float(predictor.metadata["threshold"]))
-    files = P.iter_inputs(P.InputSpec(items=[str(scan)]))
-    return list(P.predict_files(predictor, files, opts))
+    opts = batch.BatchOptions(out_dir=out, threshold=float(predictor.metadata["threshold"]))
+    files = batch.iter_inputs(batch.InputSpec(items=[str(scan)]))
+    return list(batch.predict_files(predictor, files, opts))
 
 
 @settings(max_examples=scale(60))

@@ -453,7 +453,8 @@ def test_options_of_the_other_path_are_refused_with_one_line_and_nothing_written
     write_images(tmp_path / "imgs", 1, size=64)
     for src, extra, words in [
         ("cases", ["--overlay"], "--overlay: for image slices only"),
-        ("cases", ["--format", "png", "--pad"], "--format, --pad: for image slices only"),
+        # --pad and --workers are for volumes too (one pipeline): not refused
+        ("cases", ["--format", "png", "--overlay-rgb"], "--format, --overlay-rgb: for image"),
         ("cases", ["--summary", "jsonl"], "--summary: for image slices only"),
         ("imgs", ["--min-volume", "20"], "--min-volume: for volume cases only"),
         ("imgs", ["--no-largest"], "--largest/--no-largest: for volume cases only"),
@@ -468,11 +469,12 @@ def test_options_of_the_other_path_are_refused_with_one_line_and_nothing_written
 
 def test_volume_shards_use_the_slice_shard_rule(run, tiny, tmp_path):
     from brainseg.errors import BrainsegError
-    from brainseg.volume_predict import VolumeOptions, predict_volumes
+    from brainseg.pipeline import PredictOptions
+    from brainseg.volume_predict import predict_volumes
 
     save_nifti(tmp_path / "cases" / "A.nii.gz", blob_volume())
     for bad, words in (("2/2", "--shard 2/2: need 0 <= I < N"), ("x", "is not of the form I/N")):
-        opts = VolumeOptions([tiny], [str(tmp_path / "cases")], tmp_path / "o", shard=bad)
+        opts = PredictOptions([tiny], [str(tmp_path / "cases")], tmp_path / "o", shard=bad)
         with pytest.raises(BrainsegError, match=re.escape(words)):  # batch.parse_shard's words
             predict_volumes(opts)
         r = run(["predict", tiny, tmp_path / "cases", "-o", tmp_path / "o", "--shard", bad])
@@ -578,3 +580,64 @@ def test_a_dicom_series_over_the_voxel_limit_is_refused(run, tiny, tmp_path, mon
     monkeypatch.setenv("BRAINSEG_MAX_VOXELS", str(64 * 64 * 6))
     r = run(["predict", tiny, tmp_path / "dicom", "-o", tmp_path / "out2", *args])
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- one case pipeline
+
+
+def _two_blobs() -> np.ndarray:
+    """A case with a big and a small bright FLAIR blob, apart: two 3D components."""
+    v = blob_volume(3)
+    v[50:56, 50:56, 2:4, 1] = 230
+    return v
+
+
+def test_volumes_read_the_models_largest_setting_as_slices_and_eval_do(run, tmp_path):
+    """issue 23: volumes resolved the model's settings with their own copy of settings.resolve,
+    which read ``postprocess.largest_component`` but not ``postprocess.largest``: a model
+    storing ``largest`` kept every component on volumes (eval kept one)."""
+    import onnx
+    from scipy import ndimage
+
+    from brainseg.settings import resolve
+
+    model = conv_onnx(tmp_path / "m.onnx", image_size=64)
+    m = onnx.load(str(model))
+    meta = json.loads(m.metadata_props[0].value)
+    meta["postprocess"] = {"min_size": 0, "largest": True}
+    m.metadata_props[0].value = json.dumps(meta)
+    onnx.save(m, str(model))
+    assert resolve(meta).post.largest  # what eval and slices read
+    save_case(tmp_path / "cases", "A", _two_blobs())
+    r = run(["predict", model, tmp_path / "cases", "-o", tmp_path / "out"])
+    assert r.returncode == 0, r.stderr
+    mask, _ = read_volume(tmp_path / "out" / "A_mask.nii.gz")
+    _, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    assert n == 1, f"{n} components: the model's largest-component rule was not applied"
+
+
+def test_volumes_take_pad_and_workers_and_pad_predicts_as_the_slice_path(run, tmp_path):
+    """One pipeline: --pad and --workers work for volumes as for slices, and a padded volume's
+    slices get the masks the slice path gives the same slices as PNG files."""
+    from PIL import Image
+
+    from brainseg.volumes import to_slices
+
+    model = conv_onnx(tmp_path / "m.onnx", image_size=64)
+    vol = blob_volume(5, shape=(50, 44, 4))  # not multiples of 32: padding matters
+    save_case(tmp_path / "cases", "A", vol)
+    r = run(["predict", model, tmp_path / "cases", "-o", tmp_path / "v", "--pad", "--workers", "1"])
+    assert r.returncode == 0, r.stderr
+    mask, affine = read_volume(tmp_path / "v" / "A_mask.nii.gz")
+    slices = to_slices(vol, RAS)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i, s in enumerate(slices):
+        Image.fromarray(s).save(pngs / f"s{i}.png")
+    r = run(["predict", model, pngs, "-o", tmp_path / "p", "--pad", "--format", "png"])
+    assert r.returncode == 0, r.stderr
+    want = np.stack(
+        [np.asarray(Image.open(tmp_path / "p" / f"s{i}_mask.png")) > 0 for i in range(len(slices))]
+    )
+    assert want.any()
+    assert np.array_equal(to_slices(mask[..., None].repeat(3, -1), affine)[..., 0] > 0, want)

@@ -1,8 +1,9 @@
-"""The batch engine behind ``brainseg predict``: inputs -> masks on disk + a summary.
+"""``brainseg predict`` on image files: inputs -> masks on disk + a summary.
 
-Inputs (files, folders, globs, ``-`` for stdin) are walked lazily; images are read and
-resized by a small thread pool ahead of inference and their outputs written by another pool
-behind it, so memory stays constant however many files there are. :func:`predict_inputs`
+Inputs (files, folders, globs, ``-`` for stdin) are walked lazily and go through the one case
+pipeline (:class:`brainseg.pipeline.Engine`: read ahead, infer, write behind, so memory stays
+constant however many files there are) as one-slice cases; :class:`ImageFormat` is this
+kind's reading and writing. :func:`predict_inputs`
 is the library entry point (``PredictOptions`` in, ``PredictResult`` out) that the command
 and the demo call.
 
@@ -20,9 +21,7 @@ import os
 import re
 import stat
 import sys
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from itertools import islice
@@ -44,8 +43,9 @@ from brainseg.fsutil import (
     write_error,
 )
 from brainseg.imageio import is_mask_name
+from brainseg.pipeline import Engine, PredictOptions, Prepared
 from brainseg.predict import Predictor
-from brainseg.settings import DEFAULT_THRESHOLD, SIZE_MULTIPLE
+from brainseg.settings import DEFAULT_THRESHOLD
 
 # --------------------------------------------------------------------------- input walking
 
@@ -466,16 +466,6 @@ class _Outputs:
         return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
 
 
-@dataclass
-class _Prepared:
-    item: InputFile
-    outputs: _Outputs
-    image: np.ndarray  # H x W x 3 uint8 as read
-    model_input: np.ndarray  # h x w x 3 uint8 fed to the model
-    overwrite: bool
-    notes: tuple[str, ...]
-
-
 def output_paths(rel: PurePosixPath, opts: BatchOptions) -> _Outputs:
     """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png)."""
     if rel.is_absolute() or any(part in ("..", "") for part in rel.parts):
@@ -548,23 +538,26 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-class _Engine:
-    """Read ahead, infer in batches, write behind; results come out in input order."""
+class ImageFormat:
+    """The pipeline's edges for image files: a 2D image is a one-slice case; its mask is
+    thresholded and cleaned of small components at the image's own size
+    (:func:`brainseg.postprocess.mask_from_output`) and written as ``_mask.tif/png``."""
 
-    def __init__(
-        self, predictor: Predictor, opts: BatchOptions, unreported: list[FileResult] | None = None
-    ) -> None:
-        self.predictor = predictor
+    def __init__(self, opts: BatchOptions, size: tuple[int, int] | None) -> None:
         self.opts = opts
-        self.size = predictor.image_size
+        self.size = size
         self.root = opts.out_dir.resolve()
-        # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
-        # files are on disk, so the caller still gives them summary rows
-        self.unreported = [] if unreported is None else unreported
 
     # ---- read side (worker threads)
 
-    def prepare(self, item: InputFile | FileResult) -> _Prepared | FileResult:
+    def read_cost(self, item: object) -> int:
+        """Bytes reading ``item`` will hold: its decoded array and the H x W x 3 uint8 copy."""
+        if not isinstance(item, InputFile):
+            return 0
+        d = imageio.declared_size(item.path)
+        return 0 if d is None else d.nbytes + 3 * d.pixels
+
+    def prepare(self, item: InputFile | FileResult) -> Prepared | FileResult:
         if isinstance(item, FileResult):
             return item
         try:
@@ -583,11 +576,9 @@ class _Engine:
                 overwrite = True  # --skip-existing and an interrupted file: redo all of it
             loaded = imageio.load_image(item.path)
             image = loaded.array
-            if self.opts.pad or self.size is None:
-                model_input, _ = imageio.pad_to_multiple(image, SIZE_MULTIPLE)
-            else:
-                model_input = imageio.resize_image(image, self.size)
-            return _Prepared(item, outs, image, model_input, overwrite, loaded.notes)
+            x, padded = imageio.to_model_input(image[None], self.size, pad=self.opts.pad)
+            held = image.nbytes + x.nbytes
+            return Prepared(item, outs, x, padded, image, held, overwrite, loaded.notes)
         except BrainsegError as exc:
             return FileResult(str(item.path), status="error", error=str(exc))
         except Exception as exc:  # never let one odd file stop the run
@@ -607,15 +598,13 @@ class _Engine:
 
     # ---- write side (worker threads)
 
-    def finish(self, prep: _Prepared | FileResult, prob: np.ndarray | None) -> FileResult:
-        if isinstance(prep, FileResult):
-            return prep
-        assert prob is not None
+    def finish(self, prep: Prepared, prob: np.ndarray) -> FileResult:
         opts = self.opts
-        h, w = prep.image.shape[:2]
+        image = prep.data
+        h, w = image.shape[:2]
         try:
             prob, mask = postprocess.mask_from_output(
-                prob, (h, w), opts.threshold, opts.min_size, padded=opts.pad or self.size is None
+                prob[0], (h, w), opts.threshold, opts.min_size, padded=prep.padded
             )
             force = prep.overwrite
             outs = prep.outputs
@@ -623,7 +612,7 @@ class _Engine:
                 imageio.write_probability(outs.prob, prob, force=force)
             if outs.overlay is not None:
                 imageio.write_overlay(
-                    outs.overlay, prep.image, mask, channel=opts.overlay_channel, force=force
+                    outs.overlay, image, mask, channel=opts.overlay_channel, force=force
                 )
             imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
         except BrainsegRuntimeError:
@@ -643,115 +632,6 @@ class _Engine:
             width=w,
             notes=prep.notes,
         )
-
-    # ---- the pipeline (caller's thread)
-
-    def run(self, items: Iterable[InputFile | FileResult]) -> Iterator[FileResult]:
-        bs = self.predictor.batch_size
-        workers = max(1, self.opts.workers)
-        ahead = 2 * bs + workers
-        budget = READ_AHEAD_BYTES
-        readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
-        writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
-        try:
-            reads = _ordered_map(
-                readers, self.prepare, items, ahead=ahead, cost=_read_cost, budget=budget
-            )
-            writes: deque[tuple[Future[FileResult], int]] = deque()
-            held = 0  # bytes of the images waiting to be written
-            for group in self._batches(reads, bs, budget):
-                probs = self._infer([g for g in group if isinstance(g, _Prepared)])
-                for g in group:
-                    prob = probs.pop(0) if isinstance(g, _Prepared) else None
-                    n = g.image.nbytes if isinstance(g, _Prepared) else 0
-                    writes.append((writers.submit(self.finish, g, prob), n))
-                    held += n
-                while len(writes) > ahead or (len(writes) > 1 and held > budget):
-                    done, n = writes.popleft()
-                    held -= n
-                    yield done.result()
-            while writes:
-                yield writes.popleft()[0].result()
-        except BaseException:
-            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work;
-            # the writes already running finish, and their results are kept
-            readers.shutdown(wait=True, cancel_futures=True)
-            writers.shutdown(wait=True, cancel_futures=True)
-            self.unreported += [
-                f.result() for f, _ in writes if not f.cancelled() and f.exception() is None
-            ]
-            raise
-        finally:
-            readers.shutdown()
-            writers.shutdown()
-
-    def _batches(
-        self, reads: Iterator[_Prepared | FileResult], bs: int, budget: int
-    ) -> Iterator[list[_Prepared | FileResult]]:
-        """Groups of up to ``bs`` images of one shape (plus the finished results between),
-        fewer when their images hold more than ``budget`` bytes."""
-        group: list[_Prepared | FileResult] = []
-        n = held = 0
-        shape: tuple[int, ...] | None = None
-        for r in reads:
-            if isinstance(r, _Prepared):
-                if shape is not None and r.model_input.shape != shape and n:
-                    yield group
-                    group, n, held = [], 0, 0
-                shape = r.model_input.shape
-                n += 1
-                held += r.image.nbytes + r.model_input.nbytes
-            group.append(r)
-            if n >= bs or held > budget:
-                yield group
-                group, n, held = [], 0, 0
-        if group:
-            yield group
-
-    def _infer(self, preps: list[_Prepared]) -> list[np.ndarray]:
-        if not preps:
-            return []
-        x = np.stack([p.model_input for p in preps])
-        return list(self.predictor.predict_model_size(x))
-
-
-#: Bytes of decoded images predict holds ahead of inference (from the files' declared sizes),
-#: and again behind it (waiting to be written): large images are read a few at a time, not
-#: 2 x batch + workers at once (six 16000 x 16000 TIFFs reached 11.6 GB). One image larger
-#: than this is still read (alone); imageio.MAX_DECODED_BYTES bounds that one.
-READ_AHEAD_BYTES = 256 * 1024 * 1024
-
-
-def _read_cost(item: object) -> int:
-    """Bytes reading ``item`` will hold: its decoded array and the H x W x 3 uint8 copy."""
-    if not isinstance(item, InputFile):
-        return 0
-    d = imageio.declared_size(item.path)
-    return 0 if d is None else d.nbytes + 3 * d.pixels
-
-
-def _ordered_map(
-    pool: ThreadPoolExecutor,
-    fn: Callable[[Any], Any],
-    items: Iterable[Any],
-    ahead: int,
-    cost: Callable[[Any], int] | None = None,
-    budget: int = 0,
-) -> Iterator[Any]:
-    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order, and
-    (with ``cost``) at most ``budget`` cost in flight, except one task alone."""
-    pending: deque[tuple[Future[Any], int]] = deque()
-    held = 0
-    for item in items:
-        c = cost(item) if cost is not None else 0
-        while pending and (len(pending) >= ahead or (cost is not None and held + c > budget)):
-            done, n = pending.popleft()
-            held -= n
-            yield done.result()
-        pending.append((pool.submit(fn, item), c))
-        held += c
-    while pending:
-        yield pending.popleft()[0].result()
 
 
 def predict_files(
@@ -794,7 +674,8 @@ def predict_files(
             seen.add(key)
             yield f
 
-    yield from _Engine(predictor, opts, unreported).run(dedup())
+    fmt = ImageFormat(opts, predictor.image_size)
+    yield from Engine(predictor, fmt, opts.workers, unreported).run(dedup())
 
 
 # --------------------------------------------------------------------------- summary
@@ -913,34 +794,6 @@ def json_row(res: FileResult) -> dict[str, Any]:
 
 
 @dataclass
-class PredictOptions:
-    """One ``brainseg predict`` run; ``None`` settings come from the model's metadata."""
-
-    models: list[Path]  # the model, then any ensemble members (mean probability)
-    inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
-    out_dir: Path
-    fmt: str = "tif"
-    probabilities: bool = False
-    overlay: bool = False
-    overlay_rgb: bool = False
-    summary: str = "csv"  # csv or jsonl
-    threshold: float | None = None
-    min_size: int | None = None
-    tta: bool = False
-    pad: bool = False
-    batch_size: int = 8
-    device: str = "auto"
-    workers: int = 2
-    skip_existing: bool = False
-    force: bool = False
-    shard: str | None = None
-    include_masks: bool = False
-    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
-    #: Called with every result as it comes (e.g. the command's --json line).
-    on_result: Callable[[FileResult], None] | None = None
-
-
-@dataclass
 class PredictResult:
     """What one run did: counts, the summary file, what the walk left out."""
 
@@ -1048,7 +901,8 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     if not first.error:  # -o into the data: refuse up front
         check_outputs(first, batch, opts.out_dir.resolve())
     _check_summary(summary_path, opts)
-    predictor = Predictor(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
+    factory = opts.predictor_factory or Predictor
+    predictor = factory(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
     post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
     batch.threshold, batch.min_size = post.threshold, post.min_size
     _announce(predictor, opts, batch)

@@ -31,6 +31,7 @@ import numpy as np
 
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path
+from brainseg.settings import SIZE_MULTIPLE
 
 #: File name suffixes that are read as images (lower case).
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -343,6 +344,22 @@ def pad_to_multiple(image: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, 
         return image, (h, w)
     pad = [(0, ph), (0, pw)] + [(0, 0)] * (image.ndim - 2)
     return np.pad(image, pad, mode="constant"), (h, w)
+
+
+def to_model_input(
+    slices: np.ndarray, size: tuple[int, int] | None, *, pad: bool = False
+) -> tuple[np.ndarray, bool]:
+    """S x H x W x 3 uint8 slices -> (S x h x w x 3 at the model's input size, padded).
+
+    Resized (bilinear) to the model's ``size``, or zero-padded to multiples of 32 with
+    ``pad`` or when the size is unknown; :func:`brainseg.postprocess.proba_at_size` undoes it.
+    """
+    if pad or size is None:
+        x, _ = pad_to_multiple(slices.transpose(1, 2, 0, 3), SIZE_MULTIPLE)
+        return np.ascontiguousarray(x.transpose(2, 0, 1, 3)), True
+    if slices.shape[1:3] == tuple(size):
+        return slices, False
+    return np.stack([resize_image(s, size) for s in slices]), False
 
 
 # --------------------------------------------------------------------------- writers

@@ -389,15 +389,7 @@ class Predictor:
         n, h, w = images.shape[:3]
         if n == 0:
             return np.zeros((0, h, w), dtype=np.float32)
-        size = self.image_size
-        padded = pad or size is None
-        if padded or size is None:
-            x, _ = imageio.pad_to_multiple(images.transpose(1, 2, 0, 3), SIZE_MULTIPLE)
-            x = np.ascontiguousarray(x.transpose(2, 0, 1, 3))
-        elif (h, w) == size:
-            x = images
-        else:
-            x = np.stack([imageio.resize_image(im, size) for im in images])
+        x, padded = imageio.to_model_input(images, self.image_size, pad=pad)
         return postprocess.proba_at_size(self.predict_model_size(x), (h, w), padded=padded)
 
 
@@ -410,35 +402,3 @@ def _check_batch(images: np.ndarray) -> np.ndarray:
     if a.dtype != np.uint8:
         raise BrainsegError(f"images have dtype {a.dtype}; expected uint8 pixel values 0..255")
     return a
-
-
-#: Names of the batch engine that moved to :mod:`brainseg.batch`, still reachable from here.
-_MOVED_TO_BATCH = frozenset(
-    {
-        "BatchOptions",
-        "FileResult",
-        "InputFile",
-        "InputSpec",
-        "InputStats",
-        "PredictOptions",
-        "PredictResult",
-        "SUMMARY_COLUMNS",
-        "SummaryWriter",
-        "check_inputs",
-        "iter_inputs",
-        "json_row",
-        "output_paths",
-        "parse_shard",
-        "predict_files",
-        "predict_inputs",
-        "walk_images",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_BATCH:
-        from brainseg import batch
-
-        return getattr(batch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,12 +91,13 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
 
 
 def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
+    from brainseg.pipeline import PredictOptions
     from brainseg.score import ScoreOptions, score_folders, write_score
-    from brainseg.volume_predict import VolumeOptions, predict_volumes
+    from brainseg.volume_predict import predict_volumes
 
     masks = run_dir / "masks"
     pred = predict_volumes(
-        VolumeOptions(
+        PredictOptions(
             models=list(job.models),
             inputs=[str(job.data)],
             out_dir=masks,

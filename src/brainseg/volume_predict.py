@@ -1,12 +1,13 @@
 """Predict tumour masks for volume cases (NIfTI / DICOM), case by case.
 
-The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes a
-:class:`VolumeOptions` and returns a :class:`VolumeResult`. Each case is read and checked
-(:mod:`brainseg.volumes`), cut into the model's axial slices (LPS,
-:func:`brainseg.volumes.to_slices`), predicted with
-:meth:`brainseg.predict.Predictor.predict_proba` (which resizes each slice to the model's size
-and back), post-processed in 3D, mapped back to the input grid and written as
-NIfTI with the input's affine and header:
+The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes the
+:class:`~brainseg.pipeline.PredictOptions` image files take too and returns a
+:class:`VolumeResult`. Cases go through the same pipeline as images
+(:class:`brainseg.pipeline.Engine`); :class:`VolumeFormat` is this kind's edges: each case is
+read and checked (:mod:`brainseg.volumes`), cut into the model's axial slices (LPS,
+:func:`brainseg.volumes.to_slices`), resized or padded to the model's size as images are,
+post-processed in 3D, mapped back to the input grid and written as NIfTI with the input's
+affine and header:
 
 - ``OUT/<case>_mask.nii.gz`` (uint8 0/1), ``OUT/<case>_prob.nii.gz`` with ``--probabilities``
 - ``OUT/<case>.json`` (written last: its presence means the case is done) and
@@ -31,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import postprocess, volumes
+from brainseg import imageio, pipeline, postprocess, volumes
 from brainseg.batch import lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text, check_target, folder_lock, json_safe
+from brainseg.pipeline import Engine, PredictOptions, Prepared
+from brainseg.settings import PostSettings, resolve
 
 SUMMARY_COLUMNS = (
     "case",
@@ -52,31 +55,6 @@ SUMMARY_COLUMNS = (
     "max_probability",
     "error",
 )
-
-#: Slices per ``predict_proba`` call (bounds the memory of the resized batch).
-CHUNK = 32
-
-
-@dataclass
-class VolumeOptions:
-    """Settings of one volume prediction run; ``None`` means "from the model's metadata"."""
-
-    models: list[Path]
-    inputs: list[str]
-    out_dir: Path
-    channels: str | None = None  # None: volumes.DEFAULT_CHANNELS
-    threshold: float | None = None
-    min_size: int | None = None  # 2D components per slice, in pixels (as for slices)
-    largest: bool | None = None  # keep the largest 3D component
-    min_volume: str | None = None  # 3D components: "N" voxels or "Nmm3"
-    probabilities: bool = False
-    tta: bool = False
-    device: str = "auto"
-    batch_size: int = 8
-    skip_existing: bool = False
-    force: bool = False
-    shard: str | None = None
-    predictor_factory: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -159,38 +137,28 @@ def remove_small_3d(mask: np.ndarray, min_voxels: int) -> np.ndarray:
 
 
 @dataclass
-class _Post:
-    threshold: float
-    min_size: int
-    largest: bool
+class VolumePost:
+    """The post-processing of a volume: the model's (or the options') threshold, 2D min size
+    and largest 3D component (:func:`brainseg.settings.resolve`, as for slices and eval),
+    then ``--min-volume``."""
+
+    post: PostSettings
     min_volume: tuple[float, str] | None
 
     def as_dict(self) -> dict[str, Any]:
         mv = None if self.min_volume is None else f"{self.min_volume[0]:g} {self.min_volume[1]}"
         return {
-            "threshold": self.threshold,
-            "min_size_pixels_per_slice": self.min_size,
-            "largest_3d_component": self.largest,
+            "threshold": self.post.threshold,
+            "min_size_pixels_per_slice": self.post.min_size,
+            "largest_3d_component": self.post.largest,
             "min_volume": mv,
         }
 
 
-def _settings(meta: dict[str, Any], opts: VolumeOptions) -> _Post:
-    post = meta.get("postprocess") or {}
-    thr = opts.threshold if opts.threshold is not None else meta.get("threshold")
-    ms = opts.min_size if opts.min_size is not None else post.get("min_size")
-    lg = opts.largest if opts.largest is not None else post.get("largest_component")
-    s = _Post(
-        threshold=float(postprocess.DEFAULT_THRESHOLD if thr is None else thr),
-        min_size=int(ms or 0),
-        largest=bool(lg),
-        min_volume=parse_min_volume(opts.min_volume),
-    )
-    if not 0.0 <= s.threshold <= 1.0:
-        raise BrainsegError(f"threshold {s.threshold} is outside [0, 1]", hint="e.g. 0.5")
-    if s.min_size < 0:
-        raise BrainsegError(f"--min-size {s.min_size} is negative", hint="0 (off) or pixels")
-    return s
+def resolve_post(meta: dict[str, Any], opts: PredictOptions) -> VolumePost:
+    """Options win, then the model's stored settings, then the defaults."""
+    s = resolve(meta, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest)
+    return VolumePost(s.post, parse_min_volume(opts.min_volume))
 
 
 # --------------------------------------------------------------------------- one case
@@ -206,7 +174,7 @@ class _Outs:
         return [p for p in (self.mask, self.prob, self.meta) if p is not None]
 
 
-def _outputs(case_id: str, opts: VolumeOptions) -> _Outs:
+def _outputs(case_id: str, opts: PredictOptions) -> _Outs:
     if not case_id or case_id in (".", "..") or "/" in case_id or "\\" in case_id:
         raise BrainsegError(f"case name {case_id!r} cannot name an output file")
     o = opts.out_dir
@@ -214,30 +182,6 @@ def _outputs(case_id: str, opts: VolumeOptions) -> _Outs:
         o / f"{case_id}_mask.nii.gz",
         o / f"{case_id}_prob.nii.gz" if opts.probabilities else None,
         o / f"{case_id}.json",
-    )
-
-
-def predict_case(
-    predictor: Any, vol: volumes.CaseVolume, post: _Post
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, probability) of a case on its input grid (X x Y x Z bool / float32)."""
-    slices = volumes.to_slices(vol.data, vol.grid.affine)  # S x H x W x 3
-    prob = np.empty(slices.shape[:3], dtype=np.float32)
-    for start in range(0, len(slices), CHUNK):
-        part = slices[start : start + CHUNK]
-        p = np.asarray(predictor.predict_proba(part), dtype=np.float32)
-        if p.shape != part.shape[:3]:
-            raise BrainsegRuntimeError(f"the predictor returned {p.shape} for {part.shape[:3]}")
-        prob[start : start + len(part)] = p
-    # The patient-volume post-processing of eval: threshold, 2D min size, largest 3D.
-    mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
-    if post.min_volume is not None:
-        amount, unit = post.min_volume
-        n = volumes.ceil_voxels(amount, vol.grid) if unit == "mm3" else math.ceil(amount)
-        mask = remove_small_3d(mask, n)
-    return (
-        volumes.from_slices(mask, vol.grid.affine),
-        volumes.from_slices(prob, vol.grid.affine),
     )
 
 
@@ -269,52 +213,85 @@ def _skipped(case: volumes.Case, outs: _Outs) -> CaseResult:
     return res
 
 
-def run_case(
-    predictor_fn: Callable[[], Any],
-    case: volumes.Case,
-    opts: VolumeOptions,
-    post_fn: Callable[[], _Post],
-) -> CaseResult:
-    """Predict and write one case; a bad case comes back as status ``error``, nothing written."""
-    try:
-        outs = _outputs(case.id, opts)
-        existing = [p for p in outs.all() if p.exists()]
-        if existing and opts.skip_existing and outs.meta.exists() and outs.mask.exists():
-            return _skipped(case, outs)
-        if existing and not (opts.force or opts.skip_existing):
-            raise BrainsegError(
-                f"{existing[0]} already exists",
-                hint="pass --force to overwrite it or --skip-existing to keep it",
-            )
-        vol = volumes.read_case(case)
-        predictor, post = predictor_fn(), post_fn()
-        t0 = time.perf_counter()
-        mask, prob = predict_case(predictor, vol, post)
-        info = _case_info(vol, mask, prob)
-        res = CaseResult(
-            case.id,
-            inputs=";".join(str(p) for p in dict.fromkeys(vol.paths)),
-            mask=str(outs.mask),
-            **info,
+class VolumeFormat:
+    """The pipeline's edges for volume cases: a case is read and checked
+    (:func:`brainseg.volumes.read_case`), cut into the model's LPS axial slices, post-processed
+    in 3D and written back on its input grid as NIfTI with the input's affine and header."""
+
+    def __init__(self, opts: PredictOptions, size: tuple[int, int] | None, post: VolumePost):
+        self.opts = opts
+        self.size = size
+        self.post = post
+
+    def read_cost(self, item: object) -> int:
+        """Half the read-ahead budget: at most two cases are read ahead of the model."""
+        return pipeline.READ_AHEAD_BYTES // 2
+
+    def prepare(self, case: volumes.Case) -> Prepared | CaseResult:
+        try:
+            outs = _outputs(case.id, self.opts)
+            existing = [p for p in outs.all() if p.exists()]
+            if existing and self.opts.skip_existing and outs.meta.exists() and outs.mask.exists():
+                return _skipped(case, outs)
+            if existing and not (self.opts.force or self.opts.skip_existing):
+                raise BrainsegError(
+                    f"{existing[0]} already exists",
+                    hint="pass --force to overwrite it or --skip-existing to keep it",
+                )
+            t0 = time.perf_counter()
+            vol = volumes.read_case(case)
+            slices = volumes.to_slices(vol.data, vol.grid.affine)  # S x H x W x 3
+            x, padded = imageio.to_model_input(slices, self.size, pad=self.opts.pad)
+            held = vol.data.nbytes + x.nbytes
+            return Prepared(case, outs, x, padded, (vol, slices.shape[1:3], t0), held)
+        except BrainsegRuntimeError:
+            raise  # disk full, a broken model: stop the run
+        except BrainsegError as exc:
+            return CaseResult(case.id, status="error", error=exc.message)
+
+    def masks(self, vol: volumes.CaseVolume, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask, probability) on the input grid from S x H x W slice probabilities: eval's
+        patient-volume post-processing (threshold, 2D min size, largest 3D), then min volume."""
+        post = self.post.post
+        mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
+        if self.post.min_volume is not None:
+            amount, unit = self.post.min_volume
+            n = volumes.ceil_voxels(amount, vol.grid) if unit == "mm3" else math.ceil(amount)
+            mask = remove_small_3d(mask, n)
+        return (
+            volumes.from_slices(mask, vol.grid.affine),
+            volumes.from_slices(prob, vol.grid.affine),
         )
-        if outs.prob is not None:
-            volumes.write_nifti(outs.prob, prob, vol.grid, kind="prob", force=True)
-        volumes.write_nifti(outs.mask, mask, vol.grid, kind="mask", force=True)
-        meta = {
-            **res.row(),
-            "affine": vol.grid.affine.tolist(),
-            "voxel_mm3": vol.grid.voxel_mm3,
-            "intensity": vol.intensity,
-            "postprocess": post.as_dict(),
-            "probabilities": str(outs.prob) if outs.prob else None,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        atomic_write_text(outs.meta, json.dumps(json_safe(meta), indent=2) + "\n")
-        return res
-    except BrainsegRuntimeError:
-        raise  # disk full, a broken model: stop the run
-    except BrainsegError as exc:
-        return CaseResult(case.id, status="error", error=exc.message)
+
+    def finish(self, prep: Prepared, prob: np.ndarray) -> CaseResult:
+        vol, size, t0 = prep.data
+        case, outs = prep.item, prep.outputs
+        try:
+            mask, full = self.masks(vol, postprocess.proba_at_size(prob, size, padded=prep.padded))
+            res = CaseResult(
+                case.id,
+                inputs=";".join(str(p) for p in dict.fromkeys(vol.paths)),
+                mask=str(outs.mask),
+                **_case_info(vol, mask, full),
+            )
+            if outs.prob is not None:
+                volumes.write_nifti(outs.prob, full, vol.grid, kind="prob", force=True)
+            volumes.write_nifti(outs.mask, mask, vol.grid, kind="mask", force=True)
+            meta = {
+                **res.row(),
+                "affine": vol.grid.affine.tolist(),
+                "voxel_mm3": vol.grid.voxel_mm3,
+                "intensity": vol.intensity,
+                "postprocess": self.post.as_dict(),
+                "probabilities": str(outs.prob) if outs.prob else None,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            atomic_write_text(outs.meta, json.dumps(json_safe(meta), indent=2) + "\n")
+            return res
+        except BrainsegRuntimeError:
+            raise
+        except BrainsegError as exc:
+            return CaseResult(case.id, status="error", error=exc.message)
 
 
 # --------------------------------------------------------------------------- the run
@@ -348,7 +325,7 @@ def _earlier_rows(path: Path, cases: list[volumes.Case]) -> list[dict[str, str]]
         return []
 
 
-def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
+def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
     if opts.force and opts.skip_existing:
         raise BrainsegError(
             "--force and --skip-existing cannot be used together",
@@ -366,7 +343,7 @@ def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
     return parse_shard(opts.shard)
 
 
-def check_layout(cases: list[volumes.Case], opts: VolumeOptions) -> None:
+def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
     """Refuse (exit 2, whatever --force / --skip-existing say) an -o folder where the masks
     would be ground truth: ``<case>_mask.nii.gz`` is the label naming eval and score read
     beside a case's files and anywhere below the cases folder, so a prediction written there
@@ -397,7 +374,7 @@ def check_layout(cases: list[volumes.Case], opts: VolumeOptions) -> None:
 
 
 def predict_volumes(
-    opts: VolumeOptions, on_case: Callable[[CaseResult], None] | None = None
+    opts: PredictOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
     """Predict every case of ``opts.inputs`` (this shard's share); see the module docstring.
 
@@ -428,7 +405,7 @@ def predict_volumes(
         return _run_cases(opts, cases, summary_path, on_case)
 
 
-def _check_summary(summary_path: Path, opts: VolumeOptions) -> None:
+def _check_summary(summary_path: Path, opts: PredictOptions) -> None:
     check_target(summary_path, force=True)
     if summary_path.exists() and not (opts.force or opts.skip_existing):
         raise BrainsegError(
@@ -438,50 +415,52 @@ def _check_summary(summary_path: Path, opts: VolumeOptions) -> None:
 
 
 def _run_cases(
-    opts: VolumeOptions,
+    opts: PredictOptions,
     cases: list[volumes.Case],
     summary_path: Path,
     on_case: Callable[[CaseResult], None] | None,
 ) -> VolumeResult:
     earlier = _earlier_rows(summary_path, cases)
-    state: dict[str, Any] = {}
-
-    def predictor() -> Any:
-        if "p" not in state:
-            factory: Callable[..., Any] | None = opts.predictor_factory
-            if factory is None:
-                from brainseg.predict import Predictor
-
-                factory = Predictor
-            state["p"] = factory(
-                [Path(m) for m in opts.models],
-                device=opts.device,
-                batch_size=opts.batch_size,
-                tta=opts.tta,
-            )
-        return state["p"]
-
-    def post() -> _Post:
-        if "s" not in state:
-            state["s"] = _settings(dict(getattr(predictor(), "metadata", None) or {}), opts)
-        return state["s"]
-
+    factory: Callable[..., Any] = opts.predictor_factory or _predictor
+    predictor = factory(
+        [Path(m) for m in opts.models],
+        device=opts.device,
+        batch_size=opts.batch_size,
+        tta=opts.tta,
+    )
+    post = resolve_post(dict(getattr(predictor, "metadata", None) or {}), opts)
+    fmt = VolumeFormat(opts, predictor.image_size, post)
     results: list[CaseResult] = []
-    for case in cases:
-        res = run_case(predictor, case, opts, post)
-        results.append(res)
+    engine = Engine(predictor, fmt, opts.workers)
+
+    def save() -> None:
         if any(r.status != "error" for r in results):
             atomic_write_text(summary_path, summary_text(results, earlier))
-        if on_case is not None:
-            on_case(res)
+
+    try:
+        for res in engine.run(cases):
+            results.append(res)
+            save()
+            if on_case is not None:
+                on_case(res)
+    except KeyboardInterrupt:
+        results += engine.unreported  # written while the run stopped: they get their rows
+        save()
+        raise
     settings = {
         "models": [str(m) for m in opts.models],
         "channels": volumes.parse_channels(opts.channels),
         "tta": opts.tta,
-        **(state["s"].as_dict() if "s" in state else {}),
+        **post.as_dict(),
     }
     written = summary_path if summary_path.exists() and results else None
     return VolumeResult(results, settings, written)
+
+
+def _predictor(models: list[Path], **kwargs: Any) -> Any:
+    from brainseg.predict import Predictor
+
+    return Predictor(models, **kwargs)
 
 
 def json_row(res: CaseResult) -> dict[str, Any]:

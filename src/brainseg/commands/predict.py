@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
             "model's image size.",
         ),
         batch_size: int = typer.Option(
-            8, "--batch-size", "-b", min=1, help="Images (volume slices) per inference batch."
+            8, "--batch-size", "-b", min=1, help="Slices (images) per inference batch."
         ),
         device: str = typer.Option(
             "auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints)."
@@ -192,54 +192,38 @@ def register(app: typer.Typer) -> None:
 
         # stdin as bytes: a file name that is not UTF-8 is still the file it names
         peek = vol.StdinPeek(read_stdin_lines()) if "-" in inputs else None
-        if vol.wants_volumes(vol.probe_inputs(inputs, peek), channels):
-            vol.refuse_options(given, volumes=True)
-            from brainseg.volume_predict import VolumeOptions
+        from brainseg.pipeline import PredictOptions
 
-            vopts = VolumeOptions(
-                models=[model, *ensemble],
-                inputs=vol.volume_inputs(inputs, peek),
-                out_dir=output,
-                channels=channels,
-                threshold=threshold,
-                min_size=min_size,
-                largest=largest,
-                min_volume=min_volume,
-                probabilities=probabilities,
-                tta=tta,
-                device=device,
-                batch_size=batch_size,
-                skip_existing=skip_existing,
-                force=force,
-                shard=shard,
-            )
-            code = vol.run_volume_predict(vopts, json_out=json_out)
+        volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
+        vol.refuse_options(given, volumes=volumes)
+        opts = PredictOptions(
+            models=[model, *ensemble],
+            inputs=vol.volume_inputs(inputs, peek) if volumes else inputs,
+            out_dir=output,
+            fmt=fmt,
+            probabilities=probabilities,
+            overlay=overlay,
+            overlay_rgb=overlay_rgb,
+            summary=summary,
+            threshold=threshold,
+            min_size=min_size,
+            tta=tta,
+            pad=pad,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            skip_existing=skip_existing,
+            force=force,
+            shard=shard,
+            include_masks=include_masks,
+            stdin=None if volumes else peek,
+            channels=channels,
+            largest=largest,
+            min_volume=min_volume,
+        )
+        if volumes:
+            code = vol.run_volume_predict(opts, json_out=json_out)
         else:
-            vol.refuse_options(given, volumes=False)
-            from brainseg.batch import PredictOptions
-
-            opts = PredictOptions(
-                models=[model, *ensemble],
-                inputs=inputs,
-                out_dir=output,
-                fmt=fmt,
-                probabilities=probabilities,
-                overlay=overlay,
-                overlay_rgb=overlay_rgb,
-                summary=summary,
-                threshold=threshold,
-                min_size=min_size,
-                tta=tta,
-                pad=pad,
-                batch_size=batch_size,
-                device=device,
-                workers=workers,
-                skip_existing=skip_existing,
-                force=force,
-                shard=shard,
-                include_masks=include_masks,
-                stdin=peek,
-            )
             code = run_predict(opts, json_out=json_out)
         if code:
             raise typer.Exit(code)

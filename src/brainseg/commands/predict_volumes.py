@@ -21,8 +21,6 @@ SLICE_ONLY = {
     "overlay": "--overlay",
     "overlay_rgb": "--overlay-rgb",
     "summary": "--summary",
-    "pad": "--pad",
-    "workers": "--workers",
     "include_masks": "--include-masks",
 }
 #: Slice-only values that say what volumes do anyway (``--summary csv``): not refused.
