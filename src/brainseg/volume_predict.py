@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import postprocess, volumes
+from brainseg import dicomseg, postprocess, volumes
 from brainseg.batch import lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
@@ -76,6 +76,7 @@ class VolumeOptions:
     skip_existing: bool = False
     force: bool = False
     shard: str | None = None
+    fmt: str = "nifti"  # "dicom-seg": also OUT/<case>_seg.dcm (brainseg.dicomseg)
     predictor_factory: Callable[..., Any] | None = None
 
 
@@ -201,9 +202,10 @@ class _Outs:
     mask: Path
     prob: Path | None
     meta: Path
+    seg: Path | None = None  # --format dicom-seg
 
     def all(self) -> list[Path]:
-        return [p for p in (self.mask, self.prob, self.meta) if p is not None]
+        return [p for p in (self.mask, self.prob, self.seg, self.meta) if p is not None]
 
 
 def _outputs(case_id: str, opts: VolumeOptions) -> _Outs:
@@ -214,6 +216,7 @@ def _outputs(case_id: str, opts: VolumeOptions) -> _Outs:
         o / f"{case_id}_mask.nii.gz",
         o / f"{case_id}_prob.nii.gz" if opts.probabilities else None,
         o / f"{case_id}.json",
+        dicomseg.seg_path(o, case_id) if opts.fmt == dicomseg.FORMAT else None,
     )
 
 
@@ -279,7 +282,8 @@ def run_case(
     try:
         outs = _outputs(case.id, opts)
         existing = [p for p in outs.all() if p.exists()]
-        if existing and opts.skip_existing and outs.meta.exists() and outs.mask.exists():
+        done = all(p.exists() for p in (outs.meta, outs.mask, outs.seg) if p is not None)
+        if existing and opts.skip_existing and done:
             return _skipped(case, outs)
         if existing and not (opts.force or opts.skip_existing):
             raise BrainsegError(
@@ -297,6 +301,10 @@ def run_case(
             mask=str(outs.mask),
             **info,
         )
+        if outs.seg is not None:  # first: a series it cannot refer to leaves no file
+            info = dicomseg.algorithm_info(opts.models, getattr(predictor, "metadata", None))
+            series = dicomseg.reference_series(case)
+            dicomseg.write_seg(outs.seg, mask, vol.grid, series, info, force=True)
         if outs.prob is not None:
             volumes.write_nifti(outs.prob, prob, vol.grid, kind="prob", force=True)
         volumes.write_nifti(outs.mask, mask, vol.grid, kind="mask", force=True)
@@ -307,6 +315,7 @@ def run_case(
             "intensity": vol.intensity,
             "postprocess": post.as_dict(),
             "probabilities": str(outs.prob) if outs.prob else None,
+            **({"dicom_seg": str(outs.seg)} if outs.seg is not None else {}),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         atomic_write_text(outs.meta, json.dumps(json_safe(meta), indent=2) + "\n")
@@ -363,6 +372,13 @@ def _check_options(opts: VolumeOptions) -> tuple[int, int] | None:
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
     parse_min_volume(opts.min_volume)
+    if opts.fmt not in ("nifti", dicomseg.FORMAT):
+        raise BrainsegError(
+            f"--format {opts.fmt!r} is not a volume mask format",
+            hint=f"nifti (the default) or {dicomseg.FORMAT} (DICOM series cases)",
+        )
+    if opts.fmt == dicomseg.FORMAT:
+        dicomseg.check_installed()
     return parse_shard(opts.shard)
 
 
@@ -405,6 +421,8 @@ def predict_volumes(
     """
     shard = _check_options(opts)
     cases = volumes.find_cases(opts.inputs, opts.channels)
+    if opts.fmt == dicomseg.FORMAT:
+        dicomseg.check_cases(cases)  # a NIfTI case: one line, exit 2, before any work
     seen: dict[str, volumes.Case] = {}
     for c in cases:
         if c.id in seen:

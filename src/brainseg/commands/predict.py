@@ -61,7 +61,12 @@ def register(app: typer.Typer) -> None:
             show_default=False,
             help="Another model to average with MODEL (mean probability); repeatable.",
         ),
-        fmt: str = typer.Option("tif", "--format", help="Mask file format: tif or png."),
+        fmt: str = typer.Option(
+            "tif",
+            "--format",
+            help="Mask file format: tif or png; for volumes nifti (their default) or dicom-seg "
+            "(also OUT/<case>_seg.dcm, a DICOM SEG on the case's FLAIR series).",
+        ),
         probabilities: bool = typer.Option(
             False,
             "--probabilities",
@@ -212,6 +217,7 @@ def register(app: typer.Typer) -> None:
                 skip_existing=skip_existing,
                 force=force,
                 shard=shard,
+                fmt=given.get("fmt", "nifti"),
             )
             code = vol.run_volume_predict(vopts, json_out=json_out)
         else:
