@@ -105,7 +105,15 @@ def _check_seg(seg_file: Path, series: Path, nifti_mask: Path) -> np.ndarray:
     refs = seg.ReferencedSeriesSequence
     assert len(refs) == 1 and refs[0].SeriesInstanceUID == src.SeriesInstanceUID
     assert {r.ReferencedSOPInstanceUID for r in refs[0].ReferencedInstanceSequence} == set(uids)
-    # where it is: the frames, fetched by the SOP instances they reference, in SimpleITK's
+    # where each frame is: the position and orientation of the image it references
+    by_uid = {h.SOPInstanceUID: h for h in headers}
+    iop = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert np.allclose(iop.ImageOrientationPatient, src.ImageOrientationPatient, atol=1e-6)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        ipp = frame.PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose(ipp, by_uid[ref].ImagePositionPatient, atol=1e-4)
+    # what is where: the frames, fetched by the SOP instances they reference, in SimpleITK's
     # slice order, equal the NIfTI mask resampled by SimpleITK onto the series
     on_series = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0]
     nifti = sitk.ReadImage(str(nifti_mask))

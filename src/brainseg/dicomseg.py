@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_write_bytes, one_line
 
 #: ``--format`` value that asks for DICOM SEG; the volume default stays NIfTI.
@@ -129,7 +129,7 @@ def read_series(folder: Path) -> list[Any]:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as exc:  # pydicom raises many types for a damaged file
-            raise BrainsegError(f"{one_line(f)}: cannot be read by pydicom ({exc})") from exc
+            raise BrainsegError(f"{one_line(f)}: cannot be read ({first_line(exc, 160)})") from exc
         for key in TYPE2_COPIED:
             if key not in ds:
                 setattr(ds, key, "")
@@ -280,5 +280,8 @@ def write_seg(
     ``series``) to ``path`` atomically."""
     seg = build_seg(mask, grid, read_series(series), info)
     buf = io.BytesIO()
-    seg.save_as(buf, enforce_file_format=True)
+    try:
+        seg.save_as(buf, enforce_file_format=True)
+    except TypeError:  # pydicom 2.x
+        seg.save_as(buf, write_like_original=False)
     return atomic_write_bytes(path, buf.getvalue(), force=force)
