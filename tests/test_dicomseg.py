@@ -249,3 +249,29 @@ def test_real_dicom_series_axial_and_oblique_give_segs_equal_to_the_nifti_masks(
         pid = PATIENTS[0]
         on_series = _check_seg(out / f"{pid}_seg.dcm", case / "flair", out / f"{pid}_mask.nii.gz")
         assert on_series.any() and not on_series.all(axis=(1, 2)).any(), name
+
+
+def test_a_flair_image_off_the_series_grid_is_that_cases_error_and_nothing_is_written(
+    run: Any, tmp_path: Path
+) -> None:
+    """The images are placed by ImagePositionPatient: with the last image of each series moved
+    1.3 mm (unevenly spaced; SimpleITK still reads the series, on an evenly spaced grid) some
+    image lies off the grid, and the case gets one error line and no file."""
+    import pydicom
+
+    model = conv_onnx(tmp_path / "conv.onnx", image_size=64)
+    case = _dicom_case(tmp_path / "cases" / "A", _volume().transpose(2, 1, 0, 3), IOPS["axial"])
+    for contrast in ("pre", "flair", "post"):
+        last = max(
+            (pydicom.dcmread(f) for f in (case / contrast).glob("*.dcm")),
+            key=lambda ds: float(ds.ImagePositionPatient[2]),
+        )
+        x, y, z = last.ImagePositionPatient
+        last.ImagePositionPatient = [x, y, z + 1.3]
+        last.save_as(last.filename)
+    out = tmp_path / "out"
+    r = run(["predict", model, tmp_path / "cases", "-o", out, "--format", "dicom-seg", *CHANNELS])
+    assert r.returncode == 2, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert "lies on no slice of the series grid" in errors[0], r.stderr
+    assert not list(out.glob("A*")), sorted(out.iterdir())

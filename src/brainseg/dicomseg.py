@@ -179,6 +179,8 @@ def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.nd
             raise BrainsegError(
                 f"{one_line(where)}: its ImagePositionPatient lies on no slice of the series "
                 f"grid (voxel {ijk[0]:.3g}, {ijk[1]:.3g}, {ijk[2]:.3g})",
+                hint="the series is unevenly spaced: a SEG needs evenly spaced parallel images "
+                "(resample the series, or drop --format dicom-seg for the NIfTI mask)",
             )
         if k in used:
             raise BrainsegError(
