@@ -822,7 +822,7 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
 
 def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | None]:
     """Refuse bad options before anything is read: (mask format, summary format, shard)."""
-    fmt = _choice("--format", opts.fmt, ("tif", "png"))
+    fmt = _choice("--format", opts.fmt or "tif", ("tif", "png"))
     summary_fmt = _choice("--summary", opts.summary, ("csv", "jsonl"))
     if opts.force and opts.skip_existing:
         raise BrainsegError(

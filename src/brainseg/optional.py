@@ -22,6 +22,7 @@ PACKAGES: dict[str, tuple[str, str | None, str]] = {
     "nibabel": ("nibabel SimpleITK", "volumes", "reading NIfTI / DICOM volumes"),
     "SimpleITK": ("nibabel SimpleITK", "volumes", "reading NIfTI / DICOM volumes"),
     "pydicom": ("pydicom", "volumes", "writing DICOM series"),
+    "highdicom": ("highdicom", "volumes", "writing DICOM SEG (--format dicom-seg)"),
     "matplotlib": ("matplotlib", None, "drawing plots (Dice plot, report.html, curves)"),
     "onnx": ("onnx", None, "reading or writing ONNX graphs"),
     "onnxscript": ("onnxscript", None, "ONNX export"),

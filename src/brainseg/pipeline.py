@@ -39,7 +39,7 @@ class PredictOptions:
     models: list[Path]  # the model, then any ensemble members (mean probability)
     inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
     out_dir: Path
-    fmt: str = "tif"
+    fmt: str | None = None  # mask format; None: tif for images, nifti for volumes
     probabilities: bool = False
     overlay: bool = False
     overlay_rgb: bool = False

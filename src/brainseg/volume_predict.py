@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import imageio, pipeline, postprocess, volumes
+from brainseg import dicomseg, imageio, pipeline, postprocess, volumes
 from brainseg.batch import lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
@@ -169,9 +169,10 @@ class _Outs:
     mask: Path
     prob: Path | None
     meta: Path
+    seg: Path | None = None  # --format dicom-seg
 
     def all(self) -> list[Path]:
-        return [p for p in (self.mask, self.prob, self.meta) if p is not None]
+        return [p for p in (self.mask, self.prob, self.seg, self.meta) if p is not None]
 
 
 def _outputs(case_id: str, opts: PredictOptions) -> _Outs:
@@ -182,6 +183,7 @@ def _outputs(case_id: str, opts: PredictOptions) -> _Outs:
         o / f"{case_id}_mask.nii.gz",
         o / f"{case_id}_prob.nii.gz" if opts.probabilities else None,
         o / f"{case_id}.json",
+        dicomseg.seg_path(o, case_id) if opts.fmt == dicomseg.FORMAT else None,
     )
 
 
@@ -218,8 +220,15 @@ class VolumeFormat:
     (:func:`brainseg.volumes.read_case`), cut into the model's LPS axial slices, post-processed
     in 3D and written back on its input grid as NIfTI with the input's affine and header."""
 
-    def __init__(self, opts: PredictOptions, size: tuple[int, int] | None, post: VolumePost):
+    def __init__(
+        self,
+        opts: PredictOptions,
+        size: tuple[int, int] | None,
+        post: VolumePost,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         self.opts = opts
+        self.metadata = metadata  # the model's (the DICOM SEG names the algorithm)
         self.size = size
         self.post = post
 
@@ -231,7 +240,8 @@ class VolumeFormat:
         try:
             outs = _outputs(case.id, self.opts)
             existing = [p for p in outs.all() if p.exists()]
-            if existing and self.opts.skip_existing and outs.meta.exists() and outs.mask.exists():
+            done = all(p.exists() for p in (outs.meta, outs.mask, outs.seg) if p is not None)
+            if existing and self.opts.skip_existing and done:
                 return _skipped(case, outs)
             if existing and not (self.opts.force or self.opts.skip_existing):
                 raise BrainsegError(
@@ -274,6 +284,10 @@ class VolumeFormat:
                 mask=str(outs.mask),
                 **_case_info(vol, mask, full),
             )
+            if outs.seg is not None:  # first: a series it cannot refer to leaves no file
+                info = dicomseg.algorithm_info(self.opts.models, self.metadata)
+                series = dicomseg.reference_series(case)
+                dicomseg.write_seg(outs.seg, mask, vol.grid, series, info, force=True)
             if outs.prob is not None:
                 volumes.write_nifti(outs.prob, full, vol.grid, kind="prob", force=True)
             volumes.write_nifti(outs.mask, mask, vol.grid, kind="mask", force=True)
@@ -284,6 +298,7 @@ class VolumeFormat:
                 "intensity": vol.intensity,
                 "postprocess": self.post.as_dict(),
                 "probabilities": str(outs.prob) if outs.prob else None,
+                **({"dicom_seg": str(outs.seg)} if outs.seg is not None else {}),
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             atomic_write_text(outs.meta, json.dumps(json_safe(meta), indent=2) + "\n")
@@ -340,6 +355,13 @@ def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
     parse_min_volume(opts.min_volume)
+    if opts.fmt not in (None, "nifti", dicomseg.FORMAT):
+        raise BrainsegError(
+            f"--format {opts.fmt!r} is not a volume mask format",
+            hint=f"nifti (the default) or {dicomseg.FORMAT} (DICOM series cases)",
+        )
+    if opts.fmt == dicomseg.FORMAT:
+        dicomseg.check_installed()
     return parse_shard(opts.shard)
 
 
@@ -382,6 +404,8 @@ def predict_volumes(
     """
     shard = _check_options(opts)
     cases = volumes.find_cases(opts.inputs, opts.channels)
+    if opts.fmt == dicomseg.FORMAT:
+        dicomseg.check_cases(cases)  # a NIfTI case: one line, exit 2, before any work
     seen: dict[str, volumes.Case] = {}
     for c in cases:
         if c.id in seen:
@@ -428,8 +452,9 @@ def _run_cases(
         batch_size=opts.batch_size,
         tta=opts.tta,
     )
-    post = resolve_post(dict(getattr(predictor, "metadata", None) or {}), opts)
-    fmt = VolumeFormat(opts, predictor.image_size, post)
+    meta = dict(getattr(predictor, "metadata", None) or {})
+    post = resolve_post(meta, opts)
+    fmt = VolumeFormat(opts, predictor.image_size, post, meta)
     results: list[CaseResult] = []
     engine = Engine(predictor, fmt, opts.workers)
 

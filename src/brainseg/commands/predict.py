@@ -61,7 +61,12 @@ def register(app: typer.Typer) -> None:
             show_default=False,
             help="Another model to average with MODEL (mean probability); repeatable.",
         ),
-        fmt: str = typer.Option("tif", "--format", help="Mask file format: tif or png."),
+        fmt: str = typer.Option(
+            "tif",
+            "--format",
+            help="Mask file format: tif or png; for volumes nifti (their default) or dicom-seg "
+            "(also OUT/<case>_seg.dcm, a DICOM SEG on the case's FLAIR series).",
+        ),
         probabilities: bool = typer.Option(
             False,
             "--probabilities",
@@ -200,7 +205,7 @@ def register(app: typer.Typer) -> None:
             models=[model, *ensemble],
             inputs=vol.volume_inputs(inputs, peek) if volumes else inputs,
             out_dir=output,
-            fmt=fmt,
+            fmt=given.get("fmt"),  # None: the kind's default (tif, nifti)
             probabilities=probabilities,
             overlay=overlay,
             overlay_rgb=overlay_rgb,

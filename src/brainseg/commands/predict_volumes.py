@@ -25,6 +25,8 @@ SLICE_ONLY = {
 }
 #: Slice-only values that say what volumes do anyway (``--summary csv``): not refused.
 SAME_FOR_VOLUMES = {"summary": "csv"}
+#: ``--format`` values of the volume path (NIfTI masks, DICOM SEG); tif / png are the slices'.
+VOLUME_FORMATS = ("nifti", "dicom-seg")
 #: Options of ``brainseg predict`` that only volume cases use.
 VOLUME_ONLY = {"largest": "--largest/--no-largest", "min_volume": "--min-volume"}
 
@@ -100,8 +102,16 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
     flags = [
         flag
         for name, flag in other.items()
-        if name in given and not (volumes and SAME_FOR_VOLUMES.get(name) == given[name])
+        if name in given
+        and not (volumes and SAME_FOR_VOLUMES.get(name) == given[name])
+        and not (volumes and name == "fmt" and given[name] in VOLUME_FORMATS)
     ]
+    if not volumes and given.get("fmt") in VOLUME_FORMATS:
+        raise BrainsegError(
+            f"--format {given['fmt']}: for volume cases only (dicom-seg: DICOM series); these "
+            "inputs are image slices",
+            hint="slices take --format tif or png",
+        )
     if not flags:
         return
     if volumes:
