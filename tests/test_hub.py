@@ -264,6 +264,24 @@ def test_corrupt_file_is_refused(content: bytes, words: str, images: Path, tmp_p
         assert not list((tmp_path / "o").glob("*_mask.tif"))
 
 
+def test_eval_and_export_take_hf(hub: FakeHub, phantom_root: Path, tmp_path: Path) -> None:
+    local = hub.repos["acme/tiny"][COMMIT_V2] / "model.onnx"
+    with serve_http(HubHandler, hub) as url:
+        env = hub_env(tmp_path / "hf", url)
+        summaries = []
+        for model, name in (("hf://acme/tiny", "hub"), (local, "local")):
+            args = ["eval", model, phantom_root, "--project", tmp_path / "runs", "--name", name]
+            res = run_cli([*args, "--json"], env=env)
+            assert res.returncode == 0, res.stderr
+            summaries.append(json.loads(res.stdout))
+        assert summaries[0]["per_patient"] == summaries[1]["per_patient"]
+        assert summaries[0]["per_patient"]["dice"]["mean"] > 0
+        # export resolves hf:// too (here to the repository's ONNX file, which it refuses)
+        res = run_cli(["export", "hf://acme/tiny", "-o", tmp_path / "x.onnx"], env=env)
+        _one_line_error(res, 2, "is an ONNX model; export takes a .safetensors checkpoint")
+        assert any(r.endswith("/main/model.onnx") for r in hub.requests)
+
+
 # --------------------------------------------------------------------------- --hub-folder
 
 
@@ -318,7 +336,8 @@ def test_hub_folder_round_trip(phantom_root: Path, images: Path, tmp_path: Path)
     results = meta["model-index"][0]["results"]  # type: ignore[index]
     dice = [m for r in results for m in r["metrics"] if m["type"] == "dice"]
     assert [m["value"] for m in dice] == [0.71]  # the checkpoint's own figure, not invented
-    assert results[0]["dataset"]["args"] == {"protocol": "held-out", "patients": 2}
+    args = results[0]["dataset"]["args"]
+    assert args == {"protocol": "held-out", "patients": 2, "checkpoint": "best"}
     config = json.loads((folder / "config.json").read_text())
     assert config["model_file"] == "model.safetensors" and config["onnx_file"] == "model.onnx"
     # brainseg info reads the folder
@@ -337,3 +356,41 @@ def test_hub_folder_round_trip(phantom_root: Path, images: Path, tmp_path: Path)
     assert res.returncode == 0, res.stderr
     _same_masks(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "hf" / "hub" / "models--acme--exported").is_dir()
+
+
+def test_front_matter_figures_come_from_the_card() -> None:
+    from brainseg.export.hubfolder import front_matter
+
+    # no split recorded: the figure without a patient count (never an invented one)
+    card = {"eval_metrics": {"val_dice_patient": 0.5, "val_loss": 0.2}, "training": {}}
+    res = front_matter(card)["model-index"][0]["results"]
+    assert res[0]["dataset"]["args"] == {"protocol": "held-out"}
+    assert [m["value"] for m in res[0]["metrics"]] == [0.5]
+    # an ensemble's cross-validation figure: protocol cv, the patients of the cv
+    card = {
+        "eval_metrics": {
+            "cv_out_of_fold_dice_patient_before_tuning": None,
+            "cv_out_of_fold_dice_patient_after_tuning": 0.8,
+        },
+        "evaluation": {"patients": 6},
+        "training": {"checkpoint": "last"},
+    }
+    res = front_matter(card)["model-index"][0]["results"]
+    assert res[0]["dataset"]["args"] == {"protocol": "cv", "patients": 6, "checkpoint": "last"}
+    assert [m["value"] for m in res[0]["metrics"]] == [0.8]
+    # no figure at all: no model-index (the Hub needs metrics in one)
+    assert "model-index" not in front_matter({"eval_metrics": {}})
+
+
+def test_hub_folder_refuses_to_overwrite_and_o_together(tmp_path: Path) -> None:
+    folder = tmp_path / "up"
+    folder.mkdir()
+    (folder / "README.md").write_text("mine\n")
+    ckpt = tmp_path / "m.safetensors"
+    res = run_cli(["export", ckpt, "--hub-folder", folder])
+    _one_line_error(res, 2, "already holds README.md", "--force")
+    res = run_cli(["export", ckpt, "--hub-folder", tmp_path / "new", "-o", tmp_path / "x.onnx"])
+    _one_line_error(res, 2, "give one of them")
+    res = run_cli(["export", ckpt])
+    _one_line_error(res, 2, "--output", "--hub-folder")
+    assert (folder / "README.md").read_text() == "mine\n"
