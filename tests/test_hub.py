@@ -394,3 +394,47 @@ def test_hub_folder_refuses_to_overwrite_and_o_together(tmp_path: Path) -> None:
     res = run_cli(["export", ckpt])
     _one_line_error(res, 2, "--output", "--hub-folder")
     assert (folder / "README.md").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(
+    ("ref", "repo", "revision", "filename"),
+    [
+        ("hf://acme/tiny", "acme/tiny", None, None),
+        ("hf://models/acme/tiny@v1", "acme/tiny", "v1", None),
+        ("hf://acme/tiny@refs/pr/3/fold0/model.onnx", "acme/tiny", "refs/pr/3", "fold0/model.onnx"),
+        (
+            Path("hf://acme/tiny@main/model.onnx"),
+            "acme/tiny",
+            "main",
+            "model.onnx",
+        ),  # hf:/ in a Path
+    ],
+)
+def test_parse_ref(ref: object, repo: str, revision: str | None, filename: str | None) -> None:
+    from brainseg.hub import parse_ref
+
+    got = parse_ref(ref)  # type: ignore[arg-type]
+    assert (got.repo_id, got.revision, got.filename) == (repo, revision, filename)
+
+
+@pytest.mark.parametrize(
+    "ref", ["hf://acme", "hf://acme/tiny@", "hf://datasets/acme/x", "hf://acme/tiny/../x.onnx"]
+)
+def test_malformed_ref_is_exit_2(ref: str) -> None:
+    from brainseg.errors import BrainsegError
+    from brainseg.hub import parse_ref
+
+    with pytest.raises(BrainsegError, match="hf://OWNER/NAME"):
+        parse_ref(ref)
+
+
+def test_without_huggingface_hub_one_line_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from brainseg.errors import BrainsegError
+    from brainseg.hub import download, parse_ref
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
+    with pytest.raises(BrainsegError, match=r"brainseg\[hub\]") as exc:
+        download(parse_ref("hf://acme/tiny"))
+    assert "\n" not in str(exc.value)

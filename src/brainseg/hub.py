@@ -19,6 +19,7 @@ resolves the same way (:func:`folder_model`). Only the standard library at impor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -152,19 +153,41 @@ def download(ref: HubRef, suffixes: tuple[str, ...] = (".safetensors", ".onnx"))
     from brainseg.optional import require
 
     require("huggingface_hub", f"a Hub model ({ref})")
+    from brainseg import console
+
+    if not console.interactive():  # progress bars only on a terminal, as brainseg's own
+        with _suppress():
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
     if ref.filename is not None:
         path = _fetch(ref)
     else:
         path = _fetch_default(ref)
         ref = ref.with_file(path.name)
     check_downloaded(path, ref)
+    commit = _commit_of(path)
+    console.info(f"model {ref}" + (f" at commit {commit}" if commit else "") + f": {path}")
     _resolved[key] = path
     return path
 
 
+def _suppress() -> contextlib.AbstractContextManager[None]:
+    return contextlib.suppress(AttributeError, ImportError)
+
+
+def _commit_of(path: Path) -> str | None:
+    """The commit of a file in huggingface_hub's cache (``.../snapshots/COMMIT/FILE``)."""
+    parts = path.parts
+    if "snapshots" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("snapshots")
+        return parts[i + 1] if i + 1 < len(parts) - 1 else None
+    return None
+
+
 def _fetch_default(ref: HubRef) -> Path:
     """The first of :data:`DEFAULT_FILES` the repository has at that revision."""
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     last: BrainsegError | None = None
     for name in DEFAULT_FILES:
@@ -207,7 +230,7 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
     """huggingface_hub's exception -> one line naming the reference (exit 2 for a name that
     does not exist; exit 1 for the network or the server)."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
