@@ -193,8 +193,14 @@ def check_model_file(
     path: str | os.PathLike[str], *, also: tuple[str, ...] = (), hint: str = MODEL_HINT
 ) -> Path:
     """``path`` when it is an existing file with a model suffix (``MODEL_SUFFIXES`` or one of
-    ``also``); BrainsegError (exit 2) naming it otherwise. Its content: ``sniff_model_file``."""
-    p = Path(path)
+    ``also``); BrainsegError (exit 2) naming it otherwise. Its content: ``sniff_model_file``.
+
+    An ``hf://OWNER/NAME[@REVISION][/FILE]`` reference or a Hub folder (``export
+    --hub-folder``) is first resolved to its local file by :func:`brainseg.hub.local_model`.
+    """
+    from brainseg.hub import local_model
+
+    p = local_model(path, MODEL_SUFFIXES)
     suffix = p.suffix.lower()
     if suffix not in (*MODEL_SUFFIXES, *also):
         names = ["a .safetensors checkpoint", "an .onnx file", *(f"a {s} file" for s in also)]

@@ -38,11 +38,16 @@ def register(app: typer.Typer) -> None:
         checkpoint: Path = typer.Argument(
             ...,
             show_default=False,
-            help="A .safetensors checkpoint written by brainseg, or an ensemble.json "
+            help="A .safetensors checkpoint written by brainseg (also "
+            "hf://OWNER/NAME[@REVISION][/FILE] on the Hugging Face Hub), or an ensemble.json "
             "written by `brainseg cv` (runs/cv/expN/ensemble.json).",
         ),
-        output: Path = typer.Option(
-            ..., "--output", "-o", show_default=False, help="The .onnx file to write."
+        output: Path | None = typer.Option(
+            None,
+            "--output",
+            "-o",
+            show_default=False,
+            help="The .onnx file to write (required unless --hub-folder is given).",
         ),
         opset: int = typer.Option(17, "--opset", help="ONNX opset version (13 or higher)."),
         fp16: bool = typer.Option(
@@ -93,12 +98,30 @@ def register(app: typer.Typer) -> None:
             "--card",
             help="Also write the model card (brainseg info) as Markdown to this file.",
         ),
+        hub_folder: Path | None = typer.Option(
+            None,
+            "--hub-folder",
+            show_default=False,
+            help="Write a folder for `huggingface-cli upload` instead of -o: model.onnx, "
+            "model.safetensors, README.md (the model card with the Hub's metadata), "
+            "config.json.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
         from brainseg.export import ExportCheckFailed, ExportOptions, check_export_args, export_onnx
 
+        if output is None and hub_folder is None:
+            from brainseg.errors import BrainsegError
+
+            raise BrainsegError(
+                "missing option '--output' (the .onnx file to write) or --hub-folder",
+                hint="e.g. -o model.onnx, or --hub-folder DIR for a Hugging Face Hub folder",
+            )
+        if output is None and hub_folder is not None:
+            output = hub_folder / "model.onnx"
+        assert output is not None
         opts = ExportOptions(
             checkpoint=checkpoint,
             output=output,
@@ -112,6 +135,7 @@ def register(app: typer.Typer) -> None:
             force=force,
             strict=strict,
             card=card,
+            hub_folder=hub_folder,
         )
         check_export_args(opts)
         try:

@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
             ...,  # not required with --merge (see _merge_first)
             metavar="MODEL",
             show_default=False,
-            help="Model: a .safetensors checkpoint or an .onnx file.",
+            help="Model: a .safetensors checkpoint or an .onnx file "
+            "(or hf://OWNER/NAME[@REVISION][/FILE] on the Hugging Face Hub).",
         ),
         inputs: list[str] = typer.Argument(
             ...,

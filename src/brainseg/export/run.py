@@ -46,6 +46,7 @@ class ExportOptions:
     force: bool = False
     strict: bool = False  # fail (write nothing) when the verification finds a problem
     card: Path | None = None  # also write the model card as Markdown here
+    hub_folder: Path | None = None  # a folder for huggingface-cli upload (output: its model.onnx)
 
     @property
     def variant(self) -> str:
@@ -65,7 +66,7 @@ def make_options(
     checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], **kwargs: Any
 ) -> ExportOptions:
     """:class:`ExportOptions` from paths given as strings or paths."""
-    for key in ("calib", "split", "verify_data"):
+    for key in ("calib", "split", "verify_data", "hub_folder"):
         kwargs[key] = _as_path(kwargs.get(key))
     return ExportOptions(checkpoint=Path(checkpoint), output=Path(output), **kwargs)
 
@@ -115,6 +116,15 @@ def check_export_args(opts: ExportOptions) -> None:
             hint=f"use --opset {DEFAULT_OPSET}",
         )
     out = opts.output
+    if opts.hub_folder is not None:
+        from brainseg.export.hubfolder import ONNX_FILE, check_folder
+
+        if out != opts.hub_folder / ONNX_FILE:
+            raise BrainsegError(
+                f"-o {out} and --hub-folder {opts.hub_folder}: give one of them",
+                hint=f"--hub-folder writes {ONNX_FILE} (and the other Hub files) into the folder",
+            )
+        check_folder(opts.hub_folder, opts.force)
     if out.suffix.lower() != ".onnx":
         raise BrainsegError(f"output {out} must end in .onnx", hint="e.g. -o model.onnx")
     if out.is_dir():
@@ -345,6 +355,8 @@ def _export(opts: ExportOptions) -> ExportReport:
     t0 = time.perf_counter()
     check_export_args(opts)
     out = opts.output
+    if opts.hub_folder is not None:
+        opts.hub_folder.mkdir(parents=True, exist_ok=True)
     with _work_dir(out) as tmp:
         g = _export_graphs(opts, tmp)
         meta, size = g.meta, g.size
@@ -422,14 +434,27 @@ def export_onnx(
     if isinstance(options, ExportOptions):
         opts = replace(options, **kwargs) if kwargs else options
     else:
+        if out is None and kwargs.get("hub_folder") is not None:
+            from brainseg.export.hubfolder import ONNX_FILE
+
+            out = Path(kwargs["hub_folder"]) / ONNX_FILE
         if out is None:
             raise TypeError("export_onnx(checkpoint, out, ...) needs the output path")
         opts = make_options(options, out, **kwargs)
+    from brainseg.hub import local_model
+
+    # hf://OWNER/NAME[@REVISION][/FILE] or a Hub folder -> its local checkpoint
+    opts = replace(opts, checkpoint=local_model(opts.checkpoint, (".safetensors",)))
     if opts.card is not None and Path(opts.card).exists() and not opts.force:
         raise BrainsegError(
             f"model card {opts.card} already exists", hint="pass --force to overwrite it"
         )
     report = _export(opts)
+    if opts.hub_folder is not None:
+        from brainseg.export.hubfolder import write_hub_files
+
+        source = None if opts.ensemble else opts.checkpoint
+        write_hub_files(opts.hub_folder, source, report.path, opts.variant)
     if opts.card is not None:
         from brainseg.card import read_card, write_card_markdown
 
