@@ -13,6 +13,7 @@ import pytest
 
 from brainseg import evaluation as ev
 from brainseg.errors import BrainsegError
+from brainseg.metrics import PATIENT_COLUMNS
 
 # ----------------------------------------------------------------- a stand-in predictor
 
@@ -232,7 +233,7 @@ def test_run_eval_and_write_run_with_a_standin_predictor(
     assert summary["counts"]["slices"] == len(res.report.per_slice)
     with open(tmp_path / "run" / "per_patient.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ev.PATIENT_COLUMNS and len(rows) == 6
+    assert list(rows[0]) == PATIENT_COLUMNS and len(rows) == 6
     for row, rep in zip(rows, res.report.per_patient, strict=True):
         assert float(row["dice"]) == pytest.approx(rep["dice"])
     with open(tmp_path / "run" / "per_slice.csv") as f:
@@ -397,7 +398,7 @@ def test_cli_eval_writes_the_run_folder(
             assert set(s[level][metric]) == {"mean", "median", "std", "min", "n"}
     assert set(s["hd95_skipped"]) == {"per_patient", "per_slice_tumor", "per_slice_all"}
     patients = _read_csv(run / "per_patient.csv")
-    assert list(patients[0]) == ev.PATIENT_COLUMNS
+    assert list(patients[0]) == PATIENT_COLUMNS
     assert len(patients) == s["counts"]["patients"] == 6
     slices = _read_csv(run / "per_slice.csv")
     assert list(slices[0]) == ev.SLICE_COLUMNS

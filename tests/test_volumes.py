@@ -455,7 +455,7 @@ def test_options_of_the_other_path_are_refused_with_one_line_and_nothing_written
         ("cases", ["--overlay"], "--overlay: for image slices only"),
         # --pad and --workers are for volumes too (one pipeline): not refused
         ("cases", ["--format", "png", "--overlay-rgb"], "--format, --overlay-rgb: for image"),
-        ("cases", ["--summary", "jsonl"], "--summary: for image slices only"),
+        ("cases", ["--include-masks"], "--include-masks: for image slices only"),
         ("imgs", ["--min-volume", "20"], "--min-volume: for volume cases only"),
         ("imgs", ["--no-largest"], "--largest/--no-largest: for volume cases only"),
     ]:
@@ -641,3 +641,18 @@ def test_volumes_take_pad_and_workers_and_pad_predicts_as_the_slice_path(run, tm
     )
     assert want.any()
     assert np.array_equal(to_slices(mask[..., None].repeat(3, -1), affine)[..., 0] > 0, want)
+
+
+def test_volume_summaries_are_written_as_the_slices_are_jsonl_too(run, tiny, tmp_path):
+    """One summary writer: --summary jsonl works for volumes (it was refused), one JSON line
+    per case; a later run on other cases keeps the earlier cases' rows."""
+    save_nifti(tmp_path / "a" / "A.nii.gz", blob_volume(1))
+    save_nifti(tmp_path / "b" / "B.nii.gz", blob_volume(2))
+    out = tmp_path / "out"
+    r = run(["predict", tiny, tmp_path / "a", "-o", out, "--summary", "jsonl"])
+    assert r.returncode == 0, r.stderr
+    r = run(["predict", tiny, tmp_path / "b", "-o", out, "--summary", "jsonl", "--skip-existing"])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [(row["case"], row["status"]) for row in rows] == [("B", "ok"), ("A", "ok")]
+    assert rows[1]["tumor_voxels"] > 0 and not (out / "summary.csv").exists()

@@ -14,9 +14,6 @@ eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import os
 import re
 import stat
@@ -33,17 +30,23 @@ import numpy as np
 from brainseg import console, imageio, postprocess
 from brainseg.errors import EXIT_RUNTIME, BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import (
-    atomic_write_bytes,
     check_target,
     folder_lock,
     json_safe,
-    make_temp_file,
     one_line,
     remove_stale_temps,
-    write_error,
 )
 from brainseg.imageio import is_mask_name
-from brainseg.pipeline import Engine, PredictOptions, Prepared
+from brainseg.pipeline import (
+    SUMMARY_FORMATS,
+    Engine,
+    PredictOptions,
+    Prepared,
+    SummaryWriter,
+    check_choice,
+    summary_file,
+    write_empty_summary,
+)
 from brainseg.predict import Predictor
 from brainseg.settings import DEFAULT_THRESHOLD
 
@@ -681,110 +684,6 @@ def predict_files(
 # --------------------------------------------------------------------------- summary
 
 
-class SummaryWriter:
-    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
-
-    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
-    the final name. Nothing is created until the first row. An existing summary is never
-    replaced by one that describes less: at ``close`` its rows for files this run did not
-    handle are kept (after this run's rows).
-    """
-
-    def __init__(self, path: Path, fmt: str = "csv") -> None:
-        self.path = path
-        self.fmt = fmt
-        self._tmp: Path | None = None
-        self._f: io.TextIOWrapper | None = None
-        self._csv: Any = None
-        self._paths: set[str] = set()
-        self.rows = 0
-        self.last: FileResult | None = None  # the result of the last row written
-
-    def write(self, res: FileResult) -> None:
-        try:
-            self._write(res)
-        except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
-            raise write_error(self.path, exc) from exc
-
-    def _write(self, res: FileResult) -> None:
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.path.parent)  # a killed run's summary
-            self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
-            self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            if self.fmt == "csv":
-                self._csv = csv.DictWriter(self._f, fieldnames=list(SUMMARY_COLUMNS))
-                self._csv.writeheader()
-        row = res.row()
-        if self.fmt == "csv":
-            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
-        else:
-            self._f.write(json.dumps(json_safe(row)) + "\n")
-        self._f.flush()
-        self._paths.add(res.path)
-        self.last = res
-        self.rows += 1
-
-    def _earlier_rows(self) -> list[Any]:
-        """The existing summary's rows (CSV dicts / JSON lines) of files this run did not
-        handle; none when there is no summary or it cannot be read as one."""
-        kept: list[Any] = []
-        try:
-            with open(self.path, encoding="utf-8", errors="replace", newline="") as old:
-                if self.fmt == "csv":
-                    for row in csv.DictReader(old):
-                        if row.get("path") is not None and row["path"] not in self._paths:
-                            kept.append({c: row.get(c) or "" for c in SUMMARY_COLUMNS})
-                    return kept
-                for line in old:
-                    try:
-                        path = json.loads(line).get("path")
-                    except (ValueError, AttributeError):
-                        continue
-                    if path is not None and path not in self._paths:
-                        kept.append(line.rstrip("\r\n") + "\n")
-        except (OSError, csv.Error):
-            return []
-        return kept
-
-    def _keep_earlier_rows(self) -> None:
-        """Append the existing summary's rows of files this run did not handle."""
-        assert self._f is not None
-        for row in self._earlier_rows():
-            if self.fmt == "csv":
-                self._csv.writerow(row)
-            else:
-                self._f.write(row)
-
-    def close(self) -> Path | None:
-        if self._f is None or self._tmp is None:
-            return None
-        f = self._f
-        try:
-            self._keep_earlier_rows()
-            self._f = None
-            f.close()
-        except OSError as exc:  # the last buffered rows did not fit: keep those on disk
-            self._f = None
-            with contextlib.suppress(OSError):
-                f.close()
-            with contextlib.suppress(OSError):
-                os.replace(self._tmp, self.path)
-            raise write_error(self.path, exc) from exc
-        os.replace(self._tmp, self.path)
-        return self.path
-
-
-def _csv_cell(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, float):
-        return repr(v)  # exact: max_probability reads back as the _prob.tif maximum
-    return v
-
-
 def json_row(res: FileResult) -> dict[str, Any]:
     """The --json line of one result."""
     return json_safe(res.row())
@@ -810,20 +709,10 @@ class PredictResult:
         return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
 
 
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
-    v = value.lower().lstrip(".")
-    if v not in choices:
-        raise BrainsegError(
-            f"{option} {value!r} is not one of {', '.join(choices)}",
-            hint=f"use {option} {choices[0]}",
-        )
-    return v
-
-
 def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | None]:
     """Refuse bad options before anything is read: (mask format, summary format, shard)."""
-    fmt = _choice("--format", opts.fmt or "tif", ("tif", "png"))
-    summary_fmt = _choice("--summary", opts.summary, ("csv", "jsonl"))
+    fmt = check_choice("--format", opts.fmt or "tif", ("tif", "png"))
+    summary_fmt = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
     if opts.force and opts.skip_existing:
         raise BrainsegError(
             "--force and --skip-existing cannot be used together",
@@ -885,8 +774,7 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
             f"{'' if opts.include_masks else ', skipping *_mask.* files'})",
             hint="check the paths, quote glob patterns, or pass --include-masks",
         )
-    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
-    summary_path = opts.out_dir / f"{name}.{summary_fmt}"
+    summary_path = summary_file(opts.out_dir, shard, summary_fmt)
     batch = BatchOptions(
         out_dir=opts.out_dir,
         fmt=fmt,
@@ -900,7 +788,7 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     )
     if not first.error:  # -o into the data: refuse up front
         check_outputs(first, batch, opts.out_dir.resolve())
-    _check_summary(summary_path, opts)
+    check_summary(summary_path, opts)
     factory = opts.predictor_factory or Predictor
     predictor = factory(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
     post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
@@ -916,12 +804,11 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     everything = chosen(_chain(first, files))
     with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
-        _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
         counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
         if shard is not None and written is None and not summary_path.exists():
             # an empty shard still leaves its (empty) summary: --merge then knows it ran
-            empty = ",".join(SUMMARY_COLUMNS) + "\r\n" if summary_fmt == "csv" else ""
-            atomic_write_bytes(summary_path, empty.encode())
+            write_empty_summary(summary_path, summary_fmt, SUMMARY_COLUMNS)
     return PredictResult(
         counts,
         summary_path,
@@ -938,7 +825,7 @@ def lock_name(shard: tuple[int, int] | None) -> str:
     return "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
 
 
-def _check_summary(summary_path: Path, opts: PredictOptions | Any) -> None:
+def check_summary(summary_path: Path, opts: PredictOptions | Any) -> None:
     """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
     check_target(summary_path, force=True)
     if summary_path.exists() and not (opts.force or opts.skip_existing):
@@ -964,7 +851,7 @@ def _run(
     opts: PredictOptions,
 ) -> tuple[dict[str, int], Path | None]:
     """The loop over results: summary rows, callbacks, warnings, progress."""
-    writer = SummaryWriter(summary_path, summary_fmt)
+    writer = SummaryWriter(summary_path, summary_fmt, SUMMARY_COLUMNS)
     counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
     warned: set[str] = set()
     unreported: list[FileResult] = []

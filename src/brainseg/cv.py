@@ -35,8 +35,8 @@ from brainseg import __version__, metrics
 from brainseg import console as con
 from brainseg.config import fields_with
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.evaluation import PATIENT_COUNTS
 from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.metrics import CV_PATIENT_COLUMNS
 
 SELECTS = ("last", "best")
 PROTOCOLS = ("brainseg", "buda")
@@ -55,16 +55,6 @@ CV_FORMAT = 1
 FOLD_KEYS = fields_with("per_fold")
 #: Settings that do not change what is trained: they may differ when a cv is continued.
 RUNTIME_KEYS = fields_with("runtime")
-#: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
-#: eval's counts and metrics.
-CV_PATIENT_COLUMNS = [
-    "patient_id",
-    "fold",
-    "institution",
-    *PATIENT_COUNTS,
-    "dice_before",
-    *metrics.METRICS,
-]
 
 
 # =============================================================================== options
@@ -633,7 +623,7 @@ def buda_masks(oof: OOF) -> tuple[np.ndarray, np.ndarray]:
 # =============================================================================== summary
 def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
     """Predict out of fold, choose the post-processing once, measure before and after."""
-    from brainseg import metrics, postprocess
+    from brainseg import postprocess
     from brainseg.evaluation import PostSettings, tune
 
     oof, n_test = predict_oof(plan, folds)

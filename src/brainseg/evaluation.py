@@ -28,6 +28,14 @@ from brainseg.checkpoint import check_model_file
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
+from brainseg.metrics import PATIENT_COLUMNS
+from brainseg.report import (
+    REPORT_NAME,
+    dice_plot_png,
+    overlap_warning,
+    pick_cases,
+    write_eval_report,
+)
 from brainseg.settings import PostSettings, resolve
 
 __all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
@@ -50,8 +58,6 @@ SLICE_COLUMNS = [
     *metrics.METRICS,
 ]
 #: A patient's slice and pixel counts, in every per-patient table (eval's and cv's).
-PATIENT_COUNTS = ["slices", "tumor_slices", "gt_pixels", "pred_pixels"]
-PATIENT_COLUMNS = ["patient_id", *PATIENT_COUNTS, "tp", "fp", "fn", *metrics.METRICS]
 
 
 class ProbaPredictor(Protocol):
@@ -387,7 +393,6 @@ def run_eval(
     t_metrics = time.perf_counter() - t1
 
     tuned = tune(prob, gt, pidx, snum, settings) if opts.tune else None
-    from brainseg.report import pick_cases
 
     cases = pick_cases(
         report.per_patient, data.images, rows, gt, mask, pidx, snum, list(data.patient_ids)
@@ -467,18 +472,6 @@ def _models_text(members: Sequence[str], model_paths: Sequence[Path]) -> str:
         return "1 model"
     files = ", ".join(p.name for p in model_paths)
     return f"an ensemble of {len(members)} models ({files})"
-
-
-def overlap_warning(overlap: dict[str, Any], n_scored: int) -> str:
-    """The one line eval warns with when it scores patients a model trained on."""
-    by = overlap["by_model"]
-    n = len({p for ids in by.values() for p in ids})
-    return (
-        f"{n} of the {n_scored} scored patients were training patients of "
-        f"{len(by)} of the {len(overlap['members'])} model(s) ({', '.join(by)}): these "
-        "figures are not held out and are optimistic (score patients none of the models "
-        "trained on, e.g. --subset val --fold K with fold K's model)"
-    )
 
 
 def _measured_at(size: Sequence[int], model_size: tuple[int, int] | None) -> dict[str, Any]:
@@ -561,14 +554,12 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def plot_dice(dice: Sequence[float] | np.ndarray, path: Path, title: str = "") -> Path:
     """A strip + box plot and a histogram of the per-patient Dice, as a PNG file."""
     from brainseg.fsutil import atomic_write_bytes
-    from brainseg.report import dice_plot_png
 
     return atomic_write_bytes(path, dice_plot_png(dice, title))
 
 
 def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
     """Write summary.json, per_patient.csv, per_slice.csv, dice_per_patient.png, report.html."""
-    from brainseg.report import REPORT_NAME, write_eval_report
 
     run_dir.mkdir(parents=True, exist_ok=True)
     result.run_dir = run_dir

@@ -26,6 +26,20 @@ from scipy import ndimage
 
 #: Metrics computed for every slice and every patient (in this column order).
 METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity", "hd95")
+#: The counts columns of a per-patient table (eval's per_patient.csv, cv's, score's).
+PATIENT_COUNTS = ["slices", "tumor_slices", "gt_pixels", "pred_pixels"]
+#: eval's per_patient.csv.
+PATIENT_COLUMNS = ["patient_id", *PATIENT_COUNTS, "tp", "fp", "fn", *METRICS]
+#: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
+#: eval's counts and metrics.
+CV_PATIENT_COLUMNS = [
+    "patient_id",
+    "fold",
+    "institution",
+    *PATIENT_COUNTS,
+    "dice_before",
+    *METRICS,
+]
 #: The overlap metrics that the pooled (global) evaluation reports.
 OVERLAP_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity")
 #: Statistics that :meth:`Report.summary` gives for every metric.

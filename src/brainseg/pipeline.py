@@ -9,19 +9,34 @@ the edges, in a :class:`CaseFormat` (:class:`brainseg.batch.ImageFormat`,
 probabilities become a mask (2D components per image, 3D components per volume), which
 files it writes and the summary row it gives. Everything between (thread pools, the memory
 budget, batching slices across cases, the model call, results in input order, the writes
-kept on Ctrl-C) is :class:`Engine`, once.
+kept on Ctrl-C) is :class:`Engine`, once, and every kind's summary is written by
+:class:`SummaryWriter`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import json
+import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
+
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import (
+    atomic_write_bytes,
+    json_safe,
+    make_temp_file,
+    remove_stale_temps,
+    write_error,
+)
 
 #: Bytes of decoded cases predict holds ahead of inference (from the files' declared sizes),
 #: and again behind it (waiting to be written): large images are read a few at a time, not
@@ -215,3 +230,138 @@ def ordered_map(
         held += c
     while pending:
         yield pending.popleft()[0].result()
+
+
+class SummaryWriter:
+    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
+
+    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
+    the final name. Nothing is created until the first row. An existing summary is never
+    replaced by one that describes less: at ``close`` its rows for files this run did not
+    handle are kept (after this run's rows).
+    """
+
+    def __init__(self, path: Path, fmt: str, columns: Sequence[str], key: str = "path") -> None:
+        self.path = path
+        self.fmt = fmt
+        self.columns = list(columns)
+        self.key = key  # the column naming what a row is about (a file, a case)
+        self._tmp: Path | None = None
+        self._f: io.TextIOWrapper | None = None
+        self._csv: Any = None
+        self._paths: set[str] = set()
+        self.rows = 0
+        self.last: Any = None  # the result of the last row written
+
+    def write(self, res: Any) -> None:
+        try:
+            self._write(res)
+        except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
+            raise write_error(self.path, exc) from exc
+
+    def _write(self, res: Any) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path.parent)  # a killed run's summary
+            self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
+            self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            if self.fmt == "csv":
+                self._csv = csv.DictWriter(self._f, fieldnames=self.columns)
+                self._csv.writeheader()
+        row = res.row()
+        if self.fmt == "csv":
+            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
+        else:
+            self._f.write(json.dumps(json_safe(row)) + "\n")
+        self._f.flush()
+        self._paths.add(row[self.key])
+        self.last = res
+        self.rows += 1
+
+    def _earlier_rows(self) -> list[Any]:
+        """The existing summary's rows (CSV dicts / JSON lines) of files this run did not
+        handle; none when there is no summary or it cannot be read as one."""
+        kept: list[Any] = []
+        try:
+            with open(self.path, encoding="utf-8", errors="replace", newline="") as old:
+                if self.fmt == "csv":
+                    for row in csv.DictReader(old):
+                        key = row.get(self.key)
+                        if key is not None and key not in self._paths:
+                            kept.append({c: row.get(c) or "" for c in self.columns})
+                    return kept
+                for line in old:
+                    try:
+                        key = json.loads(line).get(self.key)
+                    except (ValueError, AttributeError):
+                        continue
+                    if key is not None and key not in self._paths:
+                        kept.append(line.rstrip("\r\n") + "\n")
+        except (OSError, csv.Error):
+            return []
+        return kept
+
+    def _keep_earlier_rows(self) -> None:
+        """Append the existing summary's rows of files this run did not handle."""
+        assert self._f is not None
+        for row in self._earlier_rows():
+            if self.fmt == "csv":
+                self._csv.writerow(row)
+            else:
+                self._f.write(row)
+
+    def close(self) -> Path | None:
+        if self._f is None or self._tmp is None:
+            return None
+        f = self._f
+        try:
+            self._keep_earlier_rows()
+            self._f = None
+            f.close()
+        except OSError as exc:  # the last buffered rows did not fit: keep those on disk
+            self._f = None
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(OSError):
+                os.replace(self._tmp, self.path)
+            raise write_error(self.path, exc) from exc
+        os.replace(self._tmp, self.path)
+        return self.path
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float):
+        return repr(v)  # exact: max_probability reads back as the _prob.tif maximum
+    return v
+
+
+def write_empty_summary(path: Path, fmt: str, columns: Sequence[str]) -> None:
+    """The summary of a shard with nothing to do (``--merge`` then knows it ran)."""
+    empty = ",".join(columns) + "\r\n" if fmt == "csv" else ""
+    atomic_write_bytes(path, empty.encode())
+
+
+#: Summary file formats (``--summary``).
+SUMMARY_FORMATS = ("csv", "jsonl")
+
+
+def summary_file(out_dir: Path, shard: tuple[int, int] | None, fmt: str) -> Path:
+    """OUT/summary.<fmt>, or OUT/summary-I-of-N.<fmt> for shard I of N."""
+    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
+    return out_dir / f"{name}.{fmt}"
+
+
+def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` (case and a leading dot ignored) when it is one of ``choices``; else
+    BrainsegError naming the option."""
+    v = value.lower().lstrip(".")
+    if v not in choices:
+        raise BrainsegError(
+            f"{option} {value!r} is not one of {', '.join(choices)}",
+            hint=f"use {option} {choices[0]}",
+        )
+    return v

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from brainseg.fsutil import atomic_write_text
+from brainseg.metrics import CV_PATIENT_COLUMNS, PATIENT_COLUMNS
 
 #: File name of the report in a run folder.
 REPORT_NAME = "report.html"
@@ -489,6 +490,18 @@ def eval_measured(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return items
 
 
+def overlap_warning(overlap: dict[str, Any], n_scored: int) -> str:
+    """The one line eval warns with when it scores patients a model trained on."""
+    by = overlap["by_model"]
+    n = len({p for ids in by.values() for p in ids})
+    return (
+        f"{n} of the {n_scored} scored patients were training patients of "
+        f"{len(by)} of the {len(overlap['members'])} model(s) ({', '.join(by)}): these "
+        "figures are not held out and are optimistic (score patients none of the models "
+        "trained on, e.g. --subset val --fold K with fold K's model)"
+    )
+
+
 def eval_html(
     summary: Mapping[str, Any],
     per_patient: Sequence[Mapping[str, Any]],
@@ -496,8 +509,6 @@ def eval_html(
     dice_png: bytes | None = None,
 ) -> str:
     """The eval report page (see :func:`write_eval_report`)."""
-    from brainseg.evaluation import PATIENT_COLUMNS
-
     pp = summary["per_patient"]["dice"]
     g, d = summary["global"], summary["detection"]
     headline = (
@@ -508,8 +519,6 @@ def eval_html(
     dice = [float(r["dice"]) for r in per_patient]
     warning = ""
     if summary.get("trained_on_scored_patients"):  # issue 21: never silently optimistic
-        from brainseg.evaluation import overlap_warning
-
         text = overlap_warning(summary["training_overlap"], summary["counts"]["patients"])
         warning = (
             '<p class="not-held-out" style="color:#a00;border:2px solid #a00;padding:.5rem">'
@@ -625,7 +634,6 @@ def cv_html(
     size: Sequence[int] | None = None,
 ) -> str:
     """The cv report page (see :func:`write_cv_report`)."""
-    from brainseg.cv import CV_PATIENT_COLUMNS
 
     st = summary["after"]["per_patient_dice"]
     headline = (

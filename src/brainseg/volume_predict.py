@@ -19,13 +19,11 @@ gets one line and no file; the run goes on with the next case.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +31,20 @@ from typing import Any
 import numpy as np
 
 from brainseg import dicomseg, imageio, pipeline, postprocess, volumes
-from brainseg.batch import lock_name, one_line, parse_shard
+from brainseg.batch import check_summary, lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_write_text, check_target, folder_lock, json_safe
-from brainseg.pipeline import Engine, PredictOptions, Prepared
+from brainseg.fsutil import atomic_write_text, folder_lock, json_safe
+from brainseg.pipeline import (
+    SUMMARY_FORMATS,
+    Engine,
+    PredictOptions,
+    Prepared,
+    SummaryWriter,
+    check_choice,
+    summary_file,
+    write_empty_summary,
+)
 from brainseg.settings import PostSettings, resolve
 
 SUMMARY_COLUMNS = (
@@ -312,34 +319,6 @@ class VolumeFormat:
 # --------------------------------------------------------------------------- the run
 
 
-def summary_text(rows: list[CaseResult], earlier: Sequence[dict[str, str]] = ()) -> str:
-    """The summary CSV: this run's rows, then ``earlier`` rows (of cases it did not handle)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(
-            {
-                k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
-                for k, v in r.row().items()
-            }
-        )
-    for row in earlier:
-        w.writerow({c: row.get(c) or "" for c in SUMMARY_COLUMNS})
-    return buf.getvalue()
-
-
-def _earlier_rows(path: Path, cases: list[volumes.Case]) -> list[dict[str, str]]:
-    """The rows of an existing summary for cases this run does not handle (kept: a summary
-    is never replaced by one that describes less)."""
-    ids = {one_line(c.id) for c in cases}
-    try:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            return [r for r in csv.DictReader(f) if r.get("case") and r["case"] not in ids]
-    except (OSError, csv.Error):
-        return []
-
-
 def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
     if opts.force and opts.skip_existing:
         raise BrainsegError(
@@ -355,6 +334,7 @@ def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
     parse_min_volume(opts.min_volume)
+    check_choice("--summary", opts.summary, SUMMARY_FORMATS)
     if opts.fmt not in (None, "nifti", dicomseg.FORMAT):
         raise BrainsegError(
             f"--format {opts.fmt!r} is not a volume mask format",
@@ -417,25 +397,15 @@ def predict_volumes(
     check_layout(cases, opts)
     if shard is not None:
         cases = cases[shard[0] :: shard[1]]
-    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
-    summary_path = opts.out_dir / f"{name}.csv"
-    _check_summary(summary_path, opts)
+    summary_path = summary_file(opts.out_dir, shard, opts.summary)
+    check_summary(summary_path, opts)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
-        _check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
         if shard is not None and not cases and not summary_path.exists():
             # an empty shard still leaves its (empty) summary: --merge then knows it ran
-            atomic_write_text(summary_path, summary_text([]))
+            write_empty_summary(summary_path, opts.summary, SUMMARY_COLUMNS)
         return _run_cases(opts, cases, summary_path, on_case)
-
-
-def _check_summary(summary_path: Path, opts: PredictOptions) -> None:
-    check_target(summary_path, force=True)
-    if summary_path.exists() and not (opts.force or opts.skip_existing):
-        raise BrainsegError(
-            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
-            hint="pass --skip-existing to resume that run, --force to redo it",
-        )
 
 
 def _run_cases(
@@ -444,7 +414,6 @@ def _run_cases(
     summary_path: Path,
     on_case: Callable[[CaseResult], None] | None,
 ) -> VolumeResult:
-    earlier = _earlier_rows(summary_path, cases)
     factory: Callable[..., Any] = opts.predictor_factory or _predictor
     predictor = factory(
         [Path(m) for m in opts.models],
@@ -457,28 +426,35 @@ def _run_cases(
     fmt = VolumeFormat(opts, predictor.image_size, post, meta)
     results: list[CaseResult] = []
     engine = Engine(predictor, fmt, opts.workers)
+    writer = SummaryWriter(summary_path, opts.summary, SUMMARY_COLUMNS, key="case")
+    bad: list[CaseResult] = []  # rows held until a case is written: all bad = no file at all
 
-    def save() -> None:
-        if any(r.status != "error" for r in results):
-            atomic_write_text(summary_path, summary_text(results, earlier))
+    def row(res: CaseResult) -> None:
+        if res.status == "error" and not writer.rows:
+            bad.append(res)
+            return
+        for r in [*bad, res]:
+            writer.write(r)
+        bad.clear()
 
     try:
         for res in engine.run(cases):
             results.append(res)
-            save()
+            row(res)
             if on_case is not None:
                 on_case(res)
     except KeyboardInterrupt:
-        results += engine.unreported  # written while the run stopped: they get their rows
-        save()
+        for res in engine.unreported:  # written while the run stopped: they get their rows
+            row(res)
         raise
+    finally:
+        written = writer.close()
     settings = {
         "models": [str(m) for m in opts.models],
         "channels": volumes.parse_channels(opts.channels),
         "tta": opts.tta,
         **post.as_dict(),
     }
-    written = summary_path if summary_path.exists() and results else None
     return VolumeResult(results, settings, written)
 
 

@@ -17,6 +17,7 @@ Imports typer and brainseg's console and errors only.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -107,3 +108,37 @@ def use_house_style(group: typer.Typer) -> None:
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
             use_house_style(sub.typer_instance)
+
+
+#: Exit code when stdout is closed under --json (128 + SIGPIPE, as a shell reports it).
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit-time flush does not fail again."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def json_emitter(to_row: Callable[[Any], Any], unit: str) -> Callable[[Any], None]:
+    """A callback printing one --json line per result; a closed stdout ends the run (141)."""
+    emitted = 0
+
+    def emit(res: Any) -> None:
+        nonlocal emitted
+        try:
+            con.emit_json(to_row(res))
+        except BrokenPipeError:
+            # `... --json | head`: the reader has gone; stop like other Unix tools.
+            _silence_stdout()
+            con.info(f"stdout closed: stopped after {emitted + 1} {unit}(s)")
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        emitted += 1
+
+    return emit

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
             ...,
             show_default=False,
             help="A .safetensors checkpoint written by brainseg (also "
-            "hf://OWNER/NAME[@REVISION][/FILE] on the Hugging Face Hub), or an ensemble.json "
+            "hf://OWNER/NAME\\[@REVISION]\\[/FILE] on the Hugging Face Hub), or an ensemble.json "
             "written by `brainseg cv` (runs/cv/expN/ensemble.json).",
         ),
         output: Path | None = typer.Option(

@@ -16,7 +16,7 @@ _HELP = (
     "Show MODEL's card: intended use and limits, training data and split, recipe, metrics "
     "with their protocol, preprocessing, licence, brainseg version.\n\n"
     "MODEL is a .safetensors checkpoint or an .onnx file (also on the Hugging Face Hub: "
-    "hf://OWNER/NAME[@REVISION][/FILE]; or a folder from export --hub-folder); torch is not "
+    "hf://OWNER/NAME\\[@REVISION]\\[/FILE]; or a folder from export --hub-folder); torch is not "
     "needed for either. "
     "Fields follow the MONAI bundle metadata.json convention (docs/model-card.md).\n\n"
     "Example: brainseg info runs/train/exp/best.safetensors --json"
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
             ...,
             show_default=False,
             help="A .safetensors checkpoint, an .onnx file, a folder written by export "
-            "--hub-folder, or hf://OWNER/NAME[@REVISION][/FILE] on the Hugging Face Hub.",
+            "--hub-folder, or hf://OWNER/NAME\\[@REVISION]\\[/FILE] on the Hugging Face Hub.",
         ),
         json_out: bool = typer.Option(
             False, "--json", help="Print the card as JSON on stdout and nothing else."

@@ -8,7 +8,6 @@ nibabel / SimpleITK only when a volume is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def register(app: typer.Typer) -> None:
             metavar="MODEL",
             show_default=False,
             help="Model: a .safetensors checkpoint or an .onnx file "
-            "(or hf://OWNER/NAME[@REVISION][/FILE] on the Hugging Face Hub).",
+            "(or hf://OWNER/NAME\\[@REVISION]\\[/FILE] on the Hugging Face Hub).",
         ),
         inputs: list[str] = typer.Argument(
             ...,
@@ -301,43 +300,10 @@ def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
     return EXIT_RUNTIME
 
 
-#: Exit code when stdout is closed under --json (128 + SIGPIPE, as a shell reports it).
-EXIT_BROKEN_PIPE = 141
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so Python's exit-time flush does not fail again."""
-    import os
-    import sys
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
-def json_emitter(to_row: Callable[[Any], Any], unit: str) -> Callable[[Any], None]:
-    """A callback printing one --json line per result; a closed stdout ends the run (141)."""
-    emitted = 0
-
-    def emit(res: Any) -> None:
-        nonlocal emitted
-        try:
-            con.emit_json(to_row(res))
-        except BrokenPipeError:
-            # `... --json | head`: the reader has gone; stop like other Unix tools.
-            _silence_stdout()
-            con.info(f"stdout closed: stopped after {emitted + 1} {unit}(s)")
-            raise typer.Exit(EXIT_BROKEN_PIPE) from None
-        emitted += 1
-
-    return emit
-
-
 def run_predict(opts: Any, *, json_out: bool = False) -> int:
     """Call :func:`brainseg.batch.predict_inputs` and render its result; the exit code."""
     from brainseg.batch import json_row, predict_inputs, render_result
+    from brainseg.commands.base import json_emitter
 
     if json_out:
         opts.on_result = json_emitter(json_row, "file")

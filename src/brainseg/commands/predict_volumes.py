@@ -20,11 +20,8 @@ SLICE_ONLY = {
     "fmt": "--format",
     "overlay": "--overlay",
     "overlay_rgb": "--overlay-rgb",
-    "summary": "--summary",
     "include_masks": "--include-masks",
 }
-#: Slice-only values that say what volumes do anyway (``--summary csv``): not refused.
-SAME_FOR_VOLUMES = {"summary": "csv"}
 #: ``--format`` values of the volume path (NIfTI masks, DICOM SEG); tif / png are the slices'.
 VOLUME_FORMATS = ("nifti", "dicom-seg")
 #: Options of ``brainseg predict`` that only volume cases use.
@@ -102,9 +99,7 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
     flags = [
         flag
         for name, flag in other.items()
-        if name in given
-        and not (volumes and SAME_FOR_VOLUMES.get(name) == given[name])
-        and not (volumes and name == "fmt" and given[name] in VOLUME_FORMATS)
+        if name in given and not (volumes and name == "fmt" and given[name] in VOLUME_FORMATS)
     ]
     if not volumes and given.get("fmt") in VOLUME_FORMATS:
         raise BrainsegError(
@@ -118,8 +113,7 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
         raise BrainsegError(
             f"{', '.join(flags)}: for image slices only; these inputs are volume cases "
             "(NIfTI / DICOM)",
-            hint="drop the option (volumes write OUT/<case>_mask.nii.gz and summary.csv; "
-            "see docs/volumes.md)",
+            hint="drop the option (volumes write OUT/<case>_mask.nii.gz; see docs/volumes.md)",
         )
     raise BrainsegError(
         f"{', '.join(flags)}: for volume cases only (NIfTI / DICOM); these inputs are image slices",
@@ -129,7 +123,7 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
 
 def run_volume_predict(opts: Any, *, json_out: bool = False) -> int:
     """Call :func:`brainseg.volume_predict.predict_volumes` and render it; the exit code."""
-    from brainseg.commands.predict import json_emitter
+    from brainseg.commands.base import json_emitter
     from brainseg.volume_predict import CaseResult, json_row, predict_volumes
 
     emit = json_emitter(json_row, "case") if json_out else None
