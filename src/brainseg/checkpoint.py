@@ -394,7 +394,7 @@ def load_checkpoint(
     """
     import torch
 
-    from brainseg.model import UNetVGG16
+    from brainseg.model import UNetVGG16, state_mismatch
 
     path = Path(path)
     st_meta, header_shapes = _open_header(path)
@@ -419,49 +419,21 @@ def load_checkpoint(
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
     stored = {k: v for k, v in sorted(header_shapes.items()) if not k.startswith(EXTRA_PREFIX)}
-    _check_shapes(path, meta, shapes, stored)
+    problems = state_mismatch(shapes, stored)
+    if problems:
+        raise BrainsegError(
+            f"checkpoint {path}: tensors do not match its architecture "
+            f"{json.dumps(meta['architecture'], sort_keys=True)}: {problems}",
+            hint="the file was edited or written by incompatible code; use another checkpoint",
+        )
     model = build()
-    # The extra tensors (optimizer state, up to 2x the weights) are not read at all.
+    # The extra tensors (optimizer state, up to 2x the weights) are not read at all; the
+    # shapes safe_open gave are those of the tensors it reads.
     weights = _read_tensors(path, lambda name: None if name.startswith(EXTRA_PREFIX) else name)
-    _check_shapes(path, meta, shapes, {k: tuple(v.shape) for k, v in weights.items()})
     model.load_state_dict(weights, strict=True)
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, meta
-
-
-def _check_shapes(
-    path: Path,
-    meta: Mapping[str, Any],
-    expected: Mapping[str, tuple[int, ...]],
-    stored: Mapping[str, tuple[int, ...]],
-) -> None:
-    """Refuse tensors that do not match the architecture: missing, unexpected, wrong shape."""
-    missing = [k for k in expected if k not in stored]
-    unexpected = [k for k in stored if k not in expected]
-    wrong = [
-        f"{k} {v} (expected {expected[k]})"
-        for k, v in stored.items()
-        if k in expected and v != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape {_few(wrong)}")
-        raise BrainsegError(
-            f"checkpoint {path}: tensors do not match its architecture "
-            f"{json.dumps(meta['architecture'], sort_keys=True)}: " + "; ".join(parts),
-            hint="the file was edited or written by incompatible code; use another checkpoint",
-        )
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 # --------------------------------------------------------------------------- copy
