@@ -183,13 +183,6 @@ def select_patients(
     return list(ids), {"split": str(split_path), "subset": subset, "fold": fold}
 
 
-def resolve_settings(metadata: dict[str, Any], opts: EvalOptions) -> PostSettings:
-    """Options win; otherwise the model's stored threshold / post-processing; else defaults."""
-    return resolve(
-        metadata, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest
-    ).post
-
-
 # --------------------------------------------------------------------------- prediction
 
 
