@@ -304,11 +304,8 @@ def tune(
 def _check_eval_options(
     opts: EvalOptions, split_path: str | os.PathLike[str] | None, subset: str | None
 ) -> Path | None:
-    """The split file's path once the options are checked (before any model or data work)."""
-    if opts.batch_size < 1:
-        raise BrainsegError(
-            f"--batch-size {opts.batch_size} must be at least 1", hint="e.g. --batch-size 8"
-        )
+    """The split file's path once the options are checked (before any model or data work;
+    the batch size: Typer's ``min=1``, then ``Predictor``, built next)."""
     split_p = Path(split_path) if split_path is not None else None
     if split_p is not None and not split_p.is_file():
         raise BrainsegError(

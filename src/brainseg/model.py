@@ -28,7 +28,7 @@ from brainseg.choices import (
     UPSAMPLE_MODES,
 )
 from brainseg.errors import BrainsegError, first_line
-from brainseg.settings import MAX_DECODER_CHANNELS, SIZE_MULTIPLE
+from brainseg.settings import SIZE_MULTIPLE, decoder_channels_error
 
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -153,7 +153,6 @@ class VGGEncoder(nn.Module):
         self.pool_indices: tuple[int, ...] = tuple(
             i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)
         )
-        assert len(self.pool_indices) == 5
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         skips: list[torch.Tensor] = []
@@ -217,20 +216,10 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def _check_decoder_channels(value: Any) -> tuple[int, ...]:
-    try:
-        chans = tuple(int(c) for c in value)
-        ok = len(chans) == 5 and all(
-            0 < c <= MAX_DECODER_CHANNELS and c == v for c, v in zip(chans, value, strict=True)
-        )
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise BrainsegError(
-            f"decoder_channels {value!r} must be 5 integers from 1 to {MAX_DECODER_CHANNELS} "
-            "(one width per decoder stage)",
-            hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}",
-        )
-    return chans
+    why = decoder_channels_error(value)
+    if why:
+        raise BrainsegError(why, hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}")
+    return tuple(value)
 
 
 class UNetVGG16(nn.Module):
@@ -282,8 +271,6 @@ class UNetVGG16(nn.Module):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> UNetVGG16:
         """Build a randomly initialised model from :meth:`config` output."""
-        if not isinstance(cfg, Mapping):
-            raise BrainsegError(f"model config must be a mapping, got {type(cfg).__name__}")
         known = {"encoder", "decoder_channels", "upsample", "normalization"}
         unknown = sorted(set(cfg) - known)
         if unknown:

@@ -164,11 +164,13 @@ def batch_plan(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
 
 def run_info(run: Run, split_path: Path | None) -> dict[str, Any]:
     """config.yaml's run_info: versions, device, batch plan, split and data identity."""
+    import torchvision  # a dependency, heavy to import: the model has imported it already
+
     rt, data = run.rt, run.data
     return {
         "brainseg": __version__,
         "torch": str(torch.__version__),
-        "torchvision": _version_of("torchvision"),
+        "torchvision": str(torchvision.__version__),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -295,10 +297,3 @@ def announce(run: Run, resumed: bool) -> None:
         f"{_plural(run.steps, 'step')} of {run.global_batch} per epoch, "
         f"Dice at the training size {size}x{size} -> {run.run_dir}"
     )
-
-
-def _version_of(module: str) -> str:
-    try:
-        return str(__import__(module).__version__)
-    except Exception:  # pragma: no cover - torchvision is a dependency
-        return "unknown"
