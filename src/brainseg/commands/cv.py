@@ -135,7 +135,10 @@ def run(
         name=name,
         resume=str(resume) if resume is not None else None,
     )
+    from brainseg.commands.train import render
     from brainseg.cv import run_cv, run_fold, write_cv
+
+    opts.show_fold = render
 
     if fold is not None:
         opts.fold = fold

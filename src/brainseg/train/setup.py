@@ -203,14 +203,14 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     return resolved
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) -> Run:
     """Build the run (nothing is trained yet); a resumed run gets its state back."""
     rt = setup_runtime(cfg)
     run_dir, resume, split_path = pick_resume(cfg)
     split = load_split_checked(split_path, cfg.fold)
     raw = build_model(cfg, rt.device, fresh=resume is None)  # checks the encoder weights first
     optimizer, scaler = build_optimizer(cfg, raw, rt)
-    data = load_data(cfg, split, split_path, rt.device)
+    data = load_data(cfg, split, split_path, rt.device, cache_dir)
     steps, global_batch = batch_plan(cfg, data.n, rt.dist.world)
     if rt.dist.is_main and run_dir is None:
         run_dir = next_run_dir(cfg.project, cfg.name, exist_ok=cfg.exist_ok)
