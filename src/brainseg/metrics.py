@@ -28,8 +28,6 @@ from scipy import ndimage
 METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 #: The overlap metrics that the pooled (global) evaluation reports.
 OVERLAP_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity")
-#: Statistics that :meth:`Report.summary` gives for every metric.
-STATS: tuple[str, ...] = ("mean", "median", "std", "min")
 
 
 # --------------------------------------------------------------------------- counts
