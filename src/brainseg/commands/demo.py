@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.commands.train import render
 from brainseg.errors import BrainsegError
 
 _HELP = (
@@ -69,8 +70,6 @@ def _show(stage: str, result: Any) -> None:
     if stage == "split":
         con.result(result.table())
     elif stage == "train" and result.is_main:
-        from brainseg.commands.train import render
-
         render(result)
     elif stage == "eval":
         from brainseg.commands.eval_report import render_report
