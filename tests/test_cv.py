@@ -468,3 +468,17 @@ def test_cv_trains_every_fold_with_a_train_only_option(tmp_path: Path) -> None:
     for k in range(2):
         meta = read_metadata(tmp_path / "runs" / "exp" / f"fold_{k}" / "last.safetensors")
         assert meta["architecture"]["decoder_channels"] == [8, 8, 8, 8, 8]
+
+
+def test_cv_shows_each_trained_folds_final_table(tmp_path: Path) -> None:
+    """issue 23: the fold tables moved from the training loop to the train command's render
+    (CVOptions.show_fold); `brainseg cv` still shows the best epoch of each fold it trains."""
+    from brainseg.data.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "d", patients=4, seed=0, size=32, slices=(4, 5))
+    r = run_cli(["cv", data, "--folds", "2", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--image-size", "32", "--batch-size", "4", "--encoder-weights", "none",
+                 "--decoder-channels", "8,8,8,8,8", "--device", "cpu",
+                 "--project", tmp_path / "runs"], timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("best epoch 1 of 1") == 2, r.stdout

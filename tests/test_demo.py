@@ -63,3 +63,29 @@ def test_demo_refuses_an_unknown_device_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown device 'gpu0'" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_demo_passes_its_cache_folder_and_shows_each_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 23: the demo's own dataset cache reaches each stage as an argument; the process
+    environment is never changed (it was, for the whole run), the user's cache stays empty,
+    and each stage's result goes to the caller's ``show`` (only commands render)."""
+    import os
+
+    from brainseg.demo import DemoOptions, run_demo
+
+    user_cache = tmp_path / "user-cache"
+    monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(user_cache))
+    seen: list[tuple[str, str | None]] = []
+
+    def show(stage: str, result: object) -> None:
+        seen.append((stage, os.environ.get("BRAINSEG_CACHE_DIR")))
+
+    run = tmp_path / "run"
+    res = run_demo(run, DemoOptions(patients=5, epochs=1, device="cpu"), show)
+    assert [stage for stage, _ in seen] == ["split", "train", "eval", "export"]
+    assert all(env == str(user_cache) for _, env in seen)
+    assert not user_cache.exists()
+    assert (run / "cache" / "datasets").is_dir() and res.paths["onnx"].is_file()

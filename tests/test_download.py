@@ -573,6 +573,51 @@ def test_tar_dotdot_member_is_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "evil.txt").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "why"),
+    [
+        ("kaggle_3m/link", tarfile.SYMTYPE, "is a link"),  # to a member inside the archive
+        ("kaggle_3m/hard", tarfile.LNKTYPE, "is a link"),
+        ("kaggle_3m/../evil.txt", tarfile.REGTYPE, "points outside"),  # lands inside, still
+        ("/kaggle_3m/evil.txt", tarfile.REGTYPE, "absolute path"),  # the filter strips the /
+        ("C:/evil.txt", tarfile.REGTYPE, "absolute path"),
+    ],
+)
+def test_tar_members_the_data_filter_accepts_are_still_rejected(
+    tmp_path: Path, name: str, kind: bytes, why: str
+) -> None:
+    """tarfile's "data" filter (the oracle) lets these through; the house rule refuses them
+    (docs/architecture.md says which checks stay ours and why)."""
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.linkname = "kaggle_3m/ok.txt" if kind != tarfile.REGTYPE else ""
+    tarfile.data_filter(ti, str(tmp_path / "out"))  # accepted: no FilterError
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tf:
+        ok = tarfile.TarInfo("kaggle_3m/ok.txt")
+        ok.size = 4
+        tf.addfile(ok, io.BytesIO(b"fine"))
+        ti.size = 0
+        tf.addfile(ti, io.BytesIO(b""))
+    with pytest.raises(BrainsegError, match=why) as ei:
+        dl.safe_extract(archive, tmp_path / "out")
+    assert "unsafe archive" in ei.value.message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.FIFOTYPE, tarfile.CHRTYPE, b"Z"])
+def test_tar_special_and_unknown_members_are_rejected(tmp_path: Path, kind: bytes) -> None:
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.addfile(tarfile.TarInfo("kaggle_3m/ok.txt"))
+        ti = tarfile.TarInfo("kaggle_3m/odd")
+        ti.type = kind
+        tf.addfile(ti)
+    with pytest.raises(BrainsegError, match=r"unsafe archive .*kaggle_3m/odd"):
+        dl.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_size_and_ratio_limits(tmp_path: Path) -> None:
     archive = tmp_path / "zeros.zip"
     buf = io.BytesIO()

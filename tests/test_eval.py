@@ -110,12 +110,16 @@ def test_select_patients_fold_and_foreign_split(tmp_path: Path) -> None:
 
 
 def test_resolve_settings_prefers_options_then_metadata() -> None:
+    """settings.resolve, the one rule eval uses (evaluation.resolve_settings, a test-only
+    wrapper of it, is gone)."""
+    from brainseg.settings import resolve
+
     meta = {"threshold": 0.35, "postprocess": {"min_size": 12, "largest_component": True}}
-    s = ev.resolve_settings(meta, ev.EvalOptions())
+    s = resolve(meta).post
     assert (s.threshold, s.min_size, s.largest) == (0.35, 12, True)
-    s = ev.resolve_settings(meta, ev.EvalOptions(threshold=0.6, min_size=0, largest=False))
+    s = resolve(meta, threshold=0.6, min_size=0, largest=False).post
     assert (s.threshold, s.min_size, s.largest) == (0.6, 0, False)
-    s = ev.resolve_settings({}, ev.EvalOptions())
+    s = resolve({}).post
     assert (s.threshold, s.min_size, s.largest) == (0.5, 0, False)
 
 

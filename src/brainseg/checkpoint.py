@@ -9,8 +9,8 @@ Layout of a ``.safetensors`` checkpoint written here:
   version, versions, the architecture (``model.config()``), threshold, postprocessing, epoch,
   metrics, the resolved config and the split hash (see docs/model.md).
 
-:func:`read_metadata` and :func:`copy_with_metadata` use only the standard library (torch is
-imported lazily by the functions that need it), so torch-free code can inspect checkpoints.
+:func:`read_metadata` and :func:`copy_with_metadata` need safetensors and numpy, never torch
+(imported lazily by the functions that need it), so torch-free code can inspect checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from safetensors import SafetensorError, safe_open
 
 from brainseg import __version__
 from brainseg.devices import resolve_device
@@ -49,7 +51,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "brainseg"
 #: Tensor-name prefix of the ``extra`` tensors.
 EXTRA_PREFIX = "extra/"
-#: Largest header we parse (safetensors' own limit is 100 MB).
+#: Largest header length :func:`sniff_model_file` takes for safetensors (safetensors' own limit).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Metadata defaults filled in when a caller (or an older file) leaves them out.
 DEFAULTS: dict[str, Any] = {
@@ -67,80 +69,41 @@ _PROTECTED = ("format_version", "architecture")
 _HINT_CKPT = "pass a .safetensors checkpoint written by brainseg (runs/train/exp/best.safetensors)"
 
 
-# --------------------------------------------------------------------------- header (stdlib)
+# --------------------------------------------------------------------------- header (no torch)
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    """Parse the safetensors header of ``path``: (header dict, header length, file size).
+def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The safetensors metadata and tensor shapes of ``path``, checked by safetensors itself.
 
-    Checks the file is a complete safetensors file (header bounded, data section as long as
-    the header says) without reading the tensor data.
+    ``safe_open`` checks the header length (at most 100 MB, before reading it), the JSON, each
+    tensor's dtype, shape and offsets and that the file holds every byte the header promises,
+    without reading the tensor data; this only turns its errors into messages naming the file.
     """
     if not path.exists():
         raise BrainsegError(f"checkpoint {path} does not exist", hint=_HINT_CKPT)
     if path.is_dir():
         raise BrainsegError(f"checkpoint {path} is a directory, not a file", hint=_HINT_CKPT)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise BrainsegError(
-                    f"checkpoint {path} is not a safetensors file ({size} bytes, too short)",
-                    hint=_HINT_CKPT,
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER_BYTES or n > size - 8:
-                raise BrainsegError(_not_safetensors(path, head, size, n), hint=_HINT_CKPT)
-            raw = f.read(n)
+        with safe_open(str(path), framework="np") as f:
+            st_meta = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except OSError as exc:
         raise BrainsegError(
             f"cannot read checkpoint {path}: {exc.strerror or exc}",
             hint="check the file exists and is readable",
         ) from exc
-    try:
-        header = load_metadata_json(raw.decode("utf-8"), "header")
-    except (UnicodeDecodeError, ValueError) as exc:
-        why = str(exc) if "nested" in str(exc) else "header is not JSON"
-        raise BrainsegError(
-            f"checkpoint {path} is not a safetensors file ({why})", hint=_HINT_CKPT
-        ) from exc
-    if not isinstance(header, dict):
-        raise BrainsegError(
-            f"checkpoint {path} is not a safetensors file (header is not a JSON object)",
-            hint=_HINT_CKPT,
-        )
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_count(o) for o in offsets)
-            or offsets[0] > offsets[1]
-            or not isinstance(shape, list)
-            or not all(_is_count(d) for d in shape)
-            or not isinstance(info.get("dtype"), str)
-        ):
-            raise BrainsegError(
-                f"checkpoint {path} has a malformed safetensors header (tensor {name!r})",
-                hint=_HINT_CKPT,
-            )
-        end = max(end, offsets[1])
-    if 8 + n + end > size:
-        raise BrainsegError(
-            f"checkpoint {path} is truncated: {size} bytes, the header promises {8 + n + end}",
-            hint="the file was cut short (interrupted copy or download); copy it again or use "
-            "another checkpoint (e.g. last.safetensors)",
-        )
-    return header, n, size
+    except SafetensorError as exc:
+        message, hint = _not_safetensors(path, first_line(exc))
+        raise BrainsegError(message, hint=hint) from exc
+    return st_meta, shapes
 
 
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def _raw_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header dict (with the data offsets) and its length, of a file ``_open_header``
+    accepted: what a streamed copy with new metadata needs and ``safe_open`` does not give."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), n
 
 
 #: What :func:`sniff_model_file` can say, and how a message names it.
@@ -218,32 +181,53 @@ def check_model_file(
     return p
 
 
-def _not_safetensors(path: Path, head: bytes, size: int, n: int) -> str:
-    """Why ``path`` is not a safetensors file, as specific as the first bytes allow."""
+def _not_safetensors(path: Path, why: str) -> tuple[str, str]:
+    """Why safetensors refused ``path`` (its message ``why``), as specific as the first bytes
+    allow: (message, hint)."""
     kind = sniff_model_file(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    cut = (
+        "the file was cut short (interrupted copy or download); copy it again or use "
+        "another checkpoint (e.g. last.safetensors)"
+    )
     if kind == "onnx":
-        return (
+        message = (
             f"{path} is an ONNX model, not a checkpoint; this command takes a .safetensors "
             "checkpoint (the one the ONNX file was exported from)"
         )
-    if kind in ("pickle", "zip"):
-        return (
+    elif kind in ("pickle", "zip"):
+        message = (
             f"checkpoint {path} is a PyTorch pickle (.pth/.pt), not a safetensors file; "
             "brainseg never loads pickled checkpoints"
         )
-    if 8 < n <= MAX_HEADER_BYTES and n > size - 8:
-        return (
+    elif size < 8:
+        message = f"checkpoint {path} is not a safetensors file ({size} bytes, too short)"
+    elif 8 < n <= MAX_HEADER_BYTES and n > size - 8:
+        message = (
             f"checkpoint {path} is truncated: the header alone needs {n + 8} bytes, "
             f"the file has {size}"
         )
-    if kind == "text":
-        return f"checkpoint {path} is a text file, not a safetensors file"
-    return f"checkpoint {path} is not a safetensors file (invalid header length {n})"
+        return message, cut
+    elif "not fully covered" in why:
+        return f"checkpoint {path} is truncated: {size} bytes, less than its header promises", cut
+    elif kind == "text":
+        message = f"checkpoint {path} is a text file, not a safetensors file"
+    elif kind != "safetensors":
+        message = f"checkpoint {path} is not a safetensors file (invalid header length {n})"
+    elif "recursion limit" in why:
+        message = f"checkpoint {path} is not a safetensors file (header is nested too deeply)"
+    else:
+        why = why.removeprefix("Error while deserializing header: ")
+        message = f"checkpoint {path} has a malformed safetensors header ({why})"
+    return message, _HINT_CKPT
 
 
-def _brainseg_meta(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
-    st_meta = header.get("__metadata__")
-    if not isinstance(st_meta, dict) or METADATA_KEY not in st_meta:
+def _brainseg_meta(path: Path, st_meta: Mapping[str, str]) -> dict[str, Any]:
+    """The brainseg JSON of the safetensors metadata ``st_meta``, checked, with defaults."""
+    if METADATA_KEY not in st_meta:
         raise BrainsegError(
             f"{path} is a safetensors file without brainseg metadata (not a brainseg checkpoint)",
             hint=_HINT_CKPT,
@@ -288,8 +272,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises BrainsegError (naming the file) for a missing, foreign, truncated or too new file.
     """
     path = Path(path)
-    header, _, _ = _read_header(path)
-    return _brainseg_meta(path, header)
+    return _brainseg_meta(path, _open_header(path)[0])
 
 
 # --------------------------------------------------------------------------- metadata helpers
@@ -393,10 +376,7 @@ def _read_tensors(
     path: Path, rename: Callable[[str], str | None], device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """The tensors whose ``rename(name)`` is not None, under that new name."""
-    from safetensors import safe_open
-
-    header, _, _ = _read_header(path)
-    _brainseg_meta(path, header)
+    _brainseg_meta(path, _open_header(path)[0])
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -420,11 +400,11 @@ def load_checkpoint(
     """
     import torch
 
-    from brainseg.model import UNetVGG16
+    from brainseg.model import UNetVGG16, state_mismatch
 
     path = Path(path)
-    header, _, _ = _read_header(path)
-    meta = _brainseg_meta(path, header)
+    st_meta, header_shapes = _open_header(path)
+    meta = _brainseg_meta(path, st_meta)
 
     def build() -> UNetVGG16:
         try:
@@ -444,54 +424,22 @@ def load_checkpoint(
     # model that cannot match the stored tensors (found by tests/test_properties.py).
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-    stored = {
-        k: tuple(v.get("shape") or ()) if isinstance(v, dict) else None
-        for k, v in sorted(header.items())
-        if k != "__metadata__" and not k.startswith(EXTRA_PREFIX)
-    }
-    _check_shapes(path, meta, shapes, stored)
+    stored = {k: v for k, v in sorted(header_shapes.items()) if not k.startswith(EXTRA_PREFIX)}
+    problems = state_mismatch(shapes, stored)
+    if problems:
+        raise BrainsegError(
+            f"checkpoint {path}: tensors do not match its architecture "
+            f"{json.dumps(meta['architecture'], sort_keys=True)}: {problems}",
+            hint="the file was edited or written by incompatible code; use another checkpoint",
+        )
     model = build()
-    # The extra tensors (optimizer state, up to 2x the weights) are not read at all.
+    # The extra tensors (optimizer state, up to 2x the weights) are not read at all; the
+    # shapes safe_open gave are those of the tensors it reads.
     weights = _read_tensors(path, lambda name: None if name.startswith(EXTRA_PREFIX) else name)
-    _check_shapes(path, meta, shapes, {k: tuple(v.shape) for k, v in weights.items()})
     model.load_state_dict(weights, strict=True)
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, meta
-
-
-def _check_shapes(
-    path: Path,
-    meta: Mapping[str, Any],
-    expected: Mapping[str, tuple[int, ...]],
-    stored: Mapping[str, tuple[Any, ...] | None],
-) -> None:
-    """Refuse tensors that do not match the architecture: missing, unexpected, wrong shape."""
-    missing = [k for k in expected if k not in stored]
-    unexpected = [k for k in stored if k not in expected]
-    wrong = [
-        f"{k} {v} (expected {expected[k]})"
-        for k, v in stored.items()
-        if k in expected and v != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape {_few(wrong)}")
-        raise BrainsegError(
-            f"checkpoint {path}: tensors do not match its architecture "
-            f"{json.dumps(meta['architecture'], sort_keys=True)}: " + "; ".join(parts),
-            hint="the file was edited or written by incompatible code; use another checkpoint",
-        )
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 # --------------------------------------------------------------------------- copy
@@ -510,8 +458,7 @@ def copy_with_metadata(
     ``force=True`` (an in-place metadata update, e.g. a tuned threshold).
     """
     src, dst = Path(src), Path(dst)
-    header, n, _ = _read_header(src)
-    meta = _brainseg_meta(src, header)
+    meta = _brainseg_meta(src, _open_header(src)[0])
     bad = [k for k in updates if k in _PROTECTED]
     if bad:
         raise BrainsegError(
@@ -527,6 +474,7 @@ def copy_with_metadata(
     ):
         raise BrainsegError(f"threshold {threshold!r} must be a number in [0, 1]")
     meta.update(dict(updates))
+    header, n = _raw_header(src)
     new_header = dict(header)
     st_meta = dict(header.get("__metadata__") or {})
     st_meta[METADATA_KEY] = _dump(meta)

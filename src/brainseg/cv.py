@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class CVOptions:
     resume: str | None = None  # a cv folder to continue
     predict_batch_size: int = 16
     fold: int | None = None  # --fold K: train only this fold (folds as independent jobs)
+    show_fold: Callable[[Any], None] | None = None  # renders a fold's TrainResult (the command)
 
 
 @dataclass
@@ -404,8 +405,9 @@ def fold_progress(run_dir: Path) -> tuple[int, int] | None:
     return int(state.get("epoch", meta.get("epoch", 0))), int(state.get("step_in_epoch", 0))
 
 
-def train_fold(plan: CVPlan, k: int) -> FoldRun:
-    """Train fold ``k`` (or resume it, or skip it when its run says it is finished)."""
+def train_fold(plan: CVPlan, k: int, show: Callable[[Any], None] | None = None) -> FoldRun:
+    """Train fold ``k`` (or resume it, or skip it when its run says it is finished); ``show``
+    gets the fold's TrainResult when it was trained here."""
     from brainseg.config import TrainConfig, load_resume_config
     from brainseg.data.split import load_split
     from brainseg.fsutil import remove_temps
@@ -420,7 +422,7 @@ def train_fold(plan: CVPlan, k: int) -> FoldRun:
         con.info(f"fold {k}/{plan.n_folds}: finished earlier ({run}), not retrained")
         status = "finished earlier"
     else:
-        from brainseg.train import train
+        from brainseg.train import run_training
 
         if trained:  # stopped after its last checkpoint: --resume writes what it lacks
             con.info(f"fold {k}/{plan.n_folds}: finishing {run}")
@@ -445,10 +447,9 @@ def train_fold(plan: CVPlan, k: int) -> FoldRun:
             }
             cfg = TrainConfig.from_dict(values, f"{plan.cv_dir / CV_FILE}")
             status = "trained"
-        cfg.validate()
-        done = Path(train(cfg))
-        if done.resolve() != run.resolve():  # pragma: no cover - train's folder rule changed
-            raise BrainsegRuntimeError(f"fold {k} was trained in {done}, expected {run}")
+        fold_result = run_training(cfg)  # validates; into ``run`` (project, name, exist_ok)
+        if show is not None and fold_result.is_main:
+            show(fold_result)
     model = plan.model_path(k)
     if not model.is_file():
         raise BrainsegRuntimeError(
@@ -724,7 +725,7 @@ def run_fold(opts: CVOptions) -> tuple[CVPlan, FoldRun]:
             hint=f"--fold K with 0 <= K < {plan.n_folds}",
         )
     with _fold_lock(plan, opts.fold):
-        return plan, train_fold(plan, opts.fold)
+        return plan, train_fold(plan, opts.fold, opts.show_fold)
 
 
 def run_cv(opts: CVOptions) -> CVResult:
@@ -750,7 +751,7 @@ def run_cv(opts: CVOptions) -> CVResult:
     folds = []
     for k in range(plan.n_folds):
         with _fold_lock(plan, k):
-            folds.append(train_fold(plan, k))
+            folds.append(train_fold(plan, k, opts.show_fold))
     return summarise(plan, folds)
 
 

@@ -7,11 +7,9 @@ user will type next: synthetic data -> split -> train -> eval -> predict a folde
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,32 +71,25 @@ class DemoResult:
 STAGES = ("data", "split", "train", "eval", "predict", "export", "predict_onnx")
 
 
-def run_demo(run_dir: Path, opts: DemoOptions | None = None) -> DemoResult:
+#: Shows a stage's result as it comes: ``show(stage, result)`` with the split's SplitResult,
+#: training's TrainResult, eval's EvalResult or export's ExportReport (the command renders).
+Show = Callable[[str, Any], None]
+
+
+def run_demo(
+    run_dir: Path, opts: DemoOptions | None = None, show: Show | None = None
+) -> DemoResult:
     """Run every stage into ``run_dir`` (which must be new or empty).
 
-    The dataset cache goes to ``run_dir/cache`` rather than the user's cache folder, so
-    deleting the run folder removes every trace of the demo.
+    The dataset cache goes to ``run_dir/cache`` rather than the user's cache folder (each
+    stage gets it as an argument), so deleting the run folder removes every trace of the demo.
     """
-    opts = opts or DemoOptions()
-    with _env("BRAINSEG_CACHE_DIR", str(run_dir / "cache")):
-        return _run(run_dir, opts)
+    return _run(run_dir, opts or DemoOptions(), show or (lambda stage, result: None))
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def _run(run_dir: Path, opts: DemoOptions) -> DemoResult:
+def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
     res = DemoResult(run_dir=run_dir)
+    cache = run_dir / "cache"
 
     def stage(i: int, title: str, fn: Callable[[], T]) -> T:
         con.info(f"[{i}/{len(STAGES)}] {title}")
@@ -114,24 +105,28 @@ def _run(run_dir: Path, opts: DemoOptions) -> DemoResult:
     )
     res.paths["data"] = data
     split_path = run_dir / "splits.yaml"
-    stage(2, "patient-level 80/20 split", lambda: _split(data, split_path, opts))
+    split = stage(2, "patient-level 80/20 split", lambda: _split(data, split_path, cache, opts))
+    show("split", split)
     res.paths["split"] = split_path
-    train_dir = stage(
+    trained = stage(
         3,
         f"train {opts.epochs} epochs (small decoder, random encoder)",
-        lambda: _train(data, split_path, run_dir, opts),
+        lambda: _train(data, split_path, run_dir, cache, opts),
     )
+    show("train", trained)
+    train_dir = trained.run_dir
     best = train_dir / "best.safetensors"
     res.paths["train"] = train_dir
     res.paths["checkpoint"] = best
     eval_dir = run_dir / "eval"
-    eval_dice = stage(
+    evaluated = stage(
         4,
         "evaluate on the validation patients",
-        lambda: _eval(best, data, split_path, eval_dir, opts),
+        lambda: _eval(best, data, split_path, eval_dir, cache, opts),
     )
+    show("eval", evaluated)
     res.paths["eval"] = eval_dir
-    res.dice["eval"] = eval_dice
+    res.dice["eval"] = float(evaluated.summary["per_patient"]["dice"]["mean"])
 
     from brainseg.data.split import load_split
 
@@ -148,7 +143,12 @@ def _run(run_dir: Path, opts: DemoOptions) -> DemoResult:
     )
     res.paths["predict"] = pred_torch
     onnx_path = run_dir / "model.onnx"
-    stage(6, "export to ONNX and verify against PyTorch", lambda: _export(best, onnx_path, data))
+    exported = stage(
+        6,
+        "export to ONNX and verify against PyTorch",
+        lambda: _export(best, onnx_path, data, cache),
+    )
+    show("export", exported)
     res.paths["onnx"] = onnx_path
     pred_onnx = run_dir / "predict-onnx"
     stage(
@@ -175,15 +175,15 @@ def _data(run_dir: Path, opts: DemoOptions) -> Path:
     return write_synthetic(run_dir / "data", patients=opts.patients, seed=opts.seed, size=opts.size)
 
 
-def _split(data: Path, out: Path, opts: DemoOptions) -> None:
+def _split(data: Path, out: Path, cache: Path, opts: DemoOptions) -> Any:
     from brainseg.data.split import SplitOptions, make_split_file
 
-    con.result(make_split_file(SplitOptions(data, out, seed=opts.seed)).table())
+    return make_split_file(SplitOptions(data, out, seed=opts.seed, cache_dir=cache))
 
 
-def _train(data: Path, split: Path, run_dir: Path, opts: DemoOptions) -> Path:
+def _train(data: Path, split: Path, run_dir: Path, cache: Path, opts: DemoOptions) -> Any:
     from brainseg.config import load_config
-    from brainseg.train import train
+    from brainseg.train import run_training
 
     cfg = load_config(
         None,
@@ -200,17 +200,17 @@ def _train(data: Path, split: Path, run_dir: Path, opts: DemoOptions) -> Path:
             "exist_ok": True,
         },
     )
-    return train(cfg)  # validates the config before any work
+    return run_training(cfg, cache_dir=cache)  # validates the config before any work
 
 
-def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) -> float:
+def _eval(model: Path, data: Path, split: Path, out: Path, cache: Path, opts: DemoOptions) -> Any:
     from brainseg import evaluation as ev
 
-    result = ev.run_eval([model], data, split, "val", None, ev.EvalOptions(device=opts.device))
+    opts_ = ev.EvalOptions(device=opts.device, cache_dir=cache)
+    result = ev.run_eval([model], data, split, "val", None, opts_)
     out.mkdir(parents=True, exist_ok=True)
     ev.write_run(result, out)
-    ev.render_report(result.summary)
-    return float(result.summary["per_patient"]["dice"]["mean"])
+    return result
 
 
 def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
@@ -235,11 +235,10 @@ def _predict(model: Path, scans: Path, out: Path, opts: DemoOptions) -> None:
         raise BrainsegRuntimeError(f"prediction into {out} failed for some files (exit {code})")
 
 
-def _export(checkpoint: Path, out: Path, data: Path) -> None:
-    from brainseg.export import export_onnx, report_rows, report_title
+def _export(checkpoint: Path, out: Path, data: Path, cache: Path) -> Any:
+    from brainseg.export import export_onnx
 
-    report = export_onnx(checkpoint, out, verify_data=data)
-    con.result(con.table(report_title(report), *report_rows(report)))
+    return export_onnx(checkpoint, out, verify_data=data, cache_dir=cache)
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -10,7 +10,7 @@
 Model paths are relative to the manifest's folder (the run folder can be moved or copied
 as a whole); absolute paths are accepted too. ``threshold`` and ``postprocess`` have the
 shape of a checkpoint's metadata, so code that reads a model's stored post-processing
-(:func:`brainseg.evaluation.resolve_settings`) reads an ensemble's the same way.
+(:func:`brainseg.settings.resolve`) reads an ensemble's the same way.
 
 Only the standard library here: the manifest is read on the torch-free ONNX path too.
 """

@@ -83,6 +83,7 @@ class EvalOptions:
     batch_size: int = 8
     skip_bad: bool = False
     tune: bool = False
+    cache_dir: Path | None = None  # the dataset cache's folder (None: the default one)
 
 
 @dataclass
@@ -187,13 +188,6 @@ def select_patients(
             "`brainseg split DATA --test-fraction 0.2` for a test subset",
         )
     return list(ids), {"split": str(split_path), "subset": subset, "fold": fold}
-
-
-def resolve_settings(metadata: dict[str, Any], opts: EvalOptions) -> PostSettings:
-    """Options win; otherwise the model's stored threshold / post-processing; else defaults."""
-    return resolve(
-        metadata, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest
-    ).post
 
 
 # --------------------------------------------------------------------------- prediction
@@ -317,11 +311,8 @@ def tune(
 def _check_eval_options(
     opts: EvalOptions, split_path: str | os.PathLike[str] | None, subset: str | None
 ) -> Path | None:
-    """The split file's path once the options are checked (before any model or data work)."""
-    if opts.batch_size < 1:
-        raise BrainsegError(
-            f"--batch-size {opts.batch_size} must be at least 1", hint="e.g. --batch-size 8"
-        )
+    """The split file's path once the options are checked (before any model or data work;
+    the batch size: Typer's ``min=1``, then ``Predictor``, built next)."""
     split_p = Path(split_path) if split_path is not None else None
     if split_p is not None and not split_p.is_file():
         raise BrainsegError(
@@ -350,7 +341,7 @@ def run_eval(
 
     # the models first: a corrupt file is one line before any dataset cache is built
     predictor = make_predictor(model_paths, opts, predictor_factory)
-    data = load_dataset(data_path, skip_bad=opts.skip_bad)
+    data = load_dataset(data_path, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
     rows = data.indices_of(ids)
     if rows.size == 0:
@@ -586,91 +577,6 @@ def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
 def summary_json(summary: dict[str, Any]) -> str:
     """summary.json text: strict JSON (NaN written as null)."""
     return json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
-
-
-# --------------------------------------------------------------------------- report
-
-
-def render_report(summary: dict[str, Any]) -> None:
-    """The per-patient and per-slice statistics table, then global and detection lines.
-
-    Everything goes to the result channel (``console.result``), never to status lines.
-    """
-
-    levels = [
-        ("per patient", "per_patient"),
-        ("per slice (tumor)", "per_slice_tumor"),
-        ("per slice (all)", "per_slice_all"),
-    ]
-    rows: list[list[Any]] = []
-    for metric in metrics.METRICS:
-        for label, key in levels:
-            st = summary[key][metric]
-            rows.append(
-                [
-                    metric if label == "per patient" else "",
-                    label,
-                    _f(st["mean"]),
-                    _f(st["median"]),
-                    _f(st["std"]),
-                    _f(st["min"]),
-                    st["n"],
-                ]
-            )
-    c = summary["counts"]
-    fold = "" if summary["fold"] is None else f", fold {summary['fold']}"
-    at = summary["measured_at"]
-    model_in = at["model_input"]
-    title = (
-        f"{c['patients']} patients, {c['slices']} slices ({c['tumor_slices']} with tumor)"
-        f" - subset {summary['subset']}{fold} - measured at the images' own size "
-        f"{at['size'][0]}x{at['size'][1]}"
-        + (f" (model input {model_in[0]}x{model_in[1]})" if model_in else "")
-        + (" - NOT HELD OUT (see below)" if summary.get("trained_on_scored_patients") else "")
-    )
-    table = console.table(title, ["metric", "level", "mean", "median", "std", "min", "n"], rows)
-    table.columns[1].justify = "left"
-    console.result(table)
-    g, d, sk = summary["global"], summary["detection"], summary["hd95_skipped"]
-    console.result(
-        "global (all pixels pooled): "
-        + "  ".join(f"{k} {_s(g[k])}" for k in ("dice", "iou", "precision", "recall"))
-    )
-    console.result(
-        f"slice detection: sensitivity {_s(d['sensitivity'])}  specificity "
-        f"{_s(d['specificity'])}  (tp {d['tp']}, fp {d['fp']}, fn {d['fn']}, "
-        f"tn {d['tn']})"
-    )
-    console.result(
-        f"HD95 (pixels) skipped for an empty mask: {sk['per_patient']} patients, "
-        f"{sk['per_slice_tumor']} tumor slices, {sk['per_slice_all']} slices"
-    )
-    if summary.get("trained_on_scored_patients"):
-        console.result(
-            f"NOT HELD OUT: {overlap_warning(summary['training_overlap'], c['patients'])}"
-        )
-
-
-def render_tune(tuned: TuneResult, output: Path | None) -> None:
-    """The --tune line: the best settings and the gain over the model's own."""
-    b, base = tuned.best, tuned.baseline
-    console.result(
-        f"tuned on these patients: threshold {b.threshold:g}, min-size {b.min_size}, "
-        f"{'--largest' if b.largest else '--no-largest'} -> mean per-patient Dice "
-        f"{tuned.best_dice:.4f} (was {tuned.baseline_dice:.4f} with threshold "
-        f"{base.threshold:g}, min-size {base.min_size}, "
-        f"{'--largest' if base.largest else '--no-largest'}; gain {tuned.gain:+.4f})"
-    )
-    if output is not None:
-        console.info(f"tuned copy written to {output}")
-
-
-def _f(v: float | None) -> float:
-    return float("nan") if v is None else float(v)
-
-
-def _s(v: float | None) -> str:
-    return console.fmt(_f(v))
 
 
 # --------------------------------------------------------------------------- tuned copy

@@ -42,8 +42,6 @@ CV_PATIENT_COLUMNS = [
 ]
 #: The overlap metrics that the pooled (global) evaluation reports.
 OVERLAP_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity")
-#: Statistics that :meth:`Report.summary` gives for every metric.
-STATS: tuple[str, ...] = ("mean", "median", "std", "min")
 
 
 # --------------------------------------------------------------------------- counts

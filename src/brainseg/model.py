@@ -28,7 +28,7 @@ from brainseg.choices import (
     UPSAMPLE_MODES,
 )
 from brainseg.errors import BrainsegError, first_line
-from brainseg.settings import MAX_DECODER_CHANNELS, SIZE_MULTIPLE
+from brainseg.settings import SIZE_MULTIPLE, decoder_channels_error
 
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -153,7 +153,6 @@ class VGGEncoder(nn.Module):
         self.pool_indices: tuple[int, ...] = tuple(
             i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)
         )
-        assert len(self.pool_indices) == 5
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         skips: list[torch.Tensor] = []
@@ -217,20 +216,10 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def _check_decoder_channels(value: Any) -> tuple[int, ...]:
-    try:
-        chans = tuple(int(c) for c in value)
-        ok = len(chans) == 5 and all(
-            0 < c <= MAX_DECODER_CHANNELS and c == v for c, v in zip(chans, value, strict=True)
-        )
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise BrainsegError(
-            f"decoder_channels {value!r} must be 5 integers from 1 to {MAX_DECODER_CHANNELS} "
-            "(one width per decoder stage)",
-            hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}",
-        )
-    return chans
+    why = decoder_channels_error(value)
+    if why:
+        raise BrainsegError(why, hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}")
+    return tuple(value)
 
 
 class UNetVGG16(nn.Module):
@@ -282,8 +271,6 @@ class UNetVGG16(nn.Module):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> UNetVGG16:
         """Build a randomly initialised model from :meth:`config` output."""
-        if not isinstance(cfg, Mapping):
-            raise BrainsegError(f"model config must be a mapping, got {type(cfg).__name__}")
         known = {"encoder", "decoder_channels", "upsample", "normalization"}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -324,11 +311,34 @@ class UNetVGG16(nn.Module):
 # --------------------------------------------------------------------------- encoder weights
 
 
-def _expected_features(encoder: str) -> dict[str, torch.Size]:
-    """Key -> shape of torchvision's ``features`` state dict for ``encoder`` (built on meta)."""
+def _expected_features(encoder: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of torchvision's VGG16(-BN) state dict ``features.*`` (built on meta)."""
     with torch.device("meta"):
         features = _vgg_features(encoder, init=False)
-    return {k: v.shape for k, v in features.state_dict().items()}
+    return {f"features.{k}": tuple(v.shape) for k, v in features.state_dict().items()}
+
+
+def state_mismatch(
+    expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]]
+) -> str:
+    """Why tensors of shapes ``stored`` (name -> shape) would not load strictly where
+    ``expected`` is wanted: ``"missing ...; unexpected ...; wrong shape ..."`` naming a few of
+    each, or ``""``. One line, shapes as tuples (torch's own strict-load error lists every key,
+    3,400 characters on 13 lines for VGG16 weights given to the BN encoder)."""
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    wrong = [
+        f"{k} {tuple(v)} (expected {tuple(expected[k])})"
+        for k, v in stored.items()
+        if k in expected and tuple(v) != tuple(expected[k])
+    ]
+    groups = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+    return "; ".join(f"{what} {_few(keys)}" for what, keys in groups if keys)
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 def _torch_load(path: Path) -> Any:
@@ -397,60 +407,35 @@ def _features_from(
     state: Mapping[str, torch.Tensor], path: Path, encoder: str
 ) -> dict[str, torch.Tensor]:
     """Pick ``features.*`` out of a torchvision VGG16 state dict; check keys and shapes."""
-    expected = _expected_features(encoder)
-    feats: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in state.items():
-        k = key[len("module.") :] if key.startswith("module.") else key
-        if k.startswith("features."):
-            feats[k[len("features.") :]] = value
-        elif not k.startswith("classifier."):
-            unexpected.append(key)
-    if not feats:
+    stored = {
+        key.removeprefix("module."): value
+        for key, value in state.items()
+        if not key.removeprefix("module.").startswith("classifier.")
+    }
+    if not any(k.startswith("features.") for k in stored):
         raise BrainsegError(
             f"encoder weights {path} holds no VGG16 'features.*' tensors",
             hint="pass a torchvision VGG16 state dict (features.N.weight / features.N.bias)",
         )
-    missing = [k for k in expected if k not in feats]
-    unexpected += ["features." + k for k in feats if k not in expected]
-    wrong = [
-        f"features.{k} {tuple(v.shape)} (expected {tuple(expected[k])})"
-        for k, v in feats.items()
-        if k in expected and v.shape != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(
-                "missing "
-                + ", ".join("features." + k for k in missing[:3])
-                + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
-            )
-        if unexpected:
-            problems.append(
-                "unexpected "
-                + ", ".join(unexpected[:3])
-                + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
-            )
-        if wrong:
-            problems.append("wrong shape " + ", ".join(wrong[:3]))
+    expected = _expected_features(encoder)
+    shapes = {k: tuple(v.shape) for k, v in stored.items()}
+    problems = state_mismatch(expected, shapes)
+    if problems:
         keys = list(expected)
         other = "vgg16" if encoder == "vgg16_bn" else "vgg16_bn"
         hint = (
             f"expected a torchvision {encoder} state dict with keys {keys[0]} ... {keys[-1]} "
             f"({len(keys)} tensors, classifier.* ignored)"
         )
-        if _matches(feats, _expected_features(other)):
+        if not state_mismatch(_expected_features(other), shapes):
             hint = f"these look like {other} weights: use encoder={other!r} (--encoder {other})"
         raise BrainsegError(
-            f"encoder weights {path} do not match the {encoder} encoder: " + "; ".join(problems),
-            hint=hint,
+            f"encoder weights {path} do not match the {encoder} encoder: {problems}", hint=hint
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in feats.items()}
-
-
-def _matches(feats: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> bool:
-    return set(feats) == set(expected) and all(feats[k].shape == s for k, s in expected.items())
+    return {
+        k.removeprefix("features."): v.float() if v.is_floating_point() else v
+        for k, v in stored.items()
+    }
 
 
 def resolve_encoder_weights(

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
-from brainseg.commands.train import training_options
+from brainseg.commands.train import render, training_options
 from brainseg.config import fields_with
 
 HELP = (
@@ -136,6 +136,8 @@ def run(
         resume=str(resume) if resume is not None else None,
     )
     from brainseg.cv import run_cv, run_fold, write_cv
+
+    opts.show_fold = render
 
     if fold is not None:
         opts.fold = fold

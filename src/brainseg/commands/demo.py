@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.commands.train import render
 from brainseg.errors import BrainsegError
 
 _HELP = (
@@ -57,10 +58,27 @@ def register(app: typer.Typer) -> None:
         res = run_demo(
             run_dir,
             DemoOptions(patients=patients, size=size, epochs=epochs, seed=seed, device=device),
+            _show,
         )
         _render(res)
         if json_out:
             con.emit_json(res.as_dict())
+
+
+def _show(stage: str, result: Any) -> None:
+    """A stage's result, as its own subcommand shows it."""
+    if stage == "split":
+        con.result(result.table())
+    elif stage == "train" and result.is_main:
+        render(result)
+    elif stage == "eval":
+        from brainseg.commands.eval_report import render_report
+
+        render_report(result.summary)
+    elif stage == "export":
+        from brainseg.export import report_rows, report_title
+
+        con.result(con.table(report_title(result), *report_rows(result)))
 
 
 def _render(res: Any) -> None:

@@ -171,9 +171,11 @@ def register(app: typer.Typer) -> None:
             force=force,
         )
         result = ev.run_eval_job(job)
-        ev.render_report(result.summary)
+        from brainseg.commands.eval_report import render_report, render_tune
+
+        render_report(result.summary)
         if result.tune is not None:
-            ev.render_tune(result.tune, tune_output)
+            render_tune(result.tune, tune_output)
         console.info(f"results saved to {result.run_dir}")
         if json_out:
             console.emit_json(result.summary)

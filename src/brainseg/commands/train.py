@@ -11,13 +11,16 @@ from __future__ import annotations
 import inspect
 from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from brainseg import console as con
 from brainseg.config import TrainConfig, field_types, fields_with, setting_help
 from brainseg.errors import BrainsegError
+
+if TYPE_CHECKING:
+    from brainseg.train import TrainResult
 
 HELP = (
     "Train a UNet-VGG16 on a kaggle_3m-layout dataset with a patient-level split.\n\n"
@@ -106,7 +109,7 @@ def run(data: Path | None = None, config: str | None = None, **options: Any) -> 
     else:
         cfg = load_config(config, given)
 
-    from brainseg.train import render, run_training
+    from brainseg.train import run_training
 
     result = run_training(cfg)  # validates every value before any data is read
     if result.is_main:
@@ -121,3 +124,58 @@ def register(app: typer.Typer) -> None:
 
     _cmd.__signature__ = _signature()  # type: ignore[attr-defined]
     app.command("train", help=HELP, no_args_is_help=True)(_cmd)
+
+
+#: The files of a run folder, as the final table lists them.
+RUN_FILES = (
+    ("best weights", "best.safetensors"),
+    ("last state", "last.safetensors"),
+    ("metrics", "metrics.csv"),
+    ("curves", "curves.png"),
+    ("preview", "preview.png"),
+    ("report", "report.html"),
+)
+
+
+def render(result: TrainResult) -> None:
+    """The final tables: the best epoch (Dice at the training size) and the run's files."""
+    best, size = result.best, result.image_size
+    if best["val_loss"] is None:  # --fold all
+        con.result(
+            con.table(
+                f"final epoch {best['epoch']} of {result.epochs} (--fold all: trained on every "
+                "patient, no validation; best.safetensors = the final weights)",
+                ["epoch", "train_loss"],
+                [[best["epoch"], best["train_loss"]]],
+            )
+        )
+        render_files(result)
+        return
+    con.result(
+        con.table(
+            f"best epoch {best['epoch']} of {result.epochs} (by mean per-patient Dice, "
+            f"on validation slices at the training size {size}x{size})",
+            ["epoch", "train_loss", "val_loss", "dice_slice", "dice_patient"],
+            [
+                [
+                    best["epoch"],
+                    best["train_loss"],
+                    best["val_loss"],
+                    best["val_dice_slice"],
+                    best["val_dice_patient"],
+                ]
+            ],
+        )
+    )
+    render_files(result)
+
+
+def render_files(result: TrainResult) -> None:
+    """The table of the run's files."""
+    files = [["run folder", str(result.run_dir)]]
+    files += [
+        [label, str(result.run_dir / name)]
+        for label, name in RUN_FILES
+        if (result.run_dir / name).exists()  # no preview.png without validation patients
+    ]
+    con.result(con.table(None, ["file", "path"], files))

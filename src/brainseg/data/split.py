@@ -520,6 +520,7 @@ class SplitOptions:
     seed: int = 0
     force: bool = False
     skip_bad: bool = False
+    cache_dir: Path | None = None  # the dataset cache's folder (None: the default one)
 
 
 @dataclass
@@ -572,7 +573,7 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
     from brainseg.data.cache import load_dataset
 
     val_fraction = check_split_options(opts)
-    arrays = load_dataset(opts.data, skip_bad=opts.skip_bad)
+    arrays = load_dataset(opts.data, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
     n_slices = arrays.slices_per_patient()
     n_tumor = arrays.tumor_slices_per_patient()
     split = make_split(

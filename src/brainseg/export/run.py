@@ -47,6 +47,7 @@ class ExportOptions:
     strict: bool = False  # fail (write nothing) when the verification finds a problem
     card: Path | None = None  # also write the model card as Markdown here
     hub_folder: Path | None = None  # a folder for huggingface-cli upload (output: its model.onnx)
+    cache_dir: Path | None = None  # the dataset cache's folder (None: the default one)
 
     @property
     def variant(self) -> str:
@@ -364,7 +365,7 @@ def _export(opts: ExportOptions) -> ExportReport:
             console.info(f"merging {len(g.folds)} fold graphs into one (mean probability)")
         fp32_path = _save(_assemble(g.folds, opts), tmp / "fp32.onnx", meta, "fp32", opts)
 
-        slices = verify.load_slices(opts.verify_data or opts.calib, size, tmp)
+        slices = verify.load_slices(opts.verify_data or opts.calib, size, tmp, opts.cache_dir)
         val_ids, cal_ids = verify.val_calib_patients(slices.patient_ids, opts.split)
         final, int8_info = fp32_path, None
         if opts.fp16:

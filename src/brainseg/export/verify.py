@@ -56,8 +56,11 @@ class Slices:
         return np.flatnonzero(np.isin(self.patient_index, [lookup[p] for p in patient_ids]))
 
 
-def load_slices(data: Path | None, size: tuple[int, int], tmp: Path) -> Slices:
-    """Slices of a kaggle_3m dataset at ``size``, or generated phantoms when ``data`` is None."""
+def load_slices(
+    data: Path | None, size: tuple[int, int], tmp: Path, cache_dir: Path | None = None
+) -> Slices:
+    """Slices of a kaggle_3m dataset at ``size`` (through the cache in ``cache_dir``, or the
+    default one), or generated phantoms when ``data`` is None."""
     from brainseg.data.cache import load_dataset
 
     if data is None:
@@ -73,7 +76,7 @@ def load_slices(data: Path | None, size: tuple[int, int], tmp: Path) -> Slices:
             con.configure(quiet=was_quiet)
         source = f"generated phantoms ({side}x{side})"
     else:
-        arrays = load_dataset(data)
+        arrays = load_dataset(data, cache_dir=cache_dir)
         source = str(data)
     arrays = arrays.resized(size)
     return Slices(

@@ -16,7 +16,7 @@ The package, one concern per module (read in this order):
 from __future__ import annotations
 
 from brainseg.train.data import ValData
-from brainseg.train.loop import TrainResult, render, run_training, train
+from brainseg.train.loop import TrainResult, run_training, train
 from brainseg.train.runfiles import METRICS_COLUMNS
 from brainseg.train.runtime import cpu_has_native_bf16, resolve_amp
 from brainseg.train.validation import validate
@@ -26,7 +26,6 @@ __all__ = [
     "TrainResult",
     "ValData",
     "cpu_has_native_bf16",
-    "render",
     "resolve_amp",
     "run_training",
     "train",

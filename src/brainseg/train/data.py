@@ -8,6 +8,7 @@ per-sample Python work.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,14 +166,19 @@ def train_val_ids(cfg: TrainConfig, split: Any, split_path: Path | None) -> tupl
 
 
 def load_data(
-    cfg: TrainConfig, split: Any, split_path: Path | None, device: torch.device
+    cfg: TrainConfig,
+    split: Any,
+    split_path: Path | None,
+    device: torch.device,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> TrainData:
-    """Read the dataset (cache), check the split against it, resize, place on ``device``."""
+    """Read the dataset (the cache in ``cache_dir``, or the default one), check the split
+    against it, resize, place on ``device``."""
     from brainseg.data.cache import load_dataset
     from brainseg.data.split import check_split
 
     assert cfg.data is not None
-    ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad)
+    ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad, cache_dir=cache_dir)
     if split is None:
         split = whole_dataset_split(list(ds.patient_ids), cfg.seed)
     check_split(split, ds.patient_ids)

@@ -4,11 +4,12 @@
     torchrun --nproc-per-node 4 -m brainseg train ...  # DistributedDataParallel
 
 :func:`run_training` takes a TrainConfig and returns a :class:`TrainResult`; :func:`train` is
-the same returning the run folder, with the final tables printed (what the CLI shows).
+the same returning the run folder; ``brainseg train`` (commands/train.py) renders the result.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +25,6 @@ from brainseg.train.resume import save_weights
 from brainseg.train.runfiles import VAL_COLUMNS, epoch_line, write_curves, write_metrics
 from brainseg.train.setup import Run, setup
 
-#: The files of a run folder, as the final table lists them.
-RUN_FILES = (
-    ("best weights", "best.safetensors"),
-    ("last state", "last.safetensors"),
-    ("metrics", "metrics.csv"),
-    ("curves", "curves.png"),
-    ("preview", "preview.png"),
-    ("report", "report.html"),
-)
-
 
 @dataclass
 class TrainResult:
@@ -47,24 +38,25 @@ class TrainResult:
     is_main: bool = True  # False on torchrun's other ranks (they print nothing)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a UNet-VGG16 as ``cfg`` says, print the final tables; returns the run folder.
+def train(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Train a UNet-VGG16 as ``cfg`` says; returns the run folder (:func:`run_training`'s).
 
     ``cfg.resume`` (a run folder) continues that run from its last.safetensors; build such a
     config with :func:`brainseg.config.load_resume_config`.
     """
-    result = run_training(cfg)
-    if result.is_main:
-        render(result)
-    return result.run_dir
+    return run_training(cfg, cache_dir=cache_dir).run_dir
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Validate ``cfg``, build the run, train the remaining epochs; nothing printed at the end."""
+def run_training(
+    cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None
+) -> TrainResult:
+    """Validate ``cfg``, build the run, train the remaining epochs; nothing printed at the end
+    (``brainseg train`` renders the result). ``cache_dir``: the dataset cache's folder
+    (default ``$BRAINSEG_CACHE_DIR`` or ~/.cache/brainseg)."""
     cfg.validate()
     if cfg.quiet:
         con.configure(quiet=True)
-    run = setup(cfg)
+    run = setup(cfg, cache_dir=cache_dir)
     stopper = Stopper()
     stopper.install()
     try:
@@ -145,47 +137,3 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     write_curves(d / "curves.png", run.rows, run.cfg.image_size)
     meta = checkpoint_meta(run, row, "last")
     run.save_last(meta)
-
-
-def render(result: TrainResult) -> None:
-    """The final tables: the best epoch (Dice at the training size) and the run's files."""
-    best, size = result.best, result.image_size
-    if best["val_loss"] is None:  # --fold all
-        con.result(
-            con.table(
-                f"final epoch {best['epoch']} of {result.epochs} (--fold all: trained on every "
-                "patient, no validation; best.safetensors = the final weights)",
-                ["epoch", "train_loss"],
-                [[best["epoch"], best["train_loss"]]],
-            )
-        )
-        render_files(result)
-        return
-    con.result(
-        con.table(
-            f"best epoch {best['epoch']} of {result.epochs} (by mean per-patient Dice, "
-            f"on validation slices at the training size {size}x{size})",
-            ["epoch", "train_loss", "val_loss", "dice_slice", "dice_patient"],
-            [
-                [
-                    best["epoch"],
-                    best["train_loss"],
-                    best["val_loss"],
-                    best["val_dice_slice"],
-                    best["val_dice_patient"],
-                ]
-            ],
-        )
-    )
-    render_files(result)
-
-
-def render_files(result: TrainResult) -> None:
-    """The table of the run's files."""
-    files = [["run folder", str(result.run_dir)]]
-    files += [
-        [label, str(result.run_dir / name)]
-        for label, name in RUN_FILES
-        if (result.run_dir / name).exists()  # no preview.png without validation patients
-    ]
-    con.result(con.table(None, ["file", "path"], files))

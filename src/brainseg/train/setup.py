@@ -164,11 +164,13 @@ def batch_plan(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
 
 def run_info(run: Run, split_path: Path | None) -> dict[str, Any]:
     """config.yaml's run_info: versions, device, batch plan, split and data identity."""
+    import torchvision  # a dependency, heavy to import: the model has imported it already
+
     rt, data = run.rt, run.data
     return {
         "brainseg": __version__,
         "torch": str(torch.__version__),
-        "torchvision": _version_of("torchvision"),
+        "torchvision": str(torchvision.__version__),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -201,14 +203,14 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     return resolved
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) -> Run:
     """Build the run (nothing is trained yet); a resumed run gets its state back."""
     rt = setup_runtime(cfg)
     run_dir, resume, split_path = pick_resume(cfg)
     split = load_split_checked(split_path, cfg.fold)
     raw = build_model(cfg, rt.device, fresh=resume is None)  # checks the encoder weights first
     optimizer, scaler = build_optimizer(cfg, raw, rt)
-    data = load_data(cfg, split, split_path, rt.device)
+    data = load_data(cfg, split, split_path, rt.device, cache_dir)
     steps, global_batch = batch_plan(cfg, data.n, rt.dist.world)
     if rt.dist.is_main and run_dir is None:
         run_dir = next_run_dir(cfg.project, cfg.name, exist_ok=cfg.exist_ok)
@@ -295,10 +297,3 @@ def announce(run: Run, resumed: bool) -> None:
         f"{_plural(run.steps, 'step')} of {run.global_batch} per epoch, "
         f"Dice at the training size {size}x{size} -> {run.run_dir}"
     )
-
-
-def _version_of(module: str) -> str:
-    try:
-        return str(__import__(module).__version__)
-    except Exception:  # pragma: no cover - torchvision is a dependency
-        return "unknown"
