@@ -31,6 +31,7 @@ from brainseg import console, imageio, postprocess
 from brainseg.errors import EXIT_RUNTIME, BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import (
     check_target,
+    file_kind,
     folder_lock,
     json_safe,
     one_line,
@@ -48,7 +49,8 @@ from brainseg.pipeline import (
     write_empty_summary,
 )
 from brainseg.predict import Predictor
-from brainseg.settings import DEFAULT_THRESHOLD
+from brainseg.settings import DEFAULT_THRESHOLD, resolve
+from brainseg.shards import slurm_shard
 
 # --------------------------------------------------------------------------- input walking
 
@@ -363,8 +365,6 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     if value.strip().lower() == "auto":
-        from brainseg.shards import slurm_shard
-
         shard = slurm_shard()
         if shard is None:
             console.info(
@@ -517,7 +517,6 @@ def check_outputs(item: InputFile, opts: BatchOptions, root: Path) -> _Outputs:
 
 def _check_regular(path: Path) -> None:
     """A named input must be a regular file (a FIFO would block the reader forever)."""
-    from brainseg.fsutil import file_kind
 
     try:
         st = os.stat(path)
@@ -729,7 +728,6 @@ def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | No
 
 
 def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -> None:
-    from brainseg.settings import resolve
 
     size = predictor.image_size
     how = (
@@ -756,7 +754,6 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     BrainsegError (exit 2) for bad options, inputs or models before anything is written;
     files that fail on their own are rows with status "error" and the run goes on.
     """
-    from brainseg.settings import resolve
 
     fmt, summary_fmt, shard = _check_options(opts)
     spec = InputSpec(

@@ -24,6 +24,8 @@ from typing import Any
 
 from brainseg.config import fields_with
 from brainseg.errors import BrainsegError
+from brainseg.fsutil import atomic_write_text
+from brainseg.optional import require
 
 #: Metadata key holding the card (checkpoint metadata, ONNX blob and ONNX plain key).
 CARD_KEY = "model_card"
@@ -514,8 +516,6 @@ def _onnx_metadata(path: Path) -> dict[str, Any]:
     try:
         import onnx
     except ImportError:
-        from brainseg.optional import require
-
         require("onnxruntime", f"reading ONNX model {path.name}")
         from brainseg.predict import OnnxBackend
 
@@ -609,6 +609,5 @@ def card_markdown(card: Mapping[str, Any]) -> str:
 
 def write_card_markdown(card: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write :func:`card_markdown` atomically."""
-    from brainseg.fsutil import atomic_write_text
 
     return atomic_write_text(path, card_markdown(card))

@@ -30,6 +30,8 @@ from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path, json_safe
+from brainseg.hub import local_model
+from brainseg.modelfile import MAX_HEADER_BYTES, sniff_model_file
 from brainseg.settings import (
     DEFAULT_THRESHOLD,
     MODEL_HINT,
@@ -51,8 +53,6 @@ FORMAT_VERSION = 1
 METADATA_KEY = "brainseg"
 #: Tensor-name prefix of the ``extra`` tensors.
 EXTRA_PREFIX = "extra/"
-#: Largest header length :func:`sniff_model_file` takes for safetensors (safetensors' own limit).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Metadata defaults filled in when a caller (or an older file) leaves them out.
 DEFAULTS: dict[str, Any] = {
     "image_size": None,
@@ -106,52 +106,6 @@ def _raw_header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(f.read(n)), n
 
 
-#: What :func:`sniff_model_file` can say, and how a message names it.
-FILE_KINDS = {
-    "safetensors": "a safetensors checkpoint",
-    "onnx": "an ONNX model",
-    "pickle": "a PyTorch pickle (.pth/.pt)",
-    "zip": "a zip archive (a PyTorch .pth/.pt is one)",
-    "text": "a text file",
-    "empty": "an empty file",
-    "unknown": "not a model file brainseg knows",
-}
-
-
-def sniff_model_file(path: str | os.PathLike[str]) -> str:
-    """What ``path`` holds, from its first bytes (never its name).
-
-    One of ``FILE_KINDS``: ``"safetensors"`` (8-byte header length, then a JSON object),
-    ``"onnx"`` (a protobuf ModelProto: field 1 ``ir_version`` first), ``"pickle"``, ``"zip"``,
-    ``"text"``, ``"empty"`` or ``"unknown"``. Raises OSError when the file cannot be read.
-    """
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        return "empty"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n <= MAX_HEADER_BYTES and head[8:9] == b"{":
-            return "safetensors"
-    if head[:2] == b"PK":
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if _is_onnx_head(head):
-        return "onnx"
-    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return "text"
-    return "unknown"
-
-
-def _is_onnx_head(head: bytes) -> bool:
-    """A ModelProto starts with ``ir_version`` (tag 0x08, a small varint), then another field
-    of the message (producer_name 0x12, ..., graph 0x3a, opset_import 0x42)."""
-    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] <= 20:
-        return False
-    return head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42, 0x4A, 0x52, 0x5A, 0x62, 0x72)
-
-
 def check_model_file(
     path: str | os.PathLike[str], *, also: tuple[str, ...] = (), hint: str = MODEL_HINT
 ) -> Path:
@@ -161,8 +115,6 @@ def check_model_file(
     An ``hf://OWNER/NAME[@REVISION][/FILE]`` reference or a Hub folder (``export
     --hub-folder``) is first resolved to its local file by :func:`brainseg.hub.local_model`.
     """
-    from brainseg.hub import local_model
-
     p = local_model(path, MODEL_SUFFIXES)
     suffix = p.suffix.lower()
     if suffix not in (*MODEL_SUFFIXES, *also):

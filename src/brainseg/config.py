@@ -29,14 +29,17 @@ from brainseg.choices import (
     UPSAMPLE_MODES,
 )
 from brainseg.devices import DEVICE_HELP, check_device_name
+from brainseg.ensemble import load_ensemble
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import check_run_name, one_line
+from brainseg.loggers import check_loggers
 from brainseg.settings import (
     MAX_DECODER_CHANNELS,
     MAX_MODEL_SIZE,
     SIZE_MULTIPLE,
     decoder_channels_error,
 )
+from brainseg.yamlio import parse_yaml
 
 #: ``--fold all``: train on every patient, no validation (a final model).
 ALL_FOLDS = "all"
@@ -545,8 +548,6 @@ def _check_cross(cfg: TrainConfig) -> None:
             "e.g. warmup_epochs: 1 for a 20-epoch run",
         )
     if cfg.loggers:
-        from brainseg.loggers import check_loggers
-
         check_loggers(cfg.loggers)
     if cfg.all_patients and cfg.scheduler == "plateau":
         _bad(
@@ -591,7 +592,6 @@ def postprocess_settings(cfg: TrainConfig) -> dict[str, Any]:
     """``threshold`` and ``postprocess`` of ``--postprocess-from`` (empty without it)."""
     if not cfg.postprocess_from:
         return {}
-    from brainseg.ensemble import load_ensemble
 
     settings = load_ensemble(_ensemble_manifest(cfg.postprocess_from))[1]
     out: dict[str, Any] = {k: settings[k] for k in ("threshold", "postprocess") if k in settings}
@@ -689,7 +689,6 @@ def resolve_config_path(value: str) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; a parse error, a limit (brainseg.yamlio) or a non-mapping names the
     file."""
-    from brainseg.yamlio import parse_yaml
 
     try:
         text = path.read_text(encoding="utf-8")

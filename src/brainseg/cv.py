@@ -31,12 +31,33 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import __version__, metrics
+from brainseg import __version__, metrics, postprocess
 from brainseg import console as con
-from brainseg.config import fields_with
+from brainseg.config import (
+    TrainConfig,
+    dump_yaml,
+    fields_with,
+    load_config,
+    load_resume_config,
+    read_yaml,
+)
+from brainseg.data.cache import load_dataset
+from brainseg.ensemble import MANIFEST_NAME, write_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_path, atomic_write_text
-from brainseg.metrics import CV_PATIENT_COLUMNS
+from brainseg.fsutil import (
+    atomic_path,
+    atomic_write_text,
+    check_run_name,
+    folder_lock,
+    json_safe,
+    next_run_dir,
+    remove_temps,
+)
+from brainseg.metrics import CV_PATIENT_COLUMNS, describe
+from brainseg.postprocess import DEFAULT_THRESHOLD
+from brainseg.predict import Predictor
+from brainseg.report import write_cv_report
+from brainseg.yamlio import parse_yaml
 
 SELECTS = ("last", "best")
 PROTOCOLS = ("brainseg", "buda")
@@ -145,8 +166,6 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` items as TrainConfig overrides (values read as YAML scalars)."""
     import yaml
 
-    from brainseg.yamlio import parse_yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -211,7 +230,6 @@ def _check_options(opts: CVOptions) -> None:
 
 # =============================================================================== the cv folder
 def _read_cv_yaml(cv_dir: Path) -> dict[str, Any]:
-    from brainseg.config import read_yaml
 
     path = cv_dir / CV_FILE
     if not path.is_file():
@@ -227,7 +245,6 @@ def _read_cv_yaml(cv_dir: Path) -> dict[str, Any]:
 
 def _request(opts: CVOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """The resolved train settings and the identity of the request (what a rerun must match)."""
-    from brainseg.config import load_config
 
     assert opts.data is not None
     cfg = load_config(opts.config, {**opts.overrides, "data": str(opts.data)})
@@ -271,7 +288,6 @@ def _find_same(project: Path, name: str, request: dict[str, Any]) -> Path | None
 
 def _write_split(cv_dir: Path, opts: CVOptions, seed: int, skip_bad: bool) -> int:
     """split.yaml of a new cv (a copy of --split, or K folds made here); returns K."""
-    from brainseg.data.cache import load_dataset
     from brainseg.data.split import check_split, load_split, make_split, save_split
 
     assert opts.data is not None
@@ -305,7 +321,6 @@ def prepare(opts: CVOptions) -> CVPlan:
             )
         runtime = {k: v for k, v in opts.overrides.items() if k in RUNTIME_KEYS and v is not None}
         return _plan(cv_dir, doc, opts, runtime, continued=True)
-    from brainseg.fsutil import check_run_name
 
     check_run_name(opts.name)
     train, request = _request(opts)
@@ -319,7 +334,6 @@ def prepare(opts: CVOptions) -> CVPlan:
 @contextlib.contextmanager
 def _waiting_lock(folder: Path, name: str, seconds: float = 600.0) -> Any:
     """:func:`brainseg.fsutil.folder_lock`, waiting (polling) while another process holds it."""
-    from brainseg.fsutil import folder_lock
 
     folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + seconds
@@ -341,8 +355,6 @@ def _waiting_lock(folder: Path, name: str, seconds: float = 600.0) -> Any:
 
 def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, Any]) -> CVPlan:
     """The cv folder of this request (the newest ``project/name*``), or a new one."""
-    from brainseg.config import dump_yaml
-    from brainseg.fsutil import next_run_dir
 
     same = _find_same(Path(opts.project), opts.name, request)
     if same is not None:
@@ -408,9 +420,7 @@ def fold_progress(run_dir: Path) -> tuple[int, int] | None:
 def train_fold(plan: CVPlan, k: int, show: Callable[[Any], None] | None = None) -> FoldRun:
     """Train fold ``k`` (or resume it, or skip it when its run says it is finished); ``show``
     gets the fold's TrainResult when it was trained here."""
-    from brainseg.config import TrainConfig, load_resume_config
     from brainseg.data.split import load_split
-    from brainseg.fsutil import remove_temps
     from brainseg.train.setup import missing_final_files
 
     run = plan.fold_dir(k)
@@ -479,10 +489,8 @@ def check_coverage(val_by_fold: Sequence[Sequence[str]], cv_patients: Iterable[s
 
 def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     """Each fold's validation patients predicted by that fold's model; returns (oof, #test)."""
-    from brainseg.data.cache import load_dataset
     from brainseg.data.split import check_split, load_split
     from brainseg.evaluation import predict_probabilities
-    from brainseg.predict import Predictor
 
     ds = load_dataset(plan.data, skip_bad=bool(plan.train.get("skip_bad", False)))
     split = load_split(plan.split_path)
@@ -557,7 +565,6 @@ def institution(patient_id: str) -> str:
 
 def dice_stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     """mean / median / std / min / n (:func:`brainseg.metrics.describe`) and the 95% CI."""
-    from brainseg.metrics import describe
 
     lo, hi = bootstrap_ci(values)
     return {**describe(values), "ci95": [lo, hi]}
@@ -603,7 +610,6 @@ def largest_face_connected(volume: np.ndarray) -> np.ndarray:
 def buda_masks(oof: OOF) -> tuple[np.ndarray, np.ndarray]:
     """The author's evaluation: first and last slice of each volume dropped, probability
     >= 0.5, largest 6-connected 3D component per patient; returns (kept rows, masks)."""
-    from brainseg.postprocess import DEFAULT_THRESHOLD
 
     pidx, snum = oof.patient_index, oof.slice_number
     keep = np.ones(len(pidx), dtype=bool)
@@ -624,7 +630,6 @@ def buda_masks(oof: OOF) -> tuple[np.ndarray, np.ndarray]:
 # =============================================================================== summary
 def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
     """Predict out of fold, choose the post-processing once, measure before and after."""
-    from brainseg import postprocess
     from brainseg.evaluation import PostSettings, tune
 
     oof, n_test = predict_oof(plan, folds)
@@ -773,7 +778,6 @@ def fold_finished(plan: CVPlan, k: int) -> bool:
 @contextlib.contextmanager
 def _fold_lock(plan: CVPlan, k: int) -> Any:
     """One process per fold: a second job on the same fold is refused (exit 2)."""
-    from brainseg.fsutil import folder_lock
 
     with folder_lock(plan.cv_dir, f"brainseg-cv-fold-{k}", f"brainseg cv, fold {k}"):
         yield
@@ -782,10 +786,7 @@ def _fold_lock(plan: CVPlan, k: int) -> Any:
 # =============================================================================== outputs
 def write_cv(result: CVResult) -> list[Path]:
     """cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json, report.html."""
-    from brainseg.ensemble import MANIFEST_NAME, write_ensemble
     from brainseg.evaluation import rows_to_csv
-    from brainseg.fsutil import json_safe
-    from brainseg.report import write_cv_report
 
     d = result.plan.cv_dir
     cols = CV_PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])

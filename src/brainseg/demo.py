@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from brainseg import console as con
+from brainseg.config import load_config
 from brainseg.errors import BrainsegRuntimeError
 from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.imageio import is_image_path, is_mask_name
 
 T = TypeVar("T")
 
@@ -182,7 +184,6 @@ def _split(data: Path, out: Path, cache: Path, opts: DemoOptions) -> Any:
 
 
 def _train(data: Path, split: Path, run_dir: Path, cache: Path, opts: DemoOptions) -> Any:
-    from brainseg.config import load_config
     from brainseg.train import run_training
 
     cfg = load_config(
@@ -215,7 +216,6 @@ def _eval(model: Path, data: Path, split: Path, out: Path, cache: Path, opts: De
 
 def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
     """The validation patients' images without their masks: a folder of 'new' scans."""
-    from brainseg.imageio import is_image_path, is_mask_name
 
     for pid in patients:
         for f in sorted((data / pid).iterdir()):

@@ -29,8 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from brainseg import __version__
+from brainseg.card import card_from_metadata
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_write_bytes, one_line
+from brainseg.optional import require
+from brainseg.volumes import read_dicom_series
 
 #: ``--format`` value that asks for DICOM SEG; the volume default stays NIfTI.
 FORMAT = "dicom-seg"
@@ -104,7 +108,6 @@ def check_cases(cases: Iterable[Any]) -> None:
 
 def check_installed() -> None:
     """A one-line error naming the extra when highdicom or pydicom is missing."""
-    from brainseg.optional import require
 
     require("pydicom", "--format dicom-seg")
     require("highdicom", "--format dicom-seg")
@@ -117,8 +120,6 @@ def read_series(folder: Path) -> list[Any]:
     """The datasets (headers, no pixels) of the files SimpleITK reads as ``folder``'s series."""
     import pydicom
     import SimpleITK as sitk
-
-    from brainseg.volumes import read_dicom_series
 
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if len(ids) != 1:
@@ -199,14 +200,11 @@ def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.nd
 
 def algorithm_info(models: Sequence[Path | str], metadata: dict[str, Any] | None) -> dict[str, str]:
     """What the SEG says made it: brainseg's version, the model file(s), the card's name."""
-    from brainseg import __version__
 
     meta = dict(metadata or {})
     card = meta.get("model_card")
     if not isinstance(card, dict):
         try:
-            from brainseg.card import card_from_metadata
-
             card = card_from_metadata(meta)
         except Exception:  # a foreign or minimal metadata: no card name, still a SEG
             card = {}

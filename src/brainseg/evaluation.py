@@ -24,11 +24,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from brainseg import __version__, console, metrics, postprocess
-from brainseg.checkpoint import check_model_file
+from brainseg.card import member_training_patients
+from brainseg.checkpoint import check_model_file, copy_with_metadata, read_metadata
+from brainseg.data.cache import load_dataset
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
-from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
+from brainseg.fsutil import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_run_name,
+    json_safe,
+    next_run_dir,
+)
 from brainseg.metrics import PATIENT_COLUMNS
+from brainseg.predict import Predictor
 from brainseg.report import (
     REPORT_NAME,
     dice_plot_png,
@@ -198,8 +208,6 @@ def make_predictor(
 ) -> ProbaPredictor:
     """The real :class:`brainseg.predict.Predictor` (or ``factory`` in tests)."""
     if factory is None:
-        from brainseg.predict import Predictor
-
         factory = Predictor
     try:
         return factory(
@@ -337,7 +345,6 @@ def run_eval(
     opts = opts or EvalOptions()
     model_paths = check_model_paths(models)
     split_p = _check_eval_options(opts, split_path, subset)
-    from brainseg.data.cache import load_dataset
 
     # the models first: a corrupt file is one line before any dataset cache is built
     predictor = make_predictor(model_paths, opts, predictor_factory)
@@ -431,7 +438,6 @@ def training_overlap(
     them trained on (only those with any); ``unknown``: members whose file does not record
     its training patients; ``trained_on_scored_patients``: the union (sorted).
     """
-    from brainseg.card import member_training_patients
 
     paths = [Path(p) for p in (getattr(predictor, "paths", None) or model_paths)]
     backends = getattr(predictor, "backends", None)
@@ -493,7 +499,6 @@ class EvalJob:
 
 def run_eval_job(job: EvalJob) -> EvalResult:
     """Check the paths, evaluate, write the tuned copy (if asked) and the run folder."""
-    from brainseg.fsutil import check_run_name, next_run_dir
 
     check_run_name(job.name)  # before any work: the run folder stays inside --project
     if len(job.paths) < 2:
@@ -544,7 +549,6 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def plot_dice(dice: Sequence[float] | np.ndarray, path: Path, title: str = "") -> Path:
     """A strip + box plot and a histogram of the per-patient Dice, as a PNG file."""
-    from brainseg.fsutil import atomic_write_bytes
 
     return atomic_write_bytes(path, dice_plot_png(dice, title))
 
@@ -633,8 +637,6 @@ def write_tuned_model(
     post = {"min_size": settings.min_size, "largest_component": settings.largest}
     extra = {"tuned": json_safe(record)} if record else {}
     if src.suffix.lower() == ".safetensors":
-        from brainseg.checkpoint import copy_with_metadata, read_metadata
-
         stored = read_metadata(src).get("postprocess") or {}
         updates = {
             "threshold": settings.threshold,

@@ -10,7 +10,7 @@ pinning, ``HF_HUB_OFFLINE=1`` (the cache only), ``HF_ENDPOINT`` (a mirror) and `
 Without FILE the repository's ``model.safetensors`` is taken, else its ``model.onnx``
 (:data:`DEFAULT_FILES`: the files ``brainseg export --hub-folder`` writes; a torch-free
 install names ``/model.onnx``). The downloaded file is sniffed like a local one
-(:func:`brainseg.checkpoint.sniff_model_file`): a Git LFS pointer, an HTML page or a file
+(:func:`brainseg.modelfile.sniff_model_file`): a Git LFS pointer, an HTML page or a file
 whose content is not what its name says is refused in one line naming the reference.
 
 A local folder in the same layout (what ``--hub-folder`` writes, or a cloned repository)
@@ -25,7 +25,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from brainseg import console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
+from brainseg.fsutil import write_error
+from brainseg.modelfile import FILE_KINDS, sniff_model_file
+from brainseg.optional import require
 
 #: The scheme of a Hub reference.
 SCHEME = "hf://"
@@ -150,10 +154,8 @@ def download(ref: HubRef, suffixes: tuple[str, ...] = (".safetensors", ".onnx"))
             f"expected one of {', '.join(suffixes)}",
             hint=f"name the model file, e.g. hf://{ref.repo_id}/model.onnx",
         )
-    from brainseg.optional import require
 
     require("huggingface_hub", f"a Hub model ({ref})")
-    from brainseg import console
 
     if not console.interactive():  # progress bars only on a terminal, as brainseg's own
         with _suppress():
@@ -279,8 +281,6 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
             hint="try again later, or check HF_ENDPOINT / HF_TOKEN",
         )
     if isinstance(exc, OSError):
-        from brainseg.fsutil import write_error
-
         cache = getattr(constants, "HF_HUB_CACHE", "the Hub cache")
         return write_error(Path(cache), exc)
     return BrainsegRuntimeError(
@@ -291,7 +291,6 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
 
 def check_downloaded(path: Path, ref: HubRef) -> None:
     """Refuse a downloaded file whose content is not a model of its kind (one line)."""
-    from brainseg.checkpoint import FILE_KINDS, sniff_model_file
 
     try:
         kind = sniff_model_file(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from brainseg.imageio import resize_prob
 from brainseg.settings import DEFAULT_THRESHOLD
 
 __all__ = [
@@ -147,7 +148,6 @@ def proba_at_size(prob: np.ndarray, size: tuple[int, int], *, padded: bool = Fal
     thresholded after this, never before, so a mask always equals its probability map
     thresholded at any image size.
     """
-    from brainseg.imageio import resize_prob
 
     p = np.asarray(prob, dtype=np.float32)
     h, w = int(size[0]), int(size[1])

@@ -27,8 +27,10 @@ import numpy as np
 
 from brainseg import imageio, postprocess
 from brainseg.devices import resolve_device
+from brainseg.ensemble import expand_model_paths
 from brainseg.errors import BrainsegError, first_line
 from brainseg.imageio import is_mask_name
+from brainseg.modelfile import FILE_KINDS, sniff_model_file
 from brainseg.settings import (
     DEFAULT_THRESHOLD,
     MODEL_HINT,
@@ -290,7 +292,6 @@ def open_backend(path: str | os.PathLike[str], device: str = "auto") -> TorchBac
 
 def _check_content(path: Path, suffix: str) -> None:
     """A model file whose content is not what its suffix says: name what it is."""
-    from brainseg.checkpoint import FILE_KINDS, sniff_model_file
 
     try:
         kind = sniff_model_file(path)
@@ -323,7 +324,6 @@ class Predictor:
         batch_size: int = 8,
         tta: bool = False,
     ) -> None:
-        from brainseg.ensemble import expand_model_paths
 
         if isinstance(model_paths, (str, os.PathLike)):
             model_paths = [model_paths]

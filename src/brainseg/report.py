@@ -26,8 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from brainseg import __version__
+from brainseg.data.cache import load_dataset
 from brainseg.fsutil import atomic_write_text
-from brainseg.metrics import CV_PATIENT_COLUMNS, PATIENT_COLUMNS
+from brainseg.imageio import mask_outline
+from brainseg.metrics import CV_PATIENT_COLUMNS, METRICS, PATIENT_COLUMNS, dice
+from brainseg.yamlio import parse_yaml
 
 #: File name of the report in a run folder.
 REPORT_NAME = "report.html"
@@ -172,7 +176,6 @@ def dice_plot_png(dice: Sequence[float] | np.ndarray, title: str = "") -> bytes:
 
 def outlined(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """FLAIR in grey with the ground truth (green) and prediction (red) outlines; both: yellow."""
-    from brainseg.imageio import mask_outline
 
     rgb = np.repeat(np.asarray(flair, dtype=np.uint8)[..., None], 3, axis=-1)
     eg, ep = mask_outline(gt), mask_outline(pred)
@@ -184,7 +187,6 @@ def outlined(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 def montage_png(case: PatientCase, cols: int = 6) -> bytes:
     """The case's slices in a grid, each titled with its slice number and slice Dice."""
-    from brainseg.metrics import dice
 
     plt = _plt()
     n = len(case.slice_number)
@@ -391,7 +393,6 @@ def section(heading: str, body: str, note: str = "") -> str:
 
 def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     """The whole self-contained document."""
-    from brainseg import __version__
 
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -433,7 +434,6 @@ _STAT_LEVELS = (
 
 
 def _stats_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
-    from brainseg.metrics import METRICS
 
     rows = []
     for metric in METRICS:
@@ -675,7 +675,6 @@ def cv_html(
 
 def write_cv_report(result: Any) -> Path:
     """``cv_dir/report.html`` of a :class:`brainseg.cv.CVResult` (images from the cache)."""
-    from brainseg.data.cache import load_dataset
 
     plan, oof = result.plan, result.oof
     ds = load_dataset(plan.data, skip_bad=bool(plan.train.get("skip_bad", False)))
@@ -738,7 +737,6 @@ def _train_measured(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
 def train_html(run_dir: Path) -> str:
     """The train report page of a run folder (see :func:`write_train_report`)."""
     from brainseg.train.runfiles import read_metrics
-    from brainseg.yamlio import parse_yaml
 
     cfg_path = run_dir / "config.yaml"
     cfg_text = cfg_path.read_text(encoding="utf-8") if cfg_path.is_file() else ""

@@ -30,9 +30,10 @@ from typing import Any, cast
 
 import numpy as np
 
-from brainseg import __version__, console, metrics
+from brainseg import __version__, console, imageio, metrics, volumes
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text
+from brainseg.volumes import is_nifti, nifti_stem
 
 #: Name endings dropped to find a file's case / slice key.
 _SUFFIXES = re.compile(r"(_mask|_seg|_pred|_gt|_label)$", re.IGNORECASE)
@@ -175,7 +176,6 @@ def _match(
 
 
 def _volume_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
-    from brainseg import volumes
 
     files = list(_walk(opts.gt, volumes.is_nifti))
     labels = [f for f in files if volumes.is_truth_name(f)]
@@ -219,7 +219,6 @@ _CONTRAST = re.compile(r"_(t1|t1c|t1ce|t1gd|t2|t2w|t1w|flair|pre|post|adc|dwi)$"
 
 
 def _contrast(path: Path) -> bool:
-    from brainseg.volumes import nifti_stem
 
     return _CONTRAST.search(nifti_stem(path)) is not None
 
@@ -230,7 +229,6 @@ def _slice_number(key: str, fallback: int) -> int:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    from brainseg import imageio
 
     return np.asarray(imageio.read_image(path))[..., 0] > 0
 
@@ -323,7 +321,6 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
             raise BrainsegError(f"{side} {path} is not a folder", hint="pass a folder of masks")
     if not (math.isfinite(opts.tolerance) and opts.tolerance >= 0):
         raise BrainsegError(f"--tolerance {opts.tolerance} must be >= 0", hint="e.g. 2 (mm)")
-    from brainseg.volumes import is_nifti
 
     volume_mode = next(_walk(opts.gt, is_nifti), None) is not None
     pairs, sel = _volume_pairs(opts) if volume_mode else _slice_pairs(opts)

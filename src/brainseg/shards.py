@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from brainseg.errors import BrainsegError
+from brainseg.fsutil import atomic_write_text
 
 #: The variables SLURM sets in each task of a job array (sbatch --array).
 SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
@@ -151,7 +152,6 @@ def merge_summaries(out_dir: Path) -> MergeResult:
     shard I is input k*N+I), written even when shards are missing (the result says which).
     BrainsegError when there is nothing to merge or the summaries do not belong together.
     """
-    from brainseg.fsutil import atomic_write_text
 
     if not out_dir.is_dir():
         raise BrainsegError(

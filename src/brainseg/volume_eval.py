@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from brainseg.errors import BrainsegError
+from brainseg.fsutil import check_run_name, next_run_dir
+from brainseg.pipeline import PredictOptions
 
 
 @dataclass
@@ -55,7 +57,6 @@ class VolumeEvalResult:
 
 def _check(job: VolumeEvalJob) -> None:
     from brainseg.evaluation import check_model_paths
-    from brainseg.fsutil import check_run_name
 
     check_run_name(job.name)
     check_model_paths(job.models)
@@ -77,7 +78,6 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
     the new run folder is removed: a partial evaluation would report a mean over fewer
     patients. A case without a label volume is reported (a warning) and not scored.
     """
-    from brainseg.fsutil import next_run_dir
 
     _check(job)
     existed = (job.project / job.name).exists() and job.exist_ok
@@ -91,7 +91,6 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
 
 
 def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
-    from brainseg.pipeline import PredictOptions
     from brainseg.score import ScoreOptions, score_folders, write_score
     from brainseg.volume_predict import predict_volumes
 

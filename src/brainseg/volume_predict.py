@@ -45,6 +45,7 @@ from brainseg.pipeline import (
     summary_file,
     write_empty_summary,
 )
+from brainseg.predict import Predictor
 from brainseg.settings import PostSettings, resolve
 
 SUMMARY_COLUMNS = (
@@ -459,7 +460,6 @@ def _run_cases(
 
 
 def _predictor(models: list[Path], **kwargs: Any) -> Any:
-    from brainseg.predict import Predictor
 
     return Predictor(models, **kwargs)
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import console
+from brainseg import __version__, console
 from brainseg.data import lgg
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import pid_alive, write_error
@@ -699,7 +699,6 @@ def _fsync_dir_files(folder: Path) -> None:
 
 
 def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayData:
-    from brainseg import __version__
 
     root = final.parent
     try:

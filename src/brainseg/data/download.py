@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from brainseg import console as con
+from brainseg.data.cache import load_dataset
 from brainseg.data.extract import (
     MAX_MEMBERS,
     MAX_RATIO,
@@ -50,6 +51,7 @@ from brainseg.data.http import (
     normalize_sha256,
     sha256_file,
 )
+from brainseg.data.lgg import discover
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path, folder_lock, make_temp_dir, remove_stale_temps
 
@@ -307,7 +309,6 @@ def _install_archive(
 def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
     """:func:`brainseg.data.lgg.discover` on the unpacked tree; its problems are named by the
     archive (``ARCHIVE (kaggle_3m)``), not by the temporary folder that is gone afterwards."""
-    from brainseg.data.lgg import discover
 
     try:
         discover(root)
@@ -377,7 +378,6 @@ class DatasetSummary:
 
 def dataset_summary(root: str | os.PathLike[str]) -> DatasetSummary:
     """Patients, slices and slices with tumor, via the dataset cache (built once, reused)."""
-    from brainseg.data.cache import load_dataset
 
     s: dict[str, Any] = load_dataset(Path(root)).summary()
     return DatasetSummary(Path(root), int(s["patients"]), int(s["slices"]), int(s["tumor_slices"]))

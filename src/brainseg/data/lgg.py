@@ -28,6 +28,7 @@ import numpy as np
 
 from brainseg import console
 from brainseg.errors import BrainsegError, first_line
+from brainseg.imageio import read_tiff_array
 
 #: Lines of problems shown in an error message before "... and N more".
 MAX_LISTED = 20
@@ -322,7 +323,6 @@ def _rel(s: SliceFile, path: Path) -> str:
 
 def _read_tif(path: Path) -> np.ndarray:
     # First page only: tifffile.imread loops forever on some damaged files (see imageio).
-    from brainseg.imageio import read_tiff_array
 
     return np.asarray(read_tiff_array(path))
 

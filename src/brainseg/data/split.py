@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from brainseg import __version__
+from brainseg import __version__, console
+from brainseg.data.cache import load_dataset
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path, check_target
 from brainseg.yamlio import parse_yaml
@@ -570,7 +571,6 @@ def check_split_options(opts: SplitOptions) -> float:
 def make_split_file(opts: SplitOptions) -> SplitResult:
     """The ``brainseg split`` job: load the dataset (through the cache), make a split
     stratified by tumour slices per patient, save it atomically, and summarise it."""
-    from brainseg.data.cache import load_dataset
 
     val_fraction = check_split_options(opts)
     arrays = load_dataset(opts.data, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
@@ -605,7 +605,6 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
 
 def summary_table(summary: dict[str, Any]) -> Any:
     """The rich table of a split summary (:meth:`SplitResult.summary`)."""
-    from brainseg import console
 
     kind = f"{summary['folds']} folds" if summary["folds"] else "split"
     title = (

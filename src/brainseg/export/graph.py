@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from brainseg import console
+from brainseg import __version__, console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.predict import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUT
 from brainseg.settings import resolve
@@ -55,7 +55,6 @@ def _json(v: Any) -> str:
 
 def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, source: str) -> None:
     """Write brainseg's ``metadata_props`` (the JSON blob and the plain keys) into ``model``."""
-    from brainseg import __version__
 
     post = resolve(meta).post
     full = dict(meta)

@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from brainseg.card import card_from_metadata, card_markdown, read_model_metadata
 from brainseg.errors import BrainsegError
+from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
 from brainseg.hub import CONFIG_FILE
 
 ONNX_FILE = "model.onnx"
@@ -143,8 +145,6 @@ def readme(card: Mapping[str, Any]) -> str:
     """README.md: the front matter between ``---`` lines, then the model card."""
     import yaml
 
-    from brainseg.card import card_markdown
-
     head = yaml.safe_dump(front_matter(card), sort_keys=False, allow_unicode=True, width=100)
     return f"---\n{head}---\n\n{card_markdown(card)}"
 
@@ -169,8 +169,6 @@ def hub_config(meta: Mapping[str, Any], variant: str, has_checkpoint: bool) -> d
 def write_hub_files(folder: Path, checkpoint: Path | None, onnx_path: Path, variant: str) -> None:
     """Add model.safetensors (a copy of ``checkpoint``), README.md and config.json next to
     the exported ``onnx_path`` (each written atomically)."""
-    from brainseg.card import card_from_metadata, read_model_metadata
-    from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
 
     if checkpoint is not None:
         with atomic_path(folder / CHECKPOINT_FILE) as dst:

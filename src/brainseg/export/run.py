@@ -15,14 +15,19 @@ from typing import Any
 import numpy as np
 
 from brainseg import console
-from brainseg.ensemble import is_manifest
+from brainseg.card import read_card, with_ensemble_card, write_card_markdown
+from brainseg.ensemble import is_manifest, load_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.export import cpu, verify
 from brainseg.export import ensemble as ens
 from brainseg.export.graph import os_error, set_metadata, torch_to_onnx
+from brainseg.export.hubfolder import ONNX_FILE, check_folder, write_hub_files
 from brainseg.export.report import ExportCheckFailed, ExportReport
 from brainseg.export.variants import convert_fp16, quantize_int8
 from brainseg.fsutil import atomic_path, remove_stale_temps, temp_prefix, write_error
+from brainseg.hub import local_model
+from brainseg.modelfile import sniff_model_file
+from brainseg.settings import image_size_of
 
 #: Opsets accepted by ``--opset``.
 MIN_OPSET = 13
@@ -78,10 +83,9 @@ def make_options(
 def check_checkpoint_kind(path: Path) -> None:
     """An ONNX file given as the checkpoint gets its own message (not "invalid header").
 
-    What the file holds comes from :func:`brainseg.checkpoint.sniff_model_file` (its first
+    What the file holds comes from :func:`brainseg.modelfile.sniff_model_file` (its first
     bytes, never its name), the one sniffer predict and checkpoint loading use too.
     """
-    from brainseg.checkpoint import sniff_model_file
 
     try:
         kind = sniff_model_file(path)
@@ -118,8 +122,6 @@ def check_export_args(opts: ExportOptions) -> None:
         )
     out = opts.output
     if opts.hub_folder is not None:
-        from brainseg.export.hubfolder import ONNX_FILE, check_folder
-
         if out != opts.hub_folder / ONNX_FILE:
             raise BrainsegError(
                 f"-o {out} and --hub-folder {opts.hub_folder}: give one of them",
@@ -147,7 +149,6 @@ def check_export_args(opts: ExportOptions) -> None:
 
 def _check_ensemble_args(opts: ExportOptions) -> None:
     """An ensemble.json: a readable manifest whose models exist; fp32 or fp16 only."""
-    from brainseg.ensemble import load_ensemble
 
     if opts.int8:
         raise BrainsegError(
@@ -305,8 +306,6 @@ def _export_graphs(opts: ExportOptions, tmp: Path) -> _Graphs:
     import onnx
 
     from brainseg.checkpoint import load_checkpoint
-    from brainseg.ensemble import load_ensemble
-    from brainseg.settings import image_size_of
 
     paths, settings = load_ensemble(opts.checkpoint) if opts.ensemble else ([opts.checkpoint], {})
     loaded = [load_checkpoint(p, "cpu") for p in paths]
@@ -314,7 +313,6 @@ def _export_graphs(opts: ExportOptions, tmp: Path) -> _Graphs:
     meta = metas[0]
     if opts.ensemble:
         ens.check_same_size([image_size_of(m) for m in metas], paths)
-        from brainseg.card import with_ensemble_card
 
         names = ens.fold_names(paths)
         meta = ens.ensemble_metadata(metas, settings, names, opts.checkpoint)
@@ -436,13 +434,10 @@ def export_onnx(
         opts = replace(options, **kwargs) if kwargs else options
     else:
         if out is None and kwargs.get("hub_folder") is not None:
-            from brainseg.export.hubfolder import ONNX_FILE
-
             out = Path(kwargs["hub_folder"]) / ONNX_FILE
         if out is None:
             raise TypeError("export_onnx(checkpoint, out, ...) needs the output path")
         opts = make_options(options, out, **kwargs)
-    from brainseg.hub import local_model
 
     # hf://OWNER/NAME[@REVISION][/FILE] or a Hub folder -> its local checkpoint
     opts = replace(opts, checkpoint=local_model(opts.checkpoint, (".safetensors",)))
@@ -452,12 +447,8 @@ def export_onnx(
         )
     report = _export(opts)
     if opts.hub_folder is not None:
-        from brainseg.export.hubfolder import write_hub_files
-
         source = None if opts.ensemble else opts.checkpoint
         write_hub_files(opts.hub_folder, source, report.path, opts.variant)
     if opts.card is not None:
-        from brainseg.card import read_card, write_card_markdown
-
         write_card_markdown(read_card(report.path), opts.card)
     return report

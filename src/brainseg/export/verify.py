@@ -20,7 +20,10 @@ import numpy as np
 
 from brainseg import console as con
 from brainseg import metrics, postprocess
+from brainseg.data.cache import load_dataset
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.export.ensemble import ensemble_logits
+from brainseg.imageio import resize_image
 from brainseg.predict import Predictor, TorchBackend
 from brainseg.settings import SIZE_MULTIPLE, PostSettings, resolve
 
@@ -61,7 +64,6 @@ def load_slices(
 ) -> Slices:
     """Slices of a kaggle_3m dataset at ``size`` (through the cache in ``cache_dir``, or the
     default one), or generated phantoms when ``data`` is None."""
-    from brainseg.data.cache import load_dataset
 
     if data is None:
         from brainseg.data.synthetic import write_synthetic
@@ -144,7 +146,6 @@ def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES)
     per_model = [_backend_logits(b, images, batch) for b in predictor.backends]
     if len(per_model) == 1:
         return per_model[0]
-    from brainseg.export.ensemble import ensemble_logits
 
     return ensemble_logits(per_model)
 
@@ -190,7 +191,6 @@ def compare_with_torch(
     were exported from; masks follow its threshold and minimum size
     (:func:`brainseg.settings.resolve` of its metadata) unless ``post`` is given.
     """
-    from brainseg.imageio import resize_image
 
     size = (int(images.shape[1]), int(images.shape[2]))
     h2, w2 = second_size(size)

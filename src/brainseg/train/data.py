@@ -18,6 +18,7 @@ import torch
 
 from brainseg import console as con
 from brainseg.config import ALL_FOLDS, TrainConfig
+from brainseg.data.cache import load_dataset
 from brainseg.errors import BrainsegError
 
 
@@ -174,7 +175,6 @@ def load_data(
 ) -> TrainData:
     """Read the dataset (the cache in ``cache_dir``, or the default one), check the split
     against it, resize, place on ``device``."""
-    from brainseg.data.cache import load_dataset
     from brainseg.data.split import check_split
 
     assert cfg.data is not None

@@ -17,6 +17,7 @@ from typing import Any
 
 from brainseg import console as con
 from brainseg.config import TrainConfig
+from brainseg.report import write_train_report
 from brainseg.train import validation
 from brainseg.train.epoch import Stopper, run_epoch, stopped_after_epoch
 from brainseg.train.modelcard import checkpoint_meta
@@ -72,8 +73,6 @@ def run_training(
         stopper.uninstall()
         run.rt.dist.close()
     if run.rt.dist.is_main:
-        from brainseg.report import write_train_report
-
         write_train_report(run.run_dir)
     best = next((r for r in run.rows if r["epoch"] == run.state.best_epoch), run.rows[-1])
     return TrainResult(

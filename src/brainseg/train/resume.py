@@ -13,6 +13,7 @@ from torch import nn
 
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
+from brainseg.train.ema import ema_extra, load_ema
 
 
 @dataclass
@@ -76,7 +77,6 @@ def save_last(
     (param groups, scaler scalars, counters) is JSON in the metadata. With an EMA the saved
     weights are the average and the trained ones go in ``extra`` (brainseg.train.ema).
     """
-    from brainseg.train.ema import ema_extra
 
     extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(model, ema)
     opt = optimizer.state_dict()
@@ -139,8 +139,6 @@ def load_train_state(
     if ema is None:
         model.load_state_dict(resume["weights"], strict=True)
     else:
-        from brainseg.train.ema import load_ema
-
         load_ema(resume["weights"], tensors, model, ema)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     pre = "optim."

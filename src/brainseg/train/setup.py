@@ -24,6 +24,7 @@ from brainseg.config import TrainConfig, dump_yaml, postprocess_settings
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
 from brainseg.loggers import Loggers
+from brainseg.model import UNetVGG16
 from brainseg.postprocess import DEFAULT_THRESHOLD
 from brainseg.train.data import TrainData, load_data, load_split_checked
 from brainseg.train.ema import build_ema
@@ -114,7 +115,6 @@ def missing_final_files(run_dir: Path) -> list[str]:
 
 def build_model(cfg: TrainConfig, device: torch.device, fresh: bool) -> Any:
     """The UNet-VGG16 on ``device`` (encoder weights and head prior only for a fresh run)."""
-    from brainseg.model import UNetVGG16
 
     torch.manual_seed(cfg.seed)
     raw = UNetVGG16(
