@@ -8,6 +8,7 @@ case resampled by SimpleITK onto that series.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -275,3 +276,26 @@ def test_a_flair_image_off_the_series_grid_is_that_cases_error_and_nothing_is_wr
     errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert "lies on no slice of the series grid" in errors[0], r.stderr
     assert not list(out.glob("A*")), sorted(out.iterdir())
+
+
+def test_eval_on_dicom_cases_writes_the_segs_it_scores_the_nifti_of(
+    run: Any, tmp_path: Path
+) -> None:
+    """issue 26: eval's mask writing takes --format dicom-seg as predict does: masks/ gets the
+    SEG (valid for dciodvfy, equal to the scored NIfTI mask)."""
+    import shutil
+
+    model = conv_onnx(tmp_path / "conv.onnx", image_size=64)
+    case = _dicom_case(tmp_path / "cases" / "A", _volume().transpose(2, 1, 0, 3), IOPS["oblique"])
+    r = run(["predict", model, tmp_path / "cases", "-o", tmp_path / "p", *CHANNELS])
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "gt").mkdir()
+    shutil.copy(tmp_path / "p" / "A_mask.nii.gz", tmp_path / "gt" / "A_seg.nii.gz")
+    r = run(
+        ["eval", model, tmp_path / "cases", "--gt", tmp_path / "gt", "--format", "dicom-seg",
+         *CHANNELS, "--project", tmp_path / "e", "--name", "x", "--json"]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    masks = tmp_path / "e" / "x" / "masks"
+    _check_seg(masks / "A_seg.dcm", case / "flair", masks / "A_mask.nii.gz")
+    assert json.loads(r.stdout)["per_patient"]["dice"]["mean"] == 1.0

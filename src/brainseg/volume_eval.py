@@ -39,6 +39,7 @@ class VolumeEvalJob:
     device: str = "auto"
     batch_size: int = 8
     tolerance: float = 2.0
+    fmt: str | None = None  # the masks' format: nifti (None) or dicom-seg
     project: Path = Path("runs/eval")
     name: str = "exp"
     exist_ok: bool = False
@@ -108,6 +109,7 @@ def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
             tta=job.tta,
             device=job.device,
             batch_size=job.batch_size,
+            fmt=job.fmt,
             force=True,
             predictor_factory=job.predictor_factory,
         )

@@ -42,6 +42,7 @@ VOLUME_ONLY = {
     "gt": "--gt",
     "min_volume": "--min-volume",
     "tolerance": "--tolerance",
+    "fmt": "--format",
 }
 
 
@@ -134,6 +135,12 @@ def register(app: typer.Typer) -> None:
         tolerance: float = typer.Option(
             2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
         ),
+        fmt: str = typer.Option(
+            "nifti",
+            "--format",
+            help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
+            "DICOM Segmentation per DICOM case, as predict writes).",
+        ),
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
@@ -211,7 +218,7 @@ def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> N
         )
     keys = (
         "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
-        "batch_size", "tolerance", "project", "name", "exist_ok",
+        "batch_size", "tolerance", "project", "name", "exist_ok", "fmt",
     )  # fmt: skip
     job = VolumeEvalJob(
         models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}
