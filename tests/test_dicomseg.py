@@ -299,3 +299,26 @@ def test_eval_on_dicom_cases_writes_the_segs_it_scores_the_nifti_of(
     masks = tmp_path / "e" / "x" / "masks"
     _check_seg(masks / "A_seg.dcm", case / "flair", masks / "A_mask.nii.gz")
     assert json.loads(r.stdout)["per_patient"]["dice"]["mean"] == 1.0
+
+
+def test_seg_series_names_the_series_the_seg_refers_to(run: Any, tmp_path: Path) -> None:
+    """issue 26: "or of the series named by an option": --seg-series post refers the SEG to
+    the post-contrast series (its UIDs read back by pydicom); without dicom-seg it is refused."""
+    import pydicom
+
+    model = conv_onnx(tmp_path / "conv.onnx", image_size=64)
+    case = _dicom_case(tmp_path / "cases" / "A", _volume().transpose(2, 1, 0, 3), IOPS["axial"])
+    out = tmp_path / "out"
+    r = run(
+        ["predict", model, tmp_path / "cases", "-o", out, "--format", "dicom-seg",
+         "--seg-series", "post", *CHANNELS]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    _check_seg(out / "A_seg.dcm", case / "post", out / "A_mask.nii.gz")
+    post = pydicom.dcmread(next((case / "post").iterdir()))
+    seg = pydicom.dcmread(out / "A_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == post.SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == post.FrameOfReferenceUID
+    r = run(["predict", model, tmp_path / "cases", "-o", tmp_path / "n", "--seg-series", "post",
+             *CHANNELS])  # fmt: skip
+    assert r.returncode == 2 and "--seg-series post: only with --format dicom-seg" in r.stderr

@@ -7,7 +7,8 @@ Slicer's DICOM module or OHIF shows on the series it was computed from:
 - BINARY segmentation, one segment "tumour", category SNOMED CT 49755003 "Morphologically
   abnormal structure", type SNOMED CT 108369006 "Neoplasm", algorithm type AUTOMATIC with the
   algorithm identification (brainseg, its version, the model file(s) and the model card's name);
-- the source series is the case's FLAIR series (:data:`REFERENCE_CHANNEL`): its patient and
+- the source series is the case's FLAIR series (:data:`REFERENCE_CHANNEL`; ``--seg-series``
+  names another contrast): its patient and
   study, its Frame of Reference, and per frame the SOP Instance it lies on (Study / Series /
   SOP Instance UIDs), with that image's position and orientation; new UIDs for the SEG;
 - frames without tumour are omitted (the standard allows it, and the referenced instances
@@ -75,7 +76,7 @@ def seg_path(out_dir: Path, case_id: str) -> Path:
     return out_dir / f"{case_id}{SUFFIX}"
 
 
-def reference_series(case: Any) -> Path:
+def reference_series(case: Any, channel: str = REFERENCE_CHANNEL) -> Path:
     """The DICOM series folder a case's SEG refers to; BrainsegError when it has none."""
     if case.four_d is not None:
         raise BrainsegError(
@@ -83,27 +84,27 @@ def reference_series(case: Any) -> Path:
             "series",
             hint=_HINT,
         )
-    src = case.sources.get(REFERENCE_CHANNEL)
+    src = case.sources.get(channel)
     if src is None:
-        raise BrainsegError(f"--format {FORMAT}: case {case.id} has no {REFERENCE_CHANNEL}")
+        raise BrainsegError(f"--format {FORMAT}: case {case.id} has no {channel}")
     if not Path(src).is_dir():
         raise BrainsegError(
-            f"--format {FORMAT}: case {case.id}: its {REFERENCE_CHANNEL} {src} is a NIfTI file, "
+            f"--format {FORMAT}: case {case.id}: its {channel} {src} is a NIfTI file, "
             "not a DICOM series",
             hint=_HINT,
         )
     return Path(src)
 
 
-def check_cases(cases: Iterable[Any]) -> None:
+def check_cases(cases: Iterable[Any], channel: str = REFERENCE_CHANNEL) -> None:
     """Before any work: every readable case has a DICOM series to refer to (else exit 2).
 
     Cases already known to be bad (a missing contrast...) are left to their own error row.
     """
     for case in cases:
-        if case.error and case.four_d is None and REFERENCE_CHANNEL not in case.sources:
+        if case.error and case.four_d is None and channel not in case.sources:
             continue
-        reference_series(case)
+        reference_series(case, channel)
 
 
 def check_installed() -> None:

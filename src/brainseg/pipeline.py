@@ -74,6 +74,7 @@ class PredictOptions:
     channels: str | None = None  # None: volumes.DEFAULT_CHANNELS
     largest: bool | None = None  # keep the largest 3D component
     min_volume: str | None = None  # drop 3D components: "N" voxels or "Nmm3"
+    seg_series: str = "flair"  # the contrast whose DICOM series a DICOM SEG refers to
     stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
     #: Called with every result as it comes (e.g. the command's --json line).
     on_result: Callable[[Any], None] | None = None

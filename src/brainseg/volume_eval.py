@@ -40,6 +40,7 @@ class VolumeEvalJob:
     batch_size: int = 8
     tolerance: float = 2.0
     fmt: str | None = None  # the masks' format: nifti (None) or dicom-seg
+    seg_series: str = "flair"  # the contrast a DICOM SEG refers to
     project: Path = Path("runs/eval")
     name: str = "exp"
     exist_ok: bool = False
@@ -110,6 +111,7 @@ def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
             device=job.device,
             batch_size=job.batch_size,
             fmt=job.fmt,
+            seg_series=job.seg_series,
             force=True,
             predictor_factory=job.predictor_factory,
         )

@@ -294,7 +294,7 @@ class VolumeFormat:
             )
             if outs.seg is not None:  # first: a series it cannot refer to leaves no file
                 info = dicomseg.algorithm_info(self.opts.models, self.metadata)
-                series = dicomseg.reference_series(case)
+                series = dicomseg.reference_series(case, self.opts.seg_series)
                 dicomseg.write_seg(outs.seg, mask, vol.grid, series, info, force=True)
             if outs.prob is not None:
                 volumes.write_nifti(outs.prob, full, vol.grid, kind="prob", force=True)
@@ -341,6 +341,12 @@ def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
             f"--format {opts.fmt!r} is not a volume mask format",
             hint=f"nifti (the default) or {dicomseg.FORMAT} (DICOM series cases)",
         )
+    check_choice("--seg-series", opts.seg_series, volumes.CHANNELS)
+    if opts.seg_series != dicomseg.REFERENCE_CHANNEL and opts.fmt != dicomseg.FORMAT:
+        raise BrainsegError(
+            f"--seg-series {opts.seg_series}: only with --format {dicomseg.FORMAT}",
+            hint="it names the series a DICOM SEG refers to; NIfTI masks refer to none",
+        )
     if opts.fmt == dicomseg.FORMAT:
         dicomseg.check_installed()
     return parse_shard(opts.shard)
@@ -386,7 +392,9 @@ def predict_volumes(
     shard = _check_options(opts)
     cases = volumes.find_cases(opts.inputs, opts.channels)
     if opts.fmt == dicomseg.FORMAT:
-        dicomseg.check_cases(cases)  # a NIfTI case: one line, exit 2, before any work
+        dicomseg.check_cases(
+            cases, opts.seg_series
+        )  # a NIfTI case: one line, exit 2, before any work
     seen: dict[str, volumes.Case] = {}
     for c in cases:
         if c.id in seen:

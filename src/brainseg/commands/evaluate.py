@@ -43,6 +43,7 @@ VOLUME_ONLY = {
     "min_volume": "--min-volume",
     "tolerance": "--tolerance",
     "fmt": "--format",
+    "seg_series": "--seg-series",
 }
 
 
@@ -141,6 +142,12 @@ def register(app: typer.Typer) -> None:
             help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
             "DICOM Segmentation per DICOM case, as predict writes).",
         ),
+        seg_series: str = typer.Option(
+            "flair",
+            "--seg-series",
+            metavar="pre|flair|post",
+            help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers to.",
+        ),
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
@@ -219,6 +226,7 @@ def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> N
     keys = (
         "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
         "batch_size", "tolerance", "project", "name", "exist_ok", "fmt",
+        "seg_series",
     )  # fmt: skip
     job = VolumeEvalJob(
         models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}

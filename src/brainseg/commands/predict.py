@@ -119,6 +119,13 @@ def register(app: typer.Typer) -> None:
             help="Volumes only: remove 3D components under N voxels ('200') or a volume "
             "('150mm3').",
         ),
+        seg_series: str = typer.Option(
+            "flair",
+            "--seg-series",
+            metavar="pre|flair|post",
+            help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers "
+            "to (its instances, frame of reference and geometry).",
+        ),
         channels: str | None = typer.Option(
             None,
             "--channels",
@@ -225,6 +232,7 @@ def register(app: typer.Typer) -> None:
             channels=channels,
             largest=largest,
             min_volume=min_volume,
+            seg_series=seg_series,
         )
         if volumes:
             code = vol.run_volume_predict(opts, json_out=json_out)

@@ -25,7 +25,11 @@ SLICE_ONLY = {
 #: ``--format`` values of the volume path (NIfTI masks, DICOM SEG); tif / png are the slices'.
 VOLUME_FORMATS = ("nifti", "dicom-seg")
 #: Options of ``brainseg predict`` that only volume cases use.
-VOLUME_ONLY = {"largest": "--largest/--no-largest", "min_volume": "--min-volume"}
+VOLUME_ONLY = {
+    "largest": "--largest/--no-largest",
+    "min_volume": "--min-volume",
+    "seg_series": "--seg-series",
+}
 
 
 class StdinPeek:
