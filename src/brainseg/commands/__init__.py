@@ -32,3 +32,16 @@ def fold_option() -> Any:
     import typer
 
     return typer.Option(None, "--fold", help="Cross-validation fold K of the split (0-based).")
+
+
+def seg_series_option() -> Any:
+    """``--seg-series`` as predict and eval declare it (the series a DICOM SEG refers to)."""
+    import typer
+
+    return typer.Option(
+        "flair",
+        "--seg-series",
+        metavar="pre|flair|post",
+        help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers to "
+        "(its instances, frame of reference and geometry).",
+    )

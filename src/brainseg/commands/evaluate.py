@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from brainseg import console
-from brainseg.commands import fold_option, subset_option
+from brainseg.commands import fold_option, seg_series_option, subset_option
 
 _HELP = (
     "Evaluate MODEL(s) on DATA: Dice, IoU, precision, recall, specificity, HD95.\n\n"
@@ -142,12 +142,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
             "DICOM Segmentation per DICOM case, as predict writes).",
         ),
-        seg_series: str = typer.Option(
-            "flair",
-            "--seg-series",
-            metavar="pre|flair|post",
-            help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers to.",
-        ),
+        seg_series: str = seg_series_option(),
     ) -> None:
         if json_out:
             console.configure(json_mode=True)

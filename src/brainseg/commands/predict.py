@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.commands import seg_series_option
 
 _HELP = (
     "Predict a tumor mask for every INPUT image with MODEL (.safetensors or .onnx).\n\n"
@@ -119,13 +120,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes only: remove 3D components under N voxels ('200') or a volume "
             "('150mm3').",
         ),
-        seg_series: str = typer.Option(
-            "flair",
-            "--seg-series",
-            metavar="pre|flair|post",
-            help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers "
-            "to (its instances, frame of reference and geometry).",
-        ),
+        seg_series: str = seg_series_option(),
         channels: str | None = typer.Option(
             None,
             "--channels",
