@@ -656,3 +656,28 @@ def test_volume_summaries_are_written_as_the_slices_are_jsonl_too(run, tiny, tmp
     rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert [(row["case"], row["status"]) for row in rows] == [("B", "ok"), ("A", "ok")]
     assert rows[1]["tumor_voxels"] > 0 and not (out / "summary.csv").exists()
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_not_misplaced(run, tiny, tmp_path):
+    """A series with a slice missing was read as evenly spaced, so every slice after the gap
+    sat 3 mm off its true position (the masks went back on a wrong grid). Now that case is
+    one line naming the gap, and nothing is written for it."""
+    import pydicom
+
+    v = blob_volume()  # 64 x 64 x 6
+    case = tmp_path / "dicom" / "A"
+    for i, name in enumerate(("pre", "flair", "post")):
+        save_dicom_series(case / name, v[..., i])
+        files = sorted(
+            (case / name).iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])
+        )
+        files[3].unlink()  # the oracle: pydicom's positions now have one 6 mm step
+    zs = sorted(
+        float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in (case / "flair").iterdir()
+    )
+    assert sorted(set(np.round(np.diff(zs), 3))) == [3.0, 6.0]
+    r = run(["predict", tiny, tmp_path / "dicom", "-o", tmp_path / "out", "--channels",
+             "pre=pre,flair=flair,post=post"])  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "not evenly spaced" in r.stderr and "6 mm" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "A_mask.nii.gz").exists()

@@ -458,6 +458,7 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the spacing check
     try:
         first = sitk.ImageFileReader()
         first.SetFileName(files[0])
@@ -471,12 +472,47 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
     arr = sitk.GetArrayFromImage(img)  # z, y, x
     if arr.ndim != 3:
         raise BrainsegError(f"{folder}: a {arr.ndim}D DICOM image; expected a 3D series")
+    _check_even_spacing(folder, reader, img)
     data = np.ascontiguousarray(arr.transpose(2, 1, 0))
     lps = np.eye(4)
     lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
     lps[:3, 3] = img.GetOrigin()
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM is LPS, NIfTI affines are RAS
     return data, Grid(affine=affine, shape=data.shape)  # type: ignore[arg-type]
+
+
+#: Largest difference between a DICOM slice's position and the series' regular grid, as a
+#: fraction of the slice spacing.
+SPACING_TOL = 0.1
+
+
+def _check_even_spacing(folder: Path, reader: Any, img: Any) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing slice, varying spacing):
+    the volume's grid assumes one spacing, so its slices would be placed wrongly."""
+    n = img.GetSize()[2]
+    if n < 3:
+        return
+    normal = np.array(img.GetDirection()).reshape(3, 3)[:, 2]
+    try:
+        pos = [
+            float(
+                np.dot(normal, [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+            )
+            for i in range(n)
+        ]
+    except (RuntimeError, ValueError):
+        return  # no ImagePositionPatient per slice: SimpleITK's own spacing stands
+    steps = np.diff(pos)
+    step = float(np.median(steps))
+    if step == 0 or np.max(np.abs(steps - step)) <= SPACING_TOL * abs(step):
+        return
+    k = int(np.argmax(np.abs(steps - step)))
+    raise BrainsegError(
+        f"{folder}: the DICOM slices are not evenly spaced (slice {k + 1} to {k + 2}: "
+        f"{abs(steps[k]):.3g} mm, the series' spacing {abs(step):.3g} mm): a slice is missing "
+        "or the spacing varies",
+        hint="export the complete series, or resample it to even spacing first",
+    )
 
 
 def read_source(path: Path) -> tuple[np.ndarray, Grid]:
