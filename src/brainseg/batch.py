@@ -410,6 +410,7 @@ SUMMARY_COLUMNS = (
     "height",
     "width",
     "error",
+    "runtime",
 )
 
 
@@ -444,6 +445,7 @@ class FileResult:
     height: int | None = None
     width: int | None = None
     error: str = ""
+    runtime: str = ""  # what ran the model, e.g. "openvino bf16" (brainseg.runtimes)
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -935,6 +937,9 @@ class PredictOptions:
     force: bool = False
     shard: str | None = None
     include_masks: bool = False
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
     stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
     #: Called with every result as it comes (e.g. the command's --json line).
     on_result: Callable[[FileResult], None] | None = None
@@ -1001,6 +1006,9 @@ def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -
         f"{', TTA' if opts.tta else ''}): images {how}, threshold {batch.threshold:g}, "
         f"min size {batch.min_size} (at each image's own size)"
     )
+    from brainseg.runtimes import describe
+
+    console.info(describe(predictor))
     if resolve(predictor.metadata).post.largest:
         console.info(
             "the model's largest-component rule is per patient volume and is not "
@@ -1048,7 +1056,15 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     if not first.error:  # -o into the data: refuse up front
         check_outputs(first, batch, opts.out_dir.resolve())
     _check_summary(summary_path, opts)
-    predictor = Predictor(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
+    from brainseg.runtimes import runtime_kwargs
+
+    predictor = Predictor(
+        opts.models,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        tta=opts.tta,
+        **runtime_kwargs(opts),
+    )
     post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
     batch.threshold, batch.min_size = post.threshold, post.min_size
     _announce(predictor, opts, batch)
@@ -1120,6 +1136,8 @@ def _run(
         with console.progress(total, "predict", unit="file") as bar:
             for res in results:
                 pending = res
+                if res.status == "ok":
+                    res.runtime = predictor.runtime
                 writer.write(res)
                 pending = None
                 counts[res.status] += 1

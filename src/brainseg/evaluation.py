@@ -77,6 +77,9 @@ class EvalOptions:
     batch_size: int = 8
     skip_bad: bool = False
     tune: bool = False
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
 
 
 @dataclass
@@ -202,8 +205,14 @@ def make_predictor(
 
         factory = Predictor
     try:
+        from brainseg.runtimes import runtime_kwargs
+
         return factory(
-            [Path(m) for m in models], device=opts.device, batch_size=opts.batch_size, tta=opts.tta
+            [Path(m) for m in models],
+            device=opts.device,
+            batch_size=opts.batch_size,
+            tta=opts.tta,
+            **runtime_kwargs(opts),
         )
     except BrainsegError:
         raise
@@ -344,6 +353,11 @@ def run_eval(
 
     # the models first: a corrupt file is one line before any dataset cache is built
     predictor = make_predictor(model_paths, opts, predictor_factory)
+    runtime = getattr(predictor, "runtime_info", None)  # a test's factory may not say
+    if runtime is not None:
+        from brainseg.runtimes import describe
+
+        console.info(describe(predictor))
     data = load_dataset(data_path, skip_bad=opts.skip_bad)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
     rows = data.indices_of(ids)
@@ -408,6 +422,8 @@ def run_eval(
             "threshold_source": resolved.threshold_source,
             "tta": opts.tta,
             "device": opts.device,
+            "runtime": runtime,
+            "threads": opts.threads,
             "batch_size": opts.batch_size,
             "skip_bad": opts.skip_bad,
             "image_size": list(data.size),

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import postprocess, volumes
+from brainseg import console, postprocess, volumes
 from brainseg.batch import lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
@@ -76,6 +76,9 @@ class VolumeOptions:
     skip_existing: bool = False
     force: bool = False
     shard: str | None = None
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
     predictor_factory: Callable[..., Any] | None = None
 
 
@@ -453,12 +456,19 @@ def _run_cases(
                 from brainseg.predict import Predictor
 
                 factory = Predictor
+            from brainseg.runtimes import runtime_kwargs
+
             state["p"] = factory(
                 [Path(m) for m in opts.models],
                 device=opts.device,
                 batch_size=opts.batch_size,
                 tta=opts.tta,
+                **runtime_kwargs(opts),
             )
+            if hasattr(state["p"], "runtime_info"):  # a test's factory may not say
+                from brainseg.runtimes import describe
+
+                console.info(describe(state["p"]))
         return state["p"]
 
     def post() -> _Post:

@@ -130,8 +130,10 @@ def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], l
 
 
 def open_cpu(path: Path) -> Predictor:
-    """The Predictor ``brainseg predict`` would open for ``path``, on the CPU."""
-    return Predictor(path, device="cpu", batch_size=VERIFY_SLICES)
+    """The Predictor ``brainseg predict --runtime onnxruntime`` opens for ``path``, on the CPU
+    (the file is checked as written: OpenVINO's bf16 would change the logits it compares)."""
+    runtime = None if path.suffix.lower() != ".onnx" else "onnxruntime"
+    return Predictor(path, device="cpu", batch_size=VERIFY_SLICES, runtime=runtime)
 
 
 def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES) -> np.ndarray:
