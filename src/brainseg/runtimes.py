@@ -154,7 +154,11 @@ def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def requested_runtime(runtime: str | None) -> str:
-    """``runtime``, else $BRAINSEG_RUNTIME, else ``auto``; checked against RUNTIMES."""
+    """``runtime``, else $BRAINSEG_RUNTIME, else ``auto``; checked against RUNTIMES.
+
+    $BRAINSEG_RUNTIME applies to the files its runtime can run (``onnxruntime`` /
+    ``openvino``: .onnx files; ``torch``: checkpoints); others get ``auto``.
+    """
     value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
     return _check_choice("--runtime", value, RUNTIMES)
 
@@ -179,6 +183,8 @@ def choose(
     cannot run: a checkpoint on an ONNX runtime, bf16 where the CPU has no native bf16, ...
     """
     asked = requested_runtime(runtime)
+    if runtime is None and (asked == "torch") == (suffix == ".onnx"):
+        asked = "auto"  # $BRAINSEG_RUNTIME names a runtime of the other kind of file
     prec = check_precision(precision)
     flags = cpu_flags() if flags is None else flags
     kind = cpu_kind(flags)
