@@ -265,7 +265,7 @@ def test_auto_reports_its_choice(
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.splitlines()[0])
     assert row["runtime"] == want
-    assert f"runtime {want} (auto: " in r.stderr  # the status line, with the reason
+    assert f"({want}, auto: " in r.stderr  # the status line, with the reason
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert summary[0].endswith(",runtime") and summary[1].endswith(want)
     # eval: summary.json's settings

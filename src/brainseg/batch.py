@@ -992,6 +992,7 @@ def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | No
 
 
 def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -> None:
+    from brainseg.runtimes import describe
     from brainseg.settings import resolve
 
     size = predictor.image_size
@@ -1001,14 +1002,11 @@ def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -
         else f"resized to {size[0]}x{size[1]}"
     )
     console.info(
-        f"model {opts.models[0]} ({predictor.backend}"
+        f"model {opts.models[0]} ({describe(predictor)}"
         f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
         f"{', TTA' if opts.tta else ''}): images {how}, threshold {batch.threshold:g}, "
         f"min size {batch.min_size} (at each image's own size)"
     )
-    from brainseg.runtimes import describe
-
-    console.info(describe(predictor))
     if resolve(predictor.metadata).post.largest:
         console.info(
             "the model's largest-component rule is per patient volume and is not "

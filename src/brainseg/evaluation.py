@@ -357,7 +357,7 @@ def run_eval(
     if runtime is not None:
         from brainseg.runtimes import describe
 
-        console.info(describe(predictor))
+        console.info(f"runtime {describe(predictor)}")
     data = load_dataset(data_path, skip_bad=opts.skip_bad)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
     rows = data.indices_of(ids)

@@ -470,7 +470,8 @@ def runtime_kwargs(opts: Any) -> dict[str, Any]:
 
 
 def describe(predictor: Any) -> str:
-    """One status line: what runs the model and why (``runtime openvino bf16 (auto: ...)``)."""
+    """What runs the model and why, e.g. ``openvino bf16, auto: AVX512-BF16 (no AMX): ...``."""
     info = predictor.runtime_info
-    how = "auto" if info["requested"] == "auto" else f"--runtime {info['requested']}"
-    return f"runtime {info['label']} ({how}: {info['reason']})"
+    if info["requested"] == "auto":
+        return f"{info['label']}, auto: {info['reason']}"
+    return f"{info['label']}, --runtime {info['requested']}"

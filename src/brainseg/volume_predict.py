@@ -468,7 +468,7 @@ def _run_cases(
             if hasattr(state["p"], "runtime_info"):  # a test's factory may not say
                 from brainseg.runtimes import describe
 
-                console.info(describe(state["p"]))
+                console.info(f"runtime {describe(state['p'])}")
         return state["p"]
 
     def post() -> _Post:
