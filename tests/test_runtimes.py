@@ -268,7 +268,14 @@ def test_auto_reports_its_choice(
     assert f"({want}, auto: " in r.stderr  # the status line, with the reason
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert summary[0].endswith(",runtime") and summary[1].endswith(want)
-    # eval: summary.json's settings
+
+
+@needs_openvino
+@pytest.mark.slow  # two eval runs in fresh processes: about 10 s on 2 shared cores
+def test_eval_reports_the_runtime_in_its_summary(
+    models: dict[str, Path], phantom_root: Path, tmp_path: Path
+) -> None:
+    want = runtimes.choose(".onnx", "fp32", "auto", "auto", "cpu").label
     r = _cli(
         ["eval", models["fp32"], phantom_root, "--json", "--device", "cpu", "--project", "runs"],
         tmp_path,
