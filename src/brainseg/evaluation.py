@@ -205,9 +205,9 @@ def make_predictor(
 
         factory = Predictor
     try:
-        from brainseg.runtimes import runtime_kwargs
+        from brainseg.runtimes import describe, runtime_kwargs
 
-        return factory(
+        predictor = factory(
             [Path(m) for m in models],
             device=opts.device,
             batch_size=opts.batch_size,
@@ -222,6 +222,9 @@ def make_predictor(
             f"cannot load model {names}: {type(exc).__name__}: {exc}",
             hint="is the file complete? re-export or re-train it",
         ) from exc
+    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
+        console.info(f"runtime {describe(predictor)}")
+    return predictor
 
 
 def predict_probabilities(
@@ -353,11 +356,6 @@ def run_eval(
 
     # the models first: a corrupt file is one line before any dataset cache is built
     predictor = make_predictor(model_paths, opts, predictor_factory)
-    runtime = getattr(predictor, "runtime_info", None)  # a test's factory may not say
-    if runtime is not None:
-        from brainseg.runtimes import describe
-
-        console.info(f"runtime {describe(predictor)}")
     data = load_dataset(data_path, skip_bad=opts.skip_bad)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
     rows = data.indices_of(ids)
@@ -422,7 +420,7 @@ def run_eval(
             "threshold_source": resolved.threshold_source,
             "tta": opts.tta,
             "device": opts.device,
-            "runtime": runtime,
+            "runtime": getattr(predictor, "runtime_info", None),  # None: a test's factory
             "threads": opts.threads,
             "batch_size": opts.batch_size,
             "skip_bad": opts.skip_bad,
