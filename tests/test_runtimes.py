@@ -156,6 +156,20 @@ def test_torch_checkpoint_agrees_with_onnxruntime_and_refuses_onnx_runtimes(
         _proba(models["fp32"], imgs, runtime="torch")
 
 
+@needs_bf16
+def test_torch_bf16_on_a_checkpoint_agrees_with_onnxruntime_fp32(
+    models: dict[str, Path], phantom_root: Path
+) -> None:
+    imgs = _images(phantom_root)
+    ref, _ = _proba(models["fp32"], imgs, runtime="onnxruntime")
+    got, p = _proba(models["ckpt"], imgs, precision="bf16")
+    assert p.runtime == "torch bf16"  # type: ignore[attr-defined]
+    assert not np.array_equal(ref, got)  # bf16 autocast did run
+    assert _dice(ref >= 0.5, got >= 0.5) >= BF16_MIN_DICE
+    with pytest.raises(BrainsegError, match="no native bf16"):
+        runtimes.choose(".safetensors", "fp32", "auto", "bf16", "cpu", VNNI, lambda m: True)
+
+
 @needs_openvino
 def test_threads_reach_the_runtime(models: dict[str, Path]) -> None:
     from brainseg.predict import Predictor

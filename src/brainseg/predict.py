@@ -136,7 +136,9 @@ class TorchBackend:
     name = "torch"
     choice: RuntimeChoice  # set by open_backend
 
-    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, device: str = "auto", threads: int = 0, bf16: bool = False
+    ) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -160,11 +162,13 @@ class TorchBackend:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.metadata = dict(meta)
+        self.bf16 = bool(bf16)  # bf16 autocast (--precision bf16, CPUs with native bf16)
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
         torch = self.torch
-        with torch.inference_mode():
+        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+        with torch.inference_mode(), amp:
             t = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
             x = t.permute(0, 3, 1, 2).float()
             x = x.contiguous(
@@ -343,7 +347,7 @@ def open_backend(
     _check_content(p, p.suffix.lower())
     backend: Any
     if suffix != ".onnx":
-        backend = TorchBackend(p, device, threads)
+        backend = TorchBackend(p, device, threads, bf16=first.precision == "bf16")
         choice = first
     elif first.runtime == "openvino" or choose("int8").runtime == "openvino":
         model = runtimes.OpenVinoModel(p)
