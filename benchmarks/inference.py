@@ -10,6 +10,10 @@ At --size (256) on the CPU, for
 * onnxruntime fp32 (``brainseg export``),
 * onnxruntime int8 (static QDQ via ``brainseg.export.quantize_int8``, calibrated on slices of
   the training patients),
+* OpenVINO (``--runtime openvino``, when installed) on the same two files: fp32 (exact), bf16
+  inference precision (CPUs with native bf16 only) and int8; each as ``brainseg predict``
+  opens it (``brainseg.runtimes.OpenVinoBackend``): LATENCY hint for batch 1, THROUGHPUT hint
+  with one-image async requests for the batch,
 
 measures the per-slice latency at batch 1 and the throughput at batch --batch (8), the
 backends alternating inside each repetition (median of --repeats), and the agreement of each
@@ -26,12 +30,25 @@ comparison is made on a model that segments something; the held-out patients are
 validation patients. The ONNX sessions are the ones ``brainseg predict`` opens
 (``brainseg.predict.OnnxBackend``: default graph optimisations, no thread spinning).
 
+Each row also gets its fraction of the CPU's peak: the model's FLOPs per slice
+(``brainseg.model.model_flops``, 2 per multiply-add) x slices/s at the batch, over two peaks:
+(1) a practical peak measured in the same run, the dense matmul rate of torch on this CPU
+(2048 x 2048, fp32 and bf16, all cores; median of 3 bursts; int8 rows against 2 x the bf16
+rate: VNNI's dot product does 4 int8 multiply-adds per 32-bit lane where AVX512-BF16 does 2,
+an assumption) and (2) a nominal peak from the flags and the clock in /proc/cpuinfo
+(:func:`nominal_peak`). Both are lower bounds of the true peak where the core boosts above the
+reported clock or torch's fp32 matmul misses the CPU's fastest kernels (MKL on AMD), and
+Winograd convolutions do fewer multiply-adds than the FLOPs counted: a figure above 100 %
+says the CPU is near its peak, not beyond it. The JSON records the CPU flags, its kind
+(``brainseg.runtimes.cpu_kind``) and what ``--runtime auto`` picks on it for each file.
+
 Prints tables and writes JSON (default benchmarks/results/inference.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -147,6 +164,100 @@ def ort_runner(path: Path) -> tuple[Runner, dict[str, Any]]:
     return run, info
 
 
+def ov_runner(path: Path, precision: str, batch_size: int) -> Runner:
+    """The OpenVINO backend ``brainseg predict --runtime openvino`` opens (its logits)."""
+    from brainseg.runtimes import OpenVinoBackend
+
+    backend = OpenVinoBackend(path, precision, 0, batch_size)
+    return backend._logits
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of torch's dense ``n x n`` matmul on this CPU (median of 3 bursts of ``reps``)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        rates.append(2 * n**3 * reps / (time.perf_counter() - t0))
+    return median(rates)
+
+
+def nominal_peak() -> dict[str, Any]:
+    """The CPU's peak from its flags and the clock /proc/cpuinfo reports (an assumption).
+
+    Per core and cycle: fp32 32 FLOP with AVX-512 (two 256-bit FMA pipes, as AMD Zen 4 runs
+    AVX-512; Intel server cores with two 512-bit FMA units do 64), 16 with AVX2 only; bf16
+    (AVX512-BF16 dot products) 2x fp32; int8 (VNNI) 4x fp32. The clock is the "cpu MHz" line,
+    usually the base clock: a core that boosts above it beats this peak.
+    """
+    from brainseg.runtimes import cpu_flags
+
+    flags = cpu_flags()
+    mhz = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    fp32 = 32 if "avx512f" in flags else 16
+    cores = os.cpu_count() or 1
+    base = cores * mhz * 1e6 * fp32
+    return {
+        "fp32": base,
+        "bf16": 2 * base if "avx512_bf16" in flags or "amx_bf16" in flags else base,
+        "int8": 4 * base if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags else 2 * base,
+        "how": f"{cores} cores x {mhz:.0f} MHz (cpu MHz) x {fp32} fp32 FLOP/cycle; bf16 2x, "
+        "int8 4x (VNNI)",
+    }
+
+
+def peak_of(name: str, peaks: dict[str, float]) -> tuple[str, float]:
+    """Which assumed peak a backend row is put against."""
+    if "int8" in name:
+        return "int8 (2 x bf16 matmul)", 2 * peaks["bfloat16"]
+    if "bf16" in name:
+        return "bf16 matmul", peaks["bfloat16"]
+    return "fp32 matmul", peaks["float32"]
+
+
+def openvino_runners(
+    models: dict[str, Path], batch: int, runners: dict[str, Runner], result: dict[str, Any]
+) -> dict[str, Runner]:
+    """Add the OpenVINO rows (batch 1: LATENCY hint) to ``runners``; return their batch
+    runners (THROUGHPUT hint, async); record the CPU kind and auto's choices in ``result``."""
+    from brainseg import runtimes
+
+    flags = runtimes.cpu_flags()
+    result["cpu_kind"] = runtimes.cpu_kind(flags)
+    result["auto_choice"] = {
+        v: runtimes.choose(".onnx", v, "auto", "auto", "cpu", flags).as_dict()
+        for v in ("fp32", "int8")
+    }
+    batch_runners: dict[str, Runner] = {}
+    if not runtimes._installed("openvino"):
+        return batch_runners
+    import openvino
+
+    result["openvino_version"] = openvino.__version__
+    rows = [("fp32", "fp32"), ("int8", "int8")]
+    if runtimes.native_bf16(flags):
+        rows.insert(1, ("fp32", "bf16"))
+    for file, prec in rows:
+        name = f"openvino {prec}"
+        runners[name] = ov_runner(models[file], prec, 1)
+        batch_runners[name] = ov_runner(models[file], prec, batch)
+    return batch_runners
+
+
 def export_models(ckpt: Path, calib: np.ndarray, verify_root: Path, tmp: Path) -> dict[str, Path]:
     """fp32 ONNX via brainseg.export.export_onnx, int8 QDQ via brainseg.export.quantize_int8."""
     import onnx
@@ -175,6 +286,21 @@ def nchw(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
+def keep_files(folder: Path | None, files: list[Path]) -> None:
+    """--keep: copy the checkpoint and the ONNX files into ``folder``."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in files:
+            shutil.copyfile(p, folder / p.name)
+
+
+def smoke_settings(args: argparse.Namespace) -> None:
+    """--smoke: tiny settings (the test's run)."""
+    args.repeats, args.train_epochs, args.train_steps, args.train_batch = 1, 1, 1, 4
+    args.dice_patients, args.calib_slices, args.batch = 1, 4, 2
+    args.max_slices = args.max_slices or 6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="kaggle_3m dataset folder")
@@ -197,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.smoke:
-        args.repeats, args.train_epochs, args.train_steps, args.train_batch = 1, 1, 1, 4
-        args.dice_patients, args.calib_slices, args.batch = 1, 4, 2
-        args.max_slices = args.max_slices or 6
+        smoke_settings(args)
 
     import torch
 
@@ -245,10 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_hwc = np.ascontiguousarray(calib.transpose(0, 2, 3, 1))
         models = export_models(ckpt, calib_hwc, limited_root(root, held, tmp / "held"), tmp)
 
-        if args.keep is not None:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            for p in (ckpt, *models.values()):
-                shutil.copyfile(p, args.keep / p.name)
+        keep_files(args.keep, [ckpt, *models.values()])
         model, _ = load_checkpoint(ckpt, "cpu")
         model.eval()
         runners: dict[str, Runner] = {
@@ -265,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in models.items():
             runners[f"onnxruntime {name}"], ort_info[name] = ort_runner(path)
         result["onnxruntime_session"] = ort_info
+        batch_runners = openvino_runners(models, args.batch, runners, result)
         result["model_mb"] = {k: round(p.stat().st_size / 1e6, 1) for k, p in models.items()}
 
         # ---- timings: backends alternate inside each repetition
@@ -272,10 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         lat: dict[str, list[float]] = {k: [] for k in runners}
         thr: dict[str, list[float]] = {k: [] for k in runners}
         nb = min(args.batch, len(x_all))
-        for run in runners.values():  # warm-up: first calls build kernels / caches
+
+        def batched(name: str) -> Runner:
+            return batch_runners.get(name, runners[name])
+
+        for name, run in runners.items():  # warm-up: first calls build kernels / caches
             for _ in range(2):
                 run(x_all[:1])
-                run(x_all[:nb])
+                batched(name)(x_all[:nb])
         say(f"timing {len(runners)} backends, {args.repeats} repetitions")
         for r in range(args.repeats):
             order = list(runners) if r % 2 == 0 else list(reversed(runners))
@@ -286,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat[name].append(time.perf_counter() - t0)
                 xb = x_all[:nb]
                 t0 = time.perf_counter()
-                runners[name](xb)
+                batched(name)(xb)
                 thr[name].append(nb / (time.perf_counter() - t0))
 
         # ---- agreement with torch fp32 on every held-out slice
@@ -295,13 +421,30 @@ def main(argv: list[str] | None = None) -> int:
         gt = sized.masks[held_rows].astype(bool)
         pidx = sized.patient_index[held_rows]
         masks: dict[str, np.ndarray] = {}
-        for name, run in runners.items():
+        for name in runners:
+            run = batched(name)
             out = [run(x_all[s : s + nb]) for s in range(0, len(x_all), nb)]
             masks[name] = np.concatenate(out) > thr_logit
         ref = masks["torch fp32"]
         ref_pp = per_patient_dice(ref, gt, pidx)
         rows_out = []
         base_lat = median(lat["torch fp32"])
+        base_thr = median(thr["onnxruntime fp32"])
+        from brainseg.model import model_flops
+
+        flops = model_flops(model, args.size, args.size)
+        say("measuring the CPU's dense matmul rate (fp32, bf16): the assumed peak")
+        peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+        result["peak_flops"] = {
+            "fp32_matmul": peaks["float32"],
+            "bf16_matmul": peaks["bfloat16"],
+            "int8_assumed": 2 * peaks["bfloat16"],
+            "how": "torch.matmul 2048x2048 on this CPU, all threads, median of 3 bursts of 5; "
+            "int8 assumed 2x bf16 (VNNI)",
+        }
+        result["model_gflop_per_slice"] = flops / 1e9
+        nominal = nominal_peak()
+        result["peak_flops_nominal"] = nominal
         backends: dict[str, Any] = {}
         for name in runners:
             pp = per_patient_dice(masks[name], gt, pidx)
@@ -313,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_runs": thr[name],
                 "throughput_batch": nb,
                 "speedup_batch1_vs_torch_fp32": base_lat / median(lat[name]),
+                "throughput_vs_onnxruntime_fp32": median(thr[name]) / base_thr,
+                "peak_assumed": peak_of(name, peaks)[0],
+                "fraction_of_peak_batch": median(thr[name]) * flops / peak_of(name, peaks)[1],
+                "fraction_of_nominal_peak_batch": median(thr[name])
+                * flops
+                / nominal["int8" if "int8" in name else "bf16" if "bf16" in name else "fp32"],
                 "mask_dice_vs_torch_fp32": dice(masks[name], ref),
                 "patient_dice_mean": float(np.mean(pp)),
                 "patient_dice_delta_vs_torch_fp32": float(np.mean(pp) - np.mean(ref_pp)),
@@ -325,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{b['latency_ms_batch1']:.0f}",
                     f"{b['speedup_batch1_vs_torch_fp32']:.2f}x",
                     f"{b['throughput_slices_s']:.2f}",
+                    f"{b['throughput_vs_onnxruntime_fp32']:.2f}x",
+                    f"{100 * b['fraction_of_peak_batch']:.0f}%",
                     f"{b['mask_dice_vs_torch_fp32']:.4f}",
                     f"{b['patient_dice_mean']:.4f}",
                     f"{b['patient_dice_delta_vs_torch_fp32']:+.4f}",
@@ -347,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             "ms/slice b1",
             "vs torch fp32",
             f"slices/s b{nb}",
+            "vs ORT fp32",
+            "% of peak",
             "mask Dice vs fp32",
             "patient Dice",
             "Δ vs fp32",
@@ -361,6 +514,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu_path = result["cpu_int8_path"]
     say(f"this CPU's int8 path: {cpu_path['name']} (expect {cpu_path['expect']})")
+    for v, c in result["auto_choice"].items():
+        say(
+            f"--runtime auto on this CPU ({result['cpu_kind']}), {v} file: {c['runtime']} "
+            f"{c['precision']}"
+        )
+    pk = result["peak_flops"]
+    say(
+        f"assumed peak: fp32 {pk['fp32_matmul'] / 1e9:.0f}, bf16 {pk['bf16_matmul'] / 1e9:.0f}, "
+        f"int8 {pk['int8_assumed'] / 1e9:.0f} GFLOP/s; model {result['model_gflop_per_slice']:.1f} "
+        "GFLOP/slice"
+    )
     write_result(args.json, result)
     return 0
 

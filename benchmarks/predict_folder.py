@@ -15,8 +15,10 @@
 
 Without --model a full-size UNetVGG16 (random weights: speed does not depend on them) is
 exported with ``brainseg.export.export_onnx`` (int8 by default, --variant fp32 for fp32),
-calibrated on 3 patients of --data. Prints tables and writes JSON (default
-benchmarks/results/predict_folder.json).
+calibrated on 3 patients of --data. ``--runtime`` (default auto: what ``brainseg predict``
+picks for this CPU, docs/export.md) is passed to both the command and the model-only run, so
+the end-to-end ratio is measured for the runtime a user gets. Prints tables and writes JSON
+(default benchmarks/results/predict_folder.json).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def make_folder(files: list[Path], n: int, dest: Path) -> Path:
 
 
 def run_predict(
-    model: Path, folder: Path, out: Path, batch: int, workers: int
+    model: Path, folder: Path, out: Path, batch: int, workers: int, runtime: str = "auto"
 ) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one ``brainseg -q predict`` process."""
     report = out.parent / f".{out.name}-peak.json"
@@ -130,6 +132,8 @@ def run_predict(
         str(workers),
         "--device",
         "cpu",
+        "--runtime",
+        runtime,
     ]
     if out.exists():
         shutil.rmtree(out)
@@ -146,11 +150,11 @@ def run_predict(
     return wall, peak_kb / 1024
 
 
-def model_only(model: Path, images: np.ndarray, batch: int) -> float:
+def model_only(model: Path, images: np.ndarray, batch: int, runtime: str = "auto") -> float:
     """Slices/s of the same backend on slices already in memory (same batch size)."""
     from brainseg.predict import Predictor
 
-    pred = Predictor([model], device="cpu", batch_size=batch)
+    pred = Predictor([model], device="cpu", batch_size=batch, runtime=runtime)
     pred.predict_proba(images[:batch])  # warm-up
     t0 = time.perf_counter()
     for s in range(0, len(images), batch):
@@ -168,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-files", default="200,2000", help="file counts for the memory run")
     ap.add_argument("--batch", type=int, default=8, help="--batch-size of brainseg predict")
     ap.add_argument("--workers", type=int, default=2, help="--workers of brainseg predict")
+    ap.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "onnxruntime", "openvino", "torch"],
+        help="--runtime of brainseg predict and of the model-only run (issue 24)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="repetitions (median)")
     ap.add_argument("--json", type=Path, default=RESULTS / "predict_folder.json")
     ap.add_argument("--smoke", action="store_true", help="small model, few files (smoke test)")
@@ -221,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for which in ("e2e", "model") if rep % 2 == 0 else ("model", "e2e"):
                 if which == "e2e":
-                    wall, peak = run_predict(model, folder, tmp / "out", args.batch, args.workers)
+                    wall, peak = run_predict(
+                        model, folder, tmp / "out", args.batch, args.workers, args.runtime
+                    )
                     e2e.append(n / wall)
                     rss.append(peak)
                 else:
-                    mo.append(model_only(model, images, args.batch))
+                    mo.append(model_only(model, images, args.batch, args.runtime))
             say(f"rep {rep + 1}: end to end {e2e[-1]:.2f} slices/s, model only {mo[-1]:.2f}")
         ratio = median(e2e) / median(mo)
         result["throughput"] = {

@@ -37,6 +37,9 @@ def _isolated_caches(
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
     monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
+    # The same runtime on every CPU: `auto` would pick OpenVINO bf16 on some (its masks differ
+    # from fp32's at boundary pixels); tests of `auto` and OpenVINO ask for them (test_runtimes).
+    monkeypatch.setenv("BRAINSEG_RUNTIME", "onnxruntime")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ that each script finishes, prints its table and records what docs/benchmarks.md 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -93,6 +94,12 @@ def test_inference_smoke(tmp_path: Path, phantom_root: Path) -> None:
         assert 0.0 <= b["mask_dice_vs_torch_fp32"] <= 1.0
     assert data["backends"]["torch fp32"]["mask_dice_vs_torch_fp32"] == 1.0
     assert set(data["targets"]) >= {"int8_speedup_batch1", "int8_patient_dice_within_0_01"}
+    # the runtimes of issue 24: OpenVINO rows, the fraction of the measured peak, auto's pick
+    if importlib.util.find_spec("openvino") is not None:
+        assert {"openvino fp32", "openvino int8"} <= set(data["backends"])
+    assert all(b["fraction_of_peak_batch"] > 0 for b in data["backends"].values())
+    assert data["peak_flops"]["fp32_matmul"] > 0 and data["cpu_kind"]
+    assert set(data["auto_choice"]) == {"fp32", "int8"}
     assert data["checkpoint"]["source"].startswith("trained by this script")
 
 

@@ -358,6 +358,39 @@ def test_int8_reported_dice_matches_an_independent_evaluation(
     assert q["patient_dice_fp32"] == pytest.approx(d32, abs=1e-3)
     assert q["patient_dice_int8"] == pytest.approx(d8, abs=1e-3)
     assert q["dice_loss"] == pytest.approx(d32 - d8, abs=2e-3)
+    own = q["own_size"]  # phantoms at the model's size: the same figures
+    assert own["size"] == [64, 64]
+    assert own["patient_dice"]["fp32"] == pytest.approx(d32, abs=1e-3)
+    assert own["patient_dice"]["int8"] == pytest.approx(d8, abs=1e-3)
+
+
+@pytest.mark.slow  # one int8 export (~40 s on 2 shared cores) and three predict runs
+def test_precision_costs_are_measured_at_the_images_own_size(ckpt: Path, tmp_path: Path) -> None:
+    """Data at 96x96 for a model trained at 64x64: the report's own-size Dice of each
+    precision is what `brainseg predict` (which writes masks at the images' size) scores."""
+    from brainseg import runtimes
+    from brainseg.data.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "p96", patients=5, seed=1, size=96)
+    out = tmp_path / "m8.onnx"
+    r = run_cli(["export", ckpt, "-o", out, "--int8", "--calib", data, "--calib-slices", "8",
+                 "--json"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    q = rep["int8"]
+    own = q["own_size"]
+    assert own["size"] == [96, 96] and "at the images' own size 96x96" in r.stderr
+    val = [data / p for p in q["validation_patient_ids"]]
+    fp32 = tmp_path / "m.onnx"
+    assert run_cli(["export", ckpt, "-o", fp32]).returncode == 0
+    d32 = _patient_dice_from_predict(fp32, val, tmp_path, largest=True)
+    d8 = _patient_dice_from_predict(out, val, tmp_path, largest=True)
+    assert own["patient_dice"]["fp32"] == pytest.approx(d32, abs=1e-3)
+    assert own["patient_dice"]["int8"] == pytest.approx(d8, abs=1e-3)
+    assert own["dice_cost"]["int8"] == pytest.approx(d32 - d8, abs=2e-3)
+    if runtimes._installed("openvino") and runtimes.native_bf16(runtimes.cpu_flags()):
+        assert own["runtimes"]["bf16"] == "openvino bf16"
+        assert abs(own["dice_cost"]["bf16"]) < 0.02
 
 
 def _shifted_int8(fp32_path: Path, out_path: Path, calib_images, tmp: Path) -> None:

@@ -49,6 +49,7 @@ from brainseg.pipeline import (
     write_empty_summary,
 )
 from brainseg.predict import Predictor
+from brainseg.runtimes import describe, runtime_kwargs
 from brainseg.settings import DEFAULT_THRESHOLD, resolve
 from brainseg.shards import slurm_shard
 
@@ -413,6 +414,7 @@ SUMMARY_COLUMNS = (
     "height",
     "width",
     "error",
+    "runtime",
 )
 
 
@@ -447,6 +449,7 @@ class FileResult:
     height: int | None = None
     width: int | None = None
     error: str = ""
+    runtime: str = ""  # what ran the model, e.g. "openvino bf16" (brainseg.runtimes)
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -736,7 +739,7 @@ def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -
         else f"resized to {size[0]}x{size[1]}"
     )
     console.info(
-        f"model {opts.models[0]} ({predictor.backend}"
+        f"model {opts.models[0]} ({describe(predictor)}"
         f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
         f"{', TTA' if opts.tta else ''}): images {how}, threshold {batch.threshold:g}, "
         f"min size {batch.min_size} (at each image's own size)"
@@ -787,7 +790,13 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
         check_outputs(first, batch, opts.out_dir.resolve())
     check_summary(summary_path, opts)
     factory = opts.predictor_factory or Predictor
-    predictor = factory(opts.models, device=opts.device, batch_size=opts.batch_size, tta=opts.tta)
+    predictor = factory(
+        opts.models,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        tta=opts.tta,
+        **runtime_kwargs(opts),
+    )
     post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
     batch.threshold, batch.min_size = post.threshold, post.min_size
     _announce(predictor, opts, batch)
@@ -858,6 +867,8 @@ def _run(
         with console.progress(total, "predict", unit="file") as bar:
             for res in results:
                 pending = res
+                if res.status == "ok":
+                    res.runtime = predictor.runtime
                 writer.write(res)
                 pending = None
                 counts[res.status] += 1

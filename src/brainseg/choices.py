@@ -15,3 +15,7 @@ NORMALIZATIONS = ("imagenet", "zscore")
 MASK_MODES = ("nearest", "bilinear")
 PRESETS = ("seed", "best")
 DEFAULT_DECODER_CHANNELS = (512, 256, 128, 64, 32)
+#: ``--runtime`` of predict / eval: which library runs the model (brainseg.runtimes).
+RUNTIMES = ("auto", "onnxruntime", "openvino", "torch")
+#: ``--precision``: OpenVINO's inference precision for an fp32 .onnx file (brainseg.runtimes).
+PRECISIONS = ("auto", "fp32", "bf16")

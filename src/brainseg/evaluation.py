@@ -94,6 +94,9 @@ class EvalOptions:
     skip_bad: bool = False
     tune: bool = False
     cache_dir: Path | None = None  # the dataset cache's folder (None: the default one)
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
 
 
 @dataclass
@@ -210,8 +213,14 @@ def make_predictor(
     if factory is None:
         factory = Predictor
     try:
-        return factory(
-            [Path(m) for m in models], device=opts.device, batch_size=opts.batch_size, tta=opts.tta
+        from brainseg.runtimes import describe, runtime_kwargs
+
+        predictor = factory(
+            [Path(m) for m in models],
+            device=opts.device,
+            batch_size=opts.batch_size,
+            tta=opts.tta,
+            **runtime_kwargs(opts),
         )
     except BrainsegError:
         raise
@@ -221,6 +230,9 @@ def make_predictor(
             f"cannot load model {names}: {type(exc).__name__}: {exc}",
             hint="is the file complete? re-export or re-train it",
         ) from exc
+    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
+        console.info(f"runtime {describe(predictor)}")
+    return predictor
 
 
 def predict_probabilities(
@@ -411,6 +423,8 @@ def run_eval(
             "threshold_source": resolved.threshold_source,
             "tta": opts.tta,
             "device": opts.device,
+            "runtime": getattr(predictor, "runtime_info", None),  # None: a test's factory
+            "threads": opts.threads,
             "batch_size": opts.batch_size,
             "skip_bad": opts.skip_bad,
             "image_size": list(data.size),

@@ -27,6 +27,7 @@ PACKAGES: dict[str, tuple[str, str | None, str]] = {
     "onnx": ("onnx", None, "reading or writing ONNX graphs"),
     "onnxscript": ("onnxscript", None, "ONNX export"),
     "onnxruntime": ("onnxruntime", None, "running .onnx models"),
+    "openvino": ("openvino", "openvino", "running .onnx models with OpenVINO"),
     "torch": ("torch torchvision", None, "training, export or a .safetensors checkpoint"),
     "torchvision": ("torch torchvision", None, "training, export or a .safetensors checkpoint"),
     "scipy": ("scipy", None, "post-processing or metrics"),

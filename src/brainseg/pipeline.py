@@ -70,6 +70,9 @@ class PredictOptions:
     force: bool = False
     shard: str | None = None
     include_masks: bool = False
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
     # volume cases (NIfTI / DICOM)
     channels: str | None = None  # None: volumes.DEFAULT_CHANNELS
     largest: bool | None = None  # keep the largest 3D component

@@ -1,11 +1,13 @@
 """Inference: a :class:`Predictor` over brainseg checkpoints or ONNX files.
 
-Two backends, chosen per model file by its suffix:
+Backends, chosen per model file by its suffix and the ``runtime`` setting:
 
 - ``.safetensors``: PyTorch (imported lazily inside :class:`TorchBackend`), eval mode,
   ``torch.inference_mode``, channels-last memory on CPU.
-- ``.onnx``: onnxruntime + numpy only. torch is never imported on that path (a test checks
-  ``sys.modules``), so a CPU-only deployment needs neither torch nor torchvision.
+- ``.onnx``: onnxruntime (:class:`OnnxBackend`) or OpenVINO
+  (:class:`brainseg.runtimes.OpenVinoBackend`), + numpy only. torch is never imported on
+  that path (a test checks ``sys.modules``), so a CPU-only deployment needs neither torch
+  nor torchvision. ``runtime="auto"`` picks one for the CPU at hand (:mod:`brainseg.runtimes`).
 
 Several models form an ensemble: the mean of their probabilities. Test-time augmentation
 (TTA) is the mean of the probabilities of the image and of its horizontal and vertical flips.
@@ -19,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,15 +33,21 @@ from brainseg.ensemble import expand_model_paths
 from brainseg.errors import BrainsegError, first_line
 from brainseg.imageio import is_mask_name
 from brainseg.modelfile import FILE_KINDS, sniff_model_file
+from brainseg.onnxfile import (
+    ONNX_INPUT,
+    ONNX_METADATA_KEY,
+    ONNX_OUTPUT,
+    check_onnx_io,
+    metadata_from_props,
+    proba_from_logits,
+    sigmoid,
+)
 from brainseg.settings import (
-    DEFAULT_THRESHOLD,
     MODEL_HINT,
     MODEL_SUFFIXES,
     SIZE_MULTIPLE,
     check_metadata,
-    check_metadata_types,
     image_size_of,
-    load_metadata_json,
 )
 
 __all__ = [
@@ -51,70 +59,19 @@ __all__ = [
     "Predictor",
     "TorchBackend",
     "check_metadata",
+    "check_onnx_io",
     "is_mask_name",
     "metadata_from_props",
     "open_backend",
+    "proba_from_logits",
     "read_onnx_metadata",
     "sigmoid",
 ]
 
-#: The ONNX ``metadata_props`` key holding the full brainseg metadata as JSON.
-ONNX_METADATA_KEY = "brainseg"
-#: Graph input / output names of brainseg ONNX models.
-ONNX_INPUT = "image"
-ONNX_OUTPUT = "logits"
-
-_ONNX_HINT = "export one from a brainseg checkpoint with `brainseg export CHECKPOINT -o model.onnx`"
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function (float32)."""
-    x = np.asarray(x, dtype=np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32, copy=False)
-
+if TYPE_CHECKING:
+    from brainseg.runtimes import RuntimeChoice
 
 # --------------------------------------------------------------------------- metadata
-
-
-def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str, Any]:
-    """brainseg metadata from ONNX ``metadata_props`` (the JSON blob, then the plain keys).
-
-    The plain keys (``threshold``, ``postprocess``, ``image_size``...) win over the blob, so a
-    tool that edits one of them (``brainseg eval --tune-output``) is honoured.
-    """
-    if ONNX_METADATA_KEY not in props:
-        raise BrainsegError(
-            f"{path} is an ONNX model without brainseg metadata (made by another tool?); "
-            "brainseg needs its image size, threshold and normalisation",
-            hint=_ONNX_HINT,
-        )
-    try:
-        meta = load_metadata_json(props[ONNX_METADATA_KEY], "metadata")
-    except ValueError as exc:
-        why = f" ({exc})" if "nested" in str(exc) else ""
-        raise BrainsegError(
-            f"{path}: the brainseg metadata in the ONNX file is not JSON{why}", hint=_ONNX_HINT
-        ) from exc
-    if not isinstance(meta, dict):
-        raise BrainsegError(
-            f"{path}: the brainseg metadata in the ONNX file is not a JSON object", hint=_ONNX_HINT
-        )
-    for key, value in props.items():
-        if key == ONNX_METADATA_KEY:
-            continue
-        if key == "threshold":
-            with contextlib.suppress(ValueError):
-                meta["threshold"] = float(value)
-        elif key in ("postprocess", "image_size", "architecture", "metrics"):
-            with contextlib.suppress(ValueError):
-                meta[key] = load_metadata_json(value, key)
-        elif key == "normalization":
-            meta[key] = value
-    meta.setdefault("threshold", DEFAULT_THRESHOLD)
-    meta.setdefault("postprocess", {"min_size": 0, "largest_component": False})
-    check_metadata_types(meta, path, _ONNX_HINT)
-    check_metadata(meta, path)  # image size, threshold, postprocess: bounded where read
-    return meta
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -129,8 +86,11 @@ class TorchBackend:
     """A brainseg checkpoint run with PyTorch (torch imported here, lazily)."""
 
     name = "torch"
+    choice: RuntimeChoice  # set by open_backend
 
-    def __init__(self, path: Path, device: str = "auto") -> None:
+    def __init__(
+        self, path: Path, device: str = "auto", threads: int = 0, bf16: bool = False
+    ) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -143,6 +103,8 @@ class TorchBackend:
         from brainseg.checkpoint import load_checkpoint
 
         self.torch = torch
+        if threads > 0:
+            torch.set_num_threads(int(threads))  # process-wide: torch has no per-model setting
         self.device = resolve_device(device)
         model, meta = load_checkpoint(path, self.device)
         model.eval()
@@ -152,11 +114,13 @@ class TorchBackend:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.metadata = dict(meta)
+        self.bf16 = bool(bf16)  # bf16 autocast (--precision bf16, CPUs with native bf16)
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
         torch = self.torch
-        with torch.inference_mode():
+        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+        with torch.inference_mode(), amp:
             t = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
             x = t.permute(0, 3, 1, 2).float()
             x = x.contiguous(
@@ -174,14 +138,17 @@ class OnnxBackend:
     """A brainseg ONNX model run with onnxruntime (numpy only, never torch)."""
 
     name = "onnxruntime"
+    choice: RuntimeChoice  # set by open_backend
 
-    def __init__(self, path: Path, device: str = "auto") -> None:
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
         import onnxruntime as ort
 
         self.path = path
         providers = _ort_providers(device, ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if threads > 0:
+            opts.intra_op_num_threads = int(threads)
         # Reader/writer threads share the CPU: do not let idle inference threads spin on it.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
@@ -197,8 +164,8 @@ class OnnxBackend:
                 hint="is the file complete? re-export it with `brainseg export`",
             ) from exc
         try:
-            props = dict(self.session.get_modelmeta().custom_metadata_map)
-            self.metadata = metadata_from_props(props, path)
+            self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+            self.metadata = metadata_from_props(self.props, path)
             self._check_io(path)
         except (UnicodeDecodeError, RuntimeError) as exc:  # damaged names / metadata strings
             raise BrainsegError(
@@ -208,21 +175,11 @@ class OnnxBackend:
 
     def _check_io(self, path: Path) -> None:
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        ok_in = (
-            len(ins) == 1
-            and ins[0].type == "tensor(float)"
-            and len(ins[0].shape) == 4
-            and ins[0].shape[1] in (3, "3")
+        check_onnx_io(
+            path,
+            [(i.name, i.type, i.shape) for i in ins],
+            [(o.name, o.type, o.shape) for o in outs],
         )
-        ok_out = bool(outs) and len(outs[0].shape) == 4 and outs[0].shape[1] in (1, "1")
-        if not (ok_in and ok_out):
-            got_in = ", ".join(f"{i.name} {i.type} {i.shape}" for i in ins)
-            got_out = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outs)
-            raise BrainsegError(
-                f"{path}: ONNX inputs/outputs ({got_in} -> {got_out}) are not those of a "
-                "brainseg model (one float input N x 3 x H x W -> logits N x 1 x H x W)",
-                hint=_ONNX_HINT,
-            )
         self.input_name = ins[0].name
         self.output_name = outs[0].name
 
@@ -250,13 +207,7 @@ class OnnxBackend:
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
-        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
-        p = sigmoid(self._logits(x))
-        if tta:
-            p = p + sigmoid(self._logits(np.ascontiguousarray(x[..., ::-1])))[..., ::-1]
-            p = p + sigmoid(self._logits(np.ascontiguousarray(x[..., ::-1, :])))[..., ::-1, :]
-            p = p / np.float32(3.0)
-        return np.ascontiguousarray(p, dtype=np.float32)
+        return proba_from_logits(self._logits, images, tta)
 
 
 def _ort_providers(device: str, available: Sequence[str]) -> list[str]:
@@ -278,16 +229,54 @@ def _ort_providers(device: str, available: Sequence[str]) -> list[str]:
     )
 
 
-def open_backend(path: str | os.PathLike[str], device: str = "auto") -> TorchBackend | OnnxBackend:
-    """The backend for one model file, chosen by its suffix."""
+Backend = TorchBackend | OnnxBackend | Any  # Any: runtimes.OpenVinoBackend (same contract)
+
+
+def open_backend(
+    path: str | os.PathLike[str],
+    device: str = "auto",
+    *,
+    runtime: str | None = None,
+    precision: str | None = None,
+    threads: int = 0,
+    batch_size: int = 8,
+) -> Backend:
+    """The backend for one model file: PyTorch for a checkpoint; onnxruntime or OpenVINO for
+    an .onnx file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else ``auto``: the table of
+    :mod:`brainseg.runtimes`). The backend's ``choice`` says what runs, at which precision, why.
+    """
+    from brainseg import runtimes
     from brainseg.checkpoint import check_model_file
 
     p = check_model_file(path)
     suffix = p.suffix.lower()
-    _check_content(p, suffix)
-    if suffix == ".onnx":
-        return OnnxBackend(p, device)
-    return TorchBackend(p, device)
+    if suffix != ".onnx":
+        suffix = ".safetensors"
+    if int(threads) < 0:
+        raise BrainsegError(f"--threads {threads} must be 0 (the runtime's default) or more")
+    flags = runtimes.cpu_flags()
+
+    def choose(variant: str) -> runtimes.RuntimeChoice:
+        return runtimes.choose(suffix, variant, runtime, precision, device, flags)
+
+    first = choose("fp32")  # refuses impossible combinations before the file is read
+    _check_content(p, p.suffix.lower())
+    backend: Any
+    if suffix != ".onnx":
+        backend = TorchBackend(p, device, threads, bf16=first.precision == "bf16")
+        choice = first
+    elif first.runtime == "openvino" or choose("int8").runtime == "openvino":
+        model = runtimes.OpenVinoModel(p)
+        choice = choose(model.variant)
+        if choice.runtime == "openvino":
+            backend = runtimes.OpenVinoBackend(model, choice.precision, threads, batch_size)
+        else:
+            backend = OnnxBackend(p, device, threads)
+    else:
+        backend = OnnxBackend(p, device, threads)
+        choice = choose(runtimes.variant_of(backend.props))
+    backend.choice = choice
+    return backend
 
 
 def _check_content(path: Path, suffix: str) -> None:
@@ -323,7 +312,14 @@ class Predictor:
         device: str = "auto",
         batch_size: int = 8,
         tta: bool = False,
+        *,
+        runtime: str | None = None,
+        precision: str | None = None,
+        threads: int = 0,
     ) -> None:
+        """``runtime``: auto, onnxruntime, openvino or torch (None: $BRAINSEG_RUNTIME, else
+        auto); ``precision``: auto, fp32 or bf16 (OpenVINO); ``threads``: 0 = the runtime's
+        default (see :mod:`brainseg.runtimes` and docs/export.md)."""
 
         if isinstance(model_paths, (str, os.PathLike)):
             model_paths = [model_paths]
@@ -335,7 +331,17 @@ class Predictor:
             raise BrainsegError(f"batch size {batch_size} must be at least 1")
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
-        self.backends = [open_backend(p, device) for p in self.paths]
+        self.backends = [
+            open_backend(
+                p,
+                device,
+                runtime=runtime,
+                precision=precision,
+                threads=threads,
+                batch_size=self.batch_size,
+            )
+            for p in self.paths
+        ]
         for p, b in zip(self.paths, self.backends, strict=True):
             check_metadata(b.metadata, p)
         self.metadata: dict[str, Any] = {**self.backends[0].metadata, **(ensemble_settings or {})}
@@ -352,8 +358,19 @@ class Predictor:
 
     @property
     def backend(self) -> str:
-        """The backend name(s): torch, onnxruntime or both (for messages)."""
+        """The backend name(s): torch, onnxruntime, openvino or several (for messages)."""
         return "+".join(sorted({b.name for b in self.backends}))
+
+    @property
+    def runtime(self) -> str:
+        """What runs the model(s), e.g. ``openvino bf16`` (ensembles: each distinct one)."""
+        return " + ".join(dict.fromkeys(b.choice.label for b in self.backends))
+
+    @property
+    def runtime_info(self) -> dict[str, Any]:
+        """The first model's runtime choice (runtime, precision, requested, reason, cpu) and
+        ``label`` (all models'), for --json and summaries."""
+        return {**self.backends[0].choice.as_dict(), "label": self.runtime}
 
     @property
     def image_size(self) -> tuple[int, int] | None:

@@ -44,6 +44,9 @@ class VolumeEvalJob:
     project: Path = Path("runs/eval")
     name: str = "exp"
     exist_ok: bool = False
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.runtimes)
+    precision: str | None = None
+    threads: int = 0
     predictor_factory: Any = None
 
 
@@ -112,6 +115,9 @@ def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
             batch_size=job.batch_size,
             fmt=job.fmt,
             seg_series=job.seg_series,
+            runtime=job.runtime,
+            precision=job.precision,
+            threads=job.threads,
             force=True,
             predictor_factory=job.predictor_factory,
         )

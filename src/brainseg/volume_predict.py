@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg import dicomseg, imageio, pipeline, postprocess, volumes
+from brainseg import console, dicomseg, imageio, pipeline, postprocess, volumes
 from brainseg.batch import check_summary, lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
@@ -46,6 +46,7 @@ from brainseg.pipeline import (
     write_empty_summary,
 )
 from brainseg.predict import Predictor
+from brainseg.runtimes import describe, runtime_kwargs
 from brainseg.settings import PostSettings, resolve
 
 SUMMARY_COLUMNS = (
@@ -429,7 +430,10 @@ def _run_cases(
         device=opts.device,
         batch_size=opts.batch_size,
         tta=opts.tta,
+        **runtime_kwargs(opts),
     )
+    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
+        console.info(f"runtime {describe(predictor)}")
     meta = dict(getattr(predictor, "metadata", None) or {})
     post = resolve_post(meta, opts)
     fmt = VolumeFormat(opts, predictor.image_size, post, meta)

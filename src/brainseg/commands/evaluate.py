@@ -89,6 +89,28 @@ def register(app: typer.Typer) -> None:
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch."),
+        runtime: str | None = typer.Option(
+            None,
+            "--runtime",
+            show_default=False,
+            metavar="auto|onnxruntime|openvino|torch",
+            help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
+            "\\[default: $BRAINSEG_RUNTIME, else auto].",
+        ),
+        precision: str | None = typer.Option(
+            None,
+            "--precision",
+            show_default=False,
+            metavar="auto|fp32|bf16",
+            help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
+            "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
+        ),
+        threads: int = typer.Option(
+            0,
+            "--threads",
+            min=0,
+            help="Inference threads (0: the runtime's default, every core).",
+        ),
         skip_bad: bool = typer.Option(
             False, "--skip-bad", help="Skip unreadable / mismatched slices with a warning."
         ),
@@ -172,6 +194,9 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size,
                 skip_bad=skip_bad,
                 tune=tune,
+                runtime=runtime,
+                precision=precision,
+                threads=threads,
             ),
             project=project,
             name=name,
@@ -221,7 +246,7 @@ def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> N
     keys = (
         "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
         "batch_size", "tolerance", "project", "name", "exist_ok", "fmt",
-        "seg_series",
+        "seg_series", "runtime", "precision", "threads",
     )  # fmt: skip
     job = VolumeEvalJob(
         models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}

@@ -156,6 +156,7 @@ def _render(report: ExportReport, json_out: bool) -> None:
     from rich.text import Text
 
     from brainseg.export import int8_rows, int8_title, report_rows, report_title
+    from brainseg.export.report import precision_rows, precision_title
 
     if json_out:
         con.emit_json(report.as_dict())
@@ -163,5 +164,8 @@ def _render(report: ExportReport, json_out: bool) -> None:
     q = int8_rows(report)
     if q is not None:
         con.result(con.table(int8_title(report), *q))
+    own = precision_rows(report)
+    if own is not None:
+        con.result(con.table(precision_title(report), *own))
     for note in report.notes:
         con.result(Text(f"note: {note}"))

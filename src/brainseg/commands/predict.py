@@ -148,6 +148,28 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(
             2, "--workers", min=1, help="Threads reading and (as many) writing files."
         ),
+        runtime: str | None = typer.Option(
+            None,
+            "--runtime",
+            show_default=False,
+            metavar="auto|onnxruntime|openvino|torch",
+            help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
+            "\\[default: $BRAINSEG_RUNTIME, else auto].",
+        ),
+        precision: str | None = typer.Option(
+            None,
+            "--precision",
+            show_default=False,
+            metavar="auto|fp32|bf16",
+            help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
+            "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
+        ),
+        threads: int = typer.Option(
+            0,
+            "--threads",
+            min=0,
+            help="Inference threads (0: the runtime's default, every core).",
+        ),
         skip_existing: bool = typer.Option(
             False,
             "--skip-existing",
@@ -228,6 +250,9 @@ def register(app: typer.Typer) -> None:
             largest=largest,
             min_volume=min_volume,
             seg_series=seg_series,
+            runtime=runtime,
+            precision=precision,
+            threads=threads,
         )
         if volumes:
             code = vol.run_volume_predict(opts, json_out=json_out)

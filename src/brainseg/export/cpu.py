@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+from brainseg.runtimes import CPUINFO, cpu_flags
+
+__all__ = ["CPUINFO", "cpu_flags", "int8_path"]
 
 #: (flag, name, what to expect) in order of preference; x86 flags, then Arm features.
 _PATHS = (
@@ -21,19 +23,6 @@ _PATHS = (
     ("i8mm", "Arm I8MM", "not measured by brainseg; run benchmarks/inference.py"),
     ("asimddp", "Arm dot product (SDOT)", "not measured by brainseg; run benchmarks/inference.py"),
 )
-
-
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
-    """The first processor's ``flags`` (x86) or ``Features`` (Arm); empty when unknown."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return set(value.split())
-    return set()
 
 
 def int8_path(cpuinfo: Path = CPUINFO) -> dict[str, str]:

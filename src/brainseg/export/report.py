@@ -104,6 +104,22 @@ def int8_title(report: ExportReport) -> str:
     )
 
 
+def precision_title(report: ExportReport) -> str:
+    own = (report.int8 or {}).get("own_size") or {}
+    size = "x".join(map(str, own.get("size", [])))
+    return f"cost of each precision: mean per-patient Dice at the images' own size {size}"
+
+
+def precision_rows(report: ExportReport) -> tuple[list[str], list[list[Any]]] | None:
+    """Each precision's per-patient Dice at the images' own size and its cost vs fp32."""
+    own = (report.int8 or {}).get("own_size") or {}
+    if not own.get("patient_dice"):
+        return None
+    dice, cost, used = own["patient_dice"], own["dice_cost"], own["runtimes"]
+    rows = [[k, used[k], dice[k], cost.get(k, 0.0)] for k in ("fp32", "bf16", "int8") if k in dice]
+    return ["precision", "runtime", "patient Dice", "cost vs fp32"], rows
+
+
 def int8_rows(report: ExportReport) -> tuple[list[str], list[list[Any]]] | None:
     """The int8 Dice table (per-patient Dice on the validation patients), if int8."""
     q = report.int8

@@ -261,6 +261,7 @@ def _compare_int8(
         f"{len(val_ids)} validation patient(s)"
     )
     info.update(verify.int8_dice(fp32_path, int8_path, slices, val_ids, meta))
+    info["own_size"] = verify.precision_dice(fp32_path, int8_path, slices, val_ids, meta)
     path = cpu.int8_path()
     info.update({"cpu_int8_path": path["name"], "cpu_int8_expect": path["expect"]})
     has_tumor = bool(slices.masks[slices.rows_of(val_ids)].any())
@@ -275,13 +276,14 @@ def int8_card_meta(meta: dict[str, Any], info: dict[str, Any], source: str) -> d
         "patient_dice_fp32", "patient_dice_int8", "dice_loss", "tolerance", "within_tolerance",
         "mask_dice_int8_vs_fp32", "validation_patients", "validation_slices",
         "validation_patient_ids", "calibration_patients", "calibration_slices",
-        "calibration_patient_ids",
+        "calibration_patient_ids", "own_size",
     )  # fmt: skip
     return {
         **meta,
         "int8": {
             "what": "mean per-patient Dice of the fp32 and the int8 model on the same "
-            "validation patients at the training size, measured by brainseg export",
+            "validation patients at the training size, measured by brainseg export; "
+            "own_size: each precision's Dice (and cost vs fp32) at the images' own size",
             "measured_on": source,
             **{k: info[k] for k in keys if k in info},
         },

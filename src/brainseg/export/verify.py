@@ -6,7 +6,8 @@ masks ``brainseg predict`` makes (:func:`brainseg.postprocess.mask_from_output` 
 settings :func:`brainseg.settings.resolve` reads from the model's metadata); Dice is
 :mod:`brainseg.metrics`'. An ensemble.json reference is the mean of its fold models (as
 predict runs it). Everything is at the model's training size (plus a second size for the
-dynamic axes, logits only).
+dynamic axes, logits only), except :func:`precision_dice`: each precision's Dice cost at the
+images' own size.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Slices:
     patient_ids: list[str]
     source: str
     phantoms: bool = False  # generated, not the user's data
+    #: The same slices at the images' own size (N x h x w x 3, N x h x w), for the Dice that
+    #: eval and predict would report (:func:`precision_dice`).
+    own_images: np.ndarray | None = None
+    own_masks: np.ndarray | None = None
 
     def rows_of(self, patient_ids: list[str]) -> np.ndarray:
         lookup = {p: i for i, p in enumerate(self.patient_ids)}
@@ -80,6 +85,7 @@ def load_slices(
     else:
         arrays = load_dataset(data, cache_dir=cache_dir)
         source = str(data)
+    own = arrays
     arrays = arrays.resized(size)
     return Slices(
         images=np.asarray(arrays.images).transpose(0, 2, 3, 1),
@@ -89,6 +95,8 @@ def load_slices(
         patient_ids=list(arrays.patient_ids),
         source=source,
         phantoms=data is None,
+        own_images=np.asarray(own.images).transpose(0, 2, 3, 1),
+        own_masks=np.asarray(own.masks) != 0,
     )
 
 
@@ -135,8 +143,10 @@ def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], l
 
 
 def open_cpu(path: Path) -> Predictor:
-    """The Predictor ``brainseg predict`` would open for ``path``, on the CPU."""
-    return Predictor(path, device="cpu", batch_size=VERIFY_SLICES)
+    """The Predictor ``brainseg predict --runtime onnxruntime`` opens for ``path``, on the CPU
+    (the file is checked as written: OpenVINO's bf16 would change the logits it compares)."""
+    runtime = None if path.suffix.lower() != ".onnx" else "onnxruntime"
+    return Predictor(path, device="cpu", batch_size=VERIFY_SLICES, runtime=runtime)
 
 
 def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES) -> np.ndarray:
@@ -256,6 +266,45 @@ def int8_dice(
         "mask_dice_int8_vs_fp32": metrics.dice(masks["int8"], masks["fp32"]),
         "within_tolerance": within_tolerance(d32 - d8),
         "tolerance": INT8_DICE_TOLERANCE,
+    }
+
+
+def precision_dice(
+    fp32: Path, int8: Path, slices: Slices, val_ids: list[str], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """What each precision costs in mean per-patient Dice at the images' own size (as eval
+    and predict score it: probabilities resized back to each image, then the mask rule), on
+    the validation patients: fp32 and int8 with onnxruntime, bf16 with OpenVINO where it is
+    installed and the CPU has native bf16 (``--runtime openvino --precision bf16``)."""
+    from brainseg import runtimes
+
+    if slices.own_images is None or slices.own_masks is None:
+        return {}
+    rows = slices.rows_of(val_ids)
+    post = resolve(meta).post
+    images, gt = slices.own_images[rows], slices.own_masks[rows]
+    pidx = slices.patient_index[rows]
+    runs: list[tuple[str, Path, dict[str, Any]]] = [
+        ("fp32", fp32, {"runtime": "onnxruntime"}),
+        ("int8", int8, {"runtime": "onnxruntime"}),
+    ]
+    if runtimes._installed("openvino") and runtimes.native_bf16(runtimes.cpu_flags()):
+        runs.append(("bf16", fp32, {"runtime": "openvino", "precision": "bf16"}))
+    dice: dict[str, float] = {}
+    used: dict[str, str] = {}
+    for name, path, kw in runs:
+        predictor = Predictor(path, device="cpu", batch_size=VERIFY_SLICES, **kw)
+        prob = predictor.predict_proba(images)
+        mask = postprocess.mask_from_output(prob, gt.shape[1:], post.threshold, post.min_size)[1]
+        if post.largest:
+            mask = postprocess.largest_per_group(mask, pidx, slices.slice_number[rows])
+        dice[name] = float(np.mean(metrics.per_patient_dice(mask, gt, pidx)))
+        used[name] = predictor.runtime
+    return {
+        "size": [int(gt.shape[1]), int(gt.shape[2])],
+        "patient_dice": dice,
+        "dice_cost": {k: dice["fp32"] - v for k, v in dice.items() if k != "fp32"},
+        "runtimes": used,
     }
 
 
