@@ -46,6 +46,7 @@ from brainseg.report import (
     pick_cases,
     write_eval_report,
 )
+from brainseg.runtimes import describe, runtime_kwargs
 from brainseg.settings import PostSettings, resolve
 
 __all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
@@ -213,8 +214,6 @@ def make_predictor(
     if factory is None:
         factory = Predictor
     try:
-        from brainseg.runtimes import describe, runtime_kwargs
-
         predictor = factory(
             [Path(m) for m in models],
             device=opts.device,

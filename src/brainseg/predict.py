@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from brainseg import imageio, postprocess
+from brainseg import imageio, postprocess, runtimes
 from brainseg.devices import resolve_device
 from brainseg.ensemble import expand_model_paths
 from brainseg.errors import BrainsegError, first_line
@@ -245,7 +245,6 @@ def open_backend(
     an .onnx file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else ``auto``: the table of
     :mod:`brainseg.runtimes`). The backend's ``choice`` says what runs, at which precision, why.
     """
-    from brainseg import runtimes
     from brainseg.checkpoint import check_model_file
 
     p = check_model_file(path)

@@ -26,6 +26,9 @@ import numpy as np
 
 from brainseg.choices import PRECISIONS, RUNTIMES
 from brainseg.errors import BrainsegError, first_line
+from brainseg.onnxfile import check_onnx_io, metadata_from_props, proba_from_logits
+from brainseg.optional import require
+from brainseg.settings import image_size_of
 
 CPUINFO = Path("/proc/cpuinfo")
 #: Environment variable: the runtime used when none is given (``--runtime`` / ``runtime=None``).
@@ -292,7 +295,6 @@ class OpenVinoModel:
     """An .onnx file read by OpenVINO (not compiled yet): its metadata props and variant."""
 
     def __init__(self, path: Path) -> None:
-        from brainseg.optional import require
 
         ov = require("openvino", "--runtime openvino")
         self.ov = ov
@@ -343,8 +345,6 @@ class OpenVinoBackend:
         threads: int = 0,
         batch_size: int = 8,
     ) -> None:
-        from brainseg.onnxfile import check_onnx_io, metadata_from_props
-        from brainseg.settings import image_size_of
 
         read = source if isinstance(source, OpenVinoModel) else OpenVinoModel(Path(source))
         self.path = read.path
@@ -440,7 +440,6 @@ class OpenVinoBackend:
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
-        from brainseg.onnxfile import proba_from_logits
 
         return proba_from_logits(self._logits, images, tta)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from brainseg import console as con
-from brainseg import metrics, postprocess
+from brainseg import metrics, postprocess, runtimes
 from brainseg.data.cache import load_dataset
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.export.ensemble import ensemble_logits
@@ -276,7 +276,6 @@ def precision_dice(
     and predict score it: probabilities resized back to each image, then the mask rule), on
     the validation patients: fp32 and int8 with onnxruntime, bf16 with OpenVINO where it is
     installed and the CPU has native bf16 (``--runtime openvino --precision bf16``)."""
-    from brainseg import runtimes
 
     if slices.own_images is None or slices.own_masks is None:
         return {}
