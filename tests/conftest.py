@@ -16,6 +16,13 @@ import pytest
 # Reliability plumbing: hypothesis profiles, the `stress` opt-in, generated-case counts.
 from _reliability import pytest_collection_modifyitems, pytest_terminal_summary  # noqa: F401
 
+#: The same runtime on every CPU for the whole session (module-scoped fixtures too, which the
+#: function-scoped fixture below does not reach): `auto` would pick OpenVINO bf16 on some CPUs,
+#: whose masks differ from fp32's at boundary pixels; tests of `auto` and OpenVINO ask for
+#: them (test_runtimes).
+RUNTIME = "onnxruntime"
+os.environ["BRAINSEG_RUNTIME"] = RUNTIME
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(
     os.environ.get("BRAINSEG_REAL_DATA", REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m")
@@ -37,9 +44,7 @@ def _isolated_caches(
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
     monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
-    # The same runtime on every CPU: `auto` would pick OpenVINO bf16 on some (its masks differ
-    # from fp32's at boundary pixels); tests of `auto` and OpenVINO ask for them (test_runtimes).
-    monkeypatch.setenv("BRAINSEG_RUNTIME", "onnxruntime")
+    monkeypatch.setenv("BRAINSEG_RUNTIME", RUNTIME)  # a test that changed it gets it back
 
 
 @pytest.fixture(scope="session")
