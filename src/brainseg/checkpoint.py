@@ -24,8 +24,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors import SafetensorError, safe_open
-
 from brainseg import __version__
 from brainseg.devices import resolve_device
 from brainseg.errors import BrainsegError, first_line
@@ -83,6 +81,9 @@ def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]
         raise BrainsegError(f"checkpoint {path} does not exist", hint=_HINT_CKPT)
     if path.is_dir():
         raise BrainsegError(f"checkpoint {path} is a directory, not a file", hint=_HINT_CKPT)
+    # lazily: the ONNX path (check_model_file) runs without safetensors (docs/install.md)
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="np") as f:
             st_meta = f.metadata() or {}
@@ -329,6 +330,8 @@ def _read_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors whose ``rename(name)`` is not None, under that new name."""
     _brainseg_meta(path, _open_header(path)[0])
+    from safetensors import safe_open
+
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:

@@ -252,7 +252,7 @@ def _auto_runtime(
     if run == "openvino" and not installed("openvino"):
         return "onnxruntime", (
             f"{CPU_KINDS[kind]}: OpenVINO would be faster but is not installed "
-            "(pip install 'brainseg[openvino]')"
+            "(pip install openvino: the brainseg[openvino] extra)"
         )
     if run == "onnxruntime" and not installed("onnxruntime") and installed("openvino"):
         return "openvino", "onnxruntime is not installed"

@@ -35,6 +35,7 @@ from brainseg.batch import check_summary, lock_name, one_line, parse_shard
 from brainseg.checkpoint import check_model_file
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text, folder_lock, json_safe
+from brainseg.optional import require
 from brainseg.pipeline import (
     SUMMARY_FORMATS,
     Engine,
@@ -392,6 +393,9 @@ def predict_volumes(
     """
     shard = _check_options(opts)
     cases = volumes.find_cases(opts.inputs, opts.channels)
+    require("nibabel")  # before the model loads: the masks are NIfTI files
+    if any(p.is_dir() for c in cases for p in c.paths):
+        require("SimpleITK")  # DICOM series
     if opts.fmt == dicomseg.FORMAT:
         dicomseg.check_cases(
             cases, opts.seg_series
