@@ -31,6 +31,7 @@ PACKAGES: dict[str, tuple[str, str | None, str]] = {
     "scipy": ("scipy", None, "post-processing or metrics"),
     "tensorboard": ("tensorboard", "tensorboard", "--logger tensorboard"),
     "mlflow": ("mlflow-skinny", "mlflow", "--logger mlflow"),
+    "ray": ("'ray[data]'", "ray", "--engine ray"),
     "typer": ("typer rich", None, "the brainseg command"),
     "rich": ("typer rich", None, "the brainseg command"),
     "click": ("typer rich", None, "the brainseg command"),

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,9 @@ class VolumeOptions:
     force: bool = False
     shard: str | None = None
     predictor_factory: Callable[..., Any] | None = None
+    #: The engine: (cases, options) -> one CaseResult per case, in order; None = run_case
+    #: here, one case after another; :mod:`brainseg.ray_engine` sets its own (a case per task).
+    runner: Callable[..., Iterator[CaseResult]] | None = None
 
 
 @dataclass
@@ -467,8 +470,11 @@ def _run_cases(
         return state["s"]
 
     results: list[CaseResult] = []
-    for case in cases:
-        res = run_case(predictor, case, opts, post)
+    if opts.runner is not None:
+        each: Iterator[CaseResult] = opts.runner(cases, opts)
+    else:
+        each = (run_case(predictor, case, opts, post) for case in cases)
+    for res in each:
         results.append(res)
         if any(r.status != "error" for r in results):
             atomic_write_text(summary_path, summary_text(results, earlier))

@@ -162,6 +162,20 @@ def register(app: typer.Typer) -> None:
             help="Also predict *_mask.* (ground-truth) files: in folders, globs, on stdin "
             "and named ones.",
         ),
+        engine: str = typer.Option(
+            "local",
+            "--engine",
+            help="local (this process) or ray (a Ray Data pipeline: an actor pool of "
+            "predictors, one model load and GPU each; docs/predict.md).",
+        ),
+        address: str | None = typer.Option(
+            None,
+            "--address",
+            show_default=False,
+            metavar="ADDR",
+            help="With --engine ray: the Ray cluster to join (host:port or auto) "
+            "\\[default: start Ray on this machine with --workers CPUs].",
+        ),
         merge: Path | None = typer.Option(
             None,
             "--merge",
@@ -187,6 +201,13 @@ def register(app: typer.Typer) -> None:
         from brainseg.commands import predict_volumes as vol
 
         given = given_options(ctx)
+        ray_engine = None
+        if engine != "local" or address is not None:
+            from brainseg.ray_engine import RayEngine, check_engine
+
+            if check_engine(engine, address) == "ray":  # --workers: predictor actors
+                ray_engine = RayEngine(address, workers if "workers" in given else None)
+                given.pop("workers", None)
 
         from brainseg.batch import read_stdin_lines
 
@@ -213,7 +234,7 @@ def register(app: typer.Typer) -> None:
                 force=force,
                 shard=shard,
             )
-            code = vol.run_volume_predict(vopts, json_out=json_out)
+            code = vol.run_volume_predict(vopts, json_out=json_out, engine=ray_engine)
         else:
             vol.refuse_options(given, volumes=False)
             from brainseg.batch import PredictOptions
@@ -240,7 +261,7 @@ def register(app: typer.Typer) -> None:
                 include_masks=include_masks,
                 stdin=peek,
             )
-            code = run_predict(opts, json_out=json_out)
+            code = run_predict(opts, json_out=json_out, engine=ray_engine)
         if code:
             raise typer.Exit(code)
 
@@ -345,10 +366,12 @@ def json_emitter(to_row: Callable[[Any], Any], unit: str) -> Callable[[Any], Non
     return emit
 
 
-def run_predict(opts: Any, *, json_out: bool = False) -> int:
-    """Call :func:`brainseg.batch.predict_inputs` and render its result; the exit code."""
+def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
+    """Call :func:`brainseg.batch.predict_inputs` (or ``engine``'s, e.g. the Ray engine) and
+    render its result; the exit code."""
     from brainseg.batch import json_row, predict_inputs, render_result
 
     if json_out:
         opts.on_result = json_emitter(json_row, "file")
-    return render_result(predict_inputs(opts), opts.shard)
+    run = predict_inputs if engine is None else engine.predict_inputs
+    return render_result(run(opts), opts.shard)
