@@ -76,11 +76,12 @@ def _slices(tmp_path: Path) -> Path:
 def test_ray_engine_writes_the_local_engines_masks_and_summary(run, ray_address, tmp_path):
     model = tiny_onnx(tmp_path / "m.onnx")
     _slices(tmp_path)
-    flags = ["--probabilities", "--overlay", "-b", "3"]
+    flags = ["--probabilities", "--overlay", "-b", "3", "--json"]
     local = run(["predict", model, "scans", "-o", "local", *flags])
     assert local.returncode == 1, local.stderr  # the broken file
     ray_run = run(["predict", model, "scans", "-o", "viaray", *flags, "--engine", "ray"])
     assert ray_run.returncode == 1, ray_run.stderr
+    assert ray_run.stdout.replace("viaray/", "OUT/") == local.stdout.replace("local/", "OUT/")
     assert "engine ray: 2 predictor actor(s)" in ray_run.stderr
     local_files, ray_files = files_below(tmp_path / "local"), files_below(tmp_path / "viaray")
     assert len(local_files) == 3 * 17  # 17 images predicted: mask, prob, overlay each
@@ -89,6 +90,21 @@ def test_ray_engine_writes_the_local_engines_masks_and_summary(run, ray_address,
     assert rows == summary_rows(tmp_path / "local")
     assert [r["status"] for r in rows].count("error") == 2
     assert any("another input already writes" in r["error"] for r in rows)
+
+
+def test_a_ray_shard_and_a_local_shard_merge_into_the_local_summary(run, ray_address, tmp_path):
+    model = tiny_onnx(tmp_path / "m.onnx")
+    write_images(tmp_path / "scans", 7)
+    whole = run(["predict", model, "scans", "-o", "whole"])
+    assert whole.returncode == 0, whole.stderr
+    assert run(["predict", model, "scans", "-o", "out", "--shard", "0/2"]).returncode == 0
+    ray_run = run(["predict", model, "scans", "-o", "out", "--shard", "1/2", "--engine", "ray"])
+    assert ray_run.returncode == 0, ray_run.stderr
+    assert (tmp_path / "out" / "summary-1-of-2.csv").is_file()
+    merged = run(["predict", "--merge", "out"])
+    assert merged.returncode == 0, merged.stderr
+    assert summary_rows(tmp_path / "out") == summary_rows(tmp_path / "whole")
+    assert files_below(tmp_path / "out") == files_below(tmp_path / "whole")
 
 
 def test_ray_engine_predicts_volume_cases_as_the_local_engine(run, ray_address, tmp_path):
