@@ -227,4 +227,8 @@ def test_engine_and_address_values_are_checked(run, tmp_path):
     lone = run(["predict", model, "scans", "-o", "out", "--address", "10.0.0.1:6379"])
     assert lone.returncode == 2
     assert "--address is the Ray cluster of --engine ray" in lone.stderr
+    ray_flags = ["--engine", "ray", "--address", "127.0.0.1:1"]  # nothing listens on port 1
+    nobody = run(["predict", model, "scans", "-o", "out", *ray_flags])
+    assert nobody.returncode == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in nobody.stderr
     assert not (tmp_path / "out").exists()

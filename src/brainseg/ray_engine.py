@@ -71,6 +71,8 @@ class RayEngine:
         require("ray.data", "--engine ray")
         if self.workers is not None and self.workers < 1:
             raise BrainsegError(f"--workers {self.workers} must be at least 1")
+        if self.address is not None:
+            _probe(self.address)  # before any work: ray.init would retry for minutes
 
     # ---- entry points (the local engine's, with the middle on Ray)
 
@@ -216,6 +218,34 @@ def _start(address: str | None, workers: int | None) -> tuple[Any, bool]:
         ) from None
     _quiet_ray()
     return ray, True
+
+
+#: Seconds to wait for a Ray head node's port before saying it cannot be reached (ray.init
+#: itself retries for minutes).
+CONNECT_TIMEOUT = 10.0
+
+
+def _probe(address: str) -> None:
+    """A ``host:port`` address must accept a TCP connection within :data:`CONNECT_TIMEOUT`
+    (``auto`` and ``ray://`` addresses are left to Ray)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        if address.strip().lower() == "auto" or "://" in address:
+            return
+        raise BrainsegError(
+            f"--address {address!r} is not host:port",
+            hint="the head node's address as `ray start --head` prints it (e.g. 10.0.0.1:6379), "
+            "or auto",
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise BrainsegError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or type(exc).__name__}",
+            hint="is `ray start --head` running there, and the port open from this machine?",
+        ) from None
 
 
 def _quiet_ray() -> None:
