@@ -232,3 +232,37 @@ def test_engine_and_address_values_are_checked(run, tmp_path):
     assert nobody.returncode == 2
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in nobody.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_documented_cv_ray_script_trains_each_fold_as_a_ray_task_then_collects(
+    ray_address, tmp_path
+):
+    from conftest import run_cli
+
+    from brainseg.data.synthetic import write_synthetic
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cv.md").read_text()
+    script = text.split("```python\n# cv-ray.py", 1)[1].split("```", 1)[0]
+    (tmp_path / "cv-ray.py").write_text("# cv-ray.py" + script)
+    root = write_synthetic(tmp_path / "data", patients=4, seed=3, size=64, slices=(8, 10))
+    assert run_cli(["split", root, "--folds", "2", "-o", tmp_path / "folds.yaml"]).returncode == 0
+    recipe = ["--epochs", "1", "--steps-per-epoch", "1", "--image-size", "32", "--batch-size"]
+    recipe += ["4", "--encoder-weights", "none", "--set", "decoder_channels=8,8,8,8,8"]
+    recipe += ["--device", "cpu", "--seed", "1", "--project", tmp_path / "runs", "--name", "lgg"]
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    args = [tmp_path / "cv-ray.py", "2", root, "--split", tmp_path / "folds.yaml", *recipe]
+    res = subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    cv_dir = tmp_path / "runs" / "lgg"
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()] == ["lgg"]
+    for k in (0, 1):
+        assert (cv_dir / f"fold_{k}").is_dir()
+    assert (cv_dir / "cv_summary.json").is_file()  # collected: out-of-fold prediction + summary
+    assert res.stderr.count("finished earlier") == 2  # the collect trained nothing again
