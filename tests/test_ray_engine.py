@@ -135,6 +135,24 @@ def test_ray_engine_predicts_volume_cases_as_the_local_engine(run, ray_address, 
     assert int(rows[0]["tumor_voxels"]) > 0
 
 
+def test_a_device_the_actors_cannot_use_is_the_local_engines_one_line(run, ray_address, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime can run on CUDA")
+    model = tiny_onnx(tmp_path / "m.onnx")
+    write_images(tmp_path / "scans", 3)
+    local = run(["predict", model, "scans", "-o", "local", "--device", "cuda"])
+    ray_flags = ["--device", "cuda", "--engine", "ray"]
+    ray_run = run(["predict", model, "scans", "-o", "viaray", *ray_flags])
+    assert (ray_run.returncode, local.returncode) == (2, 2)
+    error = [line for line in local.stderr.splitlines() if line.startswith("error:")]
+    assert "has no CUDA provider" in error[0]
+    assert error[0] in ray_run.stderr.splitlines()  # the actors' error, as one line
+    assert "Traceback" not in ray_run.stderr
+    assert not list(tmp_path.glob("viaray/*_mask.tif"))
+
+
 def _cli(args: list[Any], **kw: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.Popen(

@@ -165,8 +165,11 @@ class RayEngine:
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     for i, blob in zip(out["i"], out["result"], strict=True):
-                        yield int(i), pickle.loads(blob)
-            except (KeyboardInterrupt, GeneratorExit):
+                        res = pickle.loads(blob)
+                        if isinstance(res, _Fatal):
+                            raise res.error()
+                        yield int(i), res
+            except (KeyboardInterrupt, GeneratorExit, BrainsegError):
                 raise
             except Exception as exc:  # a worker's fatal error (disk full, broken model)
                 cause = getattr(exc, "cause", None) or exc
@@ -273,6 +276,42 @@ def _in_order(
         nxt += 1
 
 
+@dataclass
+class _Fatal:
+    """An error that stops the whole run, raised in an actor and carried back as a result
+    (an exception in an actor would make Ray retry and print tracebacks): the driver raises
+    it as BrainsegError (exit 2: a model or device the actor cannot use) or
+    BrainsegRuntimeError (exit 1: disk full, an unexpected failure)."""
+
+    message: str
+    hint: str | None = None
+    exit_code: int = 1
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Fatal:
+        if isinstance(exc, BrainsegError):
+            return cls(exc.message, exc.hint, exc.exit_code)
+        return cls(f"a Ray worker failed: {type(exc).__name__}: {first_line(exc)}")
+
+    def error(self) -> BrainsegError:
+        return BrainsegError(self.message, self.hint, exit_code=self.exit_code)
+
+
+def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal | None) -> Any:
+    """A task's output columns: ``i`` and one pickled result per row (``make()``), or the
+    actor's :class:`_Fatal` error for each row when it cannot work."""
+    import numpy as np
+
+    if fatal is None:
+        try:
+            out = make()
+        except Exception as exc:  # disk full, a broken model: stop the run, one line
+            fatal = _Fatal.of(exc)
+    if fatal is not None:
+        out = [fatal] * len(task["i"])
+    return {"i": task["i"], "result": np.array([pickle.dumps(r) for r in out], dtype=object)}
+
+
 def _enter(cwd: str) -> None:
     """Work in the driver's folder, so relative inputs, -o and the summary's paths mean what
     they mean to the driver (every node must see the same paths: a shared file system)."""
@@ -301,33 +340,40 @@ class _SliceWorker:
         batch: Any,
         cwd: str,
     ) -> None:
-        _enter(cwd)
-        from brainseg.batch import _Engine
-        from brainseg.predict import Predictor
+        self.fatal: _Fatal | None = None
+        try:
+            _enter(cwd)
+            from brainseg.batch import _Engine
+            from brainseg.predict import Predictor
 
-        predictor = Predictor(
-            [Path(m) for m in models], device=device, batch_size=batch_size, tta=tta
-        )
-        self.engine = _Engine(predictor, batch)
+            paths = [Path(m) for m in models]
+            predictor = Predictor(paths, device=device, batch_size=batch_size, tta=tta)
+            self.engine = _Engine(predictor, batch)
+        except Exception as exc:  # a device or model this node cannot use
+            self.fatal = _Fatal.of(exc)
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
         from brainseg.batch import InputFile
 
-        files = [
-            InputFile(Path(os.fsdecode(p)), PurePosixPath(os.fsdecode(r)))
-            for p, r in zip(task["path"], task["rel"], strict=True)
-        ]
-        out = [pickle.dumps(res) for res in self.engine.run(files)]
-        return {"i": task["i"], "result": np.array(out, dtype=object)}
+        def make() -> list[Any]:
+            files = [
+                InputFile(Path(os.fsdecode(p)), PurePosixPath(os.fsdecode(r)))
+                for p, r in zip(task["path"], task["rel"], strict=True)
+            ]
+            return list(self.engine.run(files))
+
+        return _results(task, make, self.fatal)
 
 
 class _CaseWorker:
     """One Ray actor for volume cases: the model loaded once, each case through run_case."""
 
     def __init__(self, opts: Any, cwd: str) -> None:
-        _enter(cwd)
+        self.fatal: _Fatal | None = None
+        try:
+            _enter(cwd)
+        except BrainsegError as exc:
+            self.fatal = _Fatal.of(exc)
         self.opts = opts
         self._predictor: Any = None
         self._post: Any = None
@@ -354,12 +400,12 @@ class _CaseWorker:
         return self._post
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
         from brainseg.volume_predict import run_case
 
-        out = [
-            pickle.dumps(run_case(self.predictor, pickle.loads(blob), self.opts, self.post))
-            for blob in task["case"]
-        ]
-        return {"i": task["i"], "result": np.array(out, dtype=object)}
+        def make() -> list[Any]:
+            return [
+                run_case(self.predictor, pickle.loads(blob), self.opts, self.post)
+                for blob in task["case"]
+            ]
+
+        return _results(task, make, self.fatal)
