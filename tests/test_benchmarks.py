@@ -200,3 +200,24 @@ def test_cv_compare_pairs_runs_patient_by_patient(tmp_path: Path) -> None:
         [sys.executable, str(BENCH / "cv_compare.py"), ref, other], capture_output=True, text=True
     )
     assert p.returncode != 0 and "do not have the same patients in folds" in p.stderr
+
+
+@pytest.mark.slow
+def test_predict_scale_smoke(tmp_path: Path, phantom_root: Path, tiny_model: dict[str, Path]):
+    pytest.importorskip("ray.data")
+    out = run_script(
+        "predict_scale.py",
+        "--smoke",
+        "--data",
+        phantom_root,
+        "--model",
+        tiny_model["onnx"],
+        "--json",
+        tmp_path / "s.json",
+    )
+    assert "first mask" in out
+    data = load(tmp_path / "s.json")
+    assert data["masks_identical"] is True
+    assert {r["engine"] for rs in data["runs"].values() for r in rs} == {"local", "ray"}
+    assert data["runs"]["ray"][0]["actor_peaks_mb"]  # the actors' memory was sampled
+    assert data["model_n_machines"]["tasks"] >= 1

@@ -652,35 +652,41 @@ def predict_files(
     run stops early (an exception, or the generator closed), the results of the files
     written but not yielded are appended to ``unreported``.
     """
+    fmt = ImageFormat(opts, predictor.image_size)
+    yield from Engine(predictor, fmt, opts.workers, unreported).run(dedup_inputs(files, opts))
+
+
+def dedup_inputs(
+    files: Iterable[InputFile], opts: BatchOptions
+) -> Iterator[InputFile | FileResult]:
+    """The inputs as the engine takes them: a stdin line that names no file, or a second
+    input writing an output already written in this run, becomes that file's error row;
+    stale temporaries of killed runs are removed once per output folder (never outside -o).
+    Shared by the local engine and the Ray engine (:mod:`brainseg.ray_engine`)."""
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
     root = opts.out_dir.resolve()
-
-    def dedup() -> Iterator[InputFile | FileResult]:
-        for f in files:
-            if f.error:
-                yield FileResult(str(f.path), status="error", error=f.error)
-                continue
-            if f.rel.parent not in swept:  # once per output folder, before it is written to
-                swept.add(f.rel.parent)
-                folder = opts.out_dir / f.rel.parent
-                if _inside(folder, root):  # never outside -o (a planted link)
-                    remove_stale_temps(folder)
-            key = str(f.rel.parent / f.rel.stem)
-            if key in seen:
-                yield FileResult(
-                    str(f.path),
-                    status="error",
-                    error=f"{f.path}: another input already writes "
-                    f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
-                    f"{opts.fmt} in this run",
-                )
-                continue
-            seen.add(key)
-            yield f
-
-    fmt = ImageFormat(opts, predictor.image_size)
-    yield from Engine(predictor, fmt, opts.workers, unreported).run(dedup())
+    for f in files:
+        if f.error:
+            yield FileResult(str(f.path), status="error", error=f.error)
+            continue
+        if f.rel.parent not in swept:  # once per output folder, before it is written to
+            swept.add(f.rel.parent)
+            folder = opts.out_dir / f.rel.parent
+            if _inside(folder, root):  # never outside -o (a planted link)
+                remove_stale_temps(folder)
+        key = str(f.rel.parent / f.rel.stem)
+        if key in seen:
+            yield FileResult(
+                str(f.path),
+                status="error",
+                error=f"{f.path}: another input already writes "
+                f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
+                f"{opts.fmt} in this run",
+            )
+            continue
+        seen.add(key)
+        yield f
 
 
 # --------------------------------------------------------------------------- summary
@@ -861,7 +867,8 @@ def _run(
     counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
     warned: set[str] = set()
     unreported: list[FileResult] = []
-    results = predict_files(predictor, files, batch, unreported)
+    run = opts.runner if opts.runner is not None else predict_files
+    results = run(predictor, files, batch, unreported)
     pending: FileResult | None = None
     try:
         with console.progress(total, "predict", unit="file") as bar:

@@ -34,6 +34,7 @@ PACKAGES: dict[str, tuple[str, str | None, str]] = {
     "tensorboard": ("tensorboard", "tensorboard", "--logger tensorboard"),
     "mlflow": ("mlflow-skinny", "mlflow", "--logger mlflow"),
     "huggingface_hub": ("huggingface_hub", "hub", "a model on the Hugging Face Hub (hf://)"),
+    "ray": ("'ray[data]'", "ray", "--engine ray"),
     "typer": ("typer rich", None, "the brainseg command"),
     "rich": ("typer rich", None, "the brainseg command"),
     "click": ("typer rich", None, "the brainseg command"),

@@ -21,7 +21,7 @@ import io
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +83,10 @@ class PredictOptions:
     on_result: Callable[[Any], None] | None = None
     #: Builds the predictor (tests, eval); None: :class:`brainseg.predict.Predictor`.
     predictor_factory: Callable[..., Any] | None = None
+    #: Another engine (:mod:`brainseg.ray_engine`): for image files (predictor, files, batch
+    #: options, unreported) -> results, for volume cases (cases, options) -> results, in input
+    #: order; None: :class:`Engine` in this process.
+    runner: Callable[..., Generator[Any, None, None]] | None = None
 
 
 R = TypeVar("R")

@@ -455,7 +455,8 @@ def _run_cases(
         bad.clear()
 
     try:
-        for res in engine.run(cases):
+        each = engine.run(cases) if opts.runner is None else opts.runner(cases, opts)
+        for res in each:
             results.append(res)
             row(res)
             if on_case is not None:

@@ -191,6 +191,20 @@ def register(app: typer.Typer) -> None:
             help="Also predict *_mask.* (ground-truth) files: in folders, globs, on stdin "
             "and named ones.",
         ),
+        engine: str = typer.Option(
+            "local",
+            "--engine",
+            help="local (this process) or ray (a Ray Data pipeline: an actor pool of "
+            "predictors, one model load and GPU each; docs/predict.md).",
+        ),
+        address: str | None = typer.Option(
+            None,
+            "--address",
+            show_default=False,
+            metavar="ADDR",
+            help="With --engine ray: the Ray cluster to join (host:port or auto) "
+            "\\[default: start Ray on this machine with --workers CPUs].",
+        ),
         merge: Path | None = typer.Option(
             None,
             "--merge",
@@ -216,6 +230,13 @@ def register(app: typer.Typer) -> None:
         from brainseg.commands import predict_volumes as vol
 
         given = given_options(ctx)
+        ray_engine = None
+        if engine != "local" or address is not None:
+            from brainseg.ray_engine import RayEngine, check_engine
+
+            if check_engine(engine, address) == "ray":  # --workers: predictor actors
+                ray_engine = RayEngine(address, workers if "workers" in given else None)
+                given.pop("workers", None)
 
         from brainseg.batch import read_stdin_lines
 
@@ -255,9 +276,9 @@ def register(app: typer.Typer) -> None:
             threads=threads,
         )
         if volumes:
-            code = vol.run_volume_predict(opts, json_out=json_out)
+            code = vol.run_volume_predict(opts, json_out=json_out, engine=ray_engine)
         else:
-            code = run_predict(opts, json_out=json_out)
+            code = run_predict(opts, json_out=json_out, engine=ray_engine)
         if code:
             raise typer.Exit(code)
 
@@ -328,11 +349,13 @@ def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
     return EXIT_RUNTIME
 
 
-def run_predict(opts: Any, *, json_out: bool = False) -> int:
-    """Call :func:`brainseg.batch.predict_inputs` and render its result; the exit code."""
+def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
+    """Call :func:`brainseg.batch.predict_inputs` (or ``engine``'s, e.g. the Ray engine) and
+    render its result; the exit code."""
     from brainseg.batch import json_row, predict_inputs, render_result
     from brainseg.commands.base import json_emitter
 
     if json_out:
         opts.on_result = json_emitter(json_row, "file")
-    return render_result(predict_inputs(opts), opts.shard)
+    run = predict_inputs if engine is None else engine.predict_inputs
+    return render_result(run(opts), opts.shard)

@@ -125,8 +125,9 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
     )
 
 
-def run_volume_predict(opts: Any, *, json_out: bool = False) -> int:
-    """Call :func:`brainseg.volume_predict.predict_volumes` and render it; the exit code."""
+def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
+    """Call :func:`brainseg.volume_predict.predict_volumes` (or ``engine``'s, e.g. the Ray
+    engine: a case per task) and render it; the exit code."""
     from brainseg.commands.base import json_emitter
     from brainseg.volume_predict import CaseResult, json_row, predict_volumes
 
@@ -143,7 +144,8 @@ def run_volume_predict(opts: Any, *, json_out: bool = False) -> int:
                 f"({con.fmt(res.tumor_volume_ml)} mL) on {res.tumor_slices}/{res.slices} slices"
             )
 
-    result = predict_volumes(opts, on_case)
+    run = predict_volumes if engine is None else engine.predict_volumes
+    result = run(opts, on_case)
     n = len(result.cases)
     if n == 0:
         con.info(f"shard {opts.shard}: no case of the input falls in this shard")
