@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from brainseg.checkpoint import check_model_file, read_metadata
 from brainseg.config import fields_with
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text
@@ -499,7 +500,6 @@ def with_card(meta: Mapping[str, Any], **build_kw: Any) -> dict[str, Any]:
 # =============================================================================== read
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The brainseg metadata of a .safetensors or .onnx file, without importing torch."""
-    from brainseg.checkpoint import check_model_file, read_metadata
 
     p = check_model_file(path)
     if p.suffix.lower() == ".onnx":

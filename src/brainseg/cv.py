@@ -33,6 +33,7 @@ import numpy as np
 
 from brainseg import __version__, metrics, postprocess
 from brainseg import console as con
+from brainseg.checkpoint import read_metadata
 from brainseg.config import (
     TrainConfig,
     dump_yaml,
@@ -44,6 +45,7 @@ from brainseg.config import (
 from brainseg.data.cache import load_dataset
 from brainseg.ensemble import MANIFEST_NAME, write_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.evaluation import PostSettings, predict_probabilities, rows_to_csv, tune
 from brainseg.fsutil import (
     atomic_path,
     atomic_write_text,
@@ -407,7 +409,6 @@ def _plan(
 # =============================================================================== training
 def fold_progress(run_dir: Path) -> tuple[int, int] | None:
     """``(epochs done, steps done in the next epoch)`` from the fold's last.safetensors."""
-    from brainseg.checkpoint import read_metadata
 
     last = run_dir / "last.safetensors"
     if not last.is_file():
@@ -490,7 +491,6 @@ def check_coverage(val_by_fold: Sequence[Sequence[str]], cv_patients: Iterable[s
 def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     """Each fold's validation patients predicted by that fold's model; returns (oof, #test)."""
     from brainseg.data.split import check_split, load_split
-    from brainseg.evaluation import predict_probabilities
 
     ds = load_dataset(plan.data, skip_bad=bool(plan.train.get("skip_bad", False)))
     split = load_split(plan.split_path)
@@ -630,7 +630,6 @@ def buda_masks(oof: OOF) -> tuple[np.ndarray, np.ndarray]:
 # =============================================================================== summary
 def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
     """Predict out of fold, choose the post-processing once, measure before and after."""
-    from brainseg.evaluation import PostSettings, tune
 
     oof, n_test = predict_oof(plan, folds)
     pidx, snum = oof.patient_index, oof.slice_number
@@ -786,7 +785,6 @@ def _fold_lock(plan: CVPlan, k: int) -> Any:
 # =============================================================================== outputs
 def write_cv(result: CVResult) -> list[Path]:
     """cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json, report.html."""
-    from brainseg.evaluation import rows_to_csv
 
     d = result.plan.cv_dir
     cols = CV_PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from brainseg import imageio, postprocess, runtimes
+from brainseg.checkpoint import check_model_file, load_checkpoint
 from brainseg.devices import resolve_device
 from brainseg.ensemble import expand_model_paths
 from brainseg.errors import BrainsegError, first_line
@@ -99,8 +100,6 @@ class TorchBackend:
                 hint="pip install torch, or export it once to ONNX (brainseg export "
                 "CHECKPOINT -o model.onnx) and predict with the .onnx file",
             ) from exc
-
-        from brainseg.checkpoint import load_checkpoint
 
         self.torch = torch
         if threads > 0:
@@ -245,7 +244,6 @@ def open_backend(
     an .onnx file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else ``auto``: the table of
     :mod:`brainseg.runtimes`). The backend's ``choice`` says what runs, at which precision, why.
     """
-    from brainseg.checkpoint import check_model_file
 
     p = check_model_file(path)
     suffix = p.suffix.lower()

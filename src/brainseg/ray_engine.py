@@ -31,6 +31,9 @@ from typing import Any
 
 from brainseg import console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
+from brainseg.optional import require
+from brainseg.pipeline import Engine
+from brainseg.runtimes import runtime_kwargs
 
 #: The engines of ``brainseg predict --engine``.
 ENGINES = ("local", "ray")
@@ -65,7 +68,6 @@ class RayEngine:
     files_per_task: int | None = None
 
     def __post_init__(self) -> None:
-        from brainseg.optional import require
 
         require("ray", "--engine ray")  # before any work: one line naming brainseg[ray]
         require("ray.data", "--engine ray")
@@ -100,7 +102,6 @@ class RayEngine:
             predictor: Any, files: Iterable[Any], batch: Any, unreported: Any
         ) -> Generator[Any, None, None]:
             from brainseg.batch import FileResult, InputFile, dedup_inputs
-            from brainseg.runtimes import runtime_kwargs
 
             items = list(dedup_inputs(files, batch))  # the driver's checks, in input order
             done = {i: r for i, r in enumerate(items) if isinstance(r, FileResult)}
@@ -347,7 +348,6 @@ class _SliceWorker:
         try:
             _enter(cwd)
             from brainseg.batch import ImageFormat
-            from brainseg.pipeline import Engine
             from brainseg.predict import Predictor
 
             paths = [Path(m) for m in models]
@@ -387,8 +387,6 @@ class _CaseWorker:
 
     def engine(self) -> Any:
         if self._engine is None:
-            from brainseg.pipeline import Engine
-            from brainseg.runtimes import runtime_kwargs
             from brainseg.volume_predict import VolumeFormat, resolve_post
 
             factory = self.opts.predictor_factory

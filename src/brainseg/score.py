@@ -30,8 +30,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from brainseg import __version__, console, imageio, metrics, volumes
+from brainseg import __version__, console, evaluation, imageio, metrics, volumes
 from brainseg.errors import BrainsegError
+from brainseg.evaluation import select_patients
 from brainseg.fsutil import atomic_write_text
 from brainseg.volumes import is_nifti, nifti_stem
 
@@ -134,8 +135,6 @@ def _select(
     Also returns summary.json's description of the choice (split, subset, fold)."""
     sel: dict[str, Any] = {"split": None, "subset": "all", "fold": None}
     if opts.split is not None or opts.subset is not None or opts.fold is not None:
-        from brainseg.evaluation import select_patients
-
         names = {k: patient(k) for k in gt}
         ids, sel = select_patients(sorted(set(names.values())), opts.split, opts.subset, opts.fold)
         keep = set(ids)
@@ -356,7 +355,6 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
 
 def write_score(result: ScoreResult, run_dir: Path) -> list[Path]:
     """surface.csv, then eval's files (summary.json, per_patient.csv, per_slice.csv, plot)."""
-    from brainseg import evaluation
 
     run_dir.mkdir(parents=True, exist_ok=True)
     surface = atomic_write_text(

@@ -45,3 +45,40 @@ def seg_series_option() -> Any:
         help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers to "
         "(its instances, frame of reference and geometry).",
     )
+
+
+def runtime_option() -> Any:
+    """``--runtime`` as predict and eval declare it (what runs the model)."""
+    import typer
+
+    return typer.Option(
+        None,
+        "--runtime",
+        show_default=False,
+        metavar="auto|onnxruntime|openvino|torch",
+        help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
+        "\\[default: $BRAINSEG_RUNTIME, else auto].",
+    )
+
+
+def precision_option() -> Any:
+    """``--precision`` as predict and eval declare it (OpenVINO's inference precision)."""
+    import typer
+
+    return typer.Option(
+        None,
+        "--precision",
+        show_default=False,
+        metavar="auto|fp32|bf16",
+        help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
+        "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
+    )
+
+
+def threads_option() -> Any:
+    """``--threads`` as predict and eval declare it."""
+    import typer
+
+    return typer.Option(
+        0, "--threads", min=0, help="Inference threads (0: the runtime's default, every core)."
+    )

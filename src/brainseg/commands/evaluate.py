@@ -12,7 +12,14 @@ from typing import Any
 import typer
 
 from brainseg import console
-from brainseg.commands import fold_option, seg_series_option, subset_option
+from brainseg.commands import (
+    fold_option,
+    precision_option,
+    runtime_option,
+    seg_series_option,
+    subset_option,
+    threads_option,
+)
 
 _HELP = (
     "Evaluate MODEL(s) on DATA: Dice, IoU, precision, recall, specificity, HD95.\n\n"
@@ -89,28 +96,9 @@ def register(app: typer.Typer) -> None:
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch."),
-        runtime: str | None = typer.Option(
-            None,
-            "--runtime",
-            show_default=False,
-            metavar="auto|onnxruntime|openvino|torch",
-            help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
-            "\\[default: $BRAINSEG_RUNTIME, else auto].",
-        ),
-        precision: str | None = typer.Option(
-            None,
-            "--precision",
-            show_default=False,
-            metavar="auto|fp32|bf16",
-            help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
-            "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
-        ),
-        threads: int = typer.Option(
-            0,
-            "--threads",
-            min=0,
-            help="Inference threads (0: the runtime's default, every core).",
-        ),
+        runtime: str | None = runtime_option(),
+        precision: str | None = precision_option(),
+        threads: int = threads_option(),
         skip_bad: bool = typer.Option(
             False, "--skip-bad", help="Skip unreadable / mismatched slices with a warning."
         ),

@@ -14,7 +14,12 @@ from typing import Any
 import typer
 
 from brainseg import console as con
-from brainseg.commands import seg_series_option
+from brainseg.commands import (
+    precision_option,
+    runtime_option,
+    seg_series_option,
+    threads_option,
+)
 
 _HELP = (
     "Predict a tumor mask for every INPUT image with MODEL (.safetensors or .onnx).\n\n"
@@ -148,28 +153,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(
             2, "--workers", min=1, help="Threads reading and (as many) writing files."
         ),
-        runtime: str | None = typer.Option(
-            None,
-            "--runtime",
-            show_default=False,
-            metavar="auto|onnxruntime|openvino|torch",
-            help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
-            "\\[default: $BRAINSEG_RUNTIME, else auto].",
-        ),
-        precision: str | None = typer.Option(
-            None,
-            "--precision",
-            show_default=False,
-            metavar="auto|fp32|bf16",
-            help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
-            "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
-        ),
-        threads: int = typer.Option(
-            0,
-            "--threads",
-            min=0,
-            help="Inference threads (0: the runtime's default, every core).",
-        ),
+        runtime: str | None = runtime_option(),
+        precision: str | None = precision_option(),
+        threads: int = threads_option(),
         skip_existing: bool = typer.Option(
             False,
             "--skip-existing",

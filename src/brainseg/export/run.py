@@ -16,6 +16,7 @@ import numpy as np
 
 from brainseg import console
 from brainseg.card import read_card, with_ensemble_card, write_card_markdown
+from brainseg.checkpoint import load_checkpoint
 from brainseg.ensemble import is_manifest, load_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.export import cpu, verify
@@ -306,8 +307,6 @@ class _Graphs:
 def _export_graphs(opts: ExportOptions, tmp: Path) -> _Graphs:
     """torch -> fp32 ONNX for the checkpoint, or for each model of the ensemble."""
     import onnx
-
-    from brainseg.checkpoint import load_checkpoint
 
     paths, settings = load_ensemble(opts.checkpoint) if opts.ensemble else ([opts.checkpoint], {})
     loaded = [load_checkpoint(p, "cpu") for p in paths]

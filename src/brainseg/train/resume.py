@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from brainseg.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
 from brainseg.train.ema import ema_extra, load_ema
@@ -56,7 +57,6 @@ def save_weights(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Weights + metadata (+ extra tensors) as safetensors, atomically."""
-    from brainseg.checkpoint import save_checkpoint
 
     save_checkpoint(path, model, metadata, extra=extra, force=True)
 
@@ -103,7 +103,6 @@ def save_last(
 
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
     """Metadata and tensors of ``run_dir/last.safetensors`` (refused when missing/foreign)."""
-    from brainseg.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata
 
     last = run_dir / "last.safetensors"
     if not last.is_file():
