@@ -251,8 +251,8 @@ def _auto_runtime(
     reason = f"{CPU_KINDS[kind]}: {row.source}"
     if run == "openvino" and not installed("openvino"):
         return "onnxruntime", (
-            f"{CPU_KINDS[kind]}: OpenVINO would be faster but is not installed "
-            "(pip install openvino: the brainseg[openvino] extra)"
+            f"{CPU_KINDS[kind]}: OpenVINO would be faster but is not installed: "
+            "pip install openvino (the brainseg[openvino] extra)"
         )
     if run == "onnxruntime" and not installed("onnxruntime") and installed("openvino"):
         return "openvino", "onnxruntime is not installed"
