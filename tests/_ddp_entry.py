@@ -31,8 +31,8 @@ def main() -> None:
     runs: list[Any] = []
     real_setup = loop.setup
 
-    def keep(cfg: Any) -> Any:
-        run = real_setup(cfg)
+    def keep(cfg: Any, **kwargs: Any) -> Any:
+        run = real_setup(cfg, **kwargs)
         runs.append(run)
         return run
 

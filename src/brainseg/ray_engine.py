@@ -21,11 +21,11 @@ a killed Ray run as it resumes a local one (a mask on disk is complete: atomic w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -128,7 +128,7 @@ class RayEngine:
 
     def _case_runner(self, opts: Any) -> Callable[..., Iterator[Any]]:
         def run(cases: list[Any], vopts: Any) -> Iterator[Any]:
-            rows = [{"i": i, "case": pickle.dumps(c)} for i, c in enumerate(cases)]
+            rows = [{"i": i, "case": _case_to_json(c)} for i, c in enumerate(cases)]
             kwargs = {"opts": replace(vopts, runner=None), "cwd": os.getcwd()}
             results = self._map(_CaseWorker, kwargs, rows, 1, vopts.device)
             yield from _in_order(results, {}, len(cases))
@@ -168,7 +168,7 @@ class RayEngine:
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     for i, blob in zip(out["i"], out["result"], strict=True):
-                        res = pickle.loads(blob)
+                        res = _result_from_json(blob)
                         if isinstance(res, _Fatal):
                             raise res.error()
                         yield int(i), res
@@ -301,7 +301,7 @@ class _Fatal:
 
 
 def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal | None) -> Any:
-    """A task's output columns: ``i`` and one pickled result per row (``make()``), or the
+    """A task's output columns: ``i`` and one result per row (``make()``) as JSON, or the
     actor's :class:`_Fatal` error for each row when it cannot work."""
     import numpy as np
 
@@ -312,7 +312,51 @@ def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal 
             fatal = _Fatal.of(exc)
     if fatal is not None:
         out = [fatal] * len(task["i"])
-    return {"i": task["i"], "result": np.array([pickle.dumps(r) for r in out], dtype=object)}
+    return {"i": task["i"], "result": np.array([_result_to_json(r) for r in out], dtype=object)}
+
+
+# Rows and results cross to and from the actors as JSON, never as pickles: brainseg loads no
+# pickle anywhere (docs/security.md). Paths keep undecodable bytes as surrogate escapes.
+
+
+def _case_to_json(case: Any) -> str:
+    return json.dumps(
+        {
+            "id": case.id,
+            "four_d": None if case.four_d is None else os.fsdecode(case.four_d),
+            "sources": {k: os.fsdecode(v) for k, v in case.sources.items()},
+            "error": case.error,
+        }
+    )
+
+
+def _case_from_json(text: str) -> Any:
+    from brainseg.volumes import Case
+
+    d = json.loads(text)
+    four_d = None if d["four_d"] is None else Path(d["four_d"])
+    sources = {k: Path(v) for k, v in d["sources"].items()}
+    return Case(d["id"], four_d, sources, d["error"])
+
+
+def _result_to_json(res: Any) -> str:
+    from brainseg.batch import FileResult
+
+    kind = "fatal" if isinstance(res, _Fatal) else "file" if isinstance(res, FileResult) else "case"
+    return json.dumps({"kind": kind, "fields": asdict(res)})
+
+
+def _result_from_json(text: str) -> Any:
+    from brainseg.batch import FileResult
+    from brainseg.volume_predict import CaseResult
+
+    d = json.loads(text)
+    fields = d["fields"]
+    if d["kind"] == "fatal":
+        return _Fatal(**fields)
+    if d["kind"] == "file":
+        return FileResult(**{**fields, "notes": tuple(fields.get("notes") or ())})
+    return CaseResult(**fields)
 
 
 def _enter(cwd: str) -> None:
@@ -406,7 +450,7 @@ class _CaseWorker:
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
         def make() -> list[Any]:
-            cases = [pickle.loads(blob) for blob in task["case"]]
+            cases = [_case_from_json(text) for text in task["case"]]
             return list(self.engine().run(cases))
 
         return _results(task, make, self.fatal)
