@@ -90,6 +90,10 @@ def serve_http(handler: type[BaseHTTPRequestHandler], state: object) -> Iterator
         thread.join(5)
 
 
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+
+
 def run_cli(
     args: Sequence[str],
     *,
@@ -99,15 +103,29 @@ def run_cli(
     timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m brainseg ARGS`` in a subprocess, as a user would from a shell."""
-    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "brainseg", *map(str, args)],
         input=input,
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=full_env,
+        env=_cli_env(env),
         timeout=timeout,
+    )
+
+
+def start_cli(
+    args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``python -m brainseg ARGS`` as :func:`run_cli` runs it, without waiting (to run
+    two at once, or to kill it midway)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "brainseg", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=_cli_env(env),
     )
 
 

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, start_cli
 
 RECIPE = [
     "--epochs", "1", "--steps-per-epoch", "1", "--image-size", "32", "--batch-size", "4",
@@ -42,17 +38,6 @@ def _per_patient(cv_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _start(args: list[Any]) -> subprocess.Popen[str]:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "brainseg", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
 @pytest.mark.slow
 def test_two_fold_jobs_at_once_then_collect_equal_the_sequential_cv(
     data: tuple[Path, Path], tmp_path: Path
@@ -63,7 +48,8 @@ def test_two_fold_jobs_at_once_then_collect_equal_the_sequential_cv(
 
     project = tmp_path / "jobs"
     base = ["cv", root, "--split", folds, *RECIPE, "--project", project, "--json"]
-    jobs = [_start([*base, "--fold", str(k)]) for k in (0, 1)]  # both at once
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    jobs = [start_cli([*base, "--fold", str(k)], env=one_thread) for k in (0, 1)]  # both at once
     done = [p.communicate(timeout=600) for p in jobs]
     for p, (_out, err) in zip(jobs, done, strict=True):
         assert p.returncode == 0, err[-3000:]

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from _tiny import tiny_onnx, write_images
 from _volkit import blob_volume, conv_onnx, make_runner, save_case
+from conftest import start_cli
 
 pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -153,18 +154,6 @@ def test_a_device_the_actors_cannot_use_is_the_local_engines_one_line(run, ray_a
     assert not list(tmp_path.glob("viaray/*_mask.tif"))
 
 
-def _cli(args: list[Any], **kw: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "brainseg", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **kw,
-    )
-
-
 @pytest.mark.slow
 def test_a_killed_ray_run_resumed_with_skip_existing_ends_as_the_local_engine(
     run, ray_address, tmp_path
@@ -184,7 +173,7 @@ def test_a_killed_ray_run_resumed_with_skip_existing_ends_as_the_local_engine(
         "--address",
         ray_address,
     ]
-    proc = _cli(args, cwd=tmp_path)
+    proc = start_cli(args, cwd=tmp_path)
     deadline = time.monotonic() + 120
     masks = 0
     while masks < 20 and proc.poll() is None and time.monotonic() < deadline:
@@ -197,7 +186,7 @@ def test_a_killed_ray_run_resumed_with_skip_existing_ends_as_the_local_engine(
     assert 20 <= at_kill < n, at_kill
     assert not (out / "summary.csv").exists()
 
-    resumed = _cli([*args, "--skip-existing"], cwd=tmp_path)
+    resumed = start_cli([*args, "--skip-existing"], cwd=tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
 
