@@ -206,7 +206,7 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     """n, mean, 95% percentile bootstrap CI over the values (patients), median: cv's summary."""
     import numpy as np
 
-    from brainseg.cv import bootstrap_ci
+    from brainseg.train.cv import bootstrap_ci
 
     v = np.asarray(values, dtype=np.float64)
     lo, hi = bootstrap_ci(v)

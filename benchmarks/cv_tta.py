@@ -25,7 +25,7 @@ from _common import RESULTS, mean_ci, provenance, say, show, write_result
 
 def fold_dice(cv_dir: Path, data: str, k: int, select: str, tta: bool, device: str) -> dict:
     """Per-patient Dice of fold k's model on its validation patients."""
-    from brainseg.evaluation import EvalOptions, run_eval
+    from brainseg.evaluation.dataset import EvalOptions, run_eval
 
     model = cv_dir / f"fold_{k}" / f"{select}.safetensors"
     opts = EvalOptions(threshold=0.5, min_size=0, largest=False, tta=tta, device=device)

@@ -15,10 +15,10 @@ Measured, in this order, in one process:
 3. ``brainseg.train.train`` (bf16 autocast, channels_last, training set on the GPU, batched
    augmentation), 2 epochs: the second is timed from the ``images_per_s`` of metrics.csv
    (training steps only); with --compile also a run with ``torch.compile``;
-4. model FLOP utilisation: 3 x ``brainseg.model.model_flops`` (forward + backward) x images/s
+4. model FLOP utilisation: 3 x ``brainseg.model.unet.model_flops`` (forward + backward) x images/s
    divided by the matmul rate; the floor epoch time is the FLOPs of an epoch at that rate;
 5. peak GPU memory (``torch.cuda.max_memory_allocated``) of the brainseg run;
-6. inference slices/s at batch --infer-batch: the ``brainseg.predict.Predictor`` torch
+6. inference slices/s at batch --infer-batch: the ``brainseg.inference.predict.Predictor`` torch
    backend (what ``brainseg predict x.safetensors`` runs) and the raw model in bf16 autocast
    + channels_last.
 
@@ -88,7 +88,7 @@ def reference_epoch(
     import torch.nn.functional as F
     from train_throughput import NotebookDataset
 
-    from brainseg.model import UNetVGG16
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(decoder_channels=tuple(decoder), encoder_weights=None).to(device)
@@ -172,8 +172,8 @@ def inference_rates(
     """Slices/s of the Predictor torch backend and of the raw model (bf16, channels_last)."""
     import torch
 
-    from brainseg.checkpoint import load_checkpoint
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
+    from brainseg.model.checkpoint import load_checkpoint
 
     b = args.infer_batch
     pred = Predictor([ckpt], device=args.device, batch_size=b)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from brainseg.data import lgg
-    from brainseg.model import UNetVGG16, model_flops
+    from brainseg.model.unet import UNetVGG16, model_flops
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

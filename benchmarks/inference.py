@@ -6,13 +6,17 @@ At --size (256) on the CPU, for
 
 * torch eager fp32 (NCHW, the reference),
 * torch fp32 channels_last (what ``brainseg predict x.safetensors`` uses on CPU),
-* torch bf16 autocast + channels_last (for reference; CPUs with native bf16 only),
+* torch bf16 autocast + channels_last (``--precision bf16`` of a checkpoint; CPUs with native
+  bf16 only),
+* torch.compile (inductor) of fp32 and bf16 channels_last (``--no-compile`` leaves them out);
+  the one-off compile time is the ``warmup_s`` of their rows,
 * onnxruntime fp32 (``brainseg export``),
 * onnxruntime int8 (static QDQ via ``brainseg.export.quantize_int8``, calibrated on slices of
   the training patients),
 * OpenVINO (``--runtime openvino``, when installed) on the same two files: fp32 (exact), bf16
   inference precision (CPUs with native bf16 only) and int8; each as ``brainseg predict``
-  opens it (``brainseg.runtimes.OpenVinoBackend``): LATENCY hint for batch 1, THROUGHPUT hint
+  opens it (``brainseg.inference.runtimes.OpenVinoBackend``): LATENCY hint for batch 1, THROUGHPUT
+  hint
   with one-image async requests for the batch,
 
 measures the per-slice latency at batch 1 and the throughput at batch --batch (8), the
@@ -28,10 +32,10 @@ Without --checkpoint a short run is trained first (brainseg.train, the MRI stand
 from ../shared/weights frozen, decoder only, a few epochs at --size) so that the Dice
 comparison is made on a model that segments something; the held-out patients are its
 validation patients. The ONNX sessions are the ones ``brainseg predict`` opens
-(``brainseg.predict.OnnxBackend``: default graph optimisations, no thread spinning).
+(``brainseg.inference.predict.OnnxBackend``: default graph optimisations, no thread spinning).
 
 Each row also gets its fraction of the CPU's peak: the model's FLOPs per slice
-(``brainseg.model.model_flops``, 2 per multiply-add) x slices/s at the batch, over two peaks:
+(``brainseg.model.unet.model_flops``, 2 per multiply-add) x slices/s at the batch, over two peaks:
 (1) a practical peak measured in the same run, the dense matmul rate of torch on this CPU
 (2048 x 2048, fp32 and bf16, all cores; median of 3 bursts; int8 rows against 2 x the bf16
 rate: VNNI's dot product does 4 int8 multiply-adds per 32-bit lane where AVX512-BF16 does 2,
@@ -40,7 +44,7 @@ an assumption) and (2) a nominal peak from the flags and the clock in /proc/cpui
 reported clock or torch's fp32 matmul misses the CPU's fastest kernels (MKL on AMD), and
 Winograd convolutions do fewer multiply-adds than the FLOPs counted: a figure above 100 %
 says the CPU is near its peak, not beyond it. The JSON records the CPU flags, its kind
-(``brainseg.runtimes.cpu_kind``) and what ``--runtime auto`` picks on it for each file.
+(``brainseg.inference.runtimes.cpu_kind``) and what ``--runtime auto`` picks on it for each file.
 
 Prints tables and writes JSON (default benchmarks/results/inference.json).
 """
@@ -146,7 +150,7 @@ def torch_runner(model: Any, channels_last: bool, bf16: bool) -> Runner:
 
 def ort_runner(path: Path) -> tuple[Runner, dict[str, Any]]:
     """The session ``brainseg predict`` opens for an .onnx file, and its settings."""
-    from brainseg.predict import OnnxBackend
+    from brainseg.inference.predict import OnnxBackend
 
     backend = OnnxBackend(path, "cpu")
     sess = backend.session
@@ -166,7 +170,7 @@ def ort_runner(path: Path) -> tuple[Runner, dict[str, Any]]:
 
 def ov_runner(path: Path, precision: str, batch_size: int) -> Runner:
     """The OpenVINO backend ``brainseg predict --runtime openvino`` opens (its logits)."""
-    from brainseg.runtimes import OpenVinoBackend
+    from brainseg.inference.runtimes import OpenVinoBackend
 
     backend = OpenVinoBackend(path, precision, 0, batch_size)
     return backend._logits
@@ -197,7 +201,7 @@ def nominal_peak() -> dict[str, Any]:
     (AVX512-BF16 dot products) 2x fp32; int8 (VNNI) 4x fp32. The clock is the "cpu MHz" line,
     usually the base clock: a core that boosts above it beats this peak.
     """
-    from brainseg.runtimes import cpu_flags
+    from brainseg.inference.runtimes import cpu_flags
 
     flags = cpu_flags()
     mhz = 0.0
@@ -234,7 +238,7 @@ def openvino_runners(
 ) -> dict[str, Runner]:
     """Add the OpenVINO rows (batch 1: LATENCY hint) to ``runners``; return their batch
     runners (THROUGHPUT hint, async); record the CPU kind and auto's choices in ``result``."""
-    from brainseg import runtimes
+    from brainseg.inference import runtimes
 
     flags = runtimes.cpu_flags()
     result["cpu_kind"] = runtimes.cpu_kind(flags)
@@ -262,8 +266,8 @@ def export_models(ckpt: Path, calib: np.ndarray, verify_root: Path, tmp: Path) -
     """fp32 ONNX via brainseg.export.export_onnx, int8 QDQ via brainseg.export.quantize_int8."""
     import onnx
 
-    from brainseg.checkpoint import read_metadata
     from brainseg.export import export_onnx, quantize_int8, set_metadata
+    from brainseg.model.checkpoint import read_metadata
 
     fp32 = tmp / "model-fp32.onnx"
     t0 = time.perf_counter()
@@ -299,6 +303,7 @@ def smoke_settings(args: argparse.Namespace) -> None:
     args.repeats, args.train_epochs, args.train_steps, args.train_batch = 1, 1, 1, 4
     args.dice_patients, args.calib_slices, args.batch = 1, 4, 2
     args.max_slices = args.max_slices or 6
+    args.compile = False  # compiling takes about a minute
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="copy the checkpoint and ONNX models into this folder"
     )
     ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="leave out the torch.compile rows (they compile for about a minute)",
+    )
+    ap.add_argument(
         "--smoke", action="store_true", help="tiny settings (narrow decoder, 1 repeat, 1 step)"
     )
     args = ap.parse_args(argv)
@@ -327,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from brainseg.checkpoint import load_checkpoint, read_metadata
+    from brainseg.evaluation.metrics import per_patient_dice
     from brainseg.export import pick_rows
     from brainseg.export.cpu import int8_path
-    from brainseg.metrics import per_patient_dice
+    from brainseg.model.checkpoint import load_checkpoint, read_metadata
 
     result: dict[str, Any] = {"benchmark": "inference", **provenance()}
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -382,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if cpu_has_native_bf16():
             runners["torch bf16 channels_last"] = torch_runner(copy.deepcopy(model), True, True)
+        if args.compile:  # torch.compile (inductor), each precision torch runs on this CPU
+            for bf16 in (False, True) if cpu_has_native_bf16() else (False,):
+                net = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last))
+                name = f"torch compile {'bf16' if bf16 else 'fp32'} channels_last"
+                runners[name] = torch_runner(net, True, bf16)
         ort_info = {}
         for name, path in models.items():
             runners[f"onnxruntime {name}"], ort_info[name] = ort_runner(path)
@@ -398,10 +414,13 @@ def main(argv: list[str] | None = None) -> int:
         def batched(name: str) -> Runner:
             return batch_runners.get(name, runners[name])
 
+        warmup: dict[str, float] = {}
         for name, run in runners.items():  # warm-up: first calls build kernels / caches
+            t0 = time.perf_counter()  # (torch.compile compiles here: its one-off cost)
             for _ in range(2):
                 run(x_all[:1])
                 batched(name)(x_all[:nb])
+            warmup[name] = time.perf_counter() - t0
         say(f"timing {len(runners)} backends, {args.repeats} repetitions")
         for r in range(args.repeats):
             order = list(runners) if r % 2 == 0 else list(reversed(runners))
@@ -430,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         rows_out = []
         base_lat = median(lat["torch fp32"])
         base_thr = median(thr["onnxruntime fp32"])
-        from brainseg.model import model_flops
+        from brainseg.model.unet import model_flops
 
         flops = model_flops(model, args.size, args.size)
         say("measuring the CPU's dense matmul rate (fp32, bf16): the assumed peak")
@@ -449,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in runners:
             pp = per_patient_dice(masks[name], gt, pidx)
             b = {
+                "warmup_s": warmup[name],
                 "latency_ms_batch1": median(lat[name]) * 1e3,
                 "latency_runs_ms": [t * 1e3 for t in lat[name]],
                 "latency_spread": spread(lat[name]),

@@ -6,7 +6,7 @@
    out) are predicted by ``brainseg -q predict MODEL DIR -o OUT`` in a fresh process (start-up,
    session creation, reading, resizing, inference, thresholding, writing every mask and the
    summary: everything a user waits for). Model-only: the same backend
-   (``brainseg.predict.Predictor``, same batch size) on the same slices already in memory.
+   (``brainseg.inference.predict.Predictor``, same batch size) on the same slices already in memory.
    The two alternate, --repeats times (median). Target: end to end >= 85% of model-only.
 2. Memory. Peak resident memory (VmHWM of the predict process, read as it exits) for 200 and
    2000 files (real slices replicated under new names), with a small fast model (64x64,
@@ -64,7 +64,7 @@ def _report():
     with open(out, 'w') as f:
         json.dump({'vmhwm_kb': hwm}, f)
 atexit.register(_report)
-from brainseg.cli import main
+from brainseg.cli.app import main
 sys.argv[0] = 'brainseg'
 main()
 """
@@ -74,9 +74,9 @@ def export_model(
     dest: Path, root: Path, variant: str, size: int, decoder: list[int], calib_slices: int
 ) -> Path:
     """An ONNX model of a random-weight UNetVGG16, written by brainseg.export.export_onnx."""
-    from brainseg.checkpoint import save_checkpoint
     from brainseg.export import export_onnx
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     dest.mkdir(parents=True, exist_ok=True)
     model = UNetVGG16(decoder_channels=tuple(decoder), encoder_weights=None)
@@ -152,7 +152,7 @@ def run_predict(
 
 def model_only(model: Path, images: np.ndarray, batch: int, runtime: str = "auto") -> float:
     """Slices/s of the same backend on slices already in memory (same batch size)."""
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     pred = Predictor([model], device="cpu", batch_size=batch, runtime=runtime)
     pred.predict_proba(images[:batch])  # warm-up
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     mem_counts = [int(v) for v in args.memory_files.split(",")]
 
     from brainseg import console
-    from brainseg.imageio import read_image
+    from brainseg.data.imageio import read_image
 
     result: dict[str, Any] = {"benchmark": "predict_folder", **provenance()}
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -42,7 +42,7 @@ def _report():
     with open(out, 'w') as f:
         json.dump({'heavy': heavy, 'modules': len(sys.modules)}, f)
 atexit.register(_report)
-from brainseg.cli import main
+from brainseg.cli.app import main
 sys.argv[0] = 'brainseg'
 main()
 """
@@ -83,9 +83,9 @@ def phantom_images(dest: Path) -> Path:
 
 def tiny_onnx(dest: Path) -> tuple[Path, Path]:
     """A small ONNX model (64x64, narrow decoder) and a folder of 3 phantom slices."""
-    from brainseg.checkpoint import save_checkpoint
     from brainseg.export import export_onnx
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     model = UNetVGG16(decoder_channels=(16, 16, 8, 8, 8), encoder_weights=None)
     ckpt = save_checkpoint(dest / "tiny.safetensors", model, {"image_size": 64})

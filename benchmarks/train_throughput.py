@@ -18,7 +18,8 @@ each variant (first-call kernel and allocator set-up).
   batched index_select + augmentation, autocast, channels_last), one short run per
   repetition; images/s is the ``images_per_s`` the loop writes to metrics.csv (training steps
   only, validation and checkpoint writing excluded). Ablation: fp32 or bf16 autocast,
-  NCHW or channels_last.
+  NCHW or channels_last, and bf16 channels_last with ``--compile`` (torch.compile; its run
+  has two epochs and the second one's images/s is reported: the first one compiles).
 
 Target (issue 5): brainseg (bf16 + channels_last) at least 1.3x the reference at 128x128,
 batch 16 on this CPU. Prints a table and writes JSON (default
@@ -63,6 +64,7 @@ class Variant:
     name: str
     amp: str  # "off" | "bf16"
     channels_last: bool
+    compile: bool = False  # torch.compile (``--compile``): timed on a second epoch
 
 
 VARIANTS = [
@@ -70,6 +72,7 @@ VARIANTS = [
     Variant("brainseg fp32, channels_last", "off", True),
     Variant("brainseg bf16, NCHW", "bf16", False),
     Variant("brainseg bf16, channels_last", "bf16", True),
+    Variant("brainseg bf16, channels_last, torch.compile", "bf16", True, True),
 ]
 
 
@@ -136,7 +139,7 @@ class Reference:
     ) -> None:
         import torch
 
-        from brainseg.model import UNetVGG16
+        from brainseg.model.unet import UNetVGG16
 
         torch.manual_seed(0)
         self.model = UNetVGG16(decoder_channels=tuple(decoder), encoder_weights=None)
@@ -179,8 +182,9 @@ def brainseg_run(
         decoder,
         tmp,
         image_size=args.size,
-        epochs=1,
+        epochs=2 if v.compile else 1,  # the first epoch compiles: time the second
         steps_per_epoch=args.steps,
+        compile=v.compile,
         batch_size=args.batch,
         amp=v.amp,
         channels_last=v.channels_last,
@@ -205,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--variants",
         default="all",
-        help="comma-separated brainseg variants: fp32-nchw, fp32-cl, bf16-nchw, bf16-cl, all",
+        help="comma-separated brainseg variants: fp32-nchw, fp32-cl, bf16-nchw, bf16-cl, "
+        "bf16-cl-compile, all",
     )
     ap.add_argument("--json", type=Path, default=RESULTS / "train_throughput.json")
     ap.add_argument(
         "--smoke", action="store_true", help="narrow decoder, 1 step, 1 repeat (smoke test)"
     )
     args = ap.parse_args(argv)
-    keys = {"fp32-nchw": 0, "fp32-cl": 1, "bf16-nchw": 2, "bf16-cl": 3}
+    keys = {"fp32-nchw": 0, "fp32-cl": 1, "bf16-nchw": 2, "bf16-cl": 3, "bf16-cl-compile": 4}
     chosen = (
         VARIANTS
         if args.variants == "all"

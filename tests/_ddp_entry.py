@@ -1,7 +1,7 @@
 """``brainseg`` as torchrun starts it, plus a fingerprint of each rank's final weights.
 
 tests/test_train_ddp.py launches this file through torchrun's real launcher instead of
-``-m brainseg``: it runs the same CLI entry point (:func:`brainseg.cli.main`) and, after
+``-m brainseg``: it runs the same CLI entry point (:func:`brainseg.cli.app.main`) and, after
 training, writes ``<BRAINSEG_TEST_WEIGHTS_DIR>/rank<R>.sha256``: the SHA-256 of that rank's
 final state dict (parameters and buffers, in key order). A test-only hook, outside the
 package: it wraps ``brainseg.train.loop.setup`` to keep the run object the loop builds.
@@ -25,7 +25,7 @@ def state_hash(model: Any) -> str:
 
 
 def main() -> None:
-    from brainseg.cli import main as cli_main
+    from brainseg.cli.app import main as cli_main
     from brainseg.train import loop
 
     runs: list[Any] = []

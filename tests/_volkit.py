@@ -167,7 +167,7 @@ class Result:
 def make_runner(capsys: pytest.CaptureFixture[str]) -> Any:
     def _run(args: list[Any]) -> Result:
         from brainseg import console
-        from brainseg.cli import main
+        from brainseg.cli.app import main
 
         capsys.readouterr()
         code = 0

@@ -48,9 +48,9 @@ def load(path: Path) -> dict[str, Any]:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny checkpoint (64x64, narrow decoder) and its fp32 ONNX export, made once."""
     from brainseg import console
-    from brainseg.checkpoint import save_checkpoint
     from brainseg.export import export_onnx
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     d = tmp_path_factory.mktemp("bench-model")
     model = UNetVGG16(decoder_channels=(16, 16, 8, 8, 8), encoder_weights=None)

@@ -17,7 +17,7 @@ import pytest
 from _tiny import tiny_onnx
 from conftest import run_cli
 
-from brainseg import card as mc
+from brainseg.model import card as mc
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_card_of_a_real_checkpoint(trained: dict[str, Any]) -> None:
 
 
 def test_stored_card_survives_onnx_and_wins(trained: dict[str, Any], tmp_path: Path) -> None:
-    from brainseg.checkpoint import copy_with_metadata, read_metadata
+    from brainseg.model.checkpoint import copy_with_metadata, read_metadata
 
     run, split = trained["run"], trained["split"]
     meta = read_metadata(run / "best.safetensors")
@@ -145,7 +145,7 @@ def test_info_table_and_markdown(trained: dict[str, Any], tmp_path: Path) -> Non
 @pytest.mark.parametrize("kind", ["onnx", "safetensors"])
 def test_info_does_not_import_torch(kind: str, trained: dict[str, Any], tmp_path: Path) -> None:
     if kind == "onnx":
-        from brainseg.checkpoint import read_metadata
+        from brainseg.model.checkpoint import read_metadata
 
         path = onnx_with_metadata(
             tmp_path / "m.onnx", read_metadata(trained["run"] / "best.safetensors")
@@ -154,7 +154,7 @@ def test_info_does_not_import_torch(kind: str, trained: dict[str, Any], tmp_path
         path = trained["run"] / "best.safetensors"
     code = (
         "import sys\n"
-        "from brainseg.cli import main\n"
+        "from brainseg.cli.app import main\n"
         f"main(['info', {str(path)!r}, '--json'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "assert 'onnxruntime' not in sys.modules, 'onnxruntime was imported'\n"
@@ -242,7 +242,7 @@ def test_tuned_copy_card_says_its_settings_and_where_they_were_chosen(
 ) -> None:
     """`eval --tune-output`: the copy's protocol shows its own threshold / post-processing
     and that they were chosen on the very validation patients its figures come from."""
-    from brainseg.checkpoint import read_metadata
+    from brainseg.model.checkpoint import read_metadata
 
     run, d = trained["run"], trained["dir"]
     tuned = tmp_path / "tuned.safetensors"

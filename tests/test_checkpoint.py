@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import brainseg.checkpoint as ckpt
+import brainseg.model.checkpoint as ckpt
 from brainseg import __version__
-from brainseg.checkpoint import (
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.model.checkpoint import (
     EXTRA_PREFIX,
     FORMAT_VERSION,
     copy_with_metadata,
@@ -26,8 +27,7 @@ from brainseg.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.model import UNetVGG16
+from brainseg.model.unet import UNetVGG16
 
 SMALL = [32, 16, 16, 16, 8]
 META = {
@@ -161,7 +161,7 @@ def test_unnamed_wrappers_are_unwrapped(model: UNetVGG16, tmp_path: Path) -> Non
 def test_read_metadata_and_copy_do_not_import_torch(saved: Path, tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
-        "from brainseg.checkpoint import read_metadata, copy_with_metadata\n"
+        "from brainseg.model.checkpoint import read_metadata, copy_with_metadata\n"
         f"m = read_metadata({str(saved)!r})\n"
         f"copy_with_metadata({str(saved)!r}, {str(tmp_path / 'c.safetensors')!r}, "
         "{'threshold': 0.25})\n"

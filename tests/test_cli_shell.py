@@ -18,7 +18,7 @@ from brainseg import __version__
 def test_help_and_version_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "from brainseg.cli import main\n"
+        "from brainseg.cli.app import main\n"
         "for argv in (['--help'], ['--version']):\n"
         "    try:\n"
         "        main(argv)\n"
@@ -91,7 +91,7 @@ def test_flags_show_no_value_placeholder_in_help() -> None:
 def test_every_subcommand_takes_quiet_after_its_name() -> None:
     import typer.main
 
-    from brainseg.cli import app
+    from brainseg.cli.app import app
 
     def leaves(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
         out = []
@@ -132,13 +132,13 @@ def test_ctrl_c_inside_a_command_prints_one_interrupted_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Typer turns a KeyboardInterrupt in a command into a silent exit 130; brainseg says so."""
-    import brainseg.batch
-    from brainseg.cli import main
+    import brainseg.inference.batch
+    from brainseg.cli.app import main
 
     def interrupted(opts: Any) -> Any:
         raise KeyboardInterrupt  # what a second Ctrl-C raises in the middle of the work
 
-    monkeypatch.setattr(brainseg.batch, "predict_inputs", interrupted)
+    monkeypatch.setattr(brainseg.inference.batch, "predict_inputs", interrupted)
     scan = tmp_path / "scan.png"
     scan.write_bytes(b"")
     with pytest.raises(SystemExit) as exc:
@@ -196,7 +196,7 @@ def _cv_summary(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_cv_tables_are_whole_at_80_columns(tmp_path: Path) -> None:
-    from brainseg.commands.cv import tables
+    from brainseg.cli.cv import tables
 
     cv_dir = tmp_path / "runs" / "cv" / "a-rather-long-experiment-name-for-the-cv-folder" / "exp12"
     text = _render(tables(_cv_summary(tmp_path), cv_dir))
@@ -221,7 +221,7 @@ def test_cv_help_does_not_say_quiet_hides_tables() -> None:
 def test_top_level_help_names_every_command() -> None:
     import typer.main
 
-    from brainseg.cli import app
+    from brainseg.cli.app import app
 
     names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     assert len(names) == 11

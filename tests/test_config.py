@@ -309,7 +309,7 @@ def test_every_setting_is_declared_once_with_help_type_and_default() -> None:
 
 
 def test_augment_settings_take_the_config_values_by_name() -> None:
-    from brainseg.augment import AugmentSettings
+    from brainseg.data.augment import AugmentSettings
 
     cfg = TrainConfig(aug_rotate=7.0, aug_mask_mode="bilinear", aug_hflip=0.25)
     s = AugmentSettings.from_config(cfg)

@@ -70,7 +70,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def killed_cv(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The cv killed between folds, then mid-fold, then finished with --resume."""
-    from brainseg.cv import fold_progress
+    from brainseg.train.cv import fold_progress
 
     project = tmp_path_factory.mktemp("cvruns")
     args = ["cv", phantoms, *RECIPE, "--project", project]
@@ -121,7 +121,7 @@ def test_kill_mid_fold_resumes_at_its_epoch(killed_cv: dict[str, Any]) -> None:
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[0] == killed_cv["fold1_epoch1"][0]  # the epoch done before the kill is kept
     for k in range(3):
-        from brainseg.cv import fold_progress
+        from brainseg.train.cv import fold_progress
 
         assert fold_progress(cv_dir / f"fold_{k}") == (2, 0)
 
@@ -164,8 +164,8 @@ def test_out_of_fold_covers_every_patient_exactly_once(
 def test_summary_equals_independent_recomputation(
     killed_cv: dict[str, Any], phantoms: Path
 ) -> None:
-    from brainseg import metrics
     from brainseg.data.cache import load_dataset
+    from brainseg.evaluation import metrics
 
     cv_dir = killed_cv["cv_dir"]
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
@@ -208,7 +208,7 @@ def test_summary_equals_independent_recomputation(
 
 @pytest.mark.slow
 def test_bootstrap_ci_contains_the_mean(killed_cv: dict[str, Any]) -> None:
-    from brainseg.cv import bootstrap_ci
+    from brainseg.train.cv import bootstrap_ci
 
     summary = json.loads((killed_cv["cv_dir"] / "cv_summary.json").read_text())
     table = _per_patient(killed_cv["cv_dir"])
@@ -294,9 +294,9 @@ def test_contradictory_options_are_refused_before_any_work(tmp_path: Path) -> No
 
 
 def test_split_without_folds_is_refused(phantom_root: Path, tmp_path: Path) -> None:
-    from brainseg.cv import CVOptions, prepare
     from brainseg.data.split import make_split, save_split
     from brainseg.errors import BrainsegError
+    from brainseg.train.cv import CVOptions, prepare
 
     ids = sorted(p.name for p in phantom_root.iterdir() if p.is_dir())
     plain = save_split(make_split(dict.fromkeys(ids, 1.0), val_fraction=0.34), tmp_path / "s.yaml")
@@ -310,7 +310,7 @@ def test_split_without_folds_is_refused(phantom_root: Path, tmp_path: Path) -> N
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean() -> None:
-    from brainseg.cv import bootstrap_ci
+    from brainseg.train.cv import bootstrap_ci
 
     v = np.random.default_rng(5).uniform(0.3, 0.95, size=25)
     lo, hi = bootstrap_ci(v)
@@ -323,7 +323,7 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_mean() -> None:
 
 
 def test_institution_is_the_tcga_site_code() -> None:
-    from brainseg.cv import institution
+    from brainseg.train.cv import institution
 
     assert institution("TCGA_CS_4941_19960909") == "CS"
     assert institution("TCGA_HT_7879_19981009") == "HT"
@@ -331,8 +331,8 @@ def test_institution_is_the_tcga_site_code() -> None:
 
 
 def test_parse_set_reads_yaml_scalars() -> None:
-    from brainseg.cv import parse_set
     from brainseg.errors import BrainsegError
+    from brainseg.train.cv import parse_set
 
     got = parse_set(["lr=3e-4", "augment=true", "decoder-channels=8,8,8,8,8", "grad_clip=1"])
     assert got == {"lr": 3e-4, "augment": True, "decoder_channels": "8,8,8,8,8", "grad_clip": 1}
@@ -341,8 +341,8 @@ def test_parse_set_reads_yaml_scalars() -> None:
 
 
 def test_coverage_check_names_a_patient_in_two_folds() -> None:
-    from brainseg.cv import check_coverage
     from brainseg.errors import BrainsegRuntimeError
+    from brainseg.train.cv import check_coverage
 
     check_coverage([["a", "b"], ["c"]], ["a", "b", "c"])
     with pytest.raises(BrainsegRuntimeError, match=r"b in folds \[0, 1\]"):
@@ -352,7 +352,7 @@ def test_coverage_check_names_a_patient_in_two_folds() -> None:
 
 
 def test_buda_protocol_drops_end_slices_and_keeps_largest_6_connected() -> None:
-    from brainseg.cv import OOF, buda_masks
+    from brainseg.train.cv import OOF, buda_masks
 
     prob = np.zeros((5, 8, 8), dtype=np.float32)
     prob[1:4, 1:4, 1:4] = 0.9  # a 3x3x3 blob on slices 1-3
@@ -403,7 +403,7 @@ def test_eval_and_predict_take_the_ensemble_as_one_model(
 ) -> None:
     """ensemble.json is one MODEL: the mean of the folds, with the manifest's threshold."""
     from brainseg.data.cache import load_dataset
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     cv_dir = killed_cv["cv_dir"]
     manifest = cv_dir / "ensemble.json"
@@ -434,7 +434,7 @@ def test_cv_takes_every_training_option_of_train(tmp_path: Path) -> None:
     refused), except those cv chooses per fold; its values reach the fold config."""
     import typer.main
 
-    from brainseg.cli import app
+    from brainseg.cli.app import app
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     per_fold = {"--fold", "--exist-ok"}  # and --split, --project, --name, --resume: cv's own
@@ -456,8 +456,8 @@ def test_cv_takes_every_training_option_of_train(tmp_path: Path) -> None:
 def test_cv_trains_every_fold_with_a_train_only_option(tmp_path: Path) -> None:
     """End to end: `brainseg cv --decoder-channels` (refused before issue 23) trains folds of
     that width (the checkpoints' architecture says so)."""
-    from brainseg.checkpoint import read_metadata
     from brainseg.data.synthetic import write_synthetic
+    from brainseg.model.checkpoint import read_metadata
 
     data = write_synthetic(tmp_path / "d", patients=4, seed=0, size=32, slices=(4, 5))
     r = run_cli(["-q", "cv", data, "--folds", "2", "--epochs", "1", "--steps-per-epoch", "1",

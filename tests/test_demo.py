@@ -74,7 +74,7 @@ def test_demo_passes_its_cache_folder_and_shows_each_stage(
     and each stage's result goes to the caller's ``show`` (only commands render)."""
     import os
 
-    from brainseg.demo import DemoOptions, run_demo
+    from brainseg.cli.demo_run import DemoOptions, run_demo
 
     user_cache = tmp_path / "user-cache"
     monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(user_cache))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import typer.main
 
-from brainseg.cli import app
+from brainseg.cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,6 +31,7 @@ from conftest import run_cli, serve_http
 
 from brainseg.data import download as dl
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.model import weights
 
 # --------------------------------------------------------------------------- local server
 
@@ -794,19 +795,20 @@ def _fake_vgg16_file(folder: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def fake_weights(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    """Make brainseg.model name these weights (URL and hub file name) for VGG16 and VGG16-BN."""
+    """Make brainseg.model.unet name these weights (URL and hub file name) for VGG16 and
+    VGG16-BN."""
     import types
 
-    import brainseg.model
+    import brainseg.model.unet
 
     monkeypatch.setattr(
-        brainseg.model, "_weights_enum", lambda enc="vgg16": types.SimpleNamespace(url=url)
+        brainseg.model.unet, "_weights_enum", lambda enc="vgg16": types.SimpleNamespace(url=url)
     )
 
 
 def hub_dir() -> Path:
     """torch.hub's checkpoint folder, where the weights are installed."""
-    from brainseg.model import imagenet_weights_path
+    from brainseg.model.unet import imagenet_weights_path
 
     return imagenet_weights_path("vgg16").parent
 
@@ -833,11 +835,11 @@ def test_vgg16_from_file_installs_where_torchvision_looks(
     import torchvision
 
     src, sd = fake_vgg
-    target = dl.download_vgg16(from_file=src)
+    target = weights.download_vgg16(from_file=src)
     assert target == Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / src.name
     assert target.read_bytes() == src.read_bytes()
     assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
-    assert dl.download_vgg16(from_file=src) == target  # installed already: a no-op
+    assert weights.download_vgg16(from_file=src) == target  # installed already: a no-op
 
     real_url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
     real = Path(torch.hub.get_dir()) / "checkpoints" / real_url.rsplit("/", 1)[1]
@@ -857,11 +859,11 @@ def test_vgg16_mirror_download_is_hash_checked(server: Server, fake_vgg: tuple[P
     src, _ = fake_vgg
     server.files["/bad.pth"] = b"not the weights"
     with pytest.raises(BrainsegRuntimeError, match="checksum mismatch"):
-        dl.download_vgg16(url=server.url("/bad.pth"), retries=0, backoff=0)
+        weights.download_vgg16(url=server.url("/bad.pth"), retries=0, backoff=0)
     assert not hub_dir().exists() or not list(hub_dir().iterdir())
 
     server.files["/w.pth"] = src.read_bytes()
-    target = dl.download_vgg16(url=server.url("/w.pth"), retries=0, backoff=0)
+    target = weights.download_vgg16(url=server.url("/w.pth"), retries=0, backoff=0)
     assert target.name == src.name and target.read_bytes() == src.read_bytes()
     assert sorted(p.name for p in target.parent.iterdir()) == [src.name]
 
@@ -879,7 +881,7 @@ def test_vgg16_file_missing_a_feature_tensor_is_refused(
     torch.save(sd, short)
     fake_weights(monkeypatch, f"https://x/vgg16-{sha(short.read_bytes())[:8]}.pth")
     with pytest.raises(BrainsegError, match=r"features\.28\.weight"):
-        dl.download_vgg16(from_file=short)
+        weights.download_vgg16(from_file=short)
     assert not hub_dir().exists() or not list(hub_dir().iterdir())
 
 
@@ -892,7 +894,7 @@ def test_vgg16_file_that_is_not_a_state_dict_is_refused(
     torch.save({"weight": torch.zeros(3)}, junk)  # loads safely, right hash, wrong content
     fake_weights(monkeypatch, f"https://x/vgg16-{sha(junk.read_bytes())[:8]}.pth")
     with pytest.raises(BrainsegError, match="holds no VGG16 'features"):
-        dl.download_vgg16(from_file=junk)
+        weights.download_vgg16(from_file=junk)
     assert not hub_dir().exists() or not list(hub_dir().iterdir())
 
 
@@ -905,7 +907,7 @@ def test_cli_vgg16_from_file_with_wrong_hash(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert not hub_dir().exists() or not list(hub_dir().iterdir())
     with pytest.raises(BrainsegError, match=r"vgg16_bn-6c64b313\.pth must start with 6c64b313"):
-        dl.download_vgg16(bn=True, from_file=wrong)
+        weights.download_vgg16(bn=True, from_file=wrong)
 
 
 def test_from_file_that_is_missing_is_reported_before_the_destination(tmp_path: Path) -> None:
@@ -1206,7 +1208,7 @@ def test_urls_brainseg_cannot_download_are_usage_errors(tmp_path: Path, url: str
     assert ei.value.exit_code == 2 and f"--url {url!r}" in ei.value.message
     assert not (tmp_path / "d").exists()
     with pytest.raises(BrainsegError) as ei:
-        dl.download_vgg16(url=url)
+        weights.download_vgg16(url=url)
     assert ei.value.exit_code == 2 and f"--url {url!r}" in ei.value.message
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from brainseg import evaluation as ev
 from brainseg.errors import BrainsegError
-from brainseg.metrics import PATIENT_COLUMNS
+from brainseg.evaluation import dataset as ev
+from brainseg.evaluation.metrics import PATIENT_COLUMNS
 
 # ----------------------------------------------------------------- a stand-in predictor
 
@@ -175,7 +175,7 @@ def test_tuned_onnx_copy_carries_the_values(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from brainseg.predict import metadata_from_props
+    from brainseg.inference.predict import metadata_from_props
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["image"], ["logits"])],
@@ -266,7 +266,7 @@ def test_run_eval_passes_tta_device_batch_size_and_options_to_the_predictor(
     assert st["threshold_source"] == "option"
     # the options really reach the masks: same pixels as post-processing by hand
     from brainseg.data.cache import load_dataset
-    from brainseg.postprocess import apply_grouped
+    from brainseg.inference.postprocess import apply_grouped
 
     data = load_dataset(phantom_root)
     prob = np.asarray(data.images[:, 1], dtype=np.float32) / 255.0
@@ -295,8 +295,8 @@ def _checkpoint(path: Path, bias: float | None = None, threshold: float = 0.5) -
     """
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(decoder_channels=(32, 32, 32, 16, 16), encoder_weights=None)
@@ -559,7 +559,7 @@ def test_cli_eval_missing_or_corrupt_model_exit_2(
 def test_cli_eval_tune_writes_a_tuned_copy(
     cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
 ) -> None:
-    from brainseg.checkpoint import read_metadata
+    from brainseg.model.checkpoint import read_metadata
 
     out = tmp_path / "tuned.safetensors"
     out.write_bytes(b"an older file")
@@ -615,7 +615,7 @@ def test_cli_eval_onnx_model_and_tuned_onnx_copy(
     cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
 ) -> None:
     from brainseg.export import export_onnx
-    from brainseg.predict import read_onnx_metadata
+    from brainseg.inference.predict import read_onnx_metadata
 
     onnx_path = tmp_path / "on.onnx"
     export_onnx(models["on"], onnx_path)
@@ -650,7 +650,7 @@ def test_cli_eval_onnx_model_and_tuned_onnx_copy(
 
     code = (
         "import sys\n"
-        "from brainseg.cli import main\n"
+        "from brainseg.cli.app import main\n"
         "try:\n"
         f"    main(['--quiet', 'eval', {str(onnx_path)!r}, {str(phantom_root)!r}, '--split',\n"
         f"          {str(split_yaml)!r}, '--project', {str(tmp_path / 'runs')!r}])\n"
@@ -677,8 +677,8 @@ def test_cli_eval_names_a_misnamed_model_file(
 # ----------------------------------------------------------------- issue 21: not held out
 def _fold_checkpoint(path: Path, split: Any, fold: int) -> Path:
     """A small checkpoint whose card says it is fold ``fold`` of ``split`` (as train writes)."""
-    from brainseg import card as mc
-    from brainseg.checkpoint import copy_with_metadata
+    from brainseg.model import card as mc
+    from brainseg.model.checkpoint import copy_with_metadata
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _checkpoint(path.with_suffix(".tmp.safetensors"))

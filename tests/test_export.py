@@ -19,8 +19,8 @@ def _checkpoint(
     """A small checkpoint whose head is scaled so a fifth of a phantom's pixels are tumor."""
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(encoder_weights=None, decoder_channels=(16, 16, 8, 8, 8), **arch).eval()
@@ -62,7 +62,7 @@ def _session(path: Path):
 def test_dynamic_batch_height_width(fp32, ckpt: Path) -> None:
     import torch
 
-    from brainseg.checkpoint import load_checkpoint
+    from brainseg.model.checkpoint import load_checkpoint
 
     path, _ = fp32
     sess = _session(path)
@@ -94,7 +94,7 @@ def test_metadata_props_and_checker(fp32, ckpt: Path) -> None:
     import onnx
 
     from brainseg import __version__
-    from brainseg.predict import read_onnx_metadata
+    from brainseg.inference.predict import read_onnx_metadata
 
     path, _ = fp32
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
@@ -163,7 +163,7 @@ def test_cli_fp16_json_and_refusing_to_overwrite(ckpt: Path, tmp_path: Path) -> 
 
 def _two_sizes(phantom_root: Path) -> list[np.ndarray]:
     """One phantom slice as float N x 3 x H x W at the model's size and at 96x128."""
-    from brainseg.imageio import resize_image
+    from brainseg.data.imageio import resize_image
 
     img = tifffile.imread(sorted(phantom_root.glob("*/*_6.tif"))[0])
     out = []
@@ -185,8 +185,8 @@ def test_fp16_keeps_zscore_normalisation_fp32_and_handles_resize(
     import onnx
     import torch
 
-    from brainseg.checkpoint import load_checkpoint
     from brainseg.export import convert_fp16, torch_to_onnx
+    from brainseg.model.checkpoint import load_checkpoint
 
     ck = _checkpoint(
         tmp_path / "z.safetensors", phantom_root, normalization="zscore", upsample="bilinear"
@@ -221,9 +221,9 @@ def test_dynamo_failure_falls_back_to_torchscript_and_verifies(
     import onnx
     import torch
 
-    from brainseg.checkpoint import load_checkpoint
     from brainseg.export import set_metadata, torch_to_onnx
     from brainseg.export.verify import compare_with_torch, load_slices
+    from brainseg.model.checkpoint import load_checkpoint
 
     real_export = torch.onnx.export
     calls = []
@@ -322,7 +322,8 @@ def test_cli_int8_report_labels_sizes_and_cpu_path(int8_cli) -> None:
 def _patient_dice_from_predict(model: Path, patients: list[Path], tmp: Path, largest: bool):
     """Mean per-patient Dice of the masks `brainseg predict` writes for ``patients``' slices
     (the model's 3D largest-component step applied per patient when it has one)."""
-    from brainseg import metrics, postprocess
+    from brainseg.evaluation import metrics
+    from brainseg.inference import postprocess
 
     out = tmp / model.stem
     r = run_cli(["predict", model, *patients, "-o", out])
@@ -346,7 +347,8 @@ def _patient_dice_from_predict(model: Path, patients: list[Path], tmp: Path, lar
 def test_int8_reported_dice_matches_an_independent_evaluation(
     int8_cli, fp32, phantom_root: Path, tmp_path: Path
 ) -> None:
-    """The per-patient Dice export reports for fp32 and int8 is what brainseg.metrics gives
+    """The per-patient Dice export reports for fp32 and int8 is what brainseg.evaluation.metrics
+    gives
     on the masks each model writes with `brainseg predict` (not export's own formula)."""
     out8, rep, _ = int8_cli
     out32, _ = fp32
@@ -368,8 +370,8 @@ def test_int8_reported_dice_matches_an_independent_evaluation(
 def test_precision_costs_are_measured_at_the_images_own_size(ckpt: Path, tmp_path: Path) -> None:
     """Data at 96x96 for a model trained at 64x64: the report's own-size Dice of each
     precision is what `brainseg predict` (which writes masks at the images' size) scores."""
-    from brainseg import runtimes
     from brainseg.data.synthetic import write_synthetic
+    from brainseg.inference import runtimes
 
     data = write_synthetic(tmp_path / "p96", patients=5, seed=1, size=96)
     out = tmp_path / "m8.onnx"
@@ -420,7 +422,8 @@ def test_int8_off_tolerance_warns_and_strict_fails_with_split_calibration(
     """An int8 file that segments nothing: loud warnings (Dice change beyond the tolerance,
     mask agreement below the floor), listed under `warnings` in --json; --strict exits 1 and
     writes nothing. --split decides the calibration and the comparison patients."""
-    from brainseg import cli, console
+    from brainseg import console
+    from brainseg.cli import app as cli
     from brainseg.data.split import Split, load_split, save_split
 
     ids = sorted(p.name for p in phantom_root.iterdir() if p.is_dir())
@@ -573,8 +576,8 @@ def _fold_checkpoint(
     With ``split`` its card says it is fold ``seed`` of that split, as train writes it."""
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(seed)
     model = UNetVGG16(encoder_weights=None, decoder_channels=(16, 16, 8, 8, 8)).eval()
@@ -590,7 +593,7 @@ def _fold_checkpoint(
         "metrics": {"val_dice_patient": 0.6 + 0.01 * seed},
     }
     if split is not None:
-        from brainseg import card as mc
+        from brainseg.model import card as mc
 
         meta = mc.with_card(meta, selection="last", split=mc.split_summary(split, seed))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -638,8 +641,8 @@ def ensemble(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path):
 def test_ensemble_onnx_is_the_mean_of_the_folds_probabilities(ensemble, phantom_root) -> None:
     """One ONNX file whose sigmoid output is the mean of the folds' probabilities (each fold
     run by its own Predictor with torch), at the training size and at a second size."""
-    from brainseg.imageio import resize_image
-    from brainseg.predict import Predictor, sigmoid
+    from brainseg.data.imageio import resize_image
+    from brainseg.inference.predict import Predictor, sigmoid
 
     _, folds, out, rep = ensemble
     sess = _session(out)
@@ -664,7 +667,7 @@ def test_ensemble_onnx_is_the_mean_of_the_folds_probabilities(ensemble, phantom_
 
 
 def test_ensemble_metadata_carries_the_manifest_settings(ensemble) -> None:
-    from brainseg.predict import read_onnx_metadata
+    from brainseg.inference.predict import read_onnx_metadata
 
     manifest, _, out, _ = ensemble
     props = _props(out)
@@ -748,7 +751,7 @@ def test_ensemble_fp16(ensemble, tmp_path: Path) -> None:
 def test_ensemble_onnx_card_describes_the_ensemble(ensemble, phantom_root: Path) -> None:
     """Its card: 3 members, the cv out-of-fold figure, every patient trained (no fold 0
     validation figure or patients), the manifest's threshold and where it was chosen."""
-    from brainseg.card import read_card
+    from brainseg.model.card import read_card
 
     out = ensemble[2]
     card = read_card(out)
@@ -783,7 +786,7 @@ def test_ensemble_onnx_card_describes_the_ensemble(ensemble, phantom_root: Path)
 
 def test_int8_card_records_its_dice_cost(int8_cli) -> None:
     """The int8 file's own card holds the fp32 / int8 Dice the export measured."""
-    from brainseg.card import card_markdown, read_card
+    from brainseg.model.card import card_markdown, read_card
 
     out, rep, _ = int8_cli
     card = read_card(out)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from brainseg.checkpoint import load_checkpoint, read_metadata
+from brainseg.model.checkpoint import load_checkpoint, read_metadata
 
 TINY = [
     "--image-size", "32", "--encoder-weights", "none", "--decoder-channels", "16,16,8,8,8",

@@ -289,8 +289,8 @@ def _checkpoint_with_card(dest: Path, phantom_root: Path) -> Path:
     """A small checkpoint whose card says: single split, 4 training + 2 validation patients."""
     from test_export import _checkpoint
 
-    from brainseg import card as mc
-    from brainseg.checkpoint import copy_with_metadata, read_metadata
+    from brainseg.model import card as mc
+    from brainseg.model.checkpoint import copy_with_metadata, read_metadata
 
     src = _checkpoint(dest.with_name("raw.safetensors"), phantom_root)
     meta = read_metadata(src)
@@ -411,7 +411,7 @@ def test_hub_folder_refuses_to_overwrite_and_o_together(tmp_path: Path) -> None:
     ],
 )
 def test_parse_ref(ref: object, repo: str, revision: str | None, filename: str | None) -> None:
-    from brainseg.hub import parse_ref
+    from brainseg.model.hub import parse_ref
 
     got = parse_ref(ref)  # type: ignore[arg-type]
     assert (got.repo_id, got.revision, got.filename) == (repo, revision, filename)
@@ -422,7 +422,7 @@ def test_parse_ref(ref: object, repo: str, revision: str | None, filename: str |
 )
 def test_malformed_ref_is_exit_2(ref: str) -> None:
     from brainseg.errors import BrainsegError
-    from brainseg.hub import parse_ref
+    from brainseg.model.hub import parse_ref
 
     with pytest.raises(BrainsegError, match="hf://OWNER/NAME"):
         parse_ref(ref)
@@ -432,7 +432,7 @@ def test_without_huggingface_hub_one_line_names_the_extra(monkeypatch: pytest.Mo
     import sys
 
     from brainseg.errors import BrainsegError
-    from brainseg.hub import download, parse_ref
+    from brainseg.model.hub import download, parse_ref
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
     with pytest.raises(BrainsegError, match=r"brainseg\[hub\]") as exc:

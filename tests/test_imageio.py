@@ -1,4 +1,4 @@
-"""brainseg.imageio: what is read (and how), what is refused, writers, resizing. No torch."""
+"""brainseg.data.imageio: what is read (and how), what is refused, writers, resizing. No torch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from brainseg import imageio
+from brainseg.data import imageio
 from brainseg.errors import BrainsegError
 
 
@@ -350,6 +350,9 @@ def test_resize_helpers() -> None:
 
 
 def test_imageio_imports_no_torch() -> None:
-    code = "import sys, brainseg.imageio, brainseg.predict\nprint('TORCH', 'torch' in sys.modules)"
+    code = (
+        "import sys, "
+        "brainseg.data.imageio, brainseg.inference.predict\nprint('TORCH', 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "TORCH False" in out.stdout

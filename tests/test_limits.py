@@ -13,7 +13,8 @@ import pytest
 from _tiny import tiny_onnx
 from PIL import Image
 
-from brainseg import batch, imageio, pipeline
+from brainseg.data import imageio
+from brainseg.inference import batch, pipeline
 
 
 def _live_images(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -44,7 +45,7 @@ def test_predict_read_ahead_is_bounded_by_bytes(
     """issue 22: read-ahead held 2 x batch + workers images whatever their size (six 16000 x
     16000 TIFFs: 11.6 GB). With a budget of one image, at most a few are alive at once
     (before: all 24, the whole folder)."""
-    from brainseg import predict as P
+    from brainseg.inference import predict as P
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -86,8 +87,8 @@ def test_nifti_gzip_crc_failure_is_an_error(tmp_path: Path) -> None:
     import gzip
     import zlib
 
+    from brainseg.data.volumes import read_nifti
     from brainseg.errors import BrainsegError
-    from brainseg.volumes import read_nifti
 
     good = _nifti(tmp_path / "good.nii.gz", _case())
     raw = good.read_bytes()
@@ -127,7 +128,7 @@ def test_float64_beyond_float32_is_an_error_without_warnings(tmp_path: Path) -> 
 def test_extreme_float32_intensities_scale_without_warnings() -> None:
     import warnings
 
-    from brainseg.volumes import to_model_range
+    from brainseg.data.volumes import to_model_range
 
     v = np.array([0, -3.3e38, 3.3e38, 1.0, 2.0], np.float32)
     with warnings.catch_warnings():
@@ -139,8 +140,8 @@ def test_extreme_float32_intensities_scale_without_warnings() -> None:
 
 def test_nifti_xyzt_units_255_is_a_clear_error(tmp_path: Path) -> None:
     """issue 22: xyzt_units = 255 raised KeyError in nibabel ("internal error")."""
+    from brainseg.data.volumes import read_nifti
     from brainseg.errors import BrainsegError
-    from brainseg.volumes import read_nifti
 
     vol = _nifti(tmp_path / "units.nii.gz", _case(), xyzt_units=255)
     with pytest.raises(BrainsegError, match=r"units.nii.gz: its header's xyzt_units \(255\)"):
@@ -158,8 +159,8 @@ def test_nifti_voxel_limit_is_checked_from_the_header(
 
     import nibabel as nib
 
+    from brainseg.data.volumes import read_nifti
     from brainseg.errors import BrainsegError
-    from brainseg.volumes import read_nifti
 
     header = nib.Nifti1Header()
     header.set_data_shape((1000, 1000, 334, 3))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brainseg import metrics as M
+from brainseg.evaluation import metrics as M
 
 
 def _mask(shape: tuple[int, ...], *points: tuple[int, ...]) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from brainseg.errors import BrainsegError
-from brainseg.model import (
+from brainseg.model.unet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     UNetVGG16,

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from brainseg import postprocess as P
+from brainseg.inference import postprocess as P
 
 
 def test_binarize_default_threshold_is_inclusive() -> None:
@@ -119,6 +119,9 @@ def test_largest_per_group_orders_slices_by_number() -> None:
 
 
 def test_postprocess_does_not_import_torch() -> None:
-    code = "import sys, brainseg.postprocess, brainseg.metrics; print('torch' in sys.modules)"
+    code = (
+        "import sys, "
+        "brainseg.inference.postprocess, brainseg.evaluation.metrics; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

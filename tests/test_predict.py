@@ -1,4 +1,5 @@
-"""brainseg.predict and `brainseg predict`: backends, inputs, outputs, failures, resuming."""
+"""brainseg.inference.predict and `brainseg predict`: backends, inputs, outputs, failures,
+resuming."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path) -> dict
     """
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
     from brainseg.export import set_metadata, torch_to_onnx
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(encoder_weights=None, decoder_channels=(16, 16, 8, 8, 8)).eval()
@@ -59,7 +60,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path) -> dict
 
     torch_to_onnx(model, onnx_path, (SIZE, SIZE), 17)
     proto = onnx.load(str(onnx_path))
-    from brainseg.checkpoint import read_metadata
+    from brainseg.model.checkpoint import read_metadata
 
     set_metadata(proto, read_metadata(ckpt), "fp32", 17, ckpt.name)
     onnx.save(proto, str(onnx_path))
@@ -113,7 +114,7 @@ def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp
 
     def _run(args: list[str]) -> Result:
         from brainseg import console
-        from brainseg.cli import main
+        from brainseg.cli.app import main
 
         capsys.readouterr()
         code = 0
@@ -140,7 +141,7 @@ def _summary(path: Path) -> list[dict[str, str]]:
 def test_predictor_backends_agree_and_keep_the_input_size(
     models: dict[str, Path], phantom_root: Path
 ) -> None:
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     imgs = np.stack([_phantom(phantom_root, k) for k in (3, 5, 8)])
     pt = Predictor(models["ckpt"], device="cpu", batch_size=2)
@@ -165,7 +166,7 @@ def test_predictor_backends_agree_and_keep_the_input_size(
 
 
 def test_tta_and_ensemble(models: dict[str, Path], phantom_root: Path) -> None:
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     imgs = np.stack([_phantom(phantom_root, k) for k in (4, 6)])
     plain = Predictor(models["onnx"], device="cpu").predict_proba(imgs)
@@ -181,7 +182,7 @@ def test_tta_and_ensemble(models: dict[str, Path], phantom_root: Path) -> None:
 
 
 def test_predictor_rejects_bad_batches(models: dict[str, Path]) -> None:
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     p = Predictor(models["onnx"], device="cpu")
     with pytest.raises(BrainsegError, match="uint8"):
@@ -199,7 +200,7 @@ def test_onnx_metadata_plain_keys_win_over_the_blob(
 ) -> None:
     import onnx
 
-    from brainseg.predict import read_onnx_metadata
+    from brainseg.inference.predict import read_onnx_metadata
 
     proto = onnx.load(str(models["onnx"]))
     for p in proto.metadata_props:
@@ -341,7 +342,7 @@ def test_pad_overlay_probabilities_jsonl(
 
 
 def _post(mask: np.ndarray, min_size: int) -> np.ndarray:
-    from brainseg.postprocess import remove_small
+    from brainseg.inference.postprocess import remove_small
 
     return remove_small(mask, min_size)
 
@@ -558,7 +559,7 @@ def test_symlink_loops_are_not_followed(
     run, models: dict[str, Path], scans: Path, tmp_path: Path
 ) -> None:
     (scans / "a" / "loop").symlink_to(scans, target_is_directory=True)
-    from brainseg.batch import InputSpec, iter_inputs
+    from brainseg.inference.batch import InputSpec, iter_inputs
 
     found = [f.rel.as_posix() for f in iter_inputs(InputSpec([str(scans)]))]
     assert sorted(found) == sorted(EXPECTED)
@@ -590,7 +591,7 @@ def test_onnx_predict_path_imports_no_torch(
 ) -> None:
     code = (
         "import sys\n"
-        "from brainseg.cli import main\n"
+        "from brainseg.cli.app import main\n"
         "try:\n"
         f"    main(['-q', 'predict', {str(models['onnx'])!r}, {str(scans)!r}, '-o', "
         f"{str(tmp_path / 'o')!r}, '--overlay', '--probabilities', '--tta'])\n"
@@ -613,7 +614,7 @@ def test_cpu_only_deployment_without_torch(
         "import sys\n"
         "for m in ('torch', 'torchvision'):\n"
         "    sys.modules[m] = None  # import torch now raises ImportError\n"
-        "from brainseg.cli import main\n"
+        "from brainseg.cli.app import main\n"
         "try:\n"
         "    main(sys.argv[1:])\n"
         "except SystemExit as e:\n"
@@ -660,8 +661,11 @@ def test_interrupted_run_keeps_its_summary_and_resumes(
     import signal
 
     src = tmp_path / "scans"
-    for folder in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:2]:
-        shutil.copytree(folder, src / folder.name)
+    # ~240 slices, about 5 s of work: a loaded machine cannot finish them all between the
+    # third result line and the signal (with 59 files it once did: exit 0, not 130)
+    for copy in range(4):
+        for folder in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:2]:
+            shutil.copytree(folder, src / f"{folder.name}_{copy}")
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -751,8 +755,8 @@ def test_written_mask_is_prob_thresholded_and_what_eval_scores(
     pixel for pixel, and summary.csv's max_probability is exactly the _prob.tif maximum."""
     from _tiny import tiny_onnx
 
-    from brainseg import evaluation as ev
     from brainseg.data.synthetic import write_synthetic
+    from brainseg.evaluation import dataset as ev
 
     model = tiny_onnx(tmp_path / "m.onnx", image_size=64)
     data = write_synthetic(tmp_path / "d", patients=2, seed=3, size=size, slices=(4, 6))
@@ -781,7 +785,7 @@ def test_written_mask_is_prob_thresholded_and_what_eval_scores(
 def test_ensemble_is_the_mean_of_two_different_models(tmp_path: Path, phantom_root: Path) -> None:
     from _tiny import tiny_onnx
 
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     a = tiny_onnx(tmp_path / "a.onnx")
     b = _second_onnx(a, tmp_path / "b.onnx", bias=-8.0)
@@ -849,7 +853,7 @@ def _phantom_like() -> np.ndarray:
 def test_model_file_content_is_sniffed(
     run, models: dict[str, Path], scans: Path, tmp_path: Path
 ) -> None:
-    from brainseg.checkpoint import load_checkpoint, read_metadata, sniff_model_file
+    from brainseg.model.checkpoint import load_checkpoint, read_metadata, sniff_model_file
 
     assert sniff_model_file(models["ckpt"]) == "safetensors"
     assert sniff_model_file(models["onnx"]) == "onnx"

@@ -171,7 +171,7 @@ SEEDS = _image_seeds()
 @given(data=st.data())
 def test_mutated_images_read_or_fail_clearly(fmt: str, data: st.DataObject, tmp_path: Path) -> None:
     """Mutated .tif/.png/.jpg bytes: an HxWx3 uint8 array or one BrainsegError naming the file."""
-    from brainseg.imageio import load_image
+    from brainseg.data.imageio import load_image
 
     if data.draw(st.integers(0, 9), label="random bytes?") == 0:
         blob = data.draw(st.binary(max_size=256), label="random bytes")
@@ -222,8 +222,8 @@ def test_regression_tiff_page_loop_does_not_hang(tmp_path: Path) -> None:
     import base64
     import zlib
 
+    from brainseg.data.imageio import load_image
     from brainseg.data.lgg import SliceFile, decode_slice
-    from brainseg.imageio import load_image
 
     path = tmp_path / "loop.tif"
     path.write_bytes(zlib.decompress(base64.b64decode(LOOPING_TIFF)))
@@ -239,7 +239,7 @@ def test_regression_huge_headers_are_refused_before_decoding(tmp_path: Path) -> 
     """A header promising 12,000 x 12,000 pixels must not make us allocate it."""
     import zlib as z
 
-    from brainseg.imageio import load_image
+    from brainseg.data.imageio import load_image
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", z.crc32(kind + body))
@@ -269,7 +269,7 @@ def test_declared_image_sizes_are_read_or_refused_before_decoding(
 
     import tifffile
 
-    from brainseg.imageio import MAX_DECODED_BYTES, MAX_PIXELS, load_image
+    from brainseg.data.imageio import MAX_DECODED_BYTES, MAX_PIXELS, load_image
 
     path = tmp_path / "x.tif"
     shape = (h, w) if samples == 1 else (h, w, samples)
@@ -449,8 +449,8 @@ def test_hostile_yaml_is_refused_by_every_reader(tmp_path: Path) -> None:
     """Every YAML file brainseg reads (--config, --split, a run's config.yaml, --set values)
     goes through one loader: a result within the limits or one clear error, fast."""
     from brainseg.config import load_config
-    from brainseg.cv import parse_set
     from brainseg.data.split import load_split
+    from brainseg.train.cv import parse_set
 
     @settings(max_examples=scale(60))
     @given(text=hostile_yaml(), reader=st.sampled_from(["config", "split", "set"]))
@@ -477,8 +477,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, di
     """A real brainseg checkpoint: (header bytes incl. length prefix, header size, header)."""
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(encoder_weights=None, decoder_channels=(8, 8, 8, 8, 8))
@@ -490,7 +490,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, di
 
 
 def _load_ckpt(path: Path) -> Any:
-    from brainseg.checkpoint import load_checkpoint
+    from brainseg.model.checkpoint import load_checkpoint
 
     model, _meta = load_checkpoint(path)
     return model
@@ -607,8 +607,8 @@ def onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def _predict_one(model: Path, scan: Path, out: Path) -> list[Any]:
     """What ``brainseg predict MODEL SCAN -o OUT`` does, in-process."""
-    from brainseg import batch
-    from brainseg import predict as P
+    from brainseg.inference import batch
+    from brainseg.inference import predict as P
 
     predictor = P.Predictor([model], device="cpu", batch_size=2)
     opts = batch.BatchOptions(out_dir=out, threshold=float(predictor.metadata["threshold"]))
@@ -1081,7 +1081,7 @@ def test_damaged_nifti_read_or_fail_clearly(
 
     import nibabel as nib
 
-    from brainseg.volumes import Case, read_case
+    from brainseg.data.volumes import Case, read_case
 
     path = tmp_path / "case.nii.gz"
     if data.draw(st.booleans(), label="damage the gzip bytes?"):
@@ -1179,7 +1179,7 @@ def test_odd_entries_and_stdin_garbage_are_rows_never_a_crash_or_hang(
     good images, and stdin lines of random bytes (invalid UTF-8, NUL, over-long): predict
     ends (no hang: a FIFO is never opened), every input it took is one summary row of one
     valid UTF-8 line, and nothing outside -o changes."""
-    from brainseg import batch
+    from brainseg.inference import batch
 
     case = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
     scans, out = case / "scans", case / "out"

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from _browser import chromium, find_chromium, open_report, screenshot
 
-from brainseg import evaluation as ev
-from brainseg import report as rp
+from brainseg.evaluation import dataset as ev
+from brainseg.evaluation import report as rp
+from brainseg.train.report import write_train_report
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -137,7 +138,7 @@ def test_text_is_escaped(eval_run: ev.EvalResult) -> None:
 
 
 def test_train_report_from_a_real_run_folder(train_run: Path) -> None:
-    path = rp.write_train_report(train_run)
+    path = write_train_report(train_run)
     text = path.read_text(encoding="utf-8")
     assert_self_contained(text)
     rows = read_csv(train_run / "metrics.csv")
@@ -184,8 +185,8 @@ def train_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cv_result(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A real 2-fold cv (1 tiny epoch per fold) on 4 phantom patients, written."""
-    from brainseg.cv import CVOptions, run_cv, write_cv
     from brainseg.data.synthetic import write_synthetic
+    from brainseg.train.cv import CVOptions, run_cv, write_cv
 
     d = tmp_path_factory.mktemp("cv")
     root = write_synthetic(d / "data", patients=4, seed=2, size=64, slices=(8, 10))
@@ -284,7 +285,7 @@ def test_eval_report_in_chromium(eval_run: ev.EvalResult, tmp_path: Path) -> Non
 
 @needs_chromium
 def test_train_report_in_chromium(train_run: Path, tmp_path: Path) -> None:
-    path = rp.write_train_report(train_run)
+    path = write_train_report(train_run)
     rows = read_csv(train_run / "metrics.csv")
     by_loss = [r["epoch"] for r in sorted(rows, key=lambda r: float(r["train_loss"]))]
     check_in_browser(path, tmp_path / "train-report.png", "train_loss", by_loss)

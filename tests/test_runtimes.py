@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from brainseg import runtimes
 from brainseg.errors import BrainsegError
+from brainseg.inference import runtimes
 
 SIZE = 64
 #: Documented agreement (docs/export.md, "Runtimes and CPU kinds"): OpenVINO bf16 masks vs
@@ -41,9 +41,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path) -> dict
     import onnx
     import torch
 
-    from brainseg.checkpoint import read_metadata, save_checkpoint
     from brainseg.export import quantize_int8, set_metadata, torch_to_onnx
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import read_metadata, save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(encoder_weights=None, decoder_channels=(16, 16, 8, 8, 8)).eval()
@@ -77,7 +77,7 @@ def _images(phantom_root: Path, n: int = 6) -> np.ndarray:
 
 
 def _proba(model: Path, images: np.ndarray, **kw: object) -> tuple[np.ndarray, object]:
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     p = Predictor(model, device="cpu", **kw)  # type: ignore[arg-type]
     return p.predict_proba(images), p
@@ -172,7 +172,7 @@ def test_torch_bf16_on_a_checkpoint_agrees_with_onnxruntime_fp32(
 
 @needs_openvino
 def test_threads_reach_the_runtime(models: dict[str, Path]) -> None:
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
 
     ort = Predictor(models["fp32"], device="cpu", runtime="onnxruntime", threads=1)
     assert ort.backends[0].session.get_session_options().intra_op_num_threads == 1

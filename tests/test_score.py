@@ -13,7 +13,7 @@ import pytest
 from _tiny import tiny_onnx
 from _volkit import csv_rows, save_nifti
 
-from brainseg import metrics
+from brainseg.evaluation import metrics
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def evil_pth(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_malicious_pth_as_encoder_weights_never_runs(evil_pth: tuple[Path, Path]) -> None:
-    from brainseg.model import UNetVGG16
+    from brainseg.model.unet import UNetVGG16
 
     path, marker = evil_pth
     with pytest.raises(BrainsegError):
@@ -150,7 +150,7 @@ def test_malicious_pth_as_encoder_weights_never_runs(evil_pth: tuple[Path, Path]
 
 
 def test_malicious_pth_never_runs_in_the_weights_check(evil_pth: tuple[Path, Path]) -> None:
-    from brainseg.data.download import check_vgg_state_dict
+    from brainseg.model.weights import check_vgg_state_dict
 
     path, marker = evil_pth
     with pytest.raises(BrainsegError, match="loads safely"):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from brainseg.augment import AugmentSettings, augment_batch, draw
 from brainseg.config import TrainConfig, load_resume_config
+from brainseg.data.augment import AugmentSettings, augment_batch, draw
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.train import METRICS_COLUMNS, ValData, train, validate
 
@@ -77,7 +77,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_tiny_run_writes_every_file(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     import yaml
 
-    from brainseg.checkpoint import load_checkpoint, read_metadata
+    from brainseg.model.checkpoint import load_checkpoint, read_metadata
 
     run = train(
         tiny_cfg(
@@ -152,7 +152,7 @@ def test_run_folders_are_numbered(tiny: tuple[Path, Path], tmp_path: Path) -> No
 
 
 def test_resume_gives_the_same_weights_and_metrics(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    from brainseg.checkpoint import load_tensors
+    from brainseg.model.checkpoint import load_tensors
 
     # (cosine depends on the total epochs, so a 2-epoch run cannot match the 4-epoch one)
     kw = dict(augment=True, tumor_oversample=0.5, scheduler="plateau", plateau_patience=0, seed=7)
@@ -200,7 +200,7 @@ def test_nan_keeps_the_last_good_checkpoint(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import brainseg.train.epoch as tr
-    from brainseg.checkpoint import load_tensors, read_metadata
+    from brainseg.model.checkpoint import load_tensors, read_metadata
 
     calls = {"n": 0}
     real = tr.loss_fn
@@ -226,7 +226,7 @@ def test_nan_keeps_the_last_good_checkpoint(
 
 
 def test_sigint_saves_last_and_prints_resume(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    from brainseg.checkpoint import load_checkpoint, read_metadata
+    from brainseg.model.checkpoint import load_checkpoint, read_metadata
 
     cmd = [
         sys.executable,

@@ -34,9 +34,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_two_gloo_processes_train_and_log_exact_metrics(
     tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from brainseg.checkpoint import load_checkpoint
     from brainseg.data.cache import load_dataset
     from brainseg.data.split import load_split
+    from brainseg.model.checkpoint import load_checkpoint
 
     root, split = tiny
     project = tmp_path / "runs"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_train import read_rows, tiny, tiny_cfg  # noqa: F401 (tiny is a fixture)
 
-from brainseg.checkpoint import load_tensors
 from brainseg.config import TrainConfig, load_resume_config
+from brainseg.model.checkpoint import load_tensors
 from brainseg.train import train
 from brainseg.train.epoch import lr_at
 

@@ -60,7 +60,7 @@ def real(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> dict[str,
 
 def _slice_masks(run: Any, real: dict[str, Any], out: Path) -> dict[str, np.ndarray]:
     """The slice path: `brainseg predict` on the TIFs, stacked S x H x W per patient."""
-    from brainseg.imageio import read_image
+    from brainseg.data.imageio import read_image
 
     r = run(["predict", real["model"], real["subset"], "-o", out, "--device", "cpu"])
     assert r.returncode == 0, r.stderr
@@ -355,7 +355,7 @@ def test_min_volume_in_voxels_and_mm3_removes_small_3d_components(run, tiny, tmp
 
 
 def test_float_volumes_are_scaled_per_contrast_by_the_documented_rule(tmp_path: Path) -> None:
-    from brainseg.volumes import to_model_range
+    from brainseg.data.volumes import to_model_range
 
     x = np.zeros((10, 10, 10), dtype=np.float32)
     x[1:, :, :] = np.linspace(100, 1100, 900).reshape(9, 10, 10)
@@ -381,8 +381,8 @@ def test_int16_case_predicts_after_scaling(run, tiny, tmp_path):
 
 
 def test_channel_patterns_flat_folder_and_errors(tmp_path: Path) -> None:
+    from brainseg.data.volumes import find_cases, parse_channels
     from brainseg.errors import BrainsegError
-    from brainseg.volumes import find_cases, parse_channels
 
     flat = tmp_path / "flat"
     for case in ("A", "B"):
@@ -404,7 +404,7 @@ def test_volume_libraries_are_not_imported_by_help_or_the_slice_path(tmp_path: P
     write_images(tmp_path / "imgs", 2, size=64)
     code = (
         "import sys\n"
-        "from brainseg.cli import main\n"
+        "from brainseg.cli.app import main\n"
         f"runs = [['--help'], ['predict', '--help'], ['score', '--help'],"
         f" ['predict', {str(model)!r}, {str(tmp_path / 'imgs')!r}, '-o', "
         f"{str(tmp_path / 'o')!r}]]\n"
@@ -469,8 +469,8 @@ def test_options_of_the_other_path_are_refused_with_one_line_and_nothing_written
 
 def test_volume_shards_use_the_slice_shard_rule(run, tiny, tmp_path):
     from brainseg.errors import BrainsegError
-    from brainseg.pipeline import PredictOptions
-    from brainseg.volume_predict import predict_volumes
+    from brainseg.inference.pipeline import PredictOptions
+    from brainseg.inference.volume_predict import predict_volumes
 
     save_nifti(tmp_path / "cases" / "A.nii.gz", blob_volume())
     for bad, words in (("2/2", "--shard 2/2: need 0 <= I < N"), ("x", "is not of the form I/N")):
@@ -621,7 +621,7 @@ def test_volumes_take_pad_and_workers_and_pad_predicts_as_the_slice_path(run, tm
     slices get the masks the slice path gives the same slices as PNG files."""
     from PIL import Image
 
-    from brainseg.volumes import to_slices
+    from brainseg.data.volumes import to_slices
 
     model = conv_onnx(tmp_path / "m.onnx", image_size=64)
     vol = blob_volume(5, shape=(50, 44, 4))  # not multiples of 32: padding matters

@@ -15,14 +15,14 @@ __all__ = ["BrainsegError", "Predictor", "UNetVGG16", "__version__", "load_check
 from brainseg.errors import BrainsegError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from brainseg.checkpoint import load_checkpoint
-    from brainseg.model import UNetVGG16
-    from brainseg.predict import Predictor
+    from brainseg.inference.predict import Predictor
+    from brainseg.model.checkpoint import load_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
 _LAZY = {
-    "UNetVGG16": "brainseg.model",
-    "load_checkpoint": "brainseg.checkpoint",
-    "Predictor": "brainseg.predict",
+    "UNetVGG16": "brainseg.model.unet",
+    "load_checkpoint": "brainseg.model.checkpoint",
+    "Predictor": "brainseg.inference.predict",
 }
 
 

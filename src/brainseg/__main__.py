@@ -11,9 +11,9 @@ import sys
 
 
 def main() -> None:
-    """Run ``brainseg.cli.main``; one line and exit 2 when the command's own packages lack."""
+    """Run ``brainseg.cli.app.main``; one line and exit 2 when the command's own packages lack."""
     try:
-        from brainseg.cli import main as cli_main
+        from brainseg.cli.app import main as cli_main
     except ModuleNotFoundError as exc:
         from brainseg.optional import missing_package_error
 

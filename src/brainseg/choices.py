@@ -15,7 +15,11 @@ NORMALIZATIONS = ("imagenet", "zscore")
 MASK_MODES = ("nearest", "bilinear")
 PRESETS = ("seed", "best")
 DEFAULT_DECODER_CHANNELS = (512, 256, 128, 64, 32)
-#: ``--runtime`` of predict / eval: which library runs the model (brainseg.runtimes).
+#: ``--runtime`` of predict / eval: which library runs the model (brainseg.inference.runtimes).
 RUNTIMES = ("auto", "onnxruntime", "openvino", "torch")
-#: ``--precision``: OpenVINO's inference precision for an fp32 .onnx file (brainseg.runtimes).
+#: ``--precision``: OpenVINO's inference precision for an fp32 .onnx file
+#: (brainseg.inference.runtimes).
 PRECISIONS = ("auto", "fp32", "bf16")
+
+#: The loggers ``--logger`` offers, with the module each needs and its extra.
+LOGGERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}

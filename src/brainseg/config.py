@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from brainseg.choices import (
     AMP_MODES,
     DEFAULT_DECODER_CHANNELS,
     ENCODERS,
+    LOGGERS,
     LOSSES,
     MASK_MODES,
     NORMALIZATIONS,
@@ -32,7 +33,7 @@ from brainseg.devices import DEVICE_HELP, check_device_name
 from brainseg.ensemble import load_ensemble
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import check_run_name, one_line
-from brainseg.loggers import check_loggers
+from brainseg.optional import require
 from brainseg.settings import (
     MAX_DECODER_CHANNELS,
     MAX_MODEL_SIZE,
@@ -65,6 +66,17 @@ class Rule:
     ok: Callable[[Any], bool]
     must: str
     hint: str
+
+
+def check_loggers(names: Sequence[str]) -> None:
+    """Refuse an unknown logger, or one whose package is not installed (exit 2)."""
+    for name in names:
+        if name not in LOGGERS:
+            raise BrainsegError(
+                f"unknown --logger {name!r}",
+                hint=f"choose {' or '.join(LOGGERS)} (csv is always written)",
+            )
+        require(LOGGERS[name], f"--logger {name}")
 
 
 def _setting(

@@ -6,7 +6,7 @@ dependencies and adds only what the ONNX predict path uses. A command that needs
 such a venv lacks says so in one line naming the pip command, never "internal error".
 
 :func:`require` is the check a command makes before it starts; :func:`missing_package_error`
-turns a ``ModuleNotFoundError`` raised deeper down into the same line (``brainseg.cli.main``
+turns a ``ModuleNotFoundError`` raised deeper down into the same line (``brainseg.cli.app.main``
 calls it, so no lazy import anywhere needs its own try/except).
 """
 

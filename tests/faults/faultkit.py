@@ -4,7 +4,7 @@ Used two ways:
 
 * in-process: ``install({...})`` patches this process (tests undo it with monkeypatch);
 * as a wrapper around the real CLI: ``python faultkit.py ARGS...`` with the faults as JSON in
-  ``$BRAINSEG_FAULTS`` installs them, then runs ``brainseg ARGS...`` (``brainseg.cli.main``).
+  ``$BRAINSEG_FAULTS`` installs them, then runs ``brainseg ARGS...`` (``brainseg.cli.app.main``).
 
 Faults (all keys optional)::
 
@@ -262,7 +262,7 @@ def installed(spec: dict[str, Any]) -> Iterator[None]:
 def main() -> None:
     """``python faultkit.py ARGS``: install $BRAINSEG_FAULTS, then run ``brainseg ARGS``."""
     install(json.loads(os.environ.get("BRAINSEG_FAULTS", "{}")))
-    from brainseg.cli import main as cli_main
+    from brainseg.cli.app import main as cli_main
 
     cli_main(sys.argv[1:])
 

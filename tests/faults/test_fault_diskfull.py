@@ -62,7 +62,7 @@ def assert_one_clear_error(r: subprocess.CompletedProcess[str], *words: str) -> 
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    from brainseg.model import UNetVGG16
+    from brainseg.model.unet import UNetVGG16
 
     return UNetVGG16(encoder_weights=None, decoder_channels=(8, 8, 8, 8, 8))
 
@@ -71,7 +71,7 @@ def model() -> Any:
 def test_checkpoint_disk_full_keeps_the_previous_file(
     model: Any, tmp_path: Path, budget: int
 ) -> None:
-    from brainseg.checkpoint import load_checkpoint, save_checkpoint
+    from brainseg.model.checkpoint import load_checkpoint, save_checkpoint
 
     path = save_checkpoint(tmp_path / "last.safetensors", model, {"epoch": 1})
     before = path.read_bytes()
@@ -110,7 +110,7 @@ def test_predict_disk_full_stops_with_one_line_and_keeps_finished_masks(tmp_path
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, model: Any) -> Path:
-    from brainseg.checkpoint import save_checkpoint
+    from brainseg.model.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
     return save_checkpoint(path, model, {"image_size": 64})

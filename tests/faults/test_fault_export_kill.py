@@ -19,8 +19,8 @@ pytestmark = pytest.mark.faults
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
-    from brainseg.model import UNetVGG16
+    from brainseg.model.checkpoint import save_checkpoint
+    from brainseg.model.unet import UNetVGG16
 
     torch.manual_seed(0)
     model = UNetVGG16(encoder_weights=None, decoder_channels=(8, 8, 8, 8, 8)).eval()

@@ -98,7 +98,7 @@ def test_sigkill_mid_folder_then_skip_existing_is_byte_identical(
 _HOLD = """
 import sys
 from brainseg import console
-from brainseg.cli import main
+from brainseg.cli.app import main
 
 after, real, n = int(sys.argv[1]), console.emit_json, 0
 

@@ -31,7 +31,7 @@ N = 24
 _HOLD = """
 import sys
 from brainseg import console
-from brainseg.cli import main
+from brainseg.cli.app import main
 
 after, real, n = int(sys.argv[1]), console.emit_json, 0
 
@@ -120,7 +120,7 @@ def _commands(root: Path, split: Path, ckpt: Path, tmp: Path) -> dict[str, tuple
     return {
         "eval": (
             ["eval", ckpt, root, "--split", split, "--project", tmp / "ev"],
-            "brainseg.metrics.evaluate",
+            "brainseg.evaluation.metrics.evaluate",
         ),
         "export": (
             ["export", ckpt, "-o", tmp / "exp" / "m.onnx", "--verify-data", root],

@@ -69,7 +69,7 @@ def rows(run: Path) -> list[dict[str, str]]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    from brainseg.checkpoint import load_tensors
+    from brainseg.model.checkpoint import load_tensors
 
     assert rows(run) == rows(reference)
     for name in ("last.safetensors", "best.safetensors"):
@@ -82,7 +82,7 @@ def resume_and_check(run: Path, reference: Path) -> subprocess.CompletedProcess[
     """Whatever the kill left (no checkpoint yet, a half-written one, a finished run without
     its report), ``brainseg train --resume`` completes the run: exit 0, equal to an
     uninterrupted run, report.html written, no temporary file left."""
-    from brainseg.checkpoint import load_checkpoint
+    from brainseg.model.checkpoint import load_checkpoint
 
     if (run / "last.safetensors").exists():  # it always loads
         _model, meta = load_checkpoint(run / "last.safetensors")
@@ -182,7 +182,7 @@ def test_sigkill_from_outside_while_the_checkpoint_is_written(
     if nth == 1:
         assert not (run / "last.safetensors").exists()
     else:  # the previous epoch's file is what is on disk
-        from brainseg.checkpoint import read_metadata
+        from brainseg.model.checkpoint import read_metadata
 
         assert read_metadata(run / "last.safetensors")["train_state"]["epoch"] == nth - 1
     resume_and_check(run, reference)
@@ -207,7 +207,7 @@ def test_sigterm_mid_epoch_saves_exits_130_and_resumes_to_the_same_run(
 ) -> None:
     """SIGTERM (a scheduler's time limit) in step 1 of epoch 2: that step finishes, the
     position in the epoch is saved, exit 130; the resumed run equals an uninterrupted one."""
-    from brainseg.checkpoint import read_metadata
+    from brainseg.model.checkpoint import read_metadata
 
     point = {"target": TARGETS["lr_at"], "nth": 3, "signals": ["SIGTERM"]}
     r = run_faulty(train_args(tiny, tmp_path), {"signal": [point]})
@@ -257,7 +257,7 @@ def test_kill_after_the_final_checkpoint_then_resume_finishes_the_run(
 
 def test_a_second_ctrl_c_aborts_at_once(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Two SIGINTs in step 1 of epoch 2: no step finishes, nothing is saved, exit 130."""
-    from brainseg.checkpoint import read_metadata
+    from brainseg.model.checkpoint import read_metadata
 
     point = {"target": TARGETS["lr_at"], "nth": 3, "signals": ["SIGINT", "SIGINT"]}
     r = run_faulty(train_args(tiny, tmp_path), {"signal": [point]})

@@ -1,4 +1,5 @@
-"""Installers: the LGG dataset into ``DEST/kaggle_3m`` and torchvision's VGG16 weights.
+"""Installer of the LGG dataset into ``DEST/kaggle_3m`` (and the download options and result
+that torchvision's VGG16 weights, :mod:`brainseg.model.weights`, share).
 
 The HTTP download (resume, retries, checksums, Kaggle credentials) lives in
 :mod:`brainseg.data.http`, the safe unpacking in :mod:`brainseg.data.extract`; their public
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -53,7 +53,7 @@ from brainseg.data.http import (
 )
 from brainseg.data.lgg import discover
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_path, folder_lock, make_temp_dir, remove_stale_temps
+from brainseg.fsutil import folder_lock, make_temp_dir, remove_stale_temps
 
 __all__ = [
     "KAGGLE_DATASET",
@@ -69,11 +69,8 @@ __all__ = [
     "KaggleCredentials",
     "RetryPolicy",
     "archive_kind",
-    "check_vgg_state_dict",
     "dataset_summary",
     "download_lgg",
-    "download_vgg16",
-    "expected_hash_prefix",
     "find_layout_root",
     "http_fetch",
     "is_kaggle_url",
@@ -87,7 +84,6 @@ __all__ = [
 
 LGG_ARCHIVE_NAME = "lgg-mri-segmentation.zip"
 LAYOUT_NAME = "kaggle_3m"
-_HEX = re.compile(r"^[0-9a-f]+$")
 
 
 def find_layout_root(folder: Path) -> Path | None:
@@ -383,116 +379,6 @@ def dataset_summary(root: str | os.PathLike[str]) -> DatasetSummary:
     return DatasetSummary(Path(root), int(s["patients"]), int(s["slices"]), int(s["tumor_slices"]))
 
 
-# --------------------------------------------------------------------------- VGG16
-
-
-def _vgg16_source(bn: bool) -> tuple[str, Path]:
-    """torchvision's URL of the ImageNet VGG16(-BN) weights and where torch.hub keeps them.
-
-    Both come from :mod:`brainseg.model` (the one place that names these weights).
-    """
-    from brainseg.model import imagenet_weights_path, vgg16_weights_url
-
-    encoder = "vgg16_bn" if bn else "vgg16"
-    return vgg16_weights_url(encoder), imagenet_weights_path(encoder)
-
-
-def expected_hash_prefix(file_name: str) -> str:
-    """The sha256 prefix torch.hub encodes in names like ``vgg16-397923af.pth``."""
-    stem = file_name.rsplit("-", 1)[-1].split(".", 1)[0] if "-" in file_name else ""
-    if len(stem) < 8 or not _HEX.match(stem):
-        raise BrainsegRuntimeError(f"{file_name} has no sha256 prefix after its last '-'")
-    return stem
-
-
-def check_vgg_state_dict(path: Path, bn: bool = False) -> int:
-    """Load ``path`` safely as a torchvision VGG16(-BN) state dict (every ``features.*`` key and
-    shape, :func:`brainseg.model.load_vgg_features`); return the number of those tensors."""
-    from brainseg.model import load_vgg_features
-
-    return len(load_vgg_features(path, "vgg16_bn" if bn else "vgg16"))
-
-
-def download_vgg16(
-    bn: bool = False,
-    from_file: str | os.PathLike[str] | None = None,
-    url: str | None = None,
-    *,
-    force: bool = False,
-    retries: int = DEFAULT_RETRIES,
-    backoff: float = DEFAULT_BACKOFF,
-    timeout: float = DEFAULT_TIMEOUT,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Path:
-    """Install torchvision's ImageNet VGG16(-BN) weights into the torch hub cache; return path.
-
-    The file gets the name torchvision uses, so ``torchvision.models.vgg16(weights=
-    "IMAGENET1K_V1")`` then works offline. Whatever the source (torchvision's URL, a mirror
-    ``url`` or ``from_file``), the file's sha256 must start with the hex in that name and it
-    must load with ``torch.load(weights_only=True)``. A valid installed file is kept as is.
-    """
-    if url and from_file:
-        raise BrainsegError("--url and --from-file cannot be used together")
-    if url is not None:
-        check_url(url)
-    tv_url, target = _vgg16_source(bn)
-    prefix = expected_hash_prefix(target.name)
-    what = "VGG16-BN" if bn else "VGG16"
-    if target.exists() and not force:
-        if sha256_file(target).startswith(prefix):
-            con.info(f"{target} is already installed (sha256 {prefix}...)")
-            return target
-        raise BrainsegError(
-            f"{target} exists but its sha256 does not start with {prefix}",
-            hint="pass --force to replace it",
-        )
-    if from_file is not None:
-        _copy_vgg16(Path(from_file), target, prefix, bn, tv_url)
-    else:
-        src_url = url or tv_url
-        con.info(f"downloading {src_url} to {target}")
-        http_fetch(
-            src_url,
-            target,
-            None,
-            prefix,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout,
-            sleep=sleep,
-            from_file_hint="--from-file PATH",
-        )
-        try:
-            check_vgg_state_dict(target, bn)
-        except BrainsegError:
-            target.unlink(missing_ok=True)
-            raise
-    con.info(f"installed {what} ImageNet weights at {target}")
-    return target
-
-
-def _copy_vgg16(src: Path, target: Path, prefix: str, bn: bool, tv_url: str) -> None:
-    """Check a ``--from-file`` weights file (hash prefix, safe load) and copy it into place."""
-    name, what = target.name, "VGG16-BN" if bn else "VGG16"
-    if not src.is_file():
-        raise BrainsegError(
-            f"--from-file {src} does not exist or is not a file",
-            hint=f"give torchvision's {name}",
-        )
-    actual = sha256_file(src)
-    if not actual.startswith(prefix):
-        raise BrainsegError(
-            f"{src} has sha256 {actual}, but torchvision's {what} file {name} must start "
-            f"with {prefix}",
-            hint=f"this is not torchvision's ImageNet {what} file "
-            f"(download {tv_url}{'' if bn else '; --bn for VGG16-BN'})",
-        )
-    check_vgg_state_dict(src, bn)
-    if not (target.exists() and src.resolve() == target.resolve()):
-        with atomic_path(target, force=True) as tmp:
-            shutil.copyfile(src, tmp)
-
-
 # --------------------------------------------------------------------------- the download job
 
 
@@ -556,20 +442,16 @@ def install_lock(dest: Path) -> Iterator[None]:
 
 
 def run_download(opts: DownloadOptions) -> DownloadResult:
-    """The ``brainseg download`` job: install what ``opts.what`` names and describe it."""
+    """The ``brainseg download lgg | synthetic`` job: install the dataset and describe it
+    (``vgg16`` is :func:`brainseg.model.weights.install_vgg16`)."""
     http: dict[str, Any] = {
         "retries": opts.retries,
         "backoff": opts.backoff,
         "timeout": opts.timeout,
     }
-    if opts.what == "vgg16":
-        path = download_vgg16(
-            bn=opts.bn, from_file=opts.from_file, url=opts.url, force=opts.force, **http
-        )
-        return DownloadResult(path, extra={"encoder": "vgg16_bn" if opts.bn else "vgg16"})
     dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
     if opts.what not in ("lgg", "synthetic"):
-        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg, vgg16 or synthetic")
+        raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg or synthetic")
     if opts.what == "synthetic":
         from brainseg.data.synthetic import check_arguments
 

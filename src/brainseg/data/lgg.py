@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from brainseg import console
+from brainseg.data.imageio import read_tiff_array
 from brainseg.errors import BrainsegError, first_line
-from brainseg.imageio import read_tiff_array
 
 #: Lines of problems shown in an error message before "... and N more".
 MAX_LISTED = 20

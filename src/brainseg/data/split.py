@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from brainseg import __version__, console
+from brainseg import __version__
 from brainseg.data.cache import load_dataset
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path, check_target
@@ -548,10 +548,6 @@ class SplitResult:
             "rows": self.rows,
         }
 
-    def table(self) -> Any:
-        """The table printed after a split."""
-        return summary_table(self.summary())
-
 
 def check_split_options(opts: SplitOptions) -> float:
     """Every option check before any data is read; returns the validation fraction to use."""
@@ -601,20 +597,3 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
         rows.append(row("test", split.subsets["test"]))
     rows.append(row("all", list(arrays.patient_ids)))
     return SplitResult(split, Path(opts.output), Path(opts.data), rows)
-
-
-def summary_table(summary: dict[str, Any]) -> Any:
-    """The rich table of a split summary (:meth:`SplitResult.summary`)."""
-
-    kind = f"{summary['folds']} folds" if summary["folds"] else "split"
-    title = (
-        f"{kind} of {summary['dataset']} (seed {summary['seed']}, dataset "
-        f"{summary['dataset_hash']})"
-    )
-    rows = [
-        [r["name"], r["patients"], r["slices"], r["tumor_slices"],
-         f"{100 * r['tumor_slice_fraction']:.1f}"]
-        for r in summary["rows"]
-    ]  # fmt: skip
-    columns = ["subset", "patients", "slices", "tumor slices", "tumor slice %"]
-    return console.table(title, columns, rows)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from brainseg.runtimes import CPUINFO, cpu_flags
+from brainseg.inference.runtimes import CPUINFO, cpu_flags
 
 __all__ = ["CPUINFO", "cpu_flags", "int8_path"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from brainseg.errors import BrainsegError
-from brainseg.predict import ONNX_INPUT, ONNX_OUTPUT, sigmoid
+from brainseg.inference.predict import ONNX_INPUT, ONNX_OUTPUT, sigmoid
 
 #: The smallest probability the head takes the log of (keeps the logit finite: |logit| <= 69).
 ENSEMBLE_EPS = 1e-30

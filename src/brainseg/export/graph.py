@@ -19,7 +19,7 @@ from typing import Any
 
 from brainseg import __version__, console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.predict import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUT
+from brainseg.inference.predict import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUT
 from brainseg.settings import resolve
 
 #: The dynamic axes of the graph's input and output (index -> name).

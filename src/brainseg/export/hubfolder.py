@@ -7,10 +7,10 @@ itself (the official client does that):
   models live in several files; the ensemble is in ``model.onnx``);
 * ``model.onnx``: the export (fp32, ``--fp16`` or ``--int8``), verified as any export;
 * ``README.md``: the Hub's YAML front matter (:func:`front_matter`) over the model card of
-  the ONNX file (:func:`brainseg.card.card_markdown`, the same card ``--card`` writes);
+  the ONNX file (:func:`brainseg.model.card.card_markdown`, the same card ``--card`` writes);
 * ``config.json``: which file is the model and its inference settings (:func:`hub_config`).
 
-``hf://OWNER/NAME`` and ``brainseg info DIR`` read such a folder (:mod:`brainseg.hub`).
+``hf://OWNER/NAME`` and ``brainseg info DIR`` read such a folder (:mod:`brainseg.model.hub`).
 Every number in the front matter comes from the card; a figure the card lacks is left out.
 """
 
@@ -23,10 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from brainseg.card import card_from_metadata, card_markdown, read_model_metadata
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
-from brainseg.hub import CONFIG_FILE
+from brainseg.model.card import card_from_metadata, card_markdown, read_model_metadata
+from brainseg.model.hub import CONFIG_FILE
 
 ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "model.safetensors"
@@ -150,7 +150,7 @@ def readme(card: Mapping[str, Any]) -> str:
 
 
 def hub_config(meta: Mapping[str, Any], variant: str, has_checkpoint: bool) -> dict[str, Any]:
-    """config.json: which file is the model (``brainseg.hub.folder_model`` reads
+    """config.json: which file is the model (``brainseg.model.hub.folder_model`` reads
     ``model_file``) and the settings predict will use."""
     return {
         "library_name": "brainseg",

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 
 from brainseg import console
-from brainseg.card import read_card, with_ensemble_card, write_card_markdown
-from brainseg.checkpoint import load_checkpoint
 from brainseg.ensemble import is_manifest, load_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.export import cpu, verify
@@ -26,8 +24,10 @@ from brainseg.export.hubfolder import ONNX_FILE, check_folder, write_hub_files
 from brainseg.export.report import ExportCheckFailed, ExportReport
 from brainseg.export.variants import convert_fp16, quantize_int8
 from brainseg.fsutil import atomic_path, remove_stale_temps, temp_prefix, write_error
-from brainseg.hub import local_model
-from brainseg.modelfile import sniff_model_file
+from brainseg.model.card import read_card, with_ensemble_card, write_card_markdown
+from brainseg.model.checkpoint import load_checkpoint
+from brainseg.model.hub import local_model
+from brainseg.model.modelfile import sniff_model_file
 from brainseg.settings import image_size_of
 
 #: Opsets accepted by ``--opset``.
@@ -84,7 +84,7 @@ def make_options(
 def check_checkpoint_kind(path: Path) -> None:
     """An ONNX file given as the checkpoint gets its own message (not "invalid header").
 
-    What the file holds comes from :func:`brainseg.modelfile.sniff_model_file` (its first
+    What the file holds comes from :func:`brainseg.model.modelfile.sniff_model_file` (its first
     bytes, never its name), the one sniffer predict and checkpoint loading use too.
     """
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from brainseg.export.graph import quiet_stdout
-from brainseg.predict import ONNX_INPUT
+from brainseg.inference.predict import ONNX_INPUT
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 #: Inputs that stay float32 in the fp16 part (Resize's roi / scales, Upsample's scales).

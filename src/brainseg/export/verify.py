@@ -1,10 +1,11 @@
 """Verification of an ONNX export against PyTorch, on predict's own backends.
 
-The reference is the checkpoint run by :class:`brainseg.predict.Predictor` (torch backend);
+The reference is the checkpoint run by :class:`brainseg.inference.predict.Predictor` (torch
+backend);
 each ONNX file is run by a Predictor too (onnxruntime backend), so the masks compared are the
-masks ``brainseg predict`` makes (:func:`brainseg.postprocess.mask_from_output` with the
+masks ``brainseg predict`` makes (:func:`brainseg.inference.postprocess.mask_from_output` with the
 settings :func:`brainseg.settings.resolve` reads from the model's metadata); Dice is
-:mod:`brainseg.metrics`'. An ensemble.json reference is the mean of its fold models (as
+:mod:`brainseg.evaluation.metrics`'. An ensemble.json reference is the mean of its fold models (as
 predict runs it). Everything is at the model's training size (plus a second size for the
 dynamic axes, logits only), except :func:`precision_dice`: each precision's Dice cost at the
 images' own size.
@@ -20,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from brainseg import console as con
-from brainseg import metrics, postprocess, runtimes
 from brainseg.data.cache import load_dataset
+from brainseg.data.imageio import resize_image
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.evaluation import metrics
 from brainseg.export.ensemble import ensemble_logits
-from brainseg.imageio import resize_image
-from brainseg.predict import Predictor, TorchBackend
+from brainseg.inference import postprocess, runtimes
+from brainseg.inference.predict import Predictor, TorchBackend
 from brainseg.settings import SIZE_MULTIPLE, PostSettings, resolve
 
 #: Slices compared between PyTorch and onnxruntime (one batch).

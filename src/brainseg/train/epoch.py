@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from brainseg import console as con
-from brainseg.augment import augment_batch, draw
 from brainseg.config import TrainConfig
+from brainseg.data.augment import augment_batch, draw
 from brainseg.errors import EXIT_INTERRUPTED, BrainsegError, BrainsegRuntimeError
 from brainseg.train.data import fetch
 from brainseg.train.resume import LoopState

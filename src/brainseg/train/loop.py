@@ -17,11 +17,11 @@ from typing import Any
 
 from brainseg import console as con
 from brainseg.config import TrainConfig
-from brainseg.report import write_train_report
 from brainseg.train import validation
 from brainseg.train.epoch import Stopper, run_epoch, stopped_after_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
+from brainseg.train.report import write_train_report
 from brainseg.train.resume import save_weights
 from brainseg.train.runfiles import VAL_COLUMNS, epoch_line, write_curves, write_metrics
 from brainseg.train.setup import Run, setup

@@ -1,9 +1,9 @@
 """The metadata a run's checkpoints carry: settings, epoch, metrics and the model card.
 
 :func:`checkpoint_meta` is what best.safetensors / last.safetensors store (rank 0, before
-each save): the run's metadata, the epoch's metrics and :func:`brainseg.card.with_card`'s
+each save): the run's metadata, the epoch's metrics and :func:`brainseg.model.card.with_card`'s
 card, with the checkpoint it is ("best", "last", or "final" for ``--fold all``) and the
-training split (:func:`brainseg.card.split_summary`; ``--fold all``: every patient, none
+training split (:func:`brainseg.model.card.split_summary`; ``--fold all``: every patient, none
 validated).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from brainseg import card as model_card
+from brainseg.model import card as model_card
 from brainseg.train.runfiles import METRICS_COLUMNS
 
 if TYPE_CHECKING:

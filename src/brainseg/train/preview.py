@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from brainseg.data.imageio import mask_outline
+from brainseg.evaluation.metrics import dice
 from brainseg.fsutil import atomic_path
-from brainseg.imageio import mask_outline
-from brainseg.metrics import dice
 from brainseg.train.data import ValData, fetch
 from brainseg.train.runtime import autocast
 from brainseg.train.validation import predict_masks

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainseg.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
+from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
 from brainseg.train.ema import ema_extra, load_ema
 
 

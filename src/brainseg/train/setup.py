@@ -19,15 +19,15 @@ from torch import nn
 
 from brainseg import __version__
 from brainseg import console as con
-from brainseg.augment import AugmentSettings
 from brainseg.config import TrainConfig, dump_yaml, postprocess_settings
+from brainseg.data.augment import AugmentSettings
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
-from brainseg.loggers import Loggers
-from brainseg.model import UNetVGG16
-from brainseg.postprocess import DEFAULT_THRESHOLD
+from brainseg.inference.postprocess import DEFAULT_THRESHOLD
+from brainseg.model.unet import UNetVGG16
 from brainseg.train.data import TrainData, load_data, load_split_checked
 from brainseg.train.ema import build_ema
+from brainseg.train.loggers import Loggers
 from brainseg.train.resume import LoopState, load_train_state, read_resume_state, save_last
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime

@@ -1,6 +1,7 @@
 """Validation at the training size: loss, mean per-slice Dice, mean per-patient (3D) Dice.
 
-Dice comes from :func:`brainseg.metrics.dice_from_counts` (the one Dice, its empty policy);
+Dice comes from :func:`brainseg.evaluation.metrics.dice_from_counts` (the one Dice, its empty
+policy);
 the mask is ``probability >= postprocess.DEFAULT_THRESHOLD``, as predict makes it.
 """
 
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 from brainseg.config import TrainConfig
-from brainseg.metrics import dice_from_counts
-from brainseg.postprocess import DEFAULT_THRESHOLD
+from brainseg.evaluation.metrics import dice_from_counts
+from brainseg.inference.postprocess import DEFAULT_THRESHOLD
 from brainseg.train.data import ValData, fetch
 from brainseg.train.distributed import Distributed
 from brainseg.train.epoch import loss_fn

@@ -1,0 +1,246 @@
+"""`brainseg eval`: metrics of one model or an ensemble on a dataset or a split's subset.
+
+Only typer, the standard library and light brainseg modules at import time: numpy, scipy,
+torch and onnxruntime are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from brainseg import console
+from brainseg.cli.options import (
+    fold_option,
+    precision_option,
+    runtime_option,
+    seg_series_option,
+    subset_option,
+    threads_option,
+)
+
+_HELP = (
+    "Evaluate MODEL(s) on DATA: Dice, IoU, precision, recall, specificity, HD95.\n\n"
+    "The last path is DATA (a kaggle_3m folder); every path before it is a MODEL (a "
+    ".safetensors checkpoint or an .onnx file). Several models are ensembled (mean "
+    "probability), e.g. the K models of a cross-validation. Metrics are reported per patient "
+    "(the comparable number under a patient-level split), per slice and globally; results go "
+    "to runs/eval/exp/.\n\n"
+    "Volumes: when DATA holds NIfTI / DICOM cases (or --channels is given), every case is "
+    "predicted as `brainseg predict` does (masks in the run's masks/ folder) and scored "
+    "against its label volume (<case>_seg.nii.gz or _mask/_gt/_label, beside the case or in "
+    "--gt DIR), with HD95 and surface Dice in mm (docs/volumes.md).\n\n"
+    "Example: brainseg eval runs/train/exp/best.safetensors data/kaggle_3m --split splits.yaml"
+)
+#: Options of ``brainseg eval`` that only the slice (kaggle_3m) path uses.
+SLICE_ONLY = {
+    "split": "--split",
+    "subset": "--subset",
+    "fold": "--fold",
+    "skip_bad": "--skip-bad",
+    "tune": "--tune",
+    "tune_output": "--tune-output",
+    "force": "--force",
+}
+#: Options that only volume cases use.
+VOLUME_ONLY = {
+    "gt": "--gt",
+    "min_volume": "--min-volume",
+    "tolerance": "--tolerance",
+    "fmt": "--format",
+    "seg_series": "--seg-series",
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the subcommand to the app."""
+
+    @app.command("eval", help=_HELP, no_args_is_help=True)
+    def _cmd(
+        ctx: typer.Context,
+        paths: list[Path] = typer.Argument(
+            ...,
+            metavar="MODEL... DATA",
+            show_default=False,
+            help="Model file(s) (.safetensors / .onnx), then the dataset folder.",
+        ),
+        split: Path | None = typer.Option(
+            None,
+            "--split",
+            help="Split YAML from `brainseg split`; without it every patient of DATA is evaluated.",
+        ),
+        subset: str | None = subset_option(),
+        fold: int | None = fold_option(),
+        tta: bool = typer.Option(
+            False, "--tta", help="Test-time augmentation: mean probability over flips."
+        ),
+        threshold: float | None = typer.Option(
+            None,
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="Probability threshold \\[default: the model's stored threshold, else 0.5].",
+        ),
+        min_size: int | None = typer.Option(
+            None,
+            "--min-size",
+            min=0,
+            help="Remove 2D components smaller than this many pixels \\[default: model's].",
+        ),
+        largest: bool | None = typer.Option(
+            None,
+            "--largest/--no-largest",
+            help="Keep only the largest 3D component per patient \\[default: model's].",
+        ),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
+        batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch."),
+        runtime: str | None = runtime_option(),
+        precision: str | None = precision_option(),
+        threads: int = threads_option(),
+        skip_bad: bool = typer.Option(
+            False, "--skip-bad", help="Skip unreadable / mismatched slices with a warning."
+        ),
+        project: Path = typer.Option(
+            Path("runs/eval"), "--project", help="Parent folder of the run folders."
+        ),
+        name: str = typer.Option("exp", "--name", help="Run folder name (exp, exp2, ...)."),
+        exist_ok: bool = typer.Option(
+            False, "--exist-ok", help="Reuse project/name instead of numbering a new folder."
+        ),
+        json_out: bool = typer.Option(
+            False, "--json", help="Print summary.json on stdout and nothing else there."
+        ),
+        tune: bool = typer.Option(
+            False,
+            "--tune",
+            help="Search threshold, --min-size and --largest for the best "
+            "mean per-patient Dice on these patients; print them and the gain.",
+        ),
+        tune_output: Path | None = typer.Option(
+            None,
+            "--tune-output",
+            help="Write a copy of the model holding the tuned "
+            "settings (implies --tune; one MODEL only).",
+        ),
+        force: bool = typer.Option(False, "--force", help="Overwrite --tune-output."),
+        gt: Path | None = typer.Option(
+            None,
+            "--gt",
+            show_default=False,
+            help="Volumes: folder of true label volumes matched by case "
+            "\\[default: the _seg/_mask/_gt/_label files beside the cases].",
+        ),
+        channels: str | None = typer.Option(
+            None,
+            "--channels",
+            help="Volumes: 'pre=GLOB,flair=GLOB,post=GLOB' naming each case's contrasts "
+            "(as for predict) \\[default: BraTS names *_t1, *_flair, *_t1ce].",
+        ),
+        min_volume: str | None = typer.Option(
+            None,
+            "--min-volume",
+            help="Volumes: remove 3D components under N voxels ('200') or a volume ('150mm3').",
+        ),
+        tolerance: float = typer.Option(
+            2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
+        ),
+        fmt: str = typer.Option(
+            "nifti",
+            "--format",
+            help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
+            "DICOM Segmentation per DICOM case, as predict writes).",
+        ),
+        seg_series: str = seg_series_option(),
+    ) -> None:
+        if json_out:
+            console.configure(json_mode=True)
+        from brainseg.cli.options import given_options
+        from brainseg.optional import require
+
+        require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
+        given = given_options(ctx)
+        if _is_volume_eval(paths, channels):
+            _refuse(given, SLICE_ONLY, "for kaggle_3m slices only; DATA holds volume cases")
+            _eval_volumes(given, paths, json_out)
+            return
+        _refuse(given, VOLUME_ONLY, "for volume cases only (NIfTI / DICOM); DATA holds slices")
+        from brainseg.evaluation import dataset as ev
+
+        job = ev.EvalJob(
+            paths=paths,
+            split=split,
+            subset=subset,
+            fold=fold,
+            opts=ev.EvalOptions(
+                threshold=threshold,
+                min_size=min_size,
+                largest=largest,
+                tta=tta,
+                device=device,
+                batch_size=batch_size,
+                skip_bad=skip_bad,
+                tune=tune,
+                runtime=runtime,
+                precision=precision,
+                threads=threads,
+            ),
+            project=project,
+            name=name,
+            exist_ok=exist_ok,
+            tune_output=tune_output,
+            force=force,
+        )
+        result = ev.run_eval_job(job)
+        from brainseg.cli.eval_report import render_report, render_tune
+
+        render_report(result.summary)
+        if result.tune is not None:
+            render_tune(result.tune, tune_output)
+        console.info(f"results saved to {result.run_dir}")
+        if json_out:
+            console.emit_json(result.summary)
+
+
+def _is_volume_eval(paths: list[Path], channels: str | None) -> bool:
+    if channels is not None:
+        return True
+    if len(paths) < 2:
+        return False
+    from brainseg.data.volumes import looks_like_volume_input
+
+    return looks_like_volume_input(str(paths[-1]))
+
+
+def _refuse(given: dict[str, Any], options: dict[str, str], why: str) -> None:
+    flags = [flag for name, flag in options.items() if name in given]
+    if flags:
+        from brainseg.errors import BrainsegError
+
+        raise BrainsegError(f"{', '.join(flags)}: {why}", hint="see brainseg eval --help")
+
+
+def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> None:
+    from brainseg.cli.score import render_summary
+    from brainseg.errors import BrainsegError
+    from brainseg.evaluation.volume_eval import VolumeEvalJob, run_volume_eval
+
+    if len(paths) < 2:
+        raise BrainsegError(
+            "brainseg eval needs at least one MODEL and the folder of cases",
+            hint="usage: brainseg eval MODEL [MODEL...] CASES [--gt LABELS]",
+        )
+    keys = (
+        "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
+        "batch_size", "tolerance", "project", "name", "exist_ok", "fmt",
+        "seg_series", "runtime", "precision", "threads",
+    )  # fmt: skip
+    job = VolumeEvalJob(
+        models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}
+    )
+    result = run_volume_eval(job)
+    render_summary(result.summary)
+    console.info(f"results saved to {result.run_dir} (masks in {result.run_dir / 'masks'})")
+    if json_out:
+        console.emit_json(result.summary)

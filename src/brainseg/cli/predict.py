@@ -1,0 +1,402 @@
+"""`brainseg predict`: tumor masks for image files, folders, globs or paths on stdin, and
+for NIfTI / DICOM volume cases (dispatched to :mod:`brainseg.cli.predict_volumes`).
+
+Only typer, the standard library and light brainseg modules at import time: numpy,
+onnxruntime and (for .safetensors models) torch are imported when the command runs;
+nibabel / SimpleITK only when a volume is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from brainseg import console as con
+from brainseg.cli.options import (
+    precision_option,
+    runtime_option,
+    seg_series_option,
+    threads_option,
+)
+from brainseg.errors import EXIT_RUNTIME
+from brainseg.fsutil import one_line
+
+if TYPE_CHECKING:
+    from brainseg.inference.batch import PredictResult
+
+_HELP = (
+    "Predict a tumor mask for every INPUT image with MODEL (.safetensors or .onnx).\n\n"
+    "INPUT is image files (.tif/.tiff/.png/.jpg), folders (searched recursively, sorted; "
+    "ground-truth *_mask.* files skipped here, in globs and on stdin), quoted glob "
+    "patterns ('scans/**/*.tif') or - (one path per line "
+    "on stdin). Writes OUT/<same relative path>/<stem>_mask.<format> (uint8 0/255, the input's "
+    "size) and OUT/summary.csv. An .onnx MODEL runs with onnxruntime alone (no torch).\n\n"
+    "Volumes: INPUT that is .nii/.nii.gz files or folders of NIfTI files / DICOM series (or "
+    "any INPUT with --channels) is predicted case by case in 3D: OUT/<case>_mask.nii.gz "
+    "(uint8 0/1, the input's affine and header), OUT/<case>.json, OUT/summary.csv "
+    "(docs/volumes.md).\n\n"
+    "Exit codes: 0 all files done, 1 some files failed (see the summary), 2 bad input "
+    "(for volumes also: every case was bad).\n\n"
+    "Example: brainseg predict model.onnx scans/ -o masks/   |   "
+    "brainseg predict model.onnx cases/ -o masks/"
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the subcommand to the app."""
+
+    @app.command("predict", help=_HELP, no_args_is_help=True)
+    def _cmd(
+        ctx: typer.Context,
+        model: Path = typer.Argument(
+            ...,  # not required with --merge (see _merge_first)
+            metavar="MODEL",
+            show_default=False,
+            help="Model: a .safetensors checkpoint or an .onnx file "
+            "(or hf://OWNER/NAME\\[@REVISION]\\[/FILE] on the Hugging Face Hub).",
+        ),
+        inputs: list[str] = typer.Argument(
+            ...,
+            metavar="INPUT",  # the usage line adds "..." for a list
+            show_default=False,
+            help="Image files, folders, glob patterns or -; or NIfTI files / volume case folders.",
+        ),
+        output: Path = typer.Option(
+            ..., "--output", "-o", show_default=False, help="Output folder (created if missing)."
+        ),
+        ensemble: list[Path] = typer.Option(
+            [],
+            "--ensemble",
+            show_default=False,
+            help="Another model to average with MODEL (mean probability); repeatable.",
+        ),
+        fmt: str = typer.Option(
+            "tif",
+            "--format",
+            help="Mask file format: tif or png; for volumes nifti (their default) or dicom-seg "
+            "(also OUT/<case>_seg.dcm, a DICOM SEG on the case's FLAIR series).",
+        ),
+        probabilities: bool = typer.Option(
+            False,
+            "--probabilities",
+            help="Also write <stem>_prob.tif (float32 0..1); <case>_prob.nii.gz for volumes.",
+        ),
+        overlay: bool = typer.Option(
+            False,
+            "--overlay",
+            help="Also write <stem>_overlay.png: the image with the mask outline in red.",
+        ),
+        overlay_rgb: bool = typer.Option(
+            False,
+            "--overlay-rgb",
+            help="Draw the overlay on the RGB image instead of the FLAIR channel (grey).",
+        ),
+        summary: str = typer.Option(
+            "csv", "--summary", help="Summary file format: csv or jsonl (OUT/summary.<ext>)."
+        ),
+        json_out: bool = typer.Option(
+            False, "--json", help="One JSON line per file on stdout (nothing else there)."
+        ),
+        threshold: float | None = typer.Option(
+            None,
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            show_default=False,
+            help="Probability threshold \\[default: the model's stored threshold].",
+        ),
+        min_size: int | None = typer.Option(
+            None,
+            "--min-size",
+            min=0,
+            show_default=False,
+            help="Remove tumor components smaller than this many pixels (at each image's "
+            "own size, as eval does; per slice for volumes) \\[default: the model's stored value].",
+        ),
+        largest: bool | None = typer.Option(
+            None,
+            "--largest/--no-largest",
+            show_default=False,
+            help="Volumes only: keep only the largest 3D tumor component "
+            "\\[default: the model's stored value].",
+        ),
+        min_volume: str | None = typer.Option(
+            None,
+            "--min-volume",
+            show_default=False,
+            metavar="N|Nmm3",
+            help="Volumes only: remove 3D components under N voxels ('200') or a volume "
+            "('150mm3').",
+        ),
+        seg_series: str = seg_series_option(),
+        channels: str | None = typer.Option(
+            None,
+            "--channels",
+            show_default=False,
+            metavar="pre=GLOB,flair=GLOB,post=GLOB",
+            help="Volumes: the contrast patterns matched against a case's file / DICOM folder "
+            "names; giving it takes the volume path "
+            "\\[default: pre=*_t1.nii*,flair=*_flair.nii*,post=*_t1ce.nii*].",
+        ),
+        tta: bool = typer.Option(
+            False, "--tta", help="Test-time augmentation: mean over horizontal/vertical flips."
+        ),
+        pad: bool = typer.Option(
+            False,
+            "--pad",
+            help="Zero-pad each image to a multiple of 32 instead of resizing it to the "
+            "model's image size.",
+        ),
+        batch_size: int = typer.Option(
+            8, "--batch-size", "-b", min=1, help="Slices (images) per inference batch."
+        ),
+        device: str = typer.Option(
+            "auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints)."
+        ),
+        workers: int = typer.Option(
+            2, "--workers", min=1, help="Threads reading and (as many) writing files."
+        ),
+        runtime: str | None = runtime_option(),
+        precision: str | None = precision_option(),
+        threads: int = threads_option(),
+        skip_existing: bool = typer.Option(
+            False,
+            "--skip-existing",
+            help="Keep files whose outputs already exist (resume an interrupted run).",
+        ),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+        shard: str | None = typer.Option(
+            None,
+            "--shard",
+            show_default=False,
+            metavar="I/N|auto",
+            help="Only files (volume cases) number I, I+N, I+2N... of the sorted input list "
+            "(0 <= I < N); auto: the shard of this SLURM job array task, no sharding outside "
+            "a job array.",
+        ),
+        include_masks: bool = typer.Option(
+            False,
+            "--include-masks",
+            help="Also predict *_mask.* (ground-truth) files: in folders, globs, on stdin "
+            "and named ones.",
+        ),
+        engine: str = typer.Option(
+            "local",
+            "--engine",
+            help="local (this process) or ray (a Ray Data pipeline: an actor pool of "
+            "predictors, one model load and GPU each; docs/predict.md).",
+        ),
+        address: str | None = typer.Option(
+            None,
+            "--address",
+            show_default=False,
+            metavar="ADDR",
+            help="With --engine ray: the Ray cluster to join (host:port or auto) "
+            "\\[default: start Ray on this machine with --workers CPUs].",
+        ),
+        merge: Path | None = typer.Option(
+            None,
+            "--merge",
+            show_default=False,
+            metavar="OUT",
+            is_eager=True,
+            callback=_merge_first,
+            help="Instead of predicting: combine the shard summaries OUT/summary-I-of-N.csv "
+            "into OUT/summary.csv and report missing shards and failed rows "
+            "(brainseg predict --merge OUT, no MODEL or INPUT).",
+        ),
+    ) -> None:
+        if json_out:
+            con.configure(json_mode=True)
+        if merge is not None:
+            raise typer.Exit(run_merge(merge, ctx, json_out=json_out))
+        if shard is not None and shard.strip().lower() == "auto":
+            from brainseg.inference.batch import parse_shard
+
+            found = parse_shard(shard)  # the SLURM array task's shard, or None outside one
+            shard = None if found is None else f"{found[0]}/{found[1]}"
+        from brainseg.cli import predict_volumes as vol
+        from brainseg.cli.options import given_options
+
+        given = given_options(ctx)
+        ray_engine = None
+        if engine != "local" or address is not None:
+            from brainseg.inference.ray_engine import RayEngine, check_engine
+
+            if check_engine(engine, address) == "ray":  # --workers: predictor actors
+                ray_engine = RayEngine(address, workers if "workers" in given else None)
+                given.pop("workers", None)
+
+        from brainseg.inference.batch import read_stdin_lines
+
+        # stdin as bytes: a file name that is not UTF-8 is still the file it names
+        peek = vol.StdinPeek(read_stdin_lines()) if "-" in inputs else None
+        from brainseg.inference.pipeline import PredictOptions
+
+        volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
+        vol.refuse_options(given, volumes=volumes)
+        opts = PredictOptions(
+            models=[model, *ensemble],
+            inputs=vol.volume_inputs(inputs, peek) if volumes else inputs,
+            out_dir=output,
+            fmt=given.get("fmt"),  # None: the kind's default (tif, nifti)
+            probabilities=probabilities,
+            overlay=overlay,
+            overlay_rgb=overlay_rgb,
+            summary=summary,
+            threshold=threshold,
+            min_size=min_size,
+            tta=tta,
+            pad=pad,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            skip_existing=skip_existing,
+            force=force,
+            shard=shard,
+            include_masks=include_masks,
+            stdin=None if volumes else peek,
+            channels=channels,
+            largest=largest,
+            min_volume=min_volume,
+            seg_series=seg_series,
+            runtime=runtime,
+            precision=precision,
+            threads=threads,
+        )
+        if volumes:
+            code = vol.run_volume_predict(opts, json_out=json_out, engine=ray_engine)
+        else:
+            code = run_predict(opts, json_out=json_out, engine=ray_engine)
+        if code:
+            raise typer.Exit(code)
+
+
+def _merge_first(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
+    """--merge is eager: given, MODEL, INPUT and -o are not required (run_merge refuses them)."""
+    if value is not None:
+        for p in ctx.command.params:  # this invocation's command object (built per call)
+            if p.name in ("model", "inputs", "output"):
+                p.required = False
+    return value
+
+
+def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
+    """``--merge OUT``: combine the shard summaries, print the table (or one JSON object);
+    0 when every shard is there and no row failed, 1 otherwise."""
+    from brainseg.cli.options import given_options
+    from brainseg.errors import BrainsegError
+    from brainseg.inference.shards import merge_summaries
+
+    other = sorted(k for k in given_options(ctx) if k not in ("merge", "json_out"))
+    if other or ctx.params.get("inputs"):
+        flags = {p.name: p.opts[0] for p in ctx.command.params}  # --output, not -o
+        names = ", ".join("MODEL/INPUT" if k in ("model", "inputs") else flags[k] for k in other)
+        raise BrainsegError(
+            f"--merge takes only the output folder (and --json); also given: {names or 'INPUT'}",
+            hint="brainseg predict --merge OUT, after the shard runs into OUT",
+        )
+    res = merge_summaries(out)
+    if json_out:
+        con.emit_json(res.as_json())
+    else:
+        rows = [
+            [
+                f"{i}/{res.shards}",
+                "missing" if i in res.missing else res.rows[i],
+                "" if i in res.missing else res.failed[i],
+            ]
+            for i in range(res.shards)
+            if i in res.missing or res.failed.get(i) or res.shards <= 20
+        ]
+        total = sum(res.rows.values())
+        con.result(
+            con.table(
+                f"merge: {res.shards - len(res.missing)} of {res.shards} shard(s), {total} row(s)",
+                ["shard", "rows", "failed"],
+                rows,
+            )
+        )
+        con.info(f"summary: {res.written}")
+    if res.ok:
+        return 0
+    if res.missing:
+        shown = ", ".join(f"{i}/{res.shards}" for i in res.missing[:10])
+        more = ", ..." if len(res.missing) > 10 else ""
+        con.error(
+            f"{len(res.missing)} of {res.shards} shard(s) have no summary: {shown}{more}",
+            hint=f"run those shards (--shard I/{res.shards}, or the array tasks again), "
+            "then --merge again",
+        )
+    failed = sum(res.failed.values())
+    if failed:
+        shards = sum(1 for n in res.failed.values() if n)
+        con.error(
+            f"{failed} row(s) failed in {shards} shard(s)",
+            hint=f"see the status/error columns of {res.written}",
+        )
+    return EXIT_RUNTIME
+
+
+def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
+    """Call :func:`brainseg.inference.batch.predict_inputs` (or ``engine``'s, e.g. the Ray engine)
+    and
+    render its result; the exit code."""
+    from brainseg.cli.base import json_emitter
+    from brainseg.inference.batch import json_row, predict_inputs
+
+    if json_out:
+        opts.on_result = json_emitter(json_row, "file")
+    run = predict_inputs if engine is None else engine.predict_inputs
+    return render_result(run(opts), opts.shard)
+
+
+def _warn_skipped(files: Sequence[Path], why: str) -> None:
+    """One warning naming up to three skipped files and why they were skipped."""
+    if files:
+        names = ", ".join(one_line(p.name) for p in files[:3])
+        more = ", ..." if len(files) > 3 else ""
+        con.warn(f"skipped {len(files)} file(s) {why}: {names}{more}")
+
+
+def render_result(result: PredictResult, shard: str | None = None) -> int:
+    """The result table of one run (con.result) and its notes; the exit code (0 all done,
+    1 some files failed)."""
+    c = result.counts
+    done = result.done
+    if done == 0:
+        con.info(f"shard {shard}: no file of the input falls in this shard")
+        return 0
+    con.result(
+        con.table(
+            f"predict: {done} file(s)",
+            ["files", "written", "skipped", "failed", "with tumor"],
+            [[done, c["ok"], c["skipped"], c["error"], c["tumor"]]],
+        )
+    )
+    if result.masks_skipped:
+        con.info(f"left out {result.masks_skipped} ground-truth mask file(s) (*_mask.*)")
+    if result.earlier_outputs:
+        con.info(
+            f"left out {result.earlier_outputs} file(s) in the output folder named like "
+            "predict's outputs (*_mask, *_prob, *_overlay)"
+        )
+    _warn_skipped(
+        result.irregular,
+        "that are not regular files (a FIFO, device or socket; predict reads only regular files)",
+    )
+    _warn_skipped(
+        result.other_types, "of a type predict does not read (not .tif/.tiff/.png/.jpg/.jpeg)"
+    )
+    if result.written is not None:
+        con.info(f"summary: {result.written}")
+    if c["error"]:
+        con.error(
+            f"{c['error']} of {done} file(s) failed",
+            hint=f"see the status/error columns of {result.summary_path}",
+        )
+        return EXIT_RUNTIME
+    return 0

@@ -1,0 +1,169 @@
+"""The volume half of ``brainseg predict``: NIfTI / DICOM cases (see docs/volumes.md).
+
+``brainseg predict`` dispatches here when ``--channels`` is given or its inputs are NIfTI
+files or folders of NIfTI files / DICOM series (:func:`wants_volumes`), refuses the options
+of the other path (:func:`refuse_options`) and renders the run (:func:`run_volume_predict`).
+Only the standard library and typer at import time: nibabel / SimpleITK / numpy load when a
+volume run starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from brainseg import console as con
+from brainseg.errors import BrainsegError
+
+#: Options of ``brainseg predict`` that only image slices use: parameter name -> flag.
+SLICE_ONLY = {
+    "fmt": "--format",
+    "overlay": "--overlay",
+    "overlay_rgb": "--overlay-rgb",
+    "include_masks": "--include-masks",
+}
+#: ``--format`` values of the volume path (NIfTI masks, DICOM SEG); tif / png are the slices'.
+VOLUME_FORMATS = ("nifti", "dicom-seg")
+#: Options of ``brainseg predict`` that only volume cases use.
+VOLUME_ONLY = {
+    "largest": "--largest/--no-largest",
+    "min_volume": "--min-volume",
+    "seg_series": "--seg-series",
+}
+
+
+class StdinPeek:
+    """Paths on stdin with the first one read ahead: it decides between the slice and the
+    volume path, and the slice path still streams the rest (a list of millions of files)."""
+
+    def __init__(self, stream: Iterable[str]) -> None:
+        self._rest = iter(stream)
+        self._head: list[str] = []
+        self.first: str | None = None
+        for line in self._rest:
+            self._head.append(line)
+            if line.strip():
+                self.first = line.rstrip("\r\n")
+                break
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._head
+        self._head = []
+        yield from self._rest
+
+    def paths(self) -> list[str]:
+        """Every non-empty line, as a path (volume cases are few)."""
+        return [line.rstrip("\r\n") for line in self if line.strip()]
+
+
+def probe_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
+    """The inputs with ``-`` replaced by stdin's first path (dropped when stdin is empty)."""
+    out: list[str] = []
+    for item in inputs:
+        if item != "-":
+            out.append(item)
+        elif peek is not None and peek.first is not None:
+            out.append(peek.first)
+    return out
+
+
+def volume_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
+    """The volume path's inputs: ``-`` expanded to every path on stdin, label volumes
+    (``*_seg.nii.gz``...) on stdin left out as a folder walk leaves them out."""
+    from brainseg.data.volumes import is_truth_name
+
+    out: list[str] = []
+    for item in inputs:
+        if item != "-" or peek is None:
+            out.append(item)
+            continue
+        listed = peek.paths()
+        labels = [p for p in listed if is_truth_name(p)]
+        if labels:
+            con.info(f"stdin: {len(labels)} label volume(s) skipped (first: {labels[0]})")
+        out.extend(p for p in listed if not is_truth_name(p))
+    if "-" in inputs and not out:
+        raise BrainsegError("no path on stdin", hint="pipe one case file or folder per line")
+    return out
+
+
+def wants_volumes(inputs: list[str], channels: str | None) -> bool:
+    """True when ``brainseg predict`` should take the volume path for these inputs."""
+    if channels is not None:
+        return True
+    from brainseg.data.volumes import looks_like_volume_input
+
+    return any(item != "-" and looks_like_volume_input(item) for item in inputs)
+
+
+def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
+    """BrainsegError (exit 2) for an option given on the command line (name -> value) that
+    the chosen path (volume cases or image slices) does not use, instead of ignoring it."""
+    other = SLICE_ONLY if volumes else VOLUME_ONLY
+    flags = [
+        flag
+        for name, flag in other.items()
+        if name in given and not (volumes and name == "fmt" and given[name] in VOLUME_FORMATS)
+    ]
+    if not volumes and given.get("fmt") in VOLUME_FORMATS:
+        raise BrainsegError(
+            f"--format {given['fmt']}: for volume cases only (dicom-seg: DICOM series); these "
+            "inputs are image slices",
+            hint="slices take --format tif or png",
+        )
+    if not flags:
+        return
+    if volumes:
+        raise BrainsegError(
+            f"{', '.join(flags)}: for image slices only; these inputs are volume cases "
+            "(NIfTI / DICOM)",
+            hint="drop the option (volumes write OUT/<case>_mask.nii.gz; see docs/volumes.md)",
+        )
+    raise BrainsegError(
+        f"{', '.join(flags)}: for volume cases only (NIfTI / DICOM); these inputs are image slices",
+        hint="pass .nii/.nii.gz files, case folders or --channels for the volume path",
+    )
+
+
+def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
+    """Call :func:`brainseg.inference.volume_predict.predict_volumes` (or ``engine``'s, e.g. the Ray
+    engine: a case per task) and render it; the exit code."""
+    from brainseg.cli.base import json_emitter
+    from brainseg.inference.volume_predict import CaseResult, json_row, predict_volumes
+
+    emit = json_emitter(json_row, "case") if json_out else None
+
+    def on_case(res: CaseResult) -> None:
+        if emit is not None:
+            emit(res)
+        if res.status == "error":
+            con.error(res.error)
+        else:
+            con.info(
+                f"{res.case}: {res.status}, {res.tumor_voxels} tumour voxels "
+                f"({con.fmt(res.tumor_volume_ml)} mL) on {res.tumor_slices}/{res.slices} slices"
+            )
+
+    run = predict_volumes if engine is None else engine.predict_volumes
+    result = run(opts, on_case)
+    n = len(result.cases)
+    if n == 0:
+        con.info(f"shard {opts.shard}: no case of the input falls in this shard")
+        return 0
+    rows = [
+        [r.case, r.status, r.tumor_voxels, r.tumor_volume_ml, r.tumor_slices, r.slices]
+        for r in result.cases
+    ]
+    con.result(
+        con.table(
+            f"predict: {n} case(s)",
+            ["case", "status", "tumour voxels", "volume mL", "tumour slices", "slices"],
+            rows,
+        )
+    )
+    if result.summary_path is not None:
+        con.info(f"summary: {result.summary_path}")
+    bad = result.count("error")
+    if bad:
+        con.error(f"{bad} of {n} case(s) failed; nothing was written for them")
+    return result.exit_code

@@ -1,0 +1,1 @@
+"""Scoring: metrics, eval on the dataset and on volumes, score, reports."""

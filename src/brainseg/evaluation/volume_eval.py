@@ -1,0 +1,152 @@
+"""``brainseg eval MODEL CASES`` on NIfTI / DICOM volume cases: predict, then score.
+
+One path makes the masks everywhere, so evaluating volumes is the composition of the two jobs
+that already exist: :func:`brainseg.inference.volume_predict.predict_volumes` writes every case's
+mask
+into the eval run's ``masks/`` folder (the files predict ships, with the model's 3D
+post-processing), and :func:`brainseg.evaluation.score.score_folders` measures those files against
+the
+true label volumes. The numbers therefore describe exactly the masks a user of ``brainseg
+predict`` gets, and HD95 / surface Dice come in mm from the voxel spacing.
+
+The truth is a label volume per case, matched by case name: ``<case>_seg.nii.gz`` (or
+``_mask`` / ``_gt`` / ``_label``) inside the cases' own folder by default, or in ``--gt DIR``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import check_run_name, next_run_dir
+from brainseg.inference.pipeline import PredictOptions
+
+
+@dataclass
+class VolumeEvalJob:
+    """``brainseg eval`` on volume cases; ``None`` settings come from the model's metadata."""
+
+    models: list[Path]
+    data: Path
+    gt: Path | None = None  # None: label volumes beside the cases in ``data``
+    channels: str | None = None
+    threshold: float | None = None
+    min_size: int | None = None
+    largest: bool | None = None
+    min_volume: str | None = None
+    tta: bool = False
+    device: str = "auto"
+    batch_size: int = 8
+    tolerance: float = 2.0
+    fmt: str | None = None  # the masks' format: nifti (None) or dicom-seg
+    seg_series: str = "flair"  # the contrast a DICOM SEG refers to
+    project: Path = Path("runs/eval")
+    name: str = "exp"
+    exist_ok: bool = False
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.inference.runtimes)
+    precision: str | None = None
+    threads: int = 0
+    predictor_factory: Any = None
+
+
+@dataclass
+class VolumeEvalResult:
+    """The score of the predicted masks, where they are, and predict's per-case rows."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    cases: list[Any] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def _check(job: VolumeEvalJob) -> None:
+    from brainseg.evaluation.dataset import check_model_paths
+
+    check_run_name(job.name)
+    check_model_paths(job.models)
+    if not job.data.exists():
+        raise BrainsegError(
+            f"cases {job.data} do not exist", hint="the last path is the folder of volume cases"
+        )
+    if job.gt is not None and not job.gt.is_dir():
+        raise BrainsegError(
+            f"--gt {job.gt} is not a folder",
+            hint="pass the folder of true label volumes (<case>_seg.nii.gz ...)",
+        )
+
+
+def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
+    """Predict every case into ``run_dir/masks``, score them, write eval's files.
+
+    A case that cannot be predicted, or a label volume without its case, fails the run and
+    the new run folder is removed: a partial evaluation would report a mean over fewer
+    patients. A case without a label volume is reported (a warning) and not scored.
+    """
+
+    _check(job)
+    existed = (job.project / job.name).exists() and job.exist_ok
+    run_dir = next_run_dir(job.project, job.name, exist_ok=job.exist_ok)
+    try:
+        return _predict_and_score(job, run_dir)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
+    from brainseg.evaluation.score import ScoreOptions, score_folders, write_score
+    from brainseg.inference.volume_predict import predict_volumes
+
+    masks = run_dir / "masks"
+    pred = predict_volumes(
+        PredictOptions(
+            models=list(job.models),
+            inputs=[str(job.data)],
+            out_dir=masks,
+            channels=job.channels,
+            threshold=job.threshold,
+            min_size=job.min_size,
+            largest=job.largest,
+            min_volume=job.min_volume,
+            tta=job.tta,
+            device=job.device,
+            batch_size=job.batch_size,
+            fmt=job.fmt,
+            seg_series=job.seg_series,
+            runtime=job.runtime,
+            precision=job.precision,
+            threads=job.threads,
+            force=True,
+            predictor_factory=job.predictor_factory,
+        )
+    )
+    bad = [c for c in pred.cases if c.status == "error"]
+    if bad:
+        raise BrainsegError(
+            f"{len(bad)} of {len(pred.cases)} case(s) could not be predicted, so no score is "
+            f"reported (first: {bad[0].error})",
+            hint="fix or remove those cases, then run eval again",
+        )
+    score = score_folders(
+        ScoreOptions(
+            pred=masks,
+            gt=job.gt if job.gt is not None else job.data,
+            tolerance=job.tolerance,
+            truth_only=job.gt is None,
+        )
+    )
+    score.summary.update(
+        models=[str(m) for m in job.models],
+        data=str(job.data),
+        gt=str(job.gt if job.gt is not None else job.data),
+        pred=str(masks),
+        settings={**pred.settings, "hd95_unit": "pixels"},
+        note="the masks scored are the files in pred (brainseg predict's output for these "
+        "cases, its post-processing included)",
+    )
+    files = write_score(score, run_dir)
+    return VolumeEvalResult(run_dir, score.summary, pred.cases, files)

@@ -1,0 +1,2 @@
+"""Prediction: backends and runtimes, the one case pipeline, post-processing, output formats,
+scale-out."""

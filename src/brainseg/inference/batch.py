@@ -1,0 +1,913 @@
+"""``brainseg predict`` on image files: inputs -> masks on disk + a summary.
+
+Inputs (files, folders, globs, ``-`` for stdin) are walked lazily and go through the one case
+pipeline (:class:`brainseg.inference.pipeline.Engine`: read ahead, infer, write behind, so memory
+stays
+constant however many files there are) as one-slice cases; :class:`ImageFormat` is this
+kind's reading and writing. :func:`predict_inputs`
+is the library entry point (``PredictOptions`` in, ``PredictResult`` out) that the command
+and the demo call.
+
+The mask of every file comes from :func:`brainseg.inference.postprocess.mask_from_output`, the rule
+eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from itertools import islice
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from brainseg import console
+from brainseg.data import imageio
+from brainseg.data.imageio import is_mask_name
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.fsutil import (
+    check_target,
+    file_kind,
+    folder_lock,
+    json_safe,
+    one_line,
+    remove_stale_temps,
+)
+from brainseg.inference import postprocess
+from brainseg.inference.pipeline import (
+    SUMMARY_FORMATS,
+    Engine,
+    PredictOptions,
+    Prepared,
+    SummaryWriter,
+    check_choice,
+    summary_file,
+    write_empty_summary,
+)
+from brainseg.inference.predict import Predictor
+from brainseg.inference.runtimes import describe, runtime_kwargs
+from brainseg.inference.shards import slurm_shard
+from brainseg.settings import DEFAULT_THRESHOLD, resolve
+
+# --------------------------------------------------------------------------- input walking
+
+
+_MAGIC = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input image: where to read it and its path relative to the output folder."""
+
+    path: Path
+    rel: PurePosixPath
+    error: str = ""  # a stdin line that names no file (NUL, too long): that line's error row
+
+
+#: Files a dataset keeps beside its images (kaggle_3m's README.md and data.csv) and
+#: predict's own summaries: left out of a folder walk without a warning.
+SIDE_FILE = re.compile(
+    r"^(readme(\.(md|txt|rst))?|licen[cs]e(\.(md|txt))?|data\.csv|thumbs\.db|desktop\.ini"
+    r"|summary(-\d+-of-\d+)?\.(csv|jsonl))$",
+    re.IGNORECASE,
+)
+#: Names predict writes (``<stem>_mask.tif/png``, ``_prob.tif``, ``_overlay.png``): inside the
+#: output folder such files are earlier outputs, never inputs (even with --include-masks).
+OUTPUT_NAME = re.compile(r"_(mask|prob|overlay)\.(tif|tiff|png)$", re.IGNORECASE)
+#: Longest path line read from stdin (PATH_MAX); a longer line is an error row, not a path.
+MAX_PATH_BYTES = 4096
+
+
+def _dir_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_images(
+    top: Path,
+    *,
+    exclude: Sequence[Path] = (),
+    max_depth: int | None = None,
+    skipped: Callable[[Path], None] | None = None,
+    outputs: Sequence[Path] = (),
+    irregular: Callable[[Path], None] | None = None,
+    earlier: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
+    """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
+
+    Symlinked folders are followed, but a folder already visited (a link loop, or one folder
+    reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
+    and the folders in ``exclude`` are skipped; inside the ``outputs`` folders (predict's
+    -o) files named like predict's outputs go to ``earlier``, the other files there are
+    inputs as anywhere else. Only regular files are images (a FIFO named ``x.png`` would
+    block a reader forever): others go to ``irregular``; files of a type that cannot be
+    read go to ``skipped``, except a dataset's known side files (:data:`SIDE_FILE`).
+    """
+    skip = {os.path.realpath(d) for d in exclude}
+    outs = [os.path.realpath(d) for d in outputs]
+    seen: set[tuple[int, int]] = set()
+    key = _dir_key(top)
+    if key is not None:
+        seen.add(key)
+    stack: list[tuple[Path, int]] = [(top, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs: list[Path] = []
+        real = os.path.realpath(folder) if outs else ""
+        in_out = any(real == o or real.startswith(o + os.sep) for o in outs)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                continue
+            if is_dir:
+                if max_depth is not None and depth + 1 > max_depth:
+                    continue
+                k = _dir_key(Path(e.path))
+                if k is None or k in seen or (skip and os.path.realpath(e.path) in skip):
+                    continue
+                seen.add(k)
+                subdirs.append(Path(e.path))
+            else:
+                kind = _file_kind(e, in_out)
+                report = {"earlier": earlier, "irregular": irregular, "other": skipped}.get(kind)
+                if kind == "image":
+                    yield Path(e.path)
+                elif report is not None:
+                    report(Path(e.path))
+        stack.extend((d, depth + 1) for d in reversed(subdirs))
+
+
+def _file_kind(entry: os.DirEntry[str], in_out: bool) -> str:
+    """What a walk does with a file: "image" (an input), "earlier" (an output of predict
+    inside -o), "irregular" (a FIFO, device or socket named like an image), "side" (a known
+    dataset side file: no warning) or "other" (a type predict does not read)."""
+    if not imageio.is_image_path(entry.name):
+        return "side" if SIDE_FILE.match(entry.name) else "other"
+    if in_out and OUTPUT_NAME.search(entry.name):
+        return "earlier"
+    try:
+        mode = entry.stat().st_mode  # follows links
+    except OSError:
+        return "image"  # a dangling link: that file's error row ("no such file")
+    return "image" if stat.S_ISREG(mode) else "irregular"  # FIFOs, devices, sockets
+
+
+def _glob_base(pattern: str) -> tuple[Path, list[str]]:
+    """Split a glob into its literal leading folder and the pattern components after it."""
+    parts = PurePosixPath(pattern.replace(os.sep, "/")).parts
+    base: list[str] = []
+    for i, part in enumerate(parts):
+        if _MAGIC.search(part):
+            return Path(*base) if base else Path("."), list(parts[i:])
+        base.append(part)
+    return Path(*parts[:-1]) if len(parts) > 1 else Path("."), list(parts[-1:])
+
+
+def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:
+    """Match path components against glob components (``**``: any number of folders)."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    part, pat = parts[0], pats[0]
+    if part.startswith(".") and not pat.startswith("."):
+        return False
+    return fnmatchcase(part, pat) and _match_parts(parts[1:], pats[1:])
+
+
+def _explicit_rel(path: Path) -> PurePosixPath:
+    """Output location of a file named explicitly: relative to the current folder when it
+    is inside it, else its absolute path without the root (so it can never climb out)."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        rel = absolute.relative_to(Path.cwd())
+    except ValueError:
+        rel = absolute.relative_to(absolute.anchor)
+    return PurePosixPath(*rel.parts)
+
+
+@dataclass
+class InputSpec:
+    """The parsed INPUT arguments of ``brainseg predict``."""
+
+    items: list[str]
+    include_masks: bool = False
+    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin, read as bytes)
+    exclude_dirs: list[Path] = field(default_factory=list)
+    #: The output folder: files named like predict's outputs there are not inputs.
+    output_dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class InputStats:
+    """What a walk of the inputs left out: ground-truth masks, files of other types, files
+    that are not regular files (FIFOs, devices) and earlier outputs inside the -o folder."""
+
+    masks: int = 0
+    other_types: list[Path] = field(default_factory=list)
+    irregular: list[Path] = field(default_factory=list)
+    earlier_outputs: int = 0
+
+    def other(self, path: Path) -> None:
+        self.other_types.append(path)
+
+    def not_regular(self, path: Path) -> None:
+        self.irregular.append(path)
+
+    def earlier(self, path: Path) -> None:
+        self.earlier_outputs += 1
+
+
+def read_stdin_lines(buf: Any = None) -> Iterator[str]:
+    """The lines of stdin as file names, lazily: read as bytes and decoded as the OS decodes
+    names (invalid UTF-8 kept as the bytes it names, whatever the locale's stdin encoding),
+    a line longer than :data:`MAX_PATH_BYTES` cut to one byte more without being held whole
+    (so :func:`_stdin_lines` reports it as too long). ``buf`` is a binary stream (default
+    ``sys.stdin.buffer``); a text stdin without one (a test's StringIO) is read as text."""
+    buf = buf if buf is not None else getattr(sys.stdin, "buffer", None)
+    if buf is None:
+        yield from sys.stdin
+        return
+    while True:
+        raw = buf.readline(MAX_PATH_BYTES + 2)
+        if not raw:
+            return
+        if len(raw.rstrip(b"\r\n")) > MAX_PATH_BYTES:
+            while not raw.endswith(b"\n"):  # drop the rest of the line, in pieces
+                rest = buf.readline(1 << 16)
+                if not rest:
+                    break
+                raw = raw[: MAX_PATH_BYTES + 1] + rest[-1:]
+            raw = raw[: MAX_PATH_BYTES + 1] + b"\n"
+        yield os.fsdecode(raw)
+
+
+def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
+    """(path, error) per non-empty line of stdin (:func:`read_stdin_lines` by default):
+    lines over :data:`MAX_PATH_BYTES` and lines with a NUL byte come back as errors, and the
+    run goes on."""
+    for n, line in enumerate(stream if stream is not None else read_stdin_lines(), 1):
+        name = line.rstrip("\r\n")
+        if not name.strip():
+            continue
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            yield (
+                one_line(name[:60]) + "...",
+                f"line {n} of stdin is longer than {MAX_PATH_BYTES} bytes "
+                f"(starts {one_line(name[:60])}...): not a file path",
+            )
+        elif "\0" in name:
+            yield (
+                one_line(name),
+                (f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can"),
+            )
+        else:
+            yield name, ""
+
+
+def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[InputFile]:
+    """Every input image, lazily, in order: arguments in the order given, folders and globs
+    in sorted order, ``-`` as one path per line of stdin.
+
+    Ground-truth masks (``*_mask.*``) are left out wherever they come from (folders, globs,
+    stdin; a mask named as an argument is refused by :func:`check_inputs`) unless
+    ``spec.include_masks``; ``stats`` counts them and the files of other types in folders.
+    """
+    stats = stats if stats is not None else InputStats()
+    exclude = list(spec.exclude_dirs)
+
+    def keep(path: Path) -> bool:
+        if spec.include_masks or not is_mask_name(path):
+            return True
+        stats.masks += 1
+        return False
+
+    walk = {
+        "exclude": exclude,
+        "outputs": spec.output_dirs,
+        "irregular": stats.not_regular,
+        "earlier": stats.earlier,
+    }
+    for item in spec.items:
+        if item == "-":
+            for name, error in _stdin_lines(spec.stdin):
+                if error:
+                    yield InputFile(Path(name), PurePosixPath("-"), error)
+                elif keep(Path(name)):
+                    yield InputFile(Path(name), _explicit_rel(Path(name)))
+            continue
+        p = Path(item)
+        if _MAGIC.search(item) and not p.exists():
+            base, pats = _glob_base(item)
+            depth = None if "**" in pats else len(pats) - 1
+            for f in walk_images(base, max_depth=depth, **walk):  # type: ignore[arg-type]
+                rel_parts = f.relative_to(base).parts
+                if _match_parts(rel_parts, pats) and keep(f):
+                    yield InputFile(f, PurePosixPath(*rel_parts))
+        elif p.is_dir():
+            for f in walk_images(p, skipped=stats.other, **walk):  # type: ignore[arg-type]
+                if keep(f):
+                    yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
+        else:
+            yield InputFile(p, _explicit_rel(p))
+
+
+def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
+    """Refuse inputs that name nothing, or a ground-truth mask, (exit 2) before any model
+    is loaded."""
+    if not items:
+        raise BrainsegError(
+            "no INPUT given", hint="pass image files, folders, globs or - (paths on stdin)"
+        )
+    if items.count("-") > 1:
+        raise BrainsegError("'-' (paths on stdin) is given more than once")
+    for item in items:
+        if item == "-" or _MAGIC.search(item):
+            continue
+        if not Path(item).exists():
+            raise BrainsegError(
+                f"input {one_line(item)} does not exist",
+                hint="pass existing image files, folders, quoted globs or -",
+            )
+        if not include_masks and Path(item).is_file() and is_mask_name(item):
+            raise BrainsegError(
+                f"input {one_line(item)} is a ground-truth mask (*_mask.*), not a scan",
+                hint="pass the scan next to it, or --include-masks to predict masks on purpose",
+            )
+
+
+#: Most shards --shard I/N may name (N beyond this died in itertools.islice: internal error).
+MAX_SHARDS = 1_000_000
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None.
+
+    ``"auto"``: the shard of this SLURM array task (:func:`brainseg.inference.shards.slurm_shard`),
+    None (no sharding) outside a job array; a status line says which.
+    """
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        shard = slurm_shard()
+        if shard is None:
+            console.info(
+                "--shard auto: not in a SLURM job array (no SLURM_ARRAY_TASK_* variables): "
+                "no sharding, predicting every input"
+            )
+        else:
+            console.info(
+                f"--shard auto: shard {shard[0]}/{shard[1]} (SLURM array task "
+                f"{os.environ.get('SLURM_ARRAY_TASK_ID')} of {shard[1]})"
+            )
+        return shard
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m:
+        raise BrainsegError(
+            f"--shard {value!r} is not of the form I/N",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last, or --shard "
+            "auto in a SLURM job array",
+        )
+    i, n = int(m.group(1)), int(m.group(2))
+    if not 1 <= n <= MAX_SHARDS:
+        raise BrainsegError(
+            f"--shard {value.strip()}: need 0 <= I < N with N from 1 to {MAX_SHARDS:,} (the "
+            "number of machines or jobs sharing the inputs)",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
+        )
+    if not 0 <= i < n:
+        raise BrainsegError(
+            f"--shard {value.strip()}: need 0 <= I < N (I from 0 to {n - 1})",
+            hint=f"the shards of N={n} are 0/{n} ... {n - 1}/{n}",
+        )
+    return i, n
+
+
+# --------------------------------------------------------------------------- batch engine
+
+
+SUMMARY_COLUMNS = (
+    "path",
+    "output",
+    "status",
+    "tumor_pixels",
+    "tumor_fraction",
+    "max_probability",
+    "has_tumor",
+    "height",
+    "width",
+    "error",
+    "runtime",
+)
+
+
+@dataclass
+class BatchOptions:
+    """Settings of one ``brainseg predict`` run."""
+
+    out_dir: Path
+    fmt: str = "tif"  # mask format: tif or png
+    threshold: float = DEFAULT_THRESHOLD
+    min_size: int = 0
+    pad: bool = False
+    probabilities: bool = False
+    overlay: bool = False
+    overlay_channel: int | None = 1  # 1 = FLAIR, None = RGB
+    skip_existing: bool = False
+    force: bool = False
+    workers: int = 2
+
+
+@dataclass
+class FileResult:
+    """One row of the summary (and one --json line)."""
+
+    path: str
+    output: str = ""
+    status: str = "ok"  # ok, skipped, error
+    tumor_pixels: int | None = None
+    tumor_fraction: float | None = None
+    max_probability: float | None = None
+    has_tumor: bool | None = None
+    height: int | None = None
+    width: int | None = None
+    error: str = ""
+    runtime: str = ""  # what ran the model, e.g. "openvino bf16" (brainseg.inference.runtimes)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # One printable UTF-8 line each: a file name with a newline or invalid UTF-8 must
+        # not break the summary, a --json line or a message (it is that file's row).
+        self.path, self.output, self.error = map(one_line, (self.path, self.output, self.error))
+
+    def row(self) -> dict[str, Any]:
+        """The summary columns as a dict (JSON-able)."""
+        return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
+
+
+@dataclass
+class _Outputs:
+    mask: Path
+    prob: Path | None
+    overlay: Path | None
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
+
+
+def output_paths(rel: PurePosixPath, opts: BatchOptions) -> _Outputs:
+    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png)."""
+    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts):
+        raise BrainsegError(
+            f"output for {rel} would leave the output folder {opts.out_dir}",
+            hint="pass the input folder itself instead of a path with '..'",
+        )
+    folder = opts.out_dir.joinpath(*rel.parent.parts)
+    stem = rel.stem
+    return _Outputs(
+        mask=folder / f"{stem}_mask.{opts.fmt}",
+        prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
+        overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
+    )
+
+
+def check_outputs(item: InputFile, opts: BatchOptions, root: Path) -> _Outputs:
+    """The outputs of ``item``, refused (even with --force) when one would leave ``root``
+    (the resolved -o folder), be the input itself or the input's ground-truth mask."""
+    outs = output_paths(item.rel, opts)
+    src = item.path.resolve()
+    src_name, out_name = one_line(str(item.path)), one_line(str(opts.out_dir))
+    for p in outs.all():
+        name = one_line(str(p))
+        if not _inside(p.parent, root):
+            raise BrainsegError(
+                f"output {name} would be written outside {out_name} "
+                "(a link inside the output folder points elsewhere)",
+                hint="remove the link or choose another -o folder",
+            )
+        dst = p.resolve()
+        if dst == src:
+            raise BrainsegError(
+                f"output {name} is the input file {src_name} itself",
+                hint="choose an -o folder outside the data (e.g. -o masks/)",
+            )
+        if dst.parent == src.parent and dst.stem.lower() == f"{src.stem.lower()}_mask":
+            raise BrainsegError(
+                f"output {name} is the ground-truth mask name of input {src_name} "
+                "(-o points into the data): predictions would overwrite or pass for ground truth",
+                hint="choose an -o folder outside the data (e.g. -o masks/); --force never "
+                "writes there",
+            )
+    return outs
+
+
+def _check_regular(path: Path) -> None:
+    """A named input must be a regular file (a FIFO would block the reader forever)."""
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BrainsegError(f"{path}: no such file", hint="check the path") from None
+    except (OSError, ValueError) as exc:
+        raise BrainsegError(f"{path}: cannot be read ({exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BrainsegError(
+            f"{path} is a {file_kind(st.st_mode)}, not a regular file: predict reads only "
+            "regular files",
+            hint="pass image files (.tif/.png/.jpg)",
+        )
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (resolving any links in its existing part) lies below ``root``."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
+class ImageFormat:
+    """The pipeline's edges for image files: a 2D image is a one-slice case; its mask is
+    thresholded and cleaned of small components at the image's own size
+    (:func:`brainseg.inference.postprocess.mask_from_output`) and written as ``_mask.tif/png``."""
+
+    def __init__(self, opts: BatchOptions, size: tuple[int, int] | None) -> None:
+        self.opts = opts
+        self.size = size
+        self.root = opts.out_dir.resolve()
+
+    # ---- read side (worker threads)
+
+    def read_cost(self, item: object) -> int:
+        """Bytes reading ``item`` will hold: its decoded array and the H x W x 3 uint8 copy."""
+        if not isinstance(item, InputFile):
+            return 0
+        d = imageio.declared_size(item.path)
+        return 0 if d is None else d.nbytes + 3 * d.pixels
+
+    def prepare(self, item: InputFile | FileResult) -> Prepared | FileResult:
+        if isinstance(item, FileResult):
+            return item
+        try:
+            _check_regular(item.path)
+            outs = check_outputs(item, self.opts, self.root)
+            existing = [p for p in outs.all() if p.exists()]
+            overwrite = self.opts.force
+            if existing:
+                if self.opts.skip_existing and len(existing) == len(outs.all()):
+                    return self._skipped(item, outs)
+                if not self.opts.force and not self.opts.skip_existing:
+                    raise BrainsegError(
+                        f"{existing[0]} already exists",
+                        hint="pass --force to overwrite it or --skip-existing to keep it",
+                    )
+                overwrite = True  # --skip-existing and an interrupted file: redo all of it
+            loaded = imageio.load_image(item.path)
+            image = loaded.array
+            x, padded = imageio.to_model_input(image[None], self.size, pad=self.opts.pad)
+            held = image.nbytes + x.nbytes
+            return Prepared(item, outs, x, padded, image, held, overwrite, loaded.notes)
+        except BrainsegError as exc:
+            return FileResult(str(item.path), status="error", error=str(exc))
+        except Exception as exc:  # never let one odd file stop the run
+            return FileResult(
+                str(item.path), status="error", error=f"{item.path}: {type(exc).__name__}: {exc}"
+            )
+
+    def _skipped(self, item: InputFile, outs: _Outputs) -> FileResult:
+        res = FileResult(str(item.path), output=str(outs.mask), status="skipped")
+        with contextlib.suppress(Exception):
+            m = imageio.read_image(outs.mask)[..., 0] > 0
+            res.tumor_pixels = int(m.sum())
+            res.height, res.width = m.shape
+            res.tumor_fraction = res.tumor_pixels / max(1, m.size)
+            res.has_tumor = res.tumor_pixels > 0
+        return res
+
+    # ---- write side (worker threads)
+
+    def finish(self, prep: Prepared, prob: np.ndarray) -> FileResult:
+        opts = self.opts
+        image = prep.data
+        h, w = image.shape[:2]
+        try:
+            prob, mask = postprocess.mask_from_output(
+                prob[0], (h, w), opts.threshold, opts.min_size, padded=prep.padded
+            )
+            force = prep.overwrite
+            outs = prep.outputs
+            if outs.prob is not None:
+                imageio.write_probability(outs.prob, prob, force=force)
+            if outs.overlay is not None:
+                imageio.write_overlay(
+                    outs.overlay, image, mask, channel=opts.overlay_channel, force=force
+                )
+            imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
+        except BrainsegRuntimeError:
+            raise  # disk full, unwritable folder: stop the run
+        except BrainsegError as exc:
+            return FileResult(str(prep.item.path), status="error", error=str(exc))
+        pixels = int(np.count_nonzero(mask))
+        return FileResult(
+            str(prep.item.path),
+            output=str(outs.mask),
+            status="ok",
+            tumor_pixels=pixels,
+            tumor_fraction=pixels / float(h * w),
+            max_probability=float(prob.max()),  # of what _prob.tif holds (float32)
+            has_tumor=pixels > 0,
+            height=h,
+            width=w,
+            notes=prep.notes,
+        )
+
+
+def predict_files(
+    predictor: Predictor,
+    files: Iterable[InputFile],
+    opts: BatchOptions,
+    unreported: list[FileResult] | None = None,
+) -> Generator[FileResult, None, None]:
+    """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
+
+    Files that cannot be read or written come back with ``status="error"`` and the run goes
+    on; two inputs that would write the same output are an error for the second. When the
+    run stops early (an exception, or the generator closed), the results of the files
+    written but not yielded are appended to ``unreported``.
+    """
+    fmt = ImageFormat(opts, predictor.image_size)
+    yield from Engine(predictor, fmt, opts.workers, unreported).run(dedup_inputs(files, opts))
+
+
+def dedup_inputs(
+    files: Iterable[InputFile], opts: BatchOptions
+) -> Iterator[InputFile | FileResult]:
+    """The inputs as the engine takes them: a stdin line that names no file, or a second
+    input writing an output already written in this run, becomes that file's error row;
+    stale temporaries of killed runs are removed once per output folder (never outside -o).
+    Shared by the local engine and the Ray engine (:mod:`brainseg.inference.ray_engine`)."""
+    seen: set[str] = set()
+    swept: set[PurePosixPath] = set()
+    root = opts.out_dir.resolve()
+    for f in files:
+        if f.error:
+            yield FileResult(str(f.path), status="error", error=f.error)
+            continue
+        if f.rel.parent not in swept:  # once per output folder, before it is written to
+            swept.add(f.rel.parent)
+            folder = opts.out_dir / f.rel.parent
+            if _inside(folder, root):  # never outside -o (a planted link)
+                remove_stale_temps(folder)
+        key = str(f.rel.parent / f.rel.stem)
+        if key in seen:
+            yield FileResult(
+                str(f.path),
+                status="error",
+                error=f"{f.path}: another input already writes "
+                f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
+                f"{opts.fmt} in this run",
+            )
+            continue
+        seen.add(key)
+        yield f
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def json_row(res: FileResult) -> dict[str, Any]:
+    """The --json line of one result."""
+    return json_safe(res.row())
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class PredictResult:
+    """What one run did: counts, the summary file, what the walk left out."""
+
+    counts: dict[str, int]  # ok, skipped, error, tumor
+    summary_path: Path
+    written: Path | None  # the summary file, None when no file fell in this shard
+    masks_skipped: int = 0
+    other_types: list[Path] = field(default_factory=list)
+    irregular: list[Path] = field(default_factory=list)  # FIFOs, devices... in folders
+    earlier_outputs: int = 0  # files named like predict's outputs inside -o
+
+    @property
+    def done(self) -> int:
+        return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
+
+
+def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | None]:
+    """Refuse bad options before anything is read: (mask format, summary format, shard)."""
+    fmt = check_choice("--format", opts.fmt or "tif", ("tif", "png"))
+    summary_fmt = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
+    if opts.force and opts.skip_existing:
+        raise BrainsegError(
+            "--force and --skip-existing cannot be used together",
+            hint="--skip-existing keeps finished files, --force redoes them",
+        )
+    shard = parse_shard(opts.shard)
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise BrainsegError(
+            f"output {opts.out_dir} is a file, not a folder",
+            hint="pass a folder to -o (it is created if missing)",
+        )
+    check_inputs(opts.inputs, opts.include_masks)
+    return fmt, summary_fmt, shard
+
+
+def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -> None:
+
+    size = predictor.image_size
+    how = (
+        "padded to multiples of 32"
+        if batch.pad or size is None
+        else f"resized to {size[0]}x{size[1]}"
+    )
+    console.info(
+        f"model {opts.models[0]} ({describe(predictor)}"
+        f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
+        f"{', TTA' if opts.tta else ''}): images {how}, threshold {batch.threshold:g}, "
+        f"min size {batch.min_size} (at each image's own size)"
+    )
+    if resolve(predictor.metadata).post.largest:
+        console.info(
+            "the model's largest-component rule is per patient volume and is not "
+            "applied to independent files"
+        )
+
+
+def predict_inputs(opts: PredictOptions) -> PredictResult:
+    """Predict every input image and write its outputs and the summary (see the module doc).
+
+    BrainsegError (exit 2) for bad options, inputs or models before anything is written;
+    files that fail on their own are rows with status "error" and the run goes on.
+    """
+
+    fmt, summary_fmt, shard = _check_options(opts)
+    spec = InputSpec(
+        items=list(opts.inputs),
+        include_masks=opts.include_masks,
+        stdin=opts.stdin,
+        output_dirs=[opts.out_dir],
+    )
+    stats = InputStats()
+    files = iter_inputs(spec, stats)
+    first = next(files, None)
+    if first is None:
+        raise BrainsegError(
+            f"no images found in {', '.join(opts.inputs)} (looked for .tif/.tiff/.png/.jpg/.jpeg"
+            f"{'' if opts.include_masks else ', skipping *_mask.* files'})",
+            hint="check the paths, quote glob patterns, or pass --include-masks",
+        )
+    summary_path = summary_file(opts.out_dir, shard, summary_fmt)
+    batch = BatchOptions(
+        out_dir=opts.out_dir,
+        fmt=fmt,
+        pad=opts.pad,
+        probabilities=opts.probabilities,
+        overlay=opts.overlay,
+        overlay_channel=None if opts.overlay_rgb else 1,
+        skip_existing=opts.skip_existing,
+        force=opts.force,
+        workers=opts.workers,
+    )
+    if not first.error:  # -o into the data: refuse up front
+        check_outputs(first, batch, opts.out_dir.resolve())
+    check_summary(summary_path, opts)
+    factory = opts.predictor_factory or Predictor
+    predictor = factory(
+        opts.models,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        tta=opts.tta,
+        **runtime_kwargs(opts),
+    )
+    post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
+    batch.threshold, batch.min_size = post.threshold, post.min_size
+    _announce(predictor, opts, batch)
+
+    def chosen(stream: Iterable[InputFile]) -> Iterable[InputFile]:
+        return stream if shard is None else islice(stream, shard[0], None, shard[1])
+
+    total = None
+    if "-" not in opts.inputs:  # a second, cheap walk (no image is read) for the progress total
+        total = sum(1 for _ in chosen(iter_inputs(spec)))
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    everything = chosen(_chain(first, files))
+    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
+        if shard is not None and written is None and not summary_path.exists():
+            # an empty shard still leaves its (empty) summary: --merge then knows it ran
+            write_empty_summary(summary_path, summary_fmt, SUMMARY_COLUMNS)
+    return PredictResult(
+        counts,
+        summary_path,
+        written,
+        stats.masks,
+        stats.other_types,
+        stats.irregular,
+        stats.earlier_outputs,
+    )
+
+
+def lock_name(shard: tuple[int, int] | None) -> str:
+    """The lock of a predict run in its output folder (one per shard: shards may share -o)."""
+    return "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
+
+
+def check_summary(summary_path: Path, opts: PredictOptions | Any) -> None:
+    """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
+    check_target(summary_path, force=True)
+    if summary_path.exists() and not (opts.force or opts.skip_existing):
+        raise BrainsegError(
+            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
+            hint="pass --skip-existing to resume that run, --force to redo it, "
+            "or choose another -o folder",
+        )
+
+
+def _chain(first: InputFile, rest: Iterator[InputFile]) -> Iterator[InputFile]:
+    yield first
+    yield from rest
+
+
+def _run(
+    predictor: Predictor,
+    files: Iterable[InputFile],
+    batch: BatchOptions,
+    summary_path: Path,
+    summary_fmt: str,
+    total: int | None,
+    opts: PredictOptions,
+) -> tuple[dict[str, int], Path | None]:
+    """The loop over results: summary rows, callbacks, warnings, progress."""
+    writer = SummaryWriter(summary_path, summary_fmt, SUMMARY_COLUMNS)
+    counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
+    warned: set[str] = set()
+    unreported: list[FileResult] = []
+    run = opts.runner if opts.runner is not None else predict_files
+    results = run(predictor, files, batch, unreported)
+    pending: FileResult | None = None
+    try:
+        with console.progress(total, "predict", unit="file") as bar:
+            for res in results:
+                pending = res
+                if res.status == "ok":
+                    res.runtime = predictor.runtime
+                writer.write(res)
+                pending = None
+                counts[res.status] += 1
+                counts["tumor"] += bool(res.has_tumor)
+                if opts.on_result is not None:
+                    opts.on_result(res)
+                if res.status == "error":
+                    console.warn(res.error)
+                for note in res.notes:
+                    if note not in warned:
+                        warned.add(note)
+                        console.warn(f"{res.path}: {note} (said once; other files may be too)")
+                bar.advance(1, failed=counts["error"])
+    except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: every file on disk gets its row (the one in hand, the writes in
+        # flight, which closing the generator lets finish), then the summary is renamed
+        results.close()
+        for res in ([pending] if pending is not None else []) + unreported:
+            if res is not writer.last:
+                writer.write(res)
+                counts[res.status] += 1
+                if opts.on_result is not None:  # its --json line too
+                    opts.on_result(res)
+        done = counts["ok"] + counts["skipped"] + counts["error"]
+        console.warn(
+            f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
+            "same command with --skip-existing to continue"
+        )
+        raise
+    finally:
+        written = writer.close()
+    return counts, written

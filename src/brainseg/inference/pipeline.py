@@ -1,0 +1,376 @@
+"""The one case pipeline behind ``brainseg predict`` and eval's masks: read ahead, infer in
+batches of slices, write behind.
+
+A case is a stack of co-registered slices (S x H x W x 3 uint8) and whatever its writer
+needs: a 2D image is a one-slice case (as nnU-Net reads 2D images as 3D with one slice), a
+NIfTI volume or DICOM series is its axial slices in LPS. What differs between them sits at
+the edges, in a :class:`CaseFormat` (:class:`brainseg.inference.batch.ImageFormat`,
+:class:`brainseg.inference.volume_predict.VolumeFormat`): how a case is read and checked, how its
+probabilities become a mask (2D components per image, 3D components per volume), which
+files it writes and the summary row it gives. Everything between (thread pools, the memory
+budget, batching slices across cases, the model call, results in input order, the writes
+kept on Ctrl-C) is :class:`Engine`, once, and every kind's summary is written by
+:class:`SummaryWriter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from brainseg.errors import BrainsegError
+from brainseg.fsutil import (
+    atomic_write_bytes,
+    json_safe,
+    make_temp_file,
+    remove_stale_temps,
+    write_error,
+)
+
+#: Bytes of decoded cases predict holds ahead of inference (from the files' declared sizes),
+#: and again behind it (waiting to be written): large images are read a few at a time, not
+#: 2 x batch + workers at once (six 16000 x 16000 TIFFs reached 11.6 GB). One case larger
+#: than this is still read (alone); imageio.MAX_DECODED_BYTES bounds an image.
+READ_AHEAD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class PredictOptions:
+    """One ``brainseg predict`` run (image files or volume cases); ``None`` settings come
+    from the model's metadata. The image-only and volume-only fields are refused for the
+    other kind by the command (``commands.predict_volumes.refuse_options``)."""
+
+    models: list[Path]  # the model, then any ensemble members (mean probability)
+    inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
+    out_dir: Path
+    fmt: str | None = None  # mask format; None: tif for images, nifti for volumes
+    probabilities: bool = False
+    overlay: bool = False
+    overlay_rgb: bool = False
+    summary: str = "csv"  # csv or jsonl
+    threshold: float | None = None
+    min_size: int | None = None
+    tta: bool = False
+    pad: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    workers: int = 2
+    skip_existing: bool = False
+    force: bool = False
+    shard: str | None = None
+    include_masks: bool = False
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.inference.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
+    # volume cases (NIfTI / DICOM)
+    channels: str | None = None  # None: volumes.DEFAULT_CHANNELS
+    largest: bool | None = None  # keep the largest 3D component
+    min_volume: str | None = None  # drop 3D components: "N" voxels or "Nmm3"
+    seg_series: str = "flair"  # the contrast whose DICOM series a DICOM SEG refers to
+    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
+    #: Called with every result as it comes (e.g. the command's --json line).
+    on_result: Callable[[Any], None] | None = None
+    #: Builds the predictor (tests, eval); None: :class:`brainseg.inference.predict.Predictor`.
+    predictor_factory: Callable[..., Any] | None = None
+    #: Another engine (:mod:`brainseg.inference.ray_engine`): for image files (predictor, files,
+    #: batch
+    #: options, unreported) -> results, for volume cases (cases, options) -> results, in input
+    #: order; None: :class:`Engine` in this process.
+    runner: Callable[..., Generator[Any, None, None]] | None = None
+
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+@dataclass
+class Prepared:
+    """A case read and checked, waiting for the model: what its writer needs comes along."""
+
+    item: Any  # the input (an InputFile, a volumes.Case)
+    outputs: Any  # the files it will write
+    model_input: np.ndarray  # S x h x w x 3 uint8 at the model's input size
+    padded: bool  # model_input was zero-padded (else resized)
+    data: Any  # the case as read (an image, a volume)
+    held: int  # bytes held until the case is written
+    overwrite: bool = False
+    notes: tuple[str, ...] = ()
+
+
+class CaseFormat(Protocol[R_co]):
+    """The edges of the pipeline for one kind of input."""
+
+    def prepare(self, item: Any) -> Prepared | R_co:
+        """Read and check one input; a result (error, skipped) when it is not predicted."""
+
+    def finish(self, prep: Prepared, prob: np.ndarray) -> R_co:
+        """Write a case's outputs from its S x h x w probabilities at the model's size."""
+
+    def read_cost(self, item: Any) -> int:
+        """Bytes reading ``item`` will hold (0 when unknown)."""
+
+
+class Engine(Generic[R]):
+    """Read ahead, infer in batches of slices, write behind; results come in input order."""
+
+    def __init__(
+        self,
+        predictor: Any,
+        fmt: CaseFormat[R],
+        workers: int = 2,
+        unreported: list[R] | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.fmt = fmt
+        self.workers = max(1, workers)
+        # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
+        # files are on disk, so the caller still gives them summary rows
+        self.unreported: list[R] = [] if unreported is None else unreported
+
+    def _finish(self, prep: Prepared | R, prob: np.ndarray | None) -> R:
+        if isinstance(prep, Prepared):
+            assert prob is not None
+            return self.fmt.finish(prep, prob)
+        return prep
+
+    def run(self, items: Iterable[Any]) -> Iterator[R]:
+        bs = self.predictor.batch_size
+        ahead = 2 * bs + self.workers
+        budget = READ_AHEAD_BYTES
+        readers = ThreadPoolExecutor(self.workers, thread_name_prefix="brainseg-read")
+        writers = ThreadPoolExecutor(self.workers, thread_name_prefix="brainseg-write")
+        writes: deque[tuple[Future[R], int]] = deque()
+        try:
+            reads = ordered_map(
+                readers, self.fmt.prepare, items, ahead, cost=self.fmt.read_cost, budget=budget
+            )
+            held = 0  # bytes of the cases waiting to be written
+            for group in self._batches(reads, bs, budget):
+                probs = self._infer([g for g in group if isinstance(g, Prepared)])
+                for g in group:
+                    prob = probs.pop(0) if isinstance(g, Prepared) else None
+                    n = g.held if isinstance(g, Prepared) else 0
+                    writes.append((writers.submit(self._finish, g, prob), n))
+                    held += n
+                while len(writes) > ahead or (len(writes) > 1 and held > budget):
+                    done, n = writes.popleft()
+                    held -= n
+                    yield done.result()
+            while writes:
+                yield writes.popleft()[0].result()
+        except BaseException:
+            # Ctrl-C, a fatal write error or a consumer that stops: do not start queued work;
+            # the writes already running finish, and their results are kept
+            readers.shutdown(wait=True, cancel_futures=True)
+            writers.shutdown(wait=True, cancel_futures=True)
+            self.unreported += [
+                f.result() for f, _ in writes if not f.cancelled() and f.exception() is None
+            ]
+            raise
+        finally:
+            readers.shutdown()
+            writers.shutdown()
+
+    @staticmethod
+    def _batches(
+        reads: Iterator[Prepared | R], bs: int, budget: int
+    ) -> Iterator[list[Prepared | R]]:
+        """Groups of cases with up to ``bs`` slices of one shape (plus the finished results
+        between), fewer when they hold more than ``budget`` bytes; a case with more slices
+        than ``bs`` is a group of its own (the predictor takes it ``bs`` slices at a time)."""
+        group: list[Prepared | R] = []
+        n = held = 0
+        shape: tuple[int, ...] | None = None
+        for r in reads:
+            if isinstance(r, Prepared):
+                s = len(r.model_input)
+                if n and (r.model_input.shape[1:] != shape or n + s > bs):
+                    yield group
+                    group, n, held = [], 0, 0
+                shape = r.model_input.shape[1:]
+                n += s
+                held += r.held
+            group.append(r)
+            if n >= bs or held > budget:
+                yield group
+                group, n, held = [], 0, 0
+        if group:
+            yield group
+
+    def _infer(self, preps: list[Prepared]) -> list[np.ndarray]:
+        if not preps:
+            return []
+        x = np.concatenate([p.model_input for p in preps])
+        prob = self.predictor.predict_model_size(x)
+        cuts = np.cumsum([len(p.model_input) for p in preps])[:-1]
+        return list(np.split(prob, cuts))
+
+
+def ordered_map(
+    pool: ThreadPoolExecutor,
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    ahead: int,
+    cost: Callable[[Any], int] | None = None,
+    budget: int = 0,
+) -> Iterator[Any]:
+    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order, and
+    (with ``cost``) at most ``budget`` cost in flight, except one task alone."""
+    pending: deque[tuple[Future[Any], int]] = deque()
+    held = 0
+    for item in items:
+        c = cost(item) if cost is not None else 0
+        while pending and (len(pending) >= ahead or (cost is not None and held + c > budget)):
+            done, n = pending.popleft()
+            held -= n
+            yield done.result()
+        pending.append((pool.submit(fn, item), c))
+        held += c
+    while pending:
+        yield pending.popleft()[0].result()
+
+
+class SummaryWriter:
+    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
+
+    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
+    the final name. Nothing is created until the first row. An existing summary is never
+    replaced by one that describes less: at ``close`` its rows for files this run did not
+    handle are kept (after this run's rows).
+    """
+
+    def __init__(self, path: Path, fmt: str, columns: Sequence[str], key: str = "path") -> None:
+        self.path = path
+        self.fmt = fmt
+        self.columns = list(columns)
+        self.key = key  # the column naming what a row is about (a file, a case)
+        self._tmp: Path | None = None
+        self._f: io.TextIOWrapper | None = None
+        self._csv: Any = None
+        self._paths: set[str] = set()
+        self.rows = 0
+        self.last: Any = None  # the result of the last row written
+
+    def write(self, res: Any) -> None:
+        try:
+            self._write(res)
+        except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
+            raise write_error(self.path, exc) from exc
+
+    def _write(self, res: Any) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path.parent)  # a killed run's summary
+            self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
+            self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            if self.fmt == "csv":
+                self._csv = csv.DictWriter(self._f, fieldnames=self.columns)
+                self._csv.writeheader()
+        row = res.row()
+        if self.fmt == "csv":
+            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
+        else:
+            self._f.write(json.dumps(json_safe(row)) + "\n")
+        self._f.flush()
+        self._paths.add(row[self.key])
+        self.last = res
+        self.rows += 1
+
+    def _earlier_rows(self) -> list[Any]:
+        """The existing summary's rows (CSV dicts / JSON lines) of files this run did not
+        handle; none when there is no summary or it cannot be read as one."""
+        kept: list[Any] = []
+        try:
+            with open(self.path, encoding="utf-8", errors="replace", newline="") as old:
+                if self.fmt == "csv":
+                    for row in csv.DictReader(old):
+                        key = row.get(self.key)
+                        if key is not None and key not in self._paths:
+                            kept.append({c: row.get(c) or "" for c in self.columns})
+                    return kept
+                for line in old:
+                    try:
+                        key = json.loads(line).get(self.key)
+                    except (ValueError, AttributeError):
+                        continue
+                    if key is not None and key not in self._paths:
+                        kept.append(line.rstrip("\r\n") + "\n")
+        except (OSError, csv.Error):
+            return []
+        return kept
+
+    def _keep_earlier_rows(self) -> None:
+        """Append the existing summary's rows of files this run did not handle."""
+        assert self._f is not None
+        for row in self._earlier_rows():
+            if self.fmt == "csv":
+                self._csv.writerow(row)
+            else:
+                self._f.write(row)
+
+    def close(self) -> Path | None:
+        if self._f is None or self._tmp is None:
+            return None
+        f = self._f
+        try:
+            self._keep_earlier_rows()
+            self._f = None
+            f.close()
+        except OSError as exc:  # the last buffered rows did not fit: keep those on disk
+            self._f = None
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(OSError):
+                os.replace(self._tmp, self.path)
+            raise write_error(self.path, exc) from exc
+        os.replace(self._tmp, self.path)
+        return self.path
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float):
+        return repr(v)  # exact: max_probability reads back as the _prob.tif maximum
+    return v
+
+
+def write_empty_summary(path: Path, fmt: str, columns: Sequence[str]) -> None:
+    """The summary of a shard with nothing to do (``--merge`` then knows it ran)."""
+    empty = ",".join(columns) + "\r\n" if fmt == "csv" else ""
+    atomic_write_bytes(path, empty.encode())
+
+
+#: Summary file formats (``--summary``).
+SUMMARY_FORMATS = ("csv", "jsonl")
+
+
+def summary_file(out_dir: Path, shard: tuple[int, int] | None, fmt: str) -> Path:
+    """OUT/summary.<fmt>, or OUT/summary-I-of-N.<fmt> for shard I of N."""
+    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
+    return out_dir / f"{name}.{fmt}"
+
+
+def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` (case and a leading dot ignored) when it is one of ``choices``; else
+    BrainsegError naming the option."""
+    v = value.lower().lstrip(".")
+    if v not in choices:
+        raise BrainsegError(
+            f"{option} {value!r} is not one of {', '.join(choices)}",
+            hint=f"use {option} {choices[0]}",
+        )
+    return v

@@ -1,0 +1,457 @@
+"""The Ray Data engine of ``brainseg predict`` (``--engine ray``): the same run on a Ray cluster.
+
+The driver (the ``brainseg predict`` process) does everything the local engine does before
+and after the model runs, with the same code: option and input checks, the input walk
+(:func:`brainseg.inference.batch.iter_inputs`, so the same files are selected in the same order),
+``--shard``, the output-folder lock, :func:`brainseg.inference.batch.dedup_inputs`, the summary
+(:class:`brainseg.inference.pipeline.SummaryWriter`, rows in input order), ``--json`` lines and
+the exit
+code. Only the middle changes: the inputs become a Ray Dataset of paths, ``map_batches``
+sends them to an actor pool of predictors (a callable class: one model load per actor, one
+GPU per actor when the cluster has GPUs), and each actor predicts and writes its files with
+the local engine itself (:class:`brainseg.inference.pipeline.Engine`: read-ahead, batched inference,
+write-behind, the same writers), returning only the summary rows. Volume cases go the same
+way, a case per row, each through :class:`brainseg.inference.volume_predict.VolumeFormat`.
+
+Masks are therefore byte for byte those of the local engine, and ``--skip-existing`` resumes
+a killed Ray run as it resumes a local one (a mask on disk is complete: atomic writes).
+
+``ray`` is imported only here and only when ``--engine ray`` is asked for
+(:func:`brainseg.optional.require`: a missing package is one line naming ``brainseg[ray]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from brainseg import console
+from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
+from brainseg.inference.pipeline import Engine
+from brainseg.inference.runtimes import runtime_kwargs
+from brainseg.optional import require
+
+#: The engines of ``brainseg predict --engine``.
+ENGINES = ("local", "ray")
+
+
+def check_engine(engine: str, address: str | None) -> str:
+    """``--engine`` in lower case; BrainsegError (exit 2) for an unknown one, or ``--address``
+    without ``--engine ray``."""
+    name = engine.strip().lower()
+    if name not in ENGINES:
+        raise BrainsegError(
+            f"--engine {engine!r} is not one of {', '.join(ENGINES)}",
+            hint="--engine local (this process) or --engine ray (a Ray cluster)",
+        )
+    if address is not None and name != "ray":
+        raise BrainsegError(
+            "--address is the Ray cluster of --engine ray",
+            hint="add --engine ray, or drop --address",
+        )
+    return name
+
+
+@dataclass
+class RayEngine:
+    """Where and how wide to run: ``address`` None starts a local Ray instance with
+    ``workers`` CPUs (default: every core); ``workers`` is the number of predictor actors
+    (default: the cluster's CPUs, or its GPUs when it has GPUs and the device is not cpu)."""
+
+    address: str | None = None
+    workers: int | None = None
+    #: Files per ``map_batches`` call (per task sent to an actor); None: 4 x --batch-size.
+    files_per_task: int | None = None
+
+    def __post_init__(self) -> None:
+
+        require("ray", "--engine ray")  # before any work: one line naming brainseg[ray]
+        require("ray.data", "--engine ray")
+        if self.workers is not None and self.workers < 1:
+            raise BrainsegError(f"--workers {self.workers} must be at least 1")
+        if self.address is not None:
+            _probe(self.address)  # before any work: ray.init would retry for minutes
+
+    # ---- entry points (the local engine's, with the middle on Ray)
+
+    def predict_inputs(self, opts: Any) -> Any:
+        """:func:`brainseg.inference.batch.predict_inputs` with the files predicted on Ray.
+
+        The driver loads the model once on the CPU, only for its settings (threshold, size)
+        and the first status line; the actors load it on ``opts.device``.
+        """
+        from brainseg.inference.batch import predict_inputs
+
+        runner = self._slice_runner(opts)
+        return predict_inputs(replace(opts, device="cpu", runner=runner))
+
+    def predict_volumes(self, opts: Any, on_case: Callable[[Any], None] | None = None) -> Any:
+        """:func:`brainseg.inference.volume_predict.predict_volumes` with a case per Ray task."""
+        from brainseg.inference.volume_predict import predict_volumes
+
+        return predict_volumes(replace(opts, runner=self._case_runner(opts)), on_case)
+
+    # ---- the two pipelines
+
+    def _slice_runner(self, opts: Any) -> Callable[..., Generator[Any, None, None]]:
+        def run(
+            predictor: Any, files: Iterable[Any], batch: Any, unreported: Any
+        ) -> Generator[Any, None, None]:
+            from brainseg.inference.batch import FileResult, InputFile, dedup_inputs
+
+            items = list(dedup_inputs(files, batch))  # the driver's checks, in input order
+            done = {i: r for i, r in enumerate(items) if isinstance(r, FileResult)}
+            rows = [
+                {"i": i, "path": os.fsencode(str(f.path)), "rel": os.fsencode(str(f.rel))}
+                for i, f in enumerate(items)
+                if isinstance(f, InputFile)
+            ]
+            worker = replace(batch, workers=1)  # one reader and one writer thread per actor
+            kwargs = {
+                "models": [str(m) for m in opts.models],
+                "device": opts.device,
+                "batch_size": opts.batch_size,
+                "tta": opts.tta,
+                "batch": worker,
+                "cwd": os.getcwd(),
+                "runtime": runtime_kwargs(opts),
+            }
+            per_task = self.files_per_task or 4 * opts.batch_size
+            results = self._map(_SliceWorker, kwargs, rows, per_task, opts.device)
+            yield from _in_order(results, done, len(items))
+
+        return run
+
+    def _case_runner(self, opts: Any) -> Callable[..., Iterator[Any]]:
+        def run(cases: list[Any], vopts: Any) -> Iterator[Any]:
+            rows = [{"i": i, "case": _case_to_json(c)} for i, c in enumerate(cases)]
+            kwargs = {"opts": replace(vopts, runner=None), "cwd": os.getcwd()}
+            results = self._map(_CaseWorker, kwargs, rows, 1, vopts.device)
+            yield from _in_order(results, {}, len(cases))
+
+        return run
+
+    def _map(
+        self,
+        worker: type,
+        kwargs: dict[str, Any],
+        rows: list[dict[str, Any]],
+        per_task: int,
+        device: str,
+    ) -> Iterator[tuple[int, Any]]:
+        """(index, result) of every row, as the actors finish them (any order)."""
+        if not rows:
+            return
+        ray, started = _start(self.address, self.workers)
+        try:
+            actors, gpus = self._pool(ray, device, len(rows))
+            if self.files_per_task is None:  # a small run still gives every actor work
+                per_task = max(1, min(per_task, -(-len(rows) // actors)))
+            where = f"Ray at {self.address}" if self.address else "a local Ray instance"
+            console.info(
+                f"engine ray: {actors} predictor actor(s){' with a GPU each' if gpus else ''} "
+                f"on {where}, {per_task} file(s) per task"
+            )
+            ds = ray.data.from_items(rows).map_batches(
+                worker,
+                fn_constructor_kwargs=kwargs,
+                batch_size=per_task,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=1,
+                num_gpus=gpus,
+            )
+            try:
+                for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for i, blob in zip(out["i"], out["result"], strict=True):
+                        res = _result_from_json(blob)
+                        if isinstance(res, _Fatal):
+                            raise res.error()
+                        yield int(i), res
+            except (KeyboardInterrupt, GeneratorExit, BrainsegError):
+                raise
+            except Exception as exc:  # a worker's fatal error (disk full, broken model)
+                cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, BrainsegError):
+                    raise cause from None
+                raise BrainsegRuntimeError(
+                    f"a Ray worker failed: {first_line(cause)}",
+                    hint="rerun with --skip-existing to continue; --debug shows the traceback",
+                ) from exc
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _pool(self, ray: Any, device: str, rows: int) -> tuple[int, float]:
+        """(actors, GPUs per actor): --workers, else one per CPU (per GPU when the cluster
+        has GPUs and the device is not cpu); never more actors than inputs."""
+        res = ray.cluster_resources()
+        cpus = max(1, int(res.get("CPU", 1)))
+        gpus = int(res.get("GPU", 0)) if device != "cpu" else 0
+        want = self.workers or (gpus or cpus)
+        actors = max(1, min(want, gpus or cpus, rows))
+        return actors, (1.0 if gpus else 0.0)
+
+
+def _start(address: str | None, workers: int | None) -> tuple[Any, bool]:
+    """Connect to the cluster at ``address`` or start a local Ray instance: (``ray``, whether
+    this call connected, so the caller disconnects at the end)."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # brainseg's own progress line counts the files
+    ctx.print_on_execution_start = False
+    _quiet_ray()
+    if ray.is_initialized():  # a library caller (or a test) connected already
+        return ray, False
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    try:
+        if address is not None:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise BrainsegError(
+            f"cannot start or reach {where}: {first_line(exc)}",
+            hint="check --address (host:port of the head node, e.g. 10.0.0.1:6379, or auto) "
+            "or drop it to start Ray on this machine",
+        ) from None
+    _quiet_ray()
+    return ray, True
+
+
+#: Seconds to wait for a Ray head node's port before saying it cannot be reached (ray.init
+#: itself retries for minutes).
+CONNECT_TIMEOUT = 10.0
+
+
+def _probe(address: str) -> None:
+    """A ``host:port`` address must accept a TCP connection within :data:`CONNECT_TIMEOUT`
+    (``auto`` and ``ray://`` addresses are left to Ray)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        if address.strip().lower() == "auto" or "://" in address:
+            return
+        raise BrainsegError(
+            f"--address {address!r} is not host:port",
+            hint="the head node's address as `ray start --head` prints it (e.g. 10.0.0.1:6379), "
+            "or auto",
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise BrainsegError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or type(exc).__name__}",
+            hint="is `ray start --head` running there, and the port open from this machine?",
+        ) from None
+
+
+def _quiet_ray() -> None:
+    """Ray's own INFO / WARNING lines (token, progress, execution plans) off stderr: brainseg
+    prints its status lines and errors; ``--debug`` leaves Ray's logging as it is."""
+    if not console.state.debug:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _in_order(
+    results: Iterator[tuple[int, Any]], done: dict[int, Any], total: int
+) -> Iterator[Any]:
+    """Results by index, in input order (``done`` holds those the driver made itself)."""
+    nxt = 0
+    for i, res in results:
+        done[i] = res
+        while nxt in done:
+            yield done.pop(nxt)
+            nxt += 1
+    while nxt < total:
+        if nxt not in done:
+            raise BrainsegRuntimeError(f"the Ray run returned no result for input number {nxt}")
+        yield done.pop(nxt)
+        nxt += 1
+
+
+@dataclass
+class _Fatal:
+    """An error that stops the whole run, raised in an actor and carried back as a result
+    (an exception in an actor would make Ray retry and print tracebacks): the driver raises
+    it as BrainsegError (exit 2: a model or device the actor cannot use) or
+    BrainsegRuntimeError (exit 1: disk full, an unexpected failure)."""
+
+    message: str
+    hint: str | None = None
+    exit_code: int = 1
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Fatal:
+        if isinstance(exc, BrainsegError):
+            return cls(exc.message, exc.hint, exc.exit_code)
+        return cls(f"a Ray worker failed: {type(exc).__name__}: {first_line(exc)}")
+
+    def error(self) -> BrainsegError:
+        return BrainsegError(self.message, self.hint, exit_code=self.exit_code)
+
+
+def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal | None) -> Any:
+    """A task's output columns: ``i`` and one result per row (``make()``) as JSON, or the
+    actor's :class:`_Fatal` error for each row when it cannot work."""
+    import numpy as np
+
+    if fatal is None:
+        try:
+            out = make()
+        except Exception as exc:  # disk full, a broken model: stop the run, one line
+            fatal = _Fatal.of(exc)
+    if fatal is not None:
+        out = [fatal] * len(task["i"])
+    return {"i": task["i"], "result": np.array([_result_to_json(r) for r in out], dtype=object)}
+
+
+# Rows and results cross to and from the actors as JSON, never as pickles: brainseg loads no
+# pickle anywhere (docs/security.md). Paths keep undecodable bytes as surrogate escapes.
+
+
+def _case_to_json(case: Any) -> str:
+    return json.dumps(
+        {
+            "id": case.id,
+            "four_d": None if case.four_d is None else os.fsdecode(case.four_d),
+            "sources": {k: os.fsdecode(v) for k, v in case.sources.items()},
+            "error": case.error,
+        }
+    )
+
+
+def _case_from_json(text: str) -> Any:
+    from brainseg.data.volumes import Case
+
+    d = json.loads(text)
+    four_d = None if d["four_d"] is None else Path(d["four_d"])
+    sources = {k: Path(v) for k, v in d["sources"].items()}
+    return Case(d["id"], four_d, sources, d["error"])
+
+
+def _result_to_json(res: Any) -> str:
+    from brainseg.inference.batch import FileResult
+
+    kind = "fatal" if isinstance(res, _Fatal) else "file" if isinstance(res, FileResult) else "case"
+    return json.dumps({"kind": kind, "fields": asdict(res)})
+
+
+def _result_from_json(text: str) -> Any:
+    from brainseg.inference.batch import FileResult
+    from brainseg.inference.volume_predict import CaseResult
+
+    d = json.loads(text)
+    fields = d["fields"]
+    if d["kind"] == "fatal":
+        return _Fatal(**fields)
+    if d["kind"] == "file":
+        return FileResult(**{**fields, "notes": tuple(fields.get("notes") or ())})
+    return CaseResult(**fields)
+
+
+def _enter(cwd: str) -> None:
+    """Work in the driver's folder, so relative inputs, -o and the summary's paths mean what
+    they mean to the driver (every node must see the same paths: a shared file system)."""
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        import socket
+
+        raise BrainsegRuntimeError(
+            f"Ray worker on {socket.gethostname()} cannot enter the driver's folder {cwd}: "
+            f"{exc.strerror}",
+            hint="every Ray node needs the inputs and -o at the same paths (a shared file system)",
+        ) from None
+
+
+class _SliceWorker:
+    """One Ray actor: a :class:`~brainseg.inference.predict.Predictor` loaded once, and the local
+    engine that reads, predicts and writes each task's files."""
+
+    def __init__(
+        self,
+        models: list[str],
+        device: str,
+        batch_size: int,
+        tta: bool,
+        batch: Any,
+        cwd: str,
+        runtime: dict[str, Any] | None = None,
+    ) -> None:
+        self.fatal: _Fatal | None = None
+        try:
+            _enter(cwd)
+            from brainseg.inference.batch import ImageFormat
+            from brainseg.inference.predict import Predictor
+
+            paths = [Path(m) for m in models]
+            predictor = Predictor(
+                paths, device=device, batch_size=batch_size, tta=tta, **(runtime or {})
+            )
+            fmt = ImageFormat(batch, predictor.image_size)
+            self.engine = Engine(predictor, fmt, batch.workers)
+        except Exception as exc:  # a device or model this node cannot use
+            self.fatal = _Fatal.of(exc)
+
+    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        from brainseg.inference.batch import InputFile
+
+        def make() -> list[Any]:
+            files = [
+                InputFile(Path(os.fsdecode(p)), PurePosixPath(os.fsdecode(r)))
+                for p, r in zip(task["path"], task["rel"], strict=True)
+            ]
+            return list(self.engine.run(files))
+
+        return _results(task, make, self.fatal)
+
+
+class _CaseWorker:
+    """One Ray actor for volume cases: the model loaded once, each task's cases through the
+    one case pipeline (:class:`~brainseg.inference.volume_predict.VolumeFormat`)."""
+
+    def __init__(self, opts: Any, cwd: str) -> None:
+        self.fatal: _Fatal | None = None
+        try:
+            _enter(cwd)
+        except BrainsegError as exc:
+            self.fatal = _Fatal.of(exc)
+        self.opts = opts
+        self._engine: Any = None
+
+    def engine(self) -> Any:
+        if self._engine is None:
+            from brainseg.inference.volume_predict import VolumeFormat, resolve_post
+
+            factory = self.opts.predictor_factory
+            if factory is None:
+                from brainseg.inference.predict import Predictor as factory
+            predictor = factory(
+                [Path(m) for m in self.opts.models],
+                device=self.opts.device,
+                batch_size=self.opts.batch_size,
+                tta=self.opts.tta,
+                **runtime_kwargs(self.opts),
+            )
+            meta = dict(getattr(predictor, "metadata", None) or {})
+            fmt = VolumeFormat(self.opts, predictor.image_size, resolve_post(meta, self.opts), meta)
+            self._engine = Engine(predictor, fmt, 1)
+        return self._engine
+
+    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        def make() -> list[Any]:
+            cases = [_case_from_json(text) for text in task["case"]]
+            return list(self.engine().run(cases))
+
+        return _results(task, make, self.fatal)

@@ -1,0 +1,489 @@
+"""Predict tumour masks for volume cases (NIfTI / DICOM), case by case.
+
+The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes the
+:class:`~brainseg.inference.pipeline.PredictOptions` image files take too and returns a
+:class:`VolumeResult`. Cases go through the same pipeline as images
+(:class:`brainseg.inference.pipeline.Engine`); :class:`VolumeFormat` is this kind's edges: each
+case is
+read and checked (:mod:`brainseg.data.volumes`), cut into the model's axial slices (LPS,
+:func:`brainseg.data.volumes.to_slices`), resized or padded to the model's size as images are,
+post-processed in 3D, mapped back to the input grid and written as NIfTI with the input's
+affine and header:
+
+- ``OUT/<case>_mask.nii.gz`` (uint8 0/1), ``OUT/<case>_prob.nii.gz`` with ``--probabilities``
+- ``OUT/<case>.json`` (written last: its presence means the case is done) and
+  ``OUT/summary.csv`` (``summary-I-of-N.csv`` for a shard): tumour voxels, volume in mL, slices.
+
+A bad case (missing contrast, not co-registered, 2D, unreadable, several DICOM series, NaNs)
+gets one line and no file; the run goes on with the next case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainseg import console
+from brainseg.data import imageio, volumes
+from brainseg.errors import BrainsegError, BrainsegRuntimeError
+from brainseg.fsutil import atomic_write_text, folder_lock, json_safe
+from brainseg.inference import dicomseg, pipeline, postprocess
+from brainseg.inference.batch import check_summary, lock_name, one_line, parse_shard
+from brainseg.inference.pipeline import (
+    SUMMARY_FORMATS,
+    Engine,
+    PredictOptions,
+    Prepared,
+    SummaryWriter,
+    check_choice,
+    summary_file,
+    write_empty_summary,
+)
+from brainseg.inference.predict import Predictor
+from brainseg.inference.runtimes import describe, runtime_kwargs
+from brainseg.model.checkpoint import check_model_file
+from brainseg.optional import require
+from brainseg.settings import PostSettings, resolve
+
+SUMMARY_COLUMNS = (
+    "case",
+    "status",
+    "inputs",
+    "mask",
+    "tumor_voxels",
+    "tumor_volume_ml",
+    "tumor_slices",
+    "slices",
+    "shape",
+    "spacing_mm",
+    "orientation",
+    "max_probability",
+    "error",
+)
+
+
+@dataclass
+class CaseResult:
+    """One row of the summary (and one --json line)."""
+
+    case: str
+    status: str = "ok"  # ok, skipped, error
+    inputs: str = ""
+    mask: str = ""
+    tumor_voxels: int | None = None
+    tumor_volume_ml: float | None = None
+    tumor_slices: int | None = None
+    slices: int | None = None
+    shape: str = ""
+    spacing_mm: str = ""
+    orientation: str = ""
+    max_probability: float | None = None
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # One printable UTF-8 line each (a name with a newline or invalid UTF-8).
+        self.case, self.inputs, self.mask, self.error = map(
+            one_line, (self.case, self.inputs, self.mask, self.error)
+        )
+
+    def row(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
+
+
+@dataclass
+class VolumeResult:
+    """What a run did: one :class:`CaseResult` per case, the settings and the summary path."""
+
+    cases: list[CaseResult]
+    settings: dict[str, Any]
+    summary_path: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for c in self.cases if c.status == status)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done; 2 every case was bad input; 1 some cases failed."""
+        bad = self.count("error")
+        if not bad:
+            return 0
+        return 2 if bad == len(self.cases) else 1
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_min_volume(value: str | None) -> tuple[float, str] | None:
+    """``"200"`` (voxels), ``"200vox"`` or ``"150mm3"`` -> (amount, unit)."""
+    if value is None or not str(value).strip():
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(vox|voxels?|mm3|mm\^3|mm³)?\s*", str(value).lower())
+    if not m:
+        raise BrainsegError(
+            f"--min-volume {value!r} is not a voxel count or a volume in mm3",
+            hint="e.g. --min-volume 200 (voxels) or --min-volume 150mm3",
+        )
+    unit = "mm3" if (m.group(2) or "").startswith("mm") else "voxels"
+    return float(m.group(1)), unit
+
+
+def remove_small_3d(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop 3D components (26-connected, as keep_largest_3d) under ``min_voxels`` voxels."""
+    from scipy import ndimage
+
+    m = np.asarray(mask) != 0
+    if min_voxels <= 1 or not m.any():
+        return m
+    labels, _ = ndimage.label(m, structure=ndimage.generate_binary_structure(3, 3))
+    keep = np.bincount(labels.ravel()) >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+@dataclass
+class VolumePost:
+    """The post-processing of a volume: the model's (or the options') threshold, 2D min size
+    and largest 3D component (:func:`brainseg.settings.resolve`, as for slices and eval),
+    then ``--min-volume``."""
+
+    post: PostSettings
+    min_volume: tuple[float, str] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        mv = None if self.min_volume is None else f"{self.min_volume[0]:g} {self.min_volume[1]}"
+        return {
+            "threshold": self.post.threshold,
+            "min_size_pixels_per_slice": self.post.min_size,
+            "largest_3d_component": self.post.largest,
+            "min_volume": mv,
+        }
+
+
+def resolve_post(meta: dict[str, Any], opts: PredictOptions) -> VolumePost:
+    """Options win, then the model's stored settings, then the defaults."""
+    s = resolve(meta, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest)
+    return VolumePost(s.post, parse_min_volume(opts.min_volume))
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass
+class _Outs:
+    mask: Path
+    prob: Path | None
+    meta: Path
+    seg: Path | None = None  # --format dicom-seg
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.mask, self.prob, self.seg, self.meta) if p is not None]
+
+
+def _outputs(case_id: str, opts: PredictOptions) -> _Outs:
+    if not case_id or case_id in (".", "..") or "/" in case_id or "\\" in case_id:
+        raise BrainsegError(f"case name {case_id!r} cannot name an output file")
+    o = opts.out_dir
+    return _Outs(
+        o / f"{case_id}_mask.nii.gz",
+        o / f"{case_id}_prob.nii.gz" if opts.probabilities else None,
+        o / f"{case_id}.json",
+        dicomseg.seg_path(o, case_id) if opts.fmt == dicomseg.FORMAT else None,
+    )
+
+
+def _case_info(vol: volumes.CaseVolume, mask: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+    voxels = int(np.count_nonzero(mask))
+    axis = volumes.slice_axis(vol.grid.affine)
+    per_slice = mask.any(axis=tuple(a for a in range(3) if a != axis))
+    return {
+        "tumor_voxels": voxels,
+        "tumor_volume_ml": volumes.volume_ml(voxels, vol.grid),
+        "tumor_slices": int(np.count_nonzero(per_slice)),
+        "slices": int(per_slice.size),
+        "shape": "x".join(map(str, vol.grid.shape)),
+        "spacing_mm": "x".join(f"{v:.4g}" for v in vol.grid.spacing),
+        "orientation": vol.grid.axcodes,
+        "max_probability": float(prob.max()) if prob.size else 0.0,
+    }
+
+
+def _skipped(case: volumes.Case, outs: _Outs) -> CaseResult:
+    res = CaseResult(case.id, status="skipped", mask=str(outs.mask))
+    try:
+        saved = json.loads(outs.meta.read_text())
+        for k in SUMMARY_COLUMNS:
+            if k in saved and k not in ("status", "error", "case"):
+                setattr(res, k, saved[k])
+    except (OSError, ValueError):
+        pass
+    return res
+
+
+class VolumeFormat:
+    """The pipeline's edges for volume cases: a case is read and checked
+    (:func:`brainseg.data.volumes.read_case`), cut into the model's LPS axial slices, post-processed
+    in 3D and written back on its input grid as NIfTI with the input's affine and header."""
+
+    def __init__(
+        self,
+        opts: PredictOptions,
+        size: tuple[int, int] | None,
+        post: VolumePost,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.opts = opts
+        self.metadata = metadata  # the model's (the DICOM SEG names the algorithm)
+        self.size = size
+        self.post = post
+
+    def read_cost(self, item: object) -> int:
+        """Half the read-ahead budget: at most two cases are read ahead of the model."""
+        return pipeline.READ_AHEAD_BYTES // 2
+
+    def prepare(self, case: volumes.Case) -> Prepared | CaseResult:
+        try:
+            outs = _outputs(case.id, self.opts)
+            existing = [p for p in outs.all() if p.exists()]
+            done = all(p.exists() for p in (outs.meta, outs.mask, outs.seg) if p is not None)
+            if existing and self.opts.skip_existing and done:
+                return _skipped(case, outs)
+            if existing and not (self.opts.force or self.opts.skip_existing):
+                raise BrainsegError(
+                    f"{existing[0]} already exists",
+                    hint="pass --force to overwrite it or --skip-existing to keep it",
+                )
+            t0 = time.perf_counter()
+            vol = volumes.read_case(case)
+            slices = volumes.to_slices(vol.data, vol.grid.affine)  # S x H x W x 3
+            x, padded = imageio.to_model_input(slices, self.size, pad=self.opts.pad)
+            held = vol.data.nbytes + x.nbytes
+            return Prepared(case, outs, x, padded, (vol, slices.shape[1:3], t0), held)
+        except BrainsegRuntimeError:
+            raise  # disk full, a broken model: stop the run
+        except BrainsegError as exc:
+            return CaseResult(case.id, status="error", error=exc.message)
+
+    def masks(self, vol: volumes.CaseVolume, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask, probability) on the input grid from S x H x W slice probabilities: eval's
+        patient-volume post-processing (threshold, 2D min size, largest 3D), then min volume."""
+        post = self.post.post
+        mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
+        if self.post.min_volume is not None:
+            amount, unit = self.post.min_volume
+            n = volumes.ceil_voxels(amount, vol.grid) if unit == "mm3" else math.ceil(amount)
+            mask = remove_small_3d(mask, n)
+        return (
+            volumes.from_slices(mask, vol.grid.affine),
+            volumes.from_slices(prob, vol.grid.affine),
+        )
+
+    def finish(self, prep: Prepared, prob: np.ndarray) -> CaseResult:
+        vol, size, t0 = prep.data
+        case, outs = prep.item, prep.outputs
+        try:
+            mask, full = self.masks(vol, postprocess.proba_at_size(prob, size, padded=prep.padded))
+            res = CaseResult(
+                case.id,
+                inputs=";".join(str(p) for p in dict.fromkeys(vol.paths)),
+                mask=str(outs.mask),
+                **_case_info(vol, mask, full),
+            )
+            if outs.seg is not None:  # first: a series it cannot refer to leaves no file
+                info = dicomseg.algorithm_info(self.opts.models, self.metadata)
+                series = dicomseg.reference_series(case, self.opts.seg_series)
+                dicomseg.write_seg(outs.seg, mask, vol.grid, series, info, force=True)
+            if outs.prob is not None:
+                volumes.write_nifti(outs.prob, full, vol.grid, kind="prob", force=True)
+            volumes.write_nifti(outs.mask, mask, vol.grid, kind="mask", force=True)
+            meta = {
+                **res.row(),
+                "affine": vol.grid.affine.tolist(),
+                "voxel_mm3": vol.grid.voxel_mm3,
+                "intensity": vol.intensity,
+                "postprocess": self.post.as_dict(),
+                "probabilities": str(outs.prob) if outs.prob else None,
+                **({"dicom_seg": str(outs.seg)} if outs.seg is not None else {}),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            atomic_write_text(outs.meta, json.dumps(json_safe(meta), indent=2) + "\n")
+            return res
+        except BrainsegRuntimeError:
+            raise
+        except BrainsegError as exc:
+            return CaseResult(case.id, status="error", error=exc.message)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
+    if opts.force and opts.skip_existing:
+        raise BrainsegError(
+            "--force and --skip-existing cannot be used together",
+            hint="--skip-existing keeps finished cases, --force redoes them",
+        )
+    if opts.batch_size < 1:
+        raise BrainsegError(f"--batch-size {opts.batch_size} must be at least 1")
+    if not opts.models:
+        raise BrainsegError("no MODEL given", hint="pass a .safetensors or .onnx model")
+    for m in opts.models:
+        check_model_file(m)
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
+    parse_min_volume(opts.min_volume)
+    check_choice("--summary", opts.summary, SUMMARY_FORMATS)
+    if opts.fmt not in (None, "nifti", dicomseg.FORMAT):
+        raise BrainsegError(
+            f"--format {opts.fmt!r} is not a volume mask format",
+            hint=f"nifti (the default) or {dicomseg.FORMAT} (DICOM series cases)",
+        )
+    check_choice("--seg-series", opts.seg_series, volumes.CHANNELS)
+    if opts.seg_series != dicomseg.REFERENCE_CHANNEL and opts.fmt != dicomseg.FORMAT:
+        raise BrainsegError(
+            f"--seg-series {opts.seg_series}: only with --format {dicomseg.FORMAT}",
+            hint="it names the series a DICOM SEG refers to; NIfTI masks refer to none",
+        )
+    if opts.fmt == dicomseg.FORMAT:
+        dicomseg.check_installed()
+    return parse_shard(opts.shard)
+
+
+def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
+    """Refuse (exit 2, whatever --force / --skip-existing say) an -o folder where the masks
+    would be ground truth: ``<case>_mask.nii.gz`` is the label naming eval and score read
+    beside a case's files and anywhere below the cases folder, so a prediction written there
+    would overwrite a label or later pass for one."""
+    out = opts.out_dir.resolve()
+    hint = (
+        "choose an -o folder outside the data (e.g. -o masks/); --force and --skip-existing "
+        "never write there"
+    )
+    for item in opts.inputs:
+        top = Path(item)
+        if top.is_dir() and out.is_relative_to(top.resolve()):
+            raise BrainsegError(
+                f"output folder {opts.out_dir} is inside the input {top}: masks named "
+                "<case>_mask.nii.gz there are ground-truth labels to eval and score "
+                "(predictions would overwrite a label or pass for one)",
+                hint=hint,
+            )
+    for case in cases:
+        for path in case.paths:
+            if path.resolve().parent == out:
+                raise BrainsegError(
+                    f"output {opts.out_dir / (case.id + '_mask.nii.gz')} is the ground-truth "
+                    f"label name of case {case.id} (its input {path} is in {opts.out_dir}): "
+                    "predictions would overwrite a label or pass for one",
+                    hint=hint,
+                )
+
+
+def predict_volumes(
+    opts: PredictOptions, on_case: Callable[[CaseResult], None] | None = None
+) -> VolumeResult:
+    """Predict every case of ``opts.inputs`` (this shard's share); see the module docstring.
+
+    ``on_case`` is called after each case (progress, --json lines, one line per bad case).
+    """
+    shard = _check_options(opts)
+    cases = volumes.find_cases(opts.inputs, opts.channels)
+    require("nibabel")  # before the model loads: the masks are NIfTI files
+    if any(p.is_dir() for c in cases for p in c.paths):
+        require("SimpleITK")  # DICOM series
+    if opts.fmt == dicomseg.FORMAT:
+        dicomseg.check_cases(
+            cases, opts.seg_series
+        )  # a NIfTI case: one line, exit 2, before any work
+    seen: dict[str, volumes.Case] = {}
+    for c in cases:
+        if c.id in seen:
+            c.error = (
+                f"case {c.id} ({', '.join(map(str, c.paths))}) has the same name as "
+                f"{', '.join(map(str, seen[c.id].paths))}: both would write {c.id}_mask.nii.gz"
+            )
+        seen.setdefault(c.id, c)
+    check_layout(cases, opts)
+    if shard is not None:
+        cases = cases[shard[0] :: shard[1]]
+    summary_path = summary_file(opts.out_dir, shard, opts.summary)
+    check_summary(summary_path, opts)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        if shard is not None and not cases and not summary_path.exists():
+            # an empty shard still leaves its (empty) summary: --merge then knows it ran
+            write_empty_summary(summary_path, opts.summary, SUMMARY_COLUMNS)
+        return _run_cases(opts, cases, summary_path, on_case)
+
+
+def _run_cases(
+    opts: PredictOptions,
+    cases: list[volumes.Case],
+    summary_path: Path,
+    on_case: Callable[[CaseResult], None] | None,
+) -> VolumeResult:
+    factory: Callable[..., Any] = opts.predictor_factory or _predictor
+    predictor = factory(
+        [Path(m) for m in opts.models],
+        device=opts.device,
+        batch_size=opts.batch_size,
+        tta=opts.tta,
+        **runtime_kwargs(opts),
+    )
+    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
+        console.info(f"runtime {describe(predictor)}")
+    meta = dict(getattr(predictor, "metadata", None) or {})
+    post = resolve_post(meta, opts)
+    fmt = VolumeFormat(opts, predictor.image_size, post, meta)
+    results: list[CaseResult] = []
+    engine = Engine(predictor, fmt, opts.workers)
+    writer = SummaryWriter(summary_path, opts.summary, SUMMARY_COLUMNS, key="case")
+    bad: list[CaseResult] = []  # rows held until a case is written: all bad = no file at all
+
+    def row(res: CaseResult) -> None:
+        if res.status == "error" and not writer.rows:
+            bad.append(res)
+            return
+        for r in [*bad, res]:
+            writer.write(r)
+        bad.clear()
+
+    try:
+        each = engine.run(cases) if opts.runner is None else opts.runner(cases, opts)
+        for res in each:
+            results.append(res)
+            row(res)
+            if on_case is not None:
+                on_case(res)
+    except KeyboardInterrupt:
+        for res in engine.unreported:  # written while the run stopped: they get their rows
+            row(res)
+        raise
+    finally:
+        written = writer.close()
+    settings = {
+        "models": [str(m) for m in opts.models],
+        "channels": volumes.parse_channels(opts.channels),
+        "tta": opts.tta,
+        **post.as_dict(),
+    }
+    return VolumeResult(results, settings, written)
+
+
+def _predictor(models: list[Path], **kwargs: Any) -> Any:
+
+    return Predictor(models, **kwargs)
+
+
+def json_row(res: CaseResult) -> dict[str, Any]:
+    """The --json line of one case."""
+    return json_safe({k: v for k, v in asdict(res).items() if k != "extra"})

@@ -1,0 +1,1 @@
+"""The network and its files: the UNet, checkpoints, ONNX files, model cards, the Hub."""
