@@ -11,8 +11,8 @@ At --size (256) on the CPU, for
 * torch.compile (inductor) of fp32 and bf16 channels_last (``--no-compile`` leaves them out);
   the one-off compile time is the ``warmup_s`` of their rows,
 * onnxruntime fp32 (``brainseg export``),
-* onnxruntime int8 (static QDQ via ``brainseg.export.quantize_int8``, calibrated on slices of
-  the training patients),
+* onnxruntime int8 (static QDQ via ``brainseg.export.variants.quantize_int8``, calibrated on
+  slices of the training patients),
 * OpenVINO (``--runtime openvino``, when installed) on the same two files: fp32 (exact), bf16
   inference precision (CPUs with native bf16 only) and int8; each as ``brainseg predict``
   opens it (``brainseg.inference.runtimes.OpenVinoBackend``): LATENCY hint for batch 1, THROUGHPUT
@@ -148,6 +148,28 @@ def torch_runner(model: Any, channels_last: bool, bf16: bool) -> Runner:
     return run
 
 
+def torch_runners(model: Any, compile_too: bool) -> dict[str, Runner]:
+    """The torch rows: eager fp32 (the reference), channels_last, bf16 autocast where the CPU
+    has native bf16, and (``compile_too``) torch.compile of each precision."""
+    import copy
+
+    import torch
+
+    from brainseg.train.runtime import cpu_has_native_bf16
+
+    precisions = (False, True) if cpu_has_native_bf16() else (False,)
+    runners = {"torch fp32": torch_runner(model, False, False)}
+    runners["torch fp32 channels_last"] = torch_runner(copy.deepcopy(model), True, False)
+    if cpu_has_native_bf16():
+        runners["torch bf16 channels_last"] = torch_runner(copy.deepcopy(model), True, True)
+    for bf16 in precisions if compile_too else ():  # inductor; compiles on the first calls
+        net = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last))
+        runners[f"torch compile {'bf16' if bf16 else 'fp32'} channels_last"] = torch_runner(
+            net, True, bf16
+        )
+    return runners
+
+
 def ort_runner(path: Path) -> tuple[Runner, dict[str, Any]]:
     """The session ``brainseg predict`` opens for an .onnx file, and its settings."""
     from brainseg.inference.predict import OnnxBackend
@@ -263,10 +285,13 @@ def openvino_runners(
 
 
 def export_models(ckpt: Path, calib: np.ndarray, verify_root: Path, tmp: Path) -> dict[str, Path]:
-    """fp32 ONNX via brainseg.export.export_onnx, int8 QDQ via brainseg.export.quantize_int8."""
+    """fp32 ONNX via brainseg.export.export_onnx, int8 QDQ via
+    brainseg.export.variants.quantize_int8."""
     import onnx
 
-    from brainseg.export import export_onnx, quantize_int8, set_metadata
+    from brainseg.export import export_onnx
+    from brainseg.export.graph import set_metadata
+    from brainseg.export.variants import quantize_int8
     from brainseg.model.checkpoint import read_metadata
 
     fp32 = tmp / "model-fp32.onnx"
@@ -339,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from brainseg.evaluation.metrics import per_patient_dice
-    from brainseg.export import pick_rows
     from brainseg.export.cpu import int8_path
+    from brainseg.export.verify import pick_rows
     from brainseg.model.checkpoint import load_checkpoint, read_metadata
 
     result: dict[str, Any] = {"benchmark": "inference", **provenance()}
@@ -383,21 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_files(args.keep, [ckpt, *models.values()])
         model, _ = load_checkpoint(ckpt, "cpu")
         model.eval()
-        runners: dict[str, Runner] = {
-            "torch fp32": torch_runner(model, False, False),
-        }
-        import copy
-
-        runners["torch fp32 channels_last"] = torch_runner(copy.deepcopy(model), True, False)
-        from brainseg.train import cpu_has_native_bf16
-
-        if cpu_has_native_bf16():
-            runners["torch bf16 channels_last"] = torch_runner(copy.deepcopy(model), True, True)
-        if args.compile:  # torch.compile (inductor), each precision torch runs on this CPU
-            for bf16 in (False, True) if cpu_has_native_bf16() else (False,):
-                net = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last))
-                name = f"torch compile {'bf16' if bf16 else 'fp32'} channels_last"
-                runners[name] = torch_runner(net, True, bf16)
+        runners = torch_runners(model, args.compile)
         ort_info = {}
         for name, path in models.items():
             runners[f"onnxruntime {name}"], ort_info[name] = ort_runner(path)

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from brainseg.data import lgg
-    from brainseg.train import cpu_has_native_bf16
+    from brainseg.train.runtime import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         say("warning: this CPU has no native bf16: bf16 autocast is emulated (slow) here")

@@ -46,7 +46,7 @@ def onnx_with_metadata(path: Path, meta: dict[str, Any]) -> Path:
     """A tiny ONNX graph carrying ``meta`` exactly as `brainseg export` writes it."""
     import onnx
 
-    from brainseg.export import set_metadata
+    from brainseg.export.graph import set_metadata
 
     model = onnx.load(str(tiny_onnx(path)))
     set_metadata(model, meta, "fp32", 17, "best.safetensors")

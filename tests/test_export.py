@@ -185,7 +185,8 @@ def test_fp16_keeps_zscore_normalisation_fp32_and_handles_resize(
     import onnx
     import torch
 
-    from brainseg.export import convert_fp16, torch_to_onnx
+    from brainseg.export.graph import torch_to_onnx
+    from brainseg.export.variants import convert_fp16
     from brainseg.model.checkpoint import load_checkpoint
 
     ck = _checkpoint(
@@ -221,7 +222,7 @@ def test_dynamo_failure_falls_back_to_torchscript_and_verifies(
     import onnx
     import torch
 
-    from brainseg.export import set_metadata, torch_to_onnx
+    from brainseg.export.graph import set_metadata, torch_to_onnx
     from brainseg.export.verify import compare_with_torch, load_slices
     from brainseg.model.checkpoint import load_checkpoint
 

@@ -35,7 +35,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path) -> dict
     """
     import torch
 
-    from brainseg.export import set_metadata, torch_to_onnx
+    from brainseg.export.graph import set_metadata, torch_to_onnx
     from brainseg.model.checkpoint import save_checkpoint
     from brainseg.model.unet import UNetVGG16
 

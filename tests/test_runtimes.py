@@ -41,7 +41,8 @@ def models(tmp_path_factory: pytest.TempPathFactory, phantom_root: Path) -> dict
     import onnx
     import torch
 
-    from brainseg.export import quantize_int8, set_metadata, torch_to_onnx
+    from brainseg.export.graph import set_metadata, torch_to_onnx
+    from brainseg.export.variants import quantize_int8
     from brainseg.model.checkpoint import read_metadata, save_checkpoint
     from brainseg.model.unet import UNetVGG16
 

@@ -17,7 +17,10 @@ from conftest import run_cli
 from brainseg.config import TrainConfig, load_resume_config
 from brainseg.data.augment import AugmentSettings, augment_batch, draw
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.train import METRICS_COLUMNS, ValData, train, validate
+from brainseg.train import train
+from brainseg.train.data import ValData
+from brainseg.train.runfiles import METRICS_COLUMNS
+from brainseg.train.validation import validate
 
 TINY = [
     "--image-size",
@@ -390,7 +393,7 @@ def test_phantoms_reach_dice_above_0_8(tmp_path: Path) -> None:
 
 def test_amp_modes_resolve() -> None:
     from brainseg.devices import resolve_device
-    from brainseg.train import cpu_has_native_bf16, resolve_amp
+    from brainseg.train.runtime import cpu_has_native_bf16, resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) is None

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from brainseg.config import TrainConfig
-from brainseg.train import ValData, validate
+from brainseg.train.data import ValData
+from brainseg.train.validation import validate
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def _show(stage: str, result: Any) -> None:
 
         render_report(result.summary)
     elif stage == "export":
-        from brainseg.export import report_rows, report_title
+        from brainseg.export.report import report_rows, report_title
 
         con.result(con.table(report_title(result), *report_rows(result)))
 

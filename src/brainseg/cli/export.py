@@ -110,7 +110,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             con.configure(json_mode=True)
-        from brainseg.export import ExportCheckFailed, ExportOptions, check_export_args, export_onnx
+        from brainseg.export import ExportCheckFailed, ExportOptions, export_onnx
+        from brainseg.export.run import check_export_args
 
         if output is None and hub_folder is None:
             from brainseg.errors import BrainsegError
@@ -155,8 +156,14 @@ def _render(report: ExportReport, json_out: bool) -> None:
     """The report: JSON on stdout with --json; the tables and notes (stderr with --json)."""
     from rich.text import Text
 
-    from brainseg.export import int8_rows, int8_title, report_rows, report_title
-    from brainseg.export.report import precision_rows, precision_title
+    from brainseg.export.report import (
+        int8_rows,
+        int8_title,
+        precision_rows,
+        precision_title,
+        report_rows,
+        report_title,
+    )
 
     if json_out:
         con.emit_json(report.as_dict())

@@ -15,53 +15,7 @@ predict's backends), :mod:`~brainseg.export.report` (the report and its tables),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from brainseg.export.report import ExportCheckFailed, ExportReport
+from brainseg.export.run import ExportOptions, export_onnx
 
-from brainseg.export.graph import set_metadata, torch_to_onnx
-from brainseg.export.report import (
-    ExportCheckFailed,
-    ExportReport,
-    int8_rows,
-    int8_title,
-    report_rows,
-    report_title,
-)
-from brainseg.export.run import (
-    DEFAULT_CALIB_SLICES,
-    DEFAULT_OPSET,
-    MIN_OPSET,
-    ExportOptions,
-    check_export_args,
-    export_onnx,
-)
-from brainseg.export.variants import convert_fp16, quantize_int8, split_at_first_conv
-from brainseg.export.verify import (
-    INT8_DICE_TOLERANCE,
-    MASK_AGREEMENT_FLOOR,
-    VERIFY_SLICES,
-    pick_rows,
-)
-
-__all__: Sequence[str] = [
-    "DEFAULT_CALIB_SLICES",
-    "DEFAULT_OPSET",
-    "INT8_DICE_TOLERANCE",
-    "MASK_AGREEMENT_FLOOR",
-    "MIN_OPSET",
-    "VERIFY_SLICES",
-    "ExportCheckFailed",
-    "ExportOptions",
-    "ExportReport",
-    "check_export_args",
-    "convert_fp16",
-    "export_onnx",
-    "int8_rows",
-    "int8_title",
-    "pick_rows",
-    "quantize_int8",
-    "report_rows",
-    "report_title",
-    "set_metadata",
-    "split_at_first_conv",
-    "torch_to_onnx",
-]
+__all__ = ["ExportCheckFailed", "ExportOptions", "ExportReport", "export_onnx"]

@@ -15,19 +15,6 @@ The package, one concern per module (read in this order):
 
 from __future__ import annotations
 
-from brainseg.train.data import ValData
 from brainseg.train.loop import TrainResult, run_training, train
-from brainseg.train.runfiles import METRICS_COLUMNS
-from brainseg.train.runtime import cpu_has_native_bf16, resolve_amp
-from brainseg.train.validation import validate
 
-__all__ = [
-    "METRICS_COLUMNS",
-    "TrainResult",
-    "ValData",
-    "cpu_has_native_bf16",
-    "resolve_amp",
-    "run_training",
-    "train",
-    "validate",
-]
+__all__ = ["TrainResult", "run_training", "train"]
