@@ -34,9 +34,9 @@ import numpy as np
 from brainseg import console
 from brainseg.data import imageio, volumes
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_write_text, folder_lock, json_safe
+from brainseg.fsutil import atomic_write_text, folder_lock, json_safe, one_line
 from brainseg.inference import dicomseg, pipeline, postprocess
-from brainseg.inference.batch import check_summary, lock_name, one_line, parse_shard
+from brainseg.inference.batch import check_summary, lock_name, parse_shard
 from brainseg.inference.pipeline import (
     SUMMARY_FORMATS,
     Engine,
