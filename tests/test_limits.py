@@ -56,7 +56,7 @@ def test_predict_read_ahead_is_bounded_by_bytes(
     monkeypatch.setattr(pipeline, "READ_AHEAD_BYTES", one.nbytes + 3 * one.pixels)
     count = _live_images(monkeypatch)
     predictor = P.Predictor([tiny_onnx(tmp_path / "m.onnx")], device="cpu", batch_size=8)
-    opts = batch.BatchOptions(out_dir=tmp_path / "out", threshold=0.5, workers=2)
+    opts = batch.PredictOptions(models=[], inputs=[], out_dir=tmp_path / "out", threshold=0.5)
     files = batch.iter_inputs(batch.InputSpec(items=[str(scans)]))
     results = list(batch.predict_files(predictor, files, opts))
     assert [r.status for r in results] == ["ok"] * 24

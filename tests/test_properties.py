@@ -611,7 +611,7 @@ def _predict_one(model: Path, scan: Path, out: Path) -> list[Any]:
     from brainseg.inference import predict as P
 
     predictor = P.Predictor([model], device="cpu", batch_size=2)
-    opts = batch.BatchOptions(out_dir=out, threshold=float(predictor.metadata["threshold"]))
+    opts = batch.PredictOptions(models=[model], inputs=[str(scan)], out_dir=out)
     files = batch.iter_inputs(batch.InputSpec(items=[str(scan)]))
     return list(batch.predict_files(predictor, files, opts))
 

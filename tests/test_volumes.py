@@ -475,7 +475,7 @@ def test_volume_shards_use_the_slice_shard_rule(run, tiny, tmp_path):
     save_nifti(tmp_path / "cases" / "A.nii.gz", blob_volume())
     for bad, words in (("2/2", "--shard 2/2: need 0 <= I < N"), ("x", "is not of the form I/N")):
         opts = PredictOptions([tiny], [str(tmp_path / "cases")], tmp_path / "o", shard=bad)
-        with pytest.raises(BrainsegError, match=re.escape(words)):  # batch.parse_shard's words
+        with pytest.raises(BrainsegError, match=re.escape(words)):  # shards.parse_shard's words
             predict_volumes(opts)
         r = run(["predict", tiny, tmp_path / "cases", "-o", tmp_path / "o", "--shard", bad])
         assert r.returncode == 2 and words in r.stderr, r.stderr

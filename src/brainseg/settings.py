@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,39 @@ class PostSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "min_size": self.min_size, "largest": self.largest}
+
+
+@dataclass(kw_only=True)
+class InferenceSettings:
+    """How a model runs and how its probabilities become masks: the one options object of
+    predict (:class:`brainseg.inference.pipeline.PredictOptions`), eval on slices and on
+    volumes, each adding only what is its own. ``None``: the model's stored setting
+    (:meth:`resolve`), else the default."""
+
+    threshold: float | None = None
+    min_size: int | None = None  # 2D components under this many pixels are removed
+    largest: bool | None = None  # keep the largest 3D component per patient / volume
+    min_volume: str | None = None  # volumes: drop 3D components under "N" voxels or "Nmm3"
+    tta: bool = False
+    device: str = "auto"
+    batch_size: int = 8
+    runtime: str | None = None  # auto, onnxruntime, openvino, torch (inference.runtimes)
+    precision: str | None = None  # auto, fp32, bf16
+    threads: int = 0  # 0: the runtime's default
+
+    def inference_settings(self) -> dict[str, Any]:
+        """These settings alone, by name (of a subclass such as PredictOptions too)."""
+        return {f.name: getattr(self, f.name) for f in fields(InferenceSettings)}
+
+    def resolve(self, metadata: Mapping[str, Any]) -> ModelSettings:
+        """The options over the model's metadata (:func:`resolve`)."""
+        return resolve(
+            metadata,
+            threshold=self.threshold,
+            min_size=self.min_size,
+            largest=self.largest,
+            tta=self.tta,
+        )
 
 
 @dataclass

@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
         if merge is not None:
             raise typer.Exit(run_merge(merge, ctx, json_out=json_out))
         if shard is not None and shard.strip().lower() == "auto":
-            from brainseg.inference.batch import parse_shard
+            from brainseg.inference.shards import parse_shard
 
             found = parse_shard(shard)  # the SLURM array task's shard, or None outside one
             shard = None if found is None else f"{found[0]}/{found[1]}"

@@ -136,9 +136,7 @@ def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None)
     def on_case(res: CaseResult) -> None:
         if emit is not None:
             emit(res)
-        if res.status == "error":
-            con.error(res.error)
-        else:
+        if res.status != "error":  # a failure is said by the run (its error line)
             con.info(
                 f"{res.case}: {res.status}, {res.tumor_voxels} tumour voxels "
                 f"({con.fmt(res.tumor_volume_ml)} mL) on {res.tumor_slices}/{res.slices} slices"

@@ -46,11 +46,11 @@ from brainseg.fsutil import (
     next_run_dir,
 )
 from brainseg.inference import postprocess
-from brainseg.inference.predict import Predictor
-from brainseg.inference.runtimes import describe, runtime_kwargs
+from brainseg.inference.predict import load_predictor
+from brainseg.inference.runtimes import describe
 from brainseg.model.card import member_training_patients
 from brainseg.model.checkpoint import check_model_file, copy_with_metadata, read_metadata
-from brainseg.settings import PostSettings, resolve
+from brainseg.settings import InferenceSettings, PostSettings
 
 __all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
 
@@ -86,22 +86,14 @@ class ProbaPredictor(Protocol):
 PredictorFactory = Callable[..., ProbaPredictor]
 
 
-@dataclass
-class EvalOptions:
-    """Settings of one evaluation; ``None`` means "from the model's metadata"."""
+@dataclass(kw_only=True)
+class EvalOptions(InferenceSettings):
+    """One evaluation on the dataset: the shared :class:`~brainseg.settings.InferenceSettings`
+    (``None``: the model's) plus what is eval's own."""
 
-    threshold: float | None = None
-    min_size: int | None = None
-    largest: bool | None = None
-    tta: bool = False
-    device: str = "auto"
-    batch_size: int = 8
     skip_bad: bool = False
     tune: bool = False
     cache_dir: Path | None = None  # the dataset cache's folder (None: the default one)
-    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.inference.runtimes)
-    precision: str | None = None  # auto, fp32, bf16
-    threads: int = 0  # 0: the runtime's default
 
 
 @dataclass
@@ -209,33 +201,6 @@ def select_patients(
 
 
 # --------------------------------------------------------------------------- prediction
-
-
-def make_predictor(
-    models: Sequence[Path], opts: EvalOptions, factory: PredictorFactory | None = None
-) -> ProbaPredictor:
-    """The real :class:`brainseg.inference.predict.Predictor` (or ``factory`` in tests)."""
-    if factory is None:
-        factory = Predictor
-    try:
-        predictor = factory(
-            [Path(m) for m in models],
-            device=opts.device,
-            batch_size=opts.batch_size,
-            tta=opts.tta,
-            **runtime_kwargs(opts),
-        )
-    except BrainsegError:
-        raise
-    except Exception as exc:  # a corrupt file read by a third-party library
-        names = ", ".join(map(str, models))
-        raise BrainsegError(
-            f"cannot load model {names}: {type(exc).__name__}: {exc}",
-            hint="is the file complete? re-export or re-train it",
-        ) from exc
-    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
-        console.info(f"runtime {describe(predictor)}")
-    return predictor
 
 
 def predict_probabilities(
@@ -362,7 +327,9 @@ def run_eval(
     split_p = _check_eval_options(opts, split_path, subset)
 
     # the models first: a corrupt file is one line before any dataset cache is built
-    predictor = make_predictor(model_paths, opts, predictor_factory)
+    predictor = load_predictor(model_paths, opts, predictor_factory)
+    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
+        console.info(f"runtime {describe(predictor)}")
     data = load_dataset(data_path, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
     ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
     rows = data.indices_of(ids)
@@ -377,9 +344,7 @@ def run_eval(
             "(optimistic if the model was trained on some of them)"
         )
     meta = dict(predictor.metadata)
-    resolved = resolve(
-        meta, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest, tta=opts.tta
-    )
+    resolved = opts.resolve(meta)
     settings = resolved.post
     overlap = training_overlap(predictor, model_paths, ids)
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"

@@ -1,13 +1,11 @@
 """``brainseg eval MODEL CASES`` on NIfTI / DICOM volume cases: predict, then score.
 
 One path makes the masks everywhere, so evaluating volumes is the composition of the two jobs
-that already exist: :func:`brainseg.inference.volume_predict.predict_volumes` writes every case's
-mask
-into the eval run's ``masks/`` folder (the files predict ships, with the model's 3D
-post-processing), and :func:`brainseg.evaluation.score.score_folders` measures those files against
-the
-true label volumes. The numbers therefore describe exactly the masks a user of ``brainseg
-predict`` gets, and HD95 / surface Dice come in mm from the voxel spacing.
+that already exist: :func:`brainseg.inference.volume_predict.predict_volumes` writes every
+case's mask into the eval run's ``masks/`` folder (the files predict ships, with the model's 3D
+post-processing), and :func:`brainseg.evaluation.score.score_folders` measures those files
+against the true label volumes. The numbers therefore describe exactly the masks a user of
+``brainseg predict`` gets, and HD95 / surface Dice come in mm from the voxel spacing.
 
 The truth is a label volume per case, matched by case name: ``<case>_seg.nii.gz`` (or
 ``_mask`` / ``_gt`` / ``_label``) inside the cases' own folder by default, or in ``--gt DIR``.
@@ -23,32 +21,24 @@ from typing import Any
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import check_run_name, next_run_dir
 from brainseg.inference.pipeline import PredictOptions
+from brainseg.settings import InferenceSettings
 
 
 @dataclass
-class VolumeEvalJob:
-    """``brainseg eval`` on volume cases; ``None`` settings come from the model's metadata."""
+class VolumeEvalJob(InferenceSettings):
+    """``brainseg eval`` on volume cases: the shared :class:`~brainseg.settings.InferenceSettings`
+    (``None``: the model's), which predict applies, plus what scoring and the run need."""
 
     models: list[Path]
     data: Path
     gt: Path | None = None  # None: label volumes beside the cases in ``data``
     channels: str | None = None
-    threshold: float | None = None
-    min_size: int | None = None
-    largest: bool | None = None
-    min_volume: str | None = None
-    tta: bool = False
-    device: str = "auto"
-    batch_size: int = 8
     tolerance: float = 2.0
     fmt: str | None = None  # the masks' format: nifti (None) or dicom-seg
     seg_series: str = "flair"  # the contrast a DICOM SEG refers to
     project: Path = Path("runs/eval")
     name: str = "exp"
     exist_ok: bool = False
-    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.inference.runtimes)
-    precision: str | None = None
-    threads: int = 0
     predictor_factory: Any = None
 
 
@@ -108,20 +98,11 @@ def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
             inputs=[str(job.data)],
             out_dir=masks,
             channels=job.channels,
-            threshold=job.threshold,
-            min_size=job.min_size,
-            largest=job.largest,
-            min_volume=job.min_volume,
-            tta=job.tta,
-            device=job.device,
-            batch_size=job.batch_size,
             fmt=job.fmt,
             seg_series=job.seg_series,
-            runtime=job.runtime,
-            precision=job.precision,
-            threads=job.threads,
             force=True,
             predictor_factory=job.predictor_factory,
+            **job.inference_settings(),
         )
     )
     bad = [c for c in pred.cases if c.status == "error"]

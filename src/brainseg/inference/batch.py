@@ -1,15 +1,13 @@
 """``brainseg predict`` on image files: inputs -> masks on disk + a summary.
 
 Inputs (files, folders, globs, ``-`` for stdin) are walked lazily and go through the one case
-pipeline (:class:`brainseg.inference.pipeline.Engine`: read ahead, infer, write behind, so memory
-stays
-constant however many files there are) as one-slice cases; :class:`ImageFormat` is this
-kind's reading and writing. :func:`predict_inputs`
-is the library entry point (``PredictOptions`` in, ``PredictResult`` out) that the command
-and the demo call.
+pipeline (:class:`brainseg.inference.pipeline.Engine`: read ahead, infer, write behind, so
+memory stays constant however many files there are) as one-slice cases; :class:`ImageFormat`
+is this kind's reading and writing. :func:`predict_inputs` is the library entry point
+(``PredictOptions`` in, ``PredictResult`` out) that the command and the demo call.
 
-The mask of every file comes from :func:`brainseg.inference.postprocess.mask_from_output`, the rule
-eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
+The mask of every file comes from :func:`brainseg.inference.postprocess.mask_from_output`, the
+rule eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from itertools import islice
 from pathlib import Path, PurePosixPath
@@ -33,28 +31,23 @@ from brainseg.data import imageio
 from brainseg.data.imageio import is_mask_name
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import (
-    check_target,
     file_kind,
-    folder_lock,
     json_safe,
     one_line,
     remove_stale_temps,
 )
 from brainseg.inference import postprocess
 from brainseg.inference.pipeline import (
-    SUMMARY_FORMATS,
     Engine,
     PredictOptions,
     Prepared,
-    SummaryWriter,
+    RunOutcome,
     check_choice,
-    summary_file,
-    write_empty_summary,
+    run_cases,
 )
 from brainseg.inference.predict import Predictor
-from brainseg.inference.runtimes import describe, runtime_kwargs
-from brainseg.inference.shards import slurm_shard
-from brainseg.settings import DEFAULT_THRESHOLD, resolve
+from brainseg.inference.runtimes import describe
+from brainseg.settings import PostSettings
 
 # --------------------------------------------------------------------------- input walking
 
@@ -356,53 +349,6 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
             )
 
 
-#: Most shards --shard I/N may name (N beyond this died in itertools.islice: internal error).
-MAX_SHARDS = 1_000_000
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None.
-
-    ``"auto"``: the shard of this SLURM array task (:func:`brainseg.inference.shards.slurm_shard`),
-    None (no sharding) outside a job array; a status line says which.
-    """
-    if value is None:
-        return None
-    if value.strip().lower() == "auto":
-        shard = slurm_shard()
-        if shard is None:
-            console.info(
-                "--shard auto: not in a SLURM job array (no SLURM_ARRAY_TASK_* variables): "
-                "no sharding, predicting every input"
-            )
-        else:
-            console.info(
-                f"--shard auto: shard {shard[0]}/{shard[1]} (SLURM array task "
-                f"{os.environ.get('SLURM_ARRAY_TASK_ID')} of {shard[1]})"
-            )
-        return shard
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
-    if not m:
-        raise BrainsegError(
-            f"--shard {value!r} is not of the form I/N",
-            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last, or --shard "
-            "auto in a SLURM job array",
-        )
-    i, n = int(m.group(1)), int(m.group(2))
-    if not 1 <= n <= MAX_SHARDS:
-        raise BrainsegError(
-            f"--shard {value.strip()}: need 0 <= I < N with N from 1 to {MAX_SHARDS:,} (the "
-            "number of machines or jobs sharing the inputs)",
-            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
-        )
-    if not 0 <= i < n:
-        raise BrainsegError(
-            f"--shard {value.strip()}: need 0 <= I < N (I from 0 to {n - 1})",
-            hint=f"the shards of N={n} are 0/{n} ... {n - 1}/{n}",
-        )
-    return i, n
-
-
 # --------------------------------------------------------------------------- batch engine
 
 
@@ -421,21 +367,8 @@ SUMMARY_COLUMNS = (
 )
 
 
-@dataclass
-class BatchOptions:
-    """Settings of one ``brainseg predict`` run."""
-
-    out_dir: Path
-    fmt: str = "tif"  # mask format: tif or png
-    threshold: float = DEFAULT_THRESHOLD
-    min_size: int = 0
-    pad: bool = False
-    probabilities: bool = False
-    overlay: bool = False
-    overlay_channel: int | None = 1  # 1 = FLAIR, None = RGB
-    skip_existing: bool = False
-    force: bool = False
-    workers: int = 2
+#: Mask formats of image files; the first is the default.
+IMAGE_FORMATS = ("tif", "png")
 
 
 @dataclass
@@ -475,7 +408,7 @@ class _Outputs:
         return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
 
 
-def output_paths(rel: PurePosixPath, opts: BatchOptions) -> _Outputs:
+def output_paths(rel: PurePosixPath, opts: PredictOptions) -> _Outputs:
     """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png)."""
     if rel.is_absolute() or any(part in ("..", "") for part in rel.parts):
         raise BrainsegError(
@@ -485,13 +418,13 @@ def output_paths(rel: PurePosixPath, opts: BatchOptions) -> _Outputs:
     folder = opts.out_dir.joinpath(*rel.parent.parts)
     stem = rel.stem
     return _Outputs(
-        mask=folder / f"{stem}_mask.{opts.fmt}",
+        mask=folder / f"{stem}_mask.{opts.fmt or IMAGE_FORMATS[0]}",
         prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
         overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
     )
 
 
-def check_outputs(item: InputFile, opts: BatchOptions, root: Path) -> _Outputs:
+def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs:
     """The outputs of ``item``, refused (even with --force) when one would leave ``root``
     (the resolved -o folder), be the input itself or the input's ground-truth mask."""
     outs = output_paths(item.rel, opts)
@@ -551,9 +484,17 @@ class ImageFormat:
     thresholded and cleaned of small components at the image's own size
     (:func:`brainseg.inference.postprocess.mask_from_output`) and written as ``_mask.tif/png``."""
 
-    def __init__(self, opts: BatchOptions, size: tuple[int, int] | None) -> None:
+    def __init__(
+        self,
+        opts: PredictOptions,
+        size: tuple[int, int] | None,
+        post: PostSettings,
+        runtime: str = "",
+    ) -> None:
         self.opts = opts
         self.size = size
+        self.post = post
+        self.runtime = runtime  # what runs the model, for the summary's rows
         self.root = opts.out_dir.resolve()
 
     # ---- read side (worker threads)
@@ -612,7 +553,7 @@ class ImageFormat:
         h, w = image.shape[:2]
         try:
             prob, mask = postprocess.mask_from_output(
-                prob[0], (h, w), opts.threshold, opts.min_size, padded=prep.padded
+                prob[0], (h, w), self.post.threshold, self.post.min_size, padded=prep.padded
             )
             force = prep.overwrite
             outs = prep.outputs
@@ -638,29 +579,23 @@ class ImageFormat:
             has_tumor=pixels > 0,
             height=h,
             width=w,
+            runtime=self.runtime,
             notes=prep.notes,
         )
 
 
 def predict_files(
-    predictor: Predictor,
-    files: Iterable[InputFile],
-    opts: BatchOptions,
-    unreported: list[FileResult] | None = None,
-) -> Generator[FileResult, None, None]:
-    """Predict every file and write its outputs; one :class:`FileResult` per file, in order.
-
-    Files that cannot be read or written come back with ``status="error"`` and the run goes
-    on; two inputs that would write the same output are an error for the second. When the
-    run stops early (an exception, or the generator closed), the results of the files
-    written but not yielded are appended to ``unreported``.
-    """
-    fmt = ImageFormat(opts, predictor.image_size)
-    yield from Engine(predictor, fmt, opts.workers, unreported).run(dedup_inputs(files, opts))
+    predictor: Predictor, files: Iterable[InputFile], opts: PredictOptions
+) -> Iterator[FileResult]:
+    """Predict every file and write its outputs, without a summary (what a run does between
+    its checks and its rows); one :class:`FileResult` per file, in order."""
+    post = opts.resolve(predictor.metadata).post
+    fmt = ImageFormat(opts, predictor.image_size, post, predictor.runtime)
+    return Engine(predictor, fmt, opts.workers).run(dedup_inputs(files, opts))
 
 
 def dedup_inputs(
-    files: Iterable[InputFile], opts: BatchOptions
+    files: Iterable[InputFile], opts: PredictOptions
 ) -> Iterator[InputFile | FileResult]:
     """The inputs as the engine takes them: a stdin line that names no file, or a second
     input writing an output already written in this run, becomes that file's error row;
@@ -685,7 +620,7 @@ def dedup_inputs(
                 status="error",
                 error=f"{f.path}: another input already writes "
                 f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
-                f"{opts.fmt} in this run",
+                f"{opts.fmt or IMAGE_FORMATS[0]} in this run",
             )
             continue
         seen.add(key)
@@ -704,56 +639,85 @@ def json_row(res: FileResult) -> dict[str, Any]:
 
 
 @dataclass
-class PredictResult:
-    """What one run did: counts, the summary file, what the walk left out."""
+class PredictResult(RunOutcome):
+    """What one run did (:class:`~brainseg.inference.pipeline.RunOutcome`) and what the walk
+    of the inputs left out."""
 
-    counts: dict[str, int]  # ok, skipped, error, tumor
-    summary_path: Path
-    written: Path | None  # the summary file, None when no file fell in this shard
     masks_skipped: int = 0
     other_types: list[Path] = field(default_factory=list)
     irregular: list[Path] = field(default_factory=list)  # FIFOs, devices... in folders
     earlier_outputs: int = 0  # files named like predict's outputs inside -o
 
-    @property
-    def done(self) -> int:
-        return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
 
+class ImageKind:
+    """Image files as :func:`~brainseg.inference.pipeline.run_cases` takes them: walked
+    lazily (the walk's counts kept in ``stats``), one-slice cases, a row per file."""
 
-def _check_options(opts: PredictOptions) -> tuple[str, str, tuple[int, int] | None]:
-    """Refuse bad options before anything is read: (mask format, summary format, shard)."""
-    fmt = check_choice("--format", opts.fmt or "tif", ("tif", "png"))
-    summary_fmt = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
-    if opts.force and opts.skip_existing:
-        raise BrainsegError(
-            "--force and --skip-existing cannot be used together",
-            hint="--skip-existing keeps finished files, --force redoes them",
+    noun = "file"
+    columns = SUMMARY_COLUMNS
+    key = "path"
+    hold_failures = False
+
+    def __init__(self) -> None:
+        self.stats = InputStats()
+
+    def check(self, opts: PredictOptions) -> PredictOptions:
+        fmt = check_choice("--format", opts.fmt or IMAGE_FORMATS[0], IMAGE_FORMATS)
+        check_inputs(opts.inputs, opts.include_masks)
+        return replace(opts, fmt=fmt)
+
+    def cases(
+        self, opts: PredictOptions, shard: tuple[int, int] | None
+    ) -> tuple[Iterable[InputFile | FileResult], int | None]:
+        spec = InputSpec(
+            items=list(opts.inputs),
+            include_masks=opts.include_masks,
+            stdin=opts.stdin,
+            output_dirs=[opts.out_dir],
         )
-    shard = parse_shard(opts.shard)
-    if opts.out_dir.exists() and not opts.out_dir.is_dir():
-        raise BrainsegError(
-            f"output {opts.out_dir} is a file, not a folder",
-            hint="pass a folder to -o (it is created if missing)",
-        )
-    check_inputs(opts.inputs, opts.include_masks)
-    return fmt, summary_fmt, shard
+        files = iter_inputs(spec, self.stats)
+        first = next(files, None)
+        if first is None:
+            masks = "" if opts.include_masks else ", skipping *_mask.* files"
+            raise BrainsegError(
+                f"no images found in {', '.join(opts.inputs)} (looked for "
+                f".tif/.tiff/.png/.jpg/.jpeg{masks})",
+                hint="check the paths, quote glob patterns, or pass --include-masks",
+            )
+        if not first.error:  # -o into the data: refuse up front
+            check_outputs(first, opts, opts.out_dir.resolve())
+
+        def chosen(stream: Iterable[InputFile]) -> Iterable[InputFile]:
+            return stream if shard is None else islice(stream, shard[0], None, shard[1])
+
+        total = None
+        if "-" not in opts.inputs:  # a second, cheap walk (no image is read) for the total
+            total = sum(1 for _ in chosen(iter_inputs(spec)))
+        return dedup_inputs(chosen(_chain(first, files)), opts), total
+
+    def edges(self, opts: PredictOptions, predictor: Predictor) -> ImageFormat:
+        post = opts.resolve(predictor.metadata).post
+        _announce(predictor, opts, post)
+        return ImageFormat(opts, predictor.image_size, post, predictor.runtime)
+
+    def failed(self, res: FileResult) -> None:
+        console.warn(res.error)
 
 
-def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -> None:
-
+def _announce(predictor: Predictor, opts: PredictOptions, post: PostSettings) -> None:
     size = predictor.image_size
     how = (
         "padded to multiples of 32"
-        if batch.pad or size is None
+        if opts.pad or size is None
         else f"resized to {size[0]}x{size[1]}"
     )
     console.info(
         f"model {opts.models[0]} ({describe(predictor)}"
         f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
-        f"{', TTA' if opts.tta else ''}): images {how}, threshold {batch.threshold:g}, "
-        f"min size {batch.min_size} (at each image's own size)"
+        f"{', TTA' if opts.tta else ''}): images {how}, threshold {post.threshold:g}, "
+        f"min size {post.min_size} (at each image's own size)"
     )
-    if resolve(predictor.metadata).post.largest:
+    if post.largest:
         console.info(
             "the model's largest-component rule is per patient volume and is not "
             "applied to independent files"
@@ -761,153 +725,22 @@ def _announce(predictor: Predictor, opts: PredictOptions, batch: BatchOptions) -
 
 
 def predict_inputs(opts: PredictOptions) -> PredictResult:
-    """Predict every input image and write its outputs and the summary (see the module doc).
-
-    BrainsegError (exit 2) for bad options, inputs or models before anything is written;
-    files that fail on their own are rows with status "error" and the run goes on.
-    """
-
-    fmt, summary_fmt, shard = _check_options(opts)
-    spec = InputSpec(
-        items=list(opts.inputs),
-        include_masks=opts.include_masks,
-        stdin=opts.stdin,
-        output_dirs=[opts.out_dir],
-    )
-    stats = InputStats()
-    files = iter_inputs(spec, stats)
-    first = next(files, None)
-    if first is None:
-        raise BrainsegError(
-            f"no images found in {', '.join(opts.inputs)} (looked for .tif/.tiff/.png/.jpg/.jpeg"
-            f"{'' if opts.include_masks else ', skipping *_mask.* files'})",
-            hint="check the paths, quote glob patterns, or pass --include-masks",
-        )
-    summary_path = summary_file(opts.out_dir, shard, summary_fmt)
-    batch = BatchOptions(
-        out_dir=opts.out_dir,
-        fmt=fmt,
-        pad=opts.pad,
-        probabilities=opts.probabilities,
-        overlay=opts.overlay,
-        overlay_channel=None if opts.overlay_rgb else 1,
-        skip_existing=opts.skip_existing,
-        force=opts.force,
-        workers=opts.workers,
-    )
-    if not first.error:  # -o into the data: refuse up front
-        check_outputs(first, batch, opts.out_dir.resolve())
-    check_summary(summary_path, opts)
-    factory = opts.predictor_factory or Predictor
-    predictor = factory(
-        opts.models,
-        device=opts.device,
-        batch_size=opts.batch_size,
-        tta=opts.tta,
-        **runtime_kwargs(opts),
-    )
-    post = resolve(predictor.metadata, threshold=opts.threshold, min_size=opts.min_size).post
-    batch.threshold, batch.min_size = post.threshold, post.min_size
-    _announce(predictor, opts, batch)
-
-    def chosen(stream: Iterable[InputFile]) -> Iterable[InputFile]:
-        return stream if shard is None else islice(stream, shard[0], None, shard[1])
-
-    total = None
-    if "-" not in opts.inputs:  # a second, cheap walk (no image is read) for the progress total
-        total = sum(1 for _ in chosen(iter_inputs(spec)))
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    everything = chosen(_chain(first, files))
-    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
-        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
-        counts, written = _run(predictor, everything, batch, summary_path, summary_fmt, total, opts)
-        if shard is not None and written is None and not summary_path.exists():
-            # an empty shard still leaves its (empty) summary: --merge then knows it ran
-            write_empty_summary(summary_path, summary_fmt, SUMMARY_COLUMNS)
+    """Predict every input image and write its outputs and the summary (see the module doc
+    and :func:`~brainseg.inference.pipeline.run_cases`)."""
+    kind = ImageKind()
+    done = run_cases(opts, kind)
+    st = kind.stats
     return PredictResult(
-        counts,
-        summary_path,
-        written,
-        stats.masks,
-        stats.other_types,
-        stats.irregular,
-        stats.earlier_outputs,
+        done.counts,
+        done.summary_path,
+        done.written,
+        st.masks,
+        st.other_types,
+        st.irregular,
+        st.earlier_outputs,
     )
-
-
-def lock_name(shard: tuple[int, int] | None) -> str:
-    """The lock of a predict run in its output folder (one per shard: shards may share -o)."""
-    return "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
-
-
-def check_summary(summary_path: Path, opts: PredictOptions | Any) -> None:
-    """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
-    check_target(summary_path, force=True)
-    if summary_path.exists() and not (opts.force or opts.skip_existing):
-        raise BrainsegError(
-            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
-            hint="pass --skip-existing to resume that run, --force to redo it, "
-            "or choose another -o folder",
-        )
 
 
 def _chain(first: InputFile, rest: Iterator[InputFile]) -> Iterator[InputFile]:
     yield first
     yield from rest
-
-
-def _run(
-    predictor: Predictor,
-    files: Iterable[InputFile],
-    batch: BatchOptions,
-    summary_path: Path,
-    summary_fmt: str,
-    total: int | None,
-    opts: PredictOptions,
-) -> tuple[dict[str, int], Path | None]:
-    """The loop over results: summary rows, callbacks, warnings, progress."""
-    writer = SummaryWriter(summary_path, summary_fmt, SUMMARY_COLUMNS)
-    counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
-    warned: set[str] = set()
-    unreported: list[FileResult] = []
-    run = opts.runner if opts.runner is not None else predict_files
-    results = run(predictor, files, batch, unreported)
-    pending: FileResult | None = None
-    try:
-        with console.progress(total, "predict", unit="file") as bar:
-            for res in results:
-                pending = res
-                if res.status == "ok":
-                    res.runtime = predictor.runtime
-                writer.write(res)
-                pending = None
-                counts[res.status] += 1
-                counts["tumor"] += bool(res.has_tumor)
-                if opts.on_result is not None:
-                    opts.on_result(res)
-                if res.status == "error":
-                    console.warn(res.error)
-                for note in res.notes:
-                    if note not in warned:
-                        warned.add(note)
-                        console.warn(f"{res.path}: {note} (said once; other files may be too)")
-                bar.advance(1, failed=counts["error"])
-    except KeyboardInterrupt:
-        # Ctrl-C / SIGTERM: every file on disk gets its row (the one in hand, the writes in
-        # flight, which closing the generator lets finish), then the summary is renamed
-        results.close()
-        for res in ([pending] if pending is not None else []) + unreported:
-            if res is not writer.last:
-                writer.write(res)
-                counts[res.status] += 1
-                if opts.on_result is not None:  # its --json line too
-                    opts.on_result(res)
-        done = counts["ok"] + counts["skipped"] + counts["error"]
-        console.warn(
-            f"interrupted after {done} file(s); their rows are in {summary_path}; run the "
-            "same command with --skip-existing to continue"
-        )
-        raise
-    finally:
-        written = writer.close()
-    return counts, written

@@ -23,20 +23,26 @@ import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from brainseg import console
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import (
     atomic_write_bytes,
+    check_target,
+    folder_lock,
     json_safe,
     make_temp_file,
     remove_stale_temps,
     write_error,
 )
+from brainseg.inference.predict import load_predictor
+from brainseg.inference.shards import parse_shard
+from brainseg.settings import InferenceSettings
 
 #: Bytes of decoded cases predict holds ahead of inference (from the files' declared sizes),
 #: and again behind it (waiting to be written): large images are read a few at a time, not
@@ -46,10 +52,11 @@ READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
-class PredictOptions:
-    """One ``brainseg predict`` run (image files or volume cases); ``None`` settings come
-    from the model's metadata. The image-only and volume-only fields are refused for the
-    other kind by the command (``commands.predict_volumes.refuse_options``)."""
+class PredictOptions(InferenceSettings):
+    """One ``brainseg predict`` run (image files or volume cases): the shared
+    :class:`~brainseg.settings.InferenceSettings` plus what to read and write. The image-only
+    and volume-only fields are refused for the other kind by the command
+    (``cli.predict_volumes.refuse_options``)."""
 
     models: list[Path]  # the model, then any ensemble members (mean probability)
     inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
@@ -59,35 +66,27 @@ class PredictOptions:
     overlay: bool = False
     overlay_rgb: bool = False
     summary: str = "csv"  # csv or jsonl
-    threshold: float | None = None
-    min_size: int | None = None
-    tta: bool = False
     pad: bool = False
-    batch_size: int = 8
-    device: str = "auto"
     workers: int = 2
     skip_existing: bool = False
     force: bool = False
     shard: str | None = None
     include_masks: bool = False
-    runtime: str | None = None  # auto, onnxruntime, openvino, torch (brainseg.inference.runtimes)
-    precision: str | None = None  # auto, fp32, bf16
-    threads: int = 0  # 0: the runtime's default
-    # volume cases (NIfTI / DICOM)
-    channels: str | None = None  # None: volumes.DEFAULT_CHANNELS
-    largest: bool | None = None  # keep the largest 3D component
-    min_volume: str | None = None  # drop 3D components: "N" voxels or "Nmm3"
+    channels: str | None = None  # volume cases; None: volumes.DEFAULT_CHANNELS
     seg_series: str = "flair"  # the contrast whose DICOM series a DICOM SEG refers to
     stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin)
     #: Called with every result as it comes (e.g. the command's --json line).
     on_result: Callable[[Any], None] | None = None
     #: Builds the predictor (tests, eval); None: :class:`brainseg.inference.predict.Predictor`.
     predictor_factory: Callable[..., Any] | None = None
-    #: Another engine (:mod:`brainseg.inference.ray_engine`): for image files (predictor, files,
-    #: batch
-    #: options, unreported) -> results, for volume cases (cases, options) -> results, in input
-    #: order; None: :class:`Engine` in this process.
+    #: Another engine (:mod:`brainseg.inference.ray_engine`): (predictor, cases, options,
+    #: unreported) -> results in input order; None: :class:`Engine` in this process.
     runner: Callable[..., Generator[Any, None, None]] | None = None
+
+    @property
+    def overlay_channel(self) -> int | None:
+        """The channel an overlay shows: 1 (FLAIR), or None for the RGB image."""
+        return None if self.overlay_rgb else 1
 
 
 R = TypeVar("R")
@@ -374,3 +373,186 @@ def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
             hint=f"use {option} {choices[0]}",
         )
     return v
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class CaseKind(Protocol):
+    """What a kind of input (image files, volume cases) brings to a predict run; the run
+    itself (checks, summary, lock, model, engine, Ctrl-C) is :func:`run_cases`', once."""
+
+    noun: str  # "file", "case": the unit of the progress bar and the messages
+    key: str  # the summary column naming a row's input
+    #: A run in which every case fails writes no summary: each failure was bad input.
+    hold_failures: bool
+
+    @property
+    def columns(self) -> Sequence[str]:
+        """The summary's columns."""
+
+    def check(self, opts: PredictOptions) -> PredictOptions:
+        """Refuse this kind's bad options and inputs before anything is read; the options
+        with this kind's defaults filled in."""
+
+    def cases(
+        self, opts: PredictOptions, shard: tuple[int, int] | None
+    ) -> tuple[Iterable[Any], int | None]:
+        """This shard's inputs, checked as far as can be before the model loads (an input
+        that cannot be predicted is its result), and their number when it is cheap to know."""
+
+    def edges(self, opts: PredictOptions, predictor: Any) -> CaseFormat[Any]:
+        """The pipeline's edges for this model (after the run's status line)."""
+
+    def failed(self, res: Any) -> None:
+        """Say that one input failed (its row says why too)."""
+
+
+@dataclass
+class RunOutcome:
+    """What a run did: results by status (and with tumour), where the summary is."""
+
+    counts: dict[str, int]  # ok, skipped, error, tumor
+    summary_path: Path
+    written: Path | None  # the summary file, None when no row was written
+
+    @property
+    def done(self) -> int:
+        return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
+
+
+def check_run(opts: PredictOptions) -> tuple[PredictOptions, tuple[int, int] | None]:
+    """Refuse the options every predict run shares before anything is read; the options
+    (the summary format as named) and the shard."""
+    if opts.force and opts.skip_existing:
+        raise BrainsegError(
+            "--force and --skip-existing cannot be used together",
+            hint="--skip-existing keeps finished outputs, --force redoes them",
+        )
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise BrainsegError(
+            f"output {opts.out_dir} is a file, not a folder",
+            hint="pass a folder to -o (it is created if missing)",
+        )
+    summary = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
+    return replace(opts, summary=summary), parse_shard(opts.shard)
+
+
+def lock_name(shard: tuple[int, int] | None) -> str:
+    """The lock of a predict run in its output folder (one per shard: shards may share -o)."""
+    return "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
+
+
+def check_summary(summary_path: Path, opts: PredictOptions) -> None:
+    """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
+    check_target(summary_path, force=True)
+    if summary_path.exists() and not (opts.force or opts.skip_existing):
+        raise BrainsegError(
+            f"{summary_path} already exists (an earlier run wrote to {opts.out_dir})",
+            hint="pass --skip-existing to resume that run, --force to redo it, "
+            "or choose another -o folder",
+        )
+
+
+def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
+    """One ``brainseg predict`` run over image files or volume cases: check, load the model,
+    predict every case of this shard through the engine (or ``opts.runner``), write the
+    summary as results come, under the output folder's lock.
+
+    BrainsegError (exit 2) for bad options, inputs or models before anything is written;
+    an input that fails on its own is a row with status "error" and the run goes on.
+    """
+    opts, shard = check_run(opts)
+    opts = kind.check(opts)
+    items, total = kind.cases(opts, shard)
+    summary_path = summary_file(opts.out_dir, shard, opts.summary)
+    check_summary(summary_path, opts)
+    predictor = load_predictor(opts.models, opts, opts.predictor_factory)
+    fmt = kind.edges(opts, predictor)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
+        unreported: list[Any] = []  # written while the run stopped: they get their rows too
+        if opts.runner is None:
+            results = Engine(predictor, fmt, opts.workers, unreported).run(items)
+        else:
+            results = opts.runner(predictor, items, opts, unreported)
+        outcome = _drive(kind, results, unreported, summary_path, total, opts)
+        if shard is not None and outcome.done == 0 and not summary_path.exists():
+            # an empty shard still leaves its (empty) summary: --merge then knows it ran
+            write_empty_summary(summary_path, opts.summary, kind.columns)
+    return outcome
+
+
+class _Rows:
+    """The summary's rows; with ``hold`` failures wait for the first success, so a run in
+    which every case fails leaves no summary (each failure was bad input, exit 2)."""
+
+    def __init__(self, writer: SummaryWriter, hold: bool) -> None:
+        self.writer = writer
+        self.held: list[Any] | None = [] if hold else None
+
+    def write(self, res: Any) -> None:
+        if self.held is not None and res.status == "error" and not self.writer.rows:
+            self.held.append(res)
+            return
+        for r in [*(self.held or []), res]:
+            self.writer.write(r)
+        if self.held:
+            self.held.clear()
+
+
+def _drive(
+    kind: CaseKind,
+    results: Iterator[Any],
+    unreported: list[Any],
+    summary_path: Path,
+    total: int | None,
+    opts: PredictOptions,
+) -> RunOutcome:
+    """The loop over results in input order: summary rows, callbacks, warnings, progress;
+    on Ctrl-C / SIGTERM every output on disk still gets its row before the summary closes."""
+    writer = SummaryWriter(summary_path, opts.summary, kind.columns, key=kind.key)
+    rows = _Rows(writer, kind.hold_failures)
+    counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
+    warned: set[str] = set()
+    pending: Any = None
+
+    def tally(res: Any) -> None:
+        counts[res.status] += 1
+        counts["tumor"] += bool(res.has_tumor)
+        if opts.on_result is not None:
+            opts.on_result(res)
+
+    try:
+        with console.progress(total, "predict", unit=kind.noun) as bar:
+            for res in results:
+                pending = res
+                rows.write(res)
+                pending = None
+                tally(res)
+                if res.status == "error":
+                    kind.failed(res)
+                for note in getattr(res, "notes", ()):
+                    if note not in warned:
+                        warned.add(note)
+                        console.warn(f"{res.path}: {note} (said once; other files may be too)")
+                bar.advance(1, failed=counts["error"])
+    except KeyboardInterrupt:
+        # the result in hand and the writes in flight (closing the generator lets them
+        # finish) are on disk: they get their rows (and --json lines), then the summary
+        if isinstance(results, Generator):
+            results.close()
+        for res in ([pending] if pending is not None else []) + unreported:
+            if res is not writer.last:
+                rows.write(res)
+                tally(res)
+        done = counts["ok"] + counts["skipped"] + counts["error"]
+        console.warn(
+            f"interrupted after {done} {kind.noun}(s); their rows are in {summary_path}; run "
+            "the same command with --skip-existing to continue"
+        )
+        raise
+    finally:
+        written = writer.close()
+    return RunOutcome(counts, summary_path, written)

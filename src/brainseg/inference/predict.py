@@ -49,6 +49,7 @@ from brainseg.settings import (
     MODEL_HINT,
     MODEL_SUFFIXES,
     SIZE_MULTIPLE,
+    InferenceSettings,
     check_metadata,
     image_size_of,
 )
@@ -391,6 +392,31 @@ class Predictor:
             return np.zeros((0, h, w), dtype=np.float32)
         x, padded = imageio.to_model_input(images, self.image_size, pad=pad)
         return postprocess.proba_at_size(self.predict_model_size(x), (h, w), padded=padded)
+
+
+def load_predictor(
+    models: Sequence[str | os.PathLike[str]],
+    settings: InferenceSettings,
+    factory: Any = None,
+) -> Any:
+    """The :class:`Predictor` of ``settings`` (device, batch size, TTA, runtime) for predict,
+    eval and the Ray workers alike; ``factory`` stands in for the class (tests). A model file
+    a third-party reader chokes on is one error naming it, not a traceback."""
+    try:
+        return (factory or Predictor)(
+            [Path(m) for m in models],
+            device=settings.device,
+            batch_size=settings.batch_size,
+            tta=settings.tta,
+            **runtimes.runtime_kwargs(settings),
+        )
+    except BrainsegError:
+        raise
+    except Exception as exc:
+        raise BrainsegError(
+            f"cannot load model {', '.join(map(str, models))}: {type(exc).__name__}: {exc}",
+            hint="is the file complete? re-export or re-train it",
+        ) from exc
 
 
 def _check_batch(images: np.ndarray) -> np.ndarray:

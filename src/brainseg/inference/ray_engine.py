@@ -33,7 +33,6 @@ from typing import Any
 from brainseg import console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.inference.pipeline import Engine
-from brainseg.inference.runtimes import runtime_kwargs
 from brainseg.optional import require
 
 #: The engines of ``brainseg predict --engine``.
@@ -100,26 +99,21 @@ class RayEngine:
 
     def _slice_runner(self, opts: Any) -> Callable[..., Generator[Any, None, None]]:
         def run(
-            predictor: Any, files: Iterable[Any], batch: Any, unreported: Any
+            predictor: Any, files: Iterable[Any], run_opts: Any, unreported: Any
         ) -> Generator[Any, None, None]:
-            from brainseg.inference.batch import FileResult, InputFile, dedup_inputs
+            from brainseg.inference.batch import FileResult, InputFile
 
-            items = list(dedup_inputs(files, batch))  # the driver's checks, in input order
+            items = list(files)  # checked by the driver (dedup_inputs), in input order
             done = {i: r for i, r in enumerate(items) if isinstance(r, FileResult)}
             rows = [
                 {"i": i, "path": os.fsencode(str(f.path)), "rel": os.fsencode(str(f.rel))}
                 for i, f in enumerate(items)
                 if isinstance(f, InputFile)
             ]
-            worker = replace(batch, workers=1)  # one reader and one writer thread per actor
+            # one reader and one writer thread per actor, on the device the actors use
             kwargs = {
-                "models": [str(m) for m in opts.models],
-                "device": opts.device,
-                "batch_size": opts.batch_size,
-                "tta": opts.tta,
-                "batch": worker,
+                "opts": _for_actors(run_opts, workers=1, device=opts.device),
                 "cwd": os.getcwd(),
-                "runtime": runtime_kwargs(opts),
             }
             per_task = self.files_per_task or 4 * opts.batch_size
             results = self._map(_SliceWorker, kwargs, rows, per_task, opts.device)
@@ -128,9 +122,9 @@ class RayEngine:
         return run
 
     def _case_runner(self, opts: Any) -> Callable[..., Iterator[Any]]:
-        def run(cases: list[Any], vopts: Any) -> Iterator[Any]:
+        def run(predictor: Any, cases: list[Any], vopts: Any, unreported: Any) -> Iterator[Any]:
             rows = [{"i": i, "case": _case_to_json(c)} for i, c in enumerate(cases)]
-            kwargs = {"opts": replace(vopts, runner=None), "cwd": os.getcwd()}
+            kwargs = {"opts": _for_actors(vopts), "cwd": os.getcwd()}
             results = self._map(_CaseWorker, kwargs, rows, 1, vopts.device)
             yield from _in_order(results, {}, len(cases))
 
@@ -360,6 +354,12 @@ def _result_from_json(text: str) -> Any:
     return CaseResult(**fields)
 
 
+def _for_actors(opts: Any, **changes: Any) -> Any:
+    """The run's options as the actors get them: without stdin and the driver's callbacks
+    and test hooks, which neither pickle nor mean anything in another process."""
+    return replace(opts, stdin=None, on_result=None, runner=None, predictor_factory=None, **changes)
+
+
 def _enter(cwd: str) -> None:
     """Work in the driver's folder, so relative inputs, -o and the summary's paths mean what
     they mean to the driver (every node must see the same paths: a shared file system)."""
@@ -379,28 +379,17 @@ class _SliceWorker:
     """One Ray actor: a :class:`~brainseg.inference.predict.Predictor` loaded once, and the local
     engine that reads, predicts and writes each task's files."""
 
-    def __init__(
-        self,
-        models: list[str],
-        device: str,
-        batch_size: int,
-        tta: bool,
-        batch: Any,
-        cwd: str,
-        runtime: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, opts: Any, cwd: str) -> None:
         self.fatal: _Fatal | None = None
         try:
             _enter(cwd)
             from brainseg.inference.batch import ImageFormat
-            from brainseg.inference.predict import Predictor
+            from brainseg.inference.predict import load_predictor
 
-            paths = [Path(m) for m in models]
-            predictor = Predictor(
-                paths, device=device, batch_size=batch_size, tta=tta, **(runtime or {})
-            )
-            fmt = ImageFormat(batch, predictor.image_size)
-            self.engine = Engine(predictor, fmt, batch.workers)
+            predictor = load_predictor(opts.models, opts)
+            post = opts.resolve(predictor.metadata).post
+            fmt = ImageFormat(opts, predictor.image_size, post, predictor.runtime)
+            self.engine = Engine(predictor, fmt, opts.workers)
         except Exception as exc:  # a device or model this node cannot use
             self.fatal = _Fatal.of(exc)
 
@@ -432,18 +421,10 @@ class _CaseWorker:
 
     def engine(self) -> Any:
         if self._engine is None:
+            from brainseg.inference.predict import load_predictor
             from brainseg.inference.volume_predict import VolumeFormat, resolve_post
 
-            factory = self.opts.predictor_factory
-            if factory is None:
-                from brainseg.inference.predict import Predictor as factory
-            predictor = factory(
-                [Path(m) for m in self.opts.models],
-                device=self.opts.device,
-                batch_size=self.opts.batch_size,
-                tta=self.opts.tta,
-                **runtime_kwargs(self.opts),
-            )
+            predictor = load_predictor(self.opts.models, self.opts)
             meta = dict(getattr(predictor, "metadata", None) or {})
             fmt = VolumeFormat(self.opts, predictor.image_size, resolve_post(meta, self.opts), meta)
             self._engine = Engine(predictor, fmt, 1)

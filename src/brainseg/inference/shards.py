@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brainseg import console
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text
 
@@ -205,3 +206,50 @@ def merge_summaries(out_dir: Path) -> MergeResult:
         text = "".join(ln + "\n" for ln in ordered)
     result.written = atomic_write_text(out_dir / f"summary.{fmt}", text)
     return result
+
+
+#: Most shards --shard I/N may name (N beyond this died in itertools.islice: internal error).
+MAX_SHARDS = 1_000_000
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None.
+
+    ``"auto"``: the shard of this SLURM array task (:func:`slurm_shard`),
+    None (no sharding) outside a job array; a status line says which.
+    """
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        shard = slurm_shard()
+        if shard is None:
+            console.info(
+                "--shard auto: not in a SLURM job array (no SLURM_ARRAY_TASK_* variables): "
+                "no sharding, predicting every input"
+            )
+        else:
+            console.info(
+                f"--shard auto: shard {shard[0]}/{shard[1]} (SLURM array task "
+                f"{os.environ.get('SLURM_ARRAY_TASK_ID')} of {shard[1]})"
+            )
+        return shard
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m:
+        raise BrainsegError(
+            f"--shard {value!r} is not of the form I/N",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last, or --shard "
+            "auto in a SLURM job array",
+        )
+    i, n = int(m.group(1)), int(m.group(2))
+    if not 1 <= n <= MAX_SHARDS:
+        raise BrainsegError(
+            f"--shard {value.strip()}: need 0 <= I < N with N from 1 to {MAX_SHARDS:,} (the "
+            "number of machines or jobs sharing the inputs)",
+            hint="e.g. --shard 0/4 on the first of 4 machines ... 3/4 on the last",
+        )
+    if not 0 <= i < n:
+        raise BrainsegError(
+            f"--shard {value.strip()}: need 0 <= I < N (I from 0 to {n - 1})",
+            hint=f"the shards of N={n} are 0/{n} ... {n - 1}/{n}",
+        )
+    return i, n

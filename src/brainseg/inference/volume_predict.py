@@ -3,12 +3,11 @@
 The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes the
 :class:`~brainseg.inference.pipeline.PredictOptions` image files take too and returns a
 :class:`VolumeResult`. Cases go through the same pipeline as images
-(:class:`brainseg.inference.pipeline.Engine`); :class:`VolumeFormat` is this kind's edges: each
-case is
-read and checked (:mod:`brainseg.data.volumes`), cut into the model's axial slices (LPS,
-:func:`brainseg.data.volumes.to_slices`), resized or padded to the model's size as images are,
-post-processed in 3D, mapped back to the input grid and written as NIfTI with the input's
-affine and header:
+(:class:`brainseg.inference.pipeline.Engine`); :class:`VolumeFormat` is this kind's edges:
+each case is read and checked (:mod:`brainseg.data.volumes`), cut into the model's axial
+slices (LPS, :func:`brainseg.data.volumes.to_slices`), resized or padded to the model's size
+as images are, post-processed in 3D, mapped back to the input grid and written as NIfTI with
+the input's affine and header:
 
 - ``OUT/<case>_mask.nii.gz`` (uint8 0/1), ``OUT/<case>_prob.nii.gz`` with ``--probabilities``
 - ``OUT/<case>.json`` (written last: its presence means the case is done) and
@@ -25,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +33,12 @@ import numpy as np
 from brainseg import console
 from brainseg.data import imageio, volumes
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import atomic_write_text, folder_lock, json_safe, one_line
+from brainseg.fsutil import atomic_write_text, json_safe, one_line
 from brainseg.inference import dicomseg, pipeline, postprocess
-from brainseg.inference.batch import check_summary, lock_name, parse_shard
-from brainseg.inference.pipeline import (
-    SUMMARY_FORMATS,
-    Engine,
-    PredictOptions,
-    Prepared,
-    SummaryWriter,
-    check_choice,
-    summary_file,
-    write_empty_summary,
-)
-from brainseg.inference.predict import Predictor
-from brainseg.inference.runtimes import describe, runtime_kwargs
-from brainseg.model.checkpoint import check_model_file
+from brainseg.inference.pipeline import PredictOptions, Prepared, check_choice, run_cases
+from brainseg.inference.runtimes import describe
 from brainseg.optional import require
-from brainseg.settings import PostSettings, resolve
+from brainseg.settings import PostSettings
 
 SUMMARY_COLUMNS = (
     "case",
@@ -97,6 +84,10 @@ class CaseResult:
 
     def row(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
+
+    @property
+    def has_tumor(self) -> bool:
+        return bool(self.tumor_voxels)
 
 
 @dataclass
@@ -170,8 +161,7 @@ class VolumePost:
 
 def resolve_post(meta: dict[str, Any], opts: PredictOptions) -> VolumePost:
     """Options win, then the model's stored settings, then the defaults."""
-    s = resolve(meta, threshold=opts.threshold, min_size=opts.min_size, largest=opts.largest)
-    return VolumePost(s.post, parse_min_volume(opts.min_volume))
+    return VolumePost(opts.resolve(meta).post, parse_min_volume(opts.min_volume))
 
 
 # --------------------------------------------------------------------------- one case
@@ -325,36 +315,74 @@ class VolumeFormat:
 # --------------------------------------------------------------------------- the run
 
 
-def _check_options(opts: PredictOptions) -> tuple[int, int] | None:
-    if opts.force and opts.skip_existing:
-        raise BrainsegError(
-            "--force and --skip-existing cannot be used together",
-            hint="--skip-existing keeps finished cases, --force redoes them",
-        )
-    if opts.batch_size < 1:
-        raise BrainsegError(f"--batch-size {opts.batch_size} must be at least 1")
-    if not opts.models:
-        raise BrainsegError("no MODEL given", hint="pass a .safetensors or .onnx model")
-    for m in opts.models:
-        check_model_file(m)
-    if opts.out_dir.exists() and not opts.out_dir.is_dir():
-        raise BrainsegError(f"output {opts.out_dir} is a file, not a folder")
-    parse_min_volume(opts.min_volume)
-    check_choice("--summary", opts.summary, SUMMARY_FORMATS)
-    if opts.fmt not in (None, "nifti", dicomseg.FORMAT):
-        raise BrainsegError(
-            f"--format {opts.fmt!r} is not a volume mask format",
-            hint=f"nifti (the default) or {dicomseg.FORMAT} (DICOM series cases)",
-        )
-    check_choice("--seg-series", opts.seg_series, volumes.CHANNELS)
-    if opts.seg_series != dicomseg.REFERENCE_CHANNEL and opts.fmt != dicomseg.FORMAT:
-        raise BrainsegError(
-            f"--seg-series {opts.seg_series}: only with --format {dicomseg.FORMAT}",
-            hint="it names the series a DICOM SEG refers to; NIfTI masks refer to none",
-        )
-    if opts.fmt == dicomseg.FORMAT:
-        dicomseg.check_installed()
-    return parse_shard(opts.shard)
+class VolumeKind:
+    """Volume cases as :func:`~brainseg.inference.pipeline.run_cases` takes them: found and
+    checked up front (they are few), read whole, a row per case; a run in which every case
+    fails writes no file (each failure was bad input, exit 2)."""
+
+    noun = "case"
+    columns = SUMMARY_COLUMNS
+    key = "case"
+    hold_failures = True
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+
+    def check(self, opts: PredictOptions) -> PredictOptions:
+        parse_min_volume(opts.min_volume)
+        if opts.fmt not in (None, "nifti", dicomseg.FORMAT):
+            raise BrainsegError(
+                f"--format {opts.fmt!r} is not a volume mask format",
+                hint=f"nifti (the default) or {dicomseg.FORMAT} (DICOM series cases)",
+            )
+        check_choice("--seg-series", opts.seg_series, volumes.CHANNELS)
+        if opts.seg_series != dicomseg.REFERENCE_CHANNEL and opts.fmt != dicomseg.FORMAT:
+            raise BrainsegError(
+                f"--seg-series {opts.seg_series}: only with --format {dicomseg.FORMAT}",
+                hint="it names the series a DICOM SEG refers to; NIfTI masks refer to none",
+            )
+        if opts.fmt == dicomseg.FORMAT:
+            dicomseg.check_installed()
+        return opts
+
+    def cases(
+        self, opts: PredictOptions, shard: tuple[int, int] | None
+    ) -> tuple[list[volumes.Case], int]:
+        cases = volumes.find_cases(opts.inputs, opts.channels)
+        require("nibabel")  # before the model loads: the masks are NIfTI files
+        if any(p.is_dir() for c in cases for p in c.paths):
+            require("SimpleITK")  # DICOM series
+        if opts.fmt == dicomseg.FORMAT:  # a NIfTI case: one line, exit 2, before any work
+            dicomseg.check_cases(cases, opts.seg_series)
+        seen: dict[str, volumes.Case] = {}
+        for c in cases:
+            if c.id in seen:
+                c.error = (
+                    f"case {c.id} ({', '.join(map(str, c.paths))}) has the same name as "
+                    f"{', '.join(map(str, seen[c.id].paths))}: both would write "
+                    f"{c.id}_mask.nii.gz"
+                )
+            seen.setdefault(c.id, c)
+        check_layout(cases, opts)
+        if shard is not None:
+            cases = cases[shard[0] :: shard[1]]
+        return cases, len(cases)
+
+    def edges(self, opts: PredictOptions, predictor: Any) -> VolumeFormat:
+        if hasattr(predictor, "runtime_info"):  # a test's factory may not say
+            console.info(f"runtime {describe(predictor)}")
+        meta = dict(getattr(predictor, "metadata", None) or {})
+        post = resolve_post(meta, opts)
+        self.settings = {
+            "models": [str(m) for m in opts.models],
+            "channels": volumes.parse_channels(opts.channels),
+            "tta": opts.tta,
+            **post.as_dict(),
+        }
+        return VolumeFormat(opts, predictor.image_size, post, meta)
+
+    def failed(self, res: CaseResult) -> None:
+        console.error(res.error)
 
 
 def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
@@ -390,98 +418,22 @@ def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
 def predict_volumes(
     opts: PredictOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
-    """Predict every case of ``opts.inputs`` (this shard's share); see the module docstring.
+    """Predict every case of ``opts.inputs`` (this shard's share); see the module docstring
+    and :func:`~brainseg.inference.pipeline.run_cases`.
 
-    ``on_case`` is called after each case (progress, --json lines, one line per bad case).
+    ``on_case`` is called after each case (progress, --json lines).
     """
-    shard = _check_options(opts)
-    cases = volumes.find_cases(opts.inputs, opts.channels)
-    require("nibabel")  # before the model loads: the masks are NIfTI files
-    if any(p.is_dir() for c in cases for p in c.paths):
-        require("SimpleITK")  # DICOM series
-    if opts.fmt == dicomseg.FORMAT:
-        dicomseg.check_cases(
-            cases, opts.seg_series
-        )  # a NIfTI case: one line, exit 2, before any work
-    seen: dict[str, volumes.Case] = {}
-    for c in cases:
-        if c.id in seen:
-            c.error = (
-                f"case {c.id} ({', '.join(map(str, c.paths))}) has the same name as "
-                f"{', '.join(map(str, seen[c.id].paths))}: both would write {c.id}_mask.nii.gz"
-            )
-        seen.setdefault(c.id, c)
-    check_layout(cases, opts)
-    if shard is not None:
-        cases = cases[shard[0] :: shard[1]]
-    summary_path = summary_file(opts.out_dir, shard, opts.summary)
-    check_summary(summary_path, opts)
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
-        check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
-        if shard is not None and not cases and not summary_path.exists():
-            # an empty shard still leaves its (empty) summary: --merge then knows it ran
-            write_empty_summary(summary_path, opts.summary, SUMMARY_COLUMNS)
-        return _run_cases(opts, cases, summary_path, on_case)
-
-
-def _run_cases(
-    opts: PredictOptions,
-    cases: list[volumes.Case],
-    summary_path: Path,
-    on_case: Callable[[CaseResult], None] | None,
-) -> VolumeResult:
-    factory: Callable[..., Any] = opts.predictor_factory or _predictor
-    predictor = factory(
-        [Path(m) for m in opts.models],
-        device=opts.device,
-        batch_size=opts.batch_size,
-        tta=opts.tta,
-        **runtime_kwargs(opts),
-    )
-    if hasattr(predictor, "runtime_info"):  # a test's factory may not say
-        console.info(f"runtime {describe(predictor)}")
-    meta = dict(getattr(predictor, "metadata", None) or {})
-    post = resolve_post(meta, opts)
-    fmt = VolumeFormat(opts, predictor.image_size, post, meta)
     results: list[CaseResult] = []
-    engine = Engine(predictor, fmt, opts.workers)
-    writer = SummaryWriter(summary_path, opts.summary, SUMMARY_COLUMNS, key="case")
-    bad: list[CaseResult] = []  # rows held until a case is written: all bad = no file at all
 
-    def row(res: CaseResult) -> None:
-        if res.status == "error" and not writer.rows:
-            bad.append(res)
-            return
-        for r in [*bad, res]:
-            writer.write(r)
-        bad.clear()
+    def each(res: CaseResult) -> None:
+        results.append(res)
+        for call in (opts.on_result, on_case):
+            if call is not None:
+                call(res)
 
-    try:
-        each = engine.run(cases) if opts.runner is None else opts.runner(cases, opts)
-        for res in each:
-            results.append(res)
-            row(res)
-            if on_case is not None:
-                on_case(res)
-    except KeyboardInterrupt:
-        for res in engine.unreported:  # written while the run stopped: they get their rows
-            row(res)
-        raise
-    finally:
-        written = writer.close()
-    settings = {
-        "models": [str(m) for m in opts.models],
-        "channels": volumes.parse_channels(opts.channels),
-        "tta": opts.tta,
-        **post.as_dict(),
-    }
-    return VolumeResult(results, settings, written)
-
-
-def _predictor(models: list[Path], **kwargs: Any) -> Any:
-
-    return Predictor(models, **kwargs)
+    kind = VolumeKind()
+    done = run_cases(replace(opts, on_result=each), kind)
+    return VolumeResult(results, kind.settings, done.written)
 
 
 def json_row(res: CaseResult) -> dict[str, Any]:
