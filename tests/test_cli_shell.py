@@ -255,3 +255,29 @@ def test_cache_list_shows_the_whole_built_from_path_at_80_columns(
     shutil.rmtree(deep)  # moved away: the path is still shown, and said to be gone
     r = run_cli(["cache", "list"], env=env)
     assert "(nolongerthere)" in _folded_column(r.stdout, 1).replace(" ", ""), r.stdout
+
+
+def test_predict_and_eval_declare_every_inference_setting_once() -> None:
+    """issue 23: the settings predict and eval share (``settings.InferenceSettings``, the base
+    of their options objects) are options of both commands with the same flags, default and
+    help, and the default is the field's: one declaration, no drift between the commands."""
+    import dataclasses
+
+    import typer.main
+
+    from brainseg.cli.app import app
+    from brainseg.settings import InferenceSettings
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+    def declared(name: str) -> dict[str, Any]:
+        return {
+            p.name: (tuple(p.opts), tuple(p.secondary_opts), p.default, p.help)
+            for p in commands[name].params
+        }
+
+    predict, evaluate = declared("predict"), declared("eval")
+    for f in dataclasses.fields(InferenceSettings):
+        assert f.name in predict and f.name in evaluate, f.name
+        assert predict[f.name] == evaluate[f.name], (f.name, predict[f.name], evaluate[f.name])
+        assert predict[f.name][2] == f.default, f.name

@@ -13,12 +13,19 @@ import typer
 
 from brainseg import console
 from brainseg.cli.options import (
+    batch_size_option,
+    device_option,
     fold_option,
+    largest_option,
+    min_size_option,
+    min_volume_option,
     precision_option,
     runtime_option,
     seg_series_option,
     subset_option,
     threads_option,
+    threshold_option,
+    tta_option,
 )
 
 _HELP = (
@@ -73,29 +80,12 @@ def register(app: typer.Typer) -> None:
         ),
         subset: str | None = subset_option(),
         fold: int | None = fold_option(),
-        tta: bool = typer.Option(
-            False, "--tta", help="Test-time augmentation: mean probability over flips."
-        ),
-        threshold: float | None = typer.Option(
-            None,
-            "--threshold",
-            min=0.0,
-            max=1.0,
-            help="Probability threshold \\[default: the model's stored threshold, else 0.5].",
-        ),
-        min_size: int | None = typer.Option(
-            None,
-            "--min-size",
-            min=0,
-            help="Remove 2D components smaller than this many pixels \\[default: model's].",
-        ),
-        largest: bool | None = typer.Option(
-            None,
-            "--largest/--no-largest",
-            help="Keep only the largest 3D component per patient \\[default: model's].",
-        ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
-        batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch."),
+        tta: bool = tta_option(),
+        threshold: float | None = threshold_option(),
+        min_size: int | None = min_size_option(),
+        largest: bool | None = largest_option(),
+        device: str = device_option(),
+        batch_size: int = batch_size_option(),
         runtime: str | None = runtime_option(),
         precision: str | None = precision_option(),
         threads: int = threads_option(),
@@ -138,11 +128,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes: 'pre=GLOB,flair=GLOB,post=GLOB' naming each case's contrasts "
             "(as for predict) \\[default: BraTS names *_t1, *_flair, *_t1ce].",
         ),
-        min_volume: str | None = typer.Option(
-            None,
-            "--min-volume",
-            help="Volumes: remove 3D components under N voxels ('200') or a volume ('150mm3').",
-        ),
+        min_volume: str | None = min_volume_option(),
         tolerance: float = typer.Option(
             2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
         ),
@@ -156,16 +142,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
-        from brainseg.cli.options import given_options
+        from brainseg.cli.options import given_options, refuse_unused
         from brainseg.optional import require
 
         require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
         given = given_options(ctx)
         if _is_volume_eval(paths, channels):
-            _refuse(given, SLICE_ONLY, "for kaggle_3m slices only; DATA holds volume cases")
+            why = "for kaggle_3m slices only; DATA holds volume cases"
+            refuse_unused(given, SLICE_ONLY, why, hint="see brainseg eval --help")
             _eval_volumes(given, paths, json_out)
             return
-        _refuse(given, VOLUME_ONLY, "for volume cases only (NIfTI / DICOM); DATA holds slices")
+        why = "for volume cases only (NIfTI / DICOM); DATA holds slices"
+        refuse_unused(given, VOLUME_ONLY, why, hint="see brainseg eval --help")
         from brainseg.evaluation import dataset as ev
 
         job = ev.EvalJob(
@@ -211,14 +199,6 @@ def _is_volume_eval(paths: list[Path], channels: str | None) -> bool:
     from brainseg.data.volumes import looks_like_volume_input
 
     return looks_like_volume_input(str(paths[-1]))
-
-
-def _refuse(given: dict[str, Any], options: dict[str, str], why: str) -> None:
-    flags = [flag for name, flag in options.items() if name in given]
-    if flags:
-        from brainseg.errors import BrainsegError
-
-        raise BrainsegError(f"{', '.join(flags)}: {why}", hint="see brainseg eval --help")
 
 
 def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> None:

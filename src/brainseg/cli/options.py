@@ -16,6 +16,17 @@ def given_options(ctx: Any) -> dict[str, Any]:
     }
 
 
+def refuse_unused(given: dict[str, Any], options: dict[str, str], why: str, hint: str) -> None:
+    """BrainsegError (exit 2) naming the options of ``options`` (parameter name -> flag) that
+    were given on the command line: the path this run takes does not use them, and an
+    ignored option would be a silent surprise."""
+    flags = [flag for name, flag in options.items() if name in given]
+    if flags:
+        from brainseg.errors import BrainsegError
+
+        raise BrainsegError(f"{', '.join(flags)}: {why}", hint=hint)
+
+
 def subset_option() -> Any:
     """``--subset`` as eval and score declare it (the patients of a split to score)."""
     import typer
@@ -82,3 +93,79 @@ def threads_option() -> Any:
     return typer.Option(
         0, "--threads", min=0, help="Inference threads (0: the runtime's default, every core)."
     )
+
+
+# The inference settings (brainseg.settings.InferenceSettings) as predict and eval declare
+# them: one declaration each, so the two commands cannot drift apart.
+
+
+def threshold_option() -> Any:
+    import typer
+
+    return typer.Option(
+        None,
+        "--threshold",
+        min=0.0,
+        max=1.0,
+        show_default=False,
+        help="Probability threshold \\[default: the model's stored threshold, else 0.5].",
+    )
+
+
+def min_size_option() -> Any:
+    import typer
+
+    return typer.Option(
+        None,
+        "--min-size",
+        min=0,
+        show_default=False,
+        help="Remove tumor components smaller than this many pixels (at each image's own "
+        "size; per slice for volumes) \\[default: the model's stored value].",
+    )
+
+
+def largest_option() -> Any:
+    import typer
+
+    return typer.Option(
+        None,
+        "--largest/--no-largest",
+        show_default=False,
+        help="Keep only the largest 3D tumor component of each patient or volume case (not "
+        "for independent image files) \\[default: the model's stored value].",
+    )
+
+
+def min_volume_option() -> Any:
+    import typer
+
+    return typer.Option(
+        None,
+        "--min-volume",
+        show_default=False,
+        metavar="N|Nmm3",
+        help="Volumes only: remove 3D components under N voxels ('200') or a volume ('150mm3').",
+    )
+
+
+def tta_option() -> Any:
+    import typer
+
+    return typer.Option(
+        False,
+        "--tta",
+        help="Test-time augmentation: mean probability over the image and its flips.",
+    )
+
+
+def device_option() -> Any:
+    import typer
+
+    return typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints).")
+
+
+def batch_size_option() -> Any:
+    import typer
+
+    return typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference batch.")

@@ -16,10 +16,17 @@ import typer
 
 from brainseg import console as con
 from brainseg.cli.options import (
+    batch_size_option,
+    device_option,
+    largest_option,
+    min_size_option,
+    min_volume_option,
     precision_option,
     runtime_option,
     seg_series_option,
     threads_option,
+    threshold_option,
+    tta_option,
 )
 from brainseg.errors import EXIT_RUNTIME
 from brainseg.fsutil import one_line
@@ -100,37 +107,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(
             False, "--json", help="One JSON line per file on stdout (nothing else there)."
         ),
-        threshold: float | None = typer.Option(
-            None,
-            "--threshold",
-            min=0.0,
-            max=1.0,
-            show_default=False,
-            help="Probability threshold \\[default: the model's stored threshold].",
-        ),
-        min_size: int | None = typer.Option(
-            None,
-            "--min-size",
-            min=0,
-            show_default=False,
-            help="Remove tumor components smaller than this many pixels (at each image's "
-            "own size, as eval does; per slice for volumes) \\[default: the model's stored value].",
-        ),
-        largest: bool | None = typer.Option(
-            None,
-            "--largest/--no-largest",
-            show_default=False,
-            help="Volumes only: keep only the largest 3D tumor component "
-            "\\[default: the model's stored value].",
-        ),
-        min_volume: str | None = typer.Option(
-            None,
-            "--min-volume",
-            show_default=False,
-            metavar="N|Nmm3",
-            help="Volumes only: remove 3D components under N voxels ('200') or a volume "
-            "('150mm3').",
-        ),
+        threshold: float | None = threshold_option(),
+        min_size: int | None = min_size_option(),
+        largest: bool | None = largest_option(),
+        min_volume: str | None = min_volume_option(),
         seg_series: str = seg_series_option(),
         channels: str | None = typer.Option(
             None,
@@ -141,21 +121,15 @@ def register(app: typer.Typer) -> None:
             "names; giving it takes the volume path "
             "\\[default: pre=*_t1.nii*,flair=*_flair.nii*,post=*_t1ce.nii*].",
         ),
-        tta: bool = typer.Option(
-            False, "--tta", help="Test-time augmentation: mean over horizontal/vertical flips."
-        ),
+        tta: bool = tta_option(),
         pad: bool = typer.Option(
             False,
             "--pad",
             help="Zero-pad each image to a multiple of 32 instead of resizing it to the "
             "model's image size.",
         ),
-        batch_size: int = typer.Option(
-            8, "--batch-size", "-b", min=1, help="Slices (images) per inference batch."
-        ),
-        device: str = typer.Option(
-            "auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints)."
-        ),
+        batch_size: int = batch_size_option(),
+        device: str = device_option(),
         workers: int = typer.Option(
             2, "--workers", min=1, help="Threads reading and (as many) writing files."
         ),

@@ -99,30 +99,26 @@ def wants_volumes(inputs: list[str], channels: str | None) -> bool:
 def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
     """BrainsegError (exit 2) for an option given on the command line (name -> value) that
     the chosen path (volume cases or image slices) does not use, instead of ignoring it."""
-    other = SLICE_ONLY if volumes else VOLUME_ONLY
-    flags = [
-        flag
-        for name, flag in other.items()
-        if name in given and not (volumes and name == "fmt" and given[name] in VOLUME_FORMATS)
-    ]
-    if not volumes and given.get("fmt") in VOLUME_FORMATS:
+    from brainseg.cli.options import refuse_unused
+
+    fmt = given.get("fmt")
+    if volumes:
+        slice_only = {
+            k: v for k, v in SLICE_ONLY.items() if k != "fmt" or fmt not in VOLUME_FORMATS
+        }
+        why = "for image slices only; these inputs are volume cases (NIfTI / DICOM)"
+        hint = "drop the option (volumes write OUT/<case>_mask.nii.gz; see docs/volumes.md)"
+        refuse_unused(given, slice_only, why, hint)
+        return
+    if fmt in VOLUME_FORMATS:
         raise BrainsegError(
-            f"--format {given['fmt']}: for volume cases only (dicom-seg: DICOM series); these "
-            "inputs are image slices",
+            f"--format {fmt}: for volume cases only (dicom-seg: DICOM series); these inputs are "
+            "image slices",
             hint="slices take --format tif or png",
         )
-    if not flags:
-        return
-    if volumes:
-        raise BrainsegError(
-            f"{', '.join(flags)}: for image slices only; these inputs are volume cases "
-            "(NIfTI / DICOM)",
-            hint="drop the option (volumes write OUT/<case>_mask.nii.gz; see docs/volumes.md)",
-        )
-    raise BrainsegError(
-        f"{', '.join(flags)}: for volume cases only (NIfTI / DICOM); these inputs are image slices",
-        hint="pass .nii/.nii.gz files, case folders or --channels for the volume path",
-    )
+    why = "for volume cases only (NIfTI / DICOM); these inputs are image slices"
+    hint = "pass .nii/.nii.gz files, case folders or --channels for the volume path"
+    refuse_unused(given, VOLUME_ONLY, why, hint)
 
 
 def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
