@@ -52,6 +52,7 @@ from brainseg.data.http import (
     sha256_file,
 )
 from brainseg.data.lgg import discover
+from brainseg.data.synthetic import check_arguments, write_synthetic
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import folder_lock, make_temp_dir, remove_stale_temps
 
@@ -453,8 +454,6 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
     if opts.what not in ("lgg", "synthetic"):
         raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg or synthetic")
     if opts.what == "synthetic":
-        from brainseg.data.synthetic import check_arguments
-
         check_arguments(opts.patients, opts.size, seed=opts.seed)
     elif opts.url is not None:
         check_url(opts.url)
@@ -465,8 +464,6 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
 def _install_dataset(opts: DownloadOptions, dest: Path, http: dict[str, Any]) -> DownloadResult:
     """``run_download`` for lgg / synthetic, under the install lock of ``dest``."""
     if opts.what == "synthetic":
-        from brainseg.data.synthetic import write_synthetic
-
         root = Path(write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force))
         con.info(f"wrote {opts.patients} phantom patients to {root}")
         extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}

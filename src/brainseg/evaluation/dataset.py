@@ -26,6 +26,7 @@ import numpy as np
 
 from brainseg import __version__, console
 from brainseg.data.cache import load_dataset
+from brainseg.data.split import check_split, load_split
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.evaluation import metrics
@@ -178,8 +179,6 @@ def select_patients(
                 hint="pass --split splits.yaml made with `brainseg split --folds K`",
             )
         return list(patient_ids), {"split": None, "subset": "all", "fold": None}
-
-    from brainseg.data.split import check_split, load_split
 
     split = load_split(split_path)
     check_split(split, list(patient_ids))

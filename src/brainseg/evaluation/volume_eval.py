@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from brainseg.errors import BrainsegError
+from brainseg.evaluation.dataset import check_model_paths
+from brainseg.evaluation.score import ScoreOptions, score_folders, write_score
 from brainseg.fsutil import check_run_name, next_run_dir
 from brainseg.inference.pipeline import PredictOptions
+from brainseg.inference.volume_predict import predict_volumes
 from brainseg.settings import InferenceSettings
 
 
@@ -53,7 +56,6 @@ class VolumeEvalResult:
 
 
 def _check(job: VolumeEvalJob) -> None:
-    from brainseg.evaluation.dataset import check_model_paths
 
     check_run_name(job.name)
     check_model_paths(job.models)
@@ -88,8 +90,6 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
 
 
 def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
-    from brainseg.evaluation.score import ScoreOptions, score_folders, write_score
-    from brainseg.inference.volume_predict import predict_volumes
 
     masks = run_dir / "masks"
     pred = predict_volumes(

@@ -23,6 +23,8 @@ import numpy as np
 from brainseg import console as con
 from brainseg.data.cache import load_dataset
 from brainseg.data.imageio import resize_image
+from brainseg.data.split import load_split
+from brainseg.data.synthetic import write_synthetic
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.evaluation import metrics
 from brainseg.export.ensemble import ensemble_logits
@@ -73,8 +75,6 @@ def load_slices(
     default one), or generated phantoms when ``data`` is None."""
 
     if data is None:
-        from brainseg.data.synthetic import write_synthetic
-
         side = max(SIZE_MULTIPLE, max(size) // SIZE_MULTIPLE * SIZE_MULTIPLE)
         was_quiet = con.state.quiet  # the cache of the export's own phantoms is no news
         con.configure(quiet=True)
@@ -123,8 +123,6 @@ def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], l
     """(validation, calibration) patient ids: the split's val / train, else every fifth
     patient (sorted order) for validation and the rest for calibration."""
     if split is not None:
-        from brainseg.data.split import load_split
-
         sp = load_split(split)
         val = [p for p in sp.patients("val") if p in ids]
         cal = [p for p in sp.patients("train") if p in ids]

@@ -31,8 +31,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from brainseg import console
+from brainseg.data.volumes import Case
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
+from brainseg.inference.batch import FileResult, ImageFormat, InputFile, predict_inputs
 from brainseg.inference.pipeline import Engine
+from brainseg.inference.predict import load_predictor
+from brainseg.inference.volume_predict import (
+    CaseResult,
+    VolumeFormat,
+    predict_volumes,
+    resolve_post,
+)
 from brainseg.optional import require
 
 #: The engines of ``brainseg predict --engine``.
@@ -84,14 +93,12 @@ class RayEngine:
         The driver loads the model once on the CPU, only for its settings (threshold, size)
         and the first status line; the actors load it on ``opts.device``.
         """
-        from brainseg.inference.batch import predict_inputs
 
         runner = self._slice_runner(opts)
         return predict_inputs(replace(opts, device="cpu", runner=runner))
 
     def predict_volumes(self, opts: Any, on_case: Callable[[Any], None] | None = None) -> Any:
         """:func:`brainseg.inference.volume_predict.predict_volumes` with a case per Ray task."""
-        from brainseg.inference.volume_predict import predict_volumes
 
         return predict_volumes(replace(opts, runner=self._case_runner(opts)), on_case)
 
@@ -101,7 +108,6 @@ class RayEngine:
         def run(
             predictor: Any, files: Iterable[Any], run_opts: Any, unreported: Any
         ) -> Generator[Any, None, None]:
-            from brainseg.inference.batch import FileResult, InputFile
 
             items = list(files)  # checked by the driver (dedup_inputs), in input order
             done = {i: r for i, r in enumerate(items) if isinstance(r, FileResult)}
@@ -326,7 +332,6 @@ def _case_to_json(case: Any) -> str:
 
 
 def _case_from_json(text: str) -> Any:
-    from brainseg.data.volumes import Case
 
     d = json.loads(text)
     four_d = None if d["four_d"] is None else Path(d["four_d"])
@@ -335,15 +340,12 @@ def _case_from_json(text: str) -> Any:
 
 
 def _result_to_json(res: Any) -> str:
-    from brainseg.inference.batch import FileResult
 
     kind = "fatal" if isinstance(res, _Fatal) else "file" if isinstance(res, FileResult) else "case"
     return json.dumps({"kind": kind, "fields": asdict(res)})
 
 
 def _result_from_json(text: str) -> Any:
-    from brainseg.inference.batch import FileResult
-    from brainseg.inference.volume_predict import CaseResult
 
     d = json.loads(text)
     fields = d["fields"]
@@ -383,8 +385,6 @@ class _SliceWorker:
         self.fatal: _Fatal | None = None
         try:
             _enter(cwd)
-            from brainseg.inference.batch import ImageFormat
-            from brainseg.inference.predict import load_predictor
 
             predictor = load_predictor(opts.models, opts)
             post = opts.resolve(predictor.metadata).post
@@ -394,7 +394,6 @@ class _SliceWorker:
             self.fatal = _Fatal.of(exc)
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        from brainseg.inference.batch import InputFile
 
         def make() -> list[Any]:
             files = [
@@ -421,9 +420,6 @@ class _CaseWorker:
 
     def engine(self) -> Any:
         if self._engine is None:
-            from brainseg.inference.predict import load_predictor
-            from brainseg.inference.volume_predict import VolumeFormat, resolve_post
-
             predictor = load_predictor(self.opts.models, self.opts)
             meta = dict(getattr(predictor, "metadata", None) or {})
             fmt = VolumeFormat(self.opts, predictor.image_size, resolve_post(meta, self.opts), meta)

@@ -42,6 +42,7 @@ from brainseg.config import (
     read_yaml,
 )
 from brainseg.data.cache import load_dataset
+from brainseg.data.split import check_split, load_split, make_split, save_split
 from brainseg.ensemble import MANIFEST_NAME, write_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.evaluation import metrics
@@ -292,7 +293,6 @@ def _find_same(project: Path, name: str, request: dict[str, Any]) -> Path | None
 
 def _write_split(cv_dir: Path, opts: CVOptions, seed: int, skip_bad: bool) -> int:
     """split.yaml of a new cv (a copy of --split, or K folds made here); returns K."""
-    from brainseg.data.split import check_split, load_split, make_split, save_split
 
     assert opts.data is not None
     ds = load_dataset(opts.data, skip_bad=skip_bad)
@@ -365,14 +365,12 @@ def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, A
         con.info(f"continuing {same} (a cv with the same data, folds and settings)")
         runtime = {k: train[k] for k in RUNTIME_KEYS}
         return _plan(same, _read_cv_yaml(same), opts, runtime, continued=True)
-    if opts.split is not None:  # refuse a split without folds before making a folder
-        from brainseg.data.split import load_split
-
-        if load_split(opts.split).n_folds < 2:
-            raise BrainsegError(
-                f"split {opts.split} has no cross-validation folds",
-                hint="make one with: brainseg split DATA --folds 5 -o folds.yaml",
-            )
+    # refuse a split without folds before making a folder
+    if opts.split is not None and load_split(opts.split).n_folds < 2:
+        raise BrainsegError(
+            f"split {opts.split} has no cross-validation folds",
+            hint="make one with: brainseg split DATA --folds 5 -o folds.yaml",
+        )
     cv_dir = next_run_dir(opts.project, opts.name)
     n_folds = _write_split(cv_dir, opts, int(train["seed"]), bool(train["skip_bad"]))
     doc = {
@@ -423,7 +421,6 @@ def fold_progress(run_dir: Path) -> tuple[int, int] | None:
 def train_fold(plan: CVPlan, k: int, show: Callable[[Any], None] | None = None) -> FoldRun:
     """Train fold ``k`` (or resume it, or skip it when its run says it is finished); ``show``
     gets the fold's TrainResult when it was trained here."""
-    from brainseg.data.split import load_split
     from brainseg.train.setup import missing_final_files
 
     run = plan.fold_dir(k)
@@ -492,7 +489,6 @@ def check_coverage(val_by_fold: Sequence[Sequence[str]], cv_patients: Iterable[s
 
 def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     """Each fold's validation patients predicted by that fold's model; returns (oof, #test)."""
-    from brainseg.data.split import check_split, load_split
 
     ds = load_dataset(plan.data, skip_bad=bool(plan.train.get("skip_bad", False)))
     split = load_split(plan.split_path)

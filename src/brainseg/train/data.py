@@ -19,6 +19,7 @@ import torch
 from brainseg import console as con
 from brainseg.config import ALL_FOLDS, TrainConfig
 from brainseg.data.cache import load_dataset
+from brainseg.data.split import Split, check_split, dataset_hash, load_split
 from brainseg.errors import BrainsegError
 
 
@@ -125,7 +126,6 @@ class TrainData:
 def load_split_checked(path: Path | None, fold: int | str | None) -> Any:
     """The split file, with the fold checked (before any model or data is built); None for
     --fold all without a split (every patient of the dataset, see :func:`whole_dataset_split`)."""
-    from brainseg.data.split import load_split
 
     if path is None:
         return None
@@ -137,7 +137,6 @@ def load_split_checked(path: Path | None, fold: int | str | None) -> Any:
 
 def whole_dataset_split(patient_ids: list[str], seed: int) -> Any:
     """The split of --fold all without --split: every patient in train, none in val / test."""
-    from brainseg.data.split import Split, dataset_hash
 
     ids = sorted(patient_ids)
     return Split(
@@ -175,7 +174,6 @@ def load_data(
 ) -> TrainData:
     """Read the dataset (the cache in ``cache_dir``, or the default one), check the split
     against it, resize, place on ``device``."""
-    from brainseg.data.split import check_split
 
     assert cfg.data is not None
     ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad, cache_dir=cache_dir)

@@ -21,6 +21,7 @@ from brainseg import __version__
 from brainseg import console as con
 from brainseg.config import TrainConfig, dump_yaml, postprocess_settings
 from brainseg.data.augment import AugmentSettings
+from brainseg.data.split import to_yaml
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
 from brainseg.inference.postprocess import DEFAULT_THRESHOLD
@@ -259,8 +260,6 @@ def write_start_files(
             shutil.copyfile(split_path, tmp := d / ".split.yaml.tmp")
             os.replace(tmp, d / "split.yaml")
     elif fresh:
-        from brainseg.data.split import to_yaml
-
         atomic_write_text(d / "split.yaml", to_yaml(run.data.split))
     write_metrics(d / "metrics.csv", run.rows)
 
