@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from brainseg.config import fields_with
-from brainseg.data.split import load_split
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_text
 from brainseg.model.checkpoint import check_model_file, read_metadata
@@ -374,6 +373,9 @@ def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
     path = cfg.get("split")
     if not path or not Path(str(path)).is_file():
         return None
+    # here, not at the top: splits need PyYAML, which the torch-free deployment (predict and
+    # info on ONNX files, docs/predict.md) does not install
+    from brainseg.data.split import load_split
 
     try:
         found = load_split(str(path))
