@@ -681,3 +681,33 @@ def test_a_dicom_series_with_a_missing_slice_is_refused_not_misplaced(run, tiny,
     assert r.returncode == 2, r.stderr
     assert "not evenly spaced" in r.stderr and "6 mm" in r.stderr, r.stderr
     assert not (tmp_path / "out" / "A_mask.nii.gz").exists()
+
+
+@pytest.mark.parametrize("kind", ["images", "volumes"])
+def test_image_files_and_volume_cases_are_refused_alike_before_anything_is_written(
+    run: Any, tiny: Path, tmp_path: Path, kind: str
+) -> None:
+    """issue 23: one predict run for both kinds, so the shared checks say the same words and a
+    model that cannot be loaded leaves no output folder (volume runs made an empty -o folder,
+    and took its lock, before loading the model)."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    if kind == "volumes":
+        save_nifti(src / "A.nii.gz", blob_volume())
+    else:
+        src.mkdir()
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(src / "s.png")
+    cut = tmp_path / "cut.onnx"  # an ONNX file cut short: it sniffs as ONNX, it does not load
+    cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    out = tmp_path / "out"
+    r = run(["predict", cut, src, "-o", out])
+    assert r.returncode == 2 and "cut.onnx" in r.stderr, r.stderr
+    assert not out.exists()
+    r = run(["predict", tiny, src, "-o", out, "--force", "--skip-existing"])
+    assert r.returncode == 2, r.stderr
+    assert "--force and --skip-existing cannot be used together" in r.stderr
+    out.write_text("")
+    r = run(["predict", tiny, src, "-o", out])
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr, r.stderr
+    assert "hint: pass a folder to -o" in r.stderr
