@@ -60,8 +60,9 @@ from brainseg.fsutil import (
 )
 from brainseg.inference import postprocess
 from brainseg.inference.postprocess import DEFAULT_THRESHOLD
-from brainseg.inference.predict import Predictor
+from brainseg.inference.predict import load_predictor
 from brainseg.model.checkpoint import read_metadata
+from brainseg.settings import InferenceSettings
 from brainseg.yamlio import parse_yaml
 
 SELECTS = ("last", "best")
@@ -510,11 +511,14 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     pos[rows_all] = np.arange(rows_all.size)
     h, w = ds.size
     prob = np.empty((rows_all.size, h, w), dtype=np.float32)
-    device = str(plan.train.get("device", "auto"))
+    # the inference settings predict and eval take: the folds' device and validation batch
+    infer = InferenceSettings(
+        device=str(plan.train.get("device", "auto")), batch_size=plan_batch(plan)
+    )
     for f in folds:
         rows = np.flatnonzero(fold_of == f.fold)
         con.info(f"out-of-fold: fold {f.fold} model predicts {len(f.val_patients)} patients")
-        predictor = Predictor([f.model], device=device, batch_size=plan_batch(plan))
+        predictor = load_predictor([f.model], infer)
         prob[pos[rows]] = predict_probabilities(predictor, ds.images, rows)
     oof = OOF(
         prob=prob,
