@@ -45,8 +45,6 @@ def test_predict_read_ahead_is_bounded_by_bytes(
     """issue 22: read-ahead held 2 x batch + workers images whatever their size (six 16000 x
     16000 TIFFs: 11.6 GB). With a budget of one image, at most a few are alive at once
     (before: all 24, the whole folder)."""
-    from brainseg.inference import predict as P
-
     scans = tmp_path / "scans"
     scans.mkdir()
     for i in range(24):
@@ -55,10 +53,16 @@ def test_predict_read_ahead_is_bounded_by_bytes(
     assert one is not None
     monkeypatch.setattr(pipeline, "READ_AHEAD_BYTES", one.nbytes + 3 * one.pixels)
     count = _live_images(monkeypatch)
-    predictor = P.Predictor([tiny_onnx(tmp_path / "m.onnx")], device="cpu", batch_size=8)
-    opts = batch.PredictOptions(models=[], inputs=[], out_dir=tmp_path / "out", threshold=0.5)
-    files = batch.iter_inputs(batch.InputSpec(items=[str(scans)]))
-    results = list(batch.predict_files(predictor, files, opts))
+    results: list[Any] = []
+    opts = batch.PredictOptions(
+        models=[tiny_onnx(tmp_path / "m.onnx")],
+        inputs=[str(scans)],
+        out_dir=tmp_path / "out",
+        device="cpu",
+        batch_size=8,
+        on_result=results.append,
+    )
+    batch.predict_inputs(opts)
     assert [r.status for r in results] == ["ok"] * 24
     assert count["max"] <= 8, f"{count['max']} decoded images alive at once"
 

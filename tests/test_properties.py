@@ -606,14 +606,20 @@ def onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def _predict_one(model: Path, scan: Path, out: Path) -> list[Any]:
-    """What ``brainseg predict MODEL SCAN -o OUT`` does, in-process."""
+    """What ``brainseg predict MODEL SCAN -o OUT`` does, in-process: its result rows."""
     from brainseg.inference import batch
-    from brainseg.inference import predict as P
 
-    predictor = P.Predictor([model], device="cpu", batch_size=2)
-    opts = batch.PredictOptions(models=[model], inputs=[str(scan)], out_dir=out)
-    files = batch.iter_inputs(batch.InputSpec(items=[str(scan)]))
-    return list(batch.predict_files(predictor, files, opts))
+    rows: list[Any] = []
+    opts = batch.PredictOptions(
+        models=[model],
+        inputs=[str(scan)],
+        out_dir=out,
+        device="cpu",
+        batch_size=2,
+        on_result=rows.append,
+    )
+    batch.predict_inputs(opts)
+    return rows
 
 
 @settings(max_examples=scale(60))

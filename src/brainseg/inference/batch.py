@@ -38,7 +38,6 @@ from brainseg.fsutil import (
 )
 from brainseg.inference import postprocess
 from brainseg.inference.pipeline import (
-    Engine,
     PredictOptions,
     Prepared,
     RunOutcome,
@@ -582,16 +581,6 @@ class ImageFormat:
             runtime=self.runtime,
             notes=prep.notes,
         )
-
-
-def predict_files(
-    predictor: Predictor, files: Iterable[InputFile], opts: PredictOptions
-) -> Iterator[FileResult]:
-    """Predict every file and write its outputs, without a summary (what a run does between
-    its checks and its rows); one :class:`FileResult` per file, in order."""
-    post = opts.resolve(predictor.metadata).post
-    fmt = ImageFormat(opts, predictor.image_size, post, predictor.runtime)
-    return Engine(predictor, fmt, opts.workers).run(dedup_inputs(files, opts))
 
 
 def dedup_inputs(
