@@ -155,9 +155,9 @@ def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None)
             rows,
         )
     )
-    if result.summary_path is not None:
-        con.info(f"summary: {result.summary_path}")
-    bad = result.count("error")
+    if result.written is not None:
+        con.info(f"summary: {result.written}")
+    bad = result.counts["error"]
     if bad:
         con.error(f"{bad} of {n} case(s) failed; nothing was written for them")
     return result.exit_code

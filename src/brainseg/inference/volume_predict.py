@@ -35,7 +35,13 @@ from brainseg.data import imageio, volumes
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text, json_safe, one_line
 from brainseg.inference import dicomseg, pipeline, postprocess
-from brainseg.inference.pipeline import PredictOptions, Prepared, check_choice, run_cases
+from brainseg.inference.pipeline import (
+    PredictOptions,
+    Prepared,
+    RunOutcome,
+    check_choice,
+    run_cases,
+)
 from brainseg.inference.runtimes import describe
 from brainseg.optional import require
 from brainseg.settings import PostSettings
@@ -91,20 +97,17 @@ class CaseResult:
 
 
 @dataclass
-class VolumeResult:
-    """What a run did: one :class:`CaseResult` per case, the settings and the summary path."""
+class VolumeResult(RunOutcome):
+    """What a run did (:class:`~brainseg.inference.pipeline.RunOutcome`): one
+    :class:`CaseResult` per case (cases are few) and the settings applied."""
 
-    cases: list[CaseResult]
-    settings: dict[str, Any]
-    summary_path: Path | None = None
-
-    def count(self, status: str) -> int:
-        return sum(1 for c in self.cases if c.status == status)
+    cases: list[CaseResult] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
         """0 all done; 2 every case was bad input; 1 some cases failed."""
-        bad = self.count("error")
+        bad = self.counts["error"]
         if not bad:
             return 0
         return 2 if bad == len(self.cases) else 1
@@ -433,7 +436,7 @@ def predict_volumes(
 
     kind = VolumeKind()
     done = run_cases(replace(opts, on_result=each), kind)
-    return VolumeResult(results, kind.settings, done.written)
+    return VolumeResult(done.counts, done.summary_path, done.written, results, kind.settings)
 
 
 def json_row(res: CaseResult) -> dict[str, Any]:
