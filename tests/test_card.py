@@ -282,3 +282,44 @@ def test_card_recipe_is_the_recipe_of_the_preset() -> None:
     plateau = TrainConfig(scheduler="plateau", plateau_patience=5, plateau_factor=0.2)
     recipe = mc.build_card({"config": plateau.to_dict()})["training"]["recipe"]
     assert (recipe["plateau_patience"], recipe["plateau_factor"]) == (5, 0.2)
+
+
+def _strict_json(text: str) -> Any:
+    """RFC 8259 JSON: NaN and Infinity are not JSON (browsers' and most parsers' JSON.parse
+    refuse them), so a model file that holds them cannot be read outside Python."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_model_metadata_with_nan_or_numpy_values_is_written_as_plain_json() -> None:
+    """issue 23 (JSON-safe conversion in one place): a card measurement or a metric that is
+    NaN (a Dice over no tumour) or a numpy number became the literal NaN or the string "0.5"
+    in the ONNX file's metadata and the card; both now go through fsutil.json_safe."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from brainseg.export.graph import set_metadata
+
+    evaluation = {"protocol": "cv", "metrics": {"dice": float("nan"), "iou": np.float32(0.5)}}
+    card = mc.build_card({"image_size": 64}, evaluation=evaluation)
+    assert card["evaluation"]["metrics"] == {"dice": None, "iou": 0.5}
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])],
+    )
+    model = helper.make_model(graph)
+    meta = {"image_size": 64, "metrics": {"val_dice": float("inf"), "best": np.float64(0.7)}}
+    set_metadata(model, meta, "fp32", 17, "m.safetensors")
+    props = {p.key: p.value for p in model.metadata_props}
+    assert _strict_json(props["metrics"]) == {"val_dice": None, "best": 0.7}
+    blob = _strict_json(props["brainseg"])
+    assert blob["metrics"] == {"val_dice": None, "best": 0.7}
+    onnx.checker.check_model(model)

@@ -19,6 +19,7 @@ from typing import Any
 
 from brainseg import __version__, console
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
+from brainseg.fsutil import json_safe
 from brainseg.inference.predict import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUT
 from brainseg.settings import resolve
 
@@ -50,7 +51,8 @@ def os_error(exc: BaseException) -> OSError | None:
 
 
 def _json(v: Any) -> str:
-    return json.dumps(v, sort_keys=True, default=str)
+    """A metadata value as plain JSON (fsutil.json_safe: NaN -> null, numpy -> numbers)."""
+    return json.dumps(json_safe(v), sort_keys=True, default=str)
 
 
 def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, source: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from brainseg.config import fields_with
 from brainseg.errors import BrainsegError
-from brainseg.fsutil import atomic_write_text
+from brainseg.fsutil import atomic_write_text, json_safe
 from brainseg.model.checkpoint import check_model_file, read_metadata
 from brainseg.model.onnxfile import metadata_from_props, open_session
 from brainseg.optional import require
@@ -160,7 +160,7 @@ def cv_figures(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
     oof = settings.get("cv_out_of_fold")
     if isinstance(oof, Mapping):
-        return json.loads(json.dumps(oof, default=str))
+        return json_safe(oof)
     tuning = settings.get("tuning")
     if not isinstance(tuning, Mapping) or not isinstance(tuning.get("after"), Mapping):
         return None
@@ -311,7 +311,7 @@ def build_card(
         "brainseg_version": version,
     }
     if evaluation:
-        card["evaluation"] = json.loads(json.dumps(evaluation, default=str))
+        card["evaluation"] = json_safe(evaluation)
     return card
 
 
@@ -329,7 +329,7 @@ def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
         except ValueError:
             stored = None
     if isinstance(stored, Mapping):
-        card.update(json.loads(json.dumps(stored, default=str)))
+        card.update(json_safe(stored))
     pre = dict(card.get("preprocessing") or {})
     pre["threshold"] = meta.get("threshold", pre.get("threshold", 0.5))
     pre["postprocess"] = dict(meta.get("postprocess") or pre.get("postprocess") or {})
