@@ -417,7 +417,7 @@ def output_paths(rel: PurePosixPath, opts: PredictOptions) -> _Outputs:
     folder = opts.out_dir.joinpath(*rel.parent.parts)
     stem = rel.stem
     return _Outputs(
-        mask=folder / f"{stem}_mask.{opts.fmt or IMAGE_FORMATS[0]}",
+        mask=folder / f"{stem}_mask.{opts.fmt}",  # set by ImageKind.check
         prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
         overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
     )
@@ -609,7 +609,7 @@ def dedup_inputs(
                 status="error",
                 error=f"{f.path}: another input already writes "
                 f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
-                f"{opts.fmt or IMAGE_FORMATS[0]} in this run",
+                f"{opts.fmt} in this run",
             )
             continue
         seen.add(key)
