@@ -429,6 +429,36 @@ def test_eval_and_predict_take_the_ensemble_as_one_model(
     assert len(list((tmp_path / "pred").rglob("*_mask.tif"))) == data.images.shape[0]
 
 
+@pytest.mark.slow
+def test_eval_of_each_fold_model_gives_cv_out_of_fold_dice(
+    killed_cv: dict[str, Any], phantoms: Path, tmp_path: Path
+) -> None:
+    """cv predicts out of fold in memory, eval predicts mask files and scores them: for
+    each fold's model on that fold's validation patients, at cv's settings before tuning
+    (threshold 0.5, no post-processing), the per-patient Dice agree to 1e-4."""
+    cv_dir = killed_cv["cv_dir"]
+    with open(cv_dir / "per_patient.csv", newline="") as f:
+        cv_rows = {r["patient_id"]: r for r in csv.DictReader(f)}
+    seen = 0
+    for k in range(3):
+        r = run_cli(
+            [
+                "--quiet", "eval", cv_dir / f"fold_{k}" / "last.safetensors", phantoms,
+                "--split", cv_dir / "split.yaml", "--fold", str(k), "--threshold", "0.5",
+                "--min-size", "0", "--no-largest", "--device", "cpu", "--json",
+                "--project", tmp_path, "--name", f"fold{k}",
+            ]
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        with open(Path(json.loads(r.stdout)["run_dir"]) / "per_patient.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                mine = cv_rows[row["patient_id"]]
+                assert int(mine["fold"]) == k
+                assert float(row["dice"]) == pytest.approx(float(mine["dice_before"]), abs=1e-4)
+                seen += 1
+    assert seen == len(cv_rows)
+
+
 def test_cv_takes_every_training_option_of_train(tmp_path: Path) -> None:
     """`brainseg cv` offers every option of `brainseg train` (issue 23: --decoder-channels was
     refused), except those cv chooses per fold; its values reach the fold config."""

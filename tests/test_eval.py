@@ -25,6 +25,7 @@ class FlairPredictor:
         self, model_paths: list[Path], device: str = "auto", batch_size: int = 8, tta: bool = False
     ) -> None:
         self.model_paths = model_paths
+        self.batch_size = batch_size
         self.tta = tta
         self.metadata: dict[str, Any] = {
             "threshold": 0.5,
@@ -32,7 +33,9 @@ class FlairPredictor:
         }
         self.calls = 0
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    image_size = None  # the images' own size (padded to multiples of 32)
+
+    def predict_model_size(self, images: np.ndarray) -> np.ndarray:
         assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8
         self.calls += 1
         return images[..., 1].astype(np.float32) / 255.0
@@ -246,6 +249,80 @@ def test_run_eval_and_write_run_with_a_standin_predictor(
     assert len(srows) == s["counts"]["slices"]
 
 
+@pytest.mark.parametrize("data", ["phantoms", "real"])
+def test_eval_scores_the_mask_files_it_writes_with_the_largest_3d_component_per_patient(
+    data: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """eval = predict, then score the same files: the run's masks/ hold one mask per slice,
+    each patient's stack is one 26-connected component (scipy's labelling), and the reported
+    per-patient Dice is numpy's Dice of those files against the truth TIFs (phantoms and the
+    real dev patients, whose FLAIR has many bright regions)."""
+    import tifffile
+    from scipy import ndimage
+
+    phantom_root = request.getfixturevalue("phantom_root" if data == "phantoms" else "real_data")
+
+    masks = tmp_path / "masks"
+    opts = ev.EvalOptions(threshold=0.5, min_size=0, largest=True)
+    res = ev.run_eval(
+        _fake_models(tmp_path), phantom_root, opts=opts, predictor_factory=FlairPredictor,
+        masks_dir=masks,
+    )  # fmt: skip
+    truth = sorted(phantom_root.glob("*/*_mask.tif"))
+    written = sorted(masks.glob("*/*_mask.tif"))
+    assert [p.relative_to(masks) for p in written] == [p.relative_to(phantom_root) for p in truth]
+    assert not list(masks.glob("*/*_prob.tif"))  # probabilities only for --tune
+    several = 0
+    for row in res.report.per_patient:
+        pid = str(row["patient_id"])
+        files = sorted((masks / pid).glob("*_mask.tif"), key=lambda f: int(f.stem.split("_")[-2]))
+        pred = np.stack([tifffile.imread(f) > 0 for f in files])
+        gt = np.stack([tifffile.imread(phantom_root / pid / f.name) > 0 for f in files])
+        _, n = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+        assert n <= 1, pid
+        raw = np.stack([tifffile.imread(phantom_root / pid / f.name.replace("_mask", ""))[..., 1]
+                        for f in files]) >= 128  # fmt: skip
+        several += ndimage.label(raw, structure=np.ones((3, 3, 3)))[1] > 1
+        dice = 2 * np.sum(pred & gt) / (pred.sum() + gt.sum())
+        assert row["dice"] == pytest.approx(dice, abs=1e-12), pid
+    assert several > 0  # the largest-component rule had something to remove
+
+
+def test_eval_skip_bad_leaves_out_unreadable_slices_and_their_true_masks(
+    phantom_root: Path, tmp_path: Path
+) -> None:
+    """A slice whose image does not decode fails eval (one line naming the file, no score);
+    with --skip-bad it is left out with its true mask, as is an orphan mask, and the other
+    slices are scored as before."""
+    import shutil
+
+    data = tmp_path / "kaggle_3m"
+    shutil.copytree(phantom_root, data)
+    pid = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
+    broken = data / pid / f"{pid}_2.tif"
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated
+    models = _fake_models(tmp_path)
+    with pytest.raises(BrainsegError, match=rf"{pid}_2\.tif: unreadable") as err:
+        ev.run_eval(models, data, predictor_factory=FlairPredictor)
+    assert "--skip-bad" in err.value.message + str(err.value.hint)
+    (data / pid / f"{pid}_3.tif").unlink()  # its mask is now an orphan
+    clean = ev.run_eval(models, phantom_root, predictor_factory=FlairPredictor)
+    res = ev.run_eval(
+        models, data, opts=ev.EvalOptions(skip_bad=True), predictor_factory=FlairPredictor
+    )
+    assert res.summary["left_out_slices"] == [f"{pid}_2", f"{pid}_3"]
+    assert res.summary["counts"]["slices"] == clean.summary["counts"]["slices"] - 2
+    gone = {(pid, 2), (pid, 3)}
+    expected = [
+        r for r in clean.report.per_slice if (r["patient_id"], r["slice_number"]) not in gone
+    ]
+
+    def plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:  # NaN != NaN
+        return [{k: None if v != v else v for k, v in r.items()} for r in rows]
+
+    assert plain(res.report.per_slice) == plain(expected)
+
+
 def test_run_eval_passes_tta_device_batch_size_and_options_to_the_predictor(
     phantom_root: Path, tmp_path: Path
 ) -> None:
@@ -358,6 +435,7 @@ def test_cli_eval_writes_the_run_folder(
     run = project / "exp2"
     assert sorted(p.name for p in run.iterdir()) == [
         "dice_per_patient.png",
+        "masks",  # the masks scored: predict's files for these patients
         "per_patient.csv",
         "per_slice.csv",
         "report.html",
@@ -410,6 +488,23 @@ def test_cli_eval_writes_the_run_folder(
     mean = np.mean([float(p["dice"]) for p in patients])
     assert s["per_patient"]["dice"]["mean"] == pytest.approx(mean)
     assert (run / "dice_per_patient.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_eval_reusing_a_run_folder_scores_only_this_runs_patients(
+    cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path
+) -> None:
+    """An --exist-ok run into a folder holding an earlier run's masks of every patient
+    scores only the split's val patients, whose masks it wrote."""
+    base = ["eval", models["plain"], phantom_root, "--project", tmp_path, "--json"]
+    r = cli(base)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["counts"]["patients"] == 6
+    r = cli([*base, "--split", split_yaml, "--exist-ok"])
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["counts"]["patients"] == 2 and s["run_dir"] == str(tmp_path / "exp")
+    scored = {row["patient_id"] for row in _read_csv(tmp_path / "exp" / "per_patient.csv")}
+    assert {p.name for p in (tmp_path / "exp" / "masks").iterdir() if p.is_dir()} == scored
 
 
 @pytest.mark.slow  # two CLI runs with two models each (~15 s idle, more on a busy CPU)
@@ -594,6 +689,9 @@ def test_cli_eval_tune_writes_a_tuned_copy(
     assert meta["postprocess"]["min_size"] == best["min_size"]
     assert meta["postprocess"]["largest_component"] == best["largest"]
     assert read_metadata(models["plain"])["threshold"] == 0.5  # the original is untouched
+    run = Path(s["run_dir"])  # the masks scored stay; the probabilities searched on do not
+    assert len(list(run.glob("masks/*/*_mask.tif"))) == s["counts"]["slices"]
+    assert not list(run.glob("masks/*/*_prob.tif"))
     # two models cannot get one tuned copy; a wrong suffix is refused
     r = cli(
         [

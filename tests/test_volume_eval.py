@@ -141,3 +141,18 @@ def test_label_volumes_are_never_cases(vol_run, tiny, cases):
         r = vol_run(["predict", tiny, cases, "-o", cases, *flags])
         assert r.returncode == 2 and "ground-truth" in r.stderr, r.stderr
     assert not (cases / "B_mask.nii.gz").exists() and not (cases / "summary.csv").exists()
+
+
+def test_eval_reusing_a_run_folder_never_scores_the_masks_of_an_earlier_run(vol_run, tiny, cases):
+    """--exist-ok reuses runs/eval/exp: case B's mask from the first run must not stand in
+    for a case that is gone (its label then has no prediction: the run fails, exit 2)."""
+    labels = Path("labels")
+    labels.mkdir()
+    for f in cases.rglob("*_seg.nii.gz"):
+        (labels / f.name).write_bytes(f.read_bytes())
+    r = vol_run(["eval", tiny, cases, "--gt", labels, "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["counts"]["patients"] == 2
+    (cases / "B.nii.gz").unlink()
+    r = vol_run(["eval", tiny, cases, "--gt", labels, "--exist-ok", "--json"])
+    assert r.returncode == 2, r.stdout
+    assert "1 of 2 true mask(s) have no prediction" in r.stderr and "'B'" in r.stderr

@@ -409,6 +409,30 @@ def next_run_dir(
             n += 1
 
 
+@contextlib.contextmanager
+def fresh_run_dir(
+    project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
+) -> Iterator[Path]:
+    """:func:`next_run_dir` for work that writes into it as it goes: a run that fails
+    leaves no new folder behind (a folder reused with ``exist_ok`` is kept)."""
+    existed = exist_ok and (Path(project) / name).exists()
+    run_dir = next_run_dir(project, name, exist_ok=exist_ok)
+    try:
+        yield run_dir
+    except BaseException:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def clear_folder(path: Path) -> Path:
+    """``path``, emptied: a run's own output folder inside its run folder (a run folder
+    reused with ``--exist-ok`` must not score the masks of an earlier run)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    return path
+
+
 def fmt_bytes(n: int | float) -> str:
     """``1536`` -> ``1.5 KiB``: sizes in messages (binary units, one decimal)."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 1024)):

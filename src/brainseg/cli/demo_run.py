@@ -124,7 +124,7 @@ def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
     evaluated = stage(
         4,
         "evaluate on the validation patients",
-        lambda: _eval(best, data, split_path, eval_dir, cache, opts),
+        lambda: _eval(best, data, split_path, eval_dir, opts),
     )
     show("eval", evaluated)
     res.paths["eval"] = eval_dir
@@ -204,12 +204,12 @@ def _train(data: Path, split: Path, run_dir: Path, cache: Path, opts: DemoOption
     return run_training(cfg, cache_dir=cache)  # validates the config before any work
 
 
-def _eval(model: Path, data: Path, split: Path, out: Path, cache: Path, opts: DemoOptions) -> Any:
+def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) -> Any:
     from brainseg.evaluation import dataset as ev
 
-    opts_ = ev.EvalOptions(device=opts.device, cache_dir=cache)
-    result = ev.run_eval([model], data, split, "val", None, opts_)
     out.mkdir(parents=True, exist_ok=True)
+    opts_ = ev.EvalOptions(device=opts.device)
+    result = ev.run_eval([model], data, split, "val", None, opts_, masks_dir=out / "masks")
     ev.write_run(result, out)
     return result
 

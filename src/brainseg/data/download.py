@@ -479,5 +479,5 @@ def _install_dataset(opts: DownloadOptions, dest: Path, http: dict[str, Any]) ->
             **http,
         )
         extra = {}
-    con.info(f"indexing {root} (the dataset cache is built once and reused by train/eval)")
+    con.info(f"indexing {root} (the dataset cache is built once and reused by split, train and cv)")
     return DownloadResult(root, dataset_summary(root), extra)

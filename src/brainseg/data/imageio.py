@@ -417,6 +417,14 @@ def write_probability(
     return path
 
 
+def read_probability(path: str | os.PathLike[str]) -> np.ndarray:
+    """An HxW float32 probability map as :func:`write_probability` wrote it (eval --tune
+    searches on the files predict wrote)."""
+    import tifffile
+
+    return np.asarray(tifffile.imread(path), dtype=np.float32)
+
+
 def mask_outline(mask: np.ndarray) -> np.ndarray:
     """The boundary pixels of a binary mask (4-neighbourhood), as a bool array."""
     m = mask > 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from brainseg import __version__
+from brainseg import __version__, console
 from brainseg.data.cache import load_dataset
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path, check_target
 from brainseg.yamlio import parse_yaml
 
 SUBSETS = ("train", "val", "test")
+#: What ``--subset`` of eval and score accepts.
+EVAL_SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
 FORMAT_VERSION = 1
 #: The keys a split file may hold (Split.to_dict writes them all; others are refused).
 KEYS = (
@@ -597,3 +599,47 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
         rows.append(row("test", split.subsets["test"]))
     rows.append(row("all", list(arrays.patient_ids)))
     return SplitResult(split, Path(opts.output), Path(opts.data), rows)
+
+
+def select_patients(
+    patient_ids: Sequence[str], split_path: Path | None, subset: str | None, fold: int | None
+) -> tuple[list[str], dict[str, Any]]:
+    """The patients to evaluate and a description of the choice (for summary.json).
+
+    Without a split every patient is evaluated; with one, ``subset`` (default val) of
+    ``fold`` (if the split has folds).
+    """
+    if subset is not None and subset not in EVAL_SUBSETS:
+        raise BrainsegError(
+            f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
+        )
+    if split_path is None:
+        if subset not in (None, "all"):
+            raise BrainsegError(
+                f"--subset {subset} needs --split",
+                hint="pass --split splits.yaml (made by `brainseg split`)",
+            )
+        if fold is not None:
+            raise BrainsegError(
+                "--fold needs --split",
+                hint="pass --split splits.yaml made with `brainseg split --folds K`",
+            )
+        return list(patient_ids), {"split": None, "subset": "all", "fold": None}
+
+    split = load_split(split_path)
+    check_split(split, list(patient_ids))
+    subset = subset or "val"
+    split.check_fold(fold)
+    if split.n_folds and fold is None and subset in ("val", "train"):
+        console.info(
+            f"{split_path} has {split.n_folds} folds and no --fold was given: evaluating its "
+            f"top-level {subset} list; pass --fold K for fold K's {subset} patients"
+        )
+    ids = split.all_patients if subset == "all" else split.patients(subset, fold)
+    if not ids:
+        raise BrainsegError(
+            f"subset {subset!r} of split {split_path} is empty",
+            hint="pick another --subset (e.g. val), or make a split with "
+            "`brainseg split DATA --test-fraction 0.2` for a test subset",
+        )
+    return list(ids), {"split": str(split_path), "subset": subset, "fold": fold}

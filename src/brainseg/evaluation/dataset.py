@@ -1,90 +1,74 @@
-"""Evaluate one model or an ensemble on a dataset (or a split's subset) and write a run folder.
+"""Evaluate one model or an ensemble on a kaggle_3m dataset (or a split's subset).
 
-The library side of ``brainseg eval``: pick the patients (split / subset / fold), predict
-probabilities with :class:`brainseg.inference.predict.Predictor` (several models -> mean
-probability),
-post-process, compute :mod:`brainseg.evaluation.metrics`, optionally tune the threshold and the
-post-processing for mean per-patient Dice, and write summary.json, per_patient.csv,
-per_slice.csv and a Dice plot. Nothing here prints except through :mod:`brainseg.console`.
+The library side of ``brainseg eval`` on slices: pick the patients (split / subset / fold),
+predict their masks with the one case pipeline (:class:`brainseg.inference.patients.PatientKind`:
+a patient is a case, post-processed as a volume) into the run folder's ``masks/``, then score
+those files against the dataset's true masks with :func:`brainseg.evaluation.score.score_folders`,
+so the numbers describe files a user can open. ``--tune`` searches the threshold and the
+post-processing on the probabilities written beside the masks. The run folder's other files
+are :mod:`brainseg.evaluation.runfolder`'s. Nothing here prints except through
+:mod:`brainseg.console`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from brainseg import __version__, console
-from brainseg.data.cache import load_dataset
-from brainseg.data.split import check_split, load_split
+from brainseg.data import imageio, lgg
+from brainseg.data.split import EVAL_SUBSETS, select_patients
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.evaluation import metrics
-from brainseg.evaluation.metrics import PATIENT_COLUMNS
-from brainseg.evaluation.report import (
-    REPORT_NAME,
-    dice_plot_png,
-    overlap_warning,
-    pick_cases,
-    write_eval_report,
+from brainseg.evaluation.report import overlap_warning, pick_cases, worst_and_median
+from brainseg.evaluation.runfolder import (
+    SLICE_COLUMNS,
+    EvalResult,
+    TuneResult,
+    rows_to_csv,
+    summary_json,
+    write_run,
 )
-from brainseg.fsutil import (
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_text,
-    check_run_name,
-    json_safe,
-    next_run_dir,
-)
+from brainseg.evaluation.score import ScoredPatient, ScoreOptions, case_key, score_folders
+from brainseg.fsutil import atomic_path, check_run_name, clear_folder, fresh_run_dir, json_safe
 from brainseg.inference import postprocess
+from brainseg.inference.patients import PatientKind, PatientResult, probability_file
+from brainseg.inference.pipeline import PredictOptions, run_cases
 from brainseg.inference.predict import load_predictor
 from brainseg.inference.runtimes import describe
 from brainseg.model.card import member_training_patients
 from brainseg.model.checkpoint import check_model_file, copy_with_metadata, read_metadata
 from brainseg.settings import InferenceSettings, PostSettings
 
-__all__ = ["PostSettings"]  # re-exported: tuning and tuned copies speak it
-
-#: The subsets ``--subset`` accepts.
-SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
+#: Re-exported: callers of eval speak them (tests, cv, score).
+__all__ = [
+    "SLICE_COLUMNS",
+    "EvalResult",
+    "PostSettings",
+    "TuneResult",
+    "rows_to_csv",
+    "select_patients",
+    "summary_json",
+    "write_run",
+]
 #: Threshold grid of ``--tune``: 0.30, 0.35, ..., 0.70.
 TUNE_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))
 #: ``--tune`` minimum component sizes at 256 x 256, scaled by image area.
 TUNE_MIN_SIZES_256: tuple[int, ...] = (0, 16, 64, 256, 1024)
 
-SLICE_COLUMNS = [
-    "patient_id",
-    "slice_number",
-    "gt_pixels",
-    "pred_pixels",
-    "tp",
-    "fp",
-    "fn",
-    *metrics.METRICS,
-]
-#: A patient's slice and pixel counts, in every per-patient table (eval's and cv's).
 
-
-class ProbaPredictor(Protocol):
-    """What evaluation needs from a predictor (brainseg.inference.predict.Predictor satisfies
-    it)."""
-
-    metadata: dict[str, Any]
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
-
-
-PredictorFactory = Callable[..., ProbaPredictor]
+#: Builds the predictor (tests stand in for :class:`brainseg.inference.predict.Predictor`).
+PredictorFactory = Callable[..., Any]
 
 
 @dataclass(kw_only=True)
@@ -94,53 +78,6 @@ class EvalOptions(InferenceSettings):
 
     skip_bad: bool = False
     tune: bool = False
-    cache_dir: Path | None = None  # the dataset cache's folder (None: the default one)
-
-
-@dataclass
-class TuneResult:
-    """The best post-processing on the evaluated data, and what it gains over the baseline."""
-
-    baseline: PostSettings
-    baseline_dice: float
-    best: PostSettings
-    best_dice: float
-    thresholds: list[float]
-    min_sizes: list[int]
-    tried: int
-
-    @property
-    def gain(self) -> float:
-        return self.best_dice - self.baseline_dice
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "objective": "mean per-patient Dice",
-            "baseline": {**self.baseline.as_dict(), "dice": self.baseline_dice},
-            "best": {**self.best.as_dict(), "dice": self.best_dice},
-            "gain": self.gain,
-            "grid": {
-                "thresholds": self.thresholds,
-                "min_sizes": self.min_sizes,
-                "largest": [False, True],
-                "tried": self.tried,
-            },
-            "note": "chosen on the evaluated patients: confirm on held-out patients",
-        }
-
-
-@dataclass
-class EvalResult:
-    """Everything ``brainseg eval`` reports and writes."""
-
-    report: metrics.Report
-    summary: dict[str, Any]
-    settings: PostSettings
-    tune: TuneResult | None = None
-    run_dir: Path | None = None
-    files: list[Path] = field(default_factory=list)
-    #: The worst and median patients' slices for report.html (see brainseg.evaluation.report).
-    cases: list[Any] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -154,72 +91,6 @@ def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for p in paths:
         hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
         out.append(check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint))
-    return out
-
-
-def select_patients(
-    patient_ids: Sequence[str], split_path: Path | None, subset: str | None, fold: int | None
-) -> tuple[list[str], dict[str, Any]]:
-    """The patients to evaluate and a description of the choice (for summary.json).
-
-    Without a split every patient is evaluated; with one, ``subset`` (default val) of
-    ``fold`` (if the split has folds).
-    """
-    if subset is not None and subset not in SUBSETS:
-        raise BrainsegError(f"unknown subset {subset!r}", hint=f"use one of: {', '.join(SUBSETS)}")
-    if split_path is None:
-        if subset not in (None, "all"):
-            raise BrainsegError(
-                f"--subset {subset} needs --split",
-                hint="pass --split splits.yaml (made by `brainseg split`)",
-            )
-        if fold is not None:
-            raise BrainsegError(
-                "--fold needs --split",
-                hint="pass --split splits.yaml made with `brainseg split --folds K`",
-            )
-        return list(patient_ids), {"split": None, "subset": "all", "fold": None}
-
-    split = load_split(split_path)
-    check_split(split, list(patient_ids))
-    subset = subset or "val"
-    split.check_fold(fold)
-    if split.n_folds and fold is None and subset in ("val", "train"):
-        console.info(
-            f"{split_path} has {split.n_folds} folds and no --fold was given: evaluating its "
-            f"top-level {subset} list; pass --fold K for fold K's {subset} patients"
-        )
-    ids = split.all_patients if subset == "all" else split.patients(subset, fold)
-    if not ids:
-        raise BrainsegError(
-            f"subset {subset!r} of split {split_path} is empty",
-            hint="pick another --subset (e.g. val), or make a split with "
-            "`brainseg split DATA --test-fraction 0.2` for a test subset",
-        )
-    return list(ids), {"split": str(split_path), "subset": subset, "fold": fold}
-
-
-# --------------------------------------------------------------------------- prediction
-
-
-def predict_probabilities(
-    predictor: ProbaPredictor, images: np.ndarray, rows: np.ndarray, chunk: int = 32
-) -> np.ndarray:
-    """Tumor probabilities (len(rows) x H x W float32) of ``images[rows]`` (N x 3 x H x W)."""
-    n = len(rows)
-    h, w = images.shape[2], images.shape[3]
-    out = np.empty((n, h, w), dtype=np.float32)
-    with console.progress(n, "predict", unit="slice") as bar:
-        for start in range(0, n, chunk):
-            sel = rows[start : start + chunk]
-            batch = np.ascontiguousarray(np.asarray(images[sel]).transpose(0, 2, 3, 1))
-            prob = np.asarray(predictor.predict_proba(batch), dtype=np.float32)
-            if prob.shape != (len(sel), h, w):
-                raise BrainsegError(
-                    f"the predictor returned shape {prob.shape} for {len(sel)} slices of {h}x{w}"
-                )
-            out[start : start + len(sel)] = prob
-            bar.advance(len(sel))
     return out
 
 
@@ -306,8 +177,10 @@ def _check_eval_options(
             f"split file {split_p} does not exist",
             hint="make one with `brainseg split DATA -o splits.yaml`",
         )
-    if subset is not None and subset not in SUBSETS:
-        raise BrainsegError(f"unknown subset {subset!r}", hint=f"use one of: {', '.join(SUBSETS)}")
+    if subset is not None and subset not in EVAL_SUBSETS:
+        raise BrainsegError(
+            f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
+        )
     return split_p
 
 
@@ -319,62 +192,73 @@ def run_eval(
     fold: int | None = None,
     opts: EvalOptions | None = None,
     predictor_factory: PredictorFactory | None = None,
+    masks_dir: Path | None = None,
 ) -> EvalResult:
-    """Predict, post-process and measure; no files are written (see :func:`write_run`)."""
+    """Predict the chosen patients' masks into ``masks_dir``, then score those files against
+    the dataset's true masks (``masks_dir`` None: a temporary folder, removed once scored).
+    Nothing else is written (see :func:`write_run`)."""
     opts = opts or EvalOptions()
     model_paths = check_model_paths(models)
     split_p = _check_eval_options(opts, split_path, subset)
 
-    # the models first: a corrupt file is one line before any dataset cache is built
+    # the models first: a corrupt file is one line before any slice is read
     predictor = load_predictor(model_paths, opts, predictor_factory)
     if hasattr(predictor, "runtime_info"):  # a test's factory may not say
         console.info(f"runtime {describe(predictor)}")
-    data = load_dataset(data_path, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
-    ids, sel = select_patients(data.patient_ids, split_p, subset, fold)
-    rows = data.indices_of(ids)
-    if rows.size == 0:
-        raise BrainsegError(
-            f"no slices to evaluate in {data_path} for the chosen patients",
-            hint="check --split / --subset",
-        )
+    dataset = lgg.discover(data_path, skip_bad=opts.skip_bad)
+    ids, sel = select_patients(dataset.patient_ids, split_p, subset, fold)
     if split_p is None:
         console.info(
             f"no --split given: evaluating all {len(ids)} patients of {data_path} "
             "(optimistic if the model was trained on some of them)"
         )
-    meta = dict(predictor.metadata)
-    resolved = opts.resolve(meta)
+    wanted = set(ids)
+    patients = [p for p in dataset.patients if p.id in wanted]
+    if masks_dir is not None:
+        return _evaluate(predictor, model_paths, dataset, patients, sel, opts, masks_dir)
+    with tempfile.TemporaryDirectory(prefix="brainseg-eval-") as tmp:
+        return _evaluate(predictor, model_paths, dataset, patients, sel, opts, Path(tmp))
+
+
+def _evaluate(
+    predictor: Any,
+    model_paths: list[Path],
+    dataset: lgg.LGGDataset,
+    patients: list[lgg.Patient],
+    sel: dict[str, Any],
+    opts: EvalOptions,
+    masks: Path,
+) -> EvalResult:
+    """Predict into ``masks``, score them, tune on the probabilities written beside them."""
+    resolved = opts.resolve(dict(predictor.metadata))
     settings = resolved.post
-    overlap = training_overlap(predictor, model_paths, ids)
+    overlap = training_overlap(predictor, model_paths, [p.id for p in patients])
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
     console.info(
-        f"evaluating {_models_text(overlap['members'], model_paths)} on {len(ids)} patients "
-        f"({rows.size} slices, {sel['subset']}{fold_txt})"
+        f"evaluating {_models_text(overlap['members'], model_paths)} on {len(patients)} "
+        f"patients ({sum(len(p.slices) for p in patients)} slices, {sel['subset']}{fold_txt})"
         f"{', TTA' if opts.tta else ''}"
     )
     if overlap["trained_on_scored_patients"]:
-        console.warn(overlap_warning(overlap, len(ids)))
+        console.warn(overlap_warning(overlap, len(patients)))
 
     t0 = time.perf_counter()
-    prob = predict_probabilities(predictor, data.images, rows, chunk=max(32, 4 * opts.batch_size))
-    t_pred = time.perf_counter() - t0
-    gt = np.asarray(data.masks[rows]) != 0
-    pidx = np.asarray(data.patient_index[rows])
-    snum = np.asarray(data.slice_number[rows])
-
-    mask = postprocess.apply(
-        prob, settings.threshold, settings.min_size, settings.largest, groups=pidx, order=snum
-    )
+    root = dataset.root
+    predicted = _predict_patients(predictor, model_paths, root, patients, opts, masks)
     t1 = time.perf_counter()
-    report = metrics.evaluate(mask, gt, pidx, snum, list(data.patient_ids))
-    t_metrics = time.perf_counter() - t1
-
-    tuned = tune(prob, gt, pidx, snum, settings) if opts.tune else None
-
-    cases = pick_cases(
-        report.per_patient, data.images, rows, gt, mask, pidx, snum, list(data.patient_ids)
+    # --skip-bad: the slices left out, and the files the structural check named (an orphan
+    # mask has no image to predict): their true masks are not scored either
+    left_out = sorted(
+        {stem for r in predicted for stem in r.left_out}
+        | {case_key(Path(p.file).name) for p in dataset.problems}
     )
-
+    score = score_folders(
+        ScoreOptions(pred=masks, gt=root, only_predicted=True, leave_out=frozenset(left_out))
+    )
+    t_metrics = time.perf_counter() - t1
+    report = score.report
+    tuned = tune_on_files(score.patients, patients, masks, settings) if opts.tune else None
+    size = score.patients[0].gt.shape[1:]
     summary: dict[str, Any] = {
         "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -383,7 +267,7 @@ def run_eval(
         "ensemble": len(overlap["members"]) > 1,
         "trained_on_scored_patients": overlap["trained_on_scored_patients"],
         "training_overlap": {k: v for k, v in overlap.items() if k != "trained_on_scored_patients"},
-        "data": str(data_path),
+        "data": str(root),
         **sel,
         "settings": {
             **settings.as_dict(),
@@ -394,14 +278,112 @@ def run_eval(
             "threads": opts.threads,
             "batch_size": opts.batch_size,
             "skip_bad": opts.skip_bad,
-            "image_size": list(data.size),
+            "image_size": list(size),
         },
-        "measured_at": _measured_at(data.size, resolved.image_size),
+        "measured_at": _measured_at(size, resolved.image_size),
+        "left_out_slices": left_out,
         **report.summary(),
+        "surface": score.summary["surface"],
         "tune": tuned.as_dict() if tuned else None,
-        "timing_s": {"predict": round(t_pred, 3), "metrics": round(t_metrics, 3)},
+        "timing_s": {"predict": round(t1 - t0, 3), "metrics": round(t_metrics, 3)},
     }
+    cases = montage_cases(report.per_patient, score.patients, patients)
     return EvalResult(report=report, summary=summary, settings=settings, tune=tuned, cases=cases)
+
+
+def _predict_patients(
+    predictor: Any,
+    model_paths: list[Path],
+    root: Path,
+    patients: list[lgg.Patient],
+    opts: EvalOptions,
+    masks: Path,
+) -> list[PatientResult]:
+    """Every patient's masks (and with ``tune`` probabilities) in ``masks``, through the
+    one case pipeline; a patient that cannot be predicted stops the evaluation (a mean over
+    fewer patients would mislead)."""
+    results: list[PatientResult] = []
+    run_cases(
+        PredictOptions(
+            models=model_paths,
+            inputs=[str(root)],
+            out_dir=clear_folder(masks),
+            probabilities=opts.tune,
+            force=True,
+            on_result=results.append,
+            predictor_factory=lambda *_, **__: predictor,  # loaded once, by run_eval
+            **opts.inference_settings(),
+        ),
+        PatientKind(patients, opts.skip_bad),
+    )
+    bad = [r for r in results if r.status == "error"]
+    if bad:
+        raise BrainsegError(
+            f"{len(bad)} of {len(results)} patient(s) could not be predicted, so no score is "
+            f"reported (first: {bad[0].error})",
+            hint="fix or remove those files, or pass --skip-bad to leave those slices out",
+        )
+    problems = [p for r in results for p in r.problems]
+    if problems:
+        console.warn(
+            f"--skip-bad: left out {sum(len(r.left_out) for r in results)} slice(s) that could "
+            f"not be read (and their true masks): {'; '.join(problems[:5])}"
+            f"{' ...' if len(problems) > 5 else ''}"
+        )
+    return results
+
+
+def tune_on_files(
+    scored: Sequence[ScoredPatient],
+    patients: Sequence[lgg.Patient],
+    masks: Path,
+    baseline: PostSettings,
+) -> TuneResult:
+    """:func:`tune` on the probabilities predict wrote (``_prob.tif``) and the true masks
+    scored, patient by patient in slice order."""
+    files = {(s.patient, s.number): s for p in patients for s in p.slices}
+    prob = np.stack(
+        [
+            imageio.read_probability(probability_file(masks, files[sp.patient_id, int(n)]))
+            for sp in scored
+            for n in sp.slice_number
+        ]
+    )
+    gt = np.concatenate([sp.gt for sp in scored])
+    pidx = np.concatenate([np.full(len(sp.gt), i) for i, sp in enumerate(scored)])
+    snum = np.concatenate([sp.slice_number for sp in scored])
+    return tune(prob, gt, pidx, snum, baseline)
+
+
+def montage_cases(
+    per_patient: Sequence[dict[str, Any]],
+    scored: Sequence[ScoredPatient],
+    patients: Sequence[lgg.Patient],
+) -> list[Any]:
+    """The worst and median patients' slices for report.html, their FLAIR read again."""
+    shown = {pid for _, pid, _ in worst_and_median(per_patient)}
+    chosen = [sp for sp in scored if sp.patient_id in shown]
+    if not chosen:
+        return []
+    files = {(s.patient, s.number): s for p in patients for s in p.slices}
+    images = np.stack(
+        [
+            lgg.read_slice(files[sp.patient_id, int(n)])[0].transpose(2, 0, 1)
+            for sp in chosen
+            for n in sp.slice_number
+        ]
+    )
+    pidx = np.concatenate([np.full(len(sp.gt), i) for i, sp in enumerate(chosen)])
+    return pick_cases(
+        per_patient,
+        images,
+        np.arange(len(images)),
+        np.concatenate([sp.gt for sp in chosen]),
+        np.concatenate([sp.pred for sp in chosen]),
+        pidx,
+        np.concatenate([sp.slice_number for sp in chosen]),
+        [sp.patient_id for sp in chosen],
+    )
 
 
 def _member_name(path: Path) -> str:
@@ -410,7 +392,7 @@ def _member_name(path: Path) -> str:
 
 
 def training_overlap(
-    predictor: ProbaPredictor, model_paths: Sequence[Path], scored: Sequence[str]
+    predictor: Any, model_paths: Sequence[Path], scored: Sequence[str]
 ) -> dict[str, Any]:
     """Which scored patients each model (each member of an ensemble) was trained on.
 
@@ -479,7 +461,8 @@ class EvalJob:
 
 
 def run_eval_job(job: EvalJob) -> EvalResult:
-    """Check the paths, evaluate, write the tuned copy (if asked) and the run folder."""
+    """Check the paths, evaluate into a new run folder (its ``masks/`` are the files scored),
+    write the tuned copy (if asked) and the run folder's reports."""
 
     check_run_name(job.name)  # before any work: the run folder stays inside --project
     if len(job.paths) < 2:
@@ -498,70 +481,29 @@ def run_eval_job(job: EvalJob) -> EvalResult:
     if job.tune_output is not None:
         opts = dataclasses.replace(opts, tune=True)
         check_tune_output(models, job.tune_output, job.force)
-    result = run_eval(models, data, job.split, job.subset, job.fold, opts)
-    if result.tune is not None and job.tune_output is not None:
-        write_tuned_model(
-            models[0], job.tune_output, result.tune.best, job.force, tuned_record(result)
-        )
-        result.summary["tune"]["output"] = str(job.tune_output)
-    write_run(result, next_run_dir(job.project, job.name, exist_ok=job.exist_ok))
+    with fresh_run_dir(job.project, job.name, exist_ok=job.exist_ok) as run_dir:
+        masks = run_dir / "masks"
+        result = run_eval(models, data, job.split, job.subset, job.fold, opts, masks_dir=masks)
+        if result.tune is not None:
+            _drop_probabilities(masks)
+        if result.tune is not None and job.tune_output is not None:
+            write_tuned_model(
+                models[0], job.tune_output, result.tune.best, job.force, tuned_record(result)
+            )
+            result.summary["tune"]["output"] = str(job.tune_output)
+        result.summary["masks"] = str(masks)
+        write_run(result, run_dir)
     return result
 
 
+def _drop_probabilities(masks: Path) -> None:
+    """Remove the ``_prob.tif`` files ``--tune`` searched on (float32: 4x the masks' size);
+    the masks themselves stay in the run folder."""
+    for prob in masks.glob("*/*_prob.tif"):
+        prob.unlink()
+
+
 # --------------------------------------------------------------------------- outputs
-
-
-def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """CSV text; floats with full precision, NaN as an empty cell."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        cells = []
-        for c in columns:
-            v = r[c]
-            if isinstance(v, float):
-                cells.append("" if not math.isfinite(v) else repr(v))
-            else:
-                cells.append(str(v))
-        w.writerow(cells)
-    return buf.getvalue()
-
-
-def plot_dice(dice: Sequence[float] | np.ndarray, path: Path, title: str = "") -> Path:
-    """A strip + box plot and a histogram of the per-patient Dice, as a PNG file."""
-
-    return atomic_write_bytes(path, dice_plot_png(dice, title))
-
-
-def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
-    """Write summary.json, per_patient.csv, per_slice.csv, dice_per_patient.png, report.html."""
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result.run_dir = run_dir
-    result.summary["run_dir"] = str(run_dir)
-    files = [
-        atomic_write_text(
-            run_dir / "per_patient.csv", rows_to_csv(result.report.per_patient, PATIENT_COLUMNS)
-        ),
-        atomic_write_text(
-            run_dir / "per_slice.csv", rows_to_csv(result.report.per_slice, SLICE_COLUMNS)
-        ),
-        plot_dice(result.report.column("per_patient", "dice"), run_dir / "dice_per_patient.png"),
-    ]
-    with_report = result.settings is not None  # a model's eval (brainseg score has no model)
-    report = [run_dir / REPORT_NAME] if with_report else []
-    result.summary["files"] = [p.name for p in [*files, *report, run_dir / "summary.json"]]
-    if with_report:
-        files.append(write_eval_report(result, run_dir))
-    files.append(atomic_write_text(run_dir / "summary.json", summary_json(result.summary)))
-    result.files = files
-    return files
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    """summary.json text: strict JSON (NaN written as null)."""
-    return json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
 
 
 # --------------------------------------------------------------------------- tuned copy

@@ -4,7 +4,7 @@ The library side of ``brainseg score`` (as nnU-Net's ``evaluate_folder``): predi
 tool are matched to the truth by name and measured with :mod:`brainseg.evaluation.metrics`, so the
 numbers,
 the empty-mask policy, ``summary.json``, ``per_patient.csv`` and ``per_slice.csv`` are those of
-``brainseg eval`` (written by :func:`brainseg.evaluation.dataset.write_run`).
+``brainseg eval`` (written by :func:`brainseg.evaluation.runfolder.write_run`).
 
 - **Volumes**: NIfTI files matched by case name (the file name without ``.nii[.gz]`` and a
   trailing ``_mask`` / ``_seg`` / ``_pred`` / ``_gt`` / ``_label``). Rows are the axial slices
@@ -33,11 +33,11 @@ import numpy as np
 
 from brainseg import __version__, console
 from brainseg.data import imageio, volumes
+from brainseg.data.split import select_patients
 from brainseg.data.volumes import is_nifti, nifti_stem
 from brainseg.errors import BrainsegError
-from brainseg.evaluation import dataset as evaluation
 from brainseg.evaluation import metrics
-from brainseg.evaluation.dataset import select_patients
+from brainseg.evaluation.runfolder import EvalResult, rows_to_csv, write_run
 from brainseg.fsutil import atomic_write_text
 
 #: Name endings dropped to find a file's case / slice key.
@@ -66,10 +66,15 @@ class ScoreOptions:
     fold: int | None = None
     #: Only the patients / cases with at least one prediction in --pred.
     only_predicted: bool = False
+    #: Slices whose true masks are not scored (by key, the file stem without ``_mask``):
+    #: those eval left out with ``--skip-bad``.
+    leave_out: frozenset[str] = frozenset()
 
 
 @dataclass
-class _Pair:
+class ScoredPatient:
+    """One patient's (case's) masks as scored, in the model's axial slices."""
+
     patient_id: str
     pred: np.ndarray  # S x H x W bool
     gt: np.ndarray
@@ -84,13 +89,16 @@ class ScoreResult:
     report: metrics.Report
     summary: dict[str, Any]
     surface: list[dict[str, Any]]
+    #: The masks as read, patient by patient (eval tunes and draws from them).
+    patients: list[ScoredPatient] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- matching
 
 
-def _key(name: str) -> str:
+def case_key(name: str) -> str:
+    """The case / slice a mask file is of: its name without suffix and ``_mask`` (etc.)."""
     stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
     stem = os.path.splitext(stem)[0] if stem == name else stem
     return _SUFFIXES.sub("", stem)
@@ -119,7 +127,7 @@ def _is_image(name: str) -> bool:
 def _index(files: Sequence[Path], side: str, top: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
-        k = _key(f.name)
+        k = case_key(f.name)
         if _NOT_MASKS.search(k):
             continue
         if k in out:
@@ -178,7 +186,7 @@ def _match(
 # --------------------------------------------------------------------------- reading
 
 
-def _volume_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
+def _volume_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any]]:
 
     files = list(_walk(opts.gt, volumes.is_nifti))
     labels = [f for f in files if volumes.is_truth_name(f)]
@@ -213,7 +221,7 @@ def _volume_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
         ps = volumes.to_slices(p, grid.affine)
         gs = volumes.to_slices(g, grid.affine)
         snum = np.arange(1, len(gs) + 1)
-        pairs.append(_Pair(k, ps, gs, snum, volumes.slice_spacing(grid)))
+        pairs.append(ScoredPatient(k, ps, gs, snum, volumes.slice_spacing(grid)))
     return pairs, sel
 
 
@@ -243,8 +251,9 @@ def _masks(top: Path) -> list[Path]:
     return masks or files
 
 
-def _slice_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
+def _slice_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any]]:
     gt = _index(_masks(opts.gt), "truth", opts.gt)
+    gt = {k: v for k, v in gt.items() if k not in opts.leave_out}
     pred = _index(_masks(opts.pred), "prediction", opts.pred)
     if not gt:
         raise BrainsegError(
@@ -274,14 +283,14 @@ def _slice_pairs(opts: ScoreOptions) -> tuple[list[_Pair], dict[str, Any]]:
                 f"{g.shape[1]}x{g.shape[2]}",
                 hint="predict at the images' size (brainseg predict writes it)",
             )
-        pairs.append(_Pair(pid, p, g, np.array([n for n, _ in items]), None))
+        pairs.append(ScoredPatient(pid, p, g, np.array([n for n, _ in items]), None))
     return pairs, sel
 
 
 # --------------------------------------------------------------------------- scoring
 
 
-def _merge(reports: list[metrics.Report], pairs: list[_Pair]) -> metrics.Report:
+def _merge(reports: list[metrics.Report], pairs: list[ScoredPatient]) -> metrics.Report:
     per_slice = [r for rep in reports for r in rep.per_slice]
     per_patient = [r for rep in reports for r in rep.per_patient]
     tp = sum(r["tp"] for r in per_patient)
@@ -305,7 +314,7 @@ def _merge(reports: list[metrics.Report], pairs: list[_Pair]) -> metrics.Report:
     )
 
 
-def _surface(pair: _Pair, tolerance: float) -> dict[str, Any]:
+def _surface(pair: ScoredPatient, tolerance: float) -> dict[str, Any]:
     unit = "mm" if pair.spacing is not None else "pixels"
     return {
         "patient_id": pair.patient_id,
@@ -354,7 +363,7 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
             "counts as one), this one in " + unit,
         },
     }
-    return ScoreResult(report, summary, surface)
+    return ScoreResult(report, summary, surface, pairs)
 
 
 def write_score(result: ScoreResult, run_dir: Path) -> list[Path]:
@@ -362,10 +371,8 @@ def write_score(result: ScoreResult, run_dir: Path) -> list[Path]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     surface = atomic_write_text(
-        run_dir / "surface.csv", evaluation.rows_to_csv(result.surface, SURFACE_COLUMNS)
+        run_dir / "surface.csv", rows_to_csv(result.surface, SURFACE_COLUMNS)
     )
-    ev = evaluation.EvalResult(
-        report=result.report, summary=result.summary, settings=cast(Any, None)
-    )
-    result.files = [surface, *evaluation.write_run(ev, run_dir)]
+    ev = EvalResult(report=result.report, summary=result.summary, settings=cast(Any, None))
+    result.files = [surface, *write_run(ev, run_dir)]
     return result.files

@@ -13,7 +13,6 @@ The truth is a label volume per case, matched by case name: ``<case>_seg.nii.gz`
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from brainseg.errors import BrainsegError
 from brainseg.evaluation.dataset import check_model_paths
 from brainseg.evaluation.score import ScoreOptions, score_folders, write_score
-from brainseg.fsutil import check_run_name, next_run_dir
+from brainseg.fsutil import check_run_name, clear_folder, fresh_run_dir
 from brainseg.inference.pipeline import PredictOptions
 from brainseg.inference.volume_predict import predict_volumes
 from brainseg.settings import InferenceSettings
@@ -79,19 +78,13 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
     """
 
     _check(job)
-    existed = (job.project / job.name).exists() and job.exist_ok
-    run_dir = next_run_dir(job.project, job.name, exist_ok=job.exist_ok)
-    try:
+    with fresh_run_dir(job.project, job.name, exist_ok=job.exist_ok) as run_dir:
         return _predict_and_score(job, run_dir)
-    except BaseException:
-        if not existed:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
 
 
 def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
 
-    masks = run_dir / "masks"
+    masks = clear_folder(run_dir / "masks")  # an --exist-ok run's old masks would be scored
     pred = predict_volumes(
         PredictOptions(
             models=list(job.models),

@@ -46,9 +46,10 @@ from brainseg.data.split import check_split, load_split, make_split, save_split
 from brainseg.ensemble import MANIFEST_NAME, write_ensemble
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.evaluation import metrics
-from brainseg.evaluation.dataset import PostSettings, predict_probabilities, rows_to_csv, tune
+from brainseg.evaluation.dataset import PostSettings, tune
 from brainseg.evaluation.metrics import CV_PATIENT_COLUMNS, describe
 from brainseg.evaluation.report import write_cv_report
+from brainseg.evaluation.runfolder import rows_to_csv
 from brainseg.fsutil import (
     atomic_path,
     atomic_write_text,
@@ -519,7 +520,7 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
         rows = np.flatnonzero(fold_of == f.fold)
         con.info(f"out-of-fold: fold {f.fold} model predicts {len(f.val_patients)} patients")
         predictor = load_predictor([f.model], infer)
-        prob[pos[rows]] = predict_probabilities(predictor, ds.images, rows)
+        prob[pos[rows]] = predict_rows(predictor, ds.images, rows)
     oof = OOF(
         prob=prob,
         gt=np.asarray(ds.masks[rows_all]) != 0,
@@ -530,6 +531,22 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
         rows=rows_all,
     )
     return oof, len(test)
+
+
+def predict_rows(
+    predictor: Any, images: np.ndarray, rows: np.ndarray, chunk: int = 32
+) -> np.ndarray:
+    """Tumour probabilities (len(rows) x H x W float32) of the dataset's ``images[rows]``
+    (N x 3 x H x W uint8, memory-mapped), a chunk at a time."""
+    h, w = images.shape[2], images.shape[3]
+    out = np.empty((len(rows), h, w), dtype=np.float32)
+    with con.progress(len(rows), "predict", unit="slice") as bar:
+        for start in range(0, len(rows), chunk):
+            sel = rows[start : start + chunk]
+            batch = np.ascontiguousarray(np.asarray(images[sel]).transpose(0, 2, 3, 1))
+            out[start : start + len(sel)] = predictor.predict_proba(batch)
+            bar.advance(len(sel))
+    return out
 
 
 def plan_batch(plan: CVPlan) -> int:
