@@ -507,6 +507,19 @@ def test_cli_eval_reusing_a_run_folder_scores_only_this_runs_patients(
     assert {p.name for p in (tmp_path / "exp" / "masks").iterdir() if p.is_dir()} == scored
 
 
+def test_cli_eval_refuses_a_run_folder_inside_the_dataset(
+    cli: Any, phantom_root: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Masks written below DATA would be read as ground truth: refused before any work."""
+    import shutil
+
+    data = shutil.copytree(phantom_root, tmp_path / "kaggle_3m")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    r = cli(["eval", models["plain"], data, "--project", data / "runs"])
+    assert r.returncode == 2 and "inside the dataset" in r.stderr and "--project" in r.stderr
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
 @pytest.mark.slow  # two CLI runs with two models each (~15 s idle, more on a busy CPU)
 def test_cli_eval_ensembles_by_mean_probability(
     cli: Any, phantom_root: Path, models: dict[str, Path], split_yaml: Path, tmp_path: Path

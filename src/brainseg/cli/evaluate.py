@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
         render_report(result.summary)
         if result.tune is not None:
             render_tune(result.tune, tune_output)
-        console.info(f"results saved to {result.run_dir}")
+        console.info(f"results saved to {result.run_dir} (masks in {result.summary['masks']})")
         if json_out:
             console.emit_json(result.summary)
 

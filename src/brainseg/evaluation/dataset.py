@@ -215,9 +215,21 @@ def run_eval(
     wanted = set(ids)
     patients = [p for p in dataset.patients if p.id in wanted]
     if masks_dir is not None:
+        refuse_inside_data(masks_dir, dataset.root)
         return _evaluate(predictor, model_paths, dataset, patients, sel, opts, masks_dir)
     with tempfile.TemporaryDirectory(prefix="brainseg-eval-") as tmp:
         return _evaluate(predictor, model_paths, dataset, patients, sel, opts, Path(tmp))
+
+
+def refuse_inside_data(folder: Path, root: Path) -> None:
+    """Eval's masks below the dataset would be read as ground truth (and its folders as
+    patients): refused before anything is written."""
+    if folder.resolve().is_relative_to(root.resolve()):
+        raise BrainsegError(
+            f"eval would write its masks inside the dataset {root} ({folder}), where every "
+            "_mask.tif is ground truth",
+            hint="pass a --project folder outside the data (the default is runs/eval)",
+        )
 
 
 def _evaluate(
@@ -477,6 +489,7 @@ def run_eval_job(job: EvalJob) -> EvalResult:
             f"dataset folder {data} does not exist",
             hint="the last path must be the data (a kaggle_3m folder)",
         )
+    refuse_inside_data(job.project, lgg.find_root(data))
     opts = job.opts
     if job.tune_output is not None:
         opts = dataclasses.replace(opts, tune=True)

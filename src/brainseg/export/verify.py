@@ -29,8 +29,8 @@ from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.evaluation import metrics
 from brainseg.export.ensemble import ensemble_logits
 from brainseg.inference import postprocess, runtimes
-from brainseg.inference.predict import Predictor, TorchBackend
-from brainseg.settings import SIZE_MULTIPLE, PostSettings, resolve
+from brainseg.inference.predict import Predictor, TorchBackend, load_predictor
+from brainseg.settings import SIZE_MULTIPLE, InferenceSettings, PostSettings, resolve
 
 #: Slices compared between PyTorch and onnxruntime (one batch).
 VERIFY_SLICES = 8
@@ -146,7 +146,15 @@ def open_cpu(path: Path) -> Predictor:
     """The Predictor ``brainseg predict --runtime onnxruntime`` opens for ``path``, on the CPU
     (the file is checked as written: OpenVINO's bf16 would change the logits it compares)."""
     runtime = None if path.suffix.lower() != ".onnx" else "onnxruntime"
-    return Predictor(path, device="cpu", batch_size=VERIFY_SLICES, runtime=runtime)
+    return _load([path], runtime)
+
+
+def _load(paths: list[Path], runtime: str | None, precision: str | None = None) -> Predictor:
+    """A CPU predictor with the settings predict and eval take (and their load errors)."""
+    settings = InferenceSettings(
+        device="cpu", batch_size=VERIFY_SLICES, runtime=runtime, precision=precision
+    )
+    return load_predictor(paths, settings)
 
 
 def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES) -> np.ndarray:
@@ -283,20 +291,21 @@ def precision_dice(
     post = resolve(meta).post
     images, gt = slices.own_images[rows], slices.own_masks[rows]
     pidx = slices.patient_index[rows]
-    runs: list[tuple[str, Path, dict[str, Any]]] = [
-        ("fp32", fp32, {"runtime": "onnxruntime"}),
-        ("int8", int8, {"runtime": "onnxruntime"}),
+    runs: list[tuple[str, Path, str, str | None]] = [
+        ("fp32", fp32, "onnxruntime", None),
+        ("int8", int8, "onnxruntime", None),
     ]
     if runtimes._installed("openvino") and runtimes.native_bf16(runtimes.cpu_flags()):
-        runs.append(("bf16", fp32, {"runtime": "openvino", "precision": "bf16"}))
+        runs.append(("bf16", fp32, "openvino", "bf16"))
     dice: dict[str, float] = {}
     used: dict[str, str] = {}
-    for name, path, kw in runs:
-        predictor = Predictor(path, device="cpu", batch_size=VERIFY_SLICES, **kw)
+    for name, path, runtime, precision in runs:
+        predictor = _load([path], runtime, precision)
         prob = predictor.predict_proba(images)
-        mask = postprocess.mask_from_output(prob, gt.shape[1:], post.threshold, post.min_size)[1]
-        if post.largest:
-            mask = postprocess.largest_per_group(mask, pidx, slices.slice_number[rows])
+        snum = slices.slice_number[rows]
+        mask = postprocess.apply(
+            prob, post.threshold, post.min_size, post.largest, groups=pidx, order=snum
+        )
         dice[name] = float(np.mean(metrics.per_patient_dice(mask, gt, pidx)))
         used[name] = predictor.runtime
     return {
