@@ -510,8 +510,8 @@ def run_eval_job(job: EvalJob) -> EvalResult:
 
 
 def _drop_probabilities(masks: Path) -> None:
-    """Remove the ``_prob.tif`` files ``--tune`` searched on (float32: 4x the masks' size);
-    the masks themselves stay in the run folder."""
+    """Remove the ``_prob.tif`` files ``--tune`` searched on (float32, far larger than the
+    masks); the masks themselves stay in the run folder."""
     for prob in masks.glob("*/*_prob.tif"):
         prob.unlink()
 
