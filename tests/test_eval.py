@@ -306,15 +306,23 @@ def test_eval_skip_bad_leaves_out_unreadable_slices_and_their_true_masks(
         ev.run_eval(models, data, predictor_factory=FlairPredictor)
     assert "--skip-bad" in err.value.message + str(err.value.hint)
     (data / pid / f"{pid}_3.tif").unlink()  # its mask is now an orphan
+    lost = sorted(p.name for p in data.iterdir() if p.is_dir())[1]
+    for image in (data / lost).glob(f"{lost}_*[0-9].tif"):  # no slice of this one is left
+        image.write_bytes(b"II*\x00")
     clean = ev.run_eval(models, phantom_root, predictor_factory=FlairPredictor)
     res = ev.run_eval(
         models, data, opts=ev.EvalOptions(skip_bad=True), predictor_factory=FlairPredictor
     )
-    assert res.summary["left_out_slices"] == [f"{pid}_2", f"{pid}_3"]
-    assert res.summary["counts"]["slices"] == clean.summary["counts"]["slices"] - 2
+    n_lost = len(list((data / lost).glob("*_mask.tif")))
+    assert res.summary["left_out_slices"][:2] == [f"{pid}_2", f"{pid}_3"]
+    assert len(res.summary["left_out_slices"]) == 2 + n_lost
+    assert res.summary["counts"]["patients"] == clean.summary["counts"]["patients"] - 1
+    assert res.summary["counts"]["slices"] == clean.summary["counts"]["slices"] - 2 - n_lost
     gone = {(pid, 2), (pid, 3)}
     expected = [
-        r for r in clean.report.per_slice if (r["patient_id"], r["slice_number"]) not in gone
+        r
+        for r in clean.report.per_slice
+        if (r["patient_id"], r["slice_number"]) not in gone and r["patient_id"] != lost
     ]
 
     def plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:  # NaN != NaN

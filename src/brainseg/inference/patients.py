@@ -120,10 +120,8 @@ class PatientFormat:
                 continue
             kept.append(s)
             images.append(res[0])
-        if not images:
-            return PatientResult(
-                item.id, status="error", error=f"patient {item.id}: no readable slice"
-            )
+        if not images:  # --skip-bad left every slice out: the patient is not scored
+            return PatientResult(item.id, slices=0, left_out=left_out, problems=problems)
         if len({im.shape for im in images}) > 1:
             sizes = sorted({f"{im.shape[0]}x{im.shape[1]}" for im in images})
             return PatientResult(
