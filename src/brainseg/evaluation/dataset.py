@@ -345,6 +345,24 @@ def _predict_patients(
     return results
 
 
+def _slice_files(
+    scored: Sequence[ScoredPatient], patients: Sequence[lgg.Patient]
+) -> list[lgg.SliceFile]:
+    """The files of every scored slice, patient by patient in slice order."""
+    files = {(s.patient, s.number): s for p in patients for s in p.slices}
+    return [files[sp.patient_id, int(n)] for sp in scored for n in sp.slice_number]
+
+
+def _stacked(scored: Sequence[ScoredPatient]) -> tuple[np.ndarray, ...]:
+    """(truth, prediction, patient index, slice number) of the scored slices, stacked."""
+    return (
+        np.concatenate([sp.gt for sp in scored]),
+        np.concatenate([sp.pred for sp in scored]),
+        np.concatenate([np.full(len(sp.gt), i) for i, sp in enumerate(scored)]),
+        np.concatenate([sp.slice_number for sp in scored]),
+    )
+
+
 def tune_on_files(
     scored: Sequence[ScoredPatient],
     patients: Sequence[lgg.Patient],
@@ -353,17 +371,9 @@ def tune_on_files(
 ) -> TuneResult:
     """:func:`tune` on the probabilities predict wrote (``_prob.tif``) and the true masks
     scored, patient by patient in slice order."""
-    files = {(s.patient, s.number): s for p in patients for s in p.slices}
-    prob = np.stack(
-        [
-            imageio.read_probability(probability_file(masks, files[sp.patient_id, int(n)]))
-            for sp in scored
-            for n in sp.slice_number
-        ]
-    )
-    gt = np.concatenate([sp.gt for sp in scored])
-    pidx = np.concatenate([np.full(len(sp.gt), i) for i, sp in enumerate(scored)])
-    snum = np.concatenate([sp.slice_number for sp in scored])
+    files = _slice_files(scored, patients)
+    prob = np.stack([imageio.read_probability(probability_file(masks, s)) for s in files])
+    gt, _, pidx, snum = _stacked(scored)
     return tune(prob, gt, pidx, snum, baseline)
 
 
@@ -377,25 +387,11 @@ def montage_cases(
     chosen = [sp for sp in scored if sp.patient_id in shown]
     if not chosen:
         return []
-    files = {(s.patient, s.number): s for p in patients for s in p.slices}
-    images = np.stack(
-        [
-            lgg.read_slice(files[sp.patient_id, int(n)])[0].transpose(2, 0, 1)
-            for sp in chosen
-            for n in sp.slice_number
-        ]
-    )
-    pidx = np.concatenate([np.full(len(sp.gt), i) for i, sp in enumerate(chosen)])
-    return pick_cases(
-        per_patient,
-        images,
-        np.arange(len(images)),
-        np.concatenate([sp.gt for sp in chosen]),
-        np.concatenate([sp.pred for sp in chosen]),
-        pidx,
-        np.concatenate([sp.slice_number for sp in chosen]),
-        [sp.patient_id for sp in chosen],
-    )
+    files = _slice_files(chosen, patients)
+    images = np.stack([lgg.read_slice(s)[0].transpose(2, 0, 1) for s in files])
+    gt, pred, pidx, snum = _stacked(chosen)
+    ids = [sp.patient_id for sp in chosen]
+    return pick_cases(per_patient, images, np.arange(len(images)), gt, pred, pidx, snum, ids)
 
 
 def _member_name(path: Path) -> str:
