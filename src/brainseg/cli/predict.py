@@ -320,10 +320,10 @@ def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int
     and
     render its result; the exit code."""
     from brainseg.cli.base import json_emitter
-    from brainseg.inference.batch import json_row, predict_inputs
+    from brainseg.inference.batch import FileResult, predict_inputs
 
     if json_out:
-        opts.on_result = json_emitter(json_row, "file")
+        opts.on_result = json_emitter(FileResult.row, "file")
     run = predict_inputs if engine is None else engine.predict_inputs
     return render_result(run(opts), opts.shard)
 

@@ -125,9 +125,9 @@ def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None)
     """Call :func:`brainseg.inference.volume_predict.predict_volumes` (or ``engine``'s, e.g. the Ray
     engine: a case per task) and render it; the exit code."""
     from brainseg.cli.base import json_emitter
-    from brainseg.inference.volume_predict import CaseResult, json_row, predict_volumes
+    from brainseg.inference.volume_predict import CaseResult, predict_volumes
 
-    emit = json_emitter(json_row, "case") if json_out else None
+    emit = json_emitter(CaseResult.row, "case") if json_out else None
 
     def on_case(res: CaseResult) -> None:
         if emit is not None:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,7 +32,6 @@ from brainseg.data.imageio import is_mask_name
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import (
     file_kind,
-    json_safe,
     one_line,
     remove_stale_temps,
 )
@@ -215,16 +214,10 @@ class InputStats:
     """What a walk of the inputs left out: ground-truth masks, files of other types, files
     that are not regular files (FIFOs, devices) and earlier outputs inside the -o folder."""
 
-    masks: int = 0
+    masks_skipped: int = 0
     other_types: list[Path] = field(default_factory=list)
     irregular: list[Path] = field(default_factory=list)
     earlier_outputs: int = 0
-
-    def other(self, path: Path) -> None:
-        self.other_types.append(path)
-
-    def not_regular(self, path: Path) -> None:
-        self.irregular.append(path)
 
     def earlier(self, path: Path) -> None:
         self.earlier_outputs += 1
@@ -291,13 +284,13 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
     def keep(path: Path) -> bool:
         if spec.include_masks or not is_mask_name(path):
             return True
-        stats.masks += 1
+        stats.masks_skipped += 1
         return False
 
     walk = {
         "exclude": exclude,
         "outputs": spec.output_dirs,
-        "irregular": stats.not_regular,
+        "irregular": stats.irregular.append,
         "earlier": stats.earlier,
     }
     for item in spec.items:
@@ -317,7 +310,7 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
                 if _match_parts(rel_parts, pats) and keep(f):
                     yield InputFile(f, PurePosixPath(*rel_parts))
         elif p.is_dir():
-            for f in walk_images(p, skipped=stats.other, **walk):  # type: ignore[arg-type]
+            for f in walk_images(p, skipped=stats.other_types.append, **walk):  # type: ignore[arg-type]
                 if keep(f):
                     yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
         else:
@@ -616,26 +609,13 @@ def dedup_inputs(
         yield f
 
 
-# --------------------------------------------------------------------------- summary
-
-
-def json_row(res: FileResult) -> dict[str, Any]:
-    """The --json line of one result."""
-    return json_safe(res.row())
-
-
 # --------------------------------------------------------------------------- entry point
 
 
 @dataclass
-class PredictResult(RunOutcome):
+class PredictResult(InputStats, RunOutcome):
     """What one run did (:class:`~brainseg.inference.pipeline.RunOutcome`) and what the walk
-    of the inputs left out."""
-
-    masks_skipped: int = 0
-    other_types: list[Path] = field(default_factory=list)
-    irregular: list[Path] = field(default_factory=list)  # FIFOs, devices... in folders
-    earlier_outputs: int = 0  # files named like predict's outputs inside -o
+    of the inputs left out (:class:`InputStats`)."""
 
 
 class ImageKind:
@@ -682,7 +662,7 @@ class ImageKind:
         total = None
         if "-" not in opts.inputs:  # a second, cheap walk (no image is read) for the total
             total = sum(1 for _ in chosen(iter_inputs(spec)))
-        return dedup_inputs(chosen(_chain(first, files)), opts), total
+        return dedup_inputs(chosen(chain([first], files)), opts), total
 
     def edges(self, opts: PredictOptions, predictor: Predictor) -> ImageFormat:
         post = opts.resolve(predictor.metadata).post
@@ -718,18 +698,4 @@ def predict_inputs(opts: PredictOptions) -> PredictResult:
     and :func:`~brainseg.inference.pipeline.run_cases`)."""
     kind = ImageKind()
     done = run_cases(opts, kind)
-    st = kind.stats
-    return PredictResult(
-        done.counts,
-        done.summary_path,
-        done.written,
-        st.masks,
-        st.other_types,
-        st.irregular,
-        st.earlier_outputs,
-    )
-
-
-def _chain(first: InputFile, rest: Iterator[InputFile]) -> Iterator[InputFile]:
-    yield first
-    yield from rest
+    return PredictResult(**vars(done), **vars(kind.stats))

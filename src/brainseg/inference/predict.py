@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from brainseg.data import imageio
-from brainseg.data.imageio import is_mask_name
 from brainseg.devices import resolve_device
 from brainseg.ensemble import expand_model_paths
 from brainseg.errors import BrainsegError, first_line
@@ -47,27 +46,23 @@ from brainseg.model.onnxfile import (
 )
 from brainseg.settings import (
     MODEL_HINT,
-    MODEL_SUFFIXES,
     SIZE_MULTIPLE,
     InferenceSettings,
     check_metadata,
     image_size_of,
 )
 
+#: The ONNX contract (brainseg.model.onnxfile) is re-exported for export and the tests.
 __all__ = [
-    "MODEL_SUFFIXES",
     "ONNX_INPUT",
     "ONNX_METADATA_KEY",
     "ONNX_OUTPUT",
     "OnnxBackend",
     "Predictor",
     "TorchBackend",
-    "check_metadata",
     "check_onnx_io",
-    "is_mask_name",
     "metadata_from_props",
     "open_backend",
-    "proba_from_logits",
     "read_onnx_metadata",
     "sigmoid",
 ]
@@ -231,7 +226,6 @@ def open_backend(
     :mod:`brainseg.inference.runtimes`). The backend's ``choice`` says what runs, at which
     precision, why.
     """
-
     p = check_model_file(path)
     suffix = p.suffix.lower()
     if suffix != ".onnx":
@@ -265,7 +259,6 @@ def open_backend(
 
 def _check_content(path: Path, suffix: str) -> None:
     """A model file whose content is not what its suffix says: name what it is."""
-
     try:
         kind = sniff_model_file(path)
     except OSError as exc:
@@ -304,7 +297,6 @@ class Predictor:
         """``runtime``: auto, onnxruntime, openvino or torch (None: $BRAINSEG_RUNTIME, else
         auto); ``precision``: auto, fp32 or bf16 (OpenVINO); ``threads``: 0 = the runtime's
         default (see :mod:`brainseg.inference.runtimes` and docs/export.md)."""
-
         if isinstance(model_paths, (str, os.PathLike)):
             model_paths = [model_paths]
         # An ensemble.json stands for its fold models and carries their tuned settings.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +130,7 @@ class RuntimeChoice:
         return f"{self.runtime} {self.precision}"
 
     def as_dict(self) -> dict[str, str]:
-        return {
-            "runtime": self.runtime,
-            "precision": self.precision,
-            "requested": self.requested,
-            "reason": self.reason,
-            "cpu": self.cpu,
-        }
+        return asdict(self)
 
 
 def _installed(module: str) -> bool:
@@ -156,20 +150,6 @@ def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
-def requested_runtime(runtime: str | None) -> str:
-    """``runtime``, else $BRAINSEG_RUNTIME, else ``auto``; checked against RUNTIMES.
-
-    $BRAINSEG_RUNTIME applies to the files its runtime can run (``onnxruntime`` /
-    ``openvino``: .onnx files; ``torch``: checkpoints); others get ``auto``.
-    """
-    value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
-    return _check_choice("--runtime", value, RUNTIMES)
-
-
-def check_precision(precision: str | None) -> str:
-    return _check_choice("--precision", precision or "auto", PRECISIONS)
-
-
 def choose(
     suffix: str,
     variant: str,
@@ -182,13 +162,16 @@ def choose(
     """The runtime and precision of one model file (pure: the tests give ``flags``).
 
     ``suffix`` is the file's (``.onnx`` / ``.safetensors``), ``variant`` its ONNX variant
-    (fp32, fp16, int8; fp32 for a checkpoint). BrainsegError (exit 2) for a combination that
-    cannot run: a checkpoint on an ONNX runtime, bf16 where the CPU has no native bf16, ...
+    (fp32, fp16, int8; fp32 for a checkpoint). ``runtime`` None: $BRAINSEG_RUNTIME when it
+    names a runtime of this kind of file, else ``auto``. BrainsegError (exit 2) for a
+    combination that cannot run: a checkpoint on an ONNX runtime, bf16 where the CPU has no
+    native bf16, ...
     """
-    asked = requested_runtime(runtime)
+    value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
+    asked = _check_choice("--runtime", value, RUNTIMES)
     if runtime is None and (asked == "torch") == (suffix == ".onnx"):
         asked = "auto"  # $BRAINSEG_RUNTIME names a runtime of the other kind of file
-    prec = check_precision(precision)
+    prec = _check_choice("--precision", precision or "auto", PRECISIONS)
     flags = cpu_flags() if flags is None else flags
     kind = cpu_kind(flags)
     dev = str(device or "auto").lower()
@@ -295,7 +278,6 @@ class OpenVinoModel:
     """An .onnx file read by OpenVINO (not compiled yet): its metadata props and variant."""
 
     def __init__(self, path: Path) -> None:
-
         ov = require("openvino", "--runtime openvino")
         self.ov = ov
         self.path = path
@@ -339,14 +321,8 @@ class OpenVinoBackend:
     choice: RuntimeChoice  # set by brainseg.inference.predict.open_backend
 
     def __init__(
-        self,
-        source: Path | OpenVinoModel,
-        precision: str = "fp32",
-        threads: int = 0,
-        batch_size: int = 8,
+        self, read: OpenVinoModel, precision: str = "fp32", threads: int = 0, batch_size: int = 8
     ) -> None:
-
-        read = source if isinstance(source, OpenVinoModel) else OpenVinoModel(Path(source))
         self.path = read.path
         self.metadata = metadata_from_props(read.props, read.path)
         check_onnx_io(
@@ -420,8 +396,9 @@ class OpenVinoBackend:
             self._out = None
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
+        """N x 1 x H x W -> N x H x W logits (``_run`` fills an array of that shape)."""
         try:
-            out = self._run(x)
+            return self._run(x)
         except MemoryError:
             raise
         except Exception as exc:
@@ -430,17 +407,9 @@ class OpenVinoBackend:
                 hint="the ONNX file is damaged or was not written by brainseg export; "
                 "export it again",
             ) from exc
-        if out.shape != (x.shape[0], *x.shape[2:]):
-            raise BrainsegError(
-                f"{self.path}: the model's output is {'x'.join(map(str, out.shape))} for an "
-                f"input of {'x'.join(map(str, x.shape))}; expected one logit per input pixel",
-                hint="the ONNX file was not written by brainseg export; export it again",
-            )
-        return out
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
-
         return proba_from_logits(self._logits, images, tta)
 
 

@@ -24,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class CaseResult:
     orientation: str = ""
     max_probability: float | None = None
     error: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # One printable UTF-8 line each (a name with a newline or invalid UTF-8).
@@ -437,8 +436,3 @@ def predict_volumes(
     kind = VolumeKind()
     done = run_cases(replace(opts, on_result=each), kind)
     return VolumeResult(done.counts, done.summary_path, done.written, results, kind.settings)
-
-
-def json_row(res: CaseResult) -> dict[str, Any]:
-    """The --json line of one case."""
-    return json_safe({k: v for k, v in asdict(res).items() if k != "extra"})
