@@ -9,15 +9,18 @@ nibabel / SimpleITK only when a volume is read.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from brainseg import console as con
+from brainseg.cli import predict_volumes as vol
 from brainseg.cli.options import (
     batch_size_option,
     device_option,
+    given_options,
     largest_option,
     min_size_option,
     min_volume_option,
@@ -28,8 +31,9 @@ from brainseg.cli.options import (
     threshold_option,
     tta_option,
 )
-from brainseg.errors import EXIT_RUNTIME
+from brainseg.errors import EXIT_RUNTIME, BrainsegError
 from brainseg.fsutil import one_line
+from brainseg.inference.shards import merge_summaries, parse_shard
 
 if TYPE_CHECKING:
     from brainseg.inference.batch import PredictResult
@@ -188,13 +192,8 @@ def register(app: typer.Typer) -> None:
         if merge is not None:
             raise typer.Exit(run_merge(merge, ctx, json_out=json_out))
         if shard is not None and shard.strip().lower() == "auto":
-            from brainseg.inference.shards import parse_shard
-
             found = parse_shard(shard)  # the SLURM array task's shard, or None outside one
             shard = None if found is None else f"{found[0]}/{found[1]}"
-        from brainseg.cli import predict_volumes as vol
-        from brainseg.cli.options import given_options
-
         given = given_options(ctx)
         ray_engine = None
         if engine != "local" or address is not None:
@@ -205,42 +204,25 @@ def register(app: typer.Typer) -> None:
                 given.pop("workers", None)
 
         from brainseg.inference.batch import read_stdin_lines
+        from brainseg.inference.pipeline import PredictOptions
 
         # stdin as bytes: a file name that is not UTF-8 is still the file it names
         peek = vol.StdinPeek(read_stdin_lines()) if "-" in inputs else None
-        from brainseg.inference.pipeline import PredictOptions
-
         volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
         vol.refuse_options(given, volumes=volumes)
-        opts = PredictOptions(
+        # the options named as PredictOptions' fields pass as they are; these differ:
+        settings = {
+            f.name: ctx.params[f.name] for f in fields(PredictOptions) if f.name in ctx.params
+        }
+        settings.update(
             models=[model, *ensemble],
             inputs=vol.volume_inputs(inputs, peek) if volumes else inputs,
             out_dir=output,
             fmt=given.get("fmt"),  # None: the kind's default (tif, nifti)
-            probabilities=probabilities,
-            overlay=overlay,
-            overlay_rgb=overlay_rgb,
-            summary=summary,
-            threshold=threshold,
-            min_size=min_size,
-            tta=tta,
-            pad=pad,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
-            skip_existing=skip_existing,
-            force=force,
-            shard=shard,
-            include_masks=include_masks,
+            shard=shard,  # "auto" resolved above
             stdin=None if volumes else peek,
-            channels=channels,
-            largest=largest,
-            min_volume=min_volume,
-            seg_series=seg_series,
-            runtime=runtime,
-            precision=precision,
-            threads=threads,
         )
+        opts = PredictOptions(**settings)
         if volumes:
             code = vol.run_volume_predict(opts, json_out=json_out, engine=ray_engine)
         else:
@@ -261,10 +243,6 @@ def _merge_first(ctx: typer.Context, param: Any, value: Path | None) -> Path | N
 def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
     """``--merge OUT``: combine the shard summaries, print the table (or one JSON object);
     0 when every shard is there and no row failed, 1 otherwise."""
-    from brainseg.cli.options import given_options
-    from brainseg.errors import BrainsegError
-    from brainseg.inference.shards import merge_summaries
-
     other = sorted(k for k in given_options(ctx) if k not in ("merge", "json_out"))
     if other or ctx.params.get("inputs"):
         flags = {p.name: p.opts[0] for p in ctx.command.params}  # --output, not -o
@@ -316,9 +294,8 @@ def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
 
 
 def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
-    """Call :func:`brainseg.inference.batch.predict_inputs` (or ``engine``'s, e.g. the Ray engine)
-    and
-    render its result; the exit code."""
+    """Call :func:`brainseg.inference.batch.predict_inputs` (or ``engine``'s, e.g. the Ray
+    engine) and render its result; the exit code."""
     from brainseg.cli.base import json_emitter
     from brainseg.inference.batch import FileResult, predict_inputs
 

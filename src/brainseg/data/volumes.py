@@ -24,7 +24,9 @@ imported inside the functions that need them: the slice and ONNX paths never loa
 from __future__ import annotations
 
 import gzip
+import io
 import math
+import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
@@ -155,16 +157,11 @@ def _key(pattern: str, name: str) -> str | None:
     return name[m.start(1) : m.end(1)] if m and m.groups() else ""
 
 
-def _group_folder(folder: Path, patterns: dict[str, str]) -> list[Case] | None:
-    """The cases of a folder whose entries match the channel patterns (None: no entry does)."""
-    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
-    return _group_entries(entries, patterns, folder)
-
-
 def _group_entries(
     entries: Sequence[Path], patterns: dict[str, str], folder: Path
 ) -> list[Case] | None:
-    """Cases of ``entries`` (of one folder) grouped by the text the patterns' ``*`` matched."""
+    """Cases of ``entries`` (of one folder) grouped by the text the patterns' ``*`` matched
+    (None: no entry matches a pattern)."""
     groups: dict[str, dict[str, Path]] = {}
     for entry in entries:
         hits = [(c, k) for c, pat in patterns.items() if (k := _key(pat, entry.name)) is not None]
@@ -201,15 +198,14 @@ def _group_entries(
 
 
 def _walk_cases(folder: Path, patterns: dict[str, str], depth: int = 0) -> Iterator[Case]:
-    grouped = _group_folder(folder, patterns)
+    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    grouped = _group_entries(entries, patterns, folder)
     if grouped is not None:
         yield from grouped
         return
     if depth > 8:
         return
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    for entry in entries:
         if entry.is_file() and is_nifti(entry) and not is_truth_name(entry):
             yield Case(nifti_stem(entry), four_d=entry)
         elif entry.is_dir():
@@ -334,8 +330,6 @@ MAX_VOXELS_ENV = "BRAINSEG_MAX_VOXELS"
 
 def max_voxels() -> int:
     """The voxel limit: BRAINSEG_MAX_VOXELS when set (a positive integer), else MAX_VOXELS."""
-    import os
-
     text = os.environ.get(MAX_VOXELS_ENV, "").strip()
     if not text:
         return MAX_VOXELS
@@ -389,8 +383,6 @@ def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
     before any data is read. A ``.nii.gz`` is decompressed once, to the end of its gzip
     stream (a CRC or length mismatch is an error, never a silently different volume).
     """
-    import io
-
     import nibabel as nib
 
     try:

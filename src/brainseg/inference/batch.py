@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from itertools import chain, islice
@@ -40,11 +40,10 @@ from brainseg.inference.pipeline import (
     PredictOptions,
     Prepared,
     RunOutcome,
-    check_choice,
     run_cases,
 )
 from brainseg.inference.predict import Predictor
-from brainseg.inference.runtimes import describe
+from brainseg.inference.runtimes import check_choice, describe
 from brainseg.settings import PostSettings
 
 # --------------------------------------------------------------------------- input walking
@@ -86,25 +85,23 @@ def _dir_key(path: Path) -> tuple[int, int] | None:
 
 def walk_images(
     top: Path,
+    stats: InputStats,
     *,
-    exclude: Sequence[Path] = (),
     max_depth: int | None = None,
-    skipped: Callable[[Path], None] | None = None,
     outputs: Sequence[Path] = (),
-    irregular: Callable[[Path], None] | None = None,
-    earlier: Callable[[Path], None] | None = None,
+    count_other: bool = True,
 ) -> Iterator[Path]:
     """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
 
     Symlinked folders are followed, but a folder already visited (a link loop, or one folder
     reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
-    and the folders in ``exclude`` are skipped; inside the ``outputs`` folders (predict's
-    -o) files named like predict's outputs go to ``earlier``, the other files there are
-    inputs as anywhere else. Only regular files are images (a FIFO named ``x.png`` would
-    block a reader forever): others go to ``irregular``; files of a type that cannot be
-    read go to ``skipped``, except a dataset's known side files (:data:`SIDE_FILE`).
+    are skipped; inside the ``outputs`` folders (predict's -o) files named like predict's
+    outputs are counted in ``stats.earlier_outputs``, the other files there are inputs as
+    anywhere else. Only regular files are images (a FIFO named ``x.png`` would block a reader
+    forever): others go to ``stats.irregular``; with ``count_other``, files of a type that
+    cannot be read go to ``stats.other_types``, except a dataset's known side files
+    (:data:`SIDE_FILE`).
     """
-    skip = {os.path.realpath(d) for d in exclude}
     outs = [os.path.realpath(d) for d in outputs]
     seen: set[tuple[int, int]] = set()
     key = _dir_key(top)
@@ -132,17 +129,20 @@ def walk_images(
                 if max_depth is not None and depth + 1 > max_depth:
                     continue
                 k = _dir_key(Path(e.path))
-                if k is None or k in seen or (skip and os.path.realpath(e.path) in skip):
+                if k is None or k in seen:
                     continue
                 seen.add(k)
                 subdirs.append(Path(e.path))
             else:
                 kind = _file_kind(e, in_out)
-                report = {"earlier": earlier, "irregular": irregular, "other": skipped}.get(kind)
                 if kind == "image":
                     yield Path(e.path)
-                elif report is not None:
-                    report(Path(e.path))
+                elif kind == "earlier":
+                    stats.earlier_outputs += 1
+                elif kind == "irregular":
+                    stats.irregular.append(Path(e.path))
+                elif kind == "other" and count_other:
+                    stats.other_types.append(Path(e.path))
         stack.extend((d, depth + 1) for d in reversed(subdirs))
 
 
@@ -204,7 +204,6 @@ class InputSpec:
     items: list[str]
     include_masks: bool = False
     stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin, read as bytes)
-    exclude_dirs: list[Path] = field(default_factory=list)
     #: The output folder: files named like predict's outputs there are not inputs.
     output_dirs: list[Path] = field(default_factory=list)
 
@@ -218,9 +217,6 @@ class InputStats:
     other_types: list[Path] = field(default_factory=list)
     irregular: list[Path] = field(default_factory=list)
     earlier_outputs: int = 0
-
-    def earlier(self, path: Path) -> None:
-        self.earlier_outputs += 1
 
 
 def read_stdin_lines(buf: Any = None) -> Iterator[str]:
@@ -279,7 +275,6 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
     ``spec.include_masks``; ``stats`` counts them and the files of other types in folders.
     """
     stats = stats if stats is not None else InputStats()
-    exclude = list(spec.exclude_dirs)
 
     def keep(path: Path) -> bool:
         if spec.include_masks or not is_mask_name(path):
@@ -287,12 +282,6 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
         stats.masks_skipped += 1
         return False
 
-    walk = {
-        "exclude": exclude,
-        "outputs": spec.output_dirs,
-        "irregular": stats.irregular.append,
-        "earlier": stats.earlier,
-    }
     for item in spec.items:
         if item == "-":
             for name, error in _stdin_lines(spec.stdin):
@@ -305,12 +294,15 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
         if _MAGIC.search(item) and not p.exists():
             base, pats = _glob_base(item)
             depth = None if "**" in pats else len(pats) - 1
-            for f in walk_images(base, max_depth=depth, **walk):  # type: ignore[arg-type]
+            walk = walk_images(
+                base, stats, max_depth=depth, outputs=spec.output_dirs, count_other=False
+            )
+            for f in walk:
                 rel_parts = f.relative_to(base).parts
                 if _match_parts(rel_parts, pats) and keep(f):
                     yield InputFile(f, PurePosixPath(*rel_parts))
         elif p.is_dir():
-            for f in walk_images(p, skipped=stats.other_types.append, **walk):  # type: ignore[arg-type]
+            for f in walk_images(p, stats, outputs=spec.output_dirs):
                 if keep(f):
                     yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
         else:

@@ -41,6 +41,7 @@ from brainseg.fsutil import (
     write_error,
 )
 from brainseg.inference.predict import load_predictor
+from brainseg.inference.runtimes import check_choice
 from brainseg.inference.shards import parse_shard
 from brainseg.settings import InferenceSettings
 
@@ -221,16 +222,16 @@ def ordered_map(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
     ahead: int,
-    cost: Callable[[Any], int] | None = None,
-    budget: int = 0,
+    cost: Callable[[Any], int],
+    budget: int,
 ) -> Iterator[Any]:
-    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks in flight, in order, and
-    (with ``cost``) at most ``budget`` cost in flight, except one task alone."""
+    """``map(fn, items)`` on ``pool`` with at most ``ahead`` tasks and at most ``budget``
+    cost in flight (except one task alone), results in order."""
     pending: deque[tuple[Future[Any], int]] = deque()
     held = 0
     for item in items:
-        c = cost(item) if cost is not None else 0
-        while pending and (len(pending) >= ahead or (cost is not None and held + c > budget)):
+        c = cost(item)
+        while pending and (len(pending) >= ahead or held + c > budget):
             done, n = pending.popleft()
             held -= n
             yield done.result()
@@ -309,21 +310,16 @@ class SummaryWriter:
             return []
         return kept
 
-    def _keep_earlier_rows(self) -> None:
-        """Append the existing summary's rows of files this run did not handle."""
-        assert self._f is not None
-        for row in self._earlier_rows():
-            if self.fmt == "csv":
-                self._csv.writerow(row)
-            else:
-                self._f.write(row)
-
     def close(self) -> Path | None:
         if self._f is None or self._tmp is None:
             return None
         f = self._f
         try:
-            self._keep_earlier_rows()
+            for row in self._earlier_rows():  # after this run's rows
+                if self.fmt == "csv":
+                    self._csv.writerow(row)
+                else:
+                    f.write(row)
             self._f = None
             f.close()
         except OSError as exc:  # the last buffered rows did not fit: keep those on disk
@@ -347,12 +343,6 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
-def write_empty_summary(path: Path, fmt: str, columns: Sequence[str]) -> None:
-    """The summary of a shard with nothing to do (``--merge`` then knows it ran)."""
-    empty = ",".join(columns) + "\r\n" if fmt == "csv" else ""
-    atomic_write_bytes(path, empty.encode())
-
-
 #: Summary file formats (``--summary``).
 SUMMARY_FORMATS = ("csv", "jsonl")
 
@@ -361,18 +351,6 @@ def summary_file(out_dir: Path, shard: tuple[int, int] | None, fmt: str) -> Path
     """OUT/summary.<fmt>, or OUT/summary-I-of-N.<fmt> for shard I of N."""
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
     return out_dir / f"{name}.{fmt}"
-
-
-def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
-    """``value`` (case and a leading dot ignored) when it is one of ``choices``; else
-    BrainsegError naming the option."""
-    v = value.lower().lstrip(".")
-    if v not in choices:
-        raise BrainsegError(
-            f"{option} {value!r} is not one of {', '.join(choices)}",
-            hint=f"use {option} {choices[0]}",
-        )
-    return v
 
 
 # --------------------------------------------------------------------------- the run
@@ -438,11 +416,6 @@ def check_run(opts: PredictOptions) -> tuple[PredictOptions, tuple[int, int] | N
     return replace(opts, summary=summary), parse_shard(opts.shard)
 
 
-def lock_name(shard: tuple[int, int] | None) -> str:
-    """The lock of a predict run in its output folder (one per shard: shards may share -o)."""
-    return "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
-
-
 def check_summary(summary_path: Path, opts: PredictOptions) -> None:
     """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
     check_target(summary_path, force=True)
@@ -470,7 +443,9 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
     predictor = load_predictor(opts.models, opts, opts.predictor_factory)
     fmt = kind.edges(opts, predictor)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    with folder_lock(opts.out_dir, lock_name(shard), "brainseg predict"):
+    # one lock per shard: shards may share -o
+    lock = "brainseg-predict" if shard is None else f"brainseg-predict-{shard[0]}-of-{shard[1]}"
+    with folder_lock(opts.out_dir, lock, "brainseg predict"):
         check_summary(summary_path, opts)  # an earlier run may have finished meanwhile
         unreported: list[Any] = []  # written while the run stopped: they get their rows too
         if opts.runner is None:
@@ -480,7 +455,8 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
         outcome = _drive(kind, results, unreported, summary_path, total, opts)
         if shard is not None and outcome.done == 0 and not summary_path.exists():
             # an empty shard still leaves its (empty) summary: --merge then knows it ran
-            write_empty_summary(summary_path, opts.summary, kind.columns)
+            empty = ",".join(kind.columns) + "\r\n" if opts.summary == "csv" else ""
+            atomic_write_bytes(summary_path, empty.encode())
     return outcome
 
 

@@ -227,9 +227,7 @@ def open_backend(
     precision, why.
     """
     p = check_model_file(path)
-    suffix = p.suffix.lower()
-    if suffix != ".onnx":
-        suffix = ".safetensors"
+    suffix = p.suffix.lower()  # .onnx or .safetensors (MODEL_SUFFIXES)
     if int(threads) < 0:
         raise BrainsegError(f"--threads {threads} must be 0 (the runtime's default) or more")
     flags = runtimes.cpu_flags()
@@ -238,7 +236,7 @@ def open_backend(
         return runtimes.choose(suffix, variant, runtime, precision, device, flags)
 
     first = choose("fp32")  # refuses impossible combinations before the file is read
-    _check_content(p, p.suffix.lower())
+    _check_content(p, suffix)
     backend: Any
     if suffix != ".onnx":
         backend = TorchBackend(p, device, threads, bf16=first.precision == "bf16")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,8 +140,10 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
-    v = str(value).strip().lower()
+def check_choice(option: str, value: str, allowed: Sequence[str]) -> str:
+    """``value`` (case, spaces and a leading dot ignored) when it is one of ``allowed``; else
+    BrainsegError naming the option (``--runtime``, ``--format``, ``--summary``...)."""
+    v = str(value).strip().lower().lstrip(".")
     if v not in allowed:
         raise BrainsegError(
             f"{option} {value!r} is not one of {', '.join(allowed)}",
@@ -168,10 +170,10 @@ def choose(
     native bf16, ...
     """
     value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
-    asked = _check_choice("--runtime", value, RUNTIMES)
+    asked = check_choice("--runtime", value, RUNTIMES)
     if runtime is None and (asked == "torch") == (suffix == ".onnx"):
         asked = "auto"  # $BRAINSEG_RUNTIME names a runtime of the other kind of file
-    prec = _check_choice("--precision", precision or "auto", PRECISIONS)
+    prec = check_choice("--precision", precision or "auto", PRECISIONS)
     flags = cpu_flags() if flags is None else flags
     kind = cpu_kind(flags)
     dev = str(device or "auto").lower()

@@ -39,10 +39,9 @@ from brainseg.inference.pipeline import (
     PredictOptions,
     Prepared,
     RunOutcome,
-    check_choice,
     run_cases,
 )
-from brainseg.inference.runtimes import describe
+from brainseg.inference.runtimes import check_choice, describe
 from brainseg.optional import require
 from brainseg.settings import PostSettings
 
