@@ -559,9 +559,11 @@ def test_symlink_loops_are_not_followed(
     run, models: dict[str, Path], scans: Path, tmp_path: Path
 ) -> None:
     (scans / "a" / "loop").symlink_to(scans, target_is_directory=True)
-    from brainseg.inference.batch import InputSpec, iter_inputs
+    from brainseg.inference.batch import iter_inputs
+    from brainseg.inference.pipeline import PredictOptions
 
-    found = [f.rel.as_posix() for f in iter_inputs(InputSpec([str(scans)]))]
+    opts = PredictOptions(models=[], inputs=[str(scans)], out_dir=tmp_path / "out")
+    found = [f.rel.as_posix() for f in iter_inputs(opts)]
     assert sorted(found) == sorted(EXPECTED)
 
 

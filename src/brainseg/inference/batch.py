@@ -198,17 +198,6 @@ def _explicit_rel(path: Path) -> PurePosixPath:
 
 
 @dataclass
-class InputSpec:
-    """The parsed INPUT arguments of ``brainseg predict``."""
-
-    items: list[str]
-    include_masks: bool = False
-    stdin: Iterable[str] | None = None  # lines of paths (default sys.stdin, read as bytes)
-    #: The output folder: files named like predict's outputs there are not inputs.
-    output_dirs: list[Path] = field(default_factory=list)
-
-
-@dataclass
 class InputStats:
     """What a walk of the inputs left out: ground-truth masks, files of other types, files
     that are not regular files (FIFOs, devices) and earlier outputs inside the -o folder."""
@@ -266,25 +255,27 @@ def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
             yield name, ""
 
 
-def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[InputFile]:
-    """Every input image, lazily, in order: arguments in the order given, folders and globs
-    in sorted order, ``-`` as one path per line of stdin.
+def iter_inputs(opts: PredictOptions, stats: InputStats | None = None) -> Iterator[InputFile]:
+    """Every input image of ``opts.inputs``, lazily, in order: arguments in the order given,
+    folders and globs in sorted order, ``-`` as one path per line of ``opts.stdin``.
 
     Ground-truth masks (``*_mask.*``) are left out wherever they come from (folders, globs,
     stdin; a mask named as an argument is refused by :func:`check_inputs`) unless
-    ``spec.include_masks``; ``stats`` counts them and the files of other types in folders.
+    ``opts.include_masks``; ``stats`` counts them and the files of other types in folders.
+    Inside ``opts.out_dir`` files named like predict's outputs are not inputs.
     """
     stats = stats if stats is not None else InputStats()
+    outputs = [opts.out_dir]
 
     def keep(path: Path) -> bool:
-        if spec.include_masks or not is_mask_name(path):
+        if opts.include_masks or not is_mask_name(path):
             return True
         stats.masks_skipped += 1
         return False
 
-    for item in spec.items:
+    for item in opts.inputs:
         if item == "-":
-            for name, error in _stdin_lines(spec.stdin):
+            for name, error in _stdin_lines(opts.stdin):
                 if error:
                     yield InputFile(Path(name), PurePosixPath("-"), error)
                 elif keep(Path(name)):
@@ -294,15 +285,13 @@ def iter_inputs(spec: InputSpec, stats: InputStats | None = None) -> Iterator[In
         if _MAGIC.search(item) and not p.exists():
             base, pats = _glob_base(item)
             depth = None if "**" in pats else len(pats) - 1
-            walk = walk_images(
-                base, stats, max_depth=depth, outputs=spec.output_dirs, count_other=False
-            )
+            walk = walk_images(base, stats, max_depth=depth, outputs=outputs, count_other=False)
             for f in walk:
                 rel_parts = f.relative_to(base).parts
                 if _match_parts(rel_parts, pats) and keep(f):
                     yield InputFile(f, PurePosixPath(*rel_parts))
         elif p.is_dir():
-            for f in walk_images(p, stats, outputs=spec.output_dirs):
+            for f in walk_images(p, stats, outputs=outputs):
                 if keep(f):
                     yield InputFile(f, PurePosixPath(*f.relative_to(p).parts))
         else:
@@ -393,12 +382,8 @@ class _Outputs:
 
 
 def output_paths(rel: PurePosixPath, opts: PredictOptions) -> _Outputs:
-    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png)."""
-    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts):
-        raise BrainsegError(
-            f"output for {rel} would leave the output folder {opts.out_dir}",
-            hint="pass the input folder itself instead of a path with '..'",
-        )
+    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png); ``rel`` is relative
+    and has no ``..`` (:func:`iter_inputs`), and :func:`check_outputs` refuses links out."""
     folder = opts.out_dir.joinpath(*rel.parent.parts)
     stem = rel.stem
     return _Outputs(
@@ -440,7 +425,6 @@ def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs
 
 def _check_regular(path: Path) -> None:
     """A named input must be a regular file (a FIFO would block the reader forever)."""
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -630,13 +614,7 @@ class ImageKind:
     def cases(
         self, opts: PredictOptions, shard: tuple[int, int] | None
     ) -> tuple[Iterable[InputFile | FileResult], int | None]:
-        spec = InputSpec(
-            items=list(opts.inputs),
-            include_masks=opts.include_masks,
-            stdin=opts.stdin,
-            output_dirs=[opts.out_dir],
-        )
-        files = iter_inputs(spec, self.stats)
+        files = iter_inputs(opts, self.stats)
         first = next(files, None)
         if first is None:
             masks = "" if opts.include_masks else ", skipping *_mask.* files"
@@ -653,7 +631,7 @@ class ImageKind:
 
         total = None
         if "-" not in opts.inputs:  # a second, cheap walk (no image is read) for the total
-            total = sum(1 for _ in chosen(iter_inputs(spec)))
+            total = sum(1 for _ in chosen(iter_inputs(opts)))
         return dedup_inputs(chosen(chain([first], files)), opts), total
 
     def edges(self, opts: PredictOptions, predictor: Predictor) -> ImageFormat:
