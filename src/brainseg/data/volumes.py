@@ -538,26 +538,26 @@ def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
 MAX_INTENSITY = float(np.finfo(np.float32).max)
 
 
-def _check_finite(path: Path, data: np.ndarray, what: str = "") -> None:
+def _check_finite(path: Path, data: np.ndarray) -> None:
     """Refuse NaN / infinite voxels, and float voxels beyond float32's range (+-3.4e38): the
     cast to float32 made them infinite and every voxel came out as tumour, exit 0."""
     if data.dtype.kind not in "uifb":
         raise BrainsegError(
-            f"{path}: holds {data.dtype} voxels{what}; expected integer or real intensities",
+            f"{path}: holds {data.dtype} voxels; expected integer or real intensities",
             hint="save the volume as int16 / float32 intensities (one contrast per volume)",
         )
     if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise BrainsegError(
-                f"{path}: {bad} NaN or infinite voxel(s){what}",
+                f"{path}: {bad} NaN or infinite voxel(s)",
                 hint="fix or mask them (e.g. set them to 0) before predicting",
             )
         if data.dtype.itemsize > 4:
             over = int(np.count_nonzero(np.abs(data) > MAX_INTENSITY))
             if over:
                 raise BrainsegError(
-                    f"{path}: {over} voxel(s){what} beyond +-{MAX_INTENSITY:.3g}, the float32 "
+                    f"{path}: {over} voxel(s) beyond +-{MAX_INTENSITY:.3g}, the float32 "
                     "range intensities are scaled in (a damaged or mis-scaled volume)",
                     hint="check the file's scl_slope / scl_inter and its values; rescale it",
                 )

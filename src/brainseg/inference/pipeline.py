@@ -347,12 +347,6 @@ def _csv_cell(v: Any) -> Any:
 SUMMARY_FORMATS = ("csv", "jsonl")
 
 
-def summary_file(out_dir: Path, shard: tuple[int, int] | None, fmt: str) -> Path:
-    """OUT/summary.<fmt>, or OUT/summary-I-of-N.<fmt> for shard I of N."""
-    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"
-    return out_dir / f"{name}.{fmt}"
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -438,7 +432,8 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
     opts, shard = check_run(opts)
     opts = kind.check(opts)
     items, total = kind.cases(opts, shard)
-    summary_path = summary_file(opts.out_dir, shard, opts.summary)
+    name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"  # --merge's
+    summary_path = opts.out_dir / f"{name}.{opts.summary}"
     check_summary(summary_path, opts)
     predictor = load_predictor(opts.models, opts, opts.predictor_factory)
     fmt = kind.edges(opts, predictor)
