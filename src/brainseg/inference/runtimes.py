@@ -332,7 +332,6 @@ class OpenVinoBackend:
             [(_name(i), _type_name(i), _dims(i)) for i in read.model.inputs],
             [(_name(o), "tensor(float)", _dims(o)) for o in read.model.outputs],
         )
-        self.precision = precision
         self.throughput = batch_size > 1
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -346,9 +345,8 @@ class OpenVinoBackend:
         self._read = read
         self._shapes: dict[tuple[int, int] | None, tuple[Any, Any, Any]] = {}
         self._out: np.ndarray | None = None
-        hw = image_size_of(self.metadata)
-        self._compiled(hw)  # the model's own size now: a file OpenVINO cannot compile fails here
-        self.requests = int(self._shapes[hw][0].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        # the model's own size now: a file OpenVINO cannot compile fails here
+        self._compiled(image_size_of(self.metadata))
 
     def _compiled(self, hw: tuple[int, int] | None) -> tuple[Any, Any, Any]:
         """(compiled model, a request, an async queue) for one-image inputs of size ``hw``.
