@@ -48,7 +48,6 @@ from brainseg.settings import (
     MODEL_HINT,
     SIZE_MULTIPLE,
     InferenceSettings,
-    check_metadata,
     image_size_of,
 )
 
@@ -315,9 +314,7 @@ class Predictor:
                 batch_size=self.batch_size,
             )
             for p in self.paths
-        ]
-        for p, b in zip(self.paths, self.backends, strict=True):
-            check_metadata(b.metadata, p)
+        ]  # each checked its metadata as it read it (settings.check_metadata)
         self.metadata: dict[str, Any] = {**self.backends[0].metadata, **(ensemble_settings or {})}
         sizes = {image_size_of(b.metadata) for b in self.backends}
         if len(sizes) > 1:
