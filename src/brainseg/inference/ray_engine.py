@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,15 +33,10 @@ from typing import Any
 from brainseg import console
 from brainseg.data.volumes import Case
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
-from brainseg.inference.batch import FileResult, ImageFormat, InputFile, predict_inputs
+from brainseg.inference.batch import FileResult, ImageKind, InputFile, predict_inputs
 from brainseg.inference.pipeline import Engine
 from brainseg.inference.predict import load_predictor
-from brainseg.inference.volume_predict import (
-    CaseResult,
-    VolumeFormat,
-    predict_volumes,
-    resolve_post,
-)
+from brainseg.inference.volume_predict import CaseResult, VolumeKind, predict_volumes
 from brainseg.optional import require
 
 #: The engines of ``brainseg predict --engine``.
@@ -88,57 +83,35 @@ class RayEngine:
     # ---- entry points (the local engine's, with the middle on Ray)
 
     def predict_inputs(self, opts: Any) -> Any:
-        """:func:`brainseg.inference.batch.predict_inputs` with the files predicted on Ray.
-
-        The driver loads the model once on the CPU, only for its settings (threshold, size)
-        and the first status line; the actors load it on ``opts.device``.
-        """
-
-        runner = self._slice_runner(opts)
-        return predict_inputs(replace(opts, device="cpu", runner=runner))
+        """:func:`brainseg.inference.batch.predict_inputs` with the files predicted on Ray."""
+        per_task = self.files_per_task or 4 * opts.batch_size
+        return predict_inputs(self._on_ray(opts, "image", per_task))
 
     def predict_volumes(self, opts: Any, on_case: Callable[[Any], None] | None = None) -> Any:
         """:func:`brainseg.inference.volume_predict.predict_volumes` with a case per Ray task."""
+        return predict_volumes(self._on_ray(opts, "volume", self.files_per_task or 1), on_case)
 
-        return predict_volumes(replace(opts, runner=self._case_runner(opts)), on_case)
+    def _on_ray(self, opts: Any, kind: str, per_task: int) -> Any:
+        """``opts`` with the cases predicted by the actors. The driver loads the model once on
+        the CPU, only for its settings and the first status lines; the actors load it on
+        ``opts.device``, with one reader and one writer thread each."""
 
-    # ---- the two pipelines
-
-    def _slice_runner(self, opts: Any) -> Callable[..., Generator[Any, None, None]]:
         def run(
-            predictor: Any, files: Iterable[Any], run_opts: Any, unreported: Any
-        ) -> Generator[Any, None, None]:
-
-            items = list(files)  # checked by the driver (dedup_inputs), in input order
-            done = {i: r for i, r in enumerate(items) if isinstance(r, FileResult)}
+            predictor: Any, items: Iterable[Any], run_opts: Any, unreported: Any
+        ) -> Iterator[Any]:
+            items = list(items)  # checked by the driver (dedup_inputs), in input order
+            done = {i: r for i, r in enumerate(items) if isinstance(r, (FileResult, CaseResult))}
             rows = [
-                {"i": i, "path": os.fsencode(str(f.path)), "rel": os.fsencode(str(f.rel))}
-                for i, f in enumerate(items)
-                if isinstance(f, InputFile)
+                {"i": i, "item": _item_to_json(x)} for i, x in enumerate(items) if i not in done
             ]
-            # one reader and one writer thread per actor, on the device the actors use
-            kwargs = {
-                "opts": _for_actors(run_opts, workers=1, device=opts.device),
-                "cwd": os.getcwd(),
-            }
-            per_task = self.files_per_task or 4 * opts.batch_size
-            results = self._map(_SliceWorker, kwargs, rows, per_task, opts.device)
-            yield from _in_order(results, done, len(items))
+            actor_opts = _for_actors(run_opts, workers=1, device=opts.device)
+            kwargs = {"kind": kind, "opts": actor_opts, "cwd": os.getcwd()}
+            yield from _in_order(self._map(kwargs, rows, per_task, opts.device), done, len(items))
 
-        return run
-
-    def _case_runner(self, opts: Any) -> Callable[..., Iterator[Any]]:
-        def run(predictor: Any, cases: list[Any], vopts: Any, unreported: Any) -> Iterator[Any]:
-            rows = [{"i": i, "case": _case_to_json(c)} for i, c in enumerate(cases)]
-            kwargs = {"opts": _for_actors(vopts), "cwd": os.getcwd()}
-            results = self._map(_CaseWorker, kwargs, rows, 1, vopts.device)
-            yield from _in_order(results, {}, len(cases))
-
-        return run
+        return replace(opts, device="cpu", runner=run)
 
     def _map(
         self,
-        worker: type,
         kwargs: dict[str, Any],
         rows: list[dict[str, Any]],
         per_task: int,
@@ -158,7 +131,7 @@ class RayEngine:
                 f"on {where}, {per_task} file(s) per task"
             )
             ds = ray.data.from_items(rows).map_batches(
-                worker,
+                _Worker,
                 fn_constructor_kwargs=kwargs,
                 batch_size=per_task,
                 batch_format="numpy",
@@ -320,20 +293,19 @@ def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal 
 # pickle anywhere (docs/security.md). Paths keep undecodable bytes as surrogate escapes.
 
 
-def _case_to_json(case: Any) -> str:
-    return json.dumps(
-        {
-            "id": case.id,
-            "four_d": None if case.four_d is None else os.fsdecode(case.four_d),
-            "sources": {k: os.fsdecode(v) for k, v in case.sources.items()},
-            "error": case.error,
-        }
-    )
+def _item_to_json(item: InputFile | Case) -> str:
+    if isinstance(item, InputFile):
+        fields = {"path": os.fsdecode(item.path), "rel": str(item.rel), "error": item.error}
+        return json.dumps(fields)
+    four_d = None if item.four_d is None else os.fsdecode(item.four_d)
+    sources = {k: os.fsdecode(v) for k, v in item.sources.items()}
+    return json.dumps({"id": item.id, "four_d": four_d, "sources": sources, "error": item.error})
 
 
-def _case_from_json(text: str) -> Any:
-
+def _item_from_json(text: str) -> InputFile | Case:
     d = json.loads(text)
+    if "rel" in d:
+        return InputFile(Path(d["path"]), PurePosixPath(d["rel"]), d["error"])
     four_d = None if d["four_d"] is None else Path(d["four_d"])
     sources = {k: Path(v) for k, v in d["sources"].items()}
     return Case(d["id"], four_d, sources, d["error"])
@@ -377,58 +349,26 @@ def _enter(cwd: str) -> None:
         ) from None
 
 
-class _SliceWorker:
-    """One Ray actor: a :class:`~brainseg.inference.predict.Predictor` loaded once, and the local
-    engine that reads, predicts and writes each task's files."""
+#: The case kinds an actor builds its engine's edges with (readers, writers, settings).
+_KINDS: dict[str, Callable[[], Any]] = {"image": ImageKind, "volume": VolumeKind}
 
-    def __init__(self, opts: Any, cwd: str) -> None:
+
+class _Worker:
+    """One Ray actor: the model loaded once (a :class:`~brainseg.inference.predict.Predictor`),
+    and the local engine with the kind's edges, which reads, predicts and writes each task's
+    image files or volume cases."""
+
+    def __init__(self, kind: str, opts: Any, cwd: str) -> None:
         self.fatal: _Fatal | None = None
         try:
             _enter(cwd)
-
             predictor = load_predictor(opts.models, opts)
-            post = opts.resolve(predictor.metadata).post
-            fmt = ImageFormat(opts, predictor.image_size, post, predictor.runtime)
-            self.engine = Engine(predictor, fmt, opts.workers)
+            self.engine = Engine(predictor, _KINDS[kind]().edges(opts, predictor), opts.workers)
         except Exception as exc:  # a device or model this node cannot use
             self.fatal = _Fatal.of(exc)
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-
         def make() -> list[Any]:
-            files = [
-                InputFile(Path(os.fsdecode(p)), PurePosixPath(os.fsdecode(r)))
-                for p, r in zip(task["path"], task["rel"], strict=True)
-            ]
-            return list(self.engine.run(files))
-
-        return _results(task, make, self.fatal)
-
-
-class _CaseWorker:
-    """One Ray actor for volume cases: the model loaded once, each task's cases through the
-    one case pipeline (:class:`~brainseg.inference.volume_predict.VolumeFormat`)."""
-
-    def __init__(self, opts: Any, cwd: str) -> None:
-        self.fatal: _Fatal | None = None
-        try:
-            _enter(cwd)
-        except BrainsegError as exc:
-            self.fatal = _Fatal.of(exc)
-        self.opts = opts
-        self._engine: Any = None
-
-    def engine(self) -> Any:
-        if self._engine is None:
-            predictor = load_predictor(self.opts.models, self.opts)
-            meta = dict(getattr(predictor, "metadata", None) or {})
-            fmt = VolumeFormat(self.opts, predictor.image_size, resolve_post(meta, self.opts), meta)
-            self._engine = Engine(predictor, fmt, 1)
-        return self._engine
-
-    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        def make() -> list[Any]:
-            cases = [_case_from_json(text) for text in task["case"]]
-            return list(self.engine().run(cases))
+            return list(self.engine.run([_item_from_json(text) for text in task["item"]]))
 
         return _results(task, make, self.fatal)
