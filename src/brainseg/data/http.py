@@ -341,25 +341,23 @@ def _retry_loop(fetch: _Fetch, policy: RetryPolicy) -> None:
             policy.sleep(delay)
 
 
+@dataclass
 class _Fetch:
     """One download of ``url`` into ``dest.part``: the attempts, and what they remember."""
 
-    def __init__(
-        self,
-        url: str,
-        dest: Path,
-        headers: dict[str, str],
-        timeout: float,
-        from_file_hint: str,
-        auth_hint: str | None,
-    ) -> None:
-        self.url, self.dest, self.headers, self.timeout = url, dest, headers, timeout
-        self.part = dest.with_name(dest.name + ".part")
-        self.meta = record_path(dest)
-        self.from_file_hint, self.auth_hint = from_file_hint, auth_hint
+    url: str
+    dest: Path
+    headers: dict[str, str]
+    timeout: float
+    from_file_hint: str
+    auth_hint: str | None
+    #: The server answered at least once in this run: later connection failures are a blip.
+    contacted: bool = False
+
+    def __post_init__(self) -> None:
+        self.part = self.dest.with_name(self.dest.name + ".part")
+        self.meta = record_path(self.dest)
         self.opener = urllib.request.build_opener()
-        #: The server answered at least once in this run: later connection failures are a blip.
-        self.contacted = False
 
     def prepare(self) -> None:
         """Create the folder; drop a ``.part`` that was started from another URL."""
