@@ -318,18 +318,7 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     Safe in a folder that other processes write to at the same time (predict shards): a
     temporary name of a live process, or of another host, is left alone.
     """
-    removed = []
-    with contextlib.suppress(OSError), os.scandir(folder) as it:
-        for entry in it:
-            if not is_stale_temp(entry.name):
-                continue
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
+    return _remove_entries(folder, lambda entry: is_stale_temp(entry.name))
 
 
 def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
@@ -338,13 +327,27 @@ def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
     Only for folders one process owns (a run folder being resumed): a temporary file of
     another process still writing there would be removed too.
     """
+    return _remove_entries(
+        folder,
+        lambda entry: bool(_TEMP_NAME.match(entry.name)) and entry.is_file(follow_symlinks=False),
+    )
+
+
+def _remove_entries(
+    folder: str | os.PathLike[str], wanted: Callable[[os.DirEntry[str]], bool]
+) -> list[Path]:
+    """Remove the entries of ``folder`` that ``wanted`` picks (a folder with its contents)."""
     removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        for entry in it:
+            if not wanted(entry):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
                     os.unlink(entry.path)
-                    removed.append(Path(entry.path))
+                removed.append(Path(entry.path))
     return removed
 
 

@@ -114,13 +114,8 @@ def kaggle_credentials() -> KaggleCredentials | None:
         raise BrainsegError(
             f"cannot read Kaggle credentials from {path}: {first_line(exc)}", hint
         ) from exc
-    if not (
-        isinstance(data, dict)
-        and isinstance(data.get("username"), str)
-        and isinstance(data.get("key"), str)
-        and data["username"]
-        and data["key"]
-    ):
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("username", "key"))
+    if not (ok and data["username"] and data["key"]):
         raise BrainsegError(f"{path} has no 'username' and 'key' strings", hint)
     return KaggleCredentials(data["username"], data["key"], str(path))
 
@@ -138,9 +133,7 @@ def normalize_sha256(value: str | None, what: str = "--sha256") -> str | None:
     """Lower-case hex, 8 to 64 digits (a prefix is accepted, as torch.hub does)."""
     if value is None:
         return None
-    v = value.strip().lower()
-    if v.startswith("sha256:"):
-        v = v[len("sha256:") :]
+    v = value.strip().lower().removeprefix("sha256:")
     if not (8 <= len(v) <= 64 and _HEX.match(v)):
         raise BrainsegError(
             f"{what} {value!r} is not a SHA-256 hex digest",
