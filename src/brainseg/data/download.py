@@ -324,11 +324,7 @@ def _swap_into_place(new: Path, target: Path, dest: Path, force: bool = False) -
         raise BrainsegRuntimeError(
             f"cannot move the dataset into {target}: {exc.strerror or exc}"
         ) from exc
-    if old is not None:
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # rmtree unlinks an old kaggle_3m that was a link, never follows it
         shutil.rmtree(old.parent, ignore_errors=True)
     con.info(f"installed {target}")
 
