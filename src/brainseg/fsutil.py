@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import stat
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,38 +127,34 @@ def make_temp_file(path: str | os.PathLike[str]) -> Path:
     8 random characters + ``.tmp``), with the mode a plain ``open()`` gives (umask applied,
     unlike mkstemp's 0600)."""
     path = Path(path)
-    for _ in range(100):
-        tmp = path.parent / f"{temp_prefix(path.name)}{_random8()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+    def create(tmp: Path) -> None:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o666))
+
+    return _unique_temp(path.parent, path.name, ".tmp", create)
 
 
 def make_temp_dir(folder: str | os.PathLike[str], name: str) -> Path:
     """Create a hidden temporary folder for ``name`` in ``folder`` (umask applied, unlike
     mkdtemp's 0700), named so :func:`remove_stale_temps` can clean up after a kill."""
-    for _ in range(100):
-        tmp = Path(folder) / f"{temp_prefix(name)}{_random8()}"
-        try:
-            tmp.mkdir(0o777)
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+    return _unique_temp(Path(folder), name, "", lambda tmp: tmp.mkdir(0o777))
 
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
 
 
-def _random8() -> str:
-    import secrets
-
-    return "".join(secrets.choice(_ALPHABET) for _ in range(8))
+def _unique_temp(folder: Path, name: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """``create`` the first free ``temp_prefix(name)`` + 8 random characters + ``suffix``."""
+    for _ in range(100):
+        random8 = "".join(secrets.choice(_ALPHABET) for _ in range(8))
+        tmp = folder / f"{temp_prefix(name)}{random8}{suffix}"
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
 
 
 @contextlib.contextmanager
@@ -238,9 +237,6 @@ def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterato
     that is gone (killed, crashed) is stale and taken over; one of another host is never
     judged: its message says which file to delete if that run is over.
     """
-    import json
-    import time
-
     lock = Path(folder) / f".{name}.lock"
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "what": what}
     for _ in range(5):
@@ -307,8 +303,6 @@ def _try_lock(lock: Path, text: str) -> bool:
 
 def _lock_owner(lock: Path) -> dict[str, object] | None:
     """The owner recorded in ``lock``; None when it is gone; {} when it cannot be read."""
-    import json
-
     try:
         data = json.loads(lock.read_text(encoding="utf-8", errors="replace"))
     except FileNotFoundError:
@@ -324,18 +318,7 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     Safe in a folder that other processes write to at the same time (predict shards): a
     temporary name of a live process, or of another host, is left alone.
     """
-    removed = []
-    with contextlib.suppress(OSError), os.scandir(folder) as it:
-        for entry in it:
-            if not is_stale_temp(entry.name):
-                continue
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
+    return _remove_entries(folder, lambda entry: is_stale_temp(entry.name))
 
 
 def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
@@ -344,13 +327,27 @@ def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
     Only for folders one process owns (a run folder being resumed): a temporary file of
     another process still writing there would be removed too.
     """
+    return _remove_entries(
+        folder,
+        lambda entry: bool(_TEMP_NAME.match(entry.name)) and entry.is_file(follow_symlinks=False),
+    )
+
+
+def _remove_entries(
+    folder: str | os.PathLike[str], wanted: Callable[[os.DirEntry[str]], bool]
+) -> list[Path]:
+    """Remove the entries of ``folder`` that ``wanted`` picks (a folder with its contents)."""
     removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        for entry in it:
+            if not wanted(entry):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
                     os.unlink(entry.path)
-                    removed.append(Path(entry.path))
+                removed.append(Path(entry.path))
     return removed
 
 

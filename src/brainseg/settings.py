@@ -7,9 +7,10 @@ only: the CLI, the torch-free ONNX path and checkpoint inspection all import it 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ class PostSettings:
     largest: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "min_size": self.min_size, "largest": self.largest}
+        return asdict(self)
 
 
 @dataclass(kw_only=True)
@@ -220,8 +221,6 @@ def json_depth(value: Any, limit: int = MAX_METADATA_DEPTH) -> int:
 def load_metadata_json(text: str | bytes, what: str) -> Any:
     """``json.loads`` for model metadata / headers: deep nesting is an error naming ``what``
     (json raised RecursionError: an "internal error"), like invalid JSON (ValueError)."""
-    import json
-
     try:
         value = json.loads(text)
     except RecursionError as exc:

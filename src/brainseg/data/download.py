@@ -2,8 +2,8 @@
 that torchvision's VGG16 weights, :mod:`brainseg.model.weights`, share).
 
 The HTTP download (resume, retries, checksums, Kaggle credentials) lives in
-:mod:`brainseg.data.http`, the safe unpacking in :mod:`brainseg.data.extract`; their public
-names are re-exported here so ``from brainseg.data.download import safe_extract`` keeps working.
+:mod:`brainseg.data.http`, the safe unpacking in :mod:`brainseg.data.extract`; their main
+names are re-exported here (``from brainseg.data.download import safe_extract``).
 Only the standard library is imported at module level (torch / torchvision / numpy are
 imported inside the functions that need them), so the command module can import this cheaply.
 """
@@ -17,27 +17,17 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from brainseg import console as con
 from brainseg.data.cache import load_dataset
-from brainseg.data.extract import (
-    MAX_MEMBERS,
-    MAX_RATIO,
-    MAX_TOTAL_BYTES,
-    RATIO_MIN_BYTES,
-    archive_kind,
-    safe_extract,
-    safe_extract_zip,
-)
+from brainseg.data.extract import safe_extract, safe_extract_zip
 from brainseg.data.http import (
     DEFAULT_BACKOFF,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
-    KAGGLE_DATASET,
-    KAGGLE_HOSTS,
     KAGGLE_URL,
     KaggleCredentials,
     RetryPolicy,
@@ -46,7 +36,6 @@ from brainseg.data.http import (
     forget_download,
     http_fetch,
     is_kaggle_url,
-    kaggle_config_path,
     kaggle_credentials,
     normalize_sha256,
     sha256_file,
@@ -57,30 +46,19 @@ from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import folder_lock, make_temp_dir, remove_stale_temps
 
 __all__ = [
-    "KAGGLE_DATASET",
-    "KAGGLE_HOSTS",
     "KAGGLE_URL",
     "LAYOUT_NAME",
     "LGG_ARCHIVE_NAME",
-    "MAX_MEMBERS",
-    "MAX_RATIO",
-    "MAX_TOTAL_BYTES",
-    "RATIO_MIN_BYTES",
     "DatasetSummary",
     "KaggleCredentials",
-    "RetryPolicy",
-    "archive_kind",
     "dataset_summary",
     "download_lgg",
     "find_layout_root",
     "http_fetch",
     "is_kaggle_url",
-    "kaggle_config_path",
     "kaggle_credentials",
-    "normalize_sha256",
     "safe_extract",
     "safe_extract_zip",
-    "sha256_file",
 ]
 
 LGG_ARCHIVE_NAME = "lgg-mri-segmentation.zip"
@@ -206,9 +184,8 @@ def _checked_archive(archive: Path, expected: str | None) -> Path:
     return archive
 
 
-def _kaggle_headers(src: str, url: str | None, kaggle_auth: bool | None) -> dict[str, str]:
+def _kaggle_headers(to_kaggle: bool, kaggle_auth: bool | None) -> dict[str, str]:
     """The Authorization header for Kaggle (or a mirror with kaggle_auth), when we have one."""
-    to_kaggle = url is None or is_kaggle_url(src)
     if not (kaggle_auth if kaggle_auth is not None else to_kaggle):
         return {}
     creds = kaggle_credentials()
@@ -246,7 +223,8 @@ def _fetch_archive(
         else:
             con.info(f"using {archive}, downloaded before from {src}")
             return archive
-    headers = _kaggle_headers(src, url, kaggle_auth)
+    to_kaggle = url is None or is_kaggle_url(src)
+    headers = _kaggle_headers(to_kaggle, kaggle_auth)
     con.info(f"downloading {src} to {dest}")
     return http_fetch(
         src,
@@ -258,7 +236,7 @@ def _fetch_archive(
         timeout=policy.timeout,
         sleep=policy.sleep,
         from_file_hint="--from-file ZIP",
-        auth_hint=AUTH_HINT if url is None or is_kaggle_url(src) or headers else None,
+        auth_hint=AUTH_HINT if to_kaggle or headers else None,
         record=True,
     )
 
@@ -346,11 +324,7 @@ def _swap_into_place(new: Path, target: Path, dest: Path, force: bool = False) -
         raise BrainsegRuntimeError(
             f"cannot move the dataset into {target}: {exc.strerror or exc}"
         ) from exc
-    if old is not None:
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # rmtree unlinks an old kaggle_3m that was a link, never follows it
         shutil.rmtree(old.parent, ignore_errors=True)
     con.info(f"installed {target}")
 
@@ -365,12 +339,7 @@ class DatasetSummary:
     tumor_slices: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "patients": self.patients,
-            "slices": self.slices,
-            "tumor_slices": self.tumor_slices,
-        }
+        return {**asdict(self), "path": str(self.path)}
 
 
 def dataset_summary(root: str | os.PathLike[str]) -> DatasetSummary:
@@ -445,23 +414,19 @@ def install_lock(dest: Path) -> Iterator[None]:
 def run_download(opts: DownloadOptions) -> DownloadResult:
     """The ``brainseg download lgg | synthetic`` job: install the dataset and describe it
     (``vgg16`` is :func:`brainseg.model.weights.install_vgg16`)."""
-    http: dict[str, Any] = {
-        "retries": opts.retries,
-        "backoff": opts.backoff,
-        "timeout": opts.timeout,
-    }
     dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
     if opts.what not in ("lgg", "synthetic"):
         raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg or synthetic")
+    # bad options are refused before install_lock creates DEST (and its parents)
     if opts.what == "synthetic":
         check_arguments(opts.patients, opts.size, seed=opts.seed)
     elif opts.url is not None:
         check_url(opts.url)
     with install_lock(dest):
-        return _install_dataset(opts, dest, http)
+        return _install_dataset(opts, dest)
 
 
-def _install_dataset(opts: DownloadOptions, dest: Path, http: dict[str, Any]) -> DownloadResult:
+def _install_dataset(opts: DownloadOptions, dest: Path) -> DownloadResult:
     """``run_download`` for lgg / synthetic, under the install lock of ``dest``."""
     if opts.what == "synthetic":
         root = Path(write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force))
@@ -476,7 +441,9 @@ def _install_dataset(opts: DownloadOptions, dest: Path, http: dict[str, Any]) ->
             force=opts.force,
             keep_archive=opts.keep_archive,
             kaggle_auth=opts.kaggle_auth,
-            **http,
+            retries=opts.retries,
+            backoff=opts.backoff,
+            timeout=opts.timeout,
         )
         extra = {}
     con.info(f"indexing {root} (the dataset cache is built once and reused by split, train and cv)")

@@ -100,14 +100,12 @@ def archive_kind(path: Path) -> str | None:
             head = f.read(4)
     except OSError as exc:
         raise BrainsegError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or zipfile.is_zipfile(path):
+    if head in (b"PK\x03\x04", b"PK\x05\x06") or zipfile.is_zipfile(path):
         return "zip"
     try:
-        if tarfile.is_tarfile(path):
-            return "tar"
+        return "tar" if tarfile.is_tarfile(path) else None
     except (OSError, EOFError, tarfile.TarError):
         return None
-    return None
 
 
 def _zip_members(

@@ -114,13 +114,8 @@ def kaggle_credentials() -> KaggleCredentials | None:
         raise BrainsegError(
             f"cannot read Kaggle credentials from {path}: {first_line(exc)}", hint
         ) from exc
-    if not (
-        isinstance(data, dict)
-        and isinstance(data.get("username"), str)
-        and isinstance(data.get("key"), str)
-        and data["username"]
-        and data["key"]
-    ):
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("username", "key"))
+    if not (ok and data["username"] and data["key"]):
         raise BrainsegError(f"{path} has no 'username' and 'key' strings", hint)
     return KaggleCredentials(data["username"], data["key"], str(path))
 
@@ -138,9 +133,7 @@ def normalize_sha256(value: str | None, what: str = "--sha256") -> str | None:
     """Lower-case hex, 8 to 64 digits (a prefix is accepted, as torch.hub does)."""
     if value is None:
         return None
-    v = value.strip().lower()
-    if v.startswith("sha256:"):
-        v = v[len("sha256:") :]
+    v = value.strip().lower().removeprefix("sha256:")
     if not (8 <= len(v) <= 64 and _HEX.match(v)):
         raise BrainsegError(
             f"{what} {value!r} is not a SHA-256 hex digest",
@@ -341,25 +334,23 @@ def _retry_loop(fetch: _Fetch, policy: RetryPolicy) -> None:
             policy.sleep(delay)
 
 
+@dataclass
 class _Fetch:
     """One download of ``url`` into ``dest.part``: the attempts, and what they remember."""
 
-    def __init__(
-        self,
-        url: str,
-        dest: Path,
-        headers: dict[str, str],
-        timeout: float,
-        from_file_hint: str,
-        auth_hint: str | None,
-    ) -> None:
-        self.url, self.dest, self.headers, self.timeout = url, dest, headers, timeout
-        self.part = dest.with_name(dest.name + ".part")
-        self.meta = record_path(dest)
-        self.from_file_hint, self.auth_hint = from_file_hint, auth_hint
+    url: str
+    dest: Path
+    headers: dict[str, str]
+    timeout: float
+    from_file_hint: str
+    auth_hint: str | None
+    #: The server answered at least once in this run: later connection failures are a blip.
+    contacted: bool = False
+
+    def __post_init__(self) -> None:
+        self.part = self.dest.with_name(self.dest.name + ".part")
+        self.meta = record_path(self.dest)
         self.opener = urllib.request.build_opener()
-        #: The server answered at least once in this run: later connection failures are a blip.
-        self.contacted = False
 
     def prepare(self) -> None:
         """Create the folder; drop a ``.part`` that was started from another URL."""

@@ -74,7 +74,7 @@ def merge_folds(folds: Sequence[Any]) -> Any:
     nodes: list[Any] = []
     inits: list[Any] = []
     functions: list[Any] = []
-    fold_outs = []
+    head: list[Any] = []  # per fold: its probability p_k and q_k (see the module docstring)
     for k, proto in enumerate(folds):
         pre = fold_prefix(k)
         renamed = compose.add_prefix(proto, pre)
@@ -85,10 +85,7 @@ def merge_folds(folds: Sequence[Any]) -> Any:
         nodes.extend(renamed.graph.node)
         inits.extend(renamed.graph.initializer)
         functions.extend(renamed.functions)
-        fold_outs.append(pre + ONNX_OUTPUT)
-    head = []
-    for k, out in enumerate(fold_outs):
-        pre = fold_prefix(k)
+        out = pre + ONNX_OUTPUT
         head += [
             helper.make_node("Sigmoid", [out], [pre + "prob"], name=pre + "prob"),
             helper.make_node("Neg", [out], [pre + "neg_logits"], name=pre + "neg"),

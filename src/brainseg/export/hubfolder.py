@@ -68,14 +68,12 @@ def model_results(card: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The card's figures grouped by protocol: ``held-out`` (``val_*``: the split's validation
     patients) and ``cv`` (``cv_*``: out-of-fold predictions of a cross-validation), each with
     the number of patients when the card records it."""
-    metrics = card.get("eval_metrics") or {}
-    training = card.get("training") or {}
-    split = training.get("split") if isinstance(training, Mapping) else None
-    split = split if isinstance(split, Mapping) else {}
+    training = _mapping(card.get("training"))
+    split = _mapping(training.get("split"))
     evaluation = _mapping(card.get("evaluation"))
-    selection = training.get("checkpoint") if isinstance(training, Mapping) else None
+    selection = training.get("checkpoint")
     groups: dict[str, dict[str, Any]] = {}
-    for key, value in metrics.items() if isinstance(metrics, Mapping) else []:
+    for key, value in _mapping(card.get("eval_metrics")).items():
         num = _number(value)
         if num is None or "loss" in key:
             continue

@@ -20,6 +20,7 @@ resolves the same way (:func:`folder_model`). Only the standard library at impor
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.fsutil import write_error
 from brainseg.model.modelfile import FILE_KINDS, sniff_model_file
 from brainseg.optional import require
+from brainseg.settings import MODEL_SUFFIXES
 
 #: The scheme of a Hub reference.
 SCHEME = "hf://"
@@ -108,9 +110,7 @@ def parse_ref(path: str | os.PathLike[str]) -> HubRef:
     return HubRef(f"{owner}/{name}", revision, filename)
 
 
-def local_model(
-    path: str | os.PathLike[str], suffixes: tuple[str, ...] = (".safetensors", ".onnx")
-) -> Path:
+def local_model(path: str | os.PathLike[str], suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> Path:
     """The local file of a MODEL argument: a Hub reference is downloaded (or read from the
     cache), a Hub folder gives its model file, any other path is returned as it is."""
     if is_hub_ref(path):
@@ -124,8 +124,6 @@ def local_model(
 def folder_model(folder: Path) -> Path:
     """The model file of a Hub folder: ``config.json``'s ``model_file``, else the first of
     :data:`DEFAULT_FILES` that is there."""
-    import json
-
     cfg = folder / CONFIG_FILE
     if cfg.is_file():
         try:
@@ -143,7 +141,7 @@ def folder_model(folder: Path) -> Path:
     )
 
 
-def download(ref: HubRef, suffixes: tuple[str, ...] = (".safetensors", ".onnx")) -> Path:
+def download(ref: HubRef, suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> Path:
     """The local path of ``ref``'s file in huggingface_hub's cache (downloaded when needed)."""
     key = str(ref)
     if key in _resolved:
@@ -158,7 +156,7 @@ def download(ref: HubRef, suffixes: tuple[str, ...] = (".safetensors", ".onnx"))
     require("huggingface_hub", f"a Hub model ({ref})")
 
     if not console.interactive():  # progress bars only on a terminal, as brainseg's own
-        with _suppress():
+        with contextlib.suppress(AttributeError, ImportError):
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
@@ -172,10 +170,6 @@ def download(ref: HubRef, suffixes: tuple[str, ...] = (".safetensors", ".onnx"))
     console.info(f"model {ref}" + (f" at commit {commit}" if commit else "") + f": {path}")
     _resolved[key] = path
     return path
-
-
-def _suppress() -> contextlib.AbstractContextManager[None]:
-    return contextlib.suppress(AttributeError, ImportError)
 
 
 def _commit_of(path: Path) -> str | None:
@@ -222,12 +216,6 @@ def _fetch(ref: HubRef, raw: bool = False) -> Path:
         raise _error(ref, exc) from exc
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
 def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
     """huggingface_hub's exception -> one line naming the reference (exit 2 for a name that
     does not exist; exit 1 for the network or the server)."""
@@ -260,7 +248,7 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
     if isinstance(exc, LocalEntryNotFoundError):
         why = (
             "HF_HUB_OFFLINE is set"
-            if _offline()
+            if getattr(constants, "HF_HUB_OFFLINE", False)
             else f"{endpoint} could not be reached ({first_line(exc.__cause__ or exc)})"
         )
         return BrainsegRuntimeError(

@@ -28,6 +28,7 @@ from brainseg.choices import (
     UPSAMPLE_MODES,
 )
 from brainseg.errors import BrainsegError, first_line
+from brainseg.model.modelfile import sniff_model_file
 from brainseg.settings import SIZE_MULTIPLE, decoder_channels_error
 
 #: torchvision's ImageNet normalisation (the input the VGG16 weights expect).
@@ -95,14 +96,11 @@ def check_input_size(height: int, width: int) -> None:
 
 def _tracing() -> bool:
     """True under torch.jit tracing, ONNX export, torch.compile or torch.export."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(
-        onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export()
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
     )
 
 
@@ -367,14 +365,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             hint="pass a torchvision VGG16 state dict (.pth or .safetensors)",
         )
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
+        kind = sniff_model_file(path)
     except OSError as exc:
         raise BrainsegError(f"cannot read encoder weights {path}: {exc.strerror or exc}") from exc
-    # A safetensors file starts with an 8-byte little-endian header length and then "{".
-    is_safetensors = path.suffix == ".safetensors" or (
-        len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 10**8
-    )
+    is_safetensors = path.suffix == ".safetensors" or kind == "safetensors"
     try:
         if is_safetensors:
             from safetensors.torch import load_file

@@ -45,15 +45,6 @@ def install_vgg16(opts: DownloadOptions) -> DownloadResult:
     return DownloadResult(path, extra={"encoder": "vgg16_bn" if opts.bn else "vgg16"})
 
 
-def _vgg16_source(bn: bool) -> tuple[str, Path]:
-    """torchvision's URL of the ImageNet VGG16(-BN) weights and where torch.hub keeps them.
-
-    Both come from :mod:`brainseg.model.unet` (the one place that names these weights).
-    """
-    encoder = "vgg16_bn" if bn else "vgg16"
-    return vgg16_weights_url(encoder), imagenet_weights_path(encoder)
-
-
 def expected_hash_prefix(file_name: str) -> str:
     """The sha256 prefix torch.hub encodes in names like ``vgg16-397923af.pth``."""
     stem = file_name.rsplit("-", 1)[-1].split(".", 1)[0] if "-" in file_name else ""
@@ -90,7 +81,8 @@ def download_vgg16(
         raise BrainsegError("--url and --from-file cannot be used together")
     if url is not None:
         check_url(url)
-    tv_url, target = _vgg16_source(bn)
+    encoder = "vgg16_bn" if bn else "vgg16"
+    tv_url, target = vgg16_weights_url(encoder), imagenet_weights_path(encoder)
     prefix = expected_hash_prefix(target.name)
     what = "VGG16-BN" if bn else "VGG16"
     if target.exists() and not force:
