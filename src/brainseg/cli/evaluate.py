@@ -16,10 +16,13 @@ from brainseg.cli.options import (
     batch_size_option,
     device_option,
     fold_option,
+    given_options,
     largest_option,
     min_size_option,
     min_volume_option,
+    options_from,
     precision_option,
+    refuse_unused,
     runtime_option,
     seg_series_option,
     subset_option,
@@ -142,7 +145,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
-        from brainseg.cli.options import given_options, refuse_unused
         from brainseg.optional import require
 
         require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
@@ -156,31 +158,8 @@ def register(app: typer.Typer) -> None:
         refuse_unused(given, VOLUME_ONLY, why, hint="see brainseg eval --help")
         from brainseg.evaluation import dataset as ev
 
-        job = ev.EvalJob(
-            paths=paths,
-            split=split,
-            subset=subset,
-            fold=fold,
-            opts=ev.EvalOptions(
-                threshold=threshold,
-                min_size=min_size,
-                largest=largest,
-                tta=tta,
-                device=device,
-                batch_size=batch_size,
-                skip_bad=skip_bad,
-                tune=tune,
-                runtime=runtime,
-                precision=precision,
-                threads=threads,
-            ),
-            project=project,
-            name=name,
-            exist_ok=exist_ok,
-            tune_output=tune_output,
-            force=force,
-        )
-        result = ev.run_eval_job(job)
+        opts = options_from(ev.EvalOptions, ctx.params)
+        result = ev.run_eval_job(options_from(ev.EvalJob, ctx.params, opts=opts))
         from brainseg.cli.eval_report import render_report, render_tune
 
         render_report(result.summary)
@@ -211,14 +190,8 @@ def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> N
             "brainseg eval needs at least one MODEL and the folder of cases",
             hint="usage: brainseg eval MODEL [MODEL...] CASES [--gt LABELS]",
         )
-    keys = (
-        "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
-        "batch_size", "tolerance", "project", "name", "exist_ok", "fmt",
-        "seg_series", "runtime", "precision", "threads",
-    )  # fmt: skip
-    job = VolumeEvalJob(
-        models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}
-    )
+    # only the options typed: the job's defaults are the volume path's (--format: None, nifti)
+    job = options_from(VolumeEvalJob, given, models=list(paths[:-1]), data=paths[-1])
     result = run_volume_eval(job)
     render_summary(result.summary)
     console.info(f"results saved to {result.run_dir} (masks in {result.run_dir / 'masks'})")

@@ -26,7 +26,7 @@ import numpy as np
 
 from brainseg import __version__, console
 from brainseg.data import imageio, lgg
-from brainseg.data.split import EVAL_SUBSETS, select_patients
+from brainseg.data.split import select_patients
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.evaluation import metrics
@@ -135,7 +135,6 @@ def tune(
     )
     base_dice = score(base_mask)
     best, best_dice = baseline, base_dice
-    tried = 0
     thr_list = [float(t) for t in thresholds]
     size_list = [int(s) for s in min_sizes]
     total = len(thr_list) * len(size_list) * 2
@@ -148,7 +147,6 @@ def tune(
                 for largest in (False, True):
                     mm = postprocess.largest_per_group(m, pidx, slice_number) if largest else m
                     d = score(mm)
-                    tried += 1
                     if d > best_dice + 1e-12:
                         best, best_dice = PostSettings(t, ms, largest), d
                     bar.advance(1, best=best_dice)
@@ -159,29 +157,11 @@ def tune(
         best_dice=best_dice,
         thresholds=thr_list,
         min_sizes=size_list,
-        tried=tried,
+        tried=total,
     )
 
 
 # --------------------------------------------------------------------------- run
-
-
-def _check_eval_options(
-    opts: EvalOptions, split_path: str | os.PathLike[str] | None, subset: str | None
-) -> Path | None:
-    """The split file's path once the options are checked (before any model or data work;
-    the batch size: Typer's ``min=1``, then ``Predictor``, built next)."""
-    split_p = Path(split_path) if split_path is not None else None
-    if split_p is not None and not split_p.is_file():
-        raise BrainsegError(
-            f"split file {split_p} does not exist",
-            hint="make one with `brainseg split DATA -o splits.yaml`",
-        )
-    if subset is not None and subset not in EVAL_SUBSETS:
-        raise BrainsegError(
-            f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
-        )
-    return split_p
 
 
 def run_eval(
@@ -199,7 +179,12 @@ def run_eval(
     Nothing else is written (see :func:`write_run`)."""
     opts = opts or EvalOptions()
     model_paths = check_model_paths(models)
-    split_p = _check_eval_options(opts, split_path, subset)
+    split_p = Path(split_path) if split_path is not None else None
+    if split_p is not None and not split_p.is_file():  # before any model or data work
+        raise BrainsegError(
+            f"split file {split_p} does not exist",
+            hint="make one with `brainseg split DATA -o splits.yaml`",
+        )
 
     # the models first: a corrupt file is one line before any slice is read
     predictor = load_predictor(model_paths, opts, predictor_factory)
@@ -495,11 +480,10 @@ def run_eval_job(job: EvalJob) -> EvalResult:
         result = run_eval(models, data, job.split, job.subset, job.fold, opts, masks_dir=masks)
         if result.tune is not None:
             _drop_probabilities(masks)
-        if result.tune is not None and job.tune_output is not None:
-            write_tuned_model(
-                models[0], job.tune_output, result.tune.best, job.force, tuned_record(result)
-            )
-            result.summary["tune"]["output"] = str(job.tune_output)
+            if job.tune_output is not None:
+                record = tuned_record(result)
+                write_tuned_model(models[0], job.tune_output, result.tune.best, job.force, record)
+                result.summary["tune"]["output"] = str(job.tune_output)
         result.summary["masks"] = str(masks)
         write_run(result, run_dir)
     return result
@@ -510,9 +494,6 @@ def _drop_probabilities(masks: Path) -> None:
     masks); the masks themselves stay in the run folder."""
     for prob in masks.glob("*/*_prob.tif"):
         prob.unlink()
-
-
-# --------------------------------------------------------------------------- outputs
 
 
 # --------------------------------------------------------------------------- tuned copy
