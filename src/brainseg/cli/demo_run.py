@@ -20,7 +20,7 @@ import numpy as np
 from brainseg import console as con
 from brainseg.cli.predict import render_result
 from brainseg.config import load_config
-from brainseg.data.imageio import is_image_path, is_mask_name
+from brainseg.data.imageio import is_image_path, is_mask_name, read_tiff_array
 from brainseg.data.split import SplitOptions, load_split, make_split_file
 from brainseg.data.synthetic import write_synthetic
 from brainseg.errors import BrainsegRuntimeError
@@ -222,9 +222,7 @@ def _predict(model: Path, scans: Path, out: Path, opts: DemoOptions) -> None:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    import tifffile
-
-    return np.asarray(tifffile.imread(path)) > 0
+    return read_tiff_array(path) > 0
 
 
 def mask_folder_dice(pred_dir: Path, data: Path, patients: list[str]) -> float:

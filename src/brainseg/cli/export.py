@@ -142,23 +142,16 @@ def _render(report: ExportReport, json_out: bool) -> None:
     """The report: JSON on stdout with --json; the tables and notes (stderr with --json)."""
     from rich.text import Text
 
-    from brainseg.export.report import (
-        int8_rows,
-        int8_title,
-        precision_rows,
-        precision_title,
-        report_rows,
-        report_title,
-    )
+    from brainseg.export import report as tables
 
     if json_out:
         con.emit_json(report.as_dict())
-    con.result(con.table(report_title(report), *report_rows(report)))
-    q = int8_rows(report)
+    con.result(con.table(tables.report_title(report), *tables.report_rows(report)))
+    q = tables.int8_rows(report)
     if q is not None:
-        con.result(con.table(int8_title(report), *q))
-    own = precision_rows(report)
+        con.result(con.table(tables.int8_title(report), *q))
+    own = tables.precision_rows(report)
     if own is not None:
-        con.result(con.table(precision_title(report), *own))
+        con.result(con.table(tables.precision_title(report), *own))
     for note in report.notes:
         con.result(Text(f"note: {note}"))

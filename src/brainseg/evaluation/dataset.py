@@ -31,14 +31,7 @@ from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.evaluation import metrics
 from brainseg.evaluation.report import overlap_warning, pick_cases, worst_and_median
-from brainseg.evaluation.runfolder import (
-    SLICE_COLUMNS,
-    EvalResult,
-    TuneResult,
-    rows_to_csv,
-    summary_json,
-    write_run,
-)
+from brainseg.evaluation.runfolder import EvalResult, TuneResult, write_run
 from brainseg.evaluation.score import ScoredPatient, ScoreOptions, case_key, score_folders
 from brainseg.fsutil import atomic_path, check_run_name, clear_folder, fresh_run_dir, json_safe
 from brainseg.inference import postprocess
@@ -50,17 +43,6 @@ from brainseg.model.card import member_training_patients
 from brainseg.model.checkpoint import check_model_file, copy_with_metadata, read_metadata
 from brainseg.settings import InferenceSettings, PostSettings
 
-#: Re-exported: callers of eval speak them (tests, cv, score).
-__all__ = [
-    "SLICE_COLUMNS",
-    "EvalResult",
-    "PostSettings",
-    "TuneResult",
-    "rows_to_csv",
-    "select_patients",
-    "summary_json",
-    "write_run",
-]
 #: Threshold grid of ``--tune``: 0.30, 0.35, ..., 0.70.
 TUNE_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))
 #: ``--tune`` minimum component sizes at 256 x 256, scaled by image area.
@@ -85,13 +67,10 @@ class EvalOptions(InferenceSettings):
 
 def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Fail fast (before loading data) on a missing model or an unknown file type."""
-    out: list[Path] = []
     if not paths:
         raise BrainsegError("no MODEL given", hint="usage: brainseg eval MODEL [MODEL...] DATA")
-    for p in paths:
-        hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
-        out.append(check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint))
-    return out
+    hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
+    return [check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint) for p in paths]
 
 
 # --------------------------------------------------------------------------- tuning
@@ -589,10 +568,7 @@ def _write_tuned_onnx(src: Path, dst: Path, updates: dict[str, Any], force: bool
                 props[key] = json.dumps(blob)
     props["threshold"] = repr(float(updates["threshold"]))
     props["postprocess"] = json.dumps(updates["postprocess"])
-    del model.metadata_props[:]
-    for k, v in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
+    onnx.helper.set_model_props(model, props)
     with atomic_path(dst, force=force) as tmp:
         onnx.save(model, str(tmp))
     return dst
