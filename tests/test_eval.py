@@ -14,6 +14,7 @@ import pytest
 from brainseg.errors import BrainsegError
 from brainseg.evaluation import dataset as ev
 from brainseg.evaluation.metrics import PATIENT_COLUMNS
+from brainseg.evaluation.runfolder import SLICE_COLUMNS, rows_to_csv
 
 # ----------------------------------------------------------------- a stand-in predictor
 
@@ -170,7 +171,7 @@ def test_tune_keeps_the_baseline_on_a_tie() -> None:
 def test_json_safe_and_csv_write_nan_as_null_and_empty() -> None:
     obj = {"a": math.nan, "b": [np.float32(1.5), np.int64(3)], "c": Path("x/y")}
     assert json.loads(json.dumps(ev.json_safe(obj))) == {"a": None, "b": [1.5, 3], "c": "x/y"}
-    text = ev.rows_to_csv([{"k": "p", "v": math.nan}, {"k": "q", "v": 0.25}], ["k", "v"])
+    text = rows_to_csv([{"k": "p", "v": math.nan}, {"k": "q", "v": 0.25}], ["k", "v"])
     assert text == "k,v\np,\nq,0.25\n"
 
 
@@ -245,7 +246,7 @@ def test_run_eval_and_write_run_with_a_standin_predictor(
         assert float(row["dice"]) == pytest.approx(rep["dice"])
     with open(tmp_path / "run" / "per_slice.csv") as f:
         srows = list(csv.DictReader(f))
-    assert list(srows[0]) == ev.SLICE_COLUMNS
+    assert list(srows[0]) == SLICE_COLUMNS
     assert len(srows) == s["counts"]["slices"]
 
 
@@ -491,7 +492,7 @@ def test_cli_eval_writes_the_run_folder(
     assert list(patients[0]) == PATIENT_COLUMNS
     assert len(patients) == s["counts"]["patients"] == 6
     slices = _read_csv(run / "per_slice.csv")
-    assert list(slices[0]) == ev.SLICE_COLUMNS
+    assert list(slices[0]) == SLICE_COLUMNS
     assert len(slices) == s["counts"]["slices"] == sum(int(p["slices"]) for p in patients)
     mean = np.mean([float(p["dice"]) for p in patients])
     assert s["per_patient"]["dice"]["mean"] == pytest.approx(mean)

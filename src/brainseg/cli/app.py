@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -73,19 +73,8 @@ def _root(
     con.configure(quiet=quiet, debug=debug or bool(os.environ.get("BRAINSEG_DEBUG")))
 
 
-download.register(app)
-split.register(app)
-train.register(app)
-cv.register(app)
-evaluate.register(app)
-predict.register(app)
-export.register(app)
-info.register(app)
-demo.register(app)
-score.register(app)
-cache.register(app)
-
-
+for command in (download, split, train, cv, evaluate, predict, export, info, demo, score, cache):
+    command.register(app)
 use_house_style(app)  # POSIX usage lines, -q after any subcommand, flags without <bool>
 
 
@@ -128,14 +117,19 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, old)
 
 
+def _fail(message: str, hint: str | None, code: int) -> NoReturn:
+    """The error line (the traceback first with --debug) and the exit code."""
+    if con.state.debug:
+        traceback.print_exc()
+    con.error(message, hint)
+    sys.exit(code)
+
+
 def _main(argv: list[str] | None) -> None:
     try:
         rv = app(args=argv, prog_name="brainseg", standalone_mode=False)
     except BrainsegError as exc:
-        if con.state.debug:
-            traceback.print_exc()
-        con.error(exc.message, exc.hint)
-        sys.exit(exc.exit_code)
+        _fail(exc.message, exc.hint, exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         con.error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
@@ -151,17 +145,12 @@ def _main(argv: list[str] | None) -> None:
 
         missing = missing_package_error(exc)  # an optional package this venv lacks: exit 2
         if missing is not None:
-            if con.state.debug:
-                traceback.print_exc()
-            con.error(missing.message, missing.hint)
-            sys.exit(missing.exit_code)
+            _fail(missing.message, missing.hint, missing.exit_code)
         # A bug, not the user's fault: one line unless --debug.
-        if con.state.debug:
-            traceback.print_exc()
-        con.error(
+        _fail(
             f"internal error: {type(exc).__name__}: {first_line(exc)}",
             "run again with --debug for the traceback and report it",
+            EXIT_RUNTIME,
         )
-        sys.exit(EXIT_RUNTIME)
     if isinstance(rv, int) and rv:
         sys.exit(rv)

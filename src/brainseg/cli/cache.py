@@ -5,6 +5,8 @@ Only typer and the standard library at module level; numpy comes with the librar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from brainseg import console as con
@@ -30,8 +32,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List the dataset caches: key, the folder each was built from, slices, image size,
         disk use. A cache is keyed by content: it serves identical data wherever it lies now."""
-        from pathlib import Path
-
         from brainseg.data.cache import cache_root, list_caches
 
         if json_out:

@@ -7,6 +7,7 @@ user will type next: synthetic data -> split -> train -> eval -> predict a folde
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -17,10 +18,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from brainseg import console as con
+from brainseg.cli.predict import render_result
 from brainseg.config import load_config
-from brainseg.data.imageio import is_image_path, is_mask_name
+from brainseg.data.imageio import is_image_path, is_mask_name, read_tiff_array
+from brainseg.data.split import SplitOptions, load_split, make_split_file
+from brainseg.data.synthetic import write_synthetic
 from brainseg.errors import BrainsegRuntimeError
+from brainseg.evaluation import dataset as ev
+from brainseg.evaluation.metrics import dice
+from brainseg.export import export_onnx
 from brainseg.fsutil import atomic_path, atomic_write_text
+from brainseg.inference.batch import PredictOptions, predict_inputs
+from brainseg.train import run_training
 
 T = TypeVar("T")
 
@@ -86,10 +95,8 @@ def run_demo(
     The dataset cache goes to ``run_dir/cache`` rather than the user's cache folder (each
     stage gets it as an argument), so deleting the run folder removes every trace of the demo.
     """
-    return _run(run_dir, opts or DemoOptions(), show or (lambda stage, result: None))
-
-
-def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
+    opts = opts or DemoOptions()
+    show = show or (lambda stage, result: None)
     res = DemoResult(run_dir=run_dir)
     cache = run_dir / "cache"
 
@@ -103,12 +110,14 @@ def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
     data = stage(
         1,
         f"phantom dataset: {opts.patients} patients, {opts.size}x{opts.size}",
-        lambda: _data(run_dir, opts),
+        lambda: write_synthetic(
+            run_dir / "data", patients=opts.patients, seed=opts.seed, size=opts.size
+        ),
     )
     res.paths["data"] = data
     split_path = run_dir / "splits.yaml"
-    split = stage(2, "patient-level 80/20 split", lambda: _split(data, split_path, cache, opts))
-    show("split", split)
+    split_opts = SplitOptions(data, split_path, seed=opts.seed, cache_dir=cache)
+    show("split", stage(2, "patient-level 80/20 split", lambda: make_split_file(split_opts)))
     res.paths["split"] = split_path
     trained = stage(
         3,
@@ -116,9 +125,8 @@ def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
         lambda: _train(data, split_path, run_dir, cache, opts),
     )
     show("train", trained)
-    train_dir = trained.run_dir
-    best = train_dir / "best.safetensors"
-    res.paths["train"] = train_dir
+    best = trained.run_dir / "best.safetensors"
+    res.paths["train"] = trained.run_dir
     res.paths["checkpoint"] = best
     eval_dir = run_dir / "eval"
     evaluated = stage(
@@ -129,8 +137,6 @@ def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
     show("eval", evaluated)
     res.paths["eval"] = eval_dir
     res.dice["eval"] = float(evaluated.summary["per_patient"]["dice"]["mean"])
-
-    from brainseg.data.split import load_split
 
     val = load_split(split_path).patients("val")
     res.val_patients = list(val)
@@ -148,7 +154,7 @@ def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
     exported = stage(
         6,
         "export to ONNX and verify against PyTorch",
-        lambda: _export(best, onnx_path, data, cache),
+        lambda: export_onnx(best, onnx_path, verify_data=data, cache_dir=cache),
     )
     show("export", exported)
     res.paths["onnx"] = onnx_path
@@ -165,27 +171,11 @@ def _run(run_dir: Path, opts: DemoOptions, show: Show) -> DemoResult:
     res.agreement = _agreement(pred_torch, pred_onnx)
     summary = run_dir / "demo.json"
     res.paths["summary"] = summary
-    import json
-
     atomic_write_text(summary, json.dumps(res.as_dict(), indent=2) + "\n")
     return res
 
 
-def _data(run_dir: Path, opts: DemoOptions) -> Path:
-    from brainseg.data.synthetic import write_synthetic
-
-    return write_synthetic(run_dir / "data", patients=opts.patients, seed=opts.seed, size=opts.size)
-
-
-def _split(data: Path, out: Path, cache: Path, opts: DemoOptions) -> Any:
-    from brainseg.data.split import SplitOptions, make_split_file
-
-    return make_split_file(SplitOptions(data, out, seed=opts.seed, cache_dir=cache))
-
-
 def _train(data: Path, split: Path, run_dir: Path, cache: Path, opts: DemoOptions) -> Any:
-    from brainseg.train import run_training
-
     cfg = load_config(
         None,
         {
@@ -205,8 +195,6 @@ def _train(data: Path, split: Path, run_dir: Path, cache: Path, opts: DemoOption
 
 
 def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) -> Any:
-    from brainseg.evaluation import dataset as ev
-
     out.mkdir(parents=True, exist_ok=True)
     opts_ = ev.EvalOptions(device=opts.device)
     result = ev.run_eval([model], data, split, "val", None, opts_, masks_dir=out / "masks")
@@ -225,9 +213,6 @@ def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
 
 
 def _predict(model: Path, scans: Path, out: Path, opts: DemoOptions) -> None:
-    from brainseg.cli.predict import render_result
-    from brainseg.inference.batch import PredictOptions, predict_inputs
-
     run = PredictOptions(
         models=[model], inputs=[str(scans)], out_dir=out, overlay=True, device=opts.device
     )
@@ -236,16 +221,8 @@ def _predict(model: Path, scans: Path, out: Path, opts: DemoOptions) -> None:
         raise BrainsegRuntimeError(f"prediction into {out} failed for some files (exit {code})")
 
 
-def _export(checkpoint: Path, out: Path, data: Path, cache: Path) -> Any:
-    from brainseg.export import export_onnx
-
-    return export_onnx(checkpoint, out, verify_data=data, cache_dir=cache)
-
-
 def _read_mask(path: Path) -> np.ndarray:
-    import tifffile
-
-    return np.asarray(tifffile.imread(path)) > 0
+    return read_tiff_array(path) > 0
 
 
 def mask_folder_dice(pred_dir: Path, data: Path, patients: list[str]) -> float:
@@ -253,8 +230,6 @@ def mask_folder_dice(pred_dir: Path, data: Path, patients: list[str]) -> float:
 
     Each patient's slices are stacked into one volume (the metric of Buda et al.).
     """
-    from brainseg.evaluation.metrics import dice
-
     scores = []
     for pid in patients:
         gts = sorted((data / pid).glob("*_mask.tif"))
@@ -273,8 +248,6 @@ def mask_folder_dice(pred_dir: Path, data: Path, patients: list[str]) -> float:
 
 def _agreement(a_dir: Path, b_dir: Path) -> float:
     """Dice between the two backends' masks, all pixels pooled (1.0: identical masks)."""
-    from brainseg.evaluation.metrics import dice
-
     a_files = sorted(a_dir.rglob("*_mask.tif"))
     a = np.stack([_read_mask(f) for f in a_files])
     b = np.stack([_read_mask(b_dir / f.relative_to(a_dir)) for f in a_files])

@@ -7,12 +7,12 @@ imported when a subcommand runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from brainseg import console as con
 from brainseg.cli.base import Group
+from brainseg.cli.options import options_from
 
 _RETRIES = (
     "How many times a stalled download is retried (timeouts, dropped connections, "
@@ -22,8 +22,12 @@ _DELAY = "Seconds before the first retry; each further retry waits twice as long
 _TIMEOUT = "Seconds without data from the server before the try counts as failed."
 
 
-def _run(opts: Any, json_out: bool) -> None:
-    """Call the download job and render what it installed (a table, or the path)."""
+def _run(what: str, ctx: typer.Context) -> None:
+    """Call the download job on the command's options and render what it installed."""
+    from brainseg.data.download import DownloadOptions
+
+    opts = options_from(DownloadOptions, ctx.params, what=what)
+    json_out = ctx.params["json_out"]
     if opts.what == "vgg16":
         from brainseg.model.weights import install_vgg16 as run
     else:
@@ -48,7 +52,8 @@ def _run(opts: Any, json_out: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``download`` and its three subcommands to the app."""
+    """Add ``download`` and its three subcommands to the app (each parameter is named like
+    the :class:`~brainseg.data.download.DownloadOptions` field it sets)."""
     dl = typer.Typer(
         cls=Group,
         name="download",
@@ -59,6 +64,7 @@ def register(app: typer.Typer) -> None:
 
     @dl.command("lgg")
     def lgg(
+        ctx: typer.Context,
         dest: Path = typer.Option(
             Path("data"),
             "--dest",
@@ -90,30 +96,16 @@ def register(app: typer.Typer) -> None:
             help="Send Kaggle credentials (default: only to kaggle.com, never to a --url mirror).",
         ),
         retries: int = typer.Option(5, "--retries", min=0, help=_RETRIES),
-        retry_delay: float = typer.Option(1.0, "--retry-delay", min=0.0, help=_DELAY),
+        backoff: float = typer.Option(1.0, "--retry-delay", min=0.0, help=_DELAY),
         timeout: float = typer.Option(60.0, "--timeout", min=0.1, help=_TIMEOUT),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ) -> None:
         """Download the LGG MRI dataset (Kaggle mateuszbuda/lgg-mri-segmentation) into DEST/kaggle_3m: resumable, checksummed, safely unpacked, validated."""  # noqa: E501
-        from brainseg.data.download import DownloadOptions
-
-        opts = DownloadOptions(
-            "lgg",
-            dest,
-            url=url,
-            from_file=from_file,
-            sha256=sha256,
-            force=force,
-            keep_archive=keep_archive,
-            kaggle_auth=kaggle_auth,
-            retries=retries,
-            backoff=retry_delay,
-            timeout=timeout,
-        )
-        _run(opts, json_out)
+        _run("lgg", ctx)
 
     @dl.command("vgg16")
     def vgg16(
+        ctx: typer.Context,
         bn: bool = typer.Option(False, "--bn", help="VGG16 with batch norm (vgg16_bn)."),
         from_file: Path | None = typer.Option(
             None, "--from-file", help="Install a weights file you already have (offline)."
@@ -125,27 +117,16 @@ def register(app: typer.Typer) -> None:
             False, "--force", "-f", help="Replace an installed file whose hash is wrong."
         ),
         retries: int = typer.Option(5, "--retries", min=0, help=_RETRIES),
-        retry_delay: float = typer.Option(1.0, "--retry-delay", min=0.0, help=_DELAY),
+        backoff: float = typer.Option(1.0, "--retry-delay", min=0.0, help=_DELAY),
         timeout: float = typer.Option(60.0, "--timeout", min=0.1, help=_TIMEOUT),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Install torchvision's ImageNet VGG16 weights into the torch hub cache ($TORCH_HOME/hub/checkpoints), hash-checked, so training can start offline."""  # noqa: E501
-        from brainseg.data.download import DownloadOptions
-
-        opts = DownloadOptions(
-            "vgg16",
-            bn=bn,
-            from_file=from_file,
-            url=url,
-            force=force,
-            retries=retries,
-            backoff=retry_delay,
-            timeout=timeout,
-        )
-        _run(opts, json_out)
+        _run("vgg16", ctx)
 
     @dl.command("synthetic")
     def synthetic(
+        ctx: typer.Context,
         dest: Path = typer.Option(
             Path("data/synthetic"), "--dest", "-d", help="Folder that receives kaggle_3m/."
         ),
@@ -160,11 +141,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ) -> None:
         """Write phantom MRI slices with tumors in the kaggle_3m layout (offline demos, tests)."""
-        from brainseg.data.download import DownloadOptions
-
-        opts = DownloadOptions(
-            "synthetic", dest, force=force, patients=patients, seed=seed, size=size
-        )
-        _run(opts, json_out)
+        _run("synthetic", ctx)
 
     app.add_typer(dl, name="download")

@@ -1,7 +1,5 @@
 """What `brainseg eval` (and `brainseg demo`) show of an evaluation: the statistics table, the
-global and detection lines, the --tune line. Moved out of ``brainseg.evaluation.dataset`` so that
-only
-``commands/`` renders (issue 23); imported when those commands run.
+global and detection lines, the --tune line (only ``cli/`` renders); imported when they run.
 """
 
 from __future__ import annotations

@@ -12,21 +12,7 @@ from typing import Any
 import typer
 
 from brainseg import console
-from brainseg.cli.options import (
-    batch_size_option,
-    device_option,
-    fold_option,
-    largest_option,
-    min_size_option,
-    min_volume_option,
-    precision_option,
-    runtime_option,
-    seg_series_option,
-    subset_option,
-    threads_option,
-    threshold_option,
-    tta_option,
-)
+from brainseg.cli import options
 
 _HELP = (
     "Evaluate MODEL(s) on DATA: Dice, IoU, precision, recall, specificity, HD95.\n\n"
@@ -78,17 +64,17 @@ def register(app: typer.Typer) -> None:
             "--split",
             help="Split YAML from `brainseg split`; without it every patient of DATA is evaluated.",
         ),
-        subset: str | None = subset_option(),
-        fold: int | None = fold_option(),
-        tta: bool = tta_option(),
-        threshold: float | None = threshold_option(),
-        min_size: int | None = min_size_option(),
-        largest: bool | None = largest_option(),
-        device: str = device_option(),
-        batch_size: int = batch_size_option(),
-        runtime: str | None = runtime_option(),
-        precision: str | None = precision_option(),
-        threads: int = threads_option(),
+        subset: str | None = options.subset_option(),
+        fold: int | None = options.fold_option(),
+        tta: bool = options.tta_option(),
+        threshold: float | None = options.threshold_option(),
+        min_size: int | None = options.min_size_option(),
+        largest: bool | None = options.largest_option(),
+        device: str = options.device_option(),
+        batch_size: int = options.batch_size_option(),
+        runtime: str | None = options.runtime_option(),
+        precision: str | None = options.precision_option(),
+        threads: int = options.threads_option(),
         skip_bad: bool = typer.Option(
             False, "--skip-bad", help="Skip unreadable / mismatched slices with a warning."
         ),
@@ -128,7 +114,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes: 'pre=GLOB,flair=GLOB,post=GLOB' naming each case's contrasts "
             "(as for predict) \\[default: BraTS names *_t1, *_flair, *_t1ce].",
         ),
-        min_volume: str | None = min_volume_option(),
+        min_volume: str | None = options.min_volume_option(),
         tolerance: float = typer.Option(
             2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
         ),
@@ -138,49 +124,25 @@ def register(app: typer.Typer) -> None:
             help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
             "DICOM Segmentation per DICOM case, as predict writes).",
         ),
-        seg_series: str = seg_series_option(),
+        seg_series: str = options.seg_series_option(),
     ) -> None:
         if json_out:
             console.configure(json_mode=True)
-        from brainseg.cli.options import given_options, refuse_unused
         from brainseg.optional import require
 
         require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
-        given = given_options(ctx)
+        given = options.given_options(ctx)
         if _is_volume_eval(paths, channels):
             why = "for kaggle_3m slices only; DATA holds volume cases"
-            refuse_unused(given, SLICE_ONLY, why, hint="see brainseg eval --help")
+            options.refuse_unused(given, SLICE_ONLY, why, hint="see brainseg eval --help")
             _eval_volumes(given, paths, json_out)
             return
         why = "for volume cases only (NIfTI / DICOM); DATA holds slices"
-        refuse_unused(given, VOLUME_ONLY, why, hint="see brainseg eval --help")
+        options.refuse_unused(given, VOLUME_ONLY, why, hint="see brainseg eval --help")
         from brainseg.evaluation import dataset as ev
 
-        job = ev.EvalJob(
-            paths=paths,
-            split=split,
-            subset=subset,
-            fold=fold,
-            opts=ev.EvalOptions(
-                threshold=threshold,
-                min_size=min_size,
-                largest=largest,
-                tta=tta,
-                device=device,
-                batch_size=batch_size,
-                skip_bad=skip_bad,
-                tune=tune,
-                runtime=runtime,
-                precision=precision,
-                threads=threads,
-            ),
-            project=project,
-            name=name,
-            exist_ok=exist_ok,
-            tune_output=tune_output,
-            force=force,
-        )
-        result = ev.run_eval_job(job)
+        opts = options.options_from(ev.EvalOptions, ctx.params)
+        result = ev.run_eval_job(options.options_from(ev.EvalJob, ctx.params, opts=opts))
         from brainseg.cli.eval_report import render_report, render_tune
 
         render_report(result.summary)
@@ -211,14 +173,8 @@ def _eval_volumes(given: dict[str, Any], paths: list[Path], json_out: bool) -> N
             "brainseg eval needs at least one MODEL and the folder of cases",
             hint="usage: brainseg eval MODEL [MODEL...] CASES [--gt LABELS]",
         )
-    keys = (
-        "gt", "channels", "threshold", "min_size", "largest", "min_volume", "tta", "device",
-        "batch_size", "tolerance", "project", "name", "exist_ok", "fmt",
-        "seg_series", "runtime", "precision", "threads",
-    )  # fmt: skip
-    job = VolumeEvalJob(
-        models=list(paths[:-1]), data=paths[-1], **{k: given[k] for k in keys if k in given}
-    )
+    # only the options typed: the job's defaults are the volume path's (--format: None, nifti)
+    job = options.options_from(VolumeEvalJob, given, models=list(paths[:-1]), data=paths[-1])
     result = run_volume_eval(job)
     render_summary(result.summary)
     console.info(f"results saved to {result.run_dir} (masks in {result.run_dir / 'masks'})")

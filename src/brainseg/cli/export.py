@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from brainseg import console as con
+from brainseg.cli.options import options_from
+from brainseg.errors import BrainsegError
 
 if TYPE_CHECKING:
     from brainseg.export import ExportReport
@@ -35,6 +37,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export", help=_HELP, no_args_is_help=True)
     def _cmd(
+        ctx: typer.Context,
         checkpoint: Path = typer.Argument(
             ...,
             show_default=False,
@@ -113,31 +116,14 @@ def register(app: typer.Typer) -> None:
         from brainseg.export import ExportCheckFailed, ExportOptions, export_onnx
         from brainseg.export.run import check_export_args
 
-        if output is None and hub_folder is None:
-            from brainseg.errors import BrainsegError
-
-            raise BrainsegError(
-                "missing option '--output' (the .onnx file to write) or --hub-folder",
-                hint="e.g. -o model.onnx, or --hub-folder DIR for a Hugging Face Hub folder",
-            )
-        if output is None and hub_folder is not None:
+        if output is None:
+            if hub_folder is None:
+                raise BrainsegError(
+                    "missing option '--output' (the .onnx file to write) or --hub-folder",
+                    hint="e.g. -o model.onnx, or --hub-folder DIR for a Hugging Face Hub folder",
+                )
             output = hub_folder / "model.onnx"
-        assert output is not None
-        opts = ExportOptions(
-            checkpoint=checkpoint,
-            output=output,
-            opset=opset,
-            fp16=fp16,
-            int8=int8,
-            calib=calib,
-            split=split,
-            verify_data=verify_data,
-            calib_slices=calib_slices,
-            force=force,
-            strict=strict,
-            card=card,
-            hub_folder=hub_folder,
-        )
+        opts = options_from(ExportOptions, {**ctx.params, "output": output})
         check_export_args(opts)
         try:
             report = export_onnx(opts)
@@ -156,23 +142,16 @@ def _render(report: ExportReport, json_out: bool) -> None:
     """The report: JSON on stdout with --json; the tables and notes (stderr with --json)."""
     from rich.text import Text
 
-    from brainseg.export.report import (
-        int8_rows,
-        int8_title,
-        precision_rows,
-        precision_title,
-        report_rows,
-        report_title,
-    )
+    from brainseg.export import report as tables
 
     if json_out:
         con.emit_json(report.as_dict())
-    con.result(con.table(report_title(report), *report_rows(report)))
-    q = int8_rows(report)
+    con.result(con.table(tables.report_title(report), *tables.report_rows(report)))
+    q = tables.int8_rows(report)
     if q is not None:
-        con.result(con.table(int8_title(report), *q))
-    own = precision_rows(report)
+        con.result(con.table(tables.int8_title(report), *q))
+    own = tables.precision_rows(report)
     if own is not None:
-        con.result(con.table(precision_title(report), *own))
+        con.result(con.table(tables.precision_title(report), *own))
     for note in report.notes:
         con.result(Text(f"note: {note}"))

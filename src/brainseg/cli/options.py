@@ -1,8 +1,24 @@
-"""One module per subcommand; each has ``register(app)`` and imports heavy things lazily."""
+"""The options several subcommands share, declared once, and the helpers that read them."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import typer
+
+from brainseg.errors import BrainsegError
+
+T = TypeVar("T")
+
+
+def options_from(cls: type[T], params: Mapping[str, Any], **extra: Any) -> T:
+    """The dataclass ``cls`` built from the parameters named like its fields (plus ``extra``):
+    each command option maps to the library option of the same name, so none is copied by hand.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**extra, **{k: v for k, v in params.items() if k in names})
 
 
 def given_options(ctx: Any) -> dict[str, Any]:
@@ -22,15 +38,11 @@ def refuse_unused(given: dict[str, Any], options: dict[str, str], why: str, hint
     ignored option would be a silent surprise."""
     flags = [flag for name, flag in options.items() if name in given]
     if flags:
-        from brainseg.errors import BrainsegError
-
         raise BrainsegError(f"{', '.join(flags)}: {why}", hint=hint)
 
 
 def subset_option() -> Any:
     """``--subset`` as eval and score declare it (the patients of a split to score)."""
-    import typer
-
     return typer.Option(
         None,
         "--subset",
@@ -40,15 +52,11 @@ def subset_option() -> Any:
 
 def fold_option() -> Any:
     """``--fold`` as eval and score declare it (a cross-validation fold of the split)."""
-    import typer
-
     return typer.Option(None, "--fold", help="Cross-validation fold K of the split (0-based).")
 
 
 def seg_series_option() -> Any:
     """``--seg-series`` as predict and eval declare it (the series a DICOM SEG refers to)."""
-    import typer
-
     return typer.Option(
         "flair",
         "--seg-series",
@@ -60,8 +68,6 @@ def seg_series_option() -> Any:
 
 def runtime_option() -> Any:
     """``--runtime`` as predict and eval declare it (what runs the model)."""
-    import typer
-
     return typer.Option(
         None,
         "--runtime",
@@ -74,8 +80,6 @@ def runtime_option() -> Any:
 
 def precision_option() -> Any:
     """``--precision`` as predict and eval declare it (OpenVINO's inference precision)."""
-    import typer
-
     return typer.Option(
         None,
         "--precision",
@@ -88,8 +92,6 @@ def precision_option() -> Any:
 
 def threads_option() -> Any:
     """``--threads`` as predict and eval declare it."""
-    import typer
-
     return typer.Option(
         0, "--threads", min=0, help="Inference threads (0: the runtime's default, every core)."
     )
@@ -100,8 +102,6 @@ def threads_option() -> Any:
 
 
 def threshold_option() -> Any:
-    import typer
-
     return typer.Option(
         None,
         "--threshold",
@@ -113,8 +113,6 @@ def threshold_option() -> Any:
 
 
 def min_size_option() -> Any:
-    import typer
-
     return typer.Option(
         None,
         "--min-size",
@@ -126,8 +124,6 @@ def min_size_option() -> Any:
 
 
 def largest_option() -> Any:
-    import typer
-
     return typer.Option(
         None,
         "--largest/--no-largest",
@@ -138,8 +134,6 @@ def largest_option() -> Any:
 
 
 def min_volume_option() -> Any:
-    import typer
-
     return typer.Option(
         None,
         "--min-volume",
@@ -150,8 +144,6 @@ def min_volume_option() -> Any:
 
 
 def tta_option() -> Any:
-    import typer
-
     return typer.Option(
         False,
         "--tta",
@@ -160,12 +152,8 @@ def tta_option() -> Any:
 
 
 def device_option() -> Any:
-    import typer
-
     return typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints).")
 
 
 def batch_size_option() -> Any:
-    import typer
-
     return typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference batch.")

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console
-from brainseg.cli.options import fold_option, subset_option
+from brainseg.cli.options import fold_option, options_from, subset_option
 
 _HELP = (
     "Score predicted masks in --pred against the true masks in --gt, without a model (as "
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("score", help=_HELP, no_args_is_help=True)
     def _cmd(
+        ctx: typer.Context,
         pred: Path = typer.Option(
             ...,
             "--pred",
@@ -77,18 +78,7 @@ def register(app: typer.Typer) -> None:
         from brainseg.fsutil import check_run_name, next_run_dir
 
         check_run_name(name)  # before any work: the run folder stays inside --project
-        result = score_folders(
-            ScoreOptions(
-                pred=pred,
-                gt=gt,
-                tolerance=tolerance,
-                allow_missing=allow_missing,
-                split=split,
-                subset=subset,
-                fold=fold,
-                only_predicted=only_predicted,
-            )
-        )
+        result = score_folders(options_from(ScoreOptions, ctx.params))
         run_dir = next_run_dir(project, name, exist_ok=exist_ok)
         write_score(result, run_dir)
         render_summary(result.summary)

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.cli.options import options_from
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +21,7 @@ def register(app: typer.Typer) -> None:
         no_args_is_help=True,
     )
     def _cmd(
+        ctx: typer.Context,
         data: Path = typer.Argument(
             ...,
             help="Dataset folder in the kaggle_3m layout (one sub-folder per patient).",
@@ -72,17 +74,7 @@ def register(app: typer.Typer) -> None:
             )
         if json_out or to_stdout:
             con.configure(json_mode=True)  # tables and messages on stderr
-        opts = SplitOptions(
-            data=data,
-            output=output,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            folds=folds,
-            seed=seed,
-            force=force,
-            skip_bad=skip_bad,
-        )
-        result = make_split_file(opts)
+        result = make_split_file(options_from(SplitOptions, ctx.params))
         con.result(split_table(result.summary()))
         if to_stdout:
             con.emit_text(to_yaml(result.split))

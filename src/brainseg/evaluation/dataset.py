@@ -26,19 +26,12 @@ import numpy as np
 
 from brainseg import __version__, console
 from brainseg.data import imageio, lgg
-from brainseg.data.split import EVAL_SUBSETS, select_patients
+from brainseg.data.split import select_patients
 from brainseg.ensemble import ENSEMBLE_SUFFIX
 from brainseg.errors import BrainsegError
 from brainseg.evaluation import metrics
 from brainseg.evaluation.report import overlap_warning, pick_cases, worst_and_median
-from brainseg.evaluation.runfolder import (
-    SLICE_COLUMNS,
-    EvalResult,
-    TuneResult,
-    rows_to_csv,
-    summary_json,
-    write_run,
-)
+from brainseg.evaluation.runfolder import EvalResult, TuneResult, write_run
 from brainseg.evaluation.score import ScoredPatient, ScoreOptions, case_key, score_folders
 from brainseg.fsutil import atomic_path, check_run_name, clear_folder, fresh_run_dir, json_safe
 from brainseg.inference import postprocess
@@ -50,17 +43,6 @@ from brainseg.model.card import member_training_patients
 from brainseg.model.checkpoint import check_model_file, copy_with_metadata, read_metadata
 from brainseg.settings import InferenceSettings, PostSettings
 
-#: Re-exported: callers of eval speak them (tests, cv, score).
-__all__ = [
-    "SLICE_COLUMNS",
-    "EvalResult",
-    "PostSettings",
-    "TuneResult",
-    "rows_to_csv",
-    "select_patients",
-    "summary_json",
-    "write_run",
-]
 #: Threshold grid of ``--tune``: 0.30, 0.35, ..., 0.70.
 TUNE_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))
 #: ``--tune`` minimum component sizes at 256 x 256, scaled by image area.
@@ -85,13 +67,10 @@ class EvalOptions(InferenceSettings):
 
 def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Fail fast (before loading data) on a missing model or an unknown file type."""
-    out: list[Path] = []
     if not paths:
         raise BrainsegError("no MODEL given", hint="usage: brainseg eval MODEL [MODEL...] DATA")
-    for p in paths:
-        hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
-        out.append(check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint))
-    return out
+    hint = "usage: brainseg eval MODEL [MODEL...] DATA (the last path is the data)"
+    return [check_model_file(p, also=(ENSEMBLE_SUFFIX,), hint=hint) for p in paths]
 
 
 # --------------------------------------------------------------------------- tuning
@@ -135,7 +114,6 @@ def tune(
     )
     base_dice = score(base_mask)
     best, best_dice = baseline, base_dice
-    tried = 0
     thr_list = [float(t) for t in thresholds]
     size_list = [int(s) for s in min_sizes]
     total = len(thr_list) * len(size_list) * 2
@@ -148,7 +126,6 @@ def tune(
                 for largest in (False, True):
                     mm = postprocess.largest_per_group(m, pidx, slice_number) if largest else m
                     d = score(mm)
-                    tried += 1
                     if d > best_dice + 1e-12:
                         best, best_dice = PostSettings(t, ms, largest), d
                     bar.advance(1, best=best_dice)
@@ -159,29 +136,11 @@ def tune(
         best_dice=best_dice,
         thresholds=thr_list,
         min_sizes=size_list,
-        tried=tried,
+        tried=total,
     )
 
 
 # --------------------------------------------------------------------------- run
-
-
-def _check_eval_options(
-    opts: EvalOptions, split_path: str | os.PathLike[str] | None, subset: str | None
-) -> Path | None:
-    """The split file's path once the options are checked (before any model or data work;
-    the batch size: Typer's ``min=1``, then ``Predictor``, built next)."""
-    split_p = Path(split_path) if split_path is not None else None
-    if split_p is not None and not split_p.is_file():
-        raise BrainsegError(
-            f"split file {split_p} does not exist",
-            hint="make one with `brainseg split DATA -o splits.yaml`",
-        )
-    if subset is not None and subset not in EVAL_SUBSETS:
-        raise BrainsegError(
-            f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
-        )
-    return split_p
 
 
 def run_eval(
@@ -199,7 +158,12 @@ def run_eval(
     Nothing else is written (see :func:`write_run`)."""
     opts = opts or EvalOptions()
     model_paths = check_model_paths(models)
-    split_p = _check_eval_options(opts, split_path, subset)
+    split_p = Path(split_path) if split_path is not None else None
+    if split_p is not None and not split_p.is_file():  # before any model or data work
+        raise BrainsegError(
+            f"split file {split_p} does not exist",
+            hint="make one with `brainseg split DATA -o splits.yaml`",
+        )
 
     # the models first: a corrupt file is one line before any slice is read
     predictor = load_predictor(model_paths, opts, predictor_factory)
@@ -495,11 +459,10 @@ def run_eval_job(job: EvalJob) -> EvalResult:
         result = run_eval(models, data, job.split, job.subset, job.fold, opts, masks_dir=masks)
         if result.tune is not None:
             _drop_probabilities(masks)
-        if result.tune is not None and job.tune_output is not None:
-            write_tuned_model(
-                models[0], job.tune_output, result.tune.best, job.force, tuned_record(result)
-            )
-            result.summary["tune"]["output"] = str(job.tune_output)
+            if job.tune_output is not None:
+                record = tuned_record(result)
+                write_tuned_model(models[0], job.tune_output, result.tune.best, job.force, record)
+                result.summary["tune"]["output"] = str(job.tune_output)
         result.summary["masks"] = str(masks)
         write_run(result, run_dir)
     return result
@@ -510,9 +473,6 @@ def _drop_probabilities(masks: Path) -> None:
     masks); the masks themselves stay in the run folder."""
     for prob in masks.glob("*/*_prob.tif"):
         prob.unlink()
-
-
-# --------------------------------------------------------------------------- outputs
 
 
 # --------------------------------------------------------------------------- tuned copy
@@ -608,10 +568,7 @@ def _write_tuned_onnx(src: Path, dst: Path, updates: dict[str, Any], force: bool
                 props[key] = json.dumps(blob)
     props["threshold"] = repr(float(updates["threshold"]))
     props["postprocess"] = json.dumps(updates["postprocess"])
-    del model.metadata_props[:]
-    for k, v in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
+    onnx.helper.set_model_props(model, props)
     with atomic_path(dst, force=force) as tmp:
         onnx.save(model, str(tmp))
     return dst

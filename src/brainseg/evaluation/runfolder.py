@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from brainseg.evaluation import metrics
 from brainseg.evaluation.metrics import PATIENT_COLUMNS
 from brainseg.evaluation.report import REPORT_NAME, dice_plot_png, write_eval_report
@@ -101,15 +99,8 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def plot_dice(dice: Sequence[float] | np.ndarray, path: Path, title: str = "") -> Path:
-    """A strip + box plot and a histogram of the per-patient Dice, as a PNG file."""
-
-    return atomic_write_bytes(path, dice_plot_png(dice, title))
-
-
 def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
     """Write summary.json, per_patient.csv, per_slice.csv, dice_per_patient.png, report.html."""
-
     run_dir.mkdir(parents=True, exist_ok=True)
     result.run_dir = run_dir
     result.summary["run_dir"] = str(run_dir)
@@ -120,7 +111,10 @@ def write_run(result: EvalResult, run_dir: Path) -> list[Path]:
         atomic_write_text(
             run_dir / "per_slice.csv", rows_to_csv(result.report.per_slice, SLICE_COLUMNS)
         ),
-        plot_dice(result.report.column("per_patient", "dice"), run_dir / "dice_per_patient.png"),
+        atomic_write_bytes(
+            run_dir / "dice_per_patient.png",
+            dice_plot_png(result.report.column("per_patient", "dice")),
+        ),
     ]
     with_report = result.settings is not None  # a model's eval (brainseg score has no model)
     report = [run_dir / REPORT_NAME] if with_report else []

@@ -54,8 +54,13 @@ class VolumeEvalResult:
     files: list[Path] = field(default_factory=list)
 
 
-def _check(job: VolumeEvalJob) -> None:
+def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
+    """Predict every case into ``run_dir/masks``, score them, write eval's files.
 
+    A case that cannot be predicted, or a label volume without its case, fails the run and
+    the new run folder is removed: a partial evaluation would report a mean over fewer
+    patients. A case without a label volume is reported (a warning) and not scored.
+    """
     check_run_name(job.name)
     check_model_paths(job.models)
     if not job.data.exists():
@@ -67,23 +72,11 @@ def _check(job: VolumeEvalJob) -> None:
             f"--gt {job.gt} is not a folder",
             hint="pass the folder of true label volumes (<case>_seg.nii.gz ...)",
         )
-
-
-def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
-    """Predict every case into ``run_dir/masks``, score them, write eval's files.
-
-    A case that cannot be predicted, or a label volume without its case, fails the run and
-    the new run folder is removed: a partial evaluation would report a mean over fewer
-    patients. A case without a label volume is reported (a warning) and not scored.
-    """
-
-    _check(job)
     with fresh_run_dir(job.project, job.name, exist_ok=job.exist_ok) as run_dir:
         return _predict_and_score(job, run_dir)
 
 
 def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
-
     masks = clear_folder(run_dir / "masks")  # an --exist-ok run's old masks would be scored
     pred = predict_volumes(
         PredictOptions(
@@ -105,18 +98,14 @@ def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
             f"reported (first: {bad[0].error})",
             hint="fix or remove those cases, then run eval again",
         )
+    gt = job.gt if job.gt is not None else job.data
     score = score_folders(
-        ScoreOptions(
-            pred=masks,
-            gt=job.gt if job.gt is not None else job.data,
-            tolerance=job.tolerance,
-            truth_only=job.gt is None,
-        )
+        ScoreOptions(pred=masks, gt=gt, tolerance=job.tolerance, truth_only=job.gt is None)
     )
     score.summary.update(
         models=[str(m) for m in job.models],
         data=str(job.data),
-        gt=str(job.gt if job.gt is not None else job.data),
+        gt=str(gt),
         pred=str(masks),
         settings={**pred.settings, "hd95_unit": "pixels"},
         note="the masks scored are the files in pred (brainseg predict's output for these "
