@@ -14,11 +14,11 @@ T = TypeVar("T")
 
 
 def options_from(cls: type[T], params: Mapping[str, Any], **extra: Any) -> T:
-    """The dataclass ``cls`` built from the parameters named like its fields (plus ``extra``):
-    each command option maps to the library option of the same name, so none is copied by hand.
-    """
+    """The dataclass ``cls`` built from the parameters named like its fields, ``extra`` taking
+    precedence: each command option maps to the library option of the same name, so none is
+    copied by hand."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**extra, **{k: v for k, v in params.items() if k in names})
+    return cls(**{**{k: v for k, v in params.items() if k in names}, **extra})
 
 
 def given_options(ctx: Any) -> dict[str, Any]:

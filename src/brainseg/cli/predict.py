@@ -9,7 +9,6 @@ nibabel / SimpleITK only when a volume is read.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from brainseg.cli.options import (
     largest_option,
     min_size_option,
     min_volume_option,
+    options_from,
     precision_option,
     runtime_option,
     seg_series_option,
@@ -211,10 +211,9 @@ def register(app: typer.Typer) -> None:
         volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
         vol.refuse_options(given, volumes=volumes)
         # the options named as PredictOptions' fields pass as they are; these differ:
-        settings = {
-            f.name: ctx.params[f.name] for f in fields(PredictOptions) if f.name in ctx.params
-        }
-        settings.update(
+        opts = options_from(
+            PredictOptions,
+            ctx.params,
             models=[model, *ensemble],
             inputs=vol.volume_inputs(inputs, peek) if volumes else inputs,
             out_dir=output,
@@ -222,7 +221,6 @@ def register(app: typer.Typer) -> None:
             shard=shard,  # "auto" resolved above
             stdin=None if volumes else peek,
         )
-        opts = PredictOptions(**settings)
         if volumes:
             code = vol.run_volume_predict(opts, json_out=json_out, engine=ray_engine)
         else:
