@@ -115,7 +115,7 @@ def run(
     **training: Any,
 ) -> None:
     """The command body: the options the user gave -> CVOptions -> run_cv -> tables."""
-    from brainseg.train.cv import CVOptions, parse_set
+    from brainseg.train.cv import CVOptions, parse_set, run_cv, run_fold, write_cv
 
     if training.get("quiet"):
         con.configure(quiet=True)
@@ -135,13 +135,10 @@ def run(
         project=str(project),
         name=name,
         resume=str(resume) if resume is not None else None,
+        fold=fold,
+        show_fold=render,
     )
-    from brainseg.train.cv import run_cv, run_fold, write_cv
-
-    opts.show_fold = render
-
     if fold is not None:
-        opts.fold = fold
         plan, done = run_fold(opts)
         con.result(f"fold {fold}/{plan.n_folds}: {done.status} -> {done.run_dir}")
         con.info(f"once every fold is done: brainseg cv --resume {plan.cv_dir}")
