@@ -253,10 +253,11 @@ def write_start_files(
     atomic_write_text(
         d / "config.yaml", dump_yaml({**resolved, "run_info": run_info(run, split_path)})
     )
-    if fresh and split_path is None:
+    if fresh and split_path is not None:
+        if split_path != d / "split.yaml":  # (a run started over in its folder has its own)
+            atomic_write_bytes(d / "split.yaml", split_path.read_bytes())
+    elif fresh:
         atomic_write_text(d / "split.yaml", to_yaml(run.data.split))
-    elif fresh and split_path != d / "split.yaml":  # (a run started over in its folder has its own)
-        atomic_write_bytes(d / "split.yaml", split_path.read_bytes())
     write_metrics(d / "metrics.csv", run.rows)
 
 
