@@ -100,7 +100,6 @@ class CVOptions:
     project: str = "runs/cv"
     name: str = "exp"
     resume: str | None = None  # a cv folder to continue
-    predict_batch_size: int = 16
     fold: int | None = None  # --fold K: train only this fold (folds as independent jobs)
     show_fold: Callable[[Any], None] | None = None  # renders a fold's TrainResult (the command)
 
@@ -115,7 +114,6 @@ class CVPlan:
     train: dict[str, Any]  # TrainConfig settings of every fold (without FOLD_KEYS)
     select: str
     protocol: str
-    continued: bool = False
     fold_jobs: bool = False  # made by --fold K: folds are trained by their own jobs
 
     @property
@@ -318,7 +316,7 @@ def prepare(opts: CVOptions) -> CVPlan:
                 hint=f"leave out DATA: brainseg cv --resume {cv_dir}",
             )
         runtime = {k: v for k, v in opts.overrides.items() if k in RUNTIME_KEYS and v is not None}
-        return _plan(cv_dir, doc, opts, runtime, continued=True)
+        return _plan(cv_dir, doc, opts, runtime)
 
     check_run_name(opts.name)
     train, request = _request(opts)
@@ -356,7 +354,7 @@ def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, A
     if same is not None:
         con.info(f"continuing {same} (a cv with the same data, folds and settings)")
         runtime = {k: train[k] for k in RUNTIME_KEYS}
-        return _plan(same, _read_cv_yaml(same), opts, runtime, continued=True)
+        return _plan(same, _read_cv_yaml(same), opts, runtime)
     # refuse a split without folds before making a folder
     if opts.split is not None and load_split(opts.split).n_folds < 2:
         raise BrainsegError(
@@ -380,12 +378,10 @@ def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, A
         "fold_jobs": opts.fold is not None,
     }
     atomic_write_text(cv_dir / CV_FILE, dump_yaml(doc))  # last: marks the folder as complete
-    return _plan(cv_dir, doc, opts, {}, continued=False)
+    return _plan(cv_dir, doc, opts, {})
 
 
-def _plan(
-    cv_dir: Path, doc: dict[str, Any], opts: CVOptions, runtime: dict[str, Any], continued: bool
-) -> CVPlan:
+def _plan(cv_dir: Path, doc: dict[str, Any], opts: CVOptions, runtime: dict[str, Any]) -> CVPlan:
     return CVPlan(
         cv_dir=cv_dir,
         data=str(doc["data"]),
@@ -393,7 +389,6 @@ def _plan(
         train={**doc["train"], **runtime},
         select=opts.select or str(doc.get("select") or "last"),
         protocol=opts.protocol or str(doc.get("protocol") or "brainseg"),
-        continued=continued,
         fold_jobs=bool(doc.get("fold_jobs")),
     )
 
@@ -487,15 +482,10 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     check_coverage(
         [f.val_patients for f in folds], [p for p in split.all_patients if p not in test]
     )
-    count = np.zeros(len(ds), dtype=np.int64)
     fold_of = np.full(len(ds), -1, dtype=np.int64)
-    for f in folds:
-        rows = ds.indices_of(f.val_patients)
-        count[rows] += 1
-        fold_of[rows] = f.fold
-    rows_all = np.flatnonzero(count > 0)
-    if rows_all.size == 0 or count.max() != 1:
-        raise BrainsegRuntimeError("out-of-fold coverage is broken: a slice is predicted twice")
+    for f in folds:  # the folds' validation patients are disjoint (check_coverage)
+        fold_of[ds.indices_of(f.val_patients)] = f.fold
+    rows_all = np.flatnonzero(fold_of >= 0)
     pos = np.full(len(ds), -1, dtype=np.int64)
     pos[rows_all] = np.arange(rows_all.size)
     h, w = ds.size
