@@ -97,18 +97,28 @@ def _setting(
     return field(default=default, metadata=metadata)
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
 def _open_unit(v: float) -> bool:
     """In (0, 1): a probability or a decay that is neither 0 nor 1."""
     return 0.0 < v < 1.0
 
 
+def _aug(default: float, help: str, high: float) -> Any:
+    """A YAML-only augmentation strength from 0 to ``high``."""
+    return _setting(
+        default,
+        help,
+        cli=False,
+        rule=Rule(
+            lambda v: 0 <= v <= high,
+            f"must be in [0, {high}]",
+            "see docs/training.md (augmentation)",
+        ),
+        roles=("recipe",),
+    )
+
+
 _AT_LEAST_1 = "must be at least 1"
 _PROB01 = "must be a probability in [0, 1]"
-_AUG_HINT = "see docs/training.md (augmentation)"
 
 
 @dataclass
@@ -221,7 +231,7 @@ class TrainConfig:
         "Adam learning rate.",
         show="4e-4",
         rule=Rule(
-            lambda v: _finite(v) and v > 0,
+            lambda v: math.isfinite(v) and v > 0,
             "must be a positive number",
             "the reference uses --lr 4e-4",
         ),
@@ -231,7 +241,9 @@ class TrainConfig:
         0.0,
         "Adam weight decay (L2).",
         show="0",
-        rule=Rule(lambda v: _finite(v) and v >= 0, "must be >= 0", "e.g. --weight-decay 1e-4"),
+        rule=Rule(
+            lambda v: math.isfinite(v) and v >= 0, "must be >= 0", "e.g. --weight-decay 1e-4"
+        ),
         roles=("recipe",),
     )
     scheduler: str = _setting(
@@ -246,7 +258,7 @@ class TrainConfig:
         0.0,
         "Epochs of linear learning-rate warm-up before the scheduler.",
         cli=False,
-        rule=Rule(lambda v: _finite(v) and v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
+        rule=Rule(lambda v: math.isfinite(v) and v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
         roles=("recipe",),
     )
     # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel),
@@ -299,7 +311,7 @@ class TrainConfig:
         "Clip the gradient norm to this value.",
         show="off",
         rule=Rule(
-            lambda v: _finite(v) and v > 0,
+            lambda v: math.isfinite(v) and v > 0,
             "must be a positive number",
             "e.g. --grad-clip 1.0 (leave it out for no clipping)",
         ),
@@ -323,34 +335,10 @@ class TrainConfig:
         rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_vflip: 0.5"),
         roles=("recipe",),
     )
-    aug_rotate: float = _setting(
-        15.0,
-        "Max rotation, degrees.",
-        cli=False,
-        rule=Rule(lambda v: 0 <= v <= 180.0, "must be in [0, 180.0]", _AUG_HINT),
-        roles=("recipe",),
-    )
-    aug_scale: float = _setting(
-        0.1,
-        "Max relative zoom in/out.",
-        cli=False,
-        rule=Rule(lambda v: 0 <= v <= 0.9, "must be in [0, 0.9]", _AUG_HINT),
-        roles=("recipe",),
-    )
-    aug_brightness: float = _setting(
-        0.1,
-        "Max brightness shift, fraction of 255.",
-        cli=False,
-        rule=Rule(lambda v: 0 <= v <= 1.0, "must be in [0, 1.0]", _AUG_HINT),
-        roles=("recipe",),
-    )
-    aug_contrast: float = _setting(
-        0.1,
-        "Max relative contrast change.",
-        cli=False,
-        rule=Rule(lambda v: 0 <= v <= 0.9, "must be in [0, 0.9]", _AUG_HINT),
-        roles=("recipe",),
-    )
+    aug_rotate: float = _aug(15.0, "Max rotation, degrees.", 180.0)
+    aug_scale: float = _aug(0.1, "Max relative zoom in/out.", 0.9)
+    aug_brightness: float = _aug(0.1, "Max brightness shift, fraction of 255.", 1.0)
+    aug_contrast: float = _aug(0.1, "Max relative contrast change.", 0.9)
     aug_mask_mode: str = _setting(
         "nearest",
         "Mask resampling: nearest, or bilinear then > 0.5.",
@@ -604,10 +592,10 @@ def postprocess_settings(cfg: TrainConfig) -> dict[str, Any]:
     """``threshold`` and ``postprocess`` of ``--postprocess-from`` (empty without it)."""
     if not cfg.postprocess_from:
         return {}
-
-    settings = load_ensemble(_ensemble_manifest(cfg.postprocess_from))[1]
+    manifest = _ensemble_manifest(cfg.postprocess_from)
+    settings = load_ensemble(manifest)[1]
     out: dict[str, Any] = {k: settings[k] for k in ("threshold", "postprocess") if k in settings}
-    out["postprocess_from"] = str(_ensemble_manifest(cfg.postprocess_from).resolve())
+    out["postprocess_from"] = str(manifest.resolve())
     return out
 
 
@@ -701,7 +689,6 @@ def resolve_config_path(value: str) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; a parse error, a limit (brainseg.yamlio) or a non-mapping names the
     file."""
-
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -762,9 +749,10 @@ def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = N
     quiet); any other given option is refused, naming it.
     """
     run = resume_folder(Path(run_dir))
-    if not (run / "config.yaml").is_file():
+    path = run / "config.yaml"
+    if not path.is_file():
         raise BrainsegError(
-            f"cannot resume: {run / 'config.yaml'} does not exist",
+            f"cannot resume: {path} does not exist",
             hint="pass a run folder written by brainseg train, e.g. runs/train/exp",
         )
     given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "resume"}
@@ -776,8 +764,6 @@ def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = N
             hint="only --epochs, --device, --workers, --logger and --quiet may be given "
             "with --resume; start a new run to change the recipe",
         )
-    path = run / "config.yaml"
-    cfg = TrainConfig.from_dict(read_yaml(path), f"config file {path}")
-    cfg = cfg.merged(given)
+    cfg = TrainConfig.from_dict(read_yaml(path), f"config file {path}").merged(given)
     cfg.resume = str(run)
     return cfg

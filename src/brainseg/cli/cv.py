@@ -8,6 +8,7 @@ at import time: numpy and torch are imported when the command runs.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any
@@ -98,50 +99,22 @@ def _signature() -> inspect.Signature:
     )  # fmt: skip
 
 
-def run(
-    data: Path | None = None,
-    folds: int | None = None,
-    split: Path | None = None,
-    config: str | None = None,
-    set_: list[str] | None = None,
-    select: str | None = None,
-    protocol: str | None = None,
-    project: Path = Path("runs/cv"),
-    name: str = "exp",
-    resume: Path | None = None,
-    fold: int | None = None,
-    json_out: bool = False,
-    logger: list[str] | None = None,
-    **training: Any,
-) -> None:
+def run(set_: list[str], json_out: bool, logger: list[str] | None, **options: Any) -> None:
     """The command body: the options the user gave -> CVOptions -> run_cv -> tables."""
-    from brainseg.train.cv import CVOptions, parse_set
+    from brainseg.train.cv import CVOptions, parse_set, run_cv, run_fold, write_cv
 
-    if training.get("quiet"):
+    given: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    # cv's own options are CVOptions fields; the others are training settings
+    own = [f.name for f in dataclasses.fields(CVOptions) if f.name in given]
+    opts = CVOptions(**{k: given.pop(k) for k in own}, show_fold=render)
+    if given.get("quiet"):
         con.configure(quiet=True)
     if json_out:
         con.configure(json_mode=True)
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in training.items()}
     given["loggers"] = list(logger) if logger else None
-    overrides = {**parse_set(set_ or []), **{k: v for k, v in given.items() if v is not None}}
-    opts = CVOptions(
-        data=str(data) if data is not None else None,
-        folds=folds,
-        split=str(split) if split is not None else None,
-        config=config,
-        overrides=overrides,
-        select=select,
-        protocol=protocol,
-        project=str(project),
-        name=name,
-        resume=str(resume) if resume is not None else None,
-    )
-    from brainseg.train.cv import run_cv, run_fold, write_cv
-
-    opts.show_fold = render
-
+    opts.overrides = {**parse_set(set_), **{k: v for k, v in given.items() if v is not None}}
+    fold = opts.fold
     if fold is not None:
-        opts.fold = fold
         plan, done = run_fold(opts)
         con.result(f"fold {fold}/{plan.n_folds}: {done.status} -> {done.run_dir}")
         con.info(f"once every fold is done: brainseg cv --resume {plan.cv_dir}")

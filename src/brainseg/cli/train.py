@@ -47,13 +47,11 @@ def _option(f: Field[Any]) -> inspect.Parameter:
     kind, _optional = field_types()[f.name]
     flag = "--" + f.name.replace("_", "-")
     meta = f.metadata
-    if kind is bool:
-        decls = [flag if meta.get("switch", True) is False else f"{flag}/--no-{flag[2:]}"]
-    else:
-        decls = [flag]
+    if kind is bool and meta.get("switch", True):
+        flag = f"{flag}/--no-{flag[2:]}"
     kind = Path if meta.get("path") else str if kind is list or meta.get("words") else kind
     option = typer.Option(
-        None, *decls, *meta.get("flags", ()), help=setting_help(f.name), show_default=False
+        None, flag, *meta.get("flags", ()), help=setting_help(f.name), show_default=False
     )
     return inspect.Parameter(f.name, _KW, default=option, annotation=kind | None)
 
@@ -141,37 +139,19 @@ def render(result: TrainResult) -> None:
     """The final tables: the best epoch (Dice at the training size) and the run's files."""
     best, size = result.best, result.image_size
     if best["val_loss"] is None:  # --fold all
-        con.result(
-            con.table(
-                f"final epoch {best['epoch']} of {result.epochs} (--fold all: trained on every "
-                "patient, no validation; best.safetensors = the final weights)",
-                ["epoch", "train_loss"],
-                [[best["epoch"], best["train_loss"]]],
-            )
+        title = (
+            f"final epoch {best['epoch']} of {result.epochs} (--fold all: trained on every "
+            "patient, no validation; best.safetensors = the final weights)"
         )
-        render_files(result)
-        return
-    con.result(
-        con.table(
+        keys = columns = ["epoch", "train_loss"]
+    else:
+        title = (
             f"best epoch {best['epoch']} of {result.epochs} (by mean per-patient Dice, "
-            f"on validation slices at the training size {size}x{size})",
-            ["epoch", "train_loss", "val_loss", "dice_slice", "dice_patient"],
-            [
-                [
-                    best["epoch"],
-                    best["train_loss"],
-                    best["val_loss"],
-                    best["val_dice_slice"],
-                    best["val_dice_patient"],
-                ]
-            ],
+            f"on validation slices at the training size {size}x{size})"
         )
-    )
-    render_files(result)
-
-
-def render_files(result: TrainResult) -> None:
-    """The table of the run's files."""
+        keys = ["epoch", "train_loss", "val_loss", "val_dice_slice", "val_dice_patient"]
+        columns = ["epoch", "train_loss", "val_loss", "dice_slice", "dice_patient"]
+    con.result(con.table(title, columns, [[best[k] for k in keys]]))
     files = [["run folder", str(result.run_dir)]]
     files += [
         [label, str(result.run_dir / name)]

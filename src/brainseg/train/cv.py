@@ -100,7 +100,6 @@ class CVOptions:
     project: str = "runs/cv"
     name: str = "exp"
     resume: str | None = None  # a cv folder to continue
-    predict_batch_size: int = 16
     fold: int | None = None  # --fold K: train only this fold (folds as independent jobs)
     show_fold: Callable[[Any], None] | None = None  # renders a fold's TrainResult (the command)
 
@@ -115,7 +114,6 @@ class CVPlan:
     train: dict[str, Any]  # TrainConfig settings of every fold (without FOLD_KEYS)
     select: str
     protocol: str
-    continued: bool = False
     fold_jobs: bool = False  # made by --fold K: folds are trained by their own jobs
 
     @property
@@ -163,10 +161,6 @@ class CVResult:
     per_patient: list[dict[str, Any]]
     masks: dict[str, np.ndarray]  # "before" / "after" (/ "buda") OOF masks, N x H x W bool
     oof: OOF
-    files: list[Path] = field(default_factory=list)
-
-
-_SET_HINT = "give a plain value, e.g. --set lr=3e-4"
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -187,7 +181,11 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
                 hint="give the data, the split and the run folder as cv options",
             )
         try:
-            value = parse_yaml(raw, f"--set {key}", _SET_HINT) if raw.strip() else None
+            value = (
+                parse_yaml(raw, f"--set {key}", "give a plain value, e.g. --set lr=3e-4")
+                if raw.strip()
+                else None
+            )
         except BrainsegError as exc:
             if not isinstance(exc.__cause__, yaml.YAMLError):
                 raise  # a limit (too deep, too many values): not a plain value either
@@ -237,7 +235,6 @@ def _check_options(opts: CVOptions) -> None:
 
 # =============================================================================== the cv folder
 def _read_cv_yaml(cv_dir: Path) -> dict[str, Any]:
-
     path = cv_dir / CV_FILE
     if not path.is_file():
         raise BrainsegError(
@@ -252,7 +249,6 @@ def _read_cv_yaml(cv_dir: Path) -> dict[str, Any]:
 
 def _request(opts: CVOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """The resolved train settings and the identity of the request (what a rerun must match)."""
-
     assert opts.data is not None
     cfg = load_config(opts.config, {**opts.overrides, "data": str(opts.data)})
     cfg.validate(need_data=False)
@@ -295,16 +291,10 @@ def _find_same(project: Path, name: str, request: dict[str, Any]) -> Path | None
 
 def _write_split(cv_dir: Path, opts: CVOptions, seed: int, skip_bad: bool) -> int:
     """split.yaml of a new cv (a copy of --split, or K folds made here); returns K."""
-
     assert opts.data is not None
     ds = load_dataset(opts.data, skip_bad=skip_bad)
     if opts.split is not None:
-        split = load_split(opts.split)
-        if split.n_folds < 2:
-            raise BrainsegError(
-                f"split {opts.split} has no cross-validation folds",
-                hint="make one with: brainseg split DATA --folds 5 -o folds.yaml",
-            )
+        split = load_split(opts.split)  # its folds were checked before the folder was made
         check_split(split, ds.patient_ids)
         atomic_write_text(cv_dir / SPLIT_FILE, Path(opts.split).read_text(encoding="utf-8"))
         return split.n_folds
@@ -326,7 +316,7 @@ def prepare(opts: CVOptions) -> CVPlan:
                 hint=f"leave out DATA: brainseg cv --resume {cv_dir}",
             )
         runtime = {k: v for k, v in opts.overrides.items() if k in RUNTIME_KEYS and v is not None}
-        return _plan(cv_dir, doc, opts, runtime, continued=True)
+        return _plan(cv_dir, doc, opts, runtime)
 
     check_run_name(opts.name)
     train, request = _request(opts)
@@ -340,7 +330,6 @@ def prepare(opts: CVOptions) -> CVPlan:
 @contextlib.contextmanager
 def _waiting_lock(folder: Path, name: str, seconds: float = 600.0) -> Any:
     """:func:`brainseg.fsutil.folder_lock`, waiting (polling) while another process holds it."""
-
     folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + seconds
     while True:
@@ -361,12 +350,11 @@ def _waiting_lock(folder: Path, name: str, seconds: float = 600.0) -> Any:
 
 def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, Any]) -> CVPlan:
     """The cv folder of this request (the newest ``project/name*``), or a new one."""
-
     same = _find_same(Path(opts.project), opts.name, request)
     if same is not None:
         con.info(f"continuing {same} (a cv with the same data, folds and settings)")
         runtime = {k: train[k] for k in RUNTIME_KEYS}
-        return _plan(same, _read_cv_yaml(same), opts, runtime, continued=True)
+        return _plan(same, _read_cv_yaml(same), opts, runtime)
     # refuse a split without folds before making a folder
     if opts.split is not None and load_split(opts.split).n_folds < 2:
         raise BrainsegError(
@@ -390,12 +378,10 @@ def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, A
         "fold_jobs": opts.fold is not None,
     }
     atomic_write_text(cv_dir / CV_FILE, dump_yaml(doc))  # last: marks the folder as complete
-    return _plan(cv_dir, doc, opts, {}, continued=False)
+    return _plan(cv_dir, doc, opts, {})
 
 
-def _plan(
-    cv_dir: Path, doc: dict[str, Any], opts: CVOptions, runtime: dict[str, Any], continued: bool
-) -> CVPlan:
+def _plan(cv_dir: Path, doc: dict[str, Any], opts: CVOptions, runtime: dict[str, Any]) -> CVPlan:
     return CVPlan(
         cv_dir=cv_dir,
         data=str(doc["data"]),
@@ -403,7 +389,6 @@ def _plan(
         train={**doc["train"], **runtime},
         select=opts.select or str(doc.get("select") or "last"),
         protocol=opts.protocol or str(doc.get("protocol") or "brainseg"),
-        continued=continued,
         fold_jobs=bool(doc.get("fold_jobs")),
     )
 
@@ -411,7 +396,6 @@ def _plan(
 # =============================================================================== training
 def fold_progress(run_dir: Path) -> tuple[int, int] | None:
     """``(epochs done, steps done in the next epoch)`` from the fold's last.safetensors."""
-
     last = run_dir / "last.safetensors"
     if not last.is_file():
         return None
@@ -491,7 +475,6 @@ def check_coverage(val_by_fold: Sequence[Sequence[str]], cv_patients: Iterable[s
 
 def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     """Each fold's validation patients predicted by that fold's model; returns (oof, #test)."""
-
     ds = load_dataset(plan.data, skip_bad=bool(plan.train.get("skip_bad", False)))
     split = load_split(plan.split_path)
     check_split(split, ds.patient_ids)
@@ -499,23 +482,18 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     check_coverage(
         [f.val_patients for f in folds], [p for p in split.all_patients if p not in test]
     )
-    count = np.zeros(len(ds), dtype=np.int64)
     fold_of = np.full(len(ds), -1, dtype=np.int64)
-    for f in folds:
-        rows = ds.indices_of(f.val_patients)
-        count[rows] += 1
-        fold_of[rows] = f.fold
-    rows_all = np.flatnonzero(count > 0)
-    if rows_all.size == 0 or count.max() != 1:
-        raise BrainsegRuntimeError("out-of-fold coverage is broken: a slice is predicted twice")
+    for f in folds:  # the folds' validation patients are disjoint (check_coverage)
+        fold_of[ds.indices_of(f.val_patients)] = f.fold
+    rows_all = np.flatnonzero(fold_of >= 0)
     pos = np.full(len(ds), -1, dtype=np.int64)
     pos[rows_all] = np.arange(rows_all.size)
     h, w = ds.size
     prob = np.empty((rows_all.size, h, w), dtype=np.float32)
     # the inference settings predict and eval take: the folds' device and validation batch
-    infer = InferenceSettings(
-        device=str(plan.train.get("device", "auto")), batch_size=plan_batch(plan)
-    )
+    batch_size = plan.train.get("val_batch_size") or plan.train.get("batch_size") or 16
+    device = str(plan.train.get("device", "auto"))
+    infer = InferenceSettings(device=device, batch_size=int(batch_size))
     for f in folds:
         rows = np.flatnonzero(fold_of == f.fold)
         con.info(f"out-of-fold: fold {f.fold} model predicts {len(f.val_patients)} patients")
@@ -547,10 +525,6 @@ def predict_rows(
             out[start : start + len(sel)] = predictor.predict_proba(batch)
             bar.advance(len(sel))
     return out
-
-
-def plan_batch(plan: CVPlan) -> int:
-    return int(plan.train.get("val_batch_size") or plan.train.get("batch_size") or 16)
 
 
 # =============================================================================== statistics
@@ -650,7 +624,6 @@ def buda_masks(oof: OOF) -> tuple[np.ndarray, np.ndarray]:
 # =============================================================================== summary
 def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
     """Predict out of fold, choose the post-processing once, measure before and after."""
-
     oof, n_test = predict_oof(plan, folds)
     pidx, snum = oof.patient_index, oof.slice_number
     fold_of = {oof.patient_ids[int(i)]: int(f) for i, f in zip(pidx, oof.fold, strict=True)}
@@ -794,18 +767,14 @@ def fold_finished(plan: CVPlan, k: int) -> bool:
     )
 
 
-@contextlib.contextmanager
 def _fold_lock(plan: CVPlan, k: int) -> Any:
     """One process per fold: a second job on the same fold is refused (exit 2)."""
-
-    with folder_lock(plan.cv_dir, f"brainseg-cv-fold-{k}", f"brainseg cv, fold {k}"):
-        yield
+    return folder_lock(plan.cv_dir, f"brainseg-cv-fold-{k}", f"brainseg cv, fold {k}")
 
 
 # =============================================================================== outputs
 def write_cv(result: CVResult) -> list[Path]:
     """cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json, report.html."""
-
     d = result.plan.cv_dir
     cols = CV_PATIENT_COLUMNS + (["dice_buda"] if result.summary.get("buda") else [])
     files = [atomic_write_text(d / "per_patient.csv", rows_to_csv(result.per_patient, cols))]
@@ -838,7 +807,6 @@ def write_cv(result: CVResult) -> list[Path]:
     result.summary["files"] = [p.name for p in files] + ["cv_summary.json"]
     text = json.dumps(json_safe(result.summary), indent=2, allow_nan=False) + "\n"
     files.append(atomic_write_text(d / "cv_summary.json", text))
-    result.files = files
     return files
 
 

@@ -126,7 +126,6 @@ class TrainData:
 def load_split_checked(path: Path | None, fold: int | str | None) -> Any:
     """The split file, with the fold checked (before any model or data is built); None for
     --fold all without a split (every patient of the dataset, see :func:`whole_dataset_split`)."""
-
     if path is None:
         return None
     split = load_split(path)
@@ -137,7 +136,6 @@ def load_split_checked(path: Path | None, fold: int | str | None) -> Any:
 
 def whole_dataset_split(patient_ids: list[str], seed: int) -> Any:
     """The split of --fold all without --split: every patient in train, none in val / test."""
-
     ids = sorted(patient_ids)
     return Split(
         seed=seed,
@@ -174,7 +172,6 @@ def load_data(
 ) -> TrainData:
     """Read the dataset (the cache in ``cache_dir``, or the default one), check the split
     against it, resize, place on ``device``."""
-
     assert cfg.data is not None
     ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad, cache_dir=cache_dir)
     if split is None:

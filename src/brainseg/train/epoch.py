@@ -195,21 +195,19 @@ def stop_here(run: Run, epoch: int, step: int) -> None:
     """Save last.safetensors (the position in the epoch too) and say how to resume."""
     if run.rt.dist.is_main:
         run.save_last(run.meta)
-    raise BrainsegError(
-        f"interrupted at epoch {epoch + 1} step {step + 1}/{run.steps}; saved "
-        f"{run.run_dir / 'last.safetensors'}",
-        hint=f"resume with: brainseg train --resume {run.run_dir}",
-        exit_code=EXIT_INTERRUPTED,
-    )
+    raise _interrupted(run, f"at epoch {epoch + 1} step {step + 1}/{run.steps}")
 
 
 def stopped_after_epoch(run: Run, epoch: int) -> None:
     """A stop asked for at the end of an epoch (in validation, while saving): the epoch's
     last.safetensors is written, say how to resume (which also finishes a final epoch's
     report)."""
-    raise BrainsegError(
-        f"interrupted after epoch {epoch + 1} of {run.cfg.epochs}; saved "
-        f"{run.run_dir / 'last.safetensors'}",
+    raise _interrupted(run, f"after epoch {epoch + 1} of {run.cfg.epochs}")
+
+
+def _interrupted(run: Run, when: str) -> BrainsegError:
+    return BrainsegError(
+        f"interrupted {when}; saved {run.run_dir / 'last.safetensors'}",
         hint=f"resume with: brainseg train --resume {run.run_dir}",
         exit_code=EXIT_INTERRUPTED,
     )

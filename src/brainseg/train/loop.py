@@ -17,12 +17,12 @@ from typing import Any
 
 from brainseg import console as con
 from brainseg.config import TrainConfig
+from brainseg.model.checkpoint import save_checkpoint
 from brainseg.train import validation
 from brainseg.train.epoch import Stopper, run_epoch, stopped_after_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
 from brainseg.train.report import write_train_report
-from brainseg.train.resume import save_weights
 from brainseg.train.runfiles import VAL_COLUMNS, epoch_line, write_curves, write_metrics
 from brainseg.train.setup import Run, setup
 
@@ -120,7 +120,7 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     d, rt = run.run_dir, run.rt
     if improved:
         best = "final" if run.cfg.all_patients else "best"
-        save_weights(d / "best.safetensors", run.eval_model, checkpoint_meta(run, row, best))
+        save_checkpoint(d / "best.safetensors", run.eval_model, checkpoint_meta(run, row, best))
         write_preview(
             d / "preview.png",
             run.eval_model,

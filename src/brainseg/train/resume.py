@@ -50,17 +50,6 @@ class LoopState:
         return {k: v for k, v in self.__dict__.items() if k != "perm"}
 
 
-def save_weights(
-    path: Path,
-    model: nn.Module,
-    metadata: dict[str, Any],
-    extra: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Weights + metadata (+ extra tensors) as safetensors, atomically."""
-
-    save_checkpoint(path, model, metadata, extra=extra, force=True)
-
-
 def save_last(
     run_dir: Path,
     model: nn.Module,
@@ -77,7 +66,6 @@ def save_last(
     (param groups, scaler scalars, counters) is JSON in the metadata. With an EMA the saved
     weights are the average and the trained ones go in ``extra`` (brainseg.train.ema).
     """
-
     extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(model, ema)
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
@@ -98,12 +86,11 @@ def save_last(
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         },
     }
-    save_weights(run_dir / "last.safetensors", model if ema is None else ema.module, meta, extra)
+    save_checkpoint(run_dir / "last.safetensors", model if ema is None else ema.module, meta, extra)
 
 
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
     """Metadata and tensors of ``run_dir/last.safetensors`` (refused when missing/foreign)."""
-
     last = run_dir / "last.safetensors"
     if not last.is_file():
         raise BrainsegError(

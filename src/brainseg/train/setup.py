@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from brainseg.config import TrainConfig, dump_yaml, postprocess_settings
 from brainseg.data.augment import AugmentSettings
 from brainseg.data.split import to_yaml
 from brainseg.errors import BrainsegError
-from brainseg.fsutil import atomic_write_text, next_run_dir, remove_temps
+from brainseg.fsutil import atomic_write_bytes, atomic_write_text, next_run_dir, remove_temps
 from brainseg.inference.postprocess import DEFAULT_THRESHOLD
 from brainseg.model.unet import UNetVGG16
 from brainseg.train.data import TrainData, load_data, load_split_checked
@@ -116,7 +115,6 @@ def missing_final_files(run_dir: Path) -> list[str]:
 
 def build_model(cfg: TrainConfig, device: torch.device, fresh: bool) -> Any:
     """The UNet-VGG16 on ``device`` (encoder weights and head prior only for a fresh run)."""
-
     torch.manual_seed(cfg.seed)
     raw = UNetVGG16(
         encoder=cfg.encoder,
@@ -257,8 +255,7 @@ def write_start_files(
     )
     if fresh and split_path is not None:
         if split_path != d / "split.yaml":  # (a run started over in its folder has its own)
-            shutil.copyfile(split_path, tmp := d / ".split.yaml.tmp")
-            os.replace(tmp, d / "split.yaml")
+            atomic_write_bytes(d / "split.yaml", split_path.read_bytes())
     elif fresh:
         atomic_write_text(d / "split.yaml", to_yaml(run.data.split))
     write_metrics(d / "metrics.csv", run.rows)
