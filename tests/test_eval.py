@@ -352,11 +352,11 @@ def test_run_eval_passes_tta_device_batch_size_and_options_to_the_predictor(
     assert st["threshold_source"] == "option"
     # the options really reach the masks: same pixels as post-processing by hand
     from brainseg.data.cache import load_dataset
-    from brainseg.inference.postprocess import apply_grouped
+    from brainseg.inference.postprocess import apply
 
     data = load_dataset(phantom_root)
     prob = np.asarray(data.images[:, 1], dtype=np.float32) / 255.0
-    mask = apply_grouped(prob, data.patient_index, data.slice_number, 0.7, 5, True)
+    mask = apply(prob, 0.7, 5, True, groups=data.patient_index, order=data.slice_number)
     expected = np.bincount(data.patient_index, weights=mask.reshape(len(mask), -1).sum(1))
     got = [row["pred_pixels"] for row in res.report.per_patient]
     np.testing.assert_array_equal(got, expected)

@@ -97,13 +97,13 @@ def test_apply_thresholds_then_filters() -> None:
     assert P.apply(prob, threshold=0.7).sum() == 27
 
 
-def test_apply_grouped_never_joins_two_patients() -> None:
+def test_apply_with_groups_never_joins_two_patients() -> None:
     prob = np.zeros((4, 6, 6), np.float32)
     prob[0:2, 0:2, 0:2] = 0.9  # patient 0: 8 px
     prob[1, 4:6, 4:6] = 0.9  # patient 0: a 4 px component
     prob[2:4, 0:3, 0:3] = 0.9  # patient 1: 18 px, would win if patients were merged
     groups = np.array([0, 0, 1, 1])
-    out = P.apply_grouped(prob, groups, largest=True)
+    out = P.apply(prob, largest=True, groups=groups)
     assert out[0:2, 0:2, 0:2].all() and not out[1, 4:6, 4:6].any()
     assert out[2:4].sum() == 18
 

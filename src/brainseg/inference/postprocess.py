@@ -15,7 +15,6 @@ from brainseg.settings import DEFAULT_THRESHOLD
 __all__ = [
     "DEFAULT_THRESHOLD",
     "apply",
-    "apply_grouped",
     "binarize",
     "filter_labels",
     "keep_largest_3d",
@@ -126,18 +125,6 @@ def apply(
     if largest:
         mask = keep_largest_3d(mask) if groups is None else largest_per_group(mask, groups, order)
     return mask
-
-
-def apply_grouped(
-    prob: np.ndarray,
-    groups: np.ndarray,
-    order: np.ndarray | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    min_size: int = 0,
-    largest: bool = False,
-) -> np.ndarray:
-    """:func:`apply` on an N x H x W stack holding several patients' slices."""
-    return apply(prob, threshold, min_size, largest, groups=groups, order=order)
 
 
 def proba_at_size(prob: np.ndarray, size: tuple[int, int], *, padded: bool = False) -> np.ndarray:

@@ -632,8 +632,8 @@ def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
     masks: dict[str, np.ndarray] = {}
     reports: dict[str, Any] = {}
     for key, s in (("before", baseline), ("after", tuned.best)):
-        masks[key] = postprocess.apply_grouped(
-            oof.prob, pidx, snum, s.threshold, s.min_size, s.largest
+        masks[key] = postprocess.apply(
+            oof.prob, s.threshold, s.min_size, s.largest, groups=pidx, order=snum
         )
         reports[key] = metrics.evaluate(masks[key], oof.gt, pidx, snum, oof.patient_ids)
     tuning = {
