@@ -80,8 +80,8 @@ class ArrayData:
     slice_number: np.ndarray  # N int32
     patient_ids: list[str]
     key: str
+    tumor_pixels: np.ndarray  # N int32, tumour pixels per slice
     root: Path | None = None
-    tumor_pixels: np.ndarray | None = None  # N int32, tumour pixels per slice
     problems: list[str] = field(default_factory=list)  # skipped with skip_bad
     path: Path | None = None  # the cache folder, None for in-memory arrays
 
@@ -132,10 +132,8 @@ class ArrayData:
             slice_number=np.asarray(self.slice_number),
             patient_ids=list(self.patient_ids),
             key=self.key,
+            tumor_pixels=_tumor_pixels(masks),
             root=self.root,
-            tumor_pixels=masks.reshape(len(masks), -1).sum(1, dtype=np.int32)
-            if len(masks)
-            else np.zeros(0, np.int32),
             problems=list(self.problems),
             path=None,
         )
@@ -143,11 +141,7 @@ class ArrayData:
     # ---- tumour burden, for splits and summaries
 
     def tumor_pixels_per_slice(self) -> np.ndarray:
-        """Tumour pixels of each slice (N int32), stored in the cache, else computed."""
-        if self.tumor_pixels is None:
-            self.tumor_pixels = np.asarray(
-                self.masks.reshape(len(self), -1).sum(1, dtype=np.int64), dtype=np.int32
-            )
+        """Tumour pixels of each slice (N int32)."""
         return np.asarray(self.tumor_pixels)
 
     def _per_patient(self, values: np.ndarray) -> dict[str, int]:
@@ -192,6 +186,11 @@ class ArrayData:
             "size": list(self.size),
             "skipped_problems": len(self.problems),
         }
+
+
+def _tumor_pixels(masks: np.ndarray) -> np.ndarray:
+    """Tumour pixels of each of N x H x W 0/1 masks (N int32)."""
+    return masks.sum(axis=(1, 2), dtype=np.int64).astype(np.int32)
 
 
 def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -388,20 +387,14 @@ def load_dataset(
     ds = lgg.scan(path)
     root = cache_root(cache_dir)
     if skip_bad and not rebuild:  # a cache built without skip_bad holds a clean dataset: reuse
-        strict_key, strict_stat = _resolve_key(ds, False, root)
-        strict = root / strict_key[:32]
-        data = _open(strict, strict_key) if strict.is_dir() else None
+        data = _reuse(ds, root, *_resolve_key(ds, False, root))
         if data is not None:
-            _memo_store(strict, strict_stat)
-            data.root = ds.root.resolve()
             return data
     key, stat_key = _resolve_key(ds, skip_bad, root)
     final = root / key[:32]
     if not rebuild and final.is_dir():
-        data = _open(final, key)
+        data = _reuse(ds, root, key, stat_key)
         if data is not None:
-            _memo_store(final, stat_key)
-            data.root = ds.root.resolve()  # the same files may have been found elsewhere
             if data.problems:
                 _warn_cached(ds, data)
             return data
@@ -411,30 +404,37 @@ def load_dataset(
     return data
 
 
+def _reuse(ds: lgg.LGGDataset, root: Path, key: str, stat_key: str) -> ArrayData | None:
+    """The finished cache of ``key`` in ``root`` (None when missing or damaged), its stat
+    key remembered."""
+    folder = root / key[:32]
+    data = _open(folder, key) if folder.is_dir() else None
+    if data is not None:
+        _memo_store(folder, stat_key)
+        data.root = ds.root.resolve()  # the same files may have been found elsewhere
+    return data
+
+
 def _warn_cached(ds: lgg.LGGDataset, data: ArrayData) -> None:
     console.warn(
         f"--skip-bad: {len(data.problems)} problem(s) in {ds.root} were skipped when "
         f"the cache was built; using {len(data)} slices of {len(data.patient_ids)} "
         "patients"
     )
-    shown = len(data.problems) if console.state.debug else 5
-    for p in data.problems[:shown]:
-        console.info(f"  {p}")
-    if len(data.problems) > shown:
-        console.info(f"  ... and {len(data.problems) - shown} more (--debug lists all)")
+    lgg.show_problems(data.problems)
 
 
 def _open(folder: Path, key: str) -> ArrayData | None:
     """Map a finished cache folder; None when it is missing pieces or does not match."""
+    meta = _read_meta(folder)
+    if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
+        return None
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
-            return None
         arrs = {
             name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             for name in _ARRAYS
         }
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
     n = int(meta["slices"])
     h, w = meta["size"]
@@ -448,16 +448,11 @@ def _open(folder: Path, key: str) -> ArrayData | None:
     for name, (shape, dtype) in expected.items():
         if arrs[name].shape != shape or arrs[name].dtype != dtype:
             return None
-    root = Path(meta["root"]) if meta.get("root") else None
     return ArrayData(
-        images=arrs["images"],
-        masks=arrs["masks"],
-        patient_index=arrs["patient_index"],
-        slice_number=arrs["slice_number"],
+        **arrs,
         patient_ids=list(meta["patient_ids"]),
         key=key,
-        root=root,
-        tumor_pixels=arrs["tumor_pixels"],
+        root=Path(meta["root"]) if meta.get("root") else None,
         problems=list(meta.get("problems", [])),
         path=folder,
     )
@@ -470,14 +465,13 @@ def _tmp_name(key: str) -> str:
     return f".tmp-{key[:32]}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-def clean_stale(root: Path) -> list[Path]:
-    """Remove temporary folders left by killed builds; returns what was removed.
+def clean_stale(root: Path) -> None:
+    """Remove temporary folders left by killed builds.
 
     A folder is stale when its process (same host) is gone, or when it is older than a day.
     """
-    removed: list[Path] = []
     if not root.is_dir():
-        return removed
+        return
     host = socket.gethostname()
     now = time.time()
     for d in root.iterdir():
@@ -495,8 +489,6 @@ def clean_stale(root: Path) -> list[Path]:
             stale = stale or now - d.stat().st_mtime > STALE_SECONDS
         if stale:
             shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
 
 
 @dataclass(frozen=True)
@@ -784,10 +776,7 @@ def _write_index(tmp: Path, kept: Sequence[lgg.SliceFile]) -> list[str]:
     np.save(tmp / "patient_index.npy", np.array([lookup[s.patient] for s in kept], np.int32))
     np.save(tmp / "slice_number.npy", np.array([s.number for s in kept], dtype=np.int32))
     masks = np.load(tmp / "masks.npy", mmap_mode="r")
-    np.save(
-        tmp / "tumor_pixels.npy",
-        masks.reshape(len(masks), -1).sum(1, dtype=np.int64).astype(np.int32),
-    )
+    np.save(tmp / "tumor_pixels.npy", _tumor_pixels(masks))
     del masks
     return patient_ids
 
