@@ -43,6 +43,7 @@ import numpy as np
 
 from brainseg import __version__, console
 from brainseg.data import lgg
+from brainseg.data.imageio import resize_image, resize_prob
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import pid_alive, write_error
 
@@ -208,21 +209,16 @@ def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """N x C x H x W uint8 -> N x C x h x w uint8, antialiased bilinear (Pillow).
+    """N x 3 x H x W uint8 -> N x 3 x h x w uint8, antialiased bilinear (Pillow).
 
     Pillow widens the bilinear kernel when shrinking (an area-like average), so thin
     structures alias less than with plain bilinear sampling; this matches torch's
     ``interpolate(mode="bilinear", antialias=True)`` up to rounding.
     """
-    from PIL import Image
-
-    h, w = _hw(size)
-    n, c = images.shape[:2]
-    out = np.empty((n, c, h, w), dtype=np.uint8)
-    for i in range(n):
-        for ch in range(c):
-            im = Image.fromarray(np.ascontiguousarray(images[i, ch]))
-            out[i, ch] = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR))
+    hw = _hw(size)
+    out = np.empty((len(images), 3, *hw), dtype=np.uint8)
+    for i, img in enumerate(images):
+        out[i] = resize_image(img.transpose(1, 2, 0), hw).transpose(2, 0, 1)
     return out
 
 
@@ -233,15 +229,10 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     a slice that had tumour and would come out empty keeps its most covered output pixel:
     the per-slice "tumour present" label never changes with the size.
     """
-    from PIL import Image
-
-    h, w = _hw(size)
-    out = np.empty((masks.shape[0], h, w), dtype=np.uint8)
-    for i in range(masks.shape[0]):
-        src = np.asarray(masks[i])
-        prob = np.asarray(
-            Image.fromarray(src.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)
-        )
+    hw = _hw(size)
+    out = np.empty((len(masks), *hw), dtype=np.uint8)
+    for i, src in enumerate(masks):
+        prob = resize_prob(src.astype(np.float32), hw)
         m = (prob >= 0.5).astype(np.uint8)
         if not m.any() and src.any():
             m[prob >= prob.max()] = 1
@@ -306,9 +297,9 @@ def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
 
 def _memo_lookup(root: Path, stat_key: str) -> str | None:
     """The content key of a finished cache already found under ``stat_key``, if any."""
-    for d in _caches(root):
+    for d in _caches(root):  # a cache's meta.json holds its key (see is_cache)
         meta = _read_meta(d)
-        if meta and stat_key in meta.get("stat_keys", []) and isinstance(meta.get("key"), str):
+        if stat_key in meta.get("stat_keys", []):
             return str(meta["key"])
     return None
 
@@ -552,11 +543,11 @@ def remove_cache(key: str, cache_dir: str | os.PathLike[str] | None = None) -> C
     """Delete the one cache whose key starts with ``key`` (at least 4 hex digits)."""
     entries = list_caches(cache_dir)
     found = [e for e in entries if len(key) >= 4 and e.key.startswith(key.lower())]
-    listed = "`brainseg cache list` shows the keys"
     if not found:
         raise BrainsegError(
             f"no dataset cache with key {key!r} in {cache_root(cache_dir)}",
-            hint=f"{listed} (give at least 4 of its first hex digits), or use --all",
+            hint="`brainseg cache list` shows the keys (give at least 4 of its first hex "
+            "digits), or use --all",
         )
     if len(found) > 1:
         raise BrainsegError(
@@ -721,11 +712,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
             [bool(ok[i]) and (s.patient, s.number) not in bad for i, s in enumerate(slices)],
             dtype=bool,
         )
-        if size is None or not keep.any():
-            raise BrainsegError(
-                lgg.format_problems(ds.root, problems) + "\nno usable slices are left",
-                hint=lgg.SKIP_HINT,
-            )
+        assert size is not None  # report_problems raised when no slice is usable
         _finish_arrays(tmp, keep)
         kept_slices = [s for i, s in enumerate(slices) if keep[i]]
         patient_ids = _write_index(tmp, kept_slices)

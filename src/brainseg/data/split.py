@@ -217,8 +217,6 @@ def make_split(
     consecutive patients is shuffled across the folds); ``val_fraction`` is then 1/K.
     """
     ids = sorted(str(p) for p in burden)
-    if len(set(ids)) != len(ids):
-        raise BrainsegError("patient ids are not unique", hint="check the dataset folder names")
     n = len(ids)
     check_options(val_fraction, test_fraction, folds)
     if n < 2:
@@ -301,8 +299,6 @@ def to_yaml(split: Split) -> str:
 def save_split(split: Split, path: str | os.PathLike[str], force: bool = False) -> Path:
     """Write ``split`` to ``path`` as YAML, atomically; an existing file needs ``force``."""
     path = Path(path)
-    if path.is_dir():
-        raise BrainsegError(f"{path} is a folder", hint="give a file name, e.g. -o splits.yaml")
     with atomic_path(path, force=force) as tmp:
         tmp.write_text(to_yaml(split), encoding="utf-8")
     return path

@@ -130,19 +130,14 @@ def _span(lin: np.ndarray, lo: float, hi: float) -> slice:
 
 def _tumour_run(mask: np.ndarray, centre: int) -> np.ndarray:
     """Slices to keep: the contiguous run of tumour slices nearest the tumour centre."""
+    from scipy import ndimage
+
     has = np.asarray(mask.any(axis=(1, 2)), dtype=bool)
-    keep = np.zeros(has.shape[0], dtype=np.bool_)
     idx = np.flatnonzero(has)
     if not len(idx):
-        return keep
-    c = int(idx[np.argmin(np.abs(idx - centre))])
-    lo = hi = c
-    while lo > 0 and has[lo - 1]:
-        lo -= 1
-    while hi < len(has) - 1 and has[hi + 1]:
-        hi += 1
-    keep[lo : hi + 1] = True
-    return keep
+        return has
+    runs, _ = ndimage.label(has)
+    return np.asarray(runs == runs[idx[np.argmin(np.abs(idx - centre))]])
 
 
 def _add_mimics(
