@@ -141,10 +141,6 @@ class ArrayData:
 
     # ---- tumour burden, for splits and summaries
 
-    def tumor_pixels_per_slice(self) -> np.ndarray:
-        """Tumour pixels of each slice (N int32)."""
-        return np.asarray(self.tumor_pixels)
-
     def _per_patient(self, values: np.ndarray) -> dict[str, int]:
         sums = np.bincount(self.patient_index, weights=values, minlength=len(self.patient_ids))
         return {p: round(float(sums[i])) for i, p in enumerate(self.patient_ids)}
@@ -156,11 +152,11 @@ class ArrayData:
 
     def tumor_slices_per_patient(self) -> dict[str, int]:
         """Number of slices with any tumour pixel, per patient."""
-        return self._per_patient((self.tumor_pixels_per_slice() > 0).astype(np.float64))
+        return self._per_patient(self.tumor_pixels > 0)
 
     def tumor_pixels_per_patient(self) -> dict[str, int]:
         """Total tumour pixels per patient (at the stored size)."""
-        return self._per_patient(self.tumor_pixels_per_slice().astype(np.float64))
+        return self._per_patient(self.tumor_pixels)
 
     def burden(self) -> dict[str, dict[str, int]]:
         """Per patient: ``{"slices", "tumor_slices", "tumor_pixels"}`` (for stratified splits)."""
@@ -176,9 +172,8 @@ class ArrayData:
 
     def summary(self) -> dict[str, Any]:
         """``patients``, ``slices``, ``tumor_slices``, ``tumor_fraction``, ``size``, ``skipped``."""
-        tp = self.tumor_pixels_per_slice()
         n = len(self)
-        tumor = int((tp > 0).sum())
+        tumor = int((self.tumor_pixels > 0).sum())
         return {
             "patients": len(self.patient_ids),
             "slices": n,
