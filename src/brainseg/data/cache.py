@@ -81,8 +81,8 @@ class ArrayData:
     slice_number: np.ndarray  # N int32
     patient_ids: list[str]
     key: str
+    root: Path | None  # the dataset folder (None when unknown)
     tumor_pixels: np.ndarray  # N int32, tumour pixels per slice
-    root: Path | None = None
     problems: list[str] = field(default_factory=list)  # skipped with skip_bad
     path: Path | None = None  # the cache folder, None for in-memory arrays
 
@@ -133,8 +133,8 @@ class ArrayData:
             slice_number=np.asarray(self.slice_number),
             patient_ids=list(self.patient_ids),
             key=self.key,
-            tumor_pixels=_tumor_pixels(masks),
             root=self.root,
+            tumor_pixels=_tumor_pixels(masks),
             problems=list(self.problems),
             path=None,
         )
@@ -256,10 +256,7 @@ def _stat_key(dataset: lgg.LGGDataset, skip_bad: bool) -> str:
 
 
 def _files(dataset: lgg.LGGDataset) -> list[Path]:
-    files: list[Path] = []
-    for s in dataset.slices:
-        files += [s.image, s.mask]
-    return files
+    return [f for s in dataset.slices for f in (s.image, s.mask)]
 
 
 def _key_of(dataset: lgg.LGGDataset, skip_bad: bool, entries: list[list[object]], kind: str) -> str:
