@@ -43,6 +43,7 @@ import numpy as np
 
 from brainseg import __version__, console
 from brainseg.data import lgg
+from brainseg.data.imageio import resize_image, resize_prob
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import pid_alive, write_error
 
@@ -80,8 +81,8 @@ class ArrayData:
     slice_number: np.ndarray  # N int32
     patient_ids: list[str]
     key: str
-    root: Path | None = None
-    tumor_pixels: np.ndarray | None = None  # N int32, tumour pixels per slice
+    root: Path | None  # the dataset folder (None when unknown)
+    tumor_pixels: np.ndarray  # N int32, tumour pixels per slice
     problems: list[str] = field(default_factory=list)  # skipped with skip_bad
     path: Path | None = None  # the cache folder, None for in-memory arrays
 
@@ -133,22 +134,12 @@ class ArrayData:
             patient_ids=list(self.patient_ids),
             key=self.key,
             root=self.root,
-            tumor_pixels=masks.reshape(len(masks), -1).sum(1, dtype=np.int32)
-            if len(masks)
-            else np.zeros(0, np.int32),
+            tumor_pixels=_tumor_pixels(masks),
             problems=list(self.problems),
             path=None,
         )
 
     # ---- tumour burden, for splits and summaries
-
-    def tumor_pixels_per_slice(self) -> np.ndarray:
-        """Tumour pixels of each slice (N int32), stored in the cache, else computed."""
-        if self.tumor_pixels is None:
-            self.tumor_pixels = np.asarray(
-                self.masks.reshape(len(self), -1).sum(1, dtype=np.int64), dtype=np.int32
-            )
-        return np.asarray(self.tumor_pixels)
 
     def _per_patient(self, values: np.ndarray) -> dict[str, int]:
         sums = np.bincount(self.patient_index, weights=values, minlength=len(self.patient_ids))
@@ -161,11 +152,11 @@ class ArrayData:
 
     def tumor_slices_per_patient(self) -> dict[str, int]:
         """Number of slices with any tumour pixel, per patient."""
-        return self._per_patient((self.tumor_pixels_per_slice() > 0).astype(np.float64))
+        return self._per_patient(self.tumor_pixels > 0)
 
     def tumor_pixels_per_patient(self) -> dict[str, int]:
         """Total tumour pixels per patient (at the stored size)."""
-        return self._per_patient(self.tumor_pixels_per_slice().astype(np.float64))
+        return self._per_patient(self.tumor_pixels)
 
     def burden(self) -> dict[str, dict[str, int]]:
         """Per patient: ``{"slices", "tumor_slices", "tumor_pixels"}`` (for stratified splits)."""
@@ -181,9 +172,8 @@ class ArrayData:
 
     def summary(self) -> dict[str, Any]:
         """``patients``, ``slices``, ``tumor_slices``, ``tumor_fraction``, ``size``, ``skipped``."""
-        tp = self.tumor_pixels_per_slice()
         n = len(self)
-        tumor = int((tp > 0).sum())
+        tumor = int((self.tumor_pixels > 0).sum())
         return {
             "patients": len(self.patient_ids),
             "slices": n,
@@ -192,6 +182,11 @@ class ArrayData:
             "size": list(self.size),
             "skipped_problems": len(self.problems),
         }
+
+
+def _tumor_pixels(masks: np.ndarray) -> np.ndarray:
+    """Tumour pixels of each of N x H x W 0/1 masks (N int32)."""
+    return masks.sum(axis=(1, 2), dtype=np.int64).astype(np.int32)
 
 
 def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -209,21 +204,16 @@ def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """N x C x H x W uint8 -> N x C x h x w uint8, antialiased bilinear (Pillow).
+    """N x 3 x H x W uint8 -> N x 3 x h x w uint8, antialiased bilinear (Pillow).
 
     Pillow widens the bilinear kernel when shrinking (an area-like average), so thin
     structures alias less than with plain bilinear sampling; this matches torch's
     ``interpolate(mode="bilinear", antialias=True)`` up to rounding.
     """
-    from PIL import Image
-
-    h, w = _hw(size)
-    n, c = images.shape[:2]
-    out = np.empty((n, c, h, w), dtype=np.uint8)
-    for i in range(n):
-        for ch in range(c):
-            im = Image.fromarray(np.ascontiguousarray(images[i, ch]))
-            out[i, ch] = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR))
+    hw = _hw(size)
+    out = np.empty((len(images), 3, *hw), dtype=np.uint8)
+    for i, img in enumerate(images):
+        out[i] = resize_image(img.transpose(1, 2, 0), hw).transpose(2, 0, 1)
     return out
 
 
@@ -234,15 +224,10 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     a slice that had tumour and would come out empty keeps its most covered output pixel:
     the per-slice "tumour present" label never changes with the size.
     """
-    from PIL import Image
-
-    h, w = _hw(size)
-    out = np.empty((masks.shape[0], h, w), dtype=np.uint8)
-    for i in range(masks.shape[0]):
-        src = np.asarray(masks[i])
-        prob = np.asarray(
-            Image.fromarray(src.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)
-        )
+    hw = _hw(size)
+    out = np.empty((len(masks), *hw), dtype=np.uint8)
+    for i, src in enumerate(masks):
+        prob = resize_prob(src.astype(np.float32), hw)
         m = (prob >= 0.5).astype(np.uint8)
         if not m.any() and src.any():
             m[prob >= prob.max()] = 1
@@ -271,10 +256,7 @@ def _stat_key(dataset: lgg.LGGDataset, skip_bad: bool) -> str:
 
 
 def _files(dataset: lgg.LGGDataset) -> list[Path]:
-    files: list[Path] = []
-    for s in dataset.slices:
-        files += [s.image, s.mask]
-    return files
+    return [f for s in dataset.slices for f in (s.image, s.mask)]
 
 
 def _key_of(dataset: lgg.LGGDataset, skip_bad: bool, entries: list[list[object]], kind: str) -> str:
@@ -307,9 +289,9 @@ def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
 
 def _memo_lookup(root: Path, stat_key: str) -> str | None:
     """The content key of a finished cache already found under ``stat_key``, if any."""
-    for d in _caches(root):
+    for d in _caches(root):  # a cache's meta.json holds its key (see is_cache)
         meta = _read_meta(d)
-        if meta and stat_key in meta.get("stat_keys", []) and isinstance(meta.get("key"), str):
+        if stat_key in meta.get("stat_keys", []):
             return str(meta["key"])
     return None
 
@@ -388,20 +370,14 @@ def load_dataset(
     ds = lgg.scan(path)
     root = cache_root(cache_dir)
     if skip_bad and not rebuild:  # a cache built without skip_bad holds a clean dataset: reuse
-        strict_key, strict_stat = _resolve_key(ds, False, root)
-        strict = root / strict_key[:32]
-        data = _open(strict, strict_key) if strict.is_dir() else None
+        data = _reuse(ds, root, *_resolve_key(ds, False, root))
         if data is not None:
-            _memo_store(strict, strict_stat)
-            data.root = ds.root.resolve()
             return data
     key, stat_key = _resolve_key(ds, skip_bad, root)
     final = root / key[:32]
     if not rebuild and final.is_dir():
-        data = _open(final, key)
+        data = _reuse(ds, root, key, stat_key)
         if data is not None:
-            _memo_store(final, stat_key)
-            data.root = ds.root.resolve()  # the same files may have been found elsewhere
             if data.problems:
                 _warn_cached(ds, data)
             return data
@@ -411,30 +387,37 @@ def load_dataset(
     return data
 
 
+def _reuse(ds: lgg.LGGDataset, root: Path, key: str, stat_key: str) -> ArrayData | None:
+    """The finished cache of ``key`` in ``root`` (None when missing or damaged), its stat
+    key remembered."""
+    folder = root / key[:32]
+    data = _open(folder, key) if folder.is_dir() else None
+    if data is not None:
+        _memo_store(folder, stat_key)
+        data.root = ds.root.resolve()  # the same files may have been found elsewhere
+    return data
+
+
 def _warn_cached(ds: lgg.LGGDataset, data: ArrayData) -> None:
     console.warn(
         f"--skip-bad: {len(data.problems)} problem(s) in {ds.root} were skipped when "
         f"the cache was built; using {len(data)} slices of {len(data.patient_ids)} "
         "patients"
     )
-    shown = len(data.problems) if console.state.debug else 5
-    for p in data.problems[:shown]:
-        console.info(f"  {p}")
-    if len(data.problems) > shown:
-        console.info(f"  ... and {len(data.problems) - shown} more (--debug lists all)")
+    lgg.show_problems(data.problems)
 
 
 def _open(folder: Path, key: str) -> ArrayData | None:
     """Map a finished cache folder; None when it is missing pieces or does not match."""
+    meta = _read_meta(folder)
+    if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
+        return None
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
-            return None
         arrs = {
             name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             for name in _ARRAYS
         }
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
     n = int(meta["slices"])
     h, w = meta["size"]
@@ -448,16 +431,11 @@ def _open(folder: Path, key: str) -> ArrayData | None:
     for name, (shape, dtype) in expected.items():
         if arrs[name].shape != shape or arrs[name].dtype != dtype:
             return None
-    root = Path(meta["root"]) if meta.get("root") else None
     return ArrayData(
-        images=arrs["images"],
-        masks=arrs["masks"],
-        patient_index=arrs["patient_index"],
-        slice_number=arrs["slice_number"],
+        **arrs,
         patient_ids=list(meta["patient_ids"]),
         key=key,
-        root=root,
-        tumor_pixels=arrs["tumor_pixels"],
+        root=Path(meta["root"]) if meta.get("root") else None,
         problems=list(meta.get("problems", [])),
         path=folder,
     )
@@ -470,14 +448,13 @@ def _tmp_name(key: str) -> str:
     return f".tmp-{key[:32]}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-def clean_stale(root: Path) -> list[Path]:
-    """Remove temporary folders left by killed builds; returns what was removed.
+def clean_stale(root: Path) -> None:
+    """Remove temporary folders left by killed builds.
 
     A folder is stale when its process (same host) is gone, or when it is older than a day.
     """
-    removed: list[Path] = []
     if not root.is_dir():
-        return removed
+        return
     host = socket.gethostname()
     now = time.time()
     for d in root.iterdir():
@@ -495,8 +472,6 @@ def clean_stale(root: Path) -> list[Path]:
             stale = stale or now - d.stat().st_mtime > STALE_SECONDS
         if stale:
             shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
 
 
 @dataclass(frozen=True)
@@ -560,11 +535,11 @@ def remove_cache(key: str, cache_dir: str | os.PathLike[str] | None = None) -> C
     """Delete the one cache whose key starts with ``key`` (at least 4 hex digits)."""
     entries = list_caches(cache_dir)
     found = [e for e in entries if len(key) >= 4 and e.key.startswith(key.lower())]
-    listed = "`brainseg cache list` shows the keys"
     if not found:
         raise BrainsegError(
             f"no dataset cache with key {key!r} in {cache_root(cache_dir)}",
-            hint=f"{listed} (give at least 4 of its first hex digits), or use --all",
+            hint="`brainseg cache list` shows the keys (give at least 4 of its first hex "
+            "digits), or use --all",
         )
     if len(found) > 1:
         raise BrainsegError(
@@ -729,11 +704,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
             [bool(ok[i]) and (s.patient, s.number) not in bad for i, s in enumerate(slices)],
             dtype=bool,
         )
-        if size is None or not keep.any():
-            raise BrainsegError(
-                lgg.format_problems(ds.root, problems) + "\nno usable slices are left",
-                hint=lgg.SKIP_HINT,
-            )
+        assert size is not None  # report_problems raised when no slice is usable
         _finish_arrays(tmp, keep)
         kept_slices = [s for i, s in enumerate(slices) if keep[i]]
         patient_ids = _write_index(tmp, kept_slices)
@@ -784,10 +755,7 @@ def _write_index(tmp: Path, kept: Sequence[lgg.SliceFile]) -> list[str]:
     np.save(tmp / "patient_index.npy", np.array([lookup[s.patient] for s in kept], np.int32))
     np.save(tmp / "slice_number.npy", np.array([s.number for s in kept], dtype=np.int32))
     masks = np.load(tmp / "masks.npy", mmap_mode="r")
-    np.save(
-        tmp / "tumor_pixels.npy",
-        masks.reshape(len(masks), -1).sum(1, dtype=np.int64).astype(np.int32),
-    )
+    np.save(tmp / "tumor_pixels.npy", _tumor_pixels(masks))
     del masks
     return patient_ids
 

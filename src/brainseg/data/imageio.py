@@ -25,11 +25,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from brainseg.errors import BrainsegError
+from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_path
 from brainseg.settings import SIZE_MULTIPLE
 
@@ -112,7 +113,7 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise _bad(path, "is an empty file (0 bytes)")
-        arr = _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_pil(path)
+        arr = read_tiff_array(path, _bad) if suffix in TIFF_SUFFIXES else _read_pil(path)
     except BrainsegError:
         raise
     except FileNotFoundError as exc:
@@ -126,14 +127,10 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     except MemoryError as exc:
         raise _bad(path, "too large to read") from exc
     except Exception as exc:  # corrupt bytes: tifffile / Pillow raise many types
-        text = (str(exc).strip().splitlines() or [""])[0][:160]
-        detail = type(exc).__name__ if not text or str(path) in text else f"{text}"
+        text = first_line(exc, 160)
+        detail = type(exc).__name__ if str(path) in text else text
         raise _bad(path, f"cannot be read as an image ({detail})") from exc
     return _to_rgb(path, arr)
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    return read_tiff_array(path, _bad)
 
 
 def read_tiff_array(
@@ -146,17 +143,9 @@ def read_tiff_array(
     (found by tests/test_properties.py). A second page of the same shape means a stack of
     slices, which is refused through ``bad`` (default: a ValueError).
     """
-    import logging
-
-    import tifffile
-
-    # tifffile logs its own messages about damaged files (to stderr, even at ERROR level);
-    # we report them as one BrainsegError instead.
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-
     path = Path(path)
     fail = bad or (lambda p, what: ValueError(f"{p}: {what}"))
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile().TiffFile(path) as tif:
         pages = tif.pages
         n = len(pages)  # walks the IFD offsets only, with tifffile's loop check
         if n == 0:
@@ -180,6 +169,17 @@ def read_tiff_array(
     ):
         arr = np.moveaxis(arr, 0, -1)
     return arr
+
+
+def _tifffile() -> ModuleType:
+    """tifffile, with its own log messages about damaged files silenced (it logs them to
+    stderr even at ERROR level; we report them as one BrainsegError instead)."""
+    import logging
+
+    import tifffile
+
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    return tifffile
 
 
 def _tiff_declared(page: Any) -> Declared:
@@ -229,12 +229,7 @@ def declared_size(path: str | os.PathLike[str]) -> Declared | None:
         if not path.is_file():  # a FIFO or a device would block here: only regular files
             return None
         if suffix in TIFF_SUFFIXES:
-            import logging
-
-            import tifffile
-
-            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-            with tifffile.TiffFile(path) as tif:
+            with _tifffile().TiffFile(path) as tif:
                 return _tiff_declared(tif.pages.first)
         if suffix in PIL_SUFFIXES:
             from PIL import Image
@@ -263,13 +258,9 @@ def _read_pil(path: Path) -> np.ndarray:
             im = im.convert("RGB")
         elif mode == "CMYK":
             raise _bad(path, "is a CMYK image (4 ink channels)")
-        elif mode in ("F",):
-            raise _bad(path, "holds floating-point pixels")
         im.load()
         arr = np.asarray(im)
-    if mode.startswith("I;16") or mode == "I":
-        arr = arr.astype(np.int64) if mode == "I" else arr
-    return arr
+    return arr.astype(np.int64) if mode == "I" else arr
 
 
 def _to_rgb(path: Path, arr: np.ndarray) -> LoadedImage:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,17 +292,22 @@ def report_problems(dataset: LGGDataset, problems: list[Problem], skip_bad: bool
             format_problems(dataset.root, problems) + "\nno usable slices are left",
             hint="fix the files listed above, or point to another dataset",
         )
-    shown = 5 if not console.state.debug else len(problems)
     console.warn(
         f"--skip-bad: skipping {skipped} slice{'s' if skipped != 1 else ''} "
         f"({len(problems)} problem{'s' if len(problems) != 1 else ''}) in "
         f"{dataset.root}; using {len(kept)} slices of {len(kept.patients)} patients"
     )
+    show_problems(problems)
+    return kept
+
+
+def show_problems(problems: Sequence[object]) -> None:
+    """The first 5 problems as info lines (every one with --debug)."""
+    shown = len(problems) if console.state.debug else 5
     for p in problems[:shown]:
         console.info(f"  {p}")
     if len(problems) > shown:
         console.info(f"  ... and {len(problems) - shown} more (--debug lists all)")
-    return kept
 
 
 def discover(path: str | os.PathLike[str], skip_bad: bool = False) -> LGGDataset:
@@ -321,15 +327,9 @@ def _rel(s: SliceFile, path: Path) -> str:
     return f"{s.patient}/{path.name}"
 
 
-def _read_tif(path: Path) -> np.ndarray:
-    # First page only: tifffile.imread loops forever on some damaged files (see imageio).
-
-    return np.asarray(read_tiff_array(path))
-
-
 def _read_or_problem(s: SliceFile, path: Path) -> np.ndarray | Problem:
     try:
-        return _read_tif(path)
+        return read_tiff_array(path)  # first page only (see imageio)
     except Exception as exc:  # tifffile raises many types for broken files
         msg = first_line(exc, 120)
         return Problem(_rel(s, path), f"unreadable or truncated TIF ({msg})", s.patient, s.number)

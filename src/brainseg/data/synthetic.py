@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,26 +37,9 @@ _CSV_COLUMNS = (
     "laterality,tumor_location,gender,age_at_initial_pathologic,race,ethnicity,death01"
 )
 
-#: Value ranges [lo, hi) of the made-up data.csv columns after Patient (same order).
-_CSV_RANGES = (
-    (1, 5),
-    (1, 6),
-    (1, 4),
-    (1, 4),
-    (1, 5),
-    (1, 4),
-    (1, 4),
-    (1, 4),
-    (1, 3),
-    (1, 2),
-    (1, 4),
-    (1, 7),
-    (1, 3),
-    (20, 80),
-    (3, 4),
-    (2, 3),
-    (0, 2),
-)
+#: Value ranges [low, high) of the made-up data.csv columns after Patient (same order).
+_CSV_LOW = (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 20, 3, 2, 0)
+_CSV_HIGH = (5, 6, 4, 4, 5, 4, 4, 4, 3, 2, 4, 7, 3, 80, 4, 3, 2)
 
 
 @dataclass(frozen=True)
@@ -69,8 +53,6 @@ class PhantomCase:
 
 def patient_names(patients: int, seed: int = 0) -> list[str]:
     """Unique TCGA-style folder names ``TCGA_<XX>_<dddd>_<yyyymmdd>``, deterministic per seed."""
-    if patients > len(_INSTITUTIONS) * 9000:  # every name taken: the loop would never end
-        raise BrainsegError(f"--patients {patients} is more than the phantom names available")
     rng = np.random.default_rng([seed, 7919])
     names: list[str] = []
     used: set[str] = set()
@@ -93,15 +75,22 @@ def _ramp(x: np.ndarray, width: float) -> np.ndarray:
     return np.clip(0.5 + x / width, 0.0, 1.0)
 
 
+def _wave(
+    rng: np.random.Generator, dims: int, freq: tuple[float, float]
+) -> tuple[np.ndarray, float]:
+    """A random plane wave: its wave vector (length drawn from ``freq``) and phase."""
+    w = rng.normal(size=dims)
+    w *= rng.uniform(*freq) / max(float(np.linalg.norm(w)), 1e-6)
+    return w, rng.uniform(0, 2 * np.pi)
+
+
 def _smooth_field(
     rng: np.random.Generator, coords: tuple[np.ndarray, ...], terms: int, freq: tuple[float, float]
 ) -> np.ndarray:
     """A smooth random field in [-1, 1]: the mean of a few random plane waves."""
     out = np.zeros(np.broadcast_shapes(*(c.shape for c in coords)), dtype=np.float32)
     for _ in range(terms):
-        w = rng.normal(size=len(coords))
-        w *= rng.uniform(*freq) / max(float(np.linalg.norm(w)), 1e-6)
-        phase = rng.uniform(0, 2 * np.pi)
+        w, phase = _wave(rng, len(coords), freq)
         arg = sum(float(wi) * c for wi, c in zip(w, coords, strict=True)) + phase
         out += np.sin(arg).astype(np.float32)
     return out / terms
@@ -124,9 +113,7 @@ def _volume_waves(
     a = np.empty((2 * terms, plane[0] * plane[1]), dtype=np.float32)
     b = np.empty((z.shape[0], 2 * terms), dtype=np.float32)
     for t in range(terms):
-        w = rng.normal(size=3)
-        w *= rng.uniform(*freq) / max(float(np.linalg.norm(w)), 1e-6)
-        phase = rng.uniform(0, 2 * np.pi)
+        w, phase = _wave(rng, 3, freq)
         arg = np.broadcast_to(w[0] * x + w[1] * y, plane).ravel()
         a[2 * t], a[2 * t + 1] = np.sin(arg), np.cos(arg)
         bz = w[2] * z + phase
@@ -143,31 +130,22 @@ def _span(lin: np.ndarray, lo: float, hi: float) -> slice:
 
 def _tumour_run(mask: np.ndarray, centre: int) -> np.ndarray:
     """Slices to keep: the contiguous run of tumour slices nearest the tumour centre."""
+    from scipy import ndimage
+
     has = np.asarray(mask.any(axis=(1, 2)), dtype=bool)
-    keep = np.zeros(has.shape[0], dtype=np.bool_)
     idx = np.flatnonzero(has)
     if not len(idx):
-        return keep
-    c = int(idx[np.argmin(np.abs(idx - centre))])
-    lo = hi = c
-    while lo > 0 and has[lo - 1]:
-        lo -= 1
-    while hi < len(has) - 1 and has[hi + 1]:
-        hi += 1
-    keep[lo : hi + 1] = True
-    return keep
+        return has
+    runs, _ = ndimage.label(has)
+    return np.asarray(runs == runs[idx[np.argmin(np.abs(idx - centre))]])
 
 
 def _add_mimics(
     rng: np.random.Generator,
     base: np.ndarray,
     wm: np.ndarray,
-    mask: np.ndarray,
-    xr: np.ndarray,
-    yr: np.ndarray,
-    ax: float,
-    ay: float,
-    tumour: tuple[float, float, float],
+    h: _Head,
+    tumour: _Tumour,
     flair_level: float,
 ) -> None:
     """Small FLAIR-bright white-matter spots that are *not* tumour (not in the mask).
@@ -177,10 +155,11 @@ def _add_mimics(
     and the pre-contrast channel, where the tumour is dark.
     """
     n_slices = base.shape[1]
-    tx, ty, tr = tumour
+    tx, ty, tr = tumour.where
+    mask = tumour.mask
     for _ in range(int(rng.integers(1, 5))):
         ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.55)
-        sx, sy = rad * ax * np.cos(ang), rad * ay * np.sin(ang)
+        sx, sy = rad * h.ax * np.cos(ang), rad * h.ay * np.sin(ang)
         sr = rng.uniform(0.04, 0.08)
         kc = rng.uniform(0.3, 0.7) * (n_slices - 1)
         kz = rng.uniform(1.0, 3.0)
@@ -189,7 +168,7 @@ def _add_mimics(
             continue
         k0, k1 = max(int(kc - kz), 0), min(int(np.ceil(kc + kz)) + 1, n_slices)
         dk = ((np.arange(k0, k1, dtype=np.float32) - kc) / kz)[:, None, None]
-        q = (((xr - sx) ** 2 + (yr - sy) ** 2) / sr**2)[None]
+        q = (((h.xr - sx) ** 2 + (h.yr - sy) ** 2) / sr**2)[None]
         w = _ramp(1.0 - np.sqrt(q + dk**2), 0.3) * wm[k0:k1] * (mask[k0:k1] == 0)
         flair = base[1, k0:k1]
         flair[:] = flair * (1.0 - w) + level * w
@@ -363,7 +342,7 @@ def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -
     layers = np.stack([t[k] - t["vent"] if k == "wm" else t[k] for k in names]).reshape(6, -1)
     base = (levels @ layers).reshape(3, n_slices, size, size)
     base *= (1.0 + 0.06 * texture)[None]
-    _add_mimics(rng, base, t["wm"], tumour.mask, h.xr, h.yr, h.ax, h.ay, tumour.where, tum[1])
+    _add_mimics(rng, base, t["wm"], h, tumour, tum[1])
     noise_w = (0.3 + 0.7 * t["head"]) * float(rng.uniform(3.0, 7.0))
     images = np.empty((n_slices, size, size, 3), dtype=np.uint8)
     for ch in range(3):
@@ -386,13 +365,17 @@ def generate(
 ) -> list[PhantomCase]:
     """All phantom patients in memory (what :func:`write_synthetic` writes)."""
     check_arguments(patients, size, slices, seed)
-    names = patient_names(patients, seed)
-    cases = []
+    return list(_cases(patient_names(patients, seed), seed, size, slices))
+
+
+def _cases(
+    names: list[str], seed: int, size: int, slices: tuple[int, int]
+) -> Iterator[PhantomCase]:
+    """The phantom patients one at a time, each from its own seeded generator."""
     for i, folder in enumerate(names):
         rng = np.random.default_rng([seed, i])
         n = int(rng.integers(slices[0], slices[1] + 1))
-        cases.append(make_case(rng, folder, n, size))
-    return cases
+        yield make_case(rng, folder, n, size)
 
 
 #: Most phantom patients one run writes (the real dataset has 110; names run out at 45,000).
@@ -440,7 +423,7 @@ def _csv_text(names: list[str], seed: int) -> str:
     lines = [_CSV_COLUMNS]
     for folder in names:
         pid = "_".join(folder.split("_")[:3])
-        vals = [int(rng.integers(lo, hi)) for lo, hi in _CSV_RANGES]
+        vals = [int(rng.integers(lo, hi)) for lo, hi in zip(_CSV_LOW, _CSV_HIGH, strict=True)]
         lines.append(",".join([pid, *map(str, vals)]))
     return "\n".join(lines) + "\n"
 
@@ -507,16 +490,13 @@ def write_synthetic(
     old: Path | None = None
     try:
         names = patient_names(patients, seed)
-        for i, folder in enumerate(names):
-            rng = np.random.default_rng([seed, i])
-            n = int(rng.integers(slices[0], slices[1] + 1))
-            case = make_case(rng, folder, n, size)
-            pdir = tmp / folder
+        for case in _cases(names, seed, size, slices):
+            pdir = tmp / case.folder
             pdir.mkdir()
             masks = case.masks * np.uint8(255)
-            for k in range(n):
-                _write_tif(pdir / f"{folder}_{k + 1}.tif", case.images[k], rgb=True)
-                _write_tif(pdir / f"{folder}_{k + 1}_mask.tif", masks[k], rgb=False)
+            for k in range(len(masks)):
+                _write_tif(pdir / f"{case.folder}_{k + 1}.tif", case.images[k], rgb=True)
+                _write_tif(pdir / f"{case.folder}_{k + 1}_mask.tif", masks[k], rgb=False)
         (tmp / "data.csv").write_text(_csv_text(names, seed), encoding="utf-8")
         (tmp / "README.md").write_text(_readme_text(patients, seed, size, slices), encoding="utf-8")
         if root.exists() or root.is_symlink():

@@ -192,7 +192,7 @@ def load_data(
         ds.patient_ids,
         device,
     )
-    has_tumor = ds.tumor_pixels_per_slice()[train_rows] > 0
+    has_tumor = ds.tumor_pixels[train_rows] > 0
     return TrainData(
         images=images,
         masks=masks,
