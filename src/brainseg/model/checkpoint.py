@@ -16,7 +16,6 @@ Layout of a ``.safetensors`` checkpoint written here:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -294,9 +293,7 @@ def save_checkpoint(
     path = Path(path)
     net = _unwrap(model)
     meta = build_metadata(net, metadata)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in net.state_dict().items():
-        tensors[name] = t.detach().to("cpu").contiguous()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in net.state_dict().items()}
     for name, t in (extra or {}).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"extra[{name!r}] is a {type(t).__name__}, not a tensor")
@@ -305,9 +302,7 @@ def save_checkpoint(
     # (safetensors' own writer does not report it) and the atomic rename keeps the old file.
     data = save(tensors, metadata={"format": "pt", METADATA_KEY: _dump(meta)})
     with atomic_path(path, force=force) as tmp, open(tmp, "wb") as f:
-        view = memoryview(data)
-        for start in range(0, len(view), 64 * 1024 * 1024):
-            f.write(view[start : start + 64 * 1024 * 1024])
+        f.write(data)
     return path
 
 
@@ -318,6 +313,7 @@ def load_tensors(
 
     ``load_tensors(path, prefix=EXTRA_PREFIX)`` gives back the ``extra`` of save_checkpoint.
     """
+    read_metadata(path)
     if prefix is None:
         return _read_tensors(Path(path), lambda name: name, device)
     return _read_tensors(
@@ -328,8 +324,8 @@ def load_tensors(
 def _read_tensors(
     path: Path, rename: Callable[[str], str | None], device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """The tensors whose ``rename(name)`` is not None, under that new name."""
-    _brainseg_meta(path, _open_header(path)[0])
+    """The tensors whose ``rename(name)`` is not None, under that new name (of a file whose
+    header the caller checked)."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -413,22 +409,15 @@ def copy_with_metadata(
     ``force=True`` (an in-place metadata update, e.g. a tuned threshold).
     """
     src, dst = Path(src), Path(dst)
-    meta = _brainseg_meta(src, _open_header(src)[0])
+    meta = read_metadata(src)
     bad = [k for k in updates if k in _PROTECTED]
     if bad:
         raise BrainsegError(
             f"cannot change {', '.join(bad)} of checkpoint {src} by a metadata update",
             hint="these describe the stored tensors",
         )
-    threshold = updates.get("threshold", meta.get("threshold"))
-    if threshold is not None and (
-        not isinstance(threshold, (int, float))
-        or isinstance(threshold, bool)
-        or not math.isfinite(threshold)
-        or not 0.0 <= threshold <= 1.0
-    ):
-        raise BrainsegError(f"threshold {threshold!r} must be a number in [0, 1]")
     meta.update(dict(updates))
+    check_metadata(meta, src)  # the new threshold and post-processing, by the rule reads use
     header, n = _raw_header(src)
     new_header = dict(header)
     st_meta = dict(header.get("__metadata__") or {})
