@@ -99,8 +99,7 @@ class ScoreResult:
 
 def case_key(name: str) -> str:
     """The case / slice a mask file is of: its name without suffix and ``_mask`` (etc.)."""
-    stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
-    stem = os.path.splitext(stem)[0] if stem == name else stem
+    stem = nifti_stem(name) if is_nifti(name) else os.path.splitext(name)[0]
     return _SUFFIXES.sub("", stem)
 
 

@@ -240,25 +240,6 @@ def _dump(meta: Mapping[str, Any]) -> str:
         ) from exc
 
 
-def build_metadata(model: UNetVGG16, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Caller's metadata + defaults + the fields this module owns (versions, architecture)."""
-    import torch
-
-    meta: dict[str, Any] = json.loads(json.dumps(DEFAULTS))
-    meta.update(dict(metadata or {}))
-    arch = model.config()
-    meta.update(
-        {
-            "format_version": FORMAT_VERSION,
-            "brainseg_version": __version__,
-            "torch_version": str(torch.__version__),
-            "architecture": arch,
-            "normalization": arch["normalization"],
-        }
-    )
-    return meta
-
-
 def _unwrap(model: nn.Module) -> UNetVGG16:
     """The UNetVGG16 inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
     for _ in range(4):
@@ -292,7 +273,17 @@ def save_checkpoint(
 
     path = Path(path)
     net = _unwrap(model)
-    meta = build_metadata(net, metadata)
+    arch = net.config()
+    meta: dict[str, Any] = {
+        **json.loads(json.dumps(DEFAULTS)),
+        **(metadata or {}),
+        # the fields this module owns
+        "format_version": FORMAT_VERSION,
+        "brainseg_version": __version__,
+        "torch_version": str(torch.__version__),
+        "architecture": arch,
+        "normalization": arch["normalization"],
+    }
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in net.state_dict().items()}
     for name, t in (extra or {}).items():
         if not isinstance(t, torch.Tensor):
@@ -307,30 +298,27 @@ def save_checkpoint(
 
 
 def load_tensors(
-    path: str | os.PathLike[str], prefix: str | None = None, device: str = "cpu"
+    path: str | os.PathLike[str], prefix: str | None = None
 ) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed).
 
     ``load_tensors(path, prefix=EXTRA_PREFIX)`` gives back the ``extra`` of save_checkpoint.
     """
     read_metadata(path)
-    if prefix is None:
-        return _read_tensors(Path(path), lambda name: name, device)
+    start = prefix or ""
     return _read_tensors(
-        Path(path), lambda name: name[len(prefix) :] if name.startswith(prefix) else None, device
+        Path(path), lambda name: name[len(start) :] if name.startswith(start) else None
     )
 
 
-def _read_tensors(
-    path: Path, rename: Callable[[str], str | None], device: str = "cpu"
-) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, rename: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
     """The tensors whose ``rename(name)`` is not None, under that new name (of a file whose
     header the caller checked)."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 new = rename(name)
                 if new is not None:
