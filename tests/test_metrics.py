@@ -29,35 +29,36 @@ def test_overlap_metrics_on_a_hand_computed_case() -> None:
     gt[0, 1:4] = 1
     gt[1, 1:4] = 1
     assert M.dice(pred, gt) == pytest.approx(2 * 3 / (4 + 6))
-    assert M.iou(pred, gt) == pytest.approx(3 / 7)
-    assert M.precision(pred, gt) == pytest.approx(3 / 4)
-    assert M.recall(pred, gt) == pytest.approx(3 / 6)
-    assert M.specificity(pred, gt) == pytest.approx(93 / 94)
+    assert M.overlap(pred, gt)["iou"] == pytest.approx(3 / 7)
+    assert M.overlap(pred, gt)["precision"] == pytest.approx(3 / 4)
+    assert M.overlap(pred, gt)["recall"] == pytest.approx(3 / 6)
+    assert M.overlap(pred, gt)["specificity"] == pytest.approx(93 / 94)
 
 
 def test_identical_one_pixel_masks_are_perfect() -> None:
     a = _mask((5, 5), (2, 3))
-    for f in (M.dice, M.iou, M.precision, M.recall, M.specificity):
-        assert f(a, a) == 1.0
+    assert M.dice(a, a) == 1.0
+    for value in M.overlap(a, a).values():  # dice, iou, precision, recall, specificity
+        assert value == 1.0
     assert M.hd95(a, a) == 0.0
 
 
 def test_disjoint_one_pixel_masks() -> None:
     a, b = _mask((5, 5), (0, 0)), _mask((5, 5), (4, 4))
     assert M.dice(a, b) == 0.0
-    assert M.iou(a, b) == 0.0
-    assert M.precision(a, b) == 0.0
-    assert M.recall(a, b) == 0.0
-    assert M.specificity(a, b) == pytest.approx(23 / 24)
+    assert M.overlap(a, b)["iou"] == 0.0
+    assert M.overlap(a, b)["precision"] == 0.0
+    assert M.overlap(a, b)["recall"] == 0.0
+    assert M.overlap(a, b)["specificity"] == pytest.approx(23 / 24)
 
 
 def test_both_empty_counts_as_correct() -> None:
     e = np.zeros((4, 4), bool)
     assert M.dice(e, e) == 1.0
-    assert M.iou(e, e) == 1.0
-    assert M.precision(e, e) == 1.0
-    assert M.recall(e, e) == 1.0
-    assert M.specificity(e, e) == 1.0
+    assert M.overlap(e, e)["iou"] == 1.0
+    assert M.overlap(e, e)["precision"] == 1.0
+    assert M.overlap(e, e)["recall"] == 1.0
+    assert M.overlap(e, e)["specificity"] == 1.0
     assert math.isnan(M.hd95(e, e))
 
 
@@ -65,10 +66,10 @@ def test_empty_prediction_on_a_tumor_scores_zero() -> None:
     e = np.zeros((4, 4), bool)
     g = _mask((4, 4), (1, 1), (1, 2))
     assert M.dice(e, g) == 0.0
-    assert M.iou(e, g) == 0.0
-    assert M.precision(e, g) == 0.0  # empty denominator, truth not empty -> 0
-    assert M.recall(e, g) == 0.0
-    assert M.specificity(e, g) == 1.0
+    assert M.overlap(e, g)["iou"] == 0.0
+    assert M.overlap(e, g)["precision"] == 0.0  # empty denominator, truth not empty -> 0
+    assert M.overlap(e, g)["recall"] == 0.0
+    assert M.overlap(e, g)["specificity"] == 1.0
     assert math.isnan(M.hd95(e, g))
 
 
@@ -76,16 +77,16 @@ def test_false_alarm_on_an_empty_slice_scores_zero() -> None:
     e = np.zeros((4, 4), bool)
     p = _mask((4, 4), (3, 3))
     assert M.dice(p, e) == 0.0
-    assert M.precision(p, e) == 0.0
-    assert M.recall(p, e) == 0.0  # empty denominator, prediction not empty -> 0
-    assert M.specificity(p, e) == pytest.approx(15 / 16)
+    assert M.overlap(p, e)["precision"] == 0.0
+    assert M.overlap(p, e)["recall"] == 0.0  # empty denominator, prediction not empty -> 0
+    assert M.overlap(p, e)["specificity"] == pytest.approx(15 / 16)
     assert math.isnan(M.hd95(p, e))
 
 
 def test_specificity_without_negatives_is_one() -> None:
     full = np.ones((3, 3), bool)
-    assert M.specificity(full, full) == 1.0
-    assert M.specificity(np.zeros((3, 3), bool), full) == 1.0
+    assert M.overlap(full, full)["specificity"] == 1.0
+    assert M.overlap(np.zeros((3, 3), bool), full)["specificity"] == 1.0
 
 
 def test_shape_mismatch_is_refused() -> None:

@@ -98,8 +98,7 @@ def _metrics_from_counts(
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice = 2|A∩B| / (|A| + |B|); 1.0 when both are empty."""
-    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
-    return float(_ratio(2 * tp, 2 * tp + fp + fn, np.bool_(tp + fp + fn == 0)))
+    return overlap(pred, gt)["dice"]
 
 
 def dice_from_counts(intersection: ArrayLike, pred_sum: ArrayLike, gt_sum: ArrayLike) -> np.ndarray:
@@ -109,28 +108,9 @@ def dice_from_counts(intersection: ArrayLike, pred_sum: ArrayLike, gt_sum: Array
     return _ratio(2 * inter, den, den == 0)
 
 
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU (Jaccard) = |A∩B| / |A∪B|; 1.0 when both are empty."""
-    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
-    return float(_ratio(tp, tp + fp + fn, np.bool_(tp + fp + fn == 0)))
-
-
-def precision(pred: np.ndarray, gt: np.ndarray) -> float:
-    """TP / (TP + FP); with an empty prediction: 1.0 if the truth is empty too, else 0.0."""
-    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
-    return float(_ratio(tp, tp + fp, np.bool_(tp + fp + fn == 0)))
-
-
-def recall(pred: np.ndarray, gt: np.ndarray) -> float:
-    """TP / (TP + FN) (sensitivity); with an empty truth: 1.0 if the prediction is empty too."""
-    tp, fp, fn, _ = _confusion(*_check_pair(pred, gt))
-    return float(_ratio(tp, tp + fn, np.bool_(tp + fp + fn == 0)))
-
-
-def specificity(pred: np.ndarray, gt: np.ndarray) -> float:
-    """TN / (TN + FP); 1.0 when the ground truth has no negative pixel."""
-    _, fp, _, tn = _confusion(*_check_pair(pred, gt))
-    return 1.0 if tn + fp == 0 else tn / (tn + fp)
+def overlap(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Dice, IoU, precision, recall and specificity of one pair of masks (the policy above)."""
+    return overlap_from_counts(*_confusion(*_check_pair(pred, gt)))
 
 
 # --------------------------------------------------------------------------- HD95
@@ -218,9 +198,7 @@ def surface_dice(
     """
     p, g = _check_pair(pred, gt)
     sp = _check_spacing(spacing, p.ndim)
-    tol = float(tolerance_mm)
-    if not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tolerance {tolerance_mm!r} must be a number >= 0")
+    tol = float(tolerance_mm)  # checked where it is read (score's --tolerance)
     has_p, has_g = bool(p.any()), bool(g.any())
     if not has_p or not has_g:
         return 1.0 if has_p == has_g else 0.0
@@ -428,19 +406,29 @@ def evaluate(
             }
         )
 
-    g_counts = [int(x.sum()) for x in (tp, fp, fn, tn)]
-    g_metrics = {m: float(v) for m, v in _metrics_from_counts(*g_counts).items()}
+    return report_from_rows(per_slice, per_patient, int(p.size))
+
+
+def report_from_rows(
+    per_slice: list[dict[str, Any]], per_patient: list[dict[str, Any]], pixels: int
+) -> Report:
+    """The :class:`Report` of per-slice and per-patient rows (of one evaluation, or of several
+    joined: patients of different sizes): the pooled metrics add up the patients' counts (the
+    true negatives are the rest of the ``pixels`` scored), detection reads the slices'."""
+    tp, fp, fn = (sum(int(r[k]) for r in per_patient) for k in ("tp", "fp", "fn"))
+    pred_pos = np.array([r["pred_pixels"] > 0 for r in per_slice], dtype=bool)
+    gt_pos = np.array([r["gt_pixels"] > 0 for r in per_slice], dtype=bool)
     counts = {
-        "slices": int(n),
-        "patients": int(present.size),
-        "tumor_slices": int(np.count_nonzero(n_gt > 0)),
-        "tumor_patients": int(sum(1 for r in per_patient if r["gt_pixels"] > 0)),
+        "slices": len(per_slice),
+        "patients": len(per_patient),
+        "tumor_slices": int(gt_pos.sum()),
+        "tumor_patients": sum(1 for r in per_patient if r["gt_pixels"] > 0),
     }
     return Report(
         per_slice=per_slice,
         per_patient=per_patient,
-        global_metrics=g_metrics,
-        detection=detection(n_pred > 0, n_gt > 0),
+        global_metrics=overlap_from_counts(tp, fp, fn, pixels - tp - fp - fn),
+        detection=detection(pred_pos, gt_pos),
         counts=counts,
     )
 
@@ -456,6 +444,5 @@ def per_patient_dice(
     tp, fp, fn, _ = _slice_counts(p, g)
     pidx = np.asarray(patient_index, dtype=np.int64)
     k = int(n_patients if n_patients is not None else (pidx.max() + 1 if pidx.size else 0))
-    s = [np.bincount(pidx, weights=x, minlength=k) for x in (tp, fp, fn)]
-    d = _ratio(2 * s[0], 2 * s[0] + s[1] + s[2], (s[0] + s[1] + s[2]) == 0)
-    return d[np.unique(pidx)]
+    inter, fp_sum, fn_sum = (np.bincount(pidx, weights=x, minlength=k) for x in (tp, fp, fn))
+    return dice_from_counts(inter, inter + fp_sum, inter + fn_sum)[np.unique(pidx)]

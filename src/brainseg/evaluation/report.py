@@ -55,16 +55,16 @@ class PatientCase:
     pred: np.ndarray  # S x H x W bool
 
 
-def worst_and_median(per_patient: Sequence[Mapping[str, Any]], key: str = "dice") -> list[Any]:
-    """``[(label, patient_id, dice)]`` of the lowest and the median patient by ``key``.
+def worst_and_median(per_patient: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """``[(label, patient_id, dice)]`` of the lowest and the median patient by Dice.
 
     NaN values are left out; ties go to the patient id. The median of an even count is the
     lower middle patient (a real patient, not an average). One patient: only "worst".
     """
     scored = sorted(
-        (float(r[key]), str(r["patient_id"]))
+        (float(r["dice"]), str(r["patient_id"]))
         for r in per_patient
-        if r.get(key) is not None and math.isfinite(float(r[key]))
+        if r.get("dice") is not None and math.isfinite(float(r["dice"]))
     )
     if not scored:
         return []
@@ -84,29 +84,29 @@ def pick_cases(
     patient_index: np.ndarray,
     slice_number: np.ndarray,
     patient_ids: Sequence[str],
-    key: str = "dice",
-    max_slices: int = MONTAGE_MAX_SLICES,
 ) -> list[PatientCase]:
     """The worst and median patients' tumour slices, copied out of the evaluated arrays.
 
     ``images`` is the dataset (N x 3 x H x W, memory-mapped); ``rows[i]`` is the dataset row
     of evaluated slice ``i`` whose ground truth, prediction, patient and slice number are
     ``gt[i]``, ``pred[i]``, ``patient_index[i]``, ``slice_number[i]``. Slices with tumour
-    in the ground truth or the prediction are shown (at most ``max_slices``, evenly spread);
-    a patient with neither shows its middle slices.
+    in the ground truth or the prediction are shown (at most ``MONTAGE_MAX_SLICES``, evenly
+    spread); a patient with neither shows its middle slices.
     """
     index_of = {p: i for i, p in enumerate(patient_ids)}
     cases = []
-    for label, pid, d in worst_and_median(per_patient, key):
+    for label, pid, d in worst_and_median(per_patient):
         pos = np.flatnonzero(np.asarray(patient_index) == index_of[pid])
         pos = pos[np.argsort(np.asarray(slice_number)[pos], kind="stable")]
         g, p = np.asarray(gt[pos]) != 0, np.asarray(pred[pos]) != 0
         show = np.flatnonzero(g.any(axis=(1, 2)) | p.any(axis=(1, 2)))
         if show.size == 0:
             mid = len(pos) // 2
-            show = np.arange(max(0, mid - max_slices // 2), min(len(pos), mid + max_slices // 2))
-        if show.size > max_slices:
-            show = show[np.unique(np.linspace(0, show.size - 1, max_slices).round().astype(int))]
+            half = MONTAGE_MAX_SLICES // 2
+            show = np.arange(max(0, mid - half), min(len(pos), mid + half))
+        if show.size > MONTAGE_MAX_SLICES:
+            spread = np.linspace(0, show.size - 1, MONTAGE_MAX_SLICES).round().astype(int)
+            show = show[np.unique(spread)]
         sel = pos[show]
         cases.append(
             PatientCase(
@@ -175,7 +175,6 @@ def dice_plot_png(dice: Sequence[float] | np.ndarray, title: str = "") -> bytes:
 
 def outlined(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """FLAIR in grey with the ground truth (green) and prediction (red) outlines; both: yellow."""
-
     rgb = np.repeat(np.asarray(flair, dtype=np.uint8)[..., None], 3, axis=-1)
     eg, ep = mask_outline(gt), mask_outline(pred)
     rgb[eg] = GT_COLOR
@@ -186,7 +185,6 @@ def outlined(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 def montage_png(case: PatientCase, cols: int = 6) -> bytes:
     """The case's slices in a grid, each titled with its slice number and slice Dice."""
-
     plt = _plt()
     n = len(case.slice_number)
     cols = max(1, min(cols, n))
@@ -392,7 +390,6 @@ def section(heading: str, body: str, note: str = "") -> str:
 
 def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     """The whole self-contained document."""
-
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
@@ -433,7 +430,6 @@ _STAT_LEVELS = (
 
 
 def _stats_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
-
     rows = []
     for metric in METRICS:
         for label, key in _STAT_LEVELS:
@@ -554,7 +550,7 @@ def write_eval_report(result: Any, run_dir: Path) -> Path:
     text = eval_html(
         result.summary,
         result.report.per_patient,
-        getattr(result, "cases", []),
+        result.cases,
         plot.read_bytes() if plot.is_file() else None,
     )
     return atomic_write_text(run_dir / REPORT_NAME, text)
@@ -633,7 +629,6 @@ def cv_html(
     size: Sequence[int] | None = None,
 ) -> str:
     """The cv report page (see :func:`write_cv_report`)."""
-
     st = summary["after"]["per_patient_dice"]
     headline = (
         f"out-of-fold mean per-patient Dice {fmt(st['mean'])} (95% CI {_ci(st)}, median "
@@ -674,7 +669,6 @@ def cv_html(
 
 def write_cv_report(result: Any) -> Path:
     """``cv_dir/report.html`` of a :class:`brainseg.train.cv.CVResult` (images from the cache)."""
-
     plan, oof = result.plan, result.oof
     ds = load_dataset(plan.data, skip_bad=bool(plan.train.get("skip_bad", False)))
     cases = []

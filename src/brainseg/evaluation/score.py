@@ -99,8 +99,7 @@ class ScoreResult:
 
 def case_key(name: str) -> str:
     """The case / slice a mask file is of: its name without suffix and ``_mask`` (etc.)."""
-    stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
-    stem = os.path.splitext(stem)[0] if stem == name else stem
+    stem = nifti_stem(name) if is_nifti(name) else os.path.splitext(name)[0]
     return _SUFFIXES.sub("", stem)
 
 
@@ -187,7 +186,6 @@ def _match(
 
 
 def _volume_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any]]:
-
     files = list(_walk(opts.gt, volumes.is_nifti))
     labels = [f for f in files if volumes.is_truth_name(f)]
     # eval's label rule: label-named files are the truth; a folder of plain masks
@@ -230,7 +228,6 @@ _CONTRAST = re.compile(r"_(t1|t1c|t1ce|t1gd|t2|t2w|t1w|flair|pre|post|adc|dwi)$"
 
 
 def _contrast(path: Path) -> bool:
-
     return _CONTRAST.search(nifti_stem(path)) is not None
 
 
@@ -240,7 +237,6 @@ def _slice_number(key: str, fallback: int) -> int:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-
     return np.asarray(imageio.read_image(path))[..., 0] > 0
 
 
@@ -290,30 +286,6 @@ def _slice_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any
 # --------------------------------------------------------------------------- scoring
 
 
-def _merge(reports: list[metrics.Report], pairs: list[ScoredPatient]) -> metrics.Report:
-    per_slice = [r for rep in reports for r in rep.per_slice]
-    per_patient = [r for rep in reports for r in rep.per_patient]
-    tp = sum(r["tp"] for r in per_patient)
-    fp = sum(r["fp"] for r in per_patient)
-    fn = sum(r["fn"] for r in per_patient)
-    tn = sum(int(p.gt.size) for p in pairs) - tp - fp - fn
-    pred_pos = np.array([r["pred_pixels"] > 0 for r in per_slice], dtype=bool)
-    gt_pos = np.array([r["gt_pixels"] > 0 for r in per_slice], dtype=bool)
-    counts = {
-        "slices": len(per_slice),
-        "patients": len(per_patient),
-        "tumor_slices": int(gt_pos.sum()),
-        "tumor_patients": sum(1 for r in per_patient if r["gt_pixels"] > 0),
-    }
-    return metrics.Report(
-        per_slice=per_slice,
-        per_patient=per_patient,
-        global_metrics=metrics.overlap_from_counts(tp, fp, fn, tn),
-        detection=metrics.detection(pred_pos, gt_pos),
-        counts=counts,
-    )
-
-
 def _surface(pair: ScoredPatient, tolerance: float) -> dict[str, Any]:
     unit = "mm" if pair.spacing is not None else "pixels"
     return {
@@ -340,7 +312,11 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
         metrics.evaluate(p.pred, p.gt, np.zeros(len(p.gt), int), p.slice_number, [p.patient_id])
         for p in pairs
     ]
-    report = _merge(reports, pairs)
+    report = metrics.report_from_rows(
+        [r for rep in reports for r in rep.per_slice],
+        [r for rep in reports for r in rep.per_patient],
+        sum(int(p.gt.size) for p in pairs),
+    )
     surface = [_surface(p, opts.tolerance) for p in pairs]
     unit = "mm" if volume_mode else "pixels"
     summary: dict[str, Any] = {
@@ -368,7 +344,6 @@ def score_folders(opts: ScoreOptions) -> ScoreResult:
 
 def write_score(result: ScoreResult, run_dir: Path) -> list[Path]:
     """surface.csv, then eval's files (summary.json, per_patient.csv, per_slice.csv, plot)."""
-
     run_dir.mkdir(parents=True, exist_ok=True)
     surface = atomic_write_text(
         run_dir / "surface.csv", rows_to_csv(result.surface, SURFACE_COLUMNS)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from brainseg.settings import image_size_of
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
 DEFAULT_CALIB_SLICES = 64
+#: The options given as strings or paths to ``export_onnx(checkpoint, out, **options)``.
+_PATH_OPTIONS = ("calib", "split", "verify_data", "hub_folder")
 
 
 @dataclass(frozen=True)
@@ -65,19 +66,6 @@ class ExportOptions:
         return is_manifest(self.checkpoint)
 
 
-def _as_path(p: str | os.PathLike[str] | None) -> Path | None:
-    return None if p is None else Path(p)
-
-
-def make_options(
-    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], **kwargs: Any
-) -> ExportOptions:
-    """:class:`ExportOptions` from paths given as strings or paths."""
-    for key in ("calib", "split", "verify_data", "hub_folder"):
-        kwargs[key] = _as_path(kwargs.get(key))
-    return ExportOptions(checkpoint=Path(checkpoint), output=Path(output), **kwargs)
-
-
 # --------------------------------------------------------------------------- input checks
 
 
@@ -87,7 +75,6 @@ def check_checkpoint_kind(path: Path) -> None:
     What the file holds comes from :func:`brainseg.model.modelfile.sniff_model_file` (its first
     bytes, never its name), the one sniffer predict and checkpoint loading use too.
     """
-
     try:
         kind = sniff_model_file(path)
     except OSError:
@@ -150,7 +137,6 @@ def check_export_args(opts: ExportOptions) -> None:
 
 def _check_ensemble_args(opts: ExportOptions) -> None:
     """An ensemble.json: a readable manifest whose models exist; fp32 or fp16 only."""
-
     if opts.int8:
         raise BrainsegError(
             f"--int8 is not supported for an ensemble ({opts.checkpoint}): its fold models "
@@ -159,27 +145,6 @@ def _check_ensemble_args(opts: ExportOptions) -> None:
             "fold checkpoint (runs/cv/expN/fold_k/last.safetensors)",
         )
     load_ensemble(opts.checkpoint)  # names a missing fold file or a damaged manifest (exit 2)
-
-
-def _clear_write_errors(
-    fn: Callable[[ExportOptions], ExportReport],
-) -> Callable[[ExportOptions], ExportReport]:
-    """A full disk (or an unwritable folder) while exporting is one clear error; the
-    temporary folder is gone and an existing output is untouched (tests/faults)."""
-
-    @functools.wraps(fn)
-    def wrapper(opts: ExportOptions) -> ExportReport:
-        try:
-            return fn(opts)
-        except BrainsegError:
-            raise
-        except Exception as exc:
-            cause = os_error(exc)
-            if cause is None:
-                raise
-            raise write_error(opts.output, cause) from exc
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------- steps
@@ -348,7 +313,6 @@ def _work_dir(out: Path) -> Iterator[Path]:
         yield Path(td)
 
 
-@_clear_write_errors
 def _export(opts: ExportOptions) -> ExportReport:
     import onnx
 
@@ -438,7 +402,8 @@ def export_onnx(
             out = Path(kwargs["hub_folder"]) / ONNX_FILE
         if out is None:
             raise TypeError("export_onnx(checkpoint, out, ...) needs the output path")
-        opts = make_options(options, out, **kwargs)
+        paths = {k: Path(v) for k, v in kwargs.items() if k in _PATH_OPTIONS and v is not None}
+        opts = ExportOptions(checkpoint=Path(options), output=Path(out), **{**kwargs, **paths})
 
     # hf://OWNER/NAME[@REVISION][/FILE] or a Hub folder -> its local checkpoint
     opts = replace(opts, checkpoint=local_model(opts.checkpoint, (".safetensors",)))
@@ -446,7 +411,17 @@ def export_onnx(
         raise BrainsegError(
             f"model card {opts.card} already exists", hint="pass --force to overwrite it"
         )
-    report = _export(opts)
+    try:
+        report = _export(opts)
+    except BrainsegError:
+        raise
+    except Exception as exc:
+        # a full disk (or an unwritable folder) is one clear error; the working folder is
+        # gone and an existing output is untouched (tests/faults)
+        cause = os_error(exc)
+        if cause is None:
+            raise
+        raise write_error(opts.output, cause) from exc
     if opts.hub_folder is not None:
         source = None if opts.ensemble else opts.checkpoint
         write_hub_files(opts.hub_folder, source, report.path, opts.variant)

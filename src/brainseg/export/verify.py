@@ -40,7 +40,8 @@ INT8_DICE_TOLERANCE = 0.01
 #: broken: an ONNX model vs PyTorch on the verification slices, and int8 vs fp32 on the
 #: validation patients. ``--strict`` turns the warning into a failure.
 MASK_AGREEMENT_FLOOR = 0.9
-#: The second verification size is the model's size plus this (height, width).
+#: The second verification size (proof that height and width really are dynamic) is the
+#: model's size plus this (height, width).
 SECOND_SIZE_STEP = (32, 64)
 
 
@@ -57,11 +58,11 @@ class Slices:
     slice_number: np.ndarray
     patient_ids: list[str]
     source: str
-    phantoms: bool = False  # generated, not the user's data
+    phantoms: bool  # generated, not the user's data
     #: The same slices at the images' own size (N x h x w x 3, N x h x w), for the Dice that
     #: eval and predict would report (:func:`precision_dice`).
-    own_images: np.ndarray | None = None
-    own_masks: np.ndarray | None = None
+    own_images: np.ndarray
+    own_masks: np.ndarray
 
     def rows_of(self, patient_ids: list[str]) -> np.ndarray:
         lookup = {p: i for i, p in enumerate(self.patient_ids)}
@@ -73,7 +74,6 @@ def load_slices(
 ) -> Slices:
     """Slices of a kaggle_3m dataset at ``size`` (through the cache in ``cache_dir``, or the
     default one), or generated phantoms when ``data`` is None."""
-
     if data is None:
         side = max(SIZE_MULTIPLE, max(size) // SIZE_MULTIPLE * SIZE_MULTIPLE)
         was_quiet = con.state.quiet  # the cache of the export's own phantoms is no news
@@ -108,11 +108,7 @@ def pick_rows(rows: np.ndarray, masks: np.ndarray, n: int) -> np.ndarray:
         return rows
     tumor = rows[masks[rows].reshape(len(rows), -1).any(1)]
     k_t = min(len(tumor), n // 2)
-    pick_t = (
-        tumor[np.linspace(0, len(tumor) - 1, k_t).round().astype(int)]
-        if k_t
-        else np.zeros(0, dtype=rows.dtype)
-    )
+    pick_t = tumor[np.linspace(0, len(tumor) - 1, k_t).round().astype(int)]
     rest = np.setdiff1d(rows, pick_t)
     k_r = n - k_t
     pick_r = rest[np.linspace(0, len(rest) - 1, k_r).round().astype(int)]
@@ -142,19 +138,16 @@ def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], l
 # --------------------------------------------------------------------------- running models
 
 
-def open_cpu(path: Path) -> Predictor:
-    """The Predictor ``brainseg predict --runtime onnxruntime`` opens for ``path``, on the CPU
-    (the file is checked as written: OpenVINO's bf16 would change the logits it compares)."""
-    runtime = None if path.suffix.lower() != ".onnx" else "onnxruntime"
-    return _load([path], runtime)
-
-
-def _load(paths: list[Path], runtime: str | None, precision: str | None = None) -> Predictor:
-    """A CPU predictor with the settings predict and eval take (and their load errors)."""
+def open_cpu(path: Path, runtime: str | None = None, precision: str | None = None) -> Predictor:
+    """The CPU Predictor ``brainseg predict`` opens for ``path``, with predict's load errors; an
+    ONNX file runs with onnxruntime unless ``runtime`` says otherwise (the file is checked as
+    written: OpenVINO's bf16 would change the logits it compares)."""
+    if runtime is None and path.suffix.lower() == ".onnx":
+        runtime = "onnxruntime"
     settings = InferenceSettings(
         device="cpu", batch_size=VERIFY_SLICES, runtime=runtime, precision=precision
     )
-    return load_predictor(paths, settings)
+    return load_predictor([path], settings)
 
 
 def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES) -> np.ndarray:
@@ -164,7 +157,6 @@ def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES)
     per_model = [_backend_logits(b, images, batch) for b in predictor.backends]
     if len(per_model) == 1:
         return per_model[0]
-
     return ensemble_logits(per_model)
 
 
@@ -183,11 +175,6 @@ def _backend_logits(backend: Any, images: np.ndarray, batch: int) -> np.ndarray:
             run = backend.session.run
             out.append(run([backend.output_name], {backend.input_name: x})[0][:, 0])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-
-def second_size(size: tuple[int, int]) -> tuple[int, int]:
-    """The other input size checked: proof that height and width really are dynamic."""
-    return size[0] + SECOND_SIZE_STEP[0], size[1] + SECOND_SIZE_STEP[1]
 
 
 def _masks(prob: np.ndarray, post: PostSettings) -> np.ndarray:
@@ -209,9 +196,8 @@ def compare_with_torch(
     were exported from; masks follow its threshold and minimum size
     (:func:`brainseg.settings.resolve` of its metadata) unless ``post`` is given.
     """
-
     size = (int(images.shape[1]), int(images.shape[2]))
-    h2, w2 = second_size(size)
+    h2, w2 = size[0] + SECOND_SIZE_STEP[0], size[1] + SECOND_SIZE_STEP[1]  # dynamic axes
     images2 = np.stack([resize_image(im, (h2, w2)) for im in images[:3]])
     torch_model = open_cpu(reference)
     post = post or resolve(torch_model.metadata).post
@@ -284,13 +270,10 @@ def precision_dice(
     and predict score it: probabilities resized back to each image, then the mask rule), on
     the validation patients: fp32 and int8 with onnxruntime, bf16 with OpenVINO where it is
     installed and the CPU has native bf16 (``--runtime openvino --precision bf16``)."""
-
-    if slices.own_images is None or slices.own_masks is None:
-        return {}
     rows = slices.rows_of(val_ids)
     post = resolve(meta).post
     images, gt = slices.own_images[rows], slices.own_masks[rows]
-    pidx = slices.patient_index[rows]
+    pidx, snum = slices.patient_index[rows], slices.slice_number[rows]
     runs: list[tuple[str, Path, str, str | None]] = [
         ("fp32", fp32, "onnxruntime", None),
         ("int8", int8, "onnxruntime", None),
@@ -300,9 +283,8 @@ def precision_dice(
     dice: dict[str, float] = {}
     used: dict[str, str] = {}
     for name, path, runtime, precision in runs:
-        predictor = _load([path], runtime, precision)
+        predictor = open_cpu(path, runtime, precision)
         prob = predictor.predict_proba(images)
-        snum = slices.slice_number[rows]
         mask = postprocess.apply(
             prob, post.threshold, post.min_size, post.largest, groups=pidx, order=snum
         )

@@ -315,6 +315,17 @@ def build_card(
     return card
 
 
+def _stored_card(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The card stored in ``meta`` (a dict, or JSON text in ONNX metadata), else empty."""
+    stored = meta.get(CARD_KEY)
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return {}
+    return stored if isinstance(stored, Mapping) else {}
+
+
 def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The card of a model file's metadata: the stored one (if any) over a rebuilt one.
 
@@ -322,14 +333,7 @@ def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     --tune-output`` may have changed them after the card was written).
     """
     card = build_card(meta)
-    stored = meta.get(CARD_KEY)
-    if isinstance(stored, str):
-        try:
-            stored = json.loads(stored)
-        except ValueError:
-            stored = None
-    if isinstance(stored, Mapping):
-        card.update(json_safe(stored))
+    card.update(json_safe(_stored_card(meta)))
     pre = dict(card.get("preprocessing") or {})
     pre["threshold"] = meta.get("threshold", pre.get("threshold", 0.5))
     pre["postprocess"] = dict(meta.get("postprocess") or pre.get("postprocess") or {})
@@ -346,16 +350,6 @@ def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(int8, Mapping):
         card["int8"] = dict(int8)
     return card
-
-
-def _stored_card(meta: Mapping[str, Any]) -> Mapping[str, Any]:
-    stored = meta.get(CARD_KEY)
-    if isinstance(stored, str):
-        try:
-            stored = json.loads(stored)
-        except ValueError:
-            return {}
-    return stored if isinstance(stored, Mapping) else {}
 
 
 def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
@@ -494,8 +488,7 @@ def with_ensemble_card(
 
 def with_card(meta: Mapping[str, Any], **build_kw: Any) -> dict[str, Any]:
     """``meta`` with its card under :data:`CARD_KEY` (what a writer stores)."""
-    out = dict(meta)
-    out.pop(CARD_KEY, None)
+    out = {k: v for k, v in meta.items() if k != CARD_KEY}
     out[CARD_KEY] = build_card(out, **build_kw)
     return out
 
@@ -503,7 +496,6 @@ def with_card(meta: Mapping[str, Any], **build_kw: Any) -> dict[str, Any]:
 # =============================================================================== read
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The brainseg metadata of a .safetensors or .onnx file, without importing torch."""
-
     p = check_model_file(path)
     if p.suffix.lower() == ".onnx":
         return _onnx_metadata(p)
@@ -608,5 +600,4 @@ def card_markdown(card: Mapping[str, Any]) -> str:
 
 def write_card_markdown(card: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write :func:`card_markdown` atomically."""
-
     return atomic_write_text(path, card_markdown(card))

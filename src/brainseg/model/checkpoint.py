@@ -16,7 +16,6 @@ Layout of a ``.safetensors`` checkpoint written here:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -241,25 +240,6 @@ def _dump(meta: Mapping[str, Any]) -> str:
         ) from exc
 
 
-def build_metadata(model: UNetVGG16, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Caller's metadata + defaults + the fields this module owns (versions, architecture)."""
-    import torch
-
-    meta: dict[str, Any] = json.loads(json.dumps(DEFAULTS))
-    meta.update(dict(metadata or {}))
-    arch = model.config()
-    meta.update(
-        {
-            "format_version": FORMAT_VERSION,
-            "brainseg_version": __version__,
-            "torch_version": str(torch.__version__),
-            "architecture": arch,
-            "normalization": arch["normalization"],
-        }
-    )
-    return meta
-
-
 def _unwrap(model: nn.Module) -> UNetVGG16:
     """The UNetVGG16 inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
     for _ in range(4):
@@ -293,10 +273,18 @@ def save_checkpoint(
 
     path = Path(path)
     net = _unwrap(model)
-    meta = build_metadata(net, metadata)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in net.state_dict().items():
-        tensors[name] = t.detach().to("cpu").contiguous()
+    arch = net.config()
+    meta: dict[str, Any] = {
+        **json.loads(json.dumps(DEFAULTS)),
+        **(metadata or {}),
+        # the fields this module owns
+        "format_version": FORMAT_VERSION,
+        "brainseg_version": __version__,
+        "torch_version": str(torch.__version__),
+        "architecture": arch,
+        "normalization": arch["normalization"],
+    }
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in net.state_dict().items()}
     for name, t in (extra or {}).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"extra[{name!r}] is a {type(t).__name__}, not a tensor")
@@ -305,36 +293,32 @@ def save_checkpoint(
     # (safetensors' own writer does not report it) and the atomic rename keeps the old file.
     data = save(tensors, metadata={"format": "pt", METADATA_KEY: _dump(meta)})
     with atomic_path(path, force=force) as tmp, open(tmp, "wb") as f:
-        view = memoryview(data)
-        for start in range(0, len(view), 64 * 1024 * 1024):
-            f.write(view[start : start + 64 * 1024 * 1024])
+        f.write(data)
     return path
 
 
 def load_tensors(
-    path: str | os.PathLike[str], prefix: str | None = None, device: str = "cpu"
+    path: str | os.PathLike[str], prefix: str | None = None
 ) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed).
 
     ``load_tensors(path, prefix=EXTRA_PREFIX)`` gives back the ``extra`` of save_checkpoint.
     """
-    if prefix is None:
-        return _read_tensors(Path(path), lambda name: name, device)
+    read_metadata(path)
+    start = prefix or ""
     return _read_tensors(
-        Path(path), lambda name: name[len(prefix) :] if name.startswith(prefix) else None, device
+        Path(path), lambda name: name[len(start) :] if name.startswith(start) else None
     )
 
 
-def _read_tensors(
-    path: Path, rename: Callable[[str], str | None], device: str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """The tensors whose ``rename(name)`` is not None, under that new name."""
-    _brainseg_meta(path, _open_header(path)[0])
+def _read_tensors(path: Path, rename: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
+    """The tensors whose ``rename(name)`` is not None, under that new name (of a file whose
+    header the caller checked)."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 new = rename(name)
                 if new is not None:
@@ -413,22 +397,15 @@ def copy_with_metadata(
     ``force=True`` (an in-place metadata update, e.g. a tuned threshold).
     """
     src, dst = Path(src), Path(dst)
-    meta = _brainseg_meta(src, _open_header(src)[0])
+    meta = read_metadata(src)
     bad = [k for k in updates if k in _PROTECTED]
     if bad:
         raise BrainsegError(
             f"cannot change {', '.join(bad)} of checkpoint {src} by a metadata update",
             hint="these describe the stored tensors",
         )
-    threshold = updates.get("threshold", meta.get("threshold"))
-    if threshold is not None and (
-        not isinstance(threshold, (int, float))
-        or isinstance(threshold, bool)
-        or not math.isfinite(threshold)
-        or not 0.0 <= threshold <= 1.0
-    ):
-        raise BrainsegError(f"threshold {threshold!r} must be a number in [0, 1]")
     meta.update(dict(updates))
+    check_metadata(meta, src)  # the new threshold and post-processing, by the rule reads use
     header, n = _raw_header(src)
     new_header = dict(header)
     st_meta = dict(header.get("__metadata__") or {})
