@@ -192,9 +192,9 @@ def ort_runner(path: Path) -> tuple[Runner, dict[str, Any]]:
 
 def ov_runner(path: Path, precision: str, batch_size: int) -> Runner:
     """The OpenVINO backend ``brainseg predict --runtime openvino`` opens (its logits)."""
-    from brainseg.inference.runtimes import OpenVinoBackend
+    from brainseg.inference.runtimes import OpenVinoBackend, OpenVinoModel
 
-    backend = OpenVinoBackend(path, precision, 0, batch_size)
+    backend = OpenVinoBackend(OpenVinoModel(path), precision, 0, batch_size)
     return backend._logits
 
 

@@ -66,7 +66,7 @@ class ActorPeaks:
                     continue
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"MapWorker" not in cmd:  # ray::MapWorker(MapBatches(_SliceWorker))
+                    if b"MapWorker" not in cmd:  # ray::MapWorker(MapBatches(_Worker))
                         continue
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):

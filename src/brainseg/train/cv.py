@@ -161,6 +161,7 @@ class CVResult:
     per_patient: list[dict[str, Any]]
     masks: dict[str, np.ndarray]  # "before" / "after" (/ "buda") OOF masks, N x H x W bool
     oof: OOF
+    files: list[Path] = field(default_factory=list)  # what write_cv wrote
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -807,6 +808,7 @@ def write_cv(result: CVResult) -> list[Path]:
     result.summary["files"] = [p.name for p in files] + ["cv_summary.json"]
     text = json.dumps(json_safe(result.summary), indent=2, allow_nan=False) + "\n"
     files.append(atomic_write_text(d / "cv_summary.json", text))
+    result.files = files
     return files
 
 
