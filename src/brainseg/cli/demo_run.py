@@ -165,13 +165,17 @@ def run_demo(
         lambda: _predict(onnx_path, scans, pred_onnx, opts),
     )
     res.paths["predict_onnx"] = pred_onnx
+    return _summarise(res, data, val)
 
+
+def _summarise(res: DemoResult, data: Path, val: list[str]) -> DemoResult:
+    """Both predictions scored against the true masks and compared; demo.json written."""
+    pred_torch, pred_onnx = res.paths["predict"], res.paths["predict_onnx"]
     res.dice["predict_torch"] = mask_folder_dice(pred_torch, data, val)
     res.dice["predict_onnx"] = mask_folder_dice(pred_onnx, data, val)
     res.agreement = _agreement(pred_torch, pred_onnx)
-    summary = run_dir / "demo.json"
-    res.paths["summary"] = summary
-    atomic_write_text(summary, json.dumps(res.as_dict(), indent=2) + "\n")
+    res.paths["summary"] = res.run_dir / "demo.json"
+    atomic_write_text(res.paths["summary"], json.dumps(res.as_dict(), indent=2) + "\n")
     return res
 
 
