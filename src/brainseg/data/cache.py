@@ -1,7 +1,7 @@
 """A one-time cache of a whole dataset as uint8 arrays, memory-mapped on every later load.
 
-Decoding 3929 deflate-compressed TIF pairs takes seconds on every run; the cache decodes
-them once (checking every file, see :mod:`brainseg.data.lgg`) and stores::
+Decoding 3929 TIF pairs takes seconds on every run; the cache decodes (and checks, see
+:mod:`brainseg.data.lgg`) them once and stores::
 
     $BRAINSEG_CACHE_DIR/datasets/<key>/       (default ~/.cache/brainseg/datasets/<key>/)
       images.npy          N x 3 x H x W uint8
@@ -11,14 +11,11 @@ them once (checking every file, see :mod:`brainseg.data.lgg`) and stores::
       tumor_pixels.npy    N int32, tumour pixels per slice (for splits and summaries)
       meta.json           key, root, size, patient_ids, skipped problems, versions
 
-Later loads are ``np.load(mmap_mode="r")``: no copy, pages are read on demand. The key is a
-SHA-256 of the files' relative names, sizes and content hashes, the format version and
-``skip_bad``: identical data reuses its cache (a re-installed zip with new file times, a copy
-elsewhere), editing, adding or removing a file builds a new one. Hashing reads every file, so
-a cache also remembers the stat keys (names, sizes, mtimes) it was found under: an unchanged
-folder is matched with one ``stat`` per file. A build writes into a temporary
-folder that is renamed into place, so a killed build never leaves a half-written cache; its
-leftover temporary folder is removed by the next build.
+Later loads are ``np.load(mmap_mode="r")``. The key hashes the files' names, sizes and
+contents (plus the format version and ``skip_bad``): identical data reuses its cache wherever
+it lies, any edit builds a new one. A cache remembers the stat keys (names, sizes, mtimes) it
+was found under, so an unchanged folder is matched without hashing. A build is renamed into
+place from a temporary folder (a killed build leaves no half cache; the next build removes it).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +92,7 @@ class ArrayData:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
     def indices_of(self, patient_ids: Iterable[str]) -> np.ndarray:
-        """Row indices (int64, dataset order) of every slice of these patients.
-
-        Raises :class:`BrainsegError` naming the ids that are not in the dataset.
-        """
+        """Row indices (int64, dataset order) of these patients' slices; unknown ids raise."""
         ids = list(patient_ids)
         lookup = {p: i for i, p in enumerate(self.patient_ids)}
         unknown = [p for p in ids if p not in lookup]
@@ -117,29 +111,22 @@ class ArrayData:
         return np.flatnonzero(np.isin(self.patient_index, wanted))
 
     def resized(self, size: int | tuple[int, int]) -> ArrayData:
-        """The same data at ``size`` (in memory); ``self`` when the size already matches.
-
-        Images: antialiased bilinear (see :func:`resize_images`); masks: bilinear of the 0/1
-        mask, ``>= 0.5``, never emptying a slice that had tumour (see :func:`resize_masks`).
-        """
+        """The same data at ``size`` (in memory); ``self`` when the size already matches."""
         hw = _hw(size)
         if hw == self.size:
             return self
         masks = resize_masks(self.masks, hw)
-        return ArrayData(
+        return replace(
+            self,
             images=resize_images(self.images, hw),
             masks=masks,
             patient_index=np.asarray(self.patient_index),
             slice_number=np.asarray(self.slice_number),
             patient_ids=list(self.patient_ids),
-            key=self.key,
-            root=self.root,
             tumor_pixels=_tumor_pixels(masks),
             problems=list(self.problems),
             path=None,
         )
-
-    # ---- tumour burden, for splits and summaries
 
     def _per_patient(self, values: np.ndarray) -> dict[str, int]:
         sums = np.bincount(self.patient_index, weights=values, minlength=len(self.patient_ids))
@@ -147,8 +134,7 @@ class ArrayData:
 
     def slices_per_patient(self) -> dict[str, int]:
         """Number of slices of each patient."""
-        counts = np.bincount(self.patient_index, minlength=len(self.patient_ids))
-        return {p: int(counts[i]) for i, p in enumerate(self.patient_ids)}
+        return self._per_patient(np.ones(len(self)))
 
     def tumor_slices_per_patient(self) -> dict[str, int]:
         """Number of slices with any tumour pixel, per patient."""
@@ -160,11 +146,8 @@ class ArrayData:
 
     def burden(self) -> dict[str, dict[str, int]]:
         """Per patient: ``{"slices", "tumor_slices", "tumor_pixels"}`` (for stratified splits)."""
-        n, t, px = (
-            self.slices_per_patient(),
-            self.tumor_slices_per_patient(),
-            self.tumor_pixels_per_patient(),
-        )
+        n, t = self.slices_per_patient(), self.tumor_slices_per_patient()
+        px = self.tumor_pixels_per_patient()
         return {
             p: {"slices": n[p], "tumor_slices": t[p], "tumor_pixels": px[p]}
             for p in self.patient_ids
@@ -204,12 +187,8 @@ def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """N x 3 x H x W uint8 -> N x 3 x h x w uint8, antialiased bilinear (Pillow).
-
-    Pillow widens the bilinear kernel when shrinking (an area-like average), so thin
-    structures alias less than with plain bilinear sampling; this matches torch's
-    ``interpolate(mode="bilinear", antialias=True)`` up to rounding.
-    """
+    """N x 3 x H x W uint8 -> N x 3 x h x w uint8, antialiased bilinear (Pillow: thin
+    structures alias less when shrinking; as torch's ``antialias=True`` up to rounding)."""
     hw = _hw(size)
     out = np.empty((len(images), 3, *hw), dtype=np.uint8)
     for i, img in enumerate(images):
@@ -220,10 +199,8 @@ def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
 def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """N x H x W 0/1 -> N x h x w 0/1: antialiased bilinear of the mask, then ``>= 0.5``.
 
-    A tumour smaller than about half an output pixel would vanish with that rule alone, so
-    a slice that had tumour and would come out empty keeps its most covered output pixel:
-    the per-slice "tumour present" label never changes with the size.
-    """
+    A slice that had tumour keeps its most covered pixel even if the tumour would vanish, so
+    the per-slice "tumour present" label never changes with the size."""
     hw = _hw(size)
     out = np.empty((len(masks), *hw), dtype=np.uint8)
     for i, src in enumerate(masks):
@@ -239,12 +216,8 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def _stat_key(dataset: lgg.LGGDataset, skip_bad: bool) -> str:
-    """SHA-256 of the files' relative names, sizes and mtimes (cheap: one stat per file).
-
-    Not the cache key: a memo of it. A cache remembers the stat keys it was found under, so an
-    unchanged folder is matched without reading a byte; only when the stat key is new (files
-    copied, re-installed, touched) are the contents hashed (:func:`dataset_key`).
-    """
+    """SHA-256 of the files' relative names, sizes and mtimes: a cheap memo of the cache key
+    (:func:`dataset_key` hashes the contents only when the stat key is new)."""
     entries: list[list[object]] = []
     for f in _files(dataset):
         try:
@@ -271,11 +244,8 @@ def _key_of(dataset: lgg.LGGDataset, skip_bad: bool, entries: list[list[object]]
 
 
 def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
-    """The cache key: SHA-256 of the files' relative names, sizes and SHA-256 of their bytes,
-    plus the format version and ``skip_bad``. Identical data has one key wherever it lies and
-    whatever its file times (a re-installed zip reuses its cache); any changed byte, added or
-    removed file gives a new one. Costs one read of every file (about 0.3 s for the 25-patient
-    dev subset, 66 MB, warm page cache), paid only when the stat memo misses."""
+    """The cache key: SHA-256 of the files' relative names, sizes and contents, the format
+    version and ``skip_bad``: identical data has one key wherever it lies, whatever its times."""
     entries: list[list[object]] = []
     for f in _files(dataset):
         rel = f.relative_to(dataset.root).as_posix()
@@ -313,12 +283,8 @@ _KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
 
 
 def is_cache(folder: Path) -> bool:
-    """Whether ``folder`` is a dataset cache brainseg made: a real folder named by the first 32
-    hex digits of its key, holding a ``meta.json`` with that key and a format version.
-
-    Anything else under the cache folder (a user's own folder, even one named ``kaggle_3m``)
-    is never listed, reused, pruned or removed.
-    """
+    """Whether ``folder`` is a dataset cache brainseg made (named by its key's first 32 hex
+    digits, its meta.json holding that key): nothing else is ever listed, reused or removed."""
     if not _KEY_NAME.match(folder.name) or folder.is_symlink() or not folder.is_dir():
         return False
     meta = _read_meta(folder)
@@ -388,8 +354,7 @@ def load_dataset(
 
 
 def _reuse(ds: lgg.LGGDataset, root: Path, key: str, stat_key: str) -> ArrayData | None:
-    """The finished cache of ``key`` in ``root`` (None when missing or damaged), its stat
-    key remembered."""
+    """The finished cache of ``key`` (None when missing or damaged), its stat key remembered."""
     folder = root / key[:32]
     data = _open(folder, key) if folder.is_dir() else None
     if data is not None:
@@ -419,17 +384,11 @@ def _open(folder: Path, key: str) -> ArrayData | None:
         }
     except (OSError, ValueError):
         return None
-    n = int(meta["slices"])
-    h, w = meta["size"]
-    expected = {
-        "images": ((n, 3, h, w), np.uint8),
-        "masks": ((n, h, w), np.uint8),
-        "patient_index": ((n,), np.int32),
-        "slice_number": ((n,), np.int32),
-        "tumor_pixels": ((n,), np.int32),
-    }
-    for name, (shape, dtype) in expected.items():
-        if arrs[name].shape != shape or arrs[name].dtype != dtype:
+    n, (h, w) = int(meta["slices"]), meta["size"]
+    images = {"images": (n, 3, h, w), "masks": (n, h, w)}  # uint8; the others are N int32
+    for name, arr in arrs.items():
+        dtype = np.uint8 if name in images else np.int32
+        if arr.shape != images.get(name, (n,)) or arr.dtype != dtype:
             return None
     return ArrayData(
         **arrs,
@@ -449,10 +408,7 @@ def _tmp_name(key: str) -> str:
 
 
 def clean_stale(root: Path) -> None:
-    """Remove temporary folders left by killed builds.
-
-    A folder is stale when its process (same host) is gone, or when it is older than a day.
-    """
+    """Remove temporary folders left by killed builds (process gone, or older than a day)."""
     if not root.is_dir():
         return
     host = socket.gethostname()
@@ -461,11 +417,8 @@ def clean_stale(root: Path) -> None:
         if not d.name.startswith((".tmp-", ".old-")):
             continue
         parts = d.name.split("-")
-        stale = False
         try:
-            pid = int(parts[-2])
-            same_host = "-".join(parts[2:-2]) == host
-            stale = same_host and not pid_alive(pid)
+            stale = "-".join(parts[2:-2]) == host and not pid_alive(int(parts[-2]))
         except (ValueError, IndexError):
             stale = False
         with contextlib.suppress(OSError):
@@ -565,12 +518,8 @@ def _decode_all(
     slices: list[lgg.SliceFile],
     tmp: Path,
 ) -> tuple[list[lgg.Problem], np.ndarray, tuple[int, int] | None]:
-    """Decode every slice into ``tmp``'s row-aligned arrays; returns (problems, ok, size).
-
-    Rows are written straight into memory-mapped .npy files so the build needs little RAM.
-    The size of the first decoded slice is assumed; if most slices turn out to have another
-    size the arrays are redone at that size, and the odd slices become problems.
-    """
+    """Decode every slice into ``tmp``'s memory-mapped arrays (little RAM); returns (problems,
+    ok, size). The arrays are redone at the most common size if the first slice was odd."""
     n = len(slices)
     problems: list[lgg.Problem] = []
     ok = np.zeros(n, dtype=bool)
@@ -674,7 +623,6 @@ def _fsync_dir_files(folder: Path) -> None:
 
 
 def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayData:
-
     root = final.parent
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,13 @@
 """Volumes in, volumes out: read NIfTI or DICOM cases, slice them as the model learned, write NIfTI.
 
-A *case* is three co-registered contrasts in the dataset's channel order (pre-contrast, FLAIR,
-post-contrast), given as
+A *case* is three co-registered contrasts (pre-contrast, FLAIR, post-contrast): three 3D NIfTI
+files or DICOM series folders matched by the ``--channels`` patterns, or one 4D NIfTI file.
 
-- three 3D NIfTI files matched by patterns (:data:`DEFAULT_CHANNELS`, ``--channels``),
-- one 4D NIfTI file holding the three volumes (4th dimension, or 5th with a singleton 4th),
-- three DICOM series folders (one series per folder) matched by the same patterns.
-
-The convention that ties volumes to the slices the model learned (docs/volumes.md): the model
-sees axial slices with rows running anterior -> posterior and columns from the patient's right
-to left, as in the LGG TIFs. That is the LPS array SimpleITK gives (``GetArrayFromImage``,
-``[slice, row, column]``), so the TIF slices stacked and wrapped by SimpleITK's defaults are a
-correctly oriented volume that predicts exactly as the slices. Any orientation is brought to
-LPS first (the closest axes: permuted and flipped, never resampled) and the result mapped back
-to the input's grid, so a written mask has the input's shape and affine. A uint8 contrast is
-already in the model's intensity domain; any other type is scaled per volume and per contrast
-with :func:`to_model_range`.
-
-nibabel reads and writes NIfTI; SimpleITK reads DICOM series (GDCM series detection). Both are
-imported inside the functions that need them: the slice and ONNX paths never load them.
+The model sees axial slices with rows running anterior -> posterior and columns from the
+patient's right to left, as in the LGG TIFs: the LPS array SimpleITK gives (docs/volumes.md).
+Any orientation is brought to LPS (axes permuted and flipped, never resampled) and the result
+mapped back, so a written mask has the input's shape and affine. nibabel and SimpleITK are
+imported inside functions: the slice and ONNX paths never load them.
 """
 
 from __future__ import annotations
@@ -61,14 +50,12 @@ TRUTH_NAME = re.compile(r"_(mask|seg|gt|label)$", re.IGNORECASE)
 
 def is_nifti(path: str | Path) -> bool:
     """True for ``.nii`` / ``.nii.gz`` names (case-insensitive)."""
-    name = Path(path).name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
+    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
 
 
 def nifti_stem(path: str | Path) -> str:
     """The name without ``.nii`` / ``.nii.gz``."""
-    name = Path(path).name
-    return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
+    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
 
 
 def is_truth_name(path: str | Path) -> bool:
@@ -215,9 +202,8 @@ def _walk_cases(folder: Path, patterns: dict[str, str], depth: int = 0) -> Itera
 def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> list[Case]:
     """Every case under ``inputs`` (4D files, case folders, folders of cases), sorted by id.
 
-    A folder whose entries match the channel patterns holds cases (grouped by the text the
-    patterns' ``*`` matched, so a flat folder of ``A_t1.nii.gz, A_flair.nii.gz...`` works too);
-    any other folder is searched below, and its NIfTI files are 4D cases.
+    Entries matching the channel patterns are grouped by what their ``*`` matched (so a flat
+    folder of many cases works); other folders are searched below, their NIfTI files 4D cases.
     """
     patterns = parse_channels(channels)
     cases: list[Case] = []
@@ -320,10 +306,8 @@ def _read_error(path: Path, exc: BaseException) -> BrainsegError:
     )
 
 
-#: Most voxels (all dimensions, all volumes) one NIfTI file may declare: 256 Mi, e.g.
-#: 512 x 512 x 341 x 3; a brain MRI case is ~10 M. Checked from the header before any data is
-#: read (a 4.4 MB .nii.gz declaring 1000 x 1000 x 334 x 3 took 5.4 GB and 36 s). Raise it with
-#: the environment variable BRAINSEG_MAX_VOXELS (docs/volumes.md).
+#: Most voxels one NIfTI file may declare (256 Mi; a brain MRI case is ~10 M), checked from the
+#: header before any data is read (a 4.4 MB .nii.gz declaring 1000 x 1000 x 334 x 3 took 5.4 GB).
 MAX_VOXELS = 1 << 28
 MAX_VOXELS_ENV = "BRAINSEG_MAX_VOXELS"
 
@@ -361,10 +345,8 @@ def _check_voxels(path: Path, shape: Sequence[int]) -> int:
 
 
 def _read_gzip(path: Path, size: int) -> bytes:
-    """The first ``size`` bytes of a gzip file's content, having read the stream to its end
-    so that its CRC and length are checked (nibabel reads only what it needs, so a damaged
-    .nii.gz was predicted with wrong voxels, exit 0). More content than ``size`` + 1 MiB is
-    refused (a gzip bomb behind a small header)."""
+    """The first ``size`` bytes of a gzip file, the stream read to its end so that its CRC is
+    checked (nibabel alone predicted a damaged .nii.gz, exit 0); over 1 MiB more is refused."""
     with gzip.open(path, "rb") as f:
         data = f.read(size)
         extra = len(f.read(1 << 20))
@@ -377,12 +359,8 @@ def _read_gzip(path: Path, size: int) -> bytes:
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
-    """The data (as stored, scaling applied) and grid of a NIfTI file.
-
-    The header is read first: a file declaring more than :func:`max_voxels` voxels is refused
-    before any data is read. A ``.nii.gz`` is decompressed once, to the end of its gzip
-    stream (a CRC or length mismatch is an error, never a silently different volume).
-    """
+    """The data (as stored, scaling applied) and grid of a NIfTI file; the voxel limit is
+    checked from the header first, and a ``.nii.gz`` read to its end (see :func:`_read_gzip`)."""
     import nibabel as nib
 
     try:
@@ -634,11 +612,8 @@ def _grid_text(g: Grid) -> str:
 def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """One contrast in the model's domain (uint8 0..255) and a note of what was done.
 
-    uint8 is kept as is (the LGG TIFs are uint8: a volume stacked from them predicts as they
-    do). Any other type is scaled per volume: ``lo, hi`` = the 0.5th and 99.5th percentiles of
-    the nonzero voxels, ``round(255 * clip((x - lo) / (hi - lo), 0, 1))``; zero (background)
-    voxels map to 0 whenever ``lo >= 0``. An all-zero volume stays 0; a constant one becomes
-    255 where nonzero.
+    uint8 is kept as is (as the LGG TIFs); any other type is scaled between the 0.5th and
+    99.5th percentiles of the nonzero voxels (a constant volume becomes 255 where nonzero).
     """
     v = np.asarray(volume)
     if v.dtype == np.uint8:
@@ -666,20 +641,14 @@ def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- orientation
 
-#: The model's input orientation as nibabel axis codes of an X x Y x Z array: columns (x) run
-#: to the patient's left, rows (y) to posterior, slices (z) to superior. That is DICOM's LPS
-#: and SimpleITK's default: ``GetArrayFromImage`` of an identity-direction image is
-#: ``[slice, row, column]``, the LGG TIFs stacked (nose at the top, the patient's right on the
-#: image's left, radiological display).
+#: The model's input orientation as nibabel axis codes of an X x Y x Z array: DICOM's LPS, the
+#: LGG TIFs stacked (SimpleITK's ``[slice, row, column]``; radiological display).
 MODEL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 
 
 def to_model_ornt(affine: np.ndarray) -> np.ndarray:
-    """The nibabel orientation transform that takes the array to :data:`MODEL_AXCODES`.
-
-    The closest axes of an oblique affine are taken (axes permuted and flipped, never
-    resampled), as SimpleITK's ``DICOMOrient`` does.
-    """
+    """The nibabel orientation transform to :data:`MODEL_AXCODES` (the closest axes of an
+    oblique affine, never resampled, as SimpleITK's ``DICOMOrient``)."""
     import nibabel as nib
 
     ornt = nib.orientations
@@ -687,11 +656,7 @@ def to_model_ornt(affine: np.ndarray) -> np.ndarray:
 
 
 def to_slices(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """X x Y x Z (x C) on the input grid -> S x H x W (x C), the model's axial slices.
-
-    Slice k's rows run anterior -> posterior and its columns the patient's right -> left:
-    the array SimpleITK gives for the volume reoriented to LPS (docs/volumes.md).
-    """
+    """X x Y x Z (x C) on the input grid -> S x H x W (x C), the model's axial slices."""
     import nibabel as nib
 
     lps = nib.orientations.apply_orientation(data, to_model_ornt(affine))
@@ -725,10 +690,8 @@ def slice_spacing(grid: Grid) -> tuple[float, float, float]:
 
 
 def nifti_bytes(data: np.ndarray, grid: Grid, *, kind: str, gz: bool = True) -> bytes:
-    """A NIfTI file (bytes) of ``data`` on ``grid``: the input's header and affine kept.
-
-    ``kind`` is ``mask`` (uint8 0/1) or ``prob`` (float32 0..1).
-    """
+    """A NIfTI file (bytes) of ``data`` on ``grid`` (``kind``: ``mask`` uint8 0/1 or ``prob``
+    float32), the input's header and affine kept."""
     import nibabel as nib
 
     dtype = np.uint8 if kind == "mask" else np.float32
