@@ -1,22 +1,10 @@
 """Read and write the image files that predict consumes and produces (numpy, Pillow, tifffile).
 
-No torch here: this module is on the ONNX predict path, which must run where only
-onnxruntime, numpy, Pillow and tifffile are installed.
+No torch here: this module is on the ONNX predict path (onnxruntime, numpy, Pillow, tifffile).
 
-What is accepted, and why (documented in docs/predict.md):
-
-- 3-channel 8-bit images (HxWx3 uint8) as they are: the kaggle_3m slices (pre-contrast,
-  FLAIR, post-contrast) are stored this way.
-- single-channel 8-bit images (HxW, HxWx1, Pillow "L" / "1") are replicated to 3 channels;
-  the result says so (``LoadedImage.note``) so the caller can warn once per run.
-- 4-channel RGBA / 2-channel grey+alpha: the alpha channel is dropped (screenshots and
-  exported PNGs often carry an opaque alpha); the note says so and the caller warns.
-- 16-bit images are accepted only when every value already fits 0..255 (8-bit data in a
-  16-bit container); otherwise they are refused: the right windowing to 8 bits depends on
-  how the training data were made and guessing it silently would produce wrong masks.
-- anything else (float or 32-bit data, other channel counts, stacks of several slices,
-  a file that is not an image, corrupt bytes) raises :class:`BrainsegError` naming the file
-  and the expected form.
+The images accepted and why are in docs/predict.md: 8-bit RGB as is; grey replicated and
+alpha dropped with a note (the caller warns once per run); 16-bit only when every value fits
+0..255 (guessing a windowing would give wrong masks); anything else is a BrainsegError.
 """
 
 from __future__ import annotations
@@ -138,10 +126,8 @@ def read_tiff_array(
 ) -> np.ndarray:
     """The first image of a TIFF file as stored (planar RGB moved to channels-last).
 
-    Only the first page is decoded and the page chain is never iterated: a damaged file
-    whose pages point back at each other made ``tifffile``'s ``series`` loop forever
-    (found by tests/test_properties.py). A second page of the same shape means a stack of
-    slices, which is refused through ``bad`` (default: a ValueError).
+    The page chain is never iterated (a damaged file's looping pages made ``series`` loop
+    forever); a stack of slices is refused through ``bad`` (default: a ValueError).
     """
     path = Path(path)
     fail = bad or (lambda p, what: ValueError(f"{p}: {what}"))
@@ -172,8 +158,7 @@ def read_tiff_array(
 
 
 def _tifffile() -> ModuleType:
-    """tifffile, with its own log messages about damaged files silenced (it logs them to
-    stderr even at ERROR level; we report them as one BrainsegError instead)."""
+    """tifffile, its log messages about damaged files silenced (we raise a BrainsegError)."""
     import logging
 
     import tifffile
@@ -219,10 +204,8 @@ def _check_declared(path: Path, d: Declared, fail: Callable[[Path, str], Excepti
 
 
 def declared_size(path: str | os.PathLike[str]) -> Declared | None:
-    """What the header of an image file declares (no pixel decoded), None when unreadable.
-
-    Cheap (a header read): predict uses it to bound its read-ahead by bytes.
-    """
+    """What the header of an image file declares (no pixel decoded), None when unreadable:
+    predict bounds its read-ahead by bytes with it."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -325,10 +308,8 @@ def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
-    """Zero-pad an HxWx... array at the bottom/right to multiples of ``multiple``.
-
-    Returns the padded array and the original (height, width) to crop back with.
-    """
+    """Zero-pad an HxWx... array at the bottom/right to multiples of ``multiple``; returns it
+    and the original (height, width) to crop back with."""
     h, w = image.shape[:2]
     ph, pw = -h % multiple, -w % multiple
     if ph == 0 and pw == 0:
@@ -340,12 +321,8 @@ def pad_to_multiple(image: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, 
 def to_model_input(
     slices: np.ndarray, size: tuple[int, int] | None, *, pad: bool = False
 ) -> tuple[np.ndarray, bool]:
-    """S x H x W x 3 uint8 slices -> (S x h x w x 3 at the model's input size, padded).
-
-    Resized (bilinear) to the model's ``size``, or zero-padded to multiples of 32 with
-    ``pad`` or when the size is unknown; :func:`brainseg.inference.postprocess.proba_at_size`
-    undoes it.
-    """
+    """S x H x W x 3 uint8 slices -> (S x h x w x 3 at the model's input size, padded): resized
+    to ``size``, or zero-padded to multiples of 32 with ``pad`` or when the size is unknown."""
     if pad or size is None:
         x, _ = pad_to_multiple(slices.transpose(1, 2, 0, 3), SIZE_MULTIPLE)
         return np.ascontiguousarray(x.transpose(2, 0, 1, 3)), True
@@ -368,11 +345,7 @@ def _suffix_of(path: Path, allowed: tuple[str, ...], what: str) -> str:
 
 
 def write_mask(path: str | os.PathLike[str], mask: np.ndarray, *, force: bool = False) -> Path:
-    """Write an HxW mask as uint8 0/255 (.tif or .png), atomically.
-
-    Any non-zero value counts as tumor, so 0/1 and 0/255 masks both come out as 0/255,
-    the kaggle_3m convention.
-    """
+    """Write an HxW mask as uint8 0/255 (.tif or .png; any non-zero is tumour), atomically."""
     path = Path(path)
     suffix = _suffix_of(path, (*TIFF_SUFFIXES, ".png"), "a mask")
     if mask.ndim != 2:
@@ -398,13 +371,9 @@ def write_probability(
     _suffix_of(path, TIFF_SUFFIXES, "a probability map")
     import tifffile
 
+    data = np.ascontiguousarray(prob, dtype=np.float32)
     with atomic_path(path, force=force) as tmp:
-        tifffile.imwrite(
-            tmp,
-            np.ascontiguousarray(prob, dtype=np.float32),
-            photometric="minisblack",
-            compression="zlib",
-        )
+        tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib")
     return path
 
 
@@ -436,15 +405,13 @@ def overlay(
 ) -> np.ndarray:
     """An RGB picture of ``image`` with the outline of ``mask`` drawn in ``color``.
 
-    ``channel=1`` shows the FLAIR channel (kaggle_3m order: pre-contrast, FLAIR,
-    post-contrast) in grey, where LGG tumors are most visible; ``None`` shows the RGB image.
+    ``channel=1`` shows FLAIR in grey (LGG tumours are most visible there); ``None`` the RGB.
     """
     if channel is None:
         rgb = image.copy()
     else:
         rgb = np.repeat(image[..., channel : channel + 1], 3, axis=-1)
-    edge = mask_outline(mask)
-    rgb[edge] = color
+    rgb[mask_outline(mask)] = color
     return rgb
 
 

@@ -9,11 +9,9 @@ Layout::
         TCGA_CS_4941_19960909_1_mask.tif    its mask: 256x256 uint8 in {0, 255}
         ...
 
-Validation is done in two stages so that *every* problem can be reported in one message:
-:func:`scan` checks the structure (pairs of files, empty folders) without decoding anything,
-and :func:`decode_slice` checks the content (readable TIF, shape, dtype, mask values) once,
-while :mod:`brainseg.data.cache` builds its arrays. :func:`report_problems` turns the list
-into one :class:`~brainseg.errors.BrainsegError`, or into a warning with ``skip_bad``.
+Every problem is reported in one message: :func:`scan` checks the structure without decoding,
+:func:`decode_slice` the content (while :mod:`brainseg.data.cache` builds its arrays), and
+:func:`report_problems` raises one error listing both, or warns with ``skip_bad``.
 """
 
 from __future__ import annotations
@@ -65,11 +63,8 @@ class Patient:
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with the dataset, for one file (``file`` is relative to the root).
-
-    ``patient`` / ``number`` say which slice is skipped with ``--skip-bad`` (``number`` is
-    None when no slice is concerned, e.g. an orphan mask or an empty folder).
-    """
+    """One thing wrong with one file (relative to the root); ``patient`` / ``number`` name the
+    slice ``--skip-bad`` skips (``number`` None: no slice, e.g. an empty folder)."""
 
     file: str
     message: str
@@ -82,13 +77,8 @@ class Problem:
 
 @dataclass
 class LGGDataset:
-    """A discovered dataset: the patients with their usable slices, and what was wrong.
-
-    ``clinical`` holds the rows of ``data.csv`` as dicts (empty when the file is absent).
-    ``problems`` lists the structural problems found (content problems are found while
-    decoding, see :func:`decode_slice`). With ``skip_bad`` the bad slices are already
-    removed from ``patients``.
-    """
+    """A discovered dataset: the patients with their usable slices, the rows of ``data.csv``
+    and the structural problems found (with ``skip_bad`` the bad slices are left out)."""
 
     root: Path
     patients: list[Patient]
@@ -127,10 +117,8 @@ def _looks_like_dataset(path: Path) -> bool:
 
 
 def find_root(path: str | os.PathLike[str]) -> Path:
-    """The ``kaggle_3m`` folder: ``path`` itself, or its ``kaggle_3m`` sub-folder.
-
-    Also accepts the Kaggle zip's ``lgg-mri-segmentation/kaggle_3m`` one level deeper.
-    """
+    """The ``kaggle_3m`` folder: ``path`` itself, or its ``kaggle_3m`` sub-folder (also the
+    Kaggle zip's ``lgg-mri-segmentation/kaggle_3m``)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise BrainsegError(f"dataset folder {p} does not exist", hint=DOWNLOAD_HINT)
@@ -169,6 +157,10 @@ def _scan_patient(root: Path, folder: Path) -> tuple[Patient, list[Problem]]:
     problems: list[Problem] = []
     images: dict[int, Path] = {}
     masks: dict[int, Path] = {}
+
+    def problem(name: str, message: str, num: int | None = None) -> None:
+        problems.append(Problem(f"{pid}/{name}", message, pid, num))
+
     try:
         with os.scandir(folder) as it:
             entries = [e for e in it if not e.name.startswith(".")]
@@ -178,23 +170,16 @@ def _scan_patient(root: Path, folder: Path) -> tuple[Patient, list[Problem]]:
     for e in sorted(entries, key=lambda e: e.name):
         if not e.is_file() or not _TIF_RE.search(e.name):
             continue  # notes, thumbnails...: not part of the dataset
-        rel = f"{pid}/{e.name}"
         m = _SLICE_RE.match(e.name)
         if m is None:
-            problems.append(
-                Problem(
-                    rel, "unexpected TIF name, expected <case>_<k>.tif or <case>_<k>_mask.tif", pid
-                )
-            )
+            problem(e.name, "unexpected TIF name, expected <case>_<k>.tif or <case>_<k>_mask.tif")
             continue
         num = int(m.group("num"))
         target = masks if m.group("mask") else images
         if num in target:
-            problems.append(
-                Problem(rel, f"duplicate of {pid}/{target[num].name} (slice {num})", pid, num)
-            )
-            continue
-        target[num] = Path(e.path)
+            problem(e.name, f"duplicate of {pid}/{target[num].name} (slice {num})", num)
+        else:
+            target[num] = Path(e.path)
     slices: list[SliceFile] = []
     for num in sorted(images.keys() | masks.keys()):
         img, msk = images.get(num), masks.get(num)
@@ -202,32 +187,18 @@ def _scan_patient(root: Path, folder: Path) -> tuple[Patient, list[Problem]]:
             slices.append(SliceFile(pid, num, img, msk))
         elif img is not None:
             expected = _SLICE_RE.sub(r"\g<case>_\g<num>_mask.tif", img.name)
-            problems.append(
-                Problem(f"{pid}/{img.name}", f"missing mask (expected {pid}/{expected})", pid, num)
-            )
+            problem(img.name, f"missing mask (expected {pid}/{expected})", num)
         elif msk is not None:
             expected = msk.name.replace("_mask.", ".")
-            problems.append(
-                Problem(f"{pid}/{msk.name}", f"missing image (expected {pid}/{expected})", pid, num)
-            )
+            problem(msk.name, f"missing image (expected {pid}/{expected})", num)
     if not images and not masks:
-        problems.append(
-            Problem(
-                f"{pid}/",
-                "empty patient folder (expected <case>_<k>.tif and <case>_<k>_mask.tif files)",
-                pid,
-            )
-        )
+        problem("", "empty patient folder (expected <case>_<k>.tif and <case>_<k>_mask.tif files)")
     return Patient(pid, folder, slices), problems
 
 
 def scan(path: str | os.PathLike[str]) -> LGGDataset:
-    """Find the root and list every patient and slice, collecting structural problems.
-
-    Never raises for problems inside the dataset (only for a path that is not a dataset);
-    :func:`discover` and :func:`brainseg.data.cache.load_dataset` decide what to do with them.
-    Slices with a structural problem are not in ``patients``.
-    """
+    """Find the root and list every patient and slice, collecting structural problems (their
+    slices left out) for the caller to report: raises only for a path that is not a dataset."""
     root = find_root(path)
     clinical = read_clinical(root)
     patients: list[Patient] = []
@@ -277,10 +248,8 @@ def format_problems(root: Path, problems: list[Problem], limit: int = MAX_LISTED
 
 
 def report_problems(dataset: LGGDataset, problems: list[Problem], skip_bad: bool) -> LGGDataset:
-    """Raise one error listing all ``problems``, or (``skip_bad``) warn and drop those slices.
-
-    Returns the dataset to use. Raises even with ``skip_bad`` when nothing usable is left.
-    """
+    """Raise one error listing all ``problems``, or (``skip_bad``) warn and return the dataset
+    without those slices (raising still when nothing usable is left)."""
     if not problems:
         return dataset
     if not skip_bad:
@@ -311,11 +280,8 @@ def show_problems(problems: Sequence[object]) -> None:
 
 
 def discover(path: str | os.PathLike[str], skip_bad: bool = False) -> LGGDataset:
-    """Find and check the structure of a dataset (no decoding: see :func:`decode_slice`).
-
-    Raises one :class:`BrainsegError` listing every structural problem, or with
-    ``skip_bad`` warns and leaves the bad slices out.
-    """
+    """Find and check the structure of a dataset (no decoding: see :func:`decode_slice`); see
+    :func:`report_problems` for what is done with its problems."""
     ds = scan(path)
     return report_problems(ds, ds.problems, skip_bad)
 
@@ -391,11 +357,8 @@ def _shape(a: np.ndarray) -> str:
 
 
 def read_slice(slice_file: SliceFile) -> tuple[np.ndarray, np.ndarray]:
-    """``(HxWx3 uint8 image, HxW uint8 mask in {0, 1})``; a grayscale image becomes RGB.
-
-    Raises one :class:`BrainsegError` naming the file(s) (full paths) when the slice is not
-    valid.
-    """
+    """``(HxWx3 uint8 image, HxW uint8 mask in {0, 1})``; a grayscale image becomes RGB. An
+    invalid slice raises one :class:`BrainsegError` naming the files (full paths)."""
     res = decode_slice(slice_file)
     if isinstance(res, list):
         root = slice_file.image.parent.parent  # Problem.file is relative to the dataset root
