@@ -54,20 +54,16 @@ class PhantomCase:
 def patient_names(patients: int, seed: int = 0) -> list[str]:
     """Unique TCGA-style folder names ``TCGA_<XX>_<dddd>_<yyyymmdd>``, deterministic per seed."""
     rng = np.random.default_rng([seed, 7919])
-    names: list[str] = []
-    used: set[str] = set()
+    names: dict[str, str] = {}  # by patient id
     start = _dt.date(1985, 1, 1).toordinal()
     end = _dt.date(2005, 12, 31).toordinal()
     while len(names) < patients:
         inst = _INSTITUTIONS[int(rng.integers(len(_INSTITUTIONS)))]
-        num = int(rng.integers(1000, 10000))
-        pid = f"TCGA_{inst}_{num:04d}"
-        if pid in used:
-            continue
-        used.add(pid)
-        day = _dt.date.fromordinal(int(rng.integers(start, end + 1)))
-        names.append(f"{pid}_{day:%Y%m%d}")
-    return names
+        pid = f"TCGA_{inst}_{int(rng.integers(1000, 10000)):04d}"
+        if pid not in names:
+            day = _dt.date.fromordinal(int(rng.integers(start, end + 1)))
+            names[pid] = f"{pid}_{day:%Y%m%d}"
+    return list(names.values())
 
 
 def _ramp(x: np.ndarray, width: float) -> np.ndarray:
@@ -97,18 +93,11 @@ def _smooth_field(
 
 
 def _volume_waves(
-    rng: np.random.Generator,
-    x: np.ndarray,
-    y: np.ndarray,
-    z: np.ndarray,
-    terms: int,
-    freq: tuple[float, float],
+    rng: np.random.Generator, h: _Head, terms: int, freq: tuple[float, float]
 ) -> np.ndarray:
-    """Like :func:`_smooth_field` over the whole D x H x W volume, but separable and fast.
-
-    ``sin(a(x, y) + b(z)) = sin a cos b + cos a sin b``, so the 3D field is one small matrix
-    product of per-slice and per-plane factors instead of a sine per voxel and term.
-    """
+    """Like :func:`_smooth_field` over the head's volume, but separable: ``sin(a(x, y) + b(z))
+    = sin a cos b + cos a sin b`` is one small matrix product, not a sine per voxel and term."""
+    x, y, z = h.x2, h.y2, h.z1
     plane = np.broadcast_shapes(x.shape, y.shape)
     a = np.empty((2 * terms, plane[0] * plane[1]), dtype=np.float32)
     b = np.empty((z.shape[0], 2 * terms), dtype=np.float32)
@@ -148,12 +137,8 @@ def _add_mimics(
     tumour: _Tumour,
     flair_level: float,
 ) -> None:
-    """Small FLAIR-bright white-matter spots that are *not* tumour (not in the mask).
-
-    Like the tumour they are bright in FLAIR, but they are small and iso-intense in the
-    other two channels, so a single FLAIR threshold is not enough: a model has to use size
-    and the pre-contrast channel, where the tumour is dark.
-    """
+    """Small FLAIR-bright white-matter spots that are *not* tumour: iso-intense elsewhere, so a
+    model has to use size and the pre-contrast channel, not a FLAIR threshold."""
     n_slices = base.shape[1]
     tx, ty, tr = tumour.where
     mask = tumour.mask
@@ -232,7 +217,7 @@ def _tissues(rng: np.random.Generator, h: _Head) -> dict[str, np.ndarray]:
     fade = np.clip((np.sqrt((h.xr / h.ax) ** 2 + (h.yr / h.ay) ** 2) - 0.2) / 0.3, 0, 1)[None]
     z = h.z1[:, None, None]
     gyri = 0.05 * fade * (np.sin(ga) * np.cos(6 * z) + np.cos(ga) * np.sin(6 * z))
-    gyri += 0.03 * _volume_waves(rng, h.x2, h.y2, h.z1, 3, (3.0, 6.0))
+    gyri += 0.03 * _volume_waves(rng, h, 3, (3.0, 6.0))
     wm = _ramp((brain_edge - 0.17 + gyri) - h.r, 2 * h.edge) * brain
     # Ventricles: two small ellipsoids beside the midline, in the middle of the head.
     vz = rng.uniform(-0.05, 0.15)
@@ -336,8 +321,8 @@ def make_case(rng: np.random.Generator, folder: str, n_slices: int, size: int) -
     t = _tissues(rng, h)
     tumour = _tumour(rng, h, t["brain"])
     levels, tum, core_l, rim_l = _levels(rng)
-    texture = _volume_waves(rng, h.x2, h.y2, h.z1, 4, (6.0, 14.0))
-    bias = 1.0 + 0.12 * _volume_waves(rng, h.x2, h.y2, h.z1, 2, (0.8, 2.0))
+    texture = _volume_waves(rng, h, 4, (6.0, 14.0))
+    bias = 1.0 + 0.12 * _volume_waves(rng, h, 2, (0.8, 2.0))
     names = ("scalp", "bone", "csf", "gm", "wm", "vent")
     layers = np.stack([t[k] - t["vent"] if k == "wm" else t[k] for k in names]).reshape(6, -1)
     base = (levels @ layers).reshape(3, n_slices, size, size)
@@ -461,12 +446,8 @@ def write_synthetic(
     slices: tuple[int, int] = (20, 40),
     force: bool = False,
 ) -> Path:
-    """Write a phantom dataset to ``dest/kaggle_3m`` and return that folder.
-
-    The folder is built under a temporary name in ``dest`` and renamed into place, so an
-    interrupted run never leaves a half-written dataset. An existing ``dest/kaggle_3m`` is
-    refused unless ``force``.
-    """
+    """Write a phantom dataset to ``dest/kaggle_3m`` and return that folder: built under a
+    temporary name and renamed into place; an existing one is refused unless ``force``."""
     check_arguments(patients, size, slices, seed)
     dest = Path(dest)
     root = dest / "kaggle_3m"
