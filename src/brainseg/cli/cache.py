@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         rows = [
             [
                 e.key[:12],
-                e.root if Path(e.root).is_dir() else f"{e.root} (no longer there)",
+                e.dataset if Path(e.dataset).is_dir() else f"{e.dataset} (no longer there)",
                 e.slices,
                 f"{e.size[0]}x{e.size[1]}",
                 fmt_bytes(e.bytes),

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,15 +257,6 @@ def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
     return _key_of(dataset, skip_bad, entries, "content")
 
 
-def _memo_lookup(root: Path, stat_key: str) -> str | None:
-    """The content key of a finished cache already found under ``stat_key``, if any."""
-    for d in _caches(root):  # a cache's meta.json holds its key (see is_cache)
-        meta = _read_meta(d)
-        if stat_key in meta.get("stat_keys", []):
-            return str(meta["key"])
-    return None
-
-
 def _memo_store(folder: Path, stat_key: str) -> None:
     """Remember ``stat_key`` in the cache's meta.json (best effort; at most 8 kept)."""
     meta = _read_meta(folder)
@@ -288,13 +279,8 @@ def is_cache(folder: Path) -> bool:
     if not _KEY_NAME.match(folder.name) or folder.is_symlink() or not folder.is_dir():
         return False
     meta = _read_meta(folder)
-    key, fmt = meta.get("key"), meta.get("format")
-    return (
-        isinstance(key, str)
-        and key.startswith(folder.name)
-        and isinstance(fmt, int)
-        and not isinstance(fmt, bool)
-    )
+    key = meta.get("key")
+    return isinstance(key, str) and key.startswith(folder.name) and type(meta.get("format")) is int
 
 
 def _caches(root: Path) -> list[Path]:
@@ -315,7 +301,11 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 def _resolve_key(ds: lgg.LGGDataset, skip_bad: bool, root: Path) -> tuple[str, str]:
     """``(content key, stat key)``: the content key from the memo when the files' stats match."""
     stat_key = _stat_key(ds, skip_bad)
-    return _memo_lookup(root, stat_key) or dataset_key(ds, skip_bad), stat_key
+    for d in _caches(root):  # a cache's meta.json holds its key (see is_cache)
+        meta = _read_meta(d)
+        if stat_key in meta.get("stat_keys", []):
+            return str(meta["key"]), stat_key
+    return dataset_key(ds, skip_bad), stat_key
 
 
 # --------------------------------------------------------------------------- load
@@ -345,7 +335,12 @@ def load_dataset(
         data = _reuse(ds, root, key, stat_key)
         if data is not None:
             if data.problems:
-                _warn_cached(ds, data)
+                console.warn(
+                    f"--skip-bad: {len(data.problems)} problem(s) in {ds.root} were skipped when "
+                    f"the cache was built; using {len(data)} slices of {len(data.patient_ids)} "
+                    "patients"
+                )
+                lgg.show_problems(data.problems)
             return data
         console.warn(f"dataset cache {final} is damaged; rebuilding it")
     data = _build(ds, key, final, skip_bad)
@@ -361,15 +356,6 @@ def _reuse(ds: lgg.LGGDataset, root: Path, key: str, stat_key: str) -> ArrayData
         _memo_store(folder, stat_key)
         data.root = ds.root.resolve()  # the same files may have been found elsewhere
     return data
-
-
-def _warn_cached(ds: lgg.LGGDataset, data: ArrayData) -> None:
-    console.warn(
-        f"--skip-bad: {len(data.problems)} problem(s) in {ds.root} were skipped when "
-        f"the cache was built; using {len(data)} slices of {len(data.patient_ids)} "
-        "patients"
-    )
-    lgg.show_problems(data.problems)
 
 
 def _open(folder: Path, key: str) -> ArrayData | None:
@@ -403,10 +389,6 @@ def _open(folder: Path, key: str) -> ArrayData | None:
 # --------------------------------------------------------------------------- build
 
 
-def _tmp_name(key: str) -> str:
-    return f".tmp-{key[:32]}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-
-
 def clean_stale(root: Path) -> None:
     """Remove temporary folders left by killed builds (process gone, or older than a day)."""
     if not root.is_dir():
@@ -433,7 +415,7 @@ class CacheEntry:
 
     key: str  # the folder name (first 32 hex digits of the content key)
     path: Path
-    root: str  # the dataset folder it was built from (the same content may lie elsewhere now)
+    dataset: str  # the folder it was built from (the same content may lie elsewhere now)
     slices: int
     patients: int
     size: tuple[int, int]
@@ -441,16 +423,7 @@ class CacheEntry:
     created: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "path": str(self.path),
-            "dataset": self.root,
-            "slices": self.slices,
-            "patients": self.patients,
-            "size": list(self.size),
-            "bytes": self.bytes,
-            "created": self.created,
-        }
+        return {**asdict(self), "path": str(self.path), "size": list(self.size)}
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -464,16 +437,15 @@ def _folder_bytes(folder: Path) -> int:
 
 def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[CacheEntry]:
     """Every finished dataset cache (temporary build folders are not listed), oldest first."""
-    root = cache_root(cache_dir)
     out: list[CacheEntry] = []
-    for d in _caches(root):
+    for d in _caches(cache_root(cache_dir)):
         meta = _read_meta(d)
         size = meta.get("size") or [0, 0]
         out.append(
             CacheEntry(
                 key=d.name,
                 path=d,
-                root=str(meta.get("root", "?")),
+                dataset=str(meta.get("root", "?")),
                 slices=int(meta.get("slices", 0)),
                 patients=len(meta.get("patient_ids", [])),
                 size=(int(size[0]), int(size[1])),
@@ -538,10 +510,9 @@ def _decode_all(
             _reserve(tmp / name)
         return arrays
 
-    workers = max(1, min(4, os.cpu_count() or 1))
     with (
         console.progress(n, "caching dataset", "slices", max(50, n // 10)) as bar,
-        ThreadPoolExecutor(max_workers=workers) as pool,
+        ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
     ):
         try:
             for i, res in enumerate(pool.map(lgg.decode_slice, slices)):
@@ -637,7 +608,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
         f"building the dataset cache for {ds.root} ({len(slices)} slices of "
         f"{sum(1 for p in ds.patients if p.slices)} patients) in {final}"
     )
-    tmp = root / _tmp_name(key)
+    tmp = root / f".tmp-{key[:32]}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
     tmp.mkdir()
     try:
         content, ok, size = _decode_all(slices, tmp)
