@@ -67,10 +67,8 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 @dataclass
 class ArrayData:
-    """The dataset as arrays (memory-mapped from the cache, or in memory after ``resized``).
-
-    Rows are ordered patient by patient (patients sorted by id), slice number within.
-    """
+    """The dataset as arrays (memory-mapped from the cache, or in memory after ``resized``),
+    patient by patient (sorted by id), slice number within."""
 
     images: np.ndarray  # N x 3 x H x W uint8
     masks: np.ndarray  # N x H x W uint8 in {0, 1}
@@ -197,10 +195,8 @@ def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
 
 
 def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """N x H x W 0/1 -> N x h x w 0/1: antialiased bilinear of the mask, then ``>= 0.5``.
-
-    A slice that had tumour keeps its most covered pixel even if the tumour would vanish, so
-    the per-slice "tumour present" label never changes with the size."""
+    """N x H x W 0/1 -> N x h x w 0/1: antialiased bilinear, ``>= 0.5``; a slice that had tumour
+    keeps its most covered pixel, so the "tumour present" label never changes with the size."""
     hw = _hw(size)
     out = np.empty((len(masks), *hw), dtype=np.uint8)
     for i, src in enumerate(masks):
@@ -319,10 +315,8 @@ def load_dataset(
 ) -> ArrayData:
     """The dataset at ``path`` as :class:`ArrayData`, from the cache (built the first time).
 
-    Every problem of the dataset (structural and content) is reported in one
-    :class:`BrainsegError`; with ``skip_bad`` the bad slices are skipped with a warning
-    (repeated on every load from the cache). ``rebuild`` ignores an existing cache.
-    """
+    Every problem is reported in one :class:`BrainsegError`, or with ``skip_bad`` warned about
+    on every load and skipped. ``rebuild`` ignores an existing cache."""
     ds = lgg.scan(path)
     root = cache_root(cache_dir)
     if skip_bad and not rebuild:  # a cache built without skip_bad holds a clean dataset: reuse

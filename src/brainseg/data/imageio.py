@@ -124,11 +124,8 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
 def read_tiff_array(
     path: str | os.PathLike[str], bad: Callable[[Path, str], Exception] | None = None
 ) -> np.ndarray:
-    """The first image of a TIFF file as stored (planar RGB moved to channels-last).
-
-    The page chain is never iterated (a damaged file's looping pages made ``series`` loop
-    forever); a stack of slices is refused through ``bad`` (default: a ValueError).
-    """
+    """The first image of a TIFF file as stored (planar RGB moved to channels-last); the page
+    chain is never iterated (a damaged file's looping pages made ``series`` loop forever)."""
     path = Path(path)
     fail = bad or (lambda p, what: ValueError(f"{p}: {what}"))
     with _tifffile().TiffFile(path) as tif:
@@ -403,10 +400,8 @@ def overlay(
     channel: int | None = 1,
     color: tuple[int, int, int] = (255, 40, 40),
 ) -> np.ndarray:
-    """An RGB picture of ``image`` with the outline of ``mask`` drawn in ``color``.
-
-    ``channel=1`` shows FLAIR in grey (LGG tumours are most visible there); ``None`` the RGB.
-    """
+    """An RGB picture of ``image`` with the outline of ``mask`` drawn in ``color``: ``channel=1``
+    shows FLAIR in grey (LGG tumours are most visible there), ``None`` the RGB."""
     if channel is None:
         rgb = image.copy()
     else:

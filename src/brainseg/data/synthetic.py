@@ -164,10 +164,8 @@ _RGB = tuple[float, float, float]
 
 @dataclass
 class _Head:
-    """One head's geometry: pixel grid, in-plane rotated coordinates, ellipsoid radius.
-
-    x, y in [-1, 1] across the image; z in head units (bottom -> top); ``r`` is 1 at the scalp.
-    """
+    """One head's geometry: x, y in [-1, 1] across the image (and rotated: xr, yr), z in head
+    units (bottom -> top); ``r`` is 1 at the scalp."""
 
     px: float
     lin: np.ndarray

@@ -12,6 +12,7 @@ imported inside functions: the slice and ONNX paths never load them.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
@@ -42,7 +43,8 @@ _CHANNEL_HINT = (
     "pass --channels 'pre=PATTERN,flair=PATTERN,post=PATTERN' (glob patterns matched against "
     f"the file / folder names of a case; default {DEFAULT_CHANNELS!r})"
 )
-_UNITS_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+#: mm per unit of a NIfTI xyzt_units spatial code (0 unknown, 1 meter, 2 mm, 3 micron).
+_UNIT_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
 #: Name endings of label volumes (ground truth, or brainseg's own ``<case>_mask.nii.gz``):
 #: never a case to predict, and what ``brainseg eval`` takes as the truth of a case.
 TRUTH_NAME = re.compile(r"_(mask|seg|gt|label)$", re.IGNORECASE)
@@ -69,13 +71,9 @@ def is_dicom_folder(path: Path) -> bool:
         return False
     for f in sorted(path.iterdir())[:50]:
         if f.is_file():
-            try:
-                with open(f, "rb") as fh:
-                    fh.seek(128)
-                    if fh.read(4) == b"DICM":
-                        return True
-            except OSError:
-                continue
+            with contextlib.suppress(OSError), open(f, "rb") as fh:
+                if fh.read(132)[128:] == b"DICM":
+                    return True
     return False
 
 
@@ -200,11 +198,8 @@ def _walk_cases(folder: Path, patterns: dict[str, str], depth: int = 0) -> Itera
 
 
 def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> list[Case]:
-    """Every case under ``inputs`` (4D files, case folders, folders of cases), sorted by id.
-
-    Entries matching the channel patterns are grouped by what their ``*`` matched (so a flat
-    folder of many cases works); other folders are searched below, their NIfTI files 4D cases.
-    """
+    """Every case under ``inputs`` (4D files, case folders, folders of cases), sorted by id:
+    entries are grouped by what the channel patterns' ``*`` matched (a flat folder works)."""
     patterns = parse_channels(channels)
     cases: list[Case] = []
     files: dict[Path, list[Path]] = {}  # named contrast files, by folder
@@ -389,21 +384,20 @@ def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BrainsegError(f"{path}: not a NIfTI image ({type(img).__name__})")
     code = int(img.header["xyzt_units"]) & 0x07
-    unit = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}.get(code)
-    if unit is None:
+    unit_mm = _UNIT_MM.get(code)
+    if unit_mm is None:
         raise BrainsegError(
             f"{path}: its header's xyzt_units ({int(img.header['xyzt_units'])}) names no "
             f"spatial unit (code {code}; NIfTI has 0 unknown, 1 meter, 2 mm, 3 micron)",
             hint="fix the header (e.g. nibabel: img.header.set_xyzt_units('mm'))",
         )
-    grid = Grid(
+    return data, Grid(
         affine=np.asarray(img.affine, dtype=np.float64),
         shape=tuple(int(s) for s in data.shape[:3]),  # type: ignore[arg-type]
         header=img.header,
         image_class=type(img),
-        unit_mm=_UNITS_MM.get(unit, 1.0),
+        unit_mm=unit_mm,
     )
-    return data, grid
 
 
 def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
@@ -610,11 +604,8 @@ def _grid_text(g: Grid) -> str:
 
 
 def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """One contrast in the model's domain (uint8 0..255) and a note of what was done.
-
-    uint8 is kept as is (as the LGG TIFs); any other type is scaled between the 0.5th and
-    99.5th percentiles of the nonzero voxels (a constant volume becomes 255 where nonzero).
-    """
+    """One contrast as uint8 0..255 and a note of what was done: uint8 as is (as the LGG TIFs),
+    else scaled between the 0.5th and 99.5th percentiles of the nonzero voxels."""
     v = np.asarray(volume)
     if v.dtype == np.uint8:
         return v, {"rule": "uint8 as is"}
