@@ -171,11 +171,8 @@ def _tumor_pixels(masks: np.ndarray) -> np.ndarray:
 
 
 def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    hw = (
-        (int(size), int(size))
-        if isinstance(size, (int, np.integer))
-        else tuple(int(s) for s in size)
-    )
+    sides = [size, size] if isinstance(size, (int, np.integer)) else list(size)
+    hw = tuple(int(s) for s in sides)
     if len(hw) != 2 or min(hw) < 1:
         raise BrainsegError(
             f"image size {size!r} is not valid, expected a positive integer or (height, width)",
@@ -452,8 +449,7 @@ def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[CacheEn
 
 def remove_cache(key: str, cache_dir: str | os.PathLike[str] | None = None) -> CacheEntry:
     """Delete the one cache whose key starts with ``key`` (at least 4 hex digits)."""
-    entries = list_caches(cache_dir)
-    found = [e for e in entries if len(key) >= 4 and e.key.startswith(key.lower())]
+    found = [e for e in list_caches(cache_dir) if len(key) >= 4 and e.key.startswith(key.lower())]
     if not found:
         raise BrainsegError(
             f"no dataset cache with key {key!r} in {cache_root(cache_dir)}",
@@ -638,7 +634,6 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
         _fsync_dir_files(tmp)
         _move_into_place(tmp, final)
     except OSError as exc:  # disk full, unwritable cache folder: one clear line
-        shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(
             f"the dataset cache in {root}",
             exc,
@@ -647,9 +642,8 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
             hint="check the folder is writable, or set BRAINSEG_CACHE_DIR to another folder",
             full_hint="free some space, or set BRAINSEG_CACHE_DIR to a disk with room",
         ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful move
     _prune_older(root, final, ds.root, skip_bad)
     data = _open(final, key)
     if data is None:  # pragma: no cover - only if someone deletes it under us

@@ -37,13 +37,10 @@ NOTE_GREY = "single-channel image replicated to 3 channels"
 NOTE_ALPHA = "alpha channel dropped"
 NOTE_16BIT = "16-bit image with values in 0..255 read as 8-bit"
 
-#: Images with more pixels (height x width, whatever the channels) than this are refused from
-#: their header, before decoding (an MRI slice has 65,536): a damaged or hostile header, or a
-#: 250 KB zlib TIFF declaring 16000 x 16000, must not make us allocate gigabytes.
+#: Images with more pixels (an MRI slice has 65,536), or a larger decoded array, are refused from
+#: their header: a 250 KB zlib TIFF declaring 16000 x 16000 must not allocate gigabytes.
 MAX_PIXELS = 1 << 26
-#: ... and so are images whose decoded array (pixels x samples x bytes per sample) is larger
-#: than this (an 8-bit RGBA image of MAX_PIXELS is exactly this size).
-MAX_DECODED_BYTES = 4 * MAX_PIXELS
+MAX_DECODED_BYTES = 4 * MAX_PIXELS  # an 8-bit RGBA image of MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -250,8 +247,7 @@ def _to_rgb(path: Path, arr: np.ndarray) -> LoadedImage:
     if arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.integer):
             raise _bad(path, f"holds {arr.dtype} pixels")
-        lo = int(arr.min()) if arr.size else 0
-        hi = int(arr.max()) if arr.size else 0
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
         if lo < 0 or hi > 255:
             raise _bad(
                 path,

@@ -289,16 +289,15 @@ def discover(path: str | os.PathLike[str], skip_bad: bool = False) -> LGGDataset
 # --------------------------------------------------------------------------- reading
 
 
-def _rel(s: SliceFile, path: Path) -> str:
-    return f"{s.patient}/{path.name}"
+def _problem(s: SliceFile, path: Path, message: str) -> Problem:
+    return Problem(f"{s.patient}/{path.name}", message, s.patient, s.number)
 
 
 def _read_or_problem(s: SliceFile, path: Path) -> np.ndarray | Problem:
     try:
         return read_tiff_array(path)  # first page only (see imageio)
     except Exception as exc:  # tifffile raises many types for broken files
-        msg = first_line(exc, 120)
-        return Problem(_rel(s, path), f"unreadable or truncated TIF ({msg})", s.patient, s.number)
+        return _problem(s, path, f"unreadable or truncated TIF ({first_line(exc, 120)})")
 
 
 def _image_problem(img: np.ndarray) -> str | None:
@@ -333,20 +332,15 @@ def decode_slice(s: SliceFile) -> tuple[np.ndarray, np.ndarray] | list[Problem]:
     for path, arr, what in ((s.image, img, _image_problem), (s.mask, msk, _mask_problem)):
         wrong = what(arr) if isinstance(arr, np.ndarray) else None
         if wrong:
-            problems.append(Problem(_rel(s, path), wrong, s.patient, s.number))
+            problems.append(_problem(s, path, wrong))
     if problems or not isinstance(img, np.ndarray) or not isinstance(msk, np.ndarray):
         return problems
     if img.shape[:2] != msk.shape:
         h, w = img.shape[:2]
-        return [
-            Problem(
-                _rel(s, s.mask),
-                f"mask shape {_shape(msk)} does not match its image {_shape(img)} "
-                f"(expected {h}x{w})",
-                s.patient,
-                s.number,
-            )
-        ]
+        wrong = (
+            f"mask shape {_shape(msk)} does not match its image {_shape(img)} (expected {h}x{w})"
+        )
+        return [_problem(s, s.mask, wrong)]
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     return np.ascontiguousarray(img), (msk > 0).astype(np.uint8)

@@ -485,7 +485,6 @@ def write_synthetic(
             os.replace(root, old / "kaggle_3m")
         os.replace(tmp, root)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not root.exists() and (old / "kaggle_3m").exists():
             with contextlib.suppress(OSError):
                 os.replace(old / "kaggle_3m", root)
@@ -499,9 +498,8 @@ def write_synthetic(
             f"cannot write the phantom dataset to {root}: {exc.strerror or exc}",
             hint="check free space and permissions",
         ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return root

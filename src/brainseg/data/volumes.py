@@ -142,11 +142,8 @@ def _key(pattern: str, name: str) -> str | None:
     return name[m.start(1) : m.end(1)] if m and m.groups() else ""
 
 
-def _group_entries(
-    entries: Sequence[Path], patterns: dict[str, str], folder: Path
-) -> list[Case] | None:
-    """Cases of ``entries`` (of one folder) grouped by the text the patterns' ``*`` matched
-    (None: no entry matches a pattern)."""
+def _group_entries(entries: Sequence[Path], patterns: dict[str, str], folder: Path) -> list[Case]:
+    """Cases of ``entries`` (of one folder) grouped by the text the patterns' ``*`` matched."""
     groups: dict[str, dict[str, Path]] = {}
     for entry in entries:
         hits = [(c, k) for c, pat in patterns.items() if (k := _key(pat, entry.name)) is not None]
@@ -165,8 +162,6 @@ def _group_entries(
                     hint="one file (or DICOM folder) per contrast per case",
                 )
             group[channel] = entry
-    if not groups:
-        return None
     cases = []
     for key, found in groups.items():
         case_id = key.strip("_-. ") or folder.name
@@ -185,10 +180,8 @@ def _group_entries(
 def _walk_cases(folder: Path, patterns: dict[str, str], depth: int = 0) -> Iterator[Case]:
     entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
     grouped = _group_entries(entries, patterns, folder)
-    if grouped is not None:
-        yield from grouped
-        return
-    if depth > 8:
+    yield from grouped
+    if grouped or depth > 8:
         return
     for entry in entries:
         if entry.is_file() and is_nifti(entry) and not is_truth_name(entry):
@@ -224,7 +217,7 @@ def find_cases(inputs: Iterable[str | Path], channels: str | None = None) -> lis
             )
         cases.extend(found)
     for folder, named in files.items():
-        cases.extend(_group_entries(sorted(set(named)), patterns, folder) or [])
+        cases.extend(_group_entries(sorted(set(named)), patterns, folder))
     return sorted(cases, key=lambda c: c.id)
 
 
@@ -458,12 +451,8 @@ def _check_even_spacing(folder: Path, reader: Any, img: Any) -> None:
         return
     normal = np.array(img.GetDirection()).reshape(3, 3)[:, 2]
     try:
-        pos = [
-            float(
-                np.dot(normal, [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
-            )
-            for i in range(n)
-        ]
+        xyz = [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)]
+        pos = np.array(xyz) @ normal
     except (RuntimeError, ValueError):
         return  # no ImagePositionPatient per slice: SimpleITK's own spacing stands
     steps = np.diff(pos)
