@@ -52,8 +52,7 @@ _ARRAYS = ("images", "masks", "patient_index", "slice_number", "tumor_pixels")
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where dataset caches live: ``cache_dir``, ``$BRAINSEG_CACHE_DIR`` or ~/.cache/brainseg,
-    then ``datasets/``."""
+    """``datasets/`` in ``cache_dir``, ``$BRAINSEG_CACHE_DIR`` or ~/.cache/brainseg."""
     if cache_dir is None:
         env = os.environ.get("BRAINSEG_CACHE_DIR")
         base = Path(env) if env else Path.home() / ".cache" / "brainseg"
@@ -67,8 +66,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 @dataclass
 class ArrayData:
-    """The dataset as arrays (memory-mapped from the cache, or in memory after ``resized``),
-    patient by patient (sorted by id), slice number within."""
+    """The dataset as arrays (memory-mapped unless ``resized``), patient by patient (sorted ids)."""
 
     images: np.ndarray  # N x 3 x H x W uint8
     masks: np.ndarray  # N x H x W uint8 in {0, 1}
@@ -570,9 +568,8 @@ def _reserve(path: Path) -> None:
     try:
         fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it
-            return
-        raise
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # these: a filesystem without it
+            raise
     finally:
         os.close(fd)
 
@@ -609,10 +606,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
         # Raises (listing every problem) unless skip_bad; then warns and drops bad slices.
         lgg.report_problems(ds, problems, skip_bad)
         bad = {(p.patient, p.number) for p in problems if p.number is not None}
-        keep = np.array(
-            [bool(ok[i]) and (s.patient, s.number) not in bad for i, s in enumerate(slices)],
-            dtype=bool,
-        )
+        keep = ok & np.array([(s.patient, s.number) not in bad for s in slices], dtype=bool)
         assert size is not None  # report_problems raised when no slice is usable
         _finish_arrays(tmp, keep)
         kept_slices = [s for i, s in enumerate(slices) if keep[i]]
@@ -655,8 +649,7 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
 
 
 def _write_index(tmp: Path, kept: Sequence[lgg.SliceFile]) -> list[str]:
-    """The per-row arrays beside images / masks (patient index, slice number, tumour pixels);
-    returns the sorted patient ids the index refers to."""
+    """Write the per-row index arrays beside images / masks; returns the sorted patient ids."""
     patient_ids = sorted({s.patient for s in kept})
     lookup = {p: i for i, p in enumerate(patient_ids)}
     np.save(tmp / "patient_index.npy", np.array([lookup[s.patient] for s in kept], np.int32))

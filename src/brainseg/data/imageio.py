@@ -198,8 +198,7 @@ def _check_declared(path: Path, d: Declared, fail: Callable[[Path, str], Excepti
 
 
 def declared_size(path: str | os.PathLike[str]) -> Declared | None:
-    """What the header of an image file declares (no pixel decoded), None when unreadable:
-    predict bounds its read-ahead by bytes with it."""
+    """What an image file's header declares (None when unreadable): predict's read-ahead bound."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -371,8 +370,7 @@ def write_probability(
 
 
 def read_probability(path: str | os.PathLike[str]) -> np.ndarray:
-    """An HxW float32 probability map as :func:`write_probability` wrote it (eval --tune
-    searches on the files predict wrote)."""
+    """An HxW float32 probability map as :func:`write_probability` wrote it (for eval --tune)."""
     import tifffile
 
     return np.asarray(tifffile.imread(path), dtype=np.float32)

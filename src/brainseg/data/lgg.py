@@ -16,6 +16,7 @@ Every problem is reported in one message: :func:`scan` checks the structure with
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -105,20 +106,17 @@ def _looks_like_dataset(path: Path) -> bool:
     """A folder named kaggle_3m, or one with data.csv, or a sub-folder holding TIF files."""
     if path.name == "kaggle_3m" or (path / "data.csv").is_file():
         return True
-    try:
+    with contextlib.suppress(OSError):
         for sub in path.iterdir():
             if sub.is_dir() and not sub.name.startswith("."):
                 with os.scandir(sub) as it:
                     if any(_TIF_RE.search(e.name) for e in it if e.is_file()):
                         return True
-    except OSError:
-        return False
     return False
 
 
 def find_root(path: str | os.PathLike[str]) -> Path:
-    """The ``kaggle_3m`` folder: ``path`` itself, or its ``kaggle_3m`` sub-folder (also the
-    Kaggle zip's ``lgg-mri-segmentation/kaggle_3m``)."""
+    """``path`` itself, or its ``kaggle_3m`` or ``lgg-mri-segmentation/kaggle_3m`` sub-folder."""
     p = Path(path).expanduser()
     if not p.exists():
         raise BrainsegError(f"dataset folder {p} does not exist", hint=DOWNLOAD_HINT)
@@ -280,8 +278,7 @@ def show_problems(problems: Sequence[object]) -> None:
 
 
 def discover(path: str | os.PathLike[str], skip_bad: bool = False) -> LGGDataset:
-    """Find and check the structure of a dataset (no decoding: see :func:`decode_slice`); see
-    :func:`report_problems` for what is done with its problems."""
+    """Find a dataset and check its structure (no decoding), see :func:`report_problems`."""
     ds = scan(path)
     return report_problems(ds, ds.problems, skip_bad)
 

@@ -1,11 +1,9 @@
 """Phantom MRI dataset in the kaggle_3m layout, for the offline demo and for tests.
 
-Each phantom patient is one 3D volume computed at once with numpy: a head (scalp, skull,
-CSF, cortex with gyri, white matter, ventricles) and a smooth deformed-ellipsoid tumour,
-rendered in three contrasts that behave like the LGG dataset's channels (pre-contrast,
-FLAIR with a bright tumour, post-contrast with a partly enhancing rim). Intensities, a bias
-field and noise vary per patient, so a network has to learn shape and context rather than
-a single threshold. The same seed gives the same bytes.
+Each phantom patient is one numpy 3D volume: a head (scalp, skull, CSF, gyri, white matter,
+ventricles) and a deformed-ellipsoid tumour in the LGG channels' three contrasts. Intensities,
+bias field and noise vary per patient, so a network has to learn shape and context rather
+than a threshold. The same seed gives the same bytes.
 """
 
 from __future__ import annotations

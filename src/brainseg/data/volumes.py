@@ -305,10 +305,9 @@ def max_voxels() -> int:
     text = os.environ.get(MAX_VOXELS_ENV, "").strip()
     if not text:
         return MAX_VOXELS
-    try:
+    value = 0
+    with contextlib.suppress(ValueError):
         value = int(text.replace("_", ""))
-    except ValueError:
-        value = 0
     if value < 1:
         raise BrainsegError(
             f"{MAX_VOXELS_ENV}={text!r} is not a positive integer",
@@ -469,8 +468,7 @@ def _check_even_spacing(folder: Path, reader: Any, img: Any) -> None:
 
 
 def read_source(path: Path) -> tuple[np.ndarray, Grid]:
-    """A NIfTI file or a DICOM series folder (a FIFO or device is never opened: it could
-    block forever)."""
+    """A NIfTI file or a DICOM series folder (a FIFO or device is never opened: it could block)."""
     if path.is_dir():
         return read_dicom_series(path)
     _check_regular(path)
@@ -627,8 +625,7 @@ MODEL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 
 
 def to_model_ornt(affine: np.ndarray) -> np.ndarray:
-    """The nibabel orientation transform to :data:`MODEL_AXCODES` (the closest axes of an
-    oblique affine, never resampled, as SimpleITK's ``DICOMOrient``)."""
+    """The nibabel transform to :data:`MODEL_AXCODES` (the closest axes, never resampled)."""
     import nibabel as nib
 
     ornt = nib.orientations
