@@ -61,9 +61,6 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return base.expanduser() / "datasets"
 
 
-# --------------------------------------------------------------------------- ArrayData
-
-
 @dataclass
 class ArrayData:
     """The dataset as arrays (memory-mapped unless ``resized``), patient by patient (sorted ids)."""
@@ -203,9 +200,6 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- key
-
-
 def _stat_key(dataset: lgg.LGGDataset, skip_bad: bool) -> str:
     """SHA-256 of the files' relative names, sizes and mtimes: a cheap memo of the cache key
     (:func:`dataset_key` hashes the contents only when the stat key is new)."""
@@ -299,9 +293,6 @@ def _resolve_key(ds: lgg.LGGDataset, skip_bad: bool, root: Path) -> tuple[str, s
     return dataset_key(ds, skip_bad), stat_key
 
 
-# --------------------------------------------------------------------------- load
-
-
 def load_dataset(
     path: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
@@ -373,9 +364,6 @@ def _open(folder: Path, key: str) -> ArrayData | None:
         problems=list(meta.get("problems", [])),
         path=folder,
     )
-
-
-# --------------------------------------------------------------------------- build
 
 
 def clean_stale(root: Path) -> None:
@@ -475,8 +463,7 @@ def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
 
 
 def _decode_all(
-    slices: list[lgg.SliceFile],
-    tmp: Path,
+    slices: list[lgg.SliceFile], tmp: Path
 ) -> tuple[list[lgg.Problem], np.ndarray, tuple[int, int] | None]:
     """Decode every slice into ``tmp``'s memory-mapped arrays (little RAM); returns (problems,
     ok, size). The arrays are redone at the most common size if the first slice was odd."""
@@ -525,8 +512,7 @@ def _decode_all(
     if size is None or imgs is None or msks is None:
         return problems, ok, None
     counts = Counter({size: int(ok.sum())})
-    for img, _ in odd.values():
-        counts[img.shape[:2]] += 1
+    counts.update(img.shape[:2] for img, _ in odd.values())
     best = max(counts, key=lambda s: (counts[s], s == size))
     if best != size:  # the first slice was the odd one: redo the arrays at the common size
         for j in np.flatnonzero(ok).tolist():
@@ -679,7 +665,8 @@ def _finish_arrays(tmp: Path, keep: np.ndarray) -> None:
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished build onto ``final`` (replacing an old one, e.g. with rebuild)."""
+    """Rename the finished build onto ``final`` (replacing an old one, e.g. with rebuild); a
+    ``tmp`` left behind is the caller's to remove."""
     old: Path | None = None
     if final.exists():
         old = final.parent / f".old-{final.name}-{socket.gethostname()}-{os.getpid()}-x"
@@ -689,9 +676,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     try:
         os.rename(tmp, final)
     except OSError:
-        if final.is_dir():  # another process finished the same build first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        if not final.is_dir():  # else another process finished the same build first: use theirs
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -701,8 +686,6 @@ def _prune_older(root: Path, final: Path, dataset_root: Path, skip_bad: bool) ->
     """Remove caches of the same dataset folder made before its files changed."""
     here = str(dataset_root.resolve())
     for d in _caches(root):
-        if d == final:
-            continue
         meta = _read_meta(d)
-        if meta.get("root") == here and bool(meta.get("skip_bad")) == skip_bad:
+        if d != final and meta.get("root") == here and bool(meta.get("skip_bad")) == skip_bad:
             shutil.rmtree(d, ignore_errors=True)

@@ -139,14 +139,8 @@ def read_tiff_array(
                 raise fail(path, f"TIFF holds a stack of {n} images")
         arr = page.asarray()
         axes = page.axes
-    # Planar (separate) RGB is stored channel-first: "SYX" / "CYX".
-    if (
-        arr.ndim == 3
-        and axes
-        and axes[0] in "SC"
-        and arr.shape[0] in (1, 2, 3, 4)
-        and arr.shape[-1] not in (1, 2, 3, 4)
-    ):
+    channel_first = arr.ndim == 3 and axes and axes[0] in "SC" and arr.shape[0] in (1, 2, 3, 4)
+    if channel_first and arr.shape[-1] not in (1, 2, 3, 4):  # planar RGB: "SYX" / "CYX"
         arr = np.moveaxis(arr, 0, -1)
     return arr
 
@@ -274,9 +268,6 @@ def _to_rgb(path: Path, arr: np.ndarray) -> LoadedImage:
     return LoadedImage(np.ascontiguousarray(arr), tuple(notes))
 
 
-# --------------------------------------------------------------------------- resizing
-
-
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize an HxWx3 uint8 image to ``size`` = (height, width), bilinear (Pillow)."""
     from PIL import Image
@@ -321,9 +312,6 @@ def to_model_input(
     if slices.shape[1:3] == tuple(size):
         return slices, False
     return np.stack([resize_image(s, size) for s in slices]), False
-
-
-# --------------------------------------------------------------------------- writers
 
 
 def _suffix_of(path: Path, allowed: tuple[str, ...], what: str) -> str:

@@ -99,9 +99,6 @@ class LGGDataset:
         return sum(len(p.slices) for p in self.patients)
 
 
-# --------------------------------------------------------------------------- discovery
-
-
 def _looks_like_dataset(path: Path) -> bool:
     """A folder named kaggle_3m, or one with data.csv, or a sub-folder holding TIF files."""
     if path.name == "kaggle_3m" or (path / "data.csv").is_file():
@@ -281,9 +278,6 @@ def discover(path: str | os.PathLike[str], skip_bad: bool = False) -> LGGDataset
     """Find a dataset and check its structure (no decoding), see :func:`report_problems`."""
     ds = scan(path)
     return report_problems(ds, ds.problems, skip_bad)
-
-
-# --------------------------------------------------------------------------- reading
 
 
 def _problem(s: SliceFile, path: Path, message: str) -> Problem:

@@ -92,9 +92,6 @@ def looks_like_volume_input(item: str) -> bool:
     return is_dicom_folder(p)
 
 
-# --------------------------------------------------------------------------- cases
-
-
 def parse_channels(spec: str | None) -> dict[str, str]:
     """``'pre=GLOB,flair=GLOB,post=GLOB'`` -> {channel: pattern} (all three, nothing else)."""
     text = DEFAULT_CHANNELS if spec is None or not spec.strip() else spec
@@ -245,9 +242,6 @@ def _check_named_file(p: Path) -> None:
             f"input {p} is a label volume (*_mask / *_seg / *_gt / *_label), not a case",
             hint="pass the image volume(s) of the case; eval takes labels with --gt",
         )
-
-
-# --------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -555,14 +549,13 @@ def read_case(case: Case) -> CaseVolume:
         vols = _four_d_channels(case.four_d, data)
         paths = [case.four_d] * 3
     else:
-        vols, grids, paths = [], [], []
-        for c in CHANNELS:
-            p = case.sources[c]
+        paths = [case.sources[c] for c in CHANNELS]
+        vols, grids = [], []
+        for p in paths:
             d, g = read_source(p)
             _check_finite(p, d)
             vols.append(_check_3d(p, d))
             grids.append(g)
-            paths.append(p)
         grid = grids[0]
         for c, p, g in zip(CHANNELS[1:], paths[1:], grids[1:], strict=True):
             if not _same_grid(grid, g):
@@ -582,12 +575,8 @@ def read_case(case: Case) -> CaseVolume:
 
 def _grid_text(g: Grid) -> str:
     diag = ", ".join(f"{v:.3g}" for v in g.spacing)
-    return f"{'x'.join(map(str, g.shape))}, spacing {diag} mm, origin " + ", ".join(
-        f"{v:.4g}" for v in g.affine[:3, 3]
-    )
-
-
-# --------------------------------------------------------------------------- intensity
+    origin = ", ".join(f"{v:.4g}" for v in g.affine[:3, 3])
+    return f"{'x'.join(map(str, g.shape))}, spacing {diag} mm, origin {origin}"
 
 
 def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -616,8 +605,6 @@ def to_model_range(volume: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         "dtype": str(v.dtype),
     }
 
-
-# --------------------------------------------------------------------------- orientation
 
 #: The model's input orientation as nibabel axis codes of an X x Y x Z array: DICOM's LPS, the
 #: LGG TIFs stacked (SimpleITK's ``[slice, row, column]``; radiological display).
@@ -661,9 +648,6 @@ def slice_spacing(grid: Grid) -> tuple[float, float, float]:
     for i, (axis, _) in enumerate(to_model_ornt(grid.affine)):
         lps[int(axis)] = float(grid.spacing[i])
     return lps[2], lps[1], lps[0]
-
-
-# --------------------------------------------------------------------------- writing
 
 
 def nifti_bytes(data: np.ndarray, grid: Grid, *, kind: str, gz: bool = True) -> bytes:
