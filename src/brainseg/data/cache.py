@@ -55,10 +55,8 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """``datasets/`` in ``cache_dir``, ``$BRAINSEG_CACHE_DIR`` or ~/.cache/brainseg."""
     if cache_dir is None:
         env = os.environ.get("BRAINSEG_CACHE_DIR")
-        base = Path(env) if env else Path.home() / ".cache" / "brainseg"
-    else:
-        base = Path(cache_dir)
-    return base.expanduser() / "datasets"
+        cache_dir = Path(env) if env else Path.home() / ".cache" / "brainseg"
+    return Path(cache_dir).expanduser() / "datasets"
 
 
 @dataclass
@@ -221,11 +219,8 @@ def _key_of(dataset: lgg.LGGDataset, skip_bad: bool, entries: list[list[object]]
     for p in dataset.problems:  # files found but not paired: adding their partner changes the key
         entries.append([p.file, p.message])
     entries.sort(key=lambda e: str(e[0]))
-    blob = json.dumps(
-        {"format": FORMAT_VERSION, "skip_bad": bool(skip_bad), kind: entries},
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    blob = {"format": FORMAT_VERSION, "skip_bad": bool(skip_bad), kind: entries}
+    return hashlib.sha256(json.dumps(blob, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def dataset_key(dataset: lgg.LGGDataset, skip_bad: bool = False) -> str:
@@ -452,8 +447,7 @@ def remove_cache(key: str, cache_dir: str | os.PathLike[str] | None = None) -> C
 
 
 def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
-    """Delete every dataset cache (they are rebuilt on demand) and the temporary folders of
-    killed builds; returns how many caches. Nothing else in the folder is touched."""
+    """Delete every dataset cache and killed builds' temporary folders; returns how many caches."""
     root = cache_root(cache_dir)
     caches = _caches(root)
     for d in caches:
@@ -528,16 +522,9 @@ def _decode_all(
                 ok[j] = True
                 del odd[j]
     for i, (img, _) in sorted(odd.items()):
-        s = slices[i]
-        problems.append(
-            lgg.Problem(
-                f"{s.patient}/{s.image.name}",
-                f"size {img.shape[0]}x{img.shape[1]}, expected "
-                f"{size[0]}x{size[1]} like the other {counts[best]} slices of the dataset",
-                s.patient,
-                s.number,
-            )
-        )
+        found, want = f"{img.shape[0]}x{img.shape[1]}", f"{size[0]}x{size[1]}"
+        wrong = f"size {found}, expected {want} like the other {counts[best]} slices of the dataset"
+        problems.append(lgg.Problem.of(slices[i], slices[i].image, wrong))
     imgs.flush()
     msks.flush()
     del imgs, msks
@@ -558,12 +545,6 @@ def _reserve(path: Path) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def _fsync_dir_files(folder: Path) -> None:
-    for f in folder.iterdir():
-        with contextlib.suppress(OSError), open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayData:
@@ -611,7 +592,9 @@ def _build(ds: lgg.LGGDataset, key: str, final: Path, skip_bad: bool) -> ArrayDa
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _fsync_dir_files(tmp)
+        for f in tmp.iterdir():  # on disk before the rename publishes them
+            with contextlib.suppress(OSError), open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         _move_into_place(tmp, final)
     except OSError as exc:  # disk full, unwritable cache folder: one clear line
         raise write_error(
@@ -640,9 +623,7 @@ def _write_index(tmp: Path, kept: Sequence[lgg.SliceFile]) -> list[str]:
     lookup = {p: i for i, p in enumerate(patient_ids)}
     np.save(tmp / "patient_index.npy", np.array([lookup[s.patient] for s in kept], np.int32))
     np.save(tmp / "slice_number.npy", np.array([s.number for s in kept], dtype=np.int32))
-    masks = np.load(tmp / "masks.npy", mmap_mode="r")
-    np.save(tmp / "tumor_pixels.npy", _tumor_pixels(masks))
-    del masks
+    np.save(tmp / "tumor_pixels.npy", _tumor_pixels(np.load(tmp / "masks.npy", mmap_mode="r")))
     return patient_ids
 
 

@@ -9,6 +9,8 @@ alpha dropped with a note (the caller warns once per run); 16-bit only when ever
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,8 +149,6 @@ def read_tiff_array(
 
 def _tifffile() -> ModuleType:
     """tifffile, its log messages about damaged files silenced (we raise a BrainsegError)."""
-    import logging
-
     import tifffile
 
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
@@ -195,7 +195,7 @@ def declared_size(path: str | os.PathLike[str]) -> Declared | None:
     """What an image file's header declares (None when unreadable): predict's read-ahead bound."""
     path = Path(path)
     suffix = path.suffix.lower()
-    try:
+    with contextlib.suppress(Exception):  # the real read reports what is wrong, as its error
         if not path.is_file():  # a FIFO or a device would block here: only regular files
             return None
         if suffix in TIFF_SUFFIXES:
@@ -206,8 +206,6 @@ def declared_size(path: str | os.PathLike[str]) -> Declared | None:
 
             with Image.open(path) as im:
                 return _pil_declared(im)
-    except Exception:  # the real read reports what is wrong, as that file's error
-        return None
     return None
 
 
@@ -244,9 +242,8 @@ def _to_rgb(path: Path, arr: np.ndarray) -> LoadedImage:
         if lo < 0 or hi > 255:
             raise _bad(
                 path,
-                f"is a {arr.dtype.itemsize * 8}-bit image with values {lo}..{hi} "
-                "(16-bit MRI must be windowed to 8 bits the way the training "
-                "data were)",
+                f"is a {arr.dtype.itemsize * 8}-bit image with values {lo}..{hi} (16-bit MRI "
+                "must be windowed to 8 bits the way the training data were)",
             )
         arr = arr.astype(np.uint8)
         notes.append(NOTE_16BIT)

@@ -75,6 +75,11 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.file}: {self.message}"
 
+    @classmethod
+    def of(cls, s: SliceFile, path: Path, message: str) -> Problem:
+        """A problem with ``path``, one of slice ``s``'s files."""
+        return cls(f"{s.patient}/{path.name}", message, s.patient, s.number)
+
 
 @dataclass
 class LGGDataset:
@@ -192,11 +197,9 @@ def _scan_patient(root: Path, folder: Path) -> tuple[Patient, list[Problem]]:
 
 
 def scan(path: str | os.PathLike[str]) -> LGGDataset:
-    """Find the root and list every patient and slice, collecting structural problems (their
-    slices left out) for the caller to report: raises only for a path that is not a dataset."""
+    """Find the root and every patient and slice; structural problems are collected, not raised."""
     root = find_root(path)
     clinical = read_clinical(root)
-    patients: list[Patient] = []
     problems: list[Problem] = []
     try:
         folders = sorted(
@@ -214,11 +217,9 @@ def scan(path: str | os.PathLike[str]) -> LGGDataset:
                 "no patients: expected one sub-folder per patient (e.g. TCGA_CS_4941_19960909/)",
             )
         )
-    for folder in folders:
-        patient, probs = _scan_patient(root, folder)
-        problems.extend(probs)
-        patients.append(patient)
-    return LGGDataset(root, patients, clinical, problems)
+    scanned = [_scan_patient(root, folder) for folder in folders]
+    problems += [p for _, found in scanned for p in found]
+    return LGGDataset(root, [patient for patient, _ in scanned], clinical, problems)
 
 
 def drop_bad(dataset: LGGDataset, problems: list[Problem]) -> LGGDataset:
@@ -280,15 +281,11 @@ def discover(path: str | os.PathLike[str], skip_bad: bool = False) -> LGGDataset
     return report_problems(ds, ds.problems, skip_bad)
 
 
-def _problem(s: SliceFile, path: Path, message: str) -> Problem:
-    return Problem(f"{s.patient}/{path.name}", message, s.patient, s.number)
-
-
 def _read_or_problem(s: SliceFile, path: Path) -> np.ndarray | Problem:
     try:
         return read_tiff_array(path)  # first page only (see imageio)
     except Exception as exc:  # tifffile raises many types for broken files
-        return _problem(s, path, f"unreadable or truncated TIF ({first_line(exc, 120)})")
+        return Problem.of(s, path, f"unreadable or truncated TIF ({first_line(exc, 120)})")
 
 
 def _image_problem(img: np.ndarray) -> str | None:
@@ -323,7 +320,7 @@ def decode_slice(s: SliceFile) -> tuple[np.ndarray, np.ndarray] | list[Problem]:
     for path, arr, what in ((s.image, img, _image_problem), (s.mask, msk, _mask_problem)):
         wrong = what(arr) if isinstance(arr, np.ndarray) else None
         if wrong:
-            problems.append(_problem(s, path, wrong))
+            problems.append(Problem.of(s, path, wrong))
     if problems or not isinstance(img, np.ndarray) or not isinstance(msk, np.ndarray):
         return problems
     if img.shape[:2] != msk.shape:
@@ -331,7 +328,7 @@ def decode_slice(s: SliceFile) -> tuple[np.ndarray, np.ndarray] | list[Problem]:
         wrong = (
             f"mask shape {_shape(msk)} does not match its image {_shape(img)} (expected {h}x{w})"
         )
-        return [_problem(s, s.mask, wrong)]
+        return [Problem.of(s, s.mask, wrong)]
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     return np.ascontiguousarray(img), (msk > 0).astype(np.uint8)
@@ -342,8 +339,7 @@ def _shape(a: np.ndarray) -> str:
 
 
 def read_slice(slice_file: SliceFile) -> tuple[np.ndarray, np.ndarray]:
-    """``(HxWx3 uint8 image, HxW uint8 mask in {0, 1})``; a grayscale image becomes RGB. An
-    invalid slice raises one :class:`BrainsegError` naming the files (full paths)."""
+    """``(HxWx3 uint8 image, HxW uint8 0/1 mask)``, grey made RGB; a bad slice raises, naming it."""
     res = decode_slice(slice_file)
     if isinstance(res, list):
         root = slice_file.image.parent.parent  # Problem.file is relative to the dataset root

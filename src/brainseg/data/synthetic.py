@@ -139,7 +139,6 @@ def _add_mimics(
     model has to use size and the pre-contrast channel, not a FLAIR threshold."""
     n_slices = base.shape[1]
     tx, ty, tr = tumour.where
-    mask = tumour.mask
     for _ in range(int(rng.integers(1, 5))):
         ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.55)
         sx, sy = rad * h.ax * np.cos(ang), rad * h.ay * np.sin(ang)
@@ -152,7 +151,7 @@ def _add_mimics(
         k0, k1 = max(int(kc - kz), 0), min(int(np.ceil(kc + kz)) + 1, n_slices)
         dk = ((np.arange(k0, k1, dtype=np.float32) - kc) / kz)[:, None, None]
         q = (((h.xr - sx) ** 2 + (h.yr - sy) ** 2) / sr**2)[None]
-        w = _ramp(1.0 - np.sqrt(q + dk**2), 0.3) * wm[k0:k1] * (mask[k0:k1] == 0)
+        w = _ramp(1.0 - np.sqrt(q + dk**2), 0.3) * wm[k0:k1] * (tumour.mask[k0:k1] == 0)
         flair = base[1, k0:k1]
         flair[:] = flair * (1.0 - w) + level * w
 
@@ -253,8 +252,7 @@ def _tumour(rng: np.random.Generator, h: _Head, brain: np.ndarray) -> _Tumour:
     between its ends has tumour), computed in its bounding box only."""
     f32 = np.float32
     n_slices = len(h.z1)
-    run = round(n_slices * rng.uniform(0.26, 0.46))
-    run = max(2, min(run, n_slices - 2))
+    run = max(2, min(round(n_slices * rng.uniform(0.26, 0.46)), n_slices - 2))
     centre_k = rng.uniform(0.35, 0.65) * (n_slices - 1)
     tz = max(run / 2.0, 1.0)
     t_ang, t_rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4)

@@ -45,8 +45,7 @@ _CHANNEL_HINT = (
 )
 #: mm per unit of a NIfTI xyzt_units spatial code (0 unknown, 1 meter, 2 mm, 3 micron).
 _UNIT_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
-#: Name endings of label volumes (ground truth, or brainseg's own ``<case>_mask.nii.gz``):
-#: never a case to predict, and what ``brainseg eval`` takes as the truth of a case.
+#: Name endings of label volumes (truth, or our ``<case>_mask``): never a case, eval's truth.
 TRUTH_NAME = re.compile(r"_(mask|seg|gt|label)$", re.IGNORECASE)
 
 
@@ -340,8 +339,7 @@ def _read_gzip(path: Path, size: int) -> bytes:
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, Grid]:
-    """The data (as stored, scaling applied) and grid of a NIfTI file; the voxel limit is
-    checked from the header first, and a ``.nii.gz`` read to its end (see :func:`_read_gzip`)."""
+    """The data (scaled) and grid of a NIfTI file, the voxel limit checked from its header."""
     import nibabel as nib
 
     try:
@@ -431,8 +429,7 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, Grid]:
     return data, Grid(affine=affine, shape=data.shape)  # type: ignore[arg-type]
 
 
-#: Largest difference between a DICOM slice's position and the series' regular grid, as a
-#: fraction of the slice spacing.
+#: Largest DICOM slice position error off the series' regular grid, in slice spacings.
 SPACING_TOL = 0.1
 
 
@@ -472,18 +469,16 @@ def read_source(path: Path) -> tuple[np.ndarray, Grid]:
 
 
 def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
-    shape = data.shape
+    shape = "x".join(map(str, data.shape))
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2 or (data.ndim == 3 and 1 in data.shape[:3]):
         raise BrainsegError(
-            f"{path}: is 2D (shape {'x'.join(map(str, shape))}); expected a 3D volume",
+            f"{path}: is 2D (shape {shape}); expected a 3D volume",
             hint="pass whole volumes (for single slices use the TIF/PNG path of brainseg predict)",
         )
     if data.ndim != 3:
-        raise BrainsegError(
-            f"{path}: has shape {'x'.join(map(str, shape))}; expected a 3D volume per contrast"
-        )
+        raise BrainsegError(f"{path}: has shape {shape}; expected a 3D volume per contrast")
     return data
 
 
@@ -651,8 +646,7 @@ def slice_spacing(grid: Grid) -> tuple[float, float, float]:
 
 
 def nifti_bytes(data: np.ndarray, grid: Grid, *, kind: str, gz: bool = True) -> bytes:
-    """A NIfTI file (bytes) of ``data`` on ``grid`` (``kind``: ``mask`` uint8 0/1 or ``prob``
-    float32), the input's header and affine kept."""
+    """A NIfTI file (bytes) of ``data`` (``kind``: mask or prob) on ``grid``, with its header."""
     import nibabel as nib
 
     dtype = np.uint8 if kind == "mask" else np.float32
