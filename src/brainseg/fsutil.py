@@ -76,13 +76,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
-    """Refuse (exit 2) an output ``path`` that must not be written: an existing one without
-    ``force``, and, whatever ``force`` says, anything that is not a regular file (a device
-    such as /dev/full or /dev/null, a FIFO, a socket, a folder, a symbolic link).
-
-    brainseg writes only regular files, by renaming a temporary file onto the name: done on
-    a device or a link that would replace the node or the link itself.
-    """
+    """Refuse (exit 2) an existing ``path`` without ``force``, and always anything that is not
+    a regular file: renaming a temporary file onto a device or a link would replace it."""
     path = Path(path)
     try:
         st = os.lstat(path)
@@ -123,9 +118,8 @@ def file_kind(mode: int) -> str:
 
 
 def make_temp_file(path: str | os.PathLike[str]) -> Path:
-    """Create an empty hidden temporary file for ``path`` in its folder (``temp_prefix`` +
-    8 random characters + ``.tmp``), with the mode a plain ``open()`` gives (umask applied,
-    unlike mkstemp's 0600)."""
+    """Create an empty hidden temporary file for ``path`` in its folder, with the mode a plain
+    ``open()`` gives (umask applied, unlike mkstemp's 0600)."""
     path = Path(path)
 
     def create(tmp: Path) -> None:
@@ -160,11 +154,7 @@ def _unique_temp(folder: Path, name: str, suffix: str, create: Callable[[Path], 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``path`` on success.
-
-    On any failure the temporary file is removed and ``path`` is left as it was. With
-    ``force=False`` an existing ``path`` is refused before any work is done; a ``path`` that
-    is not a regular file (device, FIFO, link, folder) is refused always (:func:`check_target`).
-    """
+    On any failure it is removed and ``path`` is left as it was (:func:`check_target` first)."""
     path = Path(path)
     check_target(path, force=force)
     try:
@@ -197,11 +187,8 @@ def _host() -> str:
 
 
 def temp_prefix(name: str) -> str:
-    """Prefix of a hidden temporary name for ``name`` that records who writes it.
-
-    ``.NAME.~HOST@PID.`` + mkstemp's random part: a later run can tell the litter of a
-    killed writer (its process is gone) from a file another live process is still writing.
-    """
+    """``.NAME.~HOST@PID.``: a later run can tell the litter of a killed writer (its process is
+    gone) from a file another live process is still writing."""
     return f".{name}.~{_host()}@{os.getpid()}."
 
 
@@ -219,24 +206,16 @@ def pid_alive(pid: int) -> bool:
 def is_stale_temp(name: str) -> bool:
     """Whether ``name`` is a temporary file or folder of a writer on this host that is gone."""
     m = _OWNER_TAG.search(name)
-    return (
-        name.startswith(".")
-        and m is not None
-        and m["host"] == _host()
-        and not pid_alive(int(m["pid"]))
-    )
+    if not name.startswith(".") or m is None or m["host"] != _host():
+        return False
+    return not pid_alive(int(m["pid"]))
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterator[Path]:
-    """Hold ``folder/.NAME.lock`` while a run writes into ``folder``: a second run that
-    wants the same lock is refused (exit 2) with the owner's host and pid.
-
-    The lock file holds the owner as JSON; it is made in one step (a hard link of a written
-    temporary file), so it is never seen half-written. A lock left by a process of this host
-    that is gone (killed, crashed) is stale and taken over; one of another host is never
-    judged: its message says which file to delete if that run is over.
-    """
+    """Hold ``folder/.NAME.lock`` while a run writes into ``folder``; a second run is refused
+    (exit 2) with the owner's host and pid. The lock (JSON) is made in one step (a hard link)
+    so it is never seen half-written; a dead process's lock on this host is taken over."""
     lock = Path(folder) / f".{name}.lock"
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "what": what}
     for _ in range(5):
@@ -251,11 +230,9 @@ def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterato
                 os.unlink(lock)  # a killed run's lock
             continue
         since = owner.get("started")
-        when = (
-            time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
-            if isinstance(since, int | float)
-            else ""
-        )
+        when = ""
+        if isinstance(since, int | float):
+            when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
         raise BrainsegError(
             f"{one_line(str(folder))} is in use by another run "
             f"({owner.get('what') or 'brainseg'}, pid {pid} on host {host}{when}): two runs "
@@ -313,20 +290,14 @@ def _lock_owner(lock: Path) -> dict[str, object] | None:
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove what killed writers on this host left in ``folder`` (not recursive).
-
-    Safe in a folder that other processes write to at the same time (predict shards): a
-    temporary name of a live process, or of another host, is left alone.
-    """
+    """Remove what killed writers on this host left in ``folder`` (not recursive); safe in a
+    folder other processes write to (a live process's or another host's name is kept)."""
     return _remove_entries(folder, lambda entry: is_stale_temp(entry.name))
 
 
 def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files a killed writer left in ``folder`` (not recursive).
-
-    Only for folders one process owns (a run folder being resumed): a temporary file of
-    another process still writing there would be removed too.
-    """
+    """Remove the temporary files a killed writer left in ``folder`` (not recursive): only
+    for folders one process owns (a run being resumed), as any writer's files go."""
     return _remove_entries(
         folder,
         lambda entry: bool(_TEMP_NAME.match(entry.name)) and entry.is_file(follow_symlinks=False),
@@ -339,9 +310,7 @@ def _remove_entries(
     """Remove the entries of ``folder`` that ``wanted`` picks (a folder with its contents)."""
     removed = []
     with contextlib.suppress(OSError), os.scandir(folder) as it:
-        for entry in it:
-            if not wanted(entry):
-                continue
+        for entry in filter(wanted, it):
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
@@ -383,11 +352,8 @@ def check_run_name(name: str, option: str = "--name") -> str:
 def next_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Path:
-    """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one.
-
-    With ``exist_ok`` the folder ``project/name`` is reused as is. ``name`` must be a plain
-    folder name (:func:`check_run_name`), so a run folder is always inside ``project``.
-    """
+    """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one
+    (``exist_ok``: ``project/name`` is reused as is)."""
     check_run_name(name)
     project = Path(project)
     base = project / name

@@ -2,18 +2,12 @@
 
 A member with an absolute path, ``..``, a NUL byte or a drive letter, a name too long or too
 deep, a link, a device, an encrypted member, a member larger or smaller than declared, or an
-archive that would expand past the limits (total size, expansion ratio, member count, free
-disk space) rejects the whole archive with nothing extracted. A damaged archive is refused
-the same way: a tar is read to its true end (its end-of-archive blocks, and the gzip / bzip2 /
-xz trailer with its checksum), so a damaged header or a cut at a member boundary is not taken
-for the end of a shorter archive; a zip's members are checked against their CRC-32. The member
-count and total size are checked while the listing is read, so a tar of millions of members
-is refused after reading ``max_members`` headers. Tar members also pass tarfile's ``data``
-extraction filter (it refuses devices, FIFOs and unknown types, and paths that a link already in
-the destination would lead outside it; it accepts links inside the archive, ``a/../b``, a
-leading ``/`` it strips, and has no size limits: those checks stay ours). Files are created
-with ``O_EXCL | O_NOFOLLOW`` so nothing already in the destination is overwritten or followed.
-Standard library only.
+archive past the limits (total size, expansion ratio, member count, free disk space) rejects
+the whole archive with nothing extracted; so does a damaged one (a tar is read to its true
+end, a zip's members checked against their CRC-32). Tar limits are checked while the listing
+is read. Tar members also pass tarfile's ``data`` filter (devices, paths through a link in the
+destination); it accepts links, ``a/../b`` and a leading ``/``, and has no size limits, so
+those checks stay ours. Files are created with ``O_EXCL | O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -121,24 +115,16 @@ def _zip_members(
             raise _reject(archive, f"member {info.filename!r} is not a regular file or folder")
         if info.flag_bits & 0x1:
             raise _reject(archive, f"member {info.filename!r} is encrypted")
-        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(
-            info.compress_size, 1
-        ):
+        packed = max(info.compress_size, 1)
+        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * packed:
             raise _reject(
                 archive,
-                f"member {info.filename!r} expands "
-                f"{info.file_size / max(info.compress_size, 1):.0f}-fold "
+                f"member {info.filename!r} expands {info.file_size / packed:.0f}-fold "
                 f"(limit {max_ratio:.0f}): a decompression bomb?",
             )
         if name:
-            out.append(
-                _Member(
-                    name,
-                    info.is_dir() or ftype == stat.S_IFDIR,
-                    0 if info.is_dir() else info.file_size,
-                    info,
-                )
-            )
+            size = 0 if info.is_dir() else info.file_size
+            out.append(_Member(name, info.is_dir() or ftype == stat.S_IFDIR, size, info))
     return out
 
 
@@ -161,8 +147,7 @@ def _tar_members(
         total += ti.size if ti.isfile() else 0
         if total > max_total:
             raise _reject(
-                archive,
-                f"it would expand to more than the limit of {fmt_bytes(max_total)}",
+                archive, f"it would expand to more than the limit of {fmt_bytes(max_total)}"
             )
         if name:
             out.append(_Member(name, ti.isdir(), ti.size if ti.isfile() else 0, ti))
@@ -171,13 +156,11 @@ def _tar_members(
 
 
 def _check_tar_end(tf: tarfile.TarFile, archive: Path) -> None:
-    """Raise unless the listing ended at a real end of archive, read to the last byte.
+    """Raise unless the listing ended at a real end-of-archive block, followed by zero padding.
 
-    tarfile ends its listing quietly at a damaged header or at the end of the data, so an
-    archive cut at a member boundary, or with one flipped bit in a header, would look like a
-    shorter valid one. The end-of-archive block (512 zero bytes) must follow the last member,
-    only zero padding may follow it, and the rest is read so that the decompressor checks its
-    trailer (gzip's CRC-32 and length; bzip2's and xz's checks).
+    tarfile ends its listing quietly at a damaged header or at the end of the data, so a cut or
+    damaged archive would look like a shorter valid one; reading to the last byte makes the
+    decompressor check its trailer (gzip's CRC-32 and length; bzip2's and xz's checks).
     """
     f = tf.fileobj
     assert f is not None
@@ -205,13 +188,8 @@ def safe_extract(
     ratio_min_bytes: int = RATIO_MIN_BYTES,
     max_members: int = MAX_MEMBERS,
 ) -> Path:
-    """Unpack a zip or tar(.gz) archive into ``dest`` after checking every member first.
-
-    The whole archive is rejected, before anything is written, when a member has an absolute
-    path or ``..``, is a link or a device, or when the archive would expand to more than
-    ``max_total`` bytes or more than ``max_ratio`` times its size (above ``ratio_min_bytes``).
-    ``dest`` is created; files already in it are never overwritten.
-    """
+    """Unpack a zip or tar(.gz) archive into ``dest`` after checking every member first (see
+    the module docstring); ``dest`` is created, files already in it are never overwritten."""
     archive, dest = Path(archive), Path(dest)
     kind = archive_kind(archive)
     if kind is None:
@@ -267,9 +245,8 @@ def _damaged(archive: Path, why: str) -> BrainsegError:
 
 
 def _zip_declared_count(path: Path) -> int | None:
-    """The member count a zip's end-of-central-directory record declares (zip64 too), read
-    from the file's tail; None when there is no such record (zipfile then says what is wrong).
-    """
+    """The member count a zip's end-of-central-directory record declares (zip64 too); None
+    when there is no such record (zipfile then says what is wrong)."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         n = min(size, 22 + 0xFFFF + 20)  # the record, its longest comment, the zip64 locator

@@ -31,20 +31,6 @@ SUBSETS = ("train", "val", "test")
 #: What ``--subset`` of eval and score accepts.
 EVAL_SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
 FORMAT_VERSION = 1
-#: The keys a split file may hold (Split.to_dict writes them all; others are refused).
-KEYS = (
-    "format",
-    "created_by",
-    "seed",
-    "dataset_hash",
-    "patients",
-    "val_fraction",
-    "test_fraction",
-    "n_folds",
-    "counts",
-    "subsets",
-    "folds",
-)
 _MAKE_HINT = "make a split with `brainseg split DATA -o {path}`"
 
 
@@ -52,9 +38,8 @@ _MAKE_HINT = "make a split with `brainseg split DATA -o {path}`"
 class Split:
     """A patient-level split: ``subsets`` maps train / val / test to patient ids.
 
-    With K folds, ``folds[k]`` is ``{"train": [...], "val": [...]}`` (k from 0), every
-    non-test patient is in exactly one fold's ``val``, and ``subsets`` train / val equal
-    fold 0 so that code which ignores folds still gets a sensible split.
+    With K folds every non-test patient is in exactly one fold's ``val``, and ``subsets``
+    train / val equal fold 0 so that code which ignores folds still gets a sensible split.
     """
 
     seed: int
@@ -81,10 +66,8 @@ class Split:
         return f"split {self.source}" if self.source else "the split"
 
     def patients(self, subset: str, fold: int | None = None) -> list[str]:
-        """Patient ids of ``subset`` ("train", "val" or "test"), of fold ``fold`` if given.
-
-        The test subset is held out of every fold, so ``patients("test", k)`` is the test set.
-        """
+        """Patient ids of ``subset`` ("train", "val" or "test"), of fold ``fold`` if given (the
+        test subset is held out of every fold)."""
         if subset not in SUBSETS:
             raise BrainsegError(
                 f"unknown subset {subset!r} in {self.name}; expected one of {', '.join(SUBSETS)}",
@@ -96,11 +79,7 @@ class Split:
         return list(self.folds[fold][subset])
 
     def check_fold(self, fold: int | None) -> None:
-        """The one fold check (split, train, eval): refuse a fold this split does not have.
-
-        ``None`` (no fold asked for) is always fine; otherwise the split must have folds and
-        ``fold`` must be an integer from 0 to ``n_folds - 1``.
-        """
+        """The one fold check (split, train, eval): refuse a fold this split does not have."""
         if fold is None:
             return
         if not self.folds:
@@ -135,6 +114,10 @@ class Split:
         }
 
 
+#: The keys a split file may hold: those Split.to_dict writes (others are refused).
+KEYS = tuple(Split(0, "", 0.0, 0.0, {}).to_dict())
+
+
 def _ids(values: Iterable[object]) -> str:
     """Ids / keys for a one-line message: as they are, or quoted (repr) when they hold a
     newline or another unprintable character, so a message never spans two lines."""
@@ -145,9 +128,6 @@ def dataset_hash(patient_ids: Iterable[str]) -> str:
     """Short (16 hex digits) sha256 of the sorted, de-duplicated patient ids."""
     ids = sorted({str(p) for p in patient_ids})
     return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- make
 
 
 def check_options(val_fraction: float, test_fraction: float, folds: int | None) -> None:
@@ -210,11 +190,9 @@ def make_split(
 ) -> Split:
     """A patient-level split of the patients in ``burden`` (patient id -> tumour burden).
 
-    The burden (e.g. the number of tumour slices) is only used to stratify: patients are
-    sorted by it, cut into strata, and one patient per stratum is drawn (seeded) for the
-    test and validation subsets, so every subset spans small to large tumours. With
-    ``folds=K`` the non-test patients are dealt into K folds the same way (each block of K
-    consecutive patients is shuffled across the folds); ``val_fraction`` is then 1/K.
+    The burden only stratifies: one patient per stratum of the sorted burdens is drawn
+    (seeded) for test and val, so every subset spans small to large tumours. With ``folds=K``
+    the non-test patients are dealt into K folds (``val_fraction`` is then 1/K).
     """
     ids = sorted(str(p) for p in burden)
     n = len(ids)
@@ -283,17 +261,15 @@ def _deal_folds(rest: list[str], k: int, rng: np.random.Generator) -> list[dict[
     ]
 
 
-# --------------------------------------------------------------------------- save / load
-
-
 def to_yaml(split: Split) -> str:
     """The split as YAML text, with a comment header saying what it is."""
-    d = split.to_dict()
     head = (
         f"# brainseg patient-level split, created by brainseg {__version__}\n"
         "# No patient is in two subsets. Use: brainseg train DATA --split THIS_FILE\n"
     )
-    return head + yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)
+    return head + yaml.safe_dump(
+        split.to_dict(), sort_keys=False, default_flow_style=False, width=100
+    )
 
 
 def save_split(split: Split, path: str | os.PathLike[str], force: bool = False) -> Path:
@@ -309,10 +285,7 @@ def _fix_hint(path: Path) -> str:
 
 
 def _fail(path: Path, what: str) -> BrainsegError:
-    return BrainsegError(
-        f"invalid split file {path}: {what}",
-        hint=_fix_hint(path),
-    )
+    return BrainsegError(f"invalid split file {path}: {what}", hint=_fix_hint(path))
 
 
 def _id_list(path: Path, value: object, where: str) -> list[str]:
@@ -487,9 +460,6 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
         )
 
 
-# --------------------------------------------------------------------------- the split job
-
-
 @dataclass
 class SplitOptions:
     """What ``brainseg split`` does: read ``data``, write the split to ``output``.
@@ -551,7 +521,6 @@ def check_split_options(opts: SplitOptions) -> float:
 def make_split_file(opts: SplitOptions) -> SplitResult:
     """The ``brainseg split`` job: load the dataset (through the cache), make a split
     stratified by tumour slices per patient, save it atomically, and summarise it."""
-
     val_fraction = check_split_options(opts)
     arrays = load_dataset(opts.data, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
     n_slices = arrays.slices_per_patient()
@@ -586,11 +555,8 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
 def select_patients(
     patient_ids: Sequence[str], split_path: Path | None, subset: str | None, fold: int | None
 ) -> tuple[list[str], dict[str, Any]]:
-    """The patients to evaluate and a description of the choice (for summary.json).
-
-    Without a split every patient is evaluated; with one, ``subset`` (default val) of
-    ``fold`` (if the split has folds).
-    """
+    """The patients to evaluate (all without a split; else ``subset``, default val, of
+    ``fold``) and a description of the choice (for summary.json)."""
     if subset is not None and subset not in EVAL_SUBSETS:
         raise BrainsegError(
             f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
