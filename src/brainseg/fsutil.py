@@ -23,9 +23,8 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r"
 
 
 def one_line(text: str) -> str:
-    """``text`` as one printable line of valid UTF-8: bytes of a non-UTF-8 file name
-    (surrogate escapes) become ``\\xe9``, newlines and other control characters ``\\n`` /
-    ``\\x00`` (as repr writes them), so a summary row or a message never breaks or dies."""
+    """``text`` as one printable line of valid UTF-8 (``\\xe9``, ``\\n`` as repr writes them),
+    so a non-UTF-8 file name or a newline never breaks a summary row or a message."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -42,8 +41,7 @@ def write_error(
     hint: str | None = "check the folder exists and is writable",
     full_hint: str = "free some space and run the command again",
 ) -> BrainsegRuntimeError:
-    """The one-line error for a failed write of ``path``: "disk full while {doing}; {kept}"
-    for ENOSPC (``doing`` is "writing {path}" unless given), else "cannot write {path}"."""
+    """The one-line error for a failed write of ``path`` (ENOSPC: "disk full while ...")."""
     if exc.errno == errno.ENOSPC:
         what = doing or f"writing {path}"
         return BrainsegRuntimeError(
@@ -101,6 +99,7 @@ def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
 
 
 _KINDS = {
+    stat.S_IFREG: "regular file",
     stat.S_IFLNK: "symbolic link",
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
@@ -112,14 +111,11 @@ _KINDS = {
 
 def file_kind(mode: int) -> str:
     """What a ``st_mode`` is, in words: "regular file", "FIFO (named pipe)", "folder"..."""
-    if stat.S_ISREG(mode):
-        return "regular file"
     return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def make_temp_file(path: str | os.PathLike[str]) -> Path:
-    """Create an empty hidden temporary file for ``path`` in its folder, with the mode a plain
-    ``open()`` gives (umask applied, unlike mkstemp's 0600)."""
+    """Create an empty hidden temporary file beside ``path`` (umask applied, unlike mkstemp)."""
     path = Path(path)
 
     def create(tmp: Path) -> None:
@@ -129,8 +125,7 @@ def make_temp_file(path: str | os.PathLike[str]) -> Path:
 
 
 def make_temp_dir(folder: str | os.PathLike[str], name: str) -> Path:
-    """Create a hidden temporary folder for ``name`` in ``folder`` (umask applied, unlike
-    mkdtemp's 0700), named so :func:`remove_stale_temps` can clean up after a kill."""
+    """A hidden temporary folder remove_stale_temps cleans up (umask applied, unlike mkdtemp)."""
     return _unique_temp(Path(folder), name, "", lambda tmp: tmp.mkdir(0o777))
 
 
@@ -143,11 +138,9 @@ def _unique_temp(folder: Path, name: str, suffix: str, create: Callable[[Path], 
     for _ in range(100):
         random8 = "".join(secrets.choice(_ALPHABET) for _ in range(8))
         tmp = folder / f"{temp_prefix(name)}{random8}{suffix}"
-        try:
+        with contextlib.suppress(FileExistsError):
             create(tmp)
-        except FileExistsError:
-            continue
-        return tmp
+            return tmp
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
 
 
@@ -164,7 +157,8 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
         raise write_error(path, exc) from exc
     try:
         yield tmp
-        _fsync(tmp)
+        with contextlib.suppress(OSError), open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         check_target(path, force=True)  # a node made there while we wrote: still not replaced
         os.replace(tmp, path)
     except OSError as exc:
@@ -290,8 +284,7 @@ def _lock_owner(lock: Path) -> dict[str, object] | None:
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove what killed writers on this host left in ``folder`` (not recursive); safe in a
-    folder other processes write to (a live process's or another host's name is kept)."""
+    """Remove what killed writers on this host left in ``folder``; safe while others write there."""
     return _remove_entries(folder, lambda entry: is_stale_temp(entry.name))
 
 
@@ -320,11 +313,6 @@ def _remove_entries(
     return removed
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path, force=force) as tmp:
@@ -338,9 +326,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = 
 
 
 def check_run_name(name: str, option: str = "--name") -> str:
-    """Refuse (exit 2) a run-folder name that is not one plain folder name: empty, ``.``,
-    ``..``, with a ``/`` or ``\\`` (absolute or nested) or a NUL. The one rule of every run
-    folder (train, eval, score, cv, demo), checked before any work is done."""
+    """Refuse (exit 2) a run-folder name that is not one plain folder name (so a run folder is
+    always inside ``--project``): the one rule of every run folder, checked before any work."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise BrainsegError(
             f"run name must be a plain folder name, got {name!r}",
@@ -352,8 +339,7 @@ def check_run_name(name: str, option: str = "--name") -> str:
 def next_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Path:
-    """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one
-    (``exist_ok``: ``project/name`` is reused as is)."""
+    """``project/name`` (reused with ``exist_ok``), else ``name2``, ``name3``...: never old."""
     check_run_name(name)
     project = Path(project)
     base = project / name
@@ -376,8 +362,7 @@ def next_run_dir(
 def fresh_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Iterator[Path]:
-    """:func:`next_run_dir` for work that writes into it as it goes: a run that fails
-    leaves no new folder behind (a folder reused with ``exist_ok`` is kept)."""
+    """:func:`next_run_dir` whose new folder is removed when the run fails (not a reused one)."""
     existed = exist_ok and (Path(project) / name).exists()
     run_dir = next_run_dir(project, name, exist_ok=exist_ok)
     try:
@@ -389,8 +374,7 @@ def fresh_run_dir(
 
 
 def clear_folder(path: Path) -> Path:
-    """``path``, emptied: a run's own output folder inside its run folder (a run folder
-    reused with ``--exist-ok`` must not score the masks of an earlier run)."""
+    """``path``, emptied: a run folder reused with ``--exist-ok`` must not score old masks."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     return path

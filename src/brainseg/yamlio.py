@@ -15,9 +15,7 @@ from typing import Any
 
 from brainseg.errors import BrainsegError, first_line
 
-#: Largest YAML text read (bytes).
 MAX_YAML_BYTES = 8 * 1024 * 1024
-#: Deepest nesting of lists / mappings.
 MAX_YAML_DEPTH = 64
 #: Most values (scalars, lists, mappings), aliases expanded.
 MAX_YAML_NODES = 200_000
@@ -79,8 +77,7 @@ def check_yaml_limits(text: str, what: str, hint: str) -> None:
 
 
 def parse_yaml(text: str, what: str, hint: str) -> Any:
-    """``yaml.safe_load(text)`` within the limits; BrainsegError naming ``what`` (e.g. "config
-    file x.yaml") otherwise, saying where a syntax error is."""
+    """``yaml.safe_load(text)`` within the limits; else a BrainsegError naming ``what``."""
     yaml, loader = _loader()
     try:
         check_yaml_limits(text, what, hint)

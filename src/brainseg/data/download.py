@@ -110,11 +110,7 @@ def download_lgg(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
     """Fetch (or take ``from_file``) the LGG archive and install ``dest/kaggle_3m``; return it.
-
-    The unpacked tree is validated before it is renamed into place (an old one is replaced,
-    with ``force``, only then). Only archives brainseg downloaded (their record matches) are
-    ever reused or deleted: a user's file of the archive's name is refused and left alone.
-    """
+    Only archives brainseg downloaded (their record matches) are ever reused or deleted."""
     dest = Path(dest)
     expected = normalize_sha256(sha256)
     if url and from_file:
@@ -203,13 +199,12 @@ def _fetch_archive(
             )
         if expected and not str(info.get("sha256", "")).startswith(expected):
             con.info(f"{archive} (downloaded before) does not match --sha256; downloading again")
-            forget_download(archive)
         elif info.get("url") != src:
             con.info(f"{archive} was downloaded from {info.get('url')}; downloading {src}")
-            forget_download(archive)
         else:
             con.info(f"using {archive}, downloaded before from {src}")
             return archive
+        forget_download(archive)
     to_kaggle = url is None or is_kaggle_url(src)
     headers = _kaggle_headers(to_kaggle, kaggle_auth)
     con.info(f"downloading {src} to {dest}")
@@ -269,8 +264,7 @@ def _install_archive(
 
 
 def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
-    """:func:`brainseg.data.lgg.discover` on the unpacked tree; its problems are named by the
-    archive (``ARCHIVE (kaggle_3m)``), not by the temporary folder that is gone afterwards."""
+    """``discover`` on the unpacked tree, naming the archive, not the temporary folder."""
     try:
         discover(root)
     except BrainsegError as exc:
@@ -284,8 +278,7 @@ def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
 
 
 def _swap_into_place(new: Path, target: Path, dest: Path, force: bool = False) -> None:
-    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename.
-    Without ``force`` a ``target`` made by another run meanwhile (library use) is kept."""
+    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
     if not force and (target.exists() or target.is_symlink()):
         raise BrainsegRuntimeError(
             f"{target} was created by another run while this one was unpacking; it was left "
@@ -368,8 +361,7 @@ class DownloadResult:
 
 @contextlib.contextmanager
 def install_lock(dest: Path) -> Iterator[None]:
-    """Hold ``DEST/.kaggle_3m.lock`` while this run installs and indexes ``DEST/kaggle_3m``: a
-    second run into the same ``--dest`` must not replace a folder the first still uses."""
+    """Hold ``DEST/.kaggle_3m.lock``: a second run must not replace a folder the first uses."""
     created = not (dest.exists() or dest.is_symlink())
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -397,9 +389,7 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
         check_url(opts.url)
     with install_lock(dest):
         if opts.what == "synthetic":
-            root = Path(
-                write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force)
-            )
+            root = write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force)
             con.info(f"wrote {opts.patients} phantom patients to {root}")
             extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}
         else:

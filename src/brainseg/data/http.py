@@ -1,16 +1,13 @@
 """Resumable HTTP downloads with checksums and a bounded retry policy; Kaggle credentials.
 
-The download goes to ``<dest>.part``, renamed to ``<dest>`` once complete (and checked); the
-``.part`` is kept between runs so an interrupted download resumes with a ``Range`` request.
-``<dest>.part.json`` remembers the URL and the server's ETag / Last-Modified (sent back as
-``If-Range``) so a resume never splices two files. With ``record=True`` it stays as the
-download's record (URL, size, SHA-256): how a later run tells brainseg's own download, which
-it may reuse or delete, from a user's file of the same name, which it never touches.
+The download goes to ``<dest>.part`` (kept between runs, so a resume sends ``Range``), renamed
+to ``<dest>`` once complete. ``<dest>.part.json`` holds the URL and ETag / Last-Modified (sent
+as ``If-Range``) so a resume never splices two files; with ``record=True`` it stays as the
+record (URL, size, SHA-256) that tells brainseg's own download from a user's file.
 
 Transient (retried with back-off, the budget counted per stall): timeouts, dropped
 connections, HTTP 5xx / 429 (``Retry-After`` honoured), a short body; and, once the server has
-answered in this run, any connection failure (as ``curl --retry-connrefused``). A server
-never reached fails fast with one clear line.
+answered in this run, any connection failure. A server never reached fails fast.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,10 +34,7 @@ from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.fsutil import atomic_write_text, check_free_space, fmt_bytes, write_error
 
-KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
-KAGGLE_URL = f"https://www.kaggle.com/api/v1/datasets/download/{KAGGLE_DATASET}"
-#: Hosts that receive Kaggle credentials by default (a mirror gets them only with kaggle_auth).
-KAGGLE_HOSTS = frozenset({"www.kaggle.com", "kaggle.com"})
+KAGGLE_URL = "https://www.kaggle.com/api/v1/datasets/download/mateuszbuda/lgg-mri-segmentation"
 
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 1.0  # seconds; the n-th retry waits backoff * 2**(n-1), at most MAX_DELAY
@@ -66,16 +60,13 @@ class KaggleCredentials:
     """A Kaggle user name and API key, and where they came from (for the status line)."""
 
     username: str
-    key: str
+    key: str = field(repr=False)  # never printed
     source: str
 
     def header(self) -> str:
         """The value of the HTTP basic ``Authorization`` header."""
         token = base64.b64encode(f"{self.username}:{self.key}".encode()).decode("ascii")
         return f"Basic {token}"
-
-    def __repr__(self) -> str:  # never print the key
-        return f"KaggleCredentials(username={self.username!r}, key='***', source={self.source!r})"
 
 
 def kaggle_credentials() -> KaggleCredentials | None:
@@ -109,17 +100,17 @@ def kaggle_credentials() -> KaggleCredentials | None:
 def is_kaggle_url(url: str) -> bool:
     """True for https URLs on kaggle.com: only these get credentials unless asked otherwise."""
     p = urllib.parse.urlsplit(url)
-    return p.scheme == "https" and (p.hostname or "").lower() in KAGGLE_HOSTS
+    return p.scheme == "https" and (p.hostname or "").lower() in ("www.kaggle.com", "kaggle.com")
 
 
-def normalize_sha256(value: str | None, what: str = "--sha256") -> str | None:
+def normalize_sha256(value: str | None) -> str | None:
     """Lower-case hex, 8 to 64 digits (a prefix is accepted, as torch.hub does)."""
     if value is None:
         return None
     v = value.strip().lower().removeprefix("sha256:")
     if not (8 <= len(v) <= 64 and _HEX.match(v)):
         raise BrainsegError(
-            f"{what} {value!r} is not a SHA-256 hex digest",
+            f"--sha256 {value!r} is not a SHA-256 hex digest",
             hint="give the 64 hex digits printed by `sha256sum FILE` "
             "(a prefix of at least 8 digits is accepted)",
         )
@@ -137,8 +128,7 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently a download is retried: ``retries`` failures in a row without
-    a new byte end it; ``sleep`` is the wait (tests pass their own)."""
+    """How often and how patiently a download is retried (``sleep``: tests pass their own)."""
 
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF
@@ -224,8 +214,7 @@ def record_path(dest: Path) -> Path:
 
 
 def download_record(dest: Path) -> dict[str, Any] | None:
-    """The record of brainseg's finished download of ``dest``; None when ``dest`` is not a
-    regular file or differs from it (size, SHA-256): then brainseg must not touch it."""
+    """The record of brainseg's download of ``dest`` if it still matches (else: hands off)."""
     info = _read_meta(record_path(dest))
     if not info.get("complete") or dest.is_symlink() or not dest.is_file():
         return None
@@ -255,10 +244,7 @@ def http_fetch(
     record: bool = False,
 ) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part``, resuming and retrying; return ``dest``.
-
-    ``Authorization`` is not forwarded to a redirect (Kaggle redirects to signed storage
-    URLs). A checksum mismatch deletes the download so it is not resumed. A ``dest.part``
-    without brainseg's ``.part.json`` beside it is refused, never deleted.
+    ``Authorization`` is not forwarded to a redirect (Kaggle redirects to signed storage URLs).
     """
     check_url(url, "URL")
     dest = Path(dest)
@@ -279,7 +265,6 @@ def _retry_loop(fetch: _Fetch, policy: RetryPolicy) -> None:
             return
         except _Restart:
             fetch.part.unlink(missing_ok=True)
-            continue
         except _Transient as exc:
             size = _size(fetch.part)
             if size > high:  # progress: the retry budget is per stall, not per download
@@ -522,7 +507,7 @@ class _Fetch:
             # read1: what has arrived (up to CHUNK), so the bytes received before a stall
             # are kept and the retry resumes after them (read() would drop them)
             return resp.read1(CHUNK) if hasattr(resp, "read1") else resp.read(CHUNK)  # type: ignore[no-any-return]
-        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:  # timeouts, resets included
             f.flush()
             raise _Transient(
                 f"connection to {self.url} lost after {fmt_bytes(at)}: {exc or 'timed out'}"

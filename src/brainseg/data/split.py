@@ -66,8 +66,7 @@ class Split:
         return f"split {self.source}" if self.source else "the split"
 
     def patients(self, subset: str, fold: int | None = None) -> list[str]:
-        """Patient ids of ``subset`` ("train", "val" or "test"), of fold ``fold`` if given (the
-        test subset is held out of every fold)."""
+        """Patient ids of ``subset``, of ``fold`` if given (test is held out of every fold)."""
         if subset not in SUBSETS:
             raise BrainsegError(
                 f"unknown subset {subset!r} in {self.name}; expected one of {', '.join(SUBSETS)}",
@@ -98,13 +97,12 @@ class Split:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML / JSON form (see docs/splits.md)."""
-        n = len(self.all_patients)
         return {
             "format": FORMAT_VERSION,
             "created_by": f"brainseg {__version__}",
             "seed": int(self.seed),
             "dataset_hash": self.dataset_hash,
-            "patients": n,
+            "patients": len(self.all_patients),
             "val_fraction": round(float(self.val_fraction), 6),
             "test_fraction": round(float(self.test_fraction), 6),
             "n_folds": self.n_folds,
@@ -119,8 +117,7 @@ KEYS = tuple(Split(0, "", 0.0, 0.0, {}).to_dict())
 
 
 def _ids(values: Iterable[object]) -> str:
-    """Ids / keys for a one-line message: as they are, or quoted (repr) when they hold a
-    newline or another unprintable character, so a message never spans two lines."""
+    """Ids for a message, quoted (repr) when unprintable so a message never spans two lines."""
     return ", ".join(v if isinstance(v, str) and v.isprintable() else repr(v) for v in values)
 
 
@@ -131,8 +128,7 @@ def dataset_hash(patient_ids: Iterable[str]) -> str:
 
 
 def check_options(val_fraction: float, test_fraction: float, folds: int | None) -> None:
-    """Validate the fractions and fold count before any work (the patient count is
-    checked later by :func:`make_split`)."""
+    """Validate the fractions and fold count before any work (patients are counted later)."""
 
     def num(x: object) -> bool:
         return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
@@ -241,8 +237,7 @@ def make_split(
 
 
 def _deal_folds(rest: list[str], k: int, rng: np.random.Generator) -> list[dict[str, list[str]]]:
-    """``k`` folds of ``rest`` (ordered by burden): each block of ``k`` consecutive patients
-    is shuffled across the folds, so every fold's val spans small to large tumours."""
+    """``k`` folds of ``rest``: each block of ``k`` (by burden) is shuffled across the folds."""
     if not 2 <= k <= len(rest):
         raise BrainsegError(
             f"--folds must be between 2 and the number of non-test patients ({len(rest)}), got {k}",
@@ -263,13 +258,12 @@ def _deal_folds(rest: list[str], k: int, rng: np.random.Generator) -> list[dict[
 
 def to_yaml(split: Split) -> str:
     """The split as YAML text, with a comment header saying what it is."""
+    d = split.to_dict()
     head = (
         f"# brainseg patient-level split, created by brainseg {__version__}\n"
         "# No patient is in two subsets. Use: brainseg train DATA --split THIS_FILE\n"
     )
-    return head + yaml.safe_dump(
-        split.to_dict(), sort_keys=False, default_flow_style=False, width=100
-    )
+    return head + yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)
 
 
 def save_split(split: Split, path: str | os.PathLike[str], force: bool = False) -> Path:
@@ -346,39 +340,36 @@ def _load_subsets(path: Path, subs: object) -> dict[str, list[str]]:
     return subsets
 
 
-def _load_fold(
-    path: Path, k: int, f: object, subsets: dict[str, list[str]]
-) -> dict[str, list[str]]:
-    """``folds[k]``: train and val lists that split exactly the non-test patients."""
-    if not isinstance(f, dict) or "train" not in f or "val" not in f:
-        raise _fail(path, f"folds[{k}] must be a mapping with train and val lists")
-    tr = _id_list(path, f["train"], f"folds[{k}].train")
-    va = _id_list(path, f["val"], f"folds[{k}].val")
-    both = sorted(set(tr) & set(va))
-    if both:
-        raise _fail(path, f"patient {_ids(both[:1])} is in both train and val of fold {k}")
-    leak = sorted((set(tr) | set(va)) & set(subsets["test"]))
-    if leak:
-        raise _fail(path, f"test patient {_ids(leak[:1])} is also in fold {k}")
-    if set(tr) | set(va) != set(subsets["train"]) | set(subsets["val"]):
-        raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
-    return {"train": tr, "val": va}
-
-
 def _load_folds(
     path: Path, raw: object, subsets: dict[str, list[str]]
 ) -> list[dict[str, list[str]]]:
-    """``folds``: a list of folds whose val lists hold every non-test patient exactly once."""
+    """``folds``: train / val lists that each split exactly the non-test patients, every one of
+    them in exactly one fold's val."""
     if not isinstance(raw, list):
         raise _fail(path, "folds must be a list of {train: [...], val: [...]}")
-    folds = [_load_fold(path, k, f, subsets) for k, f in enumerate(raw)]
+    non_test = set(subsets["train"]) | set(subsets["val"])
+    folds: list[dict[str, list[str]]] = []
+    for k, f in enumerate(raw):
+        if not isinstance(f, dict) or "train" not in f or "val" not in f:
+            raise _fail(path, f"folds[{k}] must be a mapping with train and val lists")
+        tr = _id_list(path, f["train"], f"folds[{k}].train")
+        va = _id_list(path, f["val"], f"folds[{k}].val")
+        both = sorted(set(tr) & set(va))
+        if both:
+            raise _fail(path, f"patient {_ids(both[:1])} is in both train and val of fold {k}")
+        leak = sorted((set(tr) | set(va)) & set(subsets["test"]))
+        if leak:
+            raise _fail(path, f"test patient {_ids(leak[:1])} is also in fold {k}")
+        if set(tr) | set(va) != non_test:
+            raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
+        folds.append({"train": tr, "val": va})
     in_val: dict[str, int] = {}
     for k, fold in enumerate(folds):
         for p in fold["val"]:
             if p in in_val:
                 raise _fail(path, f"patient {_ids([p])} is in the val of folds {in_val[p]} and {k}")
             in_val[p] = k
-    left = sorted((set(subsets["train"]) | set(subsets["val"])) - set(in_val))
+    left = sorted(non_test - set(in_val))
     if folds and left:
         raise _fail(path, f"patient {_ids(left[:1])} is in no fold's val")
     return folds
@@ -431,12 +422,11 @@ def load_split(path: str | os.PathLike[str]) -> Split:
 
 def check_split(split: Split, patient_ids: Iterable[str]) -> None:
     """Refuse a split that does not belong to this dataset (other patients, other hash)."""
-    ids = sorted({str(p) for p in patient_ids})
+    have = {str(p) for p in patient_ids}
     redo = (
         "make a split for this dataset with `brainseg split DATA -o FILE` (--force to "
         "replace the old file)"
     )
-    have = set(ids)
     missing = [p for p in split.all_patients if p not in have]
     if missing:
         shown = _ids(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
@@ -444,7 +434,7 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
             f"{len(missing)} patient(s) of {split.name} are not in the dataset: {shown}",
             hint=redo,
         )
-    current = dataset_hash(ids)
+    current = dataset_hash(have)
     if current != split.dataset_hash:
         extra = sorted(have - set(split.all_patients))
         detail = ""
@@ -462,10 +452,7 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
 
 @dataclass
 class SplitOptions:
-    """What ``brainseg split`` does: read ``data``, write the split to ``output``.
-
-    ``val_fraction`` None means 0.2 for a plain split; it cannot be given with ``folds``.
-    """
+    """What ``brainseg split`` does (``val_fraction`` None: 0.2; not allowed with ``folds``)."""
 
     data: Path
     output: Path
@@ -519,28 +506,20 @@ def check_split_options(opts: SplitOptions) -> float:
 
 
 def make_split_file(opts: SplitOptions) -> SplitResult:
-    """The ``brainseg split`` job: load the dataset (through the cache), make a split
-    stratified by tumour slices per patient, save it atomically, and summarise it."""
+    """The ``brainseg split`` job: a split stratified by tumour slices, saved and summarised."""
     val_fraction = check_split_options(opts)
     arrays = load_dataset(opts.data, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
     n_slices = arrays.slices_per_patient()
     n_tumor = arrays.tumor_slices_per_patient()
-    split = make_split(
-        n_tumor,
-        val_fraction=val_fraction,
-        test_fraction=opts.test_fraction,
-        folds=opts.folds,
-        seed=opts.seed,
-    )
+    split = make_split(n_tumor, val_fraction, opts.test_fraction, opts.folds, opts.seed)
     if str(opts.output) != "-":
         save_split(split, opts.output, force=opts.force)
 
     def row(name: str, patients: list[str]) -> dict[str, Any]:
         s = sum(n_slices[p] for p in patients)
         t = sum(n_tumor[p] for p in patients)
-        frac = t / s if s else 0.0
         return {"name": name, "patients": len(patients), "slices": s, "tumor_slices": t,
-                "tumor_slice_fraction": frac}  # fmt: skip
+                "tumor_slice_fraction": t / s if s else 0.0}  # fmt: skip
 
     if split.folds:
         rows = [row(f"fold {k} val", f["val"]) for k, f in enumerate(split.folds)]
@@ -555,8 +534,7 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
 def select_patients(
     patient_ids: Sequence[str], split_path: Path | None, subset: str | None, fold: int | None
 ) -> tuple[list[str], dict[str, Any]]:
-    """The patients to evaluate (all without a split; else ``subset``, default val, of
-    ``fold``) and a description of the choice (for summary.json)."""
+    """The patients to evaluate (all, or a split's subset) and how they were chosen."""
     if subset is not None and subset not in EVAL_SUBSETS:
         raise BrainsegError(
             f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
