@@ -73,12 +73,7 @@ def find_layout_root(folder: Path) -> Path | None:
         key=lambda p: (len(p.parts), str(p)),
     )
     named = [p for p in dirs if p.name == LAYOUT_NAME and has_patients(p)]
-    if named:
-        return named[0]
-    for p in [folder, *dirs]:
-        if has_patients(p):
-            return p
-    return None
+    return named[0] if named else next((p for p in [folder, *dirs] if has_patients(p)), None)
 
 
 def _archive_name(url: str) -> str:

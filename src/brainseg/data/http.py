@@ -44,7 +44,6 @@ CHUNK = 1 << 20
 MiB = 2**20
 USER_AGENT = f"brainseg/{__version__} (+python-urllib)"
 
-_HEX = re.compile(r"^[0-9a-f]+$")
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 #: Failures to open a connection that are retried even before the server ever answered.
 _ALWAYS_TRANSIENT = (
@@ -108,7 +107,7 @@ def normalize_sha256(value: str | None) -> str | None:
     if value is None:
         return None
     v = value.strip().lower().removeprefix("sha256:")
-    if not (8 <= len(v) <= 64 and _HEX.match(v)):
+    if not re.fullmatch(r"[0-9a-f]{8,64}", v):
         raise BrainsegError(
             f"--sha256 {value!r} is not a SHA-256 hex digest",
             hint="give the 64 hex digits printed by `sha256sum FILE` "
