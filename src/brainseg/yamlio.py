@@ -81,7 +81,11 @@ def parse_yaml(text: str, what: str, hint: str) -> Any:
     yaml, loader = _loader()
     try:
         check_yaml_limits(text, what, hint)
-        return yaml.load(text, Loader=loader)  # safe_load, with the C parser when there is one
+        reader = loader(text)  # what yaml.safe_load does, with the C parser when there is one
+        try:
+            return reader.get_single_data()
+        finally:
+            reader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
