@@ -23,9 +23,8 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r"
 
 
 def one_line(text: str) -> str:
-    """``text`` as one printable line of valid UTF-8: bytes of a non-UTF-8 file name
-    (surrogate escapes) become ``\\xe9``, newlines and other control characters ``\\n`` /
-    ``\\x00`` (as repr writes them), so a summary row or a message never breaks or dies."""
+    """``text`` as one printable line of valid UTF-8 (``\\xe9``, ``\\n`` as repr writes them),
+    so a non-UTF-8 file name or a newline never breaks a summary row or a message."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -42,8 +41,7 @@ def write_error(
     hint: str | None = "check the folder exists and is writable",
     full_hint: str = "free some space and run the command again",
 ) -> BrainsegRuntimeError:
-    """The one-line error for a failed write of ``path``: "disk full while {doing}; {kept}"
-    for ENOSPC (``doing`` is "writing {path}" unless given), else "cannot write {path}"."""
+    """The one-line error for a failed write of ``path`` (ENOSPC: "disk full while ...")."""
     if exc.errno == errno.ENOSPC:
         what = doing or f"writing {path}"
         return BrainsegRuntimeError(
@@ -76,13 +74,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
-    """Refuse (exit 2) an output ``path`` that must not be written: an existing one without
-    ``force``, and, whatever ``force`` says, anything that is not a regular file (a device
-    such as /dev/full or /dev/null, a FIFO, a socket, a folder, a symbolic link).
-
-    brainseg writes only regular files, by renaming a temporary file onto the name: done on
-    a device or a link that would replace the node or the link itself.
-    """
+    """Refuse (exit 2) an existing ``path`` without ``force``, and always anything that is not
+    a regular file: renaming a temporary file onto a device or a link would replace it."""
     path = Path(path)
     try:
         st = os.lstat(path)
@@ -106,6 +99,7 @@ def check_target(path: str | os.PathLike[str], *, force: bool = True) -> None:
 
 
 _KINDS = {
+    stat.S_IFREG: "regular file",
     stat.S_IFLNK: "symbolic link",
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
@@ -117,15 +111,11 @@ _KINDS = {
 
 def file_kind(mode: int) -> str:
     """What a ``st_mode`` is, in words: "regular file", "FIFO (named pipe)", "folder"..."""
-    if stat.S_ISREG(mode):
-        return "regular file"
     return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def make_temp_file(path: str | os.PathLike[str]) -> Path:
-    """Create an empty hidden temporary file for ``path`` in its folder (``temp_prefix`` +
-    8 random characters + ``.tmp``), with the mode a plain ``open()`` gives (umask applied,
-    unlike mkstemp's 0600)."""
+    """Create an empty hidden temporary file beside ``path`` (umask applied, unlike mkstemp)."""
     path = Path(path)
 
     def create(tmp: Path) -> None:
@@ -135,8 +125,7 @@ def make_temp_file(path: str | os.PathLike[str]) -> Path:
 
 
 def make_temp_dir(folder: str | os.PathLike[str], name: str) -> Path:
-    """Create a hidden temporary folder for ``name`` in ``folder`` (umask applied, unlike
-    mkdtemp's 0700), named so :func:`remove_stale_temps` can clean up after a kill."""
+    """A hidden temporary folder remove_stale_temps cleans up (umask applied, unlike mkdtemp)."""
     return _unique_temp(Path(folder), name, "", lambda tmp: tmp.mkdir(0o777))
 
 
@@ -149,22 +138,16 @@ def _unique_temp(folder: Path, name: str, suffix: str, create: Callable[[Path], 
     for _ in range(100):
         random8 = "".join(secrets.choice(_ALPHABET) for _ in range(8))
         tmp = folder / f"{temp_prefix(name)}{random8}{suffix}"
-        try:
+        with contextlib.suppress(FileExistsError):
             create(tmp)
-        except FileExistsError:
-            continue
-        return tmp
+            return tmp
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``path`` on success.
-
-    On any failure the temporary file is removed and ``path`` is left as it was. With
-    ``force=False`` an existing ``path`` is refused before any work is done; a ``path`` that
-    is not a regular file (device, FIFO, link, folder) is refused always (:func:`check_target`).
-    """
+    On any failure it is removed and ``path`` is left as it was (:func:`check_target` first)."""
     path = Path(path)
     check_target(path, force=force)
     try:
@@ -174,7 +157,8 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
         raise write_error(path, exc) from exc
     try:
         yield tmp
-        _fsync(tmp)
+        with contextlib.suppress(OSError), open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         check_target(path, force=True)  # a node made there while we wrote: still not replaced
         os.replace(tmp, path)
     except OSError as exc:
@@ -197,11 +181,8 @@ def _host() -> str:
 
 
 def temp_prefix(name: str) -> str:
-    """Prefix of a hidden temporary name for ``name`` that records who writes it.
-
-    ``.NAME.~HOST@PID.`` + mkstemp's random part: a later run can tell the litter of a
-    killed writer (its process is gone) from a file another live process is still writing.
-    """
+    """``.NAME.~HOST@PID.``: a later run can tell the litter of a killed writer (its process is
+    gone) from a file another live process is still writing."""
     return f".{name}.~{_host()}@{os.getpid()}."
 
 
@@ -219,24 +200,16 @@ def pid_alive(pid: int) -> bool:
 def is_stale_temp(name: str) -> bool:
     """Whether ``name`` is a temporary file or folder of a writer on this host that is gone."""
     m = _OWNER_TAG.search(name)
-    return (
-        name.startswith(".")
-        and m is not None
-        and m["host"] == _host()
-        and not pid_alive(int(m["pid"]))
-    )
+    if not name.startswith(".") or m is None or m["host"] != _host():
+        return False
+    return not pid_alive(int(m["pid"]))
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterator[Path]:
-    """Hold ``folder/.NAME.lock`` while a run writes into ``folder``: a second run that
-    wants the same lock is refused (exit 2) with the owner's host and pid.
-
-    The lock file holds the owner as JSON; it is made in one step (a hard link of a written
-    temporary file), so it is never seen half-written. A lock left by a process of this host
-    that is gone (killed, crashed) is stale and taken over; one of another host is never
-    judged: its message says which file to delete if that run is over.
-    """
+    """Hold ``folder/.NAME.lock`` while a run writes into ``folder``; a second run is refused
+    (exit 2) with the owner's host and pid. The lock (JSON) is made in one step (a hard link)
+    so it is never seen half-written; a dead process's lock on this host is taken over."""
     lock = Path(folder) / f".{name}.lock"
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "what": what}
     for _ in range(5):
@@ -251,11 +224,9 @@ def folder_lock(folder: str | os.PathLike[str], name: str, what: str) -> Iterato
                 os.unlink(lock)  # a killed run's lock
             continue
         since = owner.get("started")
-        when = (
-            time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
-            if isinstance(since, int | float)
-            else ""
-        )
+        when = ""
+        if isinstance(since, int | float):
+            when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
         raise BrainsegError(
             f"{one_line(str(folder))} is in use by another run "
             f"({owner.get('what') or 'brainseg'}, pid {pid} on host {host}{when}): two runs "
@@ -313,20 +284,13 @@ def _lock_owner(lock: Path) -> dict[str, object] | None:
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove what killed writers on this host left in ``folder`` (not recursive).
-
-    Safe in a folder that other processes write to at the same time (predict shards): a
-    temporary name of a live process, or of another host, is left alone.
-    """
+    """Remove what killed writers on this host left in ``folder``; safe while others write there."""
     return _remove_entries(folder, lambda entry: is_stale_temp(entry.name))
 
 
 def remove_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files a killed writer left in ``folder`` (not recursive).
-
-    Only for folders one process owns (a run folder being resumed): a temporary file of
-    another process still writing there would be removed too.
-    """
+    """Remove the temporary files a killed writer left in ``folder`` (not recursive): only
+    for folders one process owns (a run being resumed), as any writer's files go."""
     return _remove_entries(
         folder,
         lambda entry: bool(_TEMP_NAME.match(entry.name)) and entry.is_file(follow_symlinks=False),
@@ -339,9 +303,7 @@ def _remove_entries(
     """Remove the entries of ``folder`` that ``wanted`` picks (a folder with its contents)."""
     removed = []
     with contextlib.suppress(OSError), os.scandir(folder) as it:
-        for entry in it:
-            if not wanted(entry):
-                continue
+        for entry in filter(wanted, it):
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
@@ -349,11 +311,6 @@ def _remove_entries(
                     os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed
-
-
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool = True) -> Path:
@@ -369,9 +326,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = 
 
 
 def check_run_name(name: str, option: str = "--name") -> str:
-    """Refuse (exit 2) a run-folder name that is not one plain folder name: empty, ``.``,
-    ``..``, with a ``/`` or ``\\`` (absolute or nested) or a NUL. The one rule of every run
-    folder (train, eval, score, cv, demo), checked before any work is done."""
+    """Refuse (exit 2) a run-folder name that is not one plain folder name (so a run folder is
+    always inside ``--project``): the one rule of every run folder, checked before any work."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise BrainsegError(
             f"run name must be a plain folder name, got {name!r}",
@@ -383,11 +339,7 @@ def check_run_name(name: str, option: str = "--name") -> str:
 def next_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Path:
-    """``project/name``, or ``name2``, ``name3``... so a new run never overwrites an old one.
-
-    With ``exist_ok`` the folder ``project/name`` is reused as is. ``name`` must be a plain
-    folder name (:func:`check_run_name`), so a run folder is always inside ``project``.
-    """
+    """``project/name`` (reused with ``exist_ok``), else ``name2``, ``name3``...: never old."""
     check_run_name(name)
     project = Path(project)
     base = project / name
@@ -410,8 +362,7 @@ def next_run_dir(
 def fresh_run_dir(
     project: str | os.PathLike[str], name: str = "exp", *, exist_ok: bool = False
 ) -> Iterator[Path]:
-    """:func:`next_run_dir` for work that writes into it as it goes: a run that fails
-    leaves no new folder behind (a folder reused with ``exist_ok`` is kept)."""
+    """:func:`next_run_dir` whose new folder is removed when the run fails (not a reused one)."""
     existed = exist_ok and (Path(project) / name).exists()
     run_dir = next_run_dir(project, name, exist_ok=exist_ok)
     try:
@@ -423,8 +374,7 @@ def fresh_run_dir(
 
 
 def clear_folder(path: Path) -> Path:
-    """``path``, emptied: a run's own output folder inside its run folder (a run folder
-    reused with ``--exist-ok`` must not score the masks of an earlier run)."""
+    """``path``, emptied: a run folder reused with ``--exist-ok`` must not score old masks."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     return path

@@ -1,19 +1,12 @@
 """The one YAML reader of brainseg: every YAML file it reads goes through :func:`parse_yaml`.
 
-Config files (``--config``, a run folder's config.yaml), split files, ``cv.yaml`` and
-``--set`` values are data, never code: ``yaml.safe_load`` semantics (no ``!!python`` tags),
-plus limits checked on the event stream *before* any object is built, so that a hostile file
-fails in milliseconds with one line instead of exhausting memory or the stack:
-
-- at most :data:`MAX_YAML_BYTES` of text;
-- nesting at most :data:`MAX_YAML_DEPTH` collections deep (deeper text raised RecursionError in
-  PyYAML's composer: an "internal error");
-- at most :data:`MAX_YAML_NODES` values *after alias expansion*: an alias (``*a``) counts as
-  the whole value its anchor names, so a "billion laughs" file of a few hundred bytes is
-  refused (it loads as a small shared graph, but anything that walks it, such as
-  ``dataclasses.asdict``, expands it and hung at gigabytes).
-
-The brainseg files are far below these limits (a 110-patient 5-fold split has ~700 values).
+Configs, split files, ``cv.yaml`` and ``--set`` values are data, never code: ``yaml.safe_load``
+semantics, plus limits checked on the event stream *before* any object is built, so a hostile
+file fails in milliseconds with one line instead of exhausting memory or the stack: the text
+size, the nesting depth (PyYAML's composer recursed), and the values *after alias expansion*
+(an alias counts as the whole value its anchor names, so a "billion laughs" file is refused:
+anything that walks it, such as ``dataclasses.asdict``, expands it). The brainseg files are
+far below these limits (a 110-patient 5-fold split has ~700 values).
 """
 
 from __future__ import annotations
@@ -22,9 +15,7 @@ from typing import Any
 
 from brainseg.errors import BrainsegError, first_line
 
-#: Largest YAML text read (bytes).
 MAX_YAML_BYTES = 8 * 1024 * 1024
-#: Deepest nesting of lists / mappings.
 MAX_YAML_DEPTH = 64
 #: Most values (scalars, lists, mappings), aliases expanded.
 MAX_YAML_NODES = 200_000
@@ -47,8 +38,6 @@ def check_yaml_limits(text: str, what: str, hint: str) -> None:
     stack: list[list[Any]] = []  # [expanded size so far, anchor] per open collection
     anchors: dict[str, int] = {}
     total = 0
-    collection_start = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
-    collection_end = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 
     def add(n: int, parent: int) -> None:
         nonlocal total
@@ -61,13 +50,13 @@ def check_yaml_limits(text: str, what: str, hint: str) -> None:
             )
 
     for event in yaml.parse(text, Loader=loader):
-        if isinstance(event, collection_start):
+        if isinstance(event, yaml.CollectionStartEvent):
             stack.append([0, event.anchor])
             if len(stack) > MAX_YAML_DEPTH:
                 raise BrainsegError(
                     f"{what} is nested more than {MAX_YAML_DEPTH} levels deep", hint=hint
                 )
-        elif isinstance(event, collection_end):
+        elif isinstance(event, yaml.CollectionEndEvent):
             inner, anchor = stack.pop()
             if anchor is not None:
                 anchors[anchor] = inner + 1
@@ -88,10 +77,7 @@ def check_yaml_limits(text: str, what: str, hint: str) -> None:
 
 
 def parse_yaml(text: str, what: str, hint: str) -> Any:
-    """``yaml.safe_load(text)`` within the limits; BrainsegError naming ``what`` otherwise.
-
-    ``what`` names the input in messages ("config file x.yaml"); a syntax error says where.
-    """
+    """``yaml.safe_load(text)`` within the limits; else a BrainsegError naming ``what``."""
     yaml, loader = _loader()
     try:
         check_yaml_limits(text, what, hint)

@@ -1,11 +1,8 @@
 """Installer of the LGG dataset into ``DEST/kaggle_3m`` (and the download options and result
-that torchvision's VGG16 weights, :mod:`brainseg.model.weights`, share).
+that the VGG16 weights, :mod:`brainseg.model.weights`, share).
 
-The HTTP download (resume, retries, checksums, Kaggle credentials) lives in
-:mod:`brainseg.data.http`, the safe unpacking in :mod:`brainseg.data.extract`; their main
-names are re-exported here (``from brainseg.data.download import safe_extract``).
-Only the standard library is imported at module level (torch / torchvision / numpy are
-imported inside the functions that need them), so the command module can import this cheaply.
+Re-exports the main names of :mod:`brainseg.data.http` and :mod:`brainseg.data.extract`.
+Only the standard library at module level, so the command module imports this cheaply.
 """
 
 from __future__ import annotations
@@ -76,15 +73,7 @@ def find_layout_root(folder: Path) -> Path | None:
         key=lambda p: (len(p.parts), str(p)),
     )
     named = [p for p in dirs if p.name == LAYOUT_NAME and has_patients(p)]
-    if named:
-        return named[0]
-    for p in [folder, *dirs]:
-        if has_patients(p):
-            return p
-    return None
-
-
-# --------------------------------------------------------------------------- LGG
+    return named[0] if named else next((p for p in [folder, *dirs] if has_patients(p)), None)
 
 
 def _archive_name(url: str) -> str:
@@ -116,18 +105,7 @@ def download_lgg(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
     """Fetch (or take ``from_file``) the LGG archive and install ``dest/kaggle_3m``; return it.
-
-    The archive is unpacked into a temporary folder inside ``dest``, its ``kaggle_3m`` folder
-    is validated with :func:`brainseg.data.lgg.discover` and renamed into place; with
-    ``force`` an existing ``dest/kaggle_3m`` is replaced only after that. Kaggle credentials
-    are sent to kaggle.com, and to a mirror only with ``kaggle_auth=True``. A downloaded
-    archive is deleted after a successful install unless ``keep_archive``; one that finished
-    downloading earlier from the same URL (an install that failed afterwards, or
-    ``keep_archive``) is reused. Only files brainseg downloaded (their ``.part.json`` record
-    matches) are ever reused or deleted: a user's file of the archive's name is refused and
-    left alone, whatever the options. ``retries``,
-    ``backoff``, ``timeout`` and ``sleep`` are the :class:`RetryPolicy` of the download.
-    """
+    Only archives brainseg downloaded (their record matches) are ever reused or deleted."""
     dest = Path(dest)
     expected = normalize_sha256(sha256)
     if url and from_file:
@@ -216,13 +194,12 @@ def _fetch_archive(
             )
         if expected and not str(info.get("sha256", "")).startswith(expected):
             con.info(f"{archive} (downloaded before) does not match --sha256; downloading again")
-            forget_download(archive)
         elif info.get("url") != src:
             con.info(f"{archive} was downloaded from {info.get('url')}; downloading {src}")
-            forget_download(archive)
         else:
             con.info(f"using {archive}, downloaded before from {src}")
             return archive
+        forget_download(archive)
     to_kaggle = url is None or is_kaggle_url(src)
     headers = _kaggle_headers(to_kaggle, kaggle_auth)
     con.info(f"downloading {src} to {dest}")
@@ -282,9 +259,7 @@ def _install_archive(
 
 
 def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
-    """:func:`brainseg.data.lgg.discover` on the unpacked tree; its problems are named by the
-    archive (``ARCHIVE (kaggle_3m)``), not by the temporary folder that is gone afterwards."""
-
+    """``discover`` on the unpacked tree, naming the archive, not the temporary folder."""
     try:
         discover(root)
     except BrainsegError as exc:
@@ -298,11 +273,7 @@ def _discover_in_archive(root: Path, tmp: Path, archive: Path) -> None:
 
 
 def _swap_into_place(new: Path, target: Path, dest: Path, force: bool = False) -> None:
-    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename.
-
-    Without ``force`` a ``target`` that appeared while this run unpacked (another run, through
-    the library: the CLI holds :func:`install_lock`) is left as it is.
-    """
+    """Rename ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
     if not force and (target.exists() or target.is_symlink()):
         raise BrainsegRuntimeError(
             f"{target} was created by another run while this one was unpacking; it was left "
@@ -344,12 +315,8 @@ class DatasetSummary:
 
 def dataset_summary(root: str | os.PathLike[str]) -> DatasetSummary:
     """Patients, slices and slices with tumor, via the dataset cache (built once, reused)."""
-
     s: dict[str, Any] = load_dataset(Path(root)).summary()
     return DatasetSummary(Path(root), int(s["patients"]), int(s["slices"]), int(s["tumor_slices"]))
-
-
-# --------------------------------------------------------------------------- the download job
 
 
 @dataclass(frozen=True)
@@ -389,13 +356,7 @@ class DownloadResult:
 
 @contextlib.contextmanager
 def install_lock(dest: Path) -> Iterator[None]:
-    """Hold ``DEST/.kaggle_3m.lock`` (:func:`brainseg.fsutil.folder_lock`, the lock predict
-    uses too) while this run installs and indexes ``DEST/kaggle_3m``.
-
-    A second run into the same ``--dest`` (lgg or synthetic, with or without ``--force``)
-    is refused with the first one's host and pid instead of replacing a folder the first is
-    still writing or reading. A ``dest`` that cannot hold one is left to the install to report.
-    """
+    """Hold ``DEST/.kaggle_3m.lock``: a second run must not replace a folder the first uses."""
     created = not (dest.exists() or dest.is_symlink())
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -412,8 +373,7 @@ def install_lock(dest: Path) -> Iterator[None]:
 
 
 def run_download(opts: DownloadOptions) -> DownloadResult:
-    """The ``brainseg download lgg | synthetic`` job: install the dataset and describe it
-    (``vgg16`` is :func:`brainseg.model.weights.install_vgg16`)."""
+    """The ``brainseg download lgg | synthetic`` job (``vgg16``: :mod:`brainseg.model.weights`)."""
     dest = Path(opts.dest or ("data/synthetic" if opts.what == "synthetic" else "data"))
     if opts.what not in ("lgg", "synthetic"):
         raise BrainsegError(f"unknown download {opts.what!r}", hint="lgg or synthetic")
@@ -423,28 +383,25 @@ def run_download(opts: DownloadOptions) -> DownloadResult:
     elif opts.url is not None:
         check_url(opts.url)
     with install_lock(dest):
-        return _install_dataset(opts, dest)
-
-
-def _install_dataset(opts: DownloadOptions, dest: Path) -> DownloadResult:
-    """``run_download`` for lgg / synthetic, under the install lock of ``dest``."""
-    if opts.what == "synthetic":
-        root = Path(write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force))
-        con.info(f"wrote {opts.patients} phantom patients to {root}")
-        extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}
-    else:
-        root = download_lgg(
-            dest,
-            url=opts.url,
-            from_file=opts.from_file,
-            sha256=opts.sha256,
-            force=opts.force,
-            keep_archive=opts.keep_archive,
-            kaggle_auth=opts.kaggle_auth,
-            retries=opts.retries,
-            backoff=opts.backoff,
-            timeout=opts.timeout,
+        if opts.what == "synthetic":
+            root = write_synthetic(dest, opts.patients, opts.seed, opts.size, force=opts.force)
+            con.info(f"wrote {opts.patients} phantom patients to {root}")
+            extra: dict[str, Any] = {"seed": opts.seed, "size": opts.size}
+        else:
+            root = download_lgg(
+                dest,
+                url=opts.url,
+                from_file=opts.from_file,
+                sha256=opts.sha256,
+                force=opts.force,
+                keep_archive=opts.keep_archive,
+                kaggle_auth=opts.kaggle_auth,
+                retries=opts.retries,
+                backoff=opts.backoff,
+                timeout=opts.timeout,
+            )
+            extra = {}
+        con.info(
+            f"indexing {root} (the dataset cache is built once and reused by split, train and cv)"
         )
-        extra = {}
-    con.info(f"indexing {root} (the dataset cache is built once and reused by split, train and cv)")
-    return DownloadResult(root, dataset_summary(root), extra)
+        return DownloadResult(root, dataset_summary(root), extra)

@@ -1,19 +1,10 @@
 """Safe unpacking of zip and tar archives: every member is checked before anything is written.
 
-A member with an absolute path, ``..``, a NUL byte or a drive letter, a name too long or too
-deep, a link, a device, an encrypted member, a member larger or smaller than declared, or an
-archive that would expand past the limits (total size, expansion ratio, member count, free
-disk space) rejects the whole archive with nothing extracted. A damaged archive is refused
-the same way: a tar is read to its true end (its end-of-archive blocks, and the gzip / bzip2 /
-xz trailer with its checksum), so a damaged header or a cut at a member boundary is not taken
-for the end of a shorter archive; a zip's members are checked against their CRC-32. The member
-count and total size are checked while the listing is read, so a tar of millions of members
-is refused after reading ``max_members`` headers. Tar members also pass tarfile's ``data``
-extraction filter (it refuses devices, FIFOs and unknown types, and paths that a link already in
-the destination would lead outside it; it accepts links inside the archive, ``a/../b``, a
-leading ``/`` it strips, and has no size limits: those checks stay ours). Files are created
-with ``O_EXCL | O_NOFOLLOW`` so nothing already in the destination is overwritten or followed.
-Standard library only.
+An unsafe member (absolute, ``..``, NUL, drive letter, too long or deep, link, device,
+encrypted, larger or smaller than declared), an archive past the limits (size, ratio, members,
+free space) or a damaged one (a tar is read to its true end) is refused with nothing written.
+tarfile's ``data`` filter also runs, but it accepts links, ``a/../b`` and a leading ``/`` and
+has no size limits, so those checks stay ours. Files are created ``O_EXCL | O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -54,6 +45,14 @@ MAX_TAR_PADDING = 16 * 2**20
 CHUNK = 1 << 20
 #: errno values an OS gives for a name it cannot create (bad bytes, too long): input errors.
 _NAME_ERRORS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EILSEQ})
+
+
+@dataclass(frozen=True)
+class _Limits:
+    total: int
+    ratio: float
+    ratio_min_bytes: int
+    members: int
 
 
 @dataclass(frozen=True)
@@ -108,9 +107,7 @@ def archive_kind(path: Path) -> str | None:
         return None
 
 
-def _zip_members(
-    zf: zipfile.ZipFile, archive: Path, max_ratio: float, ratio_min_bytes: int
-) -> list[_Member]:
+def _zip_members(zf: zipfile.ZipFile, archive: Path, lim: _Limits) -> list[_Member]:
     out = []
     for info in zf.infolist():
         name = _safe_name(info.filename, archive)
@@ -121,36 +118,26 @@ def _zip_members(
             raise _reject(archive, f"member {info.filename!r} is not a regular file or folder")
         if info.flag_bits & 0x1:
             raise _reject(archive, f"member {info.filename!r} is encrypted")
-        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(
-            info.compress_size, 1
-        ):
+        packed = max(info.compress_size, 1)
+        if info.file_size > lim.ratio_min_bytes and info.file_size > lim.ratio * packed:
             raise _reject(
                 archive,
-                f"member {info.filename!r} expands "
-                f"{info.file_size / max(info.compress_size, 1):.0f}-fold "
-                f"(limit {max_ratio:.0f}): a decompression bomb?",
+                f"member {info.filename!r} expands {info.file_size / packed:.0f}-fold "
+                f"(limit {lim.ratio:.0f}): a decompression bomb?",
             )
         if name:
-            out.append(
-                _Member(
-                    name,
-                    info.is_dir() or ftype == stat.S_IFDIR,
-                    0 if info.is_dir() else info.file_size,
-                    info,
-                )
-            )
+            size = 0 if info.is_dir() else info.file_size
+            out.append(_Member(name, info.is_dir() or ftype == stat.S_IFDIR, size, info))
     return out
 
 
-def _tar_members(
-    tf: tarfile.TarFile, archive: Path, dest: Path, max_members: int, max_total: int
-) -> list[_Member]:
+def _tar_members(tf: tarfile.TarFile, archive: Path, dest: Path, lim: _Limits) -> list[_Member]:
     """The members, read one header at a time (limits checked as they come), then the end."""
     out = []
     total = 0
     for n, ti in enumerate(tf, 1):  # not getmembers(): stop at the limit, not after the end
-        if n > max_members:
-            raise _reject(archive, f"more than {max_members} members (limit {max_members})")
+        if n > lim.members:
+            raise _reject(archive, f"more than {lim.members} members (limit {lim.members})")
         name = _safe_name(ti.name, archive)
         if ti.issym() or ti.islnk():  # the filter takes links that stay inside; we take none
             raise _reject(archive, f"member {ti.name!r} is a link (to {ti.linkname!r})")
@@ -159,10 +146,9 @@ def _tar_members(
         except tarfile.FilterError as exc:
             raise _reject(archive, f"member {ti.name!r}: {first_line(exc)}") from exc
         total += ti.size if ti.isfile() else 0
-        if total > max_total:
+        if total > lim.total:
             raise _reject(
-                archive,
-                f"it would expand to more than the limit of {fmt_bytes(max_total)}",
+                archive, f"it would expand to more than the limit of {fmt_bytes(lim.total)}"
             )
         if name:
             out.append(_Member(name, ti.isdir(), ti.size if ti.isfile() else 0, ti))
@@ -171,13 +157,11 @@ def _tar_members(
 
 
 def _check_tar_end(tf: tarfile.TarFile, archive: Path) -> None:
-    """Raise unless the listing ended at a real end of archive, read to the last byte.
+    """Raise unless the listing ended at a real end-of-archive block, followed by zero padding.
 
-    tarfile ends its listing quietly at a damaged header or at the end of the data, so an
-    archive cut at a member boundary, or with one flipped bit in a header, would look like a
-    shorter valid one. The end-of-archive block (512 zero bytes) must follow the last member,
-    only zero padding may follow it, and the rest is read so that the decompressor checks its
-    trailer (gzip's CRC-32 and length; bzip2's and xz's checks).
+    tarfile ends its listing quietly at a damaged header or at the end of the data, so a cut or
+    damaged archive would look like a shorter valid one; reading to the last byte makes the
+    decompressor check its trailer (gzip's CRC-32 and length; bzip2's and xz's checks).
     """
     f = tf.fileobj
     assert f is not None
@@ -205,14 +189,9 @@ def safe_extract(
     ratio_min_bytes: int = RATIO_MIN_BYTES,
     max_members: int = MAX_MEMBERS,
 ) -> Path:
-    """Unpack a zip or tar(.gz) archive into ``dest`` after checking every member first.
-
-    The whole archive is rejected, before anything is written, when a member has an absolute
-    path or ``..``, is a link or a device, or when the archive would expand to more than
-    ``max_total`` bytes or more than ``max_ratio`` times its size (above ``ratio_min_bytes``).
-    ``dest`` is created; files already in it are never overwritten.
-    """
+    """Unpack a zip or tar(.gz) archive into ``dest`` once every member passed the checks."""
     archive, dest = Path(archive), Path(dest)
+    lim = _Limits(max_total, max_ratio, ratio_min_bytes, max_members)
     kind = archive_kind(archive)
     if kind is None:
         raise BrainsegError(
@@ -225,17 +204,13 @@ def safe_extract(
             if declared is not None and declared > max_members:  # before listing them all
                 raise _reject(archive, f"{declared} members (limit {max_members})")
             with zipfile.ZipFile(archive) as zf:
-                members = _zip_members(zf, archive, max_ratio, ratio_min_bytes)
-                _check_sizes(
-                    archive, members, max_total, max_ratio, ratio_min_bytes, max_members, dest
-                )
+                members = _zip_members(zf, archive, lim)
+                _check_sizes(archive, members, dest, lim)
                 _write_members(members, dest, archive, zf.open)
         else:
             with tarfile.open(archive, "r:*") as tf:
-                members = _tar_members(tf, archive, dest, max_members, max_total)
-                _check_sizes(
-                    archive, members, max_total, max_ratio, ratio_min_bytes, max_members, dest
-                )
+                members = _tar_members(tf, archive, dest, lim)
+                _check_sizes(archive, members, dest, lim)
                 # Only regular files are written, and extractfile gives None only for others.
                 _write_members(
                     members, dest, archive, lambda ti: cast(IO[bytes], tf.extractfile(ti))
@@ -267,9 +242,7 @@ def _damaged(archive: Path, why: str) -> BrainsegError:
 
 
 def _zip_declared_count(path: Path) -> int | None:
-    """The member count a zip's end-of-central-directory record declares (zip64 too), read
-    from the file's tail; None when there is no such record (zipfile then says what is wrong).
-    """
+    """The member count a zip's end record declares (zip64 too), read before the listing."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         n = min(size, 22 + 0xFFFF + 20)  # the record, its longest comment, the zip64 locator
@@ -300,29 +273,21 @@ def safe_extract_zip(
     return safe_extract(zip, dest, **limits)
 
 
-def _check_sizes(
-    archive: Path,
-    members: list[_Member],
-    max_total: int,
-    max_ratio: float,
-    ratio_min_bytes: int,
-    max_members: int,
-    dest: Path,
-) -> None:
-    if len(members) > max_members:
-        raise _reject(archive, f"{len(members)} members (limit {max_members})")
+def _check_sizes(archive: Path, members: list[_Member], dest: Path, lim: _Limits) -> None:
+    if len(members) > lim.members:
+        raise _reject(archive, f"{len(members)} members (limit {lim.members})")
     total = sum(m.size for m in members)
-    if total > max_total:
+    if total > lim.total:
         raise _reject(
             archive,
-            f"it would expand to {fmt_bytes(total)}, more than the limit of {fmt_bytes(max_total)}",
+            f"it would expand to {fmt_bytes(total)}, more than the limit of {fmt_bytes(lim.total)}",
         )
     size = max(archive.stat().st_size, 1)
-    if total > ratio_min_bytes and total > max_ratio * size:
+    if total > lim.ratio_min_bytes and total > lim.ratio * size:
         raise _reject(
             archive,
             f"it would expand {total / size:.0f}-fold (limit "
-            f"{max_ratio:.0f}): a decompression bomb?",
+            f"{lim.ratio:.0f}): a decompression bomb?",
         )
     probe = dest if dest.exists() else dest.parent
     check_free_space(probe, total, f"unpacking {archive.name}")

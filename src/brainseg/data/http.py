@@ -1,20 +1,13 @@
 """Resumable HTTP downloads with checksums and a bounded retry policy; Kaggle credentials.
 
-Only the standard library (urllib) at module level. The download is written to
-``<dest>.part`` and renamed to ``<dest>`` only once every byte has arrived (and the checksum,
-when given, matches): the ``.part`` name is the temporary name of the atomic write, kept
-between runs on purpose so an interrupted download resumes with an HTTP ``Range`` request. A
-small ``<dest>.part.json`` beside it remembers the URL and the server's validator (ETag /
-Last-Modified, sent back as ``If-Range``) so a resume never splices bytes of two files.
-With ``record=True`` (the LGG archive) that file stays after the download as its record (URL,
-size, SHA-256): it is how a later run tells brainseg's own download, which it may reuse or
-delete, from a user's file of the same name, which it never touches.
+The download goes to ``<dest>.part`` (kept between runs, so a resume sends ``Range``), renamed
+to ``<dest>`` once complete. ``<dest>.part.json`` holds the URL and ETag / Last-Modified (sent
+as ``If-Range``) so a resume never splices two files; with ``record=True`` it stays as the
+record (URL, size, SHA-256) that tells brainseg's own download from a user's file.
 
-What counts as transient (retried with exponential back-off, the budget counted per stall, not
-per download): timeouts, dropped or reset connections, HTTP 5xx / 429 (``Retry-After``
-honoured), a body shorter than announced; and, once the server has answered at least once in
-this run, any connection failure, "connection refused" included (a server restarting, as
-``curl --retry-connrefused`` treats it). A server never reached fails fast with one clear line.
+Transient (retried with back-off, the budget counted per stall): timeouts, dropped
+connections, HTTP 5xx / 429 (``Retry-After`` honoured), a short body; and, once the server has
+answered in this run, any connection failure. A server never reached fails fast.
 """
 
 from __future__ import annotations
@@ -26,14 +19,13 @@ import http.client
 import json
 import os
 import re
-import socket
 import ssl
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,10 +34,7 @@ from brainseg import console as con
 from brainseg.errors import BrainsegError, BrainsegRuntimeError, first_line
 from brainseg.fsutil import atomic_write_text, check_free_space, fmt_bytes, write_error
 
-KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
-KAGGLE_URL = f"https://www.kaggle.com/api/v1/datasets/download/{KAGGLE_DATASET}"
-#: Hosts that receive Kaggle credentials by default (a mirror gets them only with kaggle_auth).
-KAGGLE_HOSTS = frozenset({"www.kaggle.com", "kaggle.com"})
+KAGGLE_URL = "https://www.kaggle.com/api/v1/datasets/download/mateuszbuda/lgg-mri-segmentation"
 
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 1.0  # seconds; the n-th retry waits backoff * 2**(n-1), at most MAX_DELAY
@@ -55,19 +44,14 @@ CHUNK = 1 << 20
 MiB = 2**20
 USER_AGENT = f"brainseg/{__version__} (+python-urllib)"
 
-_HEX = re.compile(r"^[0-9a-f]+$")
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 #: Failures to open a connection that are retried even before the server ever answered.
 _ALWAYS_TRANSIENT = (
     TimeoutError,
-    socket.timeout,
     ConnectionResetError,
     ConnectionAbortedError,
     http.client.HTTPException,
 )
-
-
-# --------------------------------------------------------------------------- credentials
 
 
 @dataclass(frozen=True)
@@ -75,22 +59,13 @@ class KaggleCredentials:
     """A Kaggle user name and API key, and where they came from (for the status line)."""
 
     username: str
-    key: str
+    key: str = field(repr=False)  # never printed
     source: str
 
     def header(self) -> str:
         """The value of the HTTP basic ``Authorization`` header."""
         token = base64.b64encode(f"{self.username}:{self.key}".encode()).decode("ascii")
         return f"Basic {token}"
-
-    def __repr__(self) -> str:  # never print the key
-        return f"KaggleCredentials(username={self.username!r}, key='***', source={self.source!r})"
-
-
-def kaggle_config_path() -> Path:
-    """``$KAGGLE_CONFIG_DIR/kaggle.json`` or ``~/.kaggle/kaggle.json`` (as the Kaggle CLI)."""
-    cfg = os.environ.get("KAGGLE_CONFIG_DIR")
-    return (Path(cfg) if cfg else Path.home() / ".kaggle") / "kaggle.json"
 
 
 def kaggle_credentials() -> KaggleCredentials | None:
@@ -101,7 +76,8 @@ def kaggle_credentials() -> KaggleCredentials | None:
     if user or key:
         missing = "KAGGLE_KEY" if user else "KAGGLE_USERNAME"
         con.warn(f"{missing} is not set, so the other Kaggle variable is ignored")
-    path = kaggle_config_path()
+    cfg = os.environ.get("KAGGLE_CONFIG_DIR")  # as the Kaggle CLI
+    path = (Path(cfg) if cfg else Path.home() / ".kaggle") / "kaggle.json"
     if not path.is_file():
         return None
     hint = (
@@ -123,20 +99,17 @@ def kaggle_credentials() -> KaggleCredentials | None:
 def is_kaggle_url(url: str) -> bool:
     """True for https URLs on kaggle.com: only these get credentials unless asked otherwise."""
     p = urllib.parse.urlsplit(url)
-    return p.scheme == "https" and (p.hostname or "").lower() in KAGGLE_HOSTS
+    return p.scheme == "https" and (p.hostname or "").lower() in ("www.kaggle.com", "kaggle.com")
 
 
-# --------------------------------------------------------------------------- checksums
-
-
-def normalize_sha256(value: str | None, what: str = "--sha256") -> str | None:
+def normalize_sha256(value: str | None) -> str | None:
     """Lower-case hex, 8 to 64 digits (a prefix is accepted, as torch.hub does)."""
     if value is None:
         return None
     v = value.strip().lower().removeprefix("sha256:")
-    if not (8 <= len(v) <= 64 and _HEX.match(v)):
+    if not re.fullmatch(r"[0-9a-f]{8,64}", v):
         raise BrainsegError(
-            f"{what} {value!r} is not a SHA-256 hex digest",
+            f"--sha256 {value!r} is not a SHA-256 hex digest",
             hint="give the 64 hex digits printed by `sha256sum FILE` "
             "(a prefix of at least 8 digits is accepted)",
         )
@@ -152,18 +125,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- retry policy
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently a download is retried.
-
-    ``retries`` failures in a row without a new byte end the download; each retry waits
-    ``backoff * 2**(n-1)`` seconds (or the server's ``Retry-After``), at most ``MAX_DELAY``.
-    ``timeout`` is the most seconds without any byte from the server. ``sleep`` is the wait
-    (tests pass their own to act while the client waits).
-    """
+    """How often and how patiently a download is retried (``sleep``: tests pass their own)."""
 
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF
@@ -183,7 +147,6 @@ class _Transient(Exception):
 
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.retry_after = retry_after
 
 
@@ -229,9 +192,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-# --------------------------------------------------------------------------- URLs, records
-
-
 def check_url(url: str, what: str = "--url") -> str:
     """``url`` when it is an http(s) URL with a host; else a usage error naming it."""
     hint = "give the http:// or https:// address of the file (or --from-file for a local one)"
@@ -253,11 +213,7 @@ def record_path(dest: Path) -> Path:
 
 
 def download_record(dest: Path) -> dict[str, Any] | None:
-    """The record of a finished download of ``dest`` by brainseg, if it matches the file.
-
-    None when ``dest`` is not a regular file, has no record, or differs from what was
-    downloaded (size or SHA-256): then brainseg did not make this file and must not touch it.
-    """
+    """The record of brainseg's download of ``dest`` if it still matches (else: hands off)."""
     info = _read_meta(record_path(dest))
     if not info.get("complete") or dest.is_symlink() or not dest.is_file():
         return None
@@ -270,9 +226,6 @@ def forget_download(dest: Path) -> None:
     """Delete brainseg's download ``dest`` and its record."""
     dest.unlink(missing_ok=True)
     record_path(dest).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- fetch
 
 
 def http_fetch(
@@ -290,24 +243,14 @@ def http_fetch(
     record: bool = False,
 ) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part``, resuming and retrying; return ``dest``.
-
-    ``headers`` are sent with every request; an ``Authorization`` header is not forwarded
-    when the server redirects elsewhere (Kaggle redirects to signed storage URLs). ``sha256``
-    (full digest or a prefix of at least 8 hex digits) is checked before the rename; on a
-    mismatch the download is deleted so it is not resumed. Transient failures (see the module
-    docstring) are retried up to ``retries`` times without progress, waiting
-    ``backoff * 2**(n-1)`` seconds; an existing ``dest`` is replaced. A ``dest.part`` without
-    the ``.part.json`` brainseg writes beside it is not brainseg's and is refused, never
-    deleted. With ``record`` the ``.part.json`` is kept as the download's record
-    (:func:`download_record`).
+    ``Authorization`` is not forwarded to a redirect (Kaggle redirects to signed storage URLs).
     """
     check_url(url, "URL")
     dest = Path(dest)
     expected = normalize_sha256(sha256)
-    policy = RetryPolicy(retries, backoff, timeout, sleep)
     fetch = _Fetch(url, dest, dict(headers or {}), timeout, from_file_hint, auth_hint)
     fetch.prepare()
-    _retry_loop(fetch, policy)
+    _retry_loop(fetch, RetryPolicy(retries, backoff, timeout, sleep))
     fetch.finish(expected, record)
     return dest
 
@@ -321,7 +264,6 @@ def _retry_loop(fetch: _Fetch, policy: RetryPolicy) -> None:
             return
         except _Restart:
             fetch.part.unlink(missing_ok=True)
-            continue
         except _Transient as exc:
             size = _size(fetch.part)
             if size > high:  # progress: the retry budget is per stall, not per download
@@ -330,7 +272,7 @@ def _retry_loop(fetch: _Fetch, policy: RetryPolicy) -> None:
             if failures > policy.retries:
                 raise fetch.gave_up(exc, failures, size) from exc
             delay = policy.delay(failures, exc.retry_after)
-            con.warn(f"{exc.reason}; retry {failures}/{policy.retries} in {delay:.0f} s")
+            con.warn(f"{exc}; retry {failures}/{policy.retries} in {delay:.0f} s")
             policy.sleep(delay)
 
 
@@ -375,14 +317,12 @@ class _Fetch:
             self.part.unlink()
 
     def gave_up(self, exc: _Transient, failures: int, size: int) -> BrainsegRuntimeError:
-        kept = (
-            f"; {fmt_bytes(size)} kept in {self.part}, run the command again to resume"
-            if size
-            else ""
-        )
+        kept = ""
+        if size:
+            kept = f"; {fmt_bytes(size)} kept in {self.part}, run the command again to resume"
         tries = f"{failures} attempt{'s' if failures != 1 else ''}"
         return BrainsegRuntimeError(
-            f"download of {self.url} failed after {tries}: {exc.reason}",
+            f"download of {self.url} failed after {tries}: {exc}",
             hint=f"try again later{kept}, or fetch the file elsewhere and pass "
             f"{self.from_file_hint}",
         )
@@ -411,8 +351,6 @@ class _Fetch:
             ) from exc
         if not record:
             meta.unlink(missing_ok=True)
-
-    # ---- one attempt
 
     def _request(self, offset: int) -> urllib.request.Request:
         req = urllib.request.Request(
@@ -464,12 +402,10 @@ class _Fetch:
         text = getattr(reason, "strerror", None) or str(reason)
         if self.contacted and isinstance(reason, OSError):  # refused, unreachable: a blip
             return _Transient(f"cannot reach {self.url} ({text}), which answered before")
-        kept = (
-            f"; the partial download ({fmt_bytes(offset)} in {self.part}) is kept and resumes "
-            "on the next try"
-            if offset
-            else ""
-        )
+        kept = ""
+        if offset:
+            kept = f"; the partial download ({fmt_bytes(offset)} in {self.part}) is kept and "
+            kept += "resumes on the next try"
         return BrainsegRuntimeError(
             f"cannot reach {self.url} ({text}); without network access use {self.from_file_hint}",
             hint=f"check the network connection or proxy settings (HTTPS_PROXY){kept}",
@@ -498,8 +434,6 @@ class _Fetch:
             f"HTTP {code} {exc.reason} from {url}", hint=f"check the URL, or use {hint}"
         )
 
-    # ---- the body
-
     def _mode(self, resp: Any, offset: int) -> tuple[str, int | None]:
         """``("ab", total)`` to append at ``offset``, ``("wb", total)`` to start over."""
         start, range_total = _parse_content_range(resp.headers.get("Content-Range"))
@@ -519,21 +453,13 @@ class _Fetch:
             return "wb", _int_header(resp.headers, "Content-Length")
         raise BrainsegRuntimeError(f"unexpected HTTP {resp.status} {resp.reason} from {self.url}")
 
-    def _remember(self, resp: Any, total: int | None) -> None:
-        """Write ``.part.json``: the URL and validator a later resume must match."""
-        info = {
-            "url": self.url,
-            "total": total,
-            "etag": resp.headers.get("ETag"),
-            "last_modified": resp.headers.get("Last-Modified"),
-        }
-        atomic_write_text(self.meta, json.dumps(info))
-
     def _receive(self, resp: Any, offset: int) -> None:
         mode, total = self._mode(resp, offset)
-        if mode == "wb":
+        if mode == "wb":  # remember the URL and validator a later resume must match
             offset = 0
-            self._remember(resp, total)
+            etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+            info = {"url": self.url, "total": total, "etag": etag, "last_modified": modified}
+            atomic_write_text(self.meta, json.dumps(info))
         length = _int_header(resp.headers, "Content-Length")
         body = (total - offset) if total is not None else length
         if body:
@@ -557,7 +483,16 @@ class _Fetch:
             mib_total, desc, unit="MiB", plain_every=max(1, (mib_total or 0) // 10)
         ) as bar:
             while chunk := self._read(resp, f, offset + received):
-                self._write(f, chunk)
+                try:
+                    f.write(chunk)
+                except OSError as exc:
+                    raise write_error(
+                        self.part,
+                        exc,
+                        kept="the partial download is kept",
+                        hint=None,
+                        full_hint="free some space and run the command again to resume",
+                    ) from exc
                 received += len(chunk)
                 if received // MiB > shown:
                     bar.advance(received // MiB - shown)
@@ -571,20 +506,8 @@ class _Fetch:
             # read1: what has arrived (up to CHUNK), so the bytes received before a stall
             # are kept and the retry resumes after them (read() would drop them)
             return resp.read1(CHUNK) if hasattr(resp, "read1") else resp.read(CHUNK)  # type: ignore[no-any-return]
-        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:  # timeouts, resets included
             f.flush()
             raise _Transient(
                 f"connection to {self.url} lost after {fmt_bytes(at)}: {exc or 'timed out'}"
-            ) from exc
-
-    def _write(self, f: IO[bytes], chunk: bytes) -> None:
-        try:
-            f.write(chunk)
-        except OSError as exc:
-            raise write_error(
-                self.part,
-                exc,
-                kept="the partial download is kept",
-                hint=None,
-                full_hint="free some space and run the command again to resume",
             ) from exc

@@ -31,20 +31,6 @@ SUBSETS = ("train", "val", "test")
 #: What ``--subset`` of eval and score accepts.
 EVAL_SUBSETS: tuple[str, ...] = ("val", "test", "train", "all")
 FORMAT_VERSION = 1
-#: The keys a split file may hold (Split.to_dict writes them all; others are refused).
-KEYS = (
-    "format",
-    "created_by",
-    "seed",
-    "dataset_hash",
-    "patients",
-    "val_fraction",
-    "test_fraction",
-    "n_folds",
-    "counts",
-    "subsets",
-    "folds",
-)
 _MAKE_HINT = "make a split with `brainseg split DATA -o {path}`"
 
 
@@ -52,9 +38,8 @@ _MAKE_HINT = "make a split with `brainseg split DATA -o {path}`"
 class Split:
     """A patient-level split: ``subsets`` maps train / val / test to patient ids.
 
-    With K folds, ``folds[k]`` is ``{"train": [...], "val": [...]}`` (k from 0), every
-    non-test patient is in exactly one fold's ``val``, and ``subsets`` train / val equal
-    fold 0 so that code which ignores folds still gets a sensible split.
+    With K folds every non-test patient is in exactly one fold's ``val``, and ``subsets``
+    train / val equal fold 0 so that code which ignores folds still gets a sensible split.
     """
 
     seed: int
@@ -81,10 +66,7 @@ class Split:
         return f"split {self.source}" if self.source else "the split"
 
     def patients(self, subset: str, fold: int | None = None) -> list[str]:
-        """Patient ids of ``subset`` ("train", "val" or "test"), of fold ``fold`` if given.
-
-        The test subset is held out of every fold, so ``patients("test", k)`` is the test set.
-        """
+        """Patient ids of ``subset``, of ``fold`` if given (test is held out of every fold)."""
         if subset not in SUBSETS:
             raise BrainsegError(
                 f"unknown subset {subset!r} in {self.name}; expected one of {', '.join(SUBSETS)}",
@@ -96,11 +78,7 @@ class Split:
         return list(self.folds[fold][subset])
 
     def check_fold(self, fold: int | None) -> None:
-        """The one fold check (split, train, eval): refuse a fold this split does not have.
-
-        ``None`` (no fold asked for) is always fine; otherwise the split must have folds and
-        ``fold`` must be an integer from 0 to ``n_folds - 1``.
-        """
+        """The one fold check (split, train, eval): refuse a fold this split does not have."""
         if fold is None:
             return
         if not self.folds:
@@ -119,13 +97,12 @@ class Split:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML / JSON form (see docs/splits.md)."""
-        n = len(self.all_patients)
         return {
             "format": FORMAT_VERSION,
             "created_by": f"brainseg {__version__}",
             "seed": int(self.seed),
             "dataset_hash": self.dataset_hash,
-            "patients": n,
+            "patients": len(self.all_patients),
             "val_fraction": round(float(self.val_fraction), 6),
             "test_fraction": round(float(self.test_fraction), 6),
             "n_folds": self.n_folds,
@@ -135,9 +112,12 @@ class Split:
         }
 
 
+#: The keys a split file may hold: those Split.to_dict writes (others are refused).
+KEYS = tuple(Split(0, "", 0.0, 0.0, {}).to_dict())
+
+
 def _ids(values: Iterable[object]) -> str:
-    """Ids / keys for a one-line message: as they are, or quoted (repr) when they hold a
-    newline or another unprintable character, so a message never spans two lines."""
+    """Ids for a message, quoted (repr) when unprintable so a message never spans two lines."""
     return ", ".join(v if isinstance(v, str) and v.isprintable() else repr(v) for v in values)
 
 
@@ -147,12 +127,8 @@ def dataset_hash(patient_ids: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- make
-
-
 def check_options(val_fraction: float, test_fraction: float, folds: int | None) -> None:
-    """Validate the fractions and fold count before any work (the patient count is
-    checked later by :func:`make_split`)."""
+    """Validate the fractions and fold count before any work (patients are counted later)."""
 
     def num(x: object) -> bool:
         return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
@@ -210,11 +186,9 @@ def make_split(
 ) -> Split:
     """A patient-level split of the patients in ``burden`` (patient id -> tumour burden).
 
-    The burden (e.g. the number of tumour slices) is only used to stratify: patients are
-    sorted by it, cut into strata, and one patient per stratum is drawn (seeded) for the
-    test and validation subsets, so every subset spans small to large tumours. With
-    ``folds=K`` the non-test patients are dealt into K folds the same way (each block of K
-    consecutive patients is shuffled across the folds); ``val_fraction`` is then 1/K.
+    The burden only stratifies: one patient per stratum of the sorted burdens is drawn
+    (seeded) for test and val, so every subset spans small to large tumours. With ``folds=K``
+    the non-test patients are dealt into K folds (``val_fraction`` is then 1/K).
     """
     ids = sorted(str(p) for p in burden)
     n = len(ids)
@@ -263,8 +237,7 @@ def make_split(
 
 
 def _deal_folds(rest: list[str], k: int, rng: np.random.Generator) -> list[dict[str, list[str]]]:
-    """``k`` folds of ``rest`` (ordered by burden): each block of ``k`` consecutive patients
-    is shuffled across the folds, so every fold's val spans small to large tumours."""
+    """``k`` folds of ``rest``: each block of ``k`` (by burden) is shuffled across the folds."""
     if not 2 <= k <= len(rest):
         raise BrainsegError(
             f"--folds must be between 2 and the number of non-test patients ({len(rest)}), got {k}",
@@ -281,9 +254,6 @@ def _deal_folds(rest: list[str], k: int, rng: np.random.Generator) -> list[dict[
         }
         for f in range(k)
     ]
-
-
-# --------------------------------------------------------------------------- save / load
 
 
 def to_yaml(split: Split) -> str:
@@ -309,10 +279,7 @@ def _fix_hint(path: Path) -> str:
 
 
 def _fail(path: Path, what: str) -> BrainsegError:
-    return BrainsegError(
-        f"invalid split file {path}: {what}",
-        hint=_fix_hint(path),
-    )
+    return BrainsegError(f"invalid split file {path}: {what}", hint=_fix_hint(path))
 
 
 def _id_list(path: Path, value: object, where: str) -> list[str]:
@@ -373,39 +340,36 @@ def _load_subsets(path: Path, subs: object) -> dict[str, list[str]]:
     return subsets
 
 
-def _load_fold(
-    path: Path, k: int, f: object, subsets: dict[str, list[str]]
-) -> dict[str, list[str]]:
-    """``folds[k]``: train and val lists that split exactly the non-test patients."""
-    if not isinstance(f, dict) or "train" not in f or "val" not in f:
-        raise _fail(path, f"folds[{k}] must be a mapping with train and val lists")
-    tr = _id_list(path, f["train"], f"folds[{k}].train")
-    va = _id_list(path, f["val"], f"folds[{k}].val")
-    both = sorted(set(tr) & set(va))
-    if both:
-        raise _fail(path, f"patient {_ids(both[:1])} is in both train and val of fold {k}")
-    leak = sorted((set(tr) | set(va)) & set(subsets["test"]))
-    if leak:
-        raise _fail(path, f"test patient {_ids(leak[:1])} is also in fold {k}")
-    if set(tr) | set(va) != set(subsets["train"]) | set(subsets["val"]):
-        raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
-    return {"train": tr, "val": va}
-
-
 def _load_folds(
     path: Path, raw: object, subsets: dict[str, list[str]]
 ) -> list[dict[str, list[str]]]:
-    """``folds``: a list of folds whose val lists hold every non-test patient exactly once."""
+    """``folds``: train / val lists that each split exactly the non-test patients, every one of
+    them in exactly one fold's val."""
     if not isinstance(raw, list):
         raise _fail(path, "folds must be a list of {train: [...], val: [...]}")
-    folds = [_load_fold(path, k, f, subsets) for k, f in enumerate(raw)]
+    non_test = set(subsets["train"]) | set(subsets["val"])
+    folds: list[dict[str, list[str]]] = []
+    for k, f in enumerate(raw):
+        if not isinstance(f, dict) or "train" not in f or "val" not in f:
+            raise _fail(path, f"folds[{k}] must be a mapping with train and val lists")
+        tr = _id_list(path, f["train"], f"folds[{k}].train")
+        va = _id_list(path, f["val"], f"folds[{k}].val")
+        both = sorted(set(tr) & set(va))
+        if both:
+            raise _fail(path, f"patient {_ids(both[:1])} is in both train and val of fold {k}")
+        leak = sorted((set(tr) | set(va)) & set(subsets["test"]))
+        if leak:
+            raise _fail(path, f"test patient {_ids(leak[:1])} is also in fold {k}")
+        if set(tr) | set(va) != non_test:
+            raise _fail(path, f"fold {k} does not cover the same patients as subsets train + val")
+        folds.append({"train": tr, "val": va})
     in_val: dict[str, int] = {}
     for k, fold in enumerate(folds):
         for p in fold["val"]:
             if p in in_val:
                 raise _fail(path, f"patient {_ids([p])} is in the val of folds {in_val[p]} and {k}")
             in_val[p] = k
-    left = sorted((set(subsets["train"]) | set(subsets["val"])) - set(in_val))
+    left = sorted(non_test - set(in_val))
     if folds and left:
         raise _fail(path, f"patient {_ids(left[:1])} is in no fold's val")
     return folds
@@ -458,12 +422,11 @@ def load_split(path: str | os.PathLike[str]) -> Split:
 
 def check_split(split: Split, patient_ids: Iterable[str]) -> None:
     """Refuse a split that does not belong to this dataset (other patients, other hash)."""
-    ids = sorted({str(p) for p in patient_ids})
+    have = {str(p) for p in patient_ids}
     redo = (
         "make a split for this dataset with `brainseg split DATA -o FILE` (--force to "
         "replace the old file)"
     )
-    have = set(ids)
     missing = [p for p in split.all_patients if p not in have]
     if missing:
         shown = _ids(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
@@ -471,7 +434,7 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
             f"{len(missing)} patient(s) of {split.name} are not in the dataset: {shown}",
             hint=redo,
         )
-    current = dataset_hash(ids)
+    current = dataset_hash(have)
     if current != split.dataset_hash:
         extra = sorted(have - set(split.all_patients))
         detail = ""
@@ -487,15 +450,9 @@ def check_split(split: Split, patient_ids: Iterable[str]) -> None:
         )
 
 
-# --------------------------------------------------------------------------- the split job
-
-
 @dataclass
 class SplitOptions:
-    """What ``brainseg split`` does: read ``data``, write the split to ``output``.
-
-    ``val_fraction`` None means 0.2 for a plain split; it cannot be given with ``folds``.
-    """
+    """What ``brainseg split`` does (``val_fraction`` None: 0.2; not allowed with ``folds``)."""
 
     data: Path
     output: Path
@@ -549,29 +506,20 @@ def check_split_options(opts: SplitOptions) -> float:
 
 
 def make_split_file(opts: SplitOptions) -> SplitResult:
-    """The ``brainseg split`` job: load the dataset (through the cache), make a split
-    stratified by tumour slices per patient, save it atomically, and summarise it."""
-
+    """The ``brainseg split`` job: a split stratified by tumour slices, saved and summarised."""
     val_fraction = check_split_options(opts)
     arrays = load_dataset(opts.data, skip_bad=opts.skip_bad, cache_dir=opts.cache_dir)
     n_slices = arrays.slices_per_patient()
     n_tumor = arrays.tumor_slices_per_patient()
-    split = make_split(
-        n_tumor,
-        val_fraction=val_fraction,
-        test_fraction=opts.test_fraction,
-        folds=opts.folds,
-        seed=opts.seed,
-    )
+    split = make_split(n_tumor, val_fraction, opts.test_fraction, opts.folds, opts.seed)
     if str(opts.output) != "-":
         save_split(split, opts.output, force=opts.force)
 
     def row(name: str, patients: list[str]) -> dict[str, Any]:
         s = sum(n_slices[p] for p in patients)
         t = sum(n_tumor[p] for p in patients)
-        frac = t / s if s else 0.0
         return {"name": name, "patients": len(patients), "slices": s, "tumor_slices": t,
-                "tumor_slice_fraction": frac}  # fmt: skip
+                "tumor_slice_fraction": t / s if s else 0.0}  # fmt: skip
 
     if split.folds:
         rows = [row(f"fold {k} val", f["val"]) for k, f in enumerate(split.folds)]
@@ -586,11 +534,7 @@ def make_split_file(opts: SplitOptions) -> SplitResult:
 def select_patients(
     patient_ids: Sequence[str], split_path: Path | None, subset: str | None, fold: int | None
 ) -> tuple[list[str], dict[str, Any]]:
-    """The patients to evaluate and a description of the choice (for summary.json).
-
-    Without a split every patient is evaluated; with one, ``subset`` (default val) of
-    ``fold`` (if the split has folds).
-    """
+    """The patients to evaluate (all, or a split's subset) and how they were chosen."""
     if subset is not None and subset not in EVAL_SUBSETS:
         raise BrainsegError(
             f"unknown subset {subset!r}", hint=f"use one of: {', '.join(EVAL_SUBSETS)}"
