@@ -18,7 +18,7 @@ import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from itertools import chain, islice
 from pathlib import Path, PurePosixPath
@@ -93,14 +93,9 @@ def walk_images(
 ) -> Iterator[Path]:
     """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
 
-    Symlinked folders are followed, but a folder already visited (a link loop, or one folder
-    reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
-    are skipped; inside the ``outputs`` folders (predict's -o) files named like predict's
-    outputs are counted in ``stats.earlier_outputs``, the other files there are inputs as
-    anywhere else. Only regular files are images (a FIFO named ``x.png`` would block a reader
-    forever): others go to ``stats.irregular``; with ``count_other``, files of a type that
-    cannot be read go to ``stats.other_types``, except a dataset's known side files
-    (:data:`SIDE_FILE`).
+    Linked folders are followed but never entered twice (link loops); hidden entries
+    (macOS ``._x.tif``) are skipped; what is left out is counted in ``stats`` (see
+    :func:`_file_kind`).
     """
     outs = [os.path.realpath(d) for d in outputs]
     seen: set[tuple[int, int]] = set()
@@ -209,11 +204,8 @@ class InputStats:
 
 
 def read_stdin_lines(buf: Any = None) -> Iterator[str]:
-    """The lines of stdin as file names, lazily: read as bytes and decoded as the OS decodes
-    names (invalid UTF-8 kept as the bytes it names, whatever the locale's stdin encoding),
-    a line longer than :data:`MAX_PATH_BYTES` cut to one byte more without being held whole
-    (so :func:`_stdin_lines` reports it as too long). ``buf`` is a binary stream (default
-    ``sys.stdin.buffer``); a text stdin without one (a test's StringIO) is read as text."""
+    """The lines of stdin as file names, decoded as the OS decodes names (whatever the
+    locale); a line over :data:`MAX_PATH_BYTES` is cut to one byte more, never held whole."""
     buf = buf if buf is not None else getattr(sys.stdin, "buffer", None)
     if buf is None:
         yield from sys.stdin
@@ -233,9 +225,8 @@ def read_stdin_lines(buf: Any = None) -> Iterator[str]:
 
 
 def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
-    """(path, error) per non-empty line of stdin (:func:`read_stdin_lines` by default):
-    lines over :data:`MAX_PATH_BYTES` and lines with a NUL byte come back as errors, and the
-    run goes on."""
+    """(path, error) per non-empty line of stdin: a line too long or with a NUL byte is an
+    error row, and the run goes on."""
     for n, line in enumerate(stream if stream is not None else read_stdin_lines(), 1):
         name = line.rstrip("\r\n")
         if not name.strip():
@@ -249,21 +240,16 @@ def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
         elif "\0" in name:
             yield (
                 one_line(name),
-                (f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can"),
+                f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can",
             )
         else:
             yield name, ""
 
 
 def iter_inputs(opts: PredictOptions, stats: InputStats | None = None) -> Iterator[InputFile]:
-    """Every input image of ``opts.inputs``, lazily, in order: arguments in the order given,
-    folders and globs in sorted order, ``-`` as one path per line of ``opts.stdin``.
-
-    Ground-truth masks (``*_mask.*``) are left out wherever they come from (folders, globs,
-    stdin; a mask named as an argument is refused by :func:`check_inputs`) unless
-    ``opts.include_masks``; ``stats`` counts them and the files of other types in folders.
-    Inside ``opts.out_dir`` files named like predict's outputs are not inputs.
-    """
+    """Every input image of ``opts.inputs``, lazily: arguments in the order given, folders
+    and globs sorted, ``-`` a path per line of ``opts.stdin``; ground-truth masks are left
+    out (and counted in ``stats``) unless ``opts.include_masks``."""
     stats = stats if stats is not None else InputStats()
     outputs = [opts.out_dir]
 
@@ -325,21 +311,6 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
 # --------------------------------------------------------------------------- batch engine
 
 
-SUMMARY_COLUMNS = (
-    "path",
-    "output",
-    "status",
-    "tumor_pixels",
-    "tumor_fraction",
-    "max_probability",
-    "has_tumor",
-    "height",
-    "width",
-    "error",
-    "runtime",
-)
-
-
 #: Mask formats of image files; the first is the default.
 IMAGE_FORMATS = ("tif", "png")
 
@@ -369,6 +340,10 @@ class FileResult:
     def row(self) -> dict[str, Any]:
         """The summary columns as a dict (JSON-able)."""
         return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
+
+
+#: The summary's columns: every field but the notes (warned about, not kept).
+SUMMARY_COLUMNS = tuple(f.name for f in fields(FileResult) if f.name != "notes")
 
 
 @dataclass
@@ -481,7 +456,6 @@ class ImageFormat:
             _check_regular(item.path)
             outs = check_outputs(item, self.opts, self.root)
             existing = [p for p in outs.all() if p.exists()]
-            overwrite = self.opts.force
             if existing:
                 if self.opts.skip_existing and len(existing) == len(outs.all()):
                     return self._skipped(item, outs)
@@ -490,7 +464,8 @@ class ImageFormat:
                         f"{existing[0]} already exists",
                         hint="pass --force to overwrite it or --skip-existing to keep it",
                     )
-                overwrite = True  # --skip-existing and an interrupted file: redo all of it
+            # --skip-existing and an interrupted file: redo all of it
+            overwrite = self.opts.force or bool(existing)
             loaded = imageio.load_image(item.path)
             image = loaded.array
             x, padded = imageio.to_model_input(image[None], self.size, pad=self.opts.pad)
@@ -516,22 +491,19 @@ class ImageFormat:
     # ---- write side (worker threads)
 
     def finish(self, prep: Prepared, prob: np.ndarray) -> FileResult:
-        opts = self.opts
-        image = prep.data
+        image, outs, force = prep.data, prep.outputs, prep.overwrite
         h, w = image.shape[:2]
         try:
             prob, mask = postprocess.mask_from_output(
                 prob[0], (h, w), self.post.threshold, self.post.min_size, padded=prep.padded
             )
-            force = prep.overwrite
-            outs = prep.outputs
             if outs.prob is not None:
                 imageio.write_probability(outs.prob, prob, force=force)
             if outs.overlay is not None:
-                imageio.write_overlay(
-                    outs.overlay, image, mask, channel=opts.overlay_channel, force=force
-                )
+                channel = self.opts.overlay_channel
+                imageio.write_overlay(outs.overlay, image, mask, channel=channel, force=force)
             imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
+
         except BrainsegRuntimeError:
             raise  # disk full, unwritable folder: stop the run
         except BrainsegError as exc:

@@ -1,22 +1,14 @@
 """DICOM Segmentation (SEG) out: a case's mask as a DICOM object that refers to its series.
 
-``brainseg predict MODEL CASES -o OUT --format dicom-seg`` writes, beside each case's NIfTI
-mask, ``OUT/<case>_seg.dcm``: a DICOM Segmentation made with highdicom that a PACS, 3D
-Slicer's DICOM module or OHIF shows on the series it was computed from:
+``--format dicom-seg`` writes, beside each case's NIfTI mask, ``OUT/<case>_seg.dcm``: a
+BINARY highdicom Segmentation with one segment "tumour" (:data:`CATEGORY`,
+:data:`PROPERTY_TYPE`, algorithm AUTOMATIC: brainseg, its version, the model file(s) and
+card name) that a PACS, 3D Slicer or OHIF shows on the case's FLAIR series (``--seg-series``
+names another): its patient, study, Frame of Reference and per frame the SOP Instance it lies
+on. Frames without tumour are omitted; an empty mask keeps every (empty) frame, since a
+Segmentation needs at least one.
 
-- BINARY segmentation, one segment "tumour", category SNOMED CT 49755003 "Morphologically
-  abnormal structure", type SNOMED CT 108369006 "Neoplasm", algorithm type AUTOMATIC with the
-  algorithm identification (brainseg, its version, the model file(s) and the model card's name);
-- the source series is the case's FLAIR series (:data:`REFERENCE_CHANNEL`; ``--seg-series``
-  names another contrast): its patient and
-  study, its Frame of Reference, and per frame the SOP Instance it lies on (Study / Series /
-  SOP Instance UIDs), with that image's position and orientation; new UIDs for the SEG;
-- frames without tumour are omitted (the standard allows it, and the referenced instances
-  still list the whole series); a mask without any tumour keeps every (empty) frame, since a
-  Segmentation needs at least one.
-
-The mask comes on the case's grid (:class:`brainseg.data.volumes.Grid`, the geometry SimpleITK read
-from the series, RAS affine); each source image is placed on that grid by its own
+Each source image is placed on the case's grid (SimpleITK's geometry, RAS affine) by its own
 ImagePositionPatient, never by file order or name. highdicom and pydicom are imported only
 when a SEG is written (``brainseg[volumes]``).
 """
@@ -97,10 +89,8 @@ def reference_series(case: Any, channel: str = REFERENCE_CHANNEL) -> Path:
 
 
 def check_cases(cases: Iterable[Any], channel: str = REFERENCE_CHANNEL) -> None:
-    """Before any work: every readable case has a DICOM series to refer to (else exit 2).
-
-    Cases already known to be bad (a missing contrast...) are left to their own error row.
-    """
+    """Before any work: every readable case has a DICOM series to refer to (else exit 2);
+    cases already known to be bad are left to their own error row."""
     for case in cases:
         if case.error and case.four_d is None and channel not in case.sources:
             continue
@@ -109,12 +99,8 @@ def check_cases(cases: Iterable[Any], channel: str = REFERENCE_CHANNEL) -> None:
 
 def check_installed() -> None:
     """A one-line error naming the extra when highdicom or pydicom is missing."""
-
     require("pydicom", "--format dicom-seg")
     require("highdicom", "--format dicom-seg")
-
-
-# --------------------------------------------------------------------------- the series
 
 
 def read_series(folder: Path) -> list[Any]:
@@ -145,12 +131,8 @@ def _lps(grid: Any) -> np.ndarray:
 
 
 def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.ndarray:
-    """N x Rows x Columns: the mask on each source image, in the order of ``datasets``.
-
-    ``mask`` is X x Y x Z on ``grid`` (x along a DICOM row, y down the columns, z across
-    slices, as SimpleITK read the series). Each image is placed by its ImagePositionPatient
-    mapped through the grid's inverse affine, and its orientation and size are checked.
-    """
+    """N x Rows x Columns: the mask (X x Y x Z on ``grid``, as SimpleITK read the series) on
+    each source image, placed by its ImagePositionPatient through the grid's inverse affine."""
     lps = _lps(grid)
     inv = np.linalg.inv(lps)
     cosines = lps[:3, :3] / np.linalg.norm(lps[:3, :3], axis=0)
@@ -196,12 +178,8 @@ def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.nd
     return frames
 
 
-# --------------------------------------------------------------------------- the object
-
-
 def algorithm_info(models: Sequence[Path | str], metadata: dict[str, Any] | None) -> dict[str, str]:
     """What the SEG says made it: brainseg's version, the model file(s), the card's name."""
-
     meta = dict(metadata or {})
     card = meta.get("model_card")
     if not isinstance(card, dict):
@@ -242,8 +220,8 @@ def build_seg(mask: np.ndarray, grid: Any, datasets: Sequence[Any], info: dict[s
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEGMENT_LABEL,
-        segmented_property_category=Code(CATEGORY[0], CATEGORY[1], CATEGORY[2]),
-        segmented_property_type=Code(PROPERTY_TYPE[0], PROPERTY_TYPE[1], PROPERTY_TYPE[2]),
+        segmented_property_category=Code(*CATEGORY),
+        segmented_property_type=Code(*PROPERTY_TYPE),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )

@@ -1,16 +1,11 @@
 """The one case pipeline behind ``brainseg predict`` and eval's masks: read ahead, infer in
 batches of slices, write behind.
 
-A case is a stack of co-registered slices (S x H x W x 3 uint8) and whatever its writer
-needs: a 2D image is a one-slice case (as nnU-Net reads 2D images as 3D with one slice), a
-NIfTI volume or DICOM series is its axial slices in LPS. What differs between them sits at
-the edges, in a :class:`CaseFormat` (:class:`brainseg.inference.batch.ImageFormat`,
-:class:`brainseg.inference.volume_predict.VolumeFormat`): how a case is read and checked, how its
-probabilities become a mask (2D components per image, 3D components per volume), which
-files it writes and the summary row it gives. Everything between (thread pools, the memory
-budget, batching slices across cases, the model call, results in input order, the writes
-kept on Ctrl-C) is :class:`Engine`, once, and every kind's summary is written by
-:class:`SummaryWriter`.
+A case is a stack of co-registered slices (S x H x W x 3 uint8): a 2D image is a one-slice
+case (as nnU-Net reads 2D images), a volume its axial slices in LPS. What differs between
+kinds (reading, post-processing, files written, the summary row) sits at the edges, in a
+:class:`CaseFormat`; everything between (thread pools, the memory budget, batching, results
+in input order, the writes kept on Ctrl-C) is :class:`Engine`, once.
 """
 
 from __future__ import annotations
@@ -54,10 +49,8 @@ READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class PredictOptions(InferenceSettings):
-    """One ``brainseg predict`` run (image files or volume cases): the shared
-    :class:`~brainseg.settings.InferenceSettings` plus what to read and write. The image-only
-    and volume-only fields are refused for the other kind by the command
-    (``cli.predict_volumes.refuse_options``)."""
+    """One ``brainseg predict`` run (image files or volume cases): the shared settings plus
+    what to read and write (the command refuses each kind's fields for the other)."""
 
     models: list[Path]  # the model, then any ensemble members (mean probability)
     inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
@@ -242,13 +235,9 @@ def ordered_map(
 
 
 class SummaryWriter:
-    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
-
-    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
-    the final name. Nothing is created until the first row. An existing summary is never
-    replaced by one that describes less: at ``close`` its rows for files this run did not
-    handle are kept (after this run's rows).
-    """
+    """Rows appended as they come (flushed), under a temporary name renamed at ``close``, so
+    a run that stops early still leaves its rows; an existing summary's rows for files this
+    run did not handle are kept (after this run's)."""
 
     def __init__(self, path: Path, fmt: str, columns: Sequence[str], key: str = "path") -> None:
         self.path = path
@@ -351,8 +340,7 @@ SUMMARY_FORMATS = ("csv", "jsonl")
 
 
 class CaseKind(Protocol):
-    """What a kind of input (image files, volume cases) brings to a predict run; the run
-    itself (checks, summary, lock, model, engine, Ctrl-C) is :func:`run_cases`', once."""
+    """What a kind of input (image files, volume cases) brings to :func:`run_cases`."""
 
     noun: str  # "file", "case": the unit of the progress bar and the messages
     key: str  # the summary column naming a row's input
@@ -370,8 +358,8 @@ class CaseKind(Protocol):
     def cases(
         self, opts: PredictOptions, shard: tuple[int, int] | None
     ) -> tuple[Iterable[Any], int | None]:
-        """This shard's inputs, checked as far as can be before the model loads (an input
-        that cannot be predicted is its result), and their number when it is cheap to know."""
+        """This shard's inputs (one that cannot be predicted is its result), and their
+        number when it is cheap to know."""
 
     def edges(self, opts: PredictOptions, predictor: Any) -> CaseFormat[Any]:
         """The pipeline's edges for this model (after the run's status line)."""
@@ -394,8 +382,7 @@ class RunOutcome:
 
 
 def check_run(opts: PredictOptions) -> tuple[PredictOptions, tuple[int, int] | None]:
-    """Refuse the options every predict run shares before anything is read; the options
-    (the summary format as named) and the shard."""
+    """Refuse the options every predict run shares before anything is read."""
     if opts.force and opts.skip_existing:
         raise BrainsegError(
             "--force and --skip-existing cannot be used together",
@@ -422,13 +409,9 @@ def check_summary(summary_path: Path, opts: PredictOptions) -> None:
 
 
 def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
-    """One ``brainseg predict`` run over image files or volume cases: check, load the model,
-    predict every case of this shard through the engine (or ``opts.runner``), write the
-    summary as results come, under the output folder's lock.
-
-    BrainsegError (exit 2) for bad options, inputs or models before anything is written;
-    an input that fails on its own is a row with status "error" and the run goes on.
-    """
+    """One ``brainseg predict`` run: check, load the model, predict this shard's cases
+    (through ``opts.runner`` if set), write the summary as results come, under the output
+    folder's lock; an input that fails on its own is an error row and the run goes on."""
     opts, shard = check_run(opts)
     opts = kind.check(opts)
     items, total = kind.cases(opts, shard)
@@ -469,8 +452,7 @@ class _Rows:
             return
         for r in [*(self.held or []), res]:
             self.writer.write(r)
-        if self.held:
-            self.held.clear()
+        self.held = None  # the first row is written: failures need not wait any more
 
 
 def _drive(

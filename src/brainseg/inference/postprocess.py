@@ -41,11 +41,8 @@ def _slice_structure(ndim: int) -> np.ndarray:
 
 
 def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop connected components smaller than ``min_size`` pixels, slice by slice (2D).
-
-    ``mask`` is H x W or ... x H x W (each H x W slice is handled on its own). Returns a
-    new boolean array; ``min_size <= 1`` returns the mask unchanged (as bool).
-    """
+    """Drop connected components smaller than ``min_size`` pixels, each H x W slice on its
+    own; a new boolean array (``min_size <= 1``: the mask unchanged)."""
     m = np.asarray(mask) != 0
     if min_size <= 1 or not m.any():
         return m.copy()
@@ -54,11 +51,8 @@ def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def label_slices(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Label the 2D components of every slice; returns ``(labels, sizes)``.
-
-    ``sizes[k]`` is the pixel count of label ``k`` (``sizes[0]``: background). Labelling
-    once and filtering with :func:`filter_labels` lets a tuning loop try many sizes cheaply.
-    """
+    """``(labels, sizes)`` of the 2D components of every slice (``sizes[0]``: background):
+    labelled once, a tuning loop tries many sizes with :func:`filter_labels` cheaply."""
     m = np.asarray(mask) != 0
     if m.ndim < 2:
         raise ValueError(f"expected H x W or N x H x W masks, got shape {m.shape}")
@@ -74,24 +68,15 @@ def filter_labels(labels: np.ndarray, sizes: np.ndarray, min_size: int) -> np.nd
 
 
 def keep_largest_3d(volume: np.ndarray) -> np.ndarray:
-    """Keep only the largest 3D connected component of a patient's stacked slices.
-
-    ``volume`` is S x H x W (slices in order) or a single H x W slice. Ties go to the
-    component met first in memory order. An empty volume stays empty.
-    """
+    """Keep only the largest 3D connected component of a patient's stacked slices (S x H x W,
+    or one H x W slice); ties go to the component met first in memory order."""
     v = np.asarray(volume) != 0
     out = np.zeros_like(v)
     if not v.any():
         return out
     # Label only the bounding box of the mask: same components, far less work when the
     # mask is small (the usual case for a tumor).
-    box = tuple(
-        slice(int(idx[0]), int(idx[-1]) + 1)
-        for idx in (
-            np.flatnonzero(v.any(axis=tuple(a for a in range(v.ndim) if a != ax)))
-            for ax in range(v.ndim)
-        )
-    )
+    box = ndimage.find_objects(v.astype(np.uint8))[0]
     sub = v[box]
     labels, n = ndimage.label(sub, structure=ndimage.generate_binary_structure(v.ndim, v.ndim))
     if n == 1:
@@ -113,11 +98,9 @@ def apply(
 ) -> np.ndarray:
     """Probabilities at the image's own size -> mask: the one rule eval, predict and export use.
 
-    Threshold, then remove 2D components under ``min_size`` pixels, then (``largest``) keep the
-    largest 3D component. ``prob`` is one H x W slice, one patient's S x H x W volume, or an
-    N x H x W stack of several patients' slices with ``groups`` (N,) naming each slice's patient
-    and ``order`` (N,) its slice number (the largest component is found per patient, never
-    across patients).
+    Threshold, remove 2D components under ``min_size`` pixels, then (``largest``) keep the
+    largest 3D component, per patient when ``groups`` (N,) names each slice's patient of an
+    N x H x W stack (``order``: its slice number).
     """
     mask = binarize(prob, threshold)
     if min_size > 1:
@@ -128,14 +111,9 @@ def apply(
 
 
 def proba_at_size(prob: np.ndarray, size: tuple[int, int], *, padded: bool = False) -> np.ndarray:
-    """A model's output probabilities (h x w or N x h x w) at the image's own ``size`` (H, W).
-
-    ``padded``: the image was zero-padded to the model input, so the result is cropped;
-    otherwise it was resized, and the probabilities are resized back (bilinear). Masks are
-    thresholded after this, never before, so a mask always equals its probability map
-    thresholded at any image size.
-    """
-
+    """A model's output probabilities (h x w or N x h x w) at the image's own ``size`` (H, W):
+    cropped when the image was ``padded``, else resized back (bilinear). Masks are thresholded
+    after this, so a mask always equals its probability map thresholded at any size."""
     p = np.asarray(prob, dtype=np.float32)
     h, w = int(size[0]), int(size[1])
     if padded:
@@ -155,13 +133,9 @@ def mask_from_output(
     *,
     padded: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, mask) at the image's own ``size`` from a model's output ``prob``.
+    """(probabilities, mask) at the image's own ``size`` from a model's output ``prob``:
+    what ``brainseg predict`` writes, eval scores and export's checks compare."""
 
-    :func:`proba_at_size` then :func:`apply`: what ``brainseg predict`` writes (``_prob.tif``
-    and ``_mask.tif``), what :meth:`brainseg.inference.predict.Predictor.predict_proba` +
-    :func:`apply`
-    give eval, and what export's checks compare.
-    """
     full = proba_at_size(prob, size, padded=padded)
     return full, apply(full, threshold, min_size)
 

@@ -1,21 +1,12 @@
 """Inference: a :class:`Predictor` over brainseg checkpoints or ONNX files.
 
-Backends, chosen per model file by its suffix and the ``runtime`` setting:
-
-- ``.safetensors``: PyTorch (imported lazily inside :class:`TorchBackend`), eval mode,
-  ``torch.inference_mode``, channels-last memory on CPU.
-- ``.onnx``: onnxruntime (:class:`OnnxBackend`) or OpenVINO
-  (:class:`brainseg.inference.runtimes.OpenVinoBackend`), + numpy only. torch is never imported on
-  that path (a test checks ``sys.modules``), so a CPU-only deployment needs neither torch
-  nor torchvision. ``runtime="auto"`` picks one for the CPU at hand
-  (:mod:`brainseg.inference.runtimes`).
+A ``.safetensors`` file runs with PyTorch (:class:`TorchBackend`, torch imported lazily), an
+``.onnx`` file with onnxruntime (:class:`OnnxBackend`) or OpenVINO
+(:mod:`brainseg.inference.runtimes`), numpy only: torch is never imported on that path (a
+test checks ``sys.modules``), so a CPU-only deployment needs neither torch nor torchvision.
 
 Several models form an ensemble: the mean of their probabilities. Test-time augmentation
 (TTA) is the mean of the probabilities of the image and of its horizontal and vertical flips.
-
-Probabilities come back at the image's own size
-(:func:`brainseg.inference.postprocess.proba_at_size`);
-the batch engine over files (``brainseg predict``) lives in :mod:`brainseg.inference.batch`.
 """
 
 from __future__ import annotations
@@ -68,8 +59,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from brainseg.inference.runtimes import RuntimeChoice
-
-# --------------------------------------------------------------------------- metadata
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -145,20 +134,17 @@ class OnnxBackend:
         try:
             self.props = dict(self.session.get_modelmeta().custom_metadata_map)
             self.metadata = metadata_from_props(self.props, path)
-            self._check_io(path)
+            ins, outs = self.session.get_inputs(), self.session.get_outputs()
+            check_onnx_io(
+                path,
+                [(i.name, i.type, i.shape) for i in ins],
+                [(o.name, o.type, o.shape) for o in outs],
+            )
         except (UnicodeDecodeError, RuntimeError) as exc:  # damaged names / metadata strings
             raise BrainsegError(
                 f"cannot read the metadata of ONNX model {path} ({type(exc).__name__})",
                 hint="is the file complete? re-export it with `brainseg export`",
             ) from exc
-
-    def _check_io(self, path: Path) -> None:
-        ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        check_onnx_io(
-            path,
-            [(i.name, i.type, i.shape) for i in ins],
-            [(o.name, o.type, o.shape) for o in outs],
-        )
         self.input_name = ins[0].name
         self.output_name = outs[0].name
 
@@ -220,11 +206,8 @@ def open_backend(
     threads: int = 0,
     batch_size: int = 8,
 ) -> Backend:
-    """The backend for one model file: PyTorch for a checkpoint; onnxruntime or OpenVINO for
-    an .onnx file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else ``auto``: the table of
-    :mod:`brainseg.inference.runtimes`). The backend's ``choice`` says what runs, at which
-    precision, why.
-    """
+    """The backend for one model file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else
+    ``auto``); its ``choice`` says what runs, at which precision, why."""
     p = check_model_file(path)
     suffix = p.suffix.lower()  # .onnx or .safetensors (MODEL_SUFFIXES)
     if int(threads) < 0:
@@ -274,11 +257,8 @@ def _check_content(path: Path, suffix: str) -> None:
 
 
 class Predictor:
-    """One model or an ensemble (mean probability) behind one ``predict_proba``.
-
-    ``metadata`` is the first model's (image_size, threshold, normalization, postprocess,
-    architecture, metrics...). Every model of an ensemble must share the image size.
-    """
+    """One model or an ensemble (mean probability) behind one ``predict_proba``; the
+    ``metadata`` is the first model's, and an ensemble's models share one image size."""
 
     def __init__(
         self,
@@ -314,8 +294,9 @@ class Predictor:
                 batch_size=self.batch_size,
             )
             for p in self.paths
-        ]  # each checked its metadata as it read it (settings.check_metadata)
+        ]  # each checked its metadata as it read it
         self.metadata: dict[str, Any] = {**self.backends[0].metadata, **(ensemble_settings or {})}
+
         sizes = {image_size_of(b.metadata) for b in self.backends}
         if len(sizes) > 1:
             raise BrainsegError(
@@ -367,12 +348,9 @@ class Predictor:
         return out
 
     def predict_proba(self, images: np.ndarray, *, pad: bool = False) -> np.ndarray:
-        """N x H x W x 3 uint8 -> N x H x W float32 tumor probabilities at the input size.
-
-        Images are resized (bilinear) to the model's image size and the probabilities back
-        (bilinear); with ``pad=True`` (or when the metadata has no image size) they are
-        zero-padded to multiples of 32 instead and the result is cropped.
-        """
+        """N x H x W x 3 uint8 -> N x H x W float32 tumor probabilities at the input size:
+        resized to the model's size and back (bilinear), or with ``pad`` (or no size in the
+        metadata) zero-padded to multiples of 32 and cropped."""
         images = _check_batch(images)
         n, h, w = images.shape[:3]
         if n == 0:

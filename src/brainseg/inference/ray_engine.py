@@ -1,23 +1,12 @@
 """The Ray Data engine of ``brainseg predict`` (``--engine ray``): the same run on a Ray cluster.
 
-The driver (the ``brainseg predict`` process) does everything the local engine does before
-and after the model runs, with the same code: option and input checks, the input walk
-(:func:`brainseg.inference.batch.iter_inputs`, so the same files are selected in the same order),
-``--shard``, the output-folder lock, :func:`brainseg.inference.batch.dedup_inputs`, the summary
-(:class:`brainseg.inference.pipeline.SummaryWriter`, rows in input order), ``--json`` lines and
-the exit
-code. Only the middle changes: the inputs become a Ray Dataset of paths, ``map_batches``
-sends them to an actor pool of predictors (a callable class: one model load per actor, one
-GPU per actor when the cluster has GPUs), and each actor predicts and writes its files with
-the local engine itself (:class:`brainseg.inference.pipeline.Engine`: read-ahead, batched inference,
-write-behind, the same writers), returning only the summary rows. Volume cases go the same
-way, a case per row, each through :class:`brainseg.inference.volume_predict.VolumeFormat`.
-
-Masks are therefore byte for byte those of the local engine, and ``--skip-existing`` resumes
-a killed Ray run as it resumes a local one (a mask on disk is complete: atomic writes).
-
-``ray`` is imported only here and only when ``--engine ray`` is asked for
-(:func:`brainseg.optional.require`: a missing package is one line naming ``brainseg[ray]``).
+The driver does everything the local engine does before and after the model runs, with the
+same code (checks, input walk, shards, lock, summary, exit code). Only the middle changes:
+the inputs become a Ray Dataset of paths that ``map_batches`` sends to an actor pool (one
+model load per actor, one GPU per actor when the cluster has GPUs), and each actor predicts
+and writes its files with the local :class:`brainseg.inference.pipeline.Engine`, returning
+only the summary rows. Masks are therefore byte for byte the local engine's, and
+``--skip-existing`` resumes a killed Ray run. ``ray`` is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -72,15 +61,12 @@ class RayEngine:
     files_per_task: int | None = None
 
     def __post_init__(self) -> None:
-
         require("ray", "--engine ray")  # before any work: one line naming brainseg[ray]
         require("ray.data", "--engine ray")
         if self.workers is not None and self.workers < 1:
             raise BrainsegError(f"--workers {self.workers} must be at least 1")
         if self.address is not None:
             _probe(self.address)  # before any work: ray.init would retry for minutes
-
-    # ---- entry points (the local engine's, with the middle on Ray)
 
     def predict_inputs(self, opts: Any) -> Any:
         """:func:`brainseg.inference.batch.predict_inputs` with the files predicted on Ray."""
@@ -255,10 +241,8 @@ def _in_order(
 
 @dataclass
 class _Fatal:
-    """An error that stops the whole run, raised in an actor and carried back as a result
-    (an exception in an actor would make Ray retry and print tracebacks): the driver raises
-    it as BrainsegError (exit 2: a model or device the actor cannot use) or
-    BrainsegRuntimeError (exit 1: disk full, an unexpected failure)."""
+    """An error that stops the whole run, carried back from an actor as a result (an
+    exception there would make Ray retry and print tracebacks), with its exit code."""
 
     message: str
     hint: str | None = None
@@ -272,21 +256,6 @@ class _Fatal:
 
     def error(self) -> BrainsegError:
         return BrainsegError(self.message, self.hint, exit_code=self.exit_code)
-
-
-def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal | None) -> Any:
-    """A task's output columns: ``i`` and one result per row (``make()``) as JSON, or the
-    actor's :class:`_Fatal` error for each row when it cannot work."""
-    import numpy as np
-
-    if fatal is None:
-        try:
-            out = make()
-        except Exception as exc:  # disk full, a broken model: stop the run, one line
-            fatal = _Fatal.of(exc)
-    if fatal is not None:
-        out = [fatal] * len(task["i"])
-    return {"i": task["i"], "result": np.array([_result_to_json(r) for r in out], dtype=object)}
 
 
 # Rows and results cross to and from the actors as JSON, never as pickles: brainseg loads no
@@ -312,13 +281,11 @@ def _item_from_json(text: str) -> InputFile | Case:
 
 
 def _result_to_json(res: Any) -> str:
-
     kind = "fatal" if isinstance(res, _Fatal) else "file" if isinstance(res, FileResult) else "case"
     return json.dumps({"kind": kind, "fields": asdict(res)})
 
 
 def _result_from_json(text: str) -> Any:
-
     d = json.loads(text)
     fields = d["fields"]
     if d["kind"] == "fatal":
@@ -368,7 +335,17 @@ class _Worker:
             self.fatal = _Fatal.of(exc)
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        def make() -> list[Any]:
-            return list(self.engine.run([_item_from_json(text) for text in task["item"]]))
+        """A task's output columns: ``i`` and each row's result as JSON, or the actor's
+        :class:`_Fatal` error for each row when it cannot work."""
+        import numpy as np
 
-        return _results(task, make, self.fatal)
+        fatal = self.fatal
+        if fatal is None:
+            try:
+                out = list(self.engine.run([_item_from_json(text) for text in task["item"]]))
+            except Exception as exc:  # disk full, a broken model: stop the run, one line
+                fatal = _Fatal.of(exc)
+        if fatal is not None:
+            out = [fatal] * len(task["i"])
+        results = [_result_to_json(r) for r in out]
+        return {"i": task["i"], "result": np.array(results, dtype=object)}

@@ -1,16 +1,10 @@
 """Which runtime runs a model file, at which precision; and the OpenVINO backend.
 
-A ``.safetensors`` checkpoint runs with PyTorch. An ``.onnx`` file runs with onnxruntime or
-OpenVINO (the ``brainseg[openvino]`` extra), which read the same file and its metadata.
-``--runtime auto`` (the default) picks one from :data:`AUTO_TABLE`: the CPU's kind (from
-``/proc/cpuinfo``) and the file's variant (fp32 / fp16 / int8) -> runtime and precision, each
-row measured with ``benchmarks/inference.py`` (docs/export.md, "Runtimes and CPU kinds").
-A CPU kind nobody measured keeps onnxruntime, so ``auto`` is never slower than brainseg was
-before OpenVINO. The choice is a :class:`RuntimeChoice`: what ran, why, on which CPU kind.
-
-Precision: ``fp32`` (exact), ``bf16`` (OpenVINO's bf16 inference precision: only on CPUs with
-native bf16, AVX512-BF16 or AMX-BF16), ``int8`` (the QDQ file of ``brainseg export --int8``,
-whatever runtime reads it). Nothing here imports torch, onnxruntime or openvino at import time.
+``--runtime auto`` picks onnxruntime or OpenVINO for an ``.onnx`` file from
+:data:`AUTO_TABLE`: the CPU's kind (``/proc/cpuinfo``) and the file's variant -> runtime and
+precision, each row measured with ``benchmarks/inference.py`` (docs/export.md). A CPU kind
+nobody measured keeps onnxruntime, so ``auto`` is never slower than brainseg was before
+OpenVINO. Nothing here imports torch, onnxruntime or openvino at import time.
 """
 
 from __future__ import annotations
@@ -161,14 +155,9 @@ def choose(
     flags: set[str] | None = None,
     installed: Callable[[str], bool] = _installed,
 ) -> RuntimeChoice:
-    """The runtime and precision of one model file (pure: the tests give ``flags``).
-
-    ``suffix`` is the file's (``.onnx`` / ``.safetensors``), ``variant`` its ONNX variant
-    (fp32, fp16, int8; fp32 for a checkpoint). ``runtime`` None: $BRAINSEG_RUNTIME when it
-    names a runtime of this kind of file, else ``auto``. BrainsegError (exit 2) for a
-    combination that cannot run: a checkpoint on an ONNX runtime, bf16 where the CPU has no
-    native bf16, ...
-    """
+    """The runtime and precision of one model file (pure: the tests give ``flags``);
+    ``runtime`` None: $BRAINSEG_RUNTIME when it names a runtime of this kind of file, else
+    ``auto``. BrainsegError (exit 2) for a combination that cannot run."""
     value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
     asked = check_choice("--runtime", value, RUNTIMES)
     if runtime is None and (asked == "torch") == (suffix == ".onnx"):
@@ -309,15 +298,9 @@ def _rt_props(model: Any) -> dict[str, str]:
 
 
 class OpenVinoBackend:
-    """A brainseg ONNX model run with OpenVINO on the CPU (numpy only, never torch).
-
-    Precision ``bf16`` sets OpenVINO's ``INFERENCE_PRECISION_HINT`` to bf16 (the default of
-    OpenVINO itself on CPUs with native bf16), ``fp32`` to f32 (exact); an int8 file runs its
-    quantised convolutions in int8. With ``batch_size`` > 1 the model is compiled with the
-    THROUGHPUT hint and a batch runs as one-image requests on OpenVINO's parallel streams
-    (``AsyncInferQueue``); at batch 1 with the LATENCY hint. ``threads`` > 0 caps OpenVINO's
-    threads (``INFERENCE_NUM_THREADS``).
-    """
+    """A brainseg ONNX model run with OpenVINO on the CPU (numpy only, never torch). With
+    ``batch_size`` > 1 a batch runs as one-image requests on OpenVINO's parallel streams
+    (THROUGHPUT hint), at batch 1 with the LATENCY hint."""
 
     name = "openvino"
     choice: RuntimeChoice  # set by brainseg.inference.predict.open_backend
@@ -349,12 +332,9 @@ class OpenVinoBackend:
         self._compiled(image_size_of(self.metadata))
 
     def _compiled(self, hw: tuple[int, int] | None) -> tuple[Any, Any, Any]:
-        """(compiled model, a request, an async queue) for one-image inputs of size ``hw``.
-
-        OpenVINO's CPU kernels are faster on static shapes (measured: about 1.5-2x at
-        256x256 against the dynamic graph), so each input size gets its own compiled model,
-        up to :data:`MAX_STATIC_SHAPES`; further sizes share one dynamic-shape model.
-        """
+        """(compiled model, a request, an async queue) for one-image inputs of size ``hw``:
+        a static shape per size (about 1.5-2x faster on OpenVINO's CPU kernels), up to
+        :data:`MAX_STATIC_SHAPES`; further sizes share one dynamic-shape model."""
         if hw not in self._shapes and hw is not None and len(self._shapes) >= MAX_STATIC_SHAPES:
             hw = None
         if hw not in self._shapes:

@@ -1,13 +1,8 @@
 """Predict tumour masks for volume cases (NIfTI / DICOM), case by case.
 
-The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes the
-:class:`~brainseg.inference.pipeline.PredictOptions` image files take too and returns a
-:class:`VolumeResult`. Cases go through the same pipeline as images
-(:class:`brainseg.inference.pipeline.Engine`); :class:`VolumeFormat` is this kind's edges:
-each case is read and checked (:mod:`brainseg.data.volumes`), cut into the model's axial
-slices (LPS, :func:`brainseg.data.volumes.to_slices`), resized or padded to the model's size
-as images are, post-processed in 3D, mapped back to the input grid and written as NIfTI with
-the input's affine and header:
+Cases go through the same pipeline as images (:class:`brainseg.inference.pipeline.Engine`);
+:class:`VolumeFormat` cuts each into the model's axial slices (LPS), post-processes in 3D and
+writes the result back on the input grid, with the input's affine and header:
 
 - ``OUT/<case>_mask.nii.gz`` (uint8 0/1), ``OUT/<case>_prob.nii.gz`` with ``--probabilities``
 - ``OUT/<case>.json`` (written last: its presence means the case is done) and
@@ -19,12 +14,13 @@ gets one line and no file; the run goes on with the next case.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +40,6 @@ from brainseg.inference.pipeline import (
 from brainseg.inference.runtimes import check_choice, describe
 from brainseg.optional import require
 from brainseg.settings import PostSettings
-
-SUMMARY_COLUMNS = (
-    "case",
-    "status",
-    "inputs",
-    "mask",
-    "tumor_voxels",
-    "tumor_volume_ml",
-    "tumor_slices",
-    "slices",
-    "shape",
-    "spacing_mm",
-    "orientation",
-    "max_probability",
-    "error",
-)
 
 
 @dataclass
@@ -92,6 +72,10 @@ class CaseResult:
     @property
     def has_tumor(self) -> bool:
         return bool(self.tumor_voxels)
+
+
+#: The summary's columns: every field, in order.
+SUMMARY_COLUMNS = tuple(f.name for f in fields(CaseResult))
 
 
 @dataclass
@@ -136,16 +120,13 @@ def remove_small_3d(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     if min_voxels <= 1 or not m.any():
         return m
     labels, _ = ndimage.label(m, structure=ndimage.generate_binary_structure(3, 3))
-    keep = np.bincount(labels.ravel()) >= min_voxels
-    keep[0] = False
-    return keep[labels]
+    return postprocess.filter_labels(labels, np.bincount(labels.ravel()), min_voxels)
 
 
 @dataclass
 class VolumePost:
-    """The post-processing of a volume: the model's (or the options') threshold, 2D min size
-    and largest 3D component (:func:`brainseg.settings.resolve`, as for slices and eval),
-    then ``--min-volume``."""
+    """The post-processing of a volume: eval's (threshold, 2D min size, largest 3D
+    component), then ``--min-volume``."""
 
     post: PostSettings
     min_volume: tuple[float, str] | None
@@ -158,11 +139,6 @@ class VolumePost:
             "largest_3d_component": self.post.largest,
             "min_volume": mv,
         }
-
-
-def resolve_post(meta: dict[str, Any], opts: PredictOptions) -> VolumePost:
-    """Options win, then the model's stored settings, then the defaults."""
-    return VolumePost(opts.resolve(meta).post, parse_min_volume(opts.min_volume))
 
 
 # --------------------------------------------------------------------------- one case
@@ -209,20 +185,16 @@ def _case_info(vol: volumes.CaseVolume, mask: np.ndarray, prob: np.ndarray) -> d
 
 def _skipped(case: volumes.Case, outs: _Outs) -> CaseResult:
     res = CaseResult(case.id, status="skipped", mask=str(outs.mask))
-    try:
+    with contextlib.suppress(OSError, ValueError):
         saved = json.loads(outs.meta.read_text())
         for k in SUMMARY_COLUMNS:
             if k in saved and k not in ("status", "error", "case"):
                 setattr(res, k, saved[k])
-    except (OSError, ValueError):
-        pass
     return res
 
 
 class VolumeFormat:
-    """The pipeline's edges for volume cases: a case is read and checked
-    (:func:`brainseg.data.volumes.read_case`), cut into the model's LPS axial slices, post-processed
-    in 3D and written back on its input grid as NIfTI with the input's affine and header."""
+    """The pipeline's edges for volume cases (see the module docstring)."""
 
     def __init__(
         self,
@@ -318,8 +290,7 @@ class VolumeFormat:
 
 class VolumeKind:
     """Volume cases as :func:`~brainseg.inference.pipeline.run_cases` takes them: found and
-    checked up front (they are few), read whole, a row per case; a run in which every case
-    fails writes no file (each failure was bad input, exit 2)."""
+    checked up front (they are few), read whole, a row per case."""
 
     noun = "case"
     columns = SUMMARY_COLUMNS
@@ -373,7 +344,8 @@ class VolumeKind:
         if hasattr(predictor, "runtime_info"):  # a test's factory may not say
             console.info(f"runtime {describe(predictor)}")
         meta = dict(getattr(predictor, "metadata", None) or {})
-        post = resolve_post(meta, opts)
+        # options win, then the model's stored settings, then the defaults
+        post = VolumePost(opts.resolve(meta).post, parse_min_volume(opts.min_volume))
         self.settings = {
             "models": [str(m) for m in opts.models],
             "channels": volumes.parse_channels(opts.channels),
@@ -387,10 +359,8 @@ class VolumeKind:
 
 
 def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
-    """Refuse (exit 2, whatever --force / --skip-existing say) an -o folder where the masks
-    would be ground truth: ``<case>_mask.nii.gz`` is the label naming eval and score read
-    beside a case's files and anywhere below the cases folder, so a prediction written there
-    would overwrite a label or later pass for one."""
+    """Refuse (exit 2, even with --force) an -o folder where ``<case>_mask.nii.gz`` is the
+    name of a ground-truth label to eval and score (beside a case or below the cases)."""
     out = opts.out_dir.resolve()
     hint = (
         "choose an -o folder outside the data (e.g. -o masks/); --force and --skip-existing "
@@ -419,11 +389,9 @@ def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
 def predict_volumes(
     opts: PredictOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
-    """Predict every case of ``opts.inputs`` (this shard's share); see the module docstring
-    and :func:`~brainseg.inference.pipeline.run_cases`.
+    """Predict every case of ``opts.inputs`` (this shard's share); ``on_case`` is called
+    after each case (progress, --json lines)."""
 
-    ``on_case`` is called after each case (progress, --json lines).
-    """
     results: list[CaseResult] = []
 
     def each(res: CaseResult) -> None:
