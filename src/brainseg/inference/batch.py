@@ -46,9 +46,6 @@ from brainseg.inference.predict import Predictor
 from brainseg.inference.runtimes import check_choice, describe
 from brainseg.settings import PostSettings
 
-# --------------------------------------------------------------------------- input walking
-
-
 _MAGIC = re.compile(r"[*?\[]")
 
 
@@ -91,12 +88,9 @@ def walk_images(
     outputs: Sequence[Path] = (),
     count_other: bool = True,
 ) -> Iterator[Path]:
-    """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
-
-    Linked folders are followed but never entered twice (link loops); hidden entries
-    (macOS ``._x.tif``) are skipped; what is left out is counted in ``stats`` (see
-    :func:`_file_kind`).
-    """
+    """Image files below ``top`` in sorted order, lazily; linked folders are never entered
+    twice (link loops), hidden entries (macOS ``._x.tif``) are skipped, and what is left out
+    is counted in ``stats`` (see :func:`_file_kind`)."""
     outs = [os.path.realpath(d) for d in outputs]
     seen: set[tuple[int, int]] = set()
     key = _dir_key(top)
@@ -173,12 +167,8 @@ def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:
         return not parts
     if pats[0] == "**":
         return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
-    if not parts:
-        return False
-    part, pat = parts[0], pats[0]
-    if part.startswith(".") and not pat.startswith("."):
-        return False
-    return fnmatchcase(part, pat) and _match_parts(parts[1:], pats[1:])
+    # no part is hidden: the walk skips hidden entries
+    return bool(parts) and fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
 
 
 def _explicit_rel(path: Path) -> PurePosixPath:
@@ -308,9 +298,6 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
             )
 
 
-# --------------------------------------------------------------------------- batch engine
-
-
 #: Mask formats of image files; the first is the default.
 IMAGE_FORMATS = ("tif", "png")
 
@@ -422,25 +409,18 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+@dataclass
 class ImageFormat:
-    """The pipeline's edges for image files: a 2D image is a one-slice case; its mask is
-    thresholded and cleaned of small components at the image's own size
-    (:func:`brainseg.inference.postprocess.mask_from_output`) and written as ``_mask.tif/png``."""
+    """The pipeline's edges for image files: a one-slice case each, its mask made at the
+    image's own size (:func:`brainseg.inference.postprocess.mask_from_output`)."""
 
-    def __init__(
-        self,
-        opts: PredictOptions,
-        size: tuple[int, int] | None,
-        post: PostSettings,
-        runtime: str = "",
-    ) -> None:
-        self.opts = opts
-        self.size = size
-        self.post = post
-        self.runtime = runtime  # what runs the model, for the summary's rows
-        self.root = opts.out_dir.resolve()
+    opts: PredictOptions
+    size: tuple[int, int] | None
+    post: PostSettings
+    runtime: str = ""  # what runs the model, for the summary's rows
 
-    # ---- read side (worker threads)
+    def __post_init__(self) -> None:
+        self.root = self.opts.out_dir.resolve()
 
     def read_cost(self, item: object) -> int:
         """Bytes reading ``item`` will hold: its decoded array and the H x W x 3 uint8 copy."""
@@ -488,8 +468,6 @@ class ImageFormat:
             res.has_tumor = res.tumor_pixels > 0
         return res
 
-    # ---- write side (worker threads)
-
     def finish(self, prep: Prepared, prob: np.ndarray) -> FileResult:
         image, outs, force = prep.data, prep.outputs, prep.overwrite
         h, w = image.shape[:2]
@@ -529,8 +507,8 @@ def dedup_inputs(
 ) -> Iterator[InputFile | FileResult]:
     """The inputs as the engine takes them: a stdin line that names no file, or a second
     input writing an output already written in this run, becomes that file's error row;
-    stale temporaries of killed runs are removed once per output folder (never outside -o).
-    Shared by the local engine and the Ray engine (:mod:`brainseg.inference.ray_engine`)."""
+    stale temporaries of killed runs are removed once per output folder (never outside -o)."""
+
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
     root = opts.out_dir.resolve()
@@ -555,9 +533,6 @@ def dedup_inputs(
             continue
         seen.add(key)
         yield f
-
-
-# --------------------------------------------------------------------------- entry point
 
 
 @dataclass

@@ -16,7 +16,7 @@ true mask out too).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,6 @@ from brainseg.fsutil import one_line
 from brainseg.inference import postprocess
 from brainseg.inference.pipeline import PredictOptions, Prepared
 from brainseg.settings import PostSettings
-
-SUMMARY_COLUMNS = (
-    "patient",
-    "status",
-    "slices",
-    "tumor_pixels",
-    "tumor_slices",
-    "max_probability",
-    "left_out",
-    "error",
-)
 
 
 @dataclass
@@ -70,6 +59,10 @@ class PatientResult:
         return bool(self.tumor_pixels)
 
 
+#: The summary's columns: every field but the problems (eval reports them).
+SUMMARY_COLUMNS = tuple(f.name for f in fields(PatientResult) if f.name != "problems")
+
+
 def slice_outputs(out_dir: Path, s: lgg.SliceFile, probabilities: bool) -> tuple[Path, Path | None]:
     """``OUT/<patient>/<slice>_mask.tif`` and (``probabilities``) ``_prob.tif``."""
     mask = out_dir / s.patient / f"{s.image.stem}_mask.tif"
@@ -81,16 +74,14 @@ def probability_file(out_dir: Path, s: lgg.SliceFile) -> Path:
     return out_dir / s.patient / f"{s.image.stem}_prob.tif"
 
 
+@dataclass
 class PatientFormat:
     """The pipeline's edges for kaggle_3m patients (see the module docstring)."""
 
-    def __init__(
-        self, opts: PredictOptions, size: tuple[int, int] | None, post: PostSettings, skip_bad: bool
-    ) -> None:
-        self.opts = opts
-        self.size = size
-        self.post = post
-        self.skip_bad = skip_bad
+    opts: PredictOptions
+    size: tuple[int, int] | None
+    post: PostSettings
+    skip_bad: bool
 
     def read_cost(self, item: lgg.Patient) -> int:
         """Bytes a patient holds once read: its slices (the first one's size) and the copy
@@ -162,8 +153,7 @@ class PatientFormat:
 
 class PatientKind:
     """kaggle_3m patients (already chosen by eval) as
-    :func:`~brainseg.inference.pipeline.run_cases` takes them; a run in which every patient
-    fails writes no file."""
+    :func:`~brainseg.inference.pipeline.run_cases` takes them."""
 
     noun = "patient"
     columns = SUMMARY_COLUMNS

@@ -252,27 +252,25 @@ class SummaryWriter:
         self.last: Any = None  # the result of the last row written
 
     def write(self, res: Any) -> None:
+        row = res.row()
         try:
-            self._write(res)
+            if self._f is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(self.path.parent)  # a killed run's summary
+                self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
+                self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+                if self.fmt == "csv":
+                    self._csv = csv.DictWriter(self._f, fieldnames=self.columns)
+                    self._csv.writeheader()
+            if self.fmt == "csv":
+                self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
+            else:
+                self._f.write(json.dumps(json_safe(row)) + "\n")
+            self._f.flush()
         except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
             raise write_error(self.path, exc) from exc
-
-    def _write(self, res: Any) -> None:
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.path.parent)  # a killed run's summary
-            self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
-            self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            if self.fmt == "csv":
-                self._csv = csv.DictWriter(self._f, fieldnames=self.columns)
-                self._csv.writeheader()
-        row = res.row()
-        if self.fmt == "csv":
-            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
-        else:
-            self._f.write(json.dumps(json_safe(row)) + "\n")
-        self._f.flush()
         self._paths.add(row[self.key])
+
         self.last = res
         self.rows += 1
 
@@ -334,9 +332,6 @@ def _csv_cell(v: Any) -> Any:
 
 #: Summary file formats (``--summary``).
 SUMMARY_FORMATS = ("csv", "jsonl")
-
-
-# --------------------------------------------------------------------------- the run
 
 
 class CaseKind(Protocol):

@@ -97,11 +97,9 @@ def apply(
     order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probabilities at the image's own size -> mask: the one rule eval, predict and export use.
+    Threshold, remove 2D components under ``min_size``, then (``largest``) keep the largest 3D
+    component, per patient when ``groups`` names each slice's patient (``order``: its slice)."""
 
-    Threshold, remove 2D components under ``min_size`` pixels, then (``largest``) keep the
-    largest 3D component, per patient when ``groups`` (N,) names each slice's patient of an
-    N x H x W stack (``order``: its slice number).
-    """
     mask = binarize(prob, threshold)
     if min_size > 1:
         mask = remove_small(mask, min_size)

@@ -66,9 +66,6 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return OnnxBackend(Path(path), "cpu").metadata
 
 
-# --------------------------------------------------------------------------- backends
-
-
 class TorchBackend:
     """A brainseg checkpoint run with PyTorch (torch imported here, lazily)."""
 
@@ -253,9 +250,6 @@ def _check_content(path: Path, suffix: str) -> None:
     )
 
 
-# --------------------------------------------------------------------------- Predictor
-
-
 class Predictor:
     """One model or an ensemble (mean probability) behind one ``predict_proba``; the
     ``metadata`` is the first model's, and an ensemble's models share one image size."""
@@ -341,10 +335,9 @@ class Predictor:
         out = np.empty(images.shape[:3], dtype=np.float32)
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            acc = self.backends[0].proba(chunk, self.tta)
-            for b in self.backends[1:]:
-                acc = acc + b.proba(chunk, self.tta)
-            out[start : start + len(chunk)] = acc / np.float32(len(self.backends))
+            total = sum(b.proba(chunk, self.tta) for b in self.backends)
+            out[start : start + len(chunk)] = total / np.float32(len(self.backends))
+
         return out
 
     def predict_proba(self, images: np.ndarray, *, pad: bool = False) -> np.ndarray:

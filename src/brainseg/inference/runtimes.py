@@ -262,9 +262,6 @@ def variant_of(props: Mapping[str, str]) -> str:
     return v if v in ("fp32", "fp16", "int8") else "fp32"
 
 
-# --------------------------------------------------------------------------- OpenVINO
-
-
 class OpenVinoModel:
     """An .onnx file read by OpenVINO (not compiled yet): its metadata props and variant."""
 
@@ -407,9 +404,6 @@ def _dims(port: Any) -> list[Any]:
     if shape.rank.is_dynamic:
         return []
     return [d.get_length() if d.is_static else "?" for d in shape]
-
-
-# --------------------------------------------------------------------------- options
 
 
 def runtime_kwargs(opts: Any) -> dict[str, Any]:

@@ -95,9 +95,6 @@ class VolumeResult(RunOutcome):
         return 2 if bad == len(self.cases) else 1
 
 
-# --------------------------------------------------------------------------- options
-
-
 def parse_min_volume(value: str | None) -> tuple[float, str] | None:
     """``"200"`` (voxels), ``"200vox"`` or ``"150mm3"`` -> (amount, unit)."""
     if value is None or not str(value).strip():
@@ -139,9 +136,6 @@ class VolumePost:
             "largest_3d_component": self.post.largest,
             "min_volume": mv,
         }
-
-
-# --------------------------------------------------------------------------- one case
 
 
 @dataclass
@@ -193,20 +187,14 @@ def _skipped(case: volumes.Case, outs: _Outs) -> CaseResult:
     return res
 
 
+@dataclass
 class VolumeFormat:
     """The pipeline's edges for volume cases (see the module docstring)."""
 
-    def __init__(
-        self,
-        opts: PredictOptions,
-        size: tuple[int, int] | None,
-        post: VolumePost,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        self.opts = opts
-        self.metadata = metadata  # the model's (the DICOM SEG names the algorithm)
-        self.size = size
-        self.post = post
+    opts: PredictOptions
+    size: tuple[int, int] | None
+    post: VolumePost
+    metadata: dict[str, Any] | None = None  # the model's (the DICOM SEG names the algorithm)
 
     def read_cost(self, item: object) -> int:
         """Half the read-ahead budget: at most two cases are read ahead of the model."""
@@ -283,9 +271,6 @@ class VolumeFormat:
             raise
         except BrainsegError as exc:
             return CaseResult(case.id, status="error", error=exc.message)
-
-
-# --------------------------------------------------------------------------- the run
 
 
 class VolumeKind:
