@@ -343,23 +343,18 @@ class _Outputs:
         return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
 
 
-def output_paths(rel: PurePosixPath, opts: PredictOptions) -> _Outputs:
-    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png); ``rel`` is relative
-    and has no ``..`` (:func:`iter_inputs`), and :func:`check_outputs` refuses links out."""
-    folder = opts.out_dir.joinpath(*rel.parent.parts)
-    stem = rel.stem
-    return _Outputs(
+def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs:
+    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png) of ``item``, refused
+    (even with --force) when one would leave ``root`` (the resolved -o folder: ``rel`` has no
+    ``..``, but a link may point out), be the input itself or the input's ground-truth mask."""
+    folder, stem = opts.out_dir.joinpath(*item.rel.parent.parts), item.rel.stem
+    outs = _Outputs(
         mask=folder / f"{stem}_mask.{opts.fmt}",  # set by ImageKind.check
         prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
         overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
     )
-
-
-def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs:
-    """The outputs of ``item``, refused (even with --force) when one would leave ``root``
-    (the resolved -o folder), be the input itself or the input's ground-truth mask."""
-    outs = output_paths(item.rel, opts)
     src = item.path.resolve()
+
     src_name, out_name = one_line(str(item.path)), one_line(str(opts.out_dir))
     for p in outs.all():
         name = one_line(str(p))
@@ -478,7 +473,8 @@ class ImageFormat:
             if outs.prob is not None:
                 imageio.write_probability(outs.prob, prob, force=force)
             if outs.overlay is not None:
-                channel = self.opts.overlay_channel
+                channel = None if self.opts.overlay_rgb else 1  # the RGB image, or FLAIR
+
                 imageio.write_overlay(outs.overlay, image, mask, channel=channel, force=force)
             imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
 
@@ -583,31 +579,26 @@ class ImageKind:
 
     def edges(self, opts: PredictOptions, predictor: Predictor) -> ImageFormat:
         post = opts.resolve(predictor.metadata).post
-        _announce(predictor, opts, post)
-        return ImageFormat(opts, predictor.image_size, post, predictor.runtime)
+        size = predictor.image_size
+        how = "padded to multiples of 32"
+        if not opts.pad and size is not None:
+            how = f"resized to {size[0]}x{size[1]}"
+        console.info(
+            f"model {opts.models[0]} ({describe(predictor)}"
+            f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
+            f"{', TTA' if opts.tta else ''}): images {how}, threshold {post.threshold:g}, "
+            f"min size {post.min_size} (at each image's own size)"
+        )
+
+        if post.largest:
+            console.info(
+                "the model's largest-component rule is per patient volume and is not "
+                "applied to independent files"
+            )
+        return ImageFormat(opts, size, post, predictor.runtime)
 
     def failed(self, res: FileResult) -> None:
         console.warn(res.error)
-
-
-def _announce(predictor: Predictor, opts: PredictOptions, post: PostSettings) -> None:
-    size = predictor.image_size
-    how = (
-        "padded to multiples of 32"
-        if opts.pad or size is None
-        else f"resized to {size[0]}x{size[1]}"
-    )
-    console.info(
-        f"model {opts.models[0]} ({describe(predictor)}"
-        f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
-        f"{', TTA' if opts.tta else ''}): images {how}, threshold {post.threshold:g}, "
-        f"min size {post.min_size} (at each image's own size)"
-    )
-    if post.largest:
-        console.info(
-            "the model's largest-component rule is per patient volume and is not "
-            "applied to independent files"
-        )
 
 
 def predict_inputs(opts: PredictOptions) -> PredictResult:

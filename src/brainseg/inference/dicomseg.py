@@ -27,13 +27,12 @@ from brainseg.data.volumes import read_dicom_series
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_write_bytes, one_line
 from brainseg.model.card import card_from_metadata
-from brainseg.optional import require
 
 #: ``--format`` value that asks for DICOM SEG; the volume default stays NIfTI.
 FORMAT = "dicom-seg"
 #: The contrast whose DICOM series the SEG refers to (the tumour is its FLAIR abnormality).
 REFERENCE_CHANNEL = "flair"
-#: The SEG's file name after the case name.
+#: The SEG's file name after the case name: ``OUT/<case>_seg.dcm``.
 SUFFIX = "_seg.dcm"
 #: (code value, coding scheme, meaning) of the segment's category and type (SNOMED CT).
 CATEGORY = ("49755003", "SCT", "Morphologically abnormal structure")
@@ -61,11 +60,6 @@ _HINT = (
     "series folders (--channels 'pre=...,flair=...,post=...'), or drop --format dicom-seg "
     "for NIfTI masks"
 )
-
-
-def seg_path(out_dir: Path, case_id: str) -> Path:
-    """``OUT/<case>_seg.dcm``."""
-    return out_dir / f"{case_id}{SUFFIX}"
 
 
 def reference_series(case: Any, channel: str = REFERENCE_CHANNEL) -> Path:
@@ -97,12 +91,6 @@ def check_cases(cases: Iterable[Any], channel: str = REFERENCE_CHANNEL) -> None:
         reference_series(case, channel)
 
 
-def check_installed() -> None:
-    """A one-line error naming the extra when highdicom or pydicom is missing."""
-    require("pydicom", "--format dicom-seg")
-    require("highdicom", "--format dicom-seg")
-
-
 def read_series(folder: Path) -> list[Any]:
     """The datasets (headers, no pixels) of the files SimpleITK reads as ``folder``'s series."""
     import pydicom
@@ -125,15 +113,12 @@ def read_series(folder: Path) -> list[Any]:
     return out
 
 
-def _lps(grid: Any) -> np.ndarray:
-    """The grid's affine in DICOM's LPS patient coordinates (volumes.Grid holds RAS)."""
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(grid.affine, dtype=np.float64)
-
-
 def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.ndarray:
     """N x Rows x Columns: the mask (X x Y x Z on ``grid``, as SimpleITK read the series) on
     each source image, placed by its ImagePositionPatient through the grid's inverse affine."""
-    lps = _lps(grid)
+    # the grid's affine in DICOM's LPS patient coordinates (volumes.Grid holds RAS)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(grid.affine, dtype=np.float64)
+
     inv = np.linalg.inv(lps)
     cosines = lps[:3, :3] / np.linalg.norm(lps[:3, :3], axis=0)
     shape = mask.shape

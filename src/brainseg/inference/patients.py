@@ -63,12 +63,6 @@ class PatientResult:
 SUMMARY_COLUMNS = tuple(f.name for f in fields(PatientResult) if f.name != "problems")
 
 
-def slice_outputs(out_dir: Path, s: lgg.SliceFile, probabilities: bool) -> tuple[Path, Path | None]:
-    """``OUT/<patient>/<slice>_mask.tif`` and (``probabilities``) ``_prob.tif``."""
-    mask = out_dir / s.patient / f"{s.image.stem}_mask.tif"
-    return mask, probability_file(out_dir, s) if probabilities else None
-
-
 def probability_file(out_dir: Path, s: lgg.SliceFile) -> Path:
     """``OUT/<patient>/<slice>_prob.tif`` (float32, what eval --tune searches on)."""
     return out_dir / s.patient / f"{s.image.stem}_prob.tif"
@@ -131,11 +125,12 @@ class PatientFormat:
         try:
             prob = postprocess.proba_at_size(prob, size, padded=prep.padded)
             mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
+            out = self.opts.out_dir
             for s, m, p in zip(kept, mask, prob, strict=True):
-                mask_path, prob_path = slice_outputs(self.opts.out_dir, s, self.opts.probabilities)
-                if prob_path is not None:
-                    imageio.write_probability(prob_path, p, force=True)
-                imageio.write_mask(mask_path, m, force=True)
+                if self.opts.probabilities:
+                    imageio.write_probability(probability_file(out, s), p, force=True)
+                imageio.write_mask(out / s.patient / f"{s.image.stem}_mask.tif", m, force=True)
+
         except BrainsegRuntimeError:
             raise  # disk full: stop the run
         except BrainsegError as exc:

@@ -77,11 +77,6 @@ class PredictOptions(InferenceSettings):
     #: unreported) -> results in input order; None: :class:`Engine` in this process.
     runner: Callable[..., Generator[Any, None, None]] | None = None
 
-    @property
-    def overlay_channel(self) -> int | None:
-        """The channel an overlay shows: 1 (FLAIR), or None for the RGB image."""
-        return None if self.overlay_rgb else 1
-
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)

@@ -360,14 +360,17 @@ def load_predictor(
     """The :class:`Predictor` of ``settings`` (device, batch size, TTA, runtime) for predict,
     eval and the Ray workers alike; ``factory`` stands in for the class (tests). A model file
     a third-party reader chokes on is one error naming it, not a traceback."""
+    # only the runtime settings given, so a predictor factory that predates them still works
+    given = {k: getattr(settings, k, None) for k in ("runtime", "precision", "threads")}
     try:
         return (factory or Predictor)(
             [Path(m) for m in models],
             device=settings.device,
             batch_size=settings.batch_size,
             tta=settings.tta,
-            **runtimes.runtime_kwargs(settings),
+            **{k: v for k, v in given.items() if v not in (None, 0)},
         )
+
     except BrainsegError:
         raise
     except Exception as exc:

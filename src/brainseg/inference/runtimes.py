@@ -406,13 +406,6 @@ def _dims(port: Any) -> list[Any]:
     return [d.get_length() if d.is_static else "?" for d in shape]
 
 
-def runtime_kwargs(opts: Any) -> dict[str, Any]:
-    """``runtime`` / ``precision`` / ``threads`` of an options object, for ``Predictor(...)``;
-    only those set (so a predictor factory that predates them still works)."""
-    out = {k: getattr(opts, k, None) for k in ("runtime", "precision", "threads")}
-    return {k: v for k, v in out.items() if v not in (None, 0)}
-
-
 def describe(predictor: Any) -> str:
     """What runs the model and why, e.g. ``openvino bf16, auto: AVX512-BF16 (no AMX): ...``."""
     info = predictor.runtime_info

@@ -157,7 +157,7 @@ def _outputs(case_id: str, opts: PredictOptions) -> _Outs:
         o / f"{case_id}_mask.nii.gz",
         o / f"{case_id}_prob.nii.gz" if opts.probabilities else None,
         o / f"{case_id}.json",
-        dicomseg.seg_path(o, case_id) if opts.fmt == dicomseg.FORMAT else None,
+        o / f"{case_id}{dicomseg.SUFFIX}" if opts.fmt == dicomseg.FORMAT else None,
     )
 
 
@@ -298,8 +298,10 @@ class VolumeKind:
                 f"--seg-series {opts.seg_series}: only with --format {dicomseg.FORMAT}",
                 hint="it names the series a DICOM SEG refers to; NIfTI masks refer to none",
             )
-        if opts.fmt == dicomseg.FORMAT:
-            dicomseg.check_installed()
+        if opts.fmt == dicomseg.FORMAT:  # one line naming the extra
+            require("pydicom", "--format dicom-seg")
+            require("highdicom", "--format dicom-seg")
+
         return opts
 
     def cases(
