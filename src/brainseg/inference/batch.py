@@ -1,13 +1,9 @@
 """``brainseg predict`` on image files: inputs -> masks on disk + a summary.
 
 Inputs (files, folders, globs, ``-`` for stdin) are walked lazily and go through the one case
-pipeline (:class:`brainseg.inference.pipeline.Engine`: read ahead, infer, write behind, so
-memory stays constant however many files there are) as one-slice cases; :class:`ImageFormat`
-is this kind's reading and writing. :func:`predict_inputs` is the library entry point
-(``PredictOptions`` in, ``PredictResult`` out) that the command and the demo call.
-
-The mask of every file comes from :func:`brainseg.inference.postprocess.mask_from_output`, the
-rule eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
+pipeline as one-slice cases, so memory stays constant however many files there are; each
+mask is eval's rule (:func:`brainseg.inference.postprocess.mask_from_output`), so
+``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """DICOM Segmentation (SEG) out: a case's mask as a DICOM object that refers to its series.
 
 ``--format dicom-seg`` writes, beside each case's NIfTI mask, ``OUT/<case>_seg.dcm``: a
-BINARY highdicom Segmentation with one segment "tumour" (:data:`CATEGORY`,
-:data:`PROPERTY_TYPE`, algorithm AUTOMATIC: brainseg, its version, the model file(s) and
-card name) that a PACS, 3D Slicer or OHIF shows on the case's FLAIR series (``--seg-series``
-names another): its patient, study, Frame of Reference and per frame the SOP Instance it lies
-on. Frames without tumour are omitted; an empty mask keeps every (empty) frame, since a
-Segmentation needs at least one.
-
-Each source image is placed on the case's grid (SimpleITK's geometry, RAS affine) by its own
-ImagePositionPatient, never by file order or name. highdicom and pydicom are imported only
-when a SEG is written (``brainseg[volumes]``).
+BINARY highdicom Segmentation with one segment "tumour" (algorithm AUTOMATIC: brainseg, the
+model file(s) and card name) that a PACS, 3D Slicer or OHIF shows on the case's FLAIR series
+(``--seg-series`` names another). Frames without tumour are omitted; an empty mask keeps
+every (empty) frame, since a Segmentation needs at least one. Each source image is placed on
+the case's grid by its own ImagePositionPatient, never by file order or name.
 """
 
 from __future__ import annotations

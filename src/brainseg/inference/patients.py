@@ -1,16 +1,13 @@
 """kaggle_3m patients as cases of the one pipeline: the masks ``brainseg eval`` scores.
 
-A patient folder is one case, its slices stacked in slice order (as nnU-Net reads a 2D
-series as one 3D case), so the model's post-processing is the patient-volume rule eval has
-always measured: threshold, 2D components under the min size removed, then the largest 3D
-component of the patient (:func:`brainseg.inference.postprocess.apply`). Each slice's mask is
-written as predict writes an image's, ``OUT/<patient>/<slice>_mask.tif`` (uint8 0/255), and
-with ``probabilities`` its ``_prob.tif`` (float32); ``OUT/summary.csv`` has a row per patient.
+A patient folder is one case, its slices stacked in slice order, so the post-processing is
+the patient-volume rule eval has always measured (:func:`brainseg.inference.postprocess.apply`).
+Each slice's mask is written as ``OUT/<patient>/<slice>_mask.tif`` (uint8 0/255), with
+``probabilities`` its ``_prob.tif`` (float32); ``OUT/summary.csv`` has a row per patient.
 
-Slices are read by :func:`brainseg.data.lgg.decode_slice`, the reader the training cache
-uses, so eval sees the pixels training saw. A slice that cannot be read fails its patient,
-or with ``skip_bad`` is left out (and named in the patient's row, so scoring leaves its
-true mask out too).
+Slices are read by the training cache's reader (:func:`brainseg.data.lgg.decode_slice`), so
+eval sees the pixels training saw; one that cannot be read fails its patient, or with
+``skip_bad`` is left out (and named in the patient's row, so scoring leaves it out too).
 """
 
 from __future__ import annotations

@@ -371,22 +371,6 @@ class RunOutcome:
         return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
 
 
-def check_run(opts: PredictOptions) -> tuple[PredictOptions, tuple[int, int] | None]:
-    """Refuse the options every predict run shares before anything is read."""
-    if opts.force and opts.skip_existing:
-        raise BrainsegError(
-            "--force and --skip-existing cannot be used together",
-            hint="--skip-existing keeps finished outputs, --force redoes them",
-        )
-    if opts.out_dir.exists() and not opts.out_dir.is_dir():
-        raise BrainsegError(
-            f"output {opts.out_dir} is a file, not a folder",
-            hint="pass a folder to -o (it is created if missing)",
-        )
-    summary = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
-    return replace(opts, summary=summary), parse_shard(opts.shard)
-
-
 def check_summary(summary_path: Path, opts: PredictOptions) -> None:
     """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
     check_target(summary_path, force=True)
@@ -402,8 +386,20 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
     """One ``brainseg predict`` run: check, load the model, predict this shard's cases
     (through ``opts.runner`` if set), write the summary as results come, under the output
     folder's lock; an input that fails on its own is an error row and the run goes on."""
-    opts, shard = check_run(opts)
-    opts = kind.check(opts)
+    if opts.force and opts.skip_existing:
+        raise BrainsegError(
+            "--force and --skip-existing cannot be used together",
+            hint="--skip-existing keeps finished outputs, --force redoes them",
+        )
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise BrainsegError(
+            f"output {opts.out_dir} is a file, not a folder",
+            hint="pass a folder to -o (it is created if missing)",
+        )
+    summary = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
+    shard = parse_shard(opts.shard)
+    opts = kind.check(replace(opts, summary=summary))
+
     items, total = kind.cases(opts, shard)
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"  # --merge's
     summary_path = opts.out_dir / f"{name}.{opts.summary}"

@@ -316,10 +316,6 @@ def _enter(cwd: str) -> None:
         ) from None
 
 
-#: The case kinds an actor builds its engine's edges with (readers, writers, settings).
-_KINDS: dict[str, Callable[[], Any]] = {"image": ImageKind, "volume": VolumeKind}
-
-
 class _Worker:
     """One Ray actor: the model loaded once (a :class:`~brainseg.inference.predict.Predictor`),
     and the local engine with the kind's edges, which reads, predicts and writes each task's
@@ -330,7 +326,8 @@ class _Worker:
         try:
             _enter(cwd)
             predictor = load_predictor(opts.models, opts)
-            self.engine = Engine(predictor, _KINDS[kind]().edges(opts, predictor), opts.workers)
+            edges = (ImageKind if kind == "image" else VolumeKind)().edges(opts, predictor)
+            self.engine = Engine(predictor, edges, opts.workers)
         except Exception as exc:  # a device or model this node cannot use
             self.fatal = _Fatal.of(exc)
 

@@ -1,13 +1,9 @@
 """Shards of a predict run on a cluster: ``--shard auto`` and ``brainseg predict --merge OUT``.
 
-``--shard auto`` takes the shard from the variables SLURM sets in every task of a job array
-(``sbatch --array=0-N-1``): I = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
-N = SLURM_ARRAY_TASK_COUNT. Outside a job array (none of the SLURM_ARRAY_TASK_* variables
-set) it means no sharding: the run predicts every input.
-
-``--merge OUT`` combines the shard summaries ``OUT/summary-I-of-N.csv`` (or ``.jsonl``) of
-slice or volume runs into ``OUT/summary.csv`` (``.jsonl``), in the order an unsharded run
-writes, and says which shards are missing and which rows failed.
+``--shard auto`` takes the shard of a SLURM job array task: I = SLURM_ARRAY_TASK_ID -
+SLURM_ARRAY_TASK_MIN, N = SLURM_ARRAY_TASK_COUNT (outside a job array: no sharding).
+``--merge OUT`` combines the shard summaries ``OUT/summary-I-of-N.csv`` (or ``.jsonl``) into
+``OUT/summary.csv`` in the order an unsharded run writes.
 
 Standard library only (no numpy, no model code): a merge job needs nothing else.
 """
