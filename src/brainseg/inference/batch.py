@@ -88,10 +88,7 @@ def walk_images(
     twice (link loops), hidden entries (macOS ``._x.tif``) are skipped, and what is left out
     is counted in ``stats`` (see :func:`_file_kind`)."""
     outs = [os.path.realpath(d) for d in outputs]
-    seen: set[tuple[int, int]] = set()
-    key = _dir_key(top)
-    if key is not None:
-        seen.add(key)
+    seen = {_dir_key(top)}  # None is never looked up: an unreadable folder is skipped
     stack: list[tuple[Path, int]] = [(top, 0)]
     while stack:
         folder, depth = stack.pop()
@@ -180,8 +177,7 @@ def _explicit_rel(path: Path) -> PurePosixPath:
 
 @dataclass
 class InputStats:
-    """What a walk of the inputs left out: ground-truth masks, files of other types, files
-    that are not regular files (FIFOs, devices) and earlier outputs inside the -o folder."""
+    """What a walk of the inputs left out (and the summary line reports)."""
 
     masks_skipped: int = 0
     other_types: list[Path] = field(default_factory=list)
@@ -211,8 +207,7 @@ def read_stdin_lines(buf: Any = None) -> Iterator[str]:
 
 
 def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
-    """(path, error) per non-empty line of stdin: a line too long or with a NUL byte is an
-    error row, and the run goes on."""
+    """(path, error) per non-empty stdin line: a bad line is an error row, the run goes on."""
     for n, line in enumerate(stream if stream is not None else read_stdin_lines(), 1):
         name = line.rstrip("\r\n")
         if not name.strip():
@@ -271,8 +266,7 @@ def iter_inputs(opts: PredictOptions, stats: InputStats | None = None) -> Iterat
 
 
 def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
-    """Refuse inputs that name nothing, or a ground-truth mask, (exit 2) before any model
-    is loaded."""
+    """Refuse inputs that name nothing or a ground-truth mask before any model loads."""
     if not items:
         raise BrainsegError(
             "no INPUT given", hint="pass image files, folders, globs or - (paths on stdin)"
@@ -519,9 +513,9 @@ def dedup_inputs(
                 str(f.path),
                 status="error",
                 error=f"{f.path}: another input already writes "
-                f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
-                f"{opts.fmt} in this run",
+                f"{opts.out_dir / key}_mask.{opts.fmt} in this run",
             )
+
             continue
         seen.add(key)
         yield f
@@ -529,13 +523,11 @@ def dedup_inputs(
 
 @dataclass
 class PredictResult(InputStats, RunOutcome):
-    """What one run did (:class:`~brainseg.inference.pipeline.RunOutcome`) and what the walk
-    of the inputs left out (:class:`InputStats`)."""
+    """What one run did, and what the walk of the inputs left out."""
 
 
 class ImageKind:
-    """Image files as :func:`~brainseg.inference.pipeline.run_cases` takes them: walked
-    lazily (the walk's counts kept in ``stats``), one-slice cases, a row per file."""
+    """Image files as :func:`~brainseg.inference.pipeline.run_cases` takes them."""
 
     noun = "file"
     columns = SUMMARY_COLUMNS
@@ -598,8 +590,7 @@ class ImageKind:
 
 
 def predict_inputs(opts: PredictOptions) -> PredictResult:
-    """Predict every input image and write its outputs and the summary (see the module doc
-    and :func:`~brainseg.inference.pipeline.run_cases`)."""
+    """Predict every input image and write its outputs and the summary."""
     kind = ImageKind()
     done = run_cases(opts, kind)
     return PredictResult(**vars(done), **vars(kind.stats))

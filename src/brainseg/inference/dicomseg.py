@@ -235,8 +235,7 @@ def write_seg(
     *,
     force: bool = True,
 ) -> Path:
-    """Write the SEG of ``mask`` (X x Y x Z on ``grid``, read from the DICOM folder
-    ``series``) to ``path`` atomically."""
+    """Write the SEG of ``mask`` over the DICOM folder ``series`` to ``path`` atomically."""
     seg = build_seg(mask, grid, read_series(series), info)
     buf = io.BytesIO()
     try:

@@ -75,8 +75,7 @@ class PatientFormat:
     skip_bad: bool
 
     def read_cost(self, item: lgg.Patient) -> int:
-        """Bytes a patient holds once read: its slices (the first one's size) and the copy
-        at the model's size."""
+        """Bytes a patient holds once read: its slices and their copy at the model's size."""
         first = imageio.declared_size(item.slices[0].image) if item.slices else None
         return 0 if first is None else 2 * len(item.slices) * 3 * first.pixels
 
@@ -144,8 +143,7 @@ class PatientFormat:
 
 
 class PatientKind:
-    """kaggle_3m patients (already chosen by eval) as
-    :func:`~brainseg.inference.pipeline.run_cases` takes them."""
+    """kaggle_3m patients (chosen by eval) as the pipeline's run takes them."""
 
     noun = "patient"
     columns = SUMMARY_COLUMNS

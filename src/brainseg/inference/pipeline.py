@@ -342,8 +342,7 @@ class CaseKind(Protocol):
         """The summary's columns."""
 
     def check(self, opts: PredictOptions) -> PredictOptions:
-        """Refuse this kind's bad options and inputs before anything is read; the options
-        with this kind's defaults filled in."""
+        """Refuse this kind's bad options and inputs; the options with its defaults."""
 
     def cases(
         self, opts: PredictOptions, shard: tuple[int, int] | None

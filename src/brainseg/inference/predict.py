@@ -314,8 +314,7 @@ class Predictor:
 
     @property
     def runtime_info(self) -> dict[str, Any]:
-        """The first model's runtime choice (runtime, precision, requested, reason, cpu) and
-        ``label`` (all models'), for --json and summaries."""
+        """The first model's runtime choice and ``label`` (all models'), for --json."""
         return {**self.backends[0].choice.as_dict(), "label": self.runtime}
 
     @property

@@ -147,8 +147,7 @@ class RayEngine:
                 ray.shutdown()
 
     def _pool(self, ray: Any, device: str, rows: int) -> tuple[int, float]:
-        """(actors, GPUs per actor): --workers, else one per CPU (per GPU when the cluster
-        has GPUs and the device is not cpu); never more actors than inputs."""
+        """(actors, GPUs per actor): never more actors than inputs."""
         res = ray.cluster_resources()
         cpus = max(1, int(res.get("CPU", 1)))
         gpus = int(res.get("GPU", 0)) if device != "cpu" else 0
@@ -332,8 +331,7 @@ class _Worker:
             self.fatal = _Fatal.of(exc)
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        """A task's output columns: ``i`` and each row's result as JSON, or the actor's
-        :class:`_Fatal` error for each row when it cannot work."""
+        """A task's output columns: ``i`` and each row's result (or the fatal error) as JSON."""
         import numpy as np
 
         fatal = self.fatal

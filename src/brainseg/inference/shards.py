@@ -30,8 +30,7 @@ _HINT = "submit with sbatch --array=0-<N-1> (consecutive task ids), or pass --sh
 
 
 def slurm_shard(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """The (I, N) of this SLURM array task; None outside a job array (no sharding).
-    BrainsegError when the variables are partly set, not integers or inconsistent."""
+    """The (I, N) of this SLURM array task; None outside a job array (no sharding)."""
     env = os.environ if environ is None else environ
     given = {k: env.get(k, "").strip() for k in (*SLURM_VARS, "SLURM_ARRAY_TASK_MAX")}
     if not any(given[k] for k in SLURM_VARS):

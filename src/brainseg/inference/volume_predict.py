@@ -80,8 +80,7 @@ SUMMARY_COLUMNS = tuple(f.name for f in fields(CaseResult))
 
 @dataclass
 class VolumeResult(RunOutcome):
-    """What a run did (:class:`~brainseg.inference.pipeline.RunOutcome`): one
-    :class:`CaseResult` per case (cases are few) and the settings applied."""
+    """What a run did: one :class:`CaseResult` per case and the settings applied."""
 
     cases: list[CaseResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -122,8 +121,7 @@ def remove_small_3d(mask: np.ndarray, min_voxels: int) -> np.ndarray:
 
 @dataclass
 class VolumePost:
-    """The post-processing of a volume: eval's (threshold, 2D min size, largest 3D
-    component), then ``--min-volume``."""
+    """A volume's post-processing: eval's, then ``--min-volume``."""
 
     post: PostSettings
     min_volume: tuple[float, str] | None
@@ -274,8 +272,7 @@ class VolumeFormat:
 
 
 class VolumeKind:
-    """Volume cases as :func:`~brainseg.inference.pipeline.run_cases` takes them: found and
-    checked up front (they are few), read whole, a row per case."""
+    """Volume cases, found and checked up front (they are few), read whole."""
 
     noun = "case"
     columns = SUMMARY_COLUMNS
@@ -376,8 +373,7 @@ def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
 def predict_volumes(
     opts: PredictOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
-    """Predict every case of ``opts.inputs`` (this shard's share); ``on_case`` is called
-    after each case (progress, --json lines)."""
+    """Predict this shard's cases; ``on_case`` is called after each (--json lines)."""
 
     results: list[CaseResult] = []
 
