@@ -18,7 +18,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -109,22 +109,16 @@ class CaseFormat(Protocol[R_co]):
         """Bytes reading ``item`` will hold (0 when unknown)."""
 
 
+@dataclass
 class Engine(Generic[R]):
     """Read ahead, infer in batches of slices, write behind; results come in input order."""
 
-    def __init__(
-        self,
-        predictor: Any,
-        fmt: CaseFormat[R],
-        workers: int = 2,
-        unreported: list[R] | None = None,
-    ) -> None:
-        self.predictor = predictor
-        self.fmt = fmt
-        self.workers = max(1, workers)
-        # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
-        # files are on disk, so the caller still gives them summary rows
-        self.unreported: list[R] = [] if unreported is None else unreported
+    predictor: Any
+    fmt: CaseFormat[R]
+    workers: int = 2
+    # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
+    # files are on disk, so the caller still gives them summary rows
+    unreported: list[R] = field(default_factory=list)
 
     def _finish(self, prep: Prepared | R, prob: np.ndarray | None) -> R:
         if isinstance(prep, Prepared):
@@ -133,11 +127,11 @@ class Engine(Generic[R]):
         return prep
 
     def run(self, items: Iterable[Any]) -> Iterator[R]:
-        bs = self.predictor.batch_size
-        ahead = 2 * bs + self.workers
+        bs, workers = self.predictor.batch_size, max(1, self.workers)
+        ahead = 2 * bs + workers
         budget = READ_AHEAD_BYTES
-        readers = ThreadPoolExecutor(self.workers, thread_name_prefix="brainseg-read")
-        writers = ThreadPoolExecutor(self.workers, thread_name_prefix="brainseg-write")
+        readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
+        writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
         writes: deque[tuple[Future[R], int]] = deque()
         try:
             reads = ordered_map(
