@@ -266,10 +266,9 @@ class OpenVinoModel:
     """An .onnx file read by OpenVINO (not compiled yet): its metadata props and variant."""
 
     def __init__(self, path: Path) -> None:
-        ov = require("openvino", "--runtime openvino")
-        self.ov = ov
+        self.ov = require("openvino", "--runtime openvino")
         self.path = path
-        self.core = ov.Core()
+        self.core = self.ov.Core()
         try:
             self.model = self.core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError with its own text
@@ -313,16 +312,16 @@ class OpenVinoBackend:
             [(_name(o), "tensor(float)", _dims(o)) for o in read.model.outputs],
         )
         self.throughput = batch_size > 1
-        config: dict[str, Any] = {
+        self.config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "THROUGHPUT" if self.throughput else "LATENCY",
         }
-        if precision == "int8":
-            config.pop("INFERENCE_PRECISION_HINT")  # the float parts: OpenVINO's own default
+        if precision == "int8":  # the float parts: OpenVINO's own default
+            self.config.pop("INFERENCE_PRECISION_HINT")
         if threads > 0:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.config = config
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._read = read
+
         self._shapes: dict[tuple[int, int] | None, tuple[Any, Any, Any]] = {}
         self._out: np.ndarray | None = None
         # the model's own size now: a file OpenVINO cannot compile fails here

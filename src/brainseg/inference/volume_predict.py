@@ -230,10 +230,8 @@ class VolumeFormat:
             amount, unit = self.post.min_volume
             n = volumes.ceil_voxels(amount, vol.grid) if unit == "mm3" else math.ceil(amount)
             mask = remove_small_3d(mask, n)
-        return (
-            volumes.from_slices(mask, vol.grid.affine),
-            volumes.from_slices(prob, vol.grid.affine),
-        )
+        affine = vol.grid.affine
+        return volumes.from_slices(mask, affine), volumes.from_slices(prob, affine)
 
     def finish(self, prep: Prepared, prob: np.ndarray) -> CaseResult:
         vol, size, t0 = prep.data
