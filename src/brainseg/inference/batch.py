@@ -146,12 +146,10 @@ def _file_kind(entry: os.DirEntry[str], in_out: bool) -> str:
 def _glob_base(pattern: str) -> tuple[Path, list[str]]:
     """Split a glob into its literal leading folder and the pattern components after it."""
     parts = PurePosixPath(pattern.replace(os.sep, "/")).parts
-    base: list[str] = []
     for i, part in enumerate(parts):
         if _MAGIC.search(part):
-            return Path(*base) if base else Path("."), list(parts[i:])
-        base.append(part)
-    return Path(*parts[:-1]) if len(parts) > 1 else Path("."), list(parts[-1:])
+            return Path(*parts[:i]), list(parts[i:])  # Path() is "."
+    return Path(*parts[:-1]), list(parts[-1:])
 
 
 def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:

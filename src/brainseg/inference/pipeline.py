@@ -417,23 +417,6 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
     return outcome
 
 
-class _Rows:
-    """The summary's rows; with ``hold`` failures wait for the first success, so a run in
-    which every case fails leaves no summary (each failure was bad input, exit 2)."""
-
-    def __init__(self, writer: SummaryWriter, hold: bool) -> None:
-        self.writer = writer
-        self.held: list[Any] | None = [] if hold else None
-
-    def write(self, res: Any) -> None:
-        if self.held is not None and res.status == "error" and not self.writer.rows:
-            self.held.append(res)
-            return
-        for r in [*(self.held or []), res]:
-            self.writer.write(r)
-        self.held = None  # the first row is written: failures need not wait any more
-
-
 def _drive(
     kind: CaseKind,
     results: Iterator[Any],
@@ -445,10 +428,21 @@ def _drive(
     """The loop over results in input order: summary rows, callbacks, warnings, progress;
     on Ctrl-C / SIGTERM every output on disk still gets its row before the summary closes."""
     writer = SummaryWriter(summary_path, opts.summary, kind.columns, key=kind.key)
-    rows = _Rows(writer, kind.hold_failures)
+    # with hold_failures, failures wait for the first success, so a run in which every case
+    # fails leaves no summary (each failure was bad input, exit 2)
+    held: list[Any] | None = [] if kind.hold_failures else None
     counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
     warned: set[str] = set()
     pending: Any = None
+
+    def write(res: Any) -> None:
+        nonlocal held
+        if held is not None and res.status == "error" and not writer.rows:
+            held.append(res)
+            return
+        for r in [*(held or []), res]:
+            writer.write(r)
+        held = None  # the first row is written: failures need not wait any more
 
     def tally(res: Any) -> None:
         counts[res.status] += 1
@@ -460,7 +454,7 @@ def _drive(
         with console.progress(total, "predict", unit=kind.noun) as bar:
             for res in results:
                 pending = res
-                rows.write(res)
+                write(res)
                 pending = None
                 tally(res)
                 if res.status == "error":
@@ -477,8 +471,9 @@ def _drive(
             results.close()
         for res in ([pending] if pending is not None else []) + unreported:
             if res is not writer.last:
-                rows.write(res)
+                write(res)
                 tally(res)
+
         done = counts["ok"] + counts["skipped"] + counts["error"]
         console.warn(
             f"interrupted after {done} {kind.noun}(s); their rows are in {summary_path}; run "
