@@ -308,8 +308,7 @@ class FileResult:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # One printable UTF-8 line each: a file name with a newline or invalid UTF-8 must
-        # not break the summary, a --json line or a message (it is that file's row).
+        # one printable UTF-8 line each: a name with a newline must not break the summary
         self.path, self.output, self.error = map(one_line, (self.path, self.output, self.error))
 
     def row(self) -> dict[str, Any]:
@@ -342,7 +341,6 @@ def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs
         overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
     )
     src = item.path.resolve()
-
     src_name, out_name = one_line(str(item.path)), one_line(str(opts.out_dir))
     for p in outs.all():
         name = one_line(str(p))
@@ -462,10 +460,8 @@ class ImageFormat:
                 imageio.write_probability(outs.prob, prob, force=force)
             if outs.overlay is not None:
                 channel = None if self.opts.overlay_rgb else 1  # the RGB image, or FLAIR
-
                 imageio.write_overlay(outs.overlay, image, mask, channel=channel, force=force)
             imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
-
         except BrainsegRuntimeError:
             raise  # disk full, unwritable folder: stop the run
         except BrainsegError as exc:
@@ -492,7 +488,6 @@ def dedup_inputs(
     """The inputs as the engine takes them: a stdin line that names no file, or a second
     input writing an output already written in this run, becomes that file's error row;
     stale temporaries of killed runs are removed once per output folder (never outside -o)."""
-
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
     root = opts.out_dir.resolve()
@@ -513,7 +508,6 @@ def dedup_inputs(
                 error=f"{f.path}: another input already writes "
                 f"{opts.out_dir / key}_mask.{opts.fmt} in this run",
             )
-
             continue
         seen.add(key)
         yield f
@@ -575,7 +569,6 @@ class ImageKind:
             f"{', TTA' if opts.tta else ''}): images {how}, threshold {post.threshold:g}, "
             f"min size {post.min_size} (at each image's own size)"
         )
-
         if post.largest:
             console.info(
                 "the model's largest-component rule is per patient volume and is not "

@@ -113,7 +113,6 @@ def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.nd
     each source image, placed by its ImagePositionPatient through the grid's inverse affine."""
     # the grid's affine in DICOM's LPS patient coordinates (volumes.Grid holds RAS)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(grid.affine, dtype=np.float64)
-
     inv = np.linalg.inv(lps)
     cosines = lps[:3, :3] / np.linalg.norm(lps[:3, :3], axis=0)
     shape = mask.shape

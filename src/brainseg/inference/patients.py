@@ -126,7 +126,6 @@ class PatientFormat:
                 if self.opts.probabilities:
                     imageio.write_probability(probability_file(out, s), p, force=True)
                 imageio.write_mask(out / s.patient / f"{s.image.stem}_mask.tif", m, force=True)
-
         except BrainsegRuntimeError:
             raise  # disk full: stop the run
         except BrainsegError as exc:

@@ -259,7 +259,6 @@ class SummaryWriter:
         except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
             raise write_error(self.path, exc) from exc
         self._paths.add(row[self.key])
-
         self.last = res
         self.rows += 1
 
@@ -289,17 +288,15 @@ class SummaryWriter:
     def close(self) -> Path | None:
         if self._f is None or self._tmp is None:
             return None
-        f = self._f
+        f, self._f = self._f, None
         try:
             for row in self._earlier_rows():  # after this run's rows
                 if self.fmt == "csv":
                     self._csv.writerow(row)
                 else:
                     f.write(row)
-            self._f = None
             f.close()
         except OSError as exc:  # the last buffered rows did not fit: keep those on disk
-            self._f = None
             with contextlib.suppress(OSError):
                 f.close()
             with contextlib.suppress(OSError):
@@ -392,7 +389,6 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
     summary = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
     shard = parse_shard(opts.shard)
     opts = kind.check(replace(opts, summary=summary))
-
     items, total = kind.cases(opts, shard)
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"  # --merge's
     summary_path = opts.out_dir / f"{name}.{opts.summary}"
@@ -473,7 +469,6 @@ def _drive(
             if res is not writer.last:
                 write(res)
                 tally(res)
-
         done = counts["ok"] + counts["skipped"] + counts["error"]
         console.warn(
             f"interrupted after {done} {kind.noun}(s); their rows are in {summary_path}; run "

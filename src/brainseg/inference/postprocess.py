@@ -10,20 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainseg.data.imageio import resize_prob
-from brainseg.settings import DEFAULT_THRESHOLD
-
-__all__ = [
-    "DEFAULT_THRESHOLD",
-    "apply",
-    "binarize",
-    "filter_labels",
-    "keep_largest_3d",
-    "label_slices",
-    "largest_per_group",
-    "mask_from_output",
-    "proba_at_size",
-    "remove_small",
-]
+from brainseg.settings import DEFAULT_THRESHOLD  # also imported from here (train, cv)
 
 
 def binarize(prob: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:

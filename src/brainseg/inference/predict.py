@@ -290,7 +290,6 @@ class Predictor:
             for p in self.paths
         ]  # each checked its metadata as it read it
         self.metadata: dict[str, Any] = {**self.backends[0].metadata, **(ensemble_settings or {})}
-
         sizes = {image_size_of(b.metadata) for b in self.backends}
         if len(sizes) > 1:
             raise BrainsegError(
@@ -336,7 +335,6 @@ class Predictor:
             chunk = images[start : start + self.batch_size]
             total = sum(b.proba(chunk, self.tta) for b in self.backends)
             out[start : start + len(chunk)] = total / np.float32(len(self.backends))
-
         return out
 
     def predict_proba(self, images: np.ndarray, *, pad: bool = False) -> np.ndarray:
@@ -369,7 +367,6 @@ def load_predictor(
             tta=settings.tta,
             **{k: v for k, v in given.items() if v not in (None, 0)},
         )
-
     except BrainsegError:
         raise
     except Exception as exc:

@@ -321,7 +321,6 @@ class OpenVinoBackend:
         if threads > 0:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._read = read
-
         self._shapes: dict[tuple[int, int] | None, tuple[Any, Any, Any]] = {}
         self._out: np.ndarray | None = None
         # the model's own size now: a file OpenVINO cannot compile fails here

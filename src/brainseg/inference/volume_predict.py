@@ -296,7 +296,6 @@ class VolumeKind:
         if opts.fmt == dicomseg.FORMAT:  # one line naming the extra
             require("pydicom", "--format dicom-seg")
             require("highdicom", "--format dicom-seg")
-
         return opts
 
     def cases(
