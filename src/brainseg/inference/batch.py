@@ -184,8 +184,8 @@ class InputStats:
 
 
 def read_stdin_lines(buf: Any = None) -> Iterator[str]:
-    """The lines of stdin as file names, decoded as the OS decodes names (whatever the
-    locale); a line over :data:`MAX_PATH_BYTES` is cut to one byte more, never held whole."""
+    """The lines of stdin as file names, decoded as the OS decodes names; an overlong line
+    is cut to :data:`MAX_PATH_BYTES` + 1 bytes, never held whole."""
     buf = buf if buf is not None else getattr(sys.stdin, "buffer", None)
     if buf is None:
         yield from sys.stdin

@@ -78,8 +78,7 @@ def reference_series(case: Any, channel: str = REFERENCE_CHANNEL) -> Path:
 
 
 def check_cases(cases: Iterable[Any], channel: str = REFERENCE_CHANNEL) -> None:
-    """Before any work: every readable case has a DICOM series to refer to (else exit 2);
-    cases already known to be bad are left to their own error row."""
+    """Before any work: every readable case has a DICOM series to refer to (else exit 2)."""
     for case in cases:
         if case.error and case.four_d is None and channel not in case.sources:
             continue

@@ -49,8 +49,7 @@ READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class PredictOptions(InferenceSettings):
-    """One ``brainseg predict`` run (image files or volume cases): the shared settings plus
-    what to read and write (the command refuses each kind's fields for the other)."""
+    """One ``brainseg predict`` run: the shared settings plus what to read and write."""
 
     models: list[Path]  # the model, then any ensemble members (mean probability)
     inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
@@ -263,8 +262,7 @@ class SummaryWriter:
         self.rows += 1
 
     def _earlier_rows(self) -> list[Any]:
-        """The existing summary's rows (CSV dicts / JSON lines) of files this run did not
-        handle; none when there is no summary or it cannot be read as one."""
+        """The existing summary's rows of files this run did not handle (none if unreadable)."""
         kept: list[Any] = []
         try:
             with open(self.path, encoding="utf-8", errors="replace", newline="") as old:
@@ -338,8 +336,7 @@ class CaseKind(Protocol):
     def cases(
         self, opts: PredictOptions, shard: tuple[int, int] | None
     ) -> tuple[Iterable[Any], int | None]:
-        """This shard's inputs (one that cannot be predicted is its result), and their
-        number when it is cheap to know."""
+        """This shard's inputs (a bad one is its result) and, when cheap, their number."""
 
     def edges(self, opts: PredictOptions, predictor: Any) -> CaseFormat[Any]:
         """The pipeline's edges for this model (after the run's status line)."""

@@ -28,8 +28,7 @@ def _slice_structure(ndim: int) -> np.ndarray:
 
 
 def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop connected components smaller than ``min_size`` pixels, each H x W slice on its
-    own; a new boolean array (``min_size <= 1``: the mask unchanged)."""
+    """Drop components smaller than ``min_size`` pixels, each H x W slice on its own."""
     m = np.asarray(mask) != 0
     if min_size <= 1 or not m.any():
         return m.copy()
@@ -118,8 +117,7 @@ def mask_from_output(
     *,
     padded: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, mask) at the image's own ``size`` from a model's output ``prob``:
-    what ``brainseg predict`` writes, eval scores and export's checks compare."""
+    """(probabilities, mask) at the image's own ``size``: what predict writes, eval scores."""
 
     full = proba_at_size(prob, size, padded=padded)
     return full, apply(full, threshold, min_size)

@@ -203,8 +203,7 @@ def open_backend(
     threads: int = 0,
     batch_size: int = 8,
 ) -> Backend:
-    """The backend for one model file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else
-    ``auto``); its ``choice`` says what runs, at which precision, why."""
+    """The backend for one model file; its ``choice`` says what runs, at which precision, why."""
     p = check_model_file(path)
     suffix = p.suffix.lower()  # .onnx or .safetensors (MODEL_SUFFIXES)
     if int(threads) < 0:

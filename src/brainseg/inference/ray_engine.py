@@ -157,8 +157,7 @@ class RayEngine:
 
 
 def _start(address: str | None, workers: int | None) -> tuple[Any, bool]:
-    """Connect to the cluster at ``address`` or start a local Ray instance: (``ray``, whether
-    this call connected, so the caller disconnects at the end)."""
+    """Connect to ``address`` or start Ray: (``ray``, whether to disconnect at the end)."""
     import ray
     import ray.data
 
@@ -214,8 +213,7 @@ def _probe(address: str) -> None:
 
 
 def _quiet_ray() -> None:
-    """Ray's own INFO / WARNING lines (token, progress, execution plans) off stderr: brainseg
-    prints its status lines and errors; ``--debug`` leaves Ray's logging as it is."""
+    """Ray's own INFO / WARNING lines off stderr (``--debug`` leaves them)."""
     if not console.state.debug:
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -240,8 +238,7 @@ def _in_order(
 
 @dataclass
 class _Fatal:
-    """An error that stops the whole run, carried back from an actor as a result (an
-    exception there would make Ray retry and print tracebacks), with its exit code."""
+    """An error that stops the run, carried back as a result (Ray would retry an exception)."""
 
     message: str
     hint: str | None = None
@@ -295,8 +292,7 @@ def _result_from_json(text: str) -> Any:
 
 
 def _for_actors(opts: Any, **changes: Any) -> Any:
-    """The run's options as the actors get them: without stdin and the driver's callbacks
-    and test hooks, which neither pickle nor mean anything in another process."""
+    """The options without what neither pickles nor means anything in an actor."""
     return replace(opts, stdin=None, on_result=None, runner=None, predictor_factory=None, **changes)
 
 

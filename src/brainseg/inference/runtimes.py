@@ -135,8 +135,7 @@ def _installed(module: str) -> bool:
 
 
 def check_choice(option: str, value: str, allowed: Sequence[str]) -> str:
-    """``value`` (case, spaces and a leading dot ignored) when it is one of ``allowed``; else
-    BrainsegError naming the option (``--runtime``, ``--format``, ``--summary``...)."""
+    """``value`` normalised when it is one of ``allowed``; else BrainsegError naming ``option``."""
     v = str(value).strip().lower().lstrip(".")
     if v not in allowed:
         raise BrainsegError(

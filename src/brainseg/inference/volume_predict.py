@@ -222,8 +222,7 @@ class VolumeFormat:
             return CaseResult(case.id, status="error", error=exc.message)
 
     def masks(self, vol: volumes.CaseVolume, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mask, probability) on the input grid from S x H x W slice probabilities: eval's
-        patient-volume post-processing (threshold, 2D min size, largest 3D), then min volume."""
+        """(mask, probability) on the input grid: eval's post-processing, then min volume."""
         post = self.post.post
         mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
         if self.post.min_volume is not None:
