@@ -26,18 +26,9 @@ from brainseg import console
 from brainseg.data import imageio
 from brainseg.data.imageio import is_mask_name
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import (
-    file_kind,
-    one_line,
-    remove_stale_temps,
-)
+from brainseg.fsutil import file_kind, one_line, remove_stale_temps
 from brainseg.inference import postprocess
-from brainseg.inference.pipeline import (
-    PredictOptions,
-    Prepared,
-    RunOutcome,
-    run_cases,
-)
+from brainseg.inference.pipeline import PredictOptions, Prepared, RunOutcome, run_cases
 from brainseg.inference.predict import Predictor
 from brainseg.inference.runtimes import check_choice, describe
 from brainseg.settings import PostSettings

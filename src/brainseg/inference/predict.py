@@ -35,12 +35,7 @@ from brainseg.model.onnxfile import (
     proba_from_logits,
     sigmoid,
 )
-from brainseg.settings import (
-    MODEL_HINT,
-    SIZE_MULTIPLE,
-    InferenceSettings,
-    image_size_of,
-)
+from brainseg.settings import MODEL_HINT, SIZE_MULTIPLE, InferenceSettings, image_size_of
 
 #: The ONNX contract (brainseg.model.onnxfile) is re-exported for export and the tests.
 __all__ = [

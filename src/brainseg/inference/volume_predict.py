@@ -31,12 +31,7 @@ from brainseg.data import imageio, volumes
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text, json_safe, one_line
 from brainseg.inference import dicomseg, pipeline, postprocess
-from brainseg.inference.pipeline import (
-    PredictOptions,
-    Prepared,
-    RunOutcome,
-    run_cases,
-)
+from brainseg.inference.pipeline import PredictOptions, Prepared, RunOutcome, run_cases
 from brainseg.inference.runtimes import check_choice, describe
 from brainseg.optional import require
 from brainseg.settings import PostSettings
