@@ -344,9 +344,7 @@ class Predictor:
 
 
 def load_predictor(
-    models: Sequence[str | os.PathLike[str]],
-    settings: InferenceSettings,
-    factory: Any = None,
+    models: Sequence[str | os.PathLike[str]], settings: InferenceSettings, factory: Any = None
 ) -> Any:
     """The :class:`Predictor` of ``settings`` (device, batch size, TTA, runtime) for predict,
     eval and the Ray workers alike; ``factory`` stands in for the class (tests). A model file

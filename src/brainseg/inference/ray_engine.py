@@ -97,11 +97,7 @@ class RayEngine:
         return replace(opts, device="cpu", runner=run)
 
     def _map(
-        self,
-        kwargs: dict[str, Any],
-        rows: list[dict[str, Any]],
-        per_task: int,
-        device: str,
+        self, kwargs: dict[str, Any], rows: list[dict[str, Any]], per_task: int, device: str
     ) -> Iterator[tuple[int, Any]]:
         """(index, result) of every row, as the actors finish them (any order)."""
         if not rows:

@@ -353,10 +353,11 @@ class OpenVinoBackend:
         if self._out is not None:
             self._out[index] = request.get_output_tensor(0).data[0, 0]
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        _, request, queue = self._compiled((int(x.shape[2]), int(x.shape[3])))
-        self._out = np.empty((x.shape[0], *x.shape[2:]), dtype=np.float32)
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """N x 1 x H x W -> N x H x W logits."""
         try:
+            _, request, queue = self._compiled((int(x.shape[2]), int(x.shape[3])))
+            self._out = np.empty((x.shape[0], *x.shape[2:]), dtype=np.float32)
             if not self.throughput:
                 for i in range(len(x)):
                     request.infer({0: x[i : i + 1]})
@@ -366,13 +367,6 @@ class OpenVinoBackend:
                     queue.start_async({0: x[i : i + 1]}, i)
                 queue.wait_all()
             return self._out
-        finally:
-            self._out = None
-
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        """N x 1 x H x W -> N x H x W logits (``_run`` fills an array of that shape)."""
-        try:
-            return self._run(x)
         except MemoryError:
             raise
         except Exception as exc:
@@ -381,6 +375,8 @@ class OpenVinoBackend:
                 hint="the ONNX file is damaged or was not written by brainseg export; "
                 "export it again",
             ) from exc
+        finally:
+            self._out = None
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
