@@ -476,9 +476,8 @@ class ImageFormat:
 def dedup_inputs(
     files: Iterable[InputFile], opts: PredictOptions
 ) -> Iterator[InputFile | FileResult]:
-    """The inputs as the engine takes them: a stdin line that names no file, or a second
-    input writing an output already written in this run, becomes that file's error row;
-    stale temporaries of killed runs are removed once per output folder (never outside -o)."""
+    """The inputs as the engine takes them: a bad stdin line or a second writer of one output is
+    an error row; stale temporaries are removed once per output folder (never outside -o)."""
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
     root = opts.out_dir.resolve()
@@ -509,6 +508,7 @@ class PredictResult(InputStats, RunOutcome):
     """What one run did, and what the walk of the inputs left out."""
 
 
+@dataclass
 class ImageKind:
     """Image files as :func:`~brainseg.inference.pipeline.run_cases` takes them."""
 
@@ -516,9 +516,7 @@ class ImageKind:
     columns = SUMMARY_COLUMNS
     key = "path"
     hold_failures = False
-
-    def __init__(self) -> None:
-        self.stats = InputStats()
+    stats: InputStats = field(default_factory=InputStats)  # what the walk left out
 
     def check(self, opts: PredictOptions) -> PredictOptions:
         fmt = check_choice("--format", opts.fmt or IMAGE_FORMATS[0], IMAGE_FORMATS)

@@ -167,9 +167,8 @@ class Engine(Generic[R]):
     def _batches(
         reads: Iterator[Prepared | R], bs: int, budget: int
     ) -> Iterator[list[Prepared | R]]:
-        """Groups of cases with up to ``bs`` slices of one shape (plus the finished results
-        between), fewer when they hold more than ``budget`` bytes; a case with more slices
-        than ``bs`` is a group of its own (the predictor takes it ``bs`` slices at a time)."""
+        """Groups of cases with up to ``bs`` slices of one shape (fewer when over ``budget`` bytes);
+        a case with more slices than ``bs`` is a group of its own."""
         group: list[Prepared | R] = []
         n = held = 0
         shape: tuple[int, ...] | None = None
@@ -223,9 +222,8 @@ def ordered_map(
 
 
 class SummaryWriter:
-    """Rows appended as they come (flushed), under a temporary name renamed at ``close``, so
-    a run that stops early still leaves its rows; an existing summary's rows for files this
-    run did not handle are kept (after this run's)."""
+    """Rows appended as they come under a temporary name renamed at ``close`` (an early stop
+    keeps them); an existing summary's rows for files this run did not handle are kept."""
 
     def __init__(self, path: Path, fmt: str, columns: Sequence[str], key: str = "path") -> None:
         self.path = path
@@ -370,9 +368,8 @@ def check_summary(summary_path: Path, opts: PredictOptions) -> None:
 
 
 def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
-    """One ``brainseg predict`` run: check, load the model, predict this shard's cases
-    (through ``opts.runner`` if set), write the summary as results come, under the output
-    folder's lock; an input that fails on its own is an error row and the run goes on."""
+    """One ``brainseg predict`` run: check, load the model, predict this shard's cases, write the
+    summary as results come, under the output folder's lock (a failed input is an error row)."""
     if opts.force and opts.skip_existing:
         raise BrainsegError(
             "--force and --skip-existing cannot be used together",

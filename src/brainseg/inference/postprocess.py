@@ -82,9 +82,9 @@ def apply(
     groups: np.ndarray | None = None,
     order: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Probabilities at the image's own size -> mask: the one rule eval, predict and export use.
-    Threshold, remove 2D components under ``min_size``, then (``largest``) keep the largest 3D
-    component, per patient when ``groups`` names each slice's patient (``order``: its slice)."""
+    """Probabilities at the image's own size -> mask, the one rule of eval, predict and export:
+    threshold, 2D components under ``min_size`` out, then (``largest``) the largest 3D one
+    per patient (of ``groups``, slices in ``order``)."""
 
     mask = binarize(prob, threshold)
     if min_size > 1:
@@ -95,9 +95,8 @@ def apply(
 
 
 def proba_at_size(prob: np.ndarray, size: tuple[int, int], *, padded: bool = False) -> np.ndarray:
-    """A model's output probabilities (h x w or N x h x w) at the image's own ``size`` (H, W):
-    cropped when the image was ``padded``, else resized back (bilinear). Masks are thresholded
-    after this, so a mask always equals its probability map thresholded at any size."""
+    """A model's output at the image's own ``size`` (H, W): cropped when ``padded``, else resized
+    back (bilinear); masks are thresholded after this, so a mask is its thresholded map."""
     p = np.asarray(prob, dtype=np.float32)
     h, w = int(size[0]), int(size[1])
     if padded:

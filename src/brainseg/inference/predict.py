@@ -99,10 +99,8 @@ class TorchBackend:
         amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
         with torch.inference_mode(), amp:
             t = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-            x = t.permute(0, 3, 1, 2).float()
-            x = x.contiguous(
-                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
-            )
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            x = t.permute(0, 3, 1, 2).float().contiguous(memory_format=fmt)
             p = torch.sigmoid(self.model(x)[:, 0].float())
             if tta:
                 p = p + torch.sigmoid(self.model(x.flip(-1))[:, 0].float()).flip(-1)
@@ -259,9 +257,8 @@ class Predictor:
         precision: str | None = None,
         threads: int = 0,
     ) -> None:
-        """``runtime``: auto, onnxruntime, openvino or torch (None: $BRAINSEG_RUNTIME, else
-        auto); ``precision``: auto, fp32 or bf16 (OpenVINO); ``threads``: 0 = the runtime's
-        default (see :mod:`brainseg.inference.runtimes` and docs/export.md)."""
+        """``runtime``, ``precision``, ``threads``: see :mod:`brainseg.inference.runtimes` (None:
+        $BRAINSEG_RUNTIME, else auto; 0 threads: the runtime's default)."""
         if isinstance(model_paths, (str, os.PathLike)):
             model_paths = [model_paths]
         # An ensemble.json stands for its fold models and carries their tuned settings.
@@ -346,9 +343,8 @@ class Predictor:
 def load_predictor(
     models: Sequence[str | os.PathLike[str]], settings: InferenceSettings, factory: Any = None
 ) -> Any:
-    """The :class:`Predictor` of ``settings`` (device, batch size, TTA, runtime) for predict,
-    eval and the Ray workers alike; ``factory`` stands in for the class (tests). A model file
-    a third-party reader chokes on is one error naming it, not a traceback."""
+    """The :class:`Predictor` of ``settings`` for predict, eval and the Ray workers (``factory``:
+    tests); a model file a third-party reader chokes on is one error naming it."""
     # only the runtime settings given, so a predictor factory that predates them still works
     given = {k: getattr(settings, k, None) for k in ("runtime", "precision", "threads")}
     try:

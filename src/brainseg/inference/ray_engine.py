@@ -51,9 +51,8 @@ def check_engine(engine: str, address: str | None) -> str:
 
 @dataclass
 class RayEngine:
-    """Where and how wide to run: ``address`` None starts a local Ray instance with
-    ``workers`` CPUs (default: every core); ``workers`` is the number of predictor actors
-    (default: the cluster's CPUs, or its GPUs when it has GPUs and the device is not cpu)."""
+    """Where and how wide to run: ``address`` None starts a local Ray instance; ``workers`` is
+    the number of predictor actors (default: one per CPU, or per GPU when there are GPUs)."""
 
     address: str | None = None
     workers: int | None = None
@@ -78,9 +77,8 @@ class RayEngine:
         return predict_volumes(self._on_ray(opts, "volume", self.files_per_task or 1), on_case)
 
     def _on_ray(self, opts: Any, kind: str, per_task: int) -> Any:
-        """``opts`` with the cases predicted by the actors. The driver loads the model once on
-        the CPU, only for its settings and the first status lines; the actors load it on
-        ``opts.device``, with one reader and one writer thread each."""
+        """``opts`` with the cases predicted by the actors (the driver loads the model on the CPU,
+        only for its settings and status lines; the actors load it on ``opts.device``)."""
 
         def run(
             predictor: Any, items: Iterable[Any], run_opts: Any, unreported: Any

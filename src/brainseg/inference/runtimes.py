@@ -154,9 +154,8 @@ def choose(
     flags: set[str] | None = None,
     installed: Callable[[str], bool] = _installed,
 ) -> RuntimeChoice:
-    """The runtime and precision of one model file (pure: the tests give ``flags``);
-    ``runtime`` None: $BRAINSEG_RUNTIME when it names a runtime of this kind of file, else
-    ``auto``. BrainsegError (exit 2) for a combination that cannot run."""
+    """The runtime and precision of one model file (pure: the tests give ``flags``); ``runtime``
+    None: $BRAINSEG_RUNTIME if it names one for this kind of file, else ``auto``."""
     value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
     asked = check_choice("--runtime", value, RUNTIMES)
     if runtime is None and (asked == "torch") == (suffix == ".onnx"):
@@ -293,9 +292,8 @@ def _rt_props(model: Any) -> dict[str, str]:
 
 
 class OpenVinoBackend:
-    """A brainseg ONNX model run with OpenVINO on the CPU (numpy only, never torch). With
-    ``batch_size`` > 1 a batch runs as one-image requests on OpenVINO's parallel streams
-    (THROUGHPUT hint), at batch 1 with the LATENCY hint."""
+    """A brainseg ONNX model run with OpenVINO on the CPU (numpy only); a batch runs as
+    one-image requests on parallel streams (THROUGHPUT hint) unless its size is 1 (LATENCY)."""
 
     name = "openvino"
     choice: RuntimeChoice  # set by brainseg.inference.predict.open_backend
@@ -326,9 +324,8 @@ class OpenVinoBackend:
         self._compiled(image_size_of(self.metadata))
 
     def _compiled(self, hw: tuple[int, int] | None) -> tuple[Any, Any, Any]:
-        """(compiled model, a request, an async queue) for one-image inputs of size ``hw``:
-        a static shape per size (about 1.5-2x faster on OpenVINO's CPU kernels), up to
-        :data:`MAX_STATIC_SHAPES`; further sizes share one dynamic-shape model."""
+        """(compiled model, request, async queue) for inputs of size ``hw``: static shapes, 1.5-2x
+        faster, up to :data:`MAX_STATIC_SHAPES` sizes; further sizes share one dynamic model."""
         if hw not in self._shapes and hw is not None and len(self._shapes) >= MAX_STATIC_SHAPES:
             hw = None
         if hw not in self._shapes:

@@ -139,9 +139,8 @@ def _status(row: Any, fmt: str) -> str:
 
 
 def merge_summaries(out_dir: Path) -> MergeResult:
-    """Combine ``out_dir/summary-I-of-N.<ext>`` into ``out_dir/summary.<ext>`` (atomic), in
-    the order of an unsharded run (row k of shard I is input k*N+I), even when shards are
-    missing (the result says which)."""
+    """Combine ``out_dir/summary-I-of-N.<ext>`` into ``out_dir/summary.<ext>`` (atomic) in the
+    order of an unsharded run (row k of shard I is input k*N+I), even with shards missing."""
     if not out_dir.is_dir():
         raise BrainsegError(
             f"--merge {out_dir}: no such folder", hint="pass the -o folder of the shard runs"

@@ -263,6 +263,7 @@ class VolumeFormat:
             return CaseResult(case.id, status="error", error=exc.message)
 
 
+@dataclass
 class VolumeKind:
     """Volume cases, found and checked up front (they are few), read whole."""
 
@@ -270,9 +271,7 @@ class VolumeKind:
     columns = SUMMARY_COLUMNS
     key = "case"
     hold_failures = True
-
-    def __init__(self) -> None:
-        self.settings: dict[str, Any] = {}
+    settings: dict[str, Any] = field(default_factory=dict)  # the settings applied, for --json
 
     def check(self, opts: PredictOptions) -> PredictOptions:
         parse_min_volume(opts.min_volume)
