@@ -1,13 +1,9 @@
 """``brainseg predict`` on image files: inputs -> masks on disk + a summary.
 
 Inputs (files, folders, globs, ``-`` for stdin) are walked lazily and go through the one case
-pipeline (:class:`brainseg.inference.pipeline.Engine`: read ahead, infer, write behind, so
-memory stays constant however many files there are) as one-slice cases; :class:`ImageFormat`
-is this kind's reading and writing. :func:`predict_inputs` is the library entry point
-(``PredictOptions`` in, ``PredictResult`` out) that the command and the demo call.
-
-The mask of every file comes from :func:`brainseg.inference.postprocess.mask_from_output`, the
-rule eval scores, so ``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
+pipeline as one-slice cases, so memory stays constant however many files there are; each
+mask is eval's rule (:func:`brainseg.inference.postprocess.mask_from_output`), so
+``_mask.tif`` is exactly ``_prob.tif`` thresholded at any image size.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from itertools import chain, islice
 from pathlib import Path, PurePosixPath
@@ -30,24 +26,12 @@ from brainseg import console
 from brainseg.data import imageio
 from brainseg.data.imageio import is_mask_name
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
-from brainseg.fsutil import (
-    file_kind,
-    one_line,
-    remove_stale_temps,
-)
+from brainseg.fsutil import file_kind, one_line, remove_stale_temps
 from brainseg.inference import postprocess
-from brainseg.inference.pipeline import (
-    PredictOptions,
-    Prepared,
-    RunOutcome,
-    run_cases,
-)
+from brainseg.inference.pipeline import PredictOptions, Prepared, RunOutcome, run_cases
 from brainseg.inference.predict import Predictor
 from brainseg.inference.runtimes import check_choice, describe
 from brainseg.settings import PostSettings
-
-# --------------------------------------------------------------------------- input walking
-
 
 _MAGIC = re.compile(r"[*?\[]")
 
@@ -91,22 +75,11 @@ def walk_images(
     outputs: Sequence[Path] = (),
     count_other: bool = True,
 ) -> Iterator[Path]:
-    """Image files below ``top`` in sorted order, lazily (files of a folder, then sub-folders).
-
-    Symlinked folders are followed, but a folder already visited (a link loop, or one folder
-    reached twice) is not entered again. Hidden entries (``.name``, e.g. macOS ``._x.tif``)
-    are skipped; inside the ``outputs`` folders (predict's -o) files named like predict's
-    outputs are counted in ``stats.earlier_outputs``, the other files there are inputs as
-    anywhere else. Only regular files are images (a FIFO named ``x.png`` would block a reader
-    forever): others go to ``stats.irregular``; with ``count_other``, files of a type that
-    cannot be read go to ``stats.other_types``, except a dataset's known side files
-    (:data:`SIDE_FILE`).
-    """
+    """Image files below ``top`` in sorted order, lazily; linked folders are never entered
+    twice (link loops), hidden entries (macOS ``._x.tif``) are skipped, and what is left out
+    is counted in ``stats`` (see :func:`_file_kind`)."""
     outs = [os.path.realpath(d) for d in outputs]
-    seen: set[tuple[int, int]] = set()
-    key = _dir_key(top)
-    if key is not None:
-        seen.add(key)
+    seen = {_dir_key(top)}  # None is never looked up: an unreadable folder is skipped
     stack: list[tuple[Path, int]] = [(top, 0)]
     while stack:
         folder, depth = stack.pop()
@@ -164,12 +137,10 @@ def _file_kind(entry: os.DirEntry[str], in_out: bool) -> str:
 def _glob_base(pattern: str) -> tuple[Path, list[str]]:
     """Split a glob into its literal leading folder and the pattern components after it."""
     parts = PurePosixPath(pattern.replace(os.sep, "/")).parts
-    base: list[str] = []
     for i, part in enumerate(parts):
         if _MAGIC.search(part):
-            return Path(*base) if base else Path("."), list(parts[i:])
-        base.append(part)
-    return Path(*parts[:-1]) if len(parts) > 1 else Path("."), list(parts[-1:])
+            return Path(*parts[:i]), list(parts[i:])  # Path() is "."
+    return Path(*parts[:-1]), list(parts[-1:])
 
 
 def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:
@@ -178,12 +149,8 @@ def _match_parts(parts: Sequence[str], pats: Sequence[str]) -> bool:
         return not parts
     if pats[0] == "**":
         return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
-    if not parts:
-        return False
-    part, pat = parts[0], pats[0]
-    if part.startswith(".") and not pat.startswith("."):
-        return False
-    return fnmatchcase(part, pat) and _match_parts(parts[1:], pats[1:])
+    # no part is hidden: the walk skips hidden entries
+    return bool(parts) and fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
 
 
 def _explicit_rel(path: Path) -> PurePosixPath:
@@ -199,8 +166,7 @@ def _explicit_rel(path: Path) -> PurePosixPath:
 
 @dataclass
 class InputStats:
-    """What a walk of the inputs left out: ground-truth masks, files of other types, files
-    that are not regular files (FIFOs, devices) and earlier outputs inside the -o folder."""
+    """What a walk of the inputs left out (and the summary line reports)."""
 
     masks_skipped: int = 0
     other_types: list[Path] = field(default_factory=list)
@@ -209,11 +175,8 @@ class InputStats:
 
 
 def read_stdin_lines(buf: Any = None) -> Iterator[str]:
-    """The lines of stdin as file names, lazily: read as bytes and decoded as the OS decodes
-    names (invalid UTF-8 kept as the bytes it names, whatever the locale's stdin encoding),
-    a line longer than :data:`MAX_PATH_BYTES` cut to one byte more without being held whole
-    (so :func:`_stdin_lines` reports it as too long). ``buf`` is a binary stream (default
-    ``sys.stdin.buffer``); a text stdin without one (a test's StringIO) is read as text."""
+    """The lines of stdin as file names, decoded as the OS decodes names; an overlong line
+    is cut to :data:`MAX_PATH_BYTES` + 1 bytes, never held whole."""
     buf = buf if buf is not None else getattr(sys.stdin, "buffer", None)
     if buf is None:
         yield from sys.stdin
@@ -233,9 +196,7 @@ def read_stdin_lines(buf: Any = None) -> Iterator[str]:
 
 
 def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
-    """(path, error) per non-empty line of stdin (:func:`read_stdin_lines` by default):
-    lines over :data:`MAX_PATH_BYTES` and lines with a NUL byte come back as errors, and the
-    run goes on."""
+    """(path, error) per non-empty stdin line: a bad line is an error row, the run goes on."""
     for n, line in enumerate(stream if stream is not None else read_stdin_lines(), 1):
         name = line.rstrip("\r\n")
         if not name.strip():
@@ -249,21 +210,16 @@ def _stdin_lines(stream: Iterable[str] | None) -> Iterator[tuple[str, str]]:
         elif "\0" in name:
             yield (
                 one_line(name),
-                (f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can"),
+                f"line {n} of stdin ({one_line(name)}) holds a NUL byte, which no file name can",
             )
         else:
             yield name, ""
 
 
 def iter_inputs(opts: PredictOptions, stats: InputStats | None = None) -> Iterator[InputFile]:
-    """Every input image of ``opts.inputs``, lazily, in order: arguments in the order given,
-    folders and globs in sorted order, ``-`` as one path per line of ``opts.stdin``.
-
-    Ground-truth masks (``*_mask.*``) are left out wherever they come from (folders, globs,
-    stdin; a mask named as an argument is refused by :func:`check_inputs`) unless
-    ``opts.include_masks``; ``stats`` counts them and the files of other types in folders.
-    Inside ``opts.out_dir`` files named like predict's outputs are not inputs.
-    """
+    """Every input image of ``opts.inputs``, lazily: arguments in the order given, folders
+    and globs sorted, ``-`` a path per line of ``opts.stdin``; ground-truth masks are left
+    out (and counted in ``stats``) unless ``opts.include_masks``."""
     stats = stats if stats is not None else InputStats()
     outputs = [opts.out_dir]
 
@@ -299,8 +255,7 @@ def iter_inputs(opts: PredictOptions, stats: InputStats | None = None) -> Iterat
 
 
 def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
-    """Refuse inputs that name nothing, or a ground-truth mask, (exit 2) before any model
-    is loaded."""
+    """Refuse inputs that name nothing or a ground-truth mask before any model loads."""
     if not items:
         raise BrainsegError(
             "no INPUT given", hint="pass image files, folders, globs or - (paths on stdin)"
@@ -320,24 +275,6 @@ def check_inputs(items: Sequence[str], include_masks: bool = False) -> None:
                 f"input {one_line(item)} is a ground-truth mask (*_mask.*), not a scan",
                 hint="pass the scan next to it, or --include-masks to predict masks on purpose",
             )
-
-
-# --------------------------------------------------------------------------- batch engine
-
-
-SUMMARY_COLUMNS = (
-    "path",
-    "output",
-    "status",
-    "tumor_pixels",
-    "tumor_fraction",
-    "max_probability",
-    "has_tumor",
-    "height",
-    "width",
-    "error",
-    "runtime",
-)
 
 
 #: Mask formats of image files; the first is the default.
@@ -362,13 +299,16 @@ class FileResult:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # One printable UTF-8 line each: a file name with a newline or invalid UTF-8 must
-        # not break the summary, a --json line or a message (it is that file's row).
+        # one printable UTF-8 line each: a name with a newline must not break the summary
         self.path, self.output, self.error = map(one_line, (self.path, self.output, self.error))
 
     def row(self) -> dict[str, Any]:
         """The summary columns as a dict (JSON-able)."""
         return {c: getattr(self, c) for c in SUMMARY_COLUMNS}
+
+
+#: The summary's columns: every field but the notes (warned about, not kept).
+SUMMARY_COLUMNS = tuple(f.name for f in fields(FileResult) if f.name != "notes")
 
 
 @dataclass
@@ -381,22 +321,16 @@ class _Outputs:
         return [p for p in (self.prob, self.overlay, self.mask) if p is not None]
 
 
-def output_paths(rel: PurePosixPath, opts: PredictOptions) -> _Outputs:
-    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png); ``rel`` is relative
-    and has no ``..`` (:func:`iter_inputs`), and :func:`check_outputs` refuses links out."""
-    folder = opts.out_dir.joinpath(*rel.parent.parts)
-    stem = rel.stem
-    return _Outputs(
+def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs:
+    """OUT/<rel folder>/<stem>_mask.<fmt> (and _prob.tif, _overlay.png) of ``item``, refused
+    (even with --force) when one would leave ``root`` (the resolved -o folder: ``rel`` has no
+    ``..``, but a link may point out), be the input itself or the input's ground-truth mask."""
+    folder, stem = opts.out_dir.joinpath(*item.rel.parent.parts), item.rel.stem
+    outs = _Outputs(
         mask=folder / f"{stem}_mask.{opts.fmt}",  # set by ImageKind.check
         prob=folder / f"{stem}_prob.tif" if opts.probabilities else None,
         overlay=folder / f"{stem}_overlay.png" if opts.overlay else None,
     )
-
-
-def check_outputs(item: InputFile, opts: PredictOptions, root: Path) -> _Outputs:
-    """The outputs of ``item``, refused (even with --force) when one would leave ``root``
-    (the resolved -o folder), be the input itself or the input's ground-truth mask."""
-    outs = output_paths(item.rel, opts)
     src = item.path.resolve()
     src_name, out_name = one_line(str(item.path)), one_line(str(opts.out_dir))
     for p in outs.all():
@@ -447,25 +381,18 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+@dataclass
 class ImageFormat:
-    """The pipeline's edges for image files: a 2D image is a one-slice case; its mask is
-    thresholded and cleaned of small components at the image's own size
-    (:func:`brainseg.inference.postprocess.mask_from_output`) and written as ``_mask.tif/png``."""
+    """The pipeline's edges for image files: a one-slice case each, its mask made at the
+    image's own size (:func:`brainseg.inference.postprocess.mask_from_output`)."""
 
-    def __init__(
-        self,
-        opts: PredictOptions,
-        size: tuple[int, int] | None,
-        post: PostSettings,
-        runtime: str = "",
-    ) -> None:
-        self.opts = opts
-        self.size = size
-        self.post = post
-        self.runtime = runtime  # what runs the model, for the summary's rows
-        self.root = opts.out_dir.resolve()
+    opts: PredictOptions
+    size: tuple[int, int] | None
+    post: PostSettings
+    runtime: str = ""  # what runs the model, for the summary's rows
 
-    # ---- read side (worker threads)
+    def __post_init__(self) -> None:
+        self.root = self.opts.out_dir.resolve()
 
     def read_cost(self, item: object) -> int:
         """Bytes reading ``item`` will hold: its decoded array and the H x W x 3 uint8 copy."""
@@ -481,7 +408,6 @@ class ImageFormat:
             _check_regular(item.path)
             outs = check_outputs(item, self.opts, self.root)
             existing = [p for p in outs.all() if p.exists()]
-            overwrite = self.opts.force
             if existing:
                 if self.opts.skip_existing and len(existing) == len(outs.all()):
                     return self._skipped(item, outs)
@@ -490,7 +416,8 @@ class ImageFormat:
                         f"{existing[0]} already exists",
                         hint="pass --force to overwrite it or --skip-existing to keep it",
                     )
-                overwrite = True  # --skip-existing and an interrupted file: redo all of it
+            # --skip-existing and an interrupted file: redo all of it
+            overwrite = self.opts.force or bool(existing)
             loaded = imageio.load_image(item.path)
             image = loaded.array
             x, padded = imageio.to_model_input(image[None], self.size, pad=self.opts.pad)
@@ -513,24 +440,18 @@ class ImageFormat:
             res.has_tumor = res.tumor_pixels > 0
         return res
 
-    # ---- write side (worker threads)
-
     def finish(self, prep: Prepared, prob: np.ndarray) -> FileResult:
-        opts = self.opts
-        image = prep.data
+        image, outs, force = prep.data, prep.outputs, prep.overwrite
         h, w = image.shape[:2]
         try:
             prob, mask = postprocess.mask_from_output(
                 prob[0], (h, w), self.post.threshold, self.post.min_size, padded=prep.padded
             )
-            force = prep.overwrite
-            outs = prep.outputs
             if outs.prob is not None:
                 imageio.write_probability(outs.prob, prob, force=force)
             if outs.overlay is not None:
-                imageio.write_overlay(
-                    outs.overlay, image, mask, channel=opts.overlay_channel, force=force
-                )
+                channel = None if self.opts.overlay_rgb else 1  # the RGB image, or FLAIR
+                imageio.write_overlay(outs.overlay, image, mask, channel=channel, force=force)
             imageio.write_mask(outs.mask, mask, force=force)  # last: its presence = done
         except BrainsegRuntimeError:
             raise  # disk full, unwritable folder: stop the run
@@ -555,10 +476,8 @@ class ImageFormat:
 def dedup_inputs(
     files: Iterable[InputFile], opts: PredictOptions
 ) -> Iterator[InputFile | FileResult]:
-    """The inputs as the engine takes them: a stdin line that names no file, or a second
-    input writing an output already written in this run, becomes that file's error row;
-    stale temporaries of killed runs are removed once per output folder (never outside -o).
-    Shared by the local engine and the Ray engine (:mod:`brainseg.inference.ray_engine`)."""
+    """The inputs as the engine takes them: a bad stdin line or a second writer of one output is
+    an error row; stale temporaries are removed once per output folder (never outside -o)."""
     seen: set[str] = set()
     swept: set[PurePosixPath] = set()
     root = opts.out_dir.resolve()
@@ -577,34 +496,27 @@ def dedup_inputs(
                 str(f.path),
                 status="error",
                 error=f"{f.path}: another input already writes "
-                f"{opts.out_dir / f.rel.parent / f.rel.stem}_mask."
-                f"{opts.fmt} in this run",
+                f"{opts.out_dir / key}_mask.{opts.fmt} in this run",
             )
             continue
         seen.add(key)
         yield f
 
 
-# --------------------------------------------------------------------------- entry point
+@dataclass
+class PredictResult(InputStats, RunOutcome):
+    """What one run did, and what the walk of the inputs left out."""
 
 
 @dataclass
-class PredictResult(InputStats, RunOutcome):
-    """What one run did (:class:`~brainseg.inference.pipeline.RunOutcome`) and what the walk
-    of the inputs left out (:class:`InputStats`)."""
-
-
 class ImageKind:
-    """Image files as :func:`~brainseg.inference.pipeline.run_cases` takes them: walked
-    lazily (the walk's counts kept in ``stats``), one-slice cases, a row per file."""
+    """Image files as :func:`~brainseg.inference.pipeline.run_cases` takes them."""
 
     noun = "file"
     columns = SUMMARY_COLUMNS
     key = "path"
     hold_failures = False
-
-    def __init__(self) -> None:
-        self.stats = InputStats()
+    stats: InputStats = field(default_factory=InputStats)  # what the walk left out
 
     def check(self, opts: PredictOptions) -> PredictOptions:
         fmt = check_choice("--format", opts.fmt or IMAGE_FORMATS[0], IMAGE_FORMATS)
@@ -636,36 +548,29 @@ class ImageKind:
 
     def edges(self, opts: PredictOptions, predictor: Predictor) -> ImageFormat:
         post = opts.resolve(predictor.metadata).post
-        _announce(predictor, opts, post)
-        return ImageFormat(opts, predictor.image_size, post, predictor.runtime)
+        size = predictor.image_size
+        how = "padded to multiples of 32"
+        if not opts.pad and size is not None:
+            how = f"resized to {size[0]}x{size[1]}"
+        console.info(
+            f"model {opts.models[0]} ({describe(predictor)}"
+            f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
+            f"{', TTA' if opts.tta else ''}): images {how}, threshold {post.threshold:g}, "
+            f"min size {post.min_size} (at each image's own size)"
+        )
+        if post.largest:
+            console.info(
+                "the model's largest-component rule is per patient volume and is not "
+                "applied to independent files"
+            )
+        return ImageFormat(opts, size, post, predictor.runtime)
 
     def failed(self, res: FileResult) -> None:
         console.warn(res.error)
 
 
-def _announce(predictor: Predictor, opts: PredictOptions, post: PostSettings) -> None:
-    size = predictor.image_size
-    how = (
-        "padded to multiples of 32"
-        if opts.pad or size is None
-        else f"resized to {size[0]}x{size[1]}"
-    )
-    console.info(
-        f"model {opts.models[0]} ({describe(predictor)}"
-        f"{f', ensemble of {len(predictor.paths)}' if len(opts.models) > 1 else ''}"
-        f"{', TTA' if opts.tta else ''}): images {how}, threshold {post.threshold:g}, "
-        f"min size {post.min_size} (at each image's own size)"
-    )
-    if post.largest:
-        console.info(
-            "the model's largest-component rule is per patient volume and is not "
-            "applied to independent files"
-        )
-
-
 def predict_inputs(opts: PredictOptions) -> PredictResult:
-    """Predict every input image and write its outputs and the summary (see the module doc
-    and :func:`~brainseg.inference.pipeline.run_cases`)."""
+    """Predict every input image and write its outputs and the summary."""
     kind = ImageKind()
     done = run_cases(opts, kind)
     return PredictResult(**vars(done), **vars(kind.stats))

@@ -1,24 +1,11 @@
 """DICOM Segmentation (SEG) out: a case's mask as a DICOM object that refers to its series.
 
-``brainseg predict MODEL CASES -o OUT --format dicom-seg`` writes, beside each case's NIfTI
-mask, ``OUT/<case>_seg.dcm``: a DICOM Segmentation made with highdicom that a PACS, 3D
-Slicer's DICOM module or OHIF shows on the series it was computed from:
-
-- BINARY segmentation, one segment "tumour", category SNOMED CT 49755003 "Morphologically
-  abnormal structure", type SNOMED CT 108369006 "Neoplasm", algorithm type AUTOMATIC with the
-  algorithm identification (brainseg, its version, the model file(s) and the model card's name);
-- the source series is the case's FLAIR series (:data:`REFERENCE_CHANNEL`; ``--seg-series``
-  names another contrast): its patient and
-  study, its Frame of Reference, and per frame the SOP Instance it lies on (Study / Series /
-  SOP Instance UIDs), with that image's position and orientation; new UIDs for the SEG;
-- frames without tumour are omitted (the standard allows it, and the referenced instances
-  still list the whole series); a mask without any tumour keeps every (empty) frame, since a
-  Segmentation needs at least one.
-
-The mask comes on the case's grid (:class:`brainseg.data.volumes.Grid`, the geometry SimpleITK read
-from the series, RAS affine); each source image is placed on that grid by its own
-ImagePositionPatient, never by file order or name. highdicom and pydicom are imported only
-when a SEG is written (``brainseg[volumes]``).
+``--format dicom-seg`` writes, beside each case's NIfTI mask, ``OUT/<case>_seg.dcm``: a
+BINARY highdicom Segmentation with one segment "tumour" (algorithm AUTOMATIC: brainseg, the
+model file(s) and card name) that a PACS, 3D Slicer or OHIF shows on the case's FLAIR series
+(``--seg-series`` names another). Frames without tumour are omitted; an empty mask keeps
+every (empty) frame, since a Segmentation needs at least one. Each source image is placed on
+the case's grid by its own ImagePositionPatient, never by file order or name.
 """
 
 from __future__ import annotations
@@ -35,13 +22,12 @@ from brainseg.data.volumes import read_dicom_series
 from brainseg.errors import BrainsegError, first_line
 from brainseg.fsutil import atomic_write_bytes, one_line
 from brainseg.model.card import card_from_metadata
-from brainseg.optional import require
 
 #: ``--format`` value that asks for DICOM SEG; the volume default stays NIfTI.
 FORMAT = "dicom-seg"
 #: The contrast whose DICOM series the SEG refers to (the tumour is its FLAIR abnormality).
 REFERENCE_CHANNEL = "flair"
-#: The SEG's file name after the case name.
+#: The SEG's file name after the case name: ``OUT/<case>_seg.dcm``.
 SUFFIX = "_seg.dcm"
 #: (code value, coding scheme, meaning) of the segment's category and type (SNOMED CT).
 CATEGORY = ("49755003", "SCT", "Morphologically abnormal structure")
@@ -71,11 +57,6 @@ _HINT = (
 )
 
 
-def seg_path(out_dir: Path, case_id: str) -> Path:
-    """``OUT/<case>_seg.dcm``."""
-    return out_dir / f"{case_id}{SUFFIX}"
-
-
 def reference_series(case: Any, channel: str = REFERENCE_CHANNEL) -> Path:
     """The DICOM series folder a case's SEG refers to; BrainsegError when it has none."""
     if case.four_d is not None:
@@ -97,24 +78,11 @@ def reference_series(case: Any, channel: str = REFERENCE_CHANNEL) -> Path:
 
 
 def check_cases(cases: Iterable[Any], channel: str = REFERENCE_CHANNEL) -> None:
-    """Before any work: every readable case has a DICOM series to refer to (else exit 2).
-
-    Cases already known to be bad (a missing contrast...) are left to their own error row.
-    """
+    """Before any work: every readable case has a DICOM series to refer to (else exit 2)."""
     for case in cases:
         if case.error and case.four_d is None and channel not in case.sources:
             continue
         reference_series(case, channel)
-
-
-def check_installed() -> None:
-    """A one-line error naming the extra when highdicom or pydicom is missing."""
-
-    require("pydicom", "--format dicom-seg")
-    require("highdicom", "--format dicom-seg")
-
-
-# --------------------------------------------------------------------------- the series
 
 
 def read_series(folder: Path) -> list[Any]:
@@ -139,19 +107,11 @@ def read_series(folder: Path) -> list[Any]:
     return out
 
 
-def _lps(grid: Any) -> np.ndarray:
-    """The grid's affine in DICOM's LPS patient coordinates (volumes.Grid holds RAS)."""
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(grid.affine, dtype=np.float64)
-
-
 def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.ndarray:
-    """N x Rows x Columns: the mask on each source image, in the order of ``datasets``.
-
-    ``mask`` is X x Y x Z on ``grid`` (x along a DICOM row, y down the columns, z across
-    slices, as SimpleITK read the series). Each image is placed by its ImagePositionPatient
-    mapped through the grid's inverse affine, and its orientation and size are checked.
-    """
-    lps = _lps(grid)
+    """N x Rows x Columns: the mask (X x Y x Z on ``grid``, as SimpleITK read the series) on
+    each source image, placed by its ImagePositionPatient through the grid's inverse affine."""
+    # the grid's affine in DICOM's LPS patient coordinates (volumes.Grid holds RAS)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(grid.affine, dtype=np.float64)
     inv = np.linalg.inv(lps)
     cosines = lps[:3, :3] / np.linalg.norm(lps[:3, :3], axis=0)
     shape = mask.shape
@@ -196,12 +156,8 @@ def source_frames(mask: np.ndarray, grid: Any, datasets: Sequence[Any]) -> np.nd
     return frames
 
 
-# --------------------------------------------------------------------------- the object
-
-
 def algorithm_info(models: Sequence[Path | str], metadata: dict[str, Any] | None) -> dict[str, str]:
     """What the SEG says made it: brainseg's version, the model file(s), the card's name."""
-
     meta = dict(metadata or {})
     card = meta.get("model_card")
     if not isinstance(card, dict):
@@ -242,8 +198,8 @@ def build_seg(mask: np.ndarray, grid: Any, datasets: Sequence[Any], info: dict[s
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEGMENT_LABEL,
-        segmented_property_category=Code(CATEGORY[0], CATEGORY[1], CATEGORY[2]),
-        segmented_property_type=Code(PROPERTY_TYPE[0], PROPERTY_TYPE[1], PROPERTY_TYPE[2]),
+        segmented_property_category=Code(*CATEGORY),
+        segmented_property_type=Code(*PROPERTY_TYPE),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
@@ -277,8 +233,7 @@ def write_seg(
     *,
     force: bool = True,
 ) -> Path:
-    """Write the SEG of ``mask`` (X x Y x Z on ``grid``, read from the DICOM folder
-    ``series``) to ``path`` atomically."""
+    """Write the SEG of ``mask`` over the DICOM folder ``series`` to ``path`` atomically."""
     seg = build_seg(mask, grid, read_series(series), info)
     buf = io.BytesIO()
     try:

@@ -1,22 +1,19 @@
 """kaggle_3m patients as cases of the one pipeline: the masks ``brainseg eval`` scores.
 
-A patient folder is one case, its slices stacked in slice order (as nnU-Net reads a 2D
-series as one 3D case), so the model's post-processing is the patient-volume rule eval has
-always measured: threshold, 2D components under the min size removed, then the largest 3D
-component of the patient (:func:`brainseg.inference.postprocess.apply`). Each slice's mask is
-written as predict writes an image's, ``OUT/<patient>/<slice>_mask.tif`` (uint8 0/255), and
-with ``probabilities`` its ``_prob.tif`` (float32); ``OUT/summary.csv`` has a row per patient.
+A patient folder is one case, its slices stacked in slice order, so the post-processing is
+the patient-volume rule eval has always measured (:func:`brainseg.inference.postprocess.apply`).
+Each slice's mask is written as ``OUT/<patient>/<slice>_mask.tif`` (uint8 0/255), with
+``probabilities`` its ``_prob.tif`` (float32); ``OUT/summary.csv`` has a row per patient.
 
-Slices are read by :func:`brainseg.data.lgg.decode_slice`, the reader the training cache
-uses, so eval sees the pixels training saw. A slice that cannot be read fails its patient,
-or with ``skip_bad`` is left out (and named in the patient's row, so scoring leaves its
-true mask out too).
+Slices are read by the training cache's reader (:func:`brainseg.data.lgg.decode_slice`), so
+eval sees the pixels training saw; one that cannot be read fails its patient, or with
+``skip_bad`` is left out (and named in the patient's row, so scoring leaves it out too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +25,6 @@ from brainseg.fsutil import one_line
 from brainseg.inference import postprocess
 from brainseg.inference.pipeline import PredictOptions, Prepared
 from brainseg.settings import PostSettings
-
-SUMMARY_COLUMNS = (
-    "patient",
-    "status",
-    "slices",
-    "tumor_pixels",
-    "tumor_slices",
-    "max_probability",
-    "left_out",
-    "error",
-)
 
 
 @dataclass
@@ -70,10 +56,8 @@ class PatientResult:
         return bool(self.tumor_pixels)
 
 
-def slice_outputs(out_dir: Path, s: lgg.SliceFile, probabilities: bool) -> tuple[Path, Path | None]:
-    """``OUT/<patient>/<slice>_mask.tif`` and (``probabilities``) ``_prob.tif``."""
-    mask = out_dir / s.patient / f"{s.image.stem}_mask.tif"
-    return mask, probability_file(out_dir, s) if probabilities else None
+#: The summary's columns: every field but the problems (eval reports them).
+SUMMARY_COLUMNS = tuple(f.name for f in fields(PatientResult) if f.name != "problems")
 
 
 def probability_file(out_dir: Path, s: lgg.SliceFile) -> Path:
@@ -81,20 +65,17 @@ def probability_file(out_dir: Path, s: lgg.SliceFile) -> Path:
     return out_dir / s.patient / f"{s.image.stem}_prob.tif"
 
 
+@dataclass
 class PatientFormat:
     """The pipeline's edges for kaggle_3m patients (see the module docstring)."""
 
-    def __init__(
-        self, opts: PredictOptions, size: tuple[int, int] | None, post: PostSettings, skip_bad: bool
-    ) -> None:
-        self.opts = opts
-        self.size = size
-        self.post = post
-        self.skip_bad = skip_bad
+    opts: PredictOptions
+    size: tuple[int, int] | None
+    post: PostSettings
+    skip_bad: bool
 
     def read_cost(self, item: lgg.Patient) -> int:
-        """Bytes a patient holds once read: its slices (the first one's size) and the copy
-        at the model's size."""
+        """Bytes a patient holds once read: its slices and their copy at the model's size."""
         first = imageio.declared_size(item.slices[0].image) if item.slices else None
         return 0 if first is None else 2 * len(item.slices) * 3 * first.pixels
 
@@ -140,11 +121,11 @@ class PatientFormat:
         try:
             prob = postprocess.proba_at_size(prob, size, padded=prep.padded)
             mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
+            out = self.opts.out_dir
             for s, m, p in zip(kept, mask, prob, strict=True):
-                mask_path, prob_path = slice_outputs(self.opts.out_dir, s, self.opts.probabilities)
-                if prob_path is not None:
-                    imageio.write_probability(prob_path, p, force=True)
-                imageio.write_mask(mask_path, m, force=True)
+                if self.opts.probabilities:
+                    imageio.write_probability(probability_file(out, s), p, force=True)
+                imageio.write_mask(out / s.patient / f"{s.image.stem}_mask.tif", m, force=True)
         except BrainsegRuntimeError:
             raise  # disk full: stop the run
         except BrainsegError as exc:
@@ -161,9 +142,7 @@ class PatientFormat:
 
 
 class PatientKind:
-    """kaggle_3m patients (already chosen by eval) as
-    :func:`~brainseg.inference.pipeline.run_cases` takes them; a run in which every patient
-    fails writes no file."""
+    """kaggle_3m patients (chosen by eval) as the pipeline's run takes them."""
 
     noun = "patient"
     columns = SUMMARY_COLUMNS

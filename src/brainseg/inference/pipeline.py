@@ -1,16 +1,11 @@
 """The one case pipeline behind ``brainseg predict`` and eval's masks: read ahead, infer in
 batches of slices, write behind.
 
-A case is a stack of co-registered slices (S x H x W x 3 uint8) and whatever its writer
-needs: a 2D image is a one-slice case (as nnU-Net reads 2D images as 3D with one slice), a
-NIfTI volume or DICOM series is its axial slices in LPS. What differs between them sits at
-the edges, in a :class:`CaseFormat` (:class:`brainseg.inference.batch.ImageFormat`,
-:class:`brainseg.inference.volume_predict.VolumeFormat`): how a case is read and checked, how its
-probabilities become a mask (2D components per image, 3D components per volume), which
-files it writes and the summary row it gives. Everything between (thread pools, the memory
-budget, batching slices across cases, the model call, results in input order, the writes
-kept on Ctrl-C) is :class:`Engine`, once, and every kind's summary is written by
-:class:`SummaryWriter`.
+A case is a stack of co-registered slices (S x H x W x 3 uint8): a 2D image is a one-slice
+case (as nnU-Net reads 2D images), a volume its axial slices in LPS. What differs between
+kinds (reading, post-processing, files written, the summary row) sits at the edges, in a
+:class:`CaseFormat`; everything between (thread pools, the memory budget, batching, results
+in input order, the writes kept on Ctrl-C) is :class:`Engine`, once.
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -54,10 +49,7 @@ READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class PredictOptions(InferenceSettings):
-    """One ``brainseg predict`` run (image files or volume cases): the shared
-    :class:`~brainseg.settings.InferenceSettings` plus what to read and write. The image-only
-    and volume-only fields are refused for the other kind by the command
-    (``cli.predict_volumes.refuse_options``)."""
+    """One ``brainseg predict`` run: the shared settings plus what to read and write."""
 
     models: list[Path]  # the model, then any ensemble members (mean probability)
     inputs: list[str]  # files, folders, globs or "-" (paths on stdin)
@@ -83,11 +75,6 @@ class PredictOptions(InferenceSettings):
     #: Another engine (:mod:`brainseg.inference.ray_engine`): (predictor, cases, options,
     #: unreported) -> results in input order; None: :class:`Engine` in this process.
     runner: Callable[..., Generator[Any, None, None]] | None = None
-
-    @property
-    def overlay_channel(self) -> int | None:
-        """The channel an overlay shows: 1 (FLAIR), or None for the RGB image."""
-        return None if self.overlay_rgb else 1
 
 
 R = TypeVar("R")
@@ -121,22 +108,16 @@ class CaseFormat(Protocol[R_co]):
         """Bytes reading ``item`` will hold (0 when unknown)."""
 
 
+@dataclass
 class Engine(Generic[R]):
     """Read ahead, infer in batches of slices, write behind; results come in input order."""
 
-    def __init__(
-        self,
-        predictor: Any,
-        fmt: CaseFormat[R],
-        workers: int = 2,
-        unreported: list[R] | None = None,
-    ) -> None:
-        self.predictor = predictor
-        self.fmt = fmt
-        self.workers = max(1, workers)
-        # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
-        # files are on disk, so the caller still gives them summary rows
-        self.unreported: list[R] = [] if unreported is None else unreported
+    predictor: Any
+    fmt: CaseFormat[R]
+    workers: int = 2
+    # results of the writes in flight when the run stopped (Ctrl-C / SIGTERM): their
+    # files are on disk, so the caller still gives them summary rows
+    unreported: list[R] = field(default_factory=list)
 
     def _finish(self, prep: Prepared | R, prob: np.ndarray | None) -> R:
         if isinstance(prep, Prepared):
@@ -145,11 +126,11 @@ class Engine(Generic[R]):
         return prep
 
     def run(self, items: Iterable[Any]) -> Iterator[R]:
-        bs = self.predictor.batch_size
-        ahead = 2 * bs + self.workers
+        bs, workers = self.predictor.batch_size, max(1, self.workers)
+        ahead = 2 * bs + workers
         budget = READ_AHEAD_BYTES
-        readers = ThreadPoolExecutor(self.workers, thread_name_prefix="brainseg-read")
-        writers = ThreadPoolExecutor(self.workers, thread_name_prefix="brainseg-write")
+        readers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-read")
+        writers = ThreadPoolExecutor(workers, thread_name_prefix="brainseg-write")
         writes: deque[tuple[Future[R], int]] = deque()
         try:
             reads = ordered_map(
@@ -186,9 +167,8 @@ class Engine(Generic[R]):
     def _batches(
         reads: Iterator[Prepared | R], bs: int, budget: int
     ) -> Iterator[list[Prepared | R]]:
-        """Groups of cases with up to ``bs`` slices of one shape (plus the finished results
-        between), fewer when they hold more than ``budget`` bytes; a case with more slices
-        than ``bs`` is a group of its own (the predictor takes it ``bs`` slices at a time)."""
+        """Groups of cases with up to ``bs`` slices of one shape (fewer when over ``budget`` bytes);
+        a case with more slices than ``bs`` is a group of its own."""
         group: list[Prepared | R] = []
         n = held = 0
         shape: tuple[int, ...] | None = None
@@ -242,13 +222,8 @@ def ordered_map(
 
 
 class SummaryWriter:
-    """Rows appended as they come (flushed), under a temporary name renamed at ``close``.
-
-    A run that stops early (Ctrl-C, disk full) still leaves the rows written so far under
-    the final name. Nothing is created until the first row. An existing summary is never
-    replaced by one that describes less: at ``close`` its rows for files this run did not
-    handle are kept (after this run's rows).
-    """
+    """Rows appended as they come under a temporary name renamed at ``close`` (an early stop
+    keeps them); an existing summary's rows for files this run did not handle are kept."""
 
     def __init__(self, path: Path, fmt: str, columns: Sequence[str], key: str = "path") -> None:
         self.path = path
@@ -263,33 +238,29 @@ class SummaryWriter:
         self.last: Any = None  # the result of the last row written
 
     def write(self, res: Any) -> None:
+        row = res.row()
         try:
-            self._write(res)
+            if self._f is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(self.path.parent)  # a killed run's summary
+                self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
+                self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+                if self.fmt == "csv":
+                    self._csv = csv.DictWriter(self._f, fieldnames=self.columns)
+                    self._csv.writeheader()
+            if self.fmt == "csv":
+                self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
+            else:
+                self._f.write(json.dumps(json_safe(row)) + "\n")
+            self._f.flush()
         except OSError as exc:  # disk full: one clear line, not a traceback (tests/faults)
             raise write_error(self.path, exc) from exc
-
-    def _write(self, res: Any) -> None:
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.path.parent)  # a killed run's summary
-            self._tmp = make_temp_file(self.path)  # the umask's mode, as every other output
-            self._f = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            if self.fmt == "csv":
-                self._csv = csv.DictWriter(self._f, fieldnames=self.columns)
-                self._csv.writeheader()
-        row = res.row()
-        if self.fmt == "csv":
-            self._csv.writerow({k: _csv_cell(v) for k, v in row.items()})
-        else:
-            self._f.write(json.dumps(json_safe(row)) + "\n")
-        self._f.flush()
         self._paths.add(row[self.key])
         self.last = res
         self.rows += 1
 
     def _earlier_rows(self) -> list[Any]:
-        """The existing summary's rows (CSV dicts / JSON lines) of files this run did not
-        handle; none when there is no summary or it cannot be read as one."""
+        """The existing summary's rows of files this run did not handle (none if unreadable)."""
         kept: list[Any] = []
         try:
             with open(self.path, encoding="utf-8", errors="replace", newline="") as old:
@@ -313,17 +284,15 @@ class SummaryWriter:
     def close(self) -> Path | None:
         if self._f is None or self._tmp is None:
             return None
-        f = self._f
+        f, self._f = self._f, None
         try:
             for row in self._earlier_rows():  # after this run's rows
                 if self.fmt == "csv":
                     self._csv.writerow(row)
                 else:
                     f.write(row)
-            self._f = None
             f.close()
         except OSError as exc:  # the last buffered rows did not fit: keep those on disk
-            self._f = None
             with contextlib.suppress(OSError):
                 f.close()
             with contextlib.suppress(OSError):
@@ -347,12 +316,8 @@ def _csv_cell(v: Any) -> Any:
 SUMMARY_FORMATS = ("csv", "jsonl")
 
 
-# --------------------------------------------------------------------------- the run
-
-
 class CaseKind(Protocol):
-    """What a kind of input (image files, volume cases) brings to a predict run; the run
-    itself (checks, summary, lock, model, engine, Ctrl-C) is :func:`run_cases`', once."""
+    """What a kind of input (image files, volume cases) brings to :func:`run_cases`."""
 
     noun: str  # "file", "case": the unit of the progress bar and the messages
     key: str  # the summary column naming a row's input
@@ -364,14 +329,12 @@ class CaseKind(Protocol):
         """The summary's columns."""
 
     def check(self, opts: PredictOptions) -> PredictOptions:
-        """Refuse this kind's bad options and inputs before anything is read; the options
-        with this kind's defaults filled in."""
+        """Refuse this kind's bad options and inputs; the options with its defaults."""
 
     def cases(
         self, opts: PredictOptions, shard: tuple[int, int] | None
     ) -> tuple[Iterable[Any], int | None]:
-        """This shard's inputs, checked as far as can be before the model loads (an input
-        that cannot be predicted is its result), and their number when it is cheap to know."""
+        """This shard's inputs (a bad one is its result) and, when cheap, their number."""
 
     def edges(self, opts: PredictOptions, predictor: Any) -> CaseFormat[Any]:
         """The pipeline's edges for this model (after the run's status line)."""
@@ -393,23 +356,6 @@ class RunOutcome:
         return self.counts["ok"] + self.counts["skipped"] + self.counts["error"]
 
 
-def check_run(opts: PredictOptions) -> tuple[PredictOptions, tuple[int, int] | None]:
-    """Refuse the options every predict run shares before anything is read; the options
-    (the summary format as named) and the shard."""
-    if opts.force and opts.skip_existing:
-        raise BrainsegError(
-            "--force and --skip-existing cannot be used together",
-            hint="--skip-existing keeps finished outputs, --force redoes them",
-        )
-    if opts.out_dir.exists() and not opts.out_dir.is_dir():
-        raise BrainsegError(
-            f"output {opts.out_dir} is a file, not a folder",
-            hint="pass a folder to -o (it is created if missing)",
-        )
-    summary = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
-    return replace(opts, summary=summary), parse_shard(opts.shard)
-
-
 def check_summary(summary_path: Path, opts: PredictOptions) -> None:
     """Refuse a summary that is not a regular file, or one of an earlier run without a flag."""
     check_target(summary_path, force=True)
@@ -422,15 +368,21 @@ def check_summary(summary_path: Path, opts: PredictOptions) -> None:
 
 
 def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
-    """One ``brainseg predict`` run over image files or volume cases: check, load the model,
-    predict every case of this shard through the engine (or ``opts.runner``), write the
-    summary as results come, under the output folder's lock.
-
-    BrainsegError (exit 2) for bad options, inputs or models before anything is written;
-    an input that fails on its own is a row with status "error" and the run goes on.
-    """
-    opts, shard = check_run(opts)
-    opts = kind.check(opts)
+    """One ``brainseg predict`` run: check, load the model, predict this shard's cases, write the
+    summary as results come, under the output folder's lock (a failed input is an error row)."""
+    if opts.force and opts.skip_existing:
+        raise BrainsegError(
+            "--force and --skip-existing cannot be used together",
+            hint="--skip-existing keeps finished outputs, --force redoes them",
+        )
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise BrainsegError(
+            f"output {opts.out_dir} is a file, not a folder",
+            hint="pass a folder to -o (it is created if missing)",
+        )
+    summary = check_choice("--summary", opts.summary, SUMMARY_FORMATS)
+    shard = parse_shard(opts.shard)
+    opts = kind.check(replace(opts, summary=summary))
     items, total = kind.cases(opts, shard)
     name = "summary" if shard is None else f"summary-{shard[0]}-of-{shard[1]}"  # --merge's
     summary_path = opts.out_dir / f"{name}.{opts.summary}"
@@ -455,24 +407,6 @@ def run_cases(opts: PredictOptions, kind: CaseKind) -> RunOutcome:
     return outcome
 
 
-class _Rows:
-    """The summary's rows; with ``hold`` failures wait for the first success, so a run in
-    which every case fails leaves no summary (each failure was bad input, exit 2)."""
-
-    def __init__(self, writer: SummaryWriter, hold: bool) -> None:
-        self.writer = writer
-        self.held: list[Any] | None = [] if hold else None
-
-    def write(self, res: Any) -> None:
-        if self.held is not None and res.status == "error" and not self.writer.rows:
-            self.held.append(res)
-            return
-        for r in [*(self.held or []), res]:
-            self.writer.write(r)
-        if self.held:
-            self.held.clear()
-
-
 def _drive(
     kind: CaseKind,
     results: Iterator[Any],
@@ -484,10 +418,21 @@ def _drive(
     """The loop over results in input order: summary rows, callbacks, warnings, progress;
     on Ctrl-C / SIGTERM every output on disk still gets its row before the summary closes."""
     writer = SummaryWriter(summary_path, opts.summary, kind.columns, key=kind.key)
-    rows = _Rows(writer, kind.hold_failures)
+    # with hold_failures, failures wait for the first success, so a run in which every case
+    # fails leaves no summary (each failure was bad input, exit 2)
+    held: list[Any] | None = [] if kind.hold_failures else None
     counts = {"ok": 0, "skipped": 0, "error": 0, "tumor": 0}
     warned: set[str] = set()
     pending: Any = None
+
+    def write(res: Any) -> None:
+        nonlocal held
+        if held is not None and res.status == "error" and not writer.rows:
+            held.append(res)
+            return
+        for r in [*(held or []), res]:
+            writer.write(r)
+        held = None  # the first row is written: failures need not wait any more
 
     def tally(res: Any) -> None:
         counts[res.status] += 1
@@ -499,7 +444,7 @@ def _drive(
         with console.progress(total, "predict", unit=kind.noun) as bar:
             for res in results:
                 pending = res
-                rows.write(res)
+                write(res)
                 pending = None
                 tally(res)
                 if res.status == "error":
@@ -516,7 +461,7 @@ def _drive(
             results.close()
         for res in ([pending] if pending is not None else []) + unreported:
             if res is not writer.last:
-                rows.write(res)
+                write(res)
                 tally(res)
         done = counts["ok"] + counts["skipped"] + counts["error"]
         console.warn(

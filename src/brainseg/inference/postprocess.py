@@ -10,20 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainseg.data.imageio import resize_prob
-from brainseg.settings import DEFAULT_THRESHOLD
-
-__all__ = [
-    "DEFAULT_THRESHOLD",
-    "apply",
-    "binarize",
-    "filter_labels",
-    "keep_largest_3d",
-    "label_slices",
-    "largest_per_group",
-    "mask_from_output",
-    "proba_at_size",
-    "remove_small",
-]
+from brainseg.settings import DEFAULT_THRESHOLD  # also imported from here (train, cv)
 
 
 def binarize(prob: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
@@ -41,11 +28,7 @@ def _slice_structure(ndim: int) -> np.ndarray:
 
 
 def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop connected components smaller than ``min_size`` pixels, slice by slice (2D).
-
-    ``mask`` is H x W or ... x H x W (each H x W slice is handled on its own). Returns a
-    new boolean array; ``min_size <= 1`` returns the mask unchanged (as bool).
-    """
+    """Drop components smaller than ``min_size`` pixels, each H x W slice on its own."""
     m = np.asarray(mask) != 0
     if min_size <= 1 or not m.any():
         return m.copy()
@@ -54,11 +37,8 @@ def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def label_slices(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Label the 2D components of every slice; returns ``(labels, sizes)``.
-
-    ``sizes[k]`` is the pixel count of label ``k`` (``sizes[0]``: background). Labelling
-    once and filtering with :func:`filter_labels` lets a tuning loop try many sizes cheaply.
-    """
+    """``(labels, sizes)`` of the 2D components of every slice (``sizes[0]``: background):
+    labelled once, a tuning loop tries many sizes with :func:`filter_labels` cheaply."""
     m = np.asarray(mask) != 0
     if m.ndim < 2:
         raise ValueError(f"expected H x W or N x H x W masks, got shape {m.shape}")
@@ -74,24 +54,15 @@ def filter_labels(labels: np.ndarray, sizes: np.ndarray, min_size: int) -> np.nd
 
 
 def keep_largest_3d(volume: np.ndarray) -> np.ndarray:
-    """Keep only the largest 3D connected component of a patient's stacked slices.
-
-    ``volume`` is S x H x W (slices in order) or a single H x W slice. Ties go to the
-    component met first in memory order. An empty volume stays empty.
-    """
+    """Keep only the largest 3D connected component of a patient's stacked slices (S x H x W,
+    or one H x W slice); ties go to the component met first in memory order."""
     v = np.asarray(volume) != 0
     out = np.zeros_like(v)
     if not v.any():
         return out
     # Label only the bounding box of the mask: same components, far less work when the
     # mask is small (the usual case for a tumor).
-    box = tuple(
-        slice(int(idx[0]), int(idx[-1]) + 1)
-        for idx in (
-            np.flatnonzero(v.any(axis=tuple(a for a in range(v.ndim) if a != ax)))
-            for ax in range(v.ndim)
-        )
-    )
+    box = ndimage.find_objects(v.astype(np.uint8))[0]
     sub = v[box]
     labels, n = ndimage.label(sub, structure=ndimage.generate_binary_structure(v.ndim, v.ndim))
     if n == 1:
@@ -111,14 +82,10 @@ def apply(
     groups: np.ndarray | None = None,
     order: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Probabilities at the image's own size -> mask: the one rule eval, predict and export use.
+    """Probabilities at the image's own size -> mask, the one rule of eval, predict and export:
+    threshold, 2D components under ``min_size`` out, then (``largest``) the largest 3D one
+    per patient (of ``groups``, slices in ``order``)."""
 
-    Threshold, then remove 2D components under ``min_size`` pixels, then (``largest``) keep the
-    largest 3D component. ``prob`` is one H x W slice, one patient's S x H x W volume, or an
-    N x H x W stack of several patients' slices with ``groups`` (N,) naming each slice's patient
-    and ``order`` (N,) its slice number (the largest component is found per patient, never
-    across patients).
-    """
     mask = binarize(prob, threshold)
     if min_size > 1:
         mask = remove_small(mask, min_size)
@@ -128,14 +95,8 @@ def apply(
 
 
 def proba_at_size(prob: np.ndarray, size: tuple[int, int], *, padded: bool = False) -> np.ndarray:
-    """A model's output probabilities (h x w or N x h x w) at the image's own ``size`` (H, W).
-
-    ``padded``: the image was zero-padded to the model input, so the result is cropped;
-    otherwise it was resized, and the probabilities are resized back (bilinear). Masks are
-    thresholded after this, never before, so a mask always equals its probability map
-    thresholded at any image size.
-    """
-
+    """A model's output at the image's own ``size`` (H, W): cropped when ``padded``, else resized
+    back (bilinear); masks are thresholded after this, so a mask is its thresholded map."""
     p = np.asarray(prob, dtype=np.float32)
     h, w = int(size[0]), int(size[1])
     if padded:
@@ -155,13 +116,8 @@ def mask_from_output(
     *,
     padded: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, mask) at the image's own ``size`` from a model's output ``prob``.
+    """(probabilities, mask) at the image's own ``size``: what predict writes, eval scores."""
 
-    :func:`proba_at_size` then :func:`apply`: what ``brainseg predict`` writes (``_prob.tif``
-    and ``_mask.tif``), what :meth:`brainseg.inference.predict.Predictor.predict_proba` +
-    :func:`apply`
-    give eval, and what export's checks compare.
-    """
     full = proba_at_size(prob, size, padded=padded)
     return full, apply(full, threshold, min_size)
 

@@ -1,21 +1,12 @@
 """Inference: a :class:`Predictor` over brainseg checkpoints or ONNX files.
 
-Backends, chosen per model file by its suffix and the ``runtime`` setting:
-
-- ``.safetensors``: PyTorch (imported lazily inside :class:`TorchBackend`), eval mode,
-  ``torch.inference_mode``, channels-last memory on CPU.
-- ``.onnx``: onnxruntime (:class:`OnnxBackend`) or OpenVINO
-  (:class:`brainseg.inference.runtimes.OpenVinoBackend`), + numpy only. torch is never imported on
-  that path (a test checks ``sys.modules``), so a CPU-only deployment needs neither torch
-  nor torchvision. ``runtime="auto"`` picks one for the CPU at hand
-  (:mod:`brainseg.inference.runtimes`).
+A ``.safetensors`` file runs with PyTorch (:class:`TorchBackend`, torch imported lazily), an
+``.onnx`` file with onnxruntime (:class:`OnnxBackend`) or OpenVINO
+(:mod:`brainseg.inference.runtimes`), numpy only: torch is never imported on that path (a
+test checks ``sys.modules``), so a CPU-only deployment needs neither torch nor torchvision.
 
 Several models form an ensemble: the mean of their probabilities. Test-time augmentation
 (TTA) is the mean of the probabilities of the image and of its horizontal and vertical flips.
-
-Probabilities come back at the image's own size
-(:func:`brainseg.inference.postprocess.proba_at_size`);
-the batch engine over files (``brainseg predict``) lives in :mod:`brainseg.inference.batch`.
 """
 
 from __future__ import annotations
@@ -44,12 +35,7 @@ from brainseg.model.onnxfile import (
     proba_from_logits,
     sigmoid,
 )
-from brainseg.settings import (
-    MODEL_HINT,
-    SIZE_MULTIPLE,
-    InferenceSettings,
-    image_size_of,
-)
+from brainseg.settings import MODEL_HINT, SIZE_MULTIPLE, InferenceSettings, image_size_of
 
 #: The ONNX contract (brainseg.model.onnxfile) is re-exported for export and the tests.
 __all__ = [
@@ -69,15 +55,10 @@ __all__ = [
 if TYPE_CHECKING:
     from brainseg.inference.runtimes import RuntimeChoice
 
-# --------------------------------------------------------------------------- metadata
-
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The brainseg metadata of an ONNX file (onnxruntime only; BrainsegError if foreign)."""
     return OnnxBackend(Path(path), "cpu").metadata
-
-
-# --------------------------------------------------------------------------- backends
 
 
 class TorchBackend:
@@ -118,10 +99,8 @@ class TorchBackend:
         amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
         with torch.inference_mode(), amp:
             t = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-            x = t.permute(0, 3, 1, 2).float()
-            x = x.contiguous(
-                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
-            )
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            x = t.permute(0, 3, 1, 2).float().contiguous(memory_format=fmt)
             p = torch.sigmoid(self.model(x)[:, 0].float())
             if tta:
                 p = p + torch.sigmoid(self.model(x.flip(-1))[:, 0].float()).flip(-1)
@@ -145,20 +124,17 @@ class OnnxBackend:
         try:
             self.props = dict(self.session.get_modelmeta().custom_metadata_map)
             self.metadata = metadata_from_props(self.props, path)
-            self._check_io(path)
+            ins, outs = self.session.get_inputs(), self.session.get_outputs()
+            check_onnx_io(
+                path,
+                [(i.name, i.type, i.shape) for i in ins],
+                [(o.name, o.type, o.shape) for o in outs],
+            )
         except (UnicodeDecodeError, RuntimeError) as exc:  # damaged names / metadata strings
             raise BrainsegError(
                 f"cannot read the metadata of ONNX model {path} ({type(exc).__name__})",
                 hint="is the file complete? re-export it with `brainseg export`",
             ) from exc
-
-    def _check_io(self, path: Path) -> None:
-        ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        check_onnx_io(
-            path,
-            [(i.name, i.type, i.shape) for i in ins],
-            [(o.name, o.type, o.shape) for o in outs],
-        )
         self.input_name = ins[0].name
         self.output_name = outs[0].name
 
@@ -220,11 +196,7 @@ def open_backend(
     threads: int = 0,
     batch_size: int = 8,
 ) -> Backend:
-    """The backend for one model file: PyTorch for a checkpoint; onnxruntime or OpenVINO for
-    an .onnx file, as ``runtime`` says (None: $BRAINSEG_RUNTIME, else ``auto``: the table of
-    :mod:`brainseg.inference.runtimes`). The backend's ``choice`` says what runs, at which
-    precision, why.
-    """
+    """The backend for one model file; its ``choice`` says what runs, at which precision, why."""
     p = check_model_file(path)
     suffix = p.suffix.lower()  # .onnx or .safetensors (MODEL_SUFFIXES)
     if int(threads) < 0:
@@ -270,15 +242,9 @@ def _check_content(path: Path, suffix: str) -> None:
     )
 
 
-# --------------------------------------------------------------------------- Predictor
-
-
 class Predictor:
-    """One model or an ensemble (mean probability) behind one ``predict_proba``.
-
-    ``metadata`` is the first model's (image_size, threshold, normalization, postprocess,
-    architecture, metrics...). Every model of an ensemble must share the image size.
-    """
+    """One model or an ensemble (mean probability) behind one ``predict_proba``; the
+    ``metadata`` is the first model's, and an ensemble's models share one image size."""
 
     def __init__(
         self,
@@ -291,9 +257,8 @@ class Predictor:
         precision: str | None = None,
         threads: int = 0,
     ) -> None:
-        """``runtime``: auto, onnxruntime, openvino or torch (None: $BRAINSEG_RUNTIME, else
-        auto); ``precision``: auto, fp32 or bf16 (OpenVINO); ``threads``: 0 = the runtime's
-        default (see :mod:`brainseg.inference.runtimes` and docs/export.md)."""
+        """``runtime``, ``precision``, ``threads``: see :mod:`brainseg.inference.runtimes` (None:
+        $BRAINSEG_RUNTIME, else auto; 0 threads: the runtime's default)."""
         if isinstance(model_paths, (str, os.PathLike)):
             model_paths = [model_paths]
         # An ensemble.json stands for its fold models and carries their tuned settings.
@@ -314,7 +279,7 @@ class Predictor:
                 batch_size=self.batch_size,
             )
             for p in self.paths
-        ]  # each checked its metadata as it read it (settings.check_metadata)
+        ]  # each checked its metadata as it read it
         self.metadata: dict[str, Any] = {**self.backends[0].metadata, **(ensemble_settings or {})}
         sizes = {image_size_of(b.metadata) for b in self.backends}
         if len(sizes) > 1:
@@ -339,8 +304,7 @@ class Predictor:
 
     @property
     def runtime_info(self) -> dict[str, Any]:
-        """The first model's runtime choice (runtime, precision, requested, reason, cpu) and
-        ``label`` (all models'), for --json and summaries."""
+        """The first model's runtime choice and ``label`` (all models'), for --json."""
         return {**self.backends[0].choice.as_dict(), "label": self.runtime}
 
     @property
@@ -360,19 +324,14 @@ class Predictor:
         out = np.empty(images.shape[:3], dtype=np.float32)
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            acc = self.backends[0].proba(chunk, self.tta)
-            for b in self.backends[1:]:
-                acc = acc + b.proba(chunk, self.tta)
-            out[start : start + len(chunk)] = acc / np.float32(len(self.backends))
+            total = sum(b.proba(chunk, self.tta) for b in self.backends)
+            out[start : start + len(chunk)] = total / np.float32(len(self.backends))
         return out
 
     def predict_proba(self, images: np.ndarray, *, pad: bool = False) -> np.ndarray:
-        """N x H x W x 3 uint8 -> N x H x W float32 tumor probabilities at the input size.
-
-        Images are resized (bilinear) to the model's image size and the probabilities back
-        (bilinear); with ``pad=True`` (or when the metadata has no image size) they are
-        zero-padded to multiples of 32 instead and the result is cropped.
-        """
+        """N x H x W x 3 uint8 -> N x H x W float32 tumor probabilities at the input size:
+        resized to the model's size and back (bilinear), or with ``pad`` (or no size in the
+        metadata) zero-padded to multiples of 32 and cropped."""
         images = _check_batch(images)
         n, h, w = images.shape[:3]
         if n == 0:
@@ -382,20 +341,19 @@ class Predictor:
 
 
 def load_predictor(
-    models: Sequence[str | os.PathLike[str]],
-    settings: InferenceSettings,
-    factory: Any = None,
+    models: Sequence[str | os.PathLike[str]], settings: InferenceSettings, factory: Any = None
 ) -> Any:
-    """The :class:`Predictor` of ``settings`` (device, batch size, TTA, runtime) for predict,
-    eval and the Ray workers alike; ``factory`` stands in for the class (tests). A model file
-    a third-party reader chokes on is one error naming it, not a traceback."""
+    """The :class:`Predictor` of ``settings`` for predict, eval and the Ray workers (``factory``:
+    tests); a model file a third-party reader chokes on is one error naming it."""
+    # only the runtime settings given, so a predictor factory that predates them still works
+    given = {k: getattr(settings, k, None) for k in ("runtime", "precision", "threads")}
     try:
         return (factory or Predictor)(
             [Path(m) for m in models],
             device=settings.device,
             batch_size=settings.batch_size,
             tta=settings.tta,
-            **runtimes.runtime_kwargs(settings),
+            **{k: v for k, v in given.items() if v not in (None, 0)},
         )
     except BrainsegError:
         raise

@@ -1,23 +1,12 @@
 """The Ray Data engine of ``brainseg predict`` (``--engine ray``): the same run on a Ray cluster.
 
-The driver (the ``brainseg predict`` process) does everything the local engine does before
-and after the model runs, with the same code: option and input checks, the input walk
-(:func:`brainseg.inference.batch.iter_inputs`, so the same files are selected in the same order),
-``--shard``, the output-folder lock, :func:`brainseg.inference.batch.dedup_inputs`, the summary
-(:class:`brainseg.inference.pipeline.SummaryWriter`, rows in input order), ``--json`` lines and
-the exit
-code. Only the middle changes: the inputs become a Ray Dataset of paths, ``map_batches``
-sends them to an actor pool of predictors (a callable class: one model load per actor, one
-GPU per actor when the cluster has GPUs), and each actor predicts and writes its files with
-the local engine itself (:class:`brainseg.inference.pipeline.Engine`: read-ahead, batched inference,
-write-behind, the same writers), returning only the summary rows. Volume cases go the same
-way, a case per row, each through :class:`brainseg.inference.volume_predict.VolumeFormat`.
-
-Masks are therefore byte for byte those of the local engine, and ``--skip-existing`` resumes
-a killed Ray run as it resumes a local one (a mask on disk is complete: atomic writes).
-
-``ray`` is imported only here and only when ``--engine ray`` is asked for
-(:func:`brainseg.optional.require`: a missing package is one line naming ``brainseg[ray]``).
+The driver does everything the local engine does before and after the model runs, with the
+same code (checks, input walk, shards, lock, summary, exit code). Only the middle changes:
+the inputs become a Ray Dataset of paths that ``map_batches`` sends to an actor pool (one
+model load per actor, one GPU per actor when the cluster has GPUs), and each actor predicts
+and writes its files with the local :class:`brainseg.inference.pipeline.Engine`, returning
+only the summary rows. Masks are therefore byte for byte the local engine's, and
+``--skip-existing`` resumes a killed Ray run. ``ray`` is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -62,9 +51,8 @@ def check_engine(engine: str, address: str | None) -> str:
 
 @dataclass
 class RayEngine:
-    """Where and how wide to run: ``address`` None starts a local Ray instance with
-    ``workers`` CPUs (default: every core); ``workers`` is the number of predictor actors
-    (default: the cluster's CPUs, or its GPUs when it has GPUs and the device is not cpu)."""
+    """Where and how wide to run: ``address`` None starts a local Ray instance; ``workers`` is
+    the number of predictor actors (default: one per CPU, or per GPU when there are GPUs)."""
 
     address: str | None = None
     workers: int | None = None
@@ -72,15 +60,12 @@ class RayEngine:
     files_per_task: int | None = None
 
     def __post_init__(self) -> None:
-
         require("ray", "--engine ray")  # before any work: one line naming brainseg[ray]
         require("ray.data", "--engine ray")
         if self.workers is not None and self.workers < 1:
             raise BrainsegError(f"--workers {self.workers} must be at least 1")
         if self.address is not None:
             _probe(self.address)  # before any work: ray.init would retry for minutes
-
-    # ---- entry points (the local engine's, with the middle on Ray)
 
     def predict_inputs(self, opts: Any) -> Any:
         """:func:`brainseg.inference.batch.predict_inputs` with the files predicted on Ray."""
@@ -92,9 +77,8 @@ class RayEngine:
         return predict_volumes(self._on_ray(opts, "volume", self.files_per_task or 1), on_case)
 
     def _on_ray(self, opts: Any, kind: str, per_task: int) -> Any:
-        """``opts`` with the cases predicted by the actors. The driver loads the model once on
-        the CPU, only for its settings and the first status lines; the actors load it on
-        ``opts.device``, with one reader and one writer thread each."""
+        """``opts`` with the cases predicted by the actors (the driver loads the model on the CPU,
+        only for its settings and status lines; the actors load it on ``opts.device``)."""
 
         def run(
             predictor: Any, items: Iterable[Any], run_opts: Any, unreported: Any
@@ -111,11 +95,7 @@ class RayEngine:
         return replace(opts, device="cpu", runner=run)
 
     def _map(
-        self,
-        kwargs: dict[str, Any],
-        rows: list[dict[str, Any]],
-        per_task: int,
-        device: str,
+        self, kwargs: dict[str, Any], rows: list[dict[str, Any]], per_task: int, device: str
     ) -> Iterator[tuple[int, Any]]:
         """(index, result) of every row, as the actors finish them (any order)."""
         if not rows:
@@ -161,8 +141,7 @@ class RayEngine:
                 ray.shutdown()
 
     def _pool(self, ray: Any, device: str, rows: int) -> tuple[int, float]:
-        """(actors, GPUs per actor): --workers, else one per CPU (per GPU when the cluster
-        has GPUs and the device is not cpu); never more actors than inputs."""
+        """(actors, GPUs per actor): never more actors than inputs."""
         res = ray.cluster_resources()
         cpus = max(1, int(res.get("CPU", 1)))
         gpus = int(res.get("GPU", 0)) if device != "cpu" else 0
@@ -172,8 +151,7 @@ class RayEngine:
 
 
 def _start(address: str | None, workers: int | None) -> tuple[Any, bool]:
-    """Connect to the cluster at ``address`` or start a local Ray instance: (``ray``, whether
-    this call connected, so the caller disconnects at the end)."""
+    """Connect to ``address`` or start Ray: (``ray``, whether to disconnect at the end)."""
     import ray
     import ray.data
 
@@ -229,8 +207,7 @@ def _probe(address: str) -> None:
 
 
 def _quiet_ray() -> None:
-    """Ray's own INFO / WARNING lines (token, progress, execution plans) off stderr: brainseg
-    prints its status lines and errors; ``--debug`` leaves Ray's logging as it is."""
+    """Ray's own INFO / WARNING lines off stderr (``--debug`` leaves them)."""
     if not console.state.debug:
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -255,10 +232,7 @@ def _in_order(
 
 @dataclass
 class _Fatal:
-    """An error that stops the whole run, raised in an actor and carried back as a result
-    (an exception in an actor would make Ray retry and print tracebacks): the driver raises
-    it as BrainsegError (exit 2: a model or device the actor cannot use) or
-    BrainsegRuntimeError (exit 1: disk full, an unexpected failure)."""
+    """An error that stops the run, carried back as a result (Ray would retry an exception)."""
 
     message: str
     hint: str | None = None
@@ -272,21 +246,6 @@ class _Fatal:
 
     def error(self) -> BrainsegError:
         return BrainsegError(self.message, self.hint, exit_code=self.exit_code)
-
-
-def _results(task: dict[str, Any], make: Callable[[], list[Any]], fatal: _Fatal | None) -> Any:
-    """A task's output columns: ``i`` and one result per row (``make()``) as JSON, or the
-    actor's :class:`_Fatal` error for each row when it cannot work."""
-    import numpy as np
-
-    if fatal is None:
-        try:
-            out = make()
-        except Exception as exc:  # disk full, a broken model: stop the run, one line
-            fatal = _Fatal.of(exc)
-    if fatal is not None:
-        out = [fatal] * len(task["i"])
-    return {"i": task["i"], "result": np.array([_result_to_json(r) for r in out], dtype=object)}
 
 
 # Rows and results cross to and from the actors as JSON, never as pickles: brainseg loads no
@@ -312,13 +271,11 @@ def _item_from_json(text: str) -> InputFile | Case:
 
 
 def _result_to_json(res: Any) -> str:
-
     kind = "fatal" if isinstance(res, _Fatal) else "file" if isinstance(res, FileResult) else "case"
     return json.dumps({"kind": kind, "fields": asdict(res)})
 
 
 def _result_from_json(text: str) -> Any:
-
     d = json.loads(text)
     fields = d["fields"]
     if d["kind"] == "fatal":
@@ -329,8 +286,7 @@ def _result_from_json(text: str) -> Any:
 
 
 def _for_actors(opts: Any, **changes: Any) -> Any:
-    """The run's options as the actors get them: without stdin and the driver's callbacks
-    and test hooks, which neither pickle nor mean anything in another process."""
+    """The options without what neither pickles nor means anything in an actor."""
     return replace(opts, stdin=None, on_result=None, runner=None, predictor_factory=None, **changes)
 
 
@@ -349,10 +305,6 @@ def _enter(cwd: str) -> None:
         ) from None
 
 
-#: The case kinds an actor builds its engine's edges with (readers, writers, settings).
-_KINDS: dict[str, Callable[[], Any]] = {"image": ImageKind, "volume": VolumeKind}
-
-
 class _Worker:
     """One Ray actor: the model loaded once (a :class:`~brainseg.inference.predict.Predictor`),
     and the local engine with the kind's edges, which reads, predicts and writes each task's
@@ -363,12 +315,22 @@ class _Worker:
         try:
             _enter(cwd)
             predictor = load_predictor(opts.models, opts)
-            self.engine = Engine(predictor, _KINDS[kind]().edges(opts, predictor), opts.workers)
+            edges = (ImageKind if kind == "image" else VolumeKind)().edges(opts, predictor)
+            self.engine = Engine(predictor, edges, opts.workers)
         except Exception as exc:  # a device or model this node cannot use
             self.fatal = _Fatal.of(exc)
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        def make() -> list[Any]:
-            return list(self.engine.run([_item_from_json(text) for text in task["item"]]))
+        """A task's output columns: ``i`` and each row's result (or the fatal error) as JSON."""
+        import numpy as np
 
-        return _results(task, make, self.fatal)
+        fatal = self.fatal
+        if fatal is None:
+            try:
+                out = list(self.engine.run([_item_from_json(text) for text in task["item"]]))
+            except Exception as exc:  # disk full, a broken model: stop the run, one line
+                fatal = _Fatal.of(exc)
+        if fatal is not None:
+            out = [fatal] * len(task["i"])
+        results = [_result_to_json(r) for r in out]
+        return {"i": task["i"], "result": np.array(results, dtype=object)}

@@ -1,16 +1,10 @@
 """Which runtime runs a model file, at which precision; and the OpenVINO backend.
 
-A ``.safetensors`` checkpoint runs with PyTorch. An ``.onnx`` file runs with onnxruntime or
-OpenVINO (the ``brainseg[openvino]`` extra), which read the same file and its metadata.
-``--runtime auto`` (the default) picks one from :data:`AUTO_TABLE`: the CPU's kind (from
-``/proc/cpuinfo``) and the file's variant (fp32 / fp16 / int8) -> runtime and precision, each
-row measured with ``benchmarks/inference.py`` (docs/export.md, "Runtimes and CPU kinds").
-A CPU kind nobody measured keeps onnxruntime, so ``auto`` is never slower than brainseg was
-before OpenVINO. The choice is a :class:`RuntimeChoice`: what ran, why, on which CPU kind.
-
-Precision: ``fp32`` (exact), ``bf16`` (OpenVINO's bf16 inference precision: only on CPUs with
-native bf16, AVX512-BF16 or AMX-BF16), ``int8`` (the QDQ file of ``brainseg export --int8``,
-whatever runtime reads it). Nothing here imports torch, onnxruntime or openvino at import time.
+``--runtime auto`` picks onnxruntime or OpenVINO for an ``.onnx`` file from
+:data:`AUTO_TABLE`: the CPU's kind (``/proc/cpuinfo``) and the file's variant -> runtime and
+precision, each row measured with ``benchmarks/inference.py`` (docs/export.md). A CPU kind
+nobody measured keeps onnxruntime, so ``auto`` is never slower than brainseg was before
+OpenVINO. Nothing here imports torch, onnxruntime or openvino at import time.
 """
 
 from __future__ import annotations
@@ -141,8 +135,7 @@ def _installed(module: str) -> bool:
 
 
 def check_choice(option: str, value: str, allowed: Sequence[str]) -> str:
-    """``value`` (case, spaces and a leading dot ignored) when it is one of ``allowed``; else
-    BrainsegError naming the option (``--runtime``, ``--format``, ``--summary``...)."""
+    """``value`` normalised when it is one of ``allowed``; else BrainsegError naming ``option``."""
     v = str(value).strip().lower().lstrip(".")
     if v not in allowed:
         raise BrainsegError(
@@ -161,14 +154,8 @@ def choose(
     flags: set[str] | None = None,
     installed: Callable[[str], bool] = _installed,
 ) -> RuntimeChoice:
-    """The runtime and precision of one model file (pure: the tests give ``flags``).
-
-    ``suffix`` is the file's (``.onnx`` / ``.safetensors``), ``variant`` its ONNX variant
-    (fp32, fp16, int8; fp32 for a checkpoint). ``runtime`` None: $BRAINSEG_RUNTIME when it
-    names a runtime of this kind of file, else ``auto``. BrainsegError (exit 2) for a
-    combination that cannot run: a checkpoint on an ONNX runtime, bf16 where the CPU has no
-    native bf16, ...
-    """
+    """The runtime and precision of one model file (pure: the tests give ``flags``); ``runtime``
+    None: $BRAINSEG_RUNTIME if it names one for this kind of file, else ``auto``."""
     value = runtime if runtime is not None else os.environ.get(RUNTIME_ENV) or "auto"
     asked = check_choice("--runtime", value, RUNTIMES)
     if runtime is None and (asked == "torch") == (suffix == ".onnx"):
@@ -273,17 +260,13 @@ def variant_of(props: Mapping[str, str]) -> str:
     return v if v in ("fp32", "fp16", "int8") else "fp32"
 
 
-# --------------------------------------------------------------------------- OpenVINO
-
-
 class OpenVinoModel:
     """An .onnx file read by OpenVINO (not compiled yet): its metadata props and variant."""
 
     def __init__(self, path: Path) -> None:
-        ov = require("openvino", "--runtime openvino")
-        self.ov = ov
+        self.ov = require("openvino", "--runtime openvino")
         self.path = path
-        self.core = ov.Core()
+        self.core = self.ov.Core()
         try:
             self.model = self.core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError with its own text
@@ -309,15 +292,8 @@ def _rt_props(model: Any) -> dict[str, str]:
 
 
 class OpenVinoBackend:
-    """A brainseg ONNX model run with OpenVINO on the CPU (numpy only, never torch).
-
-    Precision ``bf16`` sets OpenVINO's ``INFERENCE_PRECISION_HINT`` to bf16 (the default of
-    OpenVINO itself on CPUs with native bf16), ``fp32`` to f32 (exact); an int8 file runs its
-    quantised convolutions in int8. With ``batch_size`` > 1 the model is compiled with the
-    THROUGHPUT hint and a batch runs as one-image requests on OpenVINO's parallel streams
-    (``AsyncInferQueue``); at batch 1 with the LATENCY hint. ``threads`` > 0 caps OpenVINO's
-    threads (``INFERENCE_NUM_THREADS``).
-    """
+    """A brainseg ONNX model run with OpenVINO on the CPU (numpy only); a batch runs as
+    one-image requests on parallel streams (THROUGHPUT hint) unless its size is 1 (LATENCY)."""
 
     name = "openvino"
     choice: RuntimeChoice  # set by brainseg.inference.predict.open_backend
@@ -333,15 +309,14 @@ class OpenVinoBackend:
             [(_name(o), "tensor(float)", _dims(o)) for o in read.model.outputs],
         )
         self.throughput = batch_size > 1
-        config: dict[str, Any] = {
+        self.config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "THROUGHPUT" if self.throughput else "LATENCY",
         }
-        if precision == "int8":
-            config.pop("INFERENCE_PRECISION_HINT")  # the float parts: OpenVINO's own default
+        if precision == "int8":  # the float parts: OpenVINO's own default
+            self.config.pop("INFERENCE_PRECISION_HINT")
         if threads > 0:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.config = config
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._read = read
         self._shapes: dict[tuple[int, int] | None, tuple[Any, Any, Any]] = {}
         self._out: np.ndarray | None = None
@@ -349,12 +324,8 @@ class OpenVinoBackend:
         self._compiled(image_size_of(self.metadata))
 
     def _compiled(self, hw: tuple[int, int] | None) -> tuple[Any, Any, Any]:
-        """(compiled model, a request, an async queue) for one-image inputs of size ``hw``.
-
-        OpenVINO's CPU kernels are faster on static shapes (measured: about 1.5-2x at
-        256x256 against the dynamic graph), so each input size gets its own compiled model,
-        up to :data:`MAX_STATIC_SHAPES`; further sizes share one dynamic-shape model.
-        """
+        """(compiled model, request, async queue) for inputs of size ``hw``: static shapes, 1.5-2x
+        faster, up to :data:`MAX_STATIC_SHAPES` sizes; further sizes share one dynamic model."""
         if hw not in self._shapes and hw is not None and len(self._shapes) >= MAX_STATIC_SHAPES:
             hw = None
         if hw not in self._shapes:
@@ -379,10 +350,11 @@ class OpenVinoBackend:
         if self._out is not None:
             self._out[index] = request.get_output_tensor(0).data[0, 0]
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        _, request, queue = self._compiled((int(x.shape[2]), int(x.shape[3])))
-        self._out = np.empty((x.shape[0], *x.shape[2:]), dtype=np.float32)
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """N x 1 x H x W -> N x H x W logits."""
         try:
+            _, request, queue = self._compiled((int(x.shape[2]), int(x.shape[3])))
+            self._out = np.empty((x.shape[0], *x.shape[2:]), dtype=np.float32)
             if not self.throughput:
                 for i in range(len(x)):
                     request.infer({0: x[i : i + 1]})
@@ -392,13 +364,6 @@ class OpenVinoBackend:
                     queue.start_async({0: x[i : i + 1]}, i)
                 queue.wait_all()
             return self._out
-        finally:
-            self._out = None
-
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        """N x 1 x H x W -> N x H x W logits (``_run`` fills an array of that shape)."""
-        try:
-            return self._run(x)
         except MemoryError:
             raise
         except Exception as exc:
@@ -407,6 +372,8 @@ class OpenVinoBackend:
                 hint="the ONNX file is damaged or was not written by brainseg export; "
                 "export it again",
             ) from exc
+        finally:
+            self._out = None
 
     def proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x H x W float32 probabilities (H, W multiples of 32)."""
@@ -427,16 +394,6 @@ def _dims(port: Any) -> list[Any]:
     if shape.rank.is_dynamic:
         return []
     return [d.get_length() if d.is_static else "?" for d in shape]
-
-
-# --------------------------------------------------------------------------- options
-
-
-def runtime_kwargs(opts: Any) -> dict[str, Any]:
-    """``runtime`` / ``precision`` / ``threads`` of an options object, for ``Predictor(...)``;
-    only those set (so a predictor factory that predates them still works)."""
-    out = {k: getattr(opts, k, None) for k in ("runtime", "precision", "threads")}
-    return {k: v for k, v in out.items() if v not in (None, 0)}
 
 
 def describe(predictor: Any) -> str:

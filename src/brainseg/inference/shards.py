@@ -1,13 +1,9 @@
 """Shards of a predict run on a cluster: ``--shard auto`` and ``brainseg predict --merge OUT``.
 
-``--shard auto`` takes the shard from the variables SLURM sets in every task of a job array
-(``sbatch --array=0-N-1``): I = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
-N = SLURM_ARRAY_TASK_COUNT. Outside a job array (none of the SLURM_ARRAY_TASK_* variables
-set) it means no sharding: the run predicts every input.
-
-``--merge OUT`` combines the shard summaries ``OUT/summary-I-of-N.csv`` (or ``.jsonl``) of
-slice or volume runs into ``OUT/summary.csv`` (``.jsonl``), in the order an unsharded run
-writes, and says which shards are missing and which rows failed.
+``--shard auto`` takes the shard of a SLURM job array task: I = SLURM_ARRAY_TASK_ID -
+SLURM_ARRAY_TASK_MIN, N = SLURM_ARRAY_TASK_COUNT (outside a job array: no sharding).
+``--merge OUT`` combines the shard summaries ``OUT/summary-I-of-N.csv`` (or ``.jsonl``) into
+``OUT/summary.csv`` in the order an unsharded run writes.
 
 Standard library only (no numpy, no model code): a merge job needs nothing else.
 """
@@ -34,11 +30,7 @@ _HINT = "submit with sbatch --array=0-<N-1> (consecutive task ids), or pass --sh
 
 
 def slurm_shard(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """The (I, N) of this SLURM array task; None outside a job array (no sharding).
-
-    BrainsegError (one line, exit 2) when the variables are partly set, not integers, or
-    inconsistent (a task id outside the array, an array with a step or a list of ids).
-    """
+    """The (I, N) of this SLURM array task; None outside a job array (no sharding)."""
     env = os.environ if environ is None else environ
     given = {k: env.get(k, "").strip() for k in (*SLURM_VARS, "SLURM_ARRAY_TASK_MAX")}
     if not any(given[k] for k in SLURM_VARS):
@@ -147,13 +139,8 @@ def _status(row: Any, fmt: str) -> str:
 
 
 def merge_summaries(out_dir: Path) -> MergeResult:
-    """Combine ``out_dir/summary-I-of-N.<ext>`` into ``out_dir/summary.<ext>`` (atomic).
-
-    Rows come in the order of an unsharded run (shard I holds inputs I, I+N, ...: row k of
-    shard I is input k*N+I), written even when shards are missing (the result says which).
-    BrainsegError when there is nothing to merge or the summaries do not belong together.
-    """
-
+    """Combine ``out_dir/summary-I-of-N.<ext>`` into ``out_dir/summary.<ext>`` (atomic) in the
+    order of an unsharded run (row k of shard I is input k*N+I), even with shards missing."""
     if not out_dir.is_dir():
         raise BrainsegError(
             f"--merge {out_dir}: no such folder", hint="pass the -o folder of the shard runs"
@@ -213,11 +200,9 @@ MAX_SHARDS = 1_000_000
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None.
+    """``"I/N"`` -> (I, N) with 0 <= I < N; None stays None; ``"auto"``: this SLURM array
+    task's shard (:func:`slurm_shard`), a status line says which."""
 
-    ``"auto"``: the shard of this SLURM array task (:func:`slurm_shard`),
-    None (no sharding) outside a job array; a status line says which.
-    """
     if value is None:
         return None
     if value.strip().lower() == "auto":

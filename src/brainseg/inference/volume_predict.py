@@ -1,13 +1,8 @@
 """Predict tumour masks for volume cases (NIfTI / DICOM), case by case.
 
-The library side of ``brainseg predict`` on volumes: :func:`predict_volumes` takes the
-:class:`~brainseg.inference.pipeline.PredictOptions` image files take too and returns a
-:class:`VolumeResult`. Cases go through the same pipeline as images
-(:class:`brainseg.inference.pipeline.Engine`); :class:`VolumeFormat` is this kind's edges:
-each case is read and checked (:mod:`brainseg.data.volumes`), cut into the model's axial
-slices (LPS, :func:`brainseg.data.volumes.to_slices`), resized or padded to the model's size
-as images are, post-processed in 3D, mapped back to the input grid and written as NIfTI with
-the input's affine and header:
+Cases go through the same pipeline as images (:class:`brainseg.inference.pipeline.Engine`);
+:class:`VolumeFormat` cuts each into the model's axial slices (LPS), post-processes in 3D and
+writes the result back on the input grid, with the input's affine and header:
 
 - ``OUT/<case>_mask.nii.gz`` (uint8 0/1), ``OUT/<case>_prob.nii.gz`` with ``--probabilities``
 - ``OUT/<case>.json`` (written last: its presence means the case is done) and
@@ -19,12 +14,13 @@ gets one line and no file; the run goes on with the next case.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +31,10 @@ from brainseg.data import imageio, volumes
 from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_write_text, json_safe, one_line
 from brainseg.inference import dicomseg, pipeline, postprocess
-from brainseg.inference.pipeline import (
-    PredictOptions,
-    Prepared,
-    RunOutcome,
-    run_cases,
-)
+from brainseg.inference.pipeline import PredictOptions, Prepared, RunOutcome, run_cases
 from brainseg.inference.runtimes import check_choice, describe
 from brainseg.optional import require
 from brainseg.settings import PostSettings
-
-SUMMARY_COLUMNS = (
-    "case",
-    "status",
-    "inputs",
-    "mask",
-    "tumor_voxels",
-    "tumor_volume_ml",
-    "tumor_slices",
-    "slices",
-    "shape",
-    "spacing_mm",
-    "orientation",
-    "max_probability",
-    "error",
-)
 
 
 @dataclass
@@ -94,10 +69,13 @@ class CaseResult:
         return bool(self.tumor_voxels)
 
 
+#: The summary's columns: every field, in order.
+SUMMARY_COLUMNS = tuple(f.name for f in fields(CaseResult))
+
+
 @dataclass
 class VolumeResult(RunOutcome):
-    """What a run did (:class:`~brainseg.inference.pipeline.RunOutcome`): one
-    :class:`CaseResult` per case (cases are few) and the settings applied."""
+    """What a run did: one :class:`CaseResult` per case and the settings applied."""
 
     cases: list[CaseResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -109,9 +87,6 @@ class VolumeResult(RunOutcome):
         if not bad:
             return 0
         return 2 if bad == len(self.cases) else 1
-
-
-# --------------------------------------------------------------------------- options
 
 
 def parse_min_volume(value: str | None) -> tuple[float, str] | None:
@@ -136,16 +111,12 @@ def remove_small_3d(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     if min_voxels <= 1 or not m.any():
         return m
     labels, _ = ndimage.label(m, structure=ndimage.generate_binary_structure(3, 3))
-    keep = np.bincount(labels.ravel()) >= min_voxels
-    keep[0] = False
-    return keep[labels]
+    return postprocess.filter_labels(labels, np.bincount(labels.ravel()), min_voxels)
 
 
 @dataclass
 class VolumePost:
-    """The post-processing of a volume: the model's (or the options') threshold, 2D min size
-    and largest 3D component (:func:`brainseg.settings.resolve`, as for slices and eval),
-    then ``--min-volume``."""
+    """A volume's post-processing: eval's, then ``--min-volume``."""
 
     post: PostSettings
     min_volume: tuple[float, str] | None
@@ -158,14 +129,6 @@ class VolumePost:
             "largest_3d_component": self.post.largest,
             "min_volume": mv,
         }
-
-
-def resolve_post(meta: dict[str, Any], opts: PredictOptions) -> VolumePost:
-    """Options win, then the model's stored settings, then the defaults."""
-    return VolumePost(opts.resolve(meta).post, parse_min_volume(opts.min_volume))
-
-
-# --------------------------------------------------------------------------- one case
 
 
 @dataclass
@@ -187,7 +150,7 @@ def _outputs(case_id: str, opts: PredictOptions) -> _Outs:
         o / f"{case_id}_mask.nii.gz",
         o / f"{case_id}_prob.nii.gz" if opts.probabilities else None,
         o / f"{case_id}.json",
-        dicomseg.seg_path(o, case_id) if opts.fmt == dicomseg.FORMAT else None,
+        o / f"{case_id}{dicomseg.SUFFIX}" if opts.fmt == dicomseg.FORMAT else None,
     )
 
 
@@ -209,32 +172,22 @@ def _case_info(vol: volumes.CaseVolume, mask: np.ndarray, prob: np.ndarray) -> d
 
 def _skipped(case: volumes.Case, outs: _Outs) -> CaseResult:
     res = CaseResult(case.id, status="skipped", mask=str(outs.mask))
-    try:
+    with contextlib.suppress(OSError, ValueError):
         saved = json.loads(outs.meta.read_text())
         for k in SUMMARY_COLUMNS:
             if k in saved and k not in ("status", "error", "case"):
                 setattr(res, k, saved[k])
-    except (OSError, ValueError):
-        pass
     return res
 
 
+@dataclass
 class VolumeFormat:
-    """The pipeline's edges for volume cases: a case is read and checked
-    (:func:`brainseg.data.volumes.read_case`), cut into the model's LPS axial slices, post-processed
-    in 3D and written back on its input grid as NIfTI with the input's affine and header."""
+    """The pipeline's edges for volume cases (see the module docstring)."""
 
-    def __init__(
-        self,
-        opts: PredictOptions,
-        size: tuple[int, int] | None,
-        post: VolumePost,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        self.opts = opts
-        self.metadata = metadata  # the model's (the DICOM SEG names the algorithm)
-        self.size = size
-        self.post = post
+    opts: PredictOptions
+    size: tuple[int, int] | None
+    post: VolumePost
+    metadata: dict[str, Any] | None = None  # the model's (the DICOM SEG names the algorithm)
 
     def read_cost(self, item: object) -> int:
         """Half the read-ahead budget: at most two cases are read ahead of the model."""
@@ -264,18 +217,15 @@ class VolumeFormat:
             return CaseResult(case.id, status="error", error=exc.message)
 
     def masks(self, vol: volumes.CaseVolume, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mask, probability) on the input grid from S x H x W slice probabilities: eval's
-        patient-volume post-processing (threshold, 2D min size, largest 3D), then min volume."""
+        """(mask, probability) on the input grid: eval's post-processing, then min volume."""
         post = self.post.post
         mask = postprocess.apply(prob, post.threshold, post.min_size, post.largest)
         if self.post.min_volume is not None:
             amount, unit = self.post.min_volume
             n = volumes.ceil_voxels(amount, vol.grid) if unit == "mm3" else math.ceil(amount)
             mask = remove_small_3d(mask, n)
-        return (
-            volumes.from_slices(mask, vol.grid.affine),
-            volumes.from_slices(prob, vol.grid.affine),
-        )
+        affine = vol.grid.affine
+        return volumes.from_slices(mask, affine), volumes.from_slices(prob, affine)
 
     def finish(self, prep: Prepared, prob: np.ndarray) -> CaseResult:
         vol, size, t0 = prep.data
@@ -313,21 +263,15 @@ class VolumeFormat:
             return CaseResult(case.id, status="error", error=exc.message)
 
 
-# --------------------------------------------------------------------------- the run
-
-
+@dataclass
 class VolumeKind:
-    """Volume cases as :func:`~brainseg.inference.pipeline.run_cases` takes them: found and
-    checked up front (they are few), read whole, a row per case; a run in which every case
-    fails writes no file (each failure was bad input, exit 2)."""
+    """Volume cases, found and checked up front (they are few), read whole."""
 
     noun = "case"
     columns = SUMMARY_COLUMNS
     key = "case"
     hold_failures = True
-
-    def __init__(self) -> None:
-        self.settings: dict[str, Any] = {}
+    settings: dict[str, Any] = field(default_factory=dict)  # the settings applied, for --json
 
     def check(self, opts: PredictOptions) -> PredictOptions:
         parse_min_volume(opts.min_volume)
@@ -342,8 +286,9 @@ class VolumeKind:
                 f"--seg-series {opts.seg_series}: only with --format {dicomseg.FORMAT}",
                 hint="it names the series a DICOM SEG refers to; NIfTI masks refer to none",
             )
-        if opts.fmt == dicomseg.FORMAT:
-            dicomseg.check_installed()
+        if opts.fmt == dicomseg.FORMAT:  # one line naming the extra
+            require("pydicom", "--format dicom-seg")
+            require("highdicom", "--format dicom-seg")
         return opts
 
     def cases(
@@ -373,7 +318,8 @@ class VolumeKind:
         if hasattr(predictor, "runtime_info"):  # a test's factory may not say
             console.info(f"runtime {describe(predictor)}")
         meta = dict(getattr(predictor, "metadata", None) or {})
-        post = resolve_post(meta, opts)
+        # options win, then the model's stored settings, then the defaults
+        post = VolumePost(opts.resolve(meta).post, parse_min_volume(opts.min_volume))
         self.settings = {
             "models": [str(m) for m in opts.models],
             "channels": volumes.parse_channels(opts.channels),
@@ -387,10 +333,8 @@ class VolumeKind:
 
 
 def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
-    """Refuse (exit 2, whatever --force / --skip-existing say) an -o folder where the masks
-    would be ground truth: ``<case>_mask.nii.gz`` is the label naming eval and score read
-    beside a case's files and anywhere below the cases folder, so a prediction written there
-    would overwrite a label or later pass for one."""
+    """Refuse (exit 2, even with --force) an -o folder where ``<case>_mask.nii.gz`` is the
+    name of a ground-truth label to eval and score (beside a case or below the cases)."""
     out = opts.out_dir.resolve()
     hint = (
         "choose an -o folder outside the data (e.g. -o masks/); --force and --skip-existing "
@@ -419,11 +363,8 @@ def check_layout(cases: list[volumes.Case], opts: PredictOptions) -> None:
 def predict_volumes(
     opts: PredictOptions, on_case: Callable[[CaseResult], None] | None = None
 ) -> VolumeResult:
-    """Predict every case of ``opts.inputs`` (this shard's share); see the module docstring
-    and :func:`~brainseg.inference.pipeline.run_cases`.
+    """Predict this shard's cases; ``on_case`` is called after each (--json lines)."""
 
-    ``on_case`` is called after each case (progress, --json lines).
-    """
     results: list[CaseResult] = []
 
     def each(res: CaseResult) -> None:
