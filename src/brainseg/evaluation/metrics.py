@@ -32,40 +32,17 @@ PATIENT_COUNTS = ["slices", "tumor_slices", "gt_pixels", "pred_pixels"]
 PATIENT_COLUMNS = ["patient_id", *PATIENT_COUNTS, "tp", "fp", "fn", *METRICS]
 #: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
 #: eval's counts and metrics.
-CV_PATIENT_COLUMNS = [
-    "patient_id",
-    "fold",
-    "institution",
-    *PATIENT_COUNTS,
-    "dice_before",
-    *METRICS,
-]
+CV_PATIENT_COLUMNS = ["patient_id", "fold", "institution", *PATIENT_COUNTS, "dice_before", *METRICS]
 #: The overlap metrics that the pooled (global) evaluation reports.
 OVERLAP_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity")
 
 
 # --------------------------------------------------------------------------- counts
-
-
-def _as_bool(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    return a if a.dtype == np.bool_ else a != 0
-
-
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p, g = _as_bool(pred), _as_bool(gt)
+    p, g = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     if p.shape != g.shape:
         raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
     return p, g
-
-
-def _confusion(p: np.ndarray, g: np.ndarray) -> tuple[int, int, int, int]:
-    """(TP, FP, FN, TN) pixel counts of two boolean arrays of the same shape."""
-    tp = int(np.count_nonzero(p & g))
-    n_p = int(np.count_nonzero(p))
-    n_g = int(np.count_nonzero(g))
-    fp, fn = n_p - tp, n_g - tp
-    return tp, fp, fn, int(p.size) - tp - fp - fn
 
 
 def _ratio(num: ArrayLike, den: ArrayLike, both_empty: ArrayLike) -> np.ndarray:
@@ -73,8 +50,7 @@ def _ratio(num: ArrayLike, den: ArrayLike, both_empty: ArrayLike) -> np.ndarray:
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
     out = np.where(both_empty, 1.0, 0.0)
-    nz = den > 0
-    np.divide(num, den, out=out, where=nz)
+    np.divide(num, den, out=out, where=den > 0)
     return out
 
 
@@ -110,12 +86,12 @@ def dice_from_counts(intersection: ArrayLike, pred_sum: ArrayLike, gt_sum: Array
 
 def overlap(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     """Dice, IoU, precision, recall and specificity of one pair of masks (the policy above)."""
-    return overlap_from_counts(*_confusion(*_check_pair(pred, gt)))
+    p, g = _check_pair(pred, gt)
+    tp, fp, fn, tn = _slice_counts(p.reshape(1, -1), g.reshape(1, -1))
+    return overlap_from_counts(int(tp[0]), int(fp[0]), int(fn[0]), int(tn[0]))
 
 
 # --------------------------------------------------------------------------- HD95
-
-
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Boundary pixels: mask pixels with a face neighbour (4 in 2D, 6 in 3D) outside it.
 
@@ -141,13 +117,8 @@ def _surface_distances(
     # Crop to the joint bounding box plus one pixel of margin: the erosion sees the same
     # neighbourhood as in the full array, and every surface pixel lies inside the crop, so
     # the Euclidean distance transform inside the crop is exact.
-    union = p | g
-    sl = []
-    for ax in range(union.ndim):
-        other = tuple(i for i in range(union.ndim) if i != ax)
-        idx = np.flatnonzero(union.any(axis=other))
-        sl.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
-    crop = tuple(sl)
+    box = ndimage.find_objects((p | g).astype(np.uint8))[0]
+    crop = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
     pc, gc = p[crop], g[crop]
     sp, sg = _surface(pc), _surface(gc)
     # distance_transform_edt gives each pixel's distance to the nearest zero: zeros = surface.
@@ -213,8 +184,6 @@ def overlap_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- summaries
-
-
 def describe(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
     """mean / median / std (population, ddof=0) / min of the finite values, and their count.
 
@@ -234,8 +203,6 @@ def describe(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
 
 
 # --------------------------------------------------------------------------- report
-
-
 @dataclass
 class Report:
     """The result of :func:`evaluate`.
@@ -361,21 +328,20 @@ def evaluate(
         for both in np.flatnonzero((n_pred > 0) & (n_gt > 0)):
             s_hd[both] = _hd95_bool(p[both], g[both])
 
-    per_slice = []
-    for i in range(n):
-        per_slice.append(
-            {
-                "patient_id": patient_ids[pidx[i]],
-                "slice_number": int(snum[i]),
-                "gt_pixels": int(n_gt[i]),
-                "pred_pixels": int(n_pred[i]),
-                "tp": int(tp[i]),
-                "fp": int(fp[i]),
-                "fn": int(fn[i]),
-                **{m: float(s_metrics[m][i]) for m in OVERLAP_METRICS},
-                "hd95": float(s_hd[i]),
-            }
-        )
+    per_slice = [
+        {
+            "patient_id": patient_ids[pidx[i]],
+            "slice_number": int(snum[i]),
+            "gt_pixels": int(n_gt[i]),
+            "pred_pixels": int(n_pred[i]),
+            "tp": int(tp[i]),
+            "fp": int(fp[i]),
+            "fn": int(fn[i]),
+            **{m: float(s_metrics[m][i]) for m in OVERLAP_METRICS},
+            "hd95": float(s_hd[i]),
+        }
+        for i in range(n)
+    ]
 
     # Per patient: the slices stacked into one volume; counts add up across slices.
     present = np.unique(pidx)

@@ -6,11 +6,6 @@ distribution (a matplotlib PNG), a per-patient table that sorts when a header is
 montage of their tumour slices with the ground truth (green) and the prediction (red)
 outlined. Every image is a ``data:`` URI and a Content-Security-Policy forbids any network
 request, so the file can be mailed, archived or opened offline. All text is HTML-escaped.
-
-Entry points: :func:`write_eval_report` (called by :func:`brainseg.evaluation.dataset.write_run`),
-:func:`write_cv_report` (called by :func:`brainseg.train.cv.write_cv`); the train report
-(:mod:`brainseg.train.report`) is built from this module's page parts.
-matplotlib is imported lazily, with the Agg backend.
 """
 
 from __future__ import annotations
@@ -406,12 +401,11 @@ def cases_section(cases: Sequence[PatientCase]) -> str:
     """The worst and median patients' montages."""
     if not cases:
         return section("Worst and median patient", "<p>no patient with a finite Dice</p>")
-    parts = []
-    for c in cases:
-        parts.append(
-            f"<h3>{esc(c.label)} patient: {esc(c.patient_id)} (Dice {esc(fmt(c.dice))})</h3>"
-            + img_tag(montage_png(c), f"{c.label} patient {c.patient_id}")
-        )
+    parts = (
+        f"<h3>{esc(c.label)} patient: {esc(c.patient_id)} (Dice {esc(fmt(c.dice))})</h3>"
+        + img_tag(montage_png(c), f"{c.label} patient {c.patient_id}")
+        for c in cases
+    )
     return section(
         "Worst and median patient",
         "".join(parts),
@@ -422,6 +416,7 @@ def cases_section(cases: Sequence[PatientCase]) -> str:
 
 
 # =============================================================================== eval
+_STATS = ("mean", "median", "std", "min", "n")
 _STAT_LEVELS = (
     ("per patient", "per_patient"),
     ("per slice (tumour)", "per_slice_tumor"),
@@ -430,14 +425,11 @@ _STAT_LEVELS = (
 
 
 def _stats_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
-    rows = []
-    for metric in METRICS:
-        for label, key in _STAT_LEVELS:
-            st = summary[key][metric]
-            rows.append(
-                [f"{metric} {label}", st["mean"], st["median"], st["std"], st["min"], st["n"]]
-            )
-    return rows
+    return [
+        [f"{metric} {label}", *(summary[key][metric][s] for s in _STATS)]
+        for metric in METRICS
+        for label, key in _STAT_LEVELS
+    ]
 
 
 def eval_measured(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -525,7 +517,7 @@ def eval_html(
             "Summary",
             warning
             + f"<p><strong>{esc(headline)}</strong></p>"
-            + grid_table(["metric", "mean", "median", "std", "min", "n"], _stats_rows(summary)),
+            + grid_table(["metric", *_STATS], _stats_rows(summary)),
         ),
         section("How it was measured", kv_table(eval_measured(summary))),
         section("Per-patient Dice", img_tag(dice_png or dice_plot_png(dice), "per-patient Dice")),

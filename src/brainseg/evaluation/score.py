@@ -95,8 +95,6 @@ class ScoreResult:
 
 
 # --------------------------------------------------------------------------- matching
-
-
 def case_key(name: str) -> str:
     """The case / slice a mask file is of: its name without suffix and ``_mask`` (etc.)."""
     stem = nifti_stem(name) if is_nifti(name) else os.path.splitext(name)[0]
@@ -183,8 +181,6 @@ def _match(
 
 
 # --------------------------------------------------------------------------- reading
-
-
 def _volume_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any]]:
     files = list(_walk(opts.gt, volumes.is_nifti))
     labels = [f for f in files if volumes.is_truth_name(f)]
@@ -284,8 +280,6 @@ def _slice_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any
 
 
 # --------------------------------------------------------------------------- scoring
-
-
 def _surface(pair: ScoredPatient, tolerance: float) -> dict[str, Any]:
     unit = "mm" if pair.spacing is not None else "pixels"
     return {

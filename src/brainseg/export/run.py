@@ -67,8 +67,6 @@ class ExportOptions:
 
 
 # --------------------------------------------------------------------------- input checks
-
-
 def check_checkpoint_kind(path: Path) -> None:
     """An ONNX file given as the checkpoint gets its own message (not "invalid header").
 
@@ -148,8 +146,6 @@ def _check_ensemble_args(opts: ExportOptions) -> None:
 
 
 # --------------------------------------------------------------------------- steps
-
-
 def _save(proto: Any, path: Path, meta: dict[str, Any], variant: str, opts: ExportOptions) -> Path:
     import onnx
 
@@ -257,8 +253,6 @@ def int8_card_meta(meta: dict[str, Any], info: dict[str, Any], source: str) -> d
 
 
 # --------------------------------------------------------------------------- the job
-
-
 @dataclass
 class _Graphs:
     """The fp32 graph(s) exported from the source: one checkpoint, or every fold's."""

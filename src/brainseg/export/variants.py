@@ -57,8 +57,6 @@ def split_at_first_conv(graph: Any) -> tuple[set[int], list[str]]:
 
 
 # --------------------------------------------------------------------------- fp16
-
-
 @dataclass
 class _Fp16Graph:
     """The state of one fp16 conversion: element types, initializers, what is half now."""
@@ -173,8 +171,6 @@ def convert_fp16(model: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- int8
-
-
 class _CalibReader:
     """onnxruntime's CalibrationDataReader over slices at the model's image size."""
 

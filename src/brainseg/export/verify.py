@@ -46,8 +46,6 @@ SECOND_SIZE_STEP = (32, 64)
 
 
 # --------------------------------------------------------------------------- data
-
-
 @dataclass
 class Slices:
     """Verification / calibration arrays at the model's image size."""
@@ -136,8 +134,6 @@ def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], l
 
 
 # --------------------------------------------------------------------------- running models
-
-
 def open_cpu(path: Path, runtime: str | None = None, precision: str | None = None) -> Predictor:
     """The CPU Predictor ``brainseg predict`` opens for ``path``, with predict's load errors; an
     ONNX file runs with onnxruntime unless ``runtime`` says otherwise (the file is checked as
