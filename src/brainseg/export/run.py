@@ -68,11 +68,8 @@ class ExportOptions:
 
 # --------------------------------------------------------------------------- input checks
 def check_checkpoint_kind(path: Path) -> None:
-    """An ONNX file given as the checkpoint gets its own message (not "invalid header").
-
-    What the file holds comes from :func:`brainseg.model.modelfile.sniff_model_file` (its first
-    bytes, never its name), the one sniffer predict and checkpoint loading use too.
-    """
+    """An ONNX file given as the checkpoint gets its own message (not "invalid header"); the
+    file's first bytes say what it is, never its name."""
     try:
         kind = sniff_model_file(path)
     except OSError:
@@ -124,11 +121,8 @@ def check_export_args(opts: ExportOptions) -> None:
         _check_ensemble_args(opts)
     else:
         check_checkpoint_kind(opts.checkpoint)
-    for name, p in (
-        ("--calib", opts.calib),
-        ("--verify-data", opts.verify_data),
-        ("--split", opts.split),
-    ):
+    paths = {"--calib": opts.calib, "--verify-data": opts.verify_data, "--split": opts.split}
+    for name, p in paths.items():
         if p is not None and not p.exists():
             raise BrainsegError(f"{name} {p} does not exist", hint="check the path")
 
@@ -294,12 +288,8 @@ def _assemble(folds: list[Any], opts: ExportOptions) -> Any:
 
 @contextlib.contextmanager
 def _work_dir(out: Path) -> Iterator[Path]:
-    """The export's working folder (graphs, phantoms, calibration), removed at the end.
-
-    It sits next to ``out`` as ``.NAME.~HOST@PID.XXXXXXXX.tmp`` (in the system's temporary
-    folder while ``out``'s folder does not exist yet): an export killed outright (SIGKILL,
-    power loss) leaves it there, and the next export into that folder removes it.
-    """
+    """The export's working folder, next to ``out`` (``.NAME.~HOST@PID.XXXXXXXX.tmp``) so
+    that the next export into that folder removes what a killed export (SIGKILL) left."""
     parent = out.parent if out.parent.is_dir() else None
     if parent is not None:
         remove_stale_temps(parent)  # what a killed export left
@@ -377,18 +367,10 @@ def export_onnx(
     out: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> ExportReport:
-    """Export a checkpoint to ONNX (fp32, fp16 or static int8), check it, verify it.
-
-    ``export_onnx(ExportOptions(...))``, or ``export_onnx(checkpoint, out, **fields)`` with
-    the :class:`ExportOptions` fields as keywords. Verification runs PyTorch and onnxruntime
-    (predict's backends) on slices of ``verify_data`` / ``calib`` (or generated phantoms) at
-    the model's image size and at a second size: max absolute logit difference and Dice
-    agreement of the thresholded masks. With ``int8`` the mean per-patient Dice of fp32 and
-    int8 on the validation patients (``split``'s val, else every fifth) is compared; a change
-    of more than 0.01 either way, or masks agreeing less than
-    :data:`~brainseg.export.verify.MASK_AGREEMENT_FLOOR`, is warned about (``strict``: raised
-    as :class:`ExportCheckFailed`, nothing written).
-    """
+    """Export a checkpoint to ONNX (fp32, fp16 or static int8), check it, verify it against
+    PyTorch (:mod:`brainseg.export.verify`; ``strict``: a problem raises
+    :class:`ExportCheckFailed` and nothing is written). ``export_onnx(ExportOptions(...))``, or
+    ``export_onnx(checkpoint, out, **fields)`` with the :class:`ExportOptions` fields."""
     if isinstance(options, ExportOptions):
         opts = replace(options, **kwargs) if kwargs else options
     else:

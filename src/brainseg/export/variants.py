@@ -171,25 +171,6 @@ def convert_fp16(model: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- int8
-class _CalibReader:
-    """onnxruntime's CalibrationDataReader over slices at the model's image size."""
-
-    def __init__(self, images: np.ndarray, batch: int = 8) -> None:
-        self.images = images
-        self.batch = batch
-        self.pos = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.pos >= len(self.images):
-            return None
-        x = self.images[self.pos : self.pos + self.batch]
-        self.pos += self.batch
-        return {ONNX_INPUT: np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)}
-
-    def rewind(self) -> None:
-        self.pos = 0
-
-
 def quantize_int8(fp32_path: Path, out_path: Path, calib_images: np.ndarray, tmp: Path) -> None:
     """Static QDQ int8 (per-channel weights, MinMax calibration); normalisation kept fp32.
 
@@ -219,8 +200,21 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_images: np.ndarray, tmp
     named = tmp / "named.onnx"
     onnx.save(proto, str(named))
 
-    class Reader(_CalibReader, CalibrationDataReader):  # type: ignore[misc]
-        pass
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        """Batches of the calibration slices, as the model's input."""
+
+        def __init__(self, images: np.ndarray, batch: int = 8) -> None:
+            self.images, self.batch, self.pos = images, batch, 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.pos >= len(self.images):
+                return None
+            x = self.images[self.pos : self.pos + self.batch]
+            self.pos += self.batch
+            return {ONNX_INPUT: np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)}
+
+        def rewind(self) -> None:
+            self.pos = 0
 
     with quiet_stdout():
         quantize_static(

@@ -136,7 +136,7 @@ def _eval_protocol(
     }
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
+def as_mapping(value: Any) -> Mapping[str, Any]:
     """``value`` when it is a mapping, else an empty one (metadata read from files)."""
     return value if isinstance(value, Mapping) else {}
 
@@ -164,7 +164,7 @@ def cv_figures(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
     tuning = settings.get("tuning")
     if not isinstance(tuning, Mapping) or not isinstance(tuning.get("after"), Mapping):
         return None
-    before = _mapping(tuning.get("before"))
+    before = as_mapping(tuning.get("before"))
     return {
         "what": "mean per-patient Dice of the cross-validation, out of fold (each patient "
         "predicted by the fold model that did not train on it)",
@@ -188,7 +188,7 @@ def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) ->
     """The protocol's view of this file's own threshold and post-processing, and where they
     come from (always read from the metadata: tuning or ``--postprocess-from`` change them)."""
     threshold = float(meta.get("threshold", 0.5))
-    post = _mapping(meta.get("postprocess"))
+    post = as_mapping(meta.get("postprocess"))
     tuned = meta.get("tuned")
     ens = meta.get("ensemble")
     if isinstance(tuned, Mapping):
@@ -210,7 +210,7 @@ def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) ->
             + f"): {where}{dice}"
         )
     elif meta.get("postprocess_from"):
-        cv = _mapping(meta.get("postprocess_cv"))
+        cv = as_mapping(meta.get("postprocess_cv"))
         on = cv.get("tuning_chosen_on") or "the pooled out-of-fold predictions"
         chosen = f"from the cv run {meta['postprocess_from']}: {on}"
     elif isinstance(ens, Mapping) and isinstance(ens.get("tuning"), Mapping):
@@ -363,7 +363,7 @@ def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
     ids = split.get("train_patient_ids") if isinstance(split, Mapping) else None
     if isinstance(ids, list):
         return [str(p) for p in ids]
-    cfg = _mapping(meta.get("config"))
+    cfg = as_mapping(meta.get("config"))
     path = cfg.get("split")
     if not path or not Path(str(path)).is_file():
         return None
@@ -431,7 +431,7 @@ def with_ensemble_card(
     ens["train_patient_ids"] = by_name
     out["ensemble"] = ens
     cv = cv_figures(settings)
-    sel = _mapping(settings.get("selection"))
+    sel = as_mapping(settings.get("selection"))
     select = str(sel.get("select") or "last")
     known = len(by_name) == k
     n_cv = (cv or {}).get("patients") or (len(union) if known else None)
