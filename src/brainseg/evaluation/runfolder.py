@@ -82,20 +82,18 @@ class EvalResult:
     cases: list[Any] = field(default_factory=list)
 
 
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return str(v)
+
+
 def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """CSV text; floats with full precision, NaN as an empty cell."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
-    for r in rows:
-        cells = []
-        for c in columns:
-            v = r[c]
-            if isinstance(v, float):
-                cells.append("" if not math.isfinite(v) else repr(v))
-            else:
-                cells.append(str(v))
-        w.writerow(cells)
+    w.writerows([_cell(r[c]) for c in columns] for r in rows)
     return buf.getvalue()
 
 

@@ -104,12 +104,6 @@ def data_used(split: Mapping[str, Any] | None) -> str:
     return f"{DATA_SOURCE}; used for this model: {used}"
 
 
-def _selection(meta: Mapping[str, Any], selection: str | None) -> str:
-    if selection in ("best", "last"):
-        return selection
-    return "last" if "train_state" in meta else "best"  # only last.safetensors carries it
-
-
 def _eval_protocol(
     meta: Mapping[str, Any], selection: str, split: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -256,14 +250,12 @@ def build_card(
     split: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The card of a model from its metadata (what train writes in a checkpoint).
-
-    ``selection`` says which checkpoint ("best" / "last"; inferred when None), ``split`` is
-    :func:`split_summary` of the training split, ``evaluation`` an optional later measurement
-    ``{"protocol": ..., "metrics": {...}, ...}`` (e.g. from ``brainseg cv``) kept verbatim.
-    """
+    """The card of a model from its metadata (what train writes in a checkpoint); ``split``
+    is :func:`split_summary` of the training split, ``evaluation`` a later measurement (e.g.
+    from ``brainseg cv``) kept verbatim."""
     cfg = dict(meta.get("config") or {})
-    sel = _selection(meta, selection)
+    inferred = "last" if "train_state" in meta else "best"  # only last.safetensors has it
+    sel = selection if selection in ("best", "last") else inferred
     post = dict(meta.get("postprocess") or {})
     version = meta.get("brainseg_version")
     metrics = {
@@ -327,11 +319,8 @@ def _stored_card(meta: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The card of a model file's metadata: the stored one (if any) over a rebuilt one.
-
-    The threshold and post-processing always come from the metadata itself (``eval
-    --tune-output`` may have changed them after the card was written).
-    """
+    """The card of a model file's metadata: the stored one (if any) over a rebuilt one; the
+    threshold and post-processing from the metadata (``eval --tune-output`` changes them)."""
     card = build_card(meta)
     card.update(json_safe(_stored_card(meta)))
     pre = dict(card.get("preprocessing") or {})
@@ -353,12 +342,8 @@ def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
-    """The patients a single model's weights were trained on, or None when unknown.
-
-    From the card (``training.split.train_patient_ids``, written by train); for files
-    written before the card listed them, from the split file the training config names
-    (when it is still there and is the one trained from: same dataset hash).
-    """
+    """The patients a single model's weights were trained on, or None when unknown: from the
+    card, else from the split file the training config names (if there, same dataset hash)."""
     split = (_stored_card(meta).get("training") or {}).get("split") or {}
     ids = split.get("train_patient_ids") if isinstance(split, Mapping) else None
     if isinstance(ids, list):
@@ -565,16 +550,10 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     add("training", training)
     add("split", split)
     add("recipe", recipe)
-    add("metrics", card.get("eval_metrics") or {})
-    add("protocol", card.get("eval_protocol") or {})
-    if card.get("evaluation"):
-        add("evaluation", card["evaluation"])
-    add("preprocessing", card.get("preprocessing") or {})
-    if card.get("onnx"):
-        add("onnx", card["onnx"])
-    if card.get("int8"):
-        add("int8", card["int8"])
-    add("license", card.get("license") or {})
+    for sec, key in (("metrics", "eval_metrics"), ("protocol", "eval_protocol")):
+        add(sec, card.get(key) or {})
+    for sec in ("evaluation", "preprocessing", "onnx", "int8", "license"):
+        add(sec, card.get(sec) or {})  # an empty or missing section adds no row
     add("references", [(f"{i + 1}", r) for i, r in enumerate(card.get("references") or [])])
     return rows
 
