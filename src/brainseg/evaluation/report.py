@@ -51,11 +51,8 @@ class PatientCase:
 
 
 def worst_and_median(per_patient: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """``[(label, patient_id, dice)]`` of the lowest and the median patient by Dice.
-
-    NaN values are left out; ties go to the patient id. The median of an even count is the
-    lower middle patient (a real patient, not an average). One patient: only "worst".
-    """
+    """``[(label, patient_id, dice)]`` of the lowest and the median patient by Dice (NaN left
+    out, ties by patient id); the median of an even count is the lower middle (a real patient)."""
     scored = sorted(
         (float(r["dice"]), str(r["patient_id"]))
         for r in per_patient
@@ -80,14 +77,9 @@ def pick_cases(
     slice_number: np.ndarray,
     patient_ids: Sequence[str],
 ) -> list[PatientCase]:
-    """The worst and median patients' tumour slices, copied out of the evaluated arrays.
-
-    ``images`` is the dataset (N x 3 x H x W, memory-mapped); ``rows[i]`` is the dataset row
-    of evaluated slice ``i`` whose ground truth, prediction, patient and slice number are
-    ``gt[i]``, ``pred[i]``, ``patient_index[i]``, ``slice_number[i]``. Slices with tumour
-    in the ground truth or the prediction are shown (at most ``MONTAGE_MAX_SLICES``, evenly
-    spread); a patient with neither shows its middle slices.
-    """
+    """The worst and median patients' tumour slices (in the truth or the prediction; else the
+    middle ones), copied out of the evaluated arrays; ``rows[i]`` is the ``images`` row of
+    evaluated slice ``i``."""
     index_of = {p: i for i, p in enumerate(patient_ids)}
     cases = []
     for label, pid, d in worst_and_median(per_patient):
@@ -345,10 +337,8 @@ def _sort_value(v: Any) -> str:
 
 
 def sortable_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], table_id: str) -> str:
-    """A table whose rows sort by a column when its header is clicked (again: reversed).
-
-    Numbers sort as numbers (``data-v`` holds the full value), NaN last; text as text.
-    """
+    """A table whose rows sort by a column when its header is clicked (again: reversed);
+    numbers sort as numbers (``data-v`` holds the full value), NaN last."""
     numeric = {
         c: all(
             isinstance(r.get(c), int | float | np.integer | np.floating) or r.get(c) is None

@@ -1,10 +1,5 @@
-"""An evaluation's run folder: the result objects and the files eval and score write.
-
-``summary.json``, ``per_patient.csv``, ``per_slice.csv``, ``dice_per_patient.png`` and (for a
-model's eval) ``report.html``, the same files whether a model was evaluated on the dataset
-(:mod:`brainseg.evaluation.dataset`), on volumes or masks were scored without a model
-(:mod:`brainseg.evaluation.score`).
-"""
+"""An evaluation's run folder: the result objects and the files eval and score write (the
+same files whether a model was evaluated or masks were scored without one)."""
 
 from __future__ import annotations
 

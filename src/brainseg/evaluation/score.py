@@ -57,8 +57,7 @@ class ScoreOptions:
     tolerance: float = 2.0
     allow_missing: bool = False  # a case without a prediction scores as an empty prediction
     #: Volumes: only label-named NIfTI files of --gt are truth (``<case>_seg.nii.gz``...), so
-    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes). Without
-    #: it the same holds whenever --gt has label-named files (contrasts are never truth).
+    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes).
     truth_only: bool = False
     #: Only these patients / cases (``--split`` / ``--subset`` / ``--fold``, as eval picks them).
     split: Path | None = None

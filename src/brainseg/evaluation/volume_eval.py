@@ -1,14 +1,8 @@
 """``brainseg eval MODEL CASES`` on NIfTI / DICOM volume cases: predict, then score.
 
-One path makes the masks everywhere, so evaluating volumes is the composition of the two jobs
-that already exist: :func:`brainseg.inference.volume_predict.predict_volumes` writes every
-case's mask into the eval run's ``masks/`` folder (the files predict ships, with the model's 3D
-post-processing), and :func:`brainseg.evaluation.score.score_folders` measures those files
-against the true label volumes. The numbers therefore describe exactly the masks a user of
-``brainseg predict`` gets, and HD95 / surface Dice come in mm from the voxel spacing.
-
-The truth is a label volume per case, matched by case name: ``<case>_seg.nii.gz`` (or
-``_mask`` / ``_gt`` / ``_label``) inside the cases' own folder by default, or in ``--gt DIR``.
+Predict writes every case's mask into the run's ``masks/`` folder and score measures those
+files against the true label volumes (``<case>_seg.nii.gz``..., beside the cases or in
+``--gt DIR``), so the numbers describe exactly the masks ``brainseg predict`` ships.
 """
 
 from __future__ import annotations
@@ -55,12 +49,8 @@ class VolumeEvalResult:
 
 
 def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
-    """Predict every case into ``run_dir/masks``, score them, write eval's files.
-
-    A case that cannot be predicted, or a label volume without its case, fails the run and
-    the new run folder is removed: a partial evaluation would report a mean over fewer
-    patients. A case without a label volume is reported (a warning) and not scored.
-    """
+    """Predict every case into ``run_dir/masks``, score them, write eval's files; a case that
+    cannot be predicted fails the run (a mean over fewer patients would mislead)."""
     check_run_name(job.name)
     check_model_paths(job.models)
     if not job.data.exists():
