@@ -148,12 +148,9 @@ def dice_plot_png(dice: Sequence[float] | np.ndarray, title: str = "") -> bytes:
         med = float(np.median(v))
         ax2.axvline(med, color="tab:green", lw=1, ls=":", label=f"median {med:.3f}")
         ax2.legend(loc="best", fontsize=8, framealpha=0.9)
-    ax1.set_ylim(-0.02, 1.02)
+    ax1.set(ylim=(-0.02, 1.02), ylabel="Dice")
     ax1.set_xticks([1], ["patients"])
-    ax1.set_ylabel("Dice")
-    ax2.set_xlim(0, 1)
-    ax2.set_xlabel("per-patient Dice")
-    ax2.set_ylabel("patients")
+    ax2.set(xlim=(0, 1), xlabel="per-patient Dice", ylabel="patients")
     stats = f": mean {v.mean():.3f}, median {np.median(v):.3f}" if v.size else ""
     fig.suptitle(title or f"Per-patient Dice ({v.size} patients){stats}")
     fig.tight_layout()
@@ -179,8 +176,7 @@ def montage_png(case: PatientCase, cols: int = 6) -> bytes:
     fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.1 * nrows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for j in range(n):
-        ax = axes.ravel()[j]
+    for j, ax in enumerate(axes.ravel()[:n]):
         ax.imshow(outlined(case.flair[j], case.gt[j], case.pred[j]), interpolation="nearest")
         d = dice(case.pred[j], case.gt[j])
         ax.set_title(f"slice {int(case.slice_number[j])}  Dice {d:.2f}", fontsize=7)
@@ -200,14 +196,11 @@ def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
     a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
-    a.set_xlabel("epoch")
-    a.set_ylabel("loss")
+    a.set(xlabel="epoch", ylabel="loss")
     a.legend()
     b.plot(ep, [r["val_dice_slice"] for r in rows], "o-", label="val per-slice")
     b.plot(ep, [r["val_dice_patient"] for r in rows], "o-", label="val per-patient")
-    b.set_xlabel("epoch")
-    b.set_ylabel("Dice")
-    b.set_ylim(0, 1)
+    b.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1))
     b.legend()
     fig.tight_layout()
     return figure_png(fig)

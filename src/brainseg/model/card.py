@@ -396,12 +396,10 @@ def with_ensemble_card(
     out = {k: v for k, v in meta.items() if k != CARD_KEY}
     k = len(names)
     members, by_name = [], {}
-    union: set[str] = set()
     for name, fm in zip(names, fold_metas, strict=True):
         ids = training_patients(fm)
         if ids is not None:
             by_name[name] = sorted(ids)
-            union |= set(ids)
         sp = (_stored_card(fm).get("training") or {}).get("split") or {}
         members.append(
             {
@@ -412,14 +410,13 @@ def with_ensemble_card(
                 "val_dice_patient": (fm.get("metrics") or {}).get("val_dice_patient"),
             }
         )
-    ens = dict(out.get("ensemble") or {})
-    ens["train_patient_ids"] = by_name
-    out["ensemble"] = ens
+    out["ensemble"] = {**(out.get("ensemble") or {}), "train_patient_ids": by_name}
+    union = {p for ids in by_name.values() for p in ids}
     cv = cv_figures(settings)
     sel = as_mapping(settings.get("selection"))
     select = str(sel.get("select") or "last")
     known = len(by_name) == k
-    n_cv = (cv or {}).get("patients") or (len(union) if known else None)
+    n_cv = (cv or {}).get("patients") or (len(union) if known else "?")
     split = {
         "kind": f"{k} models of a {k}-fold patient-level cross-validation (one per fold)",
         "fold": None,
@@ -450,11 +447,11 @@ def with_ensemble_card(
     )
     card["eval_protocol"] = {
         "protocol": f"{k}-fold patient-level cross-validation, out of fold: each of the "
-        f"{n_cv if n_cv is not None else '?'} patients predicted by the one fold model that "
+        f"{n_cv} patients predicted by the one fold model that "
         f"did not train on it. The ensemble itself has no held-out patients: each of them "
         f"trained {k - 1} of its {k} models",
         "checkpoint": f"{select}: " + str(sel.get("label") or f"{select} of each fold"),
-        "patients": f"the {n_cv if n_cv is not None else '?'} cross-validated patients"
+        "patients": f"the {n_cv} cross-validated patients"
         + ("" if cv else " (no cv figure in the ensemble.json)"),
         "val_patient_ids": [],
         "measured_at": "the images' own size (brainseg cv)",
