@@ -449,14 +449,9 @@ def eval_measured(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     tuned = summary.get("tune")
     if tuned:
         b = tuned["best"]
-        items.append(
-            (
-                "--tune",
-                f"best threshold {b['threshold']:g}, min-size {b['min_size']}, largest "
-                f"{b['largest']}: Dice {b['dice']:.4f} (gain {tuned['gain']:+.4f}); "
-                f"{tuned['note']}",
-            )
-        )
+        best = f"threshold {b['threshold']:g}, min-size {b['min_size']}, largest {b['largest']}"
+        gain = f"Dice {b['dice']:.4f} (gain {tuned['gain']:+.4f})"
+        items.append(("--tune", f"best {best}: {gain}; {tuned['note']}"))
     return items
 
 
@@ -555,6 +550,8 @@ def _group_rows(groups: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
 def cv_measured(summary: Mapping[str, Any], size: Sequence[int] | None) -> list[tuple[str, Any]]:
     """How a cv's numbers were measured, as (label, value) pairs."""
     after, tuning, boot = summary["after"]["settings"], summary["tuning"], summary["bootstrap"]
+    n_test = summary.get("test_patients_not_evaluated")
+    not_evaluated = f" ({n_test} test patients not evaluated)" if n_test else ""
     items: list[tuple[str, Any]] = [
         (
             "protocol",
@@ -562,15 +559,7 @@ def cv_measured(summary: Mapping[str, Any], size: Sequence[int] | None) -> list[
             "predicted by the one fold model that did not train on it (out of fold)",
         ),
         ("checkpoint", f"{summary['selection']['select']}: {summary['selection']['label']}"),
-        (
-            "patients / slices",
-            f"{summary['patients']} / {summary['slices']}"
-            + (
-                f" ({summary['test_patients_not_evaluated']} test patients not evaluated)"
-                if summary.get("test_patients_not_evaluated")
-                else ""
-            ),
-        ),
+        ("patients / slices", f"{summary['patients']} / {summary['slices']}{not_evaluated}"),
         ("data", summary["data"]),
         (
             "measured at",
