@@ -63,43 +63,38 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
             hint="pass the folder of true label volumes (<case>_seg.nii.gz ...)",
         )
     with fresh_run_dir(job.project, job.name, exist_ok=job.exist_ok) as run_dir:
-        return _predict_and_score(job, run_dir)
-
-
-def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
-    masks = clear_folder(run_dir / "masks")  # an --exist-ok run's old masks would be scored
-    pred = predict_volumes(
-        PredictOptions(
-            models=list(job.models),
-            inputs=[str(job.data)],
-            out_dir=masks,
-            channels=job.channels,
-            fmt=job.fmt,
-            seg_series=job.seg_series,
-            force=True,
-            predictor_factory=job.predictor_factory,
-            **job.inference_settings(),
+        masks = clear_folder(run_dir / "masks")  # an --exist-ok run's old masks would be scored
+        pred = predict_volumes(
+            PredictOptions(
+                models=list(job.models),
+                inputs=[str(job.data)],
+                out_dir=masks,
+                channels=job.channels,
+                fmt=job.fmt,
+                seg_series=job.seg_series,
+                force=True,
+                predictor_factory=job.predictor_factory,
+                **job.inference_settings(),
+            )
         )
-    )
-    bad = [c for c in pred.cases if c.status == "error"]
-    if bad:
-        raise BrainsegError(
-            f"{len(bad)} of {len(pred.cases)} case(s) could not be predicted, so no score is "
-            f"reported (first: {bad[0].error})",
-            hint="fix or remove those cases, then run eval again",
+        bad = [c for c in pred.cases if c.status == "error"]
+        if bad:
+            raise BrainsegError(
+                f"{len(bad)} of {len(pred.cases)} case(s) could not be predicted, so no score is "
+                f"reported (first: {bad[0].error})",
+                hint="fix or remove those cases, then run eval again",
+            )
+        gt = job.gt if job.gt is not None else job.data
+        score = score_folders(
+            ScoreOptions(pred=masks, gt=gt, tolerance=job.tolerance, truth_only=job.gt is None)
         )
-    gt = job.gt if job.gt is not None else job.data
-    score = score_folders(
-        ScoreOptions(pred=masks, gt=gt, tolerance=job.tolerance, truth_only=job.gt is None)
-    )
-    score.summary.update(
-        models=[str(m) for m in job.models],
-        data=str(job.data),
-        gt=str(gt),
-        pred=str(masks),
-        settings={**pred.settings, "hd95_unit": "pixels"},
-        note="the masks scored are the files in pred (brainseg predict's output for these "
-        "cases, its post-processing included)",
-    )
-    files = write_score(score, run_dir)
-    return VolumeEvalResult(run_dir, score.summary, pred.cases, files)
+        score.summary.update(
+            models=[str(m) for m in job.models],
+            data=str(job.data),
+            gt=str(gt),
+            pred=str(masks),
+            settings={**pred.settings, "hd95_unit": "pixels"},
+            note="the masks scored are the files in pred (brainseg predict's output for these "
+            "cases, its post-processing included)",
+        )
+        return VolumeEvalResult(run_dir, score.summary, pred.cases, write_score(score, run_dir))
