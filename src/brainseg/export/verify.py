@@ -103,8 +103,7 @@ def pick_rows(rows: np.ndarray, masks: np.ndarray, n: int) -> np.ndarray:
     k_t = min(len(tumor), n // 2)
     pick_t = tumor[np.linspace(0, len(tumor) - 1, k_t).round().astype(int)]
     rest = np.setdiff1d(rows, pick_t)
-    k_r = n - k_t
-    pick_r = rest[np.linspace(0, len(rest) - 1, k_r).round().astype(int)]
+    pick_r = rest[np.linspace(0, len(rest) - 1, n - k_t).round().astype(int)]
     return np.sort(np.concatenate([pick_t, pick_r]))
 
 

@@ -77,11 +77,9 @@ def split_summary(split: Any, fold: int | None = None) -> dict[str, Any]:
     val = list(split.patients("val", fold))
     train = list(split.patients("train", fold))
     test = list(split.subsets.get("test", []))
-    kind = (
-        f"fold {fold} of a {split.n_folds}-fold patient-level split"
-        if fold is not None
-        else "single patient-level split"
-    )
+    kind = "single patient-level split"
+    if fold is not None:
+        kind = f"fold {fold} of a {split.n_folds}-fold patient-level split"
     return {
         "kind": kind,
         "fold": fold,
