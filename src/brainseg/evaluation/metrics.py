@@ -229,9 +229,7 @@ class Report:
 
 def _slice_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per-slice (TP, FP, FN, TN) of N x H x W boolean stacks, as int64 arrays."""
-    n = p.shape[0]
-    pf = p.reshape(n, -1)
-    gf = g.reshape(n, -1)
+    pf, gf = p.reshape(len(p), -1), g.reshape(len(g), -1)
     tp = np.count_nonzero(pf & gf, axis=1).astype(np.int64)
     n_p = np.count_nonzero(pf, axis=1).astype(np.int64)
     n_g = np.count_nonzero(gf, axis=1).astype(np.int64)
