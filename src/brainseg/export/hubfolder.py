@@ -125,8 +125,7 @@ def front_matter(card: Mapping[str, Any]) -> dict[str, Any]:
     }
     results = model_results(card)
     if results:
-        types = sorted({m["type"] for r in results for m in r["metrics"]})
-        doc["metrics"] = types
+        doc["metrics"] = sorted({m["type"] for r in results for m in r["metrics"]})
         doc["model-index"] = [{"name": str(card.get("name") or "brainseg"), "results": results}]
     doc["brainseg"] = {
         "weights_license": str(lic.get("weights") or "not stated"),
