@@ -10,8 +10,7 @@ MONAI has no slot for: ``limitations``, ``training`` (data, split, recipe), ``ev
 It is stored in a model's metadata under :data:`CARD_KEY` (checkpoints: the safetensors
 header; ONNX: the ``brainseg`` JSON blob that export copies, plus a ``model_card`` plain key)
 and rebuilt from the rest of the metadata for files written before cards existed
-(:func:`card_from_metadata`). :func:`read_model_metadata` reads a .safetensors or .onnx file
-without importing torch. Only the standard library at import time.
+(:func:`card_from_metadata`). Only the standard library at import time (no torch).
 """
 
 from __future__ import annotations
