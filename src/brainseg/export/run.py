@@ -117,26 +117,21 @@ def check_export_args(opts: ExportOptions) -> None:
         raise BrainsegError(f"output {out} is a folder", hint="give a file name, e.g. model.onnx")
     if out.exists() and not opts.force:
         raise BrainsegError(f"{out} already exists", hint="pass --force to overwrite it")
-    if opts.ensemble:
-        _check_ensemble_args(opts)
+    if opts.ensemble:  # an ensemble.json: a readable manifest whose models exist; no int8
+        if opts.int8:
+            raise BrainsegError(
+                f"--int8 is not supported for an ensemble ({opts.checkpoint}): its fold models "
+                "would be calibrated and quantised as one graph with no per-fold check",
+                hint="export the ensemble as fp32 (the default) or with --fp16; or --int8 one "
+                "fold checkpoint (runs/cv/expN/fold_k/last.safetensors)",
+            )
+        load_ensemble(opts.checkpoint)  # names a missing fold file or a damaged manifest (exit 2)
     else:
         check_checkpoint_kind(opts.checkpoint)
     paths = {"--calib": opts.calib, "--verify-data": opts.verify_data, "--split": opts.split}
     for name, p in paths.items():
         if p is not None and not p.exists():
             raise BrainsegError(f"{name} {p} does not exist", hint="check the path")
-
-
-def _check_ensemble_args(opts: ExportOptions) -> None:
-    """An ensemble.json: a readable manifest whose models exist; fp32 or fp16 only."""
-    if opts.int8:
-        raise BrainsegError(
-            f"--int8 is not supported for an ensemble ({opts.checkpoint}): its fold models "
-            "would be calibrated and quantised as one graph with no per-fold check",
-            hint="export the ensemble as fp32 (the default) or with --fp16; or --int8 one "
-            "fold checkpoint (runs/cv/expN/fold_k/last.safetensors)",
-        )
-    load_ensemble(opts.checkpoint)  # names a missing fold file or a damaged manifest (exit 2)
 
 
 # --------------------------------------------------------------------------- steps
