@@ -434,14 +434,13 @@ def with_ensemble_card(
         "cross-validation (brainseg cv), in one file; input: the three MRI contrasts of one "
         "axial slice, output: a per-pixel FLAIR abnormality logit of that mean."
     )
-    card["eval_metrics"] = (
-        {
+    card["eval_metrics"] = {}
+    if cv:
+        card["eval_metrics"] = {
             "cv_out_of_fold_dice_patient_before_tuning": cv.get("dice_patient_before_tuning"),
             "cv_out_of_fold_dice_patient_after_tuning": cv.get("dice_patient_after_tuning"),
         }
-        if cv
-        else {}
-    )
+        card["evaluation"] = cv
     card["eval_protocol"] = {
         "protocol": f"{k}-fold patient-level cross-validation, out of fold: each of the "
         f"{n_cv} patients predicted by the one fold model that "
@@ -459,8 +458,6 @@ def with_ensemble_card(
     }
     card["training"]["members"] = members
     card["training"]["checkpoint"] = select
-    if cv:
-        card["evaluation"] = cv
     out[CARD_KEY] = card
     return out
 
