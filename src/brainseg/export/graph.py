@@ -57,10 +57,8 @@ def _json(v: Any) -> str:
 
 def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, source: str) -> None:
     """Write brainseg's ``metadata_props`` (the JSON blob and the plain keys) into ``model``."""
-
     post = resolve(meta).post
-    full = dict(meta)
-    full["onnx"] = {
+    onnx: dict[str, Any] = {
         "variant": variant,
         "opset": opset,
         "source": source,
@@ -68,11 +66,11 @@ def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, sou
         "output": f"{ONNX_OUTPUT}: float32 N x 1 x H x W (sigmoid -> probability)",
     }
     if meta.get("ensemble_members"):
-        full["onnx"]["output"] += (
+        onnx["output"] += (
             f"; the mean probability of {meta['ensemble_members']} fold models, as a logit"
         )
     props = {
-        ONNX_METADATA_KEY: _json(full),
+        ONNX_METADATA_KEY: _json({**meta, "onnx": onnx}),
         "brainseg_version": str(meta.get("brainseg_version", __version__)),
         "exported_by": f"brainseg {__version__}",
         "variant": variant,

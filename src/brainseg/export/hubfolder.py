@@ -162,7 +162,6 @@ def hub_config(meta: Mapping[str, Any], variant: str, has_checkpoint: bool) -> d
 def write_hub_files(folder: Path, checkpoint: Path | None, onnx_path: Path, variant: str) -> None:
     """Add model.safetensors (a copy of ``checkpoint``), README.md and config.json next to
     the exported ``onnx_path`` (each written atomically)."""
-
     if checkpoint is not None:
         with atomic_path(folder / CHECKPOINT_FILE) as dst:
             shutil.copyfile(checkpoint, dst)
