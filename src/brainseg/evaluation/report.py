@@ -533,14 +533,12 @@ def _ci(st: Mapping[str, Any]) -> str:
 
 
 def _cv_block_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
-    rows = []
-    for key, label in (("before", "before tuning"), ("after", "after tuning"), ("buda", "buda")):
-        b = summary.get(key)
-        if not b:
-            continue
-        st = b["per_patient_dice"]
-        rows.append([label, st["mean"], _ci(st), st["median"], st["std"], st["min"], st["n"]])
-    return rows
+    blocks = (("before", "before tuning"), ("after", "after tuning"), ("buda", "buda"))
+    stats = [(label, summary[key]["per_patient_dice"]) for key, label in blocks if summary.get(key)]
+    return [
+        [label, st["mean"], _ci(st), st["median"], st["std"], st["min"], st["n"]]
+        for label, st in stats
+    ]
 
 
 def _group_rows(groups: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
