@@ -1,13 +1,10 @@
 """Evaluate one model or an ensemble on a kaggle_3m dataset (or a split's subset).
 
-The library side of ``brainseg eval`` on slices: pick the patients (split / subset / fold),
-predict their masks with the one case pipeline (:class:`brainseg.inference.patients.PatientKind`:
-a patient is a case, post-processed as a volume) into the run folder's ``masks/``, then score
-those files against the dataset's true masks with :func:`brainseg.evaluation.score.score_folders`,
-so the numbers describe files a user can open. ``--tune`` searches the threshold and the
-post-processing on the probabilities written beside the masks. The run folder's other files
-are :mod:`brainseg.evaluation.runfolder`'s. Nothing here prints except through
-:mod:`brainseg.console`.
+The library side of ``brainseg eval`` on slices: predict the chosen patients' masks with the
+one case pipeline into the run folder's ``masks/``, then score those files with
+:func:`brainseg.evaluation.score.score_folders`, so the numbers describe files a user can
+open. ``--tune`` searches the threshold and the post-processing on the probabilities written
+beside the masks.
 """
 
 from __future__ import annotations
@@ -63,8 +60,6 @@ class EvalOptions(InferenceSettings):
 
 
 # --------------------------------------------------------------------------- inputs
-
-
 def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Fail fast (before loading data) on a missing model or an unknown file type."""
     if not paths:
@@ -74,8 +69,6 @@ def check_model_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- tuning
-
-
 def tune_min_sizes(hw: tuple[int, int]) -> list[int]:
     """The ``--tune`` component sizes for this image size (scaled from 256 x 256)."""
     scale = hw[0] * hw[1] / (256 * 256)
@@ -104,15 +97,12 @@ def tune(
     def score(mask: np.ndarray) -> float:
         return float(np.mean(metrics.per_patient_dice(mask, gt, pidx)))
 
-    base_mask = postprocess.apply(
-        prob,
-        baseline.threshold,
-        baseline.min_size,
-        baseline.largest,
-        groups=pidx,
-        order=slice_number,
+    base = baseline
+    base_dice = score(
+        postprocess.apply(
+            prob, base.threshold, base.min_size, base.largest, groups=pidx, order=slice_number
+        )
     )
-    base_dice = score(base_mask)
     best, best_dice = baseline, base_dice
     thr_list = [float(t) for t in thresholds]
     size_list = [int(s) for s in min_sizes]
@@ -141,8 +131,6 @@ def tune(
 
 
 # --------------------------------------------------------------------------- run
-
-
 def run_eval(
     models: Sequence[str | os.PathLike[str]],
     data_path: str | os.PathLike[str],
@@ -210,10 +198,12 @@ def _evaluate(
     settings = resolved.post
     overlap = training_overlap(predictor, model_paths, [p.id for p in patients])
     fold_txt = "" if sel["fold"] is None else f" of fold {sel['fold']}"
+    n = len(overlap["members"])
+    files = ", ".join(p.name for p in model_paths)
+    what = "1 model" if n == 1 else f"an ensemble of {n} models ({files})"
     console.info(
-        f"evaluating {_models_text(overlap['members'], model_paths)} on {len(patients)} "
-        f"patients ({sum(len(p.slices) for p in patients)} slices, {sel['subset']}{fold_txt})"
-        f"{', TTA' if opts.tta else ''}"
+        f"evaluating {what} on {len(patients)} patients ({sum(len(p.slices) for p in patients)} "
+        f"slices, {sel['subset']}{fold_txt}){', TTA' if opts.tta else ''}"
     )
     if overlap["trained_on_scored_patients"]:
         console.warn(overlap_warning(overlap, len(patients)))
@@ -239,8 +229,8 @@ def _evaluate(
         "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": [str(m) for m in model_paths],
-        "members": len(overlap["members"]),
-        "ensemble": len(overlap["members"]) > 1,
+        "members": n,
+        "ensemble": n > 1,
         "trained_on_scored_patients": overlap["trained_on_scored_patients"],
         "training_overlap": {k: v for k, v in overlap.items() if k != "trained_on_scored_patients"},
         "data": str(root),
@@ -256,7 +246,11 @@ def _evaluate(
             "skip_bad": opts.skip_bad,
             "image_size": list(size),
         },
-        "measured_at": _measured_at(size, resolved.image_size),
+        "measured_at": {  # the images' own size (the model may run at another)
+            "size": [int(size[0]), int(size[1])],
+            "what": "the images' own size (probabilities resized back, then thresholded)",
+            "model_input": None if resolved.image_size is None else list(resolved.image_size),
+        },
         "left_out_slices": left_out,
         **report.summary(),
         "surface": score.summary["surface"],
@@ -368,12 +362,10 @@ def training_overlap(
 ) -> dict[str, Any]:
     """Which scored patients each model (each member of an ensemble) was trained on.
 
-    ``members``: every model behind the predictor (an ensemble.json counts its folds, an
-    ensemble exported to ONNX its fold graphs); ``by_model``: the scored patients each of
-    them trained on (only those with any); ``unknown``: members whose file does not record
-    its training patients; ``trained_on_scored_patients``: the union (sorted).
+    ``members``: every model behind the predictor (an ensemble's folds); ``by_model``: the
+    scored patients each trained on (only those with any); ``unknown``: members whose file
+    does not record its training patients; ``trained_on_scored_patients``: the union.
     """
-
     paths = [Path(p) for p in (getattr(predictor, "paths", None) or model_paths)]
     backends = getattr(predictor, "backends", None)
     metas = (
@@ -399,23 +391,6 @@ def training_overlap(
     }
 
 
-def _models_text(members: Sequence[str], model_paths: Sequence[Path]) -> str:
-    if len(members) == 1:
-        return "1 model"
-    files = ", ".join(p.name for p in model_paths)
-    return f"an ensemble of {len(members)} models ({files})"
-
-
-def _measured_at(size: Sequence[int], model_size: tuple[int, int] | None) -> dict[str, Any]:
-    """Where the numbers are measured: the images' own size (the model may run at another)."""
-    h, w = int(size[0]), int(size[1])
-    return {
-        "size": [h, w],
-        "what": "the images' own size (probabilities resized back, then thresholded)",
-        "model_input": list(model_size) if model_size is not None else None,
-    }
-
-
 @dataclass
 class EvalJob:
     """One ``brainseg eval``: MODEL... DATA, the patients, the settings and where to write."""
@@ -435,7 +410,6 @@ class EvalJob:
 def run_eval_job(job: EvalJob) -> EvalResult:
     """Check the paths, evaluate into a new run folder (its ``masks/`` are the files scored),
     write the tuned copy (if asked) and the run folder's reports."""
-
     check_run_name(job.name)  # before any work: the run folder stays inside --project
     if len(job.paths) < 2:
         raise BrainsegError(
@@ -458,7 +432,9 @@ def run_eval_job(job: EvalJob) -> EvalResult:
         masks = run_dir / "masks"
         result = run_eval(models, data, job.split, job.subset, job.fold, opts, masks_dir=masks)
         if result.tune is not None:
-            _drop_probabilities(masks)
+            # the _prob.tif files --tune searched on are float32, far larger than the masks
+            for prob in masks.glob("*/*_prob.tif"):
+                prob.unlink()
             if job.tune_output is not None:
                 record = tuned_record(result)
                 write_tuned_model(models[0], job.tune_output, result.tune.best, job.force, record)
@@ -468,16 +444,7 @@ def run_eval_job(job: EvalJob) -> EvalResult:
     return result
 
 
-def _drop_probabilities(masks: Path) -> None:
-    """Remove the ``_prob.tif`` files ``--tune`` searched on (float32, far larger than the
-    masks); the masks themselves stay in the run folder."""
-    for prob in masks.glob("*/*_prob.tif"):
-        prob.unlink()
-
-
 # --------------------------------------------------------------------------- tuned copy
-
-
 def check_tune_output(models: Sequence[Path], dst: Path, force: bool) -> None:
     """Refuse a tuned copy that cannot be written, before any prediction is done."""
     if len(models) != 1:
@@ -543,11 +510,8 @@ def write_tuned_model(
 
 
 def _write_tuned_onnx(src: Path, dst: Path, updates: dict[str, Any], force: bool) -> Path:
-    """Set the tuned values in a copy's ONNX ``metadata_props``.
-
-    Keys already holding JSON (``brainseg`` / ``metadata``) are updated inside; plain
-    ``threshold`` / ``postprocess`` keys are written as strings / JSON.
-    """
+    """Set the tuned values in a copy's ONNX ``metadata_props``: inside the JSON blobs
+    (``brainseg`` / ``metadata``) and as the plain ``threshold`` / ``postprocess`` keys."""
     import onnx
 
     try:

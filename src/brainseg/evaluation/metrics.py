@@ -32,40 +32,17 @@ PATIENT_COUNTS = ["slices", "tumor_slices", "gt_pixels", "pred_pixels"]
 PATIENT_COLUMNS = ["patient_id", *PATIENT_COUNTS, "tp", "fp", "fn", *METRICS]
 #: cv's per_patient.csv: the fold, the institution and the Dice before post-processing beside
 #: eval's counts and metrics.
-CV_PATIENT_COLUMNS = [
-    "patient_id",
-    "fold",
-    "institution",
-    *PATIENT_COUNTS,
-    "dice_before",
-    *METRICS,
-]
+CV_PATIENT_COLUMNS = ["patient_id", "fold", "institution", *PATIENT_COUNTS, "dice_before", *METRICS]
 #: The overlap metrics that the pooled (global) evaluation reports.
 OVERLAP_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity")
 
 
 # --------------------------------------------------------------------------- counts
-
-
-def _as_bool(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    return a if a.dtype == np.bool_ else a != 0
-
-
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p, g = _as_bool(pred), _as_bool(gt)
+    p, g = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     if p.shape != g.shape:
         raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
     return p, g
-
-
-def _confusion(p: np.ndarray, g: np.ndarray) -> tuple[int, int, int, int]:
-    """(TP, FP, FN, TN) pixel counts of two boolean arrays of the same shape."""
-    tp = int(np.count_nonzero(p & g))
-    n_p = int(np.count_nonzero(p))
-    n_g = int(np.count_nonzero(g))
-    fp, fn = n_p - tp, n_g - tp
-    return tp, fp, fn, int(p.size) - tp - fp - fn
 
 
 def _ratio(num: ArrayLike, den: ArrayLike, both_empty: ArrayLike) -> np.ndarray:
@@ -73,8 +50,7 @@ def _ratio(num: ArrayLike, den: ArrayLike, both_empty: ArrayLike) -> np.ndarray:
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
     out = np.where(both_empty, 1.0, 0.0)
-    nz = den > 0
-    np.divide(num, den, out=out, where=nz)
+    np.divide(num, den, out=out, where=den > 0)
     return out
 
 
@@ -110,17 +86,15 @@ def dice_from_counts(intersection: ArrayLike, pred_sum: ArrayLike, gt_sum: Array
 
 def overlap(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     """Dice, IoU, precision, recall and specificity of one pair of masks (the policy above)."""
-    return overlap_from_counts(*_confusion(*_check_pair(pred, gt)))
+    p, g = _check_pair(pred, gt)
+    tp, fp, fn, tn = _slice_counts(p.reshape(1, -1), g.reshape(1, -1))
+    return overlap_from_counts(int(tp[0]), int(fp[0]), int(fn[0]), int(tn[0]))
 
 
 # --------------------------------------------------------------------------- HD95
-
-
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels: mask pixels with a face neighbour (4 in 2D, 6 in 3D) outside it.
-
-    Pixels on the array border count as boundary (outside the array is background).
-    """
+    """Boundary pixels: mask pixels with a face neighbour (4 in 2D, 6 in 3D) outside it (or
+    on the array border: outside the array is background)."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
@@ -134,20 +108,13 @@ def _hd95_bool(p: np.ndarray, g: np.ndarray, spacing: Sequence[float] | None = N
 def _surface_distances(
     p: np.ndarray, g: np.ndarray, spacing: Sequence[float] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Distances of each boundary pixel of ``p`` to the boundary of ``g``, and the other way.
-
-    In pixels, or in the units of ``spacing`` (one value per axis, e.g. mm) when given.
-    """
+    """Distances of each boundary pixel of ``p`` to the boundary of ``g``, and the other way
+    (in pixels, or in the units of ``spacing``: one value per axis, e.g. mm)."""
     # Crop to the joint bounding box plus one pixel of margin: the erosion sees the same
     # neighbourhood as in the full array, and every surface pixel lies inside the crop, so
     # the Euclidean distance transform inside the crop is exact.
-    union = p | g
-    sl = []
-    for ax in range(union.ndim):
-        other = tuple(i for i in range(union.ndim) if i != ax)
-        idx = np.flatnonzero(union.any(axis=other))
-        sl.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
-    crop = tuple(sl)
+    box = ndimage.find_objects((p | g).astype(np.uint8))[0]
+    crop = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
     pc, gc = p[crop], g[crop]
     sp, sg = _surface(pc), _surface(gc)
     # distance_transform_edt gives each pixel's distance to the nearest zero: zeros = surface.
@@ -167,14 +134,9 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> Sequence[float
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, *, spacing: Sequence[float] | None = None) -> float:
-    """Symmetric 95th-percentile Hausdorff distance between the mask boundaries, in pixels.
-
-    max(P95 of the distances from each predicted boundary pixel to the true boundary,
-    P95 of the distances the other way) -- the MONAI definition. Works on a 2D slice or a
-    3D stack of slices (the slice axis counts as one pixel). NaN when either mask is empty.
-    With ``spacing`` (the voxel size along each axis, e.g. in mm) the distance is in those
-    units instead of pixels.
-    """
+    """Symmetric 95th-percentile Hausdorff distance between the mask boundaries (MONAI's
+    definition), in pixels or in the units of ``spacing`` (the voxel size along each axis, e.g.
+    mm); a 2D slice or a 3D stack of slices. NaN when either mask is empty."""
     p, g = _check_pair(pred, gt)
     sp = _check_spacing(spacing, p.ndim)
     if not p.any() or not g.any():
@@ -188,14 +150,10 @@ def surface_dice(
     tolerance_mm: float,
     spacing: Sequence[float] | None = None,
 ) -> float:
-    """Normalised surface Dice (NSD): the share of both boundaries within the tolerance.
-
-    (|boundary of P within ``tolerance_mm`` of G's| + |boundary of G within it of P's|) /
-    (|boundary of P| + |boundary of G|), counting boundary pixels (as MONAI's
-    ``compute_surface_dice``, not the surfel areas of DeepMind's ``surface-distance``).
-    Distances are in the units of ``spacing`` (mm) or, without it, in pixels (the tolerance is
-    then in pixels too). Empty masks follow the Dice policy: both empty 1.0, one empty 0.0.
-    """
+    """Normalised surface Dice (NSD): the share of both boundaries' pixels within the tolerance
+    of the other, counting pixels (MONAI's ``compute_surface_dice``, not DeepMind's surfel
+    areas), in the units of ``spacing`` (else pixels).
+    Empty masks follow the Dice policy: both empty 1.0, one empty 0.0."""
     p, g = _check_pair(pred, gt)
     sp = _check_spacing(spacing, p.ndim)
     tol = float(tolerance_mm)  # checked where it is read (score's --tolerance)
@@ -213,13 +171,9 @@ def overlap_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- summaries
-
-
 def describe(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
-    """mean / median / std (population, ddof=0) / min of the finite values, and their count.
-
-    NaN values are skipped; with no finite value every statistic is NaN and ``n`` is 0.
-    """
+    """mean / median / std (population, ddof=0) / min of the finite values, and their count
+    (NaN skipped; with no finite value every statistic is NaN and ``n`` is 0)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -234,16 +188,10 @@ def describe(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
 
 
 # --------------------------------------------------------------------------- report
-
-
 @dataclass
 class Report:
-    """The result of :func:`evaluate`.
-
-    ``per_slice`` / ``per_patient`` hold one dict per row (the CSV columns, in order);
-    ``global_metrics`` the metrics of all pixels pooled; ``detection`` the slice-level
-    tumor detection counts and rates.
-    """
+    """The result of :func:`evaluate`: one dict per slice / patient (the CSV columns), the
+    metrics of all pixels pooled and the slice-level tumor detection."""
 
     per_slice: list[dict[str, Any]]
     per_patient: list[dict[str, Any]]
@@ -252,19 +200,15 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
 
     def column(self, rows: str, name: str, *, tumor_only: bool = False) -> np.ndarray:
-        """One column of ``per_slice`` or ``per_patient`` as a float array.
-
-        ``tumor_only`` keeps the rows whose ground truth has tumor.
-        """
+        """One column of ``per_slice`` or ``per_patient`` as a float array (``tumor_only``:
+        of the rows whose ground truth has tumor)."""
         table = self.per_slice if rows == "per_slice" else self.per_patient
         keep = [r for r in table if not tumor_only or r["gt_pixels"] > 0]
         return np.array([r[name] for r in keep], dtype=np.float64)
 
     def summary(self) -> dict[str, Any]:
-        """Statistics per metric for per-patient and per-slice (tumor slices / all slices).
-
-        ``hd95_skipped`` counts the cases whose HD95 is NaN (an empty mask on either side).
-        """
+        """Statistics per metric for per-patient and per-slice (tumor slices / all slices);
+        ``hd95_skipped`` counts the NaN HD95s (an empty mask on either side)."""
         groups = {
             "per_patient": ("per_patient", False),
             "per_slice_tumor": ("per_slice", True),
@@ -285,9 +229,7 @@ class Report:
 
 def _slice_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per-slice (TP, FP, FN, TN) of N x H x W boolean stacks, as int64 arrays."""
-    n = p.shape[0]
-    pf = p.reshape(n, -1)
-    gf = g.reshape(n, -1)
+    pf, gf = p.reshape(len(p), -1), g.reshape(len(g), -1)
     tp = np.count_nonzero(pf & gf, axis=1).astype(np.int64)
     n_p = np.count_nonzero(pf, axis=1).astype(np.int64)
     n_g = np.count_nonzero(gf, axis=1).astype(np.int64)
@@ -301,11 +243,8 @@ def _rate(num: int, den: int) -> float:
 
 
 def detection(pred_positive: np.ndarray, gt_positive: np.ndarray) -> dict[str, float | int]:
-    """Slice-level tumor detection: a slice is predicted positive when it has any pixel.
-
-    Sensitivity = detected tumor slices / tumor slices; specificity = empty-predicted
-    tumor-free slices / tumor-free slices; NaN when there is no slice of that class.
-    """
+    """Slice-level tumor detection (a slice is predicted positive when it has any pixel);
+    a rate is NaN when there is no slice of its class."""
     pp, gp = np.asarray(pred_positive, bool), np.asarray(gt_positive, bool)
     tp = int(np.count_nonzero(pp & gp))
     fp = int(np.count_nonzero(pp & ~gp))
@@ -331,13 +270,9 @@ def evaluate(
     *,
     compute_hd95: bool = True,
 ) -> Report:
-    """Evaluate binary predictions against the truth, per slice, per patient and globally.
-
-    ``pred`` / ``gt``: N x H x W (bool or 0/1 integers); ``patient_index`` (N,) indexes
-    ``patient_ids``; ``slice_number`` (N,) orders a patient's slices into its volume. A
-    patient with no slice in ``patient_index`` gets no row. ``compute_hd95=False`` fills
-    HD95 with NaN (fast, for threshold tuning).
-    """
+    """Evaluate N x H x W binary predictions against the truth, per slice, per patient (its
+    slices stacked in ``slice_number`` order) and globally; ``compute_hd95=False``: HD95 NaN
+    (fast)."""
     p, g = _check_pair(pred, gt)
     if p.ndim != 3:
         raise ValueError(f"expected N x H x W masks, got shape {p.shape}")
@@ -361,21 +296,20 @@ def evaluate(
         for both in np.flatnonzero((n_pred > 0) & (n_gt > 0)):
             s_hd[both] = _hd95_bool(p[both], g[both])
 
-    per_slice = []
-    for i in range(n):
-        per_slice.append(
-            {
-                "patient_id": patient_ids[pidx[i]],
-                "slice_number": int(snum[i]),
-                "gt_pixels": int(n_gt[i]),
-                "pred_pixels": int(n_pred[i]),
-                "tp": int(tp[i]),
-                "fp": int(fp[i]),
-                "fn": int(fn[i]),
-                **{m: float(s_metrics[m][i]) for m in OVERLAP_METRICS},
-                "hd95": float(s_hd[i]),
-            }
-        )
+    per_slice = [
+        {
+            "patient_id": patient_ids[pidx[i]],
+            "slice_number": int(snum[i]),
+            "gt_pixels": int(n_gt[i]),
+            "pred_pixels": int(n_pred[i]),
+            "tp": int(tp[i]),
+            "fp": int(fp[i]),
+            "fn": int(fn[i]),
+            **{m: float(s_metrics[m][i]) for m in OVERLAP_METRICS},
+            "hd95": float(s_hd[i]),
+        }
+        for i in range(n)
+    ]
 
     # Per patient: the slices stacked into one volume; counts add up across slices.
     present = np.unique(pidx)
@@ -436,10 +370,8 @@ def report_from_rows(
 def per_patient_dice(
     pred: np.ndarray, gt: np.ndarray, patient_index: np.ndarray, n_patients: int | None = None
 ) -> np.ndarray:
-    """Dice of each patient's stacked volume (both empty -> 1), for fast tuning loops.
-
-    Returns one value per patient index that occurs in ``patient_index`` (sorted order).
-    """
+    """Dice of each patient's stacked volume (both empty -> 1), for fast tuning loops: one
+    value per patient index that occurs in ``patient_index`` (sorted order)."""
     p, g = _check_pair(pred, gt)
     tp, fp, fn, _ = _slice_counts(p, g)
     pidx = np.asarray(patient_index, dtype=np.int64)

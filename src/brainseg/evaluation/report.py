@@ -6,11 +6,6 @@ distribution (a matplotlib PNG), a per-patient table that sorts when a header is
 montage of their tumour slices with the ground truth (green) and the prediction (red)
 outlined. Every image is a ``data:`` URI and a Content-Security-Policy forbids any network
 request, so the file can be mailed, archived or opened offline. All text is HTML-escaped.
-
-Entry points: :func:`write_eval_report` (called by :func:`brainseg.evaluation.dataset.write_run`),
-:func:`write_cv_report` (called by :func:`brainseg.train.cv.write_cv`); the train report
-(:mod:`brainseg.train.report`) is built from this module's page parts.
-matplotlib is imported lazily, with the Agg backend.
 """
 
 from __future__ import annotations
@@ -56,11 +51,8 @@ class PatientCase:
 
 
 def worst_and_median(per_patient: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """``[(label, patient_id, dice)]`` of the lowest and the median patient by Dice.
-
-    NaN values are left out; ties go to the patient id. The median of an even count is the
-    lower middle patient (a real patient, not an average). One patient: only "worst".
-    """
+    """``[(label, patient_id, dice)]`` of the lowest and the median patient by Dice (NaN left
+    out, ties by patient id); the median of an even count is the lower middle (a real patient)."""
     scored = sorted(
         (float(r["dice"]), str(r["patient_id"]))
         for r in per_patient
@@ -85,14 +77,9 @@ def pick_cases(
     slice_number: np.ndarray,
     patient_ids: Sequence[str],
 ) -> list[PatientCase]:
-    """The worst and median patients' tumour slices, copied out of the evaluated arrays.
-
-    ``images`` is the dataset (N x 3 x H x W, memory-mapped); ``rows[i]`` is the dataset row
-    of evaluated slice ``i`` whose ground truth, prediction, patient and slice number are
-    ``gt[i]``, ``pred[i]``, ``patient_index[i]``, ``slice_number[i]``. Slices with tumour
-    in the ground truth or the prediction are shown (at most ``MONTAGE_MAX_SLICES``, evenly
-    spread); a patient with neither shows its middle slices.
-    """
+    """The worst and median patients' tumour slices (in the truth or the prediction; else the
+    middle ones), copied out of the evaluated arrays; ``rows[i]`` is the ``images`` row of
+    evaluated slice ``i``."""
     index_of = {p: i for i, p in enumerate(patient_ids)}
     cases = []
     for label, pid, d in worst_and_median(per_patient):
@@ -161,12 +148,9 @@ def dice_plot_png(dice: Sequence[float] | np.ndarray, title: str = "") -> bytes:
         med = float(np.median(v))
         ax2.axvline(med, color="tab:green", lw=1, ls=":", label=f"median {med:.3f}")
         ax2.legend(loc="best", fontsize=8, framealpha=0.9)
-    ax1.set_ylim(-0.02, 1.02)
+    ax1.set(ylim=(-0.02, 1.02), ylabel="Dice")
     ax1.set_xticks([1], ["patients"])
-    ax1.set_ylabel("Dice")
-    ax2.set_xlim(0, 1)
-    ax2.set_xlabel("per-patient Dice")
-    ax2.set_ylabel("patients")
+    ax2.set(xlim=(0, 1), xlabel="per-patient Dice", ylabel="patients")
     stats = f": mean {v.mean():.3f}, median {np.median(v):.3f}" if v.size else ""
     fig.suptitle(title or f"Per-patient Dice ({v.size} patients){stats}")
     fig.tight_layout()
@@ -192,8 +176,7 @@ def montage_png(case: PatientCase, cols: int = 6) -> bytes:
     fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.1 * nrows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for j in range(n):
-        ax = axes.ravel()[j]
+    for j, ax in enumerate(axes.ravel()[:n]):
         ax.imshow(outlined(case.flair[j], case.gt[j], case.pred[j]), interpolation="nearest")
         d = dice(case.pred[j], case.gt[j])
         ax.set_title(f"slice {int(case.slice_number[j])}  Dice {d:.2f}", fontsize=7)
@@ -213,14 +196,11 @@ def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
     a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
-    a.set_xlabel("epoch")
-    a.set_ylabel("loss")
+    a.set(xlabel="epoch", ylabel="loss")
     a.legend()
     b.plot(ep, [r["val_dice_slice"] for r in rows], "o-", label="val per-slice")
     b.plot(ep, [r["val_dice_patient"] for r in rows], "o-", label="val per-patient")
-    b.set_xlabel("epoch")
-    b.set_ylabel("Dice")
-    b.set_ylim(0, 1)
+    b.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1))
     b.legend()
     fig.tight_layout()
     return figure_png(fig)
@@ -350,10 +330,8 @@ def _sort_value(v: Any) -> str:
 
 
 def sortable_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], table_id: str) -> str:
-    """A table whose rows sort by a column when its header is clicked (again: reversed).
-
-    Numbers sort as numbers (``data-v`` holds the full value), NaN last; text as text.
-    """
+    """A table whose rows sort by a column when its header is clicked (again: reversed);
+    numbers sort as numbers (``data-v`` holds the full value), NaN last."""
     numeric = {
         c: all(
             isinstance(r.get(c), int | float | np.integer | np.floating) or r.get(c) is None
@@ -406,12 +384,11 @@ def cases_section(cases: Sequence[PatientCase]) -> str:
     """The worst and median patients' montages."""
     if not cases:
         return section("Worst and median patient", "<p>no patient with a finite Dice</p>")
-    parts = []
-    for c in cases:
-        parts.append(
-            f"<h3>{esc(c.label)} patient: {esc(c.patient_id)} (Dice {esc(fmt(c.dice))})</h3>"
-            + img_tag(montage_png(c), f"{c.label} patient {c.patient_id}")
-        )
+    parts = (
+        f"<h3>{esc(c.label)} patient: {esc(c.patient_id)} (Dice {esc(fmt(c.dice))})</h3>"
+        + img_tag(montage_png(c), f"{c.label} patient {c.patient_id}")
+        for c in cases
+    )
     return section(
         "Worst and median patient",
         "".join(parts),
@@ -422,6 +399,7 @@ def cases_section(cases: Sequence[PatientCase]) -> str:
 
 
 # =============================================================================== eval
+_STATS = ("mean", "median", "std", "min", "n")
 _STAT_LEVELS = (
     ("per patient", "per_patient"),
     ("per slice (tumour)", "per_slice_tumor"),
@@ -430,14 +408,11 @@ _STAT_LEVELS = (
 
 
 def _stats_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
-    rows = []
-    for metric in METRICS:
-        for label, key in _STAT_LEVELS:
-            st = summary[key][metric]
-            rows.append(
-                [f"{metric} {label}", st["mean"], st["median"], st["std"], st["min"], st["n"]]
-            )
-    return rows
+    return [
+        [f"{metric} {label}", *(summary[key][metric][s] for s in _STATS)]
+        for metric in METRICS
+        for label, key in _STAT_LEVELS
+    ]
 
 
 def eval_measured(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -474,14 +449,9 @@ def eval_measured(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     tuned = summary.get("tune")
     if tuned:
         b = tuned["best"]
-        items.append(
-            (
-                "--tune",
-                f"best threshold {b['threshold']:g}, min-size {b['min_size']}, largest "
-                f"{b['largest']}: Dice {b['dice']:.4f} (gain {tuned['gain']:+.4f}); "
-                f"{tuned['note']}",
-            )
-        )
+        best = f"threshold {b['threshold']:g}, min-size {b['min_size']}, largest {b['largest']}"
+        gain = f"Dice {b['dice']:.4f} (gain {tuned['gain']:+.4f})"
+        items.append(("--tune", f"best {best}: {gain}; {tuned['note']}"))
     return items
 
 
@@ -525,7 +495,7 @@ def eval_html(
             "Summary",
             warning
             + f"<p><strong>{esc(headline)}</strong></p>"
-            + grid_table(["metric", "mean", "median", "std", "min", "n"], _stats_rows(summary)),
+            + grid_table(["metric", *_STATS], _stats_rows(summary)),
         ),
         section("How it was measured", kv_table(eval_measured(summary))),
         section("Per-patient Dice", img_tag(dice_png or dice_plot_png(dice), "per-patient Dice")),
@@ -563,14 +533,12 @@ def _ci(st: Mapping[str, Any]) -> str:
 
 
 def _cv_block_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
-    rows = []
-    for key, label in (("before", "before tuning"), ("after", "after tuning"), ("buda", "buda")):
-        b = summary.get(key)
-        if not b:
-            continue
-        st = b["per_patient_dice"]
-        rows.append([label, st["mean"], _ci(st), st["median"], st["std"], st["min"], st["n"]])
-    return rows
+    blocks = (("before", "before tuning"), ("after", "after tuning"), ("buda", "buda"))
+    stats = [(label, summary[key]["per_patient_dice"]) for key, label in blocks if summary.get(key)]
+    return [
+        [label, st["mean"], _ci(st), st["median"], st["std"], st["min"], st["n"]]
+        for label, st in stats
+    ]
 
 
 def _group_rows(groups: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
@@ -580,6 +548,8 @@ def _group_rows(groups: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
 def cv_measured(summary: Mapping[str, Any], size: Sequence[int] | None) -> list[tuple[str, Any]]:
     """How a cv's numbers were measured, as (label, value) pairs."""
     after, tuning, boot = summary["after"]["settings"], summary["tuning"], summary["bootstrap"]
+    n_test = summary.get("test_patients_not_evaluated")
+    not_evaluated = f" ({n_test} test patients not evaluated)" if n_test else ""
     items: list[tuple[str, Any]] = [
         (
             "protocol",
@@ -587,15 +557,7 @@ def cv_measured(summary: Mapping[str, Any], size: Sequence[int] | None) -> list[
             "predicted by the one fold model that did not train on it (out of fold)",
         ),
         ("checkpoint", f"{summary['selection']['select']}: {summary['selection']['label']}"),
-        (
-            "patients / slices",
-            f"{summary['patients']} / {summary['slices']}"
-            + (
-                f" ({summary['test_patients_not_evaluated']} test patients not evaluated)"
-                if summary.get("test_patients_not_evaluated")
-                else ""
-            ),
-        ),
+        ("patients / slices", f"{summary['patients']} / {summary['slices']}{not_evaluated}"),
         ("data", summary["data"]),
         (
             "measured at",

@@ -1,10 +1,5 @@
-"""An evaluation's run folder: the result objects and the files eval and score write.
-
-``summary.json``, ``per_patient.csv``, ``per_slice.csv``, ``dice_per_patient.png`` and (for a
-model's eval) ``report.html``, the same files whether a model was evaluated on the dataset
-(:mod:`brainseg.evaluation.dataset`), on volumes or masks were scored without a model
-(:mod:`brainseg.evaluation.score`).
-"""
+"""An evaluation's run folder: the result objects and the files eval and score write (the
+same files whether a model was evaluated or masks were scored without one)."""
 
 from __future__ import annotations
 
@@ -82,20 +77,18 @@ class EvalResult:
     cases: list[Any] = field(default_factory=list)
 
 
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return str(v)
+
+
 def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """CSV text; floats with full precision, NaN as an empty cell."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
-    for r in rows:
-        cells = []
-        for c in columns:
-            v = r[c]
-            if isinstance(v, float):
-                cells.append("" if not math.isfinite(v) else repr(v))
-            else:
-                cells.append(str(v))
-        w.writerow(cells)
+    w.writerows([_cell(r[c]) for c in columns] for r in rows)
     return buf.getvalue()
 
 

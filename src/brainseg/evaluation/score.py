@@ -1,10 +1,8 @@
 """Score a folder of predicted masks against a folder of true masks, without a model.
 
 The library side of ``brainseg score`` (as nnU-Net's ``evaluate_folder``): predictions from any
-tool are matched to the truth by name and measured with :mod:`brainseg.evaluation.metrics`, so the
-numbers,
-the empty-mask policy, ``summary.json``, ``per_patient.csv`` and ``per_slice.csv`` are those of
-``brainseg eval`` (written by :func:`brainseg.evaluation.runfolder.write_run`).
+tool are matched to the truth by name and measured as ``brainseg eval`` measures, into the
+same files.
 
 - **Volumes**: NIfTI files matched by case name (the file name without ``.nii[.gz]`` and a
   trailing ``_mask`` / ``_seg`` / ``_pred`` / ``_gt`` / ``_label``). Rows are the axial slices
@@ -44,6 +42,8 @@ from brainseg.fsutil import atomic_write_text
 _SUFFIXES = re.compile(r"(_mask|_seg|_pred|_gt|_label)$", re.IGNORECASE)
 #: Predicted files that are not masks (brainseg predict's extra outputs).
 _NOT_MASKS = re.compile(r"_(prob|overlay)$", re.IGNORECASE)
+#: Name endings of MRI contrasts (``<case>_t1.nii.gz``, ``_flair``...): inputs, never truth.
+_CONTRAST = re.compile(r"_(t1|t1c|t1ce|t1gd|t2|t2w|t1w|flair|pre|post|adc|dwi)$", re.IGNORECASE)
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 SURFACE_COLUMNS = ["patient_id", "hd95", "hd95_unit", "nsd", "nsd_tolerance", "nsd_unit"]
 
@@ -57,8 +57,7 @@ class ScoreOptions:
     tolerance: float = 2.0
     allow_missing: bool = False  # a case without a prediction scores as an empty prediction
     #: Volumes: only label-named NIfTI files of --gt are truth (``<case>_seg.nii.gz``...), so
-    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes). Without
-    #: it the same holds whenever --gt has label-named files (contrasts are never truth).
+    #: --gt may be the folder of the cases themselves (``brainseg eval`` on volumes).
     truth_only: bool = False
     #: Only these patients / cases (``--split`` / ``--subset`` / ``--fold``, as eval picks them).
     split: Path | None = None
@@ -95,8 +94,6 @@ class ScoreResult:
 
 
 # --------------------------------------------------------------------------- matching
-
-
 def case_key(name: str) -> str:
     """The case / slice a mask file is of: its name without suffix and ``_mask`` (etc.)."""
     stem = nifti_stem(name) if is_nifti(name) else os.path.splitext(name)[0]
@@ -117,10 +114,6 @@ def _walk(top: Path, keep: Any) -> Iterator[Path]:
         for f in sorted(files):
             if not f.startswith(".") and keep(f):
                 yield Path(folder) / f
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(_IMAGE_SUFFIXES)
 
 
 def _index(files: Sequence[Path], side: str, top: Path) -> dict[str, Path]:
@@ -183,14 +176,13 @@ def _match(
 
 
 # --------------------------------------------------------------------------- reading
-
-
 def _volume_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any]]:
     files = list(_walk(opts.gt, volumes.is_nifti))
     labels = [f for f in files if volumes.is_truth_name(f)]
     # eval's label rule: label-named files are the truth; a folder of plain masks
     # (``<case>.nii.gz``) counts only when it has no label-named file and no contrast
-    truth = labels if (labels or opts.truth_only) else [f for f in files if not _contrast(f)]
+    plain = [f for f in files if not _CONTRAST.search(nifti_stem(f))]
+    truth = labels if (labels or opts.truth_only) else plain
     gt = _index(truth, "truth", opts.gt)
     pred = _index(list(_walk(opts.pred, volumes.is_nifti)), "prediction", opts.pred)
     if not gt:
@@ -223,26 +215,13 @@ def _volume_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, An
     return pairs, sel
 
 
-#: Name endings of MRI contrasts (``<case>_t1.nii.gz``, ``_flair``...): inputs, never truth.
-_CONTRAST = re.compile(r"_(t1|t1c|t1ce|t1gd|t2|t2w|t1w|flair|pre|post|adc|dwi)$", re.IGNORECASE)
-
-
-def _contrast(path: Path) -> bool:
-    return _CONTRAST.search(nifti_stem(path)) is not None
-
-
-def _slice_number(key: str, fallback: int) -> int:
-    m = re.search(r"(\d+)$", key)
-    return int(m.group(1)) if m else fallback
-
-
 def _read_mask(path: Path) -> np.ndarray:
     return np.asarray(imageio.read_image(path))[..., 0] > 0
 
 
 def _masks(top: Path) -> list[Path]:
     """The mask images of a folder: its ``*_mask.*`` (etc.) files if it has any, else all."""
-    files = list(_walk(top, _is_image))
+    files = list(_walk(top, lambda name: name.lower().endswith(_IMAGE_SUFFIXES)))
     masks = [f for f in files if _SUFFIXES.search(os.path.splitext(f.name)[0])]
     return masks or files
 
@@ -265,7 +244,8 @@ def _slice_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any
     gt, sel = _select(opts, pred, gt, patient)
     groups: dict[str, list[tuple[int, str]]] = {}
     for i, k in enumerate(_match(opts, pred, gt, every)):
-        groups.setdefault(patient(k), []).append((_slice_number(k, i), k))
+        number = re.search(r"(\d+)$", k)  # the slice order; else the key's order
+        groups.setdefault(patient(k), []).append((int(number.group(1)) if number else i, k))
     pairs = []
     for pid, items in sorted(groups.items()):
         items.sort()
@@ -284,8 +264,6 @@ def _slice_pairs(opts: ScoreOptions) -> tuple[list[ScoredPatient], dict[str, Any
 
 
 # --------------------------------------------------------------------------- scoring
-
-
 def _surface(pair: ScoredPatient, tolerance: float) -> dict[str, Any]:
     unit = "mm" if pair.spacing is not None else "pixels"
     return {

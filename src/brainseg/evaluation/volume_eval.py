@@ -1,14 +1,8 @@
 """``brainseg eval MODEL CASES`` on NIfTI / DICOM volume cases: predict, then score.
 
-One path makes the masks everywhere, so evaluating volumes is the composition of the two jobs
-that already exist: :func:`brainseg.inference.volume_predict.predict_volumes` writes every
-case's mask into the eval run's ``masks/`` folder (the files predict ships, with the model's 3D
-post-processing), and :func:`brainseg.evaluation.score.score_folders` measures those files
-against the true label volumes. The numbers therefore describe exactly the masks a user of
-``brainseg predict`` gets, and HD95 / surface Dice come in mm from the voxel spacing.
-
-The truth is a label volume per case, matched by case name: ``<case>_seg.nii.gz`` (or
-``_mask`` / ``_gt`` / ``_label``) inside the cases' own folder by default, or in ``--gt DIR``.
+Predict writes every case's mask into the run's ``masks/`` folder and score measures those
+files against the true label volumes (``<case>_seg.nii.gz``..., beside the cases or in
+``--gt DIR``), so the numbers describe exactly the masks ``brainseg predict`` ships.
 """
 
 from __future__ import annotations
@@ -55,12 +49,8 @@ class VolumeEvalResult:
 
 
 def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
-    """Predict every case into ``run_dir/masks``, score them, write eval's files.
-
-    A case that cannot be predicted, or a label volume without its case, fails the run and
-    the new run folder is removed: a partial evaluation would report a mean over fewer
-    patients. A case without a label volume is reported (a warning) and not scored.
-    """
+    """Predict every case into ``run_dir/masks``, score them, write eval's files; a case that
+    cannot be predicted fails the run (a mean over fewer patients would mislead)."""
     check_run_name(job.name)
     check_model_paths(job.models)
     if not job.data.exists():
@@ -73,43 +63,38 @@ def run_volume_eval(job: VolumeEvalJob) -> VolumeEvalResult:
             hint="pass the folder of true label volumes (<case>_seg.nii.gz ...)",
         )
     with fresh_run_dir(job.project, job.name, exist_ok=job.exist_ok) as run_dir:
-        return _predict_and_score(job, run_dir)
-
-
-def _predict_and_score(job: VolumeEvalJob, run_dir: Path) -> VolumeEvalResult:
-    masks = clear_folder(run_dir / "masks")  # an --exist-ok run's old masks would be scored
-    pred = predict_volumes(
-        PredictOptions(
-            models=list(job.models),
-            inputs=[str(job.data)],
-            out_dir=masks,
-            channels=job.channels,
-            fmt=job.fmt,
-            seg_series=job.seg_series,
-            force=True,
-            predictor_factory=job.predictor_factory,
-            **job.inference_settings(),
+        masks = clear_folder(run_dir / "masks")  # an --exist-ok run's old masks would be scored
+        pred = predict_volumes(
+            PredictOptions(
+                models=list(job.models),
+                inputs=[str(job.data)],
+                out_dir=masks,
+                channels=job.channels,
+                fmt=job.fmt,
+                seg_series=job.seg_series,
+                force=True,
+                predictor_factory=job.predictor_factory,
+                **job.inference_settings(),
+            )
         )
-    )
-    bad = [c for c in pred.cases if c.status == "error"]
-    if bad:
-        raise BrainsegError(
-            f"{len(bad)} of {len(pred.cases)} case(s) could not be predicted, so no score is "
-            f"reported (first: {bad[0].error})",
-            hint="fix or remove those cases, then run eval again",
+        bad = [c for c in pred.cases if c.status == "error"]
+        if bad:
+            raise BrainsegError(
+                f"{len(bad)} of {len(pred.cases)} case(s) could not be predicted, so no score is "
+                f"reported (first: {bad[0].error})",
+                hint="fix or remove those cases, then run eval again",
+            )
+        gt = job.gt if job.gt is not None else job.data
+        score = score_folders(
+            ScoreOptions(pred=masks, gt=gt, tolerance=job.tolerance, truth_only=job.gt is None)
         )
-    gt = job.gt if job.gt is not None else job.data
-    score = score_folders(
-        ScoreOptions(pred=masks, gt=gt, tolerance=job.tolerance, truth_only=job.gt is None)
-    )
-    score.summary.update(
-        models=[str(m) for m in job.models],
-        data=str(job.data),
-        gt=str(gt),
-        pred=str(masks),
-        settings={**pred.settings, "hd95_unit": "pixels"},
-        note="the masks scored are the files in pred (brainseg predict's output for these "
-        "cases, its post-processing included)",
-    )
-    files = write_score(score, run_dir)
-    return VolumeEvalResult(run_dir, score.summary, pred.cases, files)
+        score.summary.update(
+            models=[str(m) for m in job.models],
+            data=str(job.data),
+            gt=str(gt),
+            pred=str(masks),
+            settings={**pred.settings, "hd95_unit": "pixels"},
+            note="the masks scored are the files in pred (brainseg predict's output for these "
+            "cases, its post-processing included)",
+        )
+        return VolumeEvalResult(run_dir, score.summary, pred.cases, write_score(score, run_dir))

@@ -5,12 +5,6 @@ normalisation is inside the model) and returns ``logits``: float32 N x 1 x H x W
 batch, height and width axes dynamic (H and W multiples of 32). Everything a deployer needs
 (image size, threshold, post-processing, normalisation, architecture, brainseg version and
 training metrics) is stored in the file's ``metadata_props`` (:func:`set_metadata`).
-
-Modules: :mod:`~brainseg.export.run` (the job: options in, report out),
-:mod:`~brainseg.export.graph` (torch -> fp32 ONNX, metadata),
-:mod:`~brainseg.export.variants` (fp16, int8), :mod:`~brainseg.export.verify` (checks on
-predict's backends), :mod:`~brainseg.export.report` (the report and its tables),
-:mod:`~brainseg.export.cpu` (this CPU's int8 instruction path).
 """
 
 from __future__ import annotations

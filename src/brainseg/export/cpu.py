@@ -12,8 +12,6 @@ from pathlib import Path
 
 from brainseg.inference.runtimes import CPUINFO, cpu_flags
 
-__all__ = ["CPUINFO", "cpu_flags", "int8_path"]
-
 #: (flag, name, what to expect) in order of preference; x86 flags, then Arm features.
 _PATHS = (
     ("amx_int8", "AMX-INT8", "VNNI-class or better: about 4x torch fp32 at batch 1"),

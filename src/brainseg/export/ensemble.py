@@ -55,11 +55,8 @@ def ensemble_logits(fold_logits: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def merge_folds(folds: Sequence[Any]) -> Any:
-    """One ModelProto running every fold graph on the one input and averaging them (module doc).
-
-    ``folds`` are brainseg fp32 or fp16 graphs (``image`` -> ``logits``, float32 in and out) of
-    the same opset; metadata is set afterwards (:func:`brainseg.export.graph.set_metadata`).
-    """
+    """One ModelProto running every fold graph (fp32 or fp16, float32 in and out, one opset)
+    on the one input and averaging them (module doc); metadata is set afterwards."""
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
@@ -126,12 +123,9 @@ def ensemble_metadata(
     names: Sequence[str],
     manifest: Path,
 ) -> dict[str, Any]:
-    """The merged file's metadata: everything a single export carries (the first fold's image
-    size, normalisation, architecture, version), the manifest's threshold and
-    post-processing, and what the ensemble is made of (members, fold names and metrics,
-    how the folds and the settings were chosen). ``metrics`` holds the cv's out-of-fold
-    score after tuning when the manifest has it (each fold's own metrics are under
-    ``ensemble.fold_metrics``)."""
+    """The merged file's metadata: the first fold's, with the manifest's threshold and
+    post-processing, the cv's out-of-fold score as ``metrics`` and what the ensemble is made
+    of under ``ensemble``."""
     meta = dict(fold_metas[0])
     meta["threshold"] = settings["threshold"]
     meta["postprocess"] = dict(settings["postprocess"])

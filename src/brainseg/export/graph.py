@@ -57,10 +57,8 @@ def _json(v: Any) -> str:
 
 def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, source: str) -> None:
     """Write brainseg's ``metadata_props`` (the JSON blob and the plain keys) into ``model``."""
-
     post = resolve(meta).post
-    full = dict(meta)
-    full["onnx"] = {
+    onnx: dict[str, Any] = {
         "variant": variant,
         "opset": opset,
         "source": source,
@@ -68,11 +66,11 @@ def set_metadata(model: Any, meta: dict[str, Any], variant: str, opset: int, sou
         "output": f"{ONNX_OUTPUT}: float32 N x 1 x H x W (sigmoid -> probability)",
     }
     if meta.get("ensemble_members"):
-        full["onnx"]["output"] += (
+        onnx["output"] += (
             f"; the mean probability of {meta['ensemble_members']} fold models, as a logit"
         )
     props = {
-        ONNX_METADATA_KEY: _json(full),
+        ONNX_METADATA_KEY: _json({**meta, "onnx": onnx}),
         "brainseg_version": str(meta.get("brainseg_version", __version__)),
         "exported_by": f"brainseg {__version__}",
         "variant": variant,
@@ -109,40 +107,27 @@ def _name_dynamic_axes(model: Any) -> None:
     del model.graph.value_info[:]  # stale symbolic names; onnxruntime infers them again
 
 
-def _export_dynamo(model: Any, dummy: Any, path: Path, opset: int) -> None:
-    import torch
-
-    dyn = torch.export.Dim.DYNAMIC
-    with quiet_stdout():
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-            input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT],
-            opset_version=max(18, opset),
-            dynamic_shapes={"x": {i: dyn for i in DYNAMIC_AXES}},
-        )
-
-
-def _export_torchscript(model: Any, dummy: Any, path: Path, opset: int) -> None:
+def _torch_export(model: Any, dummy: Any, path: Path, opset: int, dynamo: bool) -> None:
     import torch
 
     axes = dict(DYNAMIC_AXES)
+    how: dict[str, Any]
+    if dynamo:  # natively opset 18; lower opsets come from onnx's version converter
+        dyn = torch.export.Dim.DYNAMIC
+        how = dict(external_data=False, verbose=False, opset_version=max(18, opset))
+        how["dynamic_shapes"] = {"x": {i: dyn for i in DYNAMIC_AXES}}
+    else:
+        how = dict(opset_version=opset, do_constant_folding=True)
+        how["dynamic_axes"] = {ONNX_INPUT: axes, ONNX_OUTPUT: axes}
     with quiet_stdout():
         torch.onnx.export(
             model,
             (dummy,),
             str(path),
-            dynamo=False,
+            dynamo=dynamo,
             input_names=[ONNX_INPUT],
             output_names=[ONNX_OUTPUT],
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: axes},
+            **how,
         )
 
 
@@ -178,7 +163,7 @@ def torch_to_onnx(model: Any, path: Path, image_size: tuple[int, int], opset: in
     dummy = torch.rand(2, 3, *image_size) * 255.0
     exporter = "dynamo"
     try:
-        _export_dynamo(model, dummy, path, opset)
+        _torch_export(model, dummy, path, opset, dynamo=True)
     except Exception as exc:  # keep going with the legacy exporter, but say so
         if os_error(exc) is not None:
             raise  # disk full / unwritable folder: the other exporter would fail the same way
@@ -188,7 +173,7 @@ def torch_to_onnx(model: Any, path: Path, image_size: tuple[int, int], opset: in
             "using the TorchScript exporter"
         )
         exporter = "torchscript"
-        _export_torchscript(model, dummy, path, opset)
+        _torch_export(model, dummy, path, opset, dynamo=False)
     proto = _convert_opset(onnx.load(str(path)), opset)
     _name_dynamic_axes(proto)
     try:

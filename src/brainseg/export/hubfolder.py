@@ -25,7 +25,7 @@ from typing import Any
 
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_path, atomic_write_text, json_safe
-from brainseg.model.card import card_from_metadata, card_markdown, read_model_metadata
+from brainseg.model.card import as_mapping, card_from_metadata, card_markdown, read_model_metadata
 from brainseg.model.hub import CONFIG_FILE
 
 ONNX_FILE = "model.onnx"
@@ -50,10 +50,6 @@ def check_folder(folder: Path, force: bool) -> None:
         )
 
 
-def _mapping(v: Any) -> Mapping[str, Any]:
-    return v if isinstance(v, Mapping) else {}
-
-
 def _number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
@@ -68,12 +64,12 @@ def model_results(card: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The card's figures grouped by protocol: ``held-out`` (``val_*``: the split's validation
     patients) and ``cv`` (``cv_*``: out-of-fold predictions of a cross-validation), each with
     the number of patients when the card records it."""
-    training = _mapping(card.get("training"))
-    split = _mapping(training.get("split"))
-    evaluation = _mapping(card.get("evaluation"))
+    training = as_mapping(card.get("training"))
+    split = as_mapping(training.get("split"))
+    evaluation = as_mapping(card.get("evaluation"))
     selection = training.get("checkpoint")
     groups: dict[str, dict[str, Any]] = {}
-    for key, value in _mapping(card.get("eval_metrics")).items():
+    for key, value in as_mapping(card.get("eval_metrics")).items():
         num = _number(value)
         if num is None or "loss" in key:
             continue
@@ -117,7 +113,7 @@ def model_results(card: Mapping[str, Any]) -> list[dict[str, Any]]:
 def front_matter(card: Mapping[str, Any]) -> dict[str, Any]:
     """The Hub's model-card metadata (``library_name``, ``pipeline_tag``, ``license``,
     ``datasets``, ``metrics``, ``model-index``) from the card."""
-    lic = _mapping(card.get("license"))
+    lic = as_mapping(card.get("license"))
     doc: dict[str, Any] = {
         "library_name": "brainseg",
         "pipeline_tag": "image-segmentation",
@@ -129,8 +125,7 @@ def front_matter(card: Mapping[str, Any]) -> dict[str, Any]:
     }
     results = model_results(card)
     if results:
-        types = sorted({m["type"] for r in results for m in r["metrics"]})
-        doc["metrics"] = types
+        doc["metrics"] = sorted({m["type"] for r in results for m in r["metrics"]})
         doc["model-index"] = [{"name": str(card.get("name") or "brainseg"), "results": results}]
     doc["brainseg"] = {
         "weights_license": str(lic.get("weights") or "not stated"),
@@ -167,7 +162,6 @@ def hub_config(meta: Mapping[str, Any], variant: str, has_checkpoint: bool) -> d
 def write_hub_files(folder: Path, checkpoint: Path | None, onnx_path: Path, variant: str) -> None:
     """Add model.safetensors (a copy of ``checkpoint``), README.md and config.json next to
     the exported ``onnx_path`` (each written atomically)."""
-
     if checkpoint is not None:
         with atomic_path(folder / CHECKPOINT_FILE) as dst:
             shutil.copyfile(checkpoint, dst)

@@ -67,14 +67,9 @@ class ExportOptions:
 
 
 # --------------------------------------------------------------------------- input checks
-
-
 def check_checkpoint_kind(path: Path) -> None:
-    """An ONNX file given as the checkpoint gets its own message (not "invalid header").
-
-    What the file holds comes from :func:`brainseg.model.modelfile.sniff_model_file` (its first
-    bytes, never its name), the one sniffer predict and checkpoint loading use too.
-    """
+    """An ONNX file given as the checkpoint gets its own message (not "invalid header"); the
+    file's first bytes say what it is, never its name."""
     try:
         kind = sniff_model_file(path)
     except OSError:
@@ -122,34 +117,24 @@ def check_export_args(opts: ExportOptions) -> None:
         raise BrainsegError(f"output {out} is a folder", hint="give a file name, e.g. model.onnx")
     if out.exists() and not opts.force:
         raise BrainsegError(f"{out} already exists", hint="pass --force to overwrite it")
-    if opts.ensemble:
-        _check_ensemble_args(opts)
+    if opts.ensemble:  # an ensemble.json: a readable manifest whose models exist; no int8
+        if opts.int8:
+            raise BrainsegError(
+                f"--int8 is not supported for an ensemble ({opts.checkpoint}): its fold models "
+                "would be calibrated and quantised as one graph with no per-fold check",
+                hint="export the ensemble as fp32 (the default) or with --fp16; or --int8 one "
+                "fold checkpoint (runs/cv/expN/fold_k/last.safetensors)",
+            )
+        load_ensemble(opts.checkpoint)  # names a missing fold file or a damaged manifest (exit 2)
     else:
         check_checkpoint_kind(opts.checkpoint)
-    for name, p in (
-        ("--calib", opts.calib),
-        ("--verify-data", opts.verify_data),
-        ("--split", opts.split),
-    ):
+    paths = {"--calib": opts.calib, "--verify-data": opts.verify_data, "--split": opts.split}
+    for name, p in paths.items():
         if p is not None and not p.exists():
             raise BrainsegError(f"{name} {p} does not exist", hint="check the path")
 
 
-def _check_ensemble_args(opts: ExportOptions) -> None:
-    """An ensemble.json: a readable manifest whose models exist; fp32 or fp16 only."""
-    if opts.int8:
-        raise BrainsegError(
-            f"--int8 is not supported for an ensemble ({opts.checkpoint}): its fold models "
-            "would be calibrated and quantised as one graph with no per-fold check",
-            hint="export the ensemble as fp32 (the default) or with --fp16; or --int8 one "
-            "fold checkpoint (runs/cv/expN/fold_k/last.safetensors)",
-        )
-    load_ensemble(opts.checkpoint)  # names a missing fold file or a damaged manifest (exit 2)
-
-
 # --------------------------------------------------------------------------- steps
-
-
 def _save(proto: Any, path: Path, meta: dict[str, Any], variant: str, opts: ExportOptions) -> Path:
     import onnx
 
@@ -169,21 +154,18 @@ def _int8_file(
     q_path = tmp / "int8.onnx"
     try:
         quantize_int8(fp32_path, q_path, slices.images[rows], tmp)
-    except BrainsegError:
-        raise
     except Exception as exc:
-        if os_error(exc) is not None:
+        if isinstance(exc, BrainsegError) or os_error(exc) is not None:
             raise
         raise BrainsegRuntimeError(
             f"int8 quantisation failed: {type(exc).__name__}: {exc}",
             hint="run with --debug and report it",
         ) from exc
-    info = {
+    return q_path, {
         "calibration_slices": len(rows),
         "calibration_patients": len(cal_ids),
         "calibration_patient_ids": sorted(cal_ids),
     }
-    return q_path, info
 
 
 def _check_file(path: Path) -> None:
@@ -238,12 +220,6 @@ def _compare_int8(
 
 def int8_card_meta(meta: dict[str, Any], info: dict[str, Any], source: str) -> dict[str, Any]:
     """``meta`` with the int8 file's measured Dice cost under ``int8`` (shown on its card)."""
-    keys = (
-        "patient_dice_fp32", "patient_dice_int8", "dice_loss", "tolerance", "within_tolerance",
-        "mask_dice_int8_vs_fp32", "validation_patients", "validation_slices",
-        "validation_patient_ids", "calibration_patients", "calibration_slices",
-        "calibration_patient_ids", "own_size",
-    )  # fmt: skip
     return {
         **meta,
         "int8": {
@@ -251,14 +227,13 @@ def int8_card_meta(meta: dict[str, Any], info: dict[str, Any], source: str) -> d
             "validation patients at the training size, measured by brainseg export; "
             "own_size: each precision's Dice (and cost vs fp32) at the images' own size",
             "measured_on": source,
-            **{k: info[k] for k in keys if k in info},
+            # all but this CPU's int8 path: the card travels to other machines
+            **{k: v for k, v in info.items() if not k.startswith("cpu_int8_")},
         },
     }
 
 
 # --------------------------------------------------------------------------- the job
-
-
 @dataclass
 class _Graphs:
     """The fp32 graph(s) exported from the source: one checkpoint, or every fold's."""
@@ -300,12 +275,8 @@ def _assemble(folds: list[Any], opts: ExportOptions) -> Any:
 
 @contextlib.contextmanager
 def _work_dir(out: Path) -> Iterator[Path]:
-    """The export's working folder (graphs, phantoms, calibration), removed at the end.
-
-    It sits next to ``out`` as ``.NAME.~HOST@PID.XXXXXXXX.tmp`` (in the system's temporary
-    folder while ``out``'s folder does not exist yet): an export killed outright (SIGKILL,
-    power loss) leaves it there, and the next export into that folder removes it.
-    """
+    """The export's working folder, next to ``out`` (``.NAME.~HOST@PID.XXXXXXXX.tmp``) so
+    that the next export into that folder removes what a killed export (SIGKILL) left."""
     parent = out.parent if out.parent.is_dir() else None
     if parent is not None:
         remove_stale_temps(parent)  # what a killed export left
@@ -383,18 +354,10 @@ def export_onnx(
     out: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> ExportReport:
-    """Export a checkpoint to ONNX (fp32, fp16 or static int8), check it, verify it.
-
-    ``export_onnx(ExportOptions(...))``, or ``export_onnx(checkpoint, out, **fields)`` with
-    the :class:`ExportOptions` fields as keywords. Verification runs PyTorch and onnxruntime
-    (predict's backends) on slices of ``verify_data`` / ``calib`` (or generated phantoms) at
-    the model's image size and at a second size: max absolute logit difference and Dice
-    agreement of the thresholded masks. With ``int8`` the mean per-patient Dice of fp32 and
-    int8 on the validation patients (``split``'s val, else every fifth) is compared; a change
-    of more than 0.01 either way, or masks agreeing less than
-    :data:`~brainseg.export.verify.MASK_AGREEMENT_FLOOR`, is warned about (``strict``: raised
-    as :class:`ExportCheckFailed`, nothing written).
-    """
+    """Export a checkpoint to ONNX (fp32, fp16 or static int8), check it, verify it against
+    PyTorch (:mod:`brainseg.export.verify`; ``strict``: a problem raises
+    :class:`ExportCheckFailed` and nothing is written). ``export_onnx(ExportOptions(...))``, or
+    ``export_onnx(checkpoint, out, **fields)`` with the :class:`ExportOptions` fields."""
     if isinstance(options, ExportOptions):
         opts = replace(options, **kwargs) if kwargs else options
     else:
@@ -413,12 +376,10 @@ def export_onnx(
         )
     try:
         report = _export(opts)
-    except BrainsegError:
-        raise
     except Exception as exc:
         # a full disk (or an unwritable folder) is one clear error; the working folder is
         # gone and an existing output is untouched (tests/faults)
-        cause = os_error(exc)
+        cause = None if isinstance(exc, BrainsegError) else os_error(exc)
         if cause is None:
             raise
         raise write_error(opts.output, cause) from exc

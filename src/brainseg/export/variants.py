@@ -38,12 +38,8 @@ _TYPED_OUTPUTS = frozenset(
 
 
 def split_at_first_conv(graph: Any) -> tuple[set[int], list[str]]:
-    """(indices of the nodes from the first convolution on, names of the nodes before it).
-
-    The nodes before the first convolution are the input normalisation: fp16 and int8 keep
-    them float32 (see the module docstring); everything that depends on a convolution's output
-    is the reduced-precision part.
-    """
+    """(indices of the nodes from the first convolution on: the reduced-precision part,
+    names of the nodes before it: the input normalisation, kept float32)."""
     region: set[int] = set()
     tainted: set[str] = set()
     normalisation_nodes: list[str] = []
@@ -57,8 +53,6 @@ def split_at_first_conv(graph: Any) -> tuple[set[int], list[str]]:
 
 
 # --------------------------------------------------------------------------- fp16
-
-
 @dataclass
 class _Fp16Graph:
     """The state of one fp16 conversion: element types, initializers, what is half now."""
@@ -139,12 +133,8 @@ def _cast_outputs_back(g: Any, state: _Fp16Graph) -> None:
 
 
 def convert_fp16(model: Any) -> Any:
-    """An fp16 copy of a float32 ONNX model whose input and output stay float32.
-
-    Float initializers used by the fp16 part become float16; Cast nodes are inserted where an
-    fp32 tensor enters it and before the output. Implemented with the onnx API
-    (onnxconverter-common is not a dependency).
-    """
+    """An fp16 copy of a float32 ONNX model whose input and output stay float32, with the
+    onnx API (onnxconverter-common is not a dependency)."""
     import onnx
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -173,32 +163,9 @@ def convert_fp16(model: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- int8
-
-
-class _CalibReader:
-    """onnxruntime's CalibrationDataReader over slices at the model's image size."""
-
-    def __init__(self, images: np.ndarray, batch: int = 8) -> None:
-        self.images = images
-        self.batch = batch
-        self.pos = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.pos >= len(self.images):
-            return None
-        x = self.images[self.pos : self.pos + self.batch]
-        self.pos += self.batch
-        return {ONNX_INPUT: np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)}
-
-    def rewind(self) -> None:
-        self.pos = 0
-
-
 def quantize_int8(fp32_path: Path, out_path: Path, calib_images: np.ndarray, tmp: Path) -> None:
-    """Static QDQ int8 (per-channel weights, MinMax calibration); normalisation kept fp32.
-
-    ``calib_images`` are N x H x W x 3 uint8 slices at the model's image size.
-    """
+    """Static QDQ int8 (per-channel weights, MinMax calibration); normalisation kept fp32;
+    ``calib_images``: N x H x W x 3 uint8 slices at the model's image size."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -223,8 +190,21 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_images: np.ndarray, tmp
     named = tmp / "named.onnx"
     onnx.save(proto, str(named))
 
-    class Reader(_CalibReader, CalibrationDataReader):  # type: ignore[misc]
-        pass
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        """Batches of the calibration slices, as the model's input."""
+
+        def __init__(self, images: np.ndarray, batch: int = 8) -> None:
+            self.images, self.batch, self.pos = images, batch, 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.pos >= len(self.images):
+                return None
+            x = self.images[self.pos : self.pos + self.batch]
+            self.pos += self.batch
+            return {ONNX_INPUT: np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)}
+
+        def rewind(self) -> None:
+            self.pos = 0
 
     with quiet_stdout():
         quantize_static(

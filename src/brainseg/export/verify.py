@@ -1,14 +1,9 @@
 """Verification of an ONNX export against PyTorch, on predict's own backends.
 
-The reference is the checkpoint run by :class:`brainseg.inference.predict.Predictor` (torch
-backend);
-each ONNX file is run by a Predictor too (onnxruntime backend), so the masks compared are the
-masks ``brainseg predict`` makes (:func:`brainseg.inference.postprocess.mask_from_output` with the
-settings :func:`brainseg.settings.resolve` reads from the model's metadata); Dice is
-:mod:`brainseg.evaluation.metrics`'. An ensemble.json reference is the mean of its fold models (as
-predict runs it). Everything is at the model's training size (plus a second size for the
-dynamic axes, logits only), except :func:`precision_dice`: each precision's Dice cost at the
-images' own size.
+The checkpoint (an ensemble.json: the mean of its folds) and each ONNX file run through
+:class:`brainseg.inference.predict.Predictor`, so the masks compared are the masks
+``brainseg predict`` makes. Everything is at the model's training size (plus a second size
+for the dynamic axes, logits only), except :func:`precision_dice` (the images' own size).
 """
 
 from __future__ import annotations
@@ -46,8 +41,6 @@ SECOND_SIZE_STEP = (32, 64)
 
 
 # --------------------------------------------------------------------------- data
-
-
 @dataclass
 class Slices:
     """Verification / calibration arrays at the model's image size."""
@@ -110,8 +103,7 @@ def pick_rows(rows: np.ndarray, masks: np.ndarray, n: int) -> np.ndarray:
     k_t = min(len(tumor), n // 2)
     pick_t = tumor[np.linspace(0, len(tumor) - 1, k_t).round().astype(int)]
     rest = np.setdiff1d(rows, pick_t)
-    k_r = n - k_t
-    pick_r = rest[np.linspace(0, len(rest) - 1, k_r).round().astype(int)]
+    pick_r = rest[np.linspace(0, len(rest) - 1, n - k_t).round().astype(int)]
     return np.sort(np.concatenate([pick_t, pick_r]))
 
 
@@ -136,8 +128,6 @@ def val_calib_patients(ids: list[str], split: Path | None) -> tuple[list[str], l
 
 
 # --------------------------------------------------------------------------- running models
-
-
 def open_cpu(path: Path, runtime: str | None = None, precision: str | None = None) -> Predictor:
     """The CPU Predictor ``brainseg predict`` opens for ``path``, with predict's load errors; an
     ONNX file runs with onnxruntime unless ``runtime`` says otherwise (the file is checked as
@@ -155,9 +145,7 @@ def logits(predictor: Predictor, images: np.ndarray, batch: int = VERIFY_SLICES)
     (several backends) the folds' logits combined as the merged ONNX graph does
     (:func:`brainseg.export.ensemble.ensemble_logits`)."""
     per_model = [_backend_logits(b, images, batch) for b in predictor.backends]
-    if len(per_model) == 1:
-        return per_model[0]
-    return ensemble_logits(per_model)
+    return per_model[0] if len(per_model) == 1 else ensemble_logits(per_model)
 
 
 def _backend_logits(backend: Any, images: np.ndarray, batch: int) -> np.ndarray:
@@ -190,12 +178,8 @@ def compare_with_torch(
     post: PostSettings | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ONNX file: max |Δlogit| at the model's size and a second size, the Dice
-    agreement of its masks with PyTorch's, and its time per slice (``images`` at model size).
-
-    ``reference`` is the checkpoint or the ensemble.json (the mean of its folds) the files
-    were exported from; masks follow its threshold and minimum size
-    (:func:`brainseg.settings.resolve` of its metadata) unless ``post`` is given.
-    """
+    agreement of its masks with PyTorch's (``reference``'s settings unless ``post`` is given),
+    and its time per slice (``images`` at model size)."""
     size = (int(images.shape[1]), int(images.shape[2]))
     h2, w2 = size[0] + SECOND_SIZE_STEP[0], size[1] + SECOND_SIZE_STEP[1]  # dynamic axes
     images2 = np.stack([resize_image(im, (h2, w2)) for im in images[:3]])
@@ -242,14 +226,13 @@ def int8_dice(
     post = resolve(meta).post
     gt = slices.masks[rows]
     pidx = slices.patient_index[rows]
-    masks = {}
-    for name, path in (("fp32", fp32), ("int8", int8)):
+    masks = []
+    for path in (fp32, int8):
         mask = _masks(open_cpu(path).predict_model_size(slices.images[rows]), post)
         if post.largest:
             mask = postprocess.largest_per_group(mask, pidx, slices.slice_number[rows])
-        masks[name] = mask
-    d32 = float(np.mean(metrics.per_patient_dice(masks["fp32"], gt, pidx)))
-    d8 = float(np.mean(metrics.per_patient_dice(masks["int8"], gt, pidx)))
+        masks.append(mask)
+    d32, d8 = (float(np.mean(metrics.per_patient_dice(m, gt, pidx))) for m in masks)
     return {
         "validation_patients": len(val_ids),
         "validation_patient_ids": sorted(val_ids),
@@ -257,7 +240,7 @@ def int8_dice(
         "patient_dice_fp32": d32,
         "patient_dice_int8": d8,
         "dice_loss": d32 - d8,
-        "mask_dice_int8_vs_fp32": metrics.dice(masks["int8"], masks["fp32"]),
+        "mask_dice_int8_vs_fp32": metrics.dice(masks[1], masks[0]),
         "within_tolerance": within_tolerance(d32 - d8),
         "tolerance": INT8_DICE_TOLERANCE,
     }

@@ -10,8 +10,7 @@ MONAI has no slot for: ``limitations``, ``training`` (data, split, recipe), ``ev
 It is stored in a model's metadata under :data:`CARD_KEY` (checkpoints: the safetensors
 header; ONNX: the ``brainseg`` JSON blob that export copies, plus a ``model_card`` plain key)
 and rebuilt from the rest of the metadata for files written before cards existed
-(:func:`card_from_metadata`). :func:`read_model_metadata` reads a .safetensors or .onnx file
-without importing torch. Only the standard library at import time.
+(:func:`card_from_metadata`). Only the standard library at import time (no torch).
 """
 
 from __future__ import annotations
@@ -77,11 +76,9 @@ def split_summary(split: Any, fold: int | None = None) -> dict[str, Any]:
     val = list(split.patients("val", fold))
     train = list(split.patients("train", fold))
     test = list(split.subsets.get("test", []))
-    kind = (
-        f"fold {fold} of a {split.n_folds}-fold patient-level split"
-        if fold is not None
-        else "single patient-level split"
-    )
+    kind = "single patient-level split"
+    if fold is not None:
+        kind = f"fold {fold} of a {split.n_folds}-fold patient-level split"
     return {
         "kind": kind,
         "fold": fold,
@@ -102,12 +99,6 @@ def data_used(split: Mapping[str, Any] | None) -> str:
     if split.get("val_patients"):
         used += f" + {split['val_patients']} validation patients"
     return f"{DATA_SOURCE}; used for this model: {used}"
-
-
-def _selection(meta: Mapping[str, Any], selection: str | None) -> str:
-    if selection in ("best", "last"):
-        return selection
-    return "last" if "train_state" in meta else "best"  # only last.safetensors carries it
 
 
 def _eval_protocol(
@@ -136,7 +127,7 @@ def _eval_protocol(
     }
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
+def as_mapping(value: Any) -> Mapping[str, Any]:
     """``value`` when it is a mapping, else an empty one (metadata read from files)."""
     return value if isinstance(value, Mapping) else {}
 
@@ -164,7 +155,7 @@ def cv_figures(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
     tuning = settings.get("tuning")
     if not isinstance(tuning, Mapping) or not isinstance(tuning.get("after"), Mapping):
         return None
-    before = _mapping(tuning.get("before"))
+    before = as_mapping(tuning.get("before"))
     return {
         "what": "mean per-patient Dice of the cross-validation, out of fold (each patient "
         "predicted by the fold model that did not train on it)",
@@ -188,7 +179,7 @@ def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) ->
     """The protocol's view of this file's own threshold and post-processing, and where they
     come from (always read from the metadata: tuning or ``--postprocess-from`` change them)."""
     threshold = float(meta.get("threshold", 0.5))
-    post = _mapping(meta.get("postprocess"))
+    post = as_mapping(meta.get("postprocess"))
     tuned = meta.get("tuned")
     ens = meta.get("ensemble")
     if isinstance(tuned, Mapping):
@@ -210,7 +201,7 @@ def settings_fields(meta: Mapping[str, Any], split: Mapping[str, Any] | None) ->
             + f"): {where}{dice}"
         )
     elif meta.get("postprocess_from"):
-        cv = _mapping(meta.get("postprocess_cv"))
+        cv = as_mapping(meta.get("postprocess_cv"))
         on = cv.get("tuning_chosen_on") or "the pooled out-of-fold predictions"
         chosen = f"from the cv run {meta['postprocess_from']}: {on}"
     elif isinstance(ens, Mapping) and isinstance(ens.get("tuning"), Mapping):
@@ -256,14 +247,12 @@ def build_card(
     split: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The card of a model from its metadata (what train writes in a checkpoint).
-
-    ``selection`` says which checkpoint ("best" / "last"; inferred when None), ``split`` is
-    :func:`split_summary` of the training split, ``evaluation`` an optional later measurement
-    ``{"protocol": ..., "metrics": {...}, ...}`` (e.g. from ``brainseg cv``) kept verbatim.
-    """
+    """The card of a model from its metadata (what train writes in a checkpoint); ``split``
+    is :func:`split_summary` of the training split, ``evaluation`` a later measurement (e.g.
+    from ``brainseg cv``) kept verbatim."""
     cfg = dict(meta.get("config") or {})
-    sel = _selection(meta, selection)
+    inferred = "last" if "train_state" in meta else "best"  # only last.safetensors has it
+    sel = selection if selection in ("best", "last") else inferred
     post = dict(meta.get("postprocess") or {})
     version = meta.get("brainseg_version")
     metrics = {
@@ -327,11 +316,8 @@ def _stored_card(meta: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The card of a model file's metadata: the stored one (if any) over a rebuilt one.
-
-    The threshold and post-processing always come from the metadata itself (``eval
-    --tune-output`` may have changed them after the card was written).
-    """
+    """The card of a model file's metadata: the stored one (if any) over a rebuilt one; the
+    threshold and post-processing from the metadata (``eval --tune-output`` changes them)."""
     card = build_card(meta)
     card.update(json_safe(_stored_card(meta)))
     pre = dict(card.get("preprocessing") or {})
@@ -353,17 +339,13 @@ def card_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def training_patients(meta: Mapping[str, Any]) -> list[str] | None:
-    """The patients a single model's weights were trained on, or None when unknown.
-
-    From the card (``training.split.train_patient_ids``, written by train); for files
-    written before the card listed them, from the split file the training config names
-    (when it is still there and is the one trained from: same dataset hash).
-    """
+    """The patients a single model's weights were trained on, or None when unknown: from the
+    card, else from the split file the training config names (if there, same dataset hash)."""
     split = (_stored_card(meta).get("training") or {}).get("split") or {}
     ids = split.get("train_patient_ids") if isinstance(split, Mapping) else None
     if isinstance(ids, list):
         return [str(p) for p in ids]
-    cfg = _mapping(meta.get("config"))
+    cfg = as_mapping(meta.get("config"))
     path = cfg.get("split")
     if not path or not Path(str(path)).is_file():
         return None
@@ -411,12 +393,10 @@ def with_ensemble_card(
     out = {k: v for k, v in meta.items() if k != CARD_KEY}
     k = len(names)
     members, by_name = [], {}
-    union: set[str] = set()
     for name, fm in zip(names, fold_metas, strict=True):
         ids = training_patients(fm)
         if ids is not None:
             by_name[name] = sorted(ids)
-            union |= set(ids)
         sp = (_stored_card(fm).get("training") or {}).get("split") or {}
         members.append(
             {
@@ -427,14 +407,13 @@ def with_ensemble_card(
                 "val_dice_patient": (fm.get("metrics") or {}).get("val_dice_patient"),
             }
         )
-    ens = dict(out.get("ensemble") or {})
-    ens["train_patient_ids"] = by_name
-    out["ensemble"] = ens
+    out["ensemble"] = {**(out.get("ensemble") or {}), "train_patient_ids": by_name}
+    union = {p for ids in by_name.values() for p in ids}
     cv = cv_figures(settings)
-    sel = _mapping(settings.get("selection"))
+    sel = as_mapping(settings.get("selection"))
     select = str(sel.get("select") or "last")
     known = len(by_name) == k
-    n_cv = (cv or {}).get("patients") or (len(union) if known else None)
+    n_cv = (cv or {}).get("patients") or (len(union) if known else "?")
     split = {
         "kind": f"{k} models of a {k}-fold patient-level cross-validation (one per fold)",
         "fold": None,
@@ -455,21 +434,20 @@ def with_ensemble_card(
         "cross-validation (brainseg cv), in one file; input: the three MRI contrasts of one "
         "axial slice, output: a per-pixel FLAIR abnormality logit of that mean."
     )
-    card["eval_metrics"] = (
-        {
+    card["eval_metrics"] = {}
+    if cv:
+        card["eval_metrics"] = {
             "cv_out_of_fold_dice_patient_before_tuning": cv.get("dice_patient_before_tuning"),
             "cv_out_of_fold_dice_patient_after_tuning": cv.get("dice_patient_after_tuning"),
         }
-        if cv
-        else {}
-    )
+        card["evaluation"] = cv
     card["eval_protocol"] = {
         "protocol": f"{k}-fold patient-level cross-validation, out of fold: each of the "
-        f"{n_cv if n_cv is not None else '?'} patients predicted by the one fold model that "
+        f"{n_cv} patients predicted by the one fold model that "
         f"did not train on it. The ensemble itself has no held-out patients: each of them "
         f"trained {k - 1} of its {k} models",
         "checkpoint": f"{select}: " + str(sel.get("label") or f"{select} of each fold"),
-        "patients": f"the {n_cv if n_cv is not None else '?'} cross-validated patients"
+        "patients": f"the {n_cv} cross-validated patients"
         + ("" if cv else " (no cv figure in the ensemble.json)"),
         "val_patient_ids": [],
         "measured_at": "the images' own size (brainseg cv)",
@@ -480,8 +458,6 @@ def with_ensemble_card(
     }
     card["training"]["members"] = members
     card["training"]["checkpoint"] = select
-    if cv:
-        card["evaluation"] = cv
     out[CARD_KEY] = card
     return out
 
@@ -565,16 +541,10 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     add("training", training)
     add("split", split)
     add("recipe", recipe)
-    add("metrics", card.get("eval_metrics") or {})
-    add("protocol", card.get("eval_protocol") or {})
-    if card.get("evaluation"):
-        add("evaluation", card["evaluation"])
-    add("preprocessing", card.get("preprocessing") or {})
-    if card.get("onnx"):
-        add("onnx", card["onnx"])
-    if card.get("int8"):
-        add("int8", card["int8"])
-    add("license", card.get("license") or {})
+    for sec, key in (("metrics", "eval_metrics"), ("protocol", "eval_protocol")):
+        add(sec, card.get(key) or {})
+    for sec in ("evaluation", "preprocessing", "onnx", "int8", "license"):
+        add(sec, card.get(sec) or {})  # an empty or missing section adds no row
     add("references", [(f"{i + 1}", r) for i, r in enumerate(card.get("references") or [])])
     return rows
 
