@@ -64,17 +64,17 @@ def register(app: typer.Typer) -> None:
             "--split",
             help="Split YAML from `brainseg split`; without it every patient of DATA is evaluated.",
         ),
-        subset: str | None = options.subset_option(),
-        fold: int | None = options.fold_option(),
-        tta: bool = options.tta_option(),
-        threshold: float | None = options.threshold_option(),
-        min_size: int | None = options.min_size_option(),
-        largest: bool | None = options.largest_option(),
-        device: str = options.device_option(),
-        batch_size: int = options.batch_size_option(),
-        runtime: str | None = options.runtime_option(),
-        precision: str | None = options.precision_option(),
-        threads: int = options.threads_option(),
+        subset: str | None = options.SUBSET,
+        fold: int | None = options.FOLD,
+        tta: bool = options.TTA,
+        threshold: float | None = options.THRESHOLD,
+        min_size: int | None = options.MIN_SIZE,
+        largest: bool | None = options.LARGEST,
+        device: str = options.DEVICE,
+        batch_size: int = options.BATCH_SIZE,
+        runtime: str | None = options.RUNTIME,
+        precision: str | None = options.PRECISION,
+        threads: int = options.THREADS,
         skip_bad: bool = typer.Option(
             False, "--skip-bad", help="Skip unreadable / mismatched slices with a warning."
         ),
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes: 'pre=GLOB,flair=GLOB,post=GLOB' naming each case's contrasts "
             "(as for predict) \\[default: BraTS names *_t1, *_flair, *_t1ce].",
         ),
-        min_volume: str | None = options.min_volume_option(),
+        min_volume: str | None = options.MIN_VOLUME,
         tolerance: float = typer.Option(
             2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
         ),
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
             "DICOM Segmentation per DICOM case, as predict writes).",
         ),
-        seg_series: str = options.seg_series_option(),
+        seg_series: str = options.SEG_SERIES,
     ) -> None:
         if json_out:
             console.configure(json_mode=True)

@@ -15,22 +15,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from brainseg import console as con
+from brainseg.cli import options
 from brainseg.cli import predict_volumes as vol
-from brainseg.cli.options import (
-    batch_size_option,
-    device_option,
-    given_options,
-    largest_option,
-    min_size_option,
-    min_volume_option,
-    options_from,
-    precision_option,
-    runtime_option,
-    seg_series_option,
-    threads_option,
-    threshold_option,
-    tta_option,
-)
 from brainseg.errors import EXIT_RUNTIME, BrainsegError
 from brainseg.fsutil import one_line
 from brainseg.inference.shards import merge_summaries, parse_shard
@@ -111,11 +97,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(
             False, "--json", help="One JSON line per file on stdout (nothing else there)."
         ),
-        threshold: float | None = threshold_option(),
-        min_size: int | None = min_size_option(),
-        largest: bool | None = largest_option(),
-        min_volume: str | None = min_volume_option(),
-        seg_series: str = seg_series_option(),
+        threshold: float | None = options.THRESHOLD,
+        min_size: int | None = options.MIN_SIZE,
+        largest: bool | None = options.LARGEST,
+        min_volume: str | None = options.MIN_VOLUME,
+        seg_series: str = options.SEG_SERIES,
         channels: str | None = typer.Option(
             None,
             "--channels",
@@ -125,21 +111,21 @@ def register(app: typer.Typer) -> None:
             "names; giving it takes the volume path "
             "\\[default: pre=*_t1.nii*,flair=*_flair.nii*,post=*_t1ce.nii*].",
         ),
-        tta: bool = tta_option(),
+        tta: bool = options.TTA,
         pad: bool = typer.Option(
             False,
             "--pad",
             help="Zero-pad each image to a multiple of 32 instead of resizing it to the "
             "model's image size.",
         ),
-        batch_size: int = batch_size_option(),
-        device: str = device_option(),
+        batch_size: int = options.BATCH_SIZE,
+        device: str = options.DEVICE,
         workers: int = typer.Option(
             2, "--workers", min=1, help="Threads reading and (as many) writing files."
         ),
-        runtime: str | None = runtime_option(),
-        precision: str | None = precision_option(),
-        threads: int = threads_option(),
+        runtime: str | None = options.RUNTIME,
+        precision: str | None = options.PRECISION,
+        threads: int = options.THREADS,
         skip_existing: bool = typer.Option(
             False,
             "--skip-existing",
@@ -194,7 +180,7 @@ def register(app: typer.Typer) -> None:
         if shard is not None and shard.strip().lower() == "auto":
             found = parse_shard(shard)  # the SLURM array task's shard, or None outside one
             shard = None if found is None else f"{found[0]}/{found[1]}"
-        given = given_options(ctx)
+        given = options.given_options(ctx)
         ray_engine = None
         if engine != "local" or address is not None:
             from brainseg.inference.ray_engine import RayEngine, check_engine
@@ -211,7 +197,7 @@ def register(app: typer.Typer) -> None:
         volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
         vol.refuse_options(given, volumes=volumes)
         # the options named as PredictOptions' fields pass as they are; these differ:
-        opts = options_from(
+        opts = options.options_from(
             PredictOptions,
             ctx.params,
             models=[model, *ensemble],
@@ -241,7 +227,7 @@ def _merge_first(ctx: typer.Context, param: Any, value: Path | None) -> Path | N
 def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
     """``--merge OUT``: combine the shard summaries, print the table (or one JSON object);
     0 when every shard is there and no row failed, 1 otherwise."""
-    other = sorted(k for k in given_options(ctx) if k not in ("merge", "json_out"))
+    other = sorted(k for k in options.given_options(ctx) if k not in ("merge", "json_out"))
     if other or ctx.params.get("inputs"):
         flags = {p.name: p.opts[0] for p in ctx.command.params}  # --output, not -o
         names = ", ".join("MODEL/INPUT" if k in ("model", "inputs") else flags[k] for k in other)

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console
-from brainseg.cli.options import fold_option, options_from, subset_option
+from brainseg.cli.options import FOLD, SUBSET, options_from
 
 _HELP = (
     "Score predicted masks in --pred against the true masks in --gt, without a model (as "
@@ -52,8 +52,8 @@ def register(app: typer.Typer) -> None:
             help="Split YAML from `brainseg split`: score only its --subset (of --fold), as "
             "eval picks patients.",
         ),
-        subset: str | None = subset_option(),
-        fold: int | None = fold_option(),
+        subset: str | None = SUBSET,
+        fold: int | None = FOLD,
         only_predicted: bool = typer.Option(
             False,
             "--only-predicted",
