@@ -102,10 +102,8 @@ def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn errors into one line and a documented exit code.
 
-    SIGTERM (``kill``, a scheduler's time limit) is Ctrl-C for every command: a
-    KeyboardInterrupt in the main thread, so each command stops the way it does on Ctrl-C
-    (train saves its position, predict writes its summary, temporaries are removed), prints
-    ``error: interrupted`` and exits 130.
+    SIGTERM (a scheduler's time limit) is Ctrl-C, so each command stops the way it does on
+    Ctrl-C (train saves its position, predict writes its summary) and exits 130.
     """
     old = None
     if threading.current_thread() is threading.main_thread():

@@ -1,17 +1,12 @@
 """The house style every subcommand shares, as one Click command class (Typer's public ``cls``).
 
-* usage lines in the POSIX / docopt style of our docs: ``brainseg predict [OPTIONS] MODEL
-  INPUT...``, optional arguments in brackets (Typer writes required ones in braces,
-  ``{MODEL} {INPUT}...``, which reads like a set of choices);
-* ``-q`` / ``--quiet`` after the subcommand too (``brainseg CMD -q`` = ``brainseg -q CMD``);
-* flags (``--help`` too) show no ``<bool>`` placeholder in the help (a flag takes no value);
-  the groups (``brainseg``, ``download``, ``cache``) are made with ``cls=Group`` for that;
-* Ctrl-C (and SIGTERM, see :func:`brainseg.cli.app.main`) inside a command prints
-  ``error: interrupted`` and exits 130 (Click would end it with a bare ``Aborted!``).
+* POSIX usage lines (``brainseg predict [OPTIONS] MODEL INPUT...``; Typer writes required
+  arguments in braces, which reads like a set of choices);
+* ``-q`` / ``--quiet`` after the subcommand too;
+* flags (``--help`` too) show no ``<bool>`` placeholder (groups get that from ``cls=Group``);
+* Ctrl-C inside a command prints ``error: interrupted`` and exits 130, not Click's ``Aborted!``.
 
-Only public APIs: Typer's ``cls=`` and the ``collect_usage_pieces`` / ``get_help_option`` /
-``invoke`` methods of its Click classes, parameter attributes, ``typer.main.get_command``.
-Imports typer and brainseg's console and errors only.
+Only public APIs of Typer and its Click classes.
 """
 
 from __future__ import annotations
@@ -41,8 +36,8 @@ def _set_quiet(ctx: Any, param: Any, value: bool) -> None:
 
 @functools.cache
 def _quiet_option() -> Any:
-    """``--quiet / -q`` as Typer builds it (so its help renders like every other option),
-    handled while parsing: the command body never sees it."""
+    """``--quiet / -q`` as Typer builds it (its help renders like every other option), handled
+    while parsing: the command body never sees it."""
     probe = typer.Typer()
 
     @probe.command()

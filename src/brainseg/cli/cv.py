@@ -1,10 +1,5 @@
 """`brainseg cv`: parse options, call :func:`brainseg.train.cv.run_cv` / ``write_cv``, render
-tables.
-
-Its training options are `brainseg train`'s (made from TrainConfig's fields), less the
-settings cv chooses for each fold. Only typer, the standard library and light brainseg modules
-at import time: numpy and torch are imported when the command runs.
-"""
+tables. Its training options are `brainseg train`'s, less the settings cv chooses per fold."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
-from brainseg.cli.train import render, training_options
+from brainseg.cli.train import DATA_ARGUMENT, render, training_options
 from brainseg.config import fields_with
 
 HELP = (
@@ -35,21 +30,15 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _signature() -> inspect.Signature:
-    """cv's own arguments and options around every training option of `brainseg train` but
-    the settings cv chooses for each fold (TrainConfig fields with the ``per_fold`` role)."""
+    """cv's own arguments and options around `brainseg train`'s but the ``per_fold`` ones."""
 
     def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
         return inspect.Parameter(name, _KW, default=default, annotation=annotation)
 
-    data = typer.Argument(
-        None,
-        help="Dataset folder (kaggle_3m layout); not needed with --resume.",
-        show_default=False,
-    )
     return inspect.Signature(
         [
             inspect.Parameter(
-                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=data,
+                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DATA_ARGUMENT,
                 annotation=Path | None,
             ),
             opt("folds", int | None, typer.Option(

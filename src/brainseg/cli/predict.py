@@ -1,10 +1,6 @@
 """`brainseg predict`: tumor masks for image files, folders, globs or paths on stdin, and
-for NIfTI / DICOM volume cases (dispatched to :mod:`brainseg.cli.predict_volumes`).
-
-Only typer, the standard library and light brainseg modules at import time: numpy,
-onnxruntime and (for .safetensors models) torch are imported when the command runs;
-nibabel / SimpleITK only when a volume is read.
-"""
+for NIfTI / DICOM volume cases (:mod:`brainseg.cli.predict_volumes`). Light imports only: the
+runtimes load when the command runs."""
 
 from __future__ import annotations
 
@@ -225,8 +221,8 @@ def _merge_first(ctx: typer.Context, param: Any, value: Path | None) -> Path | N
 
 
 def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
-    """``--merge OUT``: combine the shard summaries, print the table (or one JSON object);
-    0 when every shard is there and no row failed, 1 otherwise."""
+    """``--merge OUT``: combine the shard summaries and print them; exit 0 when every shard is
+    there and no row failed, 1 otherwise."""
     other = sorted(k for k in options.given_options(ctx) if k not in ("merge", "json_out"))
     if other or ctx.params.get("inputs"):
         flags = {p.name: p.opts[0] for p in ctx.command.params}  # --output, not -o
@@ -278,8 +274,7 @@ def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
 
 
 def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
-    """Call :func:`brainseg.inference.batch.predict_inputs` (or ``engine``'s, e.g. the Ray
-    engine) and render its result; the exit code."""
+    """Run ``predict_inputs`` (or the Ray ``engine``'s) and render it; the exit code."""
     from brainseg.cli.base import json_emitter
     from brainseg.inference.batch import FileResult, predict_inputs
 
@@ -298,8 +293,7 @@ def _warn_skipped(files: Sequence[Path], why: str) -> None:
 
 
 def render_result(result: PredictResult, shard: str | None = None) -> int:
-    """The result table of one run (con.result) and its notes; the exit code (0 all done,
-    1 some files failed)."""
+    """The result table of one run and its notes; the exit code (1: some files failed)."""
     c = result.counts
     done = result.done
     if done == 0:

@@ -1,11 +1,5 @@
 """The volume half of ``brainseg predict``: NIfTI / DICOM cases (see docs/volumes.md).
-
-``brainseg predict`` dispatches here when ``--channels`` is given or its inputs are NIfTI
-files or folders of NIfTI files / DICOM series (:func:`wants_volumes`), refuses the options
-of the other path (:func:`refuse_options`) and renders the run (:func:`run_volume_predict`).
-Only the standard library and typer at import time: nibabel / SimpleITK / numpy load when a
-volume run starts.
-"""
+Light imports only: nibabel / SimpleITK / numpy load when a volume run starts."""
 
 from __future__ import annotations
 
@@ -97,8 +91,8 @@ def wants_volumes(inputs: list[str], channels: str | None) -> bool:
 
 
 def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
-    """BrainsegError (exit 2) for an option given on the command line (name -> value) that
-    the chosen path (volume cases or image slices) does not use, instead of ignoring it."""
+    """BrainsegError (exit 2) for a given option that the chosen path (volume cases or image
+    slices) does not use, instead of ignoring it."""
     from brainseg.cli.options import refuse_unused
 
     fmt = given.get("fmt")
@@ -122,8 +116,8 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
 
 
 def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
-    """Call :func:`brainseg.inference.volume_predict.predict_volumes` (or ``engine``'s, e.g. the Ray
-    engine: a case per task) and render it; the exit code."""
+    """Run ``predict_volumes`` (or the Ray ``engine``'s: a case per task) and render it; the
+    exit code."""
     from brainseg.cli.base import json_emitter
     from brainseg.inference.volume_predict import CaseResult, predict_volumes
 

@@ -21,12 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainseg.choices import (
-    DEFAULT_DECODER_CHANNELS,
-    ENCODERS,
-    NORMALIZATIONS,
-    UPSAMPLE_MODES,
-)
+from brainseg.choices import DEFAULT_DECODER_CHANNELS, ENCODERS, NORMALIZATIONS, UPSAMPLE_MODES
 from brainseg.errors import BrainsegError, first_line
 from brainseg.model.modelfile import sniff_model_file
 from brainseg.settings import SIZE_MULTIPLE, decoder_channels_error
