@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.cli.options import json_option
 from brainseg.cli.train import DATA_ARGUMENT, render, training_options
 from brainseg.config import fields_with
 
@@ -82,7 +83,7 @@ def _signature() -> inspect.Signature:
                 help="Train only fold K into the cv folder (folds as independent jobs); "
                 "brainseg cv --resume DIR then collects once every fold is done.",
             )),
-            opt("json_out", bool, typer.Option(False, "--json", help="Print the summary as JSON.")),
+            opt("json_out", bool, json_option("Print the summary as JSON.")),
         ],
         return_annotation=None,
     )  # fmt: skip
@@ -98,8 +99,6 @@ def run(set_: list[str], json_out: bool, logger: list[str] | None, **options: An
     opts = CVOptions(**{k: given.pop(k) for k in own}, show_fold=render)
     if given.get("quiet"):
         con.configure(quiet=True)
-    if json_out:
-        con.configure(json_mode=True)
     given["loggers"] = list(logger) if logger else None
     opts.overrides = {**parse_set(set_), **{k: v for k, v in given.items() if v is not None}}
     fold = opts.fold

@@ -90,11 +90,8 @@ Show = Callable[[str, Any], None]
 def run_demo(
     run_dir: Path, opts: DemoOptions | None = None, show: Show | None = None
 ) -> DemoResult:
-    """Run every stage into ``run_dir`` (which must be new or empty).
-
-    The dataset cache goes to ``run_dir/cache`` rather than the user's cache folder (each
-    stage gets it as an argument), so deleting the run folder removes every trace of the demo.
-    """
+    """Run every stage into ``run_dir`` (new or empty); the dataset cache goes there too, so
+    deleting the run folder removes every trace of the demo."""
     opts = opts or DemoOptions()
     show = show or (lambda stage, result: None)
     res = DemoResult(run_dir=run_dir)
@@ -208,7 +205,6 @@ def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) ->
 
 def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
     """The validation patients' images without their masks: a folder of 'new' scans."""
-
     for pid in patients:
         for f in sorted((data / pid).iterdir()):
             if is_image_path(f) and not is_mask_name(f):
@@ -230,10 +226,8 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def mask_folder_dice(pred_dir: Path, data: Path, patients: list[str]) -> float:
-    """Mean per-patient Dice of the masks ``brainseg predict`` wrote against the ground truth.
-
-    Each patient's slices are stacked into one volume (the metric of Buda et al.).
-    """
+    """Mean per-patient Dice (slices stacked into one volume, as Buda et al.) of the masks
+    ``brainseg predict`` wrote against the ground truth."""
     scores = []
     for pid in patients:
         gts = sorted((data / pid).glob("*_mask.tif"))

@@ -28,23 +28,9 @@ _HELP = (
     "Example: brainseg eval runs/train/exp/best.safetensors data/kaggle_3m --split splits.yaml"
 )
 #: Options of ``brainseg eval`` that only the slice (kaggle_3m) path uses.
-SLICE_ONLY = {
-    "split": "--split",
-    "subset": "--subset",
-    "fold": "--fold",
-    "skip_bad": "--skip-bad",
-    "tune": "--tune",
-    "tune_output": "--tune-output",
-    "force": "--force",
-}
+SLICE_ONLY = ("split", "subset", "fold", "skip_bad", "tune", "tune_output", "force")
 #: Options that only volume cases use.
-VOLUME_ONLY = {
-    "gt": "--gt",
-    "min_volume": "--min-volume",
-    "tolerance": "--tolerance",
-    "fmt": "--format",
-    "seg_series": "--seg-series",
-}
+VOLUME_ONLY = ("gt", "min_volume", "tolerance", "fmt", "seg_series")
 
 
 def register(app: typer.Typer) -> None:
@@ -85,8 +71,8 @@ def register(app: typer.Typer) -> None:
         exist_ok: bool = typer.Option(
             False, "--exist-ok", help="Reuse project/name instead of numbering a new folder."
         ),
-        json_out: bool = typer.Option(
-            False, "--json", help="Print summary.json on stdout and nothing else there."
+        json_out: bool = options.json_option(
+            "Print summary.json on stdout and nothing else there."
         ),
         tune: bool = typer.Option(
             False,
@@ -126,19 +112,16 @@ def register(app: typer.Typer) -> None:
         ),
         seg_series: str = options.SEG_SERIES,
     ) -> None:
-        if json_out:
-            console.configure(json_mode=True)
         from brainseg.optional import require
 
         require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
-        given = options.given_options(ctx)
         if _is_volume_eval(paths, channels):
             why = "for kaggle_3m slices only; DATA holds volume cases"
-            options.refuse_unused(given, SLICE_ONLY, why, hint="see brainseg eval --help")
-            _eval_volumes(given, paths, json_out)
+            options.refuse_unused(ctx, SLICE_ONLY, why, hint="see brainseg eval --help")
+            _eval_volumes(options.given_options(ctx), paths, json_out)
             return
         why = "for volume cases only (NIfTI / DICOM); DATA holds slices"
-        options.refuse_unused(given, VOLUME_ONLY, why, hint="see brainseg eval --help")
+        options.refuse_unused(ctx, VOLUME_ONLY, why, hint="see brainseg eval --help")
         from brainseg.evaluation import dataset as ev
 
         opts = options.options_from(ev.EvalOptions, ctx.params)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from brainseg import console as con
 from brainseg.errors import BrainsegError
 
 T = TypeVar("T")
@@ -32,13 +33,25 @@ def given_options(ctx: Any) -> dict[str, Any]:
     }
 
 
-def refuse_unused(given: dict[str, Any], options: dict[str, str], why: str, hint: str) -> None:
-    """BrainsegError (exit 2) naming the options of ``options`` (parameter name -> flag) that
-    were given on the command line: the path this run takes does not use them, and an
-    ignored option would be a silent surprise."""
-    flags = [flag for name, flag in options.items() if name in given]
+def refuse_unused(ctx: Any, names: tuple[str, ...], why: str, hint: str) -> None:
+    """BrainsegError (exit 2) naming the options ``names`` (parameter names) given on the
+    command line: this run does not use them, and an ignored option would be a surprise."""
+    given = given_options(ctx)
+    params = {p.name: p for p in ctx.command.params}
+    flags = ["/".join([*params[n].opts, *params[n].secondary_opts]) for n in names if n in given]
     if flags:
         raise BrainsegError(f"{', '.join(flags)}: {why}", hint=hint)
+
+
+def _json_mode(value: bool) -> bool:
+    if value:
+        con.configure(json_mode=True)
+    return value
+
+
+def json_option(help: str) -> Any:
+    """``--json``: stdout holds only JSON, so from parsing on the tables go to stderr."""
+    return typer.Option(False, "--json", help=help, callback=_json_mode)
 
 
 #: ``--subset`` as eval and score declare it (the patients of a split to score).

@@ -90,8 +90,8 @@ def register(app: typer.Typer) -> None:
         summary: str = typer.Option(
             "csv", "--summary", help="Summary file format: csv or jsonl (OUT/summary.<ext>)."
         ),
-        json_out: bool = typer.Option(
-            False, "--json", help="One JSON line per file on stdout (nothing else there)."
+        json_out: bool = options.json_option(
+            "One JSON line per file on stdout (nothing else there)."
         ),
         threshold: float | None = options.THRESHOLD,
         min_size: int | None = options.MIN_SIZE,
@@ -169,8 +169,6 @@ def register(app: typer.Typer) -> None:
             "(brainseg predict --merge OUT, no MODEL or INPUT).",
         ),
     ) -> None:
-        if json_out:
-            con.configure(json_mode=True)
         if merge is not None:
             raise typer.Exit(run_merge(merge, ctx, json_out=json_out))
         if shard is not None and shard.strip().lower() == "auto":
@@ -183,7 +181,6 @@ def register(app: typer.Typer) -> None:
 
             if check_engine(engine, address) == "ray":  # --workers: predictor actors
                 ray_engine = RayEngine(address, workers if "workers" in given else None)
-                given.pop("workers", None)
 
         from brainseg.inference.batch import read_stdin_lines
         from brainseg.inference.pipeline import PredictOptions
@@ -191,7 +188,7 @@ def register(app: typer.Typer) -> None:
         # stdin as bytes: a file name that is not UTF-8 is still the file it names
         peek = vol.StdinPeek(read_stdin_lines()) if "-" in inputs else None
         volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
-        vol.refuse_options(given, volumes=volumes)
+        vol.refuse_options(ctx, volumes=volumes)
         # the options named as PredictOptions' fields pass as they are; these differ:
         opts = options.options_from(
             PredictOptions,

@@ -7,23 +7,15 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from brainseg import console as con
+from brainseg.cli.options import given_options, refuse_unused
 from brainseg.errors import BrainsegError
 
-#: Options of ``brainseg predict`` that only image slices use: parameter name -> flag.
-SLICE_ONLY = {
-    "fmt": "--format",
-    "overlay": "--overlay",
-    "overlay_rgb": "--overlay-rgb",
-    "include_masks": "--include-masks",
-}
+#: Options of ``brainseg predict`` that only image slices use.
+SLICE_ONLY = ("fmt", "overlay", "overlay_rgb", "include_masks")
 #: ``--format`` values of the volume path (NIfTI masks, DICOM SEG); tif / png are the slices'.
 VOLUME_FORMATS = ("nifti", "dicom-seg")
 #: Options of ``brainseg predict`` that only volume cases use.
-VOLUME_ONLY = {
-    "largest": "--largest/--no-largest",
-    "min_volume": "--min-volume",
-    "seg_series": "--seg-series",
-}
+VOLUME_ONLY = ("largest", "min_volume", "seg_series")
 
 
 class StdinPeek:
@@ -90,19 +82,15 @@ def wants_volumes(inputs: list[str], channels: str | None) -> bool:
     return any(item != "-" and looks_like_volume_input(item) for item in inputs)
 
 
-def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
+def refuse_options(ctx: Any, *, volumes: bool) -> None:
     """BrainsegError (exit 2) for a given option that the chosen path (volume cases or image
     slices) does not use, instead of ignoring it."""
-    from brainseg.cli.options import refuse_unused
-
-    fmt = given.get("fmt")
+    fmt = given_options(ctx).get("fmt")
     if volumes:
-        slice_only = {
-            k: v for k, v in SLICE_ONLY.items() if k != "fmt" or fmt not in VOLUME_FORMATS
-        }
+        slice_only = tuple(n for n in SLICE_ONLY if n != "fmt" or fmt not in VOLUME_FORMATS)
         why = "for image slices only; these inputs are volume cases (NIfTI / DICOM)"
         hint = "drop the option (volumes write OUT/<case>_mask.nii.gz; see docs/volumes.md)"
-        refuse_unused(given, slice_only, why, hint)
+        refuse_unused(ctx, slice_only, why, hint)
         return
     if fmt in VOLUME_FORMATS:
         raise BrainsegError(
@@ -112,7 +100,7 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
         )
     why = "for volume cases only (NIfTI / DICOM); these inputs are image slices"
     hint = "pass .nii/.nii.gz files, case folders or --channels for the volume path"
-    refuse_unused(given, VOLUME_ONLY, why, hint)
+    refuse_unused(ctx, VOLUME_ONLY, why, hint)
 
 
 def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
