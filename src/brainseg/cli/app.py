@@ -81,8 +81,7 @@ use_house_style(app)  # POSIX usage lines, -q after any subcommand, flags withou
 def _usage_error(exc: Exception) -> None:
     """Click's usage errors (unknown option, missing argument, bad value) in the house style:
     one ``error:`` line and a ``hint:``, exit 2. "No arguments" still prints the help."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "NoArgsIsHelpError" in names:
+    if any(c.__name__ == "NoArgsIsHelpError" for c in type(exc).__mro__):
         exc.show()  # type: ignore[attr-defined]
         sys.exit(EXIT_USAGE)
     text = exc.format_message() if hasattr(exc, "format_message") else str(exc)

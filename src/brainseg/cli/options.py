@@ -54,17 +54,16 @@ def json_option(help: str) -> Any:
     return typer.Option(False, "--json", help=help, callback=_json_mode)
 
 
-#: ``--subset`` as eval and score declare it (the patients of a split to score).
+# The options that several commands (eval and score; predict and eval) take, among them the
+# inference settings: one declaration each, so the commands cannot drift apart.
 SUBSET = typer.Option(
     None,
     "--subset",
     help="Which patients of the split: val, test, train or all \\[default: val].",
 )
 
-#: ``--fold`` as eval and score declare it (a cross-validation fold of the split).
 FOLD = typer.Option(None, "--fold", help="Cross-validation fold K of the split (0-based).")
 
-#: ``--seg-series`` as predict and eval declare it (the series a DICOM SEG refers to).
 SEG_SERIES = typer.Option(
     "flair",
     "--seg-series",
@@ -73,7 +72,6 @@ SEG_SERIES = typer.Option(
     "(its instances, frame of reference and geometry).",
 )
 
-#: ``--runtime`` as predict and eval declare it (what runs the model).
 RUNTIME = typer.Option(
     None,
     "--runtime",
@@ -83,7 +81,6 @@ RUNTIME = typer.Option(
     "\\[default: $BRAINSEG_RUNTIME, else auto].",
 )
 
-#: ``--precision`` as predict and eval declare it (OpenVINO's inference precision).
 PRECISION = typer.Option(
     None,
     "--precision",
@@ -93,13 +90,9 @@ PRECISION = typer.Option(
     "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
 )
 
-#: ``--threads`` as predict and eval declare it.
 THREADS = typer.Option(
     0, "--threads", min=0, help="Inference threads (0: the runtime's default, every core)."
 )
-
-# The inference settings (brainseg.settings.InferenceSettings) as predict and eval declare
-# them: one declaration each, so the two commands cannot drift apart.
 
 THRESHOLD = typer.Option(
     None,

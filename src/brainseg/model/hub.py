@@ -58,8 +58,7 @@ def is_hub_ref(path: str | os.PathLike[str]) -> bool:
 
 def parse_ref(path: str | os.PathLike[str]) -> HubRef:
     """``hf://OWNER/NAME[@REVISION][/FILE]`` (``hf://models/...`` too) -> :class:`HubRef`."""
-    raw = os.fspath(path)
-    body = raw[3:].lstrip("/")
+    body = os.fspath(path)[3:].lstrip("/")
     shown = SCHEME + body
 
     def bad(what: str) -> BrainsegError:
@@ -70,8 +69,7 @@ def parse_ref(path: str | os.PathLike[str]) -> HubRef:
 
     if body.startswith(("datasets/", "spaces/", "buckets/", "kernels/")):
         raise bad("not a model repository")
-    if body.startswith("models/"):
-        body = body[len("models/") :]
+    body = body.removeprefix("models/")
     owner, _, rest = body.partition("/")
     revision: str | None = None
     if "@" in rest.split("/")[0]:
