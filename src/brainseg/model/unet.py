@@ -57,11 +57,6 @@ def imagenet_weights_path(encoder: str = "vgg16") -> Path:
     return hub_checkpoint_dir() / os.path.basename(vgg16_weights_url(encoder))
 
 
-def download_command(encoder: str = "vgg16") -> str:
-    """The exact command that puts the ImageNet weights of ``encoder`` into the cache."""
-    return "brainseg download vgg16 --bn" if encoder == "vgg16_bn" else "brainseg download vgg16"
-
-
 def nearest_valid_sizes(size: int) -> tuple[int, int]:
     """The multiples of 32 just below and above ``size`` (the lower one at least 32)."""
     low = max(SIZE_MULTIPLE, (size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
@@ -411,11 +406,12 @@ def resolve_encoder_weights(
         return None
     if isinstance(weights, str) and weights.lower() == "imagenet":
         path = imagenet_weights_path(encoder)
+        command = "brainseg download vgg16" + (" --bn" if encoder == "vgg16_bn" else "")
         if not path.is_file():
             raise BrainsegError(
                 f"ImageNet {encoder} weights not found at {path} (they are never downloaded "
                 "during training)",
-                hint=f"run `{download_command(encoder)}` once (needs internet), or pass "
+                hint=f"run `{command}` once (needs internet), or pass "
                 "--encoder-weights none / a weights file",
             )
         return load_vgg_features(path, encoder)

@@ -24,8 +24,6 @@ from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path
 from brainseg.model.unet import imagenet_weights_path, load_vgg_features, vgg16_weights_url
 
-_HEX = re.compile(r"^[0-9a-f]+$")
-
 
 def install_vgg16(opts: DownloadOptions) -> DownloadResult:
     """The ``brainseg download vgg16`` job: install the weights ``opts`` name, say where."""
@@ -44,7 +42,7 @@ def install_vgg16(opts: DownloadOptions) -> DownloadResult:
 def expected_hash_prefix(file_name: str) -> str:
     """The sha256 prefix torch.hub encodes in names like ``vgg16-397923af.pth``."""
     stem = file_name.rsplit("-", 1)[-1].split(".", 1)[0] if "-" in file_name else ""
-    if len(stem) < 8 or not _HEX.match(stem):
+    if len(stem) < 8 or not re.fullmatch("[0-9a-f]+", stem):
         raise BrainsegRuntimeError(f"{file_name} has no sha256 prefix after its last '-'")
     return stem
 
