@@ -189,15 +189,7 @@ def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
 
 
 #: The headline's rows, in the order :func:`_row` gives them.
-_ROWS = (
-    "per-patient mean",
-    "95% CI",
-    "median",
-    "std",
-    "min",
-    "slice Dice (tumour)",
-    "global Dice",
-)
+_ROWS = ("per-patient mean", "95% CI", "median", "std", "min", "slice Dice (tumour)", "global Dice")
 
 
 def _row(b: dict[str, Any]) -> list[Any]:

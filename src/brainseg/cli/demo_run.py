@@ -97,15 +97,15 @@ def run_demo(
     res = DemoResult(run_dir=run_dir)
     cache = run_dir / "cache"
 
-    def stage(i: int, title: str, fn: Callable[[], T]) -> T:
-        con.info(f"[{i}/{len(STAGES)}] {title}")
+    def stage(title: str, fn: Callable[[], T]) -> T:
+        i = len(res.seconds)
+        con.info(f"[{i + 1}/{len(STAGES)}] {title}")
         t0 = time.perf_counter()
         out = fn()
-        res.seconds[STAGES[i - 1]] = time.perf_counter() - t0
+        res.seconds[STAGES[i]] = time.perf_counter() - t0
         return out
 
     data = stage(
-        1,
         f"phantom dataset: {opts.patients} patients, {opts.size}x{opts.size}",
         lambda: write_synthetic(
             run_dir / "data", patients=opts.patients, seed=opts.seed, size=opts.size
@@ -114,10 +114,9 @@ def run_demo(
     res.paths["data"] = data
     split_path = run_dir / "splits.yaml"
     split_opts = SplitOptions(data, split_path, seed=opts.seed, cache_dir=cache)
-    show("split", stage(2, "patient-level 80/20 split", lambda: make_split_file(split_opts)))
+    show("split", stage("patient-level 80/20 split", lambda: make_split_file(split_opts)))
     res.paths["split"] = split_path
     trained = stage(
-        3,
         f"train {opts.epochs} epochs (small decoder, random encoder)",
         lambda: _train(data, split_path, run_dir, cache, opts),
     )
@@ -127,7 +126,6 @@ def run_demo(
     res.paths["checkpoint"] = best
     eval_dir = run_dir / "eval"
     evaluated = stage(
-        4,
         "evaluate on the validation patients",
         lambda: _eval(best, data, split_path, eval_dir, opts),
     )
@@ -142,14 +140,12 @@ def run_demo(
     res.paths["scans"] = scans
     pred_torch = run_dir / "predict"
     stage(
-        5,
         "predict the validation scans with the checkpoint (PyTorch)",
         lambda: _predict(best, scans, pred_torch, opts),
     )
     res.paths["predict"] = pred_torch
     onnx_path = run_dir / "model.onnx"
     exported = stage(
-        6,
         "export to ONNX and verify against PyTorch",
         lambda: export_onnx(best, onnx_path, verify_data=data, cache_dir=cache),
     )
@@ -157,7 +153,6 @@ def run_demo(
     res.paths["onnx"] = onnx_path
     pred_onnx = run_dir / "predict-onnx"
     stage(
-        7,
         "predict the same scans with the ONNX model (onnxruntime)",
         lambda: _predict(onnx_path, scans, pred_onnx, opts),
     )
