@@ -11,6 +11,7 @@ Only public APIs of Typer and its Click classes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -113,11 +114,8 @@ EXIT_BROKEN_PIPE = 141
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so Python's exit-time flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def json_emitter(to_row: Callable[[Any], Any], unit: str) -> Callable[[Any], None]:
