@@ -1,7 +1,4 @@
-"""`brainseg cache list | clear`: the dataset caches (like `pip cache`).
-
-Only typer and the standard library at module level; numpy comes with the library call.
-"""
+"""`brainseg cache list | clear`: the dataset caches (like `pip cache`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """The whole brainseg pipeline on phantoms, offline, in one run folder (``brainseg demo``).
 
 Each stage calls the same functions as its subcommand, so the demo proves the commands a
-user will type next: synthetic data -> split -> train -> eval -> predict a folder of scans
--> export ONNX -> predict the same scans with onnxruntime -> per-patient Dice of both.
+user will type next.
 """
 
 from __future__ import annotations

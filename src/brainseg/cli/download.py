@@ -1,8 +1,4 @@
-"""`brainseg download lgg | vgg16 | synthetic`: get the data and weights a run needs.
-
-Only typer and the standard library at module level: the library (and torch for vgg16) is
-imported when a subcommand runs.
-"""
+"""`brainseg download lgg | vgg16 | synthetic`: get the data and weights a run needs."""
 
 from __future__ import annotations
 

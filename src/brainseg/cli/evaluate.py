@@ -1,8 +1,4 @@
-"""`brainseg eval`: metrics of one model or an ensemble on a dataset or a split's subset.
-
-Only typer, the standard library and light brainseg modules at import time: numpy, scipy,
-torch and onnxruntime are imported when the command runs.
-"""
+"""`brainseg eval`: metrics of one model or an ensemble on a dataset or a split's subset."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""`brainseg export`: a checkpoint or a cv ensemble to ONNX (fp32, fp16 or int8), verified.
-
-Only typer, the standard library and light brainseg modules at import time: torch, onnx and
-onnxruntime are imported when the command runs.
-"""
+"""`brainseg export`: a checkpoint or a cv ensemble to ONNX (fp32, fp16 or int8), verified."""
 
 from __future__ import annotations
 

@@ -66,9 +66,6 @@ _PROTECTED = ("format_version", "architecture")
 _HINT_CKPT = "pass a .safetensors checkpoint written by brainseg (runs/train/exp/best.safetensors)"
 
 
-# --------------------------------------------------------------------------- header (no torch)
-
-
 def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """The safetensors metadata and tensor shapes of ``path``: ``safe_open`` checks the whole
     header without reading tensor data; this turns its errors into messages naming the file."""
@@ -217,9 +214,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _brainseg_meta(path, _open_header(path)[0])
 
 
-# --------------------------------------------------------------------------- metadata helpers
-
-
 def _dump(meta: Mapping[str, Any]) -> str:
     try:
         return json.dumps(json_safe(meta), sort_keys=True)
@@ -240,9 +234,6 @@ def _unwrap(model: nn.Module) -> UNetVGG16:
             break
         model = inner
     raise TypeError(f"save_checkpoint needs a brainseg UNetVGG16, got {type(model).__name__}")
-
-
-# --------------------------------------------------------------------------- save / load
 
 
 def save_checkpoint(
@@ -361,9 +352,6 @@ def load_checkpoint(
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, meta
-
-
-# --------------------------------------------------------------------------- copy
 
 
 def copy_with_metadata(

@@ -206,32 +206,25 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
     """huggingface_hub's exception -> one line naming the reference (exit 2 for a bad name, 1 for
     the network or the server)."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import utils as hf
 
     endpoint = getattr(constants, "ENDPOINT", "the Hub")
-    if isinstance(exc, GatedRepoError):
+    if isinstance(exc, hf.GatedRepoError):
         return BrainsegError(
             f"{ref}: repository {ref.repo_id} is gated on {endpoint}",
             hint="accept its conditions on the Hub, then log in (hf auth login) or set HF_TOKEN",
         )
-    if isinstance(exc, RepositoryNotFoundError):
+    if isinstance(exc, hf.RepositoryNotFoundError):
         return BrainsegError(
             f"{ref}: repository {ref.repo_id} not found on {endpoint}",
             hint="check OWNER/NAME; a private repository needs hf auth login or HF_TOKEN",
         )
-    if isinstance(exc, RevisionNotFoundError):
+    if isinstance(exc, hf.RevisionNotFoundError):
         return BrainsegError(
             f"{ref}: revision {ref.revision} not found in {ref.repo_id}",
             hint="give a branch, tag or commit hash the repository has (default: main)",
         )
-    if isinstance(exc, LocalEntryNotFoundError):
+    if isinstance(exc, hf.LocalEntryNotFoundError):
         why = (
             "HF_HUB_OFFLINE is set"
             if getattr(constants, "HF_HUB_OFFLINE", False)
@@ -242,14 +235,14 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
             hint="download it once online (then HF_HUB_OFFLINE=1 works), or check the "
             "network / HF_ENDPOINT",
         )
-    if isinstance(exc, EntryNotFoundError):
+    if isinstance(exc, hf.EntryNotFoundError):
         at = f" at revision {ref.revision}" if ref.revision else ""
         return BrainsegError(
             f"{ref}: file {ref.filename} not found in {ref.repo_id}{at}",
             hint=f"see the repository's files; without FILE brainseg takes "
             f"{' or '.join(DEFAULT_FILES)}",
         )
-    if isinstance(exc, HfHubHTTPError):
+    if isinstance(exc, hf.HfHubHTTPError):
         return BrainsegRuntimeError(
             f"{ref}: the Hub answered {first_line(exc)}",
             hint="try again later, or check HF_ENDPOINT / HF_TOKEN",

@@ -276,9 +276,6 @@ class UNetVGG16(nn.Module):
         return self.decoder(skips, x)
 
 
-# --------------------------------------------------------------------------- encoder weights
-
-
 def _expected_features(encoder: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of torchvision's VGG16(-BN) state dict ``features.*`` (built on meta)."""
     with torch.device("meta"):
@@ -416,9 +413,6 @@ def resolve_encoder_weights(
             )
         return load_vgg_features(path, encoder)
     return load_vgg_features(Path(weights).expanduser(), encoder)
-
-
-# --------------------------------------------------------------------------- measurement
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
