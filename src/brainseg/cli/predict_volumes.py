@@ -37,10 +37,6 @@ class StdinPeek:
         self._head = []
         yield from self._rest
 
-    def paths(self) -> list[str]:
-        """Every non-empty line, as a path (volume cases are few)."""
-        return [line.rstrip("\r\n") for line in self if line.strip()]
-
 
 def probe_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
     """The inputs with ``-`` replaced by stdin's first path (dropped when stdin is empty)."""
@@ -63,7 +59,7 @@ def volume_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
         if item != "-" or peek is None:
             out.append(item)
             continue
-        listed = peek.paths()
+        listed = [line.rstrip("\r\n") for line in peek if line.strip()]  # cases are few
         labels = [p for p in listed if is_truth_name(p)]
         if labels:
             con.info(f"stdin: {len(labels)} label volume(s) skipped (first: {labels[0]})")
