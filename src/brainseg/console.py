@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +70,8 @@ def error(message: str, hint: str | None = None) -> None:
 
 
 def result(renderable: Any) -> None:
-    """A human-readable result (usually a table): stdout, or stderr in --json mode.
-
-    Shown even with --quiet: quiet hides progress and status lines, never the result.
-    """
+    """A human-readable result (usually a table): stdout, or stderr in --json mode; shown even
+    with --quiet (quiet hides progress and status lines, never the result)."""
     (err if state.json else out).print(renderable)
 
 
@@ -139,32 +135,23 @@ class Progress:
         self._start = time.perf_counter()
         self._bar: Any = None
         self._task: Any = None
-        if plain_every is None:
-            plain_every = max(1, (total or 100) // 10)
-        self._plain_every = plain_every
-        self._next_plain = plain_every
+        self._plain_every = max(1, (total or 100) // 10) if plain_every is None else plain_every
+        self._next_plain = self._plain_every
         self._last_plain = 0
 
     def __enter__(self) -> Progress:
         if interactive():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
+            from rich import progress as rp
 
-            self._bar = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[extra]}"),
+            self._bar = rp.Progress(
+                rp.TextColumn("[bold]{task.description}"),
+                rp.BarColumn(),
+                rp.MofNCompleteColumn(),
+                rp.TextColumn("{task.fields[rate]}"),
+                rp.TimeElapsedColumn(),
+                rp.TextColumn("eta"),
+                rp.TimeRemainingColumn(),
+                rp.TextColumn("{task.fields[extra]}"),
                 console=err,
                 transient=False,
             )
@@ -194,9 +181,7 @@ class Progress:
         self._last_plain = self.done
         r = self.rate()
         tot = f"/{self.total}" if self.total else ""
-        eta = ""
-        if self.total and r > 0:
-            eta = f" eta {max(0.0, (self.total - self.done) / r):.0f}s"
+        eta = f" eta {max(0.0, (self.total - self.done) / r):.0f}s" if self.total and r > 0 else ""
         err.print(
             f"{self.description}: {self.done}{tot} {self.unit} ({r:.1f} {self.unit}/s"
             f"{eta}) {self._extra()}".rstrip()
@@ -209,10 +194,5 @@ class Progress:
             self._plain_line()
 
 
-@contextmanager
-def progress(
-    total: int | None, description: str, unit: str = "it", plain_every: int | None = None
-) -> Iterator[Progress]:
-    """Context manager form of :class:`Progress`."""
-    with Progress(total, description, unit, plain_every) as p:
-        yield p
+#: ``with progress(total, description, unit) as bar:`` reads better at the call sites.
+progress = Progress

@@ -48,19 +48,14 @@ def write_ensemble(
     largest: bool,
     info: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the manifest atomically; ``model_paths`` are stored relative to its folder.
-
-    ``info`` adds documentation keys (how the models and the settings were chosen).
-    """
+    """Write the manifest atomically, ``model_paths`` relative to its folder; ``info`` adds
+    documentation keys (how the models and the settings were chosen)."""
     path = Path(path)
     folder = path.parent.resolve()
-    rel = []
-    for m in model_paths:
-        p = Path(m).resolve()
-        try:
-            rel.append(p.relative_to(folder).as_posix())
-        except ValueError:
-            rel.append(str(p))
+    resolved = [Path(m).resolve() for m in model_paths]
+    rel = [
+        p.relative_to(folder).as_posix() if p.is_relative_to(folder) else str(p) for p in resolved
+    ]
     doc: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -74,13 +69,8 @@ def write_ensemble(
 
 
 def load_ensemble(path: str | os.PathLike[str]) -> tuple[list[Path], dict[str, Any]]:
-    """``(model_paths, settings_metadata)`` of a manifest.
-
-    ``model_paths`` are absolute-or-manifest-relative paths made usable from the current
-    folder (every file is checked to exist); ``settings_metadata`` holds ``threshold``,
-    ``postprocess`` (``min_size``, ``largest_component``) and the manifest's other keys,
-    in the shape of a checkpoint's metadata.
-    """
+    """``(model_paths, settings)`` of a manifest: the model files (checked to exist) usable from
+    the current folder, and the other keys in the shape of a checkpoint's metadata."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -97,9 +87,7 @@ def load_ensemble(path: str | os.PathLike[str]) -> tuple[list[Path], dict[str, A
     _check_doc(doc, path)
     models = []
     for m in doc["models"]:
-        p = Path(m)
-        if not p.is_absolute():
-            p = path.parent / p
+        p = path.parent / m  # an absolute m stays as it is
         if not p.is_file():
             raise BrainsegError(
                 f"model {m} of ensemble {path} does not exist (looked for {p})",
@@ -114,12 +102,9 @@ def load_ensemble(path: str | os.PathLike[str]) -> tuple[list[Path], dict[str, A
 def expand_model_paths(
     paths: Sequence[str | os.PathLike[str]],
 ) -> tuple[list[Path], dict[str, Any] | None]:
-    """Replace every manifest in ``paths`` by its checkpoints (other paths stay as given).
-
-    Returns the model paths and the settings of the manifest (None when there is none).
-    Two manifests, or a manifest mixed with other models, would leave it unclear whose
-    post-processing applies, so they are refused.
-    """
+    """The model paths with a manifest replaced by its checkpoints, and its settings (None
+    without one). A manifest must be the only path: with others, whose post-processing applies
+    would be unclear."""
     manifests = [p for p in paths if is_manifest(p)]
     if not manifests:
         return [Path(p) for p in paths], None

@@ -81,8 +81,7 @@ use_house_style(app)  # POSIX usage lines, -q after any subcommand, flags withou
 def _usage_error(exc: Exception) -> None:
     """Click's usage errors (unknown option, missing argument, bad value) in the house style:
     one ``error:`` line and a ``hint:``, exit 2. "No arguments" still prints the help."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "NoArgsIsHelpError" in names:
+    if any(c.__name__ == "NoArgsIsHelpError" for c in type(exc).__mro__):
         exc.show()  # type: ignore[attr-defined]
         sys.exit(EXIT_USAGE)
     text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
@@ -102,10 +101,8 @@ def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn errors into one line and a documented exit code.
 
-    SIGTERM (``kill``, a scheduler's time limit) is Ctrl-C for every command: a
-    KeyboardInterrupt in the main thread, so each command stops the way it does on Ctrl-C
-    (train saves its position, predict writes its summary, temporaries are removed), prints
-    ``error: interrupted`` and exits 130.
+    SIGTERM (a scheduler's time limit) is Ctrl-C, so each command stops the way it does on
+    Ctrl-C (train saves its position, predict writes its summary) and exits 130.
     """
     old = None
     if threading.current_thread() is threading.main_thread():

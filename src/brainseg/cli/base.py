@@ -1,21 +1,17 @@
 """The house style every subcommand shares, as one Click command class (Typer's public ``cls``).
 
-* usage lines in the POSIX / docopt style of our docs: ``brainseg predict [OPTIONS] MODEL
-  INPUT...``, optional arguments in brackets (Typer writes required ones in braces,
-  ``{MODEL} {INPUT}...``, which reads like a set of choices);
-* ``-q`` / ``--quiet`` after the subcommand too (``brainseg CMD -q`` = ``brainseg -q CMD``);
-* flags (``--help`` too) show no ``<bool>`` placeholder in the help (a flag takes no value);
-  the groups (``brainseg``, ``download``, ``cache``) are made with ``cls=Group`` for that;
-* Ctrl-C (and SIGTERM, see :func:`brainseg.cli.app.main`) inside a command prints
-  ``error: interrupted`` and exits 130 (Click would end it with a bare ``Aborted!``).
+* POSIX usage lines (``brainseg predict [OPTIONS] MODEL INPUT...``; Typer writes required
+  arguments in braces, which reads like a set of choices);
+* ``-q`` / ``--quiet`` after the subcommand too;
+* flags (``--help`` too) show no ``<bool>`` placeholder (groups get that from ``cls=Group``);
+* Ctrl-C inside a command prints ``error: interrupted`` and exits 130, not Click's ``Aborted!``.
 
-Only public APIs: Typer's ``cls=`` and the ``collect_usage_pieces`` / ``get_help_option`` /
-``invoke`` methods of its Click classes, parameter attributes, ``typer.main.get_command``.
-Imports typer and brainseg's console and errors only.
+Only public APIs of Typer and its Click classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -41,8 +37,8 @@ def _set_quiet(ctx: Any, param: Any, value: bool) -> None:
 
 @functools.cache
 def _quiet_option() -> Any:
-    """``--quiet / -q`` as Typer builds it (so its help renders like every other option),
-    handled while parsing: the command body never sees it."""
+    """``--quiet / -q`` as Typer builds it (its help renders like every other option), handled
+    while parsing: the command body never sees it."""
     probe = typer.Typer()
 
     @probe.command()
@@ -118,11 +114,8 @@ EXIT_BROKEN_PIPE = 141
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so Python's exit-time flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def json_emitter(to_row: Callable[[Any], Any], unit: str) -> Callable[[Any], None]:

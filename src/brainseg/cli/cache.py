@@ -1,7 +1,4 @@
-"""`brainseg cache list | clear`: the dataset caches (like `pip cache`).
-
-Only typer and the standard library at module level; numpy comes with the library call.
-"""
+"""`brainseg cache list | clear`: the dataset caches (like `pip cache`)."""
 
 from __future__ import annotations
 
@@ -10,6 +7,7 @@ from pathlib import Path
 import typer
 
 from brainseg import console as con
+from brainseg.cli import options
 from brainseg.cli.base import Group
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import fmt_bytes
@@ -28,14 +26,12 @@ def register(app: typer.Typer) -> None:
 
     @grp.command("list")
     def list_(
-        json_out: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+        json_out: bool = options.json_option("Print the list as JSON on stdout."),
     ) -> None:
         """List the dataset caches: key, the folder each was built from, slices, image size,
         disk use. A cache is keyed by content: it serves identical data wherever it lies now."""
         from brainseg.data.cache import cache_root, list_caches
 
-        if json_out:
-            con.configure(json_mode=True)
         entries = list_caches()
         total = sum(e.bytes for e in entries)
         rows = [
@@ -71,13 +67,11 @@ def register(app: typer.Typer) -> None:
             None, help="Key (or its first 4+ hex digits, from `brainseg cache list`) to remove."
         ),
         all_: bool = typer.Option(False, "--all", help="Remove every dataset cache."),
-        json_out: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
+        json_out: bool = options.json_option("Print what was removed as JSON."),
     ) -> None:
         """Remove one dataset cache (KEY) or all of them (--all); they are rebuilt on demand."""
         from brainseg.data.cache import clear_cache, list_caches, remove_cache
 
-        if json_out:
-            con.configure(json_mode=True)
         if (key is None) == (not all_):
             raise BrainsegError(
                 "give a KEY or --all (not both)",

@@ -1,10 +1,5 @@
 """`brainseg cv`: parse options, call :func:`brainseg.train.cv.run_cv` / ``write_cv``, render
-tables.
-
-Its training options are `brainseg train`'s (made from TrainConfig's fields), less the
-settings cv chooses for each fold. Only typer, the standard library and light brainseg modules
-at import time: numpy and torch are imported when the command runs.
-"""
+tables. Its training options are `brainseg train`'s, less the settings cv chooses per fold."""
 
 from __future__ import annotations
 
@@ -16,7 +11,8 @@ from typing import Any
 import typer
 
 from brainseg import console as con
-from brainseg.cli.train import render, training_options
+from brainseg.cli.options import json_option
+from brainseg.cli.train import DATA_ARGUMENT, render, training_options
 from brainseg.config import fields_with
 
 HELP = (
@@ -35,21 +31,15 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _signature() -> inspect.Signature:
-    """cv's own arguments and options around every training option of `brainseg train` but
-    the settings cv chooses for each fold (TrainConfig fields with the ``per_fold`` role)."""
+    """cv's own arguments and options around `brainseg train`'s but the ``per_fold`` ones."""
 
     def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
         return inspect.Parameter(name, _KW, default=default, annotation=annotation)
 
-    data = typer.Argument(
-        None,
-        help="Dataset folder (kaggle_3m layout); not needed with --resume.",
-        show_default=False,
-    )
     return inspect.Signature(
         [
             inspect.Parameter(
-                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=data,
+                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DATA_ARGUMENT,
                 annotation=Path | None,
             ),
             opt("folds", int | None, typer.Option(
@@ -93,7 +83,7 @@ def _signature() -> inspect.Signature:
                 help="Train only fold K into the cv folder (folds as independent jobs); "
                 "brainseg cv --resume DIR then collects once every fold is done.",
             )),
-            opt("json_out", bool, typer.Option(False, "--json", help="Print the summary as JSON.")),
+            opt("json_out", bool, json_option("Print the summary as JSON.")),
         ],
         return_annotation=None,
     )  # fmt: skip
@@ -109,8 +99,6 @@ def run(set_: list[str], json_out: bool, logger: list[str] | None, **options: An
     opts = CVOptions(**{k: given.pop(k) for k in own}, show_fold=render)
     if given.get("quiet"):
         con.configure(quiet=True)
-    if json_out:
-        con.configure(json_mode=True)
     given["loggers"] = list(logger) if logger else None
     opts.overrides = {**parse_set(set_), **{k: v for k, v in given.items() if v is not None}}
     fold = opts.fold
@@ -201,15 +189,7 @@ def tables(summary: dict[str, Any], cv_dir: Path) -> list[Any]:
 
 
 #: The headline's rows, in the order :func:`_row` gives them.
-_ROWS = (
-    "per-patient mean",
-    "95% CI",
-    "median",
-    "std",
-    "min",
-    "slice Dice (tumour)",
-    "global Dice",
-)
+_ROWS = ("per-patient mean", "95% CI", "median", "std", "min", "slice Dice (tumour)", "global Dice")
 
 
 def _row(b: dict[str, Any]) -> list[Any]:

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console as con
+from brainseg.cli import options
 from brainseg.cli.train import render
 from brainseg.errors import BrainsegError
 
@@ -36,12 +37,8 @@ def register(app: typer.Typer) -> None:
             Path("runs/demo"), "--project", help="Parent folder of the run folders."
         ),
         name: str = typer.Option("exp", "--name", help="Run folder name (exp, exp2, ...)."),
-        json_out: bool = typer.Option(
-            False, "--json", help="Print demo.json (Dice, paths, seconds) on stdout."
-        ),
+        json_out: bool = options.json_option("Print demo.json (Dice, paths, seconds) on stdout."),
     ) -> None:
-        if json_out:
-            con.configure(json_mode=True)
         from brainseg.settings import SIZE_MULTIPLE
 
         if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
@@ -116,8 +113,8 @@ def _render(res: Any) -> None:
         ["output", "path"],
         [[what.get(k, k), str(p)] for k, p in res.paths.items()],
     )
-    table.columns[0].justify = "left"
-    table.columns[1].justify = "left"
+    for column in table.columns:
+        column.justify = "left"
     con.result(table)
     con.info(
         "next: brainseg predict "

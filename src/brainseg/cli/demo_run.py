@@ -1,8 +1,7 @@
 """The whole brainseg pipeline on phantoms, offline, in one run folder (``brainseg demo``).
 
 Each stage calls the same functions as its subcommand, so the demo proves the commands a
-user will type next: synthetic data -> split -> train -> eval -> predict a folder of scans
--> export ONNX -> predict the same scans with onnxruntime -> per-patient Dice of both.
+user will type next.
 """
 
 from __future__ import annotations
@@ -90,25 +89,22 @@ Show = Callable[[str, Any], None]
 def run_demo(
     run_dir: Path, opts: DemoOptions | None = None, show: Show | None = None
 ) -> DemoResult:
-    """Run every stage into ``run_dir`` (which must be new or empty).
-
-    The dataset cache goes to ``run_dir/cache`` rather than the user's cache folder (each
-    stage gets it as an argument), so deleting the run folder removes every trace of the demo.
-    """
+    """Run every stage into ``run_dir`` (new or empty); the dataset cache goes there too, so
+    deleting the run folder removes every trace of the demo."""
     opts = opts or DemoOptions()
     show = show or (lambda stage, result: None)
     res = DemoResult(run_dir=run_dir)
     cache = run_dir / "cache"
 
-    def stage(i: int, title: str, fn: Callable[[], T]) -> T:
-        con.info(f"[{i}/{len(STAGES)}] {title}")
+    def stage(title: str, fn: Callable[[], T]) -> T:
+        i = len(res.seconds)
+        con.info(f"[{i + 1}/{len(STAGES)}] {title}")
         t0 = time.perf_counter()
         out = fn()
-        res.seconds[STAGES[i - 1]] = time.perf_counter() - t0
+        res.seconds[STAGES[i]] = time.perf_counter() - t0
         return out
 
     data = stage(
-        1,
         f"phantom dataset: {opts.patients} patients, {opts.size}x{opts.size}",
         lambda: write_synthetic(
             run_dir / "data", patients=opts.patients, seed=opts.seed, size=opts.size
@@ -117,10 +113,9 @@ def run_demo(
     res.paths["data"] = data
     split_path = run_dir / "splits.yaml"
     split_opts = SplitOptions(data, split_path, seed=opts.seed, cache_dir=cache)
-    show("split", stage(2, "patient-level 80/20 split", lambda: make_split_file(split_opts)))
+    show("split", stage("patient-level 80/20 split", lambda: make_split_file(split_opts)))
     res.paths["split"] = split_path
     trained = stage(
-        3,
         f"train {opts.epochs} epochs (small decoder, random encoder)",
         lambda: _train(data, split_path, run_dir, cache, opts),
     )
@@ -130,7 +125,6 @@ def run_demo(
     res.paths["checkpoint"] = best
     eval_dir = run_dir / "eval"
     evaluated = stage(
-        4,
         "evaluate on the validation patients",
         lambda: _eval(best, data, split_path, eval_dir, opts),
     )
@@ -145,14 +139,12 @@ def run_demo(
     res.paths["scans"] = scans
     pred_torch = run_dir / "predict"
     stage(
-        5,
         "predict the validation scans with the checkpoint (PyTorch)",
         lambda: _predict(best, scans, pred_torch, opts),
     )
     res.paths["predict"] = pred_torch
     onnx_path = run_dir / "model.onnx"
     exported = stage(
-        6,
         "export to ONNX and verify against PyTorch",
         lambda: export_onnx(best, onnx_path, verify_data=data, cache_dir=cache),
     )
@@ -160,7 +152,6 @@ def run_demo(
     res.paths["onnx"] = onnx_path
     pred_onnx = run_dir / "predict-onnx"
     stage(
-        7,
         "predict the same scans with the ONNX model (onnxruntime)",
         lambda: _predict(onnx_path, scans, pred_onnx, opts),
     )
@@ -208,7 +199,6 @@ def _eval(model: Path, data: Path, split: Path, out: Path, opts: DemoOptions) ->
 
 def _copy_scans(data: Path, patients: list[str], dest: Path) -> None:
     """The validation patients' images without their masks: a folder of 'new' scans."""
-
     for pid in patients:
         for f in sorted((data / pid).iterdir()):
             if is_image_path(f) and not is_mask_name(f):
@@ -230,10 +220,8 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def mask_folder_dice(pred_dir: Path, data: Path, patients: list[str]) -> float:
-    """Mean per-patient Dice of the masks ``brainseg predict`` wrote against the ground truth.
-
-    Each patient's slices are stacked into one volume (the metric of Buda et al.).
-    """
+    """Mean per-patient Dice (slices stacked into one volume, as Buda et al.) of the masks
+    ``brainseg predict`` wrote against the ground truth."""
     scores = []
     for pid in patients:
         gts = sorted((data / pid).glob("*_mask.tif"))

@@ -1,8 +1,4 @@
-"""`brainseg download lgg | vgg16 | synthetic`: get the data and weights a run needs.
-
-Only typer and the standard library at module level: the library (and torch for vgg16) is
-imported when a subcommand runs.
-"""
+"""`brainseg download lgg | vgg16 | synthetic`: get the data and weights a run needs."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import typer
 
 from brainseg import console as con
 from brainseg.cli.base import Group
-from brainseg.cli.options import options_from
+from brainseg.cli.options import json_option, options_from
 
 _RETRIES = (
     "How many times a stalled download is retried (timeouts, dropped connections, "
@@ -27,13 +23,10 @@ def _run(what: str, ctx: typer.Context) -> None:
     from brainseg.data.download import DownloadOptions
 
     opts = options_from(DownloadOptions, ctx.params, what=what)
-    json_out = ctx.params["json_out"]
     if opts.what == "vgg16":
         from brainseg.model.weights import install_vgg16 as run
     else:
         from brainseg.data.download import run_download as run
-    if json_out:
-        con.configure(json_mode=True)
     res = run(opts)
     s = res.summary
     if s is None:
@@ -47,7 +40,7 @@ def _run(what: str, ctx: typer.Context) -> None:
                 [[str(s.path), s.patients, s.slices, f"{s.tumor_slices}{pct}"]],
             )
         )
-    if json_out:
+    if ctx.params["json_out"]:
         con.emit_json(res.as_dict())
 
 
@@ -98,7 +91,7 @@ def register(app: typer.Typer) -> None:
         retries: int = typer.Option(5, "--retries", min=0, help=_RETRIES),
         backoff: float = typer.Option(1.0, "--retry-delay", min=0.0, help=_DELAY),
         timeout: float = typer.Option(60.0, "--timeout", min=0.1, help=_TIMEOUT),
-        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        json_out: bool = json_option("Print the summary as JSON on stdout."),
     ) -> None:
         """Download the LGG MRI dataset (Kaggle mateuszbuda/lgg-mri-segmentation) into DEST/kaggle_3m: resumable, checksummed, safely unpacked, validated."""  # noqa: E501
         _run("lgg", ctx)
@@ -119,7 +112,7 @@ def register(app: typer.Typer) -> None:
         retries: int = typer.Option(5, "--retries", min=0, help=_RETRIES),
         backoff: float = typer.Option(1.0, "--retry-delay", min=0.0, help=_DELAY),
         timeout: float = typer.Option(60.0, "--timeout", min=0.1, help=_TIMEOUT),
-        json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        json_out: bool = json_option("Print the result as JSON."),
     ) -> None:
         """Install torchvision's ImageNet VGG16 weights into the torch hub cache ($TORCH_HOME/hub/checkpoints), hash-checked, so training can start offline."""  # noqa: E501
         _run("vgg16", ctx)
@@ -138,7 +131,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(
             False, "--force", "-f", help="Replace an existing DEST/kaggle_3m."
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        json_out: bool = json_option("Print the summary as JSON on stdout."),
     ) -> None:
         """Write phantom MRI slices with tumors in the kaggle_3m layout (offline demos, tests)."""
         _run("synthetic", ctx)

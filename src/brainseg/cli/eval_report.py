@@ -1,6 +1,4 @@
-"""What `brainseg eval` (and `brainseg demo`) show of an evaluation: the statistics table, the
-global and detection lines, the --tune line (only ``cli/`` renders); imported when they run.
-"""
+"""What `brainseg eval` (and `brainseg demo`) show of an evaluation; imported when they run."""
 
 from __future__ import annotations
 
@@ -13,11 +11,8 @@ from brainseg.evaluation.dataset import TuneResult, overlap_warning
 
 
 def render_report(summary: dict[str, Any]) -> None:
-    """The per-patient and per-slice statistics table, then global and detection lines.
-
-    Everything goes to the result channel (``console.result``), never to status lines.
-    """
-
+    """The per-patient and per-slice statistics table, then global and detection lines (all
+    results, never status lines)."""
     levels = [
         ("per patient", "per_patient"),
         ("per slice (tumor)", "per_slice_tumor"),
@@ -27,17 +22,8 @@ def render_report(summary: dict[str, Any]) -> None:
     for metric in metrics.METRICS:
         for label, key in levels:
             st = summary[key][metric]
-            rows.append(
-                [
-                    metric if label == "per patient" else "",
-                    label,
-                    _f(st["mean"]),
-                    _f(st["median"]),
-                    _f(st["std"]),
-                    _f(st["min"]),
-                    st["n"],
-                ]
-            )
+            figures = [_f(st[k]) for k in ("mean", "median", "std", "min")]
+            rows.append([metric if label == "per patient" else "", label, *figures, st["n"]])
     c = summary["counts"]
     fold = "" if summary["fold"] is None else f", fold {summary['fold']}"
     at = summary["measured_at"]

@@ -1,8 +1,4 @@
-"""`brainseg eval`: metrics of one model or an ensemble on a dataset or a split's subset.
-
-Only typer, the standard library and light brainseg modules at import time: numpy, scipy,
-torch and onnxruntime are imported when the command runs.
-"""
+"""`brainseg eval`: metrics of one model or an ensemble on a dataset or a split's subset."""
 
 from __future__ import annotations
 
@@ -28,23 +24,9 @@ _HELP = (
     "Example: brainseg eval runs/train/exp/best.safetensors data/kaggle_3m --split splits.yaml"
 )
 #: Options of ``brainseg eval`` that only the slice (kaggle_3m) path uses.
-SLICE_ONLY = {
-    "split": "--split",
-    "subset": "--subset",
-    "fold": "--fold",
-    "skip_bad": "--skip-bad",
-    "tune": "--tune",
-    "tune_output": "--tune-output",
-    "force": "--force",
-}
+SLICE_ONLY = ("split", "subset", "fold", "skip_bad", "tune", "tune_output", "force")
 #: Options that only volume cases use.
-VOLUME_ONLY = {
-    "gt": "--gt",
-    "min_volume": "--min-volume",
-    "tolerance": "--tolerance",
-    "fmt": "--format",
-    "seg_series": "--seg-series",
-}
+VOLUME_ONLY = ("gt", "min_volume", "tolerance", "fmt", "seg_series")
 
 
 def register(app: typer.Typer) -> None:
@@ -64,17 +46,17 @@ def register(app: typer.Typer) -> None:
             "--split",
             help="Split YAML from `brainseg split`; without it every patient of DATA is evaluated.",
         ),
-        subset: str | None = options.subset_option(),
-        fold: int | None = options.fold_option(),
-        tta: bool = options.tta_option(),
-        threshold: float | None = options.threshold_option(),
-        min_size: int | None = options.min_size_option(),
-        largest: bool | None = options.largest_option(),
-        device: str = options.device_option(),
-        batch_size: int = options.batch_size_option(),
-        runtime: str | None = options.runtime_option(),
-        precision: str | None = options.precision_option(),
-        threads: int = options.threads_option(),
+        subset: str | None = options.SUBSET,
+        fold: int | None = options.FOLD,
+        tta: bool = options.TTA,
+        threshold: float | None = options.THRESHOLD,
+        min_size: int | None = options.MIN_SIZE,
+        largest: bool | None = options.LARGEST,
+        device: str = options.DEVICE,
+        batch_size: int = options.BATCH_SIZE,
+        runtime: str | None = options.RUNTIME,
+        precision: str | None = options.PRECISION,
+        threads: int = options.THREADS,
         skip_bad: bool = typer.Option(
             False, "--skip-bad", help="Skip unreadable / mismatched slices with a warning."
         ),
@@ -85,8 +67,8 @@ def register(app: typer.Typer) -> None:
         exist_ok: bool = typer.Option(
             False, "--exist-ok", help="Reuse project/name instead of numbering a new folder."
         ),
-        json_out: bool = typer.Option(
-            False, "--json", help="Print summary.json on stdout and nothing else there."
+        json_out: bool = options.json_option(
+            "Print summary.json on stdout and nothing else there."
         ),
         tune: bool = typer.Option(
             False,
@@ -114,7 +96,7 @@ def register(app: typer.Typer) -> None:
             help="Volumes: 'pre=GLOB,flair=GLOB,post=GLOB' naming each case's contrasts "
             "(as for predict) \\[default: BraTS names *_t1, *_flair, *_t1ce].",
         ),
-        min_volume: str | None = options.min_volume_option(),
+        min_volume: str | None = options.MIN_VOLUME,
         tolerance: float = typer.Option(
             2.0, "--tolerance", min=0.0, help="Volumes: surface Dice tolerance in mm."
         ),
@@ -124,21 +106,18 @@ def register(app: typer.Typer) -> None:
             help="Volumes: the masks in the run's masks/ folder: nifti, or dicom-seg (also a "
             "DICOM Segmentation per DICOM case, as predict writes).",
         ),
-        seg_series: str = options.seg_series_option(),
+        seg_series: str = options.SEG_SERIES,
     ) -> None:
-        if json_out:
-            console.configure(json_mode=True)
         from brainseg.optional import require
 
         require("matplotlib", "brainseg eval (its Dice plot)")  # before predicting anything
-        given = options.given_options(ctx)
         if _is_volume_eval(paths, channels):
             why = "for kaggle_3m slices only; DATA holds volume cases"
-            options.refuse_unused(given, SLICE_ONLY, why, hint="see brainseg eval --help")
-            _eval_volumes(given, paths, json_out)
+            options.refuse_unused(ctx, SLICE_ONLY, why, hint="see brainseg eval --help")
+            _eval_volumes(options.given_options(ctx), paths, json_out)
             return
         why = "for volume cases only (NIfTI / DICOM); DATA holds slices"
-        options.refuse_unused(given, VOLUME_ONLY, why, hint="see brainseg eval --help")
+        options.refuse_unused(ctx, VOLUME_ONLY, why, hint="see brainseg eval --help")
         from brainseg.evaluation import dataset as ev
 
         opts = options.options_from(ev.EvalOptions, ctx.params)

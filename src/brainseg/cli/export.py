@@ -1,8 +1,4 @@
-"""`brainseg export`: a checkpoint or a cv ensemble to ONNX (fp32, fp16 or int8), verified.
-
-Only typer, the standard library and light brainseg modules at import time: torch, onnx and
-onnxruntime are imported when the command runs.
-"""
+"""`brainseg export`: a checkpoint or a cv ensemble to ONNX (fp32, fp16 or int8), verified."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from brainseg import console as con
-from brainseg.cli.options import options_from
+from brainseg.cli.options import json_option, options_from
 from brainseg.errors import BrainsegError
 
 if TYPE_CHECKING:
@@ -109,10 +105,8 @@ def register(app: typer.Typer) -> None:
             "model.safetensors, README.md (the model card with the Hub's metadata), "
             "config.json.",
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        json_out: bool = json_option("Print the report as JSON on stdout."),
     ) -> None:
-        if json_out:
-            con.configure(json_mode=True)
         from brainseg.export import ExportCheckFailed, ExportOptions, export_onnx
         from brainseg.export.run import check_export_args
 

@@ -1,8 +1,4 @@
-"""`brainseg info MODEL`: the model card of a .safetensors checkpoint or an .onnx file.
-
-Only typer and light brainseg modules at import time; reading an ONNX file imports the
-``onnx`` package (never torch), reading a checkpoint only the standard library.
-"""
+"""`brainseg info MODEL`: the model card of a .safetensors checkpoint or an .onnx file."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from brainseg import console as con
 from brainseg.errors import BrainsegError
 
 T = TypeVar("T")
@@ -32,128 +33,107 @@ def given_options(ctx: Any) -> dict[str, Any]:
     }
 
 
-def refuse_unused(given: dict[str, Any], options: dict[str, str], why: str, hint: str) -> None:
-    """BrainsegError (exit 2) naming the options of ``options`` (parameter name -> flag) that
-    were given on the command line: the path this run takes does not use them, and an
-    ignored option would be a silent surprise."""
-    flags = [flag for name, flag in options.items() if name in given]
+def refuse_unused(ctx: Any, names: tuple[str, ...], why: str, hint: str) -> None:
+    """BrainsegError (exit 2) naming the options ``names`` (parameter names) given on the
+    command line: this run does not use them, and an ignored option would be a surprise."""
+    given = given_options(ctx)
+    params = {p.name: p for p in ctx.command.params}
+    flags = ["/".join([*params[n].opts, *params[n].secondary_opts]) for n in names if n in given]
     if flags:
         raise BrainsegError(f"{', '.join(flags)}: {why}", hint=hint)
 
 
-def subset_option() -> Any:
-    """``--subset`` as eval and score declare it (the patients of a split to score)."""
-    return typer.Option(
-        None,
-        "--subset",
-        help="Which patients of the split: val, test, train or all \\[default: val].",
-    )
+def _json_mode(value: bool) -> bool:
+    if value:
+        con.configure(json_mode=True)
+    return value
 
 
-def fold_option() -> Any:
-    """``--fold`` as eval and score declare it (a cross-validation fold of the split)."""
-    return typer.Option(None, "--fold", help="Cross-validation fold K of the split (0-based).")
+def json_option(help: str) -> Any:
+    """``--json``: stdout holds only JSON, so from parsing on the tables go to stderr."""
+    return typer.Option(False, "--json", help=help, callback=_json_mode)
 
 
-def seg_series_option() -> Any:
-    """``--seg-series`` as predict and eval declare it (the series a DICOM SEG refers to)."""
-    return typer.Option(
-        "flair",
-        "--seg-series",
-        metavar="pre|flair|post",
-        help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers to "
-        "(its instances, frame of reference and geometry).",
-    )
+# The options that several commands (eval and score; predict and eval) take, among them the
+# inference settings: one declaration each, so the commands cannot drift apart.
+SUBSET = typer.Option(
+    None,
+    "--subset",
+    help="Which patients of the split: val, test, train or all \\[default: val].",
+)
 
+FOLD = typer.Option(None, "--fold", help="Cross-validation fold K of the split (0-based).")
 
-def runtime_option() -> Any:
-    """``--runtime`` as predict and eval declare it (what runs the model)."""
-    return typer.Option(
-        None,
-        "--runtime",
-        show_default=False,
-        metavar="auto|onnxruntime|openvino|torch",
-        help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
-        "\\[default: $BRAINSEG_RUNTIME, else auto].",
-    )
+SEG_SERIES = typer.Option(
+    "flair",
+    "--seg-series",
+    metavar="pre|flair|post",
+    help="Volumes, --format dicom-seg: the contrast whose DICOM series the SEG refers to "
+    "(its instances, frame of reference and geometry).",
+)
 
+RUNTIME = typer.Option(
+    None,
+    "--runtime",
+    show_default=False,
+    metavar="auto|onnxruntime|openvino|torch",
+    help="What runs the model: auto picks for this CPU and model file (docs/export.md) "
+    "\\[default: $BRAINSEG_RUNTIME, else auto].",
+)
 
-def precision_option() -> Any:
-    """``--precision`` as predict and eval declare it (OpenVINO's inference precision)."""
-    return typer.Option(
-        None,
-        "--precision",
-        show_default=False,
-        metavar="auto|fp32|bf16",
-        help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
-        "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
-    )
+PRECISION = typer.Option(
+    None,
+    "--precision",
+    show_default=False,
+    metavar="auto|fp32|bf16",
+    help="OpenVINO's inference precision for an fp32 .onnx file: bf16 needs a CPU "
+    "with native bf16 (avx512_bf16 / amx_bf16); fp32 is exact \\[default: auto].",
+)
 
+THREADS = typer.Option(
+    0, "--threads", min=0, help="Inference threads (0: the runtime's default, every core)."
+)
 
-def threads_option() -> Any:
-    """``--threads`` as predict and eval declare it."""
-    return typer.Option(
-        0, "--threads", min=0, help="Inference threads (0: the runtime's default, every core)."
-    )
+THRESHOLD = typer.Option(
+    None,
+    "--threshold",
+    min=0.0,
+    max=1.0,
+    show_default=False,
+    help="Probability threshold \\[default: the model's stored threshold, else 0.5].",
+)
 
+MIN_SIZE = typer.Option(
+    None,
+    "--min-size",
+    min=0,
+    show_default=False,
+    help="Remove tumor components smaller than this many pixels (at each image's own "
+    "size; per slice for volumes) \\[default: the model's stored value].",
+)
 
-# The inference settings (brainseg.settings.InferenceSettings) as predict and eval declare
-# them: one declaration each, so the two commands cannot drift apart.
+LARGEST = typer.Option(
+    None,
+    "--largest/--no-largest",
+    show_default=False,
+    help="Keep only the largest 3D tumor component of each patient or volume case (not "
+    "for independent image files) \\[default: the model's stored value].",
+)
 
+MIN_VOLUME = typer.Option(
+    None,
+    "--min-volume",
+    show_default=False,
+    metavar="N|Nmm3",
+    help="Volumes only: remove 3D components under N voxels ('200') or a volume ('150mm3').",
+)
 
-def threshold_option() -> Any:
-    return typer.Option(
-        None,
-        "--threshold",
-        min=0.0,
-        max=1.0,
-        show_default=False,
-        help="Probability threshold \\[default: the model's stored threshold, else 0.5].",
-    )
+TTA = typer.Option(
+    False,
+    "--tta",
+    help="Test-time augmentation: mean probability over the image and its flips.",
+)
 
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints).")
 
-def min_size_option() -> Any:
-    return typer.Option(
-        None,
-        "--min-size",
-        min=0,
-        show_default=False,
-        help="Remove tumor components smaller than this many pixels (at each image's own "
-        "size; per slice for volumes) \\[default: the model's stored value].",
-    )
-
-
-def largest_option() -> Any:
-    return typer.Option(
-        None,
-        "--largest/--no-largest",
-        show_default=False,
-        help="Keep only the largest 3D tumor component of each patient or volume case (not "
-        "for independent image files) \\[default: the model's stored value].",
-    )
-
-
-def min_volume_option() -> Any:
-    return typer.Option(
-        None,
-        "--min-volume",
-        show_default=False,
-        metavar="N|Nmm3",
-        help="Volumes only: remove 3D components under N voxels ('200') or a volume ('150mm3').",
-    )
-
-
-def tta_option() -> Any:
-    return typer.Option(
-        False,
-        "--tta",
-        help="Test-time augmentation: mean probability over the image and its flips.",
-    )
-
-
-def device_option() -> Any:
-    return typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (mps for checkpoints).")
-
-
-def batch_size_option() -> Any:
-    return typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference batch.")
+BATCH_SIZE = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference batch.")

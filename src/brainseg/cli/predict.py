@@ -1,10 +1,6 @@
 """`brainseg predict`: tumor masks for image files, folders, globs or paths on stdin, and
-for NIfTI / DICOM volume cases (dispatched to :mod:`brainseg.cli.predict_volumes`).
-
-Only typer, the standard library and light brainseg modules at import time: numpy,
-onnxruntime and (for .safetensors models) torch are imported when the command runs;
-nibabel / SimpleITK only when a volume is read.
-"""
+for NIfTI / DICOM volume cases (:mod:`brainseg.cli.predict_volumes`). Light imports only: the
+runtimes load when the command runs."""
 
 from __future__ import annotations
 
@@ -15,22 +11,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from brainseg import console as con
+from brainseg.cli import options
 from brainseg.cli import predict_volumes as vol
-from brainseg.cli.options import (
-    batch_size_option,
-    device_option,
-    given_options,
-    largest_option,
-    min_size_option,
-    min_volume_option,
-    options_from,
-    precision_option,
-    runtime_option,
-    seg_series_option,
-    threads_option,
-    threshold_option,
-    tta_option,
-)
 from brainseg.errors import EXIT_RUNTIME, BrainsegError
 from brainseg.fsutil import one_line
 from brainseg.inference.shards import merge_summaries, parse_shard
@@ -108,14 +90,14 @@ def register(app: typer.Typer) -> None:
         summary: str = typer.Option(
             "csv", "--summary", help="Summary file format: csv or jsonl (OUT/summary.<ext>)."
         ),
-        json_out: bool = typer.Option(
-            False, "--json", help="One JSON line per file on stdout (nothing else there)."
+        json_out: bool = options.json_option(
+            "One JSON line per file on stdout (nothing else there)."
         ),
-        threshold: float | None = threshold_option(),
-        min_size: int | None = min_size_option(),
-        largest: bool | None = largest_option(),
-        min_volume: str | None = min_volume_option(),
-        seg_series: str = seg_series_option(),
+        threshold: float | None = options.THRESHOLD,
+        min_size: int | None = options.MIN_SIZE,
+        largest: bool | None = options.LARGEST,
+        min_volume: str | None = options.MIN_VOLUME,
+        seg_series: str = options.SEG_SERIES,
         channels: str | None = typer.Option(
             None,
             "--channels",
@@ -125,21 +107,21 @@ def register(app: typer.Typer) -> None:
             "names; giving it takes the volume path "
             "\\[default: pre=*_t1.nii*,flair=*_flair.nii*,post=*_t1ce.nii*].",
         ),
-        tta: bool = tta_option(),
+        tta: bool = options.TTA,
         pad: bool = typer.Option(
             False,
             "--pad",
             help="Zero-pad each image to a multiple of 32 instead of resizing it to the "
             "model's image size.",
         ),
-        batch_size: int = batch_size_option(),
-        device: str = device_option(),
+        batch_size: int = options.BATCH_SIZE,
+        device: str = options.DEVICE,
         workers: int = typer.Option(
             2, "--workers", min=1, help="Threads reading and (as many) writing files."
         ),
-        runtime: str | None = runtime_option(),
-        precision: str | None = precision_option(),
-        threads: int = threads_option(),
+        runtime: str | None = options.RUNTIME,
+        precision: str | None = options.PRECISION,
+        threads: int = options.THREADS,
         skip_existing: bool = typer.Option(
             False,
             "--skip-existing",
@@ -187,21 +169,18 @@ def register(app: typer.Typer) -> None:
             "(brainseg predict --merge OUT, no MODEL or INPUT).",
         ),
     ) -> None:
-        if json_out:
-            con.configure(json_mode=True)
         if merge is not None:
             raise typer.Exit(run_merge(merge, ctx, json_out=json_out))
         if shard is not None and shard.strip().lower() == "auto":
             found = parse_shard(shard)  # the SLURM array task's shard, or None outside one
             shard = None if found is None else f"{found[0]}/{found[1]}"
-        given = given_options(ctx)
+        given = options.given_options(ctx)
         ray_engine = None
         if engine != "local" or address is not None:
             from brainseg.inference.ray_engine import RayEngine, check_engine
 
             if check_engine(engine, address) == "ray":  # --workers: predictor actors
                 ray_engine = RayEngine(address, workers if "workers" in given else None)
-                given.pop("workers", None)
 
         from brainseg.inference.batch import read_stdin_lines
         from brainseg.inference.pipeline import PredictOptions
@@ -209,9 +188,9 @@ def register(app: typer.Typer) -> None:
         # stdin as bytes: a file name that is not UTF-8 is still the file it names
         peek = vol.StdinPeek(read_stdin_lines()) if "-" in inputs else None
         volumes = vol.wants_volumes(vol.probe_inputs(inputs, peek), channels)
-        vol.refuse_options(given, volumes=volumes)
+        vol.refuse_options(ctx, volumes=volumes)
         # the options named as PredictOptions' fields pass as they are; these differ:
-        opts = options_from(
+        opts = options.options_from(
             PredictOptions,
             ctx.params,
             models=[model, *ensemble],
@@ -239,9 +218,9 @@ def _merge_first(ctx: typer.Context, param: Any, value: Path | None) -> Path | N
 
 
 def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
-    """``--merge OUT``: combine the shard summaries, print the table (or one JSON object);
-    0 when every shard is there and no row failed, 1 otherwise."""
-    other = sorted(k for k in given_options(ctx) if k not in ("merge", "json_out"))
+    """``--merge OUT``: combine the shard summaries and print them; exit 0 when every shard is
+    there and no row failed, 1 otherwise."""
+    other = sorted(k for k in options.given_options(ctx) if k not in ("merge", "json_out"))
     if other or ctx.params.get("inputs"):
         flags = {p.name: p.opts[0] for p in ctx.command.params}  # --output, not -o
         names = ", ".join("MODEL/INPUT" if k in ("model", "inputs") else flags[k] for k in other)
@@ -292,8 +271,7 @@ def run_merge(out: Path, ctx: typer.Context, *, json_out: bool = False) -> int:
 
 
 def run_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
-    """Call :func:`brainseg.inference.batch.predict_inputs` (or ``engine``'s, e.g. the Ray
-    engine) and render its result; the exit code."""
+    """Run ``predict_inputs`` (or the Ray ``engine``'s) and render it; the exit code."""
     from brainseg.cli.base import json_emitter
     from brainseg.inference.batch import FileResult, predict_inputs
 
@@ -312,8 +290,7 @@ def _warn_skipped(files: Sequence[Path], why: str) -> None:
 
 
 def render_result(result: PredictResult, shard: str | None = None) -> int:
-    """The result table of one run (con.result) and its notes; the exit code (0 all done,
-    1 some files failed)."""
+    """The result table of one run and its notes; the exit code (1: some files failed)."""
     c = result.counts
     done = result.done
     if done == 0:

@@ -1,11 +1,5 @@
 """The volume half of ``brainseg predict``: NIfTI / DICOM cases (see docs/volumes.md).
-
-``brainseg predict`` dispatches here when ``--channels`` is given or its inputs are NIfTI
-files or folders of NIfTI files / DICOM series (:func:`wants_volumes`), refuses the options
-of the other path (:func:`refuse_options`) and renders the run (:func:`run_volume_predict`).
-Only the standard library and typer at import time: nibabel / SimpleITK / numpy load when a
-volume run starts.
-"""
+Light imports only: nibabel / SimpleITK / numpy load when a volume run starts."""
 
 from __future__ import annotations
 
@@ -13,23 +7,15 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from brainseg import console as con
+from brainseg.cli.options import given_options, refuse_unused
 from brainseg.errors import BrainsegError
 
-#: Options of ``brainseg predict`` that only image slices use: parameter name -> flag.
-SLICE_ONLY = {
-    "fmt": "--format",
-    "overlay": "--overlay",
-    "overlay_rgb": "--overlay-rgb",
-    "include_masks": "--include-masks",
-}
+#: Options of ``brainseg predict`` that only image slices use.
+SLICE_ONLY = ("fmt", "overlay", "overlay_rgb", "include_masks")
 #: ``--format`` values of the volume path (NIfTI masks, DICOM SEG); tif / png are the slices'.
 VOLUME_FORMATS = ("nifti", "dicom-seg")
 #: Options of ``brainseg predict`` that only volume cases use.
-VOLUME_ONLY = {
-    "largest": "--largest/--no-largest",
-    "min_volume": "--min-volume",
-    "seg_series": "--seg-series",
-}
+VOLUME_ONLY = ("largest", "min_volume", "seg_series")
 
 
 class StdinPeek:
@@ -50,10 +36,6 @@ class StdinPeek:
         yield from self._head
         self._head = []
         yield from self._rest
-
-    def paths(self) -> list[str]:
-        """Every non-empty line, as a path (volume cases are few)."""
-        return [line.rstrip("\r\n") for line in self if line.strip()]
 
 
 def probe_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
@@ -77,7 +59,7 @@ def volume_inputs(inputs: list[str], peek: StdinPeek | None) -> list[str]:
         if item != "-" or peek is None:
             out.append(item)
             continue
-        listed = peek.paths()
+        listed = [line.rstrip("\r\n") for line in peek if line.strip()]  # cases are few
         labels = [p for p in listed if is_truth_name(p)]
         if labels:
             con.info(f"stdin: {len(labels)} label volume(s) skipped (first: {labels[0]})")
@@ -96,19 +78,15 @@ def wants_volumes(inputs: list[str], channels: str | None) -> bool:
     return any(item != "-" and looks_like_volume_input(item) for item in inputs)
 
 
-def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
-    """BrainsegError (exit 2) for an option given on the command line (name -> value) that
-    the chosen path (volume cases or image slices) does not use, instead of ignoring it."""
-    from brainseg.cli.options import refuse_unused
-
-    fmt = given.get("fmt")
+def refuse_options(ctx: Any, *, volumes: bool) -> None:
+    """BrainsegError (exit 2) for a given option that the chosen path (volume cases or image
+    slices) does not use, instead of ignoring it."""
+    fmt = given_options(ctx).get("fmt")
     if volumes:
-        slice_only = {
-            k: v for k, v in SLICE_ONLY.items() if k != "fmt" or fmt not in VOLUME_FORMATS
-        }
+        slice_only = tuple(n for n in SLICE_ONLY if n != "fmt" or fmt not in VOLUME_FORMATS)
         why = "for image slices only; these inputs are volume cases (NIfTI / DICOM)"
         hint = "drop the option (volumes write OUT/<case>_mask.nii.gz; see docs/volumes.md)"
-        refuse_unused(given, slice_only, why, hint)
+        refuse_unused(ctx, slice_only, why, hint)
         return
     if fmt in VOLUME_FORMATS:
         raise BrainsegError(
@@ -118,12 +96,12 @@ def refuse_options(given: dict[str, Any], *, volumes: bool) -> None:
         )
     why = "for volume cases only (NIfTI / DICOM); these inputs are image slices"
     hint = "pass .nii/.nii.gz files, case folders or --channels for the volume path"
-    refuse_unused(given, VOLUME_ONLY, why, hint)
+    refuse_unused(ctx, VOLUME_ONLY, why, hint)
 
 
 def run_volume_predict(opts: Any, *, json_out: bool = False, engine: Any = None) -> int:
-    """Call :func:`brainseg.inference.volume_predict.predict_volumes` (or ``engine``'s, e.g. the Ray
-    engine: a case per task) and render it; the exit code."""
+    """Run ``predict_volumes`` (or the Ray ``engine``'s: a case per task) and render it; the
+    exit code."""
     from brainseg.cli.base import json_emitter
     from brainseg.inference.volume_predict import CaseResult, predict_volumes
 

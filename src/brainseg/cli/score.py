@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from brainseg import console
-from brainseg.cli.options import fold_option, options_from, subset_option
+from brainseg.cli.options import FOLD, SUBSET, json_option, options_from
 
 _HELP = (
     "Score predicted masks in --pred against the true masks in --gt, without a model (as "
@@ -52,8 +52,8 @@ def register(app: typer.Typer) -> None:
             help="Split YAML from `brainseg split`: score only its --subset (of --fold), as "
             "eval picks patients.",
         ),
-        subset: str | None = subset_option(),
-        fold: int | None = fold_option(),
+        subset: str | None = SUBSET,
+        fold: int | None = FOLD,
         only_predicted: bool = typer.Option(
             False,
             "--only-predicted",
@@ -67,10 +67,8 @@ def register(app: typer.Typer) -> None:
         exist_ok: bool = typer.Option(
             False, "--exist-ok", help="Reuse project/name instead of numbering a new folder."
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
+        json_out: bool = json_option("Print summary.json on stdout."),
     ) -> None:
-        if json_out:
-            console.configure(json_mode=True)
         from brainseg.optional import require
 
         require("matplotlib", "brainseg score (its Dice plot)")  # before any work
@@ -89,24 +87,20 @@ def register(app: typer.Typer) -> None:
 
 def render_summary(s: dict[str, Any]) -> None:
     """The per-patient table and the global line (score, and eval on volumes)."""
-    rows = []
     surf = s["surface"]
     unit = surf["unit"]
+    stats = [
+        (metric, s["per_patient"][metric]) for metric in ("dice", "iou", "precision", "recall")
+    ]
     # per_patient.csv's hd95 counts the slice axis as one pixel / voxel: on slices that is the
     # surface hd95 itself (one row); on volumes a voxel figure next to the one in mm
-    voxels = "voxels" if unit == "mm" else None
-    for metric in ("dice", "iou", "precision", "recall", "hd95"):
-        if metric == "hd95" and voxels is None:
-            continue
-        st = s["per_patient"][metric]
-        label = f"hd95 ({voxels})" if metric == "hd95" else metric
-        rows.append([label, st["mean"], st["median"], st["std"], st["min"], st["n"]])
-    for key, label in (
-        ("hd95", f"hd95 ({unit})"),
-        ("nsd", f"nsd @ {surf['nsd_tolerance']:g} {unit}"),
-    ):
-        st = surf[key]
-        rows.append([label, st["mean"], st["median"], st["std"], st["min"], st["n"]])
+    if unit == "mm":
+        stats.append(("hd95 (voxels)", s["per_patient"]["hd95"]))
+    stats += [
+        (f"hd95 ({unit})", surf["hd95"]),
+        (f"nsd @ {surf['nsd_tolerance']:g} {unit}", surf["nsd"]),
+    ]
+    rows = [[label, st["mean"], st["median"], st["std"], st["min"], st["n"]] for label, st in stats]
     c = s["counts"]
     title = (
         f"{c['patients']} patients, {c['slices']} slices ({c['tumor_slices']} with tumor), "

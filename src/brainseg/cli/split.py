@@ -86,7 +86,6 @@ def register(app: typer.Typer) -> None:
 
 def split_table(summary: dict[str, Any]) -> Any:
     """The rich table of a split summary (:meth:`SplitResult.summary`)."""
-
     kind = f"{summary['folds']} folds" if summary["folds"] else "split"
     title = (
         f"{kind} of {summary['dataset']} (seed {summary['seed']}, dataset "

@@ -1,9 +1,7 @@
 """`brainseg train`: parse options, build the TrainConfig, call the library, render the result.
 
-The options are made from :class:`brainseg.config.TrainConfig`'s fields with the ``flag`` role
-(name, type, help and default live there once; `brainseg cv` takes the same options). Every
-option defaults to None here so that only the options the user actually gave override the
-config file (``--config``).
+The options are made from TrainConfig's ``flag`` fields (`brainseg cv` takes them too); each
+defaults to None so that only the options the user gave override the ``--config`` file.
 """
 
 from __future__ import annotations
@@ -40,6 +38,9 @@ LOGGER_OPTION = typer.Option(
     "MLflow: MLFLOW_TRACKING_URI, else ./mlruns.",
     show_default=False,
 )
+DATA_ARGUMENT = typer.Argument(
+    None, help="Dataset folder (kaggle_3m layout); not needed with --resume.", show_default=False
+)
 
 
 def _option(f: Field[Any]) -> inspect.Parameter:
@@ -57,8 +58,8 @@ def _option(f: Field[Any]) -> inspect.Parameter:
 
 
 def training_options(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """The Typer options of every TrainConfig setting with the ``flag`` role (less
-    ``exclude``), in declaration order, and ``--logger``: what `train` and `cv` both take."""
+    """The Typer options of every ``flag`` TrainConfig setting (less ``exclude``) and
+    ``--logger``: what `train` and `cv` both take."""
     by_name = {f.name: f for f in fields(TrainConfig)}
     options = [_option(by_name[n]) for n in fields_with("flag") if n not in exclude]
     logger = inspect.Parameter("logger", _KW, default=LOGGER_OPTION, annotation=list[str] | None)
@@ -66,11 +67,6 @@ def training_options(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
 
 
 def _signature() -> inspect.Signature:
-    data = typer.Argument(
-        None,
-        help="Dataset folder (kaggle_3m layout); not needed with --resume.",
-        show_default=False,
-    )
     config = typer.Option(
         None,
         "--config",
@@ -79,7 +75,7 @@ def _signature() -> inspect.Signature:
         "options given on the command line override it.",
     )
     params = [
-        inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=data,
+        inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DATA_ARGUMENT,
                           annotation=Path | None),
         inspect.Parameter("config", _KW, default=config, annotation=str | None),
         *training_options(),

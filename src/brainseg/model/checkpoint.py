@@ -9,8 +9,8 @@ Layout of a ``.safetensors`` checkpoint written here:
   version, versions, the architecture (``model.config()``), threshold, postprocessing, epoch,
   metrics, the resolved config and the split hash (see docs/model.md).
 
-:func:`read_metadata` and :func:`copy_with_metadata` need safetensors and numpy, never torch
-(imported lazily by the functions that need it), so torch-free code can inspect checkpoints.
+:func:`read_metadata` and :func:`copy_with_metadata` never import torch, so torch-free code
+can inspect checkpoints.
 """
 
 from __future__ import annotations
@@ -66,16 +66,9 @@ _PROTECTED = ("format_version", "architecture")
 _HINT_CKPT = "pass a .safetensors checkpoint written by brainseg (runs/train/exp/best.safetensors)"
 
 
-# --------------------------------------------------------------------------- header (no torch)
-
-
 def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """The safetensors metadata and tensor shapes of ``path``, checked by safetensors itself.
-
-    ``safe_open`` checks the header length (at most 100 MB, before reading it), the JSON, each
-    tensor's dtype, shape and offsets and that the file holds every byte the header promises,
-    without reading the tensor data; this only turns its errors into messages naming the file.
-    """
+    """The safetensors metadata and tensor shapes of ``path``: ``safe_open`` checks the whole
+    header without reading tensor data; this turns its errors into messages naming the file."""
     if not path.exists():
         raise BrainsegError(f"checkpoint {path} does not exist", hint=_HINT_CKPT)
     if path.is_dir():
@@ -99,8 +92,8 @@ def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]
 
 
 def _raw_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The header dict (with the data offsets) and its length, of a file ``_open_header``
-    accepted: what a streamed copy with new metadata needs and ``safe_open`` does not give."""
+    """The header dict (with the data offsets) and its length, which ``safe_open`` does not
+    give and a streamed copy with new metadata needs."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n)), n
@@ -109,12 +102,8 @@ def _raw_header(path: Path) -> tuple[dict[str, Any], int]:
 def check_model_file(
     path: str | os.PathLike[str], *, also: tuple[str, ...] = (), hint: str = MODEL_HINT
 ) -> Path:
-    """``path`` when it is an existing file with a model suffix (``MODEL_SUFFIXES`` or one of
-    ``also``); BrainsegError (exit 2) naming it otherwise. Its content: ``sniff_model_file``.
-
-    An ``hf://OWNER/NAME[@REVISION][/FILE]`` reference or a Hub folder (``export
-    --hub-folder``) is first resolved to its local file by :func:`brainseg.model.hub.local_model`.
-    """
+    """``path`` (a Hub reference or folder resolved to its local file first) when it is an
+    existing file with a model suffix (or one of ``also``); BrainsegError naming it otherwise."""
     p = local_model(path, MODEL_SUFFIXES)
     suffix = p.suffix.lower()
     if suffix not in (*MODEL_SUFFIXES, *also):
@@ -134,8 +123,8 @@ def check_model_file(
 
 
 def _not_safetensors(path: Path, why: str) -> tuple[str, str]:
-    """Why safetensors refused ``path`` (its message ``why``), as specific as the first bytes
-    allow: (message, hint)."""
+    """(message, hint) saying why safetensors refused ``path`` (its message ``why``), as
+    specific as the first bytes allow."""
     kind = sniff_model_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -219,15 +208,10 @@ def _brainseg_meta(path: Path, st_meta: Mapping[str, str]) -> dict[str, Any]:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The brainseg metadata of a checkpoint, read with the standard library only.
-
-    Raises BrainsegError (naming the file) for a missing, foreign, truncated or too new file.
-    """
+    """The brainseg metadata of a checkpoint, without torch; BrainsegError (naming the file)
+    for a missing, foreign, truncated or too new file."""
     path = Path(path)
     return _brainseg_meta(path, _open_header(path)[0])
-
-
-# --------------------------------------------------------------------------- metadata helpers
 
 
 def _dump(meta: Mapping[str, Any]) -> str:
@@ -252,9 +236,6 @@ def _unwrap(model: nn.Module) -> UNetVGG16:
     raise TypeError(f"save_checkpoint needs a brainseg UNetVGG16, got {type(model).__name__}")
 
 
-# --------------------------------------------------------------------------- save / load
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -263,11 +244,8 @@ def save_checkpoint(
     *,
     force: bool = True,
 ) -> Path:
-    """Write ``model``'s weights and metadata to ``path`` (safetensors, atomic).
-
-    ``extra`` tensors (optimizer state...) are stored as ``extra/<name>``; read them back with
-    ``load_tensors(path, prefix=EXTRA_PREFIX)``. Returns ``path``.
-    """
+    """Write ``model``'s weights and metadata to ``path`` (safetensors, atomic); ``extra``
+    tensors (optimizer state...) go under ``EXTRA_PREFIX``."""
     import torch
     from safetensors.torch import save
 
@@ -300,10 +278,8 @@ def save_checkpoint(
 def load_tensors(
     path: str | os.PathLike[str], prefix: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed).
-
-    ``load_tensors(path, prefix=EXTRA_PREFIX)`` gives back the ``extra`` of save_checkpoint.
-    """
+    """All tensors of a checkpoint, or only those under ``prefix`` (with the prefix removed):
+    ``prefix=EXTRA_PREFIX`` gives back the ``extra`` of save_checkpoint."""
     read_metadata(path)
     start = prefix or ""
     return _read_tensors(
@@ -312,8 +288,7 @@ def load_tensors(
 
 
 def _read_tensors(path: Path, rename: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
-    """The tensors whose ``rename(name)`` is not None, under that new name (of a file whose
-    header the caller checked)."""
+    """The tensors whose ``rename(name)`` is not None, under that new name."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -333,10 +308,8 @@ def _read_tensors(path: Path, rename: Callable[[str], str | None]) -> dict[str, 
 def load_checkpoint(
     path: str | os.PathLike[str], device: Any = "cpu"
 ) -> tuple[UNetVGG16, dict[str, Any]]:
-    """The model (in eval mode, on ``device``; ``"auto"`` = cuda if available) and metadata.
-
-    Raises BrainsegError naming the file for anything that is not a valid brainseg checkpoint.
-    """
+    """The model (in eval mode, on ``device``) and metadata; BrainsegError naming the file for
+    anything that is not a valid brainseg checkpoint."""
     import torch
 
     from brainseg.model.unet import UNetVGG16, state_mismatch
@@ -381,9 +354,6 @@ def load_checkpoint(
     return model, meta
 
 
-# --------------------------------------------------------------------------- copy
-
-
 def copy_with_metadata(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -391,11 +361,8 @@ def copy_with_metadata(
     *,
     force: bool = False,
 ) -> Path:
-    """Copy checkpoint ``src`` to ``dst`` with top-level metadata keys replaced (atomic).
-
-    Streams the tensor bytes unchanged (no torch needed). ``src`` may equal ``dst`` with
-    ``force=True`` (an in-place metadata update, e.g. a tuned threshold).
-    """
+    """Copy checkpoint ``src`` to ``dst`` (may be ``src`` with ``force=True``) with top-level
+    metadata keys replaced, atomically, streaming the tensor bytes unchanged (no torch)."""
     src, dst = Path(src), Path(dst)
     meta = read_metadata(src)
     bad = [k for k in updates if k in _PROTECTED]
@@ -407,11 +374,8 @@ def copy_with_metadata(
     meta.update(dict(updates))
     check_metadata(meta, src)  # the new threshold and post-processing, by the rule reads use
     header, n = _raw_header(src)
-    new_header = dict(header)
-    st_meta = dict(header.get("__metadata__") or {})
-    st_meta[METADATA_KEY] = _dump(meta)
-    new_header["__metadata__"] = st_meta
-    raw = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), METADATA_KEY: _dump(meta)}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
     with atomic_path(dst, force=force) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         fin.seek(8 + n)

@@ -1,20 +1,11 @@
 """Models on the Hugging Face Hub: ``hf://OWNER/NAME[@REVISION][/FILE]`` -> a local file.
 
-:func:`local_model` is the one place a MODEL argument naming the Hub becomes a file: it is
-called by :func:`brainseg.model.checkpoint.check_model_file` (predict, eval, info, volumes) and by
-export, so every command takes the same references. The file is downloaded with
-``huggingface_hub.hf_hub_download`` (the ``brainseg[hub]`` extra, imported lazily) into
-huggingface_hub's own cache (``HF_HOME`` / ``HF_HUB_CACHE``), which also gives revision
-pinning, ``HF_HUB_OFFLINE=1`` (the cache only), ``HF_ENDPOINT`` (a mirror) and ``HF_TOKEN``.
-
-Without FILE the repository's ``model.safetensors`` is taken, else its ``model.onnx``
-(:data:`DEFAULT_FILES`: the files ``brainseg export --hub-folder`` writes; a torch-free
-install names ``/model.onnx``). The downloaded file is sniffed like a local one
-(:func:`brainseg.model.modelfile.sniff_model_file`): a Git LFS pointer, an HTML page or a file
-whose content is not what its name says is refused in one line naming the reference.
-
-A local folder in the same layout (what ``--hub-folder`` writes, or a cloned repository)
-resolves the same way (:func:`folder_model`). Only the standard library at import time.
+:func:`local_model` is the one place a MODEL argument naming the Hub (or a Hub folder)
+becomes a file, so every command takes the same references. ``hf_hub_download`` (the
+``brainseg[hub]`` extra) and its cache give revision pinning, ``HF_HUB_OFFLINE=1``,
+``HF_ENDPOINT`` and ``HF_TOKEN``. Without FILE the first of :data:`DEFAULT_FILES` is taken; the
+downloaded file is sniffed like a local one, so a Git LFS pointer or an HTML page is refused
+in one line. Only the standard library at import time.
 """
 
 from __future__ import annotations
@@ -23,7 +14,7 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from brainseg import console
@@ -59,9 +50,6 @@ class HubRef:
         rev = f"@{self.revision}" if self.revision else ""
         return f"{SCHEME}{self.repo_id}{rev}" + (f"/{self.filename}" if self.filename else "")
 
-    def with_file(self, filename: str) -> HubRef:
-        return HubRef(self.repo_id, self.revision, filename)
-
 
 def is_hub_ref(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is an ``hf://`` reference (also as a ``Path``, which reads ``hf:/``)."""
@@ -70,8 +58,7 @@ def is_hub_ref(path: str | os.PathLike[str]) -> bool:
 
 def parse_ref(path: str | os.PathLike[str]) -> HubRef:
     """``hf://OWNER/NAME[@REVISION][/FILE]`` (``hf://models/...`` too) -> :class:`HubRef`."""
-    raw = os.fspath(path)
-    body = raw[3:].lstrip("/")
+    body = os.fspath(path)[3:].lstrip("/")
     shown = SCHEME + body
 
     def bad(what: str) -> BrainsegError:
@@ -82,8 +69,7 @@ def parse_ref(path: str | os.PathLike[str]) -> HubRef:
 
     if body.startswith(("datasets/", "spaces/", "buckets/", "kernels/")):
         raise bad("not a model repository")
-    if body.startswith("models/"):
-        body = body[len("models/") :]
+    body = body.removeprefix("models/")
     owner, _, rest = body.partition("/")
     revision: str | None = None
     if "@" in rest.split("/")[0]:
@@ -111,8 +97,8 @@ def parse_ref(path: str | os.PathLike[str]) -> HubRef:
 
 
 def local_model(path: str | os.PathLike[str], suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> Path:
-    """The local file of a MODEL argument: a Hub reference is downloaded (or read from the
-    cache), a Hub folder gives its model file, any other path is returned as it is."""
+    """The local file of a MODEL argument (a Hub reference downloaded, a Hub folder's model
+    file); any other path as it is."""
     if is_hub_ref(path):
         return download(parse_ref(path), suffixes)
     p = Path(path)
@@ -164,7 +150,7 @@ def download(ref: HubRef, suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> Path:
         path = _fetch(ref)
     else:
         path = _fetch_default(ref)
-        ref = ref.with_file(path.name)
+        ref = replace(ref, filename=path.name)
     check_downloaded(path, ref)
     commit = _commit_of(path)
     console.info(f"model {ref}" + (f" at commit {commit}" if commit else "") + f": {path}")
@@ -188,9 +174,9 @@ def _fetch_default(ref: HubRef) -> Path:
     last: BrainsegError | None = None
     for name in DEFAULT_FILES:
         try:
-            return _fetch(ref.with_file(name), raw=True)
+            return _fetch(replace(ref, filename=name), raw=True)
         except LocalEntryNotFoundError as exc:  # offline / unreachable, not in the cache
-            last = _error(ref.with_file(name), exc)
+            last = _error(replace(ref, filename=name), exc)
         except EntryNotFoundError:
             continue  # the repository has no such file: the next one
         except Exception as exc:
@@ -217,35 +203,28 @@ def _fetch(ref: HubRef, raw: bool = False) -> Path:
 
 
 def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
-    """huggingface_hub's exception -> one line naming the reference (exit 2 for a name that
-    does not exist; exit 1 for the network or the server)."""
+    """huggingface_hub's exception -> one line naming the reference (exit 2 for a bad name, 1 for
+    the network or the server)."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import utils as hf
 
     endpoint = getattr(constants, "ENDPOINT", "the Hub")
-    if isinstance(exc, GatedRepoError):
+    if isinstance(exc, hf.GatedRepoError):
         return BrainsegError(
             f"{ref}: repository {ref.repo_id} is gated on {endpoint}",
             hint="accept its conditions on the Hub, then log in (hf auth login) or set HF_TOKEN",
         )
-    if isinstance(exc, RepositoryNotFoundError):
+    if isinstance(exc, hf.RepositoryNotFoundError):
         return BrainsegError(
             f"{ref}: repository {ref.repo_id} not found on {endpoint}",
             hint="check OWNER/NAME; a private repository needs hf auth login or HF_TOKEN",
         )
-    if isinstance(exc, RevisionNotFoundError):
+    if isinstance(exc, hf.RevisionNotFoundError):
         return BrainsegError(
             f"{ref}: revision {ref.revision} not found in {ref.repo_id}",
             hint="give a branch, tag or commit hash the repository has (default: main)",
         )
-    if isinstance(exc, LocalEntryNotFoundError):
+    if isinstance(exc, hf.LocalEntryNotFoundError):
         why = (
             "HF_HUB_OFFLINE is set"
             if getattr(constants, "HF_HUB_OFFLINE", False)
@@ -256,14 +235,14 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
             hint="download it once online (then HF_HUB_OFFLINE=1 works), or check the "
             "network / HF_ENDPOINT",
         )
-    if isinstance(exc, EntryNotFoundError):
+    if isinstance(exc, hf.EntryNotFoundError):
         at = f" at revision {ref.revision}" if ref.revision else ""
         return BrainsegError(
             f"{ref}: file {ref.filename} not found in {ref.repo_id}{at}",
             hint=f"see the repository's files; without FILE brainseg takes "
             f"{' or '.join(DEFAULT_FILES)}",
         )
-    if isinstance(exc, HfHubHTTPError):
+    if isinstance(exc, hf.HfHubHTTPError):
         return BrainsegRuntimeError(
             f"{ref}: the Hub answered {first_line(exc)}",
             hint="try again later, or check HF_ENDPOINT / HF_TOKEN",
@@ -279,7 +258,6 @@ def _error(ref: HubRef, exc: BaseException) -> BrainsegError:
 
 def check_downloaded(path: Path, ref: HubRef) -> None:
     """Refuse a downloaded file whose content is not a model of its kind (one line)."""
-
     try:
         kind = sniff_model_file(path)
         with open(path, "rb") as f:

@@ -8,8 +8,6 @@ import struct
 
 #: Largest header length :func:`sniff_model_file` takes for safetensors (safetensors' own limit).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
 #: What :func:`sniff_model_file` can say, and how a message names it.
 FILE_KINDS = {
     "safetensors": "a safetensors checkpoint",
@@ -23,12 +21,8 @@ FILE_KINDS = {
 
 
 def sniff_model_file(path: str | os.PathLike[str]) -> str:
-    """What ``path`` holds, from its first bytes (never its name).
-
-    One of ``FILE_KINDS``: ``"safetensors"`` (8-byte header length, then a JSON object),
-    ``"onnx"`` (a protobuf ModelProto: field 1 ``ir_version`` first), ``"pickle"``, ``"zip"``,
-    ``"text"``, ``"empty"`` or ``"unknown"``. Raises OSError when the file cannot be read.
-    """
+    """Which of ``FILE_KINDS`` ``path`` holds, from its first bytes (never its name); OSError
+    when the file cannot be read."""
     with open(path, "rb") as f:
         head = f.read(64)
     if not head:

@@ -1,7 +1,6 @@
-"""The contract of a brainseg ONNX file, shared by every runtime that runs one (onnxruntime in
-:mod:`brainseg.inference.predict`, OpenVINO in :mod:`brainseg.inference.runtimes`): the graph's
-input and output
-names and shapes, the metadata in ``metadata_props``, and logits -> probabilities (TTA too)."""
+"""The contract of a brainseg ONNX file, shared by every runtime that runs one (onnxruntime,
+OpenVINO): the graph's inputs and outputs, the metadata in ``metadata_props``, and logits ->
+probabilities (TTA too)."""
 
 from __future__ import annotations
 
@@ -37,11 +36,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str, Any]:
-    """brainseg metadata from ONNX ``metadata_props`` (the JSON blob, then the plain keys).
-
-    The plain keys (``threshold``, ``postprocess``, ``image_size``...) win over the blob, so a
-    tool that edits one of them (``brainseg eval --tune-output``) is honoured.
-    """
+    """brainseg metadata from ONNX ``metadata_props``: the JSON blob, then the plain keys, which
+    win so that a tool editing one of them (``brainseg eval --tune-output``) is honoured."""
     if ONNX_METADATA_KEY not in props:
         raise BrainsegError(
             f"{path} is an ONNX model without brainseg metadata (made by another tool?); "
@@ -60,8 +56,6 @@ def metadata_from_props(props: Mapping[str, str], path: Path | str) -> dict[str,
             f"{path}: the brainseg metadata in the ONNX file is not a JSON object", hint=ONNX_HINT
         )
     for key, value in props.items():
-        if key == ONNX_METADATA_KEY:
-            continue
         if key == "threshold":
             with contextlib.suppress(ValueError):
                 meta["threshold"] = float(value)

@@ -21,12 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainseg.choices import (
-    DEFAULT_DECODER_CHANNELS,
-    ENCODERS,
-    NORMALIZATIONS,
-    UPSAMPLE_MODES,
-)
+from brainseg.choices import DEFAULT_DECODER_CHANNELS, ENCODERS, NORMALIZATIONS, UPSAMPLE_MODES
 from brainseg.errors import BrainsegError, first_line
 from brainseg.model.modelfile import sniff_model_file
 from brainseg.settings import SIZE_MULTIPLE, decoder_channels_error
@@ -62,11 +57,6 @@ def imagenet_weights_path(encoder: str = "vgg16") -> Path:
     return hub_checkpoint_dir() / os.path.basename(vgg16_weights_url(encoder))
 
 
-def download_command(encoder: str = "vgg16") -> str:
-    """The exact command that puts the ImageNet weights of ``encoder`` into the cache."""
-    return "brainseg download vgg16 --bn" if encoder == "vgg16_bn" else "brainseg download vgg16"
-
-
 def nearest_valid_sizes(size: int) -> tuple[int, int]:
     """The multiples of 32 just below and above ``size`` (the lower one at least 32)."""
     low = max(SIZE_MULTIPLE, (size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
@@ -76,22 +66,18 @@ def nearest_valid_sizes(size: int) -> tuple[int, int]:
 
 def check_input_size(height: int, width: int) -> None:
     """Raise BrainsegError unless both sides are positive multiples of 32."""
-    bad = [
-        (name, v)
-        for name, v in (("height", height), ("width", width))
-        if v <= 0 or v % SIZE_MULTIPLE
-    ]
-    if not bad:
-        return
     parts = []
-    for name, v in bad:
-        lo, hi = nearest_valid_sizes(v)
-        near = f"{lo}" if lo == hi else f"{lo} or {hi}"
-        parts.append(f"{name} {v} (nearest valid: {near})")
-    raise BrainsegError(
-        f"input size {height}x{width} is not a multiple of {SIZE_MULTIPLE}: " + ", ".join(parts),
-        hint=f"resize or pad images so height and width are multiples of {SIZE_MULTIPLE}",
-    )
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % SIZE_MULTIPLE:
+            lo, hi = nearest_valid_sizes(v)
+            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            parts.append(f"{name} {v} (nearest valid: {near})")
+    if parts:
+        raise BrainsegError(
+            f"input size {height}x{width} is not a multiple of {SIZE_MULTIPLE}: "
+            + ", ".join(parts),
+            hint=f"resize or pad images so height and width are multiples of {SIZE_MULTIPLE}",
+        )
 
 
 def _tracing() -> bool:
@@ -105,10 +91,8 @@ def _tracing() -> bool:
 
 
 def _vgg_features(encoder: str, init: bool = True) -> nn.Sequential:
-    """torchvision's VGG16(-BN) ``features`` without building the 120 M-parameter classifier.
-
-    Same layers, indices and initialisation as ``torchvision.models.vgg16(weights=None)``.
-    """
+    """torchvision's VGG16(-BN) ``features`` (same layers and init) without its 120 M-parameter
+    classifier."""
     from torchvision.models.vgg import cfgs, make_layers
 
     features = make_layers(cfgs["D"], batch_norm=encoder == "vgg16_bn")
@@ -139,11 +123,8 @@ class DoubleConv(nn.Sequential):
 
 
 class VGGEncoder(nn.Module):
-    """torchvision's VGG16(-BN) ``features``; returns the five pre-pool skips and the output.
-
-    ``features`` is the unchanged torchvision ``nn.Sequential`` so ``features.N.*`` state dict
-    keys load as they are.
-    """
+    """torchvision's VGG16(-BN) ``features`` unchanged (its state dict keys load as they are);
+    returns the five pre-pool skips and the output."""
 
     def __init__(self, encoder: str = "vgg16") -> None:
         super().__init__()
@@ -179,8 +160,7 @@ class UpBlock(nn.Module):
         self.conv = DoubleConv(up_channels + skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
-        return self.conv(torch.cat([x, skip], dim=1))
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
 class UNetDecoder(nn.Module):
@@ -189,13 +169,12 @@ class UNetDecoder(nn.Module):
     def __init__(self, decoder_channels: Sequence[int], upsample: str) -> None:
         super().__init__()
         self.bottleneck = DoubleConv(ENCODER_CHANNELS, ENCODER_CHANNELS)
-        stages = []
-        in_ch = ENCODER_CHANNELS
-        for skip_ch, out_ch in zip(reversed(SKIP_CHANNELS), decoder_channels, strict=True):
-            stages.append(UpBlock(in_ch, skip_ch, out_ch, upsample))
-            in_ch = out_ch
-        self.stages = nn.ModuleList(stages)
-        self.head = nn.Conv2d(in_ch, 1, 1)
+        ins = (ENCODER_CHANNELS, *decoder_channels[:-1])
+        self.stages = nn.ModuleList(
+            UpBlock(*channels, upsample)
+            for channels in zip(ins, reversed(SKIP_CHANNELS), decoder_channels, strict=True)
+        )
+        self.head = nn.Conv2d(decoder_channels[-1], 1, 1)
 
     def forward(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         x = self.bottleneck(x)
@@ -213,19 +192,11 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def _check_decoder_channels(value: Any) -> tuple[int, ...]:
-    why = decoder_channels_error(value)
-    if why:
-        raise BrainsegError(why, hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}")
-    return tuple(value)
-
-
 class UNetVGG16(nn.Module):
     """UNet with a VGG16 encoder; float N x 3 x H x W in [0, 255] -> logits N x 1 x H x W.
 
-    ``encoder_weights``: ``None`` / ``"none"`` (random), ``"imagenet"`` (torchvision's
-    IMAGENET1K_V1 weights from the local torch hub cache, never downloaded here) or a path to a
-    torchvision-format state dict (``.pth`` / ``.safetensors``).
+    ``encoder_weights``: ``None`` / ``"none"``, ``"imagenet"`` (from the torch hub cache, never
+    downloaded here) or a torchvision-format state dict (``.pth`` / ``.safetensors``).
     """
 
     mean: torch.Tensor  # ImageNet mean x 255 (buffer, not saved)
@@ -243,15 +214,14 @@ class UNetVGG16(nn.Module):
         self.encoder_name = _check_choice("encoder", encoder, ENCODERS)
         self.upsample = _check_choice("upsample", upsample, UPSAMPLE_MODES)
         self.normalization = _check_choice("normalization", normalization, NORMALIZATIONS)
-        self.decoder_channels = _check_decoder_channels(decoder_channels)
+        why = decoder_channels_error(decoder_channels)
+        if why:
+            raise BrainsegError(why, hint=f"for example {list(DEFAULT_DECODER_CHANNELS)}")
+        self.decoder_channels = tuple(decoder_channels)
         # Resolve the weights (and fail on a missing file) before building anything heavy.
         state = resolve_encoder_weights(encoder_weights, self.encoder_name)
-        self.register_buffer(
-            "mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False
-        )
+        for name, rgb in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            self.register_buffer(name, torch.tensor(rgb).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.encoder = VGGEncoder(self.encoder_name)
         self.decoder = UNetDecoder(self.decoder_channels, self.upsample)
         if state is not None:
@@ -306,9 +276,6 @@ class UNetVGG16(nn.Module):
         return self.decoder(skips, x)
 
 
-# --------------------------------------------------------------------------- encoder weights
-
-
 def _expected_features(encoder: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of torchvision's VGG16(-BN) state dict ``features.*`` (built on meta)."""
     with torch.device("meta"):
@@ -319,10 +286,8 @@ def _expected_features(encoder: str) -> dict[str, tuple[int, ...]]:
 def state_mismatch(
     expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]]
 ) -> str:
-    """Why tensors of shapes ``stored`` (name -> shape) would not load strictly where
-    ``expected`` is wanted: ``"missing ...; unexpected ...; wrong shape ..."`` naming a few of
-    each, or ``""``. One line, shapes as tuples (torch's own strict-load error lists every key,
-    3,400 characters on 13 lines for VGG16 weights given to the BN encoder)."""
+    """Why tensors of shapes ``stored`` would not load strictly where ``expected`` is wanted, in
+    one line naming a few of each problem, or ``""`` (torch's own error lists every key)."""
     missing = [k for k in expected if k not in stored]
     unexpected = [k for k in stored if k not in expected]
     wrong = [
@@ -340,10 +305,8 @@ def _few(items: list[str], n: int = 3) -> str:
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, memory-mapped when the file format allows it.
-
-    Mapping keeps the unused 400 MB classifier of a full VGG16 file out of memory.
-    """
+    """``torch.load(weights_only=True)``, memory-mapped when the format allows it (keeps the
+    unused 400 MB classifier of a full VGG16 file out of memory)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
@@ -397,13 +360,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _features_from(
-    state: Mapping[str, torch.Tensor], path: Path, encoder: str
-) -> dict[str, torch.Tensor]:
-    """Pick ``features.*`` out of a torchvision VGG16 state dict; check keys and shapes."""
+def load_vgg_features(path: Path, encoder: str = "vgg16") -> dict[str, torch.Tensor]:
+    """The ``features`` tensors of a torchvision ``encoder`` state dict file (.pth loaded with
+    ``weights_only``, or .safetensors): every key and shape checked, classifier.* ignored."""
     stored = {
         key.removeprefix("module."): value
-        for key, value in state.items()
+        for key, value in _read_state_dict(path).items()
         if not key.removeprefix("module.").startswith("classifier.")
     }
     if not any(k.startswith("features.") for k in stored):
@@ -435,33 +397,22 @@ def _features_from(
 def resolve_encoder_weights(
     weights: str | os.PathLike[str] | None, encoder: str = "vgg16"
 ) -> dict[str, torch.Tensor] | None:
-    """The ``features`` state dict for ``weights`` (None for random init).
-
-    ``"imagenet"`` reads torchvision's file from the torch hub cache and never touches the
-    network: a missing file raises BrainsegError with the command that fetches it.
-    """
+    """The ``features`` state dict for ``weights`` (None for random init); ``"imagenet"`` never
+    touches the network: a missing file raises BrainsegError with the command that fetches it."""
     if weights is None or (isinstance(weights, str) and weights.lower() in ("none", "")):
         return None
     if isinstance(weights, str) and weights.lower() == "imagenet":
         path = imagenet_weights_path(encoder)
+        command = "brainseg download vgg16" + (" --bn" if encoder == "vgg16_bn" else "")
         if not path.is_file():
             raise BrainsegError(
                 f"ImageNet {encoder} weights not found at {path} (they are never downloaded "
                 "during training)",
-                hint=f"run `{download_command(encoder)}` once (needs internet), or pass "
+                hint=f"run `{command}` once (needs internet), or pass "
                 "--encoder-weights none / a weights file",
             )
         return load_vgg_features(path, encoder)
     return load_vgg_features(Path(weights).expanduser(), encoder)
-
-
-def load_vgg_features(path: Path, encoder: str = "vgg16") -> dict[str, torch.Tensor]:
-    """The ``features`` tensors of a torchvision ``encoder`` state dict file (.pth loaded with
-    ``weights_only``, or .safetensors): every key and shape checked, classifier.* ignored."""
-    return _features_from(_read_state_dict(path), path, encoder)
-
-
-# --------------------------------------------------------------------------- measurement
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

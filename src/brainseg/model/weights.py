@@ -1,9 +1,5 @@
 """torchvision's ImageNet VGG16(-BN) weights: ``brainseg download vgg16`` installs them into
-the torch hub cache, hash-checked and loaded safely, so training can start offline.
-
-The URL and cache path come from :mod:`brainseg.model.unet`; the HTTP download (resume,
-retries) from :mod:`brainseg.data.http`.
-"""
+the torch hub cache, hash-checked and loaded safely, so training can start offline."""
 
 from __future__ import annotations
 
@@ -28,8 +24,6 @@ from brainseg.errors import BrainsegError, BrainsegRuntimeError
 from brainseg.fsutil import atomic_path
 from brainseg.model.unet import imagenet_weights_path, load_vgg_features, vgg16_weights_url
 
-_HEX = re.compile(r"^[0-9a-f]+$")
-
 
 def install_vgg16(opts: DownloadOptions) -> DownloadResult:
     """The ``brainseg download vgg16`` job: install the weights ``opts`` name, say where."""
@@ -48,14 +42,14 @@ def install_vgg16(opts: DownloadOptions) -> DownloadResult:
 def expected_hash_prefix(file_name: str) -> str:
     """The sha256 prefix torch.hub encodes in names like ``vgg16-397923af.pth``."""
     stem = file_name.rsplit("-", 1)[-1].split(".", 1)[0] if "-" in file_name else ""
-    if len(stem) < 8 or not _HEX.match(stem):
+    if len(stem) < 8 or not re.fullmatch("[0-9a-f]+", stem):
         raise BrainsegRuntimeError(f"{file_name} has no sha256 prefix after its last '-'")
     return stem
 
 
 def check_vgg_state_dict(path: Path, bn: bool = False) -> int:
     """Load ``path`` safely as a torchvision VGG16(-BN) state dict (every ``features.*`` key and
-    shape, :func:`brainseg.model.unet.load_vgg_features`); return the number of those tensors."""
+    shape checked); return the number of those tensors."""
     return len(load_vgg_features(path, "vgg16_bn" if bn else "vgg16"))
 
 
@@ -70,13 +64,9 @@ def download_vgg16(
     timeout: float = DEFAULT_TIMEOUT,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
-    """Install torchvision's ImageNet VGG16(-BN) weights into the torch hub cache; return path.
-
-    The file gets the name torchvision uses, so ``torchvision.models.vgg16(weights=
-    "IMAGENET1K_V1")`` then works offline. Whatever the source (torchvision's URL, a mirror
-    ``url`` or ``from_file``), the file's sha256 must start with the hex in that name and it
-    must load with ``torch.load(weights_only=True)``. A valid installed file is kept as is.
-    """
+    """Install torchvision's ImageNet VGG16(-BN) weights under torchvision's own file name in
+    the torch hub cache; return the path. Whatever the source, the sha256 must start with the
+    hex in that name and the file must load safely; a valid installed file is kept as is."""
     if url and from_file:
         raise BrainsegError("--url and --from-file cannot be used together")
     if url is not None:
