@@ -19,7 +19,7 @@ from brainseg import console as con
 from brainseg.config import TrainConfig
 from brainseg.model.checkpoint import save_checkpoint
 from brainseg.train import validation
-from brainseg.train.epoch import Stopper, run_epoch, stopped_after_epoch
+from brainseg.train.epoch import Stopper, interrupted, run_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
 from brainseg.train.report import write_train_report
@@ -66,7 +66,7 @@ def run_training(
             run_epoch(run, epoch, stopper)
             end_of_epoch(run, epoch, t_epoch)
             if run.rt.dist.any_flags(stopper.requested)[0]:  # asked during validation / saving
-                stopped_after_epoch(run, epoch)
+                raise interrupted(run, f"after epoch {epoch + 1} of {cfg.epochs}")
         run.loggers.final(run.run_dir / "best.safetensors")
     finally:
         run.loggers.close()
