@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
 from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
 from brainseg.train.ema import ema_extra, load_ema
+
+if TYPE_CHECKING:
+    from brainseg.train.setup import Run
 
 
 @dataclass
@@ -50,24 +52,16 @@ class LoopState:
         return {k: v for k, v in self.__dict__.items() if k != "perm"}
 
 
-def save_last(
-    run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    gen: torch.Generator,
-    state: LoopState,
-    metadata: dict[str, Any],
-    ema: Any = None,
-) -> None:
-    """last.safetensors: weights + optimiser, scaler, RNG and loop state (no pickle).
+def save_last(run: Run, metadata: dict[str, Any]) -> None:
+    """The run's last.safetensors: weights (or their EMA), optimiser, scaler, RNG, loop state.
 
     Tensors (Adam moments, RNG states, the epoch's permutation) go in ``extra``; the rest
     (param groups, scaler scalars, counters) is JSON in the metadata. With an EMA the saved
     weights are the average and the trained ones go in ``extra`` (brainseg.train.ema).
     """
-    extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(model, ema)
-    opt = optimizer.state_dict()
+    state, ema = run.state, run.ema
+    extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(run.raw, ema)
+    opt = run.optimizer.state_dict()
     for pid, st in opt["state"].items():
         for k, v in st.items():
             t = v if torch.is_tensor(v) else torch.tensor(v)
@@ -75,7 +69,7 @@ def save_last(
     extra["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         extra["rng.cuda"] = torch.cuda.get_rng_state()
-    extra["rng.sampler"] = gen.get_state()
+    extra["rng.sampler"] = run.gen.get_state()
     extra["perm"] = state.perm.to(torch.int64).contiguous()
     meta = {
         **metadata,
@@ -83,10 +77,10 @@ def save_last(
         "train_state": {
             **state.to_json(),
             "optim_param_groups": opt["param_groups"],
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         },
     }
-    save_checkpoint(run_dir / "last.safetensors", model if ema is None else ema.module, meta, extra)
+    save_checkpoint(run.run_dir / "last.safetensors", run.eval_model, meta, extra)
 
 
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
@@ -109,37 +103,31 @@ def read_resume_state(run_dir: Path) -> dict[str, Any]:
     return {"meta": meta, "weights": weights, "extra": extra}
 
 
-def load_train_state(
-    resume: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    gen: torch.Generator,
-    state: LoopState,
-    device: torch.device,
-    ema: Any = None,
-) -> None:
+def load_train_state(resume: dict[str, Any], run: Run) -> None:
     """Put the model (and its EMA), optimiser, scaler, generators and loop counters back."""
     tensors: dict[str, torch.Tensor] = resume["extra"]
     ts = dict(resume["meta"]["train_state"])
-    if ema is None:
-        model.load_state_dict(resume["weights"], strict=True)
+    state, scaler = run.state, run.scaler
+    if run.ema is None:
+        run.raw.load_state_dict(resume["weights"], strict=True)
     else:
-        load_ema(resume["weights"], tensors, model, ema)
+        load_ema(resume["weights"], tensors, run.raw, run.ema)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     pre = "optim."
     for k, v in tensors.items():
         if k.startswith(pre):
             pid, name = k[len(pre) :].split(".", 1)
             opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": ts.pop("optim_param_groups")})
+    run.optimizer.load_state_dict(
+        {"state": opt_state, "param_groups": ts.pop("optim_param_groups")}
+    )
     scaler_state = ts.pop("scaler")
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
     torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    gen.set_state(tensors["rng.sampler"])
+    if "rng.cuda" in tensors and run.rt.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], run.rt.device)
+    run.gen.set_state(tensors["rng.sampler"])
     state.perm = tensors["perm"].to(torch.int64)
     for k, v in ts.items():
         if hasattr(state, k):

@@ -28,7 +28,7 @@ from brainseg.model.unet import UNetVGG16
 from brainseg.train.data import TrainData, load_data, load_split_checked
 from brainseg.train.ema import build_ema
 from brainseg.train.loggers import Loggers
-from brainseg.train.resume import LoopState, load_train_state, read_resume_state, save_last
+from brainseg.train.resume import LoopState, load_train_state, read_resume_state
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime
 
@@ -71,13 +71,6 @@ class Run:
     @property
     def warmup_steps(self) -> int:
         return round(self.cfg.warmup_epochs * self.steps)
-
-    def save_last(self, metadata: dict[str, Any]) -> None:
-        """This run's last.safetensors: weights (or their EMA), optimiser, RNG, loop state."""
-        save_last(
-            self.run_dir, self.raw, self.optimizer, self.scaler, self.gen, self.state, metadata,
-            self.ema,
-        )  # fmt: skip
 
 
 def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
@@ -231,7 +224,7 @@ def setup(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) 
     )  # fmt: skip
     run.model, run.ema = raw, build_ema(cfg, raw)
     if resume is not None:
-        load_train_state(resume, raw, optimizer, scaler, run.gen, run.state, rt.device, run.ema)
+        load_train_state(resume, run)
         run.rows = [
             r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= run.state.epoch
         ]
