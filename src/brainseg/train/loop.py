@@ -1,10 +1,6 @@
 """The training loop, read top to bottom: setup, then per epoch train / validate / save / log.
 
-    brainseg train DATA --split splits.yaml            # one process, CPU / CUDA / MPS
-    torchrun --nproc-per-node 4 -m brainseg train ...  # DistributedDataParallel
-
-:func:`run_training` takes a TrainConfig and returns a :class:`TrainResult`; :func:`train` is
-the same returning the run folder; ``brainseg train`` (commands/train.py) renders the result.
+One process (CPU / CUDA / MPS) or DistributedDataParallel under torchrun.
 """
 
 from __future__ import annotations
@@ -42,10 +38,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Train a UNet-VGG16 as ``cfg`` says; returns the run folder (:func:`run_training`'s).
-
-    ``cfg.resume`` (a run folder) continues that run from its last.safetensors; build such a
-    config with :func:`brainseg.config.load_resume_config`.
-    """
+    To continue a run, build ``cfg`` with :func:`brainseg.config.load_resume_config`."""
     return run_training(cfg, cache_dir=cache_dir).run_dir
 
 

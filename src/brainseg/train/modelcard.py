@@ -1,11 +1,4 @@
-"""The metadata a run's checkpoints carry: settings, epoch, metrics and the model card.
-
-:func:`checkpoint_meta` is what best.safetensors / last.safetensors store (rank 0, before
-each save): the run's metadata, the epoch's metrics and :func:`brainseg.model.card.with_card`'s
-card, with the checkpoint it is ("best", "last", or "final" for ``--fold all``) and the
-training split (:func:`brainseg.model.card.split_summary`; ``--fold all``: every patient, none
-validated).
-"""
+"""The metadata a run's checkpoints carry: settings, epoch, metrics and the model card."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Exact resume: the loop's counters (LoopState) and last.safetensors (weights, Adam moments,
 RNG states, the epoch's permutation; no pickle) written and read back.
+
+With ``ema_decay`` an exponential moving average of the weights (torch's AveragedModel) is the
+run's model (validated, previewed, saved); last.safetensors also keeps the trained weights
+(``train.*``) and the number of averaged steps, so a resume continues both exactly.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ import torch
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
 from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
-from brainseg.train.ema import ema_extra, load_ema
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from brainseg.train.setup import Run
+
+#: Prefix of the trained (not averaged) weights among last.safetensors' extra tensors.
+TRAIN_PREFIX = "train."
+N_AVERAGED = "ema.n_averaged"
 
 
 @dataclass
@@ -53,14 +62,13 @@ class LoopState:
 
 
 def save_last(run: Run, metadata: dict[str, Any]) -> None:
-    """The run's last.safetensors: weights (or their EMA), optimiser, scaler, RNG, loop state.
-
-    Tensors (Adam moments, RNG states, the epoch's permutation) go in ``extra``; the rest
-    (param groups, scaler scalars, counters) is JSON in the metadata. With an EMA the saved
-    weights are the average and the trained ones go in ``extra`` (brainseg.train.ema).
-    """
+    """The run's last.safetensors: weights (or their EMA), optimiser, scaler, RNG, loop state;
+    tensors go in ``extra``, the rest (param groups, scaler, counters) is JSON metadata."""
     state, ema = run.state, run.ema
-    extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(run.raw, ema)
+    extra: dict[str, torch.Tensor] = {}
+    if ema is not None:
+        extra = {TRAIN_PREFIX + k: v for k, v in run.raw.state_dict().items()}
+        extra[N_AVERAGED] = ema.n_averaged
     opt = run.optimizer.state_dict()
     for pid, st in opt["state"].items():
         for k, v in st.items():
@@ -134,3 +142,27 @@ def load_train_state(resume: dict[str, Any], run: Run) -> None:
             setattr(state, k, v)
     if state.step_in_epoch:  # the interrupted epoch's wall time so far counts in its row
         state.carried_seconds = state.train_seconds
+
+
+def build_ema(cfg: TrainConfig, raw: nn.Module) -> Any:
+    """The AveragedModel of ``raw`` (buffers averaged too: BatchNorm statistics), or None."""
+    if cfg.ema_decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
+def load_ema(
+    weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], raw: nn.Module, ema: Any
+) -> None:
+    """Put the trained weights into ``raw`` and the saved average into ``ema``."""
+    trained = {k[len(TRAIN_PREFIX) :]: v for k, v in extra.items() if k.startswith(TRAIN_PREFIX)}
+    if not trained or N_AVERAGED not in extra:
+        raise BrainsegError(
+            "cannot resume: last.safetensors holds no EMA state, but the run has ema_decay set",
+            hint="resume with the config the run was started with (its config.yaml)",
+        )
+    raw.load_state_dict(trained, strict=True)
+    ema.module.load_state_dict(weights, strict=True)
+    ema.n_averaged.copy_(extra[N_AVERAGED])

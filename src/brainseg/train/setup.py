@@ -26,9 +26,8 @@ from brainseg.fsutil import atomic_write_bytes, atomic_write_text, next_run_dir,
 from brainseg.inference.postprocess import DEFAULT_THRESHOLD
 from brainseg.model.unet import UNetVGG16
 from brainseg.train.data import TrainData, load_data, load_split_checked
-from brainseg.train.ema import build_ema
 from brainseg.train.loggers import Loggers
-from brainseg.train.resume import LoopState, load_train_state, read_resume_state
+from brainseg.train.resume import LoopState, build_ema, load_train_state, read_resume_state
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime
 
@@ -57,7 +56,7 @@ class Run:
     model: Any = None  # raw, or wrapped by DDP / torch.compile
     encoder_trainable: bool | None = None
     loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0 only); csv is apart
-    ema: Any = None  # the AveragedModel of raw when ema_decay is set (brainseg.train.ema)
+    ema: Any = None  # the AveragedModel of raw when ema_decay is set (brainseg.train.resume)
 
     @property
     def eval_model(self) -> Any:
@@ -74,10 +73,8 @@ class Run:
 
 
 def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
-    """(run folder, resume state, split path): the state is read before anything is built.
-
-    The split path is None for --fold all without --split (every patient of the dataset).
-    """
+    """(run folder, resume state, split path), read before anything is built; the split path
+    is None for --fold all without --split."""
     assert cfg.split is not None or cfg.resume is not None or cfg.all_patients
     given = Path(cfg.split) if cfg.split else None
     if not cfg.resume:

@@ -1,8 +1,7 @@
 """Validation at the training size: loss, mean per-slice Dice, mean per-patient (3D) Dice.
 
-Dice comes from :func:`brainseg.evaluation.metrics.dice_from_counts` (the one Dice, its empty
-policy);
-the mask is ``probability >= postprocess.DEFAULT_THRESHOLD``, as predict makes it.
+The mask is ``probability >= DEFAULT_THRESHOLD``, as predict makes it; Dice is the one of
+:func:`brainseg.evaluation.metrics.dice_from_counts` (its empty policy too).
 """
 
 from __future__ import annotations
@@ -37,12 +36,8 @@ def validate(
     dist: Distributed | None = None,
     return_per_patient: bool = False,
 ) -> dict[str, Any]:
-    """Loss, mean per-slice Dice and mean per-patient Dice on the validation set.
-
-    A slice's Dice uses its own pixels; a patient's Dice stacks all of its slices (one 3D Dice
-    per patient, tallies scatter-added by patient index). Under torchrun each rank evaluates a
-    strided share and the per-slice tallies are all-reduced (exact).
-    """
+    """Loss, mean per-slice Dice and mean per-patient (3D) Dice on the validation set; under
+    torchrun each rank evaluates a strided share and the per-slice tallies are all-reduced."""
     dist = dist or Distributed()
     was_training = model.training
     model.eval()
