@@ -100,6 +100,16 @@ def _recipe(default: Any, help: str, **meta: Any) -> Any:
     return _setting(default, help, roles=("recipe",), **meta)
 
 
+def _per_fold(default: Any, help: str, **meta: Any) -> Any:
+    """A setting ``brainseg cv`` sets for every fold itself."""
+    return _setting(default, help, roles=("per_fold",), **meta)
+
+
+def _runtime(default: Any, help: str, **meta: Any) -> Any:
+    """A setting that does not change what is trained (may change on a resume or cv resume)."""
+    return _setting(default, help, roles=("resumable", "runtime"), **meta)
+
+
 def _at_least(low: int, hint: str) -> Rule:
     return Rule(lambda v: v >= low, "must be at least 1" if low == 1 else f"must be >= {low}", hint)
 
@@ -127,16 +137,11 @@ class TrainConfig:
     """Every setting of a training run. Defaults are the reference recipe (configs/seed.yaml)."""
 
     # data
-    data: str | None = _setting(
-        None,
-        "Dataset folder (kaggle_3m layout); not needed with --resume.",
-        cli=False,
-        roles=("per_fold",),
+    data: str | None = _per_fold(
+        None, "Dataset folder (kaggle_3m layout); not needed with --resume.", cli=False
     )
-    split: str | None = _setting(
-        None, "Split YAML from `brainseg split`.", path=True, roles=("per_fold",)
-    )
-    fold: int | str | None = _setting(
+    split: str | None = _per_fold(None, "Split YAML from `brainseg split`.", path=True)
+    fold: int | str | None = _per_fold(
         None,
         "Cross-validation fold K (0..folds-1) of a --folds split, or all: train on every "
         "patient (of DATA, or of --split's subsets together) with no validation.",
@@ -146,7 +151,6 @@ class TrainConfig:
             "must be >= 0 or all",
             "folds are numbered 0..K-1; --fold all trains on every patient",
         ),
-        roles=("per_fold",),
     )
     postprocess_from: str | None = _setting(
         None,
@@ -230,16 +234,12 @@ class TrainConfig:
         "none | cosine (per step, to 0) | plateau (x0.5 when val per-patient Dice stalls).",
         choices=SCHEDULERS,
     )
-    # a linear ramp of the learning rate from lr / N to lr over the first warmup_epochs epochs
-    # (in steps), then the scheduler over the rest of the run
     warmup_epochs: float = _recipe(
         0.0,
         "Epochs of linear learning-rate warm-up before the scheduler.",
         cli=False,
         rule=_finite(lambda v: v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
     )
-    # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel),
-    # updated after every step; validation, best / last / final weights and preview use it
     ema_decay: float | None = _recipe(
         None,
         "Decay of an EMA of the weights (None: off).",
@@ -303,7 +303,7 @@ class TrainConfig:
         choices=MASK_MODES,
     )
     # device and speed
-    device: str = _setting("auto", f"{DEVICE_HELP}.", roles=("resumable", "runtime"))
+    device: str = _runtime("auto", f"{DEVICE_HELP}.")
     amp: str = _recipe(
         "auto",
         "auto | bf16 | fp16 | off (auto: bf16 on GPUs and on CPUs with native bf16, else fp32).",
@@ -311,11 +311,10 @@ class TrainConfig:
     )
     channels_last: bool = _setting(False, "NHWC memory format.")
     compile: bool = _setting(False, "torch.compile the model.")
-    workers: int = _setting(
+    workers: int = _runtime(
         0,
         "CPU threads for torch (0: torch's default).",
         rule=_at_least(0, "0 uses torch's default"),
-        roles=("resumable", "runtime"),
     )
     val_batch_size: int | None = _setting(
         None,
@@ -333,13 +332,10 @@ class TrainConfig:
         False, "torch.use_deterministic_algorithms (same seed + device = same numbers)."
     )
     # output
-    project: str = _setting("runs/train", "Parent folder of runs.", path=True, roles=("per_fold",))
-    name: str = _setting("exp", "Run folder name; exp2, exp3... if taken.", roles=("per_fold",))
-    exist_ok: bool = _setting(
-        False,
-        "Reuse project/name instead of numbering a new folder.",
-        switch=False,
-        roles=("per_fold",),
+    project: str = _per_fold("runs/train", "Parent folder of runs.", path=True)
+    name: str = _per_fold("exp", "Run folder name; exp2, exp3... if taken.")
+    exist_ok: bool = _per_fold(
+        False, "Reuse project/name instead of numbering a new folder.", switch=False
     )
     resume: str | None = _setting(
         None,
@@ -356,12 +352,8 @@ class TrainConfig:
         show="csv only",
         roles=("resumable",),
     )
-    quiet: bool = _setting(
-        False,
-        "No progress bar or per-epoch lines.",
-        flags=("-q",),
-        switch=False,
-        roles=("resumable", "runtime"),
+    quiet: bool = _runtime(
+        False, "No progress bar or per-epoch lines.", flags=("-q",), switch=False
     )
     preview_slices: int = _setting(
         6, "Validation slices shown in preview.png.", cli=False, rule=_at_least(0, "e.g. 6")

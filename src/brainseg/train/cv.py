@@ -479,8 +479,6 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     for f in folds:  # the folds' validation patients are disjoint (check_coverage)
         fold_of[ds.indices_of(f.val_patients)] = f.fold
     rows_all = np.flatnonzero(fold_of >= 0)
-    pos = np.full(len(ds), -1, dtype=np.int64)
-    pos[rows_all] = np.arange(rows_all.size)
     h, w = ds.size
     prob = np.empty((rows_all.size, h, w), dtype=np.float32)
     # the inference settings predict and eval take: the folds' device and validation batch
@@ -491,7 +489,7 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
         rows = np.flatnonzero(fold_of == f.fold)
         con.info(f"out-of-fold: fold {f.fold} model predicts {len(f.val_patients)} patients")
         predictor = load_predictor([f.model], infer)
-        prob[pos[rows]] = predict_rows(predictor, ds.images, rows)
+        prob[np.searchsorted(rows_all, rows)] = predict_rows(predictor, ds.images, rows)
     oof = OOF(
         prob=prob,
         gt=np.asarray(ds.masks[rows_all]) != 0,

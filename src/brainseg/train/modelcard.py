@@ -10,9 +10,6 @@ from brainseg.train.runfiles import METRICS_COLUMNS
 if TYPE_CHECKING:
     from brainseg.train.setup import Run
 
-#: The card's selection for --fold all (best.safetensors and last.safetensors alike).
-FINAL = "final"
-
 
 def split_card(run: Run) -> dict[str, Any]:
     """The card's ``training.split`` of this run."""
@@ -58,7 +55,7 @@ def checkpoint_meta(run: Run, row: dict[str, Any], selection: str) -> dict[str, 
         meta["postprocess_cv"] = cv
     meta = model_card.with_card(meta, selection="last", split=split_card(run))
     card = meta[model_card.CARD_KEY]
-    card["training"]["checkpoint"] = FINAL
+    card["training"]["checkpoint"] = "final"  # best and last alike
     card["eval_protocol"] = {
         **card["eval_protocol"],
         "protocol": "none: trained on every patient (--fold all), nothing held out"
