@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -66,17 +66,6 @@ class Rule:
     ok: Callable[[Any], bool]
     must: str
     hint: str
-
-
-def check_loggers(names: Sequence[str]) -> None:
-    """Refuse an unknown logger, or one whose package is not installed (exit 2)."""
-    for name in names:
-        if name not in LOGGERS:
-            raise BrainsegError(
-                f"unknown --logger {name!r}",
-                hint=f"choose {' or '.join(LOGGERS)} (csv is always written)",
-            )
-        require(LOGGERS[name], f"--logger {name}")
 
 
 def _setting(
@@ -483,8 +472,13 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"warmup_epochs must be less than epochs ({cfg.epochs}), got {cfg.warmup_epochs:g}",
             "e.g. warmup_epochs: 1 for a 20-epoch run",
         )
-    if cfg.loggers:
-        check_loggers(cfg.loggers)
+    for name in cfg.loggers:  # unknown, or its package is not installed
+        if name not in LOGGERS:
+            _bad(
+                f"unknown --logger {name!r}",
+                f"choose {' or '.join(LOGGERS)} (csv is always written)",
+            )
+        require(LOGGERS[name], f"--logger {name}")
     if cfg.all_patients and cfg.scheduler == "plateau":
         _bad(
             "--scheduler plateau needs validation patients, and --fold all has none",

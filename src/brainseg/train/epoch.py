@@ -140,7 +140,8 @@ def train_step(run: Run, epoch: int, step: int, stopper: Stopper) -> bool:
     cfg, state, opt = run.cfg, run.state, run.optimizer
     t_step = time.perf_counter()
     x, y = draw_batch(run, step)
-    lr = lr_at(cfg, state.global_step, run.total_steps, state.plateau_scale, run.warmup_steps)
+    total, warmup = run.steps * cfg.epochs, round(cfg.warmup_epochs * run.steps)
+    lr = lr_at(cfg, state.global_step, total, state.plateau_scale, warmup)
     for g in opt.param_groups:
         g["lr"] = lr
     # forward, loss; a non-finite loss stops every rank before the update

@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from brainseg.config import check_loggers
-
 #: The MLflow experiment runs go to unless MLFLOW_EXPERIMENT_NAME says otherwise.
 MLFLOW_EXPERIMENT = "brainseg"
 
@@ -118,7 +116,6 @@ class Loggers:
 
     @classmethod
     def open(cls, names: Sequence[str], run_dir: Path, config: Mapping[str, Any]) -> Loggers:
-        check_loggers(names)
         kinds = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
         return cls([kinds[n](run_dir, config) for n in dict.fromkeys(names)])
 

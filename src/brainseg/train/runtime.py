@@ -30,7 +30,8 @@ class Runtime:
 
     @property
     def amp_name(self) -> str:
-        return amp_name(self.amp_dtype)
+        """bf16, fp16 or off."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off")
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
@@ -88,8 +89,3 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    """bf16, fp16 or off."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"

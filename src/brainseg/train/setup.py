@@ -63,14 +63,6 @@ class Run:
         """The model that is validated and saved: the EMA of the weights when it is on."""
         return self.raw if self.ema is None else self.ema.module
 
-    @property
-    def total_steps(self) -> int:
-        return self.steps * self.cfg.epochs
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.cfg.warmup_epochs * self.steps)
-
 
 def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
     """(run folder, resume state, split path), read before anything is built; the split path
