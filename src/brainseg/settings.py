@@ -209,8 +209,7 @@ def json_depth(value: Any, limit: int = MAX_METADATA_DEPTH) -> int:
 
 
 def load_metadata_json(text: str | bytes, what: str) -> Any:
-    """``json.loads`` for model metadata: deep nesting is a ValueError naming ``what`` (as invalid
-    JSON is), not a RecursionError."""
+    """``json.loads`` for model metadata: too deep is a ValueError naming ``what``."""
     try:
         value = json.loads(text)
     except RecursionError as exc:

@@ -26,8 +26,7 @@ VAL_COLUMNS = ("val_loss", "val_dice_slice", "val_dice_patient")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.csv as a list of dicts (epoch int, the rest float; an empty cell None);
-    [] when missing."""
+    """metrics.csv as dicts (epoch int, the rest float, an empty cell None); [] when missing."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:

@@ -31,7 +31,8 @@ class Runtime:
     @property
     def amp_name(self) -> str:
         """bf16, fp16 or off."""
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off")
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names.get(self.amp_dtype, "off") if self.amp_dtype else "off"
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:

@@ -229,8 +229,7 @@ def setup(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) 
 def write_start_files(
     run: Run, split_path: Path | None, resolved: dict[str, Any], fresh: bool
 ) -> None:
-    """config.yaml (with run_info), split.yaml (a fresh run's copy; --fold all without a
-    split: the every-patient split made from the dataset), metrics.csv so far."""
+    """config.yaml (with run_info), split.yaml (a fresh run's), metrics.csv so far."""
     d = run.run_dir
     atomic_write_text(
         d / "config.yaml", dump_yaml({**resolved, "run_info": run_info(run, split_path)})

@@ -56,9 +56,8 @@ def validate(
         logits = logits.float()
         loss_sum += loss_fn(cfg.loss, logits, y).item() * len(idx)
         pred, gt = predict_masks(logits), y > 0.5
-        tallies[0, idx] = (pred & gt).flatten(1).sum(1).double().cpu()
-        tallies[1, idx] = pred.flatten(1).sum(1).double().cpu()
-        tallies[2, idx] = gt.flatten(1).sum(1).double().cpu()
+        for j, t in enumerate((pred & gt, pred, gt)):
+            tallies[j, idx] = t.flatten(1).sum(1).double().cpu()
     packed = dist.all_reduce_sum(torch.cat([tallies.flatten(), torch.tensor([loss_sum])]))
     counts, loss_sum = packed[:-1].view(3, val.n).numpy(), float(packed[-1])
     if was_training:
