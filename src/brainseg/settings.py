@@ -115,11 +115,7 @@ def resolve(
     thr = threshold if threshold is not None else stored_thr
     ms = min_size if min_size is not None else pp.get("min_size")
     lg = largest if largest is not None else pp.get("largest_component", pp.get("largest"))
-    post = PostSettings(
-        threshold=float(DEFAULT_THRESHOLD if thr is None else thr),
-        min_size=int(ms or 0),
-        largest=bool(lg or False),
-    )
+    post = PostSettings(float(DEFAULT_THRESHOLD if thr is None else thr), int(ms or 0), bool(lg))
     if not 0.0 <= post.threshold <= 1.0:
         raise BrainsegError(
             f"threshold {post.threshold} is outside [0, 1]",
