@@ -550,20 +550,20 @@ def field_types() -> dict[str, tuple[type, bool]]:
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    words = {f.name: f.metadata.get("words", ()) for f in fields(cfg)}
-    for name, (kind, optional) in field_types().items():
-        v = getattr(cfg, name)
-        if (v is None and optional) or (isinstance(v, str) and v in words[name]):
+    for f in fields(cfg):
+        kind, optional = field_types()[f.name]
+        words, v = f.metadata.get("words", ()), getattr(cfg, f.name)
+        if (v is None and optional) or (isinstance(v, str) and v in words):
             continue
         ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
-        item = next(f.metadata.get("items", int) for f in fields(cfg) if f.name == name)
+        item = f.metadata.get("items", int)
         if kind is list and ok:
             ok = all(isinstance(c, item) and not isinstance(c, bool) for c in v)
         if not ok:
             key = ("decoder_channels" if item is int else "names") if kind is list else None
             want = _TYPE_WORDS[key or kind.__name__]
-            want += "".join(f" or {w}" for w in words[name])
-            _bad(f"{name} must be {want}, got {v!r}", "see docs/training.md for each setting")
+            want += "".join(f" or {w}" for w in words)
+            _bad(f"{f.name} must be {want}, got {v!r}", "see docs/training.md for each setting")
 
 
 _TYPE_WORDS = {

@@ -166,12 +166,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _is_model_size(v: Any) -> bool:
-    return (
-        _is_number(v)
-        and v == int(v)
-        and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE
-        and int(v) % SIZE_MULTIPLE == 0
-    )
+    return _is_number(v) and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE and v % SIZE_MULTIPLE == 0
 
 
 def decoder_channels_error(value: Any) -> str | None:
