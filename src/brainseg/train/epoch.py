@@ -21,7 +21,6 @@ from brainseg.config import TrainConfig
 from brainseg.data.augment import augment_batch, draw
 from brainseg.errors import EXIT_INTERRUPTED, BrainsegError, BrainsegRuntimeError
 from brainseg.train.data import fetch
-from brainseg.train.resume import save_last
 from brainseg.train.runfiles import epoch_bar
 from brainseg.train.runtime import autocast
 
@@ -183,7 +182,7 @@ def run_epoch(run: Run, epoch: int, stopper: Stopper) -> None:
             bar.advance(run.global_batch, loss=run.state.loss_sum / run.state.loss_count)
             if stop:  # save the position in the epoch too
                 if run.rt.dist.is_main:
-                    save_last(run, run.meta)
+                    run.save_last(run.meta)
                 raise interrupted(run, f"at epoch {epoch + 1} step {step + 1}/{run.steps}")
 
 

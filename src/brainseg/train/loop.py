@@ -19,7 +19,6 @@ from brainseg.train.epoch import Stopper, interrupted, run_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
 from brainseg.train.report import write_train_report
-from brainseg.train.resume import save_last
 from brainseg.train.runfiles import VAL_COLUMNS, epoch_line, write_curves, write_metrics
 from brainseg.train.setup import Run, setup
 
@@ -128,4 +127,4 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     # last's epoch are dropped); the other order would lose the row for good
     write_metrics(d / "metrics.csv", run.rows)
     write_curves(d / "curves.png", run.rows, run.cfg.image_size)
-    save_last(run, checkpoint_meta(run, row, "last"))
+    run.save_last(checkpoint_meta(run, row, "last"))

@@ -1,5 +1,5 @@
 """Exact resume: the loop's counters (LoopState) and last.safetensors (weights, Adam moments,
-RNG states, the epoch's permutation; no pickle) written and read back.
+RNG states, the epoch's permutation; no pickle) read back; ``Run.save_last`` writes it.
 
 With ``ema_decay`` an exponential moving average of the weights (torch's AveragedModel) is the
 run's model (validated, previewed, saved); last.safetensors also keeps the trained weights
@@ -16,12 +16,10 @@ import torch
 
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
-from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
+from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from brainseg.train.setup import Run
 
 #: Prefix of the trained (not averaged) weights among last.safetensors' extra tensors.
 TRAIN_PREFIX = "train."
@@ -61,36 +59,6 @@ class LoopState:
         return {k: v for k, v in self.__dict__.items() if k != "perm"}
 
 
-def save_last(run: Run, metadata: dict[str, Any]) -> None:
-    """The run's last.safetensors: weights (or their EMA), optimiser, scaler, RNG, loop state;
-    tensors go in ``extra``, the rest (param groups, scaler, counters) is JSON metadata."""
-    state, ema = run.state, run.ema
-    extra: dict[str, torch.Tensor] = {}
-    if ema is not None:
-        extra = {TRAIN_PREFIX + k: v for k, v in run.raw.state_dict().items()}
-        extra[N_AVERAGED] = ema.n_averaged
-    opt = run.optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for k, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
-            extra[f"optim.{pid}.{k}"] = t.detach().cpu().contiguous()
-    extra["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        extra["rng.cuda"] = torch.cuda.get_rng_state()
-    extra["rng.sampler"] = run.gen.get_state()
-    extra["perm"] = state.perm.to(torch.int64).contiguous()
-    meta = {
-        **metadata,
-        "epoch": state.epoch,
-        "train_state": {
-            **state.to_json(),
-            "optim_param_groups": opt["param_groups"],
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        },
-    }
-    save_checkpoint(run.run_dir / "last.safetensors", run.eval_model, meta, extra)
-
-
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
     """Metadata and tensors of ``run_dir/last.safetensors`` (refused when missing/foreign)."""
     last = run_dir / "last.safetensors"
@@ -109,39 +77,6 @@ def read_resume_state(run_dir: Path) -> dict[str, Any]:
     weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
     extra = {k[len(EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
     return {"meta": meta, "weights": weights, "extra": extra}
-
-
-def load_train_state(resume: dict[str, Any], run: Run) -> None:
-    """Put the model (and its EMA), optimiser, scaler, generators and loop counters back."""
-    tensors: dict[str, torch.Tensor] = resume["extra"]
-    ts = dict(resume["meta"]["train_state"])
-    state, scaler = run.state, run.scaler
-    if run.ema is None:
-        run.raw.load_state_dict(resume["weights"], strict=True)
-    else:
-        load_ema(resume["weights"], tensors, run.raw, run.ema)
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    pre = "optim."
-    for k, v in tensors.items():
-        if k.startswith(pre):
-            pid, name = k[len(pre) :].split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = v
-    run.optimizer.load_state_dict(
-        {"state": opt_state, "param_groups": ts.pop("optim_param_groups")}
-    )
-    scaler_state = ts.pop("scaler")
-    if scaler_state and scaler.is_enabled():
-        scaler.load_state_dict(scaler_state)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and run.rt.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], run.rt.device)
-    run.gen.set_state(tensors["rng.sampler"])
-    state.perm = tensors["perm"].to(torch.int64)
-    for k, v in ts.items():
-        if hasattr(state, k):
-            setattr(state, k, v)
-    if state.step_in_epoch:  # the interrupted epoch's wall time so far counts in its row
-        state.carried_seconds = state.train_seconds
 
 
 def build_ema(cfg: TrainConfig, raw: nn.Module) -> Any:
