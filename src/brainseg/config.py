@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,28 +68,15 @@ class Rule:
     hint: str
 
 
-def check_loggers(names: Sequence[str]) -> None:
-    """Refuse an unknown logger, or one whose package is not installed (exit 2)."""
-    for name in names:
-        if name not in LOGGERS:
-            raise BrainsegError(
-                f"unknown --logger {name!r}",
-                hint=f"choose {' or '.join(LOGGERS)} (csv is always written)",
-            )
-        require(LOGGERS[name], f"--logger {name}")
-
-
 def _setting(
     default: Any, help: str, *, roles: tuple[str, ...] = (), cli: bool = True, **meta: Any
 ) -> Any:
     """A TrainConfig field with its help text, its :data:`ROLES` and CLI / validation metadata.
 
-    ``roles``: which of :data:`ROLES` besides ``flag`` it has; ``cli=False``: YAML only (no
-    ``flag`` role). meta: ``show`` (the default as the help shows it), ``choices``, ``rule`` (a
-    :class:`Rule`), ``flags`` (extra option names), ``switch`` (False: a bool option without
-    ``--no-``), ``path`` (the option takes a path), ``words`` (strings a numeric setting also
-    takes, e.g. ``--fold all``; the option then takes text), ``items`` (the type of a list
-    setting's items; int when not given).
+    ``cli=False``: YAML only (no ``flag`` role). meta: ``show`` (the default as the help shows
+    it), ``choices``, ``rule``, ``flags`` (extra option names), ``switch`` (False: no
+    ``--no-``), ``path``, ``words`` (strings a numeric setting also takes, e.g. ``--fold all``),
+    ``items`` (a list setting's item type; int when not given).
     """
     metadata = {"help": help, "roles": frozenset(roles) | ({"flag"} if cli else set()), **meta}
     if isinstance(default, tuple):
@@ -97,27 +84,40 @@ def _setting(
     return field(default=default, metadata=metadata)
 
 
-def _open_unit(v: float) -> bool:
-    """In (0, 1): a probability or a decay that is neither 0 nor 1."""
-    return 0.0 < v < 1.0
+def _recipe(default: Any, help: str, **meta: Any) -> Any:
+    """A setting that decides what is trained (the ``recipe`` role)."""
+    return _setting(default, help, roles=("recipe",), **meta)
+
+
+def _per_fold(default: Any, help: str, **meta: Any) -> Any:
+    """A setting ``brainseg cv`` sets for every fold itself."""
+    return _setting(default, help, roles=("per_fold",), **meta)
+
+
+def _runtime(default: Any, help: str, **meta: Any) -> Any:
+    """A setting that does not change what is trained (may change on a resume or cv resume)."""
+    return _setting(default, help, roles=("resumable", "runtime"), **meta)
+
+
+def _at_least(low: int, hint: str) -> Rule:
+    return Rule(lambda v: v >= low, "must be at least 1" if low == 1 else f"must be >= {low}", hint)
+
+
+def _finite(ok: Callable[[float], bool], must: str, hint: str) -> Rule:
+    """``ok`` for a finite number (NaN and inf are refused)."""
+    return Rule(lambda v: math.isfinite(v) and ok(v), must, hint)
+
+
+def _in_range(low: float, high: float, must: str, hint: str) -> Rule:
+    return Rule(lambda v: low <= v <= high, must, hint)
 
 
 def _aug(default: float, help: str, high: float) -> Any:
     """A YAML-only augmentation strength from 0 to ``high``."""
-    return _setting(
-        default,
-        help,
-        cli=False,
-        rule=Rule(
-            lambda v: 0 <= v <= high,
-            f"must be in [0, {high}]",
-            "see docs/training.md (augmentation)",
-        ),
-        roles=("recipe",),
-    )
+    rule = _in_range(0, high, f"must be in [0, {high}]", "see docs/training.md (augmentation)")
+    return _recipe(default, help, cli=False, rule=rule)
 
 
-_AT_LEAST_1 = "must be at least 1"
 _PROB01 = "must be a probability in [0, 1]"
 
 
@@ -126,16 +126,11 @@ class TrainConfig:
     """Every setting of a training run. Defaults are the reference recipe (configs/seed.yaml)."""
 
     # data
-    data: str | None = _setting(
-        None,
-        "Dataset folder (kaggle_3m layout); not needed with --resume.",
-        cli=False,
-        roles=("per_fold",),
+    data: str | None = _per_fold(
+        None, "Dataset folder (kaggle_3m layout); not needed with --resume.", cli=False
     )
-    split: str | None = _setting(
-        None, "Split YAML from `brainseg split`.", path=True, roles=("per_fold",)
-    )
-    fold: int | str | None = _setting(
+    split: str | None = _per_fold(None, "Split YAML from `brainseg split`.", path=True)
+    fold: int | str | None = _per_fold(
         None,
         "Cross-validation fold K (0..folds-1) of a --folds split, or all: train on every "
         "patient (of DATA, or of --split's subsets together) with no validation.",
@@ -145,7 +140,6 @@ class TrainConfig:
             "must be >= 0 or all",
             "folds are numbered 0..K-1; --fold all trains on every patient",
         ),
-        roles=("per_fold",),
     )
     postprocess_from: str | None = _setting(
         None,
@@ -154,7 +148,7 @@ class TrainConfig:
         path=True,
     )
     skip_bad: bool = _setting(False, "Skip unreadable slices instead of refusing the dataset.")
-    image_size: int = _setting(
+    image_size: int = _recipe(
         256,
         f"Train at this size (multiple of {SIZE_MULTIPLE}); validation Dice is measured at "
         "this size.",
@@ -164,27 +158,21 @@ class TrainConfig:
             f"from {SIZE_MULTIPLE} to {MAX_MODEL_SIZE}",
             "e.g. --image-size 256, 128 or 64",
         ),
-        roles=("recipe",),
     )
-    tumor_oversample: float | None = _setting(
+    tumor_oversample: float | None = _recipe(
         None,
         "Probability that a drawn slice has tumor.",
         show="natural frequency",
-        rule=Rule(
-            lambda v: 0.0 <= v <= 1.0,
-            _PROB01,
-            "e.g. --tumor-oversample 0.5 (half of the drawn slices have tumor)",
+        rule=_in_range(
+            0, 1, _PROB01, "e.g. --tumor-oversample 0.5 (half of the drawn slices have tumor)"
         ),
-        roles=("recipe",),
     )
     # model
-    encoder: str = _setting("vgg16", "Encoder.", choices=ENCODERS, roles=("recipe",))
-    encoder_weights: str = _setting(
-        "imagenet",
-        "imagenet | none | PATH (torchvision-format VGG16 state dict).",
-        roles=("recipe",),
+    encoder: str = _recipe("vgg16", "Encoder.", choices=ENCODERS)
+    encoder_weights: str = _recipe(
+        "imagenet", "imagenet | none | PATH (torchvision-format VGG16 state dict)."
     )
-    decoder_channels: list[int] = _setting(  # noqa: RUF009 (returns a field with a factory)
+    decoder_channels: list[int] = _recipe(  # noqa: RUF009 (returns a field with a factory)
         DEFAULT_DECODER_CHANNELS,  # a tuple: each config gets its own list
         "5 comma-separated widths.",
         show=",".join(map(str, DEFAULT_DECODER_CHANNELS)),
@@ -193,203 +181,150 @@ class TrainConfig:
             f"must be 5 integers from 1 to {MAX_DECODER_CHANNELS}",
             "e.g. --decoder-channels 512,256,128,64,32",
         ),
-        roles=("recipe",),
     )
-    upsample: str = _setting(
-        "transpose", "Decoder upsampling.", choices=UPSAMPLE_MODES, roles=("recipe",)
+    upsample: str = _recipe("transpose", "Decoder upsampling.", choices=UPSAMPLE_MODES)
+    normalization: str = _recipe(
+        "imagenet", "imagenet | zscore (per image), done inside the model.", choices=NORMALIZATIONS
     )
-    normalization: str = _setting(
-        "imagenet",
-        "imagenet | zscore (per image), done inside the model.",
-        choices=NORMALIZATIONS,
-        roles=("recipe",),
-    )
-    freeze_encoder_epochs: int = _setting(
+    freeze_encoder_epochs: int = _recipe(
         0,
         "Train only the decoder for the first N epochs.",
-        rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. --freeze-encoder-epochs 2"),
-        roles=("recipe",),
+        rule=_at_least(0, "e.g. --freeze-encoder-epochs 2"),
     )
     # start the logit head's bias at log(p / (1 - p)): first predictions match a tumour-pixel
     # prior p (e.g. 0.01) instead of 0.5, so BCE does not spend its first hundreds of steps
     # pulling every pixel down (None: PyTorch's default init)
-    head_bias_prior: float | None = _setting(
+    head_bias_prior: float | None = _recipe(
         None,
         "Tumour-pixel prior of the untrained head.",
         cli=False,
         rule=Rule(
-            _open_unit,
+            lambda v: 0 < v < 1,
             "must be a probability in (0, 1)",
             "e.g. head_bias_prior: 0.01 (about the tumour pixel fraction)",
         ),
-        roles=("recipe",),
     )
     # optimisation (Adam)
-    loss: str = _setting("bce", "Loss.", choices=LOSSES, roles=("recipe",))
-    lr: float = _setting(
+    loss: str = _recipe("bce", "Loss.", choices=LOSSES)
+    lr: float = _recipe(
         4e-4,
         "Adam learning rate.",
         show="4e-4",
-        rule=Rule(
-            lambda v: math.isfinite(v) and v > 0,
-            "must be a positive number",
-            "the reference uses --lr 4e-4",
-        ),
-        roles=("recipe",),
+        rule=_finite(lambda v: v > 0, "must be a positive number", "the reference uses --lr 4e-4"),
     )
-    weight_decay: float = _setting(
+    weight_decay: float = _recipe(
         0.0,
         "Adam weight decay (L2).",
         show="0",
-        rule=Rule(
-            lambda v: math.isfinite(v) and v >= 0, "must be >= 0", "e.g. --weight-decay 1e-4"
-        ),
-        roles=("recipe",),
+        rule=_finite(lambda v: v >= 0, "must be >= 0", "e.g. --weight-decay 1e-4"),
     )
-    scheduler: str = _setting(
+    scheduler: str = _recipe(
         "none",
         "none | cosine (per step, to 0) | plateau (x0.5 when val per-patient Dice stalls).",
         choices=SCHEDULERS,
-        roles=("recipe",),
     )
-    # a linear ramp of the learning rate from lr / N to lr over the first warmup_epochs epochs
-    # (in steps), then the scheduler over the rest of the run
-    warmup_epochs: float = _setting(
+    warmup_epochs: float = _recipe(
         0.0,
         "Epochs of linear learning-rate warm-up before the scheduler.",
         cli=False,
-        rule=Rule(lambda v: math.isfinite(v) and v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
-        roles=("recipe",),
+        rule=_finite(lambda v: v >= 0, "must be >= 0", "e.g. warmup_epochs: 1"),
     )
-    # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel),
-    # updated after every step; validation, best / last / final weights and preview use it
-    ema_decay: float | None = _setting(
+    ema_decay: float | None = _recipe(
         None,
         "Decay of an EMA of the weights (None: off).",
         cli=False,
         rule=Rule(
-            _open_unit,
+            lambda v: 0 < v < 1,
             "must be in (0, 1)",
             "e.g. ema_decay: 0.99 (averages about the last 100 steps)",
         ),
-        roles=("recipe",),
     )
-    plateau_patience: int = _setting(
-        3,
-        "Epochs without a better val per-patient Dice before lowering lr.",
-        cli=False,
-        roles=("recipe",),
+    plateau_patience: int = _recipe(
+        3, "Epochs without a better val per-patient Dice before lowering lr.", cli=False
     )
-    plateau_factor: float = _setting(
-        0.5,
-        "lr multiplier when the plateau scheduler fires.",
-        cli=False,
-        roles=("recipe",),
+    plateau_factor: float = _recipe(
+        0.5, "lr multiplier when the plateau scheduler fires.", cli=False
     )
     epochs: int = _setting(
-        20,
-        "Epochs.",
-        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --epochs 20"),
-        roles=("recipe", "resumable"),
+        20, "Epochs.", rule=_at_least(1, "e.g. --epochs 20"), roles=("recipe", "resumable")
     )
-    batch_size: int = _setting(
-        16,
-        "Global batch size.",
-        flags=("-b",),
-        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --batch-size 16"),
-        roles=("recipe",),
+    batch_size: int = _recipe(
+        16, "Global batch size.", flags=("-b",), rule=_at_least(1, "e.g. --batch-size 16")
     )
-    steps_per_epoch: int | None = _setting(
+    steps_per_epoch: int | None = _recipe(
         None,
         "Optimiser steps per epoch.",
         show="one pass",
-        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. --steps-per-epoch 50"),
-        roles=("recipe",),
+        rule=_at_least(1, "e.g. --steps-per-epoch 50"),
     )
-    grad_clip: float | None = _setting(
+    grad_clip: float | None = _recipe(
         None,
         "Clip the gradient norm to this value.",
         show="off",
-        rule=Rule(
-            lambda v: math.isfinite(v) and v > 0,
+        rule=_finite(
+            lambda v: v > 0,
             "must be a positive number",
             "e.g. --grad-clip 1.0 (leave it out for no clipping)",
         ),
-        roles=("recipe",),
     )
     # augmentation (batched, on the training device); aug_* are YAML only
-    augment: bool = _setting(
-        False, "Flips, rotation, scale, brightness/contrast on the device.", roles=("recipe",)
-    )
-    aug_hflip: float = _setting(
+    augment: bool = _recipe(False, "Flips, rotation, scale, brightness/contrast on the device.")
+    aug_hflip: float = _recipe(
         0.5,
         "Probability of a left-right flip.",
         cli=False,
-        rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_hflip: 0.5"),
-        roles=("recipe",),
+        rule=_in_range(0, 1, _PROB01, "e.g. aug_hflip: 0.5"),
     )
-    aug_vflip: float = _setting(
+    aug_vflip: float = _recipe(
         0.0,
         "Probability of an up-down flip (off: axial slices are upright).",
         cli=False,
-        rule=Rule(lambda v: 0 <= v <= 1, _PROB01, "e.g. aug_vflip: 0.5"),
-        roles=("recipe",),
+        rule=_in_range(0, 1, _PROB01, "e.g. aug_vflip: 0.5"),
     )
     aug_rotate: float = _aug(15.0, "Max rotation, degrees.", 180.0)
     aug_scale: float = _aug(0.1, "Max relative zoom in/out.", 0.9)
     aug_brightness: float = _aug(0.1, "Max brightness shift, fraction of 255.", 1.0)
     aug_contrast: float = _aug(0.1, "Max relative contrast change.", 0.9)
-    aug_mask_mode: str = _setting(
+    aug_mask_mode: str = _recipe(
         "nearest",
         "Mask resampling: nearest, or bilinear then > 0.5.",
         cli=False,
         choices=MASK_MODES,
-        roles=("recipe",),
     )
     # device and speed
-    device: str = _setting("auto", f"{DEVICE_HELP}.", roles=("resumable", "runtime"))
-    amp: str = _setting(
+    device: str = _runtime("auto", f"{DEVICE_HELP}.")
+    amp: str = _recipe(
         "auto",
         "auto | bf16 | fp16 | off (auto: bf16 on GPUs and on CPUs with native bf16, else fp32).",
         choices=AMP_MODES,
-        roles=("recipe",),
     )
     channels_last: bool = _setting(False, "NHWC memory format.")
     compile: bool = _setting(False, "torch.compile the model.")
-    workers: int = _setting(
+    workers: int = _runtime(
         0,
         "CPU threads for torch (0: torch's default).",
-        rule=Rule(lambda v: v >= 0, "must be >= 0", "0 uses torch's default"),
-        roles=("resumable", "runtime"),
+        rule=_at_least(0, "0 uses torch's default"),
     )
     val_batch_size: int | None = _setting(
         None,
         "Validation batch size (None: the training batch size).",
         cli=False,
-        rule=Rule(lambda v: v >= 1, _AT_LEAST_1, "e.g. val_batch_size: 32"),
+        rule=_at_least(1, "e.g. val_batch_size: 32"),
     )
     # reproducibility
-    seed: int = _setting(
+    seed: int = _recipe(
         0,
         "Random seed.",
-        rule=Rule(
-            lambda v: 0 <= v <= MAX_SEED,
-            f"must be an integer from 0 to {MAX_SEED}",
-            "e.g. --seed 0",
-        ),
-        roles=("recipe",),
+        rule=_in_range(0, MAX_SEED, f"must be an integer from 0 to {MAX_SEED}", "e.g. --seed 0"),
     )
     deterministic: bool = _setting(
         False, "torch.use_deterministic_algorithms (same seed + device = same numbers)."
     )
     # output
-    project: str = _setting("runs/train", "Parent folder of runs.", path=True, roles=("per_fold",))
-    name: str = _setting("exp", "Run folder name; exp2, exp3... if taken.", roles=("per_fold",))
-    exist_ok: bool = _setting(
-        False,
-        "Reuse project/name instead of numbering a new folder.",
-        switch=False,
-        roles=("per_fold",),
+    project: str = _per_fold("runs/train", "Parent folder of runs.", path=True)
+    name: str = _per_fold("exp", "Run folder name; exp2, exp3... if taken.")
+    exist_ok: bool = _per_fold(
+        False, "Reuse project/name instead of numbering a new folder.", switch=False
     )
     resume: str | None = _setting(
         None,
@@ -406,18 +341,11 @@ class TrainConfig:
         show="csv only",
         roles=("resumable",),
     )
-    quiet: bool = _setting(
-        False,
-        "No progress bar or per-epoch lines.",
-        flags=("-q",),
-        switch=False,
-        roles=("resumable", "runtime"),
+    quiet: bool = _runtime(
+        False, "No progress bar or per-epoch lines.", flags=("-q",), switch=False
     )
     preview_slices: int = _setting(
-        6,
-        "Validation slices shown in preview.png.",
-        cli=False,
-        rule=Rule(lambda v: v >= 0, "must be >= 0", "e.g. 6"),
+        6, "Validation slices shown in preview.png.", cli=False, rule=_at_least(0, "e.g. 6")
     )
 
     @property
@@ -443,9 +371,7 @@ class TrainConfig:
                 hint="see docs/training.md for the setting names (they match the CLI options, "
                 "with _ for -)",
             )
-        cfg = cls()
-        for k, v in values.items():
-            setattr(cfg, k, v)
+        cfg = cls(**values)
         cfg._coerce()
         return cfg
 
@@ -463,8 +389,7 @@ class TrainConfig:
         return d
 
     def _coerce(self) -> None:
-        """Accept the natural spellings YAML and the CLI give (ints for floats, '32,16' lists,
-        paths for strings); what each field accepts comes from its annotation."""
+        """Accept the natural spellings YAML and the CLI give (ints for floats, '32,16' lists)."""
         if isinstance(self.decoder_channels, str):
             try:
                 self.decoder_channels = [int(x) for x in self.decoder_channels.split(",") if x]
@@ -547,8 +472,13 @@ def _check_cross(cfg: TrainConfig) -> None:
             f"warmup_epochs must be less than epochs ({cfg.epochs}), got {cfg.warmup_epochs:g}",
             "e.g. warmup_epochs: 1 for a 20-epoch run",
         )
-    if cfg.loggers:
-        check_loggers(cfg.loggers)
+    for name in cfg.loggers:  # unknown, or its package is not installed
+        if name not in LOGGERS:
+            _bad(
+                f"unknown --logger {name!r}",
+                f"choose {' or '.join(LOGGERS)} (csv is always written)",
+            )
+        require(LOGGERS[name], f"--logger {name}")
     if cfg.all_patients and cfg.scheduler == "plateau":
         _bad(
             "--scheduler plateau needs validation patients, and --fold all has none",
@@ -601,8 +531,7 @@ def postprocess_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 @functools.cache
 def fields_with(role: str) -> tuple[str, ...]:
-    """The names of the settings that have ``role`` (one of :data:`ROLES`), in declaration
-    order: the one answer to "which settings are train options / recipe / resumable / ..."."""
+    """The names of the settings with ``role`` (one of :data:`ROLES`), in declaration order."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     return tuple(f.name for f in fields(TrainConfig) if role in f.metadata["roles"])
@@ -610,8 +539,7 @@ def fields_with(role: str) -> tuple[str, ...]:
 
 @functools.cache
 def field_types() -> dict[str, tuple[type, bool]]:
-    """Each setting's base type (int, float, str, bool or list) and whether None is allowed,
-    read from TrainConfig's annotations."""
+    """Each setting's base type and whether None is allowed, from TrainConfig's annotations."""
     out: dict[str, tuple[type, bool]] = {}
     for name, hint in typing.get_type_hints(TrainConfig).items():
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -622,20 +550,20 @@ def field_types() -> dict[str, tuple[type, bool]]:
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    words = {f.name: f.metadata.get("words", ()) for f in fields(cfg)}
-    for name, (kind, optional) in field_types().items():
-        v = getattr(cfg, name)
-        if (v is None and optional) or (isinstance(v, str) and v in words[name]):
+    for f in fields(cfg):
+        kind, optional = field_types()[f.name]
+        words, v = f.metadata.get("words", ()), getattr(cfg, f.name)
+        if (v is None and optional) or (isinstance(v, str) and v in words):
             continue
         ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
-        item = next(f.metadata.get("items", int) for f in fields(cfg) if f.name == name)
+        item = f.metadata.get("items", int)
         if kind is list and ok:
             ok = all(isinstance(c, item) and not isinstance(c, bool) for c in v)
         if not ok:
             key = ("decoder_channels" if item is int else "names") if kind is list else None
             want = _TYPE_WORDS[key or kind.__name__]
-            want += "".join(f" or {w}" for w in words[name])
-            _bad(f"{name} must be {want}, got {v!r}", "see docs/training.md for each setting")
+            want += "".join(f" or {w}" for w in words)
+            _bad(f"{f.name} must be {want}, got {v!r}", "see docs/training.md for each setting")
 
 
 _TYPE_WORDS = {
@@ -687,8 +615,7 @@ def resolve_config_path(value: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; a parse error, a limit (brainseg.yamlio) or a non-mapping names the
-    file."""
+    """Read a YAML mapping; a parse error, a limit or a non-mapping names the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -710,10 +637,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_config(
     value: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Defaults <- YAML file (a preset name or a path) <- explicit CLI overrides.
-
-    Returns an unvalidated config; call :meth:`TrainConfig.validate` before doing work.
-    """
+    """Defaults <- YAML file (a preset name or a path) <- CLI overrides; not validated yet."""
     if value is None:
         cfg = TrainConfig()
     else:
@@ -730,8 +654,7 @@ def dump_yaml(values: dict[str, Any]) -> str:
 
 
 def resume_folder(path: Path) -> Path:
-    """The run folder of ``--resume PATH``: the folder itself, or the folder of its
-    last.safetensors; any other file is refused with a pointer to the folder."""
+    """The run folder of ``--resume PATH``: the folder itself, or that of its last.safetensors."""
     if not path.is_file():
         return path
     if path.name == "last.safetensors":
@@ -743,11 +666,7 @@ def resume_folder(path: Path) -> Path:
 
 
 def load_resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The config of run folder ``run_dir`` (its config.yaml), ready to continue training.
-
-    Only options that do not change the recipe may be given again (epochs, device, workers,
-    quiet); any other given option is refused, naming it.
-    """
+    """The config of run folder ``run_dir``; only ``resumable`` options may be given again."""
     run = resume_folder(Path(run_dir))
     path = run / "config.yaml"
     if not path.is_file():

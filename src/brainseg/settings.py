@@ -21,8 +21,7 @@ DEFAULT_THRESHOLD = 0.5
 #: Height and width the UNet accepts are multiples of this (five 2x2 max-pools).
 SIZE_MULTIPLE = 32
 #: Largest image size (per side) a model may be trained at or its metadata may name: an MRI
-#: slice is 256 (some 512); at 16384 two 64x64 images took 6 GiB. The one bound, used by
-#: ``train --image-size`` / config files and by every model file read.
+#: slice is 256 (some 512); at 16384 two 64x64 images took 6 GiB.
 MAX_MODEL_SIZE = 1024
 #: Widest decoder stage (the reference decoder's widest is 512).
 MAX_DECODER_CHANNELS = 4096
@@ -53,10 +52,8 @@ class PostSettings:
 
 @dataclass(kw_only=True)
 class InferenceSettings:
-    """How a model runs and how its probabilities become masks: the one options object of
-    predict (:class:`brainseg.inference.pipeline.PredictOptions`), eval on slices and on
-    volumes, each adding only what is its own. ``None``: the model's stored setting
-    (:meth:`resolve`), else the default."""
+    """How a model runs and how its probabilities become masks: the options predict and eval
+    share. ``None``: the model's stored setting (:meth:`resolve`), else the default."""
 
     threshold: float | None = None
     min_size: int | None = None  # 2D components under this many pixels are removed
@@ -118,11 +115,7 @@ def resolve(
     thr = threshold if threshold is not None else stored_thr
     ms = min_size if min_size is not None else pp.get("min_size")
     lg = largest if largest is not None else pp.get("largest_component", pp.get("largest"))
-    post = PostSettings(
-        threshold=float(DEFAULT_THRESHOLD if thr is None else thr),
-        min_size=int(ms or 0),
-        largest=bool(lg or False),
-    )
+    post = PostSettings(float(DEFAULT_THRESHOLD if thr is None else thr), int(ms or 0), bool(lg))
     if not 0.0 <= post.threshold <= 1.0:
         raise BrainsegError(
             f"threshold {post.threshold} is outside [0, 1]",
@@ -137,11 +130,8 @@ def resolve(
 
 
 def check_metadata(meta: Mapping[str, Any], path: Path | str) -> None:
-    """Refuse metadata values predict cannot use (image size, threshold, postprocess).
-
-    A damaged or hand-edited model file must give one clear error naming it, not a crash
-    in a worker thread or a resize to a billion pixels.
-    """
+    """Refuse metadata values predict cannot use (image size, threshold, postprocess): one
+    clear error naming a damaged file, not a crash in a worker or a resize to a billion pixels."""
 
     def bad(what: str) -> BrainsegError:
         return BrainsegError(f"model {path}: {what}", hint=MODEL_HINT)
@@ -176,26 +166,18 @@ def _is_number(v: Any) -> bool:
 
 
 def _is_model_size(v: Any) -> bool:
-    return (
-        _is_number(v)
-        and v == int(v)
-        and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE
-        and int(v) % SIZE_MULTIPLE == 0
-    )
+    return _is_number(v) and SIZE_MULTIPLE <= v <= MAX_MODEL_SIZE and v % SIZE_MULTIPLE == 0
 
 
 def decoder_channels_error(value: Any) -> str | None:
     """Why ``value`` is not a decoder width list (5 integers 1..MAX_DECODER_CHANNELS), or None."""
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
-        ok = False
-    else:
+    if not isinstance(value, (str, bytes, Mapping)) and hasattr(value, "__iter__"):
         items = list(value)
-        ok = len(items) == 5 and all(
+        if len(items) == 5 and all(
             isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_DECODER_CHANNELS
             for c in items
-        )
-    if ok:
-        return None
+        ):
+            return None
     return (
         f"decoder_channels {value!r} must be 5 integers from 1 to {MAX_DECODER_CHANNELS} "
         "(one width per decoder stage)"
@@ -203,8 +185,7 @@ def decoder_channels_error(value: Any) -> str | None:
 
 
 def json_depth(value: Any, limit: int = MAX_METADATA_DEPTH) -> int:
-    """Nesting depth of a JSON value (a scalar is 0), counted without recursion and stopping
-    once ``limit`` is passed (so a 10,000-deep value costs nothing)."""
+    """Nesting depth of a JSON value (a scalar is 0), without recursion, stopping past ``limit``."""
     deepest = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -219,8 +200,7 @@ def json_depth(value: Any, limit: int = MAX_METADATA_DEPTH) -> int:
 
 
 def load_metadata_json(text: str | bytes, what: str) -> Any:
-    """``json.loads`` for model metadata / headers: deep nesting is an error naming ``what``
-    (json raised RecursionError: an "internal error"), like invalid JSON (ValueError)."""
+    """``json.loads`` for model metadata: too deep is a ValueError naming ``what``."""
     try:
         value = json.loads(text)
     except RecursionError as exc:
@@ -231,9 +211,8 @@ def load_metadata_json(text: str | bytes, what: str) -> Any:
 
 
 def check_metadata_types(meta: Mapping[str, Any], path: Path | str, hint: str) -> None:
-    """The structure every reader of a model's metadata relies on: ``architecture``,
-    ``config``, ``metrics`` and ``postprocess`` are objects (or absent / null), the whole is at
-    most MAX_METADATA_DEPTH deep. One BrainsegError naming the file and the entry otherwise."""
+    """The structure every metadata reader relies on: the _MAPPING_KEYS entries are objects (or
+    absent / null), the whole at most MAX_METADATA_DEPTH deep; else an error naming the file."""
     for key in _MAPPING_KEYS:
         value = meta.get(key)
         if value is not None and not isinstance(value, Mapping):

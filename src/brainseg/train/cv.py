@@ -1,9 +1,6 @@
 """Patient-level cross-validation in one call: train every fold, predict out of fold, summarise.
 
-The library side of ``brainseg cv`` (see docs/cv.md)::
-
-    result = run_cv(CVOptions(data="data/kaggle_3m", folds=5, config="best"))
-    write_cv(result)   # cv_summary.json, per_patient.csv, oof_masks.npz, ensemble.json
+The library side of ``brainseg cv`` (docs/cv.md): ``write_cv(run_cv(CVOptions(...)))``.
 
 Every fold is a normal ``brainseg train`` run folder ``runs/cv/expN/fold_k/`` (trained by
 :func:`brainseg.train.train`); ``runs/cv/expN/cv.yaml`` holds the resolved options and
@@ -333,20 +330,16 @@ def _waiting_lock(folder: Path, name: str, seconds: float = 600.0) -> Any:
     """:func:`brainseg.fsutil.folder_lock`, waiting (polling) while another process holds it."""
     folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + seconds
-    while True:
-        lock = folder_lock(folder, name, "brainseg cv --fold")
-        try:
-            lock.__enter__()
-        except BrainsegError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-            continue
-        try:
-            yield
-        finally:
-            lock.__exit__(None, None, None)
-        return
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(folder_lock(folder, name, "brainseg cv --fold"))
+                break
+            except BrainsegError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield
 
 
 def _find_or_create(opts: CVOptions, train: dict[str, Any], request: dict[str, Any]) -> CVPlan:
@@ -406,8 +399,7 @@ def fold_progress(run_dir: Path) -> tuple[int, int] | None:
 
 
 def train_fold(plan: CVPlan, k: int, show: Callable[[Any], None] | None = None) -> FoldRun:
-    """Train fold ``k`` (or resume it, or skip it when its run says it is finished); ``show``
-    gets the fold's TrainResult when it was trained here."""
+    """Train fold ``k`` (or resume it, or skip it when finished); ``show`` gets its TrainResult."""
     from brainseg.train.setup import missing_final_files
 
     run = plan.fold_dir(k)
@@ -487,8 +479,6 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
     for f in folds:  # the folds' validation patients are disjoint (check_coverage)
         fold_of[ds.indices_of(f.val_patients)] = f.fold
     rows_all = np.flatnonzero(fold_of >= 0)
-    pos = np.full(len(ds), -1, dtype=np.int64)
-    pos[rows_all] = np.arange(rows_all.size)
     h, w = ds.size
     prob = np.empty((rows_all.size, h, w), dtype=np.float32)
     # the inference settings predict and eval take: the folds' device and validation batch
@@ -499,7 +489,7 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
         rows = np.flatnonzero(fold_of == f.fold)
         con.info(f"out-of-fold: fold {f.fold} model predicts {len(f.val_patients)} patients")
         predictor = load_predictor([f.model], infer)
-        prob[pos[rows]] = predict_rows(predictor, ds.images, rows)
+        prob[np.searchsorted(rows_all, rows)] = predict_rows(predictor, ds.images, rows)
     oof = OOF(
         prob=prob,
         gt=np.asarray(ds.masks[rows_all]) != 0,
@@ -515,8 +505,7 @@ def predict_oof(plan: CVPlan, folds: Sequence[FoldRun]) -> tuple[OOF, int]:
 def predict_rows(
     predictor: Any, images: np.ndarray, rows: np.ndarray, chunk: int = 32
 ) -> np.ndarray:
-    """Tumour probabilities (len(rows) x H x W float32) of the dataset's ``images[rows]``
-    (N x 3 x H x W uint8, memory-mapped), a chunk at a time."""
+    """Tumour probabilities (len(rows) x H x W) of ``images[rows]`` (memory-mapped), by chunks."""
     h, w = images.shape[2], images.shape[3]
     out = np.empty((len(rows), h, w), dtype=np.float32)
     with con.progress(len(rows), "predict", unit="slice") as bar:
@@ -535,12 +524,7 @@ def bootstrap_ci(
     seed: int = BOOTSTRAP_SEED,
     level: float = BOOTSTRAP_LEVEL,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: resample the values (patients) with replacement.
-
-    ``resamples`` means of ``len(values)`` draws each (numpy ``default_rng(seed)``); the
-    interval is their ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles. NaN values are
-    left out; no finite value gives (NaN, NaN).
-    """
+    """Percentile bootstrap CI of the mean over patients (NaN left out; none finite: NaNs)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -558,9 +542,7 @@ def institution(patient_id: str) -> str:
 
 
 def dice_stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
-    """mean / median / std / min / n (:func:`brainseg.evaluation.metrics.describe`) and the 95%
-    CI."""
-
+    """:func:`brainseg.evaluation.metrics.describe` and the 95% bootstrap CI."""
     lo, hi = bootstrap_ci(values)
     return {**describe(values), "ci95": [lo, hi]}
 
@@ -586,11 +568,8 @@ def block(report: Any, settings: Mapping[str, Any], fold_of: Mapping[str, int]) 
 
 # =============================================================================== buda protocol
 def largest_face_connected(volume: np.ndarray) -> np.ndarray:
-    """The largest 3D component with 6-connectivity (scipy's default structure).
-
-    That is what ``medpy.filter.binary.largest_connected_component`` does on the author's
-    S x 1 x H x W volumes (brainseg's own post-processing uses 26-connectivity).
-    """
+    """The largest 3D component with 6-connectivity, as medpy's largest_connected_component
+    does on the author's volumes (brainseg's own post-processing uses 26-connectivity)."""
     from scipy import ndimage
 
     v = np.asarray(volume) != 0
@@ -605,7 +584,6 @@ def largest_face_connected(volume: np.ndarray) -> np.ndarray:
 def buda_masks(oof: OOF) -> tuple[np.ndarray, np.ndarray]:
     """The author's evaluation: first and last slice of each volume dropped, probability
     >= 0.5, largest 6-connected 3D component per patient; returns (kept rows, masks)."""
-
     pidx, snum = oof.patient_index, oof.slice_number
     keep = np.ones(len(pidx), dtype=bool)
     for p in np.unique(pidx):
@@ -637,10 +615,6 @@ def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
             oof.prob, s.threshold, s.min_size, s.largest, groups=pidx, order=snum
         )
         reports[key] = metrics.evaluate(masks[key], oof.gt, pidx, snum, oof.patient_ids)
-    tuning = {
-        **tuned.as_dict(),
-        "note": f"chosen once on the pooled out-of-fold predictions of {len(fold_of)} patients",
-    }
     summary: dict[str, Any] = {
         "brainseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -660,7 +634,10 @@ def summarise(plan: CVPlan, folds: Sequence[FoldRun]) -> CVResult:
         },
         "before": block(reports["before"], baseline.as_dict(), fold_of),
         "after": block(reports["after"], tuned.best.as_dict(), fold_of),
-        "tuning": tuning,
+        "tuning": {
+            **tuned.as_dict(),
+            "note": f"chosen once on the pooled out-of-fold predictions of {len(fold_of)} patients",
+        },
         "buda": None,
         "fold_runs": [_fold_row(plan, f) for f in folds],
     }
@@ -713,8 +690,7 @@ def _patient_rows(
 
 
 def run_fold(opts: CVOptions) -> tuple[CVPlan, FoldRun]:
-    """``--fold K``: find or make the cv folder (safe for fold jobs started at once), train
-    only fold K in it; nothing is summarised (``run_cv`` of the folder collects later)."""
+    """``--fold K``: find or make the cv folder (safe for jobs started at once), train fold K."""
     assert opts.fold is not None
     plan = prepare(opts)
     if not 0 <= opts.fold < plan.n_folds:
@@ -727,11 +703,8 @@ def run_fold(opts: CVOptions) -> tuple[CVPlan, FoldRun]:
 
 
 def run_cv(opts: CVOptions) -> CVResult:
-    """Train (or continue) every fold, then predict out of fold and summarise (no files).
-
-    A cv made by ``--fold K`` jobs (:func:`run_fold`) is never trained fold after fold here:
-    it is collected once every fold is finished; otherwise it says which folds are not.
-    """
+    """Train (or continue) every fold, then predict out of fold and summarise (no files); a cv
+    of ``--fold K`` jobs is only collected here, once every fold is finished."""
     plan = prepare(opts)
     con.info(
         f"cv {plan.cv_dir}: {plan.n_folds} folds, {plan.train['epochs']} epochs each, "
@@ -813,8 +786,7 @@ def write_cv(result: CVResult) -> list[Path]:
 
 
 def oof_figure(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The cv's headline figure as ensemble.json keeps it (and the cards of models made from
-    it: an exported ensemble, a ``--fold all --postprocess-from`` model)."""
+    """The cv's headline figure as ensemble.json keeps it (and the cards of models made from it)."""
     before = summary["before"]["per_patient_dice"]
     after = summary["after"]["per_patient_dice"]
     return {

@@ -124,8 +124,7 @@ class TrainData:
 
 
 def load_split_checked(path: Path | None, fold: int | str | None) -> Any:
-    """The split file, with the fold checked (before any model or data is built); None for
-    --fold all without a split (every patient of the dataset, see :func:`whole_dataset_split`)."""
+    """The split file, its fold checked before anything is built; None without a split."""
     if path is None:
         return None
     split = load_split(path)
@@ -170,8 +169,7 @@ def load_data(
     device: torch.device,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> TrainData:
-    """Read the dataset (the cache in ``cache_dir``, or the default one), check the split
-    against it, resize, place on ``device``."""
+    """Read the dataset (cached), check the split against it, resize, place on ``device``."""
     assert cfg.data is not None
     ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad, cache_dir=cache_dir)
     if split is None:

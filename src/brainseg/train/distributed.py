@@ -64,16 +64,12 @@ class Distributed:
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
-
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world <= 1:
             return t
         import torch.distributed as td
 
-        dev = self._comm_device()
-        buf = t.to(dev)
+        buf = t.to(self.device if self.device.type == "cuda" else torch.device("cpu"))
         td.all_reduce(buf, op=td.ReduceOp.SUM)
         return buf.cpu()
 
@@ -83,8 +79,6 @@ class Distributed:
 
     def any_flags(self, *flags: bool) -> tuple[bool, ...]:
         """Logical OR of each flag over all ranks (so every rank stops at the same step)."""
-        if self.world <= 1:
-            return tuple(flags)
         t = self.all_reduce_sum(torch.tensor([float(f) for f in flags], dtype=torch.float64))
         return tuple(bool(v > 0) for v in t)
 

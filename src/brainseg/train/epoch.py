@@ -21,7 +21,6 @@ from brainseg.config import TrainConfig
 from brainseg.data.augment import augment_batch, draw
 from brainseg.errors import EXIT_INTERRUPTED, BrainsegError, BrainsegRuntimeError
 from brainseg.train.data import fetch
-from brainseg.train.resume import LoopState
 from brainseg.train.runfiles import epoch_bar
 from brainseg.train.runtime import autocast
 
@@ -30,11 +29,8 @@ if TYPE_CHECKING:
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int, plateau_scale: float, warmup: int = 0) -> float:
-    """The learning rate of optimiser step ``step`` (0-based) of ``total``.
-
-    The first ``warmup`` steps ramp linearly up to ``cfg.lr`` (Adam's early moment estimates
-    are noisy); the scheduler then runs over the remaining steps, cosine reaching 0 at the end.
-    """
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``: a linear warm-up
+    (Adam's early moment estimates are noisy), then the scheduler over the remaining steps."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.scheduler == "cosine":
@@ -143,7 +139,8 @@ def train_step(run: Run, epoch: int, step: int, stopper: Stopper) -> bool:
     cfg, state, opt = run.cfg, run.state, run.optimizer
     t_step = time.perf_counter()
     x, y = draw_batch(run, step)
-    lr = lr_at(cfg, state.global_step, run.total_steps, state.plateau_scale, run.warmup_steps)
+    total, warmup = run.steps * cfg.epochs, round(cfg.warmup_epochs * run.steps)
+    lr = lr_at(cfg, state.global_step, total, state.plateau_scale, warmup)
     for g in opt.param_groups:
         g["lr"] = lr
     # forward, loss; a non-finite loss stops every rank before the update
@@ -163,18 +160,14 @@ def train_step(run: Run, epoch: int, step: int, stopper: Stopper) -> bool:
     opt.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update_parameters(run.raw)
-    record_step(state, step, loss_v, len(x), lr, time.perf_counter() - t_step)
-    run.loggers.step(state.global_step, loss_v, lr)
-    return stop
-
-
-def record_step(state: LoopState, step: int, loss: float, n: int, lr: float, sec: float) -> None:
     state.global_step += 1
     state.step_in_epoch = step + 1
-    state.loss_sum += loss * n
-    state.loss_count += n
+    state.loss_sum += loss_v * len(x)
+    state.loss_count += len(x)
     state.lr = lr
-    state.train_seconds += sec
+    state.train_seconds += time.perf_counter() - t_step
+    run.loggers.step(state.global_step, loss_v, lr)
+    return stop
 
 
 def run_epoch(run: Run, epoch: int, stopper: Stopper) -> None:
@@ -187,25 +180,14 @@ def run_epoch(run: Run, epoch: int, stopper: Stopper) -> None:
         for step in range(run.state.step_in_epoch, run.steps):
             stop = train_step(run, epoch, step, stopper)
             bar.advance(run.global_batch, loss=run.state.loss_sum / run.state.loss_count)
-            if stop:
-                stop_here(run, epoch, step)
+            if stop:  # save the position in the epoch too
+                if run.rt.dist.is_main:
+                    run.save_last(run.meta)
+                raise interrupted(run, f"at epoch {epoch + 1} step {step + 1}/{run.steps}")
 
 
-def stop_here(run: Run, epoch: int, step: int) -> None:
-    """Save last.safetensors (the position in the epoch too) and say how to resume."""
-    if run.rt.dist.is_main:
-        run.save_last(run.meta)
-    raise _interrupted(run, f"at epoch {epoch + 1} step {step + 1}/{run.steps}")
-
-
-def stopped_after_epoch(run: Run, epoch: int) -> None:
-    """A stop asked for at the end of an epoch (in validation, while saving): the epoch's
-    last.safetensors is written, say how to resume (which also finishes a final epoch's
-    report)."""
-    raise _interrupted(run, f"after epoch {epoch + 1} of {run.cfg.epochs}")
-
-
-def _interrupted(run: Run, when: str) -> BrainsegError:
+def interrupted(run: Run, when: str) -> BrainsegError:
+    """The error of a requested stop, once last.safetensors is saved: how to resume."""
     return BrainsegError(
         f"interrupted {when}; saved {run.run_dir / 'last.safetensors'}",
         hint=f"resume with: brainseg train --resume {run.run_dir}",

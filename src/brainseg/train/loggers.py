@@ -1,19 +1,7 @@
 """Experiment loggers for ``brainseg train/cv --logger tensorboard|mlflow`` (csv is always on).
 
-What is logged, by every logger alike (rank 0 only under torchrun):
-
-- per optimiser step: ``train/loss`` (the step's batch loss) and ``train/lr``, at the global
-  step (1-based);
-- per epoch: every metrics.csv column but ``epoch`` as ``epoch/<column>`` at the epoch number
-  (empty validation cells of ``--fold all`` are not logged);
-- once: the resolved config as hyper-parameters, and at the end the final checkpoint path;
-- ``preview.png`` whenever train writes it (the epoch that improved).
-
-TensorBoard writes event files to ``RUN/tensorboard/`` (``torch.utils.tensorboard``, needs
-the ``tensorboard`` package). MLflow logs one run per training run to ``MLFLOW_TRACKING_URI``,
-else to the local file store ``./mlruns`` (experiment ``brainseg``, or ``MLFLOW_EXPERIMENT_NAME``).
-Both are optional extras; asking for one that is not installed is a usage error (exit 2) that
-names the pip command. Nothing heavy is imported until a logger is opened.
+Every logger logs the same things (docs/training.md); both are optional extras, imported only
+when a logger is opened.
 """
 
 from __future__ import annotations
@@ -22,8 +10,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from brainseg.config import check_loggers
 
 #: The MLflow experiment runs go to unless MLFLOW_EXPERIMENT_NAME says otherwise.
 MLFLOW_EXPERIMENT = "brainseg"
@@ -130,7 +116,6 @@ class Loggers:
 
     @classmethod
     def open(cls, names: Sequence[str], run_dir: Path, config: Mapping[str, Any]) -> Loggers:
-        check_loggers(names)
         kinds = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
         return cls([kinds[n](run_dir, config) for n in dict.fromkeys(names)])
 

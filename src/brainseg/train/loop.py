@@ -1,10 +1,6 @@
 """The training loop, read top to bottom: setup, then per epoch train / validate / save / log.
 
-    brainseg train DATA --split splits.yaml            # one process, CPU / CUDA / MPS
-    torchrun --nproc-per-node 4 -m brainseg train ...  # DistributedDataParallel
-
-:func:`run_training` takes a TrainConfig and returns a :class:`TrainResult`; :func:`train` is
-the same returning the run folder; ``brainseg train`` (commands/train.py) renders the result.
+One process (CPU / CUDA / MPS) or DistributedDataParallel under torchrun.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from brainseg import console as con
 from brainseg.config import TrainConfig
 from brainseg.model.checkpoint import save_checkpoint
 from brainseg.train import validation
-from brainseg.train.epoch import Stopper, run_epoch, stopped_after_epoch
+from brainseg.train.epoch import Stopper, interrupted, run_epoch
 from brainseg.train.modelcard import checkpoint_meta
 from brainseg.train.preview import write_preview
 from brainseg.train.report import write_train_report
@@ -41,10 +37,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Train a UNet-VGG16 as ``cfg`` says; returns the run folder (:func:`run_training`'s).
-
-    ``cfg.resume`` (a run folder) continues that run from its last.safetensors; build such a
-    config with :func:`brainseg.config.load_resume_config`.
-    """
+    To continue a run, build ``cfg`` with :func:`brainseg.config.load_resume_config`."""
     return run_training(cfg, cache_dir=cache_dir).run_dir
 
 
@@ -66,7 +59,7 @@ def run_training(
             run_epoch(run, epoch, stopper)
             end_of_epoch(run, epoch, t_epoch)
             if run.rt.dist.any_flags(stopper.requested)[0]:  # asked during validation / saving
-                stopped_after_epoch(run, epoch)
+                raise interrupted(run, f"after epoch {epoch + 1} of {cfg.epochs}")
         run.loggers.final(run.run_dir / "best.safetensors")
     finally:
         run.loggers.close()
@@ -134,5 +127,4 @@ def save_epoch_files(run: Run, row: dict[str, Any], improved: bool) -> None:
     # last's epoch are dropped); the other order would lose the row for good
     write_metrics(d / "metrics.csv", run.rows)
     write_curves(d / "curves.png", run.rows, run.cfg.image_size)
-    meta = checkpoint_meta(run, row, "last")
-    run.save_last(meta)
+    run.save_last(checkpoint_meta(run, row, "last"))

@@ -1,11 +1,4 @@
-"""The metadata a run's checkpoints carry: settings, epoch, metrics and the model card.
-
-:func:`checkpoint_meta` is what best.safetensors / last.safetensors store (rank 0, before
-each save): the run's metadata, the epoch's metrics and :func:`brainseg.model.card.with_card`'s
-card, with the checkpoint it is ("best", "last", or "final" for ``--fold all``) and the
-training split (:func:`brainseg.model.card.split_summary`; ``--fold all``: every patient, none
-validated).
-"""
+"""The metadata a run's checkpoints carry: settings, epoch, metrics and the model card."""
 
 from __future__ import annotations
 
@@ -16,9 +9,6 @@ from brainseg.train.runfiles import METRICS_COLUMNS
 
 if TYPE_CHECKING:
     from brainseg.train.setup import Run
-
-#: The card's selection for --fold all (best.safetensors and last.safetensors alike).
-FINAL = "final"
 
 
 def split_card(run: Run) -> dict[str, Any]:
@@ -65,7 +55,7 @@ def checkpoint_meta(run: Run, row: dict[str, Any], selection: str) -> dict[str, 
         meta["postprocess_cv"] = cv
     meta = model_card.with_card(meta, selection="last", split=split_card(run))
     card = meta[model_card.CARD_KEY]
-    card["training"]["checkpoint"] = FINAL
+    card["training"]["checkpoint"] = "final"  # best and last alike
     card["eval_protocol"] = {
         **card["eval_protocol"],
         "protocol": "none: trained on every patient (--fold all), nothing held out"

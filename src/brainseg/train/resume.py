@@ -1,20 +1,29 @@
 """Exact resume: the loop's counters (LoopState) and last.safetensors (weights, Adam moments,
-RNG states, the epoch's permutation; no pickle) written and read back.
+RNG states, the epoch's permutation; no pickle) read back; ``Run.save_last`` writes it.
+
+With ``ema_decay`` an exponential moving average of the weights (torch's AveragedModel) is the
+run's model (validated, previewed, saved); last.safetensors also keeps the trained weights
+(``train.*``) and the number of averaged steps, so a resume continues both exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from brainseg.config import TrainConfig
 from brainseg.errors import BrainsegError
-from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata, save_checkpoint
-from brainseg.train.ema import ema_extra, load_ema
+from brainseg.model.checkpoint import EXTRA_PREFIX, load_tensors, read_metadata
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: Prefix of the trained (not averaged) weights among last.safetensors' extra tensors.
+TRAIN_PREFIX = "train."
+N_AVERAGED = "ema.n_averaged"
 
 
 @dataclass
@@ -50,45 +59,6 @@ class LoopState:
         return {k: v for k, v in self.__dict__.items() if k != "perm"}
 
 
-def save_last(
-    run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    gen: torch.Generator,
-    state: LoopState,
-    metadata: dict[str, Any],
-    ema: Any = None,
-) -> None:
-    """last.safetensors: weights + optimiser, scaler, RNG and loop state (no pickle).
-
-    Tensors (Adam moments, RNG states, the epoch's permutation) go in ``extra``; the rest
-    (param groups, scaler scalars, counters) is JSON in the metadata. With an EMA the saved
-    weights are the average and the trained ones go in ``extra`` (brainseg.train.ema).
-    """
-    extra: dict[str, torch.Tensor] = {} if ema is None else ema_extra(model, ema)
-    opt = optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for k, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
-            extra[f"optim.{pid}.{k}"] = t.detach().cpu().contiguous()
-    extra["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        extra["rng.cuda"] = torch.cuda.get_rng_state()
-    extra["rng.sampler"] = gen.get_state()
-    extra["perm"] = state.perm.to(torch.int64).contiguous()
-    meta = {
-        **metadata,
-        "epoch": state.epoch,
-        "train_state": {
-            **state.to_json(),
-            "optim_param_groups": opt["param_groups"],
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        },
-    }
-    save_checkpoint(run_dir / "last.safetensors", model if ema is None else ema.module, meta, extra)
-
-
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
     """Metadata and tensors of ``run_dir/last.safetensors`` (refused when missing/foreign)."""
     last = run_dir / "last.safetensors"
@@ -109,40 +79,25 @@ def read_resume_state(run_dir: Path) -> dict[str, Any]:
     return {"meta": meta, "weights": weights, "extra": extra}
 
 
-def load_train_state(
-    resume: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    gen: torch.Generator,
-    state: LoopState,
-    device: torch.device,
-    ema: Any = None,
+def build_ema(cfg: TrainConfig, raw: nn.Module) -> Any:
+    """The AveragedModel of ``raw`` (buffers averaged too: BatchNorm statistics), or None."""
+    if cfg.ema_decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
+def load_ema(
+    weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], raw: nn.Module, ema: Any
 ) -> None:
-    """Put the model (and its EMA), optimiser, scaler, generators and loop counters back."""
-    tensors: dict[str, torch.Tensor] = resume["extra"]
-    ts = dict(resume["meta"]["train_state"])
-    if ema is None:
-        model.load_state_dict(resume["weights"], strict=True)
-    else:
-        load_ema(resume["weights"], tensors, model, ema)
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    pre = "optim."
-    for k, v in tensors.items():
-        if k.startswith(pre):
-            pid, name = k[len(pre) :].split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": ts.pop("optim_param_groups")})
-    scaler_state = ts.pop("scaler")
-    if scaler_state and scaler.is_enabled():
-        scaler.load_state_dict(scaler_state)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    gen.set_state(tensors["rng.sampler"])
-    state.perm = tensors["perm"].to(torch.int64)
-    for k, v in ts.items():
-        if hasattr(state, k):
-            setattr(state, k, v)
-    if state.step_in_epoch:  # the interrupted epoch's wall time so far counts in its row
-        state.carried_seconds = state.train_seconds
+    """Put the trained weights into ``raw`` and the saved average into ``ema``."""
+    trained = {k[len(TRAIN_PREFIX) :]: v for k, v in extra.items() if k.startswith(TRAIN_PREFIX)}
+    if not trained or N_AVERAGED not in extra:
+        raise BrainsegError(
+            "cannot resume: last.safetensors holds no EMA state, but the run has ema_decay set",
+            hint="resume with the config the run was started with (its config.yaml)",
+        )
+    raw.load_state_dict(trained, strict=True)
+    ema.module.load_state_dict(weights, strict=True)
+    ema.n_averaged.copy_(extra[N_AVERAGED])

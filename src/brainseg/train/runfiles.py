@@ -26,8 +26,7 @@ VAL_COLUMNS = ("val_loss", "val_dice_slice", "val_dice_patient")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.csv as a list of dicts (epoch int, the rest float; an empty cell None);
-    [] when missing."""
+    """metrics.csv as dicts (epoch int, the rest float, an empty cell None); [] when missing."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
@@ -112,16 +111,14 @@ def curves_figure(rows: list[dict[str, Any]], image_size: int) -> Any:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, col("train_loss"), "o-", label="train")
     a.plot(ep, col("val_loss"), "o-", label="val")
-    a.set_xlabel("epoch")
     a.set_ylabel("loss")
-    a.legend()
     b.plot(ep, col("val_dice_slice"), "o-", label="val per-slice")
     b.plot(ep, col("val_dice_patient"), "o-", label="val per-patient")
-    b.set_xlabel("epoch")
     b.set_ylabel(f"Dice (at {image_size}x{image_size})")
     b.set_ylim(0, 1)
-    b.legend()
-    for ax in (a, b):  # epochs are whole numbers: no 1.2, 1.4 ticks on a short run
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no 1.2, 1.4 ticks
     fig.tight_layout()
     return fig

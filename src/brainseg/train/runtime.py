@@ -30,7 +30,9 @@ class Runtime:
 
     @property
     def amp_name(self) -> str:
-        return amp_name(self.amp_dtype)
+        """bf16, fp16 or off."""
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names.get(self.amp_dtype, "off") if self.amp_dtype else "off"
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
@@ -81,18 +83,10 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo).
-
-    There bf16 autocast made a training step 1.5-2x faster and learned as well as fp32
-    (docs/results.md); elsewhere oneDNN emulates bf16 and fp32 is the safer default.
-    """
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX-BF16): there bf16 autocast is
+    1.5-2x faster (docs/results.md); elsewhere oneDNN emulates bf16 and fp32 is safer."""
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    """bf16, fp16 or off."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"

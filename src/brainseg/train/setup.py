@@ -24,11 +24,18 @@ from brainseg.data.split import to_yaml
 from brainseg.errors import BrainsegError
 from brainseg.fsutil import atomic_write_bytes, atomic_write_text, next_run_dir, remove_temps
 from brainseg.inference.postprocess import DEFAULT_THRESHOLD
+from brainseg.model.checkpoint import save_checkpoint
 from brainseg.model.unet import UNetVGG16
 from brainseg.train.data import TrainData, load_data, load_split_checked
-from brainseg.train.ema import build_ema
 from brainseg.train.loggers import Loggers
-from brainseg.train.resume import LoopState, load_train_state, read_resume_state, save_last
+from brainseg.train.resume import (
+    N_AVERAGED,
+    TRAIN_PREFIX,
+    LoopState,
+    build_ema,
+    load_ema,
+    read_resume_state,
+)
 from brainseg.train.runfiles import read_metrics, write_metrics
 from brainseg.train.runtime import Runtime, setup_runtime
 
@@ -57,34 +64,78 @@ class Run:
     model: Any = None  # raw, or wrapped by DDP / torch.compile
     encoder_trainable: bool | None = None
     loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0 only); csv is apart
-    ema: Any = None  # the AveragedModel of raw when ema_decay is set (brainseg.train.ema)
+    ema: Any = None  # the AveragedModel of raw when ema_decay is set (brainseg.train.resume)
 
     @property
     def eval_model(self) -> Any:
         """The model that is validated and saved: the EMA of the weights when it is on."""
         return self.raw if self.ema is None else self.ema.module
 
-    @property
-    def total_steps(self) -> int:
-        return self.steps * self.cfg.epochs
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.cfg.warmup_epochs * self.steps)
-
     def save_last(self, metadata: dict[str, Any]) -> None:
-        """This run's last.safetensors: weights (or their EMA), optimiser, RNG, loop state."""
-        save_last(
-            self.run_dir, self.raw, self.optimizer, self.scaler, self.gen, self.state, metadata,
-            self.ema,
-        )  # fmt: skip
+        """The run's last.safetensors: weights (or their EMA), optimiser, scaler, RNG, loop state;
+        tensors go in ``extra``, the rest (param groups, scaler, counters) is JSON metadata."""
+        state, ema = self.state, self.ema
+        extra: dict[str, torch.Tensor] = {}
+        if ema is not None:
+            extra = {TRAIN_PREFIX + k: v for k, v in self.raw.state_dict().items()}
+            extra[N_AVERAGED] = ema.n_averaged
+        opt = self.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                t = v if torch.is_tensor(v) else torch.tensor(v)
+                extra[f"optim.{pid}.{k}"] = t.detach().cpu().contiguous()
+        extra["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            extra["rng.cuda"] = torch.cuda.get_rng_state()
+        extra["rng.sampler"] = self.gen.get_state()
+        extra["perm"] = state.perm.to(torch.int64).contiguous()
+        meta = {
+            **metadata,
+            "epoch": state.epoch,
+            "train_state": {
+                **state.to_json(),
+                "optim_param_groups": opt["param_groups"],
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            },
+        }
+        save_checkpoint(self.run_dir / "last.safetensors", self.eval_model, meta, extra)
+
+    def load_train_state(self, resume: dict[str, Any]) -> None:
+        """Put the model (and its EMA), optimiser, scaler, generators and loop counters back."""
+        tensors: dict[str, torch.Tensor] = resume["extra"]
+        ts = dict(resume["meta"]["train_state"])
+        state, scaler = self.state, self.scaler
+        if self.ema is None:
+            self.raw.load_state_dict(resume["weights"], strict=True)
+        else:
+            load_ema(resume["weights"], tensors, self.raw, self.ema)
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        pre = "optim."
+        for k, v in tensors.items():
+            if k.startswith(pre):
+                pid, name = k[len(pre) :].split(".", 1)
+                opt_state.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict(
+            {"state": opt_state, "param_groups": ts.pop("optim_param_groups")}
+        )
+        scaler_state = ts.pop("scaler")
+        if scaler_state and scaler.is_enabled():
+            scaler.load_state_dict(scaler_state)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.rt.device)
+        self.gen.set_state(tensors["rng.sampler"])
+        state.perm = tensors["perm"].to(torch.int64)
+        for k, v in ts.items():
+            if hasattr(state, k):
+                setattr(state, k, v)
+        if state.step_in_epoch:  # the interrupted epoch's wall time so far counts in its row
+            state.carried_seconds = state.train_seconds
 
 
 def pick_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None, Path | None]:
-    """(run folder, resume state, split path): the state is read before anything is built.
-
-    The split path is None for --fold all without --split (every patient of the dataset).
-    """
+    """(run folder, resume state, split path), read before anything is built; the split path
+    is None for --fold all without --split."""
     assert cfg.split is not None or cfg.resume is not None or cfg.all_patients
     given = Path(cfg.split) if cfg.split else None
     if not cfg.resume:
@@ -231,7 +282,7 @@ def setup(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) 
     )  # fmt: skip
     run.model, run.ema = raw, build_ema(cfg, raw)
     if resume is not None:
-        load_train_state(resume, raw, optimizer, scaler, run.gen, run.state, rt.device, run.ema)
+        run.load_train_state(resume)
         run.rows = [
             r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= run.state.epoch
         ]
@@ -247,8 +298,7 @@ def setup(cfg: TrainConfig, *, cache_dir: str | os.PathLike[str] | None = None) 
 def write_start_files(
     run: Run, split_path: Path | None, resolved: dict[str, Any], fresh: bool
 ) -> None:
-    """config.yaml (with run_info), split.yaml (a fresh run's copy; --fold all without a
-    split: the every-patient split made from the dataset), metrics.csv so far."""
+    """config.yaml (with run_info), split.yaml (a fresh run's), metrics.csv so far."""
     d = run.run_dir
     atomic_write_text(
         d / "config.yaml", dump_yaml({**resolved, "run_info": run_info(run, split_path)})

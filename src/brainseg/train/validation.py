@@ -1,8 +1,7 @@
 """Validation at the training size: loss, mean per-slice Dice, mean per-patient (3D) Dice.
 
-Dice comes from :func:`brainseg.evaluation.metrics.dice_from_counts` (the one Dice, its empty
-policy);
-the mask is ``probability >= postprocess.DEFAULT_THRESHOLD``, as predict makes it.
+The mask is ``probability >= DEFAULT_THRESHOLD``, as predict makes it; Dice is the one of
+:func:`brainseg.evaluation.metrics.dice_from_counts` (its empty policy too).
 """
 
 from __future__ import annotations
@@ -37,12 +36,8 @@ def validate(
     dist: Distributed | None = None,
     return_per_patient: bool = False,
 ) -> dict[str, Any]:
-    """Loss, mean per-slice Dice and mean per-patient Dice on the validation set.
-
-    A slice's Dice uses its own pixels; a patient's Dice stacks all of its slices (one 3D Dice
-    per patient, tallies scatter-added by patient index). Under torchrun each rank evaluates a
-    strided share and the per-slice tallies are all-reduced (exact).
-    """
+    """Loss, mean per-slice Dice and mean per-patient (3D) Dice on the validation set; under
+    torchrun each rank evaluates a strided share and the per-slice tallies are all-reduced."""
     dist = dist or Distributed()
     was_training = model.training
     model.eval()
@@ -61,9 +56,8 @@ def validate(
         logits = logits.float()
         loss_sum += loss_fn(cfg.loss, logits, y).item() * len(idx)
         pred, gt = predict_masks(logits), y > 0.5
-        tallies[0, idx] = (pred & gt).flatten(1).sum(1).double().cpu()
-        tallies[1, idx] = pred.flatten(1).sum(1).double().cpu()
-        tallies[2, idx] = gt.flatten(1).sum(1).double().cpu()
+        for j, t in enumerate((pred & gt, pred, gt)):
+            tallies[j, idx] = t.flatten(1).sum(1).double().cpu()
     packed = dist.all_reduce_sum(torch.cat([tallies.flatten(), torch.tensor([loss_sum])]))
     counts, loss_sum = packed[:-1].view(3, val.n).numpy(), float(packed[-1])
     if was_training:
